@@ -1,0 +1,83 @@
+"""Tie candidates: untied tensors that an architecture usually ties, and what tying saves.
+
+Two relations matter in Transformers: the input embedding and the pre-softmax projection
+(Press & Wolf 2017), and the source and target embeddings of an encoder-decoder with a shared
+vocabulary (Vaswani et al. 2017, section 3.4). Roles are read from the owning module's type
+when a live module is analysed, else from conventional names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Iterable
+
+from tiecheck.facts import TensorFact
+from tiecheck.findings import Finding, finding
+
+_EMBED_NAME = re.compile(
+    r"(^|\.)(wte|tok_embeddings|tok_emb|embed_tokens|word_embeddings|embed_in|shared|embedding|embeddings|"
+    r"src_embed|tgt_embed|src_emb|tgt_emb|encoder_embed|decoder_embed|token_embedding|input_embedding)"
+    r"(\.weight)?$")
+_HEAD_NAME = re.compile(
+    r"(^|\.)(lm_head|head|output|output_projection|out|generator|decoder|embed_out|proj_out|logits|"
+    r"pre_softmax|output_layer)\.weight$")
+_NOT_TOKEN_EMBED = re.compile(r"(pos|position|wpe|token_type|segment|type_emb|rel|bucket)", re.I)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    names: tuple[str, str]
+    relation: str  # "embedding-output" | "embeddings"
+    shape: tuple[int, ...]
+    dtype: str
+    bytes_saved: int
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "relation": self.relation, "shape": list(self.shape),
+                "dtype": self.dtype, "bytes_saved": self.bytes_saved}
+
+
+def is_embedding(f: TensorFact) -> bool:
+    if len(f.shape) != 2 or f.attr != "weight" or _NOT_TOKEN_EMBED.search(f.owner.rsplit(".", 1)[-1] or ""):
+        return False
+    if f.owner_type is not None:
+        return f.owner_type == "Embedding" or bool(_EMBED_NAME.search(f.name) and "Embedding" in f.owner_type)
+    return bool(_EMBED_NAME.search(f.name))
+
+
+def is_output_projection(f: TensorFact) -> bool:
+    if len(f.shape) != 2 or not _HEAD_NAME.search(f.name):
+        return False
+    return f.owner_type is None or f.owner_type == "Linear" or "Linear" in f.owner_type
+
+
+def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
+    facts = [f for f in facts if f.numel]
+    identity = {f.name: f.identity for f in facts}
+    # One fact per memory is enough: a name already tied to another needs no second look.
+    seen, unique = set(), []
+    for f in facts:
+        if f.identity not in seen:
+            seen.add(f.identity)
+            unique.append(f)
+    embeds = [f for f in unique if is_embedding(f)]
+    heads = [f for f in unique if is_output_projection(f) and not is_embedding(f)]
+    out = []
+    for e in embeds:
+        for h in heads:
+            if h.shape == e.shape and h.dtype == e.dtype and identity[h.name] != identity[e.name]:
+                out.append(Candidate((e.name, h.name), "embedding-output", e.shape, e.dtype, h.nbytes))
+    for a, b in combinations(embeds, 2):
+        if a.shape == b.shape and a.dtype == b.dtype:
+            out.append(Candidate(tuple(sorted((a.name, b.name))), "embeddings", a.shape, a.dtype, b.nbytes))
+    return sorted(out, key=lambda c: (-c.bytes_saved, c.names))
+
+
+def candidate_findings(cands: list[Candidate]) -> list[Finding]:
+    what = {"embedding-output": "input embedding and output projection",
+            "embeddings": "embeddings with a shared vocabulary"}
+    return [finding("TC006", f"{c.names[0]} and {c.names[1]} ({what[c.relation]}, {list(c.shape)} {c.dtype}) are "
+                             f"untied; tying them would save {c.bytes_saved:,} bytes of weights", c.names)
+            for c in cands]

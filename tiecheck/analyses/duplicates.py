@@ -1,0 +1,140 @@
+"""Untied duplicates: equal dtype, shape and content in separate memory (a broken tie).
+
+Reading every byte of a multi-GB checkpoint to find them would cost more than loading it.
+So: names already tied are one tensor; tensors are bucketed by (dtype, shape) and only
+buckets with two or more members are looked at; inside a bucket a few small samples of each
+tensor rule out most pairs; only pairs whose samples agree are compared in full, in
+bounded-size chunks. The content itself is read through a ``ContentReader``, so this module
+stays free of torch and can be tested with hand-made readers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from tiecheck.facts import TensorFact
+from tiecheck.findings import Finding, finding
+
+
+class ContentReader(Protocol):
+    """Reads tensor content by name; implementations count the bytes they read."""
+
+    bytes_read: int
+
+    def sample(self, name: str) -> bytes:
+        """A cheap signature: a few small slices of the raw bits."""
+
+    def is_constant(self, name: str) -> bool:
+        """True when every element has the same bits (e.g. a fresh LayerNorm weight)."""
+
+    def equal(self, a: str, b: str) -> bool:
+        """Bitwise equality of two tensors of equal dtype and shape, read in chunks."""
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    names: tuple[str, ...]  # one name per separate memory; sorted
+    aliases: tuple[tuple[str, ...], ...]  # every name of each member, tied names included
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    constant: bool  # every element equal: equal by construction (e.g. init), rarely a broken tie
+
+    @property
+    def bytes_wasted(self) -> int:
+        return (len(self.names) - 1) * self.nbytes
+
+    def to_dict(self) -> dict:
+        return {
+            "names": list(self.names),
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "bytes_wasted": self.bytes_wasted,
+            "constant": self.constant,
+        }
+
+
+@dataclass
+class ContentStats:
+    tensors: int = 0  # distinct memories considered
+    buckets: int = 0  # (dtype, shape) buckets with two or more members
+    sampled: int = 0  # tensors sampled
+    full_comparisons: int = 0
+    bytes_total: int = 0  # bytes of all distinct memories considered
+    bytes_read: int = 0  # bytes the reader actually read
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "tensors": self.tensors,
+            "buckets": self.buckets,
+            "sampled": self.sampled,
+            "full_comparisons": self.full_comparisons,
+            "bytes_total": self.bytes_total,
+            "bytes_read": self.bytes_read,
+        }
+
+
+def _representatives(facts: Iterable[TensorFact]) -> dict[str, tuple[TensorFact, tuple[str, ...]]]:
+    """One fact per separate memory, keyed by its first name, with all its names."""
+    by_identity: dict[tuple, list[TensorFact]] = defaultdict(list)
+    for f in facts:
+        if f.numel and f.storage is not None:
+            by_identity[f.identity].append(f)
+    reps = {}
+    for members in by_identity.values():
+        names = tuple(sorted(m.name for m in members))
+        rep = min(members, key=lambda m: m.name)
+        reps[rep.name] = (rep, names)
+    return reps
+
+
+def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader) -> tuple[list[DuplicateGroup], ContentStats]:
+    reps = _representatives(facts)
+    stats = ContentStats(tensors=len(reps), bytes_total=sum(f.nbytes for f, _ in reps.values()))
+    start_read = reader.bytes_read
+    buckets: dict[tuple, list[str]] = defaultdict(list)
+    for name, (f, _) in reps.items():
+        # Layout matters too: a transposed copy is not a duplicate of the original view.
+        buckets[(f.dtype, f.shape)].append(name)
+
+    groups: list[DuplicateGroup] = []
+    for (dtype, shape), names in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if len(names) < 2:
+            continue
+        stats.buckets += 1
+        by_sig: dict[bytes, list[str]] = defaultdict(list)
+        for n in sorted(names):
+            by_sig[reader.sample(n)].append(n)
+            stats.sampled += 1
+        for candidates in by_sig.values():
+            remaining = list(candidates)
+            while len(remaining) > 1:
+                pivot, rest = remaining[0], remaining[1:]
+                same, differ = [pivot], []
+                for other in rest:
+                    stats.full_comparisons += 1
+                    (same if reader.equal(pivot, other) else differ).append(other)
+                if len(same) > 1:
+                    f = reps[pivot][0]
+                    groups.append(DuplicateGroup(
+                        names=tuple(sorted(same)),
+                        aliases=tuple(reps[n][1] for n in sorted(same)),
+                        shape=f.shape, dtype=f.dtype, nbytes=f.nbytes,
+                        constant=reader.is_constant(pivot),
+                    ))
+                remaining = differ
+    stats.bytes_read = reader.bytes_read - start_read
+    return sorted(groups, key=lambda g: (-g.nbytes, g.names)), stats
+
+
+def duplicate_findings(groups: list[DuplicateGroup]) -> list[Finding]:
+    out = []
+    for g in groups:
+        if g.constant:
+            continue  # e.g. every fresh LayerNorm weight is all ones: equal by construction
+        out.append(finding("TC005", f"{', '.join(g.names)} hold equal {g.dtype} {list(g.shape)} content in "
+                                    f"separate memory ({g.bytes_wasted:,} bytes wasted)", g.names))
+    return out

@@ -1,0 +1,120 @@
+"""Memory: parameters and bytes counted once and per name, and what ties save.
+
+A per-name sum (what torchinfo and many scripts report) counts a tied matrix once per name.
+Here every byte of memory is counted once: identical extents are one tensor, nested views
+add nothing beyond their container, and partial overlaps count their union.
+
+Training cost per trainable element, in bytes (``--optimizer``):
+
+    weight (w) + gradient (w) + optimizer state + fp32 master copy for 16-bit weights
+    adamw: two moments; sgd: one momentum buffer; none: no state and no master copy
+
+States are fp32 when the weights are 16-bit (mixed precision), else the weight's dtype:
+fp32 AdamW is 4 + 4 + 8 = 16 bytes, bf16 AdamW 2 + 2 + 4 + 8 = 16 bytes.
+
+A tie saves the whole per-element cost only when the names are one Parameter object.
+Distinct Parameter objects over one memory share the weight bytes but each gets its own
+gradient and optimizer state, so they save the weight bytes alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+from tiecheck.analyses.ties import TieGroup, group_by_identity
+from tiecheck.facts import TensorFact
+
+OPTIMIZERS = ("adamw", "sgd", "none")
+_STATES = {"adamw": 2, "sgd": 1, "none": 0}
+
+
+def training_bytes_per_element(itemsize: int, optimizer: str = "adamw") -> int:
+    if optimizer not in _STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    mixed = itemsize < 4 and optimizer != "none"
+    state_size = 4 if mixed else itemsize
+    return itemsize + itemsize + _STATES[optimizer] * state_size + (4 if mixed else 0)
+
+
+def is_trainable(f: TensorFact) -> bool:
+    """Live modules say so; in a file, floating-point tensors are taken to be parameters."""
+    if f.role == "parameter":
+        return f.requires_grad
+    if f.role == "buffer":
+        return False
+    return f.is_floating
+
+
+def _unique_bytes(facts: Sequence[TensorFact]) -> dict[str, int]:
+    """Bytes of distinct memory per dtype (dtype of the tensor that starts each merged range)."""
+    out: dict[str, int] = defaultdict(int)
+    by_storage: dict = defaultdict(list)
+    for members in group_by_identity(facts).values():
+        f = members[0]
+        if f.extent is None or not f.dense:
+            out[f.dtype] += f.nbytes  # no memory to merge (meta), or a strided view: count its elements
+        else:
+            by_storage[f.storage].append(f)
+    for extents in by_storage.values():
+        extents.sort(key=lambda f: (f.byte_start, -f.byte_end))
+        cur, end = None, -1
+        for f in extents:
+            if cur is None or f.byte_start >= end:
+                cur, end = f, f.byte_end
+                out[f.dtype] += f.nbytes
+            elif f.byte_end > end:
+                out[cur.dtype] += f.byte_end - end
+                end = f.byte_end
+    return dict(out)
+
+
+def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], optimizer: str = "adamw") -> dict:
+    itemsize_of = {f.dtype: f.itemsize for f in facts}
+    counted_bytes: dict[str, int] = defaultdict(int)
+    counted_params: dict[str, int] = defaultdict(int)
+    for f in facts:
+        counted_bytes[f.dtype] += f.nbytes
+        counted_params[f.dtype] += f.numel
+    unique_bytes = _unique_bytes(facts)
+    unique_params = {d: b // itemsize_of[d] for d, b in unique_bytes.items()}
+
+    # Training: each trainable memory once, unless distinct Parameters split its gradients.
+    train_unique = 0
+    train_counted = 0
+    for members in group_by_identity(facts).values():
+        trainable = [m for m in members if is_trainable(m)]
+        if not trainable:
+            continue
+        f = trainable[0]
+        per = training_bytes_per_element(f.itemsize, optimizer)
+        objects = len({m.obj_id for m in trainable if m.obj_id is not None}) or 1
+        train_counted += len(trainable) * f.numel * per
+        train_unique += f.numel * f.itemsize + objects * f.numel * (per - f.itemsize)
+
+    total_counted = sum(counted_bytes.values())
+    total_unique = sum(unique_bytes.values())
+    dtypes = sorted(set(counted_bytes) | set(unique_bytes))
+    return {
+        "params_unique": sum(unique_params.values()),
+        "params_counted": sum(counted_params.values()),
+        "bytes_unique": total_unique,
+        "bytes_counted": total_counted,
+        "bytes_saved": total_counted - total_unique,
+        "tie_groups": len(groups),
+        "tied_names": sum(len(g.names) for g in groups),
+        "optimizer": optimizer,
+        "training_bytes": train_unique,
+        "training_bytes_counted": train_counted,
+        "training_bytes_saved": train_counted - train_unique,
+        "by_dtype": [
+            {
+                "dtype": d,
+                "params_unique": unique_params.get(d, 0),
+                "params_counted": counted_params.get(d, 0),
+                "bytes_unique": unique_bytes.get(d, 0),
+                "bytes_counted": counted_bytes.get(d, 0),
+            }
+            for d in dtypes
+        ],
+    }

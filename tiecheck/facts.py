@@ -1,0 +1,192 @@
+"""Per-tensor facts: everything the analyses need, read from torch once.
+
+Analyses never touch torch; they read these records. That keeps them fast, pure and
+testable with hand-made facts (see tests/test_analyses.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiecheck.subject import Subject
+
+# Key that identifies one allocation: (device, address of the storage's first byte).
+StorageKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class TensorFact:
+    """One named tensor, described by where its bytes live rather than by its values."""
+
+    name: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str  # e.g. "float32", "bfloat16"
+    itemsize: int
+    device: str  # e.g. "cpu", "cuda:0", "meta"
+    # Storage identity; None where there is no real memory (meta device, fake tensors).
+    storage: StorageKey | None = None
+    # Byte extent inside the storage: [byte_start, byte_end) covers every element.
+    byte_start: int = 0
+    byte_end: int = 0
+    # Identity of the Parameter or buffer object (id()), when a live module is analysed.
+    obj_id: int | None = None
+    role: str = "tensor"  # "parameter" | "buffer" | "tensor" (from a state dict)
+    owner: str = ""  # module path owning it ("" for the root)
+    owner_type: str | None = None  # class name of the owning module, when known
+    requires_grad: bool = False
+    is_floating: bool = True
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def attr(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def dense(self) -> bool:
+        """True when the elements fill their extent with no gaps (any dimension order)."""
+        return self.byte_end - self.byte_start == self.nbytes
+
+    @property
+    def extent(self) -> tuple[StorageKey, int, int] | None:
+        if self.storage is None or self.numel == 0:
+            return None
+        return (self.storage, self.byte_start, self.byte_end)
+
+    @property
+    def identity(self) -> tuple:
+        """What makes two names 'the same memory': the extent, else the Parameter object."""
+        ext = self.extent
+        if ext is not None:
+            return ("mem",) + ext
+        if self.obj_id is not None:
+            return ("object", self.obj_id)
+        return ("name", self.name)
+
+
+def span_elements(shape: Iterable[int], stride: Iterable[int]) -> int:
+    """Number of storage elements between a view's first and last element, inclusive."""
+    shape = tuple(shape)
+    if math.prod(shape) == 0:
+        return 0
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(shape, stride))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def fact_of(name: str, t, *, role: str = "tensor", obj_id: int | None = None, owner: str | None = None,
+            owner_type: str | None = None) -> TensorFact:
+    """Describe one tensor without reading its values."""
+    import torch
+
+    shape = tuple(int(n) for n in t.shape)
+    try:
+        stride = tuple(int(s) for s in t.stride())
+    except (RuntimeError, NotImplementedError):  # sparse and other layouts without strides
+        stride = ()
+    itemsize = t.element_size()
+    device = str(t.device)
+    storage = None
+    start = end = 0
+    if t.device.type != "meta" and t.layout == torch.strided:
+        try:
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):  # fake / functional tensors
+            ptr = 0
+        if ptr:
+            storage = (device, ptr)
+            start = t.storage_offset() * itemsize
+            end = start + span_elements(shape, stride) * itemsize
+    if owner is None:
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+    return TensorFact(
+        name=name,
+        shape=shape,
+        stride=stride,
+        dtype=_dtype_name(t.dtype),
+        itemsize=itemsize,
+        device=device,
+        storage=storage,
+        byte_start=start,
+        byte_end=end,
+        obj_id=obj_id,
+        role=role,
+        owner=owner,
+        owner_type=owner_type,
+        requires_grad=bool(getattr(t, "requires_grad", False)),
+        is_floating=bool(t.is_floating_point() or t.is_complex()),
+    )
+
+
+@dataclass(frozen=True)
+class ModuleFact:
+    """The few module attributes the lint rules need (e.g. a Linear's declared features)."""
+
+    path: str
+    type: str
+    attrs: tuple[tuple[str, object], ...] = ()
+
+    def get(self, key: str, default=None):
+        return dict(self.attrs).get(key, default)
+
+
+_MODULE_ATTRS = ("in_features", "out_features", "num_embeddings", "embedding_dim", "padding_idx")
+
+
+def build_module_facts(module) -> dict[str, ModuleFact]:
+    if module is None:
+        return {}
+    out = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        attrs = tuple((a, getattr(sub, a)) for a in _MODULE_ATTRS
+                      if isinstance(getattr(sub, a, None), (int, type(None))) and hasattr(sub, a))
+        out.setdefault(path, ModuleFact(path=path, type=type(sub).__name__, attrs=attrs))
+    return out
+
+
+def build_facts(subject: "Subject") -> list[TensorFact]:
+    """Facts for every named tensor of a subject, in the subject's order."""
+    module = subject.module
+    if module is None:
+        return [fact_of(name, t, role="tensor") for name, t in subject.tensors.items()]
+
+    owners = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        owners.setdefault(path, type(sub).__name__)
+    param_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    facts = []
+    for name, t in subject.tensors.items():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        is_param = name in param_names
+        facts.append(
+            fact_of(
+                name,
+                t,
+                role="parameter" if is_param else "buffer",
+                obj_id=id(t),
+                owner=owner,
+                owner_type=owners.get(owner),
+            )
+        )
+    return facts
+
+
+def module_tensors(module) -> dict:
+    """Every parameter and buffer of a module under every name it is reachable by."""
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    for name, b in module.named_buffers(remove_duplicate=False):
+        tensors.setdefault(name, b)
+    return tensors

@@ -1,0 +1,102 @@
+"""Findings: problems and observations with stable codes, a severity, a message and a fix hint.
+
+Codes never change meaning once released; new rules take new codes. The catalogue below is
+the single source for the README's rule table and for `--fail-on`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SEVERITIES = ("error", "warning", "info")
+SEVERITY_RANK = {"error": 2, "warning": 1, "info": 0}
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    name: str
+    severity: str
+    summary: str
+    hint: str
+
+
+RULES: dict[str, Rule] = {
+    r.code: r
+    for r in [
+        Rule("TC001", "linear-shape-mismatch", "error",
+             "An nn.Linear's weight or bias disagrees with its declared in/out features or with each other.",
+             "Build the output projection as nn.Linear(d_model, vocab_size) so weight is (vocab_size, d_model) "
+             "like the embedding, and give it bias=False or a bias of shape (vocab_size,)."),
+        Rule("TC002", "distinct-parameters-alias", "error",
+             "Distinct Parameter objects share memory: their gradients are not shared and the optimizer "
+             "updates the same memory once per Parameter.",
+             "Tie by assigning the Parameter itself (`head.weight = emb.weight`), not a new nn.Parameter "
+             "over the same data."),
+        Rule("TC003", "partial-overlap", "error",
+             "Tensors overlap in memory without being the same view: writing one silently changes part of another.",
+             "Give each tensor its own memory (`.clone()`), or make them the same view if a tie was meant."),
+        Rule("TC004", "tie-spans-devices", "warning",
+             "A tied tensor is used by modules whose other tensors live on another device.",
+             "Place tied modules on one device (e.g. keep the embedding and the output head together), "
+             "or untie deliberately."),
+        Rule("TC005", "untied-duplicate", "warning",
+             "Tensors have equal dtype, shape and content but separate memory: a broken tie or a wasted copy.",
+             "Re-tie after loading (`model.tie_weights()`, or assign the Parameter again after "
+             "`load_state_dict(assign=True)`), or drop the copy."),
+        Rule("TC006", "tie-candidate", "info",
+             "Untied tensors could be tied (embedding and output projection, or two embeddings, of equal shape).",
+             "Tie them if the architecture allows (`head.weight = emb.weight`); see the bytes it would save."),
+        Rule("TC007", "nested-view", "info",
+             "A tensor is a view inside another listed tensor (e.g. a flat buffer and its parameter views).",
+             "Nothing to do if this is a flat-parameter layout; such views are not ties."),
+        Rule("TC008", "restrided-alias", "info",
+             "Names share the same memory through different shapes or strides (e.g. a transposed alias).",
+             "Fine if intended (a tied output projection stored as E.T); check the consumer reads it that way."),
+        Rule("TC009", "expected-tie-missing", "error",
+             "Names that were expected to be tied do not share memory.",
+             "Re-tie them (`model.tie_weights()` or assign the Parameter), or update the expectation."),
+        Rule("TC010", "tied-key-stored-twice", "warning",
+             "A checkpoint stores both names of a tie with different content: one copy will silently win on load.",
+             "Save with the tie intact (one copy), or decide which copy is right and drop the other."),
+        Rule("TC011", "config-tie-mismatch", "warning",
+             "The config's tie setting disagrees with what the architecture or the files do.",
+             "Make `tie_word_embeddings` match the weights you ship, or re-export the checkpoint."),
+        Rule("TC012", "tied-key-absent", "info",
+             "A key is absent from the files because it is tied to one that is stored.",
+             "Nothing to do: the architecture re-ties it on load."),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: str
+    message: str
+    names: tuple[str, ...] = ()
+    hint: str = ""
+    data: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "rule": RULES[self.code].name if self.code in RULES else self.code,
+            "severity": self.severity,
+            "message": self.message,
+            "names": list(self.names),
+            "hint": self.hint,
+        }
+
+
+def finding(code: str, message: str, names=(), *, severity: str | None = None, hint: str | None = None,
+            **data: Any) -> Finding:
+    """Build a finding from the catalogue; severity and hint default to the rule's."""
+    rule = RULES[code]
+    return Finding(code=code, severity=severity or rule.severity, message=message,
+                   names=tuple(sorted(names)), hint=rule.hint if hint is None else hint, data=data)
+
+
+def sort_findings(findings) -> list[Finding]:
+    return sorted(findings, key=lambda f: (-SEVERITY_RANK[f.severity], f.code, f.names, f.message))

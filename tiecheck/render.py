@@ -1,0 +1,114 @@
+"""Renderers: a Report as a terminal table, JSON, Markdown or CSV."""
+
+from __future__ import annotations
+
+import io
+
+from tiecheck.report import Report
+
+FORMATS = ("table", "json", "markdown", "csv")
+
+
+def human_bytes(n: int | float) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def _shape(s) -> str:
+    return "×".join(str(x) for x in s) if s else "scalar"
+
+
+def render(report: Report, fmt: str = "table") -> str:
+    if fmt == "json":
+        return report.to_json()
+    if fmt == "csv":
+        buf = io.StringIO()
+        frame = report.to_frame()
+        for col in ("shape", "tied_with"):
+            frame[col] = frame[col].map(lambda v: " ".join(str(x) for x in v) if isinstance(v, list) else v)
+        frame.to_csv(buf, index=False, lineterminator="\n")
+        return buf.getvalue()
+    if fmt in ("table", "markdown"):
+        return _text(report, markdown=fmt == "markdown")
+    raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def _text(r: Report, markdown: bool) -> str:
+    from tabulate import tabulate
+
+    tablefmt = "github" if markdown else "simple"
+    h = (lambda t: f"## {t}") if markdown else (lambda t: t)
+    out: list[str] = []
+    src = r.source
+    title = f"{src['target']} ({src['format']}" + (f", key '{src['key']}'" if src.get("key") else "") + ")"
+    out.append(f"# tiecheck: {title}" if markdown else f"tiecheck: {title}")
+    for note in src.get("notes", []):
+        out.append(f"{'- ' if markdown else '  '}{note}")
+    s = r.summary
+    out += ["", h("Summary")]
+    rows = [
+        ["parameters", f"{s['params_unique']:,}", f"{s['params_counted']:,}", f"{s['params_counted'] - s['params_unique']:,}"],
+        ["weight bytes", human_bytes(s["bytes_unique"]), human_bytes(s["bytes_counted"]), human_bytes(s["bytes_saved"])],
+        [f"training bytes ({s['optimizer']})", human_bytes(s["training_bytes"]), human_bytes(s["training_bytes_counted"]),
+         human_bytes(s["training_bytes_saved"])],
+    ]
+    out.append(tabulate(rows, headers=["", "counted once", "per-name sum", "saved by ties"], tablefmt=tablefmt,
+                        colalign=("left", "right", "right", "right")))
+    if len(s.get("by_dtype", [])) > 1:
+        out.append("")
+        out.append(tabulate([[d["dtype"], f"{d['params_unique']:,}", human_bytes(d["bytes_unique"])] for d in s["by_dtype"]],
+                            headers=["dtype", "parameters", "bytes"], tablefmt=tablefmt))
+
+    out += ["", h(f"Tie groups ({len(r.tie_groups)})")]
+    if r.tie_groups:
+        out.append(tabulate([[i, "\n".join(g["names"]) if not markdown else "<br>".join(g["names"]), g["kind"],
+                              _shape(g["shape"]), g["dtype"], human_bytes(g["bytes_saved"])]
+                             for i, g in enumerate(r.tie_groups)],
+                            headers=["#", "names", "kind", "shape", "dtype", "saves"], tablefmt=tablefmt))
+    else:
+        out.append("no tensors share memory")
+
+    content = r.content or {}
+    dup_title = f"Untied duplicates ({len(r.untied_duplicates)})"
+    out += ["", h(dup_title)]
+    if not content.get("ran", False):
+        out.append(f"content pass not run: {content.get('reason', 'disabled')}")
+    elif r.untied_duplicates:
+        shown = [d for d in r.untied_duplicates if not d["constant"]]
+        if shown:
+            out.append(tabulate([[", ".join(d["names"]), _shape(d["shape"]), d["dtype"], human_bytes(d["bytes_wasted"])]
+                                 for d in shown], headers=["names", "shape", "dtype", "wasted"], tablefmt=tablefmt))
+        hidden = len(r.untied_duplicates) - len(shown)
+        if hidden:
+            out.append(f"{hidden} group{'s' if hidden > 1 else ''} of constant-valued tensors (equal by construction, "
+                       f"e.g. fresh LayerNorm weights) not shown; see --format json")
+    else:
+        out.append(f"none (compared {content.get('tensors', 0)} tensors, read "
+                   f"{human_bytes(content.get('bytes_read', 0))} of {human_bytes(content.get('bytes_total', 0))})")
+
+    if r.tie_candidates:
+        out += ["", h(f"Tie candidates ({len(r.tie_candidates)})")]
+        out.append(tabulate([[", ".join(c["names"]), c["relation"], _shape(c["shape"]), human_bytes(c["bytes_saved"])]
+                             for c in r.tie_candidates],
+                            headers=["names", "relation", "shape", "would save"], tablefmt=tablefmt))
+
+    if r.flops:
+        from tiecheck.render_flops import render_flops
+
+        out += ["", h("FLOPs")] + render_flops(r.flops, tablefmt)
+
+    out += ["", h(f"Findings ({len(r.findings)})")]
+    if not r.findings:
+        out.append("no findings")
+    for f in r.findings:
+        if markdown:
+            out.append(f"- **{f['severity']}** `{f['code']}` {f['message']}  \n  hint: {f['hint']}")
+        else:
+            out.append(f"{f['severity']:<8}{f['code']} {f['message']}")
+            if f.get("hint"):
+                out.append(f"{'':<8}      hint: {f['hint']}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,94 @@
+"""The Report: a frozen, versioned, JSON-serialisable result that every front end builds on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from tiecheck.findings import SEVERITY_RANK
+
+SCHEMA_VERSION = 1
+FAIL_ON = ("error", "warning", "never")
+# Expectations the user stated are always checks, whatever --fail-on says.
+EXPECTATION_CODES = frozenset({"TC009"})
+
+
+@dataclass(frozen=True)
+class Report:
+    source: dict[str, Any]
+    summary: dict[str, Any]
+    tie_groups: list[dict[str, Any]]
+    untied_duplicates: list[dict[str, Any]]
+    tie_candidates: list[dict[str, Any]]
+    findings: list[dict[str, Any]]
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    content: dict[str, Any] | None = None
+    flops: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        from tiecheck import __version__
+
+        d = {
+            "schema_version": self.schema_version,
+            "tiecheck_version": __version__,
+            "source": self.source,
+            "summary": self.summary,
+            "tie_groups": self.tie_groups,
+            "untied_duplicates": self.untied_duplicates,
+            "tie_candidates": self.tie_candidates,
+            "findings": self.findings,
+            "content_pass": self.content,
+            "flops": self.flops,
+            "tensors": self.tensors,
+        }
+        d.update(self.extra)
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        """Rebuild a report from its JSON (e.g. a stored snapshot)."""
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"report schema_version {version!r} is not {SCHEMA_VERSION}; re-create it with this "
+                             f"tiecheck version")
+        known = {"schema_version", "tiecheck_version", "source", "summary", "tie_groups", "untied_duplicates",
+                 "tie_candidates", "findings", "content_pass", "flops", "tensors"}
+        return cls(source=d["source"], summary=d["summary"], tie_groups=d["tie_groups"],
+                   untied_duplicates=d.get("untied_duplicates", []), tie_candidates=d.get("tie_candidates", []),
+                   findings=d.get("findings", []), tensors=d.get("tensors", []), content=d.get("content_pass"),
+                   flops=d.get("flops"), extra={k: v for k, v in d.items() if k not in known})
+
+    def to_frame(self):
+        """One row per tensor name: where it lives and what it is tied to."""
+        import pandas as pd
+
+        cols = ["name", "shape", "dtype", "numel", "bytes", "role", "device", "tie_group", "tie_kind", "tied_with"]
+        return pd.DataFrame([{c: t.get(c) for c in cols} for t in self.tensors], columns=cols)
+
+    # -- checks ---------------------------------------------------------------------------
+    def failing_findings(self, fail_on: str = "error") -> list[dict[str, Any]]:
+        if fail_on not in FAIL_ON:
+            raise ValueError(f"fail_on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
+        out = []
+        for f in self.findings:
+            if f["code"] in EXPECTATION_CODES:
+                out.append(f)
+            elif fail_on != "never" and SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[fail_on]:
+                out.append(f)
+        return out
+
+    def exit_code(self, fail_on: str = "error") -> int:
+        """0 when clean, 1 when a check failed (the CLI's contract)."""
+        return 1 if self.failing_findings(fail_on) else 0
+
+    def group_of(self, name: str) -> dict[str, Any] | None:
+        for g in self.tie_groups:
+            if name in g["names"]:
+                return g
+        return None

@@ -1,0 +1,43 @@
+"""The one thing every loader returns, whatever the target's format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+
+@dataclass
+class Source:
+    """Where a subject came from, for the report's ``source`` object."""
+
+    target: str
+    format: str
+    key: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "format": self.format, "key": self.key, "notes": list(self.notes)}
+
+
+@dataclass
+class Subject:
+    """Named tensors to analyse, with the live module when the target yields one.
+
+    ``tensors`` maps every name (parameters and buffers, duplicates included) to its tensor,
+    in the order the target lists them. For a module, the names are those of
+    ``named_parameters(remove_duplicate=False)`` followed by buffers, so a tie shows up as
+    several names for one Parameter object.
+    """
+
+    tensors: dict[str, "torch.Tensor"]
+    source: Source
+    module: "nn.Module | None" = None
+    config: dict[str, Any] | None = None
+    # Extra findings a loader discovered (e.g. keys absent from a file because they are tied).
+    loader_findings: list[Any] = field(default_factory=list)
+    # Free-form facts a loader wants in the report (e.g. which files were read).
+    extra: dict[str, Any] = field(default_factory=dict)
