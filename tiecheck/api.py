@@ -21,6 +21,7 @@ def analyze(
     *,
     key: str | None = None,
     trust_pickle: bool = False,
+    trust_remote_code: bool = False,
     duplicates: bool = True,
     optimizer: str = "adamw",
     expect_tied: Iterable[Sequence[str]] = (),
@@ -30,13 +31,15 @@ def analyze(
     ``target`` may be an ``nn.Module``, a state dict or training-checkpoint dict, a path to a
     checkpoint file or folder, a bundled model name (``"gpt-mini"``) or a Python spec
     (``"file.py:factory"``, ``"package.module:factory"``). ``expect_tied`` lists groups of names
-    that must share memory. Raises ``TiecheckError`` for input that cannot be analysed.
+    that must share memory. ``trust_remote_code`` lets a Hugging Face folder's own Python code
+    build its architecture (it runs that code). Raises ``TiecheckError`` for input that cannot
+    be analysed.
     """
     from tiecheck.loaders import load_target
 
     if optimizer not in OPTIMIZERS:
         raise TiecheckError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
-    subject = load_target(target, key=key, trust_pickle=trust_pickle)
+    subject = load_target(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
     return analyze_subject(subject, duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied)
 
 

@@ -105,16 +105,20 @@ def main() -> None:
 @click.option("--key", help="Key (dotted) of the model state inside a training checkpoint.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow pickled Python objects (full nn.Module files). Loading them can run arbitrary code.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let a Hugging Face folder's own Python code build its architecture (runs that code).")
 @click.option("--no-duplicates", is_flag=True, help="Skip the content pass that finds untied duplicates.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "none"]), default="adamw", show_default=True,
               help="Optimizer assumed for training memory.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @handle_errors
-def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, no_duplicates, optimizer, debug):
+def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, trust_remote_code, no_duplicates, optimizer,
+            debug):
     """Find every tie in TARGET and what it saves.
 
-    TARGET is a checkpoint file or folder, a bundled model name (see `tiecheck models`), or a
-    Python spec `path/to/file.py:factory` / `package.module:factory`.
+    TARGET is a checkpoint file or folder (torch.save, safetensors, a Hugging Face model folder,
+    torch.export .pt2, TorchScript, a torch.distributed.checkpoint folder), a bundled model name
+    (see `tiecheck models`), or a Python spec `path/to/file.py:factory` / `package.module:factory`.
     """
     from tiecheck.api import analyze
     from tiecheck.render import render
@@ -122,8 +126,10 @@ def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, no_dup
     expected = parse_expect(expect_tied)
     if trust_pickle:
         click.echo("tiecheck: warning: --trust-pickle lets the file's pickled objects run code", err=True)
-    report = analyze(target, key=key, trust_pickle=trust_pickle, duplicates=not no_duplicates,
-                     optimizer=optimizer, expect_tied=expected)
+    if trust_remote_code:
+        click.echo("tiecheck: warning: --trust-remote-code runs the model folder's Python code", err=True)
+    report = analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                     duplicates=not no_duplicates, optimizer=optimizer, expect_tied=expected)
     write_output(render(report, fmt), output, protect=(target,))
     sys.exit(report.exit_code(fail_on))
 

@@ -41,7 +41,11 @@ def linear_shape_findings(facts: Sequence[TensorFact], modules: dict[str, Module
             if tuple(w.shape) != declared:
                 problems.append(f"it is declared nn.Linear(in_features={declared[1]}, out_features={declared[0]}) "
                                 f"but its weight is {list(w.shape)}")
-        if b is not None and len(b.shape) == 1 and b.shape[0] != w.shape[0]:
+        # Without module types (a file), a bias that matches the weight's columns is the (in, out)
+        # layout of GPT-2's Conv1D, not a broken Linear, unless the weight is tied to an embedding.
+        conv1d_layout = (not modules and b is not None and len(b.shape) == 1 and b.shape[0] == w.shape[1]
+                         and w.name not in tied)
+        if b is not None and len(b.shape) == 1 and b.shape[0] != w.shape[0] and not conv1d_layout:
             problems.append(f"its bias has {b.shape[0]} entries but the output has {w.shape[0]}, so the bias "
                             f"cannot broadcast")
         elif b is not None and len(b.shape) != 1:

@@ -30,43 +30,96 @@ def from_mapping(obj: Mapping, key: str | None = None, target: str = "<state dic
     return Subject(tensors=tensors, source=Source(target=target, format=fmt, key=used, notes=notes))
 
 
-def load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False) -> Subject:
-    from tiecheck.loaders import torchfile
+def load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
+              trust_remote_code: bool = False) -> Subject:
+    from tiecheck.loaders import detect
 
     target = str(path)
     if path.is_dir():
-        return load_folder(path, key=key, trust_pickle=trust_pickle)
+        return load_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
     if not path.is_file():
         raise TargetError(f"{target}: not a regular file")
     try:
         size = path.stat().st_size
-        kind = torchfile.sniff(path)
+        kind = detect.sniff_file(path) if size else None
     except OSError as e:
         raise TargetError(f"{target}: cannot read ({e.strerror or e})") from e
     if size == 0:
         raise TargetError(f"{target}: the file is empty")
-    if kind is not None:
+    return load_file(path, kind, key=key, trust_pickle=trust_pickle)
+
+
+def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pickle: bool = False) -> Subject:
+    """One file whose format ``detect.sniff_file`` recognised."""
+    from tiecheck.loaders import detect
+
+    target = str(path)
+    if kind in (detect.TORCH_SAVE, detect.TORCH_SAVE_LEGACY):
+        from tiecheck.loaders import torchfile
+
         return torchfile.load_torch_file(target, key=key, trust_pickle=trust_pickle)
-    raise TargetError(f"{target}: not a recognised checkpoint (expected a torch.save file); "
-                      f"the first bytes match no known format")
+    if kind == detect.SAFETENSORS:
+        from tiecheck.loaders.safetensors_files import load_safetensors_file
+
+        return load_safetensors_file(path)
+    if kind == detect.WEIGHTS_INDEX:
+        from tiecheck.loaders.safetensors_files import load_sharded
+
+        return load_sharded(path, detect.read_weights_index(path), trust_pickle=trust_pickle)
+    if kind == detect.PT2:
+        from tiecheck.loaders.export import load_pt2
+
+        return load_pt2(path, trust_pickle=trust_pickle)
+    if kind == detect.TORCHSCRIPT:
+        from tiecheck.loaders.torchscript import load_torchscript
+
+        return load_torchscript(path, trust_pickle=trust_pickle)
+    raise TargetError(f"{target}: not a recognised checkpoint; the first bytes match no known format (torch.save, "
+                      f"safetensors, a *.index.json weights index, torch.export .pt2, TorchScript)")
 
 
-def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = False) -> Subject:
-    from tiecheck.loaders import torchfile
+def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = False,
+                trust_remote_code: bool = False) -> Subject:
+    """A folder: a DCP checkpoint, a Hugging Face model folder, a sharded checkpoint or one weight file."""
+    from tiecheck.loaders import detect
+    from tiecheck.loaders.dcp import is_dcp_folder, load_dcp
+    from tiecheck.loaders.hf import is_hf_folder, load_hf_folder
 
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.stat().st_size > 0)
-    weights = [p for p in files if torchfile.sniff(p) is not None]
+    try:
+        if is_dcp_folder(path):
+            return load_dcp(path, key=key)
+        if is_hf_folder(path):
+            return load_hf_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+        kinds: dict[str | None, list[Path]] = {}
+        for p in sorted(path.iterdir()):
+            if p.is_file() and p.stat().st_size > 0:
+                kinds.setdefault(detect.sniff_file(p), []).append(p)
+    except OSError as e:
+        raise TargetError(f"{path}: cannot read the folder ({e.strerror or e})") from e
+    indexes = kinds.pop(detect.WEIGHTS_INDEX, [])
+    kinds.pop(None, None)
+    if len(indexes) == 1:
+        sub = load_file(indexes[0], detect.WEIGHTS_INDEX, key=key, trust_pickle=trust_pickle)
+        sub.source.notes.insert(0, f"read {indexes[0].name} from the folder")
+        return sub
+    if len(indexes) > 1:
+        raise TargetError(f"{path}: the folder holds several weight indexes ({', '.join(p.name for p in indexes)}); "
+                          f"name one of them")
+    weights = [p for ps in kinds.values() for p in ps]
     if not weights:
-        raise TargetError(f"{path}: the folder holds no weight files (looked for torch.save files)")
+        raise TargetError(f"{path}: the folder holds no weight files (looked for torch.save, safetensors, "
+                          f"torch.export and TorchScript files, a *.index.json, a config.json, a DCP .metadata)")
     if len(weights) > 1:
-        names = ", ".join(p.name for p in weights[:6])
-        raise TargetError(f"{path}: the folder holds several weight files ({names}); name one of them")
-    sub = load_path(weights[0], key=key, trust_pickle=trust_pickle)
+        names = ", ".join(p.name for p in sorted(weights)[:6])
+        raise TargetError(f"{path}: the folder holds several weight files ({names}) and no index; name one of them")
+    kind = next(k for k, ps in kinds.items() if ps)
+    sub = load_file(weights[0], kind, key=key, trust_pickle=trust_pickle)
     sub.source.notes.insert(0, f"read {weights[0].name} from the folder")
     return sub
 
 
-def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = False) -> Subject:
+def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = False,
+                trust_remote_code: bool = False) -> Subject:
     """Whatever the user pointed at, as a Subject. Raises TiecheckError for bad input."""
     from tiecheck.loaders import bundled, spec
 
@@ -90,7 +143,7 @@ def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = Fal
         raise TargetError("empty target: pass a path, a bundled model name or a 'file.py:factory' spec")
     # A path that exists wins over a name or a spec.
     if os.path.exists(target) or os.path.islink(target):
-        return load_path(Path(target), key=key, trust_pickle=trust_pickle)
+        return load_path(Path(target), key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
     if spec.looks_like_spec(target):
         module = spec.load_module_spec(target)
         return from_module(module, target=target, fmt="python spec")

@@ -1,0 +1,82 @@
+"""Recognise a checkpoint by its bytes, never by its name.
+
+``pytorch_model.bin``, ``model.pt`` and ``weights.ckpt`` are all ``torch.save`` zips;
+TorchScript and ``torch.export`` archives are zips too; a ``.safetensors`` file starts with an
+8-byte header length followed by JSON. Only a few bytes (and, for zips, the central
+directory) are read here; each loader validates its format fully.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+TORCH_SAVE = "torch.save"
+TORCH_SAVE_LEGACY = "torch.save (legacy)"
+TORCHSCRIPT = "TorchScript"
+PT2 = "torch.export"
+SAFETENSORS = "safetensors"
+WEIGHTS_INDEX = "weights index"
+
+# A weights index (model.safetensors.index.json) is a few MB at most; never parse a large file as one.
+_INDEX_LIMIT = 64 << 20
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def sniff_file(path: Path) -> str | None:
+    """The format of a file from its content, or None when no loader knows it. Raises OSError."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head.startswith(_ZIP_MAGIC):
+        return zip_kind(path)
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return TORCH_SAVE_LEGACY
+    if looks_like_safetensors(head):
+        return SAFETENSORS
+    if head.lstrip()[:1] == b"{" and size <= _INDEX_LIMIT and read_weights_index(path) is not None:
+        return WEIGHTS_INDEX
+    return None
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """8 little-endian bytes of header length, then the JSON header's opening brace.
+
+    A header length larger than the file still counts: the loader then says the file is
+    truncated, which helps more than "unknown format".
+    """
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n < (1 << 40)
+
+
+def zip_kind(path: Path) -> str | None:
+    """torch.save, TorchScript or torch.export: all three are zips with one root folder."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            fmt = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
+            if fmt and zf.read(fmt[0]).strip() == b"pt2":
+                return PT2
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError):
+        # A zip whose directory cannot be read: let torch.load report the damage.
+        return TORCH_SAVE
+    top = [n for n in names if n.count("/") == 1]
+    if any(n.endswith("/constants.pkl") for n in top) and any("/code/" in n for n in names):
+        return TORCHSCRIPT
+    if any(n.endswith("/data.pkl") for n in top):
+        return TORCH_SAVE
+    return None
+
+
+def read_weights_index(path: Path) -> dict | None:
+    """A ``*.index.json`` weights index (``{"weight_map": {name: shard}}``), or None if it is not one."""
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("weight_map"), dict):
+        return obj
+    return None

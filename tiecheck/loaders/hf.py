@@ -1,0 +1,427 @@
+"""Hugging Face model folders: ``config.json`` plus weights (safetensors or ``pytorch_model*.bin``).
+
+This is where ties get lost. safetensors cannot store aliased tensors, so ``save_pretrained``
+drops every tied name but one and the architecture re-ties on load; when both names are
+stored, transformers ties them only if the values are equal and otherwise warns and loads
+them untied; and serving engines that trust ``tie_word_embeddings`` over the files have served
+gibberish. So the files are held against the architecture:
+
+* With transformers (``pip install tiecheck[hf]``) the architecture is built from the config
+  on the meta device (no weights allocated, nothing downloaded, no ``trust_remote_code``
+  unless asked) and its ties are read from the built module itself: Parameter identity in
+  ``state_dict(keep_vars=True)``. ``_tied_weights_keys`` alone is not enough: an untied Llama
+  still lists ``lm_head.weight`` there, and BART lists one pair of a four-way group.
+  ``torch.device("meta")`` keeps ties (accelerate's ``init_empty_weights`` re-wraps
+  Parameters and can lose them); ``tie_weights()`` runs after building all the same.
+* A tied name absent from the files is expected (TC012, info) and is re-tied in the subject,
+  so the report shows the model as it will be loaded. Tied names stored twice with equal
+  content are re-tied too (the copy is only wasted bytes); with different content they stay
+  separate and raise TC010. The config's ``tie_word_embeddings`` is checked against the
+  architecture and the files (TC011).
+* Without transformers the files are analysed alone, the config-against-files check still
+  runs, and the report says that architecture ties need the extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tiecheck.errors import TargetError
+from tiecheck.findings import Finding, finding
+from tiecheck.subject import Source, Subject
+
+CONFIG = "config.json"
+# transformers' own order of preference when a folder holds several weight formats.
+PREFERRED = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+             "pytorch_model.bin")
+NEEDS_EXTRA = ("architecture ties need transformers: pip install tiecheck[hf]; analysed the files alone "
+               "(ties the architecture re-creates on load are not shown)")
+_LM_ARCH = re.compile(r"(ForCausalLM|LMHeadModel|ForMaskedLM|ForConditionalGeneration|MTModel|WithLMHead)$")
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    p = path / CONFIG
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TargetError(f"{p}: not valid JSON ({e}); fix or replace the config") from e
+    except OSError as e:
+        raise TargetError(f"{p}: cannot read ({e.strerror or e})") from e
+    if not isinstance(obj, dict):
+        raise TargetError(f"{p}: holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def find_weights(path: Path) -> tuple[str, Path, list[str]]:
+    """(kind, file, notes): the weights transformers would load from this folder."""
+    from tiecheck.loaders.detect import SAFETENSORS, TORCH_SAVE, TORCH_SAVE_LEGACY, WEIGHTS_INDEX, sniff_file
+
+    notes: list[str] = []
+    present = [name for name in PREFERRED if (path / name).is_file()]
+    if present:
+        chosen = path / present[0]
+        others = [n for n in present if ("safetensors" in n) != ("safetensors" in present[0])]
+        if others:
+            notes.append(f"also holds {', '.join(others)}; read {present[0]}, as transformers does")
+    else:
+        kinds: dict[str, list[Path]] = {}
+        for p in sorted(path.iterdir()):
+            if p.is_file() and p.name != CONFIG and p.stat().st_size > 0:
+                try:
+                    kinds.setdefault(sniff_file(p) or "", []).append(p)
+                except OSError:
+                    continue
+        for kind in (WEIGHTS_INDEX, SAFETENSORS, TORCH_SAVE, TORCH_SAVE_LEGACY):
+            found = kinds.get(kind, [])
+            if len(found) == 1:
+                chosen = found[0]
+                break
+            if len(found) > 1 and kind != WEIGHTS_INDEX:
+                raise TargetError(f"{path}: holds {CONFIG} and several {kind} files without an index "
+                                  f"({', '.join(p.name for p in found[:4])}); name one of them")
+        else:
+            raise TargetError(f"{path}: holds {CONFIG} but no weights (looked for {', '.join(PREFERRED)} and any "
+                              f"safetensors or torch.save file); is the download complete?")
+    kind = sniff_file(chosen)
+    if kind is None:
+        raise TargetError(f"{chosen}: not a recognised weights file (neither safetensors, torch.save nor an index)")
+    return kind, chosen, notes
+
+
+# -- the architecture -----------------------------------------------------------------------
+
+@dataclass
+class Architecture:
+    name: str
+    keys: list[str]  # state_dict order
+    groups: list[tuple[str, ...]]  # names sharing one Parameter / buffer, each sorted
+    declared: dict[str, str]  # transformers' expanded tie mapping, target -> source
+    prefix: str
+    tie_word_embeddings: bool | None
+    input_embedding: str | None
+    output_embedding: str | None
+    version: str
+    notes: list[str] = field(default_factory=list)
+
+    def group_of(self, name: str) -> tuple[str, ...] | None:
+        for g in self.groups:
+            if name in g:
+                return g
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers logs config and generation warnings that are noise for an inspection."""
+    import warnings
+
+    from transformers.utils import logging as tlog
+
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        tlog.set_verbosity(level)
+
+
+def _model_class(transformers, folder: Path, config, cfg: dict, trust_remote_code: bool):
+    for name in cfg.get("architectures") or []:
+        cls = getattr(transformers, str(name), None) if re.fullmatch(r"\w+", str(name)) else None
+        if cls is not None:
+            return cls
+    auto_map = cfg.get("auto_map") if isinstance(cfg.get("auto_map"), dict) else {}
+    for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModel"):
+        if auto in auto_map and trust_remote_code:
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+            ref = auto_map[auto]
+            ref = ref[0] if isinstance(ref, (list, tuple)) else ref
+            return get_class_from_dynamic_module(ref, str(folder), local_files_only=True)
+    for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModel"):
+        mapping = getattr(getattr(transformers, auto, None), "_model_mapping", None)
+        try:
+            if mapping is not None and type(config) in mapping:
+                return mapping[type(config)]
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = False) -> tuple[Any, list[str]]:
+    """(Architecture or None, notes). Never raises for an architecture it cannot build: it says why."""
+    try:
+        import transformers
+    except ImportError:
+        return None, [NEEDS_EXTRA]
+    import torch
+
+    custom = bool(cfg.get("auto_map")) and not any(hasattr(transformers, str(a)) for a in cfg.get("architectures") or [])
+    if custom and not trust_remote_code:
+        return None, [f"the architecture ({', '.join(map(str, cfg.get('architectures') or ['auto_map']))}) is custom "
+                      f"code shipped in the folder; it was not run. Rerun with --trust-remote-code to build it and "
+                      f"check its ties (that runs the folder's Python files); analysed the files alone"]
+    try:
+        with _quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code,
+                                                             local_files_only=True)
+            cls = _model_class(transformers, folder, config, cfg, trust_remote_code)
+            if cls is None:
+                return None, [f"transformers {transformers.__version__} has no model class for this config "
+                              f"(model_type {cfg.get('model_type')!r}); analysed the files alone"]
+            with torch.device("meta"):
+                model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+    except Exception as e:  # noqa: BLE001 - any failure to build leaves the file analysis intact
+        msg = (str(e).strip().splitlines() or [""])[0][:200]
+        hint = " (rerun with --trust-remote-code if you trust the folder's code)" if "trust_remote_code" in msg else ""
+        return None, [f"could not build the architecture from {CONFIG} with transformers "
+                      f"{transformers.__version__} ({type(e).__name__}: {msg}){hint}; analysed the files alone"]
+    return _describe(model, type(model).__name__, transformers.__version__), []
+
+
+def _describe(model, name: str, version: str) -> Architecture:
+    sd = model.state_dict(keep_vars=True)
+    by_id: dict[int, list[str]] = {}
+    for k, v in sd.items():
+        by_id.setdefault(id(v), []).append(k)
+    groups = [tuple(sorted(v)) for v in by_id.values() if len(v) > 1]
+    declared = {}
+    if hasattr(model, "get_expanded_tied_weights_keys"):
+        with contextlib.suppress(Exception):
+            declared = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+    name_of = {id(v): k for k, v in reversed(list(sd.items()))}
+
+    def weight_name(getter: str) -> str | None:
+        try:
+            mod = getattr(model, getter)()
+        except Exception:  # noqa: BLE001 - many models raise NotImplementedError here
+            return None
+        w = getattr(mod, "weight", None)
+        return name_of.get(id(w)) if w is not None else None
+
+    config = getattr(model, "config", None)
+    tie = getattr(config, "tie_word_embeddings", None)
+    return Architecture(name=name, keys=list(sd), groups=sorted(groups), declared=declared,
+                        prefix=getattr(model, "base_model_prefix", "") or "",
+                        tie_word_embeddings=tie if isinstance(tie, bool) else None,
+                        input_embedding=weight_name("get_input_embeddings"),
+                        output_embedding=weight_name("get_output_embeddings"), version=version)
+
+
+# -- files against architecture ---------------------------------------------------------------
+
+def match_keys(file_keys: list[str], arch_keys: list[str], prefix: str) -> tuple[dict[str, str], str]:
+    """file key -> architecture key, allowing for a base-model prefix added or dropped on save."""
+    arch = set(arch_keys)
+    options = [("", lambda k: k)]
+    if prefix:
+        p = prefix + "."
+        options.append((f"added prefix '{p}'", lambda k: k if k.startswith(p) else p + k))
+        options.append((f"removed prefix '{p}'", lambda k: k[len(p):] if k.startswith(p) else k))
+    best, best_how, best_n = {}, "", -1
+    for how, fn in options:
+        m = {k: fn(k) for k in file_keys if fn(k) in arch}
+        if len(m) > best_n:
+            best, best_how, best_n = m, how, len(m)
+    # Two file keys must not land on one architecture key.
+    seen: dict[str, str] = {}
+    for k, v in list(best.items()):
+        if v in seen:
+            del best[k]
+        seen.setdefault(v, k)
+    return best, best_how
+
+
+def _same_memory(a, b) -> bool:
+    from tiecheck.facts import fact_of
+
+    fa, fb = fact_of("a", a), fact_of("b", b)
+    return fa.extent is not None and fa.identity == fb.identity
+
+
+def _equal(a, b) -> bool | None:
+    """Bitwise equality of two stored tensors; None when there is no data to compare."""
+    from tiecheck.content import TorchContentReader
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.device.type == "meta" or b.device.type == "meta":
+        return None
+    if _same_memory(a, b):
+        return True
+    return TorchContentReader({"a": a, "b": b}).equal("a", "b")
+
+
+def _plural(items, one: str, many: str) -> str:
+    return one if len(items) == 1 else many
+
+
+def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None) -> tuple[dict, list[Finding], list[str],
+                                                                                       dict]:
+    """The model as the architecture loads it from these files: tensors, findings, notes, facts."""
+    mapping, how = match_keys(list(files), arch.keys, arch.prefix)
+    notes: list[str] = []
+    if how:
+        notes.append(f"file keys matched to the architecture after {how}")
+    stored = {mapping[k]: files[k] for k in files if k in mapping}
+    unexpected = [k for k in files if k not in mapping]
+    findings: list[Finding] = []
+    alias_of: dict[str, str] = {}
+    redundant = 0
+    absent_tied: list[tuple[str, ...]] = []
+    for group in arch.groups:
+        present = [n for n in group if n in stored]
+        if not present:
+            continue
+        # Keep the name transformers ties to (the mapping's source) when it is stored.
+        sources = {arch.declared.get(n) for n in group} - {None}
+        base = next((n for n in present if n in sources), present[0])
+        differing = []
+        for n in present:
+            if n == base:
+                continue
+            eq = _equal(stored[base], stored[n])
+            if eq is False:
+                differing.append(n)
+            else:
+                if not _same_memory(stored[base], stored[n]):
+                    redundant += stored[n].numel() * stored[n].element_size()
+                alias_of[n] = base
+        if differing:
+            t_b = stored[base]
+            shapes = "; ".join(f"{n} {list(stored[n].shape)} {str(stored[n].dtype).replace('torch.', '')}"
+                               for n in [base] + differing)
+            findings.append(finding(
+                "TC010", f"{arch.name} ties {', '.join([base] + differing)}, but the files store "
+                         f"{_plural(differing, 'both', 'each')} with different content ({shapes}): transformers "
+                         f"warns and loads them untied, and engines that trust the tie use one copy for both",
+                [base] + differing, shape=list(t_b.shape)))
+        absent = [n for n in group if n not in stored]
+        for n in absent:
+            alias_of[n] = base
+        if absent:
+            absent_tied.append(group)
+            findings.append(finding(
+                "TC012", f"{', '.join(absent)} {_plural(absent, 'is', 'are')} absent from the files: {arch.name} "
+                         f"ties {_plural(absent, 'it', 'them')} to {base}, which is stored", group))
+    if redundant:
+        notes.append(f"tied names stored twice with equal content: {redundant:,} redundant bytes in the files "
+                     f"(transformers re-ties them on load)")
+
+    tensors: dict[str, Any] = {}
+    missing = []
+    for k in arch.keys:
+        if k in stored:
+            tensors[k] = stored[k]
+        elif k in alias_of:
+            tensors[k] = stored[alias_of[k]]
+        else:
+            missing.append(k)
+    for k in unexpected:
+        tensors[k] = files[k]
+
+    head, emb = arch.output_embedding, arch.input_embedding
+    arch_ties = bool(head and emb and arch.group_of(head) and emb in arch.group_of(head))
+    if cfg_tie is not None and head and emb and cfg_tie != arch_ties:
+        findings.append(finding(
+            "TC011", f"config.json says tie_word_embeddings={str(cfg_tie).lower()}, but {arch.name} "
+                     f"{'does not tie' if cfg_tie else 'ties'} {head} to {emb}", [head, emb]))
+    if head and emb and head in missing and emb in stored and not arch_ties:
+        findings.append(finding(
+            "TC011", f"the files hold no {head} and {'config.json says tie_word_embeddings=false' if cfg_tie is False else arch.name + ' does not tie it'}: "
+                     f"transformers initialises the output projection randomly on load (the model will produce "
+                     f"gibberish); if the head is meant to be {emb}, set tie_word_embeddings=true",
+            [head, emb]))
+    if missing:
+        notes.append(f"{len(missing)} architecture tensor(s) are absent from the files and tied to nothing stored, "
+                     f"so transformers initialises them on load (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        notes.append(f"{len(unexpected)} tensor(s) in the files are not in {arch.name} (e.g. "
+                     f"{', '.join(unexpected[:3])}); transformers ignores them on load")
+    facts = {"missing": missing, "unexpected": unexpected, "absent_tied": [list(g) for g in absent_tied]}
+    return tensors, findings, notes, facts
+
+
+def config_vs_files(files: dict[str, Any], cfg: dict) -> list[Finding]:
+    """TC011 without an architecture: the config's tie setting against embedding and head found by name."""
+    from tiecheck.analyses.candidates import is_embedding, is_output_projection
+    from tiecheck.facts import fact_of
+
+    tie = cfg.get("tie_word_embeddings")
+    if not isinstance(tie, bool):
+        return []
+    facts = [fact_of(n, t) for n, t in files.items()]
+    embeds = [f for f in facts if is_embedding(f)]
+    heads = [f for f in facts if is_output_projection(f) and not is_embedding(f)]
+    out = []
+    for e in embeds:
+        for h in heads:
+            if tie and h.shape == e.shape and h.dtype == e.dtype and _equal(files[e.name], files[h.name]) is False:
+                out.append(finding(
+                    "TC011", f"config.json says tie_word_embeddings=true, but the files store {e.name} and {h.name} "
+                             f"with different content: engines that trust the config serve the embedding as the "
+                             f"output projection", [e.name, h.name]))
+    archs = [str(a) for a in cfg.get("architectures") or []]
+    if tie is False and embeds and not heads and any(_LM_ARCH.search(a) for a in archs):
+        out.append(finding(
+            "TC011", f"config.json says tie_word_embeddings=false for {archs[0]}, but the files hold no output "
+                     f"projection (only {embeds[0].name}): the head will be initialised randomly on load; if it is "
+                     f"meant to be the embedding, set tie_word_embeddings=true", [embeds[0].name]))
+    return out
+
+
+# -- the loader --------------------------------------------------------------------------------
+
+def _load_weights(kind: str, path: Path, *, key: str | None, trust_pickle: bool) -> Subject:
+    from tiecheck.loaders.detect import SAFETENSORS, WEIGHTS_INDEX, read_weights_index
+    from tiecheck.loaders.safetensors_files import load_safetensors_file, load_sharded
+    from tiecheck.loaders.torchfile import load_torch_file
+
+    if kind == WEIGHTS_INDEX:
+        return load_sharded(path, read_weights_index(path), trust_pickle=trust_pickle)
+    if kind == SAFETENSORS:
+        return load_safetensors_file(path)
+    return load_torch_file(str(path), key=key, trust_pickle=trust_pickle)
+
+
+def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = False,
+                   trust_remote_code: bool = False) -> Subject:
+    cfg = read_config(path)
+    kind, weights, notes = find_weights(path)
+    files = _load_weights(kind, weights, key=key, trust_pickle=trust_pickle)
+    notes = [f"weights: {weights.name} ({files.source.format})"] + notes + files.source.notes
+    arch, arch_notes = build_architecture(path, cfg, trust_remote_code=trust_remote_code)
+    notes += arch_notes
+    extra: dict[str, Any] = {"files": files.extra.get("files", [])}
+    if arch is None:
+        findings = config_vs_files(files.tensors, cfg)
+        tensors = files.tensors
+        extra["architecture"] = None
+    else:
+        cfg_tie = arch.tie_word_embeddings
+        tensors, findings, more, facts = reconcile(files.tensors, arch, cfg_tie)
+        notes.insert(1, f"architecture {arch.name} built from {CONFIG} on the meta device with transformers "
+                        f"{arch.version}: {len(arch.groups)} tie group{'s' if len(arch.groups) != 1 else ''}")
+        notes += more
+        extra["architecture"] = {"class": arch.name, "transformers": arch.version, "ties": [list(g) for g in arch.groups],
+                                 "declared": arch.declared, "tie_word_embeddings": cfg_tie,
+                                 "input_embedding": arch.input_embedding, "output_embedding": arch.output_embedding,
+                                 **facts}
+    if arch is None and cfg.get("tie_word_embeddings") is not None:
+        extra["config_tie_word_embeddings"] = cfg.get("tie_word_embeddings")
+    return Subject(tensors=tensors, config=cfg, loader_findings=findings, extra={"hf": extra},
+                   source=Source(target=str(path), format=f"Hugging Face folder ({files.source.format})",
+                                 key=files.source.key, notes=notes))

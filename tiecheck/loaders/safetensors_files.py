@@ -1,0 +1,274 @@
+"""``.safetensors`` files, single or sharded by a ``*.index.json``.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON describing
+every tensor (dtype, shape, [begin, end) byte offsets into the data that follows), then the
+data. The header is parsed here with the same rules the reference implementation enforces
+(offsets contiguous from 0, sizes matching dtype × shape, data ending exactly at the end of
+the file), so a truncated or corrupt file fails with one clear line before anything else.
+
+Tensor data is never read here: each file is memory-mapped once and every tensor is a view
+into the mapping, so building the Subject touches only the header pages. The content pass
+(``content.py``) later reads the few pages it samples. Safetensors cannot store aliased
+tensors, so a file alone never shows a tie; ties come from the architecture (``hf.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tiecheck.errors import TargetError
+from tiecheck.subject import Source, Subject
+
+# The reference implementation refuses headers above 100 MB; so do we, before reading one.
+MAX_HEADER = 100_000_000
+
+# safetensors dtype names -> (torch dtype attribute, bytes per element).
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "C64": ("complex64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1), "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # byte offsets relative to the start of the data section
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    header_len: int
+    entries: dict[str, Entry]  # in file order
+    metadata: dict[str, str]
+    file_size: int
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+    @property
+    def data_bytes(self) -> int:
+        return self.file_size - self.data_start
+
+
+def _bad(path: Path, why: str) -> TargetError:
+    return TargetError(f"{path}: not a valid safetensors file: {why}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate a safetensors header; reads 8 + N bytes, never the tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            first = fh.read(8)
+            if len(first) < 8:
+                raise _bad(path, f"{size} bytes is too short to hold the 8-byte header length")
+            n = int.from_bytes(first, "little")
+            if n > MAX_HEADER:
+                raise _bad(path, f"header length {n:,} bytes exceeds the {MAX_HEADER:,}-byte limit; the first 8 "
+                                 f"bytes are corrupt or this is not safetensors")
+            if 8 + n > size:
+                raise _bad(path, f"header length {n:,} bytes exceeds the file size ({size:,} bytes): the file is "
+                                 f"truncated or corrupt; download or copy it again")
+            raw = fh.read(n)
+    except OSError as e:
+        raise TargetError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _bad(path, f"the {n:,}-byte header is not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise _bad(path, "the header is not a JSON object")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _bad(path, "__metadata__ is not an object")
+    entries = {name: _entry(path, name, spec) for name, spec in obj.items()}
+    _check_layout(path, entries, size - 8 - n)
+    return Header(path=path, header_len=n, entries=entries, metadata={str(k): str(v) for k, v in metadata.items()},
+                  file_size=size)
+
+
+def _entry(path: Path, name: str, spec: Any) -> Entry:
+    if not isinstance(spec, dict):
+        raise _bad(path, f"tensor {name!r} is described by a {type(spec).__name__}, not an object")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in DTYPES:
+        known = ", ".join(DTYPES)
+        raise _bad(path, f"tensor {name!r} has dtype {dtype!r}, which tiecheck cannot represent (known: {known})")
+
+    def ints(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+    if not ints(shape):
+        raise _bad(path, f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers")
+    if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise _bad(path, f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with begin <= end")
+    numel = 1
+    for d in shape:
+        numel *= d
+    want = numel * DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != want:
+        raise _bad(path, f"tensor {name!r} ({dtype} {shape}) needs {want:,} bytes but its data_offsets span "
+                         f"{offsets[1] - offsets[0]:,}")
+    return Entry(name=name, dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
+
+
+def _check_layout(path: Path, entries: dict[str, Entry], data_bytes: int) -> None:
+    """Offsets must tile the data section exactly: no gaps, no overlaps, nothing past the end."""
+    pos = 0
+    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin != pos:
+            what = "overlaps the previous tensor" if e.begin < pos else f"leaves a gap of {e.begin - pos:,} bytes"
+            raise _bad(path, f"tensor {e.name!r} starts at data offset {e.begin:,}, which {what}")
+        pos = e.end
+    if pos > data_bytes:
+        raise _bad(path, f"the header describes {pos:,} bytes of tensor data but the file holds {data_bytes:,}: "
+                         f"the file is truncated; download or copy it again")
+    if pos < data_bytes:
+        raise _bad(path, f"the file holds {data_bytes - pos:,} bytes after the last tensor's data")
+
+
+def map_tensors(header: Header) -> tuple[dict[str, Any], list[str]]:
+    """Every tensor as a view into one read-only memory mapping of the file (no data is read)."""
+    import torch
+
+    notes: list[str] = []
+    storage = None
+    if header.data_bytes:
+        try:
+            storage = torch.UntypedStorage.from_file(os.fspath(header.path), False, header.file_size)
+        except RuntimeError as e:
+            raise TargetError(f"{header.path}: cannot memory-map the file ({e})") from e
+    out: dict[str, Any] = {}
+    unaligned = []
+    for e in header.entries.values():
+        dtype = getattr(torch, DTYPES[e.dtype][0], None)
+        if dtype is None:
+            raise TargetError(f"{header.path}: tensor {e.name!r} has dtype {e.dtype}, which this torch "
+                              f"{torch.__version__} does not support; upgrade torch")
+        itemsize = DTYPES[e.dtype][1]
+        start = header.data_start + e.begin
+        if e.end == e.begin or storage is None:
+            out[e.name] = torch.empty(e.shape, dtype=dtype)
+        elif start % itemsize == 0:
+            out[e.name] = torch.empty(0, dtype=dtype).set_(storage, start // itemsize, e.shape)
+        else:
+            # A hand-made header whose length is not a multiple of the element size: a typed view
+            # cannot start there, so this tensor (only) is copied into memory.
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage, start, (e.end - e.begin,))
+            out[e.name] = raw.clone().view(dtype).reshape(e.shape)
+            unaligned.append(e.name)
+    if unaligned:
+        notes.append(f"{len(unaligned)} tensor(s) start at unaligned offsets and were copied into memory "
+                     f"(e.g. {unaligned[0]})")
+    return out, notes
+
+
+def file_summary(header: Header) -> dict[str, Any]:
+    return {"file": header.path.name, "tensors": len(header.entries), "bytes": header.file_size,
+            "header_bytes": header.data_start}
+
+
+def load_safetensors_file(path: Path) -> Subject:
+    header = read_header(path)
+    tensors, notes = map_tensors(header)
+    notes.insert(0, f"{len(header.entries)} tensors, {header.data_bytes:,} bytes of data; header read, data "
+                    f"memory-mapped (safetensors stores no aliases: ties come from the architecture)")
+    return Subject(tensors=tensors, source=Source(target=str(path), format="safetensors", notes=notes),
+                   extra={"files": [file_summary(header)]})
+
+
+# -- sharded checkpoints: *.index.json -------------------------------------------------------
+
+def shard_paths(index_path: Path, index: dict) -> dict[str, list[str]]:
+    """shard file name -> tensor names, checking every shard lies inside the index's folder."""
+    folder = index_path.parent
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in index["weight_map"].items():
+        if not isinstance(shard, str) or not shard:
+            raise TargetError(f"{index_path}: weight_map[{name!r}] is {shard!r}, not a shard file name")
+        by_shard.setdefault(shard, []).append(name)
+    for shard in by_shard:
+        # Judged by the name, not by where symlinks lead: a Hugging Face cache snapshot links every
+        # file into ../../blobs, and that is fine; a name with a folder, '..' or a root is not.
+        p = Path(shard)
+        if p.is_absolute() or len(p.parts) != 1 or p.name in ("..", "."):
+            raise TargetError(f"{index_path}: the index names shard {shard!r}, which lies outside its folder; "
+                              f"refusing to read it (shards must sit next to the index)")
+        if not (folder / p).is_file():
+            raise TargetError(f"{index_path}: shard {shard!r} named by the index is missing from {folder} "
+                              f"(partial download?); fetch it and retry")
+    return by_shard
+
+
+def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -> Subject:
+    """A checkpoint split across shards listed by a ``*.index.json`` (safetensors or torch.save)."""
+    from tiecheck.loaders.detect import SAFETENSORS, TORCH_SAVE, TORCH_SAVE_LEGACY, sniff_file
+
+    by_shard = shard_paths(index_path, index)
+    tensors: dict[str, Any] = {}
+    files: list[dict] = []
+    kinds: set[str] = set()
+    notes: list[str] = []
+    extra_names: list[str] = []
+    for shard, names in by_shard.items():
+        p = index_path.parent / shard
+        kind = sniff_file(p)
+        kinds.add(kind or "unknown")
+        if kind == SAFETENSORS:
+            header = read_header(p)
+            held, more = map_tensors(header)
+            notes += more
+            files.append(file_summary(header))
+        elif kind in (TORCH_SAVE, TORCH_SAVE_LEGACY):
+            from tiecheck.loaders.torchfile import pick_state, torch_load
+
+            obj, more = torch_load(str(p), trust_pickle=trust_pickle)
+            held, _, more2 = pick_state(obj, None, str(p))
+            notes += more + more2
+            files.append({"file": shard, "tensors": len(held), "bytes": p.stat().st_size})
+        else:
+            raise TargetError(f"{p}: shard named by {index_path.name} is neither safetensors nor a torch.save file")
+        missing = [n for n in names if n not in held]
+        if missing:
+            raise TargetError(f"{index_path}: the index places {missing[0]!r}"
+                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} in {shard}, which "
+                              f"does not hold {'it' if len(missing) == 1 else 'them'}; the index and shards disagree")
+        for n, t in held.items():
+            if n in tensors:
+                raise TargetError(f"{index_path}: tensor {n!r} is stored in more than one shard")
+            tensors[n] = t
+            if index["weight_map"].get(n) != shard:
+                extra_names.append(n)
+    if extra_names:
+        notes.append(f"{len(extra_names)} tensor(s) in the shards are not in the index (e.g. {extra_names[0]}); "
+                     f"loaders that follow the index ignore them")
+    fmt = "safetensors" if kinds == {SAFETENSORS} else "torch.save" if kinds <= {TORCH_SAVE, TORCH_SAVE_LEGACY} \
+        else "mixed"
+    total = sum(f["bytes"] for f in files)
+    notes.insert(0, f"{len(tensors)} tensors in {len(files)} shard{'s' if len(files) != 1 else ''} "
+                    f"({total:,} bytes) listed by {index_path.name}")
+    return Subject(tensors=tensors, source=Source(target=str(index_path), format=f"sharded {fmt}", notes=notes),
+                   extra={"files": files})
