@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "analyze", "Report", "TiecheckError"]
+__all__ = ["__version__", "analyze", "diff", "Report", "TiecheckError"]
 
 
 def __getattr__(name: str):
@@ -17,6 +17,10 @@ def __getattr__(name: str):
         from tiecheck.api import analyze
 
         return analyze
+    if name == "diff":
+        from tiecheck.tie_diff import diff
+
+        return diff
     if name == "Report":
         from tiecheck.report import Report
 

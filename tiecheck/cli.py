@@ -159,5 +159,9 @@ def models(fmt):
                         tablefmt="github" if fmt == "markdown" else "simple"))
 
 
+from tiecheck.cli_diff import diff_command  # noqa: E402 - registered after main exists
+
+main.add_command(diff_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,226 @@
+"""``tiecheck.diff``: compare the tie structure of two targets.
+
+Before and after fine-tuning, a format conversion or quantization, the question is whether
+every tie survived. Each side is analysed like ``inspect`` does (or taken from a Report, or a
+report saved as JSON), then tie groups are matched by name:
+
+* kept: the same names tied on both sides (``grown`` when B ties more names to them);
+* lost: names tied in A that B does not tie together; each name's state in B is said
+  (tied elsewhere, an untied duplicate with equal content, untied with other content, absent);
+* added: ties in B among names A did not tie;
+* layout changes: a kept tie whose shape or dtype differs (a resized vocabulary, a bf16 cast).
+
+A tie of A missing in B is the failure: exit code 1, like ``inspect --expect-tied``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tiecheck.errors import TargetError
+from tiecheck.report import Report
+
+DIFF_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TieDiff:
+    a: dict[str, Any]  # the sources
+    b: dict[str, Any]
+    kept: list[dict[str, Any]] = field(default_factory=list)
+    lost: list[dict[str, Any]] = field(default_factory=list)
+    added: list[dict[str, Any]] = field(default_factory=list)
+    layout_changed: list[dict[str, Any]] = field(default_factory=list)
+    groups_a: int = 0
+    groups_b: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a tie present in A is missing in B, else 0."""
+        return 1 if self.lost else 0
+
+    @property
+    def broken_into_duplicates(self) -> list[dict[str, Any]]:
+        return [g for g in self.lost if g["broken_into_duplicates"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        from tiecheck import __version__
+
+        return {
+            "schema_version": DIFF_SCHEMA_VERSION,
+            "tiecheck_version": __version__,
+            "a": self.a,
+            "b": self.b,
+            "summary": {"tie_groups_a": self.groups_a, "tie_groups_b": self.groups_b, "kept": len(self.kept),
+                        "lost": len(self.lost), "added": len(self.added),
+                        "layout_changed": len(self.layout_changed),
+                        "broken_into_duplicates": len(self.broken_into_duplicates), "exit_code": self.exit_code},
+            "kept": self.kept,
+            "lost": self.lost,
+            "added": self.added,
+            "layout_changed": self.layout_changed,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False) + "\n"
+
+
+def _as_report(target: Any, **kwargs) -> Report:
+    if isinstance(target, Report):
+        return target
+    if isinstance(target, dict) and "tie_groups" in target and "schema_version" in target:
+        return Report.from_dict(target)
+    saved = _saved_report(target)
+    if saved is not None:
+        return saved
+    from tiecheck.api import analyze
+
+    return analyze(target, **kwargs)
+
+
+def _saved_report(target: Any) -> Report | None:
+    """A report written by ``inspect --format json``, recognised by content."""
+    if not isinstance(target, (str, Path)):
+        return None
+    p = Path(target)
+    try:
+        if not p.is_file() or p.stat().st_size > (64 << 20):
+            return None
+        with open(p, "rb") as fh:
+            if fh.read(64).lstrip()[:1] != b"{":
+                return None
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict) or "tie_groups" not in obj or "schema_version" not in obj:
+        return None
+    try:
+        return Report.from_dict(obj)
+    except (ValueError, KeyError) as e:
+        raise TargetError(f"{p}: a tiecheck report that cannot be read ({e})") from e
+
+
+def diff(a: Any, b: Any, *, key: str | None = None, trust_pickle: bool = False, trust_remote_code: bool = False,
+         duplicates: bool = True) -> TieDiff:
+    """Compare the ties of two targets (anything ``analyze`` accepts, a Report, or a saved JSON report).
+
+    The content pass runs by default so that a tie broken into equal copies is recognised as
+    such; ``duplicates=False`` skips it.
+    """
+    kwargs = dict(key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code, duplicates=duplicates)
+    return compare(_as_report(a, **kwargs), _as_report(b, **kwargs))
+
+
+def _layout(g: dict) -> dict[str, Any]:
+    return {"shape": list(g["shape"]), "dtype": g["dtype"], "kind": g["kind"]}
+
+
+def compare(ra: Report, rb: Report) -> TieDiff:
+    """The tie structure of B against A's, from two reports."""
+    group_b = {n: i for i, g in enumerate(rb.tie_groups) for n in g["names"]}
+    dup_b = {n: i for i, d in enumerate(rb.untied_duplicates) for n in d["names"]}
+    tensor_b = {t["name"]: t for t in rb.tensors}
+    kept, lost, layout_changed = [], [], []
+    covered_b: set[int] = set()
+    for g in ra.tie_groups:
+        names = list(g["names"])
+        homes = {group_b.get(n) for n in names}
+        if len(homes) == 1 and None not in homes:
+            (i,) = homes
+            gb = rb.tie_groups[i]
+            covered_b.add(i)
+            entry = {"names": names, **_layout(g)}
+            extra = sorted(set(gb["names"]) - set(names))
+            if extra:
+                entry["grown"] = extra
+            kept.append(entry)
+            if (list(gb["shape"]), gb["dtype"]) != (list(g["shape"]), g["dtype"]):
+                layout_changed.append({"names": names, "a": _layout(g), "b": _layout(gb)})
+            continue
+        covered_b.update(i for i in homes if i is not None)
+        in_b = {}
+        for n in names:
+            t = tensor_b.get(n)
+            if t is None:
+                in_b[n] = {"state": "absent"}
+            elif n in group_b:
+                in_b[n] = {"state": "tied", "with": [m for m in rb.tie_groups[group_b[n]]["names"] if m != n]}
+            elif n in dup_b:
+                in_b[n] = {"state": "untied duplicate",
+                           "with": [m for m in rb.untied_duplicates[dup_b[n]]["names"] if m != n]}
+            else:
+                in_b[n] = {"state": "untied"}
+            if t is not None:
+                in_b[n].update(shape=t["shape"], dtype=t["dtype"])
+        dups = {dup_b[n] for n in names if n in dup_b}
+        lost.append({"names": names, **_layout(g), "in_b": in_b,
+                     "broken_into_duplicates": bool(dups)})
+    added = []
+    for i, gb in enumerate(rb.tie_groups):
+        if i in covered_b:
+            continue
+        added.append({"names": list(gb["names"]), **_layout(gb)})
+    return TieDiff(a=ra.source, b=rb.source, kept=kept, lost=lost, added=added, layout_changed=layout_changed,
+                   groups_a=len(ra.tie_groups), groups_b=len(rb.tie_groups))
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+def _shape(s) -> str:
+    return "×".join(str(x) for x in s) if s else "scalar"
+
+
+def _state(n: str, s: dict) -> str:
+    text = s["state"]
+    if s.get("with"):
+        text += " with " + ", ".join(s["with"])
+    if "shape" in s:
+        text += f" [{_shape(s['shape'])} {s['dtype']}]"
+    return f"{n}: {text}"
+
+
+def render_diff(d: TieDiff, fmt: str = "table") -> str:
+    if fmt == "json":
+        return d.to_json()
+    if fmt not in ("table", "markdown"):
+        raise ValueError(f"unknown format {fmt!r}; choose one of: table, json, markdown")
+    from tabulate import tabulate
+
+    md = fmt == "markdown"
+    tablefmt = "github" if md else "simple"
+    sep = "<br>" if md else "\n"
+    h = (lambda t: f"## {t}") if md else (lambda t: t)
+    src = lambda s: f"{s['target']} ({s['format']})"  # noqa: E731
+    out = ["# tiecheck diff" if md else "tiecheck diff",
+           f"{'- ' if md else '  '}A: {src(d.a)}: {d.groups_a} tie group{'s' if d.groups_a != 1 else ''}",
+           f"{'- ' if md else '  '}B: {src(d.b)}: {d.groups_b} tie group{'s' if d.groups_b != 1 else ''}"]
+    out += ["", h(f"Lost ties ({len(d.lost)})")]
+    if d.lost:
+        out.append(tabulate([[sep.join(g["names"]), _shape(g["shape"]) + " " + g["dtype"],
+                              sep.join(_state(n, s) for n, s in g["in_b"].items())] for g in d.lost],
+                            headers=["tied in A", "A", "in B"], tablefmt=tablefmt))
+    else:
+        out.append("none: every tie of A is present in B")
+    if d.layout_changed:
+        out += ["", h(f"Kept ties whose shape or dtype changed ({len(d.layout_changed)})")]
+        out.append(tabulate([[sep.join(c["names"]), f"{_shape(c['a']['shape'])} {c['a']['dtype']}",
+                              f"{_shape(c['b']['shape'])} {c['b']['dtype']}"] for c in d.layout_changed],
+                            headers=["names", "A", "B"], tablefmt=tablefmt))
+    grown = [g for g in d.kept if g.get("grown")]
+    if grown:
+        out += ["", h(f"Kept ties that grew in B ({len(grown)})")]
+        out.append(tabulate([[sep.join(g["names"]), sep.join(g["grown"])] for g in grown],
+                            headers=["tied in A", "also tied in B"], tablefmt=tablefmt))
+    if d.added:
+        out += ["", h(f"Added ties ({len(d.added)})")]
+        out.append(tabulate([[sep.join(g["names"]), g["kind"], _shape(g["shape"]), g["dtype"]] for g in d.added],
+                            headers=["tied in B only", "kind", "shape", "dtype"], tablefmt=tablefmt))
+    out += ["", f"kept {len(d.kept)}, lost {len(d.lost)} ({len(d.broken_into_duplicates)} broken into untied "
+                f"duplicates), added {len(d.added)}, layout changed {len(d.layout_changed)}"]
+    if d.lost and any(s["state"] == "absent" for g in d.lost for s in g["in_b"].values()):
+        out.append("hint: names absent from B are often dropped on save because they are tied (safetensors); point "
+                   "diff at the Hugging Face model folder, whose architecture re-ties them")
+    return "\n".join(out) + "\n"
