@@ -324,10 +324,10 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None) -
     tensors: dict[str, Any] = {}
     missing = []
     for k in arch.keys:
-        if k in stored:
-            tensors[k] = stored[k]
-        elif k in alias_of:
+        if k in alias_of:
             tensors[k] = stored[alias_of[k]]
+        elif k in stored:
+            tensors[k] = stored[k]
         else:
             missing.append(k)
     for k in unexpected:
