@@ -184,8 +184,8 @@ def build(
     and shape work on the big presets) and depend only on ``seed`` and the device type: they
     are drawn from a generator of their own, so the global RNG neither affects them nor is
     reseeded (PyTorch's default layer init still draws from it, but every value it draws is
-    overwritten). With the same seed, the tied and untied builds start from identical values. ``dtype`` casts after initialising in
-    float32, which keeps the ties.
+    overwritten). With the same seed, the tied and untied builds start from identical values.
+    ``dtype`` casts after initialising in float32, which keeps the ties.
     """
     import torch
 
