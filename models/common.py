@@ -45,6 +45,16 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor 
     )
 
 
+def cached_length(past_key_values: KVCache | None, new_len: int, block_size: int) -> int:
+    """Positions already in the cache; a ValueError if the new tokens would not fit after them."""
+    past_len = 0 if past_key_values is None else past_key_values[0][0].size(2)
+    if past_len + new_len > block_size:
+        raise ValueError(
+            f"sequence of {past_len + new_len} positions is longer than block_size {block_size}"
+        )
+    return past_len
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
 ) -> torch.Tensor:

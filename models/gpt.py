@@ -17,7 +17,14 @@ import math
 import torch
 from torch import nn
 
-from .common import KVCache, ModelOutput, causal_attention, greedy_generate, lm_loss
+from .common import (
+    KVCache,
+    ModelOutput,
+    cached_length,
+    causal_attention,
+    greedy_generate,
+    lm_loss,
+)
 from .configs import GPTConfig
 
 __all__ = ["GPT", "GPTConfig"]
@@ -147,13 +154,8 @@ class GPT(nn.Module):
         ignored). ``past_key_values`` holds the keys and values of earlier positions, so ``idx``
         continues that sequence; ``use_cache`` returns the extended cache.
         """
-        _, T = idx.shape
-        past_len = 0 if past_key_values is None else past_key_values[0][0].size(2)
-        if past_len + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {past_len + T} positions is longer than block_size "
-                f"{self.config.block_size}"
-            )
+        T = idx.size(1)
+        past_len = cached_length(past_key_values, T, self.config.block_size)
         pos = torch.arange(past_len, past_len + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         presents = []

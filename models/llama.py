@@ -17,7 +17,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import KVCache, ModelOutput, causal_attention, greedy_generate, lm_loss
+from .common import (
+    KVCache,
+    ModelOutput,
+    cached_length,
+    causal_attention,
+    greedy_generate,
+    lm_loss,
+)
 from .configs import LlamaConfig
 
 __all__ = ["Llama", "LlamaConfig"]
@@ -172,13 +179,8 @@ class Llama(nn.Module):
         use_cache: bool = False,
     ) -> ModelOutput:
         """Same contract as ``GPT.forward``."""
-        _, T = idx.shape
-        past_len = 0 if past_key_values is None else past_key_values[0][0].size(2)
-        if past_len + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {past_len + T} positions is longer than block_size "
-                f"{self.config.block_size}"
-            )
+        T = idx.size(1)
+        past_len = cached_length(past_key_values, T, self.config.block_size)
         cos = self.rope_cos[past_len : past_len + T]
         sin = self.rope_sin[past_len : past_len + T]
         x = self.model.embed_tokens(idx)
