@@ -18,8 +18,8 @@ IGNORE_INDEX = -100
 class ModelOutput(NamedTuple):
     """What every reference model's ``forward`` returns.
 
-    A NamedTuple so it unpacks like nanoGPT's ``logits, loss = model(idx, targets)`` and passes
-    through tracing and ``torch.export`` as a plain tuple.
+    A NamedTuple, so ``out.logits`` reads clearly, ``logits, loss, _ = model(idx, targets)``
+    unpacks, and tracing (fvcore) and ``torch.export`` see a plain tuple.
 
     - ``logits``: (batch, seq, vocab), for every position.
     - ``loss``: mean cross-entropy against ``targets``, or None when no targets were given.
