@@ -42,8 +42,8 @@ def analyze(
 
 def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str = "adamw",
                     expect_tied: Iterable[Sequence[str]] = ()) -> Report:
-    facts = build_facts(subject)
     modules = build_module_facts(subject.module)
+    facts = build_facts(subject, modules)
     groups = find_tie_groups(facts)
     overlaps = find_overlaps(facts)
     findings: list[Finding] = list(subject.loader_findings)
