@@ -65,6 +65,8 @@ def test_safetensors_tensors_are_mapped_not_read(tmp_path):
     assert len(storages) == 1 and sub.tensors["a"].untyped_storage().nbytes() == path.stat().st_size
     if os.path.exists("/proc/self/maps"):
         assert str(path) in Path("/proc/self/maps").read_text()
+    # The content pass reads them with pread at their file offset, not through the mapping.
+    assert set(sub.file_spans) == {"a", "b", "c"} and {s.offset for s in sub.file_spans.values()} == {0}
 
 
 def test_safetensors_untied_copy_is_a_duplicate(tmp_path):
@@ -475,7 +477,10 @@ def test_dcp_folder_reads_metadata_and_maps_chunks(dcp_folder):
     assert groups(r) == [] and [d["names"] for d in r.untied_duplicates] == [["embed.weight", "lm_head.weight"]]
     assert any("records no aliasing" in n for n in r.source["notes"])
     sub = tiecheck.loaders.load_target(str(dcp_folder))
-    assert sub.tensors["block.weight"].untyped_storage().data_ptr()  # mapped, with data
+    span = sub.file_spans["block.weight"]
+    raw = Path(span.path).read_bytes()[span.offset:span.offset + 16 * 16 * 4]
+    assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32).view(16, 16), sub.tensors["block.weight"])
+    assert set(sub.file_spans) == set(sub.tensors)
 
 
 def test_dcp_missing_data_file_and_truncation(dcp_folder):

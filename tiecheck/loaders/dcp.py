@@ -122,7 +122,8 @@ class _Slice(io.RawIOBase):
 
 
 def _chunk_tensor(file: Path, storage, offset: int, length: int):
-    """The tensor of one chunk (a torch.save archive inside the file), as a view of the mapping."""
+    """The tensor of one chunk (a torch.save archive inside the file), as a view of the mapping,
+    and the file offset where the tensor's storage starts."""
     import torch
     from torch import _weights_only_unpickler
 
@@ -153,12 +154,19 @@ def _chunk_tensor(file: Path, storage, offset: int, length: int):
             raise ValueError("storage runs past its record")
         return torch.storage.TypedStorage(wrap_storage=storage[start:start + nbytes], dtype=dtype, _internal=True)
 
+    starts: list[int] = []
+
+    def remember(pid):
+        st = persistent_load(pid)
+        starts.append(locations[pid[2]][0])
+        return st
+
     up = _weights_only_unpickler.Unpickler(io.BytesIO(data), encoding="utf-8")
-    up.persistent_load = persistent_load
+    up.persistent_load = remember
     t = up.load()
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"holds a {type(t).__name__}")
-    return t
+    if not isinstance(t, torch.Tensor) or len(starts) != 1:
+        raise ValueError(f"holds a {type(t).__name__}, not one tensor")
+    return t, starts[0]
 
 
 def load_dcp(path: Path, *, key: str | None = None) -> Subject:
@@ -189,7 +197,10 @@ def load_dcp(path: Path, *, key: str | None = None) -> Subject:
             raise TargetError(f"{path / rel}: {METADATA} places a chunk at bytes {info.offset:,}-{end:,} but the "
                               f"file holds {files[rel]:,}: it is truncated")
 
+    from tiecheck.fileview import FileSpan
+
     storages: dict[str, Any] = {}
+    spans: dict[str, Any] = {}
     flat: dict[str, Any] = {}
     described = 0  # tensors without data (several chunks, or a transform)
     failed: list[str] = []
@@ -212,7 +223,8 @@ def load_dcp(path: Path, *, key: str | None = None) -> Subject:
             if rel not in storages:
                 storages[rel] = torch.UntypedStorage.from_file(os.fspath(path / rel), False, files[rel])
             try:
-                t = _chunk_tensor(path / rel, storages[rel], info.offset, info.length)
+                t, start = _chunk_tensor(path / rel, storages[rel], info.offset, info.length)
+                spans[fqn] = FileSpan(os.fspath(path / rel), start)
                 if tuple(t.shape) != size or t.dtype != dtype:
                     raise ValueError(f"chunk holds {list(t.shape)} {t.dtype}")
             except Exception as e:  # noqa: BLE001 - describe from metadata, and say so
@@ -237,8 +249,11 @@ def load_dcp(path: Path, *, key: str | None = None) -> Subject:
     if failed:
         notes.append(f"{len(failed)} chunk(s) could not be mapped and are described from the metadata: {failed[0]}")
     fmt = "torch.distributed.checkpoint" + (" training checkpoint" if used else "")
+    # Spans were found per DCP name; the picked names may differ (a 'model.' level, wrapper prefixes).
+    span_of = {id(flat[fqn]): span for fqn, span in spans.items()}
     return Subject(tensors=tensors, source=Source(target=str(path), format=fmt, key=used, notes=notes),
-                   extra={"files": [{"file": k, "bytes": v} for k, v in sorted(files.items())]})
+                   extra={"files": [{"file": k, "bytes": v} for k, v in sorted(files.items())]},
+                   file_spans={n: span_of[id(t)] for n, t in tensors.items() if id(t) in span_of})
 
 
 def math_prod(shape) -> int:

@@ -280,12 +280,24 @@ def load_pt2(path: Path, *, trust_pickle: bool = False) -> Subject:
         tensors.update({prefix + k: v for k, v in state.items()})
     if not tensors:
         raise TargetError(f"{path}: the exported program holds no weights or tensor constants")
+    spans = _spans(arc, tensors)
     notes.insert(0, f"{len(models)} exported program{'s' if len(models) > 1 else ''} "
                     f"({', '.join(models)}); read without torch.export.load, no code run")
     sub = Subject(tensors=tensors, source=Source(target=str(path), format="torch.export archive", notes=notes),
-                  extra={"export": programs})
+                  extra={"export": programs}, file_spans=spans)
     _note_shared_placeholders(sub, programs)
     return sub
+
+
+def _spans(arc: _Archive, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Tensors that are views of the archive's mapping (which starts at file offset 0), for pread."""
+    from tiecheck.fileview import FileSpan
+
+    if arc._storage is None:
+        return {}
+    base = arc._storage.data_ptr()
+    return {n: FileSpan(os.fspath(arc.path), 0) for n, t in tensors.items()
+            if t.device.type == "cpu" and t.untyped_storage().data_ptr() == base}
 
 
 def _note_shared_placeholders(sub: Subject, programs: list[dict]) -> None:

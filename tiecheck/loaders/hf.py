@@ -180,7 +180,10 @@ def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = Fal
             if cls is None:
                 return None, [f"transformers {transformers.__version__} has no model class for this config "
                               f"(model_type {cfg.get('model_type')!r}); analysed the files alone"]
-            with torch.device("meta"):
+            from tiecheck.metainit import skip_init_on_meta
+
+            # Initialisers on meta tensors cost seconds (they import torch._dynamo) and do nothing.
+            with torch.device("meta"), skip_init_on_meta():
                 model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
             if hasattr(model, "tie_weights"):
                 model.tie_weights()
@@ -252,7 +255,7 @@ def _same_memory(a, b) -> bool:
     return fa.extent is not None and fa.identity == fb.identity
 
 
-def _equal(a, b) -> bool | None:
+def _equal(a, b, spans=(None, None)) -> bool | None:
     """Bitwise equality of two stored tensors; None when there is no data to compare."""
     from tiecheck.content import TorchContentReader
 
@@ -262,17 +265,21 @@ def _equal(a, b) -> bool | None:
         return None
     if _same_memory(a, b):
         return True
-    return TorchContentReader({"a": a, "b": b}).equal("a", "b")
+    known = {k: s for k, s in zip("ab", spans) if s is not None}
+    with TorchContentReader({"a": a, "b": b}, known) as reader:
+        return reader.equal("a", "b")
 
 
 def _plural(items, one: str, many: str) -> str:
     return one if len(items) == 1 else many
 
 
-def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None) -> tuple[dict, list[Finding], list[str],
-                                                                                       dict]:
-    """The model as the architecture loads it from these files: tensors, findings, notes, facts."""
+def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, spans: dict[str, Any] | None = None,
+              ) -> tuple[dict, list[Finding], list[str], dict, dict]:
+    """The model as the architecture loads it from these files: tensors, findings, notes, facts, spans."""
+    spans = spans or {}
     mapping, how = match_keys(list(files), arch.keys, arch.prefix)
+    file_key = {v: k for k, v in mapping.items()}
     notes: list[str] = []
     if how:
         notes.append(f"file keys matched to the architecture after {how}")
@@ -293,7 +300,7 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None) -
         for n in present:
             if n == base:
                 continue
-            eq = _equal(stored[base], stored[n])
+            eq = _equal(stored[base], stored[n], (spans.get(file_key[base]), spans.get(file_key[n])))
             if eq is False:
                 differing.append(n)
             else:
@@ -322,16 +329,20 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None) -
                      f"(transformers re-ties them on load)")
 
     tensors: dict[str, Any] = {}
+    out_spans: dict[str, Any] = {}
     missing = []
     for k in arch.keys:
-        if k in alias_of:
-            tensors[k] = stored[alias_of[k]]
-        elif k in stored:
-            tensors[k] = stored[k]
+        src = alias_of.get(k, k)
+        if src in stored:
+            tensors[k] = stored[src]
+            if file_key[src] in spans:
+                out_spans[k] = spans[file_key[src]]
         else:
             missing.append(k)
     for k in unexpected:
         tensors[k] = files[k]
+        if k in spans:
+            out_spans[k] = spans[k]
 
     head, emb = arch.output_embedding, arch.input_embedding
     arch_ties = bool(head and emb and arch.group_of(head) and emb in arch.group_of(head))
@@ -352,10 +363,10 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None) -
         notes.append(f"{len(unexpected)} tensor(s) in the files are not in {arch.name} (e.g. "
                      f"{', '.join(unexpected[:3])}); transformers ignores them on load")
     facts = {"missing": missing, "unexpected": unexpected, "absent_tied": [list(g) for g in absent_tied]}
-    return tensors, findings, notes, facts
+    return tensors, findings, notes, facts, out_spans
 
 
-def config_vs_files(files: dict[str, Any], cfg: dict) -> list[Finding]:
+def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | None = None) -> list[Finding]:
     """TC011 without an architecture: the config's tie setting against embedding and head found by name."""
     from tiecheck.analyses.candidates import is_embedding, is_output_projection
     from tiecheck.facts import fact_of
@@ -369,7 +380,9 @@ def config_vs_files(files: dict[str, Any], cfg: dict) -> list[Finding]:
     out = []
     for e in embeds:
         for h in heads:
-            if tie and h.shape == e.shape and h.dtype == e.dtype and _equal(files[e.name], files[h.name]) is False:
+            pair = ((spans or {}).get(e.name), (spans or {}).get(h.name))
+            if tie and h.shape == e.shape and h.dtype == e.dtype and _equal(files[e.name], files[h.name],
+                                                                           pair) is False:
                 out.append(finding(
                     "TC011", f"config.json says tie_word_embeddings=true, but the files store {e.name} and {h.name} "
                              f"with different content: engines that trust the config serve the embedding as the "
@@ -407,12 +420,12 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
     notes += arch_notes
     extra: dict[str, Any] = {"files": files.extra.get("files", [])}
     if arch is None:
-        findings = config_vs_files(files.tensors, cfg)
-        tensors = files.tensors
+        findings = config_vs_files(files.tensors, cfg, files.file_spans)
+        tensors, spans = files.tensors, files.file_spans
         extra["architecture"] = None
     else:
         cfg_tie = arch.tie_word_embeddings
-        tensors, findings, more, facts = reconcile(files.tensors, arch, cfg_tie)
+        tensors, findings, more, facts, spans = reconcile(files.tensors, arch, cfg_tie, files.file_spans)
         notes.insert(1, f"architecture {arch.name} built from {CONFIG} on the meta device with transformers "
                         f"{arch.version}: {len(arch.groups)} tie group{'s' if len(arch.groups) != 1 else ''}")
         notes += more
@@ -422,6 +435,6 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
                                  **facts}
     if arch is None and cfg.get("tie_word_embeddings") is not None:
         extra["config_tie_word_embeddings"] = cfg.get("tie_word_embeddings")
-    return Subject(tensors=tensors, config=cfg, loader_findings=findings, extra={"hf": extra},
+    return Subject(tensors=tensors, config=cfg, loader_findings=findings, extra={"hf": extra}, file_spans=spans,
                    source=Source(target=str(path), format=f"Hugging Face folder ({files.source.format})",
                                  key=files.source.key, notes=notes))

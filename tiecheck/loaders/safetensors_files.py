@@ -150,11 +150,18 @@ def _check_layout(path: Path, entries: dict[str, Entry], data_bytes: int) -> Non
         raise _bad(path, f"the file holds {data_bytes - pos:,} bytes after the last tensor's data")
 
 
-def map_tensors(header: Header) -> tuple[dict[str, Any], list[str]]:
-    """Every tensor as a view into one read-only memory mapping of the file (no data is read)."""
+def map_tensors(header: Header) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """Every tensor as a view into one read-only memory mapping of the file (no data is read).
+
+    Returns the tensors, notes, and their file spans (the mapping starts at file offset 0), so
+    the content pass reads them with pread instead of faulting pages in.
+    """
     import torch
 
+    from tiecheck.fileview import FileSpan
+
     notes: list[str] = []
+    spans: dict[str, Any] = {}
     storage = None
     if header.data_bytes:
         try:
@@ -174,6 +181,7 @@ def map_tensors(header: Header) -> tuple[dict[str, Any], list[str]]:
             out[e.name] = torch.empty(e.shape, dtype=dtype)
         elif start % itemsize == 0:
             out[e.name] = torch.empty(0, dtype=dtype).set_(storage, start // itemsize, e.shape)
+            spans[e.name] = FileSpan(os.fspath(header.path), 0)
         else:
             # A hand-made header whose length is not a multiple of the element size: a typed view
             # cannot start there, so this tensor (only) is copied into memory.
@@ -183,7 +191,7 @@ def map_tensors(header: Header) -> tuple[dict[str, Any], list[str]]:
     if unaligned:
         notes.append(f"{len(unaligned)} tensor(s) start at unaligned offsets and were copied into memory "
                      f"(e.g. {unaligned[0]})")
-    return out, notes
+    return out, notes, spans
 
 
 def file_summary(header: Header) -> dict[str, Any]:
@@ -193,11 +201,11 @@ def file_summary(header: Header) -> dict[str, Any]:
 
 def load_safetensors_file(path: Path) -> Subject:
     header = read_header(path)
-    tensors, notes = map_tensors(header)
+    tensors, notes, spans = map_tensors(header)
     notes.insert(0, f"{len(header.entries)} tensors, {header.data_bytes:,} bytes of data; header read, data "
                     f"memory-mapped (safetensors stores no aliases: ties come from the architecture)")
     return Subject(tensors=tensors, source=Source(target=str(path), format="safetensors", notes=notes),
-                   extra={"files": [file_summary(header)]})
+                   extra={"files": [file_summary(header)]}, file_spans=spans)
 
 
 # -- sharded checkpoints: *.index.json -------------------------------------------------------
@@ -229,6 +237,7 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -
 
     by_shard = shard_paths(index_path, index)
     tensors: dict[str, Any] = {}
+    spans: dict[str, Any] = {}
     files: list[dict] = []
     kinds: set[str] = set()
     notes: list[str] = []
@@ -239,14 +248,18 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -
         kinds.add(kind or "unknown")
         if kind == SAFETENSORS:
             header = read_header(p)
-            held, more = map_tensors(header)
+            held, more, held_spans = map_tensors(header)
+            spans.update(held_spans)
             notes += more
             files.append(file_summary(header))
         elif kind in (TORCH_SAVE, TORCH_SAVE_LEGACY):
             from tiecheck.loaders.torchfile import pick_state, torch_load
 
+            from tiecheck.fileview import file_spans
+
             obj, more = torch_load(str(p), trust_pickle=trust_pickle)
             held, _, more2 = pick_state(obj, None, str(p))
+            spans.update(file_spans(held, str(p)))
             notes += more + more2
             files.append({"file": shard, "tensors": len(held), "bytes": p.stat().st_size})
         else:
@@ -271,4 +284,4 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -
     notes.insert(0, f"{len(tensors)} tensors in {len(files)} shard{'s' if len(files) != 1 else ''} "
                     f"({total:,} bytes) listed by {index_path.name}")
     return Subject(tensors=tensors, source=Source(target=str(index_path), format=f"sharded {fmt}", notes=notes),
-                   extra={"files": files})
+                   extra={"files": files}, file_spans=spans)
