@@ -8,6 +8,8 @@ directory) are read here; each loader validates its format fully.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import zipfile
 from pathlib import Path
@@ -27,7 +29,7 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 def sniff_file(path: Path) -> str | None:
     """The format of a file from its content, or None when no loader knows it. Raises OSError."""
     size = path.stat().st_size
-    with open(path, "rb") as fh:
+    with open(path, "rb", buffering=0) as fh:
         head = fh.read(16)
     if head.startswith(_ZIP_MAGIC):
         return zip_kind(path)
@@ -72,9 +74,23 @@ def zip_kind(path: Path) -> str | None:
 
 
 def read_weights_index(path: Path) -> dict | None:
-    """A ``*.index.json`` weights index (``{"weight_map": {name: shard}}``), or None if it is not one."""
+    """A ``*.index.json`` weights index (``{"weight_map": {name: shard}}``), or None if it is not one.
+
+    Detection and loading both need the parsed index; it is parsed once per file version.
+    """
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        st = path.stat()
+    except OSError:
+        return None
+    obj = _parse_index(str(path), st.st_mtime_ns, st.st_size)
+    return copy.deepcopy(obj) if obj is not None else None
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_index(path: str, _mtime_ns: int, _size: int) -> dict | None:
+    try:
+        with open(path, "rb") as fh:
+            obj = json.loads(fh.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError, OSError):
         return None
     if isinstance(obj, dict) and isinstance(obj.get("weight_map"), dict):

@@ -86,7 +86,7 @@ class _Archive:
             raise TargetError(f"{self.path}: the archive lacks {rel}; it is partial or corrupt")
         if info.compress_type != zipfile.ZIP_STORED:
             return None
-        with open(self.path, "rb") as fh:
+        with open(self.path, "rb", buffering=0) as fh:
             fh.seek(info.header_offset)
             local = fh.read(30)
         if len(local) < 30 or local[:4] != b"PK\x03\x04":

@@ -81,7 +81,8 @@ def read_header(path: Path) -> Header:
     """Parse and validate a safetensors header; reads 8 + N bytes, never the tensor data."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as fh:
+        # Unbuffered: a buffered read of the 8-byte length would pull in the data after the header.
+        with open(path, "rb", buffering=0) as fh:
             first = fh.read(8)
             if len(first) < 8:
                 raise _bad(path, f"{size} bytes is too short to hold the 8-byte header length")
@@ -92,7 +93,12 @@ def read_header(path: Path) -> Header:
             if 8 + n > size:
                 raise _bad(path, f"header length {n:,} bytes exceeds the file size ({size:,} bytes): the file is "
                                  f"truncated or corrupt; download or copy it again")
-            raw = fh.read(n)
+            raw = b""
+            while len(raw) < n:  # an unbuffered read may return less than asked
+                more = fh.read(n - len(raw))
+                if not more:
+                    raise _bad(path, "the file ended inside the header")
+                raw += more
     except OSError as e:
         raise TargetError(f"{path}: cannot read ({e.strerror or e})") from e
     try:
