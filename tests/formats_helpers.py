@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -51,11 +48,3 @@ def write_sharded(folder: Path, tensors: dict, shards: int = 2, prefix: str = "m
     index = folder / f"{prefix}.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
     return index
-
-
-def run_without_transformers(code: str, cwd: Path | None = None, env: dict | None = None):
-    """Run Python code in a fresh interpreter where ``import transformers`` fails, as without the extra."""
-    prelude = "import sys; sys.modules['transformers'] = None\n"
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=cwd,
-                          env=full_env, timeout=120)

@@ -104,7 +104,8 @@ def main() -> None:
               help="Names that must share memory (repeatable); exit 1 if they do not.")
 @click.option("--key", help="Key (dotted) of the model state inside a training checkpoint.")
 @click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects (full nn.Module files). Loading them can run arbitrary code.")
+              help="Allow pickled Python objects (full nn.Module files, TorchScript archives). Loading them can run "
+                   "arbitrary code.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Let a Hugging Face folder's own Python code build its architecture (runs that code).")
 @click.option("--no-duplicates", is_flag=True, help="Skip the content pass that finds untied duplicates.")

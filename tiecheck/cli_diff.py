@@ -29,7 +29,8 @@ def _handle_errors(fn):
 @click.option("-o", "--output", metavar="FILE", help="Write the comparison to FILE instead of standard output.")
 @click.option("--key", help="Key (dotted) of the model state inside training checkpoints (both sides).")
 @click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects (full nn.Module files). Loading them can run arbitrary code.")
+              help="Allow pickled Python objects (full nn.Module files, TorchScript archives). Loading them can run "
+                   "arbitrary code.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Let Hugging Face folders' own Python code build their architecture (runs that code).")
 @click.option("--no-duplicates", is_flag=True,

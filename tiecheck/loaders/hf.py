@@ -167,9 +167,10 @@ def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = Fal
         return None, [NEEDS_EXTRA]
     import torch
 
-    custom = bool(cfg.get("auto_map")) and not any(hasattr(transformers, str(a)) for a in cfg.get("architectures") or [])
+    archs = [str(a) for a in cfg.get("architectures") or []]
+    custom = bool(cfg.get("auto_map")) and not any(hasattr(transformers, a) for a in archs)
     if custom and not trust_remote_code:
-        return None, [f"the architecture ({', '.join(map(str, cfg.get('architectures') or ['auto_map']))}) is custom "
+        return None, [f"the architecture ({', '.join(archs or ['auto_map'])}) is custom "
                       f"code shipped in the folder; it was not run. Rerun with --trust-remote-code to build it and "
                       f"check its ties (that runs the folder's Python files); analysed the files alone"]
     try:
@@ -351,10 +352,11 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
             "TC011", f"config.json says tie_word_embeddings={str(cfg_tie).lower()}, but {arch.name} "
                      f"{'does not tie' if cfg_tie else 'ties'} {head} to {emb}", [head, emb]))
     if head and emb and head in missing and emb in stored and not arch_ties:
+        why = "config.json says tie_word_embeddings=false" if cfg_tie is False else f"{arch.name} does not tie it"
         findings.append(finding(
-            "TC011", f"the files hold no {head} and {'config.json says tie_word_embeddings=false' if cfg_tie is False else arch.name + ' does not tie it'}: "
-                     f"transformers initialises the output projection randomly on load (the model will produce "
-                     f"gibberish); if the head is meant to be {emb}, set tie_word_embeddings=true",
+            "TC011", f"the files hold no {head} and {why}: transformers initialises the output projection "
+                     f"randomly on load (the model will produce gibberish); if the head is meant to be {emb}, "
+                     f"set tie_word_embeddings=true",
             [head, emb]))
     if missing:
         notes.append(f"{len(missing)} architecture tensor(s) are absent from the files and tied to nothing stored, "
@@ -429,7 +431,8 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
         notes.insert(1, f"architecture {arch.name} built from {CONFIG} on the meta device with transformers "
                         f"{arch.version}: {len(arch.groups)} tie group{'s' if len(arch.groups) != 1 else ''}")
         notes += more
-        extra["architecture"] = {"class": arch.name, "transformers": arch.version, "ties": [list(g) for g in arch.groups],
+        extra["architecture"] = {"class": arch.name, "transformers": arch.version,
+                                 "ties": [list(g) for g in arch.groups],
                                  "declared": arch.declared, "tie_word_embeddings": cfg_tie,
                                  "input_embedding": arch.input_embedding, "output_embedding": arch.output_embedding,
                                  **facts}
