@@ -227,18 +227,21 @@ def test_tied_and_untied_have_identical_flops():
 
 
 def test_causal_half_halves_causal_attention_only():
-    full = count_flops(llama(device="meta"), seq_len=T)
-    half = count_flops(llama(device="meta"), seq_len=T, attention="causal-half")
+    model = llama(device="meta")
+    full = count_flops(model, seq_len=T)
+    half = count_flops(model, seq_len=T, attention="causal-half")
     assert half.by_part["attention"] * 2 == full.by_part["attention"]
     assert {k: v for k, v in half.by_part.items() if k != "attention"} == {
         k: v for k, v in full.by_part.items() if k != "attention"}
     assert "FlashAttention" in half.convention and "PaLM" in full.convention
     # BERT is bidirectional: nothing to halve
-    assert count_flops(bert(device="meta"), seq_len=T, attention="causal-half").forward == \
-        count_flops(bert(device="meta"), seq_len=T).forward
-    # T5: only the decoder self-attention (2 of 6 attention calls, 16x16 of the scores) halves
-    f5 = count_flops(t5(device="meta"), seq_len=T)
-    h5 = count_flops(t5(device="meta"), seq_len=T, attention="causal-half")
+    encoder = bert(device="meta")
+    assert count_flops(encoder, seq_len=T, attention="causal-half").forward == \
+        count_flops(encoder, seq_len=T).forward
+    # T5: only the decoder self-attention (2 of 6 attention calls) halves
+    enc_dec = t5(device="meta")
+    f5 = count_flops(enc_dec, seq_len=T)
+    h5 = count_flops(enc_dec, seq_len=T, attention="causal-half")
     assert f5.attention_calls == {"calls": 6, "causal": 2}
     assert f5.by_part["attention"] - h5.by_part["attention"] == 2 * (4 * T * T * D) // 2
 
@@ -499,3 +502,66 @@ def test_result_dict_schema_is_json_serialisable():
     with pytest.raises(Exception):
         r.forward = 0  # frozen
     assert "tgt_seq_len" not in count_flops(gpt2(device="meta"), seq_len=T).to_dict()
+
+
+# --- the bundled reference models -------------------------------------------------------------
+
+models = pytest.importorskip("tiecheck.models")
+
+
+def linear_weights(model: nn.Module) -> int:
+    """N_matmul for models built of nn.Linear: every Linear weight, a tied one once per use."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def bundled_attention_layers(model: nn.Module) -> int:
+    c = model.config
+    return c.n_layer if c.kind == "decoder" else c.n_encoder_layers + 2 * c.n_decoder_layers
+
+
+@pytest.mark.parametrize("name", ["gpt-mini", "llama-mini", "transformer-mini"])
+def test_bundled_models_agree_with_formula_and_flop_counter_mode(name):
+    model = models.build(name).eval()
+    r = count_flops(model, batch_size=2, seq_len=64)
+    assert r.available, r.reason
+    assert r.family == model.config.kind and r.method == "meta"
+    assert r.uncounted_ops == {}
+    expected = analytic_flops(linear_weights(model), bundled_attention_layers(model), 64,
+                              model.config.d_model, batch_size=2)
+    assert close(r.forward, expected), (r.forward, expected)
+    reference = torch_flops(model, synthesize_inputs(model, 2, 64))
+    assert close(r.forward, reference), (r.forward, reference)
+    assert r.by_part["output_projection"] == 2 * 2 * 64 * model.config.d_model * model.config.vocab_size
+    assert r.by_part["other"] == 0 and r.by_part["embedding"] == 0
+
+
+@pytest.mark.parametrize("name", ["gpt-mini", "llama-mini", "transformer-mini"])
+def test_bundled_tied_and_untied_have_identical_flops(name):
+    tied, untied = models.build(name, tied=True), models.build(name, tied=False)
+    assert sum(p.numel() for p in tied.parameters()) < sum(p.numel() for p in untied.parameters())
+    a, b = count_flops(tied, seq_len=64), count_flops(untied, seq_len=64)
+    assert a.forward == b.forward and a.by_part == b.by_part
+
+
+def test_bundled_meta_equals_real_and_gpt2_124m_matches_the_issue():
+    real = count_flops(models.build("llama-mini"), seq_len=64, device="cpu")
+    meta = count_flops(models.build("llama-mini", device="meta"), seq_len=64)
+    assert real.method == "real" and meta.method == "meta"
+    assert real.forward == meta.forward and real.by_part == meta.by_part
+
+    r = count_flops(models.build("gpt2-124m", device="meta"), seq_len=1024)
+    assert round(r.forward / 1e9, 2) == 291.65
+    assert round(r.by_part["attention"] / 1e9, 2) == 38.65
+
+
+def test_bundled_encoder_decoder_halves_only_decoder_self_attention():
+    model = models.build("transformer-mini", device="meta")
+    c = model.config
+    full = count_flops(model, seq_len=64)
+    half = count_flops(model, seq_len=64, attention="causal-half")
+    assert full.attention_calls == {"calls": c.n_encoder_layers + 2 * c.n_decoder_layers,
+                                    "causal": c.n_decoder_layers}
+    per_layer = 4 * 64 * 64 * c.d_model
+    assert full.by_part["attention"] - half.by_part["attention"] == c.n_decoder_layers * per_layer // 2
+    capped = count_flops(model, seq_len=10_000)
+    assert capped.seq_len == c.max_positions and capped.tgt_seq_len == c.max_positions

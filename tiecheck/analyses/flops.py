@@ -262,7 +262,7 @@ def analytic_flops(
 # Input synthesis
 # ----------------------------------------------------------------------------------------
 
-_MAX_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "block_size",
+_MAX_POSITION_ATTRS = ("max_positions", "max_position_embeddings", "n_positions", "max_seq_len", "block_size",
                        "max_len", "context_length", "n_ctx", "max_seq_length")
 
 
@@ -285,8 +285,7 @@ def _hf_pretrained(module: nn.Module) -> bool:
 
 
 def _is_reference_model(module: nn.Module) -> bool:
-    mod = type(module).__module__
-    return mod.startswith("tiecheck.models") or mod.startswith("models.")
+    return type(module).__module__.startswith("tiecheck.models.")
 
 
 def _first_embedding(module: nn.Module) -> nn.Embedding | None:
@@ -353,14 +352,15 @@ def synthesize_inputs(
       ``decoder_input_ids`` when ``config.is_encoder_decoder``; ``use_cache=False`` and
       ``return_dict=False`` where the forward takes them. Decoder-only when an attention
       module has ``is_causal=True``, else encoder.
-    * a bundled reference model (``tiecheck.models``): ``.config.vocab_size``; ``(idx,)``
-      for decoders, ``(src, tgt)`` for the encoder-decoder.
+    * a bundled reference model (``tiecheck.models``): ``.config.vocab_size`` and
+      ``.config.kind``; ``(idx,)`` for decoders, ``(src, tgt)`` for the encoder-decoder.
     * anything else: the vocabulary from ``.config.vocab_size`` or the first
       ``nn.Embedding``; ``module(ids)``, or ``module(src, tgt)`` when the forward takes two
       required positional arguments.
 
     ``seq_len`` (and ``tgt_seq_len``, default ``seq_len``) are capped by the model's maximum
-    positions (``max_position_embeddings``, ``n_positions``, ``block_size``, ...); the cap is
+    positions (``max_positions``, ``max_position_embeddings``, ``n_positions``,
+    ``block_size``, ..., or a position embedding's size); the cap is
     reported in ``notes``. Tensors are created on ``device``, default the module's device
     (meta for a module built under ``torch.device("meta")``).
 
@@ -386,8 +386,9 @@ def synthesize_inputs(
         )
 
     hf = _hf_pretrained(module)
-    enc_dec = bool(getattr(config, "is_encoder_decoder", False)) if hf else False
-    if not hf:
+    kind = getattr(config, "kind", None) if _is_reference_model(module) else None
+    enc_dec = bool(getattr(config, "is_encoder_decoder", False)) if hf else kind == "encoder-decoder"
+    if not hf and kind is None:
         nreq = _required_positional(module)
         if nreq == 2:
             enc_dec = True
@@ -432,7 +433,7 @@ def synthesize_inputs(
         family = "encoder-decoder"
     else:
         args = (ids,)
-        family = "decoder" if _is_reference_model(module) or _any_causal_attr(module) else "unknown"
+        family = kind or ("decoder" if _any_causal_attr(module) else "unknown")
     return ModelInputs(args, {}, family, batch_size, src, tgt, seq_len, vocab_size, tuple(notes))
 
 
@@ -486,7 +487,8 @@ def _coerce_inputs(
             family = "encoder-decoder"
             tsl = int(second.shape[1])
         else:
-            family = "decoder" if _any_causal_attr(module) or _is_reference_model(module) else "unknown"
+            kind = getattr(getattr(module, "config", None), "kind", None) if _is_reference_model(module) else None
+            family = kind or ("decoder" if _any_causal_attr(module) else "unknown")
         notes.append("inputs supplied by the caller; sizes read from the first tensor")
     return ModelInputs(args, kwargs, family, bs, sl, tsl, mi.requested_seq_len or sl, mi.vocab_size, tuple(notes))
 
