@@ -6,6 +6,7 @@ small hand-written modules; large shapes are built on the meta device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -26,7 +27,7 @@ from tiecheck.analyses.flops import (
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-from transformers import (  # noqa: E402
+from transformers import (
     BertConfig,
     BertForMaskedLM,
     GPT2Config,
@@ -499,8 +500,8 @@ def test_result_dict_schema_is_json_serialisable():
     assert d["per_token"] == pytest.approx(d["forward"] / (2 * (T + T)))
     assert "2 FLOPs per multiply-add" in d["convention"]
     assert isinstance(r, FlopsResult)
-    with pytest.raises(Exception):
-        r.forward = 0  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.forward = 0
     assert "tgt_seq_len" not in count_flops(gpt2(device="meta"), seq_len=T).to_dict()
 
 

@@ -51,14 +51,15 @@ name contains "attn" or "attention" (case-insensitive).
 
 from __future__ import annotations
 
+import gc
 import inspect
-import math
 import re
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -402,7 +403,7 @@ def synthesize_inputs(
     if cap is None and not hf:
         pos = None
         for name, m in module.named_modules():
-            if isinstance(m, nn.Embedding) and re.search(r"pos", name.rsplit(".", 1)[-1], re.I):
+            if isinstance(m, nn.Embedding) and re.search(r"pos", name.rsplit(".", 1)[-1], re.IGNORECASE):
                 pos = (f"{name}.num_embeddings", m.num_embeddings)
                 break
         cap = pos
@@ -674,7 +675,7 @@ class _Classifier:
         self.modules: dict[str, nn.Module] = dict(root.named_modules())
         self.attention_names: set[str] = set()
         self.layer_names: set[str] = set()
-        pat = re.compile(r"attn|attention", re.I)
+        pat = re.compile(r"attn|attention", re.IGNORECASE)
         for name, m in self.modules.items():
             if name and (pat.search(name.rsplit(".", 1)[-1]) or pat.search(type(m).__name__)):
                 self.attention_names.add(name)
@@ -684,14 +685,16 @@ class _Classifier:
                     full = f"{name}.{child}" if name else child
                     if any(a == full or a.startswith(full + ".") for a in self.attention_names):
                         self.layer_names.add(full)
-        self.calls = Counter()
+        self.calls: Counter = Counter()
+        self.failed: Counter = Counter()
+        self.failures: dict[str, str] = {}
         self._cache: dict[str, tuple[str, ...]] = {}
 
     def owner(self, node: Any) -> str:
         scope = node.scopeName().split("/")[-1]
         if scope == self.prefix.rstrip("."):
             return ""
-        return scope[len(self.prefix):] if scope.startswith(self.prefix) else scope
+        return scope.removeprefix(self.prefix)
 
     def ancestors(self, name: str) -> tuple[str, ...]:
         """``name`` and its enclosing module names, nearest first."""
@@ -868,7 +871,21 @@ def _handles(cls: _Classifier) -> dict[str, Callable]:
         handles[k] = sdpa("bhtd", "is_causal")
     handles["aten::_flash_attention_forward"] = sdpa("bthd", "is_causal")
     handles["aten::_efficient_attention_forward"] = sdpa("bthd", "custom_mask_type")
-    return handles
+
+    def guarded(kind: str, fn: Callable) -> Callable:
+        """A handle that cannot count an op lists it as uncounted instead of failing the count."""
+
+        def handle(inputs: list, outputs: list) -> Counter:
+            try:
+                return fn(inputs, outputs)
+            except Exception as e:  # noqa: BLE001 - an odd signature or an incomplete shape
+                cls.failed[kind] += 1
+                cls.failures.setdefault(kind, _describe(e))
+                return Counter()
+
+        return handle
+
+    return {k: guarded(k, h) for k, h in handles.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -927,7 +944,7 @@ def _flop_analysis(root: nn.Module, inputs: tuple):
 
         def _should_ignore_node(self, node: Any) -> bool:
             kind = node.kind()
-            if kind.startswith("prim::PythonOp") or kind.startswith("prim::CallFunction"):
+            if kind.startswith(("prim::PythonOp", "prim::CallFunction")):
                 return False
             return kind.startswith("prim::") or _in(kind, _NO_ARITHMETIC)
 
@@ -957,7 +974,7 @@ class _OnMeta:
     def __enter__(self) -> None:
         self._ctx.__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._ctx.__exit__(*exc)
 
 
@@ -968,6 +985,7 @@ class _Counted:
     calls: dict[str, int]
     uncounted: dict[str, int]
     ignored: dict[str, int]
+    notes: list[str]
 
 
 def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bool) -> _Counted:
@@ -978,13 +996,19 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
     cls = _Classifier(module, _PREFIX, len(flat), mi.vocab_size, mi.family, attention)
     fca = _flop_analysis(root, flat)
     fca.set_op_handle(**_handles(cls))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if on_meta:
-            with _OnMeta(module):
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the trace makes many short-lived objects; collecting them mid-trace is wasted time
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if on_meta:
+                with _OnMeta(module):
+                    fca.total()
+            else:
                 fca.total()
-        else:
-            fca.total()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     by_part = {p: 0 for p in PARTS}
     by_op: Counter = Counter()
     for key, v in fca.by_operator().items():
@@ -994,7 +1018,10 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
     uncounted, ignored = {}, {}
     for kind, n in fca.unsupported_ops().items():
         (ignored if _in(kind, _IGNORED) else uncounted)[kind] = int(n)
-    return _Counted(by_part, dict(by_op), dict(cls.calls), uncounted, ignored)
+    for kind, n in cls.failed.items():
+        uncounted[kind] = uncounted.get(kind, 0) + n
+    notes = [f"{k} not counted: {why}" for k, why in sorted(cls.failures.items())]
+    return _Counted(by_part, dict(by_op), dict(cls.calls), uncounted, ignored, notes)
 
 
 def _describe(e: BaseException) -> str:
@@ -1082,7 +1109,7 @@ def count_flops(
             continue
 
         scale = 1
-        notes = list(mi.notes)
+        notes = list(mi.notes) + counted.notes
         if method == "real-batch-1":
             if inputs is None or callable(inputs):
                 scale = batch_size
