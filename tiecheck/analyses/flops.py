@@ -937,7 +937,10 @@ class _Call(nn.Module):
 
 
 def _flop_analysis(root: nn.Module, inputs: tuple):
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        # importing fvcore.nn scripts a few loss functions, which newer torch deprecates
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     class _Analysis(FlopCountAnalysis):
         """Reports every aten op it has no handle for; fvcore by default drops some silently."""
