@@ -338,6 +338,12 @@ def test_attention_handles_on_a_gqa_model(impl):
     assert close(r.forward, reference), (r.forward, reference)
 
 
+def test_an_mlp_as_wide_as_the_vocabulary_is_still_mlp():
+    r = count_flops(TinyLM(vocab=3 * 64), seq_len=16)  # the MLP's hidden width is 3 * d
+    assert r.by_part["mlp"] == 2 * (2 * 16 * 6 * 64 * 64)
+    assert r.by_part["output_projection"] == 2 * 16 * 64 * 192
+
+
 def test_sdpa_causal_flag_is_read_from_the_call():
     full = count_flops(TinyLM("sdpa"), seq_len=16)
     half = count_flops(TinyLM("sdpa"), seq_len=16, attention="causal-half")
@@ -463,6 +469,7 @@ def test_user_supplied_inputs():
     as_callable = count_flops(model, inputs=make_inputs, batch_size=2, seq_len=T)
     assert calls == [(2, T)]
     assert as_dict.forward == as_callable.forward == base.forward
+    assert as_dict.by_part == as_callable.by_part == base.by_part
     assert (as_dict.batch_size, as_dict.seq_len) == (2, T)
     tiny = TinyLM()
     assert count_flops(tiny, inputs=torch.zeros(2, 16, dtype=torch.long)).forward == tiny_lm_flops(2, 16)

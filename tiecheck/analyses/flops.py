@@ -39,8 +39,8 @@ Parts (``by_part``), a partition of ``forward``
   (Q, K, V and output projections, fused or not).
 * ``mlp``: products with a weight inside a Transformer layer (an item of a ModuleList or
   Sequential that contains attention) but outside its attention.
-* ``output_projection``: products with a weight whose result has the vocabulary size as
-  its last dimension -- the vocab logits (``lm_head``), tied to the embedding or not.
+* ``output_projection``: products with a weight, outside the layers, whose result has the
+  vocabulary size as its last dimension -- the logits (``lm_head``), tied or not.
 * ``other``: everything else (poolers, classifier heads, an activation product outside
   attention, ...).
 
@@ -107,7 +107,10 @@ class FlopsResult:
 
     ``forward`` covers the whole batch. ``tokens`` is the number of token positions fed to
     the model per example (``seq_len``, or ``seq_len + tgt_seq_len`` for an encoder-decoder);
-    ``per_token`` divides ``forward`` by ``batch_size * tokens``.
+    ``per_token`` divides ``forward`` by ``batch_size * tokens``. ``method`` says how the
+    trace ran: "meta", "real" or "real-batch-1" (see :func:`count_flops`).
+    ``attention_calls`` counts the attention products in the trace and how many were causal:
+    one per SDPA call, two (QK^T and AV) per eager attention.
     """
 
     available: bool
@@ -306,6 +309,17 @@ def _config_int(config: Any, names: Sequence[str]) -> tuple[str, int] | None:
     return None
 
 
+def _vocab_size(module: nn.Module) -> tuple[int | None, str | None]:
+    """The vocabulary size from ``.config``, else the first ``nn.Embedding`` (and a note)."""
+    found = _config_int(getattr(module, "config", None), ("vocab_size", "n_vocab"))
+    if found:
+        return found[1], None
+    emb = _first_embedding(module)
+    if emb is not None:
+        return emb.num_embeddings, f"vocab_size {emb.num_embeddings} taken from the first nn.Embedding"
+    return None, None
+
+
 def _required_positional(module: nn.Module) -> int | None:
     try:
         sig = inspect.signature(module.forward)
@@ -373,13 +387,9 @@ def synthesize_inputs(
     config = getattr(module, "config", None)
     notes: list[str] = []
 
-    vocab = _config_int(config, ("vocab_size", "n_vocab", "vocab"))
-    vocab_size = vocab[1] if vocab else None
-    if vocab_size is None:
-        emb = _first_embedding(module)
-        if emb is not None:
-            vocab_size = emb.num_embeddings
-            notes.append(f"vocab_size {vocab_size} taken from the first nn.Embedding")
+    vocab_size, vocab_note = _vocab_size(module)
+    if vocab_note:
+        notes.append(vocab_note)
     if vocab_size is None:
         raise ValueError(
             f"cannot synthesize token ids for {type(module).__name__}: no config.vocab_size and "
@@ -491,7 +501,8 @@ def _coerce_inputs(
             kind = getattr(getattr(module, "config", None), "kind", None) if _is_reference_model(module) else None
             family = kind or ("decoder" if _any_causal_attr(module) else "unknown")
         notes.append("inputs supplied by the caller; sizes read from the first tensor")
-    return ModelInputs(args, kwargs, family, bs, sl, tsl, mi.requested_seq_len or sl, mi.vocab_size, tuple(notes))
+    vocab_size = mi.vocab_size if mi.vocab_size is not None else _vocab_size(module)[0]
+    return ModelInputs(args, kwargs, family, bs, sl, tsl, mi.requested_seq_len or sl, vocab_size, tuple(notes))
 
 
 # ----------------------------------------------------------------------------------------
@@ -750,12 +761,13 @@ class _Classifier:
                         vocab_check: bool = True) -> str:
         owner = self.owner(node)
         if any(self.is_weight(v) for v in operands):
-            if (vocab_check and self.vocab_size and out_shape and out_shape[-1] == self.vocab_size):
-                return "output_projection"
+            # logits are made outside the layers, so an MLP as wide as the vocab stays an MLP
             if self.in_attention(owner):
                 return "attention_projections"
             if self.in_layer(owner):
                 return "mlp"
+            if vocab_check and self.vocab_size and out_shape and out_shape[-1] == self.vocab_size:
+                return "output_projection"
             return "other"
         if self.in_attention(owner):
             return "attention"
