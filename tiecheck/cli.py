@@ -108,22 +108,41 @@ def main() -> None:
 @click.option("--no-duplicates", is_flag=True, help="Skip the content pass that finds untied duplicates.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "none"]), default="adamw", show_default=True,
               help="Optimizer assumed for training memory.")
+@click.option("--no-flops", is_flag=True, help="Skip counting forward FLOPs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size of the synthesized inputs for FLOPs.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Sequence length for FLOPs (capped by the model's maximum positions).")
+@click.option("--causal-attention-half", is_flag=True,
+              help="Count causal attention at half the full score matrix (FlashAttention convention).")
+@click.option("--inputs", "inputs_spec", metavar="FILE.py:make_inputs",
+              help="Python spec of make_inputs(module, batch_size, seq_len) returning the forward's inputs.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @handle_errors
-def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, no_duplicates, optimizer, debug):
+def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, no_duplicates, optimizer, no_flops,
+            batch_size, seq_len, causal_attention_half, inputs_spec, debug):
     """Find every tie in TARGET and what it saves.
 
     TARGET is a checkpoint file or folder, a bundled model name (see `tiecheck models`), or a
     Python spec `path/to/file.py:factory` / `package.module:factory`.
     """
     from tiecheck.api import analyze
+    from tiecheck.errors import TiecheckError
     from tiecheck.render import render
 
     expected = parse_expect(expect_tied)
     if trust_pickle:
         click.echo("tiecheck: warning: --trust-pickle lets the file's pickled objects run code", err=True)
+    inputs = None
+    if inputs_spec:
+        from tiecheck.loaders.spec import resolve_spec
+
+        inputs = resolve_spec(inputs_spec)
+        if not callable(inputs):
+            raise TiecheckError(f"--inputs {inputs_spec}: names a {type(inputs).__name__}, not a function")
     report = analyze(target, key=key, trust_pickle=trust_pickle, duplicates=not no_duplicates,
-                     optimizer=optimizer, expect_tied=expected)
+                     optimizer=optimizer, expect_tied=expected, flops=not no_flops, batch_size=batch_size,
+                     seq_len=seq_len, attention="causal-half" if causal_attention_half else "full", inputs=inputs)
     write_output(render(report, fmt), output, protect=(target,))
     sys.exit(report.exit_code(fail_on))
 
