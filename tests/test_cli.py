@@ -141,3 +141,34 @@ def test_usage_errors_exit_2(runner):
     assert runner.invoke(main, ["inspect"]).exit_code == 2
     assert runner.invoke(main, ["inspect", "x", "--format", "xml"]).exit_code == 2
     assert runner.invoke(main, ["nope"]).exit_code == 2
+
+
+def test_flops_in_inspect(runner, tmp_path):
+    full = json.loads(runner.invoke(main, ["inspect", "gpt-mini", "--format", "json", "--seq-len", "64"]).output)
+    f = full["flops"]
+    assert f["available"] and f["unit"] == "FLOP" and f["seq_len"] == 64
+    assert f["forward"] == sum(f["by_part"].values()) and f["by_part"]["embedding"] == 0
+    half = json.loads(runner.invoke(main, ["inspect", "gpt-mini", "--format", "json", "--seq-len", "64",
+                                           "--causal-attention-half"]).output)["flops"]
+    assert half["by_part"]["attention"] * 2 == f["by_part"]["attention"]
+    none = json.loads(runner.invoke(main, ["inspect", "gpt-mini", "--format", "json", "--no-flops"]).output)
+    assert none["flops"] is None
+    assert runner.invoke(main, ["inspect", "gpt-mini", "--seq-len", "0"]).exit_code == 2
+
+
+def test_flops_with_user_inputs(runner, tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__(); self.proj = nn.Linear(8, 4)\n"
+        "    def forward(self, x):\n        return self.proj(x)\n"
+        "def make_inputs(module, batch_size, seq_len):\n    return (torch.zeros(batch_size, seq_len, 8),)\n")
+    res = runner.invoke(main, ["inspect", f"{tmp_path}/net.py:Net", "--inputs", f"{tmp_path}/net.py:make_inputs",
+                               "--seq-len", "10", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["flops"]["forward"] == 2 * 10 * 8 * 4
+
+
+def test_flops_unavailable_for_tensors_only(runner, tied_file):
+    d = json.loads(runner.invoke(main, ["inspect", str(tied_file), "--format", "json"]).output)
+    assert d["flops"]["available"] is False and "tensors only" in d["flops"]["reason"]

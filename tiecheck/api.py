@@ -25,6 +25,11 @@ def analyze(
     duplicates: bool = True,
     optimizer: str = "adamw",
     expect_tied: Iterable[Sequence[str]] = (),
+    flops: bool = False,
+    batch_size: int = 1,
+    seq_len: int = 128,
+    attention: str = "full",
+    inputs: Any = None,
 ) -> Report:
     """Analyse a model or checkpoint and return its Report.
 
@@ -32,19 +37,40 @@ def analyze(
     checkpoint file or folder, a bundled model name (``"gpt-mini"``) or a Python spec
     (``"file.py:factory"``, ``"package.module:factory"``). ``expect_tied`` lists groups of names
     that must share memory. ``trust_remote_code`` lets a Hugging Face folder's own Python code
-    build its architecture (it runs that code). Raises ``TiecheckError`` for input that cannot
-    be analysed.
+    build its architecture (it runs that code). With ``flops=True``, targets that yield a module
+    also get forward FLOPs (fvcore, on the meta device where possible) for ``batch_size`` x
+    ``seq_len`` tokens; ``inputs`` may supply the forward's arguments, or a
+    ``make_inputs(module, batch_size, seq_len)`` callable. Raises ``TiecheckError`` for input
+    that cannot be analysed.
     """
     from tiecheck.loaders import load_target
 
     if optimizer not in OPTIMIZERS:
         raise TiecheckError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
     subject = load_target(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
-    return analyze_subject(subject, duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied)
+    flops_options = dict(batch_size=batch_size, seq_len=seq_len, attention=attention, inputs=inputs) if flops else None
+    return analyze_subject(subject, duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied,
+                           flops=flops_options)
+
+
+def subject_flops(subject: Subject, *, batch_size: int = 1, seq_len: int = 128, attention: str = "full",
+                  inputs: Any = None) -> dict:
+    """Forward FLOPs of the subject's module, or why there are none."""
+    if subject.module is None:
+        return {"available": False, "reason": "the target holds tensors only; FLOPs need a module (a Python spec, "
+                                              "a bundled model, a Hugging Face folder with its config, or a "
+                                              "trusted pickled module)"}
+    from tiecheck.analyses.flops import count_flops
+
+    try:
+        return count_flops(subject.module, inputs=inputs, batch_size=batch_size, seq_len=seq_len,
+                           attention=attention).to_dict()
+    except (ValueError, TypeError) as e:
+        raise TiecheckError(f"FLOPs: {e}") from e
 
 
 def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str = "adamw",
-                    expect_tied: Iterable[Sequence[str]] = ()) -> Report:
+                    expect_tied: Iterable[Sequence[str]] = (), flops: dict | None = None) -> Report:
     modules = build_module_facts(subject.module)
     facts = build_facts(subject, modules)
     groups = find_tie_groups(facts)
@@ -85,6 +111,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         findings=[f.to_dict() for f in findings],
         tensors=tensor_rows(facts, groups),
         content=content,
+        flops=subject_flops(subject, **flops) if flops is not None else None,
         extra=dict(subject.extra),
     )
 

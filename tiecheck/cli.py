@@ -111,10 +111,19 @@ def main() -> None:
 @click.option("--no-duplicates", is_flag=True, help="Skip the content pass that finds untied duplicates.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "none"]), default="adamw", show_default=True,
               help="Optimizer assumed for training memory.")
+@click.option("--no-flops", is_flag=True, help="Skip counting forward FLOPs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size of the synthesized inputs for FLOPs.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Sequence length for FLOPs (capped by the model's maximum positions).")
+@click.option("--causal-attention-half", is_flag=True,
+              help="Count causal attention at half the full score matrix (FlashAttention convention).")
+@click.option("--inputs", "inputs_spec", metavar="FILE.py:make_inputs",
+              help="Python spec of make_inputs(module, batch_size, seq_len) returning the forward's inputs.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @handle_errors
 def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, trust_remote_code, no_duplicates, optimizer,
-            debug):
+            no_flops, batch_size, seq_len, causal_attention_half, inputs_spec, debug):
     """Find every tie in TARGET and what it saves.
 
     TARGET is a checkpoint file or folder (torch.save, safetensors, a Hugging Face model folder,
@@ -122,6 +131,7 @@ def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, trust_
     (see `tiecheck models`), or a Python spec `path/to/file.py:factory` / `package.module:factory`.
     """
     from tiecheck.api import analyze
+    from tiecheck.errors import TiecheckError
     from tiecheck.render import render
 
     expected = parse_expect(expect_tied)
@@ -129,8 +139,17 @@ def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, trust_
         click.echo("tiecheck: warning: --trust-pickle lets the file's pickled objects run code", err=True)
     if trust_remote_code:
         click.echo("tiecheck: warning: --trust-remote-code runs the model folder's Python code", err=True)
+    inputs = None
+    if inputs_spec:
+        from tiecheck.loaders.spec import resolve_spec
+
+        inputs = resolve_spec(inputs_spec)
+        if not callable(inputs):
+            raise TiecheckError(f"--inputs {inputs_spec}: names a {type(inputs).__name__}, not a function")
     report = analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-                     duplicates=not no_duplicates, optimizer=optimizer, expect_tied=expected)
+                     duplicates=not no_duplicates, optimizer=optimizer, expect_tied=expected, flops=not no_flops,
+                     batch_size=batch_size, seq_len=seq_len,
+                     attention="causal-half" if causal_attention_half else "full", inputs=inputs)
     write_output(render(report, fmt), output, protect=(target,))
     sys.exit(report.exit_code(fail_on))
 

@@ -97,9 +97,7 @@ def _text(r: Report, markdown: bool) -> str:
                             headers=["names", "relation", "shape", "would save"], tablefmt=tablefmt))
 
     if r.flops:
-        from tiecheck.render_flops import render_flops
-
-        out += ["", h("FLOPs")] + render_flops(r.flops, tablefmt)
+        out += ["", h("Forward FLOPs")] + _flops_lines(r.flops, tablefmt)
 
     out += ["", h(f"Findings ({len(r.findings)})")]
     if not r.findings:
@@ -112,3 +110,34 @@ def _text(r: Report, markdown: bool) -> str:
             if f.get("hint"):
                 out.append(f"{'':<8}      hint: {f['hint']}")
     return "\n".join(out) + "\n"
+
+
+def human_flops(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} FLOP"
+
+
+def _flops_lines(f: dict, tablefmt: str) -> list[str]:
+    from tabulate import tabulate
+
+    if not f.get("available"):
+        return [f"not available: {f.get('reason')}"]
+    shape = f"batch {f['batch_size']} × seq {f['seq_len']}"
+    if f.get("tgt_seq_len"):
+        shape += f" (target {f['tgt_seq_len']})"
+    lines = [
+        f"forward {human_flops(f['forward'])} for {shape}; {human_flops(f['per_token'])} per token; "
+        f"training step ≈ {human_flops(f['train_step_estimate'])} (3 × forward)",
+    ]
+    total = f["forward"] or 1
+    rows = [[part, human_flops(v), f"{v / total:.1%}"] for part, v in f["by_part"].items()]
+    lines.append(tabulate(rows, headers=["part", "FLOPs", "share"], tablefmt=tablefmt, colalign=("left", "right", "right")))
+    lines.append(f"convention: {f['convention']}")
+    lines.append(f["note_on_tying"])
+    for note in f.get("notes", []):
+        lines.append(f"note: {note}")
+    if f.get("uncounted_ops"):
+        lines.append("not counted (no handle): " + ", ".join(f"{k} ×{v}" for k, v in sorted(f["uncounted_ops"].items())))
+    return lines
