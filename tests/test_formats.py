@@ -209,6 +209,15 @@ def test_hf_folder_tied_key_absent_is_info_and_retied(tmp_path):
     assert r.exit_code("warning") == 0
 
 
+def test_hf_folder_flops_come_from_the_architecture_and_memory_from_the_files(tmp_path):
+    m = llama(tie=True)
+    m.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    r = tiecheck.analyze(str(tmp_path / "hf"), flops=True, duplicates=False)
+    assert r.flops["available"] and r.flops["forward"] > 0
+    assert {d["dtype"] for d in r.summary["by_dtype"]} == {"bfloat16"}  # the files', not the meta build's
+    assert r.summary["training_bytes"] > 0 and r.summary["params_unique"] == sum(p.numel() for p in m.parameters())
+
+
 def test_hf_tied_keys_stored_twice_with_different_content(tmp_path):
     m = llama(tie=True)
     sd = {k: v.detach().clone() for k, v in m.state_dict().items()}

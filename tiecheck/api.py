@@ -55,15 +55,16 @@ def analyze(
 
 def subject_flops(subject: Subject, *, batch_size: int = 1, seq_len: int = 128, attention: str = "full",
                   inputs: Any = None) -> dict:
-    """Forward FLOPs of the subject's module, or why there are none."""
-    if subject.module is None:
+    """Forward FLOPs of the subject's module (or the architecture its config builds), or why there are none."""
+    module = subject.module if subject.module is not None else subject.architecture
+    if module is None:
         return {"available": False, "reason": "the target holds tensors only; FLOPs need a module (a Python spec, "
                                               "a bundled model, a Hugging Face folder with its config, or a "
                                               "trusted pickled module)"}
     from tiecheck.analyses.flops import count_flops
 
     try:
-        return count_flops(subject.module, inputs=inputs, batch_size=batch_size, seq_len=seq_len,
+        return count_flops(module, inputs=inputs, batch_size=batch_size, seq_len=seq_len,
                            attention=attention).to_dict()
     except (ValueError, TypeError) as e:
         raise TiecheckError(f"FLOPs: {e}") from e

@@ -43,3 +43,7 @@ class Subject:
     extra: dict[str, Any] = field(default_factory=dict)
     # File offsets of memory-mapped tensors (name -> fileview.FileSpan), for reading content with pread.
     file_spans: dict[str, Any] = field(default_factory=dict)
+    # A module built from a config (e.g. a Hugging Face folder's architecture, on the meta device)
+    # for what needs a module but not its tensors, such as FLOPs. The tensors still come from the
+    # files, so facts and memory are the files'; ``module`` stays None.
+    architecture: "nn.Module | None" = None

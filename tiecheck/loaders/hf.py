@@ -111,6 +111,7 @@ class Architecture:
     output_embedding: str | None
     version: str
     notes: list[str] = field(default_factory=list)
+    module: Any = None  # the meta-device module itself (for FLOPs)
 
     def group_of(self, name: str) -> tuple[str, ...] | None:
         for g in self.groups:
@@ -218,7 +219,7 @@ def _describe(model, name: str, version: str) -> Architecture:
 
     config = getattr(model, "config", None)
     tie = getattr(config, "tie_word_embeddings", None)
-    return Architecture(name=name, keys=list(sd), groups=sorted(groups), declared=declared,
+    return Architecture(name=name, keys=list(sd), groups=sorted(groups), declared=declared, module=model,
                         prefix=getattr(model, "base_model_prefix", "") or "",
                         tie_word_embeddings=tie if isinstance(tie, bool) else None,
                         input_embedding=weight_name("get_input_embeddings"),
@@ -439,5 +440,6 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
     if arch is None and cfg.get("tie_word_embeddings") is not None:
         extra["config_tie_word_embeddings"] = cfg.get("tie_word_embeddings")
     return Subject(tensors=tensors, config=cfg, loader_findings=findings, extra={"hf": extra}, file_spans=spans,
+                   architecture=arch.module if arch is not None else None,
                    source=Source(target=str(path), format=f"Hugging Face folder ({files.source.format})",
                                  key=files.source.key, notes=notes))
