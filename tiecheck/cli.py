@@ -153,5 +153,9 @@ def models(fmt):
                         tablefmt="github" if fmt == "markdown" else "simple"))
 
 
+from tiecheck.check import check as _check  # noqa: E402  (needs the helpers above)
+
+main.add_command(_check)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
