@@ -8,6 +8,7 @@ line or from ``[tool.tiecheck]`` in pyproject.toml (see ``tiecheck.policy``). Ex
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -17,7 +18,18 @@ from typing import Any
 
 import click
 
-from tiecheck.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, parse_expect
+
+def handle_errors(fn):
+    """``tiecheck.cli.handle_errors``, looked up when the command runs: cli.py imports this module to
+    register the command, so importing cli here would be circular under ``python -m tiecheck.cli``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from tiecheck.cli import handle_errors as cli_handle_errors
+
+        return cli_handle_errors(fn)(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -66,7 +78,7 @@ def check_target(t, *, update: bool, extra_tied=(), debug: bool = False) -> Outc
         out.groups = len(report.tie_groups)
         missing = sorted({n for g in t.not_tied for n in g if n not in state.names})
         if missing:
-            raise TiecheckError(f"{t.target}: not-tied names {', '.join(state.describe(n) for n in missing)}; "
+            raise TiecheckError(f"{t.target}: not-tied: {'; '.join(state.describe(n) for n in missing)}; "
                                 f"fix the names in the policy")
         from_policy = tied_findings(state, t.tied) + not_tied_findings(state, t.not_tied)
         if t.source is not None:  # annotations point at the file that states the rule
@@ -194,6 +206,7 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
     With no TARGET, checks every target listed in [tool.tiecheck] of pyproject.toml. Exit codes:
     0 clean, 1 a check failed, 2 usage or input error.
     """
+    from tiecheck.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, parse_expect
     from tiecheck.errors import TiecheckError
     from tiecheck.policy import Policy, find_pyproject, load_policy, with_overrides
 
