@@ -86,6 +86,9 @@ def test_tied(tiecheck):
     tiecheck.assert_no_broken_ties(model)
     tiecheck.assert_no_findings(model, "info")
     assert not tiecheck.update
+    assert tiecheck.snapshot_path("lm").relative_to(tiecheck.snapshot_path().parent.parent.parent).as_posix() == \
+        "__tiecheck_snapshots__/test_pass/lm.json"
+    assert tiecheck.snapshot_path().name == "test_tied.json"
 
 def test_state_dict_and_report(tiecheck):
     tiecheck.assert_tied(tie_models.tied().state_dict(), EMB, HEAD)

@@ -56,18 +56,17 @@ class TiecheckFixture:
         testing.assert_no_findings(model, severity, ignore=ignore)
 
     def snapshot_path(self, name: str | None = None) -> Path:
-        """Where the snapshot ``name`` of this test lives (the test's name when none is given)."""
-        return self._store.path_for(self._test_file, self._name(name, peek=True))
+        """Where the snapshot ``name`` of this test lives (default: the test's own name)."""
+        return self._store.path_for(self._test_file, clean_name(name) if name is not None
+                                    else name_from_test(self._test_name))
 
-    def _name(self, name: str | None, peek: bool = False) -> str:
+    def _name(self, name: str | None) -> str:
         if name is not None:
             return clean_name(name)
         # Unnamed snapshots take the test's name; a second one in the same test gets "-2", and so on.
-        n = self._default_uses + (0 if peek else 1)
-        if not peek:
-            self._default_uses = n
+        self._default_uses += 1
         base = name_from_test(self._test_name)
-        return base if n <= 1 else f"{base}-{n}"
+        return base if self._default_uses == 1 else f"{base}-{self._default_uses}"
 
     def assert_ties_match_snapshot(self, model: Any, name: str | None = None) -> None:
         """The tie groups and kinds equal the stored snapshot; under ``--tiecheck-update`` it is written."""
