@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from tiecheck.expect import TieState, group_lines, not_tied_findings, snapshot_findings, tied_findings, untied_hint
-from tiecheck.findings import SEVERITY_RANK, Finding
+from tiecheck.findings import SEVERITY_RANK, Finding, finding
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiecheck.report import Report
@@ -89,8 +89,9 @@ def _explained(model: Any, report: "Report") -> "Report":
     Tie checks skip that pass while they succeed (it reads every weight); a failure is rare and
     worth the read.
     """
-    if (report.content or {}).get("ran") or not (report.content or {}).get("reason", "").startswith("skipped"):
-        return report
+    content = report.content or {}
+    if content.get("ran") or not content.get("reason", "").startswith("skipped"):
+        return report  # it ran, or cannot run (no tensor data on the meta device)
     return report_of(model, duplicates=True)
 
 
@@ -161,8 +162,6 @@ def _tied_failures(state: TieState, report: "Report", names: tuple[str, ...]) ->
             failures = []
         else:
             copies = state.copies_of(names[0])
-            from tiecheck.findings import finding
-
             failures = [finding("TC009", f"{names[0]} shares memory with nothing", names,
                                 hint=untied_hint(state, names + tuple(copies[:1])) if copies else
                                 "tie it where the model is built (`head.weight = emb.weight`), or re-tie after "
