@@ -6,7 +6,8 @@ import pytest
 
 from tiecheck.analyses.candidates import find_candidates
 from tiecheck.analyses.duplicates import find_untied_duplicates
-from tiecheck.analyses.lint import expectation_findings, linear_shape_findings
+from tiecheck.analyses.lint import linear_shape_findings
+from tiecheck.expect import TieState, tied_findings
 from tiecheck.analyses.memory import memory_summary, training_bytes_per_element
 from tiecheck.analyses.ties import (DISTINCT_PARAMETERS, RESTRIDED_ALIAS, SAME_PARAMETER, SHARED_STORAGE,
                                     TRANSPOSED_ALIAS, find_overlaps, find_tie_groups, tie_findings)
@@ -208,9 +209,9 @@ def test_good_linear_has_no_lint():
 def test_expectations():
     facts = [fact("a", (4,), obj=1, role="parameter"), fact("b", (4,), obj=1, role="parameter"),
              fact("c", (4,), storage=T)]
-    groups = find_tie_groups(facts)
-    assert expectation_findings(groups, facts, [("a", "b")]) == []
-    (f,) = expectation_findings(groups, facts, [("a", "c")])
+    state = TieState.build([g.to_dict() for g in find_tie_groups(facts)], [f.name for f in facts])
+    assert tied_findings(state, [("a", "b")]) == []
+    (f,) = tied_findings(state, [("a", "c")])
     assert f.code == "TC009" and "c shares memory with nothing" in f.message and "a shares memory with b" in f.message
-    (f,) = expectation_findings(groups, facts, [("a", "zzz")])
+    (f,) = tied_findings(state, [("a", "zzz")])
     assert "zzz is not in the target" in f.message

@@ -6,10 +6,11 @@ from typing import Any, Iterable, Sequence
 
 from tiecheck.analyses.candidates import candidate_findings, find_candidates
 from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplicates
-from tiecheck.analyses.lint import device_findings, expectation_findings, linear_shape_findings
+from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, memory_summary
 from tiecheck.analyses.ties import find_overlaps, find_tie_groups, tie_findings
 from tiecheck.errors import TiecheckError
+from tiecheck.expect import TieState, tied_findings
 from tiecheck.facts import TensorFact, build_facts, build_module_facts
 from tiecheck.findings import SEVERITIES, Finding, sort_findings
 from tiecheck.report import Report
@@ -80,7 +81,6 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     findings += tie_findings(groups, overlaps)
     findings += linear_shape_findings(facts, modules, groups)
     findings += device_findings(facts, groups)
-    findings += expectation_findings(groups, facts, expect_tied)
 
     dup_groups, content = [], None
     if duplicates:
@@ -95,6 +95,12 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         findings += duplicate_findings(dup_groups)
     else:
         content = {"ran": False, "reason": "skipped (--no-duplicates)"}
+    expect_tied = list(expect_tied)
+    if expect_tied:
+        # After the content pass, so a missing tie can say whether the names still hold equal values.
+        state = TieState.build([g.to_dict() for g in groups], [f.name for f in facts],
+                               [g.to_dict() for g in dup_groups], content_known=bool(content and content["ran"]))
+        findings += tied_findings(state, expect_tied)
     cands = find_candidates(facts)
     findings += candidate_findings(cands)
 

@@ -7,84 +7,15 @@ start fast.
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
-import traceback
-from pathlib import Path
 
 import click
 
 from tiecheck import __version__
 
-EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, parse_expect, write_output
 
-
-def _fail(message: str) -> None:
-    click.echo(f"tiecheck: error: {message}", err=True)
-    sys.exit(EXIT_ERROR)
-
-
-def handle_errors(fn):
-    """Turn input errors into one line on stderr and exit 2; --debug shows the traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug", False)
-        from tiecheck.errors import TiecheckError
-
-        try:
-            return fn(*args, **kwargs)
-        except TiecheckError as e:
-            if debug:
-                traceback.print_exc()
-            _fail(str(e))
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
-            raise
-        except KeyboardInterrupt:
-            click.echo("tiecheck: interrupted", err=True)
-            sys.exit(130)
-        except Exception as e:  # a bug or an unforeseen input: still one line unless --debug
-            if debug:
-                traceback.print_exc()
-            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            _fail(f"unexpected {type(e).__name__}: {msg} (rerun with --debug for the traceback)")
-
-    return wrapper
-
-
-def write_output(text: str, output: str | None, protect: tuple[str, ...] = ()) -> None:
-    """Print, or write to a file atomically, never over one of the inputs."""
-    if output is None or output == "-":
-        click.echo(text, nl=False)
-        return
-    from tiecheck.errors import TiecheckError
-
-    out = Path(output)
-    for p in protect:
-        if p and os.path.exists(p) and out.exists() and os.path.samefile(p, out):
-            raise TiecheckError(f"refusing to write the output over the input {p}")
-    if out.is_dir():
-        raise TiecheckError(f"-o {output}: is a folder; give a file name")
-    tmp = out.with_name(f".{out.name}.tiecheck-tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TiecheckError(f"-o {output}: cannot write ({e.strerror or e})") from e
-
-
-def parse_expect(values: tuple[str, ...]) -> list[tuple[str, ...]]:
-    from tiecheck.errors import TiecheckError
-
-    groups = []
-    for v in values:
-        names = tuple(n.strip() for n in v.split(",") if n.strip())
-        if len(names) < 2:
-            raise TiecheckError(f"--expect-tied '{v}': give at least two comma-separated names")
-        groups.append(names)
-    return groups
+__all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_ERROR", "handle_errors", "parse_expect", "write_output"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -179,9 +110,13 @@ def models(fmt):
                         tablefmt="github" if fmt == "markdown" else "simple"))
 
 
-from tiecheck.cli_diff import diff_command  # noqa: E402 - registered after main exists
+# Commands that live in their own modules. They import their helpers from tiecheck.cliutil,
+# never from this module, so `python -m tiecheck.cli` does not import this file twice.
+from tiecheck.check import check as _check  # noqa: E402
+from tiecheck.cli_diff import diff_command as _diff  # noqa: E402
 
-main.add_command(diff_command)
+main.add_command(_check)
+main.add_command(_diff)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
 
-
-def _handle_errors(fn):
-    """``cli.handle_errors``, imported when the command runs: ``cli`` imports this module at its end,
-    and a top-level import back would be circular under ``python -m tiecheck.cli``."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from tiecheck.cli import handle_errors
-
-        return handle_errors(fn)(*args, **kwargs)
-
-    return wrapper
+from tiecheck.cliutil import handle_errors
 
 
 @click.command("diff")
@@ -36,13 +24,13 @@ def _handle_errors(fn):
 @click.option("--no-duplicates", is_flag=True,
               help="Skip the content pass (ties broken into equal copies are then reported as plain untied).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@_handle_errors
+@handle_errors
 def diff_command(a, b, fmt, output, key, trust_pickle, trust_remote_code, no_duplicates, debug):
     """Compare the ties of A and B; exit 1 when a tie present in A is missing in B.
 
     A and B are anything `inspect` accepts, or a report saved with `inspect --format json`.
     """
-    from tiecheck.cli import write_output
+    from tiecheck.cliutil import write_output
     from tiecheck.tie_diff import diff, render_diff
 
     if trust_pickle:

@@ -33,7 +33,8 @@ RULES: dict[str, Rule] = {
              "Distinct Parameter objects share memory: their gradients are not shared and the optimizer "
              "updates the same memory once per Parameter.",
              "Tie by assigning the Parameter itself (`head.weight = emb.weight`), not a new nn.Parameter "
-             "over the same data."),
+             "over the same data; after `load_state_dict(assign=True)`, re-tie with `model.tie_weights()` or "
+             "assign the Parameter again."),
         Rule("TC003", "partial-overlap", "error",
              "Tensors overlap in memory without being the same view: writing one silently changes part of another.",
              "Give each tensor its own memory (`.clone()`), or make them the same view if a tie was meant."),
@@ -66,6 +67,15 @@ RULES: dict[str, Rule] = {
         Rule("TC012", "tied-key-absent", "info",
              "A key is absent from the files because it is tied to one that is stored.",
              "Nothing to do: the architecture re-ties it on load."),
+        Rule("TC013", "unexpected-tie", "error",
+             "Names share memory that an expectation (a snapshot, or a not-tied rule) says should not.",
+             "If the new tie is intended, update the expectation (`pytest --tiecheck-update`, "
+             "`tiecheck check --update`); otherwise find where the model assigns one Parameter to both names."),
+        Rule("TC014", "tie-kind-changed", "error",
+             "A tie group holds the expected names but is of another kind than expected (e.g. one Parameter "
+             "became distinct Parameters over one memory).",
+             "Tie by assigning the Parameter itself (`head.weight = emb.weight`), or update the expectation "
+             "if the new kind is intended."),
     ]
 }
 

@@ -11,7 +11,7 @@ from tiecheck.findings import SEVERITY_RANK
 SCHEMA_VERSION = 1
 FAIL_ON = ("error", "warning", "never")
 # Expectations the user stated are always checks, whatever --fail-on says.
-EXPECTATION_CODES = frozenset({"TC009"})
+EXPECTATION_CODES = frozenset({"TC009", "TC013", "TC014"})
 
 
 @dataclass(frozen=True)

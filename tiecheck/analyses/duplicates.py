@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
 from tiecheck.facts import TensorFact
-from tiecheck.findings import Finding, finding
+from tiecheck.expect import assignment
+from tiecheck.findings import RULES, Finding, finding
 
 
 class ContentReader(Protocol):
@@ -143,5 +144,6 @@ def duplicate_findings(groups: list[DuplicateGroup]) -> list[Finding]:
         if g.constant:
             continue  # e.g. every fresh LayerNorm weight is all ones: equal by construction
         out.append(finding("TC005", f"{', '.join(g.names)} hold equal {g.dtype} {list(g.shape)} content in "
-                                    f"separate memory ({g.bytes_wasted:,} bytes wasted)", g.names))
+                                    f"separate memory ({g.bytes_wasted:,} bytes wasted)", g.names,
+                           hint=f"{RULES['TC005'].hint} Here: {assignment(g.names)}"))
     return out

@@ -1,9 +1,9 @@
-"""Lint rules over facts that no other analysis covers: Linear shapes, devices, expectations."""
+"""Lint rules over facts that no other analysis covers: Linear shapes and devices (expectations: tiecheck/expect.py)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from tiecheck.analyses.ties import TieGroup
 from tiecheck.facts import ModuleFact, TensorFact
@@ -74,29 +74,4 @@ def device_findings(facts: Sequence[TensorFact], groups: list[TieGroup]) -> list
         if len(devices) > 1:
             out.append(finding("TC004", f"the tie {', '.join(g.names)} spans devices {', '.join(sorted(devices))}",
                                g.names))
-    return out
-
-
-def expectation_findings(groups: list[TieGroup], facts: Sequence[TensorFact],
-                         expected: Iterable[Sequence[str]]) -> list[Finding]:
-    """TC009: each expected set of names must lie inside one tie group."""
-    group_of = {n: g for g in groups for n in g.names}
-    known = {f.name for f in facts}
-    out = []
-    for names in expected:
-        names = tuple(names)
-        missing = [n for n in names if n not in known]
-        if missing:
-            out.append(finding("TC009", f"expected {', '.join(names)} to be tied, but {', '.join(missing)} "
-                                        f"{'is' if len(missing) == 1 else 'are'} not in the target", names,
-                               hint="Check the names against `tiecheck inspect TARGET --format json`."))
-            continue
-        gs = {id(group_of.get(n)) for n in names}
-        if len(gs) != 1 or group_of.get(names[0]) is None:
-            now = []
-            for n in names:
-                g = group_of.get(n)
-                now.append(f"{n} shares memory with {', '.join(m for m in g.names if m != n)}" if g
-                           else f"{n} shares memory with nothing")
-            out.append(finding("TC009", f"expected {', '.join(names)} to be tied: " + "; ".join(now), names))
     return out

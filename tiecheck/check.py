@@ -1,0 +1,241 @@
+"""``tiecheck check``: fail a pipeline when a tie breaks.
+
+Checks each target against its expectations (a snapshot file, groups that must or must not be
+tied) and its findings (at ``fail-on`` or worse). Targets and expectations come from the command
+line or from ``[tool.tiecheck]`` in pyproject.toml (see ``tiecheck.policy``). Exit codes as
+``inspect``: 0 clean, 1 a check failed, 2 usage or input error (for any target).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, parse_expect
+
+
+@dataclass
+class Outcome:
+    """What checking one target gave."""
+
+    target: str
+    failing: list[dict] = field(default_factory=list)  # findings that fail the check
+    warnings: list[dict] = field(default_factory=list)  # warnings below fail-on: shown, not failing
+    error: str | None = None  # the target or its expectation could not be read
+    snapshot: str | None = None  # the snapshot file compared or written
+    snapshot_status: str | None = None  # matched | created | updated | unchanged
+    groups: int = 0
+    origins: dict[str, str] = field(default_factory=dict)  # finding message -> file it came from
+
+    @property
+    def status(self) -> str:
+        return "error" if self.error else "failed" if self.failing else "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "status": self.status, "error": self.error, "tie_groups": self.groups,
+                "snapshot": self.snapshot, "snapshot_status": self.snapshot_status,
+                "failing": self.failing, "warnings": self.warnings}
+
+
+def shown(path: Path | str) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def check_target(t, *, update: bool, extra_tied=(), debug: bool = False) -> Outcome:
+    """Analyse one target and hold it to its policy (``t`` is a ``policy.TargetPolicy``) and to the
+    ``extra_tied`` groups of the command line."""
+    from tiecheck import snapshot as snap
+    from tiecheck.api import analyze
+    from tiecheck.errors import TiecheckError
+    from tiecheck.expect import TieState, not_tied_findings, snapshot_findings, tied_findings
+
+    out = Outcome(target=t.target)
+    try:
+        report = analyze(t.resolved, key=t.key, trust_pickle=t.trust_pickle)
+        state = TieState.from_report(report)
+        out.groups = len(report.tie_groups)
+        missing = sorted({n for g in t.not_tied for n in g if n not in state.names})
+        if missing:
+            raise TiecheckError(f"{t.target}: not-tied: {'; '.join(state.describe(n) for n in missing)}; "
+                                f"fix the names in the policy")
+        from_policy = tied_findings(state, t.tied) + not_tied_findings(state, t.not_tied)
+        if t.source is not None:  # annotations point at the file that states the rule
+            out.origins.update((f.message, shown(t.source)) for f in from_policy)
+        expected = [f.to_dict() for f in from_policy + tied_findings(state, extra_tied)]
+        if t.expect is not None:
+            out.snapshot = shown(t.expect)
+            if not update and not t.expect.exists():
+                raise TiecheckError(f"no snapshot {out.snapshot} yet: rerun the same command with --update "
+                                    f"to write it, then commit it")
+            if update:
+                out.snapshot_status = snap.refresh(t.expect, snap.Snapshot.from_report(report),
+                                                   protect=(t.resolved,))
+            else:
+                found = snapshot_findings(state, snap.read(t.expect).groups, origin=out.snapshot)
+                expected += [f.to_dict() for f in found]
+                for f in found:
+                    out.origins[f.message] = out.snapshot
+                out.snapshot_status = "differs" if found else "matched"
+    except TiecheckError as e:
+        out.error = str(e) if str(e).startswith(t.target) else f"{t.target}: {e}"
+        return out
+    except Exception as e:  # a bug or an unforeseen input: this target fails, the others still run
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        out.error = f"{t.target}: unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback)"
+        return out
+    failing = report.failing_findings(t.fail_on)
+    out.failing = expected + failing
+    out.warnings = [f for f in report.findings if f["severity"] == "warning" and f not in failing]
+    return out
+
+
+# -- output ---------------------------------------------------------------------------------
+
+def render_text(outcomes: list[Outcome], update: bool) -> str:
+    lines = []
+    for o in outcomes:
+        if o.error:
+            continue  # on stderr, as one line
+        what = [f"{o.groups} tie group{'s' if o.groups != 1 else ''}"]
+        if o.snapshot:
+            verb = {"matched": "match", "differs": "differ from"}.get(o.snapshot_status or "")
+            what.append(f"{'they ' + verb if verb else 'snapshot ' + str(o.snapshot_status)} {o.snapshot}")
+        lines.append(f"{o.target}: {'FAILED' if o.failing else 'ok'} ({'; '.join(what)})")
+        for f in o.failing:
+            lines.append(f"  {f['severity']:<8}{f['code']} {f['message']}")
+            if f.get("hint"):
+                lines.append(f"  {'':<8}      hint: {f['hint']}")
+        for f in o.warnings:
+            lines.append(f"  {'note':<8}{f['code']} {f['message']} (a warning; fails with --fail-on warning)")
+    if len(outcomes) > 1 or update:
+        lines.append(summary_line(outcomes, update))
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def summary_line(outcomes: list[Outcome], update: bool) -> str:
+    n = len(outcomes)
+    failed = sum(o.status == "failed" for o in outcomes)
+    errors = sum(o.status == "error" for o in outcomes)
+    parts = [f"{n} target{'s' if n != 1 else ''} checked"]
+    if update:
+        written = [o for o in outcomes if o.snapshot_status in ("created", "updated")]
+        parts.append(f"{len(written)} snapshot{'s' if len(written) != 1 else ''} written")
+    if failed:
+        parts.append(f"{failed} failed")
+    if errors:
+        parts.append(f"{errors} could not be checked")
+    return "tiecheck check: " + ", ".join(parts)
+
+
+def _escape_data(s: str) -> str:
+    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(s: str) -> str:
+    return _escape_data(s).replace(":", "%3A").replace(",", "%2C")
+
+
+def annotation(level: str, title: str, message: str, file: str | None = None) -> str:
+    """One GitHub Actions workflow command: ``::error file=F,title=T::message``."""
+    props = ([f"file={_escape_property(file)}"] if file else []) + [f"title={_escape_property(title)}"]
+    return f"::{level} {','.join(props)}::{_escape_data(message)}"
+
+
+def render_github(outcomes: list[Outcome], update: bool) -> str:
+    lines = []
+    for o in outcomes:
+        if o.error:
+            lines.append(annotation("error", "tiecheck", o.error))
+            continue
+        for f in o.failing:
+            hint = f"\nhint: {f['hint']}" if f.get("hint") else ""
+            lines.append(annotation("error", f["code"], f"{o.target}: {f['message']}{hint}", o.origins.get(f["message"])))
+        for f in o.warnings:
+            lines.append(annotation("warning", f["code"], f"{o.target}: {f['message']}\nhint: {f['hint']}"))
+    lines.append(summary_line(outcomes, update))
+    return "\n".join(lines) + "\n"
+
+
+# -- the command ----------------------------------------------------------------------------
+
+@click.command("check")
+@click.argument("targets", nargs=-1, metavar="[TARGET]...")
+@click.option("--expect", "expect_file", metavar="FILE",
+              help="Snapshot of the expected tie groups: written by --update or by `tiecheck inspect --format json`.")
+@click.option("--update", is_flag=True, help="Write or refresh the snapshot files instead of comparing with them.")
+@click.option("--expect-tied", multiple=True, metavar="A,B[,C]", help="Names that must share memory (repeatable).")
+@click.option("--fail-on", type=click.Choice(["error", "warning", "never"]), default=None,
+              help="Fail on findings of this severity or worse (default: the policy's, else error).")
+@click.option("--format", "fmt", type=click.Choice(["text", "github", "json"]), default="text", show_default=True,
+              help="`github` prints GitHub Actions annotations.")
+@click.option("--config", "config_file", metavar="PYPROJECT",
+              help="Read [tool.tiecheck] from this file (default: the nearest pyproject.toml that has it).")
+@click.option("--no-config", is_flag=True, help="Ignore [tool.tiecheck].")
+@click.option("--key", help="Key (dotted) of the model state inside a training checkpoint.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow pickled Python objects (full nn.Module files). Loading them can run arbitrary code.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@handle_errors
+def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, no_config, key, trust_pickle, debug):
+    """Check TARGETs' ties against expectations; exit 1 when one is broken.
+
+    With no TARGET, checks every target listed in [tool.tiecheck] of pyproject.toml. Exit codes:
+    0 clean, 1 a check failed, 2 usage or input error.
+    """
+    from tiecheck.errors import TiecheckError
+    from tiecheck.policy import Policy, find_pyproject, load_policy, with_overrides
+
+    if config_file and no_config:
+        raise TiecheckError("--config and --no-config contradict each other; give one")
+    if no_config:
+        policy = Policy()
+    elif config_file:
+        policy = load_policy(Path(config_file), required=True)
+    else:
+        found = find_pyproject(Path.cwd())
+        policy = load_policy(found) if found else Policy()
+
+    if expect_file and len(targets) != 1:
+        raise TiecheckError("--expect compares one target: give exactly one TARGET with it")
+    if targets:
+        plan = [policy.find(t) or policy.default_for(t) for t in targets]
+    elif policy.targets:
+        plan = list(policy.targets)
+    else:
+        where = f"{shown(policy.path)} has no [[tool.tiecheck.targets]]" if policy.path else \
+            "no pyproject.toml with [tool.tiecheck] was found from this folder"
+        raise TiecheckError(f"nothing to check: give a TARGET, or list targets in pyproject.toml ({where})")
+    extra_tied = parse_expect(expect_tied)
+    plan = [with_overrides(t, expect=Path(expect_file) if expect_file else None, fail_on=fail_on,
+                           key=key, trust_pickle=trust_pickle or None) for t in plan]
+    if update and not any(t.expect for t in plan):
+        raise TiecheckError("--update writes the snapshot named by --expect FILE or by `expect` in "
+                            "[tool.tiecheck]; none is set for " + ", ".join(t.target for t in plan))
+    if any(t.trust_pickle for t in plan):
+        click.echo("tiecheck: warning: trust-pickle lets the file's pickled objects run code", err=True)
+
+    outcomes = [check_target(t, update=update, extra_tied=extra_tied, debug=debug) for t in plan]
+    if fmt == "json":
+        text = json.dumps({"targets": [o.to_dict() for o in outcomes]}, indent=2, ensure_ascii=False) + "\n"
+    elif fmt == "github":
+        text = render_github(outcomes, update)
+    else:
+        text = render_text(outcomes, update)
+    click.echo(text, nl=False)
+    for o in outcomes:
+        if o.error and fmt != "github":  # github already carries it as an annotation
+            click.echo(f"tiecheck: error: {o.error}", err=True)
+    statuses = {o.status for o in outcomes}
+    sys.exit(EXIT_ERROR if "error" in statuses else EXIT_FAILED if "failed" in statuses else EXIT_OK)

@@ -1,0 +1,54 @@
+"""What the plugin says: the report header, how to create or refresh a snapshot, the summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tiecheck import __version__
+
+UPDATE_OPTION = "--tiecheck-update"
+
+
+def header(update: bool, snapshot_root: str | None) -> str:
+    where = f"snapshots in {snapshot_root}" if snapshot_root else "snapshots beside each test file"
+    mode = f"{UPDATE_OPTION}: writing them" if update else f"{UPDATE_OPTION} writes them"
+    return f"tiecheck: {__version__} ({where}; {mode})"
+
+
+def missing_snapshot(nodeid: str) -> str:
+    return f"run `pytest {UPDATE_OPTION} {nodeid}` to write it, then commit the file"
+
+
+def update_hint(nodeid: str) -> str:
+    return f"if the change is intended, refresh the snapshot: `pytest {UPDATE_OPTION} {nodeid}`"
+
+
+def conflicting_writers(path: str, first: str, second: str) -> str:
+    return (f"{second} and {first} write different ties to one snapshot {path} in this run: give each test its "
+            f"own name, e.g. tiecheck.assert_ties_match_snapshot(model, \"<name>\")")
+
+
+def bad_name(name: object) -> str:
+    return (f"snapshot name {name!r} is not usable as a file name: use letters, digits, '_', '-', '.' "
+            f"(no folders), e.g. \"gpt-mini\"")
+
+
+def summary(written: dict[str, list[Path]], rootdir: Path) -> list[str]:
+    """Lines for the end of the run: which snapshots this run created or refreshed."""
+    lines = []
+    for status in ("created", "updated"):
+        paths = written.get(status, [])
+        if paths:
+            lines.append(f"tiecheck: {len(paths)} snapshot{'s' if len(paths) > 1 else ''} {status}:")
+            lines += [f"  {relative(p, rootdir)}" for p in paths]
+    unchanged = len(written.get("unchanged", []))
+    if unchanged:
+        lines.append(f"tiecheck: {unchanged} snapshot{'s' if unchanged > 1 else ''} unchanged")
+    return lines
+
+
+def relative(path: Path, rootdir: Path) -> str:
+    try:
+        return str(path.relative_to(rootdir))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,154 @@
+"""Tie snapshots: the tie groups of a target and their kinds, as one small readable JSON file.
+
+A snapshot holds names and kinds, never weights, so it is small, diffs well in review and stays
+valid when the weights change. ``tiecheck inspect TARGET --format json`` output is accepted as
+a snapshot too: its ``tie_groups`` carry the same ``names`` and ``kind``.
+
+    {
+      "tiecheck_snapshot": 1,
+      "tiecheck_version": "0.1.0",
+      "tie_groups": [
+        {"names": ["head.weight", "tok_emb.weight"], "kind": "same_parameter"}
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tiecheck.analyses.ties import KINDS
+from tiecheck.errors import TiecheckError
+from tiecheck.expect import ExpectedGroup, kinds_match
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiecheck.report import Report
+
+SNAPSHOT_VERSION = 1
+
+
+class SnapshotError(TiecheckError):
+    """A snapshot file that cannot be read or understood."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    groups: tuple[ExpectedGroup, ...]
+
+    @classmethod
+    def from_report(cls, report: "Report") -> "Snapshot":
+        groups = [ExpectedGroup(tuple(sorted(g["names"])), g["kind"]) for g in report.tie_groups]
+        return cls(tuple(sorted(groups, key=lambda g: g.names)))
+
+    def to_dict(self) -> dict[str, Any]:
+        from tiecheck import __version__
+
+        return {
+            "tiecheck_snapshot": SNAPSHOT_VERSION,
+            "tiecheck_version": __version__,
+            "tie_groups": [{"names": list(g.names), "kind": g.kind} if g.kind else {"names": list(g.names)}
+                           for g in self.groups],
+        }
+
+    def to_json(self) -> str:
+        """Indented JSON with one tie group per line, so a changed tie is a one-line diff."""
+        d = self.to_dict()
+        dump = lambda v: json.dumps(v, ensure_ascii=False)  # noqa: E731
+        head = [f"  {dump(k)}: {dump(v)}," for k, v in d.items() if k != "tie_groups"]
+        groups = ",\n".join(f"    {dump(g)}" for g in d["tie_groups"])
+        body = f"[\n{groups}\n  ]" if groups else "[]"
+        return "{\n" + "\n".join(head) + f"\n  \"tie_groups\": {body}\n}}\n"
+
+    def matches(self, other: "Snapshot") -> bool:
+        """Same groups with compatible kinds (what a comparison would accept)."""
+        mine = {g.names: g.kind for g in self.groups}
+        theirs = {g.names: g.kind for g in other.groups}
+        return mine.keys() == theirs.keys() and all(
+            kinds_match(mine[n], theirs[n]) or kinds_match(theirs[n], mine[n]) for n in mine)
+
+
+def parse(data: Any, origin: str) -> Snapshot:
+    """A snapshot from parsed JSON: a tiecheck snapshot or an `inspect --format json` report."""
+    def bad(why: str) -> SnapshotError:
+        return SnapshotError(f"{origin}: {why}; write a snapshot with `tiecheck check TARGET --expect {origin} "
+                             f"--update` or `tiecheck inspect TARGET --format json -o {origin}`")
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a JSON object with a 'tie_groups' list, found a {type(data).__name__}")
+    for key, supported in (("tiecheck_snapshot", SNAPSHOT_VERSION), ("schema_version", 1)):
+        if key in data and data[key] != supported:
+            raise SnapshotError(f"{origin}: {key} {data[key]!r} is not supported (this tiecheck reads {supported}); "
+                                f"re-create it with this version")
+    groups = data.get("tie_groups")
+    if not isinstance(groups, list):
+        raise bad("not a tiecheck snapshot: no 'tie_groups' list")
+    out, seen = [], {}
+    for i, g in enumerate(groups):
+        names = g.get("names") if isinstance(g, dict) else None
+        if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names)):
+            raise bad(f"tie_groups[{i}] needs 'names': a list of two or more tensor names")
+        kind = g.get("kind")
+        if kind is not None and kind not in KINDS:
+            raise bad(f"tie_groups[{i}] has unknown kind {kind!r} (known: {', '.join(KINDS)})")
+        for n in names:
+            if n in seen:
+                raise bad(f"{n} is listed in tie_groups[{seen[n]}] and tie_groups[{i}]; a name has one tie group")
+            seen[n] = i
+        out.append(ExpectedGroup(tuple(sorted(set(names))), kind))
+    return Snapshot(tuple(sorted(out, key=lambda g: g.names)))
+
+
+def read(path: str | os.PathLike) -> Snapshot:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise SnapshotError(f"{p}: no such snapshot file; write it with `tiecheck check TARGET --expect {p} "
+                            f"--update`") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise SnapshotError(f"{p}: cannot read the snapshot ({getattr(e, 'strerror', None) or e})") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SnapshotError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    return parse(data, str(p))
+
+
+def write(path: str | os.PathLike, snapshot: Snapshot, protect: tuple[str, ...] = ()) -> None:
+    """Write atomically (a reader never sees half a file), creating folders; never over a protected path."""
+    p = Path(path)
+    for other in protect:
+        if other and p.exists() and os.path.exists(other) and os.path.samefile(other, p):
+            raise SnapshotError(f"refusing to write the snapshot over the target {other}")
+    if p.is_dir():
+        raise SnapshotError(f"{p}: is a folder; give the snapshot a file name")
+    tmp = p.with_name(f".{p.name}.tiecheck-tmp")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(snapshot.to_json(), encoding="utf-8")
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SnapshotError(f"{p}: cannot write the snapshot ({e.strerror or e})") from e
+
+
+def refresh(path: str | os.PathLike, actual: Snapshot, protect: tuple[str, ...] = ()) -> str:
+    """Write ``actual`` unless the file already says the same: ``created``, ``updated`` or ``unchanged``.
+
+    Leaving an equal file alone keeps its bytes (and the version that wrote it) out of diffs.
+    """
+    p = Path(path)
+    if not p.exists():
+        write(p, actual, protect)
+        return "created"
+    try:
+        if read(p).matches(actual):
+            return "unchanged"
+    except SnapshotError:
+        pass  # unreadable or outdated: the refresh replaces it
+    write(p, actual, protect)
+    return "updated"

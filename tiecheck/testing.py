@@ -1,0 +1,283 @@
+"""Assertions about weight ties, for any test suite (pytest is not needed).
+
+    from tiecheck.testing import assert_tied, assert_no_broken_ties
+
+    model.load_state_dict(state, assign=True)
+    assert_tied(model, "tok_emb.weight", "head.weight")    # fails: assign=True untied them
+    assert_no_broken_ties(model)
+
+Each assertion takes an ``nn.Module``, a state dict, anything ``tiecheck.analyze`` accepts (a
+path, a bundled model name, a ``file.py:factory`` spec) or a ``Report`` already made, and raises
+a subclass of ``AssertionError`` whose message says what was expected, what each name shares
+memory with now, and a hint tied to the likely cause. The error keeps the findings in
+``.findings`` for code that wants to look closer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from tiecheck.expect import TieState, group_lines, not_tied_findings, snapshot_findings, tied_findings, untied_hint
+from tiecheck.findings import SEVERITY_RANK, Finding, finding
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiecheck.report import Report
+
+__all__ = [
+    "assert_tied", "assert_not_tied", "assert_no_broken_ties", "assert_no_findings", "assert_ties_match_snapshot",
+    "TieAssertionError", "NotTiedError", "UnexpectedTieError", "UnknownNameError", "BrokenTieError",
+    "FindingsError", "SnapshotMismatchError", "SnapshotMissingError",
+]
+
+
+class TieAssertionError(AssertionError):
+    """A tie assertion failed. ``findings`` holds the findings (as dicts) behind the message."""
+
+    def __init__(self, message: str, findings: Iterable[dict] = ()):
+        super().__init__(message)
+        self.findings = list(findings)
+
+
+class NotTiedError(TieAssertionError):
+    """Names expected to share memory do not (or share it through distinct Parameters)."""
+
+
+class UnexpectedTieError(TieAssertionError):
+    """Names expected to stay apart share memory."""
+
+
+class UnknownNameError(TieAssertionError):
+    """An assertion names a tensor the target does not have: it could never pass or fail honestly."""
+
+
+class BrokenTieError(TieAssertionError):
+    """Untied duplicates, or ties made of distinct Parameters: ties that broke."""
+
+
+class FindingsError(TieAssertionError):
+    """Findings at or above the severity the assertion allows."""
+
+
+class SnapshotMismatchError(TieAssertionError):
+    """The tie groups differ from the stored snapshot."""
+
+
+class SnapshotMissingError(TieAssertionError):
+    """There is no snapshot to compare with yet."""
+
+
+# Findings that mean a tie broke or was made wrong.
+BROKEN_TIE_CODES = ("TC002", "TC005", "TC010")
+
+
+def report_of(model: Any, *, duplicates: bool = True) -> "Report":
+    """The Report of whatever an assertion was given (a Report is used as it is)."""
+    from tiecheck.report import Report
+
+    if isinstance(model, Report):
+        return model
+    from tiecheck.api import analyze
+
+    return analyze(model, duplicates=duplicates)
+
+
+def _explained(model: Any, report: "Report") -> "Report":
+    """The report with the content pass, so a failure can say whether values are still equal.
+
+    Tie checks skip that pass while they succeed (it reads every weight); a failure is rare and
+    worth the read.
+    """
+    content = report.content or {}
+    if content.get("ran") or not content.get("reason", "").startswith("skipped"):
+        return report  # it ran, or cannot run (no tensor data on the meta device)
+    return report_of(model, duplicates=True)
+
+
+def _target(report: "Report") -> str:
+    return report.source.get("target", "the target")
+
+
+def _finding_lines(findings: Iterable[dict | Finding], indent: str = "  ") -> list[str]:
+    lines = []
+    for f in findings:
+        f = f.to_dict() if isinstance(f, Finding) else f
+        lines.append(f"{indent}[{f['code']}] {f['severity']}: {f['message']}")
+        if f.get("hint"):
+            lines.append(f"{indent}  hint: {f['hint']}")
+    return lines
+
+
+def _check_names(state: TieState, names: tuple[str, ...], what: str, report: "Report") -> None:
+    __tracebackhide__ = True
+    missing = [n for n in names if n not in state.names]
+    if missing:
+        lines = [f"{what}: {len(missing)} name{'s' if len(missing) > 1 else ''} not in {_target(report)}"]
+        lines += [f"  {state.describe(n)}" for n in missing]
+        lines.append("  hint: list the names with `tiecheck inspect TARGET --format json` (a module lists every "
+                     "name a Parameter is reachable by)")
+        raise UnknownNameError("\n".join(lines))
+
+
+def _names_arg(fn: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    if not names:
+        raise TypeError(f"{fn}() needs at least one tensor name after the model")
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{fn}() takes tensor names as separate strings, got {type(bad[0]).__name__}")
+    return tuple(dict.fromkeys(names))
+
+
+def assert_tied(model: Any, *names: str) -> None:
+    """The names share one memory through one Parameter (a true tie).
+
+    With one name: that name is tied to at least one other. Ties made of distinct Parameter
+    objects over one memory fail too: their gradients are not shared.
+    """
+    __tracebackhide__ = True
+    names = _names_arg("assert_tied", names)
+    report = report_of(model, duplicates=False)
+    state = TieState.from_report(report)
+    _check_names(state, names, f"assert_tied({', '.join(names)})", report)
+    if not _tied_failures(state, report, names):
+        return
+    report = _explained(model, report)
+    state = TieState.from_report(report)
+    failures = _tied_failures(state, report, names)
+    if len(names) == 1:
+        head = f"expected {names[0]} to be tied to another name in {_target(report)}, but it is not"
+    else:
+        head = f"expected {', '.join(names)} to be tied in {_target(report)}, but they are not"
+    lines = [head, "  now:"] + [f"    {state.describe(n)}" for n in names]
+    for f in failures:
+        # A TC009 message repeats the lines above; other findings (TC002) add what they found.
+        lines += ([] if f.code == "TC009" else [f"  [{f.code}] {f.message}"]) + [f"  hint: {f.hint}"]
+    raise NotTiedError("\n".join(lines), [f.to_dict() for f in failures])
+
+
+def _tied_failures(state: TieState, report: "Report", names: tuple[str, ...]) -> list[Finding]:
+    if len(names) == 1:
+        if state.group_of(names[0]) is not None:
+            failures = []
+        else:
+            copies = state.copies_of(names[0])
+            failures = [finding("TC009", f"{names[0]} shares memory with nothing", names,
+                                hint=untied_hint(state, names + tuple(copies[:1])) if copies else
+                                "tie it where the model is built (`head.weight = emb.weight`), or re-tie after "
+                                "load_state_dict(assign=True): model.tie_weights()")]
+    else:
+        failures = tied_findings(state, [names])
+    # One memory through distinct Parameters is not a tie for training: TC002 from the analysis.
+    for f in report.findings:
+        if f["code"] == "TC002" and set(f["names"]) & set(names):
+            failures.append(Finding(f["code"], f["severity"], f["message"], tuple(f["names"]), f["hint"]))
+    return failures
+
+
+def assert_not_tied(model: Any, *names: str) -> None:
+    """No two of the names share memory. With one name: it shares memory with nothing."""
+    __tracebackhide__ = True
+    names = _names_arg("assert_not_tied", names)
+    report = report_of(model, duplicates=False)
+    state = TieState.from_report(report)
+    _check_names(state, names, f"assert_not_tied({', '.join(names)})", report)
+    failures = not_tied_findings(state, [names])
+    if not failures:
+        return
+    what = names[0] if len(names) == 1 else ", ".join(names)
+    lines = [f"expected {what} not to be tied in {_target(report)}, but "
+             f"{'it shares memory' if len(names) == 1 else 'they share memory'}", "  now:"]
+    lines += [f"    {state.describe(n)}" for n in names]
+    lines += [f"  hint: {failures[0].hint}"]
+    raise UnexpectedTieError("\n".join(lines), [f.to_dict() for f in failures])
+
+
+def assert_no_broken_ties(model: Any) -> None:
+    """No untied duplicates (equal values in separate memory; constant-valued groups such as fresh
+    LayerNorm weights are ignored), no ties made of distinct Parameters, no checkpoint storing
+    both names of a tie with different values."""
+    __tracebackhide__ = True
+    from tiecheck.errors import TiecheckError
+
+    report = report_of(model, duplicates=True)
+    if not (report.content or {}).get("ran"):
+        reason = (report.content or {}).get("reason", "the content pass did not run")
+        raise TiecheckError(f"{_target(report)}: cannot look for broken ties: {reason}; pass a model with its "
+                            f"weights (not on the meta device) or a report made with duplicates=True")
+    state = TieState.from_report(report)
+    broken = [f for f in report.findings if f["code"] in BROKEN_TIE_CODES]
+    if not broken:
+        return
+    lines = [f"{len(broken)} broken tie{'s' if len(broken) > 1 else ''} in {_target(report)}:"]
+    for f in broken:
+        hint = untied_hint(state, f["names"]) if f["code"] == "TC005" else f["hint"]
+        lines += _finding_lines([{**f, "hint": hint}])
+    raise BrokenTieError("\n".join(lines), broken)
+
+
+def assert_no_findings(model: Any, severity: str = "warning", *, ignore: Iterable[str] = ()) -> None:
+    """No finding at ``severity`` or worse (``error``, ``warning`` or ``info``); ``ignore`` lists codes
+    to leave out (e.g. ``("TC006",)`` for tie candidates)."""
+    __tracebackhide__ = True
+    if severity not in SEVERITY_RANK:
+        raise ValueError(f"severity must be one of {', '.join(SEVERITY_RANK)}, not {severity!r}")
+    ignored = set(ignore)
+    report = report_of(model, duplicates=True)
+    found = [f for f in report.findings
+             if SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[severity] and f["code"] not in ignored]
+    if not found:
+        return
+    lines = [f"{len(found)} finding{'s' if len(found) > 1 else ''} at {severity} or worse in {_target(report)}:"]
+    lines += _finding_lines(found)
+    raise FindingsError("\n".join(lines), found)
+
+
+def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False, label: str | None = None,
+                   how_to_create: str | None = None, how_to_update: str | None = None) -> str:
+    """Compare the target's tie groups with the snapshot at ``path``, or write it when ``update``.
+
+    Returns ``"created"``, ``"updated"``, ``"unchanged"`` (update mode) or ``"matched"``; raises
+    SnapshotMissingError or SnapshotMismatchError otherwise. ``label`` is the path as messages
+    show it; the two ``how_to`` texts end the messages, so each front end can say how to fix it
+    in its own terms.
+    """
+    __tracebackhide__ = True
+    from tiecheck import snapshot as snap
+
+    path = Path(path)
+    label = label or str(path)
+    report = report_of(model, duplicates=False)
+    if update:
+        protect = (os.fspath(model),) if isinstance(model, (str, os.PathLike)) else ()
+        return snap.refresh(path, snap.Snapshot.from_report(report), protect)
+    if not path.exists():
+        how = how_to_create or (f"create it with assert_ties_match_snapshot(model, {str(path)!r}, update=True) "
+                                f"or `tiecheck check TARGET --expect {label} --update`")
+        raise SnapshotMissingError(f"no tie snapshot at {label}: {how}")
+    expected = snap.read(path)
+    state = TieState.from_report(report)
+    findings = snapshot_findings(state, expected.groups, origin=label)
+    if not findings:
+        return "matched"
+    report = _explained(model, report)
+    state = TieState.from_report(report)
+    findings = snapshot_findings(state, expected.groups, origin=label)
+    lines = [f"tie groups of {_target(report)} differ from the snapshot {label}",
+             "  expected:"] + [f"    {g}" for g in group_lines((g.names, g.kind) for g in expected.groups)]
+    lines += ["  actual:"] + [f"    {g}" for g in group_lines(state.groups)]
+    lines += ["  differences:"] + _finding_lines(findings, indent="    ")
+    how = how_to_update or (f"if the change is intended, rewrite the snapshot: assert_ties_match_snapshot(model, "
+                            f"{str(path)!r}, update=True) or `tiecheck check TARGET --expect {label} --update`")
+    lines.append(f"  {how}")
+    raise SnapshotMismatchError("\n".join(lines), [f.to_dict() for f in findings])
+
+
+def assert_ties_match_snapshot(model: Any, snapshot: str | os.PathLike, *, update: bool = False) -> None:
+    """The tie groups (names and kinds) equal those stored in the JSON file ``snapshot``.
+
+    ``update=True`` writes or refreshes the file instead. Kinds ``same_parameter`` (a live module)
+    and ``shared_storage`` (a file) match each other: both are one memory.
+    """
+    __tracebackhide__ = True
+    match_snapshot(model, snapshot, update=update)
