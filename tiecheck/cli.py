@@ -153,5 +153,10 @@ def models(fmt):
                         tablefmt="github" if fmt == "markdown" else "simple"))
 
 
+from tiecheck.cli_bench import bench as _bench  # noqa: E402  (the module imports helpers from here)
+
+main.add_command(_bench)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
