@@ -81,11 +81,11 @@ def _check_writable(option: str, path: str | None) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Matmul precision (autocast; weights stay fp32). Default: bf16 on a GPU that has it, else fp32.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile both variants.")
-@click.option("--batch-size", type=int, help="Sequences per step. Default: 16 on a GPU, 8 on the CPU.")
-@click.option("--seq-len", type=int, help="Tokens per sequence. Default: 1024 on a GPU, 128 on the CPU "
+@click.option("--batch-size", type=int, help="Sequences per step. Default: 16 on a GPU, 4 on the CPU.")
+@click.option("--seq-len", type=int, help="Tokens per sequence. Default: 1024 on a GPU, 64 on the CPU "
               "(at most the model's positions).")
-@click.option("--rounds", type=int, help="Interleaved rounds (A B, B A, ...). Default: 10 on a GPU, 6 on the CPU.")
-@click.option("--steps", type=int, help="Timed steps per variant per round. Default: 10 on a GPU, 5 on the CPU.")
+@click.option("--rounds", type=int, help="Interleaved rounds (A B, B A, ...). Default: 20 on a GPU, 16 on the CPU.")
+@click.option("--steps", type=int, help="Timed steps per variant per round. Default: 5 on a GPU, 2 on the CPU.")
 @click.option("--warmup", type=int, help="Untimed steps per variant first. Default: 3 on a GPU, 2 on the CPU.")
 @click.option("--decode-tokens", type=int, help="New tokens per decoding call in infer mode. "
               "Default: 64 on a GPU, 16 on the CPU.")
@@ -112,6 +112,7 @@ def bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, ste
     """
     from tiecheck.bench import BenchConfig, render, run_bench
     from tiecheck.bench.runner import resolve
+    from tiecheck.errors import TiecheckError
 
     _check_writable("-o", output)
     _check_writable("--plot", plot)
@@ -129,12 +130,14 @@ def bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, ste
         result = run_bench(cfg, progress=progress, command=_command(click.get_current_context()))
     finally:
         progress.close()
+    failures = result.failures()
+    if not result.measured():  # nothing to show but the reason
+        raise TiecheckError("; ".join(failures) or "nothing was measured")
     write_output(render(result, fmt), output)
     if plot:
         from tiecheck.bench.plot import plot as draw
 
         draw(result, plot)
-    failures = result.failures()
     if failures:
         click.echo(f"tiecheck: error: {'; '.join(failures)}", err=True)
         sys.exit(EXIT_ERROR)

@@ -77,7 +77,8 @@ def device_description(dev: torch.device) -> str:
         props = torch.cuda.get_device_properties(dev)
         return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, "
                 f"capability {props.major}.{props.minor})")
-    return f"cpu: {device_name(dev)} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu: {device_name(dev)} ({n} thread{'s' if n > 1 else ''})"
 
 
 # ------------------------------------------------------------------------------------------
@@ -253,10 +254,19 @@ def catch_oom(dev: torch.device) -> Iterator[list]:
 
 
 def _oom_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "can't allocate memory" in msg:
-        msg = msg[msg.index("can't allocate memory"):]
-    return msg[:160]
+    """The useful part of an allocator message: how much was asked for."""
+    import re
+
+    msg = " ".join(str(e).split())
+    m = re.search(r"tried to allocate (\d+) bytes", msg)  # the CPU allocator
+    if m:
+        from tiecheck.render import human_bytes
+
+        return f"tried to allocate {human_bytes(int(m.group(1)))}"
+    m = re.search(r"Tried to allocate [\d.]+ \w+", msg)  # the CUDA caching allocator
+    if m:
+        return m.group(0)[0].lower() + m.group(0)[1:]
+    return (msg or type(e).__name__)[:160]
 
 
 # ------------------------------------------------------------------------------------------

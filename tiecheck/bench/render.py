@@ -93,16 +93,10 @@ def header_items(result: BenchResult) -> list[tuple[str, str]]:
     return items
 
 
-def _checks_line(result: BenchResult) -> str:
-    merged: dict[str, bool] = {}
-    for name, checks in result.checks().items():
-        for check, ok in checks.items():
-            shared = all(check in c for c in result.checks().values())
-            key = check if shared else f"{name}: {check}"
-            merged[key] = merged.get(key, True) and ok
-    if not merged:
-        return "checks: none ran"
-    return "checks: " + "; ".join(f"{k} {'pass' if ok else 'FAIL'}" for k, ok in merged.items())
+def check_lines(result: BenchResult) -> list[str]:
+    if not result.checks:
+        return ["none ran"]
+    return [f"{'pass' if ok else 'FAIL'}  {name}" for name, ok in result.checks.items()]
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,7 +136,7 @@ def _text(result: BenchResult, markdown: bool) -> str:
         out.append("nothing measured")
     out.append("")
     bullet = "- " if markdown else "  "
-    out.append(_checks_line(result))
+    out += ["checks:" if not markdown else "**checks**", *[f"{bullet}{c}" for c in check_lines(result)]]
     verdicts = result.verdicts()
     if verdicts:
         out += ["", "verdicts:" if not markdown else "**verdicts**", *[f"{bullet}{v}" for v in verdicts]]
@@ -162,7 +156,8 @@ def _csv(result: BenchResult) -> str:
     buf.write(f"# {result.header['title']}\n")
     for k, v in header_items(result):
         buf.write(f"# {k}: {v}\n")
-    buf.write(f"# {_checks_line(result)}\n")
+    for c in check_lines(result):
+        buf.write(f"# check: {c}\n")
     for f in result.failures():
         buf.write(f"# not measured: {f}\n")
     result.to_frame().to_csv(buf, index=False, lineterminator="\n")

@@ -61,7 +61,6 @@ class VariantRecord:
     peak_bytes: Optional[int] = None
     samples: dict[str, list[list[float]]] = field(default_factory=dict)  # phase -> [round][step] ms
     decode_samples: Optional[list[list[float]]] = None  # [round][call] ms
-    checks: dict[str, bool] = field(default_factory=dict)
     loss_first: Optional[float] = None
     loss_last: Optional[float] = None
     steps: Optional[int] = None
@@ -123,6 +122,7 @@ def _bytes_verdict(a: int, b: int, what: str) -> str:
 class BenchResult:
     header: dict[str, Any]
     records: dict[str, VariantRecord]
+    checks: dict[str, bool]  # check -> passed, in the order they ran
     notes: list[str]
     tokens_per_step: int
     flops_per_step: Optional[int]
@@ -227,22 +227,30 @@ class BenchResult:
         """One row per (variant, metric): see the module docstring."""
         import pandas as pd
 
-        return pd.DataFrame([r.__dict__ for r in self.rows()], columns=COLUMNS)
+        frame = pd.DataFrame([r.__dict__ for r in self.rows()], columns=COLUMNS)
+        frame["n"] = frame["n"].astype("Int64")  # empty for exact counts, an integer otherwise
+        return frame
 
     # --------------------------------------------------------------------------------------
     # Checks and verdicts
 
-    def checks(self) -> dict[str, dict[str, bool]]:
-        return {name: dict(rec.checks) for name, rec in self.records.items()}
-
     def checks_passed(self) -> bool:
-        return all(all(c.values()) for c in self.checks().values())
+        return all(self.checks.values())
 
     def failures(self) -> list[str]:
-        """One line per variant that could not be measured (an OOM, usually)."""
-        return [f"{name} variant: {rec.status}" for name, rec in self.records.items() if not rec.ok] + \
-               [f"{name} variant, --find-max-batch: {rec.max_batch_status}" for name, rec in self.records.items()
-                if rec.max_batch_status]
+        """One line per variant that could not be measured (an OOM, usually); one for both
+        when they failed alike."""
+        failed = {name: rec.status for name, rec in self.records.items() if not rec.ok}
+        if len(failed) == 2 and len(set(failed.values())) == 1:
+            out = [f"both variants: {next(iter(failed.values()))}"]
+        else:
+            out = [f"{name} variant: {why}" for name, why in failed.items()]
+        return out + [f"{name} variant, --find-max-batch: {rec.max_batch_status}"
+                      for name, rec in self.records.items() if rec.max_batch_status]
+
+    def measured(self) -> bool:
+        """Whether any variant produced timings."""
+        return any(rec.ok and rec.samples for rec in self.records.values())
 
     def verdicts(self) -> list[str]:
         """The ratio rows' verdicts, timing first."""
@@ -263,7 +271,7 @@ class BenchResult:
             "schema_version": 1,
             "header": dict(self.header),
             "status": {name: rec.status for name, rec in self.records.items()},
-            "checks": self.checks(),
+            "checks": dict(self.checks),
             "headline": self.headline(),
             "verdicts": self.verdicts(),
             "notes": list(self.notes),

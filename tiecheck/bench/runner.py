@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -37,8 +37,8 @@ N_BATCHES = 4  # distinct batches in the pool, cycled through by both variants a
 
 # Defaults by device: the CPU ones keep `tiecheck bench` under a minute on two cores.
 _DEFAULTS = {
-    "cpu": dict(model="gpt-mini", batch_size=8, seq_len=128, rounds=6, steps=5, warmup=2, decode_tokens=16),
-    "cuda": dict(model="gpt2-124m", batch_size=16, seq_len=1024, rounds=10, steps=10, warmup=3, decode_tokens=64),
+    "cpu": dict(model="gpt-mini", batch_size=4, seq_len=64, rounds=16, steps=2, warmup=2, decode_tokens=16),
+    "cuda": dict(model="gpt2-124m", batch_size=16, seq_len=1024, rounds=20, steps=5, warmup=3, decode_tokens=64),
 }
 
 Progress = Callable[[int, str], None]  # (units done since last call, what is running)
@@ -64,6 +64,7 @@ class BenchConfig:
     find_max_batch: bool = False
     max_batch_cap: int = 1024
     peak_tflops: Optional[float] = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # model config changes, e.g. {"n_layer": 2}
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Plan:
     find_max_batch: bool
     max_batch_cap: int
     peak_tflops: Optional[float]
+    overrides: Mapping[str, Any]
 
     @property
     def decodes(self) -> bool:
@@ -123,7 +125,10 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
         preset = models.get_preset(name)
     except KeyError:
         raise TiecheckError(f"--model {name}: unknown model; choose one of: {', '.join(models.PRESETS)}") from None
-    config = models.get_config(name)
+    try:
+        config = models.get_config(name, **cfg.overrides)
+    except (TypeError, ValueError) as e:
+        raise TiecheckError(f"model overrides {dict(cfg.overrides)}: {e}") from None
     if cfg.find_max_batch and not D.is_cuda(dev):
         raise TiecheckError("--find-max-batch needs a CUDA GPU: it fills the device memory to find the largest "
                             "batch, and the CPU has no fixed device memory to fill; run it with --device cuda")
@@ -149,13 +154,13 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
                 batch_size=cfg.batch_size or defaults["batch_size"], seq_len=seq_len, rounds=rounds,
                 steps=cfg.steps or defaults["steps"], warmup=warmup, decode_tokens=decode_tokens,
                 prompt_len=prompt_len, seed=cfg.seed, find_max_batch=cfg.find_max_batch,
-                max_batch_cap=cfg.max_batch_cap, peak_tflops=cfg.peak_tflops)
+                max_batch_cap=cfg.max_batch_cap, peak_tflops=cfg.peak_tflops, overrides=dict(cfg.overrides))
 
 
-def _bundled_builder(name: str) -> Builder:
+def bundled_builder(name: str, overrides: Mapping[str, Any] = {}) -> Builder:  # noqa: B006 - read only
     from tiecheck import models
 
-    return lambda tied, dev, seed: models.build(name, tied=tied, device=dev, seed=seed)
+    return lambda tied, dev, seed: models.build(name, tied=tied, device=dev, seed=seed, **overrides)
 
 
 def order_of_round(r: int) -> tuple[str, str]:
@@ -175,6 +180,7 @@ class _State:
     groups: list[tuple[str, ...]] = field(default_factory=list)
     batches: list[Batch] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
+    checks: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     optimizer_label: str = ""
     shape: Optional[FlopsShape] = None
@@ -185,14 +191,15 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] 
               build: Optional[Builder] = None, command: Optional[str] = None) -> BenchResult:
     """Measure the tied and untied variants of ``cfg.model`` and return the result.
 
-    ``build(tied, device, seed)`` replaces the bundled model builder (the model must follow
-    the bundled models' forward contract); ``command`` is shown in the header.
+    ``build(tied, device, seed)`` replaces the bundled model builder: it must return the
+    preset's model (with ``cfg.overrides``) or one with the same config and forward contract;
+    ``command`` is shown in the header.
     """
     plan = resolve(cfg)
     st = _State(plan=plan)
     if progress is not None:
         st.progress = progress
-    builder = build or _bundled_builder(plan.model)
+    builder = build or bundled_builder(plan.model, plan.overrides)
 
     _build_variants(st, builder)
     _make_pool(st)
@@ -234,14 +241,12 @@ def _build_variants(st: _State, builder: Builder) -> None:
     if tied is not None:
         st.groups = tie_groups(tied.module)
         st.shape = flops_shape(tied.module)
-        st.records["tied"].checks["tied at start"] = bool(st.groups)
     if untied is not None:
-        st.records["untied"].checks["untied at start"] = not tie_groups(untied.module)
         st.shape = st.shape or flops_shape(untied.module)
     if tied is not None and untied is not None:
-        same = identical_weights(tied.module, untied.module)
-        for rec in st.records.values():
-            rec.checks["identical start"] = same
+        # The protocol's premise: the two models differ in the tie and nothing else.
+        st.checks["identical start (same values by name; tied shares, untied copies)"] = bool(
+            st.groups and not tie_groups(untied.module) and identical_weights(tied.module, untied.module))
         if flops_shape(untied.module) != st.shape:
             st.notes.append("the variants' matmul parameters differ; FLOPs taken from the tied variant")
 
@@ -266,7 +271,7 @@ def _make_pool(st: _State) -> None:
     if caught:
         for name in list(st.variants):
             _fail(st, name, f"out of memory: the batch of {plan.batch_size} x {plan.seq_len} tokens itself does "
-                            f"not fit ({caught[0]})")
+                            f"not fit ({caught[0]}); use a smaller --batch-size")
 
 
 def _batch(st: _State, v: Variant) -> Batch:
@@ -307,8 +312,7 @@ def _same_first_loss(st: _State) -> None:
     # Same weights, same batch: the first forward must agree, or the variants did not start alike.
     a, b = st.records["tied"].loss_first, st.records["untied"].loss_first
     if a is not None and b is not None:
-        same = abs(a - b) <= 1e-5 * max(1.0, abs(b))
-        st.records["tied"].checks["same first loss"] = st.records["untied"].checks["same first loss"] = same
+        st.checks["same first loss"] = abs(a - b) <= 1e-5 * max(1.0, abs(b))
 
 
 def _rounds(st: _State) -> None:
@@ -350,16 +354,17 @@ def _rounds(st: _State) -> None:
 
 def _checks(st: _State) -> None:
     plan = st.plan
+    tied, untied = st.variants.get("tied"), st.variants.get("untied")
+    if tied is not None and tied.ok:
+        st.checks[f"tied still tied after {tied.steps_done} steps (one storage, equal values)"] = \
+            still_tied(tied.module, st.groups)
+    if untied is not None and untied.ok and plan.mode == "train" and st.groups:
+        st.checks[f"untied diverged after {untied.steps_done} steps (separate storage, different values)"] = \
+            diverged(untied.module, st.groups)
     for name, v in st.variants.items():
-        if v is None or not v.ok:
-            continue
-        rec = st.records[name]
-        if name == "tied":
-            rec.checks["still tied (one storage, equal values)"] = still_tied(v.module, st.groups)
-        elif plan.mode == "train":
-            rec.checks["diverged from the embedding"] = diverged(v.module, st.groups)
-        if plan.mode == "train":
-            rec.checks["losses finite"] = bool(v.losses_finite())
+        if v.ok and plan.mode == "train":
+            rec = st.records[name]
+            st.checks[f"{name} losses finite"] = bool(v.losses_finite())
             rec.loss_last = float(v.losses[-1]) if v.losses else None
             rec.steps = v.steps_done
 
@@ -484,7 +489,10 @@ def _measure_alone(st: _State, v: Variant, batch_size: int, rec: VariantRecord) 
 # ------------------------------------------------------------------------------------------
 
 def _config_repr(cfg: BenchConfig) -> str:
-    changed = [f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg) if getattr(cfg, f.name) != f.default]
+    def default(f):
+        return f.default_factory() if f.default_factory is not MISSING else f.default
+
+    changed = [f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg) if getattr(cfg, f.name) != default(f)]
     return f"run_bench(BenchConfig({', '.join(changed)}))"
 
 
@@ -503,8 +511,9 @@ def _result(st: _State, cfg: BenchConfig, command: Optional[str]) -> BenchResult
                      "(3 steps per probe); throughput there measured one variant after the other (not interleaved)")
     precision = ("fp32" if plan.dtype == "fp32" else
                  f"{plan.dtype} autocast (weights, gradients and AdamW state in fp32)")
+    model = plan.model + "".join(f", {k}={v}" for k, v in plan.overrides.items())
     header = {
-        "title": f"tiecheck bench: {plan.model}, {plan.mode}, batch {plan.batch_size} x {plan.seq_len} tokens, "
+        "title": f"tiecheck bench: {model}, {plan.mode}, batch {plan.batch_size} x {plan.seq_len} tokens, "
                  f"{plan.dtype}{', compiled' if plan.compile else ''}, {plan.dev.type}",
         "command": command or _config_repr(cfg),
         "device": D.device_description(plan.dev),
@@ -513,7 +522,7 @@ def _result(st: _State, cfg: BenchConfig, command: Optional[str]) -> BenchResult
         "tiecheck": __version__,
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "model": plan.model,
+        "model": model,
         "model_description": plan.description,
         "mode": plan.mode,
         "dtype": plan.dtype,
@@ -539,7 +548,7 @@ def _result(st: _State, cfg: BenchConfig, command: Optional[str]) -> BenchResult
         "peak_source": peak_source,
         "max_batch_cap": plan.max_batch_cap if plan.find_max_batch else None,
     }
-    return BenchResult(header=header, records=st.records, notes=notes, tokens_per_step=tokens,
+    return BenchResult(header=header, records=st.records, checks=st.checks, notes=notes, tokens_per_step=tokens,
                        flops_per_step=flops, peak_tflops=peak, decode_tokens_per_call=plan.batch_size * plan.decode_tokens
                        if plan.decodes else None, seq_len=plan.seq_len, mode=plan.mode)
 

@@ -17,6 +17,9 @@ import numpy as np
 
 N_BOOT = 2000
 CONFIDENCE = 0.95
+# Below this many rounds a bootstrap interval rests on too few independent clusters to call a
+# difference: with 3 rounds there are only 27 distinct resamplings of them.
+MIN_ROUNDS_FOR_VERDICT = 6
 
 Rounds = Sequence[Sequence[float]]  # samples[round][step]
 
@@ -28,14 +31,15 @@ class Estimate:
     median: float
     low: float
     high: float
-    n: int
+    n: int  # samples
+    rounds: int = 0  # independent rounds (clusters) behind the interval
 
     def scaled(self, k: float) -> "Estimate":
-        return Estimate(self.median * k, self.low * k, self.high * k, self.n)
+        return Estimate(self.median * k, self.low * k, self.high * k, self.n, self.rounds)
 
     def inverted(self, k: float = 1.0) -> "Estimate":
         """``k / x``: a time becomes a rate; the interval's ends swap."""
-        return Estimate(k / self.median, k / self.high, k / self.low, self.n)
+        return Estimate(k / self.median, k / self.high, k / self.low, self.n, self.rounds)
 
     def contains(self, value: float) -> bool:
         return self.low <= value <= self.high
@@ -68,7 +72,7 @@ def estimate(samples: Rounds, n_boot: int = N_BOOT, confidence: float = CONFIDEN
     rng = np.random.default_rng(seed)
     rounds = rng.integers(0, arr.shape[0], size=(n_boot, arr.shape[0]))
     lo, hi = _interval(_resample(arr, rounds, rng), confidence)
-    return Estimate(float(np.median(arr)), lo, hi, arr.size)
+    return Estimate(float(np.median(arr)), lo, hi, arr.size, arr.shape[0])
 
 
 def ratio(a: Rounds, b: Rounds, *, paired: bool = True, n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
@@ -87,12 +91,15 @@ def ratio(a: Rounds, b: Rounds, *, paired: bool = True, n_boot: int = N_BOOT, co
     ry = rx if paired else rng.integers(0, y.shape[0], size=(n_boot, y.shape[0]))
     boot = _resample(x, rx, rng) / _resample(y, ry, rng)
     lo, hi = _interval(boot, confidence)
-    return Estimate(float(np.median(x) / np.median(y)), lo, hi, min(x.size, y.size))
+    return Estimate(float(np.median(x) / np.median(y)), lo, hi, min(x.size, y.size), min(x.shape[0], y.shape[0]))
 
 
 def verdict(r: Estimate, what: str, lower_is_better: bool = True, subject: str = "tied") -> str:
     """The ratio in words: a difference is claimed only when the interval excludes 1.0."""
     ci = f"{r.low:.3f}-{r.high:.3f}"
+    if r.rounds and r.rounds < MIN_ROUNDS_FOR_VERDICT:
+        return (f"{what}: too few rounds ({r.rounds}) to call a difference (tied/untied {r.median:.3f}, "
+                f"95% CI {ci}); use --rounds {MIN_ROUNDS_FOR_VERDICT} or more")
     if r.contains(1.0):
         return f"{what}: no measurable difference (tied/untied {r.median:.3f}, 95% CI {ci} contains 1)"
     better = (r.median < 1.0) == lower_is_better
