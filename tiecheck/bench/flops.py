@@ -1,6 +1,7 @@
 """Analytic FLOPs of a bench step, for achieved TFLOP/s and MFU.
 
-PaLM (Chowdhery et al. 2022), appendix B: a forward pass over T tokens costs
+The formula is ``tiecheck.analyses.flops.analytic_flops``; this module reads its inputs off a
+bundled model. PaLM (Chowdhery et al. 2022), appendix B: a forward pass over T tokens costs
 ``2·N·T + 4·L·T²·d`` FLOPs, where N counts the parameters used in matrix products (every
 projection, MLP weight and the output projection -- not embedding lookups, biases or norm
 gains), L the attention layers and d the query width (heads x head dimension). Attention is
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tiecheck.analyses.flops import analytic_flops
+
 
 @dataclass(frozen=True)
 class FlopsShape:
@@ -27,8 +30,8 @@ class FlopsShape:
 
 
 def forward_flops(shape: FlopsShape, seq_len: int, batch_size: int) -> int:
-    T = seq_len
-    return batch_size * (2 * shape.n_matmul_params * T + 4 * shape.n_attention_layers * T * T * shape.d_attn)
+    return analytic_flops(shape.n_matmul_params, shape.n_attention_layers, seq_len, shape.d_attn,
+                          batch_size=batch_size, attention="full")
 
 
 def step_flops(shape: FlopsShape, seq_len: int, batch_size: int, mode: str) -> int:
