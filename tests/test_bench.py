@@ -280,11 +280,11 @@ def test_oom_detection_and_cleanup_with_a_real_allocation_failure():
         assert D.is_oom(e)
     assert not D.is_oom(ValueError("out of memory"))
     assert not D.is_oom(RuntimeError("shape mismatch"))
-    with D.catch_oom(cpu) as caught:
+    with D.catch_oom() as caught:
         torch.empty(2**45)
     assert caught == ["tried to allocate 128.00 TiB"]
     with pytest.raises(RuntimeError, match="shape"):
-        with D.catch_oom(cpu):
+        with D.catch_oom():
             raise RuntimeError("shape mismatch")
 
 
@@ -337,6 +337,40 @@ def test_largest_fitting_batch_search():
     calls.clear()
     largest_fitting(fits_below(700), 16, 1024)
     assert len(calls) < 20  # doubling then bisection, not a linear scan
+
+
+def test_max_batch_search_on_the_cpu_with_real_allocation_failures():
+    # --find-max-batch is refused on the CPU (no fixed device memory to fill), but its search,
+    # OOM cleanup and measurement are device-independent: run them here with a model that
+    # cannot allocate its activations above 3 sequences.
+    from tiecheck.bench import runner
+
+    build = bundled_builder("gpt-mini", TINY)
+
+    def builder(tied, dev, seed):
+        m = build(tied, dev, seed)
+        forward = m.forward
+
+        def limited(self, idx, *args, **kwargs):
+            if idx.shape[0] > (3 if tied else 2):
+                torch.empty(2**45)  # the CPU allocator refuses 128 TiB
+            return forward(idx, *args, **kwargs)
+
+        m.forward = types.MethodType(limited, m)
+        return m
+
+    st = runner._State(plan=resolve(tiny(max_batch_cap=64)))
+    for name in ("tied", "untied"):
+        st.records[name] = runner.VariantRecord(name=name)
+    runner._find_max_batch(st, builder)
+    t, u = st.records["tied"], st.records["untied"]
+    assert (t.max_batch, u.max_batch) == (3, 2) and not t.max_batch_capped
+    assert len(t.max_batch_samples) == 6 and t.max_batch_status is None
+    result = runner._result(st, tiny(), "test")
+    rows = {(r.variant, r.metric): r for r in result.rows()}
+    assert rows[("tied/untied", "max_batch")].verdict == "largest batch: tied fits 1 more sequences"
+    assert ("tied/untied", "max_batch_tokens_per_s") in rows
+    assert "largest batch" in render(result, "table")
 
 
 # ------------------------------------------------------------------------------------------

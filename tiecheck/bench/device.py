@@ -239,9 +239,13 @@ def cleanup_after_oom(dev: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def catch_oom(dev: torch.device) -> Iterator[list]:
-    """``with catch_oom(dev) as caught:`` -- an OOM inside is swallowed and cleaned up;
-    ``caught`` then holds one line describing it."""
+def catch_oom() -> Iterator[list]:
+    """``with catch_oom() as caught:`` -- an OOM inside is swallowed and ``caught`` then holds
+    one line describing it; any other error propagates.
+
+    Call ``cleanup_after_oom`` *after* the ``with`` block: until it exits, the exception and
+    its traceback (which holds the failed step's activations) are still referenced.
+    """
     caught: list[str] = []
     try:
         yield caught
@@ -249,8 +253,6 @@ def catch_oom(dev: torch.device) -> Iterator[list]:
         if not is_oom(e):
             raise
         caught.append(_oom_line(e))
-    if caught:
-        cleanup_after_oom(dev)
 
 
 def _oom_line(e: BaseException) -> str:

@@ -28,6 +28,7 @@ from tiecheck.bench.flops import FlopsShape, flops_shape, step_flops
 from tiecheck.bench.protocol import (PHASES, Batch, Variant, diverged, identical_weights, make_batches,
                                      optimizer_state_bytes, param_count, still_tied, tie_groups, weight_bytes)
 from tiecheck.bench.results import BenchResult, VariantRecord
+from tiecheck.bench.stats import MIN_ROUNDS_FOR_VERDICT
 from tiecheck.errors import TiecheckError
 
 MODES = ("train", "infer")
@@ -222,7 +223,7 @@ def _build_variants(st: _State, builder: Builder) -> None:
     plan = st.plan
     for name in VARIANTS:
         rec = st.records[name] = VariantRecord(name=name)
-        with D.catch_oom(plan.dev) as caught:
+        with D.catch_oom() as caught:
             module = builder(name == "tied", plan.dev, plan.seed)
             if plan.mode == "infer":
                 module.eval()
@@ -265,7 +266,7 @@ def _fail(st: _State, name: str, why: str) -> None:
 
 def _make_pool(st: _State) -> None:
     plan = st.plan
-    with D.catch_oom(plan.dev) as caught:
+    with D.catch_oom() as caught:
         st.batches = make_batches(plan.kind, plan.vocab_size, plan.batch_size, plan.seq_len, N_BATCHES, plan.seed,
                                   plan.dev)
     if caught:
@@ -286,7 +287,7 @@ def _warm_up(st: _State, name: str) -> None:
     plan, rec = st.plan, st.records[name]
     before = D.memory_allocated(plan.dev)
     D.reset_peak_memory(plan.dev)
-    with D.catch_oom(plan.dev) as caught:
+    with D.catch_oom() as caught:
         timer = D.PhaseTimer(plan.dev)
         timer.mark()
         for i in range(plan.warmup):
@@ -332,7 +333,7 @@ def _rounds(st: _State) -> None:
                 continue
             st.order.append(name)
             label = f"round {r + 1}/{plan.rounds} {name}"
-            with D.catch_oom(plan.dev) as caught:
+            with D.catch_oom() as caught:
                 timer = D.PhaseTimer(plan.dev)
                 timer.mark()
                 for _ in range(plan.steps):
@@ -376,7 +377,7 @@ def _checks(st: _State) -> None:
 def _fits(st: _State, v: Variant, batch_size: int, probe_steps: int = 3) -> bool:
     """Whether ``probe_steps`` steps at ``batch_size`` run; an OOM is cleaned up."""
     plan = st.plan
-    with D.catch_oom(plan.dev) as caught:
+    with D.catch_oom() as caught:
         batch = make_batches(plan.kind, plan.vocab_size, batch_size, plan.seq_len, 1, plan.seed, plan.dev)[0]
         timer = D.PhaseTimer(plan.dev)
         timer.mark()
@@ -384,8 +385,9 @@ def _fits(st: _State, v: Variant, batch_size: int, probe_steps: int = 3) -> bool
             v.step(batch, timer)
         timer.intervals_ms()
         del batch
-    if caught and v.optimizer is not None:
-        v.optimizer.zero_grad(set_to_none=True)  # a backward cut short leaves gradients behind
+    if caught:
+        if v.optimizer is not None:
+            v.optimizer.zero_grad(set_to_none=True)  # a backward cut short leaves gradients behind
         D.cleanup_after_oom(plan.dev)
     st.progress(0, f"max batch {v.name}: {batch_size} {'no' if caught else 'fits'}")
     return not caught
@@ -439,7 +441,7 @@ def _find_max_batch(st: _State, builder: Builder) -> None:
     D.cleanup_after_oom(plan.dev)
     for name in VARIANTS:
         rec = st.records[name]
-        with D.catch_oom(plan.dev) as caught:
+        with D.catch_oom() as caught:
             module = builder(name == "tied", plan.dev, plan.seed)
             if plan.mode == "infer":
                 module.eval()
@@ -450,6 +452,7 @@ def _find_max_batch(st: _State, builder: Builder) -> None:
                 v.scaler = D.grad_scaler(plan.dev, plan.dtype)
         if caught:
             rec.max_batch_status = f"out of memory building the model alone ({caught[0]})"
+            D.cleanup_after_oom(plan.dev)
             continue
         best, capped = largest_fitting(lambda b: _fits(st, v, b), plan.batch_size, plan.max_batch_cap)
         rec.max_batch, rec.max_batch_capped = best, capped
@@ -465,21 +468,23 @@ def _find_max_batch(st: _State, builder: Builder) -> None:
 def _measure_alone(st: _State, v: Variant, batch_size: int, rec: VariantRecord) -> None:
     plan = st.plan
     phase_count = len(PHASES[plan.mode])
-    with D.catch_oom(plan.dev) as caught:
+    with D.catch_oom() as caught:
         batches = make_batches(plan.kind, plan.vocab_size, batch_size, plan.seq_len, 2, plan.seed, plan.dev)
         D.reset_peak_memory(plan.dev)
         rounds = []
-        for r in range(plan.rounds):
+        n_rounds = max(MIN_ROUNDS_FOR_VERDICT, plan.rounds // 2)  # big batches: fewer, longer steps suffice
+        for r in range(n_rounds):
             timer = D.PhaseTimer(plan.dev)
             timer.mark()
             for s in range(plan.steps):
                 v.step(batches[s % 2], timer)
-                st.progress(0, f"max batch {v.name}: round {r + 1}/{plan.rounds} at {batch_size}")
+                st.progress(0, f"max batch {v.name}: round {r + 1}/{n_rounds} at {batch_size}")
             ms = timer.intervals_ms()
             rounds.append([sum(ms[i:i + phase_count]) for i in range(0, len(ms), phase_count)])
         rec.max_batch_samples = rounds
         rec.max_batch_peak_bytes = D.max_memory_allocated(plan.dev)
     if caught:
+        D.cleanup_after_oom(plan.dev)
         rec.max_batch_samples = None
         rec.max_batch_status = f"fits {batch_size} for a few steps but ran out of memory over the rounds ({caught[0]})"
 
