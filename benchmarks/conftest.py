@@ -1,25 +1,89 @@
-"""Benchmark collection and options.
+"""Shared helpers for the benchmarks: big fixture files made on the fly, and child-process measurements.
 
-* ``bench_*.py`` files are collected here, so benchmark files are named for what they are and
-  the normal test run (``testpaths = tests``) never imports them.
-* pyproject's ``addopts`` carries ``--benchmark-disable`` so that a benchmark fixture reached
-  from the normal run executes once, untimed. pytest-benchmark refuses that flag together
-  with ``--benchmark-only``; asking for ``--benchmark-only`` means "measure", so it wins.
+Files named ``bench_*.py`` are collected from here (``pytest_collect_file`` below), so
+``pytest benchmarks/ --benchmark-only`` finds them while the normal run (``testpaths = tests``)
+never imports them.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import pytest
-
-
-def pytest_configure(config):
-    # Runs before pytest-benchmark's own pytest_configure (registered trylast), which checks
-    # the two flags.
-    if config.getoption("benchmark_only", default=False):
-        config.option.benchmark_disable = False
 
 
 def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+def run_child(code: str, setup: str = "") -> dict:
+    """Run ``setup`` then ``code`` in a fresh interpreter and measure ``code`` alone.
+
+    Returns what the code put in ``_out`` plus ``wall_s`` (the code, not the setup) and
+    ``peak_rss_mib``: the child's own high-water mark (VmHWM). getrusage's ru_maxrss would not
+    do: Linux keeps it across fork and exec, so a child would inherit the parent's peak.
+    """
+    wrapper = textwrap.dedent("""
+        import json, sys, time
+        def _hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        _out = {}
+        _g = {"_out": _out}
+        exec(compile(sys.argv[1], "<setup>", "exec"), _g)
+        _out["setup_rss_mib"] = _hwm()
+        _t0 = time.perf_counter()
+        exec(compile(sys.argv[2], "<bench>", "exec"), _g)
+        _out["wall_s"] = time.perf_counter() - _t0
+        _out["peak_rss_mib"] = _hwm()
+        print(json.dumps(_out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", wrapper, setup, code], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tied_bf16_file(tmp_path_factory):
+    """A >= 1 GB tied bf16 state dict shaped like a small Llama (embedding tied to lm_head)."""
+    import torch
+
+    path = tmp_path_factory.mktemp("big") / "tied_bf16.pt"
+    g = torch.Generator().manual_seed(0)
+    d, ff, vocab, layers = 2048, 5632, 32000, 9
+    emb = torch.randn(vocab, d, generator=g, dtype=torch.float32).to(torch.bfloat16)
+    sd = {"model.embed_tokens.weight": emb, "lm_head.weight": emb}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{n}.weight"] = torch.randn(d, d, generator=g).to(torch.bfloat16)
+        for n, shape in (("gate_proj", (ff, d)), ("up_proj", (ff, d)), ("down_proj", (d, ff))):
+            sd[p + f"mlp.{n}.weight"] = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        sd[p + "input_layernorm.weight"] = torch.ones(d, dtype=torch.bfloat16)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(d, dtype=torch.bfloat16)
+    sd["model.norm.weight"] = torch.ones(d, dtype=torch.bfloat16)
+    torch.save(sd, path)
+    del sd, emb
+    return path
+
+
+@pytest.fixture(scope="session")
+def planted_duplicate_file(tmp_path_factory):
+    """1 GiB of same-shape random float32 tensors, one of which is a copy of another."""
+    import torch
+
+    path = tmp_path_factory.mktemp("dups") / "same_shape.pt"
+    g = torch.Generator().manual_seed(1)
+    n, shape = 256, (1024, 1024)
+    sd = {f"layers.{i}.weight": torch.randn(*shape, generator=g) for i in range(n)}
+    sd["layers.200.weight"] = sd["layers.17.weight"].clone()
+    torch.save(sd, path)
+    del sd
+    return path

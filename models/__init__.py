@@ -195,8 +195,14 @@ def build(
     with place:
         # Inside the context so a default device set with torch.set_default_device counts too.
         target = torch.empty(0).device
-        generator = None if target.type == "meta" else torch.Generator(target).manual_seed(seed)
-        model = model_class(config, generator=generator)
+        if target.type == "meta":
+            # Meta tensors hold no values: skip the initialisers, which cost seconds there.
+            from tiecheck.metainit import skip_init_on_meta
+
+            with skip_init_on_meta():
+                model = model_class(config, generator=None)
+        else:
+            model = model_class(config, generator=torch.Generator(target).manual_seed(seed))
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model

@@ -42,8 +42,8 @@ def analyze(
 
 def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str = "adamw",
                     expect_tied: Iterable[Sequence[str]] = ()) -> Report:
-    facts = build_facts(subject)
     modules = build_module_facts(subject.module)
+    facts = build_facts(subject, modules)
     groups = find_tie_groups(facts)
     overlaps = find_overlaps(facts)
     findings: list[Finding] = list(subject.loader_findings)
@@ -57,7 +57,8 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         if any(f.storage is not None for f in facts):
             from tiecheck.content import TorchContentReader
 
-            dup_groups, stats = find_untied_duplicates(facts, TorchContentReader(subject.tensors))
+            with TorchContentReader(subject.tensors, subject.file_spans) as reader:
+                dup_groups, stats = find_untied_duplicates(facts, reader)
             content = {"ran": True, **stats.to_dict()}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}

@@ -1,15 +1,19 @@
 """Reading tensor content for the duplicate pass, touching as few bytes as possible.
 
-Tensors loaded with ``mmap=True`` are file-backed: every element read pulls a page from disk
-into memory. Samples therefore read a few short runs of elements, and full comparisons go
-chunk by chunk so peak memory stays bounded whatever the tensor size.
+Samples read a few short runs of elements; full comparisons go chunk by chunk so peak memory
+stays bounded whatever the tensor size. Tensors memory-mapped from a file are read with
+``os.pread`` at their file offset (see ``fileview``): reading through the mapping would make
+large parts of the file resident.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import torch
+
+from tiecheck.fileview import FileSpan
 
 SAMPLE_RUNS = 4  # short runs per tensor: first, last and two in between
 RUN_ELEMENTS = 8
@@ -42,20 +46,72 @@ def _rows(t: torch.Tensor):
         yield t[i:i + step].contiguous().reshape(-1)
 
 
-class TorchContentReader:
-    """``ContentReader`` over a name -> tensor mapping; counts the bytes it reads."""
+def _sample_starts(n: int) -> list[int]:
+    if n <= SAMPLE_RUNS * RUN_ELEMENTS:
+        return [0]
+    return sorted({round(i * (n - RUN_ELEMENTS) / (SAMPLE_RUNS - 1)) for i in range(SAMPLE_RUNS)})
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+
+class TorchContentReader:
+    """``ContentReader`` over a name -> tensor mapping; counts the bytes it reads.
+
+    ``spans`` gives the file offsets of memory-mapped tensors; those are read with pread.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], spans: Mapping[str, FileSpan] | None = None):
         self.tensors = tensors
+        self.spans = dict(spans or {})
         self.bytes_read = 0
+        self._fds: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- pread path: contiguous tensors whose bytes sit in a file --------------------------
+    def _file_range(self, name: str) -> tuple[int, int, int] | None:
+        """(fd, offset of the first element, nbytes) when the tensor can be read from its file."""
+        span = self.spans.get(name)
+        t = self.tensors[name]
+        if span is None or not t.is_contiguous():
+            return None
+        fd = self._fds.get(span.path)
+        if fd is None:
+            fd = self._fds[span.path] = os.open(span.path, os.O_RDONLY)
+        return fd, span.offset + t.storage_offset() * t.element_size(), t.numel() * t.element_size()
+
+    def _pread(self, fd: int, n: int, off: int) -> bytes:
+        data = os.pread(fd, n, off)
+        if len(data) != n:
+            raise OSError(f"short read at byte {off}: the file changed or is truncated")
+        self.bytes_read += n
+        return data
+
+    def _file_chunks(self, fd: int, start: int, nbytes: int, itemsize: int):
+        step = max(itemsize, CHUNK_BYTES - CHUNK_BYTES % itemsize)
+        for off in range(0, nbytes, step):
+            yield self._pread(fd, min(step, nbytes - off), start + off)
 
     def sample(self, name: str) -> bytes:
         t = self.tensors[name]
         n = t.numel()
+        rng = self._file_range(name)
+        if rng is not None:
+            fd, start, nbytes = rng
+            size = t.element_size()
+            run = min(n, SAMPLE_RUNS * RUN_ELEMENTS) if n <= SAMPLE_RUNS * RUN_ELEMENTS else RUN_ELEMENTS
+            return b"".join(self._pread(fd, run * size, start + s * size) for s in _sample_starts(n))
         if n <= SAMPLE_RUNS * RUN_ELEMENTS:
             idx = torch.arange(n)
         else:
-            starts = torch.linspace(0, n - RUN_ELEMENTS, SAMPLE_RUNS).long()
+            starts = torch.tensor(_sample_starts(n))
             idx = (starts[:, None] + torch.arange(RUN_ELEMENTS)[None, :]).reshape(-1)
         if t.is_contiguous():
             vals = t.reshape(-1)[idx]
@@ -66,6 +122,17 @@ class TorchContentReader:
 
     def is_constant(self, name: str) -> bool:
         t = self.tensors[name]
+        rng = self._file_range(name)
+        if rng is not None:
+            fd, start, nbytes = rng
+            size = t.element_size()
+            first = None
+            for chunk in self._file_chunks(fd, start, nbytes, size):
+                if first is None:
+                    first = chunk[:size]
+                if chunk != first * (len(chunk) // size):
+                    return False
+            return True
         first = None
         with torch.no_grad():
             for chunk in _rows(t):
@@ -81,6 +148,13 @@ class TorchContentReader:
         ta, tb = self.tensors[a], self.tensors[b]
         if ta.shape != tb.shape or ta.dtype != tb.dtype:
             return False
+        ra, rb = self._file_range(a), self._file_range(b)
+        if ra is not None and rb is not None:
+            size = ta.element_size()
+            for ca, cb in zip(self._file_chunks(*ra, size), self._file_chunks(*rb, size)):
+                if ca != cb:
+                    return False
+            return True
         with torch.no_grad():
             for ca, cb in zip(_rows(ta), _rows(tb)):
                 self.bytes_read += 2 * ca.numel() * ca.element_size()

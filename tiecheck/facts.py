@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,7 +41,7 @@ class TensorFact:
     requires_grad: bool = False
     is_floating: bool = True
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -57,13 +58,13 @@ class TensorFact:
         """True when the elements fill their extent with no gaps (any dimension order)."""
         return self.byte_end - self.byte_start == self.nbytes
 
-    @property
+    @cached_property
     def extent(self) -> tuple[StorageKey, int, int] | None:
         if self.storage is None or self.numel == 0:
             return None
         return (self.storage, self.byte_start, self.byte_end)
 
-    @property
+    @cached_property
     def identity(self) -> tuple:
         """What makes two names 'the same memory': the extent, else the Parameter object."""
         ext = self.extent
@@ -151,21 +152,23 @@ def build_module_facts(module) -> dict[str, ModuleFact]:
         return {}
     out = {}
     for path, sub in module.named_modules(remove_duplicate=False):
-        attrs = tuple((a, getattr(sub, a)) for a in _MODULE_ATTRS
-                      if isinstance(getattr(sub, a, None), (int, type(None))) and hasattr(sub, a))
+        # Plain attributes live in __dict__; reading them there avoids nn.Module.__getattr__,
+        # which is slow on a miss and would dominate on models with thousands of modules.
+        own = vars(sub)
+        attrs = tuple((a, own[a]) for a in _MODULE_ATTRS if a in own and isinstance(own[a], (int, type(None))))
         out.setdefault(path, ModuleFact(path=path, type=type(sub).__name__, attrs=attrs))
     return out
 
 
-def build_facts(subject: "Subject") -> list[TensorFact]:
+def build_facts(subject: "Subject", modules: dict[str, ModuleFact] | None = None) -> list[TensorFact]:
     """Facts for every named tensor of a subject, in the subject's order."""
     module = subject.module
     if module is None:
         return [fact_of(name, t, role="tensor") for name, t in subject.tensors.items()]
 
-    owners = {}
-    for path, sub in module.named_modules(remove_duplicate=False):
-        owners.setdefault(path, type(sub).__name__)
+    if modules is None:
+        modules = build_module_facts(module)
+    owners = {path: m.type for path, m in modules.items()}
     param_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
     facts = []
     for name, t in subject.tensors.items():

@@ -41,3 +41,5 @@ class Subject:
     loader_findings: list[Any] = field(default_factory=list)
     # Free-form facts a loader wants in the report (e.g. which files were read).
     extra: dict[str, Any] = field(default_factory=dict)
+    # File offsets of memory-mapped tensors (name -> fileview.FileSpan), for reading content with pread.
+    file_spans: dict[str, Any] = field(default_factory=dict)

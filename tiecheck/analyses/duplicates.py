@@ -106,10 +106,11 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader) -
             continue
         stats.buckets += 1
         by_sig: dict[bytes, list[str]] = defaultdict(list)
+        itemsize = reps[names[0]][0].itemsize
         for n in sorted(names):
             by_sig[reader.sample(n)].append(n)
             stats.sampled += 1
-        for candidates in by_sig.values():
+        for sig, candidates in by_sig.items():
             remaining = list(candidates)
             while len(remaining) > 1:
                 pivot, rest = remaining[0], remaining[1:]
@@ -123,11 +124,17 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader) -
                         names=tuple(sorted(same)),
                         aliases=tuple(reps[n][1] for n in sorted(same)),
                         shape=f.shape, dtype=f.dtype, nbytes=f.nbytes,
-                        constant=reader.is_constant(pivot),
+                        # Only a uniform sample can come from a constant tensor: skip the read otherwise.
+                        constant=_uniform(sig, itemsize) and reader.is_constant(pivot),
                     ))
                 remaining = differ
     stats.bytes_read = reader.bytes_read - start_read
     return sorted(groups, key=lambda g: (-g.nbytes, g.names)), stats
+
+
+def _uniform(sample: bytes, itemsize: int) -> bool:
+    first = sample[:itemsize]
+    return all(sample[i:i + itemsize] == first for i in range(0, len(sample), itemsize))
 
 
 def duplicate_findings(groups: list[DuplicateGroup]) -> list[Finding]:

@@ -73,11 +73,15 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     itemsize_of = {f.dtype: f.itemsize for f in facts}
     counted_bytes: dict[str, int] = defaultdict(int)
     counted_params: dict[str, int] = defaultdict(int)
+    # Parameters exclude a live module's buffers (RoPE tables, BatchNorm statistics); bytes
+    # include them. Files do not say which tensors were buffers, so there every tensor counts.
+    params = [f for f in facts if f.role != "buffer"]
     for f in facts:
         counted_bytes[f.dtype] += f.nbytes
+    for f in params:
         counted_params[f.dtype] += f.numel
     unique_bytes = _unique_bytes(facts)
-    unique_params = {d: b // itemsize_of[d] for d, b in unique_bytes.items()}
+    unique_params = {d: b // itemsize_of[d] for d, b in _unique_bytes(params).items()}
 
     # Training: each trainable memory once, unless distinct Parameters split its gradients.
     train_unique = 0

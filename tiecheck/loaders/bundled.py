@@ -29,4 +29,4 @@ def load_bundled(name: str, tied: bool = True) -> Subject:
     preset = models.get_preset(name)
     return Subject(tensors=module_tensors(module), module=module,
                    source=Source(target=name, format="bundled model",
-                                 notes=[f"{preset.description}; built on the meta device (no weights allocated)"]))
+                                 notes=[preset.description, "built on the meta device: no weights allocated"]))

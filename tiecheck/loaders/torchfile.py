@@ -202,7 +202,10 @@ def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = F
                        source=Source(target=path, format=f"{format_name} (pickled nn.Module)", key=key, notes=notes))
     tensors, used, more = pick_state(obj, key, path)
     fmt = format_name + (" training checkpoint" if used else " state dict")
-    return Subject(tensors=tensors, source=Source(target=path, format=fmt, key=used, notes=notes + more))
+    from tiecheck.fileview import file_spans
+
+    return Subject(tensors=tensors, source=Source(target=path, format=fmt, key=used, notes=notes + more),
+                   file_spans=file_spans(tensors, path))
 
 
 def sniff(path: Path) -> str | None:

@@ -1,0 +1,113 @@
+"""Speed and memory of `inspect`, each against its baseline measured in the same run.
+
+Run: pytest benchmarks/bench_inspect.py --benchmark-only -s
+Targets (from the foundation issue):
+- inspect of a >= 1 GB tied state dict, content pass included: peak RSS within the torch-import
+  baseline + 10% of the file size, and wall time under a plain torch.load of the same file;
+- on 1 GiB of same-shape random tensors with one planted duplicate, under 5% of the bytes read
+  beyond the duplicate pair;
+- `tiecheck --help` and `tiecheck models` under 0.5 s without importing torch;
+- tie analysis of an 8B Llama-shaped module on the meta device under 50 ms, beside accelerate's
+  find_tied_parameters on the same module.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_child
+
+SETUP = "import torch, tiecheck, tiecheck.api, tiecheck.content"
+LOAD = "_sd = torch.load({path!r}, map_location='cpu', weights_only=True)"
+INSPECT = ("_r = tiecheck.analyze({path!r}); "
+           "_out['groups'] = len(_r.tie_groups); _out['bytes_read'] = _r.content['bytes_read']; "
+           "_out['dups'] = [d['names'] for d in _r.untied_duplicates if not d['constant']]")
+
+
+def test_inspect_big_tied_file_vs_torch_load(benchmark, tied_bf16_file):
+    size_mib = os.path.getsize(tied_bf16_file) / 2**20
+    base = run_child("", setup=SETUP)
+    load = run_child(LOAD.format(path=str(tied_bf16_file)), setup=SETUP)
+    insp = benchmark.pedantic(lambda: run_child(INSPECT.format(path=str(tied_bf16_file)), setup=SETUP),
+                              rounds=3, iterations=1)
+    # The child's own wall time excludes interpreter start-up; compare like with like.
+    benchmark.extra_info.update(file_mib=round(size_mib), torch_import_rss_mib=round(base["peak_rss_mib"]),
+                                torch_load_rss_mib=round(load["peak_rss_mib"]), torch_load_s=load["wall_s"],
+                                inspect_rss_mib=round(insp["peak_rss_mib"]), inspect_s=insp["wall_s"])
+    print(f"\nfile {size_mib:.0f} MiB | torch import {base['peak_rss_mib']:.0f} MiB | "
+          f"torch.load {load['wall_s']:.2f} s {load['peak_rss_mib']:.0f} MiB | "
+          f"inspect {insp['wall_s']:.2f} s {insp['peak_rss_mib']:.0f} MiB "
+          f"(time ratio {insp['wall_s'] / load['wall_s']:.2f}, RSS over import {insp['peak_rss_mib'] - base['peak_rss_mib']:.0f} MiB "
+          f"= {(insp['peak_rss_mib'] - base['peak_rss_mib']) / size_mib:.1%} of the file)")
+    assert insp["groups"] == 1
+    assert insp["peak_rss_mib"] <= base["peak_rss_mib"] + 0.10 * size_mib
+    assert insp["wall_s"] < load["wall_s"]
+
+
+def test_planted_duplicate_reads_little(benchmark, planted_duplicate_file):
+    code = INSPECT.format(path=str(planted_duplicate_file))
+    base = run_child("", setup=SETUP)
+    res = benchmark.pedantic(lambda: run_child(code, setup=SETUP), rounds=2, iterations=1)
+    size = os.path.getsize(planted_duplicate_file)
+    pair = 2 * 4 * 1024 * 1024
+    beyond = res["bytes_read"] - pair
+    rss_growth = (res["peak_rss_mib"] - base["peak_rss_mib"]) * 2**20
+    benchmark.extra_info.update(bytes_read=res["bytes_read"], beyond_pair_share=beyond / size,
+                                rss_growth_share=rss_growth / size)
+    print(f"\n{size / 2**20:.0f} MiB file: content pass read {res['bytes_read'] / 2**20:.2f} MiB "
+          f"({beyond / size:.3%} of the file beyond the duplicate pair); resident growth "
+          f"{rss_growth / 2**20:.0f} MiB ({rss_growth / size:.1%} of the file)")
+    assert res["dups"] == [["layers.17.weight", "layers.200.weight"]]
+    assert beyond < 0.05 * size
+    assert rss_growth < 0.05 * size + pair
+
+
+@pytest.mark.parametrize("args", [["--help"], ["models"]])
+def test_cli_start_without_torch(benchmark, args):
+    exe = [sys.executable, "-m", "tiecheck.cli", *args]
+
+    def python_only():
+        subprocess.run([sys.executable, "-c", "pass"], check=True, capture_output=True)
+
+    t0 = time.perf_counter()
+    for _ in range(5):
+        python_only()
+    bare = (time.perf_counter() - t0) / 5
+    benchmark.pedantic(lambda: subprocess.run(exe, check=True, capture_output=True), rounds=5, iterations=1)
+    median = benchmark.stats.stats.median
+    print(f"\ntiecheck {' '.join(args)}: {median:.3f} s (bare python start {bare:.3f} s)")
+    assert median < 0.5
+    code = f"import sys; sys.argv = ['tiecheck', {args[0]!r}]\ntry:\n from tiecheck.cli import main; main()\nexcept SystemExit: pass\nassert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_meta_8b_tie_analysis_vs_accelerate(benchmark):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    accelerate_utils = pytest.importorskip("accelerate.utils")
+    from tiecheck.api import analyze_subject
+    from tiecheck.loaders import from_module
+
+    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    model.tie_weights()
+    n = sum(p.numel() for p in model.parameters())
+    subject = from_module(model)
+    report = benchmark(lambda: analyze_subject(subject, duplicates=False))
+    ours = benchmark.stats.stats.median
+    t0 = time.perf_counter()
+    for _ in range(5):
+        theirs_groups = accelerate_utils.find_tied_parameters(model)
+    theirs = (time.perf_counter() - t0) / 5
+    benchmark.extra_info.update(params=n, tiecheck_s=ours, accelerate_s=theirs)
+    print(f"\n{n / 1e9:.2f}B-param Llama on meta: tiecheck tie analysis {ours * 1e3:.1f} ms, accelerate "
+          f"find_tied_parameters {theirs * 1e3:.1f} ms (ratio {ours / theirs:.2f})")
+    assert [g["names"] for g in report.tie_groups] == [sorted(theirs_groups[0])]
+    assert ours < 0.050

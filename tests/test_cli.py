@@ -1,0 +1,143 @@
+"""The CLI through Click's runner, and once as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TinyLM
+from tiecheck.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def tied_file(tmp_path, tiny_lm):
+    p = tmp_path / "tied.pt"
+    torch.save(tiny_lm.state_dict(), p)
+    return p
+
+
+@pytest.fixture
+def broken_file(tmp_path, untied_copy):
+    p = tmp_path / "broken.pt"
+    torch.save(untied_copy.state_dict(), p)
+    return p
+
+
+def test_table_output(runner, tied_file):
+    res = runner.invoke(main, ["inspect", str(tied_file)])
+    assert res.exit_code == 0, res.output
+    assert "Tie groups (1)" in res.output and "embed.weight" in res.output and "lm_head.weight" in res.output
+    assert "saved by ties" in res.output
+
+
+@pytest.mark.parametrize("fmt", ["json", "markdown", "csv", "table"])
+def test_formats_are_byte_identical_across_runs(runner, tied_file, fmt):
+    a = runner.invoke(main, ["inspect", str(tied_file), "--format", fmt])
+    b = runner.invoke(main, ["inspect", str(tied_file), "--format", fmt])
+    assert a.exit_code == 0 and a.output == b.output
+    if fmt == "json":
+        d = json.loads(a.output)
+        assert d["schema_version"] == 1
+        assert d["tie_groups"][0]["names"] == ["embed.weight", "lm_head.weight"]
+        assert set(d) >= {"source", "summary", "tie_groups", "untied_duplicates", "tie_candidates", "findings"}
+    if fmt == "csv":
+        header, *rows = a.output.splitlines()
+        assert header.startswith("name,shape,dtype")
+        assert any(r.startswith("lm_head.weight,64 16,float32") for r in rows)
+    if fmt == "markdown":
+        assert a.output.startswith("# tiecheck:") and "## Tie groups (1)" in a.output
+
+
+def test_fail_on_levels(runner, broken_file):
+    assert runner.invoke(main, ["inspect", str(broken_file)]).exit_code == 0  # only a warning
+    assert runner.invoke(main, ["inspect", str(broken_file), "--fail-on", "warning"]).exit_code == 1
+    assert runner.invoke(main, ["inspect", str(broken_file), "--fail-on", "never"]).exit_code == 0
+
+
+def test_expect_tied(runner, tied_file, broken_file):
+    ok = runner.invoke(main, ["inspect", str(tied_file), "--expect-tied", "embed.weight,lm_head.weight"])
+    assert ok.exit_code == 0
+    bad = runner.invoke(main, ["inspect", str(broken_file), "--expect-tied", "embed.weight,lm_head.weight",
+                               "--fail-on", "never"])
+    assert bad.exit_code == 1 and "TC009" in bad.output
+    usage = runner.invoke(main, ["inspect", str(tied_file), "--expect-tied", "embed.weight"])
+    assert usage.exit_code == 2 and "at least two" in usage.output
+
+
+def test_output_file_and_never_over_the_input(runner, tied_file, tmp_path):
+    out = tmp_path / "report.json"
+    res = runner.invoke(main, ["inspect", str(tied_file), "--format", "json", "-o", str(out)])
+    assert res.exit_code == 0 and res.output == ""
+    assert json.loads(out.read_text())["schema_version"] == 1
+    before = tied_file.read_bytes()
+    res = runner.invoke(main, ["inspect", str(tied_file), "-o", str(tied_file)])
+    assert res.exit_code == 2 and "refusing to write the output over the input" in res.output
+    assert tied_file.read_bytes() == before
+
+
+def test_no_duplicates_and_optimizer(runner, broken_file):
+    res = runner.invoke(main, ["inspect", str(broken_file), "--no-duplicates", "--optimizer", "sgd",
+                               "--format", "json"])
+    d = json.loads(res.output)
+    assert d["content_pass"]["ran"] is False and d["untied_duplicates"] == []
+    assert d["summary"]["optimizer"] == "sgd"
+
+
+def test_trust_pickle_warns(runner, tmp_path):
+    p = tmp_path / "full.pt"
+    torch.save(TinyLM(), p)
+    refused = runner.invoke(main, ["inspect", str(p)])
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output
+    assert "Traceback" not in refused.output
+    ok = runner.invoke(main, ["inspect", str(p), "--trust-pickle"])
+    assert ok.exit_code == 0 and "warning: --trust-pickle" in ok.output
+
+
+@pytest.mark.parametrize("target", ["missing.pt", "folder", "empty.pt", "random.bin", "spec.py:boom"])
+def test_bad_input_is_one_line_and_exit_2(runner, tmp_path, target):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.bin").write_bytes(os.urandom(1000))
+    (tmp_path / "spec.py").write_text("def boom():\n    raise ValueError('bad config')\n")
+    res = runner.invoke(main, ["inspect", str(tmp_path / target)])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tiecheck: error: ") and str(tmp_path) in lines[0]
+    debug = runner.invoke(main, ["inspect", str(tmp_path / target), "--debug"])
+    assert debug.exit_code == 2
+
+
+def test_real_subprocess(tied_file, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tiecheck.cli", "inspect", str(tied_file), "--format", "json"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tie_groups"][0]["kind"] == "shared_storage"
+    bad = subprocess.run([sys.executable, "-m", "tiecheck.cli", "inspect", str(tmp_path / "nope.pt")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_help_and_models_do_not_import_torch():
+    code = ("import sys; from click.testing import CliRunner; from tiecheck.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(main, ['models']); assert r.exit_code == 0, r.output; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_usage_errors_exit_2(runner):
+    assert runner.invoke(main, ["inspect"]).exit_code == 2
+    assert runner.invoke(main, ["inspect", "x", "--format", "xml"]).exit_code == 2
+    assert runner.invoke(main, ["nope"]).exit_code == 2

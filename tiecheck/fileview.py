@@ -1,0 +1,60 @@
+"""Where a memory-mapped tensor's bytes sit in its file, so they can be read with pread.
+
+Touching a memory-mapped tensor maps whole page-cache folios into the process (often a
+megabyte or more per touch on current kernels), so sampling a few elements of every tensor
+through the mapping can make most of a checkpoint resident. Reading the same bytes with
+``os.pread`` copies only what was asked for. This module finds each tensor's file offset from
+the process's own memory map (Linux ``/proc/self/maps``); where that is not available the
+content pass reads through the mapping instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    path: str
+    offset: int  # file offset of the tensor's storage byte 0
+
+
+def _mappings_of(path: str) -> list[tuple[int, int, int]]:
+    """(start, end, file_offset) of every mapping of ``path`` in this process."""
+    try:
+        st = os.stat(path)
+        with open("/proc/self/maps") as fh:
+            lines = fh.readlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6:
+            continue
+        addr, _perms, offset, _dev, inode = parts[:5]
+        if int(inode) != st.st_ino or os.path.realpath(parts[5].strip()) != os.path.realpath(path):
+            continue
+        start, end = (int(x, 16) for x in addr.split("-"))
+        out.append((start, end, int(offset, 16)))
+    return out
+
+
+def file_spans(tensors: Mapping, path: str) -> dict[str, FileSpan]:
+    """File offsets of the storages of memory-mapped tensors, by name."""
+    maps = _mappings_of(path)
+    if not maps:
+        return {}
+    out = {}
+    for name, t in tensors.items():
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        for start, end, off in maps:
+            if start <= ptr < end:
+                out[name] = FileSpan(path, ptr - start + off)
+                break
+    return out
