@@ -14,7 +14,9 @@ from pathlib import Path
 
 import click
 
-from tiecheck.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, write_output
+# Nothing from tiecheck.cli is imported at module level: cli.py imports this module to register
+# the command, and `python -m tiecheck.cli` runs cli.py as __main__, so a top-level import back
+# would load cli.py a second time half-way through this one.
 
 
 class Progress:
@@ -101,17 +103,23 @@ def _check_writable(option: str, path: str | None) -> None:
 @click.option("--plot", metavar="FILE", help="Plot tokens/s and memory per variant to FILE (png, svg, pdf); "
               "needs matplotlib (pip install 'tiecheck[plot]').")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@handle_errors
-def bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
-          find_max_batch, max_batch_cap, peak_tflops, fmt, output, plot, debug):
+def bench(**options):
     """Tied vs untied: throughput, step phases, memory and MFU of a bundled model.
 
     Both variants start from identical weights and see identical batches; rounds alternate
     their order (A B, B A, ...) so drift cancels; warm-up is excluded; medians come with 95%
     bootstrap intervals, and the tied/untied ratio with a verdict.
     """
+    from tiecheck.cli import handle_errors
+
+    handle_errors(_bench)(**options)
+
+
+def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
+           find_max_batch, max_batch_cap, peak_tflops, fmt, output, plot, debug):
     from tiecheck.bench import BenchConfig, render, run_bench
     from tiecheck.bench.runner import resolve
+    from tiecheck.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, write_output
     from tiecheck.errors import TiecheckError
 
     _check_writable("-o", output)
