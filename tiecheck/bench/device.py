@@ -225,16 +225,22 @@ def is_oom(exc: BaseException) -> bool:
     return False
 
 
+def release_memory(dev: torch.device) -> None:
+    """Collect dropped tensors and hand the CUDA cache back, so the next model starts clean."""
+    gc.collect()
+    if is_cuda(dev):
+        synchronize(dev)
+        torch.cuda.empty_cache()
+
+
 def cleanup_after_oom(dev: torch.device) -> None:
     """Free what a failed step left behind so the next attempt starts from the same memory.
 
     The exception's traceback holds frames that reference the activations; callers drop it
     (leave the ``except`` block) before calling this, then the collector can free them.
     """
-    gc.collect()
+    release_memory(dev)
     if is_cuda(dev):
-        synchronize(dev)
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
 
 

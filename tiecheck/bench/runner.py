@@ -138,7 +138,9 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
     rounds = cfg.rounds or defaults["rounds"]
     if rounds < 2:
         raise TiecheckError(f"--rounds {rounds}: at least 2, so each variant runs both first and second")
-    warmup = cfg.warmup or defaults["warmup"]
+    # torch.compile compiles forward and backward in the first steps and may recompile once
+    # more as guards settle: give it more untimed steps.
+    warmup = cfg.warmup or (max(defaults["warmup"], 5) if cfg.compile else defaults["warmup"])
     if cfg.mode == "train" and warmup < 2:
         raise TiecheckError(f"--warmup {warmup}: training needs at least 2 warm-up steps (AdamW allocates its "
                             "state in the first, and the peak memory is read in the warm-up)")
@@ -215,7 +217,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] 
         if v.module is not None:
             v.release()
     del st.variants
-    D.cleanup_after_oom(plan.dev)  # free the models' memory now, not when the caller lets go of the result
+    D.release_memory(plan.dev)  # free the models' memory now, not when the caller lets go of the result
     return _result(st, cfg, command)
 
 
@@ -438,7 +440,7 @@ def _find_max_batch(st: _State, builder: Builder) -> None:
         if v.module is not None:
             v.release()
     st.variants = {}
-    D.cleanup_after_oom(plan.dev)
+    D.release_memory(plan.dev)
     for name in VARIANTS:
         rec = st.records[name]
         with D.catch_oom() as caught:
@@ -462,7 +464,7 @@ def _find_max_batch(st: _State, builder: Builder) -> None:
             _measure_alone(st, v, best, rec)
         v.release()
         del v, module
-        D.cleanup_after_oom(plan.dev)
+        D.release_memory(plan.dev)
 
 
 def _measure_alone(st: _State, v: Variant, batch_size: int, rec: VariantRecord) -> None:
