@@ -74,6 +74,7 @@ def header_items(result: BenchResult) -> list[tuple[str, str]]:
     items = [
         ("command", h["command"]),
         ("device", h["device"]),
+        ("host", h.get("host_load") or "load unknown"),
         ("software", f"torch {h['torch']}, tiecheck {h['tiecheck']}, python {h['python']}"),
         ("date", h["date"]),
         ("model", f"{h['model']}: {h['model_description']}"),

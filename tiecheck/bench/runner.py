@@ -13,6 +13,7 @@ with the AdamW moments already allocated.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from dataclasses import MISSING, dataclass, field, fields
@@ -188,6 +189,7 @@ class _State:
     optimizer_label: str = ""
     shape: Optional[FlopsShape] = None
     progress: Progress = lambda n, label: None
+    host_load: Optional[str] = None
 
 
 def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] = None,
@@ -199,7 +201,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] 
     ``command`` is shown in the header.
     """
     plan = resolve(cfg)
-    st = _State(plan=plan)
+    st = _State(plan=plan, host_load=_host_load())
     if progress is not None:
         st.progress = progress
     builder = build or bundled_builder(plan.model, plan.overrides)
@@ -219,6 +221,16 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] 
     del st.variants
     D.release_memory(plan.dev)  # free the models' memory now, not when the caller lets go of the result
     return _result(st, cfg, command)
+
+
+def _host_load() -> Optional[str]:
+    # Other processes on the host slow the measured steps (on a GPU, their launches): a reader
+    # of the result should know how busy the machine was.
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return None
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs at the start"
 
 
 def _build_variants(st: _State, builder: Builder) -> None:
@@ -525,6 +537,7 @@ def _result(st: _State, cfg: BenchConfig, command: Optional[str]) -> BenchResult
         "command": command or _config_repr(cfg),
         "device": D.device_description(plan.dev),
         "device_name": D.device_name(plan.dev),
+        "host_load": st.host_load,
         "torch": torch.__version__,
         "tiecheck": __version__,
         "python": platform.python_version(),
