@@ -468,6 +468,7 @@ def _one_error_line(result) -> str:
     (["--rounds", "1"], "at least 2"),
     (["--seq-len", "100000"], "gpt-mini has 256 positions"),
     (["--peak-tflops", "0"], "--peak-tflops 0"),
+    (["--threads", "0"], "--threads 0: must be a positive integer"),
     (["--find-max-batch"], "--find-max-batch needs a CUDA GPU"),
     (["--batch-size", str(2**31)], "does not fit"),
 ])
@@ -524,5 +525,13 @@ def test_progress_bar_draws_only_on_a_terminal(capsys):
 
 def test_resolve_defaults_on_cpu():
     plan = resolve(BenchConfig(device="cpu"))
-    assert (plan.model, plan.dtype, plan.batch_size, plan.seq_len) == ("gpt-mini", "fp32", 4, 64)
+    assert (plan.model, plan.dtype, plan.batch_size, plan.seq_len, plan.threads) == ("gpt-mini", "fp32", 4, 64, 1)
     assert plan.units() == 2 * (plan.warmup + plan.rounds * plan.steps)
+    assert resolve(BenchConfig(device="cpu", compile=True)).warmup == 5
+
+
+def test_threads_are_set_for_the_run_and_restored():
+    before = torch.get_num_threads()
+    r = run_bench(tiny(rounds=2, threads=2))
+    assert "(2 threads)" in r.header["device"]
+    assert torch.get_num_threads() == before

@@ -86,12 +86,14 @@ def _check_writable(option: str, path: str | None) -> None:
 @click.option("--batch-size", type=int, help="Sequences per step. Default: 16 on a GPU, 4 on the CPU.")
 @click.option("--seq-len", type=int, help="Tokens per sequence. Default: 1024 on a GPU, 64 on the CPU "
               "(at most the model's positions).")
-@click.option("--rounds", type=int, help="Interleaved rounds (A B, B A, ...). Default: 20 on a GPU, 16 on the CPU.")
-@click.option("--steps", type=int, help="Timed steps per variant per round. Default: 5 on a GPU, 2 on the CPU.")
+@click.option("--rounds", type=int, help="Interleaved rounds (A B, B A, ...). Default: 20 on a GPU, 24 on the CPU.")
+@click.option("--steps", type=int, help="Timed steps per variant per round. Default: 5 on a GPU, 3 on the CPU.")
 @click.option("--warmup", type=int, help="Untimed steps per variant first. Default: 3 on a GPU, 2 on the CPU, 5 with --compile.")
 @click.option("--decode-tokens", type=int, help="New tokens per decoding call in infer mode. "
               "Default: 64 on a GPU, 16 on the CPU.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the batches.")
+@click.option("--threads", type=int, help="CPU threads for torch. Default: 1 on the CPU (steady timings on a "
+              "busy machine), torch's own setting with a GPU.")
 @click.option("--find-max-batch", is_flag=True, help="GPU only: the largest batch each variant fits alone, "
               "and its throughput there.")
 @click.option("--max-batch-cap", type=int, default=1024, show_default=True,
@@ -116,7 +118,7 @@ def bench(**options):
 
 
 def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
-           find_max_batch, max_batch_cap, peak_tflops, fmt, output, plot, debug):
+           threads, find_max_batch, max_batch_cap, peak_tflops, fmt, output, plot, debug):
     from tiecheck.bench import BenchConfig, render, run_bench
     from tiecheck.bench.runner import resolve
     from tiecheck.cli import EXIT_ERROR, EXIT_FAILED, EXIT_OK, write_output
@@ -130,7 +132,7 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
         require_matplotlib()
     cfg = BenchConfig(model=model, mode=mode, device=device, dtype=dtype, compile=compile_, batch_size=batch_size,
                       seq_len=seq_len, rounds=rounds, steps=steps, warmup=warmup, decode_tokens=decode_tokens,
-                      seed=seed, find_max_batch=find_max_batch, max_batch_cap=max_batch_cap,
+                      seed=seed, threads=threads, find_max_batch=find_max_batch, max_batch_cap=max_batch_cap,
                       peak_tflops=peak_tflops)
     plan = resolve(cfg)  # bad input fails here, before anything is built
     progress = Progress(plan.units())

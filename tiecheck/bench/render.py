@@ -82,8 +82,10 @@ def header_items(result: BenchResult) -> list[tuple[str, str]]:
     ]
     if h.get("optimizer"):
         items.append(("optimizer", h["optimizer"]))
+    runs = h["order"].split()
+    order = " ".join(runs) if len(runs) <= 12 else f"{' '.join(runs[:8])} ... ({len(runs)} runs)"
     items.append(("protocol", f"{h['rounds']} rounds x {h['steps_per_round']} steps per variant, interleaved "
-                              f"{h['order'] or '(nothing ran)'} (A = tied, B = untied); {h['warmup_steps']} warm-up "
+                              f"{order or '(nothing ran)'} (A = tied, B = untied); {h['warmup_steps']} warm-up "
                               "steps per variant excluded; medians with 95% bootstrap intervals over rounds"))
     if h.get("decode"):
         items.append(("decode", h["decode"]))

@@ -39,7 +39,7 @@ N_BATCHES = 4  # distinct batches in the pool, cycled through by both variants a
 
 # Defaults by device: the CPU ones keep `tiecheck bench` under a minute on two cores.
 _DEFAULTS = {
-    "cpu": dict(model="gpt-mini", batch_size=4, seq_len=64, rounds=16, steps=2, warmup=2, decode_tokens=16),
+    "cpu": dict(model="gpt-mini", batch_size=4, seq_len=64, rounds=24, steps=3, warmup=2, decode_tokens=16),
     "cuda": dict(model="gpt2-124m", batch_size=16, seq_len=1024, rounds=20, steps=5, warmup=3, decode_tokens=64),
 }
 
@@ -66,6 +66,7 @@ class BenchConfig:
     find_max_batch: bool = False
     max_batch_cap: int = 1024
     peak_tflops: Optional[float] = None
+    threads: Optional[int] = None  # CPU threads; None: 1 on the CPU, torch's setting on a GPU
     overrides: Mapping[str, Any] = field(default_factory=dict)  # model config changes, e.g. {"n_layer": 2}
 
 
@@ -93,6 +94,7 @@ class Plan:
     find_max_batch: bool
     max_batch_cap: int
     peak_tflops: Optional[float]
+    threads: Optional[int]  # what to set torch's intra-op threads to for the run; None: leave it
     overrides: Mapping[str, Any]
 
     @property
@@ -116,7 +118,7 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
 
     if cfg.mode not in MODES:
         raise TiecheckError(f"--mode {cfg.mode}: choose one of {', '.join(MODES)}")
-    for name in ("batch_size", "seq_len", "rounds", "steps", "warmup", "decode_tokens", "max_batch_cap"):
+    for name in ("batch_size", "seq_len", "rounds", "steps", "warmup", "decode_tokens", "max_batch_cap", "threads"):
         _positive(name, getattr(cfg, name))
     if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
         raise TiecheckError(f"--peak-tflops {cfg.peak_tflops}: must be a positive number of TFLOP/s")
@@ -158,7 +160,12 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
                 batch_size=cfg.batch_size or defaults["batch_size"], seq_len=seq_len, rounds=rounds,
                 steps=cfg.steps or defaults["steps"], warmup=warmup, decode_tokens=decode_tokens,
                 prompt_len=prompt_len, seed=cfg.seed, find_max_batch=cfg.find_max_batch,
-                max_batch_cap=cfg.max_batch_cap, peak_tflops=cfg.peak_tflops, overrides=dict(cfg.overrides))
+                max_batch_cap=cfg.max_batch_cap, peak_tflops=cfg.peak_tflops,
+                # One CPU thread by default: the tied/untied difference is per-step work, not
+                # parallel scaling, and a lone thread never waits at an operator's barrier for a
+                # sibling that another process has descheduled -- on a shared two-core machine
+                # that wait made steps 10x slower at random and the intervals useless.
+                threads=cfg.threads or (None if D.is_cuda(dev) else 1), overrides=dict(cfg.overrides))
 
 
 def bundled_builder(name: str, overrides: Mapping[str, Any] = {}) -> Builder:  # noqa: B006 - read only
@@ -201,6 +208,17 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] 
     ``command`` is shown in the header.
     """
     plan = resolve(cfg)
+    threads = torch.get_num_threads()
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    try:
+        return _run(plan, cfg, progress, build, command)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _run(plan: Plan, cfg: BenchConfig, progress: Optional[Progress], build: Optional[Builder],
+         command: Optional[str]) -> BenchResult:
     st = _State(plan=plan, host_load=_host_load())
     if progress is not None:
         st.progress = progress
