@@ -47,8 +47,18 @@ def _train_step(name: str, tied: bool, dev: torch.device, dtype: str, batch_size
     return step
 
 
+@pytest.fixture
+def one_cpu_thread():
+    # As `tiecheck bench` does on the CPU: one thread is steady on a busy machine, where two
+    # wait on each other at every operator and a baseline compares against noise.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @VARIANTS
-def test_train_step_gpt_mini_cpu(benchmark, tied):
+def test_train_step_gpt_mini_cpu(benchmark, tied, one_cpu_thread):
     benchmark.group = "train step: gpt-mini, cpu, fp32, batch 4 x 64"
     benchmark.extra_info.update(model="gpt-mini", tied=tied, tokens=4 * 64)
     step = _train_step("gpt-mini", tied, torch.device("cpu"), "fp32", 4, 64)
