@@ -493,7 +493,7 @@ def _find_max_batch(st: _State, builder: Builder) -> None:
         else:
             _measure_alone(st, v, best, rec)
         v.release()
-        del v, module
+        module = None  # the last reference to the model: free it before the next variant is built
         D.release_memory(plan.dev)
 
 
