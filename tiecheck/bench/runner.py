@@ -342,10 +342,13 @@ def _warm_up(st: _State, name: str) -> None:
 
 
 def _same_first_loss(st: _State) -> None:
-    # Same weights, same batch: the first forward must agree, or the variants did not start alike.
+    # Same weights, same batch: the first forward must agree, or the variants did not start
+    # alike. Not bit for bit: torch.compile fuses the two graphs differently, and in 16-bit
+    # precision a reordered sum moves the loss in its third or fourth digit.
     a, b = st.records["tied"].loss_first, st.records["untied"].loss_first
     if a is not None and b is not None:
-        st.checks["same first loss"] = abs(a - b) <= 1e-5 * max(1.0, abs(b))
+        rtol = 1e-4 if st.plan.dtype == "fp32" else 1e-2
+        st.checks[f"same first loss (within {rtol:g} relative)"] = abs(a - b) <= rtol * max(1.0, abs(b))
 
 
 def _rounds(st: _State) -> None:
