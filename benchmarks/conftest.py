@@ -1,4 +1,9 @@
-"""Shared helpers for the benchmarks: big fixture files made on the fly, and child-process measurements."""
+"""Shared helpers for the benchmarks: big fixture files made on the fly, and child-process measurements.
+
+Files named ``bench_*.py`` are collected from here (``pytest_collect_file`` below), so
+``pytest benchmarks/ --benchmark-only`` finds them while the normal run (``testpaths = tests``)
+never imports them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,15 @@ import sys
 import textwrap
 
 import pytest
+
+
+def pytest_collect_file(file_path, parent):
+    # A file named on the command line is collected by pytest itself whatever its name; only
+    # the ones found by walking a folder need this hook (else they would run twice).
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
 
 
 def run_child(code: str, setup: str = "") -> dict:

@@ -113,10 +113,12 @@ def models(fmt):
 # Commands that live in their own modules. They import their helpers from tiecheck.cliutil,
 # never from this module, so `python -m tiecheck.cli` does not import this file twice.
 from tiecheck.check import check as _check  # noqa: E402
+from tiecheck.cli_bench import bench as _bench  # noqa: E402
 from tiecheck.cli_diff import diff_command as _diff  # noqa: E402
 
 main.add_command(_check)
 main.add_command(_diff)
+main.add_command(_bench)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,92 @@
+"""``--plot FILE``: tokens/s and memory per variant, with the bootstrap intervals as error bars.
+
+matplotlib is an optional extra (``pip install 'tiecheck[plot]'``); ``require_matplotlib`` is
+called before the bench starts, so a missing install fails in a second, not after the run.
+"""
+
+from __future__ import annotations
+
+from tiecheck.bench.results import BenchResult
+from tiecheck.errors import TiecheckError
+
+VARIANTS = ("tied", "untied")
+COLORS = {"tied": "#1f77b4", "untied": "#ff7f0e"}
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib
+
+        del matplotlib  # only its presence matters here
+    except ImportError:
+        raise TiecheckError("--plot needs matplotlib, which is not installed; "
+                            "pip install 'tiecheck[plot]' (or matplotlib) and rerun") from None
+
+
+def plot(result: BenchResult, path: str) -> None:
+    """Write the figure to ``path``; the format follows the extension (png, svg, pdf)."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    by = {(r.variant, r.metric): r for r in result.rows()}
+    panels = [("tokens_per_s", "tokens/s")]
+    if result.mode == "infer" and any((v, "decode_tokens_per_s") in by for v in VARIANTS):
+        panels.append(("decode_tokens_per_s", "decode tokens/s"))
+    if any((v, "max_batch_tokens_per_s") in by for v in VARIANTS):
+        panels.append(("max_batch_tokens_per_s", "tokens/s at largest batch"))
+    panels.append(("memory", "memory (MiB)"))
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels):
+        if metric == "memory":
+            _memory_panel(ax, by)
+        else:
+            _rate_panel(ax, by, metric)
+        ax.set_title(title)
+    fig.suptitle(result.header["title"], fontsize=9)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as e:
+        raise TiecheckError(f"--plot {path}: cannot write the figure ({e})") from e
+    finally:
+        plt.close(fig)
+
+
+def _rate_panel(ax, by, metric: str) -> None:
+    names, values, err_lo, err_hi = [], [], [], []
+    for v in VARIANTS:
+        r = by.get((v, metric))
+        if r is None:
+            continue
+        names.append(v if metric != "max_batch_tokens_per_s" else f"{v}\n(batch {int(by[(v, 'max_batch')].value)})")
+        values.append(r.value)
+        err_lo.append(r.value - r.ci_low)
+        err_hi.append(r.ci_high - r.value)
+    ax.bar(names, values, yerr=[err_lo, err_hi], capsize=6, color=[COLORS[n.split()[0]] for n in names])
+    ratio = by.get(("tied/untied", metric))
+    if ratio is not None:
+        ax.set_xlabel(f"tied/untied {ratio.value:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]", fontsize=8)
+    ax.set_ylabel("tokens/s")
+
+
+def _memory_panel(ax, by) -> None:
+    mib = 2 ** 20
+    parts = [("weight_bytes", "weights"), ("grad_bytes", "gradients"), ("optimizer_state_bytes", "optimizer state")]
+    present = [v for v in VARIANTS if (v, "weight_bytes") in by]
+    bottom = [0.0] * len(present)
+    for metric, label in parts:
+        heights = [by[(v, metric)].value / mib if (v, metric) in by else 0.0 for v in present]
+        if any(heights):
+            ax.bar(present, heights, bottom=bottom, label=label)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+    peaks = [(i, by[(v, "peak_memory_bytes")].value / mib) for i, v in enumerate(present)
+             if (v, "peak_memory_bytes") in by]
+    if peaks:
+        ax.scatter([i for i, _ in peaks], [p for _, p in peaks], marker="_", s=900, color="black", zorder=3,
+                   label="peak device memory")
+    ax.set_ylabel("MiB")
+    ax.legend(fontsize=7)

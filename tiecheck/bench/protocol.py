@@ -1,0 +1,207 @@
+"""One bench variant (tied or untied): its model, optimizer, steps and checks.
+
+Both variants are built from the same seed, so they start from identical weights (the untied
+output projection is a copy of the embedding), and consume the same synthetic batches in the
+same order. A train step is timed in three phases -- forward (with the loss), backward, and
+the optimizer (AdamW step and zeroing the gradients) -- by marks at the phase boundaries;
+the end of one step is the start of the next, so the phases add up to the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from tiecheck.bench import device as D
+
+PHASES = {"train": ("forward", "backward", "optimizer"), "infer": ("forward",)}
+
+
+# ------------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: tuple[torch.Tensor, ...]  # what forward takes: (idx,) or (src, tgt_in)
+    targets: torch.Tensor  # next tokens, (batch, seq)
+
+
+def make_batches(kind: str, vocab_size: int, batch_size: int, seq_len: int, n: int, seed: int,
+                 dev: torch.device) -> list[Batch]:
+    """``n`` distinct random-token batches on ``dev``, a function of ``seed`` alone.
+
+    Generated once and kept on the device, so no host-to-device copy falls inside a timed step.
+    A decoder reads T tokens and predicts the next T; the encoder-decoder reads a T-token source
+    and a T-token target prefix.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tok = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g)
+        inputs: tuple[torch.Tensor, ...] = (tok[:, :-1].contiguous(),)
+        if kind == "encoder-decoder":
+            src = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
+            inputs = (src, tok[:, :-1].contiguous())
+        out.append(Batch(tuple(t.to(dev) for t in inputs), tok[:, 1:].contiguous().to(dev)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Ties
+# ------------------------------------------------------------------------------------------
+
+def tie_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """Names that hold one Parameter object (the model's weight ties), sorted."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return sorted(tuple(sorted(names)) for names in by_id.values() if len(names) > 1)
+
+
+def _get(model: nn.Module, name: str) -> torch.Tensor:
+    return model.get_parameter(name)
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride())
+
+
+def still_tied(model: nn.Module, groups: list[tuple[str, ...]]) -> bool:
+    """Every group is still one memory (one storage, same view) with equal values."""
+    if not groups:
+        return False
+    for names in groups:
+        ts = [_get(model, n) for n in names]
+        if not all(_same_view(ts[0], t) and torch.equal(ts[0], t) for t in ts[1:]):
+            return False
+    return True
+
+
+def diverged(model: nn.Module, groups: list[tuple[str, ...]]) -> bool:
+    """Every pair of the tied variant's groups is separate memory with different values here."""
+    if not groups:
+        return False
+    for names in groups:
+        ts = [_get(model, n) for n in names]
+        for i in range(len(ts)):
+            for j in range(i + 1, len(ts)):
+                if ts[i].untyped_storage().data_ptr() == ts[j].untyped_storage().data_ptr():
+                    return False
+                if torch.equal(ts[i], ts[j]):
+                    return False
+    return True
+
+
+def identical_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Every name of ``b``'s state dict holds the same values in ``a`` (ties expanded by name)."""
+    sa, sb = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
+    if set(sa) != set(sb):
+        return False
+    return all(torch.equal(sa[k].detach(), sb[k].detach()) for k in sb)
+
+
+# ------------------------------------------------------------------------------------------
+# Memory accounting: exact bytes of the tensors that exist
+# ------------------------------------------------------------------------------------------
+
+def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.parameters())  # parameters() yields each Parameter object once
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in unique_parameters(model))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.nbytes for p in unique_parameters(model))
+
+
+def grad_bytes(model: nn.Module) -> int:
+    return sum(p.grad.nbytes for p in unique_parameters(model) if p.grad is not None)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                total += v.nbytes
+    return total
+
+
+# ------------------------------------------------------------------------------------------
+# The variant
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    name: str  # "tied" | "untied"
+    module: nn.Module  # the model as built
+    fn: Callable  # what is called: the module, or its torch.compile wrapper
+    dev: torch.device
+    dtype: str
+    mode: str
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    steps_done: int = 0
+    losses: list[torch.Tensor] = field(default_factory=list)
+    grad_bytes: int | None = None
+    status: str = "ok"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def step(self, batch: Batch, timer: D.PhaseTimer, capture_grads: bool = False) -> None:
+        """One step; ``timer`` is marked after each phase (the caller marks the first start)."""
+        if self.mode == "train":
+            self._train_step(batch, timer, capture_grads)
+        else:
+            self._infer_step(batch, timer)
+        self.steps_done += 1
+
+    def _train_step(self, batch: Batch, timer: D.PhaseTimer, capture_grads: bool) -> None:
+        assert self.optimizer is not None
+        with D.autocast(self.dev, self.dtype):
+            loss = self.fn(*batch.inputs, targets=batch.targets).loss
+        timer.mark()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        timer.mark()
+        if capture_grads:
+            self.grad_bytes = grad_bytes(self.module)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        timer.mark()
+        self.losses.append(loss.detach())
+
+    def _infer_step(self, batch: Batch, timer: D.PhaseTimer) -> None:
+        with torch.inference_mode(), D.autocast(self.dev, self.dtype):
+            self.fn(*batch.inputs)
+        timer.mark()
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy decoding with the model's KV cache (uncompiled: each step has a new shape)."""
+        with torch.inference_mode(), D.autocast(self.dev, self.dtype):
+            return self.module.generate(prompt, new_tokens, use_cache=True)
+
+    def losses_finite(self) -> bool | None:
+        if not self.losses:
+            return None
+        return bool(torch.isfinite(torch.stack([l.float() for l in self.losses])).all())
+
+    def release(self) -> None:
+        """Drop the model, optimizer state and losses so their memory can be freed."""
+        self.optimizer = None
+        self.scaler = None
+        self.fn = None  # type: ignore[assignment]
+        self.module = None  # type: ignore[assignment]
+        self.losses = [l.cpu() for l in self.losses]

@@ -1,0 +1,149 @@
+"""``tiecheck bench``: the command over ``tiecheck.bench.run_bench``.
+
+Exit codes: 0 measured and every check passed; 1 a correctness check failed (the tied variant
+came untied, the untied one did not diverge, a loss was not finite); 2 bad input, or a variant
+that could not be measured (out of memory) -- the other variant's figures are still printed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, write_output
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal.
+
+    Redirected output (CI logs, ``2> file``) gets nothing: a bar there is noise.
+    """
+
+    def __init__(self, total: int, enabled: bool | None = None, width: int = 28) -> None:
+        self.total, self.done, self.width = max(total, 1), 0, width
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._last = ""
+
+    def __call__(self, n: int, label: str) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        frac = min(self.done / self.total, 1.0)
+        filled = int(frac * self.width)
+        line = f"\r[{'#' * filled}{'.' * (self.width - filled)}] {frac:4.0%} {label}"
+        if line != self._last:
+            sys.stderr.write(line.ljust(len(self._last)))
+            sys.stderr.flush()
+            self._last = line
+
+    def close(self) -> None:
+        if self.enabled and self._last:
+            sys.stderr.write("\r" + " " * len(self._last) + "\r")
+            sys.stderr.flush()
+
+
+def _command(ctx: click.Context) -> str:
+    """The command as typed when run as ``tiecheck``; otherwise rebuilt from the options given."""
+    if os.path.basename(sys.argv[0]) == "tiecheck" and len(sys.argv) > 1 and sys.argv[1] == "bench":
+        return shlex.join(["tiecheck", *sys.argv[1:]])
+    parts = ["tiecheck", "bench"]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        flag, value = param.opts[-1] if param.opts[-1].startswith("--") else param.opts[0], ctx.params[param.name]
+        parts += [flag] if getattr(param, "is_flag", False) else [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _check_writable(option: str, path: str | None) -> None:
+    from tiecheck.errors import TiecheckError
+
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise TiecheckError(f"{option} {path}: is a folder; give a file name")
+    if not p.parent.exists():
+        raise TiecheckError(f"{option} {path}: folder {p.parent} does not exist")
+
+
+@click.command("bench")
+@click.option("--model", metavar="NAME", help="Bundled model (see `tiecheck models`). "
+              "Default: gpt2-124m on a GPU, gpt-mini on the CPU.")
+@click.option("--mode", type=click.Choice(["train", "infer"]), default="train", show_default=True,
+              help="train: forward + backward + AdamW step. infer: no-grad forward, and greedy decoding "
+                   "with a KV cache for decoders.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Matmul precision (autocast; weights stay fp32). Default: bf16 on a GPU that has it, else fp32.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile both variants.")
+@click.option("--batch-size", type=int, help="Sequences per step. Default: 16 on a GPU, 4 on the CPU.")
+@click.option("--seq-len", type=int, help="Tokens per sequence. Default: 1024 on a GPU, 64 on the CPU "
+              "(at most the model's positions).")
+@click.option("--rounds", type=int, help="Interleaved rounds (A B, B A, ...). Default: 20 on a GPU, 24 on the CPU.")
+@click.option("--steps", type=int, help="Timed steps per variant per round. Default: 5 on a GPU, 3 on the CPU.")
+@click.option("--warmup", type=int, help="Untimed steps per variant first. Default: 3 on a GPU, 2 on the CPU, 5 with --compile.")
+@click.option("--decode-tokens", type=int, help="New tokens per decoding call in infer mode. "
+              "Default: 64 on a GPU, 16 on the CPU.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the batches.")
+@click.option("--threads", type=int, help="CPU threads for torch. Default: 1 on the CPU (steady timings on a "
+              "busy machine), torch's own setting with a GPU.")
+@click.option("--find-max-batch", is_flag=True, help="GPU only: the largest batch each variant fits alone, "
+              "and its throughput there.")
+@click.option("--max-batch-cap", type=int, default=1024, show_default=True,
+              help="Largest batch --find-max-batch tries.")
+@click.option("--peak-tflops", type=float, help="Peak TFLOP/s of the device for MFU, overriding the built-in table.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("-o", "--output", metavar="FILE", help="Write the results to FILE instead of standard output.")
+@click.option("--plot", metavar="FILE", help="Plot tokens/s and memory per variant to FILE (png, svg, pdf); "
+              "needs matplotlib (pip install 'tiecheck[plot]').")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def bench(**options):
+    """Tied vs untied: throughput, step phases, memory and MFU of a bundled model.
+
+    Both variants start from identical weights and see identical batches; rounds alternate
+    their order (A B, B A, ...) so drift cancels; warm-up is excluded; medians come with 95%
+    bootstrap intervals, and the tied/untied ratio with a verdict.
+    """
+    handle_errors(_bench)(**options)
+
+
+def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
+           threads, find_max_batch, max_batch_cap, peak_tflops, fmt, output, plot, debug):
+    from tiecheck.bench import BenchConfig, render, run_bench
+    from tiecheck.bench.runner import resolve
+    from tiecheck.errors import TiecheckError
+
+    _check_writable("-o", output)
+    _check_writable("--plot", plot)
+    if plot:
+        from tiecheck.bench.plot import require_matplotlib
+
+        require_matplotlib()
+    cfg = BenchConfig(model=model, mode=mode, device=device, dtype=dtype, compile=compile_, batch_size=batch_size,
+                      seq_len=seq_len, rounds=rounds, steps=steps, warmup=warmup, decode_tokens=decode_tokens,
+                      seed=seed, threads=threads, find_max_batch=find_max_batch, max_batch_cap=max_batch_cap,
+                      peak_tflops=peak_tflops)
+    plan = resolve(cfg)  # bad input fails here, before anything is built
+    progress = Progress(plan.units())
+    try:
+        result = run_bench(cfg, progress=progress, command=_command(click.get_current_context()))
+    finally:
+        progress.close()
+    failures = result.failures()
+    if not result.measured():  # nothing to show but the reason
+        raise TiecheckError("; ".join(failures) or "nothing was measured")
+    write_output(render(result, fmt), output)
+    if plot:
+        from tiecheck.bench.plot import plot as draw
+
+        draw(result, plot)
+    if failures:
+        click.echo(f"tiecheck: error: {'; '.join(failures)}", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_OK if result.checks_passed() else EXIT_FAILED)
