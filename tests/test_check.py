@@ -93,8 +93,15 @@ def test_update_never_writes_over_the_target(project):
     torch.save(tm.tied().state_dict(), project / "model.pt")
     before = (project / "model.pt").read_bytes()
     code, _, err = run("model.pt", "--expect", "model.pt", "--update")
-    assert code == 2 and "refusing to write the snapshot over the target" in err
+    assert code == 2 and "refusing to write the snapshot to model.pt: it is the input" in err
     assert (project / "model.pt").read_bytes() == before
+
+
+def test_update_never_writes_over_a_spec_file(project):
+    before = (project / "lm.py").read_bytes()
+    code, _, err = run("lm.py:tied", "--expect", "lm.py", "--update")
+    assert code == 2 and "refusing to write the snapshot to lm.py" in err
+    assert (project / "lm.py").read_bytes() == before
 
 
 def test_expect_tied_option_and_fail_on(project):

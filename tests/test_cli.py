@@ -82,7 +82,7 @@ def test_output_file_and_never_over_the_input(runner, tied_file, tmp_path):
     assert json.loads(out.read_text())["schema_version"] == 1
     before = tied_file.read_bytes()
     res = runner.invoke(main, ["inspect", str(tied_file), "-o", str(tied_file)])
-    assert res.exit_code == 2 and "refusing to write the output over the input" in res.output
+    assert res.exit_code == 2 and "refusing to write the output to" in res.output and "it is the input" in res.output
     assert tied_file.read_bytes() == before
 
 
@@ -172,3 +172,27 @@ def test_flops_with_user_inputs(runner, tmp_path):
 def test_flops_unavailable_for_tensors_only(runner, tied_file):
     d = json.loads(runner.invoke(main, ["inspect", str(tied_file), "--format", "json"]).output)
     assert d["flops"]["available"] is False and "tensors only" in d["flops"]["reason"]
+
+
+def test_output_never_destroys_inputs_of_any_kind(runner, tmp_path, tiny_lm):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    torch.save(tiny_lm.state_dict(), folder / "pytorch_model.bin")
+    spec = tmp_path / "net.py"
+    spec.write_text("from torch import nn\ndef build():\n    return nn.Linear(2, 2)\n")
+    other_weights = tmp_path / "other.pt"
+    torch.save({"w": torch.zeros(2)}, other_weights)
+    cases = [
+        ([str(folder), "-o", str(folder / "pytorch_model.bin")], "inside the input folder"),
+        ([str(folder), "-o", str(folder / "report.txt")], "inside the input folder"),
+        ([f"{spec}:build", "-o", str(spec)], "it is the input"),
+        ([f"{spec}:build", "-o", str(other_weights)], "holds model data"),
+        ([f"{spec}:build", "--inputs", f"{spec}:build", "-o", str(spec)], "it is the input"),
+    ]
+    for args, why in cases:
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        res = runner.invoke(main, ["inspect", *args, "--no-flops"])
+        assert res.exit_code == 2 and why in res.output, (args, res.output)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    ok = runner.invoke(main, ["inspect", f"{spec}:build", "--no-flops", "-o", str(tmp_path / "report.txt")])
+    assert ok.exit_code == 0 and (tmp_path / "report.txt").read_text().startswith("tiecheck:")

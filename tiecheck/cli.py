@@ -81,7 +81,7 @@ def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, trust_
                      duplicates=not no_duplicates, optimizer=optimizer, expect_tied=expected, flops=not no_flops,
                      batch_size=batch_size, seq_len=seq_len,
                      attention="causal-half" if causal_attention_half else "full", inputs=inputs)
-    write_output(render(report, fmt), output, protect=(target,))
+    write_output(render(report, fmt), output, protect=(target, inputs_spec))
     sys.exit(report.exit_code(fail_on))
 
 

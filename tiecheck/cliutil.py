@@ -7,10 +7,8 @@ module that registers them.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import traceback
-from pathlib import Path
 
 import click
 
@@ -50,26 +48,14 @@ def handle_errors(fn):
     return wrapper
 
 
-def write_output(text: str, output: str | None, protect: tuple[str, ...] = ()) -> None:
-    """Print, or write to a file atomically, never over one of the inputs."""
+def write_output(text: str, output: str | None, protect: tuple[object, ...] = ()) -> None:
+    """Print, or write to a file atomically, never over an input (see ``tiecheck.safewrite``)."""
     if output is None or output == "-":
         click.echo(text, nl=False)
         return
-    from tiecheck.errors import TiecheckError
+    from tiecheck.safewrite import write_text
 
-    out = Path(output)
-    for p in protect:
-        if p and os.path.exists(p) and out.exists() and os.path.samefile(p, out):
-            raise TiecheckError(f"refusing to write the output over the input {p}")
-    if out.is_dir():
-        raise TiecheckError(f"-o {output}: is a folder; give a file name")
-    tmp = out.with_name(f".{out.name}.tiecheck-tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TiecheckError(f"-o {output}: cannot write ({e.strerror or e})") from e
+    write_text(output, text, protect, what="the output")
 
 
 def parse_expect(values: tuple[str, ...]) -> list[tuple[str, ...]]:

@@ -118,22 +118,14 @@ def read(path: str | os.PathLike) -> Snapshot:
     return parse(data, str(p))
 
 
-def write(path: str | os.PathLike, snapshot: Snapshot, protect: tuple[str, ...] = ()) -> None:
-    """Write atomically (a reader never sees half a file), creating folders; never over a protected path."""
-    p = Path(path)
-    for other in protect:
-        if other and p.exists() and os.path.exists(other) and os.path.samefile(other, p):
-            raise SnapshotError(f"refusing to write the snapshot over the target {other}")
-    if p.is_dir():
-        raise SnapshotError(f"{p}: is a folder; give the snapshot a file name")
-    tmp = p.with_name(f".{p.name}.tiecheck-tmp")
+def write(path: str | os.PathLike, snapshot: Snapshot, protect: tuple[object, ...] = ()) -> None:
+    """Write atomically (a reader never sees half a file), creating folders; never over an input."""
+    from tiecheck.safewrite import UnsafeOutputError, write_text
+
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(snapshot.to_json(), encoding="utf-8")
-        os.replace(tmp, p)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SnapshotError(f"{p}: cannot write the snapshot ({e.strerror or e})") from e
+        write_text(path, snapshot.to_json(), protect, what="the snapshot", make_parents=True)
+    except UnsafeOutputError as e:
+        raise SnapshotError(str(e)) from e
 
 
 def refresh(path: str | os.PathLike, actual: Snapshot, protect: tuple[str, ...] = ()) -> str:
