@@ -215,3 +215,14 @@ def test_expectations():
     assert f.code == "TC009" and "c shares memory with nothing" in f.message and "a shares memory with b" in f.message
     (f,) = tied_findings(state, [("a", "zzz")])
     assert "zzz is not in the target" in f.message
+
+
+def test_memory_strided_view_inside_a_buffer_counts_once():
+    # A (48, 16) weight, its first 16 rows, and a column slice: 768 elements of memory.
+    facts = [fact("qkv.weight", (48, 16)), fact("q", (16, 16)), fact("col", (48, 4), stride=(16, 1))]
+    m = memory_summary(facts, find_tie_groups(facts), "adamw")
+    assert m["params_unique"] == 768 and m["bytes_unique"] == 768 * 4
+    assert m["params_counted"] == 768 + 256 + 192
+    # In a file the views are part of one parameter: training state once, like the weights.
+    assert m["training_bytes"] == 768 * 16
+    assert m["training_bytes_saved"] == (256 + 192) * 16

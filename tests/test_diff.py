@@ -110,7 +110,7 @@ def test_cli_table_json_markdown_exit_codes_and_saved_reports(tmp_path, tied, br
     assert runner.invoke(main, ["diff", str(a), str(a), "--format", "json", "-o", str(out)]).exit_code == 0
     assert json.loads(out.read_text())["summary"]["lost"] == 0
     res = runner.invoke(main, ["diff", str(a), str(b), "-o", str(a)])
-    assert res.exit_code == 2 and "over the input" in res.output
+    assert res.exit_code == 2 and "it is the input" in res.output
 
 
 def test_cli_bad_side_is_one_line_exit_2(tmp_path, tied):
@@ -118,3 +118,22 @@ def test_cli_bad_side_is_one_line_exit_2(tmp_path, tied):
     torch.save(tied.state_dict(), a)
     res = CliRunner().invoke(main, ["diff", str(a), str(tmp_path / "missing.safetensors")])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and res.output.startswith("tiecheck: error:")
+
+
+def test_tie_turned_into_distinct_parameters_is_a_failure(tied):
+    from torch import nn
+
+    b = TinyLM()
+    b.load_state_dict(tied.state_dict())
+    # The same memory, but two Parameter objects: gradients are no longer shared.
+    b.lm_head.weight = nn.Parameter(b.embed.weight.data)
+    d = tiecheck.diff(tied, b)
+    assert d.lost == [] and len(d.kept) == 1
+    assert d.kind_changed == [{"names": ["embed.weight", "lm_head.weight"], "a": "same_parameter",
+                               "b": "distinct_parameters"}]
+    assert d.exit_code == 1
+    from tiecheck.tie_diff import render_diff
+
+    assert "Ties whose kind changed (1)" in render_diff(d)
+    # A module's tie and the same tie read from a file are not a change.
+    assert tiecheck.diff(tied, tied.state_dict()).kind_changed == []

@@ -8,9 +8,14 @@ report saved as JSON), then tie groups are matched by name:
 * lost: names tied in A that B does not tie together; each name's state in B is said
   (tied elsewhere, an untied duplicate with equal content, untied with other content, absent);
 * added: ties in B among names A did not tie;
-* layout changes: a kept tie whose shape or dtype differs (a resized vocabulary, a bf16 cast).
+* layout changes: a kept tie whose shape or dtype differs (a resized vocabulary, a bf16 cast);
+* kind changes: a kept tie whose kind differs in substance -- one Parameter in A, distinct
+  Parameters over the same memory in B (gradients no longer shared), or a plain alias turned
+  into a transposed one. (A module's ``same_parameter`` and a file's ``shared_storage`` are the
+  same tie seen two ways, not a change.)
 
-A tie of A missing in B is the failure: exit code 1, like ``inspect --expect-tied``.
+A tie of A missing in B, or degraded in kind, is the failure: exit code 1, like ``inspect
+--expect-tied``.
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ class TieDiff:
     lost: list[dict[str, Any]] = field(default_factory=list)
     added: list[dict[str, Any]] = field(default_factory=list)
     layout_changed: list[dict[str, Any]] = field(default_factory=list)
+    kind_changed: list[dict[str, Any]] = field(default_factory=list)
     groups_a: int = 0
     groups_b: int = 0
 
     @property
     def exit_code(self) -> int:
-        """1 when a tie present in A is missing in B, else 0."""
-        return 1 if self.lost else 0
+        """1 when a tie present in A is missing in B or changed kind, else 0."""
+        return 1 if self.lost or self.kind_changed else 0
 
     @property
     def broken_into_duplicates(self) -> list[dict[str, Any]]:
@@ -56,12 +62,13 @@ class TieDiff:
             "b": self.b,
             "summary": {"tie_groups_a": self.groups_a, "tie_groups_b": self.groups_b, "kept": len(self.kept),
                         "lost": len(self.lost), "added": len(self.added),
-                        "layout_changed": len(self.layout_changed),
+                        "layout_changed": len(self.layout_changed), "kind_changed": len(self.kind_changed),
                         "broken_into_duplicates": len(self.broken_into_duplicates), "exit_code": self.exit_code},
             "kept": self.kept,
             "lost": self.lost,
             "added": self.added,
             "layout_changed": self.layout_changed,
+            "kind_changed": self.kind_changed,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -123,7 +130,9 @@ def compare(ra: Report, rb: Report) -> TieDiff:
     group_b = {n: i for i, g in enumerate(rb.tie_groups) for n in g["names"]}
     dup_b = {n: i for i, d in enumerate(rb.untied_duplicates) for n in d["names"]}
     tensor_b = {t["name"]: t for t in rb.tensors}
-    kept, lost, layout_changed = [], [], []
+    from tiecheck.expect import kinds_match
+
+    kept, lost, layout_changed, kind_changed = [], [], [], []
     covered_b: set[int] = set()
     for g in ra.tie_groups:
         names = list(g["names"])
@@ -139,6 +148,8 @@ def compare(ra: Report, rb: Report) -> TieDiff:
             kept.append(entry)
             if (list(gb["shape"]), gb["dtype"]) != (list(g["shape"]), g["dtype"]):
                 layout_changed.append({"names": names, "a": _layout(g), "b": _layout(gb)})
+            if not kinds_match(g["kind"], gb["kind"]):
+                kind_changed.append({"names": names, "a": g["kind"], "b": gb["kind"]})
             continue
         covered_b.update(i for i in homes if i is not None)
         in_b = {}
@@ -164,7 +175,7 @@ def compare(ra: Report, rb: Report) -> TieDiff:
             continue
         added.append({"names": list(gb["names"]), **_layout(gb)})
     return TieDiff(a=ra.source, b=rb.source, kept=kept, lost=lost, added=added, layout_changed=layout_changed,
-                   groups_a=len(ra.tie_groups), groups_b=len(rb.tie_groups))
+                   kind_changed=kind_changed, groups_a=len(ra.tie_groups), groups_b=len(rb.tie_groups))
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -204,6 +215,13 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
                             headers=["tied in A", "A", "in B"], tablefmt=tablefmt))
     else:
         out.append("none: every tie of A is present in B")
+    if d.kind_changed:
+        out += ["", h(f"Ties whose kind changed ({len(d.kind_changed)})")]
+        out.append(tabulate([[sep.join(c["names"]), c["a"], c["b"]] for c in d.kind_changed],
+                            headers=["names", "kind in A", "kind in B"], tablefmt=tablefmt))
+        if any(c["b"] == "distinct_parameters" for c in d.kind_changed):
+            out.append("hint: distinct Parameters over one memory do not share gradients; re-tie by assigning the "
+                       "Parameter itself (e.g. after load_state_dict(assign=True))")
     if d.layout_changed:
         out += ["", h(f"Kept ties whose shape or dtype changed ({len(d.layout_changed)})")]
         out.append(tabulate([[sep.join(c["names"]), f"{_shape(c['a']['shape'])} {c['a']['dtype']}",
@@ -219,7 +237,8 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
         out.append(tabulate([[sep.join(g["names"]), g["kind"], _shape(g["shape"]), g["dtype"]] for g in d.added],
                             headers=["tied in B only", "kind", "shape", "dtype"], tablefmt=tablefmt))
     out += ["", f"kept {len(d.kept)}, lost {len(d.lost)} ({len(d.broken_into_duplicates)} broken into untied "
-                f"duplicates), added {len(d.added)}, layout changed {len(d.layout_changed)}"]
+                f"duplicates), added {len(d.added)}, layout changed {len(d.layout_changed)}, "
+                f"kind changed {len(d.kind_changed)}"]
     if d.lost and any(s["state"] == "absent" for g in d.lost for s in g["in_b"].values()):
         out.append("hint: names absent from B are often dropped on save because they are tied (safetensors); point "
                    "diff at the Hugging Face model folder, whose architecture re-ties them")

@@ -11,7 +11,7 @@ stays free of torch and can be tested with hand-made readers.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from tiecheck.facts import TensorFact
@@ -65,7 +65,6 @@ class ContentStats:
     full_comparisons: int = 0
     bytes_total: int = 0  # bytes of all distinct memories considered
     bytes_read: int = 0  # bytes the reader actually read
-    skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -98,7 +97,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader) -
     start_read = reader.bytes_read
     buckets: dict[tuple, list[str]] = defaultdict(list)
     for name, (f, _) in reps.items():
-        # Layout matters too: a transposed copy is not a duplicate of the original view.
+        # Equal shape and dtype: values are compared element by element, whatever the strides.
         buckets[(f.dtype, f.shape)].append(name)
 
     groups: list[DuplicateGroup] = []
@@ -126,7 +125,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader) -
                         aliases=tuple(reps[n][1] for n in sorted(same)),
                         shape=f.shape, dtype=f.dtype, nbytes=f.nbytes,
                         # Only a uniform sample can come from a constant tensor: skip the read otherwise.
-                        constant=_uniform(sig, itemsize) and reader.is_constant(pivot),
+                        constant=f.numel > 1 and _uniform(sig, itemsize) and reader.is_constant(pivot),
                     ))
                 remaining = differ
     stats.bytes_read = reader.bytes_read - start_read

@@ -46,12 +46,38 @@ def is_trainable(f: TensorFact) -> bool:
     return f.is_floating
 
 
-def _unique_bytes(facts: Sequence[TensorFact]) -> dict[str, int]:
+def nested_identities(facts: Sequence[TensorFact]) -> set[tuple]:
+    """Identities of extents lying wholly inside another, dense, extent of the same storage.
+
+    Their bytes are already counted with their container (a flat buffer and its views, a
+    fused QKV weight and its slices), whatever their own strides.
+    """
+    by_storage: dict = defaultdict(list)
+    for members in group_by_identity(facts).values():
+        f = members[0]
+        if f.extent is not None:
+            by_storage[f.storage].append(f)
+    nested = set()
+    for extents in by_storage.values():
+        # Sorted by start, longest first: every container comes before what it contains.
+        extents.sort(key=lambda f: (f.byte_start, -f.byte_end))
+        reach = -1  # furthest end of a dense extent seen so far
+        for f in extents:
+            if f.byte_end <= reach:
+                nested.add(f.identity)
+            elif f.dense:
+                reach = f.byte_end
+    return nested
+
+
+def _unique_bytes(facts: Sequence[TensorFact], nested: set[tuple]) -> dict[str, int]:
     """Bytes of distinct memory per dtype (dtype of the tensor that starts each merged range)."""
     out: dict[str, int] = defaultdict(int)
     by_storage: dict = defaultdict(list)
     for members in group_by_identity(facts).values():
         f = members[0]
+        if f.identity in nested:
+            continue  # counted with its container
         if f.extent is None or not f.dense:
             out[f.dtype] += f.nbytes  # no memory to merge (meta), or a strided view: count its elements
         else:
@@ -80,15 +106,22 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
         counted_bytes[f.dtype] += f.nbytes
     for f in params:
         counted_params[f.dtype] += f.numel
-    unique_bytes = _unique_bytes(facts)
-    unique_params = {d: b // itemsize_of[d] for d, b in _unique_bytes(params).items()}
+    unique_bytes = _unique_bytes(facts, nested_identities(facts))
+    unique_params = {d: b // itemsize_of[d] for d, b in _unique_bytes(params, nested_identities(params)).items()}
 
     # Training: each trainable memory once, unless distinct Parameters split its gradients.
+    # In a file, a view inside another tensor is part of it (one parameter, one gradient); live
+    # Parameters that are views each get their own gradient, so they count.
     train_unique = 0
     train_counted = 0
-    for members in group_by_identity(facts).values():
+    in_container = nested_identities([f for f in facts if is_trainable(f)])
+    for identity, members in group_by_identity(facts).items():
         trainable = [m for m in members if is_trainable(m)]
         if not trainable:
+            continue
+        if identity in in_container and all(m.obj_id is None for m in trainable):
+            f = trainable[0]
+            train_counted += len(trainable) * f.numel * training_bytes_per_element(f.itemsize, optimizer)
             continue
         f = trainable[0]
         per = training_bytes_per_element(f.itemsize, optimizer)

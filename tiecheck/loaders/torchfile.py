@@ -12,7 +12,6 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from tiecheck.errors import TargetError, UntrustedPickleError
@@ -206,14 +205,3 @@ def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = F
 
     return Subject(tensors=tensors, source=Source(target=path, format=fmt, key=used, notes=notes + more),
                    file_spans=file_spans(tensors, path))
-
-
-def sniff(path: Path) -> str | None:
-    """Recognise a torch.save file by content: 'zip' or 'legacy', else None."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return "zip"
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return "legacy"
-    return None
