@@ -73,12 +73,11 @@ def _text(r: Report, markdown: bool) -> str:
         out.append("no tensors share memory")
 
     content = r.content or {}
-    dup_title = f"Untied duplicates ({len(r.untied_duplicates)})"
-    out += ["", h(dup_title)]
+    shown = [d for d in r.untied_duplicates if not d["constant"]]
+    out += ["", h(f"Untied duplicates ({len(shown)})")]
     if not content.get("ran", False):
         out.append(f"content pass not run: {content.get('reason', 'disabled')}")
     elif r.untied_duplicates:
-        shown = [d for d in r.untied_duplicates if not d["constant"]]
         if shown:
             out.append(tabulate([[", ".join(d["names"]), _shape(d["shape"]), d["dtype"], human_bytes(d["bytes_wasted"])]
                                  for d in shown], headers=["names", "shape", "dtype", "wasted"], tablefmt=tablefmt))

@@ -68,12 +68,24 @@ def resolve_spec(spec_text: str) -> Any:
             raise TargetError(f"{spec_text}: no such Python file {left}")
         module = _import_file(path, spec_text)
     else:
+        # Like `python -m`, look in the current folder first: a project's own package is
+        # usually run from its root without being installed.
+        cwd = os.getcwd()
+        added = cwd not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
         try:
             module = importlib.import_module(left)
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
             raise TargetError(f"{spec_text}: cannot import module '{left}': {type(e).__name__}: {_line(e)}") from e
+        finally:
+            if added:
+                try:
+                    sys.path.remove(cwd)
+                except ValueError:
+                    pass
     obj: Any = module
     for part in attr.split("."):
         try:
