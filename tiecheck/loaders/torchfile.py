@@ -11,7 +11,6 @@ from __future__ import annotations
 import pickle
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from tiecheck.errors import TargetError, UntrustedPickleError
