@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from formats_helpers import safetensors_bytes, write_safetensors, write_sharded
+from formats_helpers import write_safetensors, write_sharded
 
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 
