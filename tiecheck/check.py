@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, parse_expect
+from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, one_line, parse_expect
 
 
 @dataclass
@@ -236,6 +236,6 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
     click.echo(text, nl=False)
     for o in outcomes:
         if o.error and fmt != "github":  # github already carries it as an annotation
-            click.echo(f"tiecheck: error: {o.error}", err=True)
+            click.echo(f"tiecheck: error: {one_line(o.error)}", err=True)
     statuses = {o.status for o in outcomes}
     sys.exit(EXIT_ERROR if "error" in statuses else EXIT_FAILED if "failed" in statuses else EXIT_OK)
