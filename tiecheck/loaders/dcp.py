@@ -55,7 +55,12 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if name in _DCP_CLASSES.get(module, ()):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(repr(f"{module}.{name}"))
+        from tiecheck.loaders.pickles import Global, describe, resolve
+
+        # find_class sees the names as written; protocol 2 writes Python 2 ones (commands.Popen).
+        written = f"{module}.{name}"
+        resolved = resolve(module, name)
+        raise pickle.UnpicklingError(describe(Global(resolved, 0, written if written != resolved else "")))
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent id")
