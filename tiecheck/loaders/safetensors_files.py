@@ -106,7 +106,9 @@ def read_header(path: Path) -> Header:
     try:
         obj = parse_json(raw, object_pairs_hook=_no_duplicates)
     except ValueError as e:
-        raise _bad(path, f"the {n:,}-byte header is not valid JSON ({e})") from e
+        pos = getattr(e, "pos", None)  # a character index into the header; the file offset for ASCII
+        where = f" near byte {8 + pos:,} of the file" if isinstance(pos, int) else ""
+        raise _bad(path, f"the {n:,}-byte header is not valid JSON{where} ({e})") from e
     if not isinstance(obj, dict):
         raise _bad(path, "the header is not a JSON object")
     metadata = obj.pop("__metadata__", None) or {}
