@@ -24,7 +24,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fuzz_support import rewrite_zip_entry, set_read_only, snapshot, tiny_state_dict
+from fuzz_support import rewrite_zip_entry, set_field, set_read_only, snapshot, tiny_state_dict, zip_structure
 from tiecheck.cli import main
 
 
@@ -360,3 +360,56 @@ def test_each_opt_in_warns_in_check_from_the_command_line_and_the_policy(tmp_pat
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(main, ["check"])
     assert res.exit_code == 0 and f"tiecheck: warning: {warning}" in res.stderr, res.output
+
+
+# -- broken files inside large folders: the error says which file and where ----------------------------
+
+def _many_safetensors_shards(d: Path) -> tuple[Path, str]:
+    from formats_helpers import write_sharded
+
+    sd = {f"layers.{i}.weight": torch.full((4,), float(i)) for i in range(16)}
+    index = write_sharded(d / "ckpt", sd, shards=8)
+    shard = d / "ckpt" / "model-00005-of-00008.safetensors"
+    blob = bytearray(shard.read_bytes())
+    blob[9] = ord("!")  # the first name's opening quote, in the JSON header
+    shard.write_bytes(bytes(blob))
+    return index.parent, r"model-00005-of-00008\.safetensors: not a valid safetensors file: .* near byte 9 of the file"
+
+
+def _many_bin_shards(d: Path) -> tuple[Path, str]:
+    folder = d / "bins"
+    folder.mkdir()
+    weight_map = {}
+    for i in range(6):
+        name = f"pytorch_model-{i + 1:05d}-of-00006.bin"
+        torch.save({f"layers.{i}.weight": torch.ones(4)}, folder / name)
+        weight_map[f"layers.{i}.weight"] = name
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shard = folder / "pytorch_model-00004-of-00006.bin"
+    with zipfile.ZipFile(shard) as z:
+        i, info = next((i, info) for i, info in enumerate(z.infolist()) if info.filename.endswith("data/0"))
+    method = next(f for f in zip_structure(shard.read_bytes()).fields if f.where == f"central[{i}].method")
+    shard.write_bytes(set_field(shard.read_bytes(), method, 99))  # what the directory says the record uses
+    return folder, (rf"pytorch_model-00004-of-00006\.bin: record '.*/data/0' \(local header at byte "
+                    rf"{info.header_offset:,}\) uses compression method 99")
+
+
+def _dcp_chunk_past_the_end(d: Path) -> tuple[Path, str]:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({f"layers.{i}.weight": torch.ones(4) for i in range(12)}, checkpoint_id=str(d / "dcp"))
+    data = next((d / "dcp").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:-100])
+    return d / "dcp", rf"{data.name}: .metadata places a chunk at bytes [\d,]+-[\d,]+ but the file holds"
+
+
+@pytest.mark.parametrize("make", [_many_safetensors_shards, _many_bin_shards, _dcp_chunk_past_the_end])
+def test_a_failure_inside_a_large_folder_names_the_file_and_where(tmp_path, make):
+    import re
+
+    target, pattern = make(tmp_path)
+    res = CliRunner().invoke(main, ["inspect", str(target), "--no-flops"])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+    assert re.search(pattern, res.stderr), res.stderr
