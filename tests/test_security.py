@@ -413,3 +413,18 @@ def test_a_failure_inside_a_large_folder_names_the_file_and_where(tmp_path, make
     res = CliRunner().invoke(main, ["inspect", str(target), "--no-flops"])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
     assert re.search(pattern, res.stderr), res.stderr
+
+
+def test_names_from_a_file_cannot_break_lines_or_reach_the_terminal(tmp_path):
+    """A tensor name holding a newline and an ANSI escape: the table escapes it, JSON keeps it exact."""
+    from formats_helpers import write_safetensors
+
+    name = "emb\x1b]0;owned\x07\x1b[31m\nhead"
+    w = torch.arange(4.0)
+    path = write_safetensors(tmp_path / "m.safetensors", {name: w, "copy": w.clone()})
+    for fmt in ("table", "markdown"):
+        out = CliRunner().invoke(main, ["inspect", str(path), "--no-flops", "--format", fmt]).stdout
+        assert "\x1b" not in out and "\x07" not in out
+        assert r"emb\x1b]0;owned\x07\x1b[31m\x0ahead" in out
+    report = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--no-flops", "--format", "json"]).stdout)
+    assert report["untied_duplicates"][0]["names"] == sorted(["copy", name])
