@@ -30,7 +30,7 @@ from formats_helpers import write_safetensors, write_sharded
 
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 
-CASE_TIMEOUT_S = 60  # per case; the slowest valid fixture takes well under a second
+CASE_TIMEOUT_S = 30  # per case; the slowest valid fixture takes well under a second
 PEAK_GROWTH_MB = 256  # a case may raise the worker's peak RSS by this much; fixtures are a few KB
 AS_BACKSTOP_MB = 8192  # address-space limit above the warm worker's size: protects the test machine only
 
@@ -179,19 +179,34 @@ def _fields(data: bytes, base: int, spec, label: str) -> list[ZipField]:
 
 
 def zip_structure(data: bytes) -> Structure:
-    """Local headers, data records, central directory entries and the end record of a zip."""
+    """Local headers, data records, central directory entries and end record of every zip in ``data``.
+
+    A DCP ``.distcp`` file is several zips back to back (one per chunk); each end record locates
+    its own directory, relative to where its zip starts.
+    """
     s = Structure()
-    eocd = data.rfind(b"PK\x05\x06")
-    cd_size, cd_offset = struct.unpack_from("<II", data, eocd + 12)
-    pos = cd_offset
-    i = 0
-    while pos < cd_offset + cd_size and data[pos:pos + 4] == b"PK\x01\x02":
+    eocd = data.find(b"PK\x05\x06")
+    while eocd != -1 and eocd + 22 <= len(data):
+        cd_size, cd_offset = struct.unpack_from("<II", data, eocd + 12)
+        base = eocd - cd_size - cd_offset  # where this zip starts in the file
+        if data[eocd - 20:eocd - 16] == b"PK\x06\x07":  # a zip64 end record and locator sit before it
+            base -= 56 + 20
+        if base >= 0:
+            _one_zip(data, s, base, base + cd_offset, cd_size, eocd)
+        eocd = data.find(b"PK\x05\x06", eocd + 4)
+    s.boundaries = sorted({b for b in s.boundaries if 0 < b < len(data)})
+    return s
+
+
+def _one_zip(data: bytes, s: Structure, base: int, cd_start: int, cd_size: int, eocd: int) -> None:
+    pos, i = cd_start, len([f for f in s.fields if f.where.endswith(".header_offset")])
+    while pos < cd_start + cd_size and data[pos:pos + 4] == b"PK\x01\x02":
         n, m, k = struct.unpack_from("<HHH", data, pos + 28)
         s.boundaries += [pos, pos + 46]
         s.regions.append((pos, pos + 46 + n + m + k))
         s.fields += _fields(data, pos, _CENTRAL, f"central[{i}]")
         s.names.append((pos + 46, n))
-        local = struct.unpack_from("<I", data, pos + 42)[0]
+        local = base + struct.unpack_from("<I", data, pos + 42)[0]
         csize = struct.unpack_from("<I", data, pos + 20)[0]
         ln, lm = struct.unpack_from("<HH", data, local + 26)
         start = local + 30 + ln + lm
@@ -201,11 +216,9 @@ def zip_structure(data: bytes) -> Structure:
         s.names.append((local + 30, ln))
         pos += 46 + n + m + k
         i += 1
-    s.boundaries += [cd_offset, eocd, eocd + 22]
-    s.regions.append((eocd, len(data)))
-    s.fields += _fields(data, eocd, _EOCD, "eocd")
-    s.boundaries = sorted({b for b in s.boundaries if 0 < b < len(data)})
-    return s
+    s.boundaries += [cd_start, eocd, eocd + 22]
+    s.regions.append((eocd, eocd + 22))
+    s.fields += _fields(data, eocd, _EOCD, f"eocd@{eocd}")
 
 
 def safetensors_structure(data: bytes) -> Structure:
