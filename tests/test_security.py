@@ -428,3 +428,22 @@ def test_names_from_a_file_cannot_break_lines_or_reach_the_terminal(tmp_path):
         assert r"emb\x1b]0;owned\x07\x1b[31m\x0ahead" in out
     report = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--no-flops", "--format", "json"]).stdout)
     assert report["untied_duplicates"][0]["names"] == sorted(["copy", name])
+
+
+def test_a_config_claiming_a_million_layers_is_not_built(tmp_path):
+    """Building it on the meta device would take minutes and gigabytes; the files hold 11 tensors."""
+    pytest.importorskip("transformers")
+    from fuzz_support import _llama_config, _llama_tensors
+
+    from formats_helpers import write_safetensors
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**_llama_config(), "num_hidden_layers": 10 ** 6}))
+    write_safetensors(folder / "model.safetensors", _llama_tensors())
+    res = CliRunner().invoke(main, ["inspect", str(folder), "--no-flops", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["hf"]["architecture"] is None
+    assert any("config.json does not describe these files" in n and "the files hold 11 tensors" in n
+               for n in report["source"]["notes"])

@@ -186,12 +186,17 @@ def registration_budget(limit: int, stored: int):
     million layers (minutes and gigabytes, even on the meta device). Real architectures register
     about as many tensors as their files hold, so the build stops far above that instead.
     """
+    import threading
+
     from torch.nn.modules import module as torch_module
 
     counts = {"tensors": 0, "modules": 0}
+    builder = threading.get_ident()  # the hooks are global: modules built by other threads do not count
 
     def count(kind: str):
         def hook(*_args):
+            if threading.get_ident() != builder:
+                return
             counts[kind] += 1
             if counts[kind] > limit:
                 raise ArchitectureTooLarge(f"config.json describes more than {limit:,} {kind}, the files hold "
