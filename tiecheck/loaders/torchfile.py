@@ -87,8 +87,9 @@ def _check_legacy(path: str) -> None:
             pass
     except (tarfile.TarError, OSError, ValueError, EOFError, UnicodeDecodeError):
         return
-    raise TargetError(f"{path}: a tar-format torch.save file (torch < 0.4); torch can read it only by unpickling "
-                      f"arbitrary objects, so tiecheck does not read it. Load and re-save it with torch if you trust it")
+    raise UntrustedPickleError(f"{path}: a tar-format torch.save file (torch < 0.4); torch reads it only by "
+                               f"unpickling arbitrary objects, after extracting it into a temporary folder. If you "
+                               f"trust this file, rerun with --trust-pickle")
 
 
 def _load_error(label: str, kind: str | None, e: Exception, trust_pickle: bool, source) -> TargetError:
