@@ -95,7 +95,11 @@ def _parse_index(path: str, _mtime_ns: int, size: int) -> dict | None:
         return None
     try:
         with open(path, "rb") as fh:
-            obj = parse_json(fh.read(_INDEX_LIMIT + 1))
+            # size + 1: a file that grew since stat() fails to parse instead of being read whole
+            raw = fh.read(size + 1)
+        if len(raw) > _INDEX_LIMIT:
+            return None
+        obj = parse_json(raw)
     except (ValueError, OSError):
         return None
     if isinstance(obj, dict) and isinstance(obj.get("weight_map"), dict):

@@ -25,6 +25,7 @@ gibberish. So the files are held against the architecture:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,8 @@ def read_config(path: Path) -> dict[str, Any]:
     p = path / CONFIG
     try:
         with open(p, "rb") as fh:
-            raw = fh.read(CONFIG_LIMIT + 1)
+            # Read what the file holds, up to the limit (asking for the limit would allocate it).
+            raw = fh.read(min(os.fstat(fh.fileno()).st_size, CONFIG_LIMIT) + 1)
         if len(raw) > CONFIG_LIMIT:
             raise TargetError(f"{p}: larger than {CONFIG_LIMIT:,} bytes; a model config is a few kilobytes, so this "
                               f"is not one")
