@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, parse_expect
+from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, one_line, parse_expect
 
 
 @dataclass
@@ -61,7 +61,7 @@ def check_target(t, *, update: bool, extra_tied=(), debug: bool = False) -> Outc
 
     out = Outcome(target=t.target)
     try:
-        report = analyze(t.resolved, key=t.key, trust_pickle=t.trust_pickle)
+        report = analyze(t.resolved, key=t.key, trust_pickle=t.trust_pickle, trust_remote_code=t.trust_remote_code)
         state = TieState.from_report(report)
         out.groups = len(report.tie_groups)
         missing = sorted({n for g in t.not_tied for n in g if n not in state.names})
@@ -186,9 +186,12 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
 @click.option("--key", help="Key (dotted) of the model state inside a training checkpoint.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow pickled Python objects (full nn.Module files). Loading them can run arbitrary code.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let Hugging Face folders' own Python code build their architecture (runs that code).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @handle_errors
-def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, no_config, key, trust_pickle, debug):
+def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, no_config, key, trust_pickle,
+          trust_remote_code, debug):
     """Check TARGETs' ties against expectations; exit 1 when one is broken.
 
     With no TARGET, checks every target listed in [tool.tiecheck] of pyproject.toml. Exit codes:
@@ -219,12 +222,15 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
         raise TiecheckError(f"nothing to check: give a TARGET, or list targets in pyproject.toml ({where})")
     extra_tied = parse_expect(expect_tied)
     plan = [with_overrides(t, expect=Path(expect_file) if expect_file else None, fail_on=fail_on,
-                           key=key, trust_pickle=trust_pickle or None) for t in plan]
+                           key=key, trust_pickle=trust_pickle or None, trust_remote_code=trust_remote_code or None)
+            for t in plan]
     if update and not any(t.expect for t in plan):
         raise TiecheckError("--update writes the snapshot named by --expect FILE or by `expect` in "
                             "[tool.tiecheck]; none is set for " + ", ".join(t.target for t in plan))
     if any(t.trust_pickle for t in plan):
         click.echo("tiecheck: warning: trust-pickle lets the file's pickled objects run code", err=True)
+    if any(t.trust_remote_code for t in plan):
+        click.echo("tiecheck: warning: trust-remote-code runs the model folder's Python code", err=True)
 
     outcomes = [check_target(t, update=update, extra_tied=extra_tied, debug=debug) for t in plan]
     if fmt == "json":
@@ -236,6 +242,6 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
     click.echo(text, nl=False)
     for o in outcomes:
         if o.error and fmt != "github":  # github already carries it as an annotation
-            click.echo(f"tiecheck: error: {o.error}", err=True)
+            click.echo(f"tiecheck: error: {one_line(o.error)}", err=True)
     statuses = {o.status for o in outcomes}
     sys.exit(EXIT_ERROR if "error" in statuses else EXIT_FAILED if "failed" in statuses else EXIT_OK)

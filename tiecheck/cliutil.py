@@ -15,8 +15,19 @@ import click
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
+# Control characters (C0, DEL, C1) and the other characters str.splitlines() breaks at.
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_UNPRINTABLE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: names and values quoted from a hostile file may hold
+    newlines or terminal escape sequences, which must neither split the error nor reach the terminal."""
+    return text.strip().translate(_UNPRINTABLE)
+
+
 def _fail(message: str) -> None:
-    click.echo(f"tiecheck: error: {message}", err=True)
+    click.echo(f"tiecheck: error: {one_line(message)}", err=True)
     sys.exit(EXIT_ERROR)
 
 

@@ -11,6 +11,7 @@
     fail-on = "error"                        # this target only
     key = "model"                            # model state inside a training checkpoint
     trust-pickle = false
+    trust-remote-code = false               # let a Hugging Face folder's own code build it
 
 Paths (targets, `file.py:factory` specs, snapshots) are relative to the folder of the
 pyproject.toml, so the check gives the same answer from any sub-folder. The file is found by
@@ -37,7 +38,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 TOP_KEYS = ("fail-on", "targets")
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-TARGET_KEYS = ("target", "expect", "tied", "not-tied", "fail-on", "key", "trust-pickle")
+TARGET_KEYS = ("target", "expect", "tied", "not-tied", "fail-on", "key", "trust-pickle", "trust-remote-code")
 
 
 class PolicyError(TiecheckError):
@@ -54,6 +55,7 @@ class TargetPolicy:
     fail_on: str = "error"
     key: str | None = None
     trust_pickle: bool = False
+    trust_remote_code: bool = False
     source: Path | None = None  # the pyproject.toml that lists it
 
 
@@ -182,8 +184,9 @@ def parse_policy(table: Any, path: Path) -> Policy:
         for key in ("key",):
             if key in t and not isinstance(t[key], str):
                 raise PolicyError(f"{here}: '{key}' must be a string")
-        if not isinstance(t.get("trust-pickle", False), bool):
-            raise PolicyError(f"{here}: 'trust-pickle' must be true or false")
+        for flag in ("trust-pickle", "trust-remote-code"):
+            if not isinstance(t.get(flag, False), bool):
+                raise PolicyError(f"{here}: '{flag}' must be true or false")
         targets.append(TargetPolicy(
             target=target,
             resolved=resolve_target(target, root),
@@ -193,6 +196,7 @@ def parse_policy(table: Any, path: Path) -> Policy:
             fail_on=_fail_on(t.get("fail-on", fail_on), here),
             key=t.get("key"),
             trust_pickle=t.get("trust-pickle", False),
+            trust_remote_code=t.get("trust-remote-code", False),
             source=path,
         ))
     return Policy(path=path, fail_on=fail_on, targets=tuple(targets))

@@ -22,6 +22,31 @@ def _shape(s) -> str:
     return "×".join(str(x) for x in s) if s else "scalar"
 
 
+def _clean(v):
+    """Strings with control characters escaped (see ``cliutil.one_line``), through dicts and lists."""
+    from tiecheck.cliutil import one_line
+
+    if isinstance(v, str):
+        return one_line(v) if not v.isprintable() else v
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_clean(x) for x in v)
+    return v
+
+
+class _Printable:
+    """A Report whose strings are safe for a terminal: tensor names, keys and notes come from the
+    input file, and a newline or an escape sequence in one must neither break the table nor reach
+    the terminal. JSON and CSV escape on their own."""
+
+    def __init__(self, report: Report):
+        self._report = report
+
+    def __getattr__(self, name: str):
+        return _clean(getattr(self._report, name))
+
+
 def render(report: Report, fmt: str = "table") -> str:
     if fmt == "json":
         return report.to_json()
@@ -33,7 +58,7 @@ def render(report: Report, fmt: str = "table") -> str:
         frame.to_csv(buf, index=False, lineterminator="\n")
         return buf.getvalue()
     if fmt in ("table", "markdown"):
-        return _text(report, markdown=fmt == "markdown")
+        return _text(_Printable(report), markdown=fmt == "markdown")
     raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
 
 

@@ -32,6 +32,25 @@ def from_mapping(obj: Mapping, key: str | None = None, target: str = "<state dic
 
 def load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
               trust_remote_code: bool = False) -> Subject:
+    """A file or folder, read by content. Warnings raised while reading it (torch's, about an old
+    pickle protocol or an experimental dtype the file declares) become notes of the report, so
+    the file's bytes cannot add lines to the output."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sub = _load_path(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+    seen: list[str] = []
+    for w in caught:
+        text = (str(w.message).strip().splitlines() or [""])[0][:200]
+        if text and text not in seen:
+            seen.append(text)
+    sub.source.notes += [f"warning while reading: {t}" for t in seen[:3]]
+    return sub
+
+
+def _load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
+               trust_remote_code: bool = False) -> Subject:
     from tiecheck.loaders import detect
 
     target = str(path)

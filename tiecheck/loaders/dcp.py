@@ -18,18 +18,19 @@ its tied names as untied duplicates with equal content.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
-import struct
-import zipfile
+import sys
 from pathlib import Path
 from typing import Any
 
-from tiecheck.errors import TargetError
+from tiecheck.errors import TargetError, UntrustedPickleError
 from tiecheck.subject import Source, Subject
 
 METADATA = ".metadata"
+_INT64_MAX = (1 << 63) - 1
 
 _DCP_CLASSES = {
     "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
@@ -54,7 +55,12 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if name in _DCP_CLASSES.get(module, ()):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        from tiecheck.loaders.pickles import Global, describe, resolve
+
+        # find_class sees the names as written; protocol 2 writes Python 2 ones (commands.Popen).
+        written = f"{module}.{name}"
+        resolved = resolve(module, name)
+        raise pickle.UnpicklingError(describe(Global(resolved, 0, written if written != resolved else "")))
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent id")
@@ -76,16 +82,76 @@ def read_metadata(path: Path):
 
     meta_path = path / METADATA
     try:
-        md = SafeReader(os.fspath(path)).read_metadata()
+        with _quiet_unraisable():
+            md = SafeReader(os.fspath(path)).read_metadata()
     except pickle.UnpicklingError as e:
         raise TargetError(f"{meta_path}: refused to unpickle {e}: DCP metadata holds only checkpoint metadata "
                           f"classes, and unpickling anything else can run code") from e
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError, MemoryError) as e:
+    except Exception as e:  # noqa: BLE001 - the unpickler admits only metadata classes: any failure is the file's
+        first = (str(e).strip().splitlines() or [""])[0][:200]
         raise TargetError(f"{meta_path}: not readable DCP metadata, truncated or corrupt "
-                          f"({type(e).__name__}: {e})") from e
-    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
-        raise TargetError(f"{meta_path}: holds a {type(md).__name__}, not DCP checkpoint metadata")
+                          f"({type(e).__name__}: {first})") from e
+    check_metadata(md, meta_path)
     return md
+
+
+@contextlib.contextmanager
+def _quiet_unraisable():
+    """Keep CPython's own reports about a damaged pickle off stderr: the C unpickler can free a
+    bytearray while a buffer of it is exported, and CPython prints that SystemError through
+    sys.excepthook (PyErr_Print) or sys.unraisablehook. The load then fails, in one line."""
+    hooks = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook = lambda _unraisable: None
+    sys.excepthook = lambda *_exc: None
+    try:
+        yield
+    finally:
+        sys.unraisablehook, sys.excepthook = hooks
+
+
+def _naturals(v: Any) -> bool:
+    return isinstance(v, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
+def check_metadata(md: Any, where: Path) -> None:
+    """Every field the loader uses, checked for type and range: the unpickler admits the metadata
+    classes but not their contents (a class built without its state has no fields at all)."""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, TensorStorageMetadata)
+
+    def bad(what: str) -> TargetError:
+        return TargetError(f"{where}: not valid DCP metadata: {what}")
+
+    if not isinstance(md, Metadata) or not isinstance(getattr(md, "state_dict_metadata", None), dict):
+        raise bad(f"holds a {type(md).__name__} without a state_dict_metadata mapping")
+    for fqn, meta in md.state_dict_metadata.items():
+        if not isinstance(fqn, str):
+            raise bad(f"a key is a {type(fqn).__name__}, not a name")
+        if isinstance(meta, BytesStorageMetadata):
+            continue
+        if not isinstance(meta, TensorStorageMetadata):
+            raise bad(f"entry {fqn!r} is a {type(meta).__name__}")
+        size, chunks = getattr(meta, "size", None), getattr(meta, "chunks", None)
+        if not isinstance(getattr(getattr(meta, "properties", None), "dtype", None), torch.dtype):
+            raise bad(f"entry {fqn!r} has no dtype")
+        if not _naturals(size) or math_prod(size) * 16 > _INT64_MAX:
+            raise bad(f"entry {fqn!r} has size {size!r}")
+        if not isinstance(chunks, list) or not all(
+                isinstance(c, ChunkStorageMetadata) and _naturals(getattr(c, "offsets", None))
+                and _naturals(getattr(c, "sizes", None)) and len(c.offsets) == len(c.sizes) == len(size)
+                for c in chunks):
+            raise bad(f"entry {fqn!r} has malformed chunks")
+    storage = getattr(md, "storage_data", None)
+    if storage is not None and not isinstance(storage, dict):
+        raise bad(f"storage_data is a {type(storage).__name__}")
+    for index, info in (storage or {}).items():
+        if not isinstance(index, MetadataIndex) or not isinstance(getattr(index, "fqn", None), str):
+            raise bad("a storage_data key is not a MetadataIndex")
+        if not isinstance(info, _StorageInfo) or not isinstance(getattr(info, "relative_path", None), str) \
+                or not _naturals([getattr(info, "offset", None), getattr(info, "length", None)]):
+            raise bad(f"the storage record of {index.fqn!r} is malformed")
 
 
 class _Slice(io.RawIOBase):
@@ -127,21 +193,21 @@ def _chunk_tensor(file: Path, storage, offset: int, length: int):
     import torch
     from torch import _weights_only_unpickler
 
-    with open(file, "rb") as fh:
-        with zipfile.ZipFile(_Slice(fh, offset, length)) as zf:
-            infos = {i.filename: i for i in zf.infolist()}
-            pkl = [n for n in infos if n.count("/") == 1 and n.endswith("/data.pkl")]
-            if len(pkl) != 1:
-                raise ValueError("no data.pkl")
-            root = pkl[0].split("/")[0]
-            data = zf.read(pkl[0])
-            locations = {}
-            for name, info in infos.items():
-                if name.startswith(f"{root}/data/") and info.compress_type == zipfile.ZIP_STORED:
-                    fh.seek(offset + info.header_offset)
-                    local = fh.read(30)
-                    n, m = struct.unpack("<HH", local[26:30])
-                    locations[name[len(root) + 6:]] = (offset + info.header_offset + 30 + n + m, info.file_size)
+    from tiecheck.loaders.zipcheck import ZipArchive
+
+    label = f"{file} (chunk at bytes {offset:,}-{offset + length:,})"
+    with open(file, "rb") as fh, ZipArchive(_Slice(fh, offset, length), label) as za:
+        pkl = [n for n in za.names() if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            raise ValueError("no data.pkl")
+        root = pkl[0].split("/")[0]
+        pkl_span = za.span(pkl[0])
+        data = za.read(pkl[0], limit=length)
+        locations = {}
+        for name in za.names():
+            span = za.span(name) if name.startswith(f"{root}/data/") else None
+            if span is not None:
+                locations[name[len(root) + 6:]] = (offset + span[0], span[1])
 
     def persistent_load(pid):
         typename, storage_type, key, _location, numel = pid
@@ -163,7 +229,16 @@ def _chunk_tensor(file: Path, storage, offset: int, length: int):
 
     up = _weights_only_unpickler.Unpickler(io.BytesIO(data), encoding="utf-8")
     up.persistent_load = remember
-    t = up.load()
+    try:
+        t = up.load()
+    except pickle.UnpicklingError as e:
+        from tiecheck.loaders.torchfile import refused_global_message
+
+        base = offset + pkl_span[0] if pkl_span else 0
+        named = refused_global_message(label, data, base, record="data.pkl")
+        if named:
+            raise UntrustedPickleError(named) from e
+        raise
     if not isinstance(t, torch.Tensor) or len(starts) != 1:
         raise ValueError(f"holds a {type(t).__name__}, not one tensor")
     return t, starts[0]
@@ -227,6 +302,8 @@ def load_dcp(path: Path, *, key: str | None = None) -> Subject:
                 spans[fqn] = FileSpan(os.fspath(path / rel), start)
                 if tuple(t.shape) != size or t.dtype != dtype:
                     raise ValueError(f"chunk holds {list(t.shape)} {t.dtype}")
+            except UntrustedPickleError:
+                raise
             except Exception as e:  # noqa: BLE001 - describe from metadata, and say so
                 failed.append(f"{fqn} ({type(e).__name__}: {e})")
                 t = None

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-import zipfile
 from pathlib import Path
 
 TORCH_SAVE = "torch.save"
@@ -56,14 +54,17 @@ def looks_like_safetensors(head: bytes) -> bool:
 
 def zip_kind(path: Path) -> str | None:
     """torch.save, TorchScript or torch.export: all three are zips with one root folder."""
+    from tiecheck.errors import TargetError
+    from tiecheck.loaders.zipcheck import ZipArchive
+
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
+        with ZipArchive(path, str(path)) as za:
+            names = za.names()
             fmt = [n for n in names if n.count("/") == 1 and n.endswith("/archive_format")]
-            if fmt and zf.read(fmt[0]).strip() == b"pt2":
+            if fmt and za.read(fmt[0], limit=64).strip() == b"pt2":
                 return PT2
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError):
-        # A zip whose directory cannot be read: let torch.load report the damage.
+    except TargetError:
+        # A damaged zip: the torch.save loader checks the archive again and names the damage.
         return TORCH_SAVE
     top = [n for n in names if n.count("/") == 1]
     if any(n.endswith("/constants.pkl") for n in top) and any("/code/" in n for n in names):
@@ -87,11 +88,19 @@ def read_weights_index(path: Path) -> dict | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_index(path: str, _mtime_ns: int, _size: int) -> dict | None:
+def _parse_index(path: str, _mtime_ns: int, size: int) -> dict | None:
+    from tiecheck.loaders.safejson import parse_json
+
+    if size > _INDEX_LIMIT:
+        return None
     try:
         with open(path, "rb") as fh:
-            obj = json.loads(fh.read().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError):
+            # size + 1: a file that grew since stat() fails to parse instead of being read whole
+            raw = fh.read(size + 1)
+        if len(raw) > _INDEX_LIMIT:
+            return None
+        obj = parse_json(raw)
+    except (ValueError, OSError):
         return None
     if isinstance(obj, dict) and isinstance(obj.get("weight_map"), dict):
         return obj

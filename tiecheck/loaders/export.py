@@ -21,15 +21,11 @@ anything it refuses needs ``--trust-pickle``. Custom script objects are skipped.
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
-from tiecheck.errors import TargetError, UntrustedPickleError
+from tiecheck.errors import TargetError
 from tiecheck.subject import Source, Subject
 
 # torch._export.serde.schema.ScalarType -> torch dtype name (the schema is versioned; values are stable).
@@ -43,15 +39,14 @@ _SPEC_TARGET = {"parameter": "parameter_name", "buffer": "buffer_name", "tensor_
 
 
 class _Archive:
-    """The zip's records, located by name under the archive's single root folder."""
+    """The zip's records, located by name under the archive's single root folder (see ``zipcheck``)."""
 
     def __init__(self, path: Path):
+        from tiecheck.loaders.zipcheck import ZipArchive
+
         self.path = path
-        try:
-            self.zf = zipfile.ZipFile(path)
-            self.infos = {i.filename: i for i in self.zf.infolist()}
-        except (zipfile.BadZipFile, OSError) as e:
-            raise TargetError(f"{path}: not a readable torch.export archive, truncated or corrupt ({e})") from e
+        self.zip = ZipArchive(path, str(path))
+        self.infos = self.zip.infos
         roots = {n.split("/", 1)[0] for n in self.infos if "/" in n}
         if len(roots) != 1:
             raise TargetError(f"{path}: a torch.export archive has one root folder; this zip has {len(roots)}")
@@ -65,37 +60,22 @@ class _Archive:
         p = f"{self.root}/{prefix}"
         return sorted(n[len(self.root) + 1:] for n in self.infos if n.startswith(p))
 
-    def read(self, rel: str) -> bytes:
-        try:
-            return self.zf.read(f"{self.root}/{rel}")
-        except KeyError as e:
-            raise TargetError(f"{self.path}: the archive lacks {rel}; it is partial or corrupt") from e
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise TargetError(f"{self.path}: record {rel} is corrupt ({e})") from e
+    def read(self, rel: str, limit: int | None = None) -> bytes:
+        from tiecheck.loaders.zipcheck import MAX_INFLATE
+
+        return self.zip.read(f"{self.root}/{rel}", MAX_INFLATE if limit is None else limit)
 
     def read_json(self, rel: str) -> Any:
+        from tiecheck.loaders.safejson import parse_json
+
         try:
-            return json.loads(self.read(rel).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+            return parse_json(self.read(rel))
+        except ValueError as e:
             raise TargetError(f"{self.path}: {rel} is not valid JSON ({e})") from e
 
     def data_offset(self, rel: str) -> tuple[int, int] | None:
         """(absolute offset, size) of an uncompressed record's bytes in the archive, else None."""
-        info = self.infos.get(f"{self.root}/{rel}")
-        if info is None:
-            raise TargetError(f"{self.path}: the archive lacks {rel}; it is partial or corrupt")
-        if info.compress_type != zipfile.ZIP_STORED:
-            return None
-        with open(self.path, "rb", buffering=0) as fh:
-            fh.seek(info.header_offset)
-            local = fh.read(30)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            raise TargetError(f"{self.path}: the zip entry for {rel} is corrupt")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        if start + info.file_size > self.path.stat().st_size:
-            raise TargetError(f"{self.path}: record {rel} runs past the end of the file: the archive is truncated")
-        return start, info.file_size
+        return self.zip.span(f"{self.root}/{rel}")
 
     def storage(self):
         import torch
@@ -106,11 +86,33 @@ class _Archive:
 
 
 def _int(v: Any, what: str, path: Path) -> int:
-    if isinstance(v, dict) and isinstance(v.get("as_int"), int):
-        return v["as_int"]
-    if isinstance(v, int):
+    if isinstance(v, dict):
+        v = v.get("as_int")
+    if isinstance(v, int) and not isinstance(v, bool):
         return v
     raise TargetError(f"{path}: {what} is symbolic or malformed ({v!r}); weights need static shapes")
+
+
+_INT64_MAX = (1 << 63) - 1
+
+
+def _check_geometry(path: Path, fqn: str, sizes: list[int], strides: list[int], offset: int) -> int:
+    """Element count of a tensor_meta, after checking it describes a tensor torch can build.
+
+    Sizes, strides and offset come from the archive's JSON: negative values, or a shape whose
+    element count overflows int64 (a petabyte claim), are refused here rather than by torch.
+    """
+    if len(strides) != len(sizes) or any(n < 0 for n in sizes) or any(st < 0 for st in strides) or offset < 0:
+        raise TargetError(f"{path}: tensor {fqn!r} has sizes {sizes}, strides {strides}, storage offset {offset}: "
+                          f"negative or mismatched values; the archive is corrupt")
+    numel = 1
+    for n in sizes:
+        numel *= max(n, 1)
+    reach = offset + sum((n - 1) * st for n, st in zip(sizes, strides) if n)
+    if numel * 16 > _INT64_MAX or reach * 16 > _INT64_MAX:
+        raise TargetError(f"{path}: tensor {fqn!r} claims sizes {sizes} (strides {strides}): more elements than "
+                          f"any file can hold; the archive is corrupt")
+    return 0 if 0 in sizes else numel
 
 
 def _flat(arc: _Archive, rel: str, dtype, cache: dict):
@@ -147,7 +149,7 @@ def _payloads(arc: _Archive, config_rel: str, folder: str, prefix: str, trust_pi
     """fqn -> tensor for one payload config (weights or constants)."""
     import torch
 
-    from tiecheck.loaders.torchfile import refusal_message
+    from tiecheck.loaders.torchfile import load_payload
 
     cfg = arc.read_json(config_rel)
     entries = cfg.get("config") if isinstance(cfg, dict) else None
@@ -167,29 +169,26 @@ def _payloads(arc: _Archive, config_rel: str, folder: str, prefix: str, trust_pi
             skipped.append(fqn)  # script objects / opaque values: not tensors, and loading them runs code
             continue
         if meta.get("use_pickle"):
-            try:
-                t = torch.load(io.BytesIO(arc.read(rel)), map_location="cpu", weights_only=not trust_pickle)
-            except Exception as e:  # noqa: BLE001 - any refusal or corruption becomes one line
-                if not trust_pickle and "Weights only load failed" in str(e):
-                    raise UntrustedPickleError(refusal_message(f"{arc.path} ({rel})", e)) from e
-                raise TargetError(f"{arc.path}: pickled tensor {rel} is unreadable ({type(e).__name__})") from e
+            # A stored record's bytes are in the file already: no limit beyond the file's size.
+            t = load_payload(arc.read(rel, limit=arc.zip.size), f"{arc.path} (record {rel})",
+                             trust_pickle=trust_pickle)
             if not isinstance(t, torch.Tensor):
                 raise TargetError(f"{arc.path}: {rel} holds a {type(t).__name__}, not a tensor")
             out[fqn] = t
             continue
         tm = meta.get("tensor_meta")
-        if not isinstance(tm, dict) or tm.get("dtype") not in SCALAR_TYPES:
+        if not isinstance(tm, dict) or not isinstance(tm.get("dtype"), int) or tm["dtype"] not in SCALAR_TYPES:
             raise TargetError(f"{arc.path}: {config_rel}: entry {fqn!r} has no readable tensor_meta")
         dtype = getattr(torch, SCALAR_TYPES[tm["dtype"]], None)
         if dtype is None:
             raise TargetError(f"{arc.path}: {fqn!r} has dtype {SCALAR_TYPES[tm['dtype']]}, unknown to this torch")
+        if not isinstance(tm.get("sizes", []), list) or not isinstance(tm.get("strides", []), list):
+            raise TargetError(f"{arc.path}: {config_rel}: entry {fqn!r} has malformed sizes or strides")
         sizes = [_int(s, f"the size of {fqn!r}", arc.path) for s in tm.get("sizes", [])]
         strides = [_int(s, f"the stride of {fqn!r}", arc.path) for s in tm.get("strides", [])]
         offset = _int(tm.get("storage_offset", {"as_int": 0}), f"the storage offset of {fqn!r}", arc.path)
+        numel = _check_geometry(arc.path, fqn, sizes, strides, offset)
         flat = _flat(arc, rel, dtype, cache)
-        numel = 1
-        for s in sizes:
-            numel *= s
         span = 0 if numel == 0 else 1 + sum((n - 1) * abs(st) for n, st in zip(sizes, strides))
         if len(strides) != len(sizes) or offset < 0 or offset + span > flat.numel():
             if flat.numel() == 0 and numel:
@@ -249,15 +248,10 @@ def load_pt2(path: Path, *, trust_pickle: bool = False) -> Subject:
             if arc.has(config):
                 state.update(_payloads(arc, config, folder, prefix, trust_pickle, notes))
             elif arc.has(legacy):
-                import torch
+                from tiecheck.loaders.torchfile import load_payload, pick_state
 
-                from tiecheck.loaders.torchfile import pick_state
-
-                try:
-                    obj = torch.load(io.BytesIO(arc.read(legacy)), map_location="cpu", weights_only=not trust_pickle)
-                except Exception as e:  # noqa: BLE001
-                    raise TargetError(f"{path}: legacy {kind} record {legacy} is not a weights-only torch.save "
-                                      f"payload ({type(e).__name__}); rerun with --trust-pickle if you trust it") from e
+                obj = load_payload(arc.read(legacy, limit=arc.zip.size), f"{path} (record {legacy})",
+                                   trust_pickle=trust_pickle)
                 if isinstance(obj, dict) and obj:
                     state.update(pick_state(obj, None, f"{path} ({legacy})")[0])
                 notes.append(f"{model}: legacy archive layout ({legacy})")

@@ -25,7 +25,7 @@ gibberish. So the files are held against the architecture:
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from tiecheck.findings import Finding, finding
 from tiecheck.subject import Source, Subject
 
 CONFIG = "config.json"
+CONFIG_LIMIT = 16 << 20  # configs are kilobytes; never read a huge file as one
 # transformers' own order of preference when a folder holds several weight formats.
 PREFERRED = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
              "pytorch_model.bin")
@@ -49,10 +50,18 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    from tiecheck.loaders.safejson import parse_json
+
     p = path / CONFIG
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        with open(p, "rb") as fh:
+            # Read what the file holds, up to the limit (asking for the limit would allocate it).
+            raw = fh.read(min(os.fstat(fh.fileno()).st_size, CONFIG_LIMIT) + 1)
+        if len(raw) > CONFIG_LIMIT:
+            raise TargetError(f"{p}: larger than {CONFIG_LIMIT:,} bytes; a model config is a few kilobytes, so this "
+                              f"is not one")
+        obj = parse_json(raw)
+    except ValueError as e:
         raise TargetError(f"{p}: not valid JSON ({e}); fix or replace the config") from e
     except OSError as e:
         raise TargetError(f"{p}: cannot read ({e.strerror or e})") from e
@@ -160,8 +169,59 @@ def _model_class(transformers, folder: Path, config, cfg: dict, trust_remote_cod
     return None
 
 
-def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = False) -> tuple[Any, list[str]]:
-    """(Architecture or None, notes). Never raises for an architecture it cannot build: it says why."""
+class ArchitectureTooLarge(Exception):
+    """The config describes far more modules or tensors than the folder's files hold."""
+
+
+def tensor_budget(stored: int) -> int:
+    """How many tensors (and modules) an architecture may register while it is built for files
+    holding ``stored`` tensors: a generous multiple (non-persistent buffers, tied names dropped
+    from the files, modules without weights), never less than a small model needs."""
+    return 8 * stored + 4096
+
+
+@contextlib.contextmanager
+def registration_budget(limit: int, stored: int):
+    """Abort building a module once it registers more than ``limit`` parameters, buffers or submodules.
+
+    The config is read from an untrusted folder: ``num_hidden_layers: 1000000`` would build a
+    million layers (minutes and gigabytes, even on the meta device). Real architectures register
+    about as many tensors as their files hold, so the build stops far above that instead.
+    """
+    import threading
+
+    from torch.nn.modules import module as torch_module
+
+    counts = {"tensors": 0, "modules": 0}
+    builder = threading.get_ident()  # the hooks are global: modules built by other threads do not count
+
+    def count(kind: str):
+        def hook(*_args):
+            if threading.get_ident() != builder:
+                return
+            counts[kind] += 1
+            if counts[kind] > limit:
+                raise ArchitectureTooLarge(f"config.json describes more than {limit:,} {kind}, the files hold "
+                                           f"{stored:,} tensors")
+        return hook
+
+    handles = [torch_module.register_module_parameter_registration_hook(count("tensors")),
+               torch_module.register_module_buffer_registration_hook(count("tensors")),
+               torch_module.register_module_module_registration_hook(count("modules"))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = False,
+                       stored: int | None = None) -> tuple[Any, list[str]]:
+    """(Architecture or None, notes). Never raises for an architecture it cannot build: it says why.
+
+    ``stored`` is the number of tensors the folder's files hold; the build is aborted when the
+    config describes many times more (see ``registration_budget``).
+    """
     try:
         import transformers
     except ImportError:
@@ -185,10 +245,14 @@ def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = Fal
             from tiecheck.metainit import skip_init_on_meta
 
             # Initialisers on meta tensors cost seconds (they import torch._dynamo) and do nothing.
-            with torch.device("meta"), skip_init_on_meta():
+            budget = contextlib.nullcontext() if stored is None else registration_budget(tensor_budget(stored), stored)
+            with torch.device("meta"), skip_init_on_meta(), budget:
                 model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
             if hasattr(model, "tie_weights"):
                 model.tie_weights()
+    except ArchitectureTooLarge as e:
+        return None, [f"the architecture was not built: {e}, so config.json does not describe these files; "
+                      f"analysed the files alone"]
     except Exception as e:  # noqa: BLE001 - any failure to build leaves the file analysis intact
         msg = (str(e).strip().splitlines() or [""])[0][:200]
         hint = " (rerun with --trust-remote-code if you trust the folder's code)" if "trust_remote_code" in msg else ""
@@ -419,7 +483,7 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
     kind, weights, notes = find_weights(path)
     files = _load_weights(kind, weights, key=key, trust_pickle=trust_pickle)
     notes = [f"weights: {weights.name} ({files.source.format})"] + notes + files.source.notes
-    arch, arch_notes = build_architecture(path, cfg, trust_remote_code=trust_remote_code)
+    arch, arch_notes = build_architecture(path, cfg, trust_remote_code=trust_remote_code, stored=len(files.tensors))
     notes += arch_notes
     extra: dict[str, Any] = {"files": files.extra.get("files", [])}
     if arch is None:

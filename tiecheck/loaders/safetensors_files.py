@@ -14,7 +14,6 @@ tensors, so a file alone never shows a tie; ties come from the architecture (``h
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from tiecheck.subject import Source, Subject
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading one.
 MAX_HEADER = 100_000_000
+MAX_BYTES = (1 << 63) - 1  # tensor sizes beyond int64 overflow torch's storage arithmetic
 
 # safetensors dtype names -> (torch dtype attribute, bytes per element).
 DTYPES: dict[str, tuple[str, int]] = {
@@ -101,10 +101,14 @@ def read_header(path: Path) -> Header:
                 raw += more
     except OSError as e:
         raise TargetError(f"{path}: cannot read ({e.strerror or e})") from e
+    from tiecheck.loaders.safejson import parse_json
+
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _bad(path, f"the {n:,}-byte header is not valid JSON ({e})") from e
+        obj = parse_json(raw, object_pairs_hook=_no_duplicates)
+    except ValueError as e:
+        pos = getattr(e, "pos", None)  # a character index into the header; the file offset for ASCII
+        where = f" near byte {8 + pos:,} of the file" if isinstance(pos, int) else ""
+        raise _bad(path, f"the {n:,}-byte header is not valid JSON{where} ({e})") from e
     if not isinstance(obj, dict):
         raise _bad(path, "the header is not a JSON object")
     metadata = obj.pop("__metadata__", None) or {}
@@ -133,7 +137,12 @@ def _entry(path: Path, name: str, spec: Any) -> Entry:
         raise _bad(path, f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with begin <= end")
     numel = 1
     for d in shape:
-        numel *= d
+        # As the reference implementation's checked multiplication: a shape whose running
+        # product overflows 64 bits is refused, even when a later 0 would make it empty.
+        numel *= d if d else 1
+        if numel * DTYPES[dtype][1] > MAX_BYTES:
+            raise _bad(path, f"tensor {name!r} has shape {shape}: more bytes than any file can hold")
+    numel = numel if 0 not in shape else 0
     want = numel * DTYPES[dtype][1]
     if offsets[1] - offsets[0] != want:
         raise _bad(path, f"tensor {name!r} ({dtype} {shape}) needs {want:,} bytes but its data_offsets span "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +22,9 @@ MODEL_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module"
 NOT_MODEL_KEYS = re.compile(r"optim|scheduler|scaler|lr_|rng|loops|callbacks|hyper|args|config", re.I)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-_UNSUPPORTED_GLOBAL = re.compile(r"(?:Unsupported global|unsupported GLOBAL|GLOBAL)\s*:?\s*(?:GLOBAL\s+)?([\w.]+)")
+# Inner messages of the weights-only unpickler that mean "refused", not "damaged".
+_REFUSALS = ("Unsupported global", "unsupported GLOBAL", "unrecognized function", "Can only create new object",
+             "Only persistent_load of storage", "Unsupported operand 147")
 
 
 def _is_tensor(x) -> bool:
@@ -32,41 +33,166 @@ def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def refusal_message(path: str, err: BaseException) -> str:
-    m = _UNSUPPORTED_GLOBAL.search(str(err))
-    what = f"the global '{m.group(1)}'" if m else "objects other than tensors"
+def refusal_message(path: str, what: str) -> str:
     return (f"{path}: refused to unpickle {what}: a weights-only load accepts tensors and plain containers "
             f"only, and unpickling anything else can run arbitrary code. If you trust this file, rerun with "
             f"--trust-pickle")
 
 
-def torch_load(path: str, *, trust_pickle: bool = False) -> tuple[Any, list[str]]:
-    """``torch.load`` safely: weights-only and memory-mapped unless the user trusts the file."""
+def refused_global_message(path: str, data, base: int = 0, record: str = "", of: str = "the file") -> str | None:
+    """The refusal naming the first global of the pickle(s) in ``data`` a weights-only load refuses,
+    and where it sits: ``base`` is the offset of ``data`` in the file, ``record`` the zip record."""
+    from tiecheck.loaders.pickles import describe, first_refused
+
+    g = first_refused(data, base)
+    if g is None:
+        return None
+    where = f"{record}, " if record else ""
+    return refusal_message(path, f"the global {describe(g)} ({where}byte {g.offset:,} of {of})")
+
+
+def unpickler_cause(e: BaseException) -> str:
+    """What the weights-only unpickler objected to, without torch's paragraphs of advice.
+
+    torch re-raises the unpickler's error inside a long message (``raise ... from None``); the
+    original is still the exception's context.
+    """
+    inner = e.__context__ if isinstance(e.__context__, pickle.UnpicklingError) else e
+    for line in str(inner).splitlines():
+        line = line.strip()
+        if line.startswith("WeightsUnpickler error:"):
+            line = line[len("WeightsUnpickler error:"):].strip()
+        if line and not line.startswith(("Weights only load failed", "Check the documentation", "(1)", "(2)",
+                                         "In PyTorch 2.6", "Please file an issue")):
+            return line[:300]
+    return _first_line(inner)
+
+
+def _pickle_record(za) -> str:
+    """The record torch unpickles: ``<root>/data.pkl`` of the archive's single root folder."""
+    pkls = [n for n in za.names() if n.count("/") == 1 and n.endswith("/data.pkl")]
+    roots = {n.split("/", 1)[0] for n in za.names()}
+    if len(pkls) != 1 or len(roots) != 1:
+        raise TargetError(f"{za.label}: not a torch.save archive: expected one root folder holding data.pkl, found "
+                          f"{len(roots)} folder(s) and {len(pkls)} data.pkl record(s)")
+    return pkls[0]
+
+
+def _check_legacy(path: str) -> None:
+    """torch.load tries a legacy file as a tar first (torch < 0.4) and extracts it into a temporary folder."""
+    import tarfile
+
+    try:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:"):
+            pass
+    except (tarfile.TarError, OSError, ValueError, EOFError, UnicodeDecodeError):
+        return
+    raise UntrustedPickleError(f"{path}: a tar-format torch.save file (torch < 0.4); torch reads it only by "
+                               f"unpickling arbitrary objects, after extracting it into a temporary folder. If you "
+                               f"trust this file, rerun with --trust-pickle")
+
+
+def _load_error(label: str, kind: str | None, e: Exception, trust_pickle: bool, source) -> TargetError:
+    """One line for a failed torch.load: the refused global, named, or what is damaged."""
+    text = str(e)
+    if not trust_pickle and "Weights only load failed" in text:
+        cause = unpickler_cause(e)
+        named = _refused_global(label, kind, source)
+        if named:
+            return UntrustedPickleError(named)
+        if cause.startswith(_REFUSALS):
+            return UntrustedPickleError(refusal_message(label, f"what the pickle asks for ({cause})"))
+        return TargetError(f"{label}: not a readable torch.save file, truncated or corrupt ({cause})")
+    return TargetError(f"{label}: not a readable torch.save file, truncated or corrupt ({_cause(e)})")
+
+
+def _refused_global(label: str, kind: str | None, source) -> str | None:
+    """Walk the file's pickle (``source``: a path or the bytes of an in-memory payload) for a refused global."""
+    import io
+    import mmap
+
+    from tiecheck.loaders.zipcheck import ZipArchive
+
+    try:
+        if kind == "zip":
+            fh = io.BytesIO(source) if isinstance(source, bytes) else source
+            with ZipArchive(fh, label) as za:
+                rec = _pickle_record(za)
+                span = za.span(rec)
+                data = za.read(rec, limit=za.size)
+            of = "the record" if isinstance(source, bytes) else "the file"
+            return refused_global_message(label, data, span[0] if span else 0, record="data.pkl", of=of)
+        if isinstance(source, bytes):
+            return refused_global_message(label, source, of="the record")
+        with open(source, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return refused_global_message(label, m)
+    except (TargetError, OSError, ValueError):
+        return None
+
+
+def _kind_of(head: bytes) -> str | None:
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "legacy"
+    return None
+
+
+def _guarded_load(source, label: str, kind: str | None, trust_pickle: bool) -> Any:
+    """torch.load with every failure as one TargetError (warnings become notes in ``load_path``)."""
+    import io
+
     import torch
 
-    notes: list[str] = []
-    kwargs = dict(map_location="cpu", weights_only=not trust_pickle)
+    from tiecheck.loaders.zipcheck import ZipArchive
+
+    if kind == "zip":
+        with ZipArchive(io.BytesIO(source) if isinstance(source, bytes) else source, label) as za:
+            za.check_all()
+            _pickle_record(za)
     try:
-        try:
-            return torch.load(path, mmap=True, **kwargs), notes
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zipfile" not in str(e):
-                raise
-            notes.append("legacy (non-zip) torch.save format: loaded without memory mapping")
-            return torch.load(path, mmap=False, **kwargs), notes
-    except pickle.UnpicklingError as e:
-        if not trust_pickle and "Weights only load failed" in str(e):
-            raise UntrustedPickleError(refusal_message(path, e)) from e
-        raise TargetError(f"{path}: not a readable torch.save file ({_first_line(e)})") from e
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError,
-            ImportError, TypeError, IndexError, UnicodeDecodeError, MemoryError, OverflowError) as e:
-        raise TargetError(f"{path}: not a readable torch.save file, truncated or corrupt "
-                          f"({type(e).__name__}: {_first_line(e)})") from e
+        return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
+                          mmap=kind == "zip" and not isinstance(source, bytes), map_location="cpu",
+                          weights_only=not trust_pickle)
+    except Exception as e:  # noqa: BLE001 - weights-only runs no code from the file: any failure is the file's
+        raise _load_error(label, kind, e, trust_pickle, source) from e
 
 
-def _first_line(e: BaseException) -> str:
+def torch_load(path: str, *, trust_pickle: bool = False) -> tuple[Any, list[str]]:
+    """``torch.load`` safely: weights-only, and memory-mapped for zip files, unless the user trusts the file.
+
+    The format is decided by the file's first bytes, not by retrying on errors: a zip archive is
+    checked record by record first (see ``zipcheck``) and mapped; a legacy file cannot be mapped
+    and is read through the weights-only unpickler as it is. Anything torch.load raises on a
+    damaged file becomes one TargetError.
+    """
+    notes: list[str] = []
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            kind = _kind_of(fh.read(8))
+    except OSError as e:
+        raise TargetError(f"{path}: cannot read ({e.strerror or e})") from e
+    if kind == "legacy":
+        if not trust_pickle:
+            _check_legacy(path)
+        notes.append("legacy (non-zip) torch.save format: loaded without memory mapping")
+    return _guarded_load(path, path, kind, trust_pickle), notes
+
+
+def load_payload(data: bytes, label: str, *, trust_pickle: bool = False) -> Any:
+    """A ``torch.save`` payload held in memory (a record of another archive), by the same rules."""
+    return _guarded_load(data, label, _kind_of(data[:8]), trust_pickle)
+
+
+def _first_line(e) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
+
+
+def _cause(e: BaseException) -> str:
+    """``Type: first line`` of an exception, or just ``Type`` when it carries no message."""
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _flatten(obj: Mapping, prefix: str = "") -> tuple[dict, int]:

@@ -1,0 +1,175 @@
+"""Fuzzing every loader: mutated copies of valid fixtures, run through ``tiecheck inspect``.
+
+Every case must keep the invariants of ``fuzz_support.problems``: exit 0, 1 or 2; an error in
+one line (never a traceback, never "unexpected"); an answer within the time bound; peak RSS
+raised by less than ``PEAK_GROWTH_MB``; the input's bytes, mtime and folder unchanged, on a
+read-only copy. The normal suite runs a short, deterministic selection (``derandomize``); for a
+long local run, set the number of examples per property:
+
+    TIECHECK_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py
+
+which also cuts one byte either side of every structural boundary and draws fresh random
+examples on each run (hypothesis prints how to reproduce a failure).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("hypothesis")
+pytest.importorskip("transformers")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fuzz_support import (Fixture, Worker, build_fixtures, copy_fixture, field_values, flip_bits,  # noqa: E402
+                          hostile_cases, run_case, safetensors_with_header, set_field, structure)
+
+LONG = int(os.environ.get("TIECHECK_FUZZ_EXAMPLES", "0"))
+
+
+def fuzz_settings(short: int):
+    """``short`` examples in the normal suite, deterministic; TIECHECK_FUZZ_EXAMPLES in a long run."""
+    return settings(max_examples=LONG or short, deadline=None, derandomize=not LONG, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@dataclass
+class Harness:
+    base: Path
+    fixtures: dict[str, Fixture]
+    worker: Worker
+    cases: int = 0
+    seen_exit: dict[int, int] = field(default_factory=dict)
+
+    def run(self, fx: Fixture, mutate, label: str) -> None:
+        case = self.base / "case"
+        if case.exists():
+            shutil.rmtree(case)
+        copy_fixture(fx, case)
+        target = mutate(case)
+        target = target if isinstance(target, str) else fx.target
+        res, found = run_case(self.worker, case, target, f"{fx.name}: {label}")
+        self.cases += 1
+        self.seen_exit[res.exit_code] = self.seen_exit.get(res.exit_code, 0) + 1
+        assert not found, "\n".join(found)
+
+
+@pytest.fixture(scope="module")
+def fuzz(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fuzz")
+    fixtures = build_fixtures(base / "fixtures")
+    warm = [["inspect", str(fx.root / fx.target), "--no-flops"] for fx in fixtures.values()]
+    worker = Worker(base / "worker", warmup=warm)
+    harness = Harness(base, fixtures, worker)
+    yield harness
+    worker.stop()
+    # Shown with -s: what the run covered (the README records these figures).
+    print(f"\nfuzz: {harness.cases} cases, exit codes {dict(sorted(harness.seen_exit.items()))}")
+
+
+ZIPS = {"torch_zip": "model.pt", "pt2": "tiny.pt2"}
+
+
+def _write(rel: str, data: bytes):
+    def mutate(d: Path) -> None:
+        (d / rel).write_bytes(data)
+    return mutate
+
+
+def test_valid_fixtures_are_clean(fuzz):
+    """The harness measures what it claims: every valid fixture loads, exit 0, within the bounds."""
+    before = dict(fuzz.seen_exit)
+    for fx in fuzz.fixtures.values():
+        fuzz.run(fx, lambda d: None, "unchanged")
+    assert fuzz.seen_exit.get(0, 0) - before.get(0, 0) == len(fuzz.fixtures) == 7
+
+
+@pytest.mark.parametrize("name", ["torch_zip", "torch_legacy", "safetensors", "sharded", "hf", "pt2", "dcp"])
+def test_truncation_at_every_structural_boundary(fuzz, name):
+    """Cut each file where a parser changes state: zip local headers, data, central directory and end
+    record; safetensors' length, JSON header and each tensor's data; between a legacy file's pickles."""
+    fx = fuzz.fixtures[name]
+    for rel in fx.files:
+        data = (fx.root / rel).read_bytes()
+        cuts = sorted({c for b in structure(data).boundaries for c in ((b - 1, b, b + 1) if LONG else (b,))
+                       if 0 <= c < len(data)} | {0})
+        for cut in cuts:
+            fuzz.run(fx, _write(rel, data[:cut]), f"{rel} cut at byte {cut} of {len(data)}")
+
+
+@fuzz_settings(short=150)
+@given(data=st.data())
+def test_bit_flips(fuzz, data):
+    """1-4 bits flipped, mostly where parsers read (headers, directories, JSON, pickles)."""
+    fx = fuzz.fixtures[data.draw(st.sampled_from(sorted(fuzz.fixtures)), label="fixture")]
+    rel = data.draw(st.sampled_from(fx.files), label="file")
+    blob = (fx.root / rel).read_bytes()
+    regions = structure(blob).regions
+    if regions and data.draw(st.integers(0, 9), label="aim") < 7:
+        a, b = data.draw(st.sampled_from(regions), label="region")
+        pos = st.integers(a, max(a, b - 1))
+    else:
+        pos = st.integers(0, len(blob) - 1)
+    positions = data.draw(st.lists(pos, min_size=1, max_size=4), label="positions")
+    bits = data.draw(st.lists(st.integers(0, 7), min_size=len(positions), max_size=len(positions)), label="bits")
+    fuzz.run(fx, _write(rel, flip_bits(blob, positions, bits)), f"{rel} bits {bits} flipped at {positions}")
+
+
+@fuzz_settings(short=120)
+@given(data=st.data())
+def test_zip_directory_edits(fuzz, data):
+    """A field of a local header, a central directory entry or the end record set to an extreme, an
+    off-by-one, a value past the end of the file; or an entry renamed."""
+    which = data.draw(st.sampled_from(sorted(ZIPS) + ["dcp"]), label="archive")
+    fx = fuzz.fixtures[which]
+    rel = ZIPS.get(which) or next(f for f in fx.files if f.endswith(".distcp"))
+    blob = (fx.root / rel).read_bytes()
+    s = structure(blob)
+    if data.draw(st.integers(0, 9), label="kind") < 8:
+        f = data.draw(st.sampled_from(s.fields), label="field")
+        value = data.draw(st.sampled_from(field_values(f, len(blob))) | st.integers(0, 2 ** (8 * f.size) - 1),
+                          label="value")
+        fuzz.run(fx, _write(rel, set_field(blob, f, value)), f"{rel} {f.where}: {f.value} -> {value}")
+    else:
+        off, n = data.draw(st.sampled_from(s.names), label="name")
+        new = data.draw(st.binary(min_size=n, max_size=n), label="new name")
+        fuzz.run(fx, _write(rel, blob[:off] + new + blob[off + n:]), f"{rel} entry name at {off} -> {new!r}")
+
+
+_DTYPES = st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "C64", "F64", "X", ""])
+_DIMS = st.one_of(st.integers(0, 8), st.sampled_from([10 ** 15, 2 ** 31, 2 ** 62, 2 ** 63, 2 ** 64]),
+                  st.integers(-4, -1))
+
+
+@fuzz_settings(short=60)
+@given(entries=st.lists(st.tuples(st.text(max_size=6), _DTYPES, st.lists(_DIMS, max_size=4),
+                                  st.tuples(st.integers(-8, 256), st.integers(-8, 256)) | st.just(None)),
+                        max_size=5),
+       data_len=st.integers(0, 256), length_delta=st.sampled_from([0, 0, 0, -1, 1, 8, -8, 2 ** 40]))
+def test_safetensors_headers(fuzz, entries, data_len, length_delta):
+    """Hand-written headers: shapes and offsets that disagree, overlap, run past the end or claim
+    petabytes; unknown dtypes; a stated header length off by a little or by a terabyte."""
+    header = {}
+    for name, dtype, shape, offsets in entries:
+        spec = {"dtype": dtype, "shape": shape}
+        if offsets is not None:
+            spec["data_offsets"] = list(offsets)
+        header[name] = spec
+    import json
+
+    raw = json.dumps(header).encode()
+    blob = safetensors_with_header(raw, bytes(data_len), length=max(0, len(raw) + length_delta))
+    fuzz.run(fuzz.fixtures["safetensors"], _write("model.safetensors", blob),
+             f"header {header} + {data_len} data bytes, length {len(raw)}{length_delta:+}")
+
+
+@pytest.mark.parametrize("fixture, name, mutate", hostile_cases(), ids=[c[1] for c in hostile_cases()])
+def test_hostile_inputs(fuzz, fixture, name, mutate):
+    """Hand-made: petabyte claims, outside paths, symlink loops, FIFOs, zip bombs, absurd configs."""
+    fuzz.run(fuzz.fixtures[fixture], mutate, name)
