@@ -72,6 +72,16 @@ class WrongLinear(nn.Module):
         self.output_proj.weight = self.embedding.weight
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run torch on one thread: tiny models gain nothing from a second intra-op thread, and on
+    a busy two-core machine the two wait on each other at every operator."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_lm():
     torch.manual_seed(0)

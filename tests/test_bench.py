@@ -34,14 +34,7 @@ TINY_ARGS = dict(model="gpt-mini", device="cpu", batch_size=2, seq_len=16, round
                  overrides=TINY)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine two threads wait on each
-    # other at every operator: one keeps these runs fast whatever else is running.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny(**kw) -> BenchConfig:

@@ -30,14 +30,7 @@ TIED_NAMES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: a second intra-op thread only adds synchronisation, and on a busy
-    # two-core machine it made this file several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tied_params(model: torch.nn.Module, family: str) -> list[torch.nn.Parameter]:
