@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, one_line, parse_expect
+from tiecheck.cliutil import (EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, one_line, parse_expect, trust_options,
+                              warn_trust)
 
 
 @dataclass
@@ -184,10 +185,7 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
               help="Read [tool.tiecheck] from this file (default: the nearest pyproject.toml that has it).")
 @click.option("--no-config", is_flag=True, help="Ignore [tool.tiecheck].")
 @click.option("--key", help="Key (dotted) of the model state inside a training checkpoint.")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects (full nn.Module files). Loading them can run arbitrary code.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Let Hugging Face folders' own Python code build their architecture (runs that code).")
+@trust_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @handle_errors
 def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, no_config, key, trust_pickle,
@@ -227,10 +225,7 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
     if update and not any(t.expect for t in plan):
         raise TiecheckError("--update writes the snapshot named by --expect FILE or by `expect` in "
                             "[tool.tiecheck]; none is set for " + ", ".join(t.target for t in plan))
-    if any(t.trust_pickle for t in plan):
-        click.echo("tiecheck: warning: trust-pickle lets the file's pickled objects run code", err=True)
-    if any(t.trust_remote_code for t in plan):
-        click.echo("tiecheck: warning: trust-remote-code runs the model folder's Python code", err=True)
+    warn_trust(any(t.trust_pickle for t in plan), any(t.trust_remote_code for t in plan), prefix="")
 
     outcomes = [check_target(t, update=update, extra_tied=extra_tied, debug=debug) for t in plan]
     if fmt == "json":

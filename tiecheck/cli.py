@@ -13,7 +13,8 @@ import click
 
 from tiecheck import __version__
 
-from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, parse_expect, write_output
+from tiecheck.cliutil import (EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, parse_expect, trust_options, warn_trust,
+                              write_output)
 
 __all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_ERROR", "handle_errors", "parse_expect", "write_output"]
 
@@ -34,11 +35,6 @@ def main() -> None:
 @click.option("--expect-tied", multiple=True, metavar="A,B[,C]",
               help="Names that must share memory (repeatable); exit 1 if they do not.")
 @click.option("--key", help="Key (dotted) of the model state inside a training checkpoint.")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects (full nn.Module files, TorchScript archives). Loading them can run "
-                   "arbitrary code.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Let a Hugging Face folder's own Python code build its architecture (runs that code).")
 @click.option("--no-duplicates", is_flag=True, help="Skip the content pass that finds untied duplicates.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "none"]), default="adamw", show_default=True,
               help="Optimizer assumed for training memory.")
@@ -51,6 +47,7 @@ def main() -> None:
               help="Count causal attention at half the full score matrix (FlashAttention convention).")
 @click.option("--inputs", "inputs_spec", metavar="FILE.py:make_inputs",
               help="Python spec of make_inputs(module, batch_size, seq_len) returning the forward's inputs.")
+@trust_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @handle_errors
 def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, trust_remote_code, no_duplicates, optimizer,
@@ -66,10 +63,7 @@ def inspect(target, fmt, output, fail_on, expect_tied, key, trust_pickle, trust_
     from tiecheck.render import render
 
     expected = parse_expect(expect_tied)
-    if trust_pickle:
-        click.echo("tiecheck: warning: --trust-pickle lets the file's pickled objects run code", err=True)
-    if trust_remote_code:
-        click.echo("tiecheck: warning: --trust-remote-code runs the model folder's Python code", err=True)
+    warn_trust(trust_pickle, trust_remote_code)
     inputs = None
     if inputs_spec:
         from tiecheck.loaders.spec import resolve_spec

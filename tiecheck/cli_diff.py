@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from tiecheck.cliutil import handle_errors
+from tiecheck.cliutil import handle_errors, trust_options, warn_trust, write_output
 
 
 @click.command("diff")
@@ -16,13 +16,9 @@ from tiecheck.cliutil import handle_errors
               show_default=True, help="Output format.")
 @click.option("-o", "--output", metavar="FILE", help="Write the comparison to FILE instead of standard output.")
 @click.option("--key", help="Key (dotted) of the model state inside training checkpoints (both sides).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow pickled Python objects (full nn.Module files, TorchScript archives). Loading them can run "
-                   "arbitrary code.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Let Hugging Face folders' own Python code build their architecture (runs that code).")
 @click.option("--no-duplicates", is_flag=True,
               help="Skip the content pass (ties broken into equal copies are then reported as plain untied).")
+@trust_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @handle_errors
 def diff_command(a, b, fmt, output, key, trust_pickle, trust_remote_code, no_duplicates, debug):
@@ -30,13 +26,9 @@ def diff_command(a, b, fmt, output, key, trust_pickle, trust_remote_code, no_dup
 
     A and B are anything `inspect` accepts, or a report saved with `inspect --format json`.
     """
-    from tiecheck.cliutil import write_output
     from tiecheck.tie_diff import diff, render_diff
 
-    if trust_pickle:
-        click.echo("tiecheck: warning: --trust-pickle lets the file's pickled objects run code", err=True)
-    if trust_remote_code:
-        click.echo("tiecheck: warning: --trust-remote-code runs the model folder's Python code", err=True)
+    warn_trust(trust_pickle, trust_remote_code)
     result = diff(a, b, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
                   duplicates=not no_duplicates)
     write_output(render_diff(result, fmt), output, protect=(a, b))

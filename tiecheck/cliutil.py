@@ -69,6 +69,27 @@ def write_output(text: str, output: str | None, protect: tuple[object, ...] = ()
     write_text(output, text, protect, what="the output")
 
 
+def trust_options(fn):
+    """``--trust-pickle`` and ``--trust-remote-code``: the two opt-ins that let a target run code."""
+    fn = click.option("--trust-remote-code", is_flag=True,
+                      help="Let a Hugging Face folder's own Python code build its architecture (runs that code).")(fn)
+    return click.option("--trust-pickle", is_flag=True,
+                        help="Allow pickled Python objects (full nn.Module files, TorchScript archives). Loading "
+                             "them can run arbitrary code.")(fn)
+
+
+def warn_trust(trust_pickle: bool, trust_remote_code: bool, *, prefix: str = "--") -> None:
+    """Say on stderr which opt-in is in force, every time one is.
+
+    ``prefix`` is "--" for command-line flags; ``check`` passes "" because its opt-ins may come
+    from the policy's keys (``trust-pickle = true``) as well.
+    """
+    if trust_pickle:
+        click.echo(f"tiecheck: warning: {prefix}trust-pickle lets the file's pickled objects run code", err=True)
+    if trust_remote_code:
+        click.echo(f"tiecheck: warning: {prefix}trust-remote-code runs the model folder's Python code", err=True)
+
+
 def parse_expect(values: tuple[str, ...]) -> list[tuple[str, ...]]:
     from tiecheck.errors import TiecheckError
 
