@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import run_child
-from tiecheck.analyses.flops import analytic_flops, count_flops
+from tiecheck.flops import analytic_flops, count_flops
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import run_child
 
-SETUP = "import torch, tiecheck, tiecheck.api, tiecheck.content"
+SETUP = "import torch, tiecheck, tiecheck.api, tiecheck.loaders.content"
 LOAD = "_sd = torch.load({path!r}, map_location='cpu', weights_only=True)"
 INSPECT = ("_r = tiecheck.analyze({path!r}); "
            "_out['groups'] = len(_r.tie_groups); _out['bytes_read'] = _r.content['bytes_read']; "

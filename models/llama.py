@@ -12,7 +12,6 @@ vocabulary the embedding is about a fifth of the 1B model, so the tie matters mo
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.nn import functional as F

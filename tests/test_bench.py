@@ -502,7 +502,7 @@ def test_cli_writes_csv_and_plot(tmp_path):
 
 
 def test_progress_bar_draws_only_on_a_terminal(capsys):
-    from tiecheck.cli_bench import Progress
+    from tiecheck.cli.bench import Progress
 
     quiet = Progress(10, enabled=False)
     quiet(5, "round 1")

@@ -280,7 +280,7 @@ def test_github_annotations(project):
 
 
 def test_github_escapes_workflow_command_syntax():
-    from tiecheck.check import annotation
+    from tiecheck.cli.check import annotation
 
     assert annotation("error", "TC009", "50% done\nnext", "a,b:c.json") == \
         "::error file=a%2Cb%3Ac.json,title=TC009::50%25 done%0Anext"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from tiecheck.analyses.flops import (
+from tiecheck.flops import (
     PARTS,
     FlopsResult,
     ModelInputs,

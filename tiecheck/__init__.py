@@ -14,19 +14,19 @@ __all__ = ["__version__", "analyze", "diff", "Report", "TiecheckError"]
 
 def __getattr__(name: str):
     if name == "analyze":
-        from tiecheck.api import analyze
+        from tiecheck.api import analyze  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
 
         return analyze
     if name == "diff":
-        from tiecheck.tie_diff import diff
+        from tiecheck.tie_diff import diff  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
 
         return diff
     if name == "Report":
-        from tiecheck.report import Report
+        from tiecheck.report import Report  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
 
         return Report
     if name == "TiecheckError":
-        from tiecheck.errors import TiecheckError
+        from tiecheck.errors import TiecheckError  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
 
         return TiecheckError
     raise AttributeError(f"module 'tiecheck' has no attribute {name!r}")

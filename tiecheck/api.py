@@ -10,11 +10,12 @@ from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, memory_summary
 from tiecheck.analyses.ties import find_overlaps, find_tie_groups, tie_findings
 from tiecheck.errors import TiecheckError
-from tiecheck.expect import TieState, tied_findings
 from tiecheck.facts import TensorFact, build_facts, build_module_facts
 from tiecheck.findings import SEVERITIES, Finding, sort_findings
+from tiecheck.guard.expect import TieState, tied_findings
+from tiecheck.loaders import load_target
+from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
-from tiecheck.subject import Subject
 
 
 def analyze(
@@ -44,7 +45,6 @@ def analyze(
     ``make_inputs(module, batch_size, seq_len)`` callable. Raises ``TiecheckError`` for input
     that cannot be analysed.
     """
-    from tiecheck.loaders import load_target
 
     if optimizer not in OPTIMIZERS:
         raise TiecheckError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
@@ -62,7 +62,7 @@ def subject_flops(subject: Subject, *, batch_size: int = 1, seq_len: int = 128, 
         return {"available": False, "reason": "the target holds tensors only; FLOPs need a module (a Python spec, "
                                               "a bundled model, a Hugging Face folder with its config, or a "
                                               "trusted pickled module)"}
-    from tiecheck.analyses.flops import count_flops
+    from tiecheck.flops import count_flops  # noqa: PLC0415 - fvcore and the tracer, only when FLOPs are asked for
 
     try:
         return count_flops(module, inputs=inputs, batch_size=batch_size, seq_len=seq_len,
@@ -85,7 +85,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     dup_groups, content = [], None
     if duplicates:
         if any(f.storage is not None for f in facts):
-            from tiecheck.content import TorchContentReader
+            from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch, only for the content pass
 
             with TorchContentReader(subject.tensors, subject.file_spans) as reader:
                 dup_groups, stats = find_untied_duplicates(facts, reader)

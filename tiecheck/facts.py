@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tiecheck.subject import Subject
+    from tiecheck.loaders.subject import Subject
 
 # Key that identifies one allocation: (device, address of the storage's first byte).
 StorageKey = tuple[str, int]
@@ -90,7 +90,7 @@ def _dtype_name(dtype) -> str:
 def fact_of(name: str, t, *, role: str = "tensor", obj_id: int | None = None, owner: str | None = None,
             owner_type: str | None = None) -> TensorFact:
     """Describe one tensor without reading its values."""
-    import torch
+    import torch  # noqa: PLC0415 - TensorFact is torch-free so analyses stay torch-free; building facts reads tensors
 
     shape = tuple(int(n) for n in t.shape)
     try:

@@ -19,8 +19,19 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from tiecheck.expect import TieState, group_lines, not_tied_findings, snapshot_findings, tied_findings, untied_hint
+from tiecheck.api import analyze
+from tiecheck.errors import TiecheckError
 from tiecheck.findings import SEVERITY_RANK, Finding, finding
+from tiecheck.guard import snapshot as snap
+from tiecheck.guard.expect import (
+    TieState,
+    group_lines,
+    not_tied_findings,
+    snapshot_findings,
+    tied_findings,
+    untied_hint,
+)
+from tiecheck.report import Report
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiecheck.report import Report
@@ -74,11 +85,9 @@ BROKEN_TIE_CODES = ("TC002", "TC005", "TC010")
 
 def report_of(model: Any, *, duplicates: bool = True) -> "Report":
     """The Report of whatever an assertion was given (a Report is used as it is)."""
-    from tiecheck.report import Report
 
     if isinstance(model, Report):
         return model
-    from tiecheck.api import analyze
 
     return analyze(model, duplicates=duplicates)
 
@@ -198,7 +207,6 @@ def assert_no_broken_ties(model: Any) -> None:
     LayerNorm weights are ignored), no ties made of distinct Parameters, no checkpoint storing
     both names of a tie with different values."""
     __tracebackhide__ = True
-    from tiecheck.errors import TiecheckError
 
     report = report_of(model, duplicates=True)
     if not (report.content or {}).get("ran"):
@@ -243,7 +251,6 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
     in its own terms.
     """
     __tracebackhide__ = True
-    from tiecheck import snapshot as snap
 
     path = Path(path)
     label = label or str(path)

@@ -25,8 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tabulate import tabulate
+
+from tiecheck import __version__
+from tiecheck.api import analyze
 from tiecheck.errors import TargetError
+from tiecheck.guard.expect import kinds_match
 from tiecheck.report import Report
+from tiecheck.report.text import clean, shape_text
 
 DIFF_SCHEMA_VERSION = 1
 
@@ -53,8 +59,6 @@ class TieDiff:
         return [g for g in self.lost if g["broken_into_duplicates"]]
 
     def to_dict(self) -> dict[str, Any]:
-        from tiecheck import __version__
-
         return {
             "schema_version": DIFF_SCHEMA_VERSION,
             "tiecheck_version": __version__,
@@ -83,8 +87,6 @@ def _as_report(target: Any, **kwargs) -> Report:
     saved = _saved_report(target)
     if saved is not None:
         return saved
-    from tiecheck.api import analyze
-
     return analyze(target, **kwargs)
 
 
@@ -130,8 +132,6 @@ def compare(ra: Report, rb: Report) -> TieDiff:
     group_b = {n: i for i, g in enumerate(rb.tie_groups) for n in g["names"]}
     dup_b = {n: i for i, d in enumerate(rb.untied_duplicates) for n in d["names"]}
     tensor_b = {t["name"]: t for t in rb.tensors}
-    from tiecheck.expect import kinds_match
-
     kept, lost, layout_changed, kind_changed = [], [], [], []
     covered_b: set[int] = set()
     for g in ra.tie_groups:
@@ -180,16 +180,12 @@ def compare(ra: Report, rb: Report) -> TieDiff:
 
 # -- rendering -------------------------------------------------------------------------------
 
-def _shape(s) -> str:
-    return "×".join(str(x) for x in s) if s else "scalar"
-
-
 def _state(n: str, s: dict) -> str:
     text = s["state"]
     if s.get("with"):
         text += " with " + ", ".join(s["with"])
     if "shape" in s:
-        text += f" [{_shape(s['shape'])} {s['dtype']}]"
+        text += f" [{shape_text(s['shape'])} {s['dtype']}]"
     return f"{n}: {text}"
 
 
@@ -198,8 +194,7 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
         return d.to_json()
     if fmt not in ("table", "markdown"):
         raise ValueError(f"unknown format {fmt!r}; choose one of: table, json, markdown")
-    from tabulate import tabulate
-
+    d = clean(d)  # names come from files
     md = fmt == "markdown"
     tablefmt = "github" if md else "simple"
     sep = "<br>" if md else "\n"
@@ -210,7 +205,7 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
            f"{'- ' if md else '  '}B: {src(d.b)}: {d.groups_b} tie group{'s' if d.groups_b != 1 else ''}"]
     out += ["", h(f"Lost ties ({len(d.lost)})")]
     if d.lost:
-        out.append(tabulate([[sep.join(g["names"]), _shape(g["shape"]) + " " + g["dtype"],
+        out.append(tabulate([[sep.join(g["names"]), shape_text(g["shape"]) + " " + g["dtype"],
                               sep.join(_state(n, s) for n, s in g["in_b"].items())] for g in d.lost],
                             headers=["tied in A", "A", "in B"], tablefmt=tablefmt))
     else:
@@ -224,8 +219,8 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
                        "Parameter itself (e.g. after load_state_dict(assign=True))")
     if d.layout_changed:
         out += ["", h(f"Kept ties whose shape or dtype changed ({len(d.layout_changed)})")]
-        out.append(tabulate([[sep.join(c["names"]), f"{_shape(c['a']['shape'])} {c['a']['dtype']}",
-                              f"{_shape(c['b']['shape'])} {c['b']['dtype']}"] for c in d.layout_changed],
+        out.append(tabulate([[sep.join(c["names"]), f"{shape_text(c['a']['shape'])} {c['a']['dtype']}",
+                              f"{shape_text(c['b']['shape'])} {c['b']['dtype']}"] for c in d.layout_changed],
                             headers=["names", "A", "B"], tablefmt=tablefmt))
     grown = [g for g in d.kept if g.get("grown")]
     if grown:
@@ -234,7 +229,7 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
                             headers=["tied in A", "also tied in B"], tablefmt=tablefmt))
     if d.added:
         out += ["", h(f"Added ties ({len(d.added)})")]
-        out.append(tabulate([[sep.join(g["names"]), g["kind"], _shape(g["shape"]), g["dtype"]] for g in d.added],
+        out.append(tabulate([[sep.join(g["names"]), g["kind"], shape_text(g["shape"]), g["dtype"]] for g in d.added],
                             headers=["tied in B only", "kind", "shape", "dtype"], tablefmt=tablefmt))
     out += ["", f"kept {len(d.kept)}, lost {len(d.lost)} ({len(d.broken_into_duplicates)} broken into untied "
                 f"duplicates), added {len(d.added)}, layout changed {len(d.layout_changed)}, "

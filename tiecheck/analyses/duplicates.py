@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from tiecheck.facts import TensorFact
-from tiecheck.expect import assignment
 from tiecheck.findings import RULES, Finding, finding
+from tiecheck.guard.expect import assignment
 
 
 class ContentReader(Protocol):

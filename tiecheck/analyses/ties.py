@@ -13,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
+
 from tiecheck.facts import TensorFact
 from tiecheck.findings import Finding, finding
 
@@ -127,8 +129,6 @@ _EXACT_LIMIT = 1 << 22
 
 
 def _offsets(f: TensorFact):
-    import numpy as np
-
     off = np.array([f.byte_start // f.itemsize], dtype=np.int64)
     for n, s in zip(f.shape, f.stride):
         off = (off[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).reshape(-1)
@@ -141,7 +141,6 @@ def _elements_overlap(a: TensorFact, b: TensorFact) -> tuple[bool, bool]:
         return True, True
     if a.itemsize != b.itemsize or a.numel > _EXACT_LIMIT or b.numel > _EXACT_LIMIT:
         return True, False
-    import numpy as np
 
     return bool(np.intersect1d(_offsets(a), _offsets(b), assume_unique=False).size), True
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import platform
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,6 +20,7 @@ from typing import Iterator
 import torch
 
 from tiecheck.errors import TiecheckError
+from tiecheck.report.text import human_bytes
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -263,13 +265,10 @@ def catch_oom() -> Iterator[list]:
 
 def _oom_line(e: BaseException) -> str:
     """The useful part of an allocator message: how much was asked for."""
-    import re
 
     msg = " ".join(str(e).split())
     m = re.search(r"tried to allocate (\d+) bytes", msg)  # the CPU allocator
     if m:
-        from tiecheck.render import human_bytes
-
         return f"tried to allocate {human_bytes(int(m.group(1)))}"
     m = re.search(r"Tried to allocate [\d.]+ \w+", msg)  # the CUDA caching allocator
     if m:

@@ -1,6 +1,6 @@
 """Analytic FLOPs of a bench step, for achieved TFLOP/s and MFU.
 
-The formula is ``tiecheck.analyses.flops.analytic_flops``; this module reads its inputs off a
+The formula is ``tiecheck.flops.analytic_flops``; this module reads its inputs off a
 bundled model. PaLM (Chowdhery et al. 2022), appendix B: a forward pass over T tokens costs
 ``2·N·T + 4·L·T²·d`` FLOPs, where N counts the parameters used in matrix products (every
 projection, MLP weight and the output projection -- not embedding lookups, biases or norm
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tiecheck.analyses.flops import analytic_flops
+from tiecheck.flops import analytic_flops
 
 
 @dataclass(frozen=True)

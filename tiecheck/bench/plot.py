@@ -15,7 +15,7 @@ COLORS = {"tied": "#1f77b4", "untied": "#ff7f0e"}
 
 def require_matplotlib() -> None:
     try:
-        import matplotlib
+        import matplotlib  # noqa: PLC0415 - plots are the `plot` extra
 
         del matplotlib  # only its presence matters here
     except ImportError:
@@ -26,10 +26,10 @@ def require_matplotlib() -> None:
 def plot(result: BenchResult, path: str) -> None:
     """Write the figure to ``path``; the format follows the extension (png, svg, pdf)."""
     require_matplotlib()
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - plots are the `plot` extra
 
     matplotlib.use("Agg")  # files only: no display needed, none opened
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - plots are the `plot` extra
 
     by = {(r.variant, r.metric): r for r in result.rows()}
     panels = [("tokens_per_s", "tokens/s")]

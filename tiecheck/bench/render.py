@@ -12,7 +12,10 @@ import io
 import math
 from typing import Optional
 
+from tabulate import tabulate
+
 from tiecheck.bench.results import METRICS, BenchResult, Row
+from tiecheck.report.text import human_bytes
 
 FORMATS = ("table", "json", "csv", "markdown")
 
@@ -31,8 +34,6 @@ def render(result: BenchResult, fmt: str = "table") -> str:
 # Numbers
 
 def _num(v: float, unit: str) -> str:
-    from tiecheck.render import human_bytes
-
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if unit == "bytes":
@@ -118,8 +119,6 @@ def _table_rows(result: BenchResult) -> list[list[str]]:
 
 
 def _text(result: BenchResult, markdown: bool) -> str:
-    from tabulate import tabulate
-
     h = result.header
     out: list[str] = []
     if markdown:

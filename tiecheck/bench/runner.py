@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime, timezone
@@ -23,11 +24,22 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from tiecheck import __version__
+from tiecheck import __version__, models
 from tiecheck.bench import device as D
 from tiecheck.bench.flops import FlopsShape, flops_shape, step_flops
-from tiecheck.bench.protocol import (PHASES, Batch, Variant, diverged, identical_weights, make_batches,
-                                     optimizer_state_bytes, param_count, still_tied, tie_groups, weight_bytes)
+from tiecheck.bench.protocol import (
+    PHASES,
+    Batch,
+    Variant,
+    diverged,
+    identical_weights,
+    make_batches,
+    optimizer_state_bytes,
+    param_count,
+    still_tied,
+    tie_groups,
+    weight_bytes,
+)
 from tiecheck.bench.results import BenchResult, VariantRecord
 from tiecheck.bench.stats import MIN_ROUNDS_FOR_VERDICT
 from tiecheck.errors import TiecheckError
@@ -114,7 +126,6 @@ def _positive(name: str, value: Optional[int]) -> None:
 
 def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
     """Fill in defaults and reject bad input with one line naming the option."""
-    from tiecheck import models
 
     if cfg.mode not in MODES:
         raise TiecheckError(f"--mode {cfg.mode}: choose one of {', '.join(MODES)}")
@@ -169,7 +180,6 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
 
 
 def bundled_builder(name: str, overrides: Mapping[str, Any] = {}) -> Builder:  # noqa: B006 - read only
-    from tiecheck import models
 
     return lambda tied, dev, seed: models.build(name, tied=tied, device=dev, seed=seed, **overrides)
 
@@ -595,8 +605,6 @@ def _result(st: _State, cfg: BenchConfig, command: Optional[str]) -> BenchResult
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    import shlex
-
     return shlex.join(["tiecheck", *(sys.argv[1:] if argv is None else argv)])
 
 

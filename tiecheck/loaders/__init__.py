@@ -7,23 +7,24 @@ where the tensors came from. Formats are recognised by content, not by file exte
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tiecheck.errors import TargetError
-from tiecheck.subject import Source, Subject
+from tiecheck.facts import module_tensors
+from tiecheck.loaders import bundled, detect, spec
+from tiecheck.loaders.subject import Source, Subject
 
 
 def from_module(module, target: str | None = None, fmt: str = "nn.Module", notes=None, config=None) -> Subject:
-    from tiecheck.facts import module_tensors
-
     return Subject(tensors=module_tensors(module), module=module, config=config,
                    source=Source(target=target or type(module).__name__, format=fmt, notes=list(notes or [])))
 
 
 def from_mapping(obj: Mapping, key: str | None = None, target: str = "<state dict>") -> Subject:
-    from tiecheck.loaders.torchfile import pick_state
+    from tiecheck.loaders.torchfile import pick_state  # noqa: PLC0415 - a loader that needs torch
 
     tensors, used, notes = pick_state(obj, key, target)
     fmt = "training checkpoint" if used else "state dict"
@@ -35,7 +36,6 @@ def load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
     """A file or folder, read by content. Warnings raised while reading it (torch's, about an old
     pickle protocol or an experimental dtype the file declares) become notes of the report, so
     the file's bytes cannot add lines to the output."""
-    import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -51,8 +51,6 @@ def load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
 
 def _load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
                trust_remote_code: bool = False) -> Subject:
-    from tiecheck.loaders import detect
-
     target = str(path)
     if path.is_dir():
         return load_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
@@ -70,27 +68,26 @@ def _load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False
 
 def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pickle: bool = False) -> Subject:
     """One file whose format ``detect.sniff_file`` recognised."""
-    from tiecheck.loaders import detect
 
     target = str(path)
     if kind in (detect.TORCH_SAVE, detect.TORCH_SAVE_LEGACY):
-        from tiecheck.loaders import torchfile
+        from tiecheck.loaders import torchfile  # noqa: PLC0415 - a loader that needs torch
 
         return torchfile.load_torch_file(target, key=key, trust_pickle=trust_pickle)
     if kind == detect.SAFETENSORS:
-        from tiecheck.loaders.safetensors_files import load_safetensors_file
+        from tiecheck.loaders.safetensors_files import load_safetensors_file  # noqa: PLC0415 - a loader that needs torch
 
         return load_safetensors_file(path)
     if kind == detect.WEIGHTS_INDEX:
-        from tiecheck.loaders.safetensors_files import load_sharded
+        from tiecheck.loaders.safetensors_files import load_sharded  # noqa: PLC0415 - a loader that needs torch
 
         return load_sharded(path, detect.read_weights_index(path), trust_pickle=trust_pickle)
     if kind == detect.PT2:
-        from tiecheck.loaders.export import load_pt2
+        from tiecheck.loaders.export import load_pt2  # noqa: PLC0415 - a loader that needs torch
 
         return load_pt2(path, trust_pickle=trust_pickle)
     if kind == detect.TORCHSCRIPT:
-        from tiecheck.loaders.torchscript import load_torchscript
+        from tiecheck.loaders.torchscript import load_torchscript  # noqa: PLC0415 - a loader that needs torch
 
         return load_torchscript(path, trust_pickle=trust_pickle)
     raise TargetError(f"{target}: not a recognised checkpoint; the first bytes match no known format (torch.save, "
@@ -100,14 +97,15 @@ def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pic
 def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = False,
                 trust_remote_code: bool = False) -> Subject:
     """A folder: a DCP checkpoint, a Hugging Face model folder, a sharded checkpoint or one weight file."""
-    from tiecheck.loaders import detect
-    from tiecheck.loaders.dcp import is_dcp_folder, load_dcp
-    from tiecheck.loaders.hf import is_hf_folder, load_hf_folder
-
     try:
-        if is_dcp_folder(path):
+        if detect.is_dcp_folder(path):
+            # torch.distributed.checkpoint takes a second to import: only DCP folders pay for it
+            from tiecheck.loaders.dcp import load_dcp  # noqa: PLC0415
+
             return load_dcp(path, key=key)
-        if is_hf_folder(path):
+        if detect.is_hf_folder(path):
+            from tiecheck.loaders.hf import load_hf_folder  # noqa: PLC0415 - a loader that needs torch
+
             return load_hf_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
         kinds: dict[str | None, list[Path]] = {}
         for p in sorted(path.iterdir()):
@@ -140,12 +138,11 @@ def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = Fals
 def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = False,
                 trust_remote_code: bool = False) -> Subject:
     """Whatever the user pointed at, as a Subject. Raises TiecheckError for bad input."""
-    from tiecheck.loaders import bundled, spec
 
     if isinstance(target, Subject):
         return target
     try:
-        from torch import nn
+        from torch import nn  # noqa: PLC0415 - only a module target needs torch here
 
         if isinstance(target, nn.Module):
             return from_module(target)

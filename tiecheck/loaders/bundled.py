@@ -6,25 +6,20 @@ allocates nothing, so even ``big-vocab`` is analysed in milliseconds.
 
 from __future__ import annotations
 
-from tiecheck.subject import Source, Subject
+from tiecheck import models
+from tiecheck.facts import module_tensors
+from tiecheck.loaders.subject import Source, Subject
 
 
 def names() -> list[str]:
-    from tiecheck import models
-
     return [p.name for p in models.list_presets()]
 
 
 def is_bundled(name: str) -> bool:
-    from tiecheck import models
-
     return name in models.PRESETS
 
 
 def load_bundled(name: str, tied: bool = True) -> Subject:
-    from tiecheck import models
-    from tiecheck.facts import module_tensors
-
     module = models.build(name, tied=tied, device="meta")
     preset = models.get_preset(name)
     return Subject(tensors=module_tensors(module), module=module,

@@ -26,10 +26,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tiecheck.errors import TargetError, UntrustedPickleError
-from tiecheck.subject import Source, Subject
+import torch
+from torch import _weights_only_unpickler
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
 
-METADATA = ".metadata"
+from tiecheck.errors import TargetError, UntrustedPickleError
+from tiecheck.loaders.detect import DCP_METADATA
+from tiecheck.loaders.fileview import FileSpan
+from tiecheck.loaders.pickles import Global, describe, resolve
+from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.torchfile import pick_state, refused_global_message
+from tiecheck.loaders.zipcheck import ZipArchive
+
+METADATA = DCP_METADATA
 _INT64_MAX = (1 << 63) - 1
 
 _DCP_CLASSES = {
@@ -49,13 +66,10 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Only what DCP's metadata is made of: refuses every other global, naming it."""
 
     def find_class(self, module: str, name: str):
-        import torch
-
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
         if name in _DCP_CLASSES.get(module, ()):
             return super().find_class(module, name)
-        from tiecheck.loaders.pickles import Global, describe, resolve
 
         # find_class sees the names as written; protocol 2 writes Python 2 ones (commands.Popen).
         written = f"{module}.{name}"
@@ -66,14 +80,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent id")
 
 
-def is_dcp_folder(path: Path) -> bool:
-    return (path / METADATA).is_file() and any(p.suffix == ".distcp" for p in path.iterdir())
-
-
 def read_metadata(path: Path):
     """DCP's Metadata for a checkpoint folder, read by FileSystemReader without running pickled code."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import Metadata
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -116,10 +124,6 @@ def _naturals(v: Any) -> bool:
 def check_metadata(md: Any, where: Path) -> None:
     """Every field the loader uses, checked for type and range: the unpickler admits the metadata
     classes but not their contents (a class built without its state has no fields at all)."""
-    import torch
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                       MetadataIndex, TensorStorageMetadata)
 
     def bad(what: str) -> TargetError:
         return TargetError(f"{where}: not valid DCP metadata: {what}")
@@ -190,10 +194,7 @@ class _Slice(io.RawIOBase):
 def _chunk_tensor(file: Path, storage, offset: int, length: int):
     """The tensor of one chunk (a torch.save archive inside the file), as a view of the mapping,
     and the file offset where the tensor's storage starts."""
-    import torch
-    from torch import _weights_only_unpickler
 
-    from tiecheck.loaders.zipcheck import ZipArchive
 
     label = f"{file} (chunk at bytes {offset:,}-{offset + length:,})"
     with open(file, "rb") as fh, ZipArchive(_Slice(fh, offset, length), label) as za:
@@ -232,8 +233,6 @@ def _chunk_tensor(file: Path, storage, offset: int, length: int):
     try:
         t = up.load()
     except pickle.UnpicklingError as e:
-        from tiecheck.loaders.torchfile import refused_global_message
-
         base = offset + pkl_span[0] if pkl_span else 0
         named = refused_global_message(label, data, base, record="data.pkl")
         if named:
@@ -245,11 +244,6 @@ def _chunk_tensor(file: Path, storage, offset: int, length: int):
 
 
 def load_dcp(path: Path, *, key: str | None = None) -> Subject:
-    import torch
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
-    from tiecheck.loaders.torchfile import pick_state
-
     md = read_metadata(path)
     storage_data = md.storage_data or {}
     by_fqn: dict[str, list] = {}
@@ -272,7 +266,6 @@ def load_dcp(path: Path, *, key: str | None = None) -> Subject:
             raise TargetError(f"{path / rel}: {METADATA} places a chunk at bytes {info.offset:,}-{end:,} but the "
                               f"file holds {files[rel]:,}: it is truncated")
 
-    from tiecheck.fileview import FileSpan
 
     storages: dict[str, Any] = {}
     spans: dict[str, Any] = {}

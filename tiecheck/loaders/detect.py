@@ -12,6 +12,10 @@ import copy
 import functools
 from pathlib import Path
 
+from tiecheck.errors import TargetError
+from tiecheck.loaders.safejson import parse_json
+from tiecheck.loaders.zipcheck import ZipArchive
+
 TORCH_SAVE = "torch.save"
 TORCH_SAVE_LEGACY = "torch.save (legacy)"
 TORCHSCRIPT = "TorchScript"
@@ -54,8 +58,6 @@ def looks_like_safetensors(head: bytes) -> bool:
 
 def zip_kind(path: Path) -> str | None:
     """torch.save, TorchScript or torch.export: all three are zips with one root folder."""
-    from tiecheck.errors import TargetError
-    from tiecheck.loaders.zipcheck import ZipArchive
 
     try:
         with ZipArchive(path, str(path)) as za:
@@ -89,8 +91,6 @@ def read_weights_index(path: Path) -> dict | None:
 
 @functools.lru_cache(maxsize=8)
 def _parse_index(path: str, _mtime_ns: int, size: int) -> dict | None:
-    from tiecheck.loaders.safejson import parse_json
-
     if size > _INDEX_LIMIT:
         return None
     try:
@@ -105,3 +105,18 @@ def _parse_index(path: str, _mtime_ns: int, size: int) -> dict | None:
     if isinstance(obj, dict) and isinstance(obj.get("weight_map"), dict):
         return obj
     return None
+
+
+# Folders, recognised by the files they hold.
+DCP_METADATA = ".metadata"
+HF_CONFIG = "config.json"
+
+
+def is_dcp_folder(path: Path) -> bool:
+    """A torch.distributed.checkpoint folder: a ``.metadata`` file beside ``*.distcp`` data files."""
+    return (path / DCP_METADATA).is_file() and any(p.suffix == ".distcp" for p in path.iterdir())
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face model folder: a ``config.json`` (the weights beside it are looked for later)."""
+    return (path / HF_CONFIG).is_file()

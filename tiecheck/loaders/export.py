@@ -4,7 +4,6 @@
 back to ``torch.load(weights_only=False)`` (torch/_export/serde/serialize.py, and
 torch/export/pt2_archive/_package.py for pickled weights, opaque constants and sample inputs).
 So the archive is read here piece by piece, the way the package writer laid it out:
-
     <root>/archive_format                          "pt2"
     <root>/models/<model>.json                     the serialized program: graph and signature
     <root>/data/weights/<model>_weights_config.json    fqn -> {path_name, use_pickle, tensor_meta}
@@ -25,8 +24,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tiecheck.errors import TargetError
-from tiecheck.subject import Source, Subject
+from tiecheck.facts import fact_of
+from tiecheck.loaders.fileview import FileSpan
+from tiecheck.loaders.safejson import parse_json
+from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.torchfile import load_payload, pick_state
+from tiecheck.loaders.zipcheck import MAX_INFLATE, ZipArchive
 
 # torch._export.serde.schema.ScalarType -> torch dtype name (the schema is versioned; values are stable).
 SCALAR_TYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float16", 7: "float32",
@@ -42,8 +48,6 @@ class _Archive:
     """The zip's records, located by name under the archive's single root folder (see ``zipcheck``)."""
 
     def __init__(self, path: Path):
-        from tiecheck.loaders.zipcheck import ZipArchive
-
         self.path = path
         self.zip = ZipArchive(path, str(path))
         self.infos = self.zip.infos
@@ -61,13 +65,9 @@ class _Archive:
         return sorted(n[len(self.root) + 1:] for n in self.infos if n.startswith(p))
 
     def read(self, rel: str, limit: int | None = None) -> bytes:
-        from tiecheck.loaders.zipcheck import MAX_INFLATE
-
         return self.zip.read(f"{self.root}/{rel}", MAX_INFLATE if limit is None else limit)
 
     def read_json(self, rel: str) -> Any:
-        from tiecheck.loaders.safejson import parse_json
-
         try:
             return parse_json(self.read(rel))
         except ValueError as e:
@@ -78,8 +78,6 @@ class _Archive:
         return self.zip.span(f"{self.root}/{rel}")
 
     def storage(self):
-        import torch
-
         if self._storage is None:
             self._storage = torch.UntypedStorage.from_file(os.fspath(self.path), False, self.path.stat().st_size)
         return self._storage
@@ -117,7 +115,6 @@ def _check_geometry(path: Path, fqn: str, sizes: list[int], strides: list[int], 
 
 def _flat(arc: _Archive, rel: str, dtype, cache: dict):
     """One record as a flat tensor of ``dtype`` (a view of the mapped archive when possible)."""
-    import torch
 
     key = (rel, dtype)
     if key in cache:
@@ -147,9 +144,7 @@ def _flat(arc: _Archive, rel: str, dtype, cache: dict):
 def _payloads(arc: _Archive, config_rel: str, folder: str, prefix: str, trust_pickle: bool,
               notes: list[str]) -> dict[str, Any]:
     """fqn -> tensor for one payload config (weights or constants)."""
-    import torch
 
-    from tiecheck.loaders.torchfile import load_payload
 
     cfg = arc.read_json(config_rel)
     entries = cfg.get("config") if isinstance(cfg, dict) else None
@@ -248,8 +243,6 @@ def load_pt2(path: Path, *, trust_pickle: bool = False) -> Subject:
             if arc.has(config):
                 state.update(_payloads(arc, config, folder, prefix, trust_pickle, notes))
             elif arc.has(legacy):
-                from tiecheck.loaders.torchfile import load_payload, pick_state
-
                 obj = load_payload(arc.read(legacy, limit=arc.zip.size), f"{path} (record {legacy})",
                                    trust_pickle=trust_pickle)
                 if isinstance(obj, dict) and obj:
@@ -285,7 +278,6 @@ def load_pt2(path: Path, *, trust_pickle: bool = False) -> Subject:
 
 def _spans(arc: _Archive, tensors: dict[str, Any]) -> dict[str, Any]:
     """Tensors that are views of the archive's mapping (which starts at file offset 0), for pread."""
-    from tiecheck.fileview import FileSpan
 
     if arc._storage is None:
         return {}
@@ -296,7 +288,6 @@ def _spans(arc: _Archive, tensors: dict[str, Any]) -> dict[str, Any]:
 
 def _note_shared_placeholders(sub: Subject, programs: list[dict]) -> None:
     """Say which graph inputs receive one memory under several names (a tie the program keeps)."""
-    from tiecheck.facts import fact_of
 
     for prog in programs:
         prefix = "" if len(programs) == 1 else f"{prog['model']}/"

@@ -5,7 +5,6 @@ drops every tied name but one and the architecture re-ties on load; when both na
 stored, transformers ties them only if the values are equal and otherwise warns and loads
 them untied; and serving engines that trust ``tie_word_embeddings`` over the files have served
 gibberish. So the files are held against the architecture:
-
 * With transformers (``pip install tiecheck[hf]``) the architecture is built from the config
   on the meta device (no weights allocated, nothing downloaded, no ``trust_remote_code``
   unless asked) and its ties are read from the built module itself: Parameter identity in
@@ -27,15 +26,36 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tiecheck.errors import TargetError
-from tiecheck.findings import Finding, finding
-from tiecheck.subject import Source, Subject
+import torch
+from torch.nn.modules import module as torch_module
 
-CONFIG = "config.json"
+from tiecheck.analyses.candidates import is_embedding, is_output_projection
+from tiecheck.errors import TargetError
+from tiecheck.facts import fact_of
+from tiecheck.findings import Finding, finding
+from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.detect import (
+    HF_CONFIG,
+    SAFETENSORS,
+    TORCH_SAVE,
+    TORCH_SAVE_LEGACY,
+    WEIGHTS_INDEX,
+    read_weights_index,
+    sniff_file,
+)
+from tiecheck.loaders.metainit import skip_init_on_meta
+from tiecheck.loaders.safejson import parse_json
+from tiecheck.loaders.safetensors_files import load_safetensors_file, load_sharded
+from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.torchfile import load_torch_file
+
+CONFIG = HF_CONFIG
 CONFIG_LIMIT = 16 << 20  # configs are kilobytes; never read a huge file as one
 # transformers' own order of preference when a folder holds several weight formats.
 PREFERRED = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -45,13 +65,7 @@ NEEDS_EXTRA = ("architecture ties need transformers: pip install tiecheck[hf]; a
 _LM_ARCH = re.compile(r"(ForCausalLM|LMHeadModel|ForMaskedLM|ForConditionalGeneration|MTModel|WithLMHead)$")
 
 
-def is_hf_folder(path: Path) -> bool:
-    return (path / CONFIG).is_file()
-
-
 def read_config(path: Path) -> dict[str, Any]:
-    from tiecheck.loaders.safejson import parse_json
-
     p = path / CONFIG
     try:
         with open(p, "rb") as fh:
@@ -72,7 +86,6 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def find_weights(path: Path) -> tuple[str, Path, list[str]]:
     """(kind, file, notes): the weights transformers would load from this folder."""
-    from tiecheck.loaders.detect import SAFETENSORS, TORCH_SAVE, TORCH_SAVE_LEGACY, WEIGHTS_INDEX, sniff_file
 
     notes: list[str] = []
     present = [name for name in PREFERRED if (path / name).is_file()]
@@ -132,9 +145,8 @@ class Architecture:
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers logs config and generation warnings that are noise for an inspection."""
-    import warnings
 
-    from transformers.utils import logging as tlog
+    from transformers.utils import logging as tlog  # noqa: PLC0415 - transformers is the `hf` extra
 
     level = tlog.get_verbosity()
     tlog.set_verbosity_error()
@@ -154,7 +166,7 @@ def _model_class(transformers, folder: Path, config, cfg: dict, trust_remote_cod
     auto_map = cfg.get("auto_map") if isinstance(cfg.get("auto_map"), dict) else {}
     for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModel"):
         if auto in auto_map and trust_remote_code:
-            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module  # noqa: PLC0415 - transformers is the `hf` extra
 
             ref = auto_map[auto]
             ref = ref[0] if isinstance(ref, (list, tuple)) else ref
@@ -188,9 +200,7 @@ def registration_budget(limit: int, stored: int):
     million layers (minutes and gigabytes, even on the meta device). Real architectures register
     about as many tensors as their files hold, so the build stops far above that instead.
     """
-    import threading
 
-    from torch.nn.modules import module as torch_module
 
     counts = {"tensors": 0, "modules": 0}
     builder = threading.get_ident()  # the hooks are global: modules built by other threads do not count
@@ -223,10 +233,9 @@ def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = Fal
     config describes many times more (see ``registration_budget``).
     """
     try:
-        import transformers
+        import transformers  # noqa: PLC0415 - transformers is the `hf` extra
     except ImportError:
         return None, [NEEDS_EXTRA]
-    import torch
 
     archs = [str(a) for a in cfg.get("architectures") or []]
     custom = bool(cfg.get("auto_map")) and not any(hasattr(transformers, a) for a in archs)
@@ -242,7 +251,6 @@ def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = Fal
             if cls is None:
                 return None, [f"transformers {transformers.__version__} has no model class for this config "
                               f"(model_type {cfg.get('model_type')!r}); analysed the files alone"]
-            from tiecheck.metainit import skip_init_on_meta
 
             # Initialisers on meta tensors cost seconds (they import torch._dynamo) and do nothing.
             budget = contextlib.nullcontext() if stored is None else registration_budget(tensor_budget(stored), stored)
@@ -315,15 +323,12 @@ def match_keys(file_keys: list[str], arch_keys: list[str], prefix: str) -> tuple
 
 
 def _same_memory(a, b) -> bool:
-    from tiecheck.facts import fact_of
-
     fa, fb = fact_of("a", a), fact_of("b", b)
     return fa.extent is not None and fa.identity == fb.identity
 
 
 def _equal(a, b, spans=(None, None)) -> bool | None:
     """Bitwise equality of two stored tensors; None when there is no data to compare."""
-    from tiecheck.content import TorchContentReader
 
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
@@ -435,8 +440,6 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
 
 def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | None = None) -> list[Finding]:
     """TC011 without an architecture: the config's tie setting against embedding and head found by name."""
-    from tiecheck.analyses.candidates import is_embedding, is_output_projection
-    from tiecheck.facts import fact_of
 
     tie = cfg.get("tie_word_embeddings")
     if not isinstance(tie, bool):
@@ -466,10 +469,6 @@ def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | No
 # -- the loader --------------------------------------------------------------------------------
 
 def _load_weights(kind: str, path: Path, *, key: str | None, trust_pickle: bool) -> Subject:
-    from tiecheck.loaders.detect import SAFETENSORS, WEIGHTS_INDEX, read_weights_index
-    from tiecheck.loaders.safetensors_files import load_safetensors_file, load_sharded
-    from tiecheck.loaders.torchfile import load_torch_file
-
     if kind == WEIGHTS_INDEX:
         return load_sharded(path, read_weights_index(path), trust_pickle=trust_pickle)
     if kind == SAFETENSORS:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import io
 import pickletools
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from dataclasses import dataclass
 from typing import IO
+
+from torch import _weights_only_unpickler as wou
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
                "SHORT_BINSTRING", "SHORT_BINBYTES", "BINBYTES", "BINBYTES8"}
@@ -32,7 +35,6 @@ class Global:
 
 def resolve(module: str, name: str) -> str:
     """The Python 3 name of a global written as (module, name), as ``pickle`` resolves it."""
-    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 
     if (module, name) in NAME_MAPPING:
         module, name = NAME_MAPPING[(module, name)]
@@ -97,7 +99,6 @@ def _global(module: str, name: str, offset: int) -> Global:
 
 def weights_only_allows(name: str) -> bool:
     """Whether torch's weights-only unpickler accepts this global (as it resolves names)."""
-    from torch import _weights_only_unpickler as wou
 
     if name.split(".", 1)[0] in getattr(wou, "_blocklisted_modules", ()):
         return False

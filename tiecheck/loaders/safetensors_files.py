@@ -19,8 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tiecheck.errors import TargetError
-from tiecheck.subject import Source, Subject
+from tiecheck.loaders.detect import (
+    SAFETENSORS,
+    TORCH_SAVE,
+    TORCH_SAVE_LEGACY,
+    sniff_file,
+)
+from tiecheck.loaders.fileview import FileSpan, file_spans
+from tiecheck.loaders.safejson import parse_json
+from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.torchfile import pick_state, torch_load
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading one.
 MAX_HEADER = 100_000_000
@@ -101,7 +112,6 @@ def read_header(path: Path) -> Header:
                 raw += more
     except OSError as e:
         raise TargetError(f"{path}: cannot read ({e.strerror or e})") from e
-    from tiecheck.loaders.safejson import parse_json
 
     try:
         obj = parse_json(raw, object_pairs_hook=_no_duplicates)
@@ -171,9 +181,7 @@ def map_tensors(header: Header) -> tuple[dict[str, Any], list[str], dict[str, An
     Returns the tensors, notes, and their file spans (the mapping starts at file offset 0), so
     the content pass reads them with pread instead of faulting pages in.
     """
-    import torch
 
-    from tiecheck.fileview import FileSpan
 
     notes: list[str] = []
     spans: dict[str, Any] = {}
@@ -248,7 +256,6 @@ def shard_paths(index_path: Path, index: dict) -> dict[str, list[str]]:
 
 def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -> Subject:
     """A checkpoint split across shards listed by a ``*.index.json`` (safetensors or torch.save)."""
-    from tiecheck.loaders.detect import SAFETENSORS, TORCH_SAVE, TORCH_SAVE_LEGACY, sniff_file
 
     by_shard = shard_paths(index_path, index)
     tensors: dict[str, Any] = {}
@@ -268,10 +275,6 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -
             notes += more
             files.append(file_summary(header))
         elif kind in (TORCH_SAVE, TORCH_SAVE_LEGACY):
-            from tiecheck.loaders.torchfile import pick_state, torch_load
-
-            from tiecheck.fileview import file_spans
-
             obj, more = torch_load(str(p), trust_pickle=trust_pickle)
             held, _, more2 = pick_state(obj, None, str(p))
             spans.update(file_spans(held, str(p)))

@@ -109,7 +109,9 @@ def call_spec(spec_text: str, *args, **kwargs) -> Any:
 
 
 def load_module_spec(spec_text: str):
-    from torch import nn
+    """The ``nn.Module`` a spec names, or the one its factory returns."""
+    # Resolving a spec stays torch-free (the CLI resolves --inputs while parsing); a module needs torch.
+    from torch import nn  # noqa: PLC0415
 
     obj = resolve_spec(spec_text)
     if isinstance(obj, nn.Module):

@@ -8,13 +8,23 @@ files cannot be mapped; they still load through the weights-only unpickler, with
 
 from __future__ import annotations
 
+import io
+import mmap
 import pickle
 import re
+import tarfile
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+from torch import nn
+
 from tiecheck.errors import TargetError, UntrustedPickleError
-from tiecheck.subject import Source, Subject
+from tiecheck.facts import module_tensors
+from tiecheck.loaders.fileview import file_spans
+from tiecheck.loaders.pickles import describe, first_refused
+from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.zipcheck import ZipArchive
 
 # Where training checkpoints keep the model, most specific first. Optimizer state is never a pick.
 MODEL_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network",
@@ -28,8 +38,6 @@ _REFUSALS = ("Unsupported global", "unsupported GLOBAL", "unrecognized function"
 
 
 def _is_tensor(x) -> bool:
-    import torch
-
     return isinstance(x, torch.Tensor)
 
 
@@ -42,7 +50,6 @@ def refusal_message(path: str, what: str) -> str:
 def refused_global_message(path: str, data, base: int = 0, record: str = "", of: str = "the file") -> str | None:
     """The refusal naming the first global of the pickle(s) in ``data`` a weights-only load refuses,
     and where it sits: ``base`` is the offset of ``data`` in the file, ``record`` the zip record."""
-    from tiecheck.loaders.pickles import describe, first_refused
 
     g = first_refused(data, base)
     if g is None:
@@ -80,7 +87,6 @@ def _pickle_record(za) -> str:
 
 def _check_legacy(path: str) -> None:
     """torch.load tries a legacy file as a tar first (torch < 0.4) and extracts it into a temporary folder."""
-    import tarfile
 
     try:
         with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:"):
@@ -108,10 +114,7 @@ def _load_error(label: str, kind: str | None, e: Exception, trust_pickle: bool, 
 
 def _refused_global(label: str, kind: str | None, source) -> str | None:
     """Walk the file's pickle (``source``: a path or the bytes of an in-memory payload) for a refused global."""
-    import io
-    import mmap
 
-    from tiecheck.loaders.zipcheck import ZipArchive
 
     try:
         if kind == "zip":
@@ -140,11 +143,8 @@ def _kind_of(head: bytes) -> str | None:
 
 def _guarded_load(source, label: str, kind: str | None, trust_pickle: bool) -> Any:
     """torch.load with every failure as one TargetError (warnings become notes in ``load_path``)."""
-    import io
 
-    import torch
 
-    from tiecheck.loaders.zipcheck import ZipArchive
 
     if kind == "zip":
         with ZipArchive(io.BytesIO(source) if isinstance(source, bytes) else source, label) as za:
@@ -310,8 +310,6 @@ def strip_wrapper_prefixes(tensors: dict) -> tuple[dict, list[str]]:
 
 def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = False,
                     format_name: str = "torch.save") -> Subject:
-    from torch import nn
-
     obj, notes = torch_load(path, trust_pickle=trust_pickle)
     if trust_pickle:
         notes.append("loaded with --trust-pickle: the file's pickled objects were allowed to run code")
@@ -321,13 +319,10 @@ def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = F
         if len(mods) == 1:
             module, key = obj[mods[0]], str(mods[0])
     if module is not None:
-        from tiecheck.facts import module_tensors
-
         return Subject(tensors=module_tensors(module), module=module,
                        source=Source(target=path, format=f"{format_name} (pickled nn.Module)", key=key, notes=notes))
     tensors, used, more = pick_state(obj, key, path)
     fmt = format_name + (" training checkpoint" if used else " state dict")
-    from tiecheck.fileview import file_spans
 
     return Subject(tensors=tensors, source=Source(target=path, format=fmt, key=used, notes=notes + more),
                    file_spans=file_spans(tensors, path))

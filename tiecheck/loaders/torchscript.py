@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from tiecheck.errors import TargetError, UntrustedPickleError
-from tiecheck.subject import Source, Subject
+from tiecheck.facts import module_tensors
+from tiecheck.loaders.subject import Source, Subject
 
 
 def load_torchscript(path: Path, *, trust_pickle: bool = False) -> Subject:
@@ -19,9 +22,7 @@ def load_torchscript(path: Path, *, trust_pickle: bool = False) -> Subject:
         raise UntrustedPickleError(
             f"{path}: a TorchScript archive (torch.jit.save); loading it compiles and runs the TorchScript code "
             f"inside, so it is refused. If you trust this file, rerun with --trust-pickle")
-    import torch
 
-    from tiecheck.facts import module_tensors
 
     try:
         module = torch.jit.load(str(path), map_location="cpu")

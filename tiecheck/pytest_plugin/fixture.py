@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from tiecheck import testing
+from tiecheck.api import analyze
 from tiecheck.pytest_plugin import messages
 from tiecheck.pytest_plugin.store import SnapshotStore, clean_name, name_from_test
 
@@ -35,7 +36,6 @@ class TiecheckFixture:
 
     def analyze(self, model: Any, **options: Any) -> "Report":
         """``tiecheck.analyze`` (imported on first use, so collecting tests never loads torch)."""
-        from tiecheck.api import analyze
 
         return analyze(model, **options)
 

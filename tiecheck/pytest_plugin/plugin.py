@@ -44,7 +44,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 def tiecheck(request: pytest.FixtureRequest):
     """Tie assertions (``tiecheck.assert_tied(model, "a", "b")``, ...) with snapshots stored beside the
     test file (``tiecheck.assert_ties_match_snapshot(model, "name")``; ``--tiecheck-update`` writes them)."""
-    from tiecheck.pytest_plugin.fixture import TiecheckFixture
+    from tiecheck.pytest_plugin.fixture import TiecheckFixture  # noqa: PLC0415 - loaded in every pytest run; the fixture's imports only when used
 
     node = request.node
     return TiecheckFixture(request.config.stash[_STORE], Path(node.path), node.name, node.nodeid)

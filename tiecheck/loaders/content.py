@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from tiecheck.fileview import FileSpan
+from tiecheck.loaders.fileview import FileSpan
 
 SAMPLE_RUNS = 4  # short runs per tensor: first, last and two in between
 RUN_ELEMENTS = 8

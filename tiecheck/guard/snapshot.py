@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tiecheck import __version__
 from tiecheck.analyses.ties import KINDS
 from tiecheck.errors import TiecheckError
-from tiecheck.expect import ExpectedGroup, kinds_match
+from tiecheck.guard.expect import ExpectedGroup, kinds_match
+from tiecheck.report.safewrite import UnsafeOutputError, write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiecheck.report import Report
@@ -45,8 +47,6 @@ class Snapshot:
         return cls(tuple(sorted(groups, key=lambda g: g.names)))
 
     def to_dict(self) -> dict[str, Any]:
-        from tiecheck import __version__
-
         return {
             "tiecheck_snapshot": SNAPSHOT_VERSION,
             "tiecheck_version": __version__,
@@ -120,7 +120,6 @@ def read(path: str | os.PathLike) -> Snapshot:
 
 def write(path: str | os.PathLike, snapshot: Snapshot, protect: tuple[object, ...] = ()) -> None:
     """Write atomically (a reader never sees half a file), creating folders; never over an input."""
-    from tiecheck.safewrite import UnsafeOutputError, write_text
 
     try:
         write_text(path, snapshot.to_json(), protect, what="the snapshot", make_parents=True)

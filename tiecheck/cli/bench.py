@@ -14,7 +14,14 @@ from pathlib import Path
 
 import click
 
-from tiecheck.cliutil import EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, write_output
+from tiecheck.cli.options import (
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_OK,
+    handle_errors,
+    write_output,
+)
+from tiecheck.errors import TiecheckError
 
 
 class Progress:
@@ -60,8 +67,6 @@ def _command(ctx: click.Context) -> str:
 
 
 def _check_writable(option: str, path: str | None) -> None:
-    from tiecheck.errors import TiecheckError
-
     if path is None or path == "-":
         return
     p = Path(path)
@@ -115,14 +120,14 @@ def bench(**options):
 
 def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
            threads, find_max_batch, max_batch_cap, peak_tflops, fmt, output, plot, debug):
-    from tiecheck.bench import BenchConfig, render, run_bench
-    from tiecheck.bench.runner import resolve
-    from tiecheck.errors import TiecheckError
+    # The boundary where the work starts: the bench imports torch.
+    from tiecheck.bench import BenchConfig, render, run_bench  # noqa: PLC0415
+    from tiecheck.bench.runner import resolve  # noqa: PLC0415
 
     _check_writable("-o", output)
     _check_writable("--plot", plot)
     if plot:
-        from tiecheck.bench.plot import require_matplotlib
+        from tiecheck.bench.plot import require_matplotlib  # noqa: PLC0415 - plots are an extra
 
         require_matplotlib()
     cfg = BenchConfig(model=model, mode=mode, device=device, dtype=dtype, compile=compile_, batch_size=batch_size,
@@ -140,7 +145,7 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
         raise TiecheckError("; ".join(failures) or "nothing was measured")
     write_output(render(result, fmt), output)
     if plot:
-        from tiecheck.bench.plot import plot as draw
+        from tiecheck.bench.plot import plot as draw  # noqa: PLC0415 - plots are an extra
 
         draw(result, plot)
     if failures:

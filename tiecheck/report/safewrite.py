@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tiecheck.errors import TiecheckError
+from tiecheck.loaders.detect import sniff_file
 
 
 class UnsafeOutputError(TiecheckError):
@@ -54,7 +55,6 @@ def refusal(dest: Path, protect: Iterable[object] = ()) -> str | None:
     if dest.exists() and dest.is_file():
         if dest.suffix == ".py":
             return "it is Python source"
-        from tiecheck.loaders.detect import sniff_file
 
         try:
             kind = sniff_file(dest)

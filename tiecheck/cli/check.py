@@ -2,111 +2,41 @@
 
 Checks each target against its expectations (a snapshot file, groups that must or must not be
 tied) and its findings (at ``fail-on`` or worse). Targets and expectations come from the command
-line or from ``[tool.tiecheck]`` in pyproject.toml (see ``tiecheck.policy``). Exit codes as
-``inspect``: 0 clean, 1 a check failed, 2 usage or input error (for any target).
+line or from ``[tool.tiecheck]`` in pyproject.toml (see :mod:`tiecheck.guard.policy`). Exit codes
+as ``inspect``: 0 clean, 1 a check failed, 2 usage or input error (for any target).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from tiecheck.cliutil import (EXIT_ERROR, EXIT_FAILED, EXIT_OK, handle_errors, one_line, parse_expect, trust_options,
-                              warn_trust)
+from tiecheck.cli.options import (
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_OK,
+    debug_option,
+    expect_tied_option,
+    handle_errors,
+    key_option,
+    trust_options,
+    warn_trust,
+)
+from tiecheck.errors import TiecheckError
+from tiecheck.report.text import clean, one_line
 
+if TYPE_CHECKING:
+    from tiecheck.guard.check import Outcome
 
-@dataclass
-class Outcome:
-    """What checking one target gave."""
-
-    target: str
-    failing: list[dict] = field(default_factory=list)  # findings that fail the check
-    warnings: list[dict] = field(default_factory=list)  # warnings below fail-on: shown, not failing
-    error: str | None = None  # the target or its expectation could not be read
-    snapshot: str | None = None  # the snapshot file compared or written
-    snapshot_status: str | None = None  # matched | created | updated | unchanged
-    groups: int = 0
-    origins: dict[str, str] = field(default_factory=dict)  # finding message -> file it came from
-
-    @property
-    def status(self) -> str:
-        return "error" if self.error else "failed" if self.failing else "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "status": self.status, "error": self.error, "tie_groups": self.groups,
-                "snapshot": self.snapshot, "snapshot_status": self.snapshot_status,
-                "failing": self.failing, "warnings": self.warnings}
-
-
-def shown(path: Path | str) -> str:
-    """A path as the user would type it: relative to the current folder when inside it."""
-    try:
-        return os.path.relpath(path)
-    except ValueError:  # another drive on Windows
-        return str(path)
-
-
-def check_target(t, *, update: bool, extra_tied=(), debug: bool = False) -> Outcome:
-    """Analyse one target and hold it to its policy (``t`` is a ``policy.TargetPolicy``) and to the
-    ``extra_tied`` groups of the command line."""
-    from tiecheck import snapshot as snap
-    from tiecheck.api import analyze
-    from tiecheck.errors import TiecheckError
-    from tiecheck.expect import TieState, not_tied_findings, snapshot_findings, tied_findings
-
-    out = Outcome(target=t.target)
-    try:
-        report = analyze(t.resolved, key=t.key, trust_pickle=t.trust_pickle, trust_remote_code=t.trust_remote_code)
-        state = TieState.from_report(report)
-        out.groups = len(report.tie_groups)
-        missing = sorted({n for g in t.not_tied for n in g if n not in state.names})
-        if missing:
-            raise TiecheckError(f"{t.target}: not-tied: {'; '.join(state.describe(n) for n in missing)}; "
-                                f"fix the names in the policy")
-        from_policy = tied_findings(state, t.tied) + not_tied_findings(state, t.not_tied)
-        if t.source is not None:  # annotations point at the file that states the rule
-            out.origins.update((f.message, shown(t.source)) for f in from_policy)
-        expected = [f.to_dict() for f in from_policy + tied_findings(state, extra_tied)]
-        if t.expect is not None:
-            out.snapshot = shown(t.expect)
-            if not update and not t.expect.exists():
-                raise TiecheckError(f"no snapshot {out.snapshot} yet: rerun the same command with --update "
-                                    f"to write it, then commit it")
-            if update:
-                out.snapshot_status = snap.refresh(t.expect, snap.Snapshot.from_report(report),
-                                                   protect=(t.resolved,))
-            else:
-                found = snapshot_findings(state, snap.read(t.expect).groups, origin=out.snapshot)
-                expected += [f.to_dict() for f in found]
-                for f in found:
-                    out.origins[f.message] = out.snapshot
-                out.snapshot_status = "differs" if found else "matched"
-    except TiecheckError as e:
-        out.error = str(e) if str(e).startswith(t.target) else f"{t.target}: {e}"
-        return out
-    except Exception as e:  # a bug or an unforeseen input: this target fails, the others still run
-        if debug:
-            raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        out.error = f"{t.target}: unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback)"
-        return out
-    failing = report.failing_findings(t.fail_on)
-    out.failing = expected + failing
-    out.warnings = [f for f in report.findings if f["severity"] == "warning" and f not in failing]
-    return out
-
-
-# -- output ---------------------------------------------------------------------------------
 
 def render_text(outcomes: list[Outcome], update: bool) -> str:
+    """The outcomes for a terminal: one line per target, its failing findings and warnings below it."""
     lines = []
-    for o in outcomes:
+    for o in clean(outcomes):
         if o.error:
             continue  # on stderr, as one line
         what = [f"{o.groups} tie group{'s' if o.groups != 1 else ''}"]
@@ -155,6 +85,7 @@ def annotation(level: str, title: str, message: str, file: str | None = None) ->
 
 
 def render_github(outcomes: list[Outcome], update: bool) -> str:
+    """The outcomes as GitHub Actions annotations (workflow commands escape their own text)."""
     lines = []
     for o in outcomes:
         if o.error:
@@ -169,14 +100,12 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- the command ----------------------------------------------------------------------------
-
 @click.command("check")
 @click.argument("targets", nargs=-1, metavar="[TARGET]...")
 @click.option("--expect", "expect_file", metavar="FILE",
               help="Snapshot of the expected tie groups: written by --update or by `tiecheck inspect --format json`.")
 @click.option("--update", is_flag=True, help="Write or refresh the snapshot files instead of comparing with them.")
-@click.option("--expect-tied", multiple=True, metavar="A,B[,C]", help="Names that must share memory (repeatable).")
+@expect_tied_option
 @click.option("--fail-on", type=click.Choice(["error", "warning", "never"]), default=None,
               help="Fail on findings of this severity or worse (default: the policy's, else error).")
 @click.option("--format", "fmt", type=click.Choice(["text", "github", "json"]), default="text", show_default=True,
@@ -184,9 +113,9 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
 @click.option("--config", "config_file", metavar="PYPROJECT",
               help="Read [tool.tiecheck] from this file (default: the nearest pyproject.toml that has it).")
 @click.option("--no-config", is_flag=True, help="Ignore [tool.tiecheck].")
-@click.option("--key", help="Key (dotted) of the model state inside a training checkpoint.")
+@key_option
 @trust_options
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@debug_option
 @handle_errors
 def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, no_config, key, trust_pickle,
           trust_remote_code, debug):
@@ -195,8 +124,14 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
     With no TARGET, checks every target listed in [tool.tiecheck] of pyproject.toml. Exit codes:
     0 clean, 1 a check failed, 2 usage or input error.
     """
-    from tiecheck.errors import TiecheckError
-    from tiecheck.policy import Policy, find_pyproject, load_policy, with_overrides
+    # The boundary where the work starts: checking analyses targets (torch, transformers).
+    from tiecheck.guard.check import check_target, shown  # noqa: PLC0415
+    from tiecheck.guard.policy import (  # noqa: PLC0415
+        Policy,
+        find_pyproject,
+        load_policy,
+        with_overrides,
+    )
 
     if config_file and no_config:
         raise TiecheckError("--config and --no-config contradict each other; give one")
@@ -218,7 +153,6 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
         where = f"{shown(policy.path)} has no [[tool.tiecheck.targets]]" if policy.path else \
             "no pyproject.toml with [tool.tiecheck] was found from this folder"
         raise TiecheckError(f"nothing to check: give a TARGET, or list targets in pyproject.toml ({where})")
-    extra_tied = parse_expect(expect_tied)
     plan = [with_overrides(t, expect=Path(expect_file) if expect_file else None, fail_on=fail_on,
                            key=key, trust_pickle=trust_pickle or None, trust_remote_code=trust_remote_code or None)
             for t in plan]
@@ -227,7 +161,7 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
                             "[tool.tiecheck]; none is set for " + ", ".join(t.target for t in plan))
     warn_trust(any(t.trust_pickle for t in plan), any(t.trust_remote_code for t in plan), prefix="")
 
-    outcomes = [check_target(t, update=update, extra_tied=extra_tied, debug=debug) for t in plan]
+    outcomes = [check_target(t, update=update, extra_tied=expect_tied, debug=debug) for t in plan]
     if fmt == "json":
         text = json.dumps({"targets": [o.to_dict() for o in outcomes]}, indent=2, ensure_ascii=False) + "\n"
     elif fmt == "github":

@@ -4,35 +4,12 @@ from __future__ import annotations
 
 import io
 
-from tiecheck.report import Report
+from tabulate import tabulate
+
+from tiecheck.report.report import Report
+from tiecheck.report.text import clean, human_bytes, human_flops, shape_text
 
 FORMATS = ("table", "json", "markdown", "csv")
-
-
-def human_bytes(n: int | float) -> str:
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
-
-
-def _shape(s) -> str:
-    return "×".join(str(x) for x in s) if s else "scalar"
-
-
-def _clean(v):
-    """Strings with control characters escaped (see ``cliutil.one_line``), through dicts and lists."""
-    from tiecheck.cliutil import one_line
-
-    if isinstance(v, str):
-        return one_line(v) if not v.isprintable() else v
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_clean(x) for x in v)
-    return v
 
 
 class _Printable:
@@ -44,7 +21,7 @@ class _Printable:
         self._report = report
 
     def __getattr__(self, name: str):
-        return _clean(getattr(self._report, name))
+        return clean(getattr(self._report, name))
 
 
 def render(report: Report, fmt: str = "table") -> str:
@@ -63,8 +40,6 @@ def render(report: Report, fmt: str = "table") -> str:
 
 
 def _text(r: Report, markdown: bool) -> str:
-    from tabulate import tabulate
-
     tablefmt = "github" if markdown else "simple"
     h = (lambda t: f"## {t}") if markdown else (lambda t: t)
     out: list[str] = []
@@ -91,7 +66,7 @@ def _text(r: Report, markdown: bool) -> str:
     out += ["", h(f"Tie groups ({len(r.tie_groups)})")]
     if r.tie_groups:
         out.append(tabulate([[i, "\n".join(g["names"]) if not markdown else "<br>".join(g["names"]), g["kind"],
-                              _shape(g["shape"]), g["dtype"], human_bytes(g["bytes_saved"])]
+                              shape_text(g["shape"]), g["dtype"], human_bytes(g["bytes_saved"])]
                              for i, g in enumerate(r.tie_groups)],
                             headers=["#", "names", "kind", "shape", "dtype", "saves"], tablefmt=tablefmt))
     else:
@@ -104,7 +79,7 @@ def _text(r: Report, markdown: bool) -> str:
         out.append(f"content pass not run: {content.get('reason', 'disabled')}")
     elif r.untied_duplicates:
         if shown:
-            out.append(tabulate([[", ".join(d["names"]), _shape(d["shape"]), d["dtype"], human_bytes(d["bytes_wasted"])]
+            out.append(tabulate([[", ".join(d["names"]), shape_text(d["shape"]), d["dtype"], human_bytes(d["bytes_wasted"])]
                                  for d in shown], headers=["names", "shape", "dtype", "wasted"], tablefmt=tablefmt))
         hidden = len(r.untied_duplicates) - len(shown)
         if hidden:
@@ -116,7 +91,7 @@ def _text(r: Report, markdown: bool) -> str:
 
     if r.tie_candidates:
         out += ["", h(f"Tie candidates ({len(r.tie_candidates)})")]
-        out.append(tabulate([[", ".join(c["names"]), c["relation"], _shape(c["shape"]), human_bytes(c["bytes_saved"])]
+        out.append(tabulate([[", ".join(c["names"]), c["relation"], shape_text(c["shape"]), human_bytes(c["bytes_saved"])]
                              for c in r.tie_candidates],
                             headers=["names", "relation", "shape", "would save"], tablefmt=tablefmt))
 
@@ -136,16 +111,7 @@ def _text(r: Report, markdown: bool) -> str:
     return "\n".join(out) + "\n"
 
 
-def human_flops(n: float) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:,.0f} FLOP"
-
-
 def _flops_lines(f: dict, tablefmt: str) -> list[str]:
-    from tabulate import tabulate
-
     if not f.get("available"):
         return [f"not available: {f.get('reason')}"]
     shape = f"batch {f['batch_size']} × seq {f['seq_len']}"

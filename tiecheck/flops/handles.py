@@ -1,0 +1,416 @@
+"""Operator handles: one per aten op that does arithmetic, each returning FLOPs from shapes.
+
+A handle has fvcore's signature ``handle(inputs, outputs) -> Counter`` where the counter's keys
+are ``"<part>/<op>"`` (the part of the model the product belongs to, see :data:`PARTS`) and its
+values FLOPs (two per multiply-add). The tables say which ops pass a weight through unchanged,
+which do no arithmetic and which are deliberately ignored; :class:`Classifier` decides which part
+of the model a product belongs to. The tracing engine that calls them is :mod:`tiecheck.flops.trace`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+with warnings.catch_warnings():
+    # importing fvcore.nn scripts a few loss functions, which newer torch deprecates
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from fvcore.nn.jit_handles import conv_flop_count
+
+# Ops that reach a weight without changing what it is (views, casts, splits).
+_PASS_THROUGH = frozenset(
+    "aten::" + n
+    for n in (
+        "t", "transpose", "permute", "view", "reshape", "contiguous", "to", "type_as", "detach",
+        "clone", "expand", "expand_as", "unsqueeze", "squeeze", "slice", "select", "narrow",
+        "flatten", "unflatten", "numpy_T", "mT", "mH", "adjoint", "chunk", "split",
+        "split_with_sizes", "unsafe_chunk", "unsafe_split", "unbind", "alias", "float", "half",
+        "bfloat16", "_cast_Float", "_cast_Half", "resolve_conj", "resolve_neg", "view_as",
+        "reshape_as", "movedim", "swapaxes", "swapdims", "tensor_split",
+    )
+) | {"prim::ListUnpack", "prim::TupleUnpack", "prim::ListConstruct", "prim::TupleConstruct"}
+
+# Ops with no arithmetic at all -- shape queries, views, copies, casts, indexing, tensor
+# creation. They are skipped like fvcore skips them, and not listed anywhere.
+NO_ARITHMETIC = frozenset(
+    """
+    size numel dim Int Float Bool ScalarImplicit item is_floating_point _shape_as_tensor
+    sym_size contiguous view reshape permute transpose t expand expand_as unsqueeze squeeze
+    slice select narrow flatten unflatten chunk split split_with_sizes unbind to type_as
+    clone alias view_as reshape_as movedim swapaxes swapdims numpy_T mT mH adjoint
+    tensor_split unsafe_chunk unsafe_split as_strided _unsafe_view _reshape_alias
+    resolve_conj resolve_neg lift lift_fresh _to_copy to_dense expand_copy detach copy fill
+    zero float half bfloat16 _cast_Float _cast_Half cat concat concatenate stack hstack
+    vstack repeat repeat_interleave tile roll flip pad constant_pad_nd gather scatter index
+    index_select index_put index_fill take take_along_dim masked_select nonzero arange
+    linspace ones ones_like zeros zeros_like full full_like empty empty_like new_ones
+    new_zeros new_full new_empty new_tensor tensor scalar_tensor eye diagonal diag diag_embed
+    tril triu view_as_real view_as_complex __getitem__ _assert_async dropout feature_dropout
+    alpha_dropout native_dropout
+    """.split()
+)
+
+# Ops with arithmetic that is deliberately not counted (see the module docstring). They are
+# listed in ``ignored_ops`` with their call counts.
+IGNORED = frozenset(
+    """
+    add sub rsub mul div true_divide floor_divide neg reciprocal pow sqrt rsqrt exp exp2 expm1
+    log log1p log2 log10 abs sign sgn square tanh sigmoid silu gelu relu relu6 leaky_relu elu
+    selu celu mish hardswish hardsigmoid hardtanh softplus glu sin cos tan atan atan2 asin
+    acos sinh cosh asinh acosh atanh erf erfc erfinv softmax log_softmax _softmax
+    _log_softmax layer_norm group_norm batch_norm instance_norm rms_norm native_layer_norm
+    masked_fill masked_scatter where clamp clamp_min clamp_max clip minimum maximum fmin fmax
+    lerp addcmul addcdiv mean sum prod max min amax amin argmax argmin std var norm
+    linalg_vector_norm cumsum cumprod logsumexp topk sort argsort all any eq ne lt le gt ge
+    logical_and logical_or logical_not logical_xor bitwise_and bitwise_or bitwise_not
+    bitwise_xor __and__ __or__ __xor__ __not__ __iand__ __ior__ __ixor__ __lshift__
+    __rshift__ __ilshift__ __irshift__ isnan isinf isfinite nan_to_num round floor ceil
+    trunc frac fmod remainder embedding embedding_bag one_hot scatter_add index_add diff
+    bucketize searchsorted rand randn randint rand_like randn_like bernoulli multinomial
+    polar complex real imag angle upsample_nearest2d upsample_bilinear2d adaptive_avg_pool1d
+    adaptive_avg_pool2d avg_pool1d avg_pool2d max_pool1d max_pool2d
+    """.split()
+)
+
+
+def _op_key(kind: str) -> str:
+    return kind.split("::", 1)[-1]
+
+
+def in_table(kind: str, names: frozenset) -> bool:
+    if not kind.startswith("aten::"):
+        return False
+    name = _op_key(kind)
+    return name in names or name.rstrip("_") in names
+
+
+def _shape(v: Any) -> list[int] | None:
+    try:
+        if v.isCompleteTensor():
+            return list(v.type().sizes())
+    except RuntimeError:
+        pass
+    return None
+
+
+def _const(v: Any) -> Any:
+    try:
+        return v.toIValue()
+    except RuntimeError:
+        return None
+
+
+def _named_input(node: Any, name: str) -> Any:
+    try:
+        v = node.namedInput(name)
+    except (RuntimeError, AttributeError):
+        return None
+    return _const(v)
+
+
+def _prod(xs: Sequence[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def _broadcast(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    out = []
+    for i in range(max(len(a), len(b))):
+        x = a[len(a) - 1 - i] if i < len(a) else 1
+        y = b[len(b) - 1 - i] if i < len(b) else 1
+        out.append(max(x, y))
+    return out[::-1]
+
+
+def _matmul_macs(a: Sequence[int], b: Sequence[int]) -> int:
+    """Multiply-adds of torch.matmul(a, b) with numpy broadcasting and 1-D operands."""
+    if not a or not b:
+        return 0
+    if len(a) == 1 and len(b) == 1:
+        return int(a[0])
+    if len(a) == 1:
+        a = [1, a[0]]
+    if len(b) == 1:
+        b = [b[0], 1]
+    m, k = a[-2], a[-1]
+    n = b[-1]
+    batch = _broadcast(a[:-2], b[:-2])
+    return _prod(batch) * m * k * n
+
+
+def _einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> int:
+    """Multiply-adds of an einsum, contracting operands left to right.
+
+    A two-operand einsum costs the product of the sizes of all its distinct indices (the
+    usual matmul count). One operand (a sum or permutation) costs nothing here.
+    """
+    eq = equation.replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(shapes):
+        raise ValueError(f"einsum {equation!r}: {len(terms)} terms for {len(shapes)} operands")
+    # expand "..." into fresh upper-case letters unused by the equation
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    ell = max((len(s) - len(t.replace("...", "")) for t, s in zip(terms, shapes) if "..." in t), default=0)
+    ell_letters = "".join(spare[:ell])
+    expanded = []
+    for t, s in zip(terms, shapes):
+        if "..." in t:
+            n = len(s) - len(t.replace("...", ""))
+            t = t.replace("...", ell_letters[ell - n:] if n else "")
+        expanded.append(t)
+    if not rhs and "->" not in eq:
+        counts = Counter("".join(expanded))
+        rhs = "".join(sorted(c for c, k in counts.items() if k == 1))
+    rhs = rhs.replace("...", ell_letters)
+    size: dict[str, int] = {}
+    for t, s in zip(expanded, shapes):
+        for c, d in zip(t, s):
+            size[c] = max(size.get(c, 1), int(d))
+    if len(expanded) < 2:
+        return 0
+    macs = 0
+    cur = expanded[0]
+    for i in range(1, len(expanded)):
+        nxt = expanded[i]
+        macs += _prod(size[c] for c in set(cur) | set(nxt))
+        later = set(rhs).union(*[set(t) for t in expanded[i + 1:]])
+        cur = "".join(sorted((set(cur) | set(nxt)) & later))
+    return macs
+
+
+class Classifier:
+    """Decides the part of each counted op and records attention calls."""
+
+    def __init__(self, root: nn.Module, prefix: str, n_inputs: int, vocab_size: int | None,
+                 family: str, attention: str) -> None:
+        self.prefix = prefix
+        self.n_inputs = n_inputs
+        self.vocab_size = vocab_size
+        self.family = family
+        self.half_causal = attention == "causal-half"
+        self.modules: dict[str, nn.Module] = dict(root.named_modules())
+        self.attention_names: set[str] = set()
+        self.layer_names: set[str] = set()
+        pat = re.compile(r"attn|attention", re.IGNORECASE)
+        for name, m in self.modules.items():
+            if name and (pat.search(name.rsplit(".", 1)[-1]) or pat.search(type(m).__name__)):
+                self.attention_names.add(name)
+        for name, m in self.modules.items():
+            if isinstance(m, (nn.ModuleList, nn.Sequential)):
+                for child, _ in m.named_children():
+                    full = f"{name}.{child}" if name else child
+                    if any(a == full or a.startswith(full + ".") for a in self.attention_names):
+                        self.layer_names.add(full)
+        self.calls: Counter = Counter()
+        self.failed: Counter = Counter()
+        self.failures: dict[str, str] = {}
+        self._cache: dict[str, tuple[str, ...]] = {}
+
+    def owner(self, node: Any) -> str:
+        scope = node.scopeName().split("/")[-1]
+        if scope == self.prefix.rstrip("."):
+            return ""
+        return scope.removeprefix(self.prefix)
+
+    def ancestors(self, name: str) -> tuple[str, ...]:
+        """``name`` and its enclosing module names, nearest first."""
+        got = self._cache.get(name)
+        if got is None:
+            parts = name.split(".") if name else []
+            got = tuple(".".join(parts[:i]) for i in range(len(parts), 0, -1))
+            self._cache[name] = got
+        return got
+
+    def is_weight(self, v: Any) -> bool:
+        for _ in range(64):
+            node = v.node()
+            kind = node.kind()
+            if kind == "prim::Param":
+                return v.offset() >= self.n_inputs
+            if kind == "prim::Constant":
+                return _shape(v) is not None  # a tensor constant: a captured weight
+            if kind in _PASS_THROUGH:
+                ins = list(node.inputs())
+                if not ins:
+                    return False
+                v = ins[0]
+                continue
+            return False
+        return False
+
+    def in_attention(self, owner: str) -> bool:
+        return any(a in self.attention_names for a in self.ancestors(owner))
+
+    def in_layer(self, owner: str) -> bool:
+        return any(a in self.layer_names for a in self.ancestors(owner))
+
+    def causal(self, owner: str, flag: Any, tq: int, tk: int) -> bool:
+        if flag is True:
+            return True
+        for a in self.ancestors(owner):
+            v = getattr(self.modules.get(a), "is_causal", None)
+            if isinstance(v, bool):
+                return v
+        return self.family == "decoder" and tq == tk
+
+    def attention_flops(self, owner: str, macs: int, flag: Any, tq: int, tk: int) -> int:
+        causal = self.causal(owner, flag, tq, tk)
+        self.calls["calls"] += 1
+        self.calls["causal"] += int(causal)
+        flops = 2 * macs
+        if causal and self.half_causal:
+            flops //= 2
+        return flops
+
+    def part_of_product(self, node: Any, operands: Sequence[Any], out_shape: list[int] | None,
+                        vocab_check: bool = True) -> str:
+        owner = self.owner(node)
+        if any(self.is_weight(v) for v in operands):
+            # logits are made outside the layers, so an MLP as wide as the vocab stays an MLP
+            if self.in_attention(owner):
+                return "attention_projections"
+            if self.in_layer(owner):
+                return "mlp"
+            if vocab_check and self.vocab_size and out_shape and out_shape[-1] == self.vocab_size:
+                return "output_projection"
+            return "other"
+        if self.in_attention(owner):
+            return "attention"
+        return "other"
+
+
+def make_handles(cls: Classifier) -> dict[str, Callable]:
+    """fvcore handles, all returning FLOPs (2 x multiply-adds) keyed "part/op"."""
+
+    def product(name: str, operands_of: Callable, macs_of: Callable, vocab_check: bool = True):
+        def handle(inputs: list, outputs: list) -> Counter:
+            node = outputs[0].node()
+            ops = operands_of(inputs)
+            shapes = [_shape(v) for v in ops]
+            if any(s is None for s in shapes):
+                raise ValueError(f"{name}: operand shapes unknown in the trace")
+            macs = int(macs_of(shapes, inputs))
+            out_shape = _shape(outputs[0])
+            part = cls.part_of_product(node, ops, out_shape, vocab_check)
+            if part == "attention":
+                s0 = shapes[0]
+                tq = s0[-2] if len(s0) >= 2 else 1
+                flops = cls.attention_flops(cls.owner(node), macs, None, tq, tq)
+            else:
+                flops = 2 * macs
+            return Counter({f"{part}/{name}": flops})
+
+        return handle
+
+    def mm(shapes, _):
+        return _matmul_macs(shapes[0], shapes[1])
+
+    def linear(shapes, _):
+        x, w = shapes
+        return _prod(x[:-1]) * w[-1] * (w[0] if len(w) == 2 else 1)
+
+    def addmm(shapes, _):  # bias, a, b  (operands passed are a, b)
+        return _matmul_macs(shapes[0], shapes[1])
+
+    def addbmm(shapes, _):
+        a, b = shapes
+        return a[0] * a[1] * a[2] * b[2]
+
+    def einsum(shapes, inputs):
+        return _einsum_macs(_const(inputs[0]), shapes)
+
+    def einsum_operands(inputs):
+        return list(inputs[1].node().inputs())
+
+    handles: dict[str, Callable] = {
+        "aten::linear": product("linear", lambda i: i[:2], linear),
+        "aten::matmul": product("matmul", lambda i: i[:2], mm),
+        "aten::mm": product("mm", lambda i: i[:2], mm),
+        "aten::bmm": product("bmm", lambda i: i[:2], mm),
+        "aten::mv": product("mv", lambda i: i[:2], mm),
+        "aten::dot": product("dot", lambda i: i[:2], mm),
+        "aten::vdot": product("vdot", lambda i: i[:2], mm),
+        "aten::addmm": product("addmm", lambda i: i[1:3], addmm),
+        "aten::addmv": product("addmv", lambda i: i[1:3], addmm),
+        "aten::baddbmm": product("baddbmm", lambda i: i[1:3], addmm),
+        "aten::addbmm": product("addbmm", lambda i: i[1:3], addbmm),
+        "aten::einsum": product("einsum", einsum_operands, einsum),
+    }
+
+    def conv_handle(inputs: list, outputs: list) -> Counter:
+        node = outputs[0].node()
+        x, w, out = _shape(inputs[0]), _shape(inputs[1]), _shape(outputs[0])
+        if x is None or w is None or out is None:
+            raise ValueError("convolution: shapes unknown in the trace")
+        transposed = "transpose" in node.kind() or _named_input(node, "transposed") is True
+        macs = int(conv_flop_count(x, w, out, transposed=transposed))
+        part = cls.part_of_product(node, inputs[:2], None, vocab_check=False)
+        return Counter({f"{part}/convolution": 2 * macs})
+
+    for k in ("aten::_convolution", "aten::convolution", "aten::conv1d", "aten::conv2d",
+              "aten::conv3d", "aten::conv_transpose1d", "aten::conv_transpose2d",
+              "aten::conv_transpose3d"):
+        handles[k] = conv_handle
+
+    def sdpa(layout: str, causal_arg: str):
+        """layout "bhtd": (..., T, d) as SDPA; "bthd": (B, T, H, d) as the raw kernels."""
+
+        def handle(inputs: list, outputs: list) -> Counter:
+            node = outputs[0].node()
+            q, k, v = (_shape(x) for x in inputs[:3])
+            if q is None or k is None or v is None:
+                raise ValueError("attention: q/k/v shapes unknown in the trace")
+            if layout == "bhtd":
+                tq, e, tk, ev = q[-2], q[-1], k[-2], v[-1]
+                bh = _prod(q[:-2])
+            else:
+                tq, e, tk, ev = q[1], q[-1], k[1], v[-1]
+                bh = q[0] * q[2]
+            macs = bh * tq * tk * (e + ev)
+            flag = _named_input(node, causal_arg)
+            if causal_arg == "custom_mask_type":
+                flag = isinstance(flag, int) and flag > 0
+            owner = cls.owner(node)
+            flops = cls.attention_flops(owner, macs, flag, tq, tk)
+            return Counter({f"attention/{_op_key(node.kind())}": flops})
+
+        return handle
+
+    for k in ("aten::scaled_dot_product_attention",
+              "aten::_scaled_dot_product_attention_math",
+              "aten::_scaled_dot_product_flash_attention",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_efficient_attention",
+              "aten::_scaled_dot_product_cudnn_attention",
+              "aten::_scaled_dot_product_fused_attention_overrideable"):
+        handles[k] = sdpa("bhtd", "is_causal")
+    handles["aten::_flash_attention_forward"] = sdpa("bthd", "is_causal")
+    handles["aten::_efficient_attention_forward"] = sdpa("bthd", "custom_mask_type")
+
+    def guarded(kind: str, fn: Callable) -> Callable:
+        """A handle that cannot count an op lists it as uncounted instead of failing the count."""
+
+        def handle(inputs: list, outputs: list) -> Counter:
+            try:
+                return fn(inputs, outputs)
+            except Exception as e:  # noqa: BLE001 - an odd signature or an incomplete shape
+                cls.failed[kind] += 1
+                cls.failures.setdefault(kind, describe_error(e))
+                return Counter()
+
+        return handle
+
+    return {k: guarded(k, h) for k, h in handles.items()}
+
+
+def describe_error(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:300] if msg else ''}".rstrip(": ")

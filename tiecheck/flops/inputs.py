@@ -1,0 +1,279 @@
+"""Inputs for the traced forward: token ids synthesized from what the module says of itself.
+
+Which family a model is (decoder, encoder, encoder-decoder), its vocabulary and its maximum
+positions are read from the module and its config; a caller may pass inputs instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """Inputs for one forward pass: call ``module(*args, **kwargs)``.
+
+    ``family`` is "decoder", "encoder", "encoder-decoder" or "unknown"; ``seq_len`` (and
+    ``tgt_seq_len`` for an encoder-decoder) are the lengths actually used, after any cap by
+    the model's maximum positions (see ``notes``).
+    """
+
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    family: str = "unknown"
+    batch_size: int = 1
+    seq_len: int | None = None
+    tgt_seq_len: int | None = None
+    requested_seq_len: int | None = None
+    vocab_size: int | None = None
+    notes: tuple[str, ...] = ()
+
+    def __call__(self, module: nn.Module) -> Any:
+        return module(*self.args, **self.kwargs)
+
+
+_MAX_POSITION_ATTRS = ("max_positions", "max_position_embeddings", "n_positions", "max_seq_len", "block_size",
+                       "max_len", "context_length", "n_ctx", "max_seq_length")
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters()) or any(t.is_meta for t in module.buffers())
+
+
+def _hf_pretrained(module: nn.Module) -> bool:
+    tf = sys.modules.get("transformers")  # loaded already if the module is a HF model
+    base = getattr(tf, "PreTrainedModel", None) if tf is not None else None
+    return base is not None and isinstance(module, base)
+
+
+def _is_reference_model(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("tiecheck.models.")
+
+
+def _first_embedding(module: nn.Module) -> nn.Embedding | None:
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
+            return m
+    return None
+
+
+def _config_int(config: Any, names: Sequence[str]) -> tuple[str, int] | None:
+    if config is None:
+        return None
+    for n in names:
+        v = getattr(config, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return n, v
+    return None
+
+
+def _vocab_size(module: nn.Module) -> tuple[int | None, str | None]:
+    """The vocabulary size from ``.config``, else the first ``nn.Embedding`` (and a note)."""
+    found = _config_int(getattr(module, "config", None), ("vocab_size", "n_vocab"))
+    if found:
+        return found[1], None
+    emb = _first_embedding(module)
+    if emb is not None:
+        return emb.num_embeddings, f"vocab_size {emb.num_embeddings} taken from the first nn.Embedding"
+    return None, None
+
+
+def _required_positional(module: nn.Module) -> int | None:
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    n = 0
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
+            n += 1
+    return n
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _token_ids(batch: int, seq: int, vocab: int | None, device: torch.device) -> torch.Tensor:
+    """Deterministic ids in [0, vocab), avoiding id 0 (often padding) when the vocab allows."""
+    v = max(int(vocab or 2), 1)
+    row = torch.arange(seq, device=device, dtype=torch.long)
+    row = row % (v - 1) + 1 if v > 1 else row * 0
+    return row.unsqueeze(0).repeat(batch, 1)
+
+
+def _any_causal_attr(module: nn.Module) -> bool:
+    return any(getattr(m, "is_causal", None) is True for m in module.modules())
+
+
+def synthesize_inputs(
+    module: nn.Module,
+    batch_size: int = 1,
+    seq_len: int = 128,
+    *,
+    tgt_seq_len: int | None = None,
+    device: torch.device | str | None = None,
+) -> ModelInputs:
+    """Token-id inputs of shape (batch_size, seq_len) that ``module`` accepts.
+
+    The family is read from the module:
+
+    * a Hugging Face ``PreTrainedModel``: ``config.vocab_size``; ``input_ids``, plus
+      ``decoder_input_ids`` when ``config.is_encoder_decoder``; ``use_cache=False`` and
+      ``return_dict=False`` where the forward takes them. Decoder-only when an attention
+      module has ``is_causal=True``, else encoder.
+    * a bundled reference model (``tiecheck.models``): ``.config.vocab_size`` and
+      ``.config.kind``; ``(idx,)`` for decoders, ``(src, tgt)`` for the encoder-decoder.
+    * anything else: the vocabulary from ``.config.vocab_size`` or the first
+      ``nn.Embedding``; ``module(ids)``, or ``module(src, tgt)`` when the forward takes two
+      required positional arguments.
+
+    ``seq_len`` (and ``tgt_seq_len``, default ``seq_len``) are capped by the model's maximum
+    positions (``max_positions``, ``max_position_embeddings``, ``n_positions``,
+    ``block_size``, ..., or a position embedding's size); the cap is
+    reported in ``notes``. Tensors are created on ``device``, default the module's device
+    (meta for a module built under ``torch.device("meta")``).
+
+    Raises ``ValueError`` when no vocabulary size or calling convention can be found.
+    """
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+    dev = torch.device(device) if device is not None else module_device(module)
+    config = getattr(module, "config", None)
+    notes: list[str] = []
+
+    vocab_size, vocab_note = _vocab_size(module)
+    if vocab_note:
+        notes.append(vocab_note)
+    if vocab_size is None:
+        raise ValueError(
+            f"cannot synthesize token ids for {type(module).__name__}: no config.vocab_size and "
+            "no nn.Embedding; pass inputs= (a tuple or dict of tensors, or a callable)"
+        )
+
+    hf = _hf_pretrained(module)
+    kind = getattr(config, "kind", None) if _is_reference_model(module) else None
+    enc_dec = bool(getattr(config, "is_encoder_decoder", False)) if hf else kind == "encoder-decoder"
+    if not hf and kind is None:
+        nreq = _required_positional(module)
+        if nreq == 2:
+            enc_dec = True
+        elif nreq not in (0, 1):
+            raise ValueError(
+                f"cannot synthesize inputs for {type(module).__name__}: its forward takes "
+                f"{nreq} required arguments; pass inputs= (a tuple or dict of tensors, or a callable)"
+            )
+
+    cap = _config_int(config, _MAX_POSITION_ATTRS)
+    if cap is None and not hf:
+        pos = None
+        for name, m in module.named_modules():
+            if isinstance(m, nn.Embedding) and re.search(r"pos", name.rsplit(".", 1)[-1], re.IGNORECASE):
+                pos = (f"{name}.num_embeddings", m.num_embeddings)
+                break
+        cap = pos
+
+    def capped(n: int, what: str) -> int:
+        if cap is not None and n > cap[1]:
+            notes.append(f"{what} capped from {n} to {cap[1]} by {cap[0]}={cap[1]}")
+            return cap[1]
+        return n
+
+    src = capped(seq_len, "seq_len")
+    tgt = capped(tgt_seq_len if tgt_seq_len is not None else seq_len, "tgt_seq_len") if enc_dec else None
+
+    ids = _token_ids(batch_size, src, vocab_size, dev)
+    if hf:
+        kwargs: dict[str, Any] = {"input_ids": ids}
+        if enc_dec:
+            kwargs["decoder_input_ids"] = _token_ids(batch_size, tgt, vocab_size, dev)
+        if _accepts(module, "use_cache"):
+            kwargs["use_cache"] = False
+        if _accepts(module, "return_dict"):
+            kwargs["return_dict"] = False
+        family = "encoder-decoder" if enc_dec else ("decoder" if _any_causal_attr(module) else "encoder")
+        return ModelInputs((), kwargs, family, batch_size, src, tgt, seq_len, vocab_size, tuple(notes))
+
+    if enc_dec:
+        args: tuple = (ids, _token_ids(batch_size, tgt, vocab_size, dev))
+        family = "encoder-decoder"
+    else:
+        args = (ids,)
+        family = kind or ("decoder" if _any_causal_attr(module) else "unknown")
+    return ModelInputs(args, {}, family, batch_size, src, tgt, seq_len, vocab_size, tuple(notes))
+
+
+def coerce_inputs(
+    module: nn.Module,
+    inputs: Any,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+) -> ModelInputs:
+    """User inputs -> ModelInputs on ``device`` (tensors are moved, other values kept)."""
+    if callable(inputs) and not isinstance(inputs, (torch.Tensor, ModelInputs)):
+        inputs = inputs(module, batch_size, seq_len)
+    if isinstance(inputs, ModelInputs):
+        mi = inputs
+    elif isinstance(inputs, torch.Tensor):
+        mi = ModelInputs(args=(inputs,))
+    elif isinstance(inputs, Mapping):
+        mi = ModelInputs(kwargs=dict(inputs))
+    elif isinstance(inputs, (tuple, list)):
+        mi = ModelInputs(args=tuple(inputs))
+    else:
+        raise TypeError(
+            "inputs must be a tensor, a tuple/list or dict of tensors, a ModelInputs, or a callable "
+            f"make_inputs(module, batch_size, seq_len) returning one; got {type(inputs).__name__}"
+        )
+
+    def move(v: Any) -> Any:
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+
+    args = tuple(move(a) for a in mi.args)
+    kwargs = {k: move(v) for k, v in mi.kwargs.items()}
+    first = next((t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        raise ValueError("inputs contain no tensor")
+    bs, sl, tsl = mi.batch_size, mi.seq_len, mi.tgt_seq_len
+    family = mi.family
+    notes = list(mi.notes)
+    if not isinstance(inputs, ModelInputs):
+        # read the sizes off the tensors the user gave
+        bs = int(first.shape[0]) if first.dim() >= 1 else 1
+        sl = int(first.shape[1]) if first.dim() >= 2 else None
+        tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        second = tensors[1] if len(tensors) > 1 else None
+        if _hf_pretrained(module) and getattr(getattr(module, "config", None), "is_encoder_decoder", False):
+            family = "encoder-decoder"
+            dec = kwargs.get("decoder_input_ids")
+            tsl = int(dec.shape[1]) if isinstance(dec, torch.Tensor) and dec.dim() >= 2 else None
+        elif (not _hf_pretrained(module) and _required_positional(module) == 2 and second is not None
+              and second.dim() >= 2):
+            family = "encoder-decoder"
+            tsl = int(second.shape[1])
+        else:
+            kind = getattr(getattr(module, "config", None), "kind", None) if _is_reference_model(module) else None
+            family = kind or ("decoder" if _any_causal_attr(module) else "unknown")
+        notes.append("inputs supplied by the caller; sizes read from the first tensor")
+    vocab_size = mi.vocab_size if mi.vocab_size is not None else _vocab_size(module)[0]
+    return ModelInputs(args, kwargs, family, bs, sl, tsl, mi.requested_seq_len or sl, vocab_size, tuple(notes))

@@ -1,0 +1,338 @@
+"""The tracing engine: FLOPs of a Transformer forward pass, counted with fvcore.
+
+The count is taken from a TorchScript trace of one forward pass (fvcore's
+``FlopCountAnalysis``) on synthesized token ids, with handles for the operators fvcore
+gets wrong or does not know. By default the trace runs on the meta device, so a config
+the size of an 8B model is counted in seconds without allocating weights.
+
+Conventions
+-----------
+* Unit: FLOP, two per multiply-add. fvcore's own handles count multiply-adds; every
+  handle used here returns FLOPs (2 x MACs), so no part of the total is in another unit.
+* Counted: matrix products only -- ``linear``, ``matmul``, ``mm``, ``bmm``, ``addmm``,
+  ``baddbmm``, ``addbmm``, ``mv``, ``addmv``, ``dot``, ``einsum``, convolutions, and
+  ``scaled_dot_product_attention`` under any backend name. Bias additions inside
+  ``addmm``/``baddbmm``/``linear`` are not counted. This is the convention of PaLM
+  (appendix B), torchtitan and ``torch.utils.flop_counter``: at Transformer sizes the
+  matrix products are all but all of the arithmetic.
+* Ignored, and listed in ``ignored_ops`` with their call counts: elementwise arithmetic
+  and activations (add, mul by a scale, gelu, softmax, ...), normalisation (layer_norm,
+  rms_norm's pow/mean/rsqrt), reductions, comparisons, embedding lookups, indexing and
+  data movement (view, reshape, cat, ...). ``prim::`` graph plumbing is skipped.
+* Anything else the trace contains (an operator with no handle, a custom
+  ``autograd.Function`` -- ``prim::PythonOp.*`` -- that may hide a matmul) is listed in
+  ``uncounted_ops``. Nothing is dropped silently.
+* Attention: QK^T and AV cost 4·B·H·Tq·Tk·d_head FLOPs (d_head of V may differ from Q/K;
+  with grouped-query attention H is the number of query heads). ``attention="full"`` counts
+  the whole score matrix even when it is causal, as PaLM and torchtitan do;
+  ``attention="causal-half"`` halves causal attention, the FlashAttention benchmark
+  convention. An attention call is causal when the nearest enclosing module says so with a
+  boolean ``is_causal`` attribute (Hugging Face attention modules do), else when the SDPA
+  call passes ``is_causal=True``, else when the model is decoder-only and Tq == Tk.
+
+Parts (``by_part``), a partition of ``forward``
+------------------------------------------------
+* ``embedding``: always 0 -- a lookup is indexing, not arithmetic.
+* ``attention``: QK^T and AV only: SDPA calls, and products of two activations inside an
+  attention module (eager attention).
+* ``attention_projections``: products with a weight inside an attention module
+  (Q, K, V and output projections, fused or not).
+* ``mlp``: products with a weight inside a Transformer layer (an item of a ModuleList or
+  Sequential that contains attention) but outside its attention.
+* ``output_projection``: products with a weight, outside the layers, whose result has the
+  vocabulary size as its last dimension -- the logits (``lm_head``), tied or not.
+* ``other``: everything else (poolers, classifier heads, an activation product outside
+  attention, ...).
+
+A weight is a model parameter or buffer reached from the operand through views, casts,
+transposes and splits. A module is an attention module when its attribute name or class
+name contains "attn" or "attention" (case-insensitive).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
+
+from tiecheck.flops.analytic import ATTENTION_MODES
+from tiecheck.flops.handles import (
+    IGNORED,
+    NO_ARITHMETIC,
+    Classifier,
+    describe_error,
+    in_table,
+    make_handles,
+)
+from tiecheck.flops.inputs import (
+    ModelInputs,
+    coerce_inputs,
+    has_meta_tensors,
+    module_device,
+    synthesize_inputs,
+)
+from tiecheck.flops.result import PARTS, FlopsResult
+
+with warnings.catch_warnings():
+    # importing fvcore.nn scripts a few loss functions, which newer torch deprecates
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from fvcore.nn import FlopCountAnalysis
+
+_PREFIX = "module."
+
+
+def _flatten_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten_tensors(o)]
+    return []
+
+
+class _Call(nn.Module):
+    """Root of the trace: calls the model with the inputs' fixed structure.
+
+    The trace takes a flat tuple of tensors; everything else (``use_cache=False``, ...) is
+    held here as a constant. Outputs are flattened to a tuple of tensors, which is all
+    the tracer accepts.
+    """
+
+    def __init__(self, module: nn.Module, mi: ModelInputs) -> None:
+        super().__init__()
+        self.module = module
+        self._args = list(mi.args)
+        self._kwargs = dict(mi.kwargs)
+        self.arg_slots = [i for i, a in enumerate(self._args) if isinstance(a, torch.Tensor)]
+        self.kw_slots = [k for k, v in self._kwargs.items() if isinstance(v, torch.Tensor)]
+
+    def flat_inputs(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self._args[i] for i in self.arg_slots) + tuple(self._kwargs[k] for k in self.kw_slots)
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = list(self._args)
+        kwargs = dict(self._kwargs)
+        it = iter(flat)
+        for i in self.arg_slots:
+            args[i] = next(it)
+        for k in self.kw_slots:
+            kwargs[k] = next(it)
+        outs = _flatten_tensors(self.module(*args, **kwargs))
+        return tuple(outs) if outs else (flat[0],)
+
+
+def _flop_analysis(root: nn.Module, inputs: tuple):
+    class _Analysis(FlopCountAnalysis):
+        """Reports every aten op it has no handle for; fvcore by default drops some silently."""
+
+        def _should_ignore_node(self, node: Any) -> bool:
+            kind = node.kind()
+            if kind.startswith(("prim::PythonOp", "prim::CallFunction")):
+                return False
+            return kind.startswith("prim::") or in_table(kind, NO_ARITHMETIC)
+
+    fca = _Analysis(root, inputs)
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    fca.clear_op_handles()
+    return fca
+
+
+class _OnMeta:
+    """Within the block the module's parameters and buffers are meta tensors (ties kept)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        memo: dict[int, torch.Tensor] = {}
+        state: dict[str, torch.Tensor] = {}
+        named = list(module.named_parameters(remove_duplicate=False)) + list(
+            module.named_buffers(remove_duplicate=False))
+        for name, t in named:
+            if id(t) not in memo:
+                e = torch.empty_like(t.detach(), device="meta")
+                memo[id(t)] = nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
+            state[name] = memo[id(t)]
+        self._ctx = _reparametrize_module(module, state, tie_weights=True)
+
+    def __enter__(self) -> None:
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+@dataclass
+class _Counted:
+    by_part: dict[str, int]
+    by_operator: dict[str, int]
+    calls: dict[str, int]
+    uncounted: dict[str, int]
+    ignored: dict[str, int]
+    notes: list[str]
+
+
+def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bool) -> _Counted:
+    root = _Call(module, mi)
+    flat = root.flat_inputs()
+    if not flat:
+        raise ValueError("inputs contain no tensor")
+    cls = Classifier(module, _PREFIX, len(flat), mi.vocab_size, mi.family, attention)
+    fca = _flop_analysis(root, flat)
+    fca.set_op_handle(**make_handles(cls))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the trace makes many short-lived objects; collecting them mid-trace is wasted time
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if on_meta:
+                with _OnMeta(module):
+                    fca.total()
+            else:
+                fca.total()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    by_part = {p: 0 for p in PARTS}
+    by_op: Counter = Counter()
+    for key, v in fca.by_operator().items():
+        part, _, op = key.partition("/")
+        by_part[part] += int(v)
+        by_op[op] += int(v)
+    uncounted, ignored = {}, {}
+    for kind, n in fca.unsupported_ops().items():
+        (ignored if in_table(kind, IGNORED) else uncounted)[kind] = int(n)
+    for kind, n in cls.failed.items():
+        uncounted[kind] = uncounted.get(kind, 0) + n
+    notes = [f"{k} not counted: {why}" for k, why in sorted(cls.failures.items())]
+    return _Counted(by_part, dict(by_op), dict(cls.calls), uncounted, ignored, notes)
+
+
+
+
+def count_flops(
+    module: nn.Module,
+    *,
+    inputs: Any = None,
+    batch_size: int = 1,
+    seq_len: int = 128,
+    attention: str = "full",
+    device: torch.device | str | None = None,
+    tgt_seq_len: int | None = None,
+) -> FlopsResult:
+    """Count the FLOPs of one forward pass of ``module`` (see the module docstring).
+
+    ``inputs``: ``None`` to synthesize token ids (:func:`synthesize_inputs`); a tensor, a
+    tuple/list (positional) or dict (keyword) of tensors; a :class:`ModelInputs`; or a
+    callable ``make_inputs(module, batch_size, seq_len)`` returning one of those. Tensors
+    are moved to the device the trace runs on; sizes reported are read from them.
+
+    ``device``:
+
+    * ``None`` (default): trace on the meta device -- the module's parameters are swapped
+      for meta tensors for the duration, so nothing is allocated or computed. If the forward
+      cannot run on meta (it calls ``.item()``, mixes in a CPU tensor, ...) and the module
+      has real weights, trace one example with real tensors on the module's device and
+      multiply by ``batch_size`` (FLOPs are linear in the batch).
+    * ``"meta"``: the meta trace only.
+    * any other device: trace with real tensors there, at the full batch size; the module's
+      weights must live there.
+
+    Failures of the model's forward never raise: the result has ``available=False`` and a
+    ``reason``. Invalid arguments (an unknown ``attention``, sizes < 1, ``inputs`` of the
+    wrong type) raise ``ValueError``/``TypeError``.
+    """
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+    if tgt_seq_len is not None and tgt_seq_len < 1:
+        raise ValueError(f"tgt_seq_len must be >= 1, got {tgt_seq_len}")
+
+    real_ok = not has_meta_tensors(module)
+    home = module_device(module)
+    if device is None:
+        plan = [("meta", torch.device("meta"))]
+        if real_ok:
+            plan.append(("real-batch-1", home))
+    else:
+        dev = torch.device(device)
+        if dev.type == "meta":
+            plan = [("meta", dev)]
+        elif not real_ok:
+            return FlopsResult(False, reason=f"the module has meta weights; it cannot run on {dev}",
+                               attention=attention, batch_size=batch_size, requested_seq_len=seq_len)
+        else:
+            plan = [("real", dev)]
+
+    failures: list[str] = []
+    last_mi: ModelInputs | None = None
+    for method, dev in plan:
+        b = 1 if method == "real-batch-1" else batch_size
+        try:
+            if inputs is None:
+                mi = synthesize_inputs(module, b, seq_len, tgt_seq_len=tgt_seq_len, device=dev)
+            else:
+                mi = coerce_inputs(module, inputs, b, seq_len, dev)
+        except TypeError:
+            if inputs is not None and not callable(inputs):
+                raise
+            failures.append(f"inputs: {describe_error(sys.exc_info()[1])}")
+            break
+        except Exception as e:  # noqa: BLE001 - a user's make_inputs or an odd module
+            failures.append(f"inputs: {describe_error(e)}")
+            break
+        last_mi = mi
+        try:
+            counted = _trace_count(module, mi, attention, on_meta=(method == "meta"))
+        except Exception as e:  # noqa: BLE001 - the model's forward failed under the trace
+            failures.append(f"{method} trace: {describe_error(e)}")
+            continue
+
+        scale = 1
+        notes = list(mi.notes) + counted.notes
+        if method == "real-batch-1":
+            if inputs is None or callable(inputs):
+                scale = batch_size
+                notes.append(f"traced one example with real tensors on {dev} and scaled by batch_size")
+            else:
+                notes.append(f"traced the given inputs with real tensors on {dev}")
+        notes.extend(f"fell back after {f}" for f in failures)
+        by_part = {k: v * scale for k, v in counted.by_part.items()}
+        return FlopsResult(
+            available=True,
+            attention=attention,
+            family=mi.family,
+            method=method,
+            batch_size=mi.batch_size * scale,
+            seq_len=mi.seq_len,
+            requested_seq_len=mi.requested_seq_len,
+            tgt_seq_len=mi.tgt_seq_len if mi.family == "encoder-decoder" else None,
+            forward=sum(by_part.values()),
+            by_part=by_part,
+            by_operator={k: v * scale for k, v in counted.by_operator.items()},
+            attention_calls={"calls": counted.calls.get("calls", 0),
+                             "causal": counted.calls.get("causal", 0)},
+            uncounted_ops=counted.uncounted,
+            ignored_ops=counted.ignored,
+            notes=tuple(notes),
+        )
+
+    mi = last_mi
+    return FlopsResult(
+        available=False,
+        reason="; ".join(failures) or "nothing to trace",
+        attention=attention,
+        family=mi.family if mi else None,
+        batch_size=batch_size,
+        seq_len=mi.seq_len if mi else None,
+        requested_seq_len=seq_len,
+        tgt_seq_len=mi.tgt_seq_len if mi and mi.family == "encoder-decoder" else None,
+        notes=tuple(mi.notes) if mi else (),
+    )
