@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_child
+
 from tiecheck.flops import analytic_flops, count_flops
 
 transformers = pytest.importorskip("transformers")

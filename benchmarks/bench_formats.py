@@ -19,7 +19,6 @@ import json
 import os
 
 import pytest
-
 from conftest import run_child
 
 # Llama-3-8B: vocab 128256, hidden 4096, MLP 14336, 32 layers, 32 heads of 128, 8 KV heads, untied head.

@@ -19,8 +19,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import run_child
+
+from tiecheck.api import analyze_subject
+from tiecheck.loaders import from_module
 
 SETUP = "import torch, tiecheck, tiecheck.api, tiecheck.loaders.content"
 LOAD = "_sd = torch.load({path!r}, map_location='cpu', weights_only=True)"
@@ -90,8 +92,6 @@ def test_meta_8b_tie_analysis_vs_accelerate(benchmark):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     accelerate_utils = pytest.importorskip("accelerate.utils")
-    from tiecheck.api import analyze_subject
-    from tiecheck.loaders import from_module
 
     cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                    num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 
 def pytest_collect_file(file_path, parent):
@@ -56,7 +57,6 @@ def run_child(code: str, setup: str = "") -> dict:
 @pytest.fixture(scope="session")
 def tied_bf16_file(tmp_path_factory):
     """A >= 1 GB tied bf16 state dict shaped like a small Llama (embedding tied to lm_head)."""
-    import torch
 
     path = tmp_path_factory.mktemp("big") / "tied_bf16.pt"
     g = torch.Generator().manual_seed(0)
@@ -80,7 +80,6 @@ def tied_bf16_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def planted_duplicate_file(tmp_path_factory):
     """1 GiB of same-shape random float32 tensors, one of which is a copy of another."""
-    import torch
 
     path = tmp_path_factory.mktemp("dups") / "same_shape.pt"
     g = torch.Generator().manual_seed(1)

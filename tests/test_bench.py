@@ -19,14 +19,21 @@ import torch
 from click.testing import CliRunner
 
 from tiecheck import models
-from tiecheck.bench import BenchConfig, render, run_bench
+from tiecheck.bench import BenchConfig, render, run_bench, runner, stats
 from tiecheck.bench import device as D
-from tiecheck.bench import stats
 from tiecheck.bench.flops import flops_shape, forward_flops, step_flops
-from tiecheck.bench.protocol import (diverged, identical_weights, make_batches, optimizer_state_bytes, still_tied,
-                                     tie_groups)
+from tiecheck.bench.plot import plot
+from tiecheck.bench.protocol import (
+    diverged,
+    identical_weights,
+    make_batches,
+    optimizer_state_bytes,
+    still_tied,
+    tie_groups,
+)
 from tiecheck.bench.runner import bundled_builder, largest_fitting, order_of_round, resolve
 from tiecheck.cli import main
+from tiecheck.cli.bench import Progress
 from tiecheck.errors import TiecheckError
 
 TINY = {"n_layer": 1, "vocab_size": 512, "d_model": 32, "n_head": 2, "block_size": 32}
@@ -334,7 +341,6 @@ def test_max_batch_search_on_the_cpu_with_real_allocation_failures():
     # --find-max-batch is refused on the CPU (no fixed device memory to fill), but its search,
     # OOM cleanup and measurement are device-independent: run them here with a model that
     # cannot allocate its activations above 3 sequences.
-    from tiecheck.bench import runner
 
     build = bundled_builder("gpt-mini", TINY)
 
@@ -430,7 +436,6 @@ def test_json_csv_markdown(train_result):
 
 def test_plot_writes_a_figure(tmp_path, train_result):
     pytest.importorskip("matplotlib")
-    from tiecheck.bench.plot import plot
 
     out = tmp_path / "bench.png"
     plot(train_result, str(out))
@@ -502,8 +507,6 @@ def test_cli_writes_csv_and_plot(tmp_path):
 
 
 def test_progress_bar_draws_only_on_a_terminal(capsys):
-    from tiecheck.cli.bench import Progress
-
     quiet = Progress(10, enabled=False)
     quiet(5, "round 1")
     quiet.close()

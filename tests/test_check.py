@@ -10,9 +10,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import tie_models as tm
-from tie_models import EMB, HEAD
 from tiecheck.cli import main
+from tiecheck.cli.check import annotation
+
+import support.models as tm
+from support.models import EMB, HEAD
 
 RETIE = "model.tie_weights() or assign the Parameter again (model.head.weight = model.tok_emb.weight)"
 
@@ -280,8 +282,6 @@ def test_github_annotations(project):
 
 
 def test_github_escapes_workflow_command_syntax():
-    from tiecheck.cli.check import annotation
-
     assert annotation("error", "TC009", "50% done\nnext", "a,b:c.json") == \
         "::error file=a%2Cb%3Ac.json,title=TC009::50%25 done%0Anext"
 

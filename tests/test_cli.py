@@ -11,8 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import TinyLM
 from tiecheck.cli import main
+
+from support.models import TinyLM
 
 
 @pytest.fixture

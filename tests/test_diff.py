@@ -7,11 +7,14 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 import tiecheck
-from conftest import BertLikeMLM, TinyLM
-from formats_helpers import write_safetensors
 from tiecheck.cli import main
+from tiecheck.tie_diff import render_diff
+
+from support.checkpoints import write_safetensors
+from support.models import BertLikeMLM, TinyLM
 
 
 @pytest.fixture
@@ -81,7 +84,6 @@ def test_names_absent_from_b_and_the_hint(tmp_path, tied):
     path = write_safetensors(tmp_path / "model.safetensors", sd)
     d = tiecheck.diff(tied, str(path))
     assert d.lost[0]["in_b"]["lm_head.weight"] == {"state": "absent"}
-    from tiecheck.tie_diff import render_diff
 
     text = render_diff(d)
     assert "Lost ties (1)" in text and "absent" in text and "Hugging Face model folder" in text
@@ -121,8 +123,6 @@ def test_cli_bad_side_is_one_line_exit_2(tmp_path, tied):
 
 
 def test_tie_turned_into_distinct_parameters_is_a_failure(tied):
-    from torch import nn
-
     b = TinyLM()
     b.load_state_dict(tied.state_dict())
     # The same memory, but two Parameter objects: gradients are no longer shared.
@@ -132,7 +132,6 @@ def test_tie_turned_into_distinct_parameters_is_a_failure(tied):
     assert d.kind_changed == [{"names": ["embed.weight", "lm_head.weight"], "a": "same_parameter",
                                "b": "distinct_parameters"}]
     assert d.exit_code == 1
-    from tiecheck.tie_diff import render_diff
 
     assert "Ties whose kind changed (1)" in render_diff(d)
     # A module's tie and the same tie read from a file are not a change.

@@ -6,18 +6,25 @@ import json
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+import transformers.dynamic_module_utils as dmu
 from click.testing import CliRunner
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import tiecheck
-from conftest import TinyLM
-from formats_helpers import safetensors_bytes, write_safetensors, write_sharded
 from tiecheck.cli import main
 from tiecheck.errors import TargetError, UntrustedPickleError
+from tiecheck.loaders.safetensors_files import load_safetensors_file
+
+from support.checkpoints import safetensors_bytes, write_safetensors, write_sharded
+from support.models import TinyLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,8 +45,6 @@ def untied_sd(seed: int = 0) -> dict:
 # -- safetensors ------------------------------------------------------------------------------
 
 def test_safetensors_file_by_content_any_extension(tmp_path):
-    from safetensors.torch import save_file
-
     sd = untied_sd()
     path = tmp_path / "weights.bin-final"
     save_file(sd, path)
@@ -52,8 +57,6 @@ def test_safetensors_file_by_content_any_extension(tmp_path):
 
 
 def test_safetensors_tensors_are_mapped_not_read(tmp_path):
-    from tiecheck.loaders.safetensors_files import load_safetensors_file
-
     sd = {"a": torch.randn(64, 16), "b": torch.arange(10, dtype=torch.int64), "c": torch.randn(3).bfloat16(),
           "empty": torch.empty(0, 4)}
     path = write_safetensors(tmp_path / "m.safetensors", sd)
@@ -81,7 +84,6 @@ def test_safetensors_untied_copy_is_a_duplicate(tmp_path):
 def test_safetensors_unaligned_header_still_loads(tmp_path):
     sd = {"a": torch.randn(5, 3), "b": torch.randn(7)}
     path = write_safetensors(tmp_path / "odd.safetensors", sd, pad_to=1, metadata={"format": "pt"})
-    from tiecheck.loaders.safetensors_files import load_safetensors_file
 
     sub = load_safetensors_file(path)
     assert all(torch.equal(sub.tensors[k], v) for k, v in sd.items())
@@ -176,8 +178,6 @@ def test_sharded_missing_shard_outside_folder_and_disagreeing_index(tmp_path):
 # -- Hugging Face folders ------------------------------------------------------------------------
 
 def llama(tie: bool, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)
@@ -375,7 +375,6 @@ def test_custom_architecture_needs_trust_remote_code(tmp_path):
     assert any("--trust-remote-code" in n and "not run" in n for n in r.source["notes"])
 
     # Trusted: transformers copies the module into its modules cache; point that at tmp_path.
-    import transformers.dynamic_module_utils as dmu
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))
@@ -466,10 +465,6 @@ def test_torchscript_needs_trust_pickle(tmp_path):
 
 @pytest.fixture
 def dcp_folder(tmp_path):
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-
     torch.manual_seed(0)
     folder = tmp_path / "dcp"
     with warnings.catch_warnings():

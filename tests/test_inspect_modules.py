@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import tiecheck
-from conftest import BertLikeMLM, FlatBufferModel, FusedQKV, TinyLM, WrongLinear
+
+from support.models import BertLikeMLM, FlatBufferModel, FusedQKV, TinyLM, WrongLinear
 
 
 def codes(report):

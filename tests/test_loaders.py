@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import tiecheck
-from conftest import TinyLM
 from tiecheck.errors import TargetError, UntrustedPickleError
+
+from support.models import TinyLM
 
 
 @pytest.fixture

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import tie_models
 import tiecheck.api  # noqa: F401  (imported here so pytester's in-process runs keep one copy of each module)
 import tiecheck.pytest_plugin.fixture  # noqa: F401
 from tiecheck import __version__
+
+import support.models as tie_models
 
 pytest_plugins = ["pytester"]
 
@@ -35,7 +36,7 @@ def lm(pytester: pytest.Pytester) -> pytest.Pytester:
 
 def snapshot_test(model: str) -> str:
     return f"""
-import tie_models
+import support.models as tie_models
 
 def test_lm(tiecheck):
     tiecheck.assert_ties_match_snapshot(tie_models.{model}(), "lm")
@@ -76,8 +77,8 @@ def test_header_and_options(pytester: pytest.Pytester):
 
 def test_passing_assertions(lm: pytest.Pytester):
     lm.makepyfile(test_pass="""
-import tie_models
-from tie_models import EMB, HEAD
+import support.models as tie_models
+from support.models import EMB, HEAD
 
 def test_tied(tiecheck):
     model = tie_models.tied()
@@ -101,8 +102,8 @@ def test_state_dict_and_report(tiecheck):
 
 def test_failing_assertions_and_their_messages(lm: pytest.Pytester):
     lm.makepyfile(test_fail="""
-import tie_models
-from tie_models import EMB, HEAD
+import support.models as tie_models
+from support.models import EMB, HEAD
 
 def test_tied(tiecheck):
     tiecheck.assert_tied(tie_models.broken(), EMB, HEAD)
@@ -119,7 +120,7 @@ def test_findings(tiecheck):
     result = run(lm)
     result.assert_outcomes(failed=4)
     result.stdout.fnmatch_lines([
-        "E*NotTiedError: expected tok_emb.weight, head.weight to be tied in TinyLM, but they are not",
+        "E*NotTiedError: expected tok_emb.weight, head.weight to be tied in SnapshotLM, but they are not",
         "E*  now:",
         "E*    tok_emb.weight shares memory with nothing (equal values to head.weight in separate memory)",
         "E*    head.weight shares memory with nothing (equal values to tok_emb.weight in separate memory)",
@@ -127,12 +128,12 @@ def test_findings(tiecheck):
         "model.tie_weights() or assign the Parameter again (model.head.weight = model.tok_emb.weight)",
     ])
     result.stdout.fnmatch_lines([
-        "E*UnexpectedTieError: expected tok_emb.weight, head.weight not to be tied in TinyLM, but they share memory",
+        "E*UnexpectedTieError: expected tok_emb.weight, head.weight not to be tied in SnapshotLM, but they share memory",
         "E*    tok_emb.weight shares memory with head.weight (same_parameter)",
     ])
-    result.stdout.fnmatch_lines(["E*BrokenTieError: 1 broken tie in TinyLM:",
+    result.stdout.fnmatch_lines(["E*BrokenTieError: 1 broken tie in SnapshotLM:",
                                  "E*[[]TC005[]] warning: head.weight, tok_emb.weight hold equal float32 [[]64, 16[]]*"])
-    result.stdout.fnmatch_lines(["E*FindingsError: 1 finding at error or worse in TinyLM:",
+    result.stdout.fnmatch_lines(["E*FindingsError: 1 finding at error or worse in SnapshotLM:",
                                  "E*[[]TC002[]] error: head.weight, tok_emb.weight are 2 distinct objects over one memory*"])
     # The failure points at the test's line, not into tiecheck.
     assert "tiecheck/testing.py" not in result.stdout.str()
@@ -169,7 +170,7 @@ def test_mismatch_then_update(lm: pytest.Pytester):
     result = run(lm)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
-        f"E*SnapshotMismatchError: tie groups of TinyLM differ from the snapshot {SNAPSHOT}",
+        f"E*SnapshotMismatchError: tie groups of SnapshotLM differ from the snapshot {SNAPSHOT}",
         "E*  expected:",
         "E*    [[]same_parameter[]] head.weight, tok_emb.weight",
         "E*  actual:",
@@ -210,7 +211,7 @@ def test_model(tiecheck, make):
 
 def test_two_tests_writing_different_ties_to_one_snapshot(lm: pytest.Pytester):
     lm.makepyfile(test_lm="""
-import tie_models
+import support.models as tie_models
 
 def test_a(tiecheck):
     tiecheck.assert_ties_match_snapshot(tie_models.tied(), "lm")
@@ -228,7 +229,7 @@ def test_b(tiecheck):
 @pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden"])
 def test_snapshot_names_are_plain_file_names(lm: pytest.Pytester, name):
     lm.makepyfile(test_lm=f"""
-import tie_models
+import support.models as tie_models
 
 def test_lm(tiecheck):
     tiecheck.assert_ties_match_snapshot(tie_models.tied(), {name!r})

@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -22,11 +23,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
 
-from fuzz_support import rewrite_zip_entry, set_field, set_read_only, snapshot, tiny_state_dict, zip_structure
 from tiecheck.cli import main
 
+from support.checkpoints import (
+    llama_config,
+    llama_tensors,
+    rewrite_zip_entry,
+    set_field,
+    set_read_only,
+    snapshot,
+    tiny_state_dict,
+    write_safetensors,
+    write_sharded,
+    zip_structure,
+)
 
 # -- payloads ------------------------------------------------------------------------------------
 
@@ -326,8 +339,6 @@ def test_legacy_files_load_safely_without_mmap(env):
 
 @pytest.fixture
 def plain_targets(tmp_path):
-    from formats_helpers import write_safetensors
-
     a = write_safetensors(tmp_path / "a.safetensors", {"w": torch.ones(2)})
     b = write_safetensors(tmp_path / "b.safetensors", {"w": torch.ones(2)})
     return a, b
@@ -365,8 +376,6 @@ def test_each_opt_in_warns_in_check_from_the_command_line_and_the_policy(tmp_pat
 # -- broken files inside large folders: the error says which file and where ----------------------------
 
 def _many_safetensors_shards(d: Path) -> tuple[Path, str]:
-    from formats_helpers import write_sharded
-
     sd = {f"layers.{i}.weight": torch.full((4,), float(i)) for i in range(16)}
     index = write_sharded(d / "ckpt", sd, shards=8)
     shard = d / "ckpt" / "model-00005-of-00008.safetensors"
@@ -395,8 +404,6 @@ def _many_bin_shards(d: Path) -> tuple[Path, str]:
 
 
 def _dcp_chunk_past_the_end(d: Path) -> tuple[Path, str]:
-    import torch.distributed.checkpoint as dcp
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({f"layers.{i}.weight": torch.ones(4) for i in range(12)}, checkpoint_id=str(d / "dcp"))
@@ -407,8 +414,6 @@ def _dcp_chunk_past_the_end(d: Path) -> tuple[Path, str]:
 
 @pytest.mark.parametrize("make", [_many_safetensors_shards, _many_bin_shards, _dcp_chunk_past_the_end])
 def test_a_failure_inside_a_large_folder_names_the_file_and_where(tmp_path, make):
-    import re
-
     target, pattern = make(tmp_path)
     res = CliRunner().invoke(main, ["inspect", str(target), "--no-flops"])
     assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
@@ -417,7 +422,6 @@ def test_a_failure_inside_a_large_folder_names_the_file_and_where(tmp_path, make
 
 def test_names_from_a_file_cannot_break_lines_or_reach_the_terminal(tmp_path):
     """A tensor name holding a newline and an ANSI escape: the table escapes it, JSON keeps it exact."""
-    from formats_helpers import write_safetensors
 
     name = "emb\x1b]0;owned\x07\x1b[31m\nhead"
     w = torch.arange(4.0)
@@ -433,14 +437,11 @@ def test_names_from_a_file_cannot_break_lines_or_reach_the_terminal(tmp_path):
 def test_a_config_claiming_a_million_layers_is_not_built(tmp_path):
     """Building it on the meta device would take minutes and gigabytes; the files hold 11 tensors."""
     pytest.importorskip("transformers")
-    from fuzz_support import _llama_config, _llama_tensors
-
-    from formats_helpers import write_safetensors
 
     folder = tmp_path / "hf"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({**_llama_config(), "num_hidden_layers": 10 ** 6}))
-    write_safetensors(folder / "model.safetensors", _llama_tensors())
+    (folder / "config.json").write_text(json.dumps({**llama_config(), "num_hidden_layers": 10 ** 6}))
+    write_safetensors(folder / "model.safetensors", llama_tensors())
     res = CliRunner().invoke(main, ["inspect", str(folder), "--no-flops", "--format", "json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)

@@ -11,13 +11,26 @@ import pytest
 import torch
 
 import tiecheck
-import tie_models as tm
-from tie_models import EMB, HEAD
 from tiecheck.errors import TiecheckError
-from tiecheck.testing import (BrokenTieError, FindingsError, NotTiedError, SnapshotMismatchError, SnapshotMissingError,
-                              TieAssertionError, UnexpectedTieError, UnknownNameError, assert_no_broken_ties,
-                              assert_no_findings, assert_not_tied, assert_tied, assert_ties_match_snapshot,
-                              match_snapshot)
+from tiecheck.testing import (
+    BrokenTieError,
+    FindingsError,
+    NotTiedError,
+    SnapshotMismatchError,
+    SnapshotMissingError,
+    TieAssertionError,
+    UnexpectedTieError,
+    UnknownNameError,
+    assert_no_broken_ties,
+    assert_no_findings,
+    assert_not_tied,
+    assert_tied,
+    assert_ties_match_snapshot,
+    match_snapshot,
+)
+
+import support.models as tm
+from support.models import EMB, HEAD
 
 RETIE = "model.tie_weights() or assign the Parameter again (model.head.weight = model.tok_emb.weight)"
 
@@ -37,7 +50,7 @@ def test_assign_true_untie_fails_with_cause_and_fix():
         assert_tied(tm.broken(), EMB, HEAD)
     msg = str(exc.value)
     assert isinstance(exc.value, AssertionError)
-    assert msg.startswith(f"expected {EMB}, {HEAD} to be tied in TinyLM, but they are not")
+    assert msg.startswith(f"expected {EMB}, {HEAD} to be tied in SnapshotLM, but they are not")
     # What each name shares memory with now, and that the values are still equal.
     assert f"{EMB} shares memory with nothing (equal values to {HEAD} in separate memory)" in msg
     assert "re-tie after load_state_dict(assign=True)" in msg and RETIE in msg
@@ -51,7 +64,7 @@ def test_never_tied_names_get_the_build_time_hint():
 
 
 def test_single_name_not_tied_names_its_copy():
-    with pytest.raises(NotTiedError, match=f"expected {HEAD} to be tied to another name in TinyLM") as exc:
+    with pytest.raises(NotTiedError, match=f"expected {HEAD} to be tied to another name in SnapshotLM") as exc:
         assert_tied(tm.broken(), HEAD)
     assert f"equal values to {EMB} in separate memory" in str(exc.value)
 
@@ -68,7 +81,7 @@ def test_not_tied_fails_when_names_share_memory():
     with pytest.raises(UnexpectedTieError) as exc:
         assert_not_tied(tm.tied(), EMB, HEAD)
     msg = str(exc.value)
-    assert msg.startswith(f"expected {EMB}, {HEAD} not to be tied in TinyLM, but they share memory")
+    assert msg.startswith(f"expected {EMB}, {HEAD} not to be tied in SnapshotLM, but they share memory")
     assert f"{EMB} shares memory with {HEAD} (same_parameter)" in msg
     with pytest.raises(UnexpectedTieError, match="but it shares memory"):
         assert_not_tied(tm.tied(), HEAD)
@@ -119,7 +132,7 @@ def test_broken_ties_reported_with_fix():
     with pytest.raises(BrokenTieError) as exc:
         assert_no_broken_ties(tm.broken())
     msg = str(exc.value)
-    assert msg.startswith("1 broken tie in TinyLM:")
+    assert msg.startswith("1 broken tie in SnapshotLM:")
     assert f"[TC005] warning: {HEAD}, {EMB} hold equal float32 [64, 16] content in separate memory" in msg
     assert RETIE in msg
     with pytest.raises(BrokenTieError, match=r"\[TC002\]"):
@@ -134,7 +147,7 @@ def test_broken_ties_needs_weights():
 def test_no_findings_by_severity_and_ignore():
     assert_no_findings(tm.tied(), "info")
     assert_no_findings(tm.untied(), "warning")  # only TC006 (info)
-    with pytest.raises(FindingsError, match=r"1 finding at info or worse in TinyLM:\n  \[TC006\] info:"):
+    with pytest.raises(FindingsError, match=r"1 finding at info or worse in SnapshotLM:\n  \[TC006\] info:"):
         assert_no_findings(tm.untied(), "info")
     assert_no_findings(tm.untied(), "info", ignore=["TC006"])
     with pytest.raises(FindingsError) as exc:
@@ -169,7 +182,7 @@ def test_snapshot_mismatch_shows_expected_actual_and_hint(tmp_path):
     with pytest.raises(SnapshotMismatchError) as exc:
         assert_ties_match_snapshot(tm.broken(), path)
     msg = str(exc.value)
-    assert f"tie groups of TinyLM differ from the snapshot {path}" in msg
+    assert f"tie groups of SnapshotLM differ from the snapshot {path}" in msg
     assert f"  expected:\n    [same_parameter] {HEAD}, {EMB}\n  actual:\n    (no tie groups)\n" in msg
     assert "[TC009]" in msg and RETIE in msg
     assert "update=True" in msg
@@ -244,13 +257,13 @@ def test_assertions_work_without_pytest():
     code = (
         "import sys; sys.modules['pytest'] = None\n"  # any import of pytest now fails
         "sys.path.insert(0, sys.argv[1])\n"
-        "import tie_models as tm\n"
+        "import support.models as tm\n"
         "from tiecheck.testing import assert_tied, NotTiedError\n"
         "assert_tied(tm.tied(), 'tok_emb.weight', 'head.weight')\n"
         "try:\n    assert_tied(tm.broken(), 'tok_emb.weight', 'head.weight')\n"
         "except NotTiedError as e:\n    print('caught', str(e).splitlines()[0])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(Path(tm.__file__).parent)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code, str(Path(tm.__file__).parent.parent)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "caught expected tok_emb.weight, head.weight to be tied in TinyLM, but they are not"
+    assert out.stdout.strip() == "caught expected tok_emb.weight, head.weight to be tied in SnapshotLM, but they are not"

@@ -15,6 +15,27 @@ import warnings
 
 import pytest
 import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForMaskedLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MarianConfig,
+    MarianMTModel,
+    MBartConfig,
+    MBartForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.utils import logging as tlog
 
 import tiecheck
 
@@ -23,11 +44,6 @@ accelerate_utils = pytest.importorskip("accelerate.utils")
 
 
 def _configs():
-    from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM, GemmaConfig,
-                              GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              MarianConfig, MarianMTModel, MBartConfig, MBartForConditionalGeneration, Qwen2Config,
-                              Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration)
-
     v = 96
     dec = dict(vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                num_key_value_heads=1)
@@ -75,7 +91,6 @@ def declared_groups(model) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """Each model built once, with every saved form of it."""
-    from transformers.utils import logging as tlog
 
     tlog.set_verbosity_error()
     out = {}
@@ -146,8 +161,6 @@ def test_content_pass_on_a_saved_folder_finds_no_broken_tie(zoo):
 
 
 def test_gpt2_counts_a_tie_once_where_torchinfo_counts_it_twice():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     cfg = GPT2Config(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=2)
     with torch.device("meta"):
         model = GPT2LMHeadModel(cfg)

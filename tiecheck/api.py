@@ -33,17 +33,43 @@ def analyze(
     attention: str = "full",
     inputs: Any = None,
 ) -> Report:
-    """Analyse a model or checkpoint and return its Report.
+    """Analyse a model or checkpoint and return its :class:`~tiecheck.report.Report`.
 
-    ``target`` may be an ``nn.Module``, a state dict or training-checkpoint dict, a path to a
-    checkpoint file or folder, a bundled model name (``"gpt-mini"``) or a Python spec
-    (``"file.py:factory"``, ``"package.module:factory"``). ``expect_tied`` lists groups of names
-    that must share memory. ``trust_remote_code`` lets a Hugging Face folder's own Python code
-    build its architecture (it runs that code). With ``flops=True``, targets that yield a module
-    also get forward FLOPs (fvcore, on the meta device where possible) for ``batch_size`` x
-    ``seq_len`` tokens; ``inputs`` may supply the forward's arguments, or a
-    ``make_inputs(module, batch_size, seq_len)`` callable. Raises ``TiecheckError`` for input
-    that cannot be analysed.
+    Args:
+        target: what to analyse: an ``nn.Module``; a state dict or training-checkpoint dict; a
+            path (``str`` or ``os.PathLike``) to a checkpoint file or folder, recognised by content
+            (torch.save, safetensors, a weights index, a Hugging Face folder, ``.pt2``, TorchScript,
+            a torch.distributed.checkpoint folder); a bundled model name (``"gpt-mini"``, see
+            ``tiecheck models``); or a Python spec ``"file.py:factory"`` / ``"package.module:factory"``.
+            A path that exists wins over a name or a spec.
+        key: dotted key of the model state inside a training checkpoint (``"model"``,
+            ``"state.model"``); by default the model state is picked and the report says which.
+        trust_pickle: allow pickled Python objects (full ``nn.Module`` files, TorchScript archives,
+            pickled ``.pt2`` entries). Loading them can run arbitrary code from the file.
+        trust_remote_code: let a Hugging Face folder's own Python code (``auto_map``) build its
+            architecture. This runs that code.
+        duplicates: run the content pass that finds untied duplicates (reads tensor values, in
+            bounded chunks; off = names and memory layout only).
+        optimizer: ``"adamw"``, ``"sgd"`` or ``"none"``: the optimizer assumed for the training
+            memory figures (AdamW: 16 bytes per fp32 parameter).
+        expect_tied: groups of names that must share memory; each group not tied is a TC009 error.
+        flops: count forward FLOPs (fvcore, on the meta device where the forward allows it) for
+            targets that yield a module. Off by default here because it traces the model, which
+            costs seconds on a large one; the ``inspect`` command turns it on (``--no-flops``).
+        batch_size: batch size of the synthesized inputs for FLOPs.
+        seq_len: sequence length for FLOPs, capped by the model's maximum positions.
+        attention: ``"full"`` (the whole score matrix, as PaLM and torchtitan count) or
+            ``"causal-half"`` (causal attention halved, the FlashAttention convention).
+        inputs: the forward's inputs for FLOPs instead of synthesized token ids: a tensor, a
+            tuple/list or dict of tensors, or a ``make_inputs(module, batch_size, seq_len)`` callable.
+
+    Returns:
+        The frozen, versioned Report: tie groups, untied duplicates, tie candidates, findings,
+        memory summary, per-tensor rows, and FLOPs when asked for.
+
+    Raises:
+        TiecheckError: the target cannot be found, read or understood, or an argument is invalid
+            (one line that says what to do next).
     """
 
     if optimizer not in OPTIMIZERS:

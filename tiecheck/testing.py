@@ -141,8 +141,18 @@ def _names_arg(fn: str, names: tuple[str, ...]) -> tuple[str, ...]:
 def assert_tied(model: Any, *names: str) -> None:
     """The names share one memory through one Parameter (a true tie).
 
-    With one name: that name is tied to at least one other. Ties made of distinct Parameter
-    objects over one memory fail too: their gradients are not shared.
+    Ties made of distinct Parameter objects over one memory fail too: their gradients are not
+    shared.
+
+    Args:
+        model: anything :func:`tiecheck.analyze` accepts: an ``nn.Module``, a state dict, a path, a
+            bundled model name or a ``file.py:factory`` spec.
+        *names: two or more names that must be one tensor; with one name, that name must be
+            tied to at least one other.
+
+    Raises:
+        NotTiedError: (a ``TieAssertionError``) with what each name is now and the line that
+            re-ties them; a name the model does not have is reported with the closest names.
     """
     __tracebackhide__ = True
     names = _names_arg("assert_tied", names)
@@ -185,7 +195,16 @@ def _tied_failures(state: TieState, report: "Report", names: tuple[str, ...]) ->
 
 
 def assert_not_tied(model: Any, *names: str) -> None:
-    """No two of the names share memory. With one name: it shares memory with nothing."""
+    """No two of the names share memory. With one name: it shares memory with nothing.
+
+    Args:
+        model: anything :func:`tiecheck.analyze` accepts: an ``nn.Module``, a state dict, a path, a
+            bundled model name or a ``file.py:factory`` spec.
+        *names: the names that must stay apart.
+
+    Raises:
+        TieAssertionError: naming the pairs that share memory.
+    """
     __tracebackhide__ = True
     names = _names_arg("assert_not_tied", names)
     report = report_of(model, duplicates=False)
@@ -203,9 +222,20 @@ def assert_not_tied(model: Any, *names: str) -> None:
 
 
 def assert_no_broken_ties(model: Any) -> None:
-    """No untied duplicates (equal values in separate memory; constant-valued groups such as fresh
-    LayerNorm weights are ignored), no ties made of distinct Parameters, no checkpoint storing
-    both names of a tie with different values."""
+    """No broken tie: no untied duplicates, no tie made of distinct Parameters, no stored tie with
+    two different values.
+
+    Untied duplicates are equal values in separate memory; constant-valued groups such as fresh
+    LayerNorm weights are ignored. The check reads tensor values, so the model needs its weights.
+
+    Args:
+        model: anything :func:`tiecheck.analyze` accepts: an ``nn.Module``, a state dict, a path, a
+            bundled model name or a ``file.py:factory`` spec.
+
+    Raises:
+        TieAssertionError: listing each broken tie with its hint.
+        TiecheckError: the model has no values to compare (it is on the meta device).
+    """
     __tracebackhide__ = True
 
     report = report_of(model, duplicates=True)
@@ -225,8 +255,17 @@ def assert_no_broken_ties(model: Any) -> None:
 
 
 def assert_no_findings(model: Any, severity: str = "warning", *, ignore: Iterable[str] = ()) -> None:
-    """No finding at ``severity`` or worse (``error``, ``warning`` or ``info``); ``ignore`` lists codes
-    to leave out (e.g. ``("TC006",)`` for tie candidates)."""
+    """No finding at ``severity`` or worse.
+
+    Args:
+        model: anything :func:`tiecheck.analyze` accepts: an ``nn.Module``, a state dict, a path, a
+            bundled model name or a ``file.py:factory`` spec.
+        severity: ``"error"``, ``"warning"`` or ``"info"``: the least severe finding that fails.
+        ignore: finding codes to leave out, e.g. ``("TC006",)`` for tie candidates.
+
+    Raises:
+        TieAssertionError: listing each finding with its hint.
+    """
     __tracebackhide__ = True
     if severity not in SEVERITY_RANK:
         raise ValueError(f"severity must be one of {', '.join(SEVERITY_RANK)}, not {severity!r}")
@@ -245,10 +284,21 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
                    how_to_create: str | None = None, how_to_update: str | None = None) -> str:
     """Compare the target's tie groups with the snapshot at ``path``, or write it when ``update``.
 
-    Returns ``"created"``, ``"updated"``, ``"unchanged"`` (update mode) or ``"matched"``; raises
-    SnapshotMissingError or SnapshotMismatchError otherwise. ``label`` is the path as messages
-    show it; the two ``how_to`` texts end the messages, so each front end can say how to fix it
-    in its own terms.
+    Args:
+        model: anything :func:`tiecheck.analyze` accepts: an ``nn.Module``, a state dict, a path, a
+            bundled model name or a ``file.py:factory`` spec.
+        path: the snapshot JSON file (``tiecheck inspect --format json`` output is accepted too).
+        update: write or refresh the file instead of comparing.
+        label: the path as messages show it (default: ``path``).
+        how_to_create, how_to_update: the sentences that end the messages, so each front end (the
+            pytest plugin, ``tiecheck check``) says how to fix it in its own terms.
+
+    Returns:
+        ``"created"``, ``"updated"`` or ``"unchanged"`` in update mode; ``"matched"`` otherwise.
+
+    Raises:
+        SnapshotMissingError: no snapshot yet and ``update`` is false.
+        SnapshotMismatchError: the tie groups differ, with a line per difference.
     """
     __tracebackhide__ = True
 
@@ -283,8 +333,17 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
 def assert_ties_match_snapshot(model: Any, snapshot: str | os.PathLike, *, update: bool = False) -> None:
     """The tie groups (names and kinds) equal those stored in the JSON file ``snapshot``.
 
-    ``update=True`` writes or refreshes the file instead. Kinds ``same_parameter`` (a live module)
-    and ``shared_storage`` (a file) match each other: both are one memory.
+    Kinds ``same_parameter`` (a live module) and ``shared_storage`` (a file) match each other:
+    both are one memory.
+
+    Args:
+        model: anything :func:`tiecheck.analyze` accepts: an ``nn.Module``, a state dict, a path, a
+            bundled model name or a ``file.py:factory`` spec.
+        snapshot: the JSON file holding the expected tie groups.
+        update: write or refresh the file instead of comparing.
+
+    Raises:
+        SnapshotMissingError, SnapshotMismatchError: as :func:`match_snapshot`.
     """
     __tracebackhide__ = True
     match_snapshot(model, snapshot, update=update)

@@ -32,7 +32,7 @@ from tiecheck.api import analyze
 from tiecheck.errors import TargetError
 from tiecheck.guard.expect import kinds_match
 from tiecheck.report import Report
-from tiecheck.report.text import clean, shape_text
+from tiecheck.report.text import clean, json_text, shape_text
 
 DIFF_SCHEMA_VERSION = 1
 
@@ -76,7 +76,7 @@ class TieDiff:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False) + "\n"
+        return json_text(self.to_dict(), indent=indent)
 
 
 def _as_report(target: Any, **kwargs) -> Report:

@@ -8,7 +8,6 @@ as ``inspect``: 0 clean, 1 a check failed, 2 usage or input error (for any targe
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ from tiecheck.cli.options import (
     warn_trust,
 )
 from tiecheck.errors import TiecheckError
-from tiecheck.report.text import clean, one_line
+from tiecheck.report.text import clean, json_text, one_line
 
 if TYPE_CHECKING:
     from tiecheck.guard.check import Outcome
@@ -85,9 +84,10 @@ def annotation(level: str, title: str, message: str, file: str | None = None) ->
 
 
 def render_github(outcomes: list[Outcome], update: bool) -> str:
-    """The outcomes as GitHub Actions annotations (workflow commands escape their own text)."""
+    """The outcomes as GitHub Actions annotations: text escaped as every format escapes it, then as
+    workflow commands require (``%``, CR and LF encoded)."""
     lines = []
-    for o in outcomes:
+    for o in clean(outcomes):
         if o.error:
             lines.append(annotation("error", "tiecheck", o.error))
             continue
@@ -163,7 +163,7 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
 
     outcomes = [check_target(t, update=update, extra_tied=expect_tied, debug=debug) for t in plan]
     if fmt == "json":
-        text = json.dumps({"targets": [o.to_dict() for o in outcomes]}, indent=2, ensure_ascii=False) + "\n"
+        text = json_text({"targets": [o.to_dict() for o in outcomes]})
     elif fmt == "github":
         text = render_github(outcomes, update)
     else:

@@ -1,8 +1,7 @@
 """The closed-form FLOPs of a Transformer forward: PaLM's formula (appendix B).
 
 The traced count (:mod:`tiecheck.flops.trace`) is checked against this formula in the tests, and
-the bench uses it for MFU where no trace is wanted. Torch-free on purpose: it is arithmetic on
-sizes read from a config.
+the bench uses it for MFU where no trace is wanted: arithmetic on sizes read from a config.
 """
 
 from __future__ import annotations

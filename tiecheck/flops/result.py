@@ -1,7 +1,4 @@
-"""What a FLOPs count returns: :class:`FlopsResult`, its parts and its conventions.
-
-Torch-free, so a saved report's FLOPs section can be read without importing torch.
-"""
+"""What a FLOPs count returns: :class:`FlopsResult`, its parts and its conventions."""
 
 from __future__ import annotations
 

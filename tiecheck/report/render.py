@@ -32,6 +32,9 @@ def render(report: Report, fmt: str = "table") -> str:
         frame = report.to_frame()
         for col in ("shape", "tied_with"):
             frame[col] = frame[col].map(lambda v: " ".join(str(x) for x in v) if isinstance(v, list) else v)
+        for col in frame.columns:  # names come from files: escape them as every other format does
+            if frame[col].dtype == object or str(frame[col].dtype) in ("str", "string"):
+                frame[col] = frame[col].map(clean)
         frame.to_csv(buf, index=False, lineterminator="\n")
         return buf.getvalue()
     if fmt in ("table", "markdown"):

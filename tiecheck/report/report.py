@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from tiecheck import __version__
 from tiecheck.findings import SEVERITY_RANK
+from tiecheck.report.text import json_text
 
 SCHEMA_VERSION = 1
 FAIL_ON = ("error", "warning", "never")
@@ -47,7 +47,7 @@ class Report:
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False) + "\n"
+        return json_text(self.to_dict(), indent=indent)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":

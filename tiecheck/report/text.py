@@ -8,12 +8,24 @@ or terminal escape sequences is shown the same, harmless way everywhere.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
 # Control characters (C0, DEL, C1) and the other characters str.splitlines() breaks at.
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
 _UNPRINTABLE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+# What json.dumps(ensure_ascii=False) leaves raw but a terminal may act on: DEL, the C1 controls
+# (0x9b is a one-byte escape sequence) and the Unicode line separators. JSON syntax is ASCII, so
+# these only occur inside strings, where a \u escape reads back as the same character.
+_JSON_UNSAFE = {c: f"\\u{c:04x}" for c in [*range(0x7F, 0xA0), 0x2028, 0x2029]}
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """``obj`` as JSON text that is safe to print: readable UTF-8, every control character escaped."""
+    return json.dumps(obj, indent=indent, ensure_ascii=False).translate(_JSON_UNSAFE) + "\n"
 
 
 def one_line(text: str) -> str:
@@ -34,7 +46,7 @@ def clean(value: Any) -> Any:
     if isinstance(value, str):
         return value if value.isprintable() else one_line(value)
     if isinstance(value, dict):
-        return {k: clean(x) for k, x in value.items()}
+        return {clean(k): clean(x) for k, x in value.items()}  # keys are often tensor names
     if isinstance(value, (list, tuple)):
         return type(value)(clean(x) for x in value)
     return value

@@ -4,50 +4,54 @@
 boundaries and editable fields of each file (zip local headers, central directory and end
 record; safetensors length, JSON header and data), so mutations aim where parsers decide
 things. ``Worker`` runs ``tiecheck inspect`` on a mutated copy in a long-lived process (see
-``fuzz_worker.py``) and ``check_case`` holds the answer to the invariants every input must
+``worker.py``) and ``check_case`` holds the answer to the invariants every input must
 keep: exit 0, 1 or 2; one clear line for an error, never a traceback; an answer within the time
 bound; bounded peak memory; the input's bytes, mtime and folder unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
+import pickle
 import selectors
 import shutil
-import stat
-import struct
 import subprocess
 import sys
+import tarfile
+import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed.checkpoint as dcp
 
-from formats_helpers import write_safetensors, write_sharded
+from tiecheck.loaders.dcp import read_metadata
 
-WORKER = Path(__file__).with_name("fuzz_worker.py")
+from support.checkpoints import (
+    cloned,
+    llama_config,
+    llama_tensors,
+    rewrite_zip_entry,
+    safetensors_with_header,
+    set_read_only,
+    snapshot,
+    tiny_state_dict,
+    write_safetensors,
+    write_sharded,
+    zip_structure,
+)
+from support.models import TinyExportLM
+
+WORKER = Path(__file__).with_name("worker.py")
 
 CASE_TIMEOUT_S = 30  # per case; the slowest valid fixture takes well under a second
 PEAK_GROWTH_MB = 256  # a case may raise the worker's peak RSS by this much; fixtures are a few KB
 AS_BACKSTOP_MB = 8192  # address-space limit above the warm worker's size: protects the test machine only
-
-
-# -- fixtures ----------------------------------------------------------------------------------
-
-def tiny_state_dict(seed: int = 0) -> dict:
-    """A tied embedding and head, a norm and a block: a few hundred bytes of tensors."""
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(8, 4, generator=g)
-    return {"embed.weight": emb, "head.weight": emb, "norm.weight": torch.ones(4),
-            "norm.bias": torch.zeros(4), "block.weight": torch.randn(4, 4, generator=g),
-            "step": torch.tensor(3)}
-
-
-def untied(sd: dict) -> dict:
-    return {k: v.clone() for k, v in sd.items()}
 
 
 @dataclass
@@ -58,39 +62,8 @@ class Fixture:
     files: list[str]  # relative paths of the files mutations may change
 
 
-class _Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Embedding(8, 4)
-        self.norm = torch.nn.LayerNorm(4)
-        self.head = torch.nn.Linear(4, 8, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, x):
-        return self.head(self.norm(self.embed(x)))
-
-
-def _llama_config() -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16, "hidden_size": 8,
-            "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-            "max_position_embeddings": 32, "tie_word_embeddings": True}
-
-
-def _llama_tensors() -> dict:
-    g = torch.Generator().manual_seed(0)
-    shapes = {"model.embed_tokens.weight": (16, 8), "model.norm.weight": (8,),
-              "model.layers.0.input_layernorm.weight": (8,), "model.layers.0.post_attention_layernorm.weight": (8,),
-              "model.layers.0.self_attn.q_proj.weight": (8, 8), "model.layers.0.self_attn.k_proj.weight": (4, 8),
-              "model.layers.0.self_attn.v_proj.weight": (4, 8), "model.layers.0.self_attn.o_proj.weight": (8, 8),
-              "model.layers.0.mlp.gate_proj.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (16, 8),
-              "model.layers.0.mlp.down_proj.weight": (8, 16)}
-    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-
-
 def build_fixtures(base: Path, *, with_hf: bool = True) -> dict[str, Fixture]:
     """One valid checkpoint of every format, each in its own folder under ``base``."""
-    import warnings
 
     fx: dict[str, Fixture] = {}
 
@@ -110,34 +83,33 @@ def build_fixtures(base: Path, *, with_hf: bool = True) -> dict[str, Fixture]:
     fx["torch_legacy"] = Fixture("torch_legacy", d, "ckpt.pt", ["ckpt.pt"])
 
     d = folder("safetensors")
-    write_safetensors(d / "model.safetensors", untied(sd), metadata={"format": "pt"})
+    write_safetensors(d / "model.safetensors", cloned(sd), metadata={"format": "pt"})
     fx["safetensors"] = Fixture("safetensors", d, "model.safetensors", ["model.safetensors"])
 
     d = folder("sharded")
-    write_sharded(d / "ckpt", untied(sd), shards=2)
+    write_sharded(d / "ckpt", cloned(sd), shards=2)
     names = sorted(p.name for p in (d / "ckpt").iterdir())
     fx["sharded"] = Fixture("sharded", d, "ckpt", [f"ckpt/{n}" for n in names])
 
     if with_hf:
         d = folder("hf")
         (d / "model").mkdir()
-        (d / "model" / "config.json").write_text(json.dumps(_llama_config(), indent=1))
-        write_safetensors(d / "model" / "model.safetensors", _llama_tensors())
+        (d / "model" / "config.json").write_text(json.dumps(llama_config(), indent=1))
+        write_safetensors(d / "model" / "model.safetensors", llama_tensors())
         fx["hf"] = Fixture("hf", d, "model", ["model/config.json", "model/model.safetensors"])
 
     d = folder("pt2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(_Tiny(), (torch.tensor([[1, 2]]),))
+        ep = torch.export.export(TinyExportLM(), (torch.tensor([[1, 2]]),))
         torch.export.save(ep, d / "tiny.pt2")
     fx["pt2"] = Fixture("pt2", d, "tiny.pt2", ["tiny.pt2"])
 
     d = folder("dcp")
-    import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no process group: DCP warns and saves as one rank
-        dcp.save({"model": untied(sd), "step": 7}, checkpoint_id=str(d / "ckpt"))
+        dcp.save({"model": cloned(sd), "step": 7}, checkpoint_id=str(d / "ckpt"))
     names = sorted(p.name for p in (d / "ckpt").iterdir())
     fx["dcp"] = Fixture("dcp", d, "ckpt", [f"ckpt/{n}" for n in names])
     return fx
@@ -145,157 +117,9 @@ def build_fixtures(base: Path, *, with_hf: bool = True) -> dict[str, Fixture]:
 
 # -- structure ---------------------------------------------------------------------------------
 
-@dataclass
-class ZipField:
-    """A little-endian integer field of a zip header: where it is and what it holds."""
-
-    where: str  # e.g. "central[2].compress_size"
-    offset: int
-    size: int
-    value: int
-
-
-@dataclass
-class Structure:
-    boundaries: list[int] = field(default_factory=list)  # offsets where a parser changes state
-    regions: list[tuple[int, int]] = field(default_factory=list)  # byte ranges parsers interpret
-    fields: list[ZipField] = field(default_factory=list)  # zip header fields worth editing
-    names: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of zip entry names
-
-
-_LOCAL = [("method", 8, 2), ("crc", 14, 4), ("compress_size", 18, 4), ("file_size", 22, 4), ("name_len", 26, 2),
-          ("extra_len", 28, 2)]
-_CENTRAL = [("version_needed", 6, 2), ("flags", 8, 2), ("method", 10, 2), ("crc", 16, 4), ("compress_size", 20, 4),
-            ("file_size", 24, 4), ("name_len", 28, 2), ("extra_len", 30, 2), ("comment_len", 32, 2),
-            ("header_offset", 42, 4)]
-_EOCD = [("disk_entries", 8, 2), ("total_entries", 10, 2), ("cd_size", 12, 4), ("cd_offset", 16, 4),
-         ("comment_len", 20, 2)]
-
-
-def _fields(data: bytes, base: int, spec, label: str) -> list[ZipField]:
-    fmt = {2: "<H", 4: "<I"}
-    return [ZipField(f"{label}.{n}", base + off, size, struct.unpack_from(fmt[size], data, base + off)[0])
-            for n, off, size in spec]
-
-
-def zip_structure(data: bytes) -> Structure:
-    """Local headers, data records, central directory entries and end record of every zip in ``data``.
-
-    A DCP ``.distcp`` file is several zips back to back (one per chunk); each end record locates
-    its own directory, relative to where its zip starts.
-    """
-    s = Structure()
-    eocd = data.find(b"PK\x05\x06")
-    while eocd != -1 and eocd + 22 <= len(data):
-        cd_size, cd_offset = struct.unpack_from("<II", data, eocd + 12)
-        base = eocd - cd_size - cd_offset  # where this zip starts in the file
-        if data[eocd - 20:eocd - 16] == b"PK\x06\x07":  # a zip64 end record and locator sit before it
-            base -= 56 + 20
-        if base >= 0:
-            _one_zip(data, s, base, base + cd_offset, cd_size, eocd)
-        eocd = data.find(b"PK\x05\x06", eocd + 4)
-    s.boundaries = sorted({b for b in s.boundaries if 0 < b < len(data)})
-    return s
-
-
-def _one_zip(data: bytes, s: Structure, base: int, cd_start: int, cd_size: int, eocd: int) -> None:
-    pos, i = cd_start, len([f for f in s.fields if f.where.endswith(".header_offset")])
-    while pos < cd_start + cd_size and data[pos:pos + 4] == b"PK\x01\x02":
-        n, m, k = struct.unpack_from("<HHH", data, pos + 28)
-        s.boundaries += [pos, pos + 46]
-        s.regions.append((pos, pos + 46 + n + m + k))
-        s.fields += _fields(data, pos, _CENTRAL, f"central[{i}]")
-        s.names.append((pos + 46, n))
-        local = base + struct.unpack_from("<I", data, pos + 42)[0]
-        csize = struct.unpack_from("<I", data, pos + 20)[0]
-        ln, lm = struct.unpack_from("<HH", data, local + 26)
-        start = local + 30 + ln + lm
-        s.boundaries += [local, local + 30, start, start + csize]
-        s.regions.append((local, start))
-        s.fields += _fields(data, local, _LOCAL, f"local[{i}]")
-        s.names.append((local + 30, ln))
-        pos += 46 + n + m + k
-        i += 1
-    s.boundaries += [cd_start, eocd, eocd + 22]
-    s.regions.append((eocd, eocd + 22))
-    s.fields += _fields(data, eocd, _EOCD, f"eocd@{eocd}")
-
-
-def safetensors_structure(data: bytes) -> Structure:
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    s = Structure(boundaries=[1, 4, 7, 8, 9, 8 + n - 1, 8 + n], regions=[(0, 8 + n)])
-    for name, spec in header.items():
-        if name != "__metadata__":
-            a, b = spec["data_offsets"]
-            s.boundaries += [8 + n + a, 8 + n + b]
-    s.boundaries = sorted({b for b in s.boundaries if 0 < b < len(data)})
-    return s
-
-
-def structure(data: bytes) -> Structure:
-    """Where a file's parsers decide things; the whole file for JSON and pickles."""
-    if data[:4] == b"PK\x03\x04":
-        return zip_structure(data)
-    if len(data) > 9 and data[8:9] == b"{":
-        return safetensors_structure(data)
-    if data[:1] == b"\x80":  # a pickle (legacy torch.save, DCP .metadata): every byte is an opcode or argument
-        return Structure(boundaries=_pickle_boundaries(data), regions=[(0, len(data))])
-    return Structure(boundaries=sorted({1, len(data) // 2, len(data) - 1}), regions=[(0, len(data))])
-
-
-def _pickle_boundaries(data: bytes) -> list[int]:
-    """Where each pickle of a file of concatenated pickles ends (legacy torch.save writes five)."""
-    import pickletools
-
-    out, pos = [], 0
-    import io
-
-    buf = io.BytesIO(data)
-    while pos < len(data):
-        try:
-            for _op, _arg, p in pickletools.genops(buf):
-                pass
-        except Exception:  # noqa: BLE001 - raw storage bytes follow the last pickle
-            break
-        pos = buf.tell()
-        out.append(pos)
-        if data[pos:pos + 1] != b"\x80":
-            break
-    return sorted({b for b in out if 0 < b < len(data)} | {1, 2, len(data) - 1})
-
-
-# -- cases -------------------------------------------------------------------------------------
-
 def copy_fixture(fx: Fixture, dest: Path) -> Path:
     shutil.copytree(fx.root, dest, symlinks=True)
     return dest
-
-
-def set_read_only(root: Path, read_only: bool) -> None:
-    """chmod -R a-w (or back to u+w), folders included, without following symlinks."""
-    paths = [root] + [Path(d) / n for d, ds, fs in os.walk(root) for n in ds + fs]
-    for p in paths:
-        if p.is_symlink():
-            continue
-        mode = p.stat().st_mode
-        p.chmod(mode & ~0o222 if read_only else mode | stat.S_IWUSR)
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under root: its bytes and mtime (files), its target (links)."""
-    out = {}
-    for d, ds, fs in os.walk(root):
-        for n in ds + fs:
-            p = Path(d) / n
-            rel = str(p.relative_to(root))
-            if p.is_symlink():
-                out[rel] = ("link", os.readlink(p))
-            elif p.is_file():
-                out[rel] = ("file", p.read_bytes(), p.stat().st_mtime_ns)
-            else:
-                out[rel] = ("dir",)
-    return out
 
 
 @dataclass
@@ -427,46 +251,6 @@ def run_case(worker: Worker, root: Path, target: str, case: str, extra_args=()) 
 
 # -- mutations ---------------------------------------------------------------------------------
 
-INTERESTING_U32 = (0, 1, 0x7FFFFFFF, 0xFFFFFFFF)
-INTERESTING_U16 = (0, 1, 0x7FFF, 0xFFFF)
-
-
-def flip_bits(data: bytes, positions: list[int], bits: list[int]) -> bytes:
-    b = bytearray(data)
-    for p, bit in zip(positions, bits):
-        b[p % len(b)] ^= 1 << (bit % 8)
-    return bytes(b)
-
-
-def set_field(data: bytes, f: ZipField, value: int) -> bytes:
-    b = bytearray(data)
-    value &= (1 << (8 * f.size)) - 1
-    b[f.offset:f.offset + f.size] = value.to_bytes(f.size, "little")
-    return bytes(b)
-
-
-def field_values(f: ZipField, file_size: int) -> list[int]:
-    """Values an edited header field takes: extremes, off by one, past the end of the file."""
-    extremes = INTERESTING_U16 if f.size == 2 else INTERESTING_U32
-    return sorted({*extremes, f.value + 1, max(0, f.value - 1), f.value * 2 + 1, file_size, file_size + 1,
-                   8 if f.where.endswith("method") else 0, 12 if f.where.endswith("method") else 0, 99})
-
-
-def rewrite_zip_entry(src: Path, dst: Path, name_suffix: str, payload: bytes) -> None:
-    """Copy a zip, replacing the record whose name ends with ``name_suffix`` (as a hand edit would)."""
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            data = payload if info.filename.endswith(name_suffix) else zin.read(info)
-            zout.writestr(info, data)
-
-
-def safetensors_with_header(header, data_bytes: bytes = b"", *, length: int | None = None) -> bytes:
-    """A safetensors file with a hand-written header (any JSON value) and a stated length."""
-    hb = header if isinstance(header, bytes) else json.dumps(header).encode()
-    n = len(hb) if length is None else length
-    return n.to_bytes(8, "little", signed=False) + hb + data_bytes
-
-
 def safetensors_header_cases() -> list[tuple[str, bytes]]:
     """Hand-made headers: lengths and offsets past the end, overlaps, petabyte claims, odd JSON."""
     f32 = lambda *shape: {"dtype": "F32", "shape": list(shape)}  # noqa: E731
@@ -574,10 +358,6 @@ def _rewrite(path: Path, suffix: str, payload: bytes) -> None:
 
 def _dcp_edit(edit):
     def mutate(d: Path) -> None:
-        import pickle
-
-        from tiecheck.loaders.dcp import read_metadata
-
         md = read_metadata(d / "ckpt")
         edit(md)
         (d / "ckpt" / ".metadata").write_bytes(pickle.dumps(md))
@@ -585,8 +365,6 @@ def _dcp_edit(edit):
 
 
 def _dcp_cases() -> list[tuple[str, object]]:
-    import dataclasses
-
     def first_tensor(md):
         return next(v for v in md.state_dict_metadata.values() if hasattr(v, "chunks"))
 
@@ -625,8 +403,6 @@ def _dcp_cases() -> list[tuple[str, object]]:
 
 
 def _torch_zip_cases() -> list[tuple[str, object]]:
-    import pickle
-
     def storage_claim(numel: int, shape: tuple):
         """data.pkl rewritten to claim a storage (and a tensor over it) far larger than its record."""
         class Claim(pickle.Pickler):
@@ -641,7 +417,6 @@ def _torch_zip_cases() -> list[tuple[str, object]]:
                                                               (1,) * len(shape), False, {})
                 return NotImplemented
 
-        import io
 
         buf = io.BytesIO()
         Claim(buf, protocol=2).dump({"embed.weight": torch.zeros(4)})
@@ -680,8 +455,6 @@ def _torch_zip_cases() -> list[tuple[str, object]]:
 
 
 def _legacy_cases() -> list[tuple[str, object]]:
-    import tarfile
-
     def claim(numel: int):
         def mutate(d: Path) -> None:
             p = d / "ckpt.pt"
@@ -762,7 +535,7 @@ def _index_cases() -> list[tuple[str, object]]:
 
 def _hf_cases() -> list[tuple[str, object]]:
     def config(**changes):
-        return lambda d: (d / "model/config.json").write_text(json.dumps({**_llama_config(), **changes}))
+        return lambda d: (d / "model/config.json").write_text(json.dumps({**llama_config(), **changes}))
 
     return [
         ("hf config with a million layers", config(num_hidden_layers=10 ** 6)),

@@ -5,7 +5,6 @@ one line (never a traceback, never "unexpected"); an answer within the time boun
 raised by less than ``PEAK_GROWTH_MB``; the input's bytes, mtime and folder unchanged, on a
 read-only copy. The normal suite runs a short, deterministic selection (``derandomize``); for a
 long local run, set the number of examples per property:
-
     TIECHECK_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py
 
 which also cuts one byte either side of every structural boundary and draws fresh random
@@ -24,11 +23,13 @@ import pytest
 pytest.importorskip("hypothesis")
 pytest.importorskip("transformers")
 
+import json
+
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fuzz_support import (Fixture, Worker, build_fixtures, copy_fixture, field_values, flip_bits,  # noqa: E402
-                          hostile_cases, run_case, safetensors_with_header, set_field, structure)
+from harness import Fixture, Worker, build_fixtures, copy_fixture, hostile_cases, run_case  # noqa: E402
+from support.checkpoints import field_values, flip_bits, safetensors_with_header, set_field, structure  # noqa: E402
 
 LONG = int(os.environ.get("TIECHECK_FUZZ_EXAMPLES", "0"))
 
@@ -161,7 +162,6 @@ def test_safetensors_headers(fuzz, entries, data_len, length_delta):
         if offsets is not None:
             spec["data_offsets"] = list(offsets)
         header[name] = spec
-    import json
 
     raw = json.dumps(header).encode()
     blob = safetensors_with_header(raw, bytes(data_len), length=max(0, len(raw) + length_delta))

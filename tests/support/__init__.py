@@ -1,0 +1,1 @@
+"""Helpers the test modules share: tiny models (``models``) and checkpoint builders (``checkpoints``)."""

@@ -1,0 +1,22 @@
+"""The package's layering holds: analyses never import torch, `tiecheck --help` stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+TORCH_FREE = [
+    "tiecheck.analyses.ties", "tiecheck.analyses.duplicates", "tiecheck.analyses.candidates",
+    "tiecheck.analyses.lint", "tiecheck.analyses.memory", "tiecheck.facts", "tiecheck.findings",
+    "tiecheck.report", "tiecheck.report.render", "tiecheck.guard.expect", "tiecheck.cli",
+]
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_module_imports_without_torch(module):
+    code = f"import sys, {module}; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; " \
+           f"assert not bad, bad"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{module} imports {proc.stderr.strip().splitlines()[-1]}"
