@@ -19,7 +19,6 @@ from tiecheck.cli.options import (
     write_output,
 )
 from tiecheck.errors import TiecheckError
-from tiecheck.loaders.spec import resolve_spec
 
 
 class InputsSpec(NamedTuple):
@@ -33,6 +32,9 @@ class InputsSpec(NamedTuple):
 def _inputs(ctx: click.Context, param: click.Parameter, value: str | None) -> InputsSpec | None:
     if value is None:
         return None
+    # The loaders package (file formats, bundled models) costs 0.1 s: only a given --inputs pays it here.
+    from tiecheck.loaders.spec import resolve_spec  # noqa: PLC0415
+
     try:
         fn = resolve_spec(value)
     except TiecheckError as e:

@@ -8,6 +8,16 @@
 
 from __future__ import annotations
 
-from tiecheck.report.report import EXPECTATION_CODES, FAIL_ON, SCHEMA_VERSION, Report
+from typing import Any
 
 __all__ = ["EXPECTATION_CODES", "FAIL_ON", "SCHEMA_VERSION", "Report"]
+
+
+def __getattr__(name: str) -> Any:
+    # Resolved on first use: the CLI imports report.text for every error line, and loading the
+    # Report (with the findings catalogue) there would cost every `tiecheck --help` its time.
+    if name in __all__:
+        from tiecheck.report import report  # noqa: PLC0415
+
+        return getattr(report, name)
+    raise AttributeError(f"module 'tiecheck.report' has no attribute {name!r}")
