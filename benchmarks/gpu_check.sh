@@ -27,12 +27,13 @@ set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$root/benchmarks/results}"
 py="${PYTHON:-python3}"
-# Time limits in seconds, each enforced: 465 s (7 min 45 s) in all at most.
-LIMIT_DETECT=30 LIMIT_PREFLIGHT=45 LIMIT_DEFAULT=90 LIMIT_COMPILE=300
-total=$((LIMIT_DETECT + LIMIT_PREFLIGHT + LIMIT_DEFAULT + LIMIT_COMPILE))
+# Time limits in seconds, each enforced (a step that ignores its SIGTERM is killed 5-10 s later):
+# 470 s (7 min 50 s) in all at most, grace included.
+LIMIT_DETECT=30 LIMIT_PREFLIGHT=45 LIMIT_DEFAULT=75 LIMIT_COMPILE=300
+total=$((LIMIT_DETECT + LIMIT_PREFLIGHT + LIMIT_DEFAULT + LIMIT_COMPILE + 20))
 
 # Checked before anything is written: on a machine without a GPU the whole output is one line.
-gpu="$(cd / && timeout "$LIMIT_DETECT" "$py" -c 'import re, torch; assert torch.cuda.is_available(); print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))' 2>/dev/null)" \
+gpu="$(cd / && timeout -k 5 "$LIMIT_DETECT" "$py" -c 'import re, torch; assert torch.cuda.is_available(); print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))' 2>/dev/null)" \
     || { echo "gpu_check: no CUDA GPU visible to $py (or no torch); nothing run" >&2; exit 2; }
 
 mkdir -p "$out" && out="$(cd "$out" && pwd)"
@@ -45,10 +46,10 @@ cd "$out"  # never the source tree: `python -m` would put its tiecheck/ first on
 
 echo "gpu_check: estimate: about 4-6 minutes on one H200; at most $total s ($((total / 60)) min $((total % 60)) s):" \
      "GPU check ${LIMIT_DETECT} s, preflight ${LIMIT_PREFLIGHT} s, default run ${LIMIT_DEFAULT} s," \
-     "compiled max-batch run ${LIMIT_COMPILE} s (two compilations per variant)"
+     "compiled max-batch run ${LIMIT_COMPILE} s (two compilations per variant), 20 s kill grace"
 echo "gpu_check: checkout $root, results in $out"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
-timeout "$LIMIT_PREFLIGHT" "$py" -c '
+timeout -k 5 "$LIMIT_PREFLIGHT" "$py" -c '
 import sys, torch, tiecheck, tiecheck.models, tiecheck.bench
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
 print("tiecheck from", tiecheck.__file__, "models from", tiecheck.models.__file__)
@@ -64,8 +65,8 @@ bench() {  # NAME LIMIT_SECONDS OPTIONS...
     [ "$plot" -eq 1 ] && figure=(--plot "$out/bench-$name-$gpu.png")
     echo "== tiecheck bench $* (limit ${limit}s) -> $table"
     local t0=$SECONDS rc=0
-    timeout "$limit" "$py" -m tiecheck.cli bench "$@" --progress-lines -o "$table" ${figure[@]+"${figure[@]}"} || rc=$?
-    echo "== $name: exit $rc after $((SECONDS - t0)) s$([ "$rc" -eq 124 ] && echo ' (time limit: the table holds what was written before)')"
+    timeout -k 10 "$limit" "$py" -m tiecheck.cli bench "$@" --progress-lines -o "$table" ${figure[@]+"${figure[@]}"} || rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0)) s$(case $rc in 124|137) echo ' (time limit: the table holds what was written before)';; esac)"
     [ -f "$table" ] && cat "$table"
     [ "$rc" -eq 0 ] || status=1
 }
