@@ -1,53 +1,80 @@
 #!/usr/bin/env bash
 # The GPU check of `tiecheck bench`: the one script to run on a machine with a CUDA GPU.
 #
-#   benchmarks/gpu_check.sh [OUTDIR]        # OUTDIR defaults to benchmarks/results
+#   benchmarks/gpu_check.sh [OUTDIR]        # OUTDIR defaults to benchmarks/results of this checkout
 #
-# Runs, on the first GPU:
-#   1. the default bench (gpt2-124m, train, bf16 autocast where the GPU has it, batch 16 x 1024);
-#   2. gpt2-124m training with bf16 and torch.compile, plus --find-max-batch (the largest batch
-#      each variant fits alone, and its throughput there).
-# Each writes a table with its header (device, dtype, torch version, exact command) to
-# OUTDIR/bench-<run>-<gpu>.txt and a plot next to it. The targets to read off them: MFU >= 40%
-# for run 2, and a tied/untied step-time interval narrower than +-1%.
+# Runs, on the current GPU:
+#   1. the default bench (gpt2-124m with its vocabulary padded to 50,304, train, bf16 autocast
+#      where the GPU has it, batch 16 x 1024);
+#   2. the same with torch.compile, plus --find-max-batch (the largest batch each variant fits
+#      alone, and its throughput there).
+# Everything goes under OUTDIR, at most 5 files: gpu_check.log (all console output, written as
+# it happens, so a run cut short keeps it), and per run a table with its header (device,
+# dtype, torch version, exact command, the datasheet peak MFU is against and a measured matmul
+# beside it) in bench-<run>-<gpu>.txt, plus a plot when matplotlib is installed. Run 2 writes
+# its table before the max-batch search starts and after each variant, so a time limit still
+# leaves the interleaved result. The targets to read off them: MFU >= 40% for run 2, and a
+# tied/untied step-time interval narrower than +-1%.
 #
 # It runs this checkout without installing it (a GPU image often has torch but no network for
-# pip): the package and the bundled models are copied into a temporary folder on PYTHONPATH.
-# Needs python3 with a CUDA torch, click, pandas, tabulate and numpy; matplotlib for the plots.
-# Budget: about 1 minute for run 1 and 3 to 6 for run 2 (compilation included); each run has
-# its own time limit so that one stuck run cannot eat the other's time.
+# pip): PYTHONPATH is the checkout, PYTHONSAFEPATH=1 and a working directory outside the
+# source tree keep the interpreter from putting the current folder first on sys.path, and
+# tiecheck finds its models/ next to the package. Needs python3 (PYTHON=... to choose) with a
+# CUDA torch, click, pandas, tabulate and numpy; matplotlib for the plots; not fvcore.
+# Exit: 0 every run passed, 1 a run failed or ran out of time, 2 no CUDA GPU (nothing run).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out="${1:-benchmarks/results}"
-mkdir -p "$out"
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="${1:-$root/benchmarks/results}"
 py="${PYTHON:-python3}"
+# Time limits in seconds, each enforced (a step that ignores its SIGTERM is killed 5-10 s later):
+# 470 s (7 min 50 s) in all at most, grace included.
+LIMIT_DETECT=30 LIMIT_PREFLIGHT=45 LIMIT_DEFAULT=75 LIMIT_COMPILE=300
+total=$((LIMIT_DETECT + LIMIT_PREFLIGHT + LIMIT_DEFAULT + LIMIT_COMPILE + 20))
 
-shim="$(mktemp -d)"
-trap 'rm -rf "$shim"' EXIT
-cp -r tiecheck "$shim/" && cp -r models "$shim/tiecheck/models"
-find "$shim" -name __pycache__ -prune -exec rm -rf {} +
-export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Checked before anything is written: on a machine without a GPU the whole output is one line.
+gpu="$(cd / && timeout -k 5 "$LIMIT_DETECT" "$py" -c 'import re, torch; assert torch.cuda.is_available(); print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))' 2>/dev/null)" \
+    || { echo "gpu_check: no CUDA GPU visible to $py (or no torch); nothing run" >&2; exit 2; }
 
-gpu="$("$py" -c 'import re, torch; assert torch.cuda.is_available(); print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-"))' 2>/dev/null)" \
-    || { echo "gpu_check: no CUDA GPU visible to $py; nothing run" >&2; exit 2; }
+mkdir -p "$out" && out="$(cd "$out" && pwd)"
+log="$out/gpu_check.log"
+: > "$log"
+exec > >(tee -a "$log") 2>&1  # tee writes each line as it comes: the log survives a kill
+tee_pid=$!
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+cd "$out"  # never the source tree: `python -m` would put its tiecheck/ first on sys.path
+
+echo "gpu_check: estimate: about 4-6 minutes on one H200; at most $total s ($((total / 60)) min $((total % 60)) s):" \
+     "GPU check ${LIMIT_DETECT} s, preflight ${LIMIT_PREFLIGHT} s, default run ${LIMIT_DEFAULT} s," \
+     "compiled max-batch run ${LIMIT_COMPILE} s (two compilations per variant), 20 s kill grace"
+echo "gpu_check: checkout $root, results in $out"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
-"$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+timeout -k 5 "$LIMIT_PREFLIGHT" "$py" -c '
+import sys, torch, tiecheck, tiecheck.models, tiecheck.bench
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+print("tiecheck from", tiecheck.__file__, "models from", tiecheck.models.__file__)
+' || { echo "gpu_check: preflight failed: tiecheck does not import from $root; nothing run"; exit 1; }
 
-plot=()
-"$py" -c 'import matplotlib' 2>/dev/null && plot=(--plot)
+plot=0
+"$py" -c 'import matplotlib' 2>/dev/null && plot=1
 
 status=0
 bench() {  # NAME LIMIT_SECONDS OPTIONS...
     local name=$1 limit=$2; shift 2
-    local table="$out/bench-$name-$gpu.txt"
+    local table="$out/bench-$name-$gpu.txt" figure=()
+    [ "$plot" -eq 1 ] && figure=(--plot "$out/bench-$name-$gpu.png")
     echo "== tiecheck bench $* (limit ${limit}s) -> $table"
     local t0=$SECONDS rc=0
-    timeout "$limit" "$py" -m tiecheck.cli bench "$@" -o "$table" ${plot:+"${plot[@]}" "$out/bench-$name-$gpu.png"} || rc=$?
-    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    timeout -k 10 "$limit" "$py" -m tiecheck.cli bench "$@" --progress-lines -o "$table" ${figure[@]+"${figure[@]}"} || rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0)) s$(case $rc in 124|137) echo ' (time limit: the table holds what was written before)';; esac)"
     [ -f "$table" ] && cat "$table"
     [ "$rc" -eq 0 ] || status=1
 }
 
-bench default 150
-bench gpt2-124m-train-bf16-compile-maxbatch 420 --model gpt2-124m --mode train --find-max-batch --dtype bf16 --compile
+bench default "$LIMIT_DEFAULT"
+bench compile-maxbatch "$LIMIT_COMPILE" --model gpt2-124m --mode train --dtype bf16 --compile --rounds 12 --steps 3 \
+    --find-max-batch
+echo "gpu_check: done in $SECONDS s, exit $status"
+exec >&- 2>&-
+wait "$tee_pid" 2>/dev/null  # let tee write the last lines before the script ends
 exit "$status"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -35,14 +36,30 @@ class ModelOutput(NamedTuple):
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
     """Mean token-level cross-entropy; None when there are no targets.
 
-    Computed in float32: a log-softmax over tens of thousands of classes loses too much
-    precision in half precision.
+    float32 logits take the plain path. Half-precision logits (bf16/fp16, from autocast) are
+    *not* copied to float32 first: that copy, and the float32 log-probabilities autograd keeps
+    for the backward, are batch x seq x vocab x 4 bytes each -- 3.3 GB for GPT-2 at 16 x 1024
+    tokens, more than the rest of the activations -- and they set the largest batch that fits.
+    Instead the log-softmax runs outside autocast (which would upcast it) on the half-precision
+    logits: its kernels accumulate in float32 and store half precision. The per-token losses
+    are then averaged in float32, so the mean is not rounded to half precision.
     """
     if targets is None:
         return None
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
+    flat, labels = logits.flatten(0, 1), targets.flatten()
+    if flat.dtype not in (torch.float16, torch.bfloat16):
+        return F.cross_entropy(flat.float(), labels, ignore_index=IGNORE_INDEX)
+    with _autocast_off(flat.device):
+        per_token = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counted = (labels != IGNORE_INDEX).sum()
+    return per_token.float().sum() / counted
+
+
+def _autocast_off(device: torch.device):
+    """A block where autocast is off for ``device``'s type (a no-op where autocast has none)."""
+    if device.type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def cached_length(past_key_values: KVCache | None, new_len: int, block_size: int) -> int:
@@ -77,13 +94,19 @@ def causal_attention(
 
 @torch.no_grad()
 def greedy_generate(
-    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    use_cache: bool = True,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Append ``max_new_tokens`` argmax tokens to ``idx`` (batch, seq) and return the result.
 
     With ``use_cache`` each step feeds only the newest token and reuses the keys and values of
     the earlier ones; without it each step re-runs the whole sequence. Both give the same tokens,
     which the tests check. The model's train/eval mode is left as the caller set it.
+    ``vocab_limit``: pick only among the first ``vocab_limit`` tokens -- the real ones, when the
+    vocabulary was padded for faster kernels and the rows past it are no tokens at all.
     """
     # The last generated token is never fed back, so the model sees prompt + new - 1 positions.
     limit = model.config.max_positions
@@ -100,7 +123,7 @@ def greedy_generate(
             past = out.past_key_values
         else:
             out = model(idx)
-        next_token = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+        next_token = out.logits[:, -1, :vocab_limit].argmax(dim=-1, keepdim=True)
         idx = torch.cat([idx, next_token], dim=1)
         step_input = next_token
     return idx

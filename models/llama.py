@@ -191,7 +191,14 @@ class Llama(nn.Module):
         return ModelOutput(logits, lm_loss(logits, targets), tuple(presents) if use_cache else None)
 
     def generate(
-        self, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        use_cache: bool = True,
+        vocab_limit: int | None = None,
     ) -> torch.Tensor:
-        """Greedy decoding: ``idx`` (batch, seq) followed by ``max_new_tokens`` argmax tokens."""
-        return greedy_generate(self, idx, max_new_tokens, use_cache=use_cache)
+        """Greedy decoding: ``idx`` (batch, seq) followed by ``max_new_tokens`` argmax tokens
+        (among the first ``vocab_limit`` tokens, when the vocabulary is padded past them)."""
+        return greedy_generate(
+            self, idx, max_new_tokens, use_cache=use_cache, vocab_limit=vocab_limit
+        )

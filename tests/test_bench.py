@@ -308,7 +308,7 @@ def test_peak_table():
     assert D.lookup_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
     assert D.lookup_peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == 66.9
     assert D.lookup_peak_tflops("NVIDIA H100 80GB HBM3", "fp32", tf32=True) == 494.7
-    assert D.lookup_peak_tflops("NVIDIA L40S", "bf16") == 362.0  # not the L4 entry
+    assert D.lookup_peak_tflops("NVIDIA L40S", "bf16") == 362.05  # not the L4 entry
     assert D.lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
     assert D.lookup_peak_tflops("Tesla V100-SXM2-16GB", "bf16") is None
     assert D.lookup_peak_tflops("Some Future GPU", "bf16") is None

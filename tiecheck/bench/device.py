@@ -34,10 +34,14 @@ def cuda_available() -> bool:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is the first GPU when CUDA works, else the CPU; ``cuda`` without CUDA is an error."""
+    """``auto`` is the current GPU when CUDA works, else the CPU; ``cuda`` without CUDA is an error.
+
+    A GPU always comes back with its index (``cuda`` becomes ``cuda:N`` of the current device),
+    so every later call -- events, memory counters, ``on_device`` -- names the same GPU.
+    """
     name = (name or "auto").strip().lower()
     if name == "auto":
-        return torch.device("cuda") if cuda_available() else torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
     try:
         dev = torch.device(name)
     except RuntimeError as e:
@@ -52,7 +56,27 @@ def resolve_device(name: str = "auto") -> torch.device:
                             "use --device cpu or auto")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise TiecheckError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return dev
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+@contextlib.contextmanager
+def on_device(dev: torch.device) -> Iterator[None]:
+    """Make ``dev`` the current CUDA device inside the block, and restore the previous one.
+
+    CUDA events record on the current device's stream, ``torch.cuda.is_bf16_supported`` and
+    the cuBLAS handle follow the current device, and kernels launched without an explicit
+    device go there: with ``--device cuda:1`` and device 0 current, timings came from the
+    wrong GPU. A no-op on the CPU.
+    """
+    if not is_cuda(dev) or dev.index is None:
+        yield
+        return
+    previous = torch.cuda.current_device()
+    torch.cuda.set_device(dev.index)
+    try:
+        yield
+    finally:
+        torch.cuda.set_device(previous)
 
 
 def is_cuda(dev: torch.device) -> bool:
@@ -88,9 +112,21 @@ def device_description(dev: torch.device) -> str:
 # ------------------------------------------------------------------------------------------
 
 def bf16_supported(dev: torch.device) -> bool:
-    if is_cuda(dev):
-        return torch.cuda.is_bf16_supported()
-    return True  # CPU autocast runs bf16 everywhere (slowly without AVX512-BF16/AMX)
+    """Native bfloat16 matmuls (compute capability 8.0, Ampere, or later).
+
+    ``torch.cuda.is_bf16_supported()`` also says yes on older GPUs where bf16 tensors merely
+    exist and run emulated, many times slower than fp16: a bf16 default there would measure
+    the emulation. Asked with ``including_emulation=False``; torch releases without that
+    argument get the capability check it stands for. The question is asked of ``dev``, not of
+    whichever GPU is current.
+    """
+    if not is_cuda(dev):
+        return True  # CPU autocast runs bf16 everywhere (slowly without AVX512-BF16/AMX)
+    with on_device(dev):
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch without the argument
+            return bool(torch.version.hip) or torch.cuda.get_device_capability(dev)[0] >= 8
 
 
 def default_dtype(dev: torch.device) -> str:
@@ -117,8 +153,33 @@ def grad_scaler(dev: torch.device, dtype: str) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(dev.type) if dtype == "fp16" else None
 
 
+def tf32_matmul() -> bool:
+    """Whether fp32 matmuls on CUDA may run on TF32 tensor cores, by whichever API set it.
+
+    Newer torch has ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none"
+    for the default); once a caller has used it, reading the legacy ``allow_tf32`` or
+    ``torch.get_float32_matmul_precision()`` raises ("mix of the legacy and new APIs"). So
+    the new attribute is read first, and the legacy readers only where it does not exist.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except (AttributeError, RuntimeError):
+        precision = None
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        return bool(matmul.allow_tf32)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def tf32_enabled(dev: torch.device) -> bool:
-    return is_cuda(dev) and bool(torch.backends.cuda.matmul.allow_tf32)
+    return is_cuda(dev) and tf32_matmul()
 
 
 # ------------------------------------------------------------------------------------------
@@ -172,7 +233,7 @@ class PhaseTimer:
     def mark(self) -> None:
         if self._cuda:
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.dev))  # dev's stream, whichever GPU is current
             self._marks.append(ev)
         else:
             self._marks.append(time.perf_counter())
@@ -217,9 +278,16 @@ def total_memory(dev: torch.device) -> int | None:
     return torch.cuda.get_device_properties(dev).total_memory if is_cuda(dev) else None
 
 
+def _oom_types() -> tuple[type, ...]:
+    # torch.OutOfMemoryError exists from torch 2.5; 2.4 (the oldest supported) has only
+    # torch.cuda.OutOfMemoryError. Looked up at each call, so either may be missing.
+    found = (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+    return tuple(t for t in found if isinstance(t, type))
+
+
 def is_oom(exc: BaseException) -> bool:
     """An allocation failure, from the CUDA caching allocator or the CPU allocator."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, _oom_types()):
         return True
     if isinstance(exc, RuntimeError):
         msg = str(exc)
@@ -227,8 +295,26 @@ def is_oom(exc: BaseException) -> bool:
     return False
 
 
-def release_memory(dev: torch.device) -> None:
-    """Collect dropped tensors and hand the CUDA cache back, so the next model starts clean."""
+def reset_compiled() -> None:
+    """Drop every torch.compile cache entry and the graphs, guards and constants they hold.
+
+    A compiled model's code cache outlives the module: its guards and graphs may keep tensors
+    on the GPU after the model is released, which a following variant would pay for. Imported
+    here because ``torch._dynamo`` is heavy, and only runs that compiled need it.
+    """
+
+    import torch._dynamo  # noqa: PLC0415 - seconds to import; only compiled runs need it
+
+    torch._dynamo.reset()
+
+
+def release_memory(dev: torch.device, compiled: bool = False) -> None:
+    """Collect dropped tensors and hand the CUDA cache back, so the next model starts clean.
+
+    ``compiled``: the released models were torch.compile'd; reset the compiler's caches first.
+    """
+    if compiled:
+        reset_compiled()
     gc.collect()
     if is_cuda(dev):
         synchronize(dev)
@@ -290,43 +376,89 @@ class Peak:
     fp16: float | None
 
 
-# Matched as case-insensitive substrings of torch.cuda.get_device_name, most specific first.
+# Matched by whole tokens of torch.cuda.get_device_name (split at anything not a letter or digit,
+# case-insensitive): "NVIDIA L40" must not take the L4 row (a substring match did, MFU 1.5x too
+# high), nor "NVIDIA H200 NVL" the SXM row. The row with the most matching tokens wins.
 # Dense tensor-core figures from NVIDIA's datasheets (the "with sparsity" figures are 2x these).
 PEAK_TFLOPS: tuple[tuple[str, Peak], ...] = (
     ("H100 PCIe", Peak(fp32=51.2, tf32=378.0, bf16=756.0, fp16=756.0)),
     ("H100 NVL", Peak(fp32=60.0, tf32=417.5, bf16=835.5, fp16=835.5)),
     ("H100", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4)),  # SXM5 (80GB HBM3)
-    ("H200", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4)),
+    ("H200 NVL", Peak(fp32=60.0, tf32=417.5, bf16=835.5, fp16=835.5)),
+    ("H200", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4)),  # SXM
     ("GH200", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4)),
     ("A100", Peak(fp32=19.5, tf32=156.0, bf16=312.0, fp16=312.0)),
-    ("L40S", Peak(fp32=91.6, tf32=183.0, bf16=362.0, fp16=362.0)),
+    ("L40S", Peak(fp32=91.6, tf32=183.0, bf16=362.05, fp16=362.05)),
+    ("L40", Peak(fp32=90.5, tf32=90.5, bf16=181.05, fp16=181.05)),
     ("L4", Peak(fp32=30.3, tf32=60.0, bf16=121.0, fp16=121.0)),
     ("V100", Peak(fp32=15.7, tf32=None, bf16=None, fp16=125.0)),
     ("T4", Peak(fp32=8.1, tf32=None, bf16=None, fp16=65.0)),
 )
 
 
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def lookup_peak_row(name: str) -> tuple[str, Peak] | None:
+    """The table row for a device name: every token of the row's key is a token of the name."""
+    have = set(_tokens(name))
+    rows = [(key, peak) for key, peak in PEAK_TFLOPS if set(_tokens(key)) <= have]
+    return max(rows, key=lambda kv: len(_tokens(kv[0])), default=None)
+
+
+def _peak_at(peak: Peak, dtype: str, tf32: bool) -> float | None:
+    if dtype == "fp32":
+        return peak.tf32 if tf32 and peak.tf32 else peak.fp32
+    return getattr(peak, dtype)
+
+
 def lookup_peak_tflops(name: str, dtype: str, tf32: bool = False) -> float | None:
     """The table's dense peak for ``name`` at ``dtype``; None when the device is not listed."""
-    low = name.lower()
-    for key, peak in sorted(PEAK_TFLOPS, key=lambda kv: -len(kv[0])):
-        if key.lower() in low:
-            if dtype == "fp32":
-                return peak.tf32 if tf32 and peak.tf32 else peak.fp32
-            return getattr(peak, dtype)
-    return None
+    row = lookup_peak_row(name)
+    return None if row is None else _peak_at(row[1], dtype, tf32)
 
 
-def peak_tflops(dev: torch.device, dtype: str, override: float | None = None) -> tuple[float | None, str]:
-    """(peak TFLOP/s, where it came from) for MFU; the second item explains a None."""
+def peak_tflops(dev: torch.device, dtype: str, override: float | None = None,
+                tf32: bool | None = None) -> tuple[float | None, str]:
+    """(peak TFLOP/s, where it came from) for MFU; the second item explains a None.
+
+    ``tf32``: whether fp32 matmuls ran on TF32, as read when the run started (the caller may
+    change it later); None reads it now. The source names the table row that matched, so a
+    wrong match shows in the header.
+    """
     if override is not None:
         return override, "--peak-tflops"
     name = device_name(dev)
     if not is_cuda(dev):
         return None, f"no peak table for CPUs ({name}); pass --peak-tflops for MFU"
-    tf32 = tf32_enabled(dev)
-    value = lookup_peak_tflops(name, dtype, tf32)
+    tf32 = tf32_enabled(dev) if tf32 is None else tf32
+    row = lookup_peak_row(name)
+    value = None if row is None else _peak_at(row[1], dtype, tf32)
     if value is None:
         return None, f"unknown device '{name}' for {dtype}; pass --peak-tflops for MFU"
     label = "tf32" if dtype == "fp32" and tf32 else dtype
-    return value, f"datasheet dense {label} peak of {name}"
+    return value, f"datasheet dense {label} peak, table row '{row[0]}' for {name}"
+
+
+def matmul_tflops(dev: torch.device, dtype: str, n: int = 8192, iters: int = 10) -> float:
+    """TFLOP/s of an ``n`` x ``n`` x ``n`` matmul at ``dtype`` on ``dev``, timed after a warm-up.
+
+    The datasheet peak is a clock-and-unit figure no kernel reaches; the best a real matmul
+    does on this device, now (clocks, power cap, other tenants), shows how much of the MFU
+    gap is the model's and how much the device's. fp32 runs as set (TF32 when allowed).
+    """
+    torch_dtype = DTYPES[dtype]
+    g = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, device=dev, dtype=torch_dtype, generator=g)
+    b = torch.randn(n, n, device=dev, dtype=torch_dtype, generator=g)
+    for _ in range(3):
+        a @ b
+    timer = PhaseTimer(dev)
+    timer.mark()
+    for _ in range(iters):
+        a @ b
+    timer.mark()
+    ms = timer.intervals_ms()[0]
+    del a, b
+    return 2 * n**3 * iters / (ms * 1e-3) / 1e12

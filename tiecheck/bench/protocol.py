@@ -50,6 +50,22 @@ def make_batches(kind: str, vocab_size: int, batch_size: int, seq_len: int, n: i
     return out
 
 
+def mark_batch_dynamic(batch: Batch) -> None:
+    """Tell torch.compile the batch dimension varies, so one graph serves every batch size.
+
+    ``maybe_mark_dynamic`` where torch has it: it lets the compiler specialise instead of
+    failing when it must. A batch of 1 is left alone (torch.compile specialises sizes 0 and 1
+    and refuses to treat them as dynamic).
+    """
+
+    import torch._dynamo  # noqa: PLC0415 - seconds to import; only compiled runs need it
+
+    mark = getattr(torch._dynamo, "maybe_mark_dynamic", None) or torch._dynamo.mark_dynamic
+    for t in (*batch.inputs, batch.targets):
+        if t.dim() and t.size(0) > 1:
+            mark(t, 0)
+
+
 # ------------------------------------------------------------------------------------------
 # Ties
 # ------------------------------------------------------------------------------------------
@@ -152,6 +168,7 @@ class Variant:
     losses: list[torch.Tensor] = field(default_factory=list)
     grad_bytes: int | None = None
     status: str = "ok"
+    vocab_limit: int | None = None  # tokens below this are real; the model's vocabulary may be padded past it
 
     @property
     def ok(self) -> bool:
@@ -189,9 +206,15 @@ class Variant:
         timer.mark()
 
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with the model's KV cache (uncompiled: each step has a new shape)."""
+        """Greedy decoding with the model's KV cache (uncompiled: each step has a new shape).
+
+        With a padded vocabulary the argmax is taken over the real tokens only.
+        """
+        model_vocab = getattr(getattr(self.module, "config", None), "vocab_size", None)
+        padded = bool(self.vocab_limit and model_vocab and model_vocab > self.vocab_limit)
+        limit = {"vocab_limit": self.vocab_limit} if padded else {}
         with torch.inference_mode(), D.autocast(self.dev, self.dtype):
-            return self.module.generate(prompt, new_tokens, use_cache=True)
+            return self.module.generate(prompt, new_tokens, use_cache=True, **limit)
 
     def losses_finite(self) -> bool | None:
         if not self.losses:

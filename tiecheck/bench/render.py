@@ -92,8 +92,13 @@ def header_items(result: BenchResult) -> list[tuple[str, str]]:
         items.append(("decode", h["decode"]))
     if h.get("flops_per_step"):
         items.append(("flops", f"{h['flops_per_step'] / 1e9:,.2f} GFLOP per step ({h['flops_convention']})"))
-    items.append(("peak", f"{h['peak_tflops']:g} TFLOP/s ({h['peak_source']})" if h.get("peak_tflops")
-                  else h["peak_source"]))
+    peak = (f"MFU is against {h['peak_tflops']:g} TFLOP/s ({h['peak_source']})" if h.get("peak_tflops")
+            else h["peak_source"])
+    if h.get("matmul_tflops"):
+        peak += (f"; a {h['matmul_dtype']} 8192^3 matmul measured {h['matmul_tflops']:,.0f} TFLOP/s on this device "
+                 "at the start" + (f" ({h['matmul_tflops'] / h['peak_tflops']:.0%} of that peak)"
+                                   if h.get("peak_tflops") else ""))
+    items.append(("peak", peak))
     return items
 
 

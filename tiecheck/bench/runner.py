@@ -5,14 +5,19 @@ rounds and untied first in odd ones: A B | B A | A B | B A ... A slow drift (clo
 another process) then hits both variants equally often in first and second position, and the
 paired bootstrap over rounds cancels it in their ratio.
 
-Memory. Both variants stay resident during the rounds (interleaving needs them), so peak
-memory is taken during each variant's own warm-up: the peak allocated above what was resident
-before, plus its own weights. The warm-up runs at least two steps, so the peak covers a step
-with the AdamW moments already allocated.
+Memory. Both variants stay resident during the rounds (interleaving needs them). Peak memory
+is read in the rounds, after both variants have warmed up: before a variant's steps the peak
+counter is reset and the allocated bytes noted, and its peak is what the steps allocated above
+that, plus its own weights and optimizer state. Measuring in the warm-up instead charged the
+variant that warmed up first with the process's one-time allocations (cuBLAS workspaces, about
+32 MiB per handle and stream on Hopper; compiler autotuning buffers): always the tied one. In
+the rounds each variant goes first half the time, and the smallest peak over the rounds is
+kept -- a repeated step allocates the same, so anything more was allocated once.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shlex
@@ -34,6 +39,7 @@ from tiecheck.bench.protocol import (
     diverged,
     identical_weights,
     make_batches,
+    mark_batch_dynamic,
     optimizer_state_bytes,
     param_count,
     still_tied,
@@ -43,6 +49,7 @@ from tiecheck.bench.protocol import (
 from tiecheck.bench.results import BenchResult, VariantRecord
 from tiecheck.bench.stats import MIN_ROUNDS_FOR_VERDICT
 from tiecheck.errors import TiecheckError
+from tiecheck.report.text import human_bytes
 
 MODES = ("train", "infer")
 VARIANTS = ("tied", "untied")
@@ -57,6 +64,11 @@ _DEFAULTS = {
 
 Progress = Callable[[int, str], None]  # (units done since last call, what is running)
 Builder = Callable[[bool, torch.device, int], nn.Module]  # (tied, device, seed) -> model
+Partial = Callable[[BenchResult], None]  # receives the result so far, before a long phase
+# Vocabulary padding on a GPU: a head of 50,257 rows (GPT-2) runs on unaligned, slower matmul
+# kernels; nanoGPT pads to 50,304, a multiple of 64.
+GPU_VOCAB_MULTIPLE = 64
+LEAK_TOLERANCE = 1 << 20  # bytes still allocated after a release that are reported
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,9 @@ class BenchConfig:
     peak_tflops: Optional[float] = None
     threads: Optional[int] = None  # CPU threads; None: 1 on the CPU, torch's setting on a GPU
     overrides: Mapping[str, Any] = field(default_factory=dict)  # model config changes, e.g. {"n_layer": 2}
+    # Pad the model's vocabulary to a multiple of this (tokens are still drawn below the real
+    # size); None: 64 on a GPU, 1 (no padding) on the CPU.
+    pad_vocab: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,12 @@ class Plan:
     peak_tflops: Optional[float]
     threads: Optional[int]  # what to set torch's intra-op threads to for the run; None: leave it
     overrides: Mapping[str, Any]
+    model_vocab: int = 0  # the built model's vocabulary: vocab_size, or more when padded
+    build_overrides: Mapping[str, Any] = field(default_factory=dict)  # overrides plus the padded vocab_size
+
+    @property
+    def padded(self) -> bool:
+        return self.model_vocab > self.vocab_size
 
     @property
     def decodes(self) -> bool:
@@ -129,7 +150,8 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
 
     if cfg.mode not in MODES:
         raise TiecheckError(f"--mode {cfg.mode}: choose one of {', '.join(MODES)}")
-    for name in ("batch_size", "seq_len", "rounds", "steps", "warmup", "decode_tokens", "max_batch_cap", "threads"):
+    for name in ("batch_size", "seq_len", "rounds", "steps", "warmup", "decode_tokens", "max_batch_cap", "threads",
+                 "pad_vocab"):
         _positive(name, getattr(cfg, name))
     if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
         raise TiecheckError(f"--peak-tflops {cfg.peak_tflops}: must be a positive number of TFLOP/s")
@@ -166,6 +188,11 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
     # Decoding starts from half a sequence and may not run past the model's positions.
     prompt_len = max(1, seq_len // 2)
     decode_tokens = min(decode_tokens, max_pos - prompt_len + 1)
+    multiple = cfg.pad_vocab or (GPU_VOCAB_MULTIPLE if D.is_cuda(dev) else 1)
+    model_vocab = -(-config.vocab_size // multiple) * multiple
+    build_overrides = dict(cfg.overrides)
+    if model_vocab != config.vocab_size:
+        build_overrides["vocab_size"] = model_vocab
     return Plan(model=name, description=preset.description, kind=preset.kind, vocab_size=config.vocab_size,
                 max_positions=max_pos, mode=cfg.mode, dev=dev, dtype=dtype, compile=cfg.compile,
                 batch_size=cfg.batch_size or defaults["batch_size"], seq_len=seq_len, rounds=rounds,
@@ -176,7 +203,8 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
                 # parallel scaling, and a lone thread never waits at an operator's barrier for a
                 # sibling that another process has descheduled -- on a shared two-core machine
                 # that wait made steps 10x slower at random and the intervals useless.
-                threads=cfg.threads or (None if D.is_cuda(dev) else 1), overrides=dict(cfg.overrides))
+                threads=cfg.threads or (None if D.is_cuda(dev) else 1), overrides=dict(cfg.overrides),
+                model_vocab=model_vocab, build_overrides=build_overrides)
 
 
 def bundled_builder(name: str, overrides: Mapping[str, Any] = {}) -> Builder:  # noqa: B006 - read only
@@ -207,48 +235,77 @@ class _State:
     shape: Optional[FlopsShape] = None
     progress: Progress = lambda n, label: None
     host_load: Optional[str] = None
+    tf32: bool = False  # fp32 matmuls on TF32, as set when the run started
+    matmul_tflops: Optional[float] = None  # a plain matmul's TFLOP/s on the device, at the start
+    model_vocab: Optional[int] = None  # the built models' vocabulary size
+    step_peaks: dict[str, list[int]] = field(default_factory=dict)  # variant -> bytes above resident, per round
 
 
 def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] = None,
-              build: Optional[Builder] = None, command: Optional[str] = None) -> BenchResult:
+              build: Optional[Builder] = None, command: Optional[str] = None,
+              partial: Optional[Partial] = None) -> BenchResult:
     """Measure the tied and untied variants of ``cfg.model`` and return the result.
 
     ``build(tied, device, seed)`` replaces the bundled model builder: it must return the
     preset's model (with ``cfg.overrides``) or one with the same config and forward contract;
-    ``command`` is shown in the header.
+    ``command`` is shown in the header. ``partial(result)`` is called with the result so far
+    before each long phase that follows the interleaved rounds (--find-max-batch, one call
+    before and one after each variant), so a run cut short by a time limit still leaves them.
     """
     plan = resolve(cfg)
     threads = torch.get_num_threads()
     if plan.threads:
         torch.set_num_threads(plan.threads)
     try:
-        return _run(plan, cfg, progress, build, command)
+        with D.on_device(plan.dev):
+            return _run(plan, cfg, progress, build, command, partial)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
 def _run(plan: Plan, cfg: BenchConfig, progress: Optional[Progress], build: Optional[Builder],
-         command: Optional[str]) -> BenchResult:
-    st = _State(plan=plan, host_load=_host_load())
+         command: Optional[str], partial: Optional[Partial] = None) -> BenchResult:
+    st = _State(plan=plan, host_load=_host_load(), tf32=D.tf32_enabled(plan.dev))
     if progress is not None:
         st.progress = progress
-    builder = build or bundled_builder(plan.model, plan.overrides)
+    builder = build or bundled_builder(plan.model, plan.build_overrides)
 
+    if D.is_cuda(plan.dev):
+        st.progress(0, "timing a matmul")
+        st.matmul_tflops = _measure_matmul(plan)
     _build_variants(st, builder)
     _make_pool(st)
     for name in VARIANTS:
         _warm_up(st, name)
     _same_first_loss(st)
     _rounds(st)
+    _peak_memory(st)
     _checks(st)
     if plan.find_max_batch:
-        _find_max_batch(st, builder)
+        def emit(what: str) -> None:
+            if partial is not None:
+                partial(_result(st, cfg, command, pending=what))
+
+        _find_max_batch(st, builder, emit)
     for v in st.variants.values():
         if v.module is not None:
             v.release()
     del st.variants
-    D.release_memory(plan.dev)  # free the models' memory now, not when the caller lets go of the result
+    # Free the models' memory now, not when the caller lets go of the result.
+    D.release_memory(plan.dev, compiled=plan.compile)
     return _result(st, cfg, command)
+
+
+def _compile(plan: Plan, module: nn.Module) -> Callable:
+    return torch.compile(module) if plan.compile else module
+
+
+def _measure_matmul(plan: Plan) -> Optional[float]:
+    """A large matmul's TFLOP/s at the run's dtype, beside the datasheet peak MFU divides by."""
+    with D.catch_oom() as caught:
+        value = D.matmul_tflops(plan.dev, plan.dtype)
+    D.release_memory(plan.dev)
+    return None if caught else value
 
 
 def _host_load() -> Optional[str]:
@@ -269,8 +326,8 @@ def _build_variants(st: _State, builder: Builder) -> None:
             module = builder(name == "tied", plan.dev, plan.seed)
             if plan.mode == "infer":
                 module.eval()
-            fn = torch.compile(module) if plan.compile else module
-            v = Variant(name=name, module=module, fn=fn, dev=plan.dev, dtype=plan.dtype, mode=plan.mode)
+            v = Variant(name=name, module=module, fn=_compile(plan, module), dev=plan.dev, dtype=plan.dtype,
+                        mode=plan.mode, vocab_limit=plan.vocab_size)
             if plan.mode == "train":
                 v.optimizer, st.optimizer_label = D.make_adamw(module.parameters(), plan.dev, LR, WEIGHT_DECAY)
                 v.scaler = D.grad_scaler(plan.dev, plan.dtype)
@@ -281,6 +338,9 @@ def _build_variants(st: _State, builder: Builder) -> None:
             st.variants.pop(name, None)
             _fail(st, name, f"out of memory building the model ({caught[0]})")
     tied, untied = st.variants.get("tied"), st.variants.get("untied")
+    for v in (tied, untied):
+        if v is not None and st.model_vocab is None:
+            st.model_vocab = getattr(getattr(v.module, "config", None), "vocab_size", None)
     if tied is not None:
         st.groups = tie_groups(tied.module)
         st.shape = flops_shape(tied.module)
@@ -311,6 +371,11 @@ def _make_pool(st: _State) -> None:
     with D.catch_oom() as caught:
         st.batches = make_batches(plan.kind, plan.vocab_size, plan.batch_size, plan.seq_len, N_BATCHES, plan.seed,
                                   plan.dev)
+        if plan.compile and plan.find_max_batch:
+            # The search compiles each variant again with a dynamic batch; compiling the same
+            # graphs here lets those compilations hit the compiler's on-disk caches.
+            for b in st.batches:
+                mark_batch_dynamic(b)
     if caught:
         for name in list(st.variants):
             _fail(st, name, f"out of memory: the batch of {plan.batch_size} x {plan.seq_len} tokens itself does "
@@ -327,8 +392,6 @@ def _warm_up(st: _State, name: str) -> None:
     if v is None or not v.ok:
         return
     plan, rec = st.plan, st.records[name]
-    before = D.memory_allocated(plan.dev)
-    D.reset_peak_memory(plan.dev)
     with D.catch_oom() as caught:
         timer = D.PhaseTimer(plan.dev)
         timer.mark()
@@ -337,13 +400,10 @@ def _warm_up(st: _State, name: str) -> None:
             v.step(_batch(st, v), timer, capture_grads=i == plan.warmup - 1)
             st.progress(1, f"warm-up {name}")
         timer.intervals_ms()  # waits for the device; warm-up times are not kept
-        peak = D.max_memory_allocated(plan.dev)
     if caught:
         _fail(st, name, f"out of memory at batch {plan.batch_size} x {plan.seq_len} in warm-up ({caught[0]}); "
                         "try a smaller --batch-size, or --find-max-batch")
         return
-    if peak is not None and before is not None:
-        rec.peak_bytes = peak - before + rec.weight_bytes
     rec.grad_bytes = v.grad_bytes
     if v.optimizer is not None:
         rec.optimizer_bytes = optimizer_state_bytes(v.optimizer)
@@ -379,12 +439,18 @@ def _rounds(st: _State) -> None:
             st.order.append(name)
             label = f"round {r + 1}/{plan.rounds} {name}"
             with D.catch_oom() as caught:
+                # Outside the timed steps: the reset synchronises, the timer's marks come after.
+                D.reset_peak_memory(plan.dev)
+                resident = D.memory_allocated(plan.dev)
                 timer = D.PhaseTimer(plan.dev)
                 timer.mark()
                 for _ in range(plan.steps):
                     v.step(_batch(st, v), timer)
                     st.progress(1, label)
                 ms = timer.intervals_ms()
+                peak = D.max_memory_allocated(plan.dev) if resident is not None else None
+                if peak is not None:
+                    st.step_peaks.setdefault(name, []).append(peak - resident)
                 rec = st.records[name]
                 for i, p in enumerate(phases):
                     rec.samples[p].append(ms[i::len(phases)])
@@ -396,6 +462,20 @@ def _rounds(st: _State) -> None:
                     st.progress(1, label)
             if caught:
                 _fail(st, name, f"out of memory in round {r + 1} ({caught[0]})")
+
+
+def _peak_memory(st: _State) -> None:
+    """Each variant's peak: the smallest of its rounds' step peaks, plus what it holds resident."""
+
+    for name, above in st.step_peaks.items():
+        rec = st.records[name]
+        if not rec.ok or not above or rec.weight_bytes is None:
+            continue
+        rec.peak_bytes = min(above) + rec.weight_bytes + (rec.optimizer_bytes or 0)
+        spread = max(above) - min(above)
+        if spread > LEAK_TOLERANCE:
+            st.notes.append(f"{name}: a round's steps allocated up to {human_bytes(spread)} more than its "
+                            "smallest round; the peak shown is the smallest (one-time allocations excluded)")
 
 
 def _checks(st: _State) -> None:
@@ -419,11 +499,28 @@ def _checks(st: _State) -> None:
 # --find-max-batch
 # ------------------------------------------------------------------------------------------
 
-def _fits(st: _State, v: Variant, batch_size: int, probe_steps: int = 3) -> bool:
+PROBE_STEPS = 2  # the second step runs with the AdamW state allocated in the first: the steady peak
+
+
+def _max_batch_batches(st: _State, batch_size: int, n: int) -> list[Batch]:
+    """Batches for the max-batch search; compiled, their batch dimension is marked dynamic.
+
+    Without the mark every probed size compiled a new graph (minutes each, for each variant),
+    and the search overran its time limit.
+    """
+    plan = st.plan
+    batches = make_batches(plan.kind, plan.vocab_size, batch_size, plan.seq_len, n, plan.seed, plan.dev)
+    if plan.compile:
+        for b in batches:
+            mark_batch_dynamic(b)
+    return batches
+
+
+def _fits(st: _State, v: Variant, batch_size: int, probe_steps: int = PROBE_STEPS) -> bool:
     """Whether ``probe_steps`` steps at ``batch_size`` run; an OOM is cleaned up."""
     plan = st.plan
     with D.catch_oom() as caught:
-        batch = make_batches(plan.kind, plan.vocab_size, batch_size, plan.seq_len, 1, plan.seed, plan.dev)[0]
+        batch = _max_batch_batches(st, batch_size, 1)[0]
         timer = D.PhaseTimer(plan.dev)
         timer.mark()
         for _ in range(probe_steps):
@@ -476,28 +573,45 @@ def largest_fitting(fits: Callable[[int], bool], start: int, cap: int) -> tuple[
     return lo, False
 
 
-def _find_max_batch(st: _State, builder: Builder) -> None:
-    """Each variant alone on the device: its largest batch, then its throughput there."""
+def _check_released(st: _State, baseline: Optional[int], after: str) -> None:
+    """Note memory a released variant left allocated: the next variant had that much less."""
+
+    now = D.memory_allocated(st.plan.dev)
+    if baseline is None or now is None or now - baseline <= LEAK_TOLERANCE:
+        return
+    st.notes.append(f"max batch: {human_bytes(now - baseline)} still allocated after releasing the {after} "
+                    "variant (not back to the memory before the search); the next variant had that much less")
+
+
+def _find_max_batch(st: _State, builder: Builder, emit: Callable[[str], None] = lambda what: None) -> None:
+    """Each variant alone on the device: its largest batch, then its throughput there.
+
+    ``emit(what)`` hands the result so far out before the search and after each variant.
+    """
     plan = st.plan
     for v in st.variants.values():
         if v.module is not None:
             v.release()
     st.variants = {}
-    D.release_memory(plan.dev)
+    st.batches = []  # the interleaved pool is done with
+    D.release_memory(plan.dev, compiled=plan.compile)
+    baseline = D.memory_allocated(plan.dev)
+    emit("--find-max-batch had not started")
     for name in VARIANTS:
         rec = st.records[name]
         with D.catch_oom() as caught:
             module = builder(name == "tied", plan.dev, plan.seed)
             if plan.mode == "infer":
                 module.eval()
-            v = Variant(name=name, module=module, fn=torch.compile(module) if plan.compile else module,
-                        dev=plan.dev, dtype=plan.dtype, mode=plan.mode)
+            v = Variant(name=name, module=module, fn=_compile(plan, module), dev=plan.dev, dtype=plan.dtype,
+                        mode=plan.mode, vocab_limit=plan.vocab_size)
             if plan.mode == "train":
                 v.optimizer, _ = D.make_adamw(module.parameters(), plan.dev, LR, WEIGHT_DECAY)
                 v.scaler = D.grad_scaler(plan.dev, plan.dtype)
         if caught:
             rec.max_batch_status = f"out of memory building the model alone ({caught[0]})"
             D.cleanup_after_oom(plan.dev)
+            _check_released(st, baseline, name)
             continue
         best, capped = largest_fitting(lambda b: _fits(st, v, b), plan.batch_size, plan.max_batch_cap)
         rec.max_batch, rec.max_batch_capped = best, capped
@@ -507,14 +621,17 @@ def _find_max_batch(st: _State, builder: Builder) -> None:
             _measure_alone(st, v, best, rec)
         v.release()
         module = None  # the last reference to the model: free it before the next variant is built
-        D.release_memory(plan.dev)
+        D.release_memory(plan.dev, compiled=plan.compile)
+        _check_released(st, baseline, name)
+        if name != VARIANTS[-1]:
+            emit(f"--find-max-batch had not finished the {VARIANTS[-1]} variant")
 
 
 def _measure_alone(st: _State, v: Variant, batch_size: int, rec: VariantRecord) -> None:
     plan = st.plan
     phase_count = len(PHASES[plan.mode])
     with D.catch_oom() as caught:
-        batches = make_batches(plan.kind, plan.vocab_size, batch_size, plan.seq_len, 2, plan.seed, plan.dev)
+        batches = _max_batch_batches(st, batch_size, 2)
         D.reset_peak_memory(plan.dev)
         rounds = []
         n_rounds = max(MIN_ROUNDS_FOR_VERDICT, plan.rounds // 2)  # big batches: fewer, longer steps suffice
@@ -546,22 +663,35 @@ def _config_repr(cfg: BenchConfig) -> str:
     return f"run_bench(BenchConfig({', '.join(changed)}))"
 
 
-def _result(st: _State, cfg: BenchConfig, command: Optional[str]) -> BenchResult:
+def _result(st: _State, cfg: BenchConfig, command: Optional[str], pending: Optional[str] = None) -> BenchResult:
+    """The result from what was measured; ``pending`` marks a partial result (what had not run)."""
     plan = st.plan
     tokens = plan.batch_size * plan.seq_len
     flops = step_flops(st.shape, plan.seq_len, plan.batch_size, plan.mode) if st.shape else None
-    peak, peak_source = D.peak_tflops(plan.dev, plan.dtype, plan.peak_tflops)
-    notes = list(st.notes)
+    peak, peak_source = D.peak_tflops(plan.dev, plan.dtype, plan.peak_tflops, tf32=st.tf32)
+    notes = [f"partial result, written before the run ended: {pending}"] if pending else []
+    notes += st.notes
+    vocab_note = _vocab_note(st)
+    if vocab_note:
+        notes.append(vocab_note)
     if plan.compile and plan.decodes:
         notes.append("decoding runs the uncompiled model (each decoding step has a new shape)")
     if plan.kind == "encoder-decoder":
         notes.append(f"tokens/s counts predicted (target) tokens; each step also reads a {plan.seq_len}-token source")
     if plan.find_max_batch:
         notes.append("max batch: each variant alone on the device, largest batch found by doubling then bisection "
-                     "(3 steps per probe); throughput there measured one variant after the other (not interleaved)")
+                     f"({PROBE_STEPS} steps per probe); throughput there measured one variant after the other (not "
+                     "interleaved)" + ("; compiled with a dynamic batch dimension, in the interleaved rounds too"
+                                  if plan.compile else ""))
+    if st.step_peaks:
+        notes.append("peak device memory: the most a variant's steps allocated above what was resident before them, "
+                     "smallest over the rounds (after both variants warmed up; each first in half the rounds), "
+                     "plus its weights and optimizer state")
     precision = ("fp32" if plan.dtype == "fp32" else
                  f"{plan.dtype} autocast (weights, gradients and AdamW state in fp32)")
     model = plan.model + "".join(f", {k}={v}" for k, v in plan.overrides.items())
+    if st.model_vocab and st.model_vocab > plan.vocab_size:
+        model += f", vocab {plan.vocab_size:,} padded to {st.model_vocab:,}"
     header = {
         "title": f"tiecheck bench: {model}, {plan.mode}, batch {plan.batch_size} x {plan.seq_len} tokens, "
                  f"{plan.dtype}{', compiled' if plan.compile else ''}, {plan.dev.type}",
@@ -597,11 +727,28 @@ def _result(st: _State, cfg: BenchConfig, command: Optional[str]) -> BenchResult
                              + ("; a train step is 3 x forward" if plan.mode == "train" else "")) if st.shape else None,
         "peak_tflops": peak,
         "peak_source": peak_source,
+        "matmul_tflops": st.matmul_tflops,
+        "matmul_dtype": plan.dtype if st.matmul_tflops is not None else None,
+        "vocab_size": plan.vocab_size,
+        "model_vocab_size": st.model_vocab,
         "max_batch_cap": plan.max_batch_cap if plan.find_max_batch else None,
     }
-    return BenchResult(header=header, records=st.records, checks=st.checks, notes=notes, tokens_per_step=tokens,
+    records, checks = st.records, st.checks
+    if pending:  # a snapshot: the run goes on changing its own records
+        records, checks = copy.deepcopy(records), dict(checks)
+    return BenchResult(header=header, records=records, checks=checks, notes=notes, tokens_per_step=tokens,
                        flops_per_step=flops, peak_tflops=peak, decode_tokens_per_call=plan.batch_size * plan.decode_tokens
                        if plan.decodes else None, seq_len=plan.seq_len, mode=plan.mode)
+
+
+def _vocab_note(st: _State) -> Optional[str]:
+    plan = st.plan
+    if not st.model_vocab or st.model_vocab <= plan.vocab_size:
+        return None
+    return (f"vocabulary padded from {plan.vocab_size:,} to {st.model_vocab:,} rows (a multiple of the GPU's "
+            "aligned matmul tiles; --pad-vocab 1 turns it off): input and label tokens are drawn below "
+            f"{plan.vocab_size:,} and decoding never picks a padding row; the FLOPs count the padded head, which "
+            "the device computes")
 
 
 def command_line(argv: list[str] | None = None) -> str:

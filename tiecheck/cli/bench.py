@@ -27,16 +27,25 @@ from tiecheck.errors import TiecheckError
 class Progress:
     """A one-line progress bar on stderr, drawn only when stderr is a terminal.
 
-    Redirected output (CI logs, ``2> file``) gets nothing: a bar there is noise.
+    Redirected output (CI logs, ``2> file``) gets nothing: a bar there is noise. ``lines``
+    writes one plain line per change of phase instead, flushed at once, so a log cut short by
+    a time limit still shows how far the run got.
     """
 
-    def __init__(self, total: int, enabled: bool | None = None, width: int = 28) -> None:
+    def __init__(self, total: int, enabled: bool | None = None, width: int = 28, lines: bool = False) -> None:
         self.total, self.done, self.width = max(total, 1), 0, width
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.lines = lines
         self._last = ""
 
     def __call__(self, n: int, label: str) -> None:
         self.done += n
+        if self.lines:
+            if label != self._last:
+                sys.stderr.write(f"[{min(self.done / self.total, 1.0):4.0%}] {label}\n")
+                sys.stderr.flush()
+                self._last = label
+            return
         if not self.enabled:
             return
         frac = min(self.done / self.total, 1.0)
@@ -48,7 +57,7 @@ class Progress:
             self._last = line
 
     def close(self) -> None:
-        if self.enabled and self._last:
+        if self.enabled and self._last and not self.lines:
             sys.stderr.write("\r" + " " * len(self._last) + "\r")
             sys.stderr.flush()
 
@@ -102,6 +111,10 @@ def _check_writable(option: str, path: str | None) -> None:
 @click.option("--max-batch-cap", type=int, default=1024, show_default=True,
               help="Largest batch --find-max-batch tries.")
 @click.option("--peak-tflops", type=float, help="Peak TFLOP/s of the device for MFU, overriding the built-in table.")
+@click.option("--pad-vocab", type=int, help="Pad the model's vocabulary to a multiple of N for aligned matmul kernels "
+              "(tokens are still drawn from the real vocabulary). Default: 64 on a GPU, 1 (no padding) on the CPU.")
+@click.option("--progress-lines", is_flag=True, help="Report progress as plain lines on stderr (for logs), "
+              "instead of a bar drawn only on a terminal.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
               show_default=True, help="Output format.")
 @click.option("-o", "--output", metavar="FILE", help="Write the results to FILE instead of standard output.")
@@ -119,7 +132,7 @@ def bench(**options):
 
 
 def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
-           threads, find_max_batch, max_batch_cap, peak_tflops, fmt, output, plot, debug):
+           threads, find_max_batch, max_batch_cap, peak_tflops, pad_vocab, progress_lines, fmt, output, plot, debug):
     # The boundary where the work starts: the bench imports torch.
     from tiecheck.bench import BenchConfig, render, run_bench  # noqa: PLC0415
     from tiecheck.bench.runner import resolve  # noqa: PLC0415
@@ -133,11 +146,14 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
     cfg = BenchConfig(model=model, mode=mode, device=device, dtype=dtype, compile=compile_, batch_size=batch_size,
                       seq_len=seq_len, rounds=rounds, steps=steps, warmup=warmup, decode_tokens=decode_tokens,
                       seed=seed, threads=threads, find_max_batch=find_max_batch, max_batch_cap=max_batch_cap,
-                      peak_tflops=peak_tflops)
+                      peak_tflops=peak_tflops, pad_vocab=pad_vocab)
     plan = resolve(cfg)  # bad input fails here, before anything is built
-    progress = Progress(plan.units())
+    progress = Progress(plan.units(), lines=progress_lines)
+    # With -o FILE, the result so far is written before --find-max-batch starts and after each
+    # variant, so a run stopped by a time limit still leaves the interleaved table.
+    partial = (lambda r: write_output(render(r, fmt), output)) if output not in (None, "-") else None
     try:
-        result = run_bench(cfg, progress=progress, command=_command(click.get_current_context()))
+        result = run_bench(cfg, progress=progress, command=_command(click.get_current_context()), partial=partial)
     finally:
         progress.close()
     failures = result.failures()
