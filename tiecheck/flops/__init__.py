@@ -9,15 +9,27 @@ Split the way fvcore splits its own counter (``flop_count`` / ``jit_handles`` /
 * :mod:`~tiecheck.flops.trace`: the tracing engine, :func:`count_flops`, and its conventions;
 * :mod:`~tiecheck.flops.result`: :class:`FlopsResult`.
 
-This package imports torch and fvcore; ``tiecheck.api`` imports it only when FLOPs are asked for.
+The formula and the result type are plain Python; the tracer needs torch and fvcore, so it is
+loaded on first use of :func:`count_flops`, and the bench (whose GPU machines may lack fvcore)
+uses the formula alone.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from tiecheck.flops.analytic import ATTENTION_MODES, analytic_flops
-from tiecheck.flops.inputs import ModelInputs, synthesize_inputs
 from tiecheck.flops.result import PARTS, FlopsResult
-from tiecheck.flops.trace import count_flops
+
+_TRACER = {"count_flops": "trace", "ModelInputs": "inputs", "synthesize_inputs": "inputs"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRACER:
+        from importlib import import_module  # noqa: PLC0415 - the tracer's torch and fvcore, on first use
+
+        return getattr(import_module(f"tiecheck.flops.{_TRACER[name]}"), name)
+    raise AttributeError(f"module 'tiecheck.flops' has no attribute {name!r}")
 
 __all__ = [
     "ATTENTION_MODES",
