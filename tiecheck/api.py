@@ -6,6 +6,7 @@ from typing import Any, Iterable, Sequence
 
 from tiecheck.analyses.candidates import candidate_findings, find_candidates
 from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplicates
+from tiecheck.analyses.layers import compare_layers
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, memory_summary
 from tiecheck.analyses.ties import find_overlaps, find_tie_groups, tie_findings
@@ -14,6 +15,7 @@ from tiecheck.facts import TensorFact, build_facts, build_module_facts
 from tiecheck.findings import SEVERITIES, Finding, sort_findings
 from tiecheck.guard.expect import TieState, tied_findings
 from tiecheck.loaders import load_target
+from tiecheck.loaders.declared import live_model_declarations
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
 
@@ -101,6 +103,8 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         state = TieState.build([g.to_dict() for g in groups], [f.name for f in facts],
                                [g.to_dict() for g in dup_groups], content_known=bool(content and content["ran"]))
         findings += tied_findings(state, expect_tied)
+    declared, layer_findings = declared_layer(subject, facts)
+    findings += layer_findings
     cands = find_candidates(facts)
     findings += candidate_findings(cands)
 
@@ -119,8 +123,30 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         tensors=tensor_rows(facts, groups),
         content=content,
         flops=subject_flops(subject, **flops) if flops is not None else None,
+        declared=declared,
         extra=dict(subject.extra),
     )
+
+
+def declared_layer(subject: Subject, facts: Sequence[TensorFact]) -> tuple[dict, list[Finding]]:
+    """The report's ``declared`` section (declarations, and each declared tie's three layers) and its findings."""
+    decls, pairs, notes = subject.declarations, subject.declared_pairs, []
+    if not decls and subject.module is not None:
+        decls, pairs, notes = live_model_declarations(subject.module)
+    stored = subject.stored_copies
+    if stored is None and subject.module is None:
+        stored = {f.name: f.identity for f in facts}  # the tensors are the files': their memory is what is stored
+    if not pairs:
+        return {"declarations": decls, "ties": [], "notes": notes}, []
+    names = {n for p in pairs for n in p["names"]} & set(subject.tensors)
+    if any(f.storage is not None for f in facts if f.name in names):
+        from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch, only for declared pairs
+
+        with TorchContentReader(subject.tensors, subject.file_spans) as reader:
+            rows, findings = compare_layers(pairs, facts, stored, reader)
+    else:
+        rows, findings = compare_layers(pairs, facts, stored, None)
+    return {"declarations": decls, "ties": [r.to_dict() for r in rows], "notes": notes}, findings
 
 
 def tensor_rows(facts: Sequence[TensorFact], groups) -> list[dict]:

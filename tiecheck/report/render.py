@@ -72,6 +72,8 @@ def _text(r: Report, markdown: bool) -> str:
     else:
         out.append("no tensors share memory")
 
+    out += _declared_lines(r.declared, h, tablefmt, markdown)
+
     content = r.content or {}
     shown = [d for d in r.untied_duplicates if not d["constant"]]
     out += ["", h(f"Untied duplicates ({len(shown)})")]
@@ -109,6 +111,27 @@ def _text(r: Report, markdown: bool) -> str:
             if f.get("hint"):
                 out.append(f"{'':<8}      hint: {f['hint']}")
     return "\n".join(out) + "\n"
+
+
+def _declared_lines(declared: dict | None, h, tablefmt: str, markdown: bool) -> list[str]:
+    """Declared, physical and stored side by side, one row per declared tie (nothing when none is declared)."""
+    if not declared or not (declared.get("ties") or declared.get("declarations")):
+        return []
+    ties = declared.get("ties", [])
+    out = ["", h(f"Declared ties ({len(ties)})")]
+    sep = "<br>" if markdown else "\n"
+    if ties:
+        def said(t: dict) -> str:
+            value = ("tied" if t["declared"] else "untied") + (" (declarations disagree)" if t.get("conflict") else "")
+            return value + sep + sep.join(f"by {b}" for b in t["by"])
+
+        out.append(tabulate([[sep.join(t["names"]), said(t), t["physical"], t["stored"], human_bytes(t["bytes"])]
+                             for t in ties],
+                            headers=["names", "declared", "physical", "stored", "size"], tablefmt=tablefmt))
+    else:
+        kinds = sorted({d["kind"] for d in declared.get("declarations", [])})
+        out.append(f"declarations found ({', '.join(kinds)}) name no pair of tensors")
+    return out
 
 
 def _flops_lines(f: dict, tablefmt: str) -> list[str]:
