@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
+from formats_helpers import write_safetensors
 
 import tiecheck
-from formats_helpers import write_safetensors
 from tiecheck.cli import main
 
 transformers = pytest.importorskip("transformers")

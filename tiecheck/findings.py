@@ -100,6 +100,10 @@ RULES: dict[str, Rule] = {
         Rule("TC020", "alias-map-broken", "warning",
              "A safetensors `__metadata__` alias map names a tensor the file does not hold.",
              "Re-save with `safetensors.torch.save_model`, or remove the stale entry from `__metadata__`."),
+        Rule("TC021", "unreachable-bytes", "warning",
+             "A stored tensor's storage holds bytes no name reaches (a view saved alone: torch.save writes the "
+             "whole storage).",
+             "Save a copy of the view (`t.clone()` or `t.contiguous().clone()`) instead of the view itself."),
     ]
 }
 

@@ -51,13 +51,19 @@ def _text(r: Report, markdown: bool) -> str:
     s = r.summary
     out += ["", h("Summary")]
     rows = [
-        ["parameters", f"{s['params_unique']:,}", f"{s['params_counted']:,}", f"{s['params_counted'] - s['params_unique']:,}"],
+        ["parameters", f"{s['params_unique']:,}", f"{s['params_counted']:,}", f"{s.get('params_saved', s['params_counted'] - s['params_unique']):,}"],
         ["weight bytes", human_bytes(s["bytes_unique"]), human_bytes(s["bytes_counted"]), human_bytes(s["bytes_saved"])],
         [f"training bytes ({s['optimizer']})", human_bytes(s["training_bytes"]), human_bytes(s["training_bytes_counted"]),
          human_bytes(s["training_bytes_saved"])],
     ]
     out.append(tabulate(rows, headers=["", "counted once", "per-name sum", "saved by ties"], tablefmt=tablefmt,
                         colalign=("left", "right", "right", "right")))
+    if s.get("bytes_nested_views"):
+        out.append(f"views nested in or overlapping another listed tensor: {human_bytes(s['bytes_nested_views'])} "
+                   f"counted twice by a per-name sum (not a tie)")
+    if s.get("bytes_unreachable"):
+        out.append(f"stored bytes no tensor reaches: {human_bytes(s['bytes_unreachable'])} (views saved with their "
+                   f"whole storage)")
     if len(s.get("by_dtype", [])) > 1:
         out.append("")
         out.append(tabulate([[d["dtype"], f"{d['params_unique']:,}", human_bytes(d["bytes_unique"])] for d in s["by_dtype"]],
