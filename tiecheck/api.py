@@ -6,14 +6,16 @@ from typing import Any, Iterable, Sequence
 
 from tiecheck.analyses.candidates import candidate_findings, find_candidates
 from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplicates
+from tiecheck.analyses.layers import compare_layers
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
-from tiecheck.analyses.memory import OPTIMIZERS, memory_summary
+from tiecheck.analyses.memory import OPTIMIZERS, memory_summary, unreachable_bytes
 from tiecheck.analyses.ties import find_overlaps, find_tie_groups, tie_findings
 from tiecheck.errors import TiecheckError
 from tiecheck.facts import TensorFact, build_facts, build_module_facts
-from tiecheck.findings import SEVERITIES, Finding, sort_findings
+from tiecheck.findings import SEVERITIES, Finding, finding, sort_findings
 from tiecheck.guard.expect import TieState, tied_findings
 from tiecheck.loaders import load_target
+from tiecheck.loaders.declared import live_model_declarations
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
 
@@ -127,12 +129,17 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         state = TieState.build([g.to_dict() for g in groups], [f.name for f in facts],
                                [g.to_dict() for g in dup_groups], content_known=bool(content and content["ran"]))
         findings += tied_findings(state, expect_tied)
+    declared, layer_findings = declared_layer(subject, facts)
+    findings += layer_findings
+    unreachable = stored_unreachable(subject, facts)
+    findings += unreachable_findings(unreachable)
     cands = find_candidates(facts)
     findings += candidate_findings(cands)
 
     summary = memory_summary(facts, groups, optimizer)
     findings = sort_findings(findings)
     summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups)
+    summary["bytes_unreachable"] = sum(u["unreachable_bytes"] for u in unreachable)
     summary["findings"] = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
 
     return Report(
@@ -145,8 +152,56 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         tensors=tensor_rows(facts, groups),
         content=content,
         flops=subject_flops(subject, **flops) if flops is not None else None,
+        declared=declared,
         extra=dict(subject.extra),
     )
+
+
+# A view saved alone is reported when its storage's unreachable bytes pass both bars.
+UNREACHABLE_MIN_BYTES = 4096
+
+
+def stored_unreachable(subject: Subject, facts: Sequence[TensorFact]) -> list[dict]:
+    """Bytes the files store that no name reaches; only for files whose storages are written whole."""
+    if subject.module is not None:
+        return []
+    # A span at file offset 0 is a mapping of the whole file (safetensors): its storage is not a
+    # saved storage, and the safetensors loader already checks the data tiles the file exactly.
+    whole_file = {n for n, span in subject.file_spans.items() if getattr(span, "offset", None) == 0}
+    return unreachable_bytes(facts, whole_file)
+
+
+def unreachable_findings(entries: list[dict]) -> list[Finding]:
+    out = []
+    for u in entries:
+        if u["unreachable_bytes"] >= UNREACHABLE_MIN_BYTES and u["unreachable_bytes"] > u["reachable_bytes"]:
+            out.append(finding("TC021", f"{', '.join(u['names'][:3])} reach{'es' if len(u['names']) == 1 else ''} "
+                                        f"{u['reachable_bytes']:,} of the {u['storage_bytes']:,} bytes stored for "
+                                        f"{'its' if len(u['names']) == 1 else 'their'} storage: "
+                                        f"{u['unreachable_bytes']:,} bytes on disk no name reaches",
+                               u["names"], bytes=u["unreachable_bytes"]))
+    return out
+
+
+def declared_layer(subject: Subject, facts: Sequence[TensorFact]) -> tuple[dict, list[Finding]]:
+    """The report's ``declared`` section (declarations, and each declared tie's three layers) and its findings."""
+    decls, pairs, notes = subject.declarations, subject.declared_pairs, []
+    if not decls and subject.module is not None:
+        decls, pairs, notes = live_model_declarations(subject.module)
+    stored = subject.stored_copies
+    if stored is None and subject.module is None:
+        stored = {f.name: f.identity for f in facts}  # the tensors are the files': their memory is what is stored
+    if not pairs:
+        return {"declarations": decls, "ties": [], "notes": notes}, []
+    names = {n for p in pairs for n in p["names"]} & set(subject.tensors)
+    if any(f.storage is not None for f in facts if f.name in names):
+        from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch, only for declared pairs
+
+        with TorchContentReader(subject.tensors, subject.file_spans) as reader:
+            rows, findings = compare_layers(pairs, facts, stored, reader)
+    else:
+        rows, findings = compare_layers(pairs, facts, stored, None)
+    return {"declarations": decls, "ties": [r.to_dict() for r in rows], "notes": notes}, findings
 
 
 def tensor_rows(facts: Sequence[TensorFact], groups) -> list[dict]:

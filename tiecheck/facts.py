@@ -40,6 +40,8 @@ class TensorFact:
     owner_type: str | None = None  # class name of the owning module, when known
     requires_grad: bool = False
     is_floating: bool = True
+    # Bytes of the whole storage the tensor views (a torch.save file writes all of them).
+    storage_bytes: int = 0
 
     @cached_property
     def numel(self) -> int:
@@ -100,7 +102,7 @@ def fact_of(name: str, t, *, role: str = "tensor", obj_id: int | None = None, ow
     itemsize = t.element_size()
     device = str(t.device)
     storage = None
-    start = end = 0
+    start = end = storage_bytes = 0
     if t.device.type != "meta" and t.layout == torch.strided:
         try:
             st = t.untyped_storage()
@@ -109,6 +111,7 @@ def fact_of(name: str, t, *, role: str = "tensor", obj_id: int | None = None, ow
             ptr = 0
         if ptr:
             storage = (device, ptr)
+            storage_bytes = st.nbytes()
             start = t.storage_offset() * itemsize
             end = start + span_elements(shape, stride) * itemsize
     if owner is None:
@@ -129,6 +132,7 @@ def fact_of(name: str, t, *, role: str = "tensor", obj_id: int | None = None, ow
         owner_type=owner_type,
         requires_grad=bool(getattr(t, "requires_grad", False)),
         is_floating=bool(t.is_floating_point() or t.is_complex()),
+        storage_bytes=storage_bytes,
     )
 
 

@@ -76,6 +76,34 @@ RULES: dict[str, Rule] = {
              "became distinct Parameters over one memory).",
              "Tie by assigning the Parameter itself (`head.weight = emb.weight`), or update the expectation "
              "if the new kind is intended."),
+        Rule("TC015", "declared-tie-contradicted", "error",
+             "A declaration says names are tied, but the files (or memory) hold them with different content: "
+             "whichever copy a loader keeps, some consumer of the model gets the wrong weights.",
+             "Decide which copy is right: if the head was trained or merged on purpose, set "
+             "`tie_word_embeddings=false` (or drop the alias); otherwise save with the tie intact."),
+        Rule("TC016", "declared-tie-stored-twice", "warning",
+             "A declaration says names are tied and both are held as equal copies: the copy is wasted bytes.",
+             "Save with the tie intact (`save_pretrained`, `safetensors.torch.save_model`) so one copy is stored."),
+        Rule("TC017", "declared-untied-one-copy", "error",
+             "A declaration says names are not tied, but only one of them is stored: loaders that trust the "
+             "declaration initialise the other randomly.",
+             "Set the declaration to tied (e.g. `tie_word_embeddings=true`) if the missing tensor is meant to be the "
+             "stored one, or store the missing tensor."),
+        Rule("TC018", "declared-untied-but-shared", "warning",
+             "A declaration says names are not tied, but they share memory: a loader that trusts the declaration "
+             "builds two tensors and loads one copy into each, or leaves one missing.",
+             "Make the declaration say tied (e.g. `tie_word_embeddings=true`), or untie in code (`.clone()`)."),
+        Rule("TC019", "declarations-disagree", "warning",
+             "Two declarations about the same tie disagree (e.g. top-level `tie_word_embeddings` and "
+             "`text_config.tie_word_embeddings`): loaders that read a different one build a different model.",
+             "Write the same value everywhere the setting appears."),
+        Rule("TC020", "alias-map-broken", "warning",
+             "A safetensors `__metadata__` alias map names a tensor the file does not hold.",
+             "Re-save with `safetensors.torch.save_model`, or remove the stale entry from `__metadata__`."),
+        Rule("TC021", "unreachable-bytes", "warning",
+             "A stored tensor's storage holds bytes no name reaches (a view saved alone: torch.save writes the "
+             "whole storage).",
+             "Save a copy of the view (`t.clone()` or `t.contiguous().clone()`) instead of the view itself."),
     ]
 }
 

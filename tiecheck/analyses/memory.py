@@ -114,6 +114,7 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     # Parameters that are views each get their own gradient, so they count.
     train_unique = 0
     train_counted = 0
+    train_nested = 0  # per-name training bytes of views inside a container: not tie savings
     in_container = nested_identities([f for f in facts if is_trainable(f)])
     for identity, members in group_by_identity(facts).items():
         trainable = [m for m in members if is_trainable(m)]
@@ -122,6 +123,7 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
         if identity in in_container and all(m.obj_id is None for m in trainable):
             f = trainable[0]
             train_counted += len(trainable) * f.numel * training_bytes_per_element(f.itemsize, optimizer)
+            train_nested += len(trainable) * f.numel * training_bytes_per_element(f.itemsize, optimizer)
             continue
         f = trainable[0]
         per = training_bytes_per_element(f.itemsize, optimizer)
@@ -132,18 +134,24 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     total_counted = sum(counted_bytes.values())
     total_unique = sum(unique_bytes.values())
     dtypes = sorted(set(counted_bytes) | set(unique_bytes))
+    # Ties only: names that are one memory. What else a per-name sum counts twice is views nested
+    # in (or overlapping) another listed tensor, a figure of its own.
+    tie_bytes = sum(g.bytes_saved for g in groups)
     return {
         "params_unique": sum(unique_params.values()),
         "params_counted": sum(counted_params.values()),
+        "params_saved": sum((len(g.names) - 1) * g.numel for g in groups),
         "bytes_unique": total_unique,
         "bytes_counted": total_counted,
-        "bytes_saved": total_counted - total_unique,
+        "bytes_saved": tie_bytes,
+        "bytes_nested_views": max(0, total_counted - total_unique - tie_bytes),
         "tie_groups": len(groups),
         "tied_names": sum(len(g.names) for g in groups),
         "optimizer": optimizer,
         "training_bytes": train_unique,
         "training_bytes_counted": train_counted,
-        "training_bytes_saved": train_counted - train_unique,
+        "training_bytes_saved": train_counted - train_unique - train_nested,
+        "training_bytes_nested_views": train_nested,
         "by_dtype": [
             {
                 "dtype": d,
@@ -155,3 +163,28 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
             for d in dtypes
         ],
     }
+
+
+def unreachable_bytes(facts: Sequence[TensorFact], skip: set[str] = frozenset()) -> list[dict]:
+    """Per storage, the bytes no listed tensor reaches (a view saved alone keeps its whole storage).
+
+    ``skip`` names tensors whose storage is not what is stored (a mapping of a whole file).
+    Returns one entry per storage with unreachable bytes, largest first.
+    """
+    by_storage: dict = defaultdict(list)
+    for f in facts:
+        if f.extent is not None and f.storage_bytes and f.name not in skip:
+            by_storage[f.storage].append(f)
+    out = []
+    for members in by_storage.values():
+        size = members[0].storage_bytes
+        covered, end = 0, -1
+        for f in sorted(members, key=lambda f: (f.byte_start, -f.byte_end)):
+            start = max(f.byte_start, end)
+            if f.byte_end > start:
+                covered += f.byte_end - start
+                end = f.byte_end
+        if size > covered:
+            out.append({"names": sorted({f.name for f in members}), "storage_bytes": size,
+                        "reachable_bytes": covered, "unreachable_bytes": size - covered})
+    return sorted(out, key=lambda d: (-d["unreachable_bytes"], d["names"]))

@@ -40,6 +40,7 @@ from tiecheck.errors import TargetError
 from tiecheck.facts import fact_of
 from tiecheck.findings import Finding, finding
 from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.declared import embedding_names, flat_config_pairs, merge_pairs, model_declarations
 from tiecheck.loaders.detect import (
     HF_CONFIG,
     SAFETENSORS,
@@ -466,13 +467,40 @@ def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | No
     return out
 
 
+# -- declarations -----------------------------------------------------------------------------
+
+def folder_declarations(files: Subject, cfg: dict, arch: Architecture | None
+                        ) -> tuple[list[dict], list[dict], dict[str, Any], list[str]]:
+    """(declarations, declared pairs, stored copies, notes) of a folder, in the architecture's names."""
+    if arch is not None:
+        mapping, _ = match_keys(list(files.tensors), arch.keys, arch.prefix)
+    else:
+        mapping = {k: k for k in files.tensors}
+    rename = lambda n: mapping.get(n, n)  # noqa: E731 - file key -> architecture key
+    copies = {rename(k): fact_of(k, t).identity for k, t in files.tensors.items()}
+    decls = list(files.declarations)
+    pairs = [{**p, "names": [rename(n) for n in p["names"]]} for p in files.declared_pairs]
+    if arch is not None:
+        inp, out = embedding_names(arch.module)
+        more_decls, more_pairs, notes = model_declarations(arch.module, cfg, input_name=inp, output_name=out,
+                                                           expanded=arch.declared)
+    else:
+        facts = [fact_of(n, t) for n, t in files.tensors.items()]
+        embeds = [f.name for f in facts if is_embedding(f)]
+        heads = [f.name for f in facts if is_output_projection(f) and not is_embedding(f)]
+        if not heads and embeds and any(_LM_ARCH.search(str(a)) for a in cfg.get("architectures") or []):
+            heads = ["lm_head.weight"]  # the name transformers' LM heads load from
+        more_decls, more_pairs, notes = flat_config_pairs(cfg, embeds, heads)
+    return decls + more_decls, merge_pairs(pairs + more_pairs), copies, notes
+
+
 # -- the loader --------------------------------------------------------------------------------
 
 def _load_weights(kind: str, path: Path, *, key: str | None, trust_pickle: bool) -> Subject:
     if kind == WEIGHTS_INDEX:
         return load_sharded(path, read_weights_index(path), trust_pickle=trust_pickle)
     if kind == SAFETENSORS:
-        return load_safetensors_file(path)
+        return load_safetensors_file(path, restore_aliases=False)  # the architecture re-ties
     return load_torch_file(str(path), key=key, trust_pickle=trust_pickle)
 
 
@@ -502,7 +530,11 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
                                  **facts}
     if arch is None and cfg.get("tie_word_embeddings") is not None:
         extra["config_tie_word_embeddings"] = cfg.get("tie_word_embeddings")
-    return Subject(tensors=tensors, config=cfg, loader_findings=findings, extra={"hf": extra}, file_spans=spans,
+    decls, pairs, copies, more = folder_declarations(files, cfg, arch)
+    notes += more
+    return Subject(tensors=tensors, config=cfg, loader_findings=files.loader_findings + findings,
+                   extra={"hf": extra}, file_spans=spans, declarations=decls, declared_pairs=pairs,
+                   stored_copies=copies,
                    architecture=arch.module if arch is not None else None,
                    source=Source(target=str(path), format=f"Hugging Face folder ({files.source.format})",
                                  key=files.source.key, notes=notes))

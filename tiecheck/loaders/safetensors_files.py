@@ -9,7 +9,9 @@ the file), so a truncated or corrupt file fails with one clear line before anyth
 Tensor data is never read here: each file is memory-mapped once and every tensor is a view
 into the mapping, so building the Subject touches only the header pages. The content pass
 (``content.py``) later reads the few pages it samples. Safetensors cannot store aliased
-tensors, so a file alone never shows a tie; ties come from the architecture (``hf.py``).
+tensors; a file alone shows a tie only where ``__metadata__`` records a dropped name as an alias
+of a stored one (``safetensors.torch.save_model``), and otherwise ties come from the
+architecture (``hf.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 import torch
 
 from tiecheck.errors import TargetError
+from tiecheck.findings import finding
+from tiecheck.loaders.declared import alias_declarations, alias_map
 from tiecheck.loaders.detect import (
     SAFETENSORS,
     TORCH_SAVE,
@@ -222,13 +226,38 @@ def file_summary(header: Header) -> dict[str, Any]:
             "header_bytes": header.data_start}
 
 
-def load_safetensors_file(path: Path) -> Subject:
+def load_safetensors_file(path: Path, *, restore_aliases: bool = True) -> Subject:
+    """One safetensors file; names its ``__metadata__`` records as aliases of a stored tensor
+    (``safetensors.torch.save_model``) are restored as ties unless ``restore_aliases`` is False
+    (a Hugging Face folder, whose architecture re-ties instead)."""
     header = read_header(path)
     tensors, notes, spans = map_tensors(header)
-    notes.insert(0, f"{len(header.entries)} tensors, {header.data_bytes:,} bytes of data; header read, data "
-                    f"memory-mapped (safetensors stores no aliases: ties come from the architecture)")
+    aliases, broken = alias_map(header.metadata, set(header.entries))
+    decls, pairs = alias_declarations(aliases, broken, path.name)
+    if aliases or broken:
+        how = (f"__metadata__ records {len(aliases)} dropped name{'s' if len(aliases) != 1 else ''} as "
+               f"alias{'es' if len(aliases) != 1 else ''} of stored tensors (safetensors.torch.save_model)")
+        notes.insert(0, f"{len(header.entries)} tensors, {header.data_bytes:,} bytes of data; header read, data "
+                        f"memory-mapped; {how}" + ("; restored as ties" if restore_aliases and aliases else ""))
+    else:
+        notes.insert(0, f"{len(header.entries)} tensors, {header.data_bytes:,} bytes of data; header read, data "
+                        f"memory-mapped (no alias map in __metadata__: ties come from the architecture)")
+    findings = [finding("TC020", f"{path.name} __metadata__ says {k} is an alias of {v}, but the file holds no {v}: "
+                                 f"a loader that restores aliases cannot restore {k}", [k, v])
+                for k, v in sorted(broken.items())]
+    stored_copies = None
+    if restore_aliases and aliases:
+        stored_copies = {n: ("file", path.name, n) for n in header.entries}
+        for dropped, kept in aliases.items():
+            if dropped in tensors:
+                continue  # stored as well: the layers analysis compares the two copies
+            tensors[dropped] = tensors[kept]
+            stored_copies[dropped] = None
+            if kept in spans:
+                spans[dropped] = spans[kept]
     return Subject(tensors=tensors, source=Source(target=str(path), format="safetensors", notes=notes),
-                   extra={"files": [file_summary(header)]}, file_spans=spans)
+                   extra={"files": [file_summary(header)]}, file_spans=spans, loader_findings=findings,
+                   declarations=decls, declared_pairs=pairs, stored_copies=stored_copies)
 
 
 # -- sharded checkpoints: *.index.json -------------------------------------------------------

@@ -47,3 +47,11 @@ class Subject:
     # for what needs a module but not its tensors, such as FLOPs. The tensors still come from the
     # files, so facts and memory are the files'; ``module`` stays None.
     architecture: "nn.Module | None" = None
+    # Ties as the target declares them (``loaders/declared.py``): every declaration with its origin,
+    # and the name pairs they declare tied or untied.
+    declarations: list[dict[str, Any]] = field(default_factory=list)
+    declared_pairs: list[dict[str, Any]] = field(default_factory=list)
+    # The stored layer: name -> identity of the bytes the files hold for it (None: not in the files).
+    # Left None where the subject's tensors are the files' own (their memory is the stored layer)
+    # or where there are no files (a live module).
+    stored_copies: dict[str, Any] | None = None

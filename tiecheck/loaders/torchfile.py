@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 import pickle
 import re
 import tarfile
@@ -21,6 +22,7 @@ from torch import nn
 
 from tiecheck.errors import TargetError, UntrustedPickleError
 from tiecheck.facts import module_tensors
+from tiecheck.loaders.declared import megatron_declarations
 from tiecheck.loaders.fileview import file_spans
 from tiecheck.loaders.pickles import describe, first_refused
 from tiecheck.loaders.subject import Source, Subject
@@ -323,6 +325,6 @@ def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = F
                        source=Source(target=path, format=f"{format_name} (pickled nn.Module)", key=key, notes=notes))
     tensors, used, more = pick_state(obj, key, path)
     fmt = format_name + (" training checkpoint" if used else " state dict")
-
+    decls, pairs = megatron_declarations(obj, set(tensors), os.path.basename(path))
     return Subject(tensors=tensors, source=Source(target=path, format=fmt, key=used, notes=notes + more),
-                   file_spans=file_spans(tensors, path))
+                   file_spans=file_spans(tensors, path), declarations=decls, declared_pairs=pairs)

@@ -54,13 +54,19 @@ def _text(r: Report, markdown: bool) -> str:
     s = r.summary
     out += ["", h("Summary")]
     rows = [
-        ["parameters", f"{s['params_unique']:,}", f"{s['params_counted']:,}", f"{s['params_counted'] - s['params_unique']:,}"],
+        ["parameters", f"{s['params_unique']:,}", f"{s['params_counted']:,}", f"{s.get('params_saved', s['params_counted'] - s['params_unique']):,}"],
         ["weight bytes", human_bytes(s["bytes_unique"]), human_bytes(s["bytes_counted"]), human_bytes(s["bytes_saved"])],
         [f"training bytes ({s['optimizer']})", human_bytes(s["training_bytes"]), human_bytes(s["training_bytes_counted"]),
          human_bytes(s["training_bytes_saved"])],
     ]
     out.append(tabulate(rows, headers=["", "counted once", "per-name sum", "saved by ties"], tablefmt=tablefmt,
                         colalign=("left", "right", "right", "right")))
+    if s.get("bytes_nested_views"):
+        out.append(f"views nested in or overlapping another listed tensor: {human_bytes(s['bytes_nested_views'])} "
+                   f"counted twice by a per-name sum (not a tie)")
+    if s.get("bytes_unreachable"):
+        out.append(f"stored bytes no tensor reaches: {human_bytes(s['bytes_unreachable'])} (views saved with their "
+                   f"whole storage)")
     if len(s.get("by_dtype", [])) > 1:
         out.append("")
         out.append(tabulate([[d["dtype"], f"{d['params_unique']:,}", human_bytes(d["bytes_unique"])] for d in s["by_dtype"]],
@@ -74,6 +80,8 @@ def _text(r: Report, markdown: bool) -> str:
                             headers=["#", "names", "kind", "shape", "dtype", "saves"], tablefmt=tablefmt))
     else:
         out.append("no tensors share memory")
+
+    out += _declared_lines(r.declared, h, tablefmt, markdown)
 
     content = r.content or {}
     shown = [d for d in r.untied_duplicates if not d["constant"]]
@@ -112,6 +120,27 @@ def _text(r: Report, markdown: bool) -> str:
             if f.get("hint"):
                 out.append(f"{'':<8}      hint: {f['hint']}")
     return "\n".join(out) + "\n"
+
+
+def _declared_lines(declared: dict | None, h, tablefmt: str, markdown: bool) -> list[str]:
+    """Declared, physical and stored side by side, one row per declared tie (nothing when none is declared)."""
+    if not declared or not (declared.get("ties") or declared.get("declarations")):
+        return []
+    ties = declared.get("ties", [])
+    out = ["", h(f"Declared ties ({len(ties)})")]
+    sep = "<br>" if markdown else "\n"
+    if ties:
+        def said(t: dict) -> str:
+            value = ("tied" if t["declared"] else "untied") + (" (declarations disagree)" if t.get("conflict") else "")
+            return value + sep + sep.join(f"by {b}" for b in t["by"])
+
+        out.append(tabulate([[sep.join(t["names"]), said(t), t["physical"], t["stored"], human_bytes(t["bytes"])]
+                             for t in ties],
+                            headers=["names", "declared", "physical", "stored", "size"], tablefmt=tablefmt))
+    else:
+        kinds = sorted({d["kind"] for d in declared.get("declarations", [])})
+        out.append(f"declarations found ({', '.join(kinds)}) name no pair of tensors")
+    return out
 
 
 def _flops_lines(f: dict, tablefmt: str) -> list[str]:

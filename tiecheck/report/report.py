@@ -9,7 +9,9 @@ from tiecheck import __version__
 from tiecheck.findings import SEVERITY_RANK
 from tiecheck.report.text import json_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions from_dict reads: 2 added the `declared` section (a report of version 1 has none).
+READABLE_VERSIONS = (1, 2)
 FAIL_ON = ("error", "warning", "never")
 # Expectations the user stated are always checks, whatever --fail-on says.
 EXPECTATION_CODES = frozenset({"TC009", "TC013", "TC014"})
@@ -26,6 +28,8 @@ class Report:
     tensors: list[dict[str, Any]] = field(default_factory=list)
     content: dict[str, Any] | None = None
     flops: dict[str, Any] | None = None
+    # Ties as declared (config flags, alias maps, _tied_weights_keys) beside physical and stored.
+    declared: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
@@ -41,6 +45,7 @@ class Report:
             "findings": self.findings,
             "content_pass": self.content,
             "flops": self.flops,
+            "declared": self.declared,
             "tensors": self.tensors,
         }
         d.update(self.extra)
@@ -53,15 +58,15 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         """Rebuild a report from its JSON (e.g. a stored snapshot)."""
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"report schema_version {version!r} is not {SCHEMA_VERSION}; re-create it with this "
                              f"tiecheck version")
         known = {"schema_version", "tiecheck_version", "source", "summary", "tie_groups", "untied_duplicates",
-                 "tie_candidates", "findings", "content_pass", "flops", "tensors"}
+                 "tie_candidates", "findings", "content_pass", "flops", "declared", "tensors"}
         return cls(source=d["source"], summary=d["summary"], tie_groups=d["tie_groups"],
                    untied_duplicates=d.get("untied_duplicates", []), tie_candidates=d.get("tie_candidates", []),
                    findings=d.get("findings", []), tensors=d.get("tensors", []), content=d.get("content_pass"),
-                   flops=d.get("flops"), extra={k: v for k, v in d.items() if k not in known})
+                   flops=d.get("flops"), declared=d.get("declared"), extra={k: v for k, v in d.items() if k not in known})
 
     def to_frame(self):
         """One row per tensor name: where it lives and what it is tied to."""

@@ -1,0 +1,229 @@
+"""Declared, physical, stored: declarations read where they live and held against memory and files."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from formats_helpers import write_safetensors
+
+import tiecheck
+from tiecheck.cli import main
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def llama(tie: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def codes(r) -> list[str]:
+    return sorted(f["code"] for f in r.findings)
+
+
+def only(r, code: str) -> dict:
+    (f,) = [f for f in r.findings if f["code"] == code]
+    return f
+
+
+def folder(tmp_path, model, tensors: dict, name: str = "hf"):
+    """save_pretrained's config beside the given tensors as model.safetensors."""
+    d = tmp_path / name
+    model.save_pretrained(d)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"),
+                                metadata={"format": "pt"})
+    return d
+
+
+def state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_save_model_alias_map_is_restored_as_a_tie_with_its_bytes(tmp_path):
+    m = llama(tie=True)
+    path = tmp_path / "m.safetensors"
+    safetensors_torch.save_model(m, str(path))
+    r = tiecheck.analyze(str(path))
+    assert [g["names"] for g in r.tie_groups] == [[HEAD, EMB]] and r.tie_groups[0]["bytes_saved"] == 64 * 16 * 4
+    assert r.summary["bytes_saved"] == 4096
+    (decl,) = r.declared["declarations"]
+    assert decl == {"kind": "alias_map", "value": {EMB: HEAD}, "origin": {"file": "m.safetensors",
+                                                                         "key": "__metadata__"}}
+    assert r.declared["ties"] == [{"names": [EMB, HEAD], "declared": True, "conflict": False,
+                                   "by": ["m.safetensors __metadata__"], "physical": "tied", "stored": "one copy",
+                                   "bytes": 4096}]
+    assert codes(r) == []
+    # The library's own loader restores the same tie into a fresh model.
+    fresh = llama(tie=True, seed=1)
+    safetensors_torch.load_model(fresh, str(path))
+    assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
+
+
+def test_alias_map_naming_a_missing_key_is_a_finding(tmp_path):
+    path = write_safetensors(tmp_path / "x.safetensors", {"embed.weight": torch.ones(4, 2)},
+                             metadata={"format": "pt", "head.weight": "gone.weight", "note": "not.an alias"})
+    r = tiecheck.analyze(str(path))
+    f = only(r, "TC020")
+    assert f["severity"] == "warning" and f["names"] == ["gone.weight", "head.weight"]
+    assert "holds no gone.weight" in f["message"]
+    assert r.tie_groups == [] and r.declared["ties"] == []
+    assert r.declared["declarations"][0]["broken"] == {"head.weight": "gone.weight"}
+
+
+def test_declared_tied_but_head_stored_different_is_an_error_and_transformers_loads_it_untied(tmp_path):
+    m = llama(tie=True)
+    sd = state(m)
+    sd[HEAD] = torch.randn_like(sd[EMB])
+    d = folder(tmp_path, m, sd)
+    r = tiecheck.analyze(str(d))
+    f = only(r, "TC015")
+    assert f["severity"] == "error" and f["names"] == [HEAD, EMB]
+    assert "transformers 5 warns and loads them untied" in f["message"]
+    (row,) = r.declared["ties"]
+    assert (row["declared"], row["physical"], row["stored"]) == (True, "separate, different", "two different copies")
+    assert row["by"] == ["config.json tie_word_embeddings (LlamaConfig)", "LlamaForCausalLM._tied_weights_keys"]
+    assert r.exit_code("error") == 1
+    loaded = transformers.LlamaForCausalLM.from_pretrained(d)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, sd[HEAD])
+
+
+def test_declared_tied_and_stored_twice_equal_is_wasted_disk_and_retied_on_load(tmp_path):
+    m = llama(tie=True)
+    d = folder(tmp_path, m, state(m))
+    r = tiecheck.analyze(str(d))
+    f = only(r, "TC016")
+    assert f["severity"] == "warning" and "4,096 bytes stored twice" in f["message"]
+    (row,) = r.declared["ties"]
+    assert (row["physical"], row["stored"]) == ("tied", "two equal copies")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(d)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_declared_untied_with_one_copy_is_an_error_and_transformers_initialises_the_head(tmp_path):
+    m = llama(tie=False)
+    sd = {k: v for k, v in state(m).items() if k != HEAD}
+    d = folder(tmp_path, m, sd)
+    r = tiecheck.analyze(str(d))
+    f = only(r, "TC017")
+    assert f["severity"] == "error" and "initialise lm_head.weight randomly" in f["message"]
+    (row,) = r.declared["ties"]
+    assert (row["declared"], row["physical"], row["stored"]) == (False, "absent", "one copy")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(d)
+    assert not torch.equal(loaded.lm_head.weight, sd[EMB])
+
+
+def tiny_llava(text_tie: bool, top: bool | None):
+    text = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=text_tie)
+    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=16)
+    kw = {} if top is None else {"tie_word_embeddings": top}
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=63, **kw)
+    torch.manual_seed(0)
+    return transformers.LlavaForConditionalGeneration(cfg)
+
+
+LLAVA_EMB = "model.language_model.embed_tokens.weight"
+
+
+def llava_folder(tmp_path, m):
+    """The config as save_pretrained writes it, the weights under the class's own names, the tied head dropped
+    (transformers 5 writes Llava's weights under its legacy key names, which tiecheck does not convert yet)."""
+    sd = {k: v for k, v in state(m).items() if k != HEAD}
+    return folder(tmp_path, m, sd, "llava")
+
+
+def test_nested_text_config_flag_is_resolved_as_the_config_class_resolves_it(tmp_path):
+    m = tiny_llava(text_tie=True, top=None)
+    d = llava_folder(tmp_path, m)
+    raw = json.loads((d / "config.json").read_text())
+    raw.pop("tie_word_embeddings", None)  # the flag only in text_config, as older checkpoints write it
+    (d / "config.json").write_text(json.dumps(raw))
+    r = tiecheck.analyze(str(d))
+    decls = r.declared["declarations"]
+    assert [(x["origin"]["key"], x["value"]) for x in decls if x["kind"] == "tie_word_embeddings"] == [
+        ("text_config.tie_word_embeddings", True), ("tie_word_embeddings", True)]
+    assert [x.get("resolved_by") for x in decls if x["kind"] == "tie_word_embeddings"] == [None, "LlavaConfig"]
+    (row,) = r.declared["ties"]
+    assert row["names"] == [HEAD, LLAVA_EMB] and row["declared"] and row["stored"] == "one copy"
+    assert row["physical"] == "tied" and "TC019" not in codes(r)
+    loaded = transformers.LlavaForConditionalGeneration.from_pretrained(d)
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+
+
+def test_top_level_and_nested_flags_that_disagree_are_a_finding(tmp_path):
+    m = tiny_llava(text_tie=False, top=True)
+    d = llava_folder(tmp_path, m)
+    r = tiecheck.analyze(str(d))
+    f = only(r, "TC019")
+    assert "config.json text_config.tie_word_embeddings: untied" in f["message"]
+    assert "transformers follows config.json tie_word_embeddings (LlavaConfig)" in f["message"]
+    (row,) = r.declared["ties"]
+    assert row["declared"] is True and row["conflict"] is True
+
+
+def test_nested_config_of_the_wrong_type_is_one_line(tmp_path):
+    m = tiny_llava(text_tie=True, top=None)
+    d = llava_folder(tmp_path, m)
+    raw = json.loads((d / "config.json").read_text())
+    raw["text_config"] = "llama"
+    (d / "config.json").write_text(json.dumps(raw))
+    res = CliRunner().invoke(main, ["inspect", str(d), "--format", "json"])
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert res.exit_code in (0, 1, 2) and "Traceback" not in res.output
+
+
+def test_live_model_declared_tied_but_head_changed_in_memory(tmp_path):
+    m = llama(tie=True)
+    # What a merge that rebuilds the head (peft merge_and_unload of a trained modules_to_save head) leaves.
+    m.lm_head.weight = torch.nn.Parameter(m.model.embed_tokens.weight.detach() + 1)
+    r = tiecheck.analyze(m)
+    f = only(r, "TC015")
+    assert "memory holds lm_head.weight and model.embed_tokens.weight with different content" in f["message"]
+    (row,) = r.declared["ties"]
+    assert (row["physical"], row["stored"]) == ("separate, different", "no files (in memory)")
+
+
+def test_megatron_args_declaration(tmp_path):
+    emb = torch.randn(32, 8)
+    sd = {"embedding.word_embeddings.weight": emb, "decoder.final_layernorm.weight": torch.ones(8)}
+    path = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": sd, "args": {"untie_embeddings_and_output_weights": True}}, path)
+    r = tiecheck.analyze(str(path))
+    (decl,) = r.declared["declarations"]
+    assert decl["value"] is False and decl["origin"] == {"file": "model_optim_rng.pt",
+                                                         "key": "args.untie_embeddings_and_output_weights"}
+    f = only(r, "TC017")
+    assert f["names"] == ["embedding.word_embeddings.weight", "output_layer.weight"]
+
+    torch.save({"model": sd, "args": {"untie_embeddings_and_output_weights": False}}, path)
+    r = tiecheck.analyze(str(path))
+    assert r.declared["ties"][0]["stored"] == "one copy" and "TC017" not in codes(r)
+
+
+def test_three_layers_show_in_table_and_markdown(tmp_path):
+    m = llama(tie=True)
+    path = tmp_path / "m.safetensors"
+    safetensors_torch.save_model(m, str(path))
+    for fmt in ("table", "markdown"):
+        res = CliRunner().invoke(main, ["inspect", str(path), "--format", fmt])
+        assert "Declared ties (1)" in res.output
+        assert "physical" in res.output and "stored" in res.output and "by m.safetensors __metadata__" in res.output

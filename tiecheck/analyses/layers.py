@@ -1,0 +1,149 @@
+"""Declared, physical, stored: every declared tie held against memory and against the files.
+
+* **declared**: what a format or framework says (``loaders/declared.py`` reads it);
+* **physical**: whether the names share memory in the model as loaded (tie groups);
+* **stored**: what the files hold for them: one copy, two equal copies, two different copies.
+
+Each declared pair becomes one row with the three layers side by side, and every disagreement
+a finding whose severity follows what a loader does with it: declared tied but stored different
+is wrong output somewhere (error), declared tied and stored twice equal is wasted disk
+(warning), declared untied with one copy stored is a random tensor on load (error). Content is
+read through a ``ContentReader``, only for the declared pairs, so this module stays torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from tiecheck.facts import TensorFact
+from tiecheck.findings import Finding, finding
+
+# Stored-layer states.
+ONE_COPY = "one copy"
+SHARED = "one copy (shared storage)"
+TWO_EQUAL = "two equal copies"
+TWO_DIFFERENT = "two different copies"
+TWO_INCOMPARABLE = "two copies of different shape or dtype"
+NOT_STORED = "not stored"
+NO_FILES = "no files (in memory)"
+# Physical-layer states.
+TIED = "tied"
+SEPARATE_EQUAL = "separate, equal"
+SEPARATE_DIFFERENT = "separate, different"
+SEPARATE = "separate"
+ABSENT = "absent"
+
+LOADERS_TIED = ("transformers 5 warns and loads them untied (each keeps its own stored copy); transformers 4 "
+                "re-ties them on load, so the stored {target} is replaced by {source}; engines that trust the "
+                "declaration (vLLM, llama.cpp converters) serve {source} as {target}")
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    names: tuple[str, str]  # (target, source): target is the name a loader fills from source
+    declared: bool  # as the first declaration (the one the framework follows) says
+    by: tuple[str, ...]
+    physical: str
+    stored: str
+    nbytes: int
+    conflict: bool = False  # the declarations disagree among themselves
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "declared": self.declared, "conflict": self.conflict, "by": list(self.by),
+                "physical": self.physical, "stored": self.stored, "bytes": self.nbytes}
+
+
+def _equal(reader, a: TensorFact, b: TensorFact) -> bool | None:
+    if reader is None or a.shape != b.shape or a.dtype != b.dtype or a.storage is None or b.storage is None:
+        return None
+    return reader.equal(a.name, b.name)
+
+
+def compare_layers(pairs: Sequence[Mapping[str, Any]], facts: Sequence[TensorFact],
+                   stored_copies: Mapping[str, Any] | None, reader=None) -> tuple[list[LayerRow], list[Finding]]:
+    """One row per declared pair, and the findings where the layers disagree.
+
+    ``stored_copies`` maps a name to the identity of its stored bytes (None: not in the files);
+    a None mapping means there are no files (a live module). ``reader`` compares contents.
+    """
+    by_name = {f.name: f for f in facts}
+    rows: list[LayerRow] = []
+    findings: list[Finding] = []
+    for p in pairs:
+        target, source = p["names"]
+        ft, fs = by_name.get(target), by_name.get(source)
+        conflict = bool(p.get("conflict"))
+        declared = bool(p["declared"])
+        by = tuple(p["by"])
+        nbytes = (fs or ft).nbytes if (fs or ft) else 0
+
+        equal: bool | None = None
+        if ft is None or fs is None:
+            physical = ABSENT
+        elif ft.identity == fs.identity:
+            physical, equal = TIED, True
+        else:
+            equal = _equal(reader, ft, fs)
+            physical = SEPARATE if equal is None else SEPARATE_EQUAL if equal else SEPARATE_DIFFERENT
+
+        if stored_copies is None:
+            stored = NO_FILES
+        else:
+            ct, cs = stored_copies.get(target), stored_copies.get(source)
+            if ct is None and cs is None:
+                stored = NOT_STORED
+            elif ct is None or cs is None:
+                stored = ONE_COPY
+            elif ct == cs:
+                stored = SHARED
+            elif ft is not None and fs is not None and (ft.shape != fs.shape or ft.dtype != fs.dtype):
+                stored = TWO_INCOMPARABLE
+            else:
+                # A loader re-ties equal copies, so names tied in memory but stored apart were equal.
+                stored = TWO_EQUAL if equal else TWO_DIFFERENT if equal is False else "two copies"
+        rows.append(LayerRow(names=(target, source), declared=declared, by=by, physical=physical, stored=stored,
+                             nbytes=nbytes, conflict=conflict))
+        findings += _row_findings(rows[-1], p, stored_copies)
+    return rows, findings
+
+
+def _decl_text(by: Sequence[str], tied: bool) -> str:
+    return f"{' and '.join(by)} declare{'s' if len(by) == 1 else ''} them {'tied' if tied else 'untied'}"
+
+
+def _row_findings(r: LayerRow, p: Mapping[str, Any], stored_copies) -> list[Finding]:
+    target, source = r.names
+    names = [target, source]
+    out = []
+    if r.conflict:
+        claims = p.get("claims", {})
+        said = "; ".join(f"{b}: {'tied' if v else 'untied'}" for b, v in claims.items())
+        out.append(finding("TC019", f"declarations about {target} and {source} disagree ({said}); transformers "
+                                    f"follows {r.by[0]}, engines that read another key build another model", names))
+    if r.declared:
+        if r.stored == TWO_DIFFERENT or (r.stored == NO_FILES and r.physical == SEPARATE_DIFFERENT):
+            where = "the files store" if r.stored == TWO_DIFFERENT else "memory holds"
+            out.append(finding("TC015", f"{_decl_text(r.by, True)}, but {where} {target} and {source} with different "
+                                        f"content: " + LOADERS_TIED.format(target=target, source=source), names))
+        elif r.stored == TWO_EQUAL:
+            out.append(finding("TC016", f"{_decl_text(r.by, True)}, and the files store both {target} and {source} "
+                                        f"with equal content ({r.nbytes:,} bytes stored twice; transformers re-ties "
+                                        f"them on load)", names, bytes_wasted=r.nbytes))
+        elif r.stored == NO_FILES and r.physical == SEPARATE_EQUAL:
+            out.append(finding("TC016", f"{_decl_text(r.by, True)}, but memory holds {target} and {source} as two "
+                                        f"equal copies ({r.nbytes:,} bytes twice): re-tie with "
+                                        f"`model.tie_weights()`", names, bytes_wasted=r.nbytes))
+    else:
+        missing = [n for n in names if stored_copies is not None and stored_copies.get(n) is None]
+        if r.stored == ONE_COPY and len(missing) == 1:
+            (gone,) = missing
+            other = source if gone == target else target
+            out.append(finding("TC017", f"{_decl_text(r.by, False)}, but the files hold only {other}: transformers "
+                                        f"and engines that trust the declaration initialise {gone} randomly on load "
+                                        f"(the model produces gibberish); if {gone} is meant to be {other}, declare "
+                                        f"them tied", names))
+        elif r.physical == TIED and r.stored in (NO_FILES, SHARED):
+            out.append(finding("TC018", f"{_decl_text(r.by, False)}, but {target} and {source} share memory: a "
+                                        f"loader that trusts the declaration builds two tensors", names))
+    return out

@@ -1,0 +1,219 @@
+"""Ties as formats and frameworks declare them, read where they live.
+
+A declaration is a claim, not a fact: a flag in ``config.json``, an alias map in a safetensors
+header, a class's ``_tied_weights_keys``, a Megatron argument. Each is recorded with where it
+came from (file, key, config path) and, where it names tensors, turned into *pairs*
+``{"names": [target, source], "declared": bool, "by": [...]}`` that ``analyses/layers.py``
+holds against memory (physical) and against the files (stored).
+
+This module reads no tensor values. transformers is used where it is the authority (a config
+class resolving a nested ``text_config``, a model's expanded tie mapping); it is only ever
+handed objects the loaders already built.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+# A tensor name as state dicts spell it: dotted identifiers (``model.embed_tokens.weight``).
+_TENSOR_NAME = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)+$")
+# Config keys transformers reads as tie declarations.
+TIE_KEYS = ("tie_word_embeddings", "tie_encoder_decoder")
+# Megatron-LM: ``--untie-embeddings-and-output-weights`` (args) and Megatron-core's model flag.
+MEGATRON_KEYS = ("share_embeddings_and_output_weights", "untie_embeddings_and_output_weights")
+MEGATRON_EMBEDDING = ("embedding.word_embeddings.weight", "language_model.embedding.word_embeddings.weight",
+                      "word_embeddings.weight")
+MEGATRON_OUTPUT = ("output_layer.weight", "language_model.output_layer.weight")
+MAX_DEPTH = 4  # nested configs (text_config, decoder, ...) are one or two levels deep
+
+
+def declaration(kind: str, value: Any, *, file: str | None = None, key: str | None = None,
+                **more: Any) -> dict[str, Any]:
+    """One declaration as the report shows it: what, its value and where it came from."""
+    origin = {k: v for k, v in (("file", file), ("key", key)) if v is not None}
+    return {"kind": kind, "value": value, "origin": origin, **more}
+
+
+def pair(target: str, source: str, declared: bool, by: str) -> dict[str, Any]:
+    return {"names": [target, source], "declared": declared, "by": [by]}
+
+
+def merge_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per set of names; a row whose declarations disagree keeps every one in ``by``."""
+    out: dict[frozenset, dict[str, Any]] = {}
+    for p in pairs:
+        k = frozenset(p["names"])
+        claims = dict(p.get("claims") or {b: p["declared"] for b in p["by"]})  # merged rows keep theirs
+        if k in out:
+            row = out[k]
+            row["by"] += [b for b in p["by"] if b not in row["by"]]
+            row["claims"].update({b: v for b, v in claims.items() if b not in row["claims"]})
+        else:
+            out[k] = row = {**p, "by": list(p["by"]), "claims": claims}
+        row["conflict"] = len(set(row["claims"].values())) > 1
+    return list(out.values())
+
+
+# -- safetensors __metadata__ ------------------------------------------------------------------
+
+def alias_map(metadata: Mapping[str, str], stored: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(aliases, broken) from a safetensors ``__metadata__``.
+
+    ``safetensors.torch.save_model`` and ``huggingface_hub.save_torch_state_dict`` drop every
+    shared name but one and record ``{dropped_name: kept_name}`` in ``__metadata__`` (beside
+    free-form entries such as ``{"format": "pt"}``). An entry is an alias when its value is a
+    stored tensor; an entry whose key and value both look like tensor names but whose value is
+    not stored is a broken alias (the map names a key the file does not hold).
+    """
+    aliases, broken = {}, {}
+    for k, v in metadata.items():
+        if not isinstance(v, str) or k == v:
+            continue
+        if v in stored:
+            aliases[k] = v
+        elif _TENSOR_NAME.match(k) and _TENSOR_NAME.match(v):
+            broken[k] = v
+    return aliases, broken
+
+
+def alias_declarations(aliases: Mapping[str, str], broken: Mapping[str, str], file: str
+                       ) -> tuple[list[dict], list[dict]]:
+    decls, pairs = [], []
+    if aliases or broken:
+        decls.append(declaration("alias_map", dict(aliases), file=file, key="__metadata__",
+                                 **({"broken": dict(broken)} if broken else {})))
+    for dropped, kept in aliases.items():
+        pairs.append(pair(dropped, kept, True, f"{file} __metadata__"))
+    return decls, pairs
+
+
+# -- config.json: tie_word_embeddings, tie_encoder_decoder, top level and nested -----------------
+
+def raw_config_ties(cfg: Mapping[str, Any], file: str = "config.json") -> tuple[list[dict], list[str]]:
+    """Every tie key in a config dict, at any nesting depth, with its path; and notes on bad values."""
+    decls, notes = [], []
+
+    def walk(d: Mapping[str, Any], path: str, depth: int) -> None:
+        for k, v in d.items():
+            here = f"{path}.{k}" if path else str(k)
+            if k in TIE_KEYS:
+                if isinstance(v, bool):
+                    decls.append(declaration(k, v, file=file, key=here))
+                elif v is not None:
+                    notes.append(f"{file}: {here} is {v!r}, not true or false; ignored as a declaration")
+            elif isinstance(v, Mapping) and depth < MAX_DEPTH:
+                walk(v, here, depth + 1)
+
+    walk(cfg, "", 0)
+    return decls, notes
+
+
+def resolved_tie(config: Any, raw: list[dict], file: str = "config.json") -> dict | None:
+    """What the config class makes of ``tie_word_embeddings`` (e.g. LlavaConfig copies text_config's)."""
+    value = getattr(config, "tie_word_embeddings", None)
+    if not isinstance(value, bool):
+        return None
+    return declaration("tie_word_embeddings", value, file=file, key="tie_word_embeddings",
+                       resolved_by=type(config).__name__,
+                       paths=[d["origin"]["key"] for d in raw if d["kind"] == "tie_word_embeddings"])
+
+
+def model_declarations(model: Any, raw_cfg: Mapping[str, Any] | None, *, input_name: str | None,
+                       output_name: str | None, expanded: Mapping[str, str] | None = None,
+                       file: str = "config.json") -> tuple[list[dict], list[dict], list[str]]:
+    """Declarations of a transformers model (built from a folder's config, or live): the config's
+    tie keys as written and as the class resolves them, and the class's ``_tied_weights_keys``
+    expanded as transformers expands them (regex keys included)."""
+    config = getattr(model, "config", None)
+    if raw_cfg is None:
+        try:
+            raw_cfg = config.to_dict() if config is not None else {}
+        except Exception:  # noqa: BLE001 - a foreign config object: read what it has
+            raw_cfg = {}
+        file = f"{type(model).__name__}.config"
+    decls, notes = raw_config_ties(raw_cfg, file)
+    pairs: list[dict] = []
+    resolved = resolved_tie(config, decls, file) if config is not None else None
+    if resolved is not None:
+        decls.append(resolved)
+        if input_name and output_name and input_name != output_name:
+            pairs.append(pair(output_name, input_name, resolved["value"],
+                              f"{file} tie_word_embeddings ({resolved['resolved_by']})"))
+            # A value written elsewhere (text_config, decoder) that the class overrides is still read by
+            # engines that look there: it joins the row, which then records the disagreement.
+            for d in decls:
+                if d["kind"] == "tie_word_embeddings" and d is not resolved and d["value"] != resolved["value"]:
+                    pairs.append(pair(output_name, input_name, d["value"], f"{file} {d['origin']['key']}"))
+    raw_keys = getattr(type(model), "_tied_weights_keys", None)
+    if raw_keys:
+        if expanded is None and hasattr(model, "get_expanded_tied_weights_keys"):
+            try:
+                expanded = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+            except Exception as e:  # noqa: BLE001 - transformers raises ValueError on a pattern that matches nothing
+                notes.append(f"{type(model).__name__}._tied_weights_keys could not be expanded ({e})")
+                expanded = None
+        shown = dict(raw_keys) if isinstance(raw_keys, Mapping) else list(raw_keys)
+        decls.append(declaration("tied_weights_keys", shown, key=f"{type(model).__name__}._tied_weights_keys",
+                                 expanded=dict(expanded or {})))
+        for target, source in (expanded or {}).items():
+            pairs.append(pair(target, source, True, f"{type(model).__name__}._tied_weights_keys"))
+    return decls, merge_pairs(pairs), notes
+
+
+def flat_config_pairs(raw_cfg: Mapping[str, Any], embeddings: list[str], heads: list[str],
+                      file: str = "config.json") -> tuple[list[dict], list[dict], list[str]]:
+    """Without a built architecture: the top-level flag, held against the embedding and head found by name."""
+    decls, notes = raw_config_ties(raw_cfg, file)
+    top = raw_cfg.get("tie_word_embeddings")
+    pairs = []
+    if isinstance(top, bool) and embeddings and heads:
+        pairs.append(pair(heads[0], embeddings[0], top, f"{file} tie_word_embeddings"))
+    return decls, pairs, notes
+
+
+# -- Megatron checkpoints --------------------------------------------------------------------
+
+def megatron_declarations(obj: Any, names: set[str], file: str) -> tuple[list[dict], list[dict]]:
+    """``args.share_embeddings_and_output_weights`` (or ``untie_embeddings_and_output_weights``)."""
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    if args is None:
+        return [], []
+    get = args.get if isinstance(args, Mapping) else (lambda k, d=None: getattr(args, k, d))
+    for k in MEGATRON_KEYS:
+        v = get(k, None)
+        if isinstance(v, bool):
+            share = v if k == MEGATRON_KEYS[0] else not v
+            decls = [declaration("share_embeddings_and_output_weights", share, file=file, key=f"args.{k}")]
+            emb = next((n for n in MEGATRON_EMBEDDING if n in names), None)
+            out = next((n for n in MEGATRON_OUTPUT if n in names), None)
+            if emb is not None and out is None:
+                out = MEGATRON_OUTPUT[MEGATRON_EMBEDDING.index(emb)] if emb in MEGATRON_EMBEDDING[:2] else None
+            pairs = [pair(out, emb, share, f"{file} args.{k}")] if emb and out else []
+            return decls, pairs
+    return [], []
+
+
+def embedding_names(module: Any) -> tuple[str | None, str | None]:
+    """(input embedding weight, output embedding weight) by module path, so a tied pair keeps two names."""
+    paths = {id(m): p for p, m in module.named_modules(remove_duplicate=False)}
+
+    def name(getter: str) -> str | None:
+        try:
+            mod = getattr(module, getter)()
+        except Exception:  # noqa: BLE001 - many models raise NotImplementedError here
+            return None
+        path = paths.get(id(mod))
+        if path is None or getattr(mod, "weight", None) is None:
+            return None
+        return f"{path}.weight" if path else "weight"
+
+    return name("get_input_embeddings"), name("get_output_embeddings")
+
+
+def live_model_declarations(module: Any) -> tuple[list[dict], list[dict], list[str]]:
+    """A transformers model passed in memory: its config and class, as for a folder."""
+    if getattr(module, "config", None) is None or not hasattr(module, "get_input_embeddings"):
+        return [], [], []
+    inp, out = embedding_names(module)
+    return model_declarations(module, None, input_name=inp, output_name=out)
