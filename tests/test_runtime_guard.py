@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from tiecheck import runtime
+from tiecheck.errors import TiecheckError
 from tiecheck.runtime import TieGuard, TieLostError, TieLostWarning
 from tiecheck.testing import TieAssertionError
 
@@ -193,6 +194,11 @@ def test_dtensor_parameters_are_compared_by_their_local_shard(tmp_path):
             guard.check(where="after load")
     finally:
         dist.destroy_process_group()
+
+
+def test_guarding_something_that_is_not_a_module_is_one_clear_error():
+    with pytest.raises(TiecheckError, match="^TieGuard needs a torch.nn.Module, not dict: pass the model itself$"):
+        TieGuard(dict(TinyLM().state_dict()))
 
 
 def test_the_guard_changes_nothing_in_a_plain_loop():

@@ -24,9 +24,17 @@ __all__ = ["TiecheckCallback"]
 
 
 def _storage(t: Any) -> tuple[int, int] | None:
-    if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+    """Where a saved tensor's bytes start; a DTensor by its local shard (no gather)."""
+    if not isinstance(t, torch.Tensor):
         return None
-    return t.untyped_storage().data_ptr(), t.storage_offset()
+    local = getattr(t, "_local_tensor", None)
+    t = local if isinstance(local, torch.Tensor) else t
+    if t.device.type == "meta":
+        return None
+    try:
+        return t.untyped_storage().data_ptr(), t.storage_offset()
+    except (RuntimeError, NotImplementedError, TypeError):  # fake or functional tensors own no storage
+        return None
 
 
 class TiecheckCallback(Callback):
