@@ -1,0 +1,391 @@
+"""Guard ties while a model trains: ``TieGuard`` records the ties a model has, ``check()`` says which broke.
+
+    guard = TieGuard(model)             # records the tie groups (and those the config declares)
+    model.to_empty(device="cuda")       # unties: every module gets a Parameter of its own
+    guard.check(where="after to_empty") # raises TieLostError naming the names, the point, the fix
+
+Construction runs the library's tie analysis once (``tiecheck.facts`` then
+``tiecheck.analyses.ties.find_tie_groups``). A check then looks only at the names of the guarded
+groups: it reaches each Parameter through its owning module, describes it with
+``tiecheck.facts.fact_of`` (object identity and storage extent, never a value) and groups those
+few facts with ``find_tie_groups`` again. Its cost depends on how many names are tied, not on
+the size of the model, so it can run every step.
+
+Under ``torch.distributed`` each rank checks its own view: a DTensor is described by its local
+shard (no gather), and only ``report_rank`` prints the full message.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from tiecheck.analyses.ties import SAME_PARAMETER, find_tie_groups, group_by_identity
+from tiecheck.errors import TiecheckError
+from tiecheck.facts import TensorFact, build_facts, fact_of
+from tiecheck.findings import finding
+from tiecheck.guard.expect import assignment
+from tiecheck.loaders import from_module
+from tiecheck.loaders.safejson import parse_json
+from tiecheck.loaders.safetensors_files import read_header
+from tiecheck.report.text import human_bytes
+from tiecheck.testing import TieAssertionError
+
+__all__ = ["TieGuard", "TieLostError", "TieLostWarning", "GuardedTie", "LostTie", "SavedTie", "saved_ties"]
+
+log = logging.getLogger("tiecheck")
+
+BUILT = "when the guard was built"
+ON_LOST = ("raise", "warn")
+
+
+class TieLostError(TieAssertionError):
+    """A tie the guard recorded no longer holds. ``lost`` holds one ``LostTie`` per broken group."""
+
+    def __init__(self, message: str, findings: Iterable[dict] = (), lost: Sequence["LostTie"] = ()):
+        super().__init__(message, findings)
+        self.lost = list(lost)
+
+
+class TieLostWarning(UserWarning):
+    """The warning ``TieGuard(on_lost="warn")`` emits instead of raising."""
+
+
+@dataclass(frozen=True)
+class GuardedTie:
+    """One group of names the guard expects to stay one Parameter."""
+
+    names: tuple[str, ...]  # sorted
+    held_at_build: bool  # tied when the guard was built (False: only declared)
+    declared_by: str | None = None  # e.g. "GPT2LMHeadModel._tied_weights_keys"
+
+
+@dataclass(frozen=True)
+class LostTie:
+    """A guarded group that no longer is one Parameter, with what that costs."""
+
+    names: tuple[str, ...]
+    now: str  # how the names stand now, in words
+    bytes_twice: int  # bytes held by the extra copies (0 when the names still share memory)
+    optimizer: str | None  # what the optimizer does with the copies, when one was given
+    retie: str  # the line that re-ties them
+    since: str  # the last point where the tie held
+    where: str  # the point where it was found lost
+
+    def lines(self) -> list[str]:
+        out = [f"  {', '.join(self.names)}: {self.now}",
+               f"    held at: {self.since}; lost by: {self.where}"]
+        if self.bytes_twice:
+            out.append(f"    stored twice: {human_bytes(self.bytes_twice)} ({self.bytes_twice:,} bytes)")
+        if self.optimizer:
+            out.append(f"    optimizer: {self.optimizer}")
+        out.append(f"    re-tie: {self.retie}")
+        return out
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def _tensor_of(model: Any, name: str):
+    """The Parameter (or buffer) ``name`` of ``model`` now, or None when the path is gone."""
+    *path, attr = name.split(".")
+    mod = model
+    for part in path:  # through _modules: nn.Module.__getattr__ costs more than the rest of the check
+        sub = getattr(mod, "_modules", {}).get(part)
+        mod = sub if sub is not None else getattr(mod, part, None)
+        if mod is None:
+            return None
+    if not isinstance(mod, torch.nn.Module):
+        return None
+    t = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+    return t if t is not None else getattr(mod, attr, None)
+
+
+def _fact_now(name: str, t) -> TensorFact:
+    # A DTensor is described by its local shard: comparing shards needs no gather, and two
+    # DTensors over one local storage are one memory on this rank.
+    local = getattr(t, "_local_tensor", None)
+    return fact_of(name, local if isinstance(local, torch.Tensor) else t, role="parameter", obj_id=id(t))
+
+
+def declared_ties(model: Any) -> tuple[dict[str, str], str | None]:
+    """The ties a Hugging Face model declares, ``{tied name: source name}``, and where they come from.
+
+    Transformers 5 expands ``_tied_weights_keys`` against the config
+    (``get_expanded_tied_weights_keys``); transformers 4 lists the tied names, tied to the input
+    embedding when ``config.tie_word_embeddings`` is true. Anything else declares nothing.
+    """
+    cls = type(model).__name__
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if callable(expand):
+        try:
+            return {str(k): str(v) for k, v in dict(expand(all_submodels=True)).items()}, f"{cls}._tied_weights_keys"
+        except Exception:  # noqa: BLE001 - a model's own expansion may fail; it then declares nothing we can use
+            return {}, None
+    keys = getattr(model, "_tied_weights_keys", None)
+    if isinstance(keys, dict):
+        return {str(k): str(v) for k, v in keys.items()}, f"{cls}._tied_weights_keys"
+    config = getattr(model, "config", None)
+    if not keys or not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "get_input_embeddings"):
+        return {}, None
+    try:
+        source = model.get_input_embeddings().weight
+    except Exception:  # noqa: BLE001 - many models raise NotImplementedError here
+        return {}, None
+    src = next((n for n, p in model.named_parameters() if p is source), None)
+    if src is None:
+        return {}, None
+    return {str(k): src for k in keys if k != src}, f"{cls}._tied_weights_keys with config.tie_word_embeddings"
+
+
+def _merge(groups: Iterable[Sequence[str]]) -> list[tuple[str, ...]]:
+    """Union of overlapping name sets."""
+    parent: dict[str, str] = {}
+
+    def root(n: str) -> str:
+        while parent.setdefault(n, n) != n:
+            n = parent[n]
+        return n
+
+    for g in groups:
+        for n in g[1:]:
+            parent[root(n)] = root(g[0])
+        root(g[0])
+    out: dict[str, list[str]] = {}
+    for n in parent:
+        out.setdefault(root(n), []).append(n)
+    return sorted(tuple(sorted(v)) for v in out.values() if len(v) > 1)
+
+
+def record_ties(model: Any, *, declared: bool = True) -> list[GuardedTie]:
+    """The tie groups of ``model`` now (Parameters only), plus the ties it declares."""
+    if not isinstance(model, torch.nn.Module):
+        raise TiecheckError(f"TieGuard needs a torch.nn.Module, not {type(model).__name__}: pass the model itself")
+    facts = [f for f in build_facts(from_module(model)) if f.role == "parameter"]
+    held = [g.names for g in find_tie_groups(facts) if g.kind == SAME_PARAMETER]
+    pairs, declared_by = declared_ties(model) if declared else ({}, None)
+    known = {f.name for f in facts}
+    decl = [(k, v) for k, v in pairs.items() if k in known and v in known]
+    out = []
+    for names in _merge(list(held) + decl):
+        is_held = any(set(names) == set(h) for h in held)
+        by = declared_by if any(k in names for k, _ in decl) else None
+        out.append(GuardedTie(names=names, held_at_build=is_held, declared_by=by))
+    return out
+
+
+def _param_ids(optimizer: Any) -> set[int]:
+    return {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group["params"]}
+
+
+def _optimizer_cost(objects: list[tuple[str, Any]], one_memory: bool, optimizer: Any) -> str:
+    """What the optimizer does with the Parameters a tie became (``objects``: one name per object)."""
+    ids = _param_ids(optimizer)
+    inside = [n for n, p in objects if id(p) in ids]
+    outside = [n for n, p in objects if id(p) not in ids]
+    if not outside:
+        if one_memory:
+            return (f"double update: {', '.join(inside)} are all in its param groups and each steps the one memory "
+                    f"with its own part of the gradient")
+        return (f"double update: {', '.join(inside)} are all in its param groups, each stepped with its own part of "
+                f"the gradient, so the copies drift apart")
+    if inside:
+        return (f"half gradient: only {', '.join(inside)} {'is' if len(inside) == 1 else 'are'} in its param groups; "
+                f"{', '.join(outside)} never {'changes' if len(outside) == 1 else 'change'}, and "
+                f"{', '.join(inside)} learns from its own use alone")
+    return ("none of them is in its param groups: it steps Parameters the model no longer uses "
+            "(re-tie, then build the optimizer again)")
+
+
+class TieGuard:
+    """Records a model's ties once; ``check()`` says which broke since.
+
+    Args:
+        model: the ``nn.Module`` to guard (the one that trains, not a wrapper that renames it).
+        on_lost: ``"raise"`` (``TieLostError``) or ``"warn"`` (``TieLostWarning``).
+        optimizer: an optimizer whose param groups the message describes (``check`` may pass one too).
+        declared: also guard the ties the model declares (``_tied_weights_keys`` and its config),
+            even those not tied when the guard is built.
+        report_rank: under ``torch.distributed``, the rank that prints the full message.
+
+    Use ``with TieGuard(model) as guard:`` around setup to check when the block ends.
+    """
+
+    def __init__(self, model: Any, *, on_lost: str = "raise", optimizer: Any = None, declared: bool = True,
+                 report_rank: int = 0):
+        if on_lost not in ON_LOST:
+            raise ValueError(f"on_lost must be one of {', '.join(ON_LOST)}, not {on_lost!r}")
+        self.model = model
+        self.on_lost = on_lost
+        self.optimizer = optimizer
+        self.report_rank = report_rank
+        self.ties: list[GuardedTie] = record_ties(model, declared=declared)
+        self.last_ok = BUILT
+        self.checks = 0
+
+    def __enter__(self) -> "TieGuard":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:  # an error in the block speaks for itself
+            self.check(where="the end of the `with TieGuard(model)` block")
+        return False
+
+    def lost(self, where: str = "check", *, optimizer: Any = None) -> list[LostTie]:
+        """The guarded ties that no longer hold, without raising or warning."""
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        out = []
+        for tie in self.ties:
+            found = self._lost_tie(tie, where, optimizer)
+            if found is not None:
+                out.append(found)
+        return out
+
+    def check(self, where: str = "check", *, optimizer: Any = None) -> list[LostTie]:
+        """Raise ``TieLostError`` (or warn) if a recorded tie broke; returns the lost ties (empty: all hold).
+
+        Args:
+            where: the point of the run, as the message should name it (``"after load"``).
+            optimizer: describe what this optimizer does with the copies (defaults to the guard's).
+
+        Returns:
+            The lost ties (only in ``on_lost="warn"`` mode can the list be non-empty).
+        """
+        __tracebackhide__ = True
+        self.checks += 1
+        lost = self.lost(where, optimizer=optimizer)
+        if not lost:
+            self.last_ok = where
+            return lost
+        self._report(lost, where)
+        return lost
+
+    def _lost_tie(self, tie: GuardedTie, where: str, optimizer: Any) -> LostTie | None:
+        tensors = [(n, _tensor_of(self.model, n)) for n in tie.names]
+        first = tensors[0][1]
+        # The lean path, taken while the tie holds: one Parameter object under every name is one
+        # memory and one gradient, so identity alone proves it. Facts (storage extents) are built
+        # only for a group whose objects differ, to say how it broke.
+        if isinstance(first, torch.Tensor) and all(t is first for _, t in tensors):
+            return None
+        missing = [n for n, t in tensors if not isinstance(t, torch.Tensor)]
+        present = [(n, t) for n, t in tensors if isinstance(t, torch.Tensor)]
+        facts = [_fact_now(n, t) for n, t in present]
+        groups = find_tie_groups(facts)
+        if not missing and len(groups) == 1 and len(groups[0].names) == len(tie.names) and \
+                groups[0].kind == SAME_PARAMETER:
+            return None
+        since = self.last_ok if tie.held_at_build else f"{BUILT} (declared by {tie.declared_by}; never tied here)"
+        objects = list({id(t): (n, t) for n, t in reversed(present)}.values())[::-1]
+        memories = group_by_identity(facts)
+        one_memory = len(memories) == 1 and len(facts) > 1
+        if missing:
+            now = f"{', '.join(missing)} no longer {'exists' if len(missing) == 1 else 'exist'} in the model"
+        elif one_memory:
+            now = f"{len(objects)} distinct Parameters over one memory: gradients are no longer shared"
+        else:
+            parts = [", ".join(sorted(f.name for f in m)) for m in memories.values()]
+            now = f"{len(memories)} separate {'copies' if len(objects) > 1 else 'memories'}: " + " | ".join(parts)
+        size = facts[0].nbytes if facts else 0
+        bytes_twice = 0 if one_memory else max(len(memories) - 1, 0) * size
+        cost = _optimizer_cost(objects, one_memory, optimizer) if optimizer is not None and objects else None
+        retie = assignment(tie.names)
+        if tie.declared_by and hasattr(self.model, "tie_weights"):
+            retie = f"model.tie_weights(), or {retie}"
+        if cost and not cost.startswith("none"):
+            retie += "; then build the optimizer again (it holds the copies)"
+        return LostTie(names=tie.names, now=now, bytes_twice=bytes_twice, optimizer=cost, retie=retie,
+                       since=since, where=where)
+
+    def _report(self, lost: list[LostTie], where: str) -> None:
+        __tracebackhide__ = True
+        rank = _rank()
+        n = len(lost)
+        head = f"{n} tie{'s' if n > 1 else ''} lost, found at {where}:"
+        lines = [head] + [line for t in lost for line in t.lines()]
+        findings = [finding("TC002" if "one memory" in t.now else "TC009", f"{', '.join(t.names)}: {t.now}", t.names,
+                            hint=t.retie, where=where).to_dict() for t in lost]
+        full = rank == self.report_rank
+        if not full:
+            lines = [f"rank {rank}: {head} " + "; ".join(", ".join(t.names) for t in lost)
+                     + f" (rank {self.report_rank} reports the details)"]
+        message = "\n".join(lines)
+        if self.on_lost == "raise":
+            raise TieLostError(message, findings, lost)
+        if full:
+            warnings.warn(TieLostWarning(message), stacklevel=3)
+
+
+@dataclass(frozen=True)
+class SavedTie:
+    """How a checkpoint stores one guarded tie."""
+
+    names: tuple[str, ...]
+    kept: bool  # a load that honours the declared tie gets one Parameter back
+    stored: tuple[str, ...]  # the names the checkpoint holds tensors for
+    text: str
+
+
+def _safetensors_names(folder: Path) -> tuple[set[str], dict[str, str]] | None:
+    """Names stored in a folder's safetensors files and their alias map (``__metadata__`` name -> kept name)."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted({folder / f for f in _weight_map(index).values()}) if index.exists() else \
+        sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    aliases: dict[str, str] = {}
+    for path in files:
+        header = read_header(path)
+        names.update(header.entries)
+        aliases.update({k: v for k, v in header.metadata.items() if v in header.entries})
+    return names, aliases
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    return dict(parse_json(index.read_bytes()).get("weight_map") or {})
+
+
+def saved_ties(folder: str | Path, ties: Iterable[GuardedTie]) -> list[SavedTie] | None:
+    """Whether the safetensors checkpoint in ``folder`` keeps each tie; None without safetensors files.
+
+    A tie is kept when the files store one name and alias the others to it (the ``__metadata__``
+    map ``safetensors.torch.save_model`` writes), or store one name of a tie the model declares
+    (``from_pretrained`` re-ties the rest). Both names stored means two copies on disk: a load
+    re-ties them only where the config declares the tie.
+    """
+    found = _safetensors_names(Path(folder))
+    if found is None:
+        return None
+    names, aliases = found
+    out = []
+    for tie in ties:
+        stored = tuple(n for n in tie.names if n in names)
+        aliased = [n for n in tie.names if aliases.get(n) in stored]
+        absent = [n for n in tie.names if n not in names and n not in aliased]
+        if len(stored) == 1 and not absent:
+            out.append(SavedTie(tie.names, True, stored, f"kept: {stored[0]} stored once, "
+                                f"{', '.join(aliased)} aliased to it in the safetensors metadata"))
+        elif len(stored) == 1:
+            kept = tie.declared_by is not None
+            why = (f"re-tied on load ({tie.declared_by})" if kept else
+                   "nothing declares the tie, so a load initialises them afresh")
+            out.append(SavedTie(tie.names, kept, stored, f"{'kept' if kept else 'NOT kept'}: {stored[0]} stored "
+                                f"once; {', '.join(absent)} {why}"))
+        elif len(stored) > 1:
+            why = (f"a load re-ties them ({tie.declared_by})" if tie.declared_by else
+                   "nothing declares the tie, so a resumed run trains them apart")
+            out.append(SavedTie(tie.names, False, stored, f"NOT kept: {', '.join(stored)} are all stored, as "
+                                f"{len(stored)} copies; {why}"))
+        else:
+            out.append(SavedTie(tie.names, False, stored, "NOT kept: none of the names is in the checkpoint"))
+    return out
