@@ -147,3 +147,45 @@ def test_tensor_dims_that_overflow(tmp_path):
     path.write_bytes(bytes(data))
     msg = _error(path)
     assert "not a valid GGUF file" in msg and "truncated or corrupt" in msg
+
+
+# -- tiecheck diff: a PyTorch checkpoint against its GGUF conversion ---------------------------
+
+def _tied_checkpoint(tmp_path):
+    import torch  # noqa: PLC0415 - only these tests build a PyTorch checkpoint
+
+    w = weights()
+    emb = torch.from_numpy(w["token_embd.weight"]).half().float()  # values a float16 file holds exactly
+    sd = {"model.embed.weight": emb, "lm_head.weight": emb,
+          "model.q.weight": torch.from_numpy(w["blk.0.attn_q.weight"]).clone()}
+    torch.save(sd, tmp_path / "model.pt")
+    return tmp_path / "model.pt", {"token_embd.weight": emb.half().numpy(),
+                                   "blk.0.attn_q.weight": w["blk.0.attn_q.weight"]}
+
+
+def test_diff_against_gguf_keeps_the_declared_tie(tmp_path):
+    pt, arrays = _tied_checkpoint(tmp_path)
+    d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "m.gguf", arrays)))
+    assert d.matching == "content" and d.exit_code == 0 and d.lost == [] and d.b_only == []
+    (g,) = d.kept
+    assert g["tied_in_b"] and g["in_b"][0]["names"] == ["output.weight", "token_embd.weight"]
+    assert g["in_b"][0]["method"] == "exact values, float32→float16 lossless"
+    rows = {tuple(m["a"]): [(b["names"], b["method"]) for b in m["b"]] for m in d.matches}
+    assert rows[("model.q.weight",)] == [(["blk.0.attn_q.weight"], "exact bytes")]
+
+
+def test_diff_against_gguf_with_a_stored_output_copy(tmp_path):
+    pt, arrays = _tied_checkpoint(tmp_path)
+    arrays["output.weight"] = arrays["token_embd.weight"].copy()
+    res = CliRunner().invoke(main, ["diff", str(pt), str(write_gguf(tmp_path / "m.gguf", arrays))])
+    assert res.exit_code == 1
+    assert f"became 2 copies (+{V * D * 2:,} bytes)" in res.output
+
+
+def test_diff_against_quantized_gguf_matches_by_shape_and_position(tmp_path):
+    pt, arrays = _tied_checkpoint(tmp_path)
+    arrays["token_embd.weight"] = arrays["token_embd.weight"].astype(np.float32)
+    d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "q.gguf", arrays, quant={"token_embd.weight": GMLQ8})))
+    (g,) = d.kept
+    assert g["in_b"] == [{"names": ["output.weight", "token_embd.weight"], "method": "shape and position",
+                          "bytes": V * (D // 32 * 34)}]

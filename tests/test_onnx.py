@@ -205,3 +205,37 @@ def test_protobuf_size_is_bounded(tmp_path, monkeypatch):
     with pytest.raises(TargetError, match="exceeds protobuf's 2 GiB limit"):
         onnx_files.load_onnx(path)
     assert os.path.getsize(path) > 16
+
+
+# -- tiecheck diff across formats: matched by content -----------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_pt(tmp_path_factory, tiny):
+    path = tmp_path_factory.mktemp("pt") / "tiny.pt"
+    torch.save(tiny.state_dict(), path)
+    return path
+
+
+def test_diff_torchscript_export_shows_the_tie_became_copies(tiny_pt, torchscript_onnx):
+    d = tiecheck.diff(str(tiny_pt), str(torchscript_onnx))
+    assert d.matching == "content" and d.exit_code == 1 and d.kept == [] and d.b_only == []
+    (g,) = d.lost
+    assert g["names"] == ["embed.weight", "lm_head.weight"] and g["broken_into_duplicates"]
+    assert g["bytes_copied"] == V * D * 4
+    assert sorted((x["names"][0].split("::")[0], x["method"]) for x in g["in_b"]) == \
+        [("embed.weight", "exact bytes"), ("onnx", "transpose")]
+    rows = {tuple(m["a"]): [(b["method"]) for b in m["b"]] for m in d.matches}
+    assert rows[("block.bias",)] == ["exact bytes"] and rows[("block.weight",)] == ["transpose"]
+    from_cli = CliRunner().invoke(main, ["diff", str(tiny_pt), str(torchscript_onnx)])
+    assert from_cli.exit_code == 1
+    assert f"became 2 copies (+{V * D * 4:,} bytes)" in from_cli.output
+    assert "embed.weight    256×64 float32  embed.weight [256×64 float32]" in from_cli.output
+
+
+def test_diff_dynamo_export_keeps_the_tie(tiny_pt, dynamo_onnx):
+    d = tiecheck.diff(str(tiny_pt), str(dynamo_onnx))
+    assert d.exit_code == 0 and d.lost == []
+    (g,) = d.kept
+    assert g["names"] == ["embed.weight", "lm_head.weight"] and g["tied_in_b"]
+    (b,) = g["in_b"]
+    assert b["method"] == "exact bytes" and "lm_head.weight" in b["names"] and "node_linear_1:B" in b["names"]
