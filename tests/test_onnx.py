@@ -239,3 +239,33 @@ def test_diff_dynamo_export_keeps_the_tie(tiny_pt, dynamo_onnx):
     assert g["names"] == ["embed.weight", "lm_head.weight"] and g["tied_in_b"]
     (b,) = g["in_b"]
     assert b["method"] == "exact bytes" and "lm_head.weight" in b["names"] and "node_linear_1:B" in b["names"]
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_transposed_copy_in_external_data_is_compared_with_pread(tmp_path, changed):
+    e = torch.arange(32, dtype=torch.float32).reshape(8, 4)
+    h = e.t().contiguous()
+    if changed:
+        h[3, 5] += 1
+    (tmp_path / "w.data").write_bytes(e.numpy().tobytes() + h.numpy().tobytes())
+    inits = []
+    for name, t, off in (("E", e, 0), ("H", h, 128)):
+        init = TensorProto()
+        init.name, init.data_type, init.data_location = name, TensorProto.FLOAT, TensorProto.EXTERNAL
+        init.dims.extend(t.shape)
+        for k, v in (("location", "w.data"), ("offset", str(off)), ("length", "128")):
+            x = init.external_data.add()
+            x.key, x.value = k, v
+        inits.append(init)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["x"], name="emb"),
+             helper.make_node("MatMul", ["x", "H"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], initializer=inits)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    sub = onnx_files.load_onnx(path)
+    assert set(sub.file_spans) == {"E", "H"}
+    pairs = sub.extra["onnx"]["embedding_head"]
+    assert pairs == ([] if changed else [{"embedding": "E", "embedding_nodes": ["emb"], "head": "H",
+                                           "head_node": "head", "head_op": "MatMul", "via": [], "shape": [8, 4],
+                                           "dtype": "float32", "relation": "transposed copy", "bytes_copied": 128}])
