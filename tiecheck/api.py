@@ -86,6 +86,8 @@ def subject_flops(subject: Subject, *, batch_size: int = 1, seq_len: int = 128, 
                   inputs: Any = None) -> dict:
     """Forward FLOPs of the subject's module (or the architecture its config builds), or why there are none."""
     module = subject.module if subject.module is not None else subject.architecture
+    if module is None and subject.extra.get("flops_unavailable"):
+        return {"available": False, "reason": subject.extra["flops_unavailable"]}
     if module is None:
         return {"available": False, "reason": "the target holds tensors only; FLOPs need a module (a Python spec, "
                                               "a bundled model, a Hugging Face folder with its config, or a "

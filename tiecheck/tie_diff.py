@@ -16,6 +16,13 @@ report saved as JSON), then tie groups are matched by name:
 
 A tie of A missing in B, or degraded in kind, is the failure: exit code 1, like ``inspect
 --expect-tied``.
+
+Across formats whose names differ by design (a PyTorch checkpoint against its ONNX or GGUF
+export), ties are matched by content instead: every tensor of A is looked for in B by its
+values -- the same bytes, the transpose, or either after a lossless dtype conversion -- and by
+shape and position when no content matches; each row says how it was matched. A tie of A is
+then one tensor in B (kept), several tensors in B (became copies, and what they cost), or
+nowhere (lost); what B stores that matches nothing of A is listed too.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from typing import Any
 from tabulate import tabulate
 
 from tiecheck import __version__
-from tiecheck.api import analyze
+from tiecheck.api import analyze, analyze_subject
 from tiecheck.errors import TargetError
 from tiecheck.guard.expect import kinds_match
+from tiecheck.loaders import load_target
+from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
 from tiecheck.report.text import clean, json_text, shape_text
 
@@ -48,6 +57,10 @@ class TieDiff:
     kind_changed: list[dict[str, Any]] = field(default_factory=list)
     groups_a: int = 0
     groups_b: int = 0
+    # "names" (same format) or "content" (across formats: tensors matched by their values)
+    matching: str = "names"
+    matches: list[dict[str, Any]] = field(default_factory=list)
+    b_only: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -59,6 +72,16 @@ class TieDiff:
         return [g for g in self.lost if g["broken_into_duplicates"]]
 
     def to_dict(self) -> dict[str, Any]:
+        d = self._base_dict()
+        if self.matching == "content":
+            d["matching"] = "content"
+            d["summary"]["became_copies"] = len(self.broken_into_duplicates)
+            d["summary"]["b_only"] = len(self.b_only)
+            d["matches"] = self.matches
+            d["b_only"] = self.b_only
+        return d
+
+    def _base_dict(self) -> dict[str, Any]:
         return {
             "schema_version": DIFF_SCHEMA_VERSION,
             "tiecheck_version": __version__,
@@ -120,7 +143,32 @@ def diff(a: Any, b: Any, *, key: str | None = None, trust_pickle: bool = False, 
     such; ``duplicates=False`` skips it.
     """
     kwargs = dict(key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code, duplicates=duplicates)
-    return compare(_as_report(a, **kwargs), _as_report(b, **kwargs))
+    sa, sb = _as_subject(a, **kwargs), _as_subject(b, **kwargs)
+    if sa is not None and sb is not None:
+        ra, rb = analyze_subject(sa, duplicates=duplicates), analyze_subject(sb, duplicates=duplicates)
+        if by_content(sa, sb):
+            return compare_content(ra, rb, sa, sb)
+        return compare(ra, rb)
+    return compare(_as_report(a, **kwargs) if sa is None else analyze_subject(sa, duplicates=duplicates),
+                   _as_report(b, **kwargs) if sb is None else analyze_subject(sb, duplicates=duplicates))
+
+
+# Formats whose tensor names differ from the PyTorch model's by design.
+RENAMING_FORMATS = ("ONNX", "GGUF")
+
+
+def _as_subject(target: Any, *, key=None, trust_pickle=False, trust_remote_code=False, duplicates=True
+                ) -> Subject | None:
+    """The loaded target, or None for a Report or a saved report (which hold no tensors)."""
+    if isinstance(target, (Report, dict)) or _saved_report(target) is not None:
+        return None
+    return load_target(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+
+
+def by_content(sa: Subject, sb: Subject) -> bool:
+    """Match by content when one side is an export that renames tensors and the formats differ."""
+    fa, fb = sa.source.format, sb.source.format
+    return fa != fb and (fa in RENAMING_FORMATS or fb in RENAMING_FORMATS)
 
 
 def _layout(g: dict) -> dict[str, Any]:
@@ -178,6 +226,135 @@ def compare(ra: Report, rb: Report) -> TieDiff:
                    kind_changed=kind_changed, groups_a=len(ra.tie_groups), groups_b=len(rb.tie_groups))
 
 
+# -- across formats: tensors matched by content -----------------------------------------------
+
+def _units(report: Report, subject: Subject) -> list[dict[str, Any]]:
+    """One entry per memory: a tie group's names together, every other tensor alone, in order."""
+    grouped = {n: i for i, g in enumerate(report.tie_groups) for n in g["names"]}
+    shapes = (report.extra.get("gguf") or {}).get("tensor_types", {})
+    units: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for t in report.tensors:
+        gi = grouped.get(t["name"])
+        if gi is not None:
+            if gi in seen:
+                continue
+            seen.add(gi)
+            names = list(report.tie_groups[gi]["names"])
+            rep = t["name"]
+        else:
+            names, rep = [t["name"]], t["name"]
+        if not t["numel"]:
+            continue
+        # A quantized GGUF tensor is stored as byte rows; position matching uses its logical shape.
+        logical = shapes.get(rep, {}).get("shape", t["shape"])
+        units.append({"names": names, "rep": rep, "shape": list(t["shape"]), "logical": list(logical),
+                      "dtype": t["dtype"], "bytes": t["bytes"], "tensor": subject.tensors.get(rep)})
+    return units
+
+
+def compare_content(ra: Report, rb: Report, sa: Subject, sb: Subject) -> TieDiff:
+    """The ties of A against B when names differ: every memory of A found in B by its values."""
+    from tiecheck.loaders.content import value_match  # noqa: PLC0415 - reads tensor values with torch
+
+    ua, ub = _units(ra, sa), _units(rb, sb)
+    by_numel: dict[int, list[int]] = {}
+    for j, u in enumerate(ub):
+        if u["tensor"] is not None:
+            by_numel.setdefault(u["tensor"].numel(), []).append(j)
+    found: dict[int, list[tuple[int, str]]] = {}
+    used_b: set[int] = set()
+    for i, u in enumerate(ua):
+        t = u["tensor"]
+        if t is None:
+            continue
+        for j in by_numel.get(t.numel(), []):
+            method = value_match(t, ub[j]["tensor"])
+            if method:
+                found.setdefault(i, []).append((j, method))
+                used_b.add(j)
+    for i, hits in found.items():
+        # An untied tensor equal to several of B's (constant LayerNorm weights, say): the one
+        # under the same name is its match; the others are someone else's.
+        same = [(j, m) for j, m in hits if set(ub[j]["names"]) & set(ua[i]["names"])]
+        if len(ua[i]["names"]) == 1 and len(hits) > 1 and same:
+            found[i] = same
+    used_b = {j for hits in found.values() for j, _ in hits}
+    for i, u in enumerate(ua):  # no content match: the first unused B memory of the same shape
+        if i in found:
+            continue
+        for j, v in enumerate(ub):
+            if j not in used_b and (v["logical"] == u["shape"] or v["logical"] == u["shape"][::-1]):
+                found[i] = [(j, "shape and position" if v["logical"] == u["shape"] else "transposed shape and "
+                                                                                       "position")]
+                used_b.add(j)
+                break
+    matches, kept, lost = [], [], []
+    for i, u in enumerate(ua):
+        hits = found.get(i, [])
+        matches.append({"a": u["names"], "shape": u["shape"], "dtype": u["dtype"],
+                        "b": [{"names": ub[j]["names"], "shape": ub[j]["shape"], "dtype": ub[j]["dtype"],
+                               "method": m} for j, m in hits]})
+        if len(u["names"]) < 2:
+            continue
+        entry = {"names": u["names"], "shape": u["shape"], "dtype": u["dtype"],
+                 "kind": next(g["kind"] for g in ra.tie_groups if g["names"] == u["names"]),
+                 "in_b": [{"names": ub[j]["names"], "method": m, "bytes": ub[j]["bytes"]} for j, m in hits]}
+        if len(hits) == 1:
+            kept.append({**entry, "tied_in_b": len(ub[hits[0][0]]["names"]) > 1})
+        else:
+            copies = sorted(ub[j]["bytes"] for j, _ in hits)
+            lost.append({**entry, "broken_into_duplicates": len(hits) > 1,
+                         "bytes_copied": sum(copies[:-1]) if len(hits) > 1 else 0})
+    matched_b = {j for hits in found.values() for j, _ in hits}
+    b_only = [{"names": v["names"], "shape": v["shape"], "dtype": v["dtype"], "bytes": v["bytes"]}
+              for j, v in enumerate(ub) if j not in matched_b]
+    tied_a = {tuple(sorted(n)) for g in ra.tie_groups for n in [g["names"]]}
+    a_of_b: dict[int, set[int]] = {}
+    for i, hits in found.items():
+        for j, _ in hits:
+            a_of_b.setdefault(j, set()).add(i)
+    added = [{"names": list(g["names"]), "kind": g["kind"], "shape": list(g["shape"]), "dtype": g["dtype"]}
+             for j, v in enumerate(ub) for g in rb.tie_groups if g["names"] == v["names"]
+             if not any(tuple(sorted(ua[i]["names"])) in tied_a for i in a_of_b.get(j, ()))]
+    return TieDiff(a=ra.source, b=rb.source, kept=kept, lost=lost, added=added, groups_a=len(ra.tie_groups),
+                   groups_b=len(rb.tie_groups), matching="content", matches=matches, b_only=b_only)
+
+
+def _render_content(d: TieDiff, md: bool) -> list[str]:
+    tablefmt = "github" if md else "simple"
+    sep = "<br>" if md else "\n"
+    h = (lambda t: f"## {t}") if md else (lambda t: t)
+    out = ["", "tensors matched by content (names differ between the formats)", "",
+           h(f"Tensor matches ({len(d.matches)})")]
+    rows = []
+    for m in d.matches:
+        b = sep.join(f"{', '.join(x['names'])} [{shape_text(x['shape'])} {x['dtype']}]" for x in m["b"]) or "-"
+        how = sep.join(x["method"] for x in m["b"]) or "no match"
+        rows.append([sep.join(m["a"]), f"{shape_text(m['shape'])} {m['dtype']}", b, how])
+    out.append(tabulate(rows, headers=["A", "A layout", "B", "matched by"], tablefmt=tablefmt))
+    out += ["", h(f"Ties of A ({len(d.kept) + len(d.lost)})")]
+    rows = []
+    for g in d.kept:
+        what = "one tensor in B" + (" (tied there)" if g["tied_in_b"] else " (used under one name)")
+        rows.append([sep.join(g["names"]), what, sep.join(", ".join(x["names"]) for x in g["in_b"])])
+    for g in d.lost:
+        what = (f"became {len(g['in_b'])} copies (+{g['bytes_copied']:,} bytes)" if g["broken_into_duplicates"]
+                else "lost: no tensor of B holds it")
+        rows.append([sep.join(g["names"]), what, sep.join(", ".join(x["names"]) for x in g["in_b"]) or "-"])
+    out.append(tabulate(rows, headers=["tied in A", "in B", "B tensors"], tablefmt=tablefmt) if rows
+               else "A has no ties")
+    if d.b_only:
+        out += ["", h(f"Stored by B only ({len(d.b_only)})")]
+        out.append(tabulate([[sep.join(x["names"]), shape_text(x["shape"]), x["dtype"], f"{x['bytes']:,}"]
+                             for x in d.b_only], headers=["B", "shape", "dtype", "bytes"], tablefmt=tablefmt))
+    copies = sum(g["bytes_copied"] for g in d.lost)
+    out += ["", f"ties of A: {len(d.kept)} one tensor in B, {len(d.broken_into_duplicates)} became copies "
+                f"({copies:,} bytes), {len(d.lost) - len(d.broken_into_duplicates)} lost; B stores "
+                f"{len(d.b_only)} tensor(s) A does not"]
+    return out
+
+
 # -- rendering -------------------------------------------------------------------------------
 
 def _state(n: str, s: dict) -> str:
@@ -203,6 +380,8 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
     out = ["# tiecheck diff" if md else "tiecheck diff",
            f"{'- ' if md else '  '}A: {src(d.a)}: {d.groups_a} tie group{'s' if d.groups_a != 1 else ''}",
            f"{'- ' if md else '  '}B: {src(d.b)}: {d.groups_b} tie group{'s' if d.groups_b != 1 else ''}"]
+    if d.matching == "content":
+        return "\n".join(out + _render_content(d, md)) + "\n"
     out += ["", h(f"Lost ties ({len(d.lost)})")]
     if d.lost:
         out.append(tabulate([[sep.join(g["names"]), shape_text(g["shape"]) + " " + g["dtype"],

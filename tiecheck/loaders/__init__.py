@@ -90,8 +90,22 @@ def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pic
         from tiecheck.loaders.torchscript import load_torchscript  # noqa: PLC0415 - a loader that needs torch
 
         return load_torchscript(path, trust_pickle=trust_pickle)
+    if kind == detect.ONNX:
+        try:
+            from tiecheck.loaders.onnx_files import load_onnx  # noqa: PLC0415 - onnx is the [onnx] extra
+        except ImportError as e:
+            raise TargetError(f"{target}: an ONNX model; reading it needs the onnx package: "
+                              f"pip install 'tiecheck[onnx]'") from e
+        return load_onnx(path)
+    if kind == detect.GGUF:
+        try:
+            from tiecheck.loaders.gguf_files import load_gguf  # noqa: PLC0415 - gguf is the [gguf] extra
+        except ImportError as e:
+            raise TargetError(f"{target}: a GGUF file; reading it needs the gguf package: "
+                              f"pip install 'tiecheck[gguf]'") from e
+        return load_gguf(path)
     raise TargetError(f"{target}: not a recognised checkpoint; the first bytes match no known format (torch.save, "
-                      f"safetensors, a *.index.json weights index, torch.export .pt2, TorchScript)")
+                      f"safetensors, a *.index.json weights index, torch.export .pt2, TorchScript, ONNX, GGUF)")
 
 
 def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = False,

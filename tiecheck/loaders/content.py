@@ -161,3 +161,49 @@ class TorchContentReader:
                 if not torch.equal(_bits(ca), _bits(cb)):
                     return False
         return True
+
+
+# -- matching tensors across formats (tiecheck diff) -------------------------------------------
+
+_WIDE = {True: torch.float64, False: torch.int64}
+
+
+def _common(ta: torch.Tensor, tb: torch.Tensor) -> torch.dtype | None:
+    """A dtype both convert to without loss, when their dtypes differ: float64 for floats up to
+    float32 (and float64 itself), int64 for signed and small unsigned integers; else None."""
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    ints = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32)
+    if ta.dtype in floats and tb.dtype in floats:
+        return torch.float64
+    if ta.dtype in ints and tb.dtype in ints:
+        return torch.int64
+    return None
+
+
+def _same(ca: torch.Tensor, cb: torch.Tensor, wide: torch.dtype | None) -> bool:
+    if wide is None:
+        return torch.equal(_bits(ca.contiguous()), _bits(cb.contiguous()))
+    return torch.equal(ca.to(wide), cb.to(wide))
+
+
+def value_match(ta: torch.Tensor, tb: torch.Tensor) -> str | None:
+    """How ``tb`` holds ``ta``'s values: "exact bytes", "transpose", either with a lossless dtype
+    conversion ("exact values, float32→float16"), or None. Read in row blocks (bounded memory)."""
+    if ta.numel() != tb.numel() or ta.numel() == 0 or "meta" in (ta.device.type, tb.device.type):
+        return None
+    wide = None if ta.dtype == tb.dtype else _common(ta, tb)
+    if ta.dtype != tb.dtype and wide is None:
+        return None
+    conv = "" if wide is None else f", {str(ta.dtype)[6:]}→{str(tb.dtype)[6:]} lossless"
+    with torch.no_grad():
+        if tuple(ta.shape) == tuple(tb.shape):
+            if all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb))):
+                return ("exact bytes" if wide is None else "exact values") + conv
+        if ta.dim() == 2 and tuple(tb.shape) == tuple(ta.shape)[::-1] and ta.shape[0]:
+            rows, cols = ta.shape
+            if not _same(ta[:1].reshape(-1), tb[:, :1].reshape(-1), wide):
+                return None
+            step = max(1, CHUNK_BYTES // max(1, cols * ta.element_size()))
+            if all(_same(ta[i:i + step], tb[:, i:i + step].t(), wide) for i in range(0, rows, step)):
+                return "transpose" + conv
+    return None

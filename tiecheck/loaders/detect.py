@@ -22,6 +22,8 @@ TORCHSCRIPT = "TorchScript"
 PT2 = "torch.export"
 SAFETENSORS = "safetensors"
 WEIGHTS_INDEX = "weights index"
+ONNX = "ONNX"
+GGUF = "GGUF"
 
 # A weights index (model.safetensors.index.json) is a few MB at most; never parse a large file as one.
 _INDEX_LIMIT = 64 << 20
@@ -39,6 +41,10 @@ def sniff_file(path: Path) -> str | None:
         return TORCH_SAVE_LEGACY
     if looks_like_safetensors(head):
         return SAFETENSORS
+    if head.startswith(_GGUF_MAGIC):
+        return GGUF
+    if looks_like_onnx(head):
+        return ONNX
     if head.lstrip()[:1] == b"{" and size <= _INDEX_LIMIT and read_weights_index(path) is not None:
         return WEIGHTS_INDEX
     return None
@@ -54,6 +60,18 @@ def looks_like_safetensors(head: bytes) -> bool:
         return False
     n = int.from_bytes(head[:8], "little")
     return 2 <= n < (1 << 40)
+
+
+# ModelProto field tags that may follow ir_version (field 1): producer_name, producer_version,
+# domain, model_version, doc_string, graph, opset_import, metadata_props, training_info, functions.
+_ONNX_NEXT_TAGS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA}
+_GGUF_MAGIC = b"GGUF"
+
+
+def looks_like_onnx(head: bytes) -> bool:
+    """An ONNX ModelProto: protobuf has no magic, but every exporter writes ``ir_version`` (field 1,
+    a small varint) first, followed by another ModelProto field. The loader parses it fully."""
+    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F and head[2] in _ONNX_NEXT_TAGS
 
 
 def zip_kind(path: Path) -> str | None:

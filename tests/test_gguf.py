@@ -1,0 +1,191 @@
+"""GGUF files: llama.cpp's output tie, copies by content or by stored blocks, metadata, hostile headers."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import tiecheck
+from tiecheck.cli import main
+from tiecheck.loaders import detect
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType, GGUFWriter  # noqa: E402 - after the importorskip that guards it
+
+V, D = 64, 32
+GMLQ8 = GGMLQuantizationType.Q8_0
+
+
+def write_gguf(path, tensors: dict, *, arch: str = "llama", quant: dict | None = None):
+    w = GGUFWriter(str(path), arch)
+    w.add_vocab_size(V)
+    w.add_embedding_length(D)
+    w.add_context_length(16)
+    for name, arr in tensors.items():
+        qtype = (quant or {}).get(name)
+        if qtype is None:
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def weights(seed: int = 0) -> dict:
+    g = np.random.default_rng(seed)
+    return {"token_embd.weight": g.standard_normal((V, D), dtype=np.float32),
+            "blk.0.attn_q.weight": g.standard_normal((D, D), dtype=np.float32),
+            "output_norm.weight": np.ones(D, dtype=np.float32)}
+
+
+def test_output_missing_is_a_declared_tie(tmp_path):
+    path = write_gguf(tmp_path / "tied.gguf", weights())
+    assert detect.sniff_file(path) == detect.GGUF
+    r = tiecheck.analyze(str(path))
+    assert r.source["format"] == "GGUF"
+    assert [(g["names"], g["kind"], g["shape"], g["bytes_saved"]) for g in r.tie_groups] == \
+        [(["output.weight", "token_embd.weight"], "shared_storage", [V, D], V * D * 4)]
+    assert [(f["code"], f["names"]) for f in r.findings if f["code"] == "TC012"] == \
+        [("TC012", ["output.weight", "token_embd.weight"])]
+    g = r.extra["gguf"]
+    assert (g["architecture"], g["vocab_size"], g["embedding_length"], g["output_tie"]) == ("llama", V, D, "declared")
+    assert "architecture llama, vocab 64, embedding length 32" in r.source["notes"][0]
+
+
+def test_untied_output_is_not_a_tie(tmp_path):
+    w = weights()
+    w["output.weight"] = weights(1)["token_embd.weight"]
+    r = tiecheck.analyze(str(write_gguf(tmp_path / "untied.gguf", w)))
+    assert r.tie_groups == [] and r.untied_duplicates == []
+    assert r.extra["gguf"]["output_tie"] == "stored"
+
+
+def test_duplicated_output_found_by_content(tmp_path):
+    w = weights()
+    w["output.weight"] = w["token_embd.weight"].copy()
+    r = tiecheck.analyze(str(write_gguf(tmp_path / "dup.gguf", w)))
+    assert r.tie_groups == []
+    assert [(d["names"], d["dtype"], d["bytes_wasted"]) for d in r.untied_duplicates] == \
+        [(["output.weight", "token_embd.weight"], "float32", V * D * 4)]
+    assert [f["names"] for f in r.findings if f["code"] == "TC005"] == [["output.weight", "token_embd.weight"]]
+
+
+def test_quantized_duplicate_found_by_stored_blocks(tmp_path):
+    w = weights()
+    w["output.weight"] = w["token_embd.weight"].copy()
+    q8 = {"token_embd.weight": GMLQ8, "output.weight": GMLQ8}
+    r = tiecheck.analyze(str(write_gguf(tmp_path / "q8.gguf", w, quant=q8)))
+    row_bytes = D // 32 * 34  # Q8_0: blocks of 32 weights in 34 bytes
+    assert [(d["names"], d["dtype"], d["shape"], d["bytes_wasted"]) for d in r.untied_duplicates] == \
+        [(["output.weight", "token_embd.weight"], "uint8", [V, row_bytes], V * row_bytes)]
+    types = r.extra["gguf"]["tensor_types"]
+    assert types["output.weight"] == {"type": "Q8_0", "shape": [V, D], "bytes": V * row_bytes, "quantized": True}
+
+
+def test_quantized_output_missing_still_ties(tmp_path):
+    r = tiecheck.analyze(str(write_gguf(tmp_path / "q.gguf", weights(), quant={"token_embd.weight": GMLQ8})))
+    assert [g["names"] for g in r.tie_groups] == [["output.weight", "token_embd.weight"]]
+
+
+def test_flops_say_pytorch_only(tmp_path):
+    r = tiecheck.analyze(str(write_gguf(tmp_path / "t.gguf", weights())), flops=True)
+    assert r.flops["available"] is False and "PyTorch modules only" in r.flops["reason"]
+
+
+# -- hostile files ----------------------------------------------------------------------------
+
+def _error(path) -> str:
+    res = CliRunner().invoke(main, ["inspect", str(path)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("tiecheck: error: ") and "Traceback" not in res.output
+    return lines[0]
+
+
+def test_counts_that_overflow(tmp_path):
+    path = write_gguf(tmp_path / "t.gguf", weights())
+    data = bytearray(path.read_bytes())
+    data[8:16] = struct.pack("<Q", (1 << 64) - 1)
+    path.write_bytes(bytes(data))
+    assert "claims 18,446,744,073,709,551,615 tensors" in _error(path)
+
+
+def test_truncated_data(tmp_path):
+    path = write_gguf(tmp_path / "t.gguf", weights())
+    path.write_bytes(path.read_bytes()[:-100])
+    msg = _error(path)
+    assert "not a valid GGUF file" in msg and "truncated" in msg
+
+
+def test_truncated_header(tmp_path):
+    path = write_gguf(tmp_path / "t.gguf", weights())
+    path.write_bytes(path.read_bytes()[:200])
+    msg = _error(path)
+    assert "not a valid GGUF file" in msg and ("truncated" in msg or "corrupt" in msg)
+
+
+def test_unknown_version(tmp_path):
+    path = write_gguf(tmp_path / "t.gguf", weights())
+    data = bytearray(path.read_bytes())
+    data[4:8] = struct.pack("<I", 99)
+    path.write_bytes(bytes(data))
+    assert "version 99" in _error(path)
+
+
+def test_tensor_dims_that_overflow(tmp_path):
+    path = write_gguf(tmp_path / "t.gguf", {"token_embd.weight": np.zeros((4, 32), dtype=np.float32)})
+    data = bytearray(path.read_bytes())
+    name = b"token_embd.weight"
+    at = data.index(name) + len(name)  # then n_dims (u32) and the dims (u64 each)
+    data[at + 4:at + 20] = struct.pack("<QQ", 1 << 40, 1 << 40)
+    path.write_bytes(bytes(data))
+    msg = _error(path)
+    assert "not a valid GGUF file" in msg and "truncated or corrupt" in msg
+
+
+# -- tiecheck diff: a PyTorch checkpoint against its GGUF conversion ---------------------------
+
+def _tied_checkpoint(tmp_path):
+    import torch  # noqa: PLC0415 - only these tests build a PyTorch checkpoint
+
+    w = weights()
+    emb = torch.from_numpy(w["token_embd.weight"]).half().float()  # values a float16 file holds exactly
+    sd = {"model.embed.weight": emb, "lm_head.weight": emb,
+          "model.q.weight": torch.from_numpy(w["blk.0.attn_q.weight"]).clone()}
+    torch.save(sd, tmp_path / "model.pt")
+    return tmp_path / "model.pt", {"token_embd.weight": emb.half().numpy(),
+                                   "blk.0.attn_q.weight": w["blk.0.attn_q.weight"]}
+
+
+def test_diff_against_gguf_keeps_the_declared_tie(tmp_path):
+    pt, arrays = _tied_checkpoint(tmp_path)
+    d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "m.gguf", arrays)))
+    assert d.matching == "content" and d.exit_code == 0 and d.lost == [] and d.b_only == []
+    (g,) = d.kept
+    assert g["tied_in_b"] and g["in_b"][0]["names"] == ["output.weight", "token_embd.weight"]
+    assert g["in_b"][0]["method"] == "exact values, float32→float16 lossless"
+    rows = {tuple(m["a"]): [(b["names"], b["method"]) for b in m["b"]] for m in d.matches}
+    assert rows[("model.q.weight",)] == [(["blk.0.attn_q.weight"], "exact bytes")]
+
+
+def test_diff_against_gguf_with_a_stored_output_copy(tmp_path):
+    pt, arrays = _tied_checkpoint(tmp_path)
+    arrays["output.weight"] = arrays["token_embd.weight"].copy()
+    res = CliRunner().invoke(main, ["diff", str(pt), str(write_gguf(tmp_path / "m.gguf", arrays))])
+    assert res.exit_code == 1
+    assert f"became 2 copies (+{V * D * 2:,} bytes)" in res.output
+
+
+def test_diff_against_quantized_gguf_matches_by_shape_and_position(tmp_path):
+    pt, arrays = _tied_checkpoint(tmp_path)
+    arrays["token_embd.weight"] = arrays["token_embd.weight"].astype(np.float32)
+    d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "q.gguf", arrays, quant={"token_embd.weight": GMLQ8})))
+    (g,) = d.kept
+    assert g["in_b"] == [{"names": ["output.weight", "token_embd.weight"], "method": "shape and position",
+                          "bytes": V * (D // 32 * 34)}]
