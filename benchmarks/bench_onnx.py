@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import run_child
 
 onnx = pytest.importorskip("onnx")

@@ -10,10 +10,11 @@ import torch
 from click.testing import CliRunner
 
 import tiecheck
-from conftest import TinyLM
 from tiecheck.cli import main
 from tiecheck.errors import TargetError
 from tiecheck.loaders import detect
+
+from support.models import TinyLM
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402 - after the importorskip that guards it
