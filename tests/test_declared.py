@@ -8,10 +8,11 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
-from formats_helpers import write_safetensors
 
 import tiecheck
 from tiecheck.cli import main
+
+from support.checkpoints import write_safetensors
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -1,6 +1,6 @@
 """Fuzzing every loader: mutated copies of valid fixtures, run through ``tiecheck inspect``.
 
-Every case must keep the invariants of ``fuzz_support.problems``: exit 0, 1 or 2; an error in
+Every case must keep the invariants of ``harness.problems``: exit 0, 1 or 2; an error in
 one line (never a traceback, never "unexpected"); an answer within the time bound; peak RSS
 raised by less than ``PEAK_GROWTH_MB``; the input's bytes, mtime and folder unchanged, on a
 read-only copy. The normal suite runs a short, deterministic selection (``derandomize``); for a
