@@ -49,11 +49,14 @@ def is_trainable(f: TensorFact) -> bool:
 def _restrict(by_identity: IdentityIndex, keep: Callable[[TensorFact], bool]) -> IdentityIndex:
     """The index of the facts ``keep`` accepts, without grouping them again."""
     out: IdentityIndex = {}
+    dropped = False
     for identity, members in by_identity.items():
         kept = [m for m in members if keep(m)]
+        dropped = dropped or len(kept) != len(members)
         if kept:
             out[identity] = kept
-    return out
+    # The same index object when nothing was dropped, so callers can reuse what they derived from it.
+    return out if dropped else by_identity
 
 
 def nested_identities(facts: Sequence[TensorFact], by_identity: IdentityIndex | None = None) -> set[tuple]:
@@ -130,15 +133,22 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
         if f.role != "buffer":
             counted_params[f.dtype] += f.numel
     params = _restrict(by_identity, lambda f: f.role != "buffer")
-    unique_bytes = _unique_bytes(by_identity, nested_identities(facts, by_identity))
-    unique_params = {d: b // itemsize_of[d] for d, b in _unique_bytes(params, nested_identities(facts, params)).items()}
+    nested_all = nested_identities(facts, by_identity)
+    unique_bytes = _unique_bytes(by_identity, nested_all)
+    # A file has no buffers: then the parameters are every tensor and nothing is recomputed.
+    if params is by_identity:
+        unique_param_bytes = unique_bytes
+    else:
+        unique_param_bytes = _unique_bytes(params, nested_identities(facts, params))
+    unique_params = {d: b // itemsize_of[d] for d, b in unique_param_bytes.items()}
 
     # Training: each trainable memory once, unless distinct Parameters split its gradients.
     # In a file, a view inside another tensor is part of it (one parameter, one gradient); live
     # Parameters that are views each get their own gradient, so they count.
     train_unique = 0
     train_counted = 0
-    in_container = nested_identities(facts, _restrict(by_identity, is_trainable))
+    trainable_index = _restrict(by_identity, is_trainable)
+    in_container = nested_all if trainable_index is by_identity else nested_identities(facts, trainable_index)
     for identity, members in by_identity.items():
         trainable = [m for m in members if is_trainable(m)]
         if not trainable:

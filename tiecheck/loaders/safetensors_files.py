@@ -51,7 +51,7 @@ DTYPES: dict[str, tuple[str, int]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     name: str
     dtype: str  # safetensors name, e.g. "BF16"
@@ -210,6 +210,11 @@ class MappedTensors(Mapping):
     def __contains__(self, name: object) -> bool:
         return name in self._header.entries
 
+    def file_layout(self, name: str) -> tuple[int, int, int]:
+        """(offset of the first byte in the mapping, nbytes, itemsize) of a mapped tensor, for pread."""
+        e = self._header.entries[name]
+        return self._header.data_start + e.begin, e.end - e.begin, DTYPES[e.dtype][1]
+
     def facts(self) -> list:
         """A TensorFact per tensor, in file order, read from the header (no tensor is made)."""
         ptr = self._storage.data_ptr() if self._storage is not None else 0
@@ -219,17 +224,21 @@ class MappedTensors(Mapping):
             if dt is not None:
                 kinds[code] = (attr, dt.is_floating_point or dt.is_complex)
         out = []
+        storage = ("cpu", ptr)  # one key object shared by every fact, and strides shared per shape
+        strides: dict[tuple[int, ...], tuple[int, ...]] = {}
         for name, e in self._header.entries.items():
             if name in self._copied:
                 out.append(fact_of(name, self._copied[name]))
                 continue
             dtype, floating = kinds[e.dtype]
             itemsize = DTYPES[e.dtype][1]
-            stride = tuple(_contiguous_strides(e.shape))
+            stride = strides.get(e.shape)
+            if stride is None:
+                stride = strides[e.shape] = tuple(_contiguous_strides(e.shape))
             mapped = ptr and e.end > e.begin
             start = self._header.data_start + e.begin if mapped else 0
             out.append(TensorFact(name=name, shape=e.shape, stride=stride, dtype=dtype, itemsize=itemsize,
-                                  device="cpu", storage=("cpu", ptr) if mapped else None, byte_start=start,
+                                  device="cpu", storage=storage if mapped else None, byte_start=start,
                                   byte_end=start + (e.end - e.begin) if mapped else 0,
                                   owner=name.rsplit(".", 1)[0] if "." in name else "", is_floating=floating))
         return out
