@@ -9,7 +9,7 @@ from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplica
 from tiecheck.analyses.layers import compare_layers
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, memory_summary, unreachable_bytes
-from tiecheck.analyses.ties import find_overlaps, find_tie_groups, tie_findings
+from tiecheck.analyses.ties import find_overlaps, find_tie_groups, group_by_identity, tie_findings
 from tiecheck.errors import TiecheckError
 from tiecheck.facts import TensorFact, build_facts, build_module_facts
 from tiecheck.findings import SEVERITIES, Finding, finding, sort_findings
@@ -105,8 +105,10 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
                     expect_tied: Iterable[Sequence[str]] = (), flops: dict | None = None) -> Report:
     modules = build_module_facts(subject.module)
     facts = build_facts(subject, modules)
-    groups = find_tie_groups(facts)
-    overlaps = find_overlaps(facts)
+    # Grouped once and shared: every analysis below needs the same identity index.
+    by_identity = group_by_identity(facts)
+    groups = find_tie_groups(facts, by_identity)
+    overlaps = find_overlaps(facts, by_identity)
     findings: list[Finding] = list(subject.loader_findings)
     findings += tie_findings(groups, overlaps)
     findings += linear_shape_findings(facts, modules, groups)
@@ -118,7 +120,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
             from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch, only for the content pass
 
             with TorchContentReader(subject.tensors, subject.file_spans) as reader:
-                dup_groups, stats = find_untied_duplicates(facts, reader)
+                dup_groups, stats = find_untied_duplicates(facts, reader, by_identity)
             content = {"ran": True, **stats.to_dict()}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}
@@ -138,7 +140,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     cands = find_candidates(facts)
     findings += candidate_findings(cands)
 
-    summary = memory_summary(facts, groups, optimizer)
+    summary = memory_summary(facts, groups, optimizer, by_identity)
     findings = sort_findings(findings)
     summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups)
     summary["bytes_unreachable"] = sum(u["unreachable_bytes"] for u in unreachable)

@@ -9,6 +9,7 @@ when a live module is analysed, else from conventional names.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Iterable
@@ -54,23 +55,30 @@ def is_output_projection(f: TensorFact) -> bool:
 
 
 def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
-    facts = [f for f in facts if f.numel]
-    identity = {f.name: f.identity for f in facts}
+    """Untied pairs an architecture usually ties, largest saving first.
+
+    Pairs are formed within (shape, dtype) buckets: only equal shapes and dtypes can tie, and a
+    checkpoint with thousands of embedding-like names must not cost their square.
+    """
     # One fact per memory is enough: a name already tied to another needs no second look.
     seen, unique = set(), []
     for f in facts:
-        if f.identity not in seen:
+        if f.numel and f.identity not in seen:
             seen.add(f.identity)
             unique.append(f)
-    embeds = [f for f in unique if is_embedding(f)]
-    heads = [f for f in unique if is_output_projection(f) and not is_embedding(f)]
+    embeds: dict[tuple, list[TensorFact]] = defaultdict(list)
+    heads: dict[tuple, list[TensorFact]] = defaultdict(list)
+    for f in unique:
+        if is_embedding(f):
+            embeds[(f.shape, f.dtype)].append(f)
+        elif is_output_projection(f):
+            heads[(f.shape, f.dtype)].append(f)
     out = []
-    for e in embeds:
-        for h in heads:
-            if h.shape == e.shape and h.dtype == e.dtype and identity[h.name] != identity[e.name]:
+    for key, es in embeds.items():
+        for e in es:
+            for h in heads.get(key, ()):
                 out.append(Candidate((e.name, h.name), "embedding-output", e.shape, e.dtype, h.nbytes))
-    for a, b in combinations(embeds, 2):
-        if a.shape == b.shape and a.dtype == b.dtype:
+        for a, b in combinations(es, 2):
             out.append(Candidate(tuple(sorted((a.name, b.name))), "embeddings", a.shape, a.dtype, b.nbytes))
     return sorted(out, key=lambda c: (-c.bytes_saved, c.names))
 

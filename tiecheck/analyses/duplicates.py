@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
+from tiecheck.analyses.ties import IdentityIndex, group_by_identity
 from tiecheck.facts import TensorFact
 from tiecheck.findings import RULES, Finding, finding
 from tiecheck.guard.expect import assignment
@@ -77,22 +78,34 @@ class ContentStats:
         }
 
 
-def _representatives(facts: Iterable[TensorFact]) -> dict[str, tuple[TensorFact, tuple[str, ...]]]:
+def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | None = None,
+                     ) -> dict[str, tuple[TensorFact, tuple[str, ...]]]:
     """One fact per separate memory, keyed by its first name, with all its names."""
-    by_identity: dict[tuple, list[TensorFact]] = defaultdict(list)
-    for f in facts:
-        if f.numel and f.storage is not None:
-            by_identity[f.identity].append(f)
+    if by_identity is None:
+        by_identity = group_by_identity(facts)
     reps = {}
     for members in by_identity.values():
+        if members[0].storage is None:
+            continue  # no memory to read (meta device)
         names = tuple(sorted(m.name for m in members))
         rep = min(members, key=lambda m: m.name)
         reps[rep.name] = (rep, names)
     return reps
 
 
-def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader) -> tuple[list[DuplicateGroup], ContentStats]:
-    reps = _representatives(facts)
+def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
+                           by_identity: IdentityIndex | None = None) -> tuple[list[DuplicateGroup], ContentStats]:
+    """Groups of separate memories with equal dtype, shape and bits.
+
+    Args:
+        facts: the facts of one subject.
+        reader: reads the tensors' content by name.
+        by_identity: ``group_by_identity(facts)``, when the caller already built it.
+
+    Returns:
+        The duplicate groups, largest first, and what the pass read.
+    """
+    reps = _representatives(facts, by_identity)
     stats = ContentStats(tensors=len(reps), bytes_total=sum(f.nbytes for f, _ in reps.values()))
     start_read = reader.bytes_read
     buckets: dict[tuple, list[str]] = defaultdict(list)

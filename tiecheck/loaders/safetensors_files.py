@@ -17,6 +17,7 @@ architecture (``hf.py``).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from tiecheck.errors import TargetError
+from tiecheck.facts import TensorFact, fact_of
 from tiecheck.findings import finding
 from tiecheck.loaders.declared import alias_declarations, alias_map
 from tiecheck.loaders.detect import (
@@ -53,7 +55,7 @@ DTYPES: dict[str, tuple[str, int]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     name: str
     dtype: str  # safetensors name, e.g. "BF16"
@@ -179,14 +181,87 @@ def _check_layout(path: Path, entries: dict[str, Entry], data_bytes: int) -> Non
         raise _bad(path, f"the file holds {data_bytes - pos:,} bytes after the last tensor's data")
 
 
-def map_tensors(header: Header) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """Every tensor as a view into one read-only memory mapping of the file (no data is read).
+class MappedTensors(Mapping):
+    """Every tensor of one safetensors file as a view into one read-only mapping of the file.
 
-    Returns the tensors, notes, and their file spans (the mapping starts at file offset 0), so
-    the content pass reads them with pread instead of faulting pages in.
+    The views are made on access, not up front: a checkpoint of 100,000 tensors would otherwise
+    spend seconds and a hundred megabytes on tensor objects that only their header fields are
+    needed from. ``facts()`` describes every tensor from the header alone, exactly as
+    ``tiecheck.facts.fact_of`` would describe the view.
     """
 
+    def __init__(self, header: Header, storage: Any, copied: dict[str, Any]):
+        self._header = header
+        self._storage = storage
+        self._copied = copied  # unaligned tensors, copied into memory by map_tensors
 
+    def __getitem__(self, name: str):
+        if name in self._copied:
+            return self._copied[name]
+        e = self._header.entries[name]  # KeyError for an unknown name, as a dict
+        dtype = getattr(torch, DTYPES[e.dtype][0])
+        if e.end == e.begin or self._storage is None:
+            return torch.empty(e.shape, dtype=dtype)
+        start = self._header.data_start + e.begin
+        return torch.empty(0, dtype=dtype).set_(self._storage, start // DTYPES[e.dtype][1], e.shape)
+
+    def __iter__(self):
+        return iter(self._header.entries)
+
+    def __len__(self) -> int:
+        return len(self._header.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._header.entries
+
+    def file_layout(self, name: str) -> tuple[int, int, int]:
+        """(offset of the first byte in the mapping, nbytes, itemsize) of a mapped tensor, for pread."""
+        e = self._header.entries[name]
+        return self._header.data_start + e.begin, e.end - e.begin, DTYPES[e.dtype][1]
+
+    def facts(self) -> list:
+        """A TensorFact per tensor, in file order, read from the header (no tensor is made)."""
+        ptr = self._storage.data_ptr() if self._storage is not None else 0
+        kinds = {}
+        for code, (attr, _size) in DTYPES.items():
+            dt = getattr(torch, attr, None)
+            if dt is not None:
+                kinds[code] = (attr, dt.is_floating_point or dt.is_complex)
+        out = []
+        storage = ("cpu", ptr)  # one key object shared by every fact, and strides shared per shape
+        strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+        for name, e in self._header.entries.items():
+            if name in self._copied:
+                out.append(fact_of(name, self._copied[name]))
+                continue
+            dtype, floating = kinds[e.dtype]
+            itemsize = DTYPES[e.dtype][1]
+            stride = strides.get(e.shape)
+            if stride is None:
+                stride = strides[e.shape] = tuple(_contiguous_strides(e.shape))
+            mapped = ptr and e.end > e.begin
+            start = self._header.data_start + e.begin if mapped else 0
+            out.append(TensorFact(name=name, shape=e.shape, stride=stride, dtype=dtype, itemsize=itemsize,
+                                  device="cpu", storage=storage if mapped else None, byte_start=start,
+                                  byte_end=start + (e.end - e.begin) if mapped else 0,
+                                  owner=name.rsplit(".", 1)[0] if "." in name else "", is_floating=floating))
+        return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return strides[::-1]
+
+
+def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any]]:
+    """Every tensor as a view into one read-only memory mapping of the file (no data is read).
+
+    Returns the tensors (made on access), notes, and their file spans (the mapping starts at
+    file offset 0), so the content pass reads them with pread instead of faulting pages in.
+    """
     notes: list[str] = []
     spans: dict[str, Any] = {}
     storage = None
@@ -195,8 +270,8 @@ def map_tensors(header: Header) -> tuple[dict[str, Any], list[str], dict[str, An
             storage = torch.UntypedStorage.from_file(os.fspath(header.path), False, header.file_size)
         except RuntimeError as e:
             raise TargetError(f"{header.path}: cannot memory-map the file ({e})") from e
-    out: dict[str, Any] = {}
-    unaligned = []
+    copied: dict[str, Any] = {}
+    span = FileSpan(os.fspath(header.path), 0)  # one span serves every tensor of the file
     for e in header.entries.values():
         dtype = getattr(torch, DTYPES[e.dtype][0], None)
         if dtype is None:
@@ -205,20 +280,18 @@ def map_tensors(header: Header) -> tuple[dict[str, Any], list[str], dict[str, An
         itemsize = DTYPES[e.dtype][1]
         start = header.data_start + e.begin
         if e.end == e.begin or storage is None:
-            out[e.name] = torch.empty(e.shape, dtype=dtype)
-        elif start % itemsize == 0:
-            out[e.name] = torch.empty(0, dtype=dtype).set_(storage, start // itemsize, e.shape)
-            spans[e.name] = FileSpan(os.fspath(header.path), 0)
+            continue
+        if start % itemsize == 0:
+            spans[e.name] = span
         else:
             # A hand-made header whose length is not a multiple of the element size: a typed view
             # cannot start there, so this tensor (only) is copied into memory.
             raw = torch.empty(0, dtype=torch.uint8).set_(storage, start, (e.end - e.begin,))
-            out[e.name] = raw.clone().view(dtype).reshape(e.shape)
-            unaligned.append(e.name)
-    if unaligned:
-        notes.append(f"{len(unaligned)} tensor(s) start at unaligned offsets and were copied into memory "
-                     f"(e.g. {unaligned[0]})")
-    return out, notes, spans
+            copied[e.name] = raw.clone().view(dtype).reshape(e.shape)
+    if copied:
+        notes.append(f"{len(copied)} tensor(s) start at unaligned offsets and were copied into memory "
+                     f"(e.g. {next(iter(copied))})")
+    return MappedTensors(header, storage, copied), notes, spans
 
 
 def file_summary(header: Header) -> dict[str, Any]:
