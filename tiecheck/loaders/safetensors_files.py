@@ -16,6 +16,7 @@ architecture (``hf.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -194,8 +195,14 @@ class MappedTensors(Mapping):
         self._header = header
         self._storage = storage
         self._copied = copied  # unaligned tensors, copied into memory by map_tensors
+        self._aliases: dict[str, str] = {}  # a name the file dropped -> the stored name it is one tensor with
+
+    def add_alias(self, name: str, stored: str) -> None:
+        """``name`` is one tensor with the stored ``stored`` (a tie an alias map restores)."""
+        self._aliases[name] = stored
 
     def __getitem__(self, name: str):
+        name = self._aliases.get(name, name)
         if name in self._copied:
             return self._copied[name]
         e = self._header.entries[name]  # KeyError for an unknown name, as a dict
@@ -206,17 +213,18 @@ class MappedTensors(Mapping):
         return torch.empty(0, dtype=dtype).set_(self._storage, start // DTYPES[e.dtype][1], e.shape)
 
     def __iter__(self):
-        return iter(self._header.entries)
+        yield from self._header.entries
+        yield from self._aliases
 
     def __len__(self) -> int:
-        return len(self._header.entries)
+        return len(self._header.entries) + len(self._aliases)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._header.entries
+        return name in self._header.entries or name in self._aliases
 
     def file_layout(self, name: str) -> tuple[int, int, int]:
         """(offset of the first byte in the mapping, nbytes, itemsize) of a mapped tensor, for pread."""
-        e = self._header.entries[name]
+        e = self._header.entries[self._aliases.get(name, name)]
         return self._header.data_start + e.begin, e.end - e.begin, DTYPES[e.dtype][1]
 
     def facts(self) -> list:
@@ -245,6 +253,11 @@ class MappedTensors(Mapping):
                                   device="cpu", storage=storage if mapped else None, byte_start=start,
                                   byte_end=start + (e.end - e.begin) if mapped else 0,
                                   owner=name.rsplit(".", 1)[0] if "." in name else "", is_floating=floating))
+        if self._aliases:  # an alias is the stored tensor's fact under its own name: the same extent
+            by_name = {f.name: f for f in out}
+            out += [dataclasses.replace(by_name[stored], name=name,
+                                        owner=name.rsplit(".", 1)[0] if "." in name else "")
+                    for name, stored in self._aliases.items()]
         return out
 
 
@@ -324,7 +337,7 @@ def load_safetensors_file(path: Path, *, restore_aliases: bool = True) -> Subjec
         for dropped, kept in aliases.items():
             if dropped in tensors:
                 continue  # stored as well: the layers analysis compares the two copies
-            tensors[dropped] = tensors[kept]
+            tensors.add_alias(dropped, kept)
             stored_copies[dropped] = None
             if kept in spans:
                 spans[dropped] = spans[kept]
