@@ -617,6 +617,11 @@ def _run(plan: Plan, cfg: ConvergeConfig, progress: Progress, command: Optional[
         if not groups:
             raise TiecheckError(f"--model {plan.model}: the tied build shares no Parameter between two names; "
                                 "the factory must tie the embedding and the output layer when tied=True")
+        rows = tied.get_parameter(groups[0][0]).shape[0]  # the tied matrix: one row per token
+        if rows != vocab:
+            raise TiecheckError(f"the model's vocabulary is {rows} tokens (its tied matrix has {rows} rows) but the "
+                                f"tokenizer has {vocab}; use a tokenizer of the model's vocabulary (or "
+                                f"--vocab-size {rows} to train one)")
         ok["start"] &= bool(not tie_groups(untied) and identical_weights(tied, untied))
         params = {"tied": param_count(tied), "untied": param_count(untied)}
         tie_share = (params["untied"] - params["tied"]) / params["untied"]
