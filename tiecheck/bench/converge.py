@@ -70,11 +70,11 @@ MIN_SEEDS = 2  # a paired interval needs a spread of differences
 WARMUP_FRACTION, FINAL_LR_FRACTION = 0.1, 0.1
 BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0
 
-# Defaults: the CPU ones finish in about 2.5 minutes on two cores (one torch thread); --quick is
+# Defaults: the CPU ones take about 2.5 minutes of one core (one torch thread); --quick is
 # a smoke test for CI (under 30 s) on a smaller gpt-mini, and says so in its header.
 _DEFAULTS = {
-    "cpu": dict(model="gpt-mini", overrides={}, batch_size=4, seq_len=64, steps=240, eval_every=30, seeds=3,
-                val_seqs=24, vocab_size=8192, max_chars=2_000_000, lr=2e-3),
+    "cpu": dict(model="gpt-mini", overrides={}, batch_size=4, seq_len=64, steps=200, eval_every=25, seeds=3,
+                val_seqs=16, vocab_size=8192, max_chars=2_000_000, lr=1e-3),
     "cuda": dict(model="gpt2-124m", overrides={}, batch_size=16, seq_len=256, steps=1000, eval_every=100, seeds=3,
                  val_seqs=64, vocab_size=8192, max_chars=8_000_000, lr=1e-3),
     "quick": dict(model="gpt-mini", overrides={"n_layer": 2, "d_model": 64, "n_head": 2}, batch_size=4, seq_len=32,
@@ -478,6 +478,10 @@ class ConvergeResult:
     def diff(self, metric: str = "val_loss") -> list[Interval]:
         """The paired difference tied - untied at every evaluation step."""
         return paired_intervals(self._arr("tied", metric), self._arr("untied", metric))
+
+    def per_seed_diff(self, metric: str = "val_loss") -> list[float]:
+        """tied - untied at the last evaluation step, one value per seed."""
+        return list(self._arr("tied", metric)[:, -1] - self._arr("untied", metric)[:, -1])
 
     def separated_from(self) -> Optional[int]:
         """The first step from which the validation loss difference stays outside 0 (None: not separated)."""

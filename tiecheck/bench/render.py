@@ -259,6 +259,8 @@ def render_converge(result, fmt: str = "table") -> str:
             else f"**final (step {result.steps[-1]})**, mean over seeds [95% CI]", ""]
     out.append(tabulate(final, headers=["metric", "tied", "untied", "tied - untied"], tablefmt=tablefmt,
                         colalign=("left", "right", "right", "right"), disable_numparse=True))
+    per_seed = ", ".join(f"{x:+.4f}" for x in result.per_seed_diff())
+    out += ["", f"validation loss tied - untied per seed at step {result.steps[-1]}: {per_seed}"]
     out += ["", "validation loss curve:" if not markdown else "**validation loss curve**", ""]
     out.append(tabulate(curve, headers=["step", "tied", "untied", "tied - untied [95% CI]", "outside 0",
                                         "train loss tied - untied"], tablefmt=tablefmt, disable_numparse=True,

@@ -51,6 +51,13 @@ def cache_dir() -> Path:
     return root / "tiecheck" / "tokenizers"
 
 
+def shown(path: Path) -> str:
+    """``path`` for the header, the home folder written ``~`` (a result file should not name the user)."""
+    home = str(Path.home())
+    text = str(path)
+    return "~" + text[len(home):] if home not in ("", "/") and text.startswith(home + os.sep) else text
+
+
 def cache_key(corpus: Corpus, vocab_size: int) -> str:
     """Digest of what decides the trained tokenizer: the corpus, the size, the recipe, the library."""
     tk = _tokenizers()
@@ -102,7 +109,7 @@ def bpe_for(corpus: Corpus, vocab_size: int, use_cache: bool = True) -> Tokenize
     if use_cache and path.is_file():
         try:
             tok = tk.Tokenizer.from_file(str(path))
-            return TokenizerInfo(tok, vocab_size_of(tok), f"byte-level BPE from the cache, {path}")
+            return TokenizerInfo(tok, vocab_size_of(tok), f"byte-level BPE from the cache, {shown(path)}")
         except Exception:  # noqa: BLE001 - a damaged cache entry is retrained and replaced, never fatal
             pass
     tok = train_bpe(corpus, vocab_size)
@@ -110,7 +117,7 @@ def bpe_for(corpus: Corpus, vocab_size: int, use_cache: bool = True) -> Tokenize
     if use_cache:
         try:
             write_text(path, tok.to_str(), what="the tokenizer cache", make_parents=True)
-            where = f"cached at {path}"
+            where = f"cached at {shown(path)}"
         except (TiecheckError, OSError) as e:
             where = f"not cached ({e})"  # a read-only home still runs the experiment
     return TokenizerInfo(tok, vocab_size_of(tok), f"byte-level BPE trained on the training split, {where}")
