@@ -90,3 +90,48 @@ def _memory_panel(ax, by) -> None:
                    label="peak device memory")
     ax.set_ylabel("MiB")
     ax.legend(fontsize=7)
+
+
+def plot_converge(result, path: str) -> None:
+    """``--mode converge --plot FILE``: both validation curves with 95% bands, and the paired difference.
+
+    Args:
+        result: a ConvergeResult.
+        path: the figure's file; the format follows the extension (png, svg, pdf).
+    """
+    require_matplotlib()
+    import matplotlib  # noqa: PLC0415 - plots are the `plot` extra
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - plots are the `plot` extra
+
+    by = {(r.variant, r.metric, r.step): r for r in result.rows()}
+    steps = result.steps
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.0))
+    for v in VARIANTS:
+        rows = [by[(v, "val_loss", s)] for s in steps]
+        left.plot(steps, [r.value for r in rows], color=COLORS[v], label=v)
+        left.fill_between(steps, [r.ci_low for r in rows], [r.ci_high for r in rows], color=COLORS[v], alpha=0.25)
+    left.set_xlabel("step")
+    left.set_ylabel("validation loss (nats)")
+    left.set_title(f"validation loss, mean of {result.header['seeds']} seeds, 95% CI")
+    left.legend()
+    rows = [by[("tied-untied", "val_loss", s)] for s in steps]
+    right.plot(steps, [r.value for r in rows], color="black", label="tied - untied")
+    right.fill_between(steps, [r.ci_low for r in rows], [r.ci_high for r in rows], color="gray", alpha=0.35)
+    right.axhline(0.0, color="red", linewidth=0.8)
+    sep = result.separated_from()
+    if sep is not None:
+        right.axvline(sep, color="green", linestyle="--", linewidth=0.8, label=f"outside 0 from step {sep}")
+    right.set_xlabel("step")
+    right.set_ylabel("nats")
+    right.set_title("paired difference (per seed), 95% CI")
+    right.legend(fontsize=8)
+    fig.suptitle(result.header["title"], fontsize=9)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as e:
+        raise TiecheckError(f"--plot {path}: cannot write the figure ({e})") from e
+    finally:
+        plt.close(fig)

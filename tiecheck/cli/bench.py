@@ -87,10 +87,12 @@ def _check_writable(option: str, path: str | None) -> None:
 
 @click.command("bench")
 @click.option("--model", metavar="NAME", help="Bundled model (see `tiecheck models`). "
-              "Default: gpt2-124m on a GPU, gpt-mini on the CPU.")
-@click.option("--mode", type=click.Choice(["train", "infer"]), default="train", show_default=True,
+              "Default: gpt2-124m on a GPU, gpt-mini on the CPU. --mode converge also takes "
+              "path/to/file.py:factory (see docs/bench.md).")
+@click.option("--mode", type=click.Choice(["train", "infer", "converge"]), default="train", show_default=True,
               help="train: forward + backward + AdamW step. infer: no-grad forward, and greedy decoding "
-                   "with a KV cache for decoders.")
+                   "with a KV cache for decoders. converge: train both variants on real text over several "
+                   "seeds and compare their loss curves.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Matmul precision (autocast; weights stay fp32). Default: bf16 on a GPU that has it, else fp32.")
@@ -120,6 +122,18 @@ def _check_writable(option: str, path: str | None) -> None:
 @click.option("-o", "--output", metavar="FILE", help="Write the results to FILE instead of standard output.")
 @click.option("--plot", metavar="FILE", help="Plot tokens/s and memory per variant to FILE (png, svg, pdf); "
               "needs matplotlib (pip install 'tiecheck[plot]').")
+@click.option("--seeds", type=int, help="converge: seeds (each a new init and data order, shared by both "
+              "variants). Default 3.")
+@click.option("--eval-every", type=int, help="converge: steps between validation passes. Default 30 on the CPU.")
+@click.option("--vocab-size", type=int, help="converge: size of the BPE trained on the corpus (and of the model's "
+              "vocabulary). Default 8192.")
+@click.option("--text", metavar="FILE|DIR", help="converge: your own text (a file, or a folder of text files) "
+              "instead of the standard library's sources.")
+@click.option("--tokenizer", metavar="PATH", help="converge: a tokenizer.json (or a folder holding one) instead "
+              "of training a BPE.")
+@click.option("--no-cache", is_flag=True, help="converge: neither read nor write the tokenizer cache "
+              "($XDG_CACHE_HOME/tiecheck/tokenizers, else ~/.cache/tiecheck/tokenizers).")
+@click.option("--quick", is_flag=True, help="converge: a smoke test for CI (smaller model, short run, under 30 s).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def bench(**options):
     """Tied vs untied: throughput, step phases, memory and MFU of a bundled model.
@@ -131,8 +145,38 @@ def bench(**options):
     handle_errors(_bench)(**options)
 
 
+# Options of the timing modes that --mode converge does not use, and the converge-only ones.
+_TIMING_ONLY = ("dtype", "compile_", "rounds", "warmup", "decode_tokens", "find_max_batch", "peak_tflops", "pad_vocab",
+                "max_batch_cap")
+_CONVERGE_ONLY = ("seeds", "eval_every", "vocab_size", "text", "tokenizer", "no_cache", "quick")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def _check_mode_options(mode: str) -> None:
+    ctx = click.get_current_context()
+    given = {n for n, v in ctx.params.items()
+             if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE and v not in (None, False)}
+    wrong = [n for n in (_TIMING_ONLY if mode == "converge" else _CONVERGE_ONLY) if n in given]
+    if wrong:
+        where = "--mode converge does not use" if mode == "converge" else "only --mode converge uses"
+        raise TiecheckError(f"{where} {', '.join(_flag(n) for n in wrong)}; drop it or change --mode")
+
+
 def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
-           threads, find_max_batch, max_batch_cap, peak_tflops, pad_vocab, progress_lines, fmt, output, plot, debug):
+           threads, find_max_batch, max_batch_cap, peak_tflops, pad_vocab, progress_lines, fmt, output, plot,
+           seeds, eval_every, vocab_size, text, tokenizer, no_cache, quick, debug):
+    _check_mode_options(mode)
+    if mode == "converge":
+        from tiecheck.bench.converge import ConvergeConfig  # noqa: PLC0415 - the boundary: converge imports torch
+
+        cfg = ConvergeConfig(model=model, device=device, steps=steps, seeds=seeds, eval_every=eval_every,
+                             batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size, text=text,
+                             tokenizer=tokenizer, cache=not no_cache, quick=quick, seed=seed, threads=threads)
+        _converge(cfg, fmt, output, plot)
+        return
     # The boundary where the work starts: the bench imports torch.
     from tiecheck.bench import BenchConfig, render, run_bench  # noqa: PLC0415
     from tiecheck.bench.runner import resolve  # noqa: PLC0415
@@ -167,4 +211,30 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
     if failures:
         click.echo(f"tiecheck: error: {'; '.join(failures)}", err=True)
         sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_OK if result.checks_passed() else EXIT_FAILED)
+
+
+def _converge(cfg, fmt: str, output: str | None, plot: str | None) -> None:
+    """``--mode converge``: train, then print the curves and verdicts; exit 1 when a check failed."""
+    from tiecheck.bench.converge import resolve as resolve_converge  # noqa: PLC0415 - converge imports torch
+    from tiecheck.bench.converge import run_converge  # noqa: PLC0415 - converge imports torch
+    from tiecheck.bench.render import render_converge  # noqa: PLC0415 - with the run
+
+    _check_writable("-o", output)
+    _check_writable("--plot", plot)
+    if plot:
+        from tiecheck.bench.plot import require_matplotlib  # noqa: PLC0415 - plots are an extra
+
+        require_matplotlib()
+    plan = resolve_converge(cfg)  # bad input fails here, before the corpus is read
+    progress = Progress(plan.units())
+    try:
+        result = run_converge(cfg, progress=progress, command=_command(click.get_current_context()))
+    finally:
+        progress.close()
+    write_output(render_converge(result, fmt), output, protect=tuple(p for p in (cfg.text, cfg.tokenizer) if p))
+    if plot:
+        from tiecheck.bench.plot import plot_converge  # noqa: PLC0415 - plots are an extra
+
+        plot_converge(result, plot)
     sys.exit(EXIT_OK if result.checks_passed() else EXIT_FAILED)
