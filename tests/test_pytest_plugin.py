@@ -131,7 +131,7 @@ def test_findings(tiecheck):
         "E*    tok_emb.weight shares memory with head.weight (same_parameter)",
     ])
     result.stdout.fnmatch_lines(["E*BrokenTieError: 1 broken tie in TinyLM:",
-                                 "E*[[]TC005[]] warning: head.weight, tok_emb.weight hold equal float32 [[]64, 16[]]*"])
+                                 "E*[[]TC005[]] error: head.weight, tok_emb.weight hold equal float32 [[]64, 16[]]*"])
     result.stdout.fnmatch_lines(["E*FindingsError: 1 finding at error or worse in TinyLM:",
                                  "E*[[]TC002[]] error: head.weight, tok_emb.weight are 2 distinct objects over one memory*"])
     # The failure points at the test's line, not into tiecheck.

@@ -120,7 +120,7 @@ def test_broken_ties_reported_with_fix():
         assert_no_broken_ties(tm.broken())
     msg = str(exc.value)
     assert msg.startswith("1 broken tie in TinyLM:")
-    assert f"[TC005] warning: {HEAD}, {EMB} hold equal float32 [64, 16] content in separate memory" in msg
+    assert f"[TC005] error: {HEAD}, {EMB} hold equal float32 [64, 16] content in separate memory" in msg
     assert RETIE in msg
     with pytest.raises(BrokenTieError, match=r"\[TC002\]"):
         assert_no_broken_ties(tm.distinct())

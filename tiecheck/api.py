@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from tiecheck.analyses.candidates import candidate_findings, find_candidates
+from tiecheck.analyses.candidates import candidate_findings, find_candidates, must_tie_pairs
 from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplicates
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, memory_summary
@@ -83,6 +83,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     findings += device_findings(facts, groups)
 
     dup_groups, content = [], None
+    cands = find_candidates(facts)
     if duplicates:
         if any(f.storage is not None for f in facts):
             from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch, only for the content pass
@@ -92,7 +93,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
             content = {"ran": True, **stats.to_dict()}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}
-        findings += duplicate_findings(dup_groups)
+        findings += duplicate_findings(dup_groups, must_tie_pairs(cands, config_ties(subject)))
     else:
         content = {"ran": False, "reason": "skipped (--no-duplicates)"}
     expect_tied = list(expect_tied)
@@ -101,8 +102,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         state = TieState.build([g.to_dict() for g in groups], [f.name for f in facts],
                                [g.to_dict() for g in dup_groups], content_known=bool(content and content["ran"]))
         findings += tied_findings(state, expect_tied)
-    cands = find_candidates(facts)
-    findings += candidate_findings(cands)
+    findings += candidate_findings(cands, [sum(g.aliases, ()) for g in dup_groups if not g.constant])
 
     summary = memory_summary(facts, groups, optimizer)
     findings = sort_findings(findings)
@@ -121,6 +121,14 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         flops=subject_flops(subject, **flops) if flops is not None else None,
         extra=dict(subject.extra),
     )
+
+
+def config_ties(subject: Subject) -> bool | None:
+    """``tie_word_embeddings`` from the subject's config (a Hugging Face folder's, or a module's
+    ``.config``), or None where nothing says."""
+    cfg = subject.config if subject.config is not None else getattr(subject.module, "config", None)
+    value = cfg.get("tie_word_embeddings") if isinstance(cfg, dict) else getattr(cfg, "tie_word_embeddings", None)
+    return value if isinstance(value, bool) else None
 
 
 def tensor_rows(facts: Sequence[TensorFact], groups) -> list[dict]:
