@@ -8,6 +8,7 @@ files cannot be mapped; they still load through the weights-only unpickler, with
 
 from __future__ import annotations
 
+import difflib
 import io
 import mmap
 import pickle
@@ -228,6 +229,36 @@ def _describe_keys(obj: Mapping) -> str:
     return ", ".join(keys) + (", ..." if len(obj) > 12 else "")
 
 
+_OPTIMIZER_SLOTS = frozenset({"step", "exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg", "sum", "max_exp_avg_sq"})
+
+
+def is_optimizer_state(obj: Any) -> bool:
+    """A torch.optim ``state_dict()`` (``state`` + ``param_groups``) or its ``state`` part
+    (parameter index -> step and moments): tensors, but no model's."""
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    if "param_groups" in obj and "state" in obj:
+        return True
+    return all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in obj) and \
+        all(isinstance(v, Mapping) and _OPTIMIZER_SLOTS & set(map(str, v)) for v in obj.values())
+
+
+def model_state_keys(obj: Any) -> list[str]:
+    """Top-level keys of a checkpoint that hold a model state dict, for messages."""
+    if not isinstance(obj, Mapping):
+        return []
+    return [str(k) for k, v in obj.items()
+            if isinstance(v, Mapping) and not is_optimizer_state(v) and _try_pick(v)[0] is not None]
+
+
+def _no_key(where: str, key: str, part: str, cur: Any) -> TargetError:
+    if not isinstance(cur, Mapping):
+        return TargetError(f"{where}: no key '{key}' (available: {type(cur).__name__})")
+    close = difflib.get_close_matches(part, [str(k) for k in cur], n=1)
+    guess = f"; did you mean '{close[0]}'?" if close else ""
+    return TargetError(f"{where}: no key '{key}' (available: {_describe_keys(cur)}){guess}")
+
+
 def pick_state(obj: Any, key: str | None, where: str) -> tuple[dict, str | None, list[str]]:
     """The model's name -> tensor mapping inside a loaded object, and the key that held it."""
     notes: list[str] = []
@@ -239,8 +270,13 @@ def pick_state(obj: Any, key: str | None, where: str) -> tuple[dict, str | None,
             elif isinstance(cur, Mapping) and part.isdigit() and int(part) in cur:
                 cur = cur[int(part)]
             else:
-                avail = _describe_keys(cur) if isinstance(cur, Mapping) else type(cur).__name__
-                raise TargetError(f"{where}: no key '{key}' (available: {avail})")
+                raise _no_key(where, key, part, cur)
+        if is_optimizer_state(cur):
+            models = model_state_keys(obj)
+            listed = (f"the model states in this file: {', '.join(models)} (e.g. --key {models[0]})" if models
+                      else "this file holds no model state dict at its top level")
+            raise TargetError(f"{where}: key '{key}' holds optimizer state (torch.optim state_dict: per-parameter "
+                              f"step and moments), not model weights; {listed}")
         if not isinstance(cur, Mapping):
             raise TargetError(f"{where}: key '{key}' holds a {type(cur).__name__}, not a mapping of tensors")
         chosen, used = cur, key
