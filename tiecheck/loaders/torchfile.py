@@ -110,7 +110,28 @@ def _load_error(label: str, kind: str | None, e: Exception, trust_pickle: bool, 
         if cause.startswith(_REFUSALS):
             return UntrustedPickleError(refusal_message(label, f"what the pickle asks for ({cause})"))
         return TargetError(f"{label}: not a readable torch.save file, truncated or corrupt ({cause})")
-    return TargetError(f"{label}: not a readable torch.save file, truncated or corrupt ({_cause(e)})")
+    missing = _missing_class(label, e) if trust_pickle else None
+    return missing or TargetError(f"{label}: not a readable torch.save file, truncated or corrupt ({_cause(e)})")
+
+
+_NO_ATTRIBUTE = re.compile(r"Can't get attribute '([\w.]+)' on <module '([\w.]+)'")
+
+
+def _missing_class(label: str, e: BaseException) -> TargetError | None:
+    """A trusted pickle that names a class the import path lacks: the file is fine, say so."""
+    cause = e
+    while cause is not None and not isinstance(cause, (ModuleNotFoundError, AttributeError)):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ModuleNotFoundError) and cause.name:
+        return TargetError(f"{label}: the file is fine, but it pickles a class from module '{cause.name}', which is "
+                           f"not on the import path; run from the folder that holds {cause.name.split('.')[0]} (or "
+                           f"set PYTHONPATH), or save the state_dict() instead")
+    m = _NO_ATTRIBUTE.search(str(cause)) if isinstance(cause, AttributeError) else None
+    if m:
+        return TargetError(f"{label}: the file is fine, but it pickles {m.group(2)}.{m.group(1)}, which module "
+                           f"'{m.group(2)}' on the import path does not define (renamed or moved?); import the "
+                           f"right version of it, or save the state_dict() instead")
+    return None
 
 
 def _refused_global(label: str, kind: str | None, source) -> str | None:
