@@ -106,7 +106,9 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
 
     summary = memory_summary(facts, groups, optimizer)
     findings = sort_findings(findings)
-    summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups)
+    # The duplicates the report shows (TC005): constant-valued groups, such as fresh LayerNorm
+    # weights, are equal by construction and waste nothing a tie could save.
+    summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups if not g.constant)
     summary["findings"] = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
 
     return Report(

@@ -74,7 +74,8 @@ def _text(r: Report, markdown: bool) -> str:
 
     content = r.content or {}
     shown = [d for d in r.untied_duplicates if not d["constant"]]
-    out += ["", h(f"Untied duplicates ({len(shown)})")]
+    wasted = s.get("bytes_wasted_by_duplicates", 0)
+    out += ["", h(f"Untied duplicates ({len(shown)}" + (f", {human_bytes(wasted)} wasted)" if wasted else ")"))]
     if not content.get("ran", False):
         out.append(f"content pass not run: {content.get('reason', 'disabled')}")
     elif r.untied_duplicates:
