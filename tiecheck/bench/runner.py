@@ -42,7 +42,7 @@ from tiecheck.bench.protocol import (
 )
 from tiecheck.bench.results import BenchResult, VariantRecord
 from tiecheck.bench.stats import MIN_ROUNDS_FOR_VERDICT
-from tiecheck.errors import TiecheckError
+from tiecheck.errors import TiecheckError, did_you_mean
 
 MODES = ("train", "infer")
 VARIANTS = ("tied", "untied")
@@ -139,7 +139,9 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
     try:
         preset = models.get_preset(name)
     except KeyError:
-        raise TiecheckError(f"--model {name}: unknown model; choose one of: {', '.join(models.PRESETS)}") from None
+        guess = did_you_mean(name, models.PRESETS).lstrip("; ")
+        raise TiecheckError(f"--model {name}: unknown model; {guess + ' (' if guess else ''}choose one of: "
+                            f"{', '.join(models.PRESETS)}{')' if guess else ''}") from None
     try:
         config = models.get_config(name, **cfg.overrides)
     except (TypeError, ValueError) as e:

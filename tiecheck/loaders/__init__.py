@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tiecheck.errors import TargetError
+from tiecheck.errors import TargetError, did_you_mean
 from tiecheck.facts import module_tensors
 from tiecheck.loaders import bundled, detect, spec
 from tiecheck.loaders.subject import Source, Subject
@@ -192,6 +192,6 @@ def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = Fal
     hint = ""
     names = bundled.names()
     if names:
-        hint = f"; bundled models: {', '.join(names)}"
+        hint = f"{did_you_mean(target, names)}; bundled models: {', '.join(names)}"
     raise TargetError(f"{target}: no such file or folder, bundled model or Python spec "
                       f"(file.py:factory or package.module:factory){hint}")

@@ -8,7 +8,6 @@ files cannot be mapped; they still load through the weights-only unpickler, with
 
 from __future__ import annotations
 
-import difflib
 import io
 import mmap
 import pickle
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tiecheck.errors import TargetError, UntrustedPickleError
+from tiecheck.errors import TargetError, UntrustedPickleError, did_you_mean
 from tiecheck.facts import module_tensors
 from tiecheck.loaders.fileview import file_spans
 from tiecheck.loaders.pickles import describe, first_refused
@@ -275,8 +274,7 @@ def model_state_keys(obj: Any) -> list[str]:
 def _no_key(where: str, key: str, part: str, cur: Any) -> TargetError:
     if not isinstance(cur, Mapping):
         return TargetError(f"{where}: no key '{key}' (available: {type(cur).__name__})")
-    close = difflib.get_close_matches(part, [str(k) for k in cur], n=1)
-    guess = f"; did you mean '{close[0]}'?" if close else ""
+    guess = did_you_mean(part, [str(k) for k in cur])
     return TargetError(f"{where}: no key '{key}' (available: {_describe_keys(cur)}){guess}")
 
 
