@@ -48,7 +48,7 @@ def test_formats_are_byte_identical_across_runs(runner, tied_file, fmt):
     assert a.exit_code == 0 and a.output == b.output
     if fmt == "json":
         d = json.loads(a.output)
-        assert d["schema_version"] == 1
+        assert d["schema_version"] == 2
         assert d["tie_groups"][0]["names"] == ["embed.weight", "lm_head.weight"]
         assert set(d) >= {"source", "summary", "tie_groups", "untied_duplicates", "tie_candidates", "findings"}
     if fmt == "csv":
@@ -79,7 +79,7 @@ def test_output_file_and_never_over_the_input(runner, tied_file, tmp_path):
     out = tmp_path / "report.json"
     res = runner.invoke(main, ["inspect", str(tied_file), "--format", "json", "-o", str(out)])
     assert res.exit_code == 0 and res.output == ""
-    assert json.loads(out.read_text())["schema_version"] == 1
+    assert json.loads(out.read_text())["schema_version"] == 2
     before = tied_file.read_bytes()
     res = runner.invoke(main, ["inspect", str(tied_file), "-o", str(tied_file)])
     assert res.exit_code == 2 and "refusing to write the output to" in res.output and "it is the input" in res.output

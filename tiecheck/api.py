@@ -44,6 +44,16 @@ def analyze(
     ``seq_len`` tokens; ``inputs`` may supply the forward's arguments, or a
     ``make_inputs(module, batch_size, seq_len)`` callable. Raises ``TiecheckError`` for input
     that cannot be analysed.
+
+    FLOPs are off by default here, where ``tiecheck inspect`` counts them (``--no-flops`` turns
+    them off): this function is what the assertions and the pytest fixture call in test suites,
+    and tracing a forward costs far more than finding ties; ask with ``flops=True``.
+
+    Args:
+        target: what to analyse (see above).
+
+    Returns:
+        The frozen, versioned Report.
     """
 
     if optimizer not in OPTIMIZERS:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shlex
 import sys
 from dataclasses import MISSING, dataclass, field, fields
@@ -211,6 +212,9 @@ class _State:
     host_load: Optional[str] = None
 
 
+_FLAG = re.compile(r"^--([a-z][a-z-]*) (\S+):")
+
+
 def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] = None,
               build: Optional[Builder] = None, command: Optional[str] = None) -> BenchResult:
     """Measure the tied and untied variants of ``cfg.model`` and return the result.
@@ -219,7 +223,12 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] 
     preset's model (with ``cfg.overrides``) or one with the same config and forward contract;
     ``command`` is shown in the header.
     """
-    plan = resolve(cfg)
+    try:
+        plan = resolve(cfg)
+    except TiecheckError as e:
+        # resolve() names options as the command line does; a Python caller set BenchConfig fields.
+        raise TiecheckError(_FLAG.sub(lambda m: f"BenchConfig({m.group(1).replace('-', '_')}={m.group(2)}):",
+                                      str(e), count=1)) from None
     threads = torch.get_num_threads()
     if plan.threads:
         torch.set_num_threads(plan.threads)
