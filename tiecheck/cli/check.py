@@ -167,7 +167,8 @@ def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt
                             "[tool.tiecheck]; none is set for " + ", ".join(t.target for t in plan))
     warn_trust(any(t.trust_pickle for t in plan), any(t.trust_remote_code for t in plan), prefix="")
 
-    outcomes = [check_target(t, update=update, extra_tied=expect_tied, debug=debug, accept_errors=accept_errors)
+    outcomes = [check_target(t, update=update, extra_tied=expect_tied, debug=debug, accept_errors=accept_errors,
+                             fail_on_origin=shown(policy.path) if policy.path and not fail_on else None)
                 for t in plan]
     if fmt == "json":
         text = json.dumps({"targets": [o.to_dict() for o in outcomes]}, indent=2, ensure_ascii=False) + "\n"

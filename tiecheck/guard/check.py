@@ -58,7 +58,7 @@ def shown(path: Path | str) -> str:
 
 
 def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = False,
-                 accept_errors: bool = False) -> Outcome:
+                 accept_errors: bool = False, fail_on_origin: str | None = None) -> Outcome:
     """Analyse one target and hold it to its policy and to the ``extra_tied`` groups of the command line.
 
     Args:
@@ -69,6 +69,8 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
             recording it as this target's error.
         accept_errors: let ``update`` write a snapshot of a target with error findings (a
             broken tie); without it such an update is this target's error.
+        fail_on_origin: the file that set ``t.fail_on`` (the policy's pyproject.toml), for the
+            findings that fail only because of it; None when the command line set it.
 
     Returns:
         The :class:`Outcome`: failing findings, warnings below ``fail-on``, or the error that
@@ -119,6 +121,10 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
         out.error = f"{t.target}: unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback)"
         return out
     failing = report.failing_findings(t.fail_on)
+    if fail_on_origin is not None:
+        for f in failing:
+            if f["severity"] != "error":  # fails only because the policy's fail-on says so
+                out.origins.setdefault(f["message"], fail_on_origin)
     out.failing = expected + failing
     out.warnings = [f for f in report.findings if f["severity"] == "warning" and f not in failing]
     return out

@@ -118,8 +118,10 @@ def _flops_lines(f: dict, tablefmt: str) -> list[str]:
     shape = f"batch {f['batch_size']} × seq {f['seq_len']}"
     if f.get("tgt_seq_len"):
         shape += f" (target {f['tgt_seq_len']})"
+    # An encoder-decoder's per-token figure divides by source and target tokens together: say so.
+    per = "per token (source + target tokens)" if f.get("tgt_seq_len") else "per token"
     lines = [
-        f"forward {human_flops(f['forward'])} for {shape}; {human_flops(f['per_token'])} per token; "
+        f"forward {human_flops(f['forward'])} for {shape}; {human_flops(f['per_token'])} {per}; "
         f"training step ≈ {human_flops(f['train_step_estimate'])} (3 × forward)",
     ]
     total = f["forward"] or 1

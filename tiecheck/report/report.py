@@ -55,7 +55,8 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         """Rebuild a report from its JSON (e.g. a stored snapshot)."""
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        # Version 1 differs in summary fields and where `files` sits, not in what a report is rebuilt from.
+        if version not in (1, SCHEMA_VERSION):
             raise ValueError(f"report schema_version {version!r} is not {SCHEMA_VERSION}; re-create it with this "
                              f"tiecheck version")
         known = {"schema_version", "tiecheck_version", "source", "summary", "tie_groups", "untied_duplicates",
