@@ -14,7 +14,8 @@ import tiecheck
 import tie_models as tm
 from tie_models import EMB, HEAD
 from tiecheck.errors import TiecheckError
-from tiecheck.testing import (BrokenTieError, FindingsError, NotTiedError, SnapshotMismatchError, SnapshotMissingError,
+from tiecheck.testing import (BrokenTieError, FindingsError, NotTiedError, SnapshotErrorsError, SnapshotMismatchError,
+                              SnapshotMissingError,
                               TieAssertionError, UnexpectedTieError, UnknownNameError, assert_no_broken_ties,
                               assert_no_findings, assert_not_tied, assert_tied, assert_ties_match_snapshot,
                               match_snapshot)
@@ -173,7 +174,9 @@ def test_snapshot_mismatch_shows_expected_actual_and_hint(tmp_path):
     assert f"  expected:\n    [same_parameter] {HEAD}, {EMB}\n  actual:\n    (no tie groups)\n" in msg
     assert "[TC009]" in msg and RETIE in msg
     assert "update=True" in msg
-    assert match_snapshot(tm.broken(), path, update=True) == "updated"
+    with pytest.raises(SnapshotErrorsError, match=r"not writing the snapshot .*: TinyLM has 1 error finding"):
+        match_snapshot(tm.broken(), path, update=True)  # a broken tie is no state to record unasked
+    assert match_snapshot(tm.broken(), path, update=True, accept_errors=True) == "updated"
     assert json.loads(path.read_text())["tie_groups"] == []
     assert_ties_match_snapshot(tm.broken(), path)
 
