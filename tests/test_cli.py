@@ -80,7 +80,7 @@ def test_expect_tied(runner, tied_file, broken_file):
 def test_output_file_and_never_over_the_input(runner, tied_file, tmp_path):
     out = tmp_path / "report.json"
     res = runner.invoke(main, ["inspect", str(tied_file), "--format", "json", "-o", str(out)])
-    assert res.exit_code == 0 and res.output == ""
+    assert res.exit_code == 0 and res.stdout == "" and res.stderr == f"tiecheck: wrote {out}\n"
     assert json.loads(out.read_text())["schema_version"] == 2
     before = tied_file.read_bytes()
     res = runner.invoke(main, ["inspect", str(tied_file), "-o", str(tied_file)])

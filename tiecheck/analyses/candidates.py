@@ -77,13 +77,27 @@ def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
     for key, es in embeds.items():
         for e in es:
             for h in heads.get(key, ()):
-                out.append(Candidate((e.name, h.name), "embedding-output", e.shape, e.dtype, h.nbytes))
+                # Sorted like every other list of names in a report: the relation says which is which.
+                out.append(Candidate(tuple(sorted((e.name, h.name))), "embedding-output", e.shape, e.dtype,
+                                     h.nbytes))
         for a, b in combinations(es, 2):
             out.append(Candidate(tuple(sorted((a.name, b.name))), "embeddings", a.shape, a.dtype, b.nbytes))
     return sorted(out, key=lambda c: (-c.bytes_saved, c.names))
 
 
-def candidate_findings(cands: list[Candidate]) -> list[Finding]:
+def must_tie_pairs(cands: list[Candidate], tie_word_embeddings: bool | None) -> list[tuple[str, str]]:
+    """The pairs the architecture declares one tensor: the embedding and its output projection,
+    unless the model's config says ``tie_word_embeddings=False`` (untied on purpose)."""
+    if tie_word_embeddings is False:
+        return []
+    return [c.names for c in cands if c.relation == "embedding-output"]
+
+
+def candidate_findings(cands: list[Candidate], reported: Iterable[tuple[str, ...]] = ()) -> list[Finding]:
+    """TC006 for each candidate, except a pair already reported as one duplicate group in ``reported``
+    (its TC005 says it all: one finding per pair)."""
+    groups = [set(g) for g in reported]
+    cands = [c for c in cands if not any(set(c.names) <= g for g in groups)]
     what = {"embedding-output": "input embedding and output projection",
             "embeddings": "embeddings with a shared vocabulary"}
     return [finding("TC006", f"{c.names[0]} and {c.names[1]} ({what[c.relation]}, {list(c.shape)} {c.dtype}) are "

@@ -150,12 +150,37 @@ def _uniform(sample: bytes, itemsize: int) -> bool:
     return all(sample[i:i + itemsize] == first for i in range(0, len(sample), itemsize))
 
 
-def duplicate_findings(groups: list[DuplicateGroup]) -> list[Finding]:
+def declared_pair(g: DuplicateGroup, must_tie: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
+    """The first pair of ``must_tie`` whose two names fall in two different members of the group."""
+    member = {n: i for i, names in enumerate(g.aliases) for n in names}
+    for a, b in must_tie:
+        if a in member and b in member and member[a] != member[b]:
+            return a, b
+    return None
+
+
+def duplicate_findings(groups: list[DuplicateGroup], must_tie: Iterable[tuple[str, str]] = ()) -> list[Finding]:
+    """TC005 for each group that is not constant-valued.
+
+    Args:
+        groups: the untied duplicates.
+        must_tie: name pairs the architecture (or its config) says are one tensor; a group that
+            holds one is a broken tie, an error, where a copy nothing declares stays a warning.
+
+    Returns:
+        One finding per group.
+    """
+    must_tie = list(must_tie)
     out = []
     for g in groups:
         if g.constant:
             continue  # e.g. every fresh LayerNorm weight is all ones: equal by construction
-        out.append(finding("TC005", f"{', '.join(g.names)} hold equal {g.dtype} {list(g.shape)} content in "
-                                    f"separate memory ({g.bytes_wasted:,} bytes wasted)", g.names,
+        message = (f"{', '.join(g.names)} hold equal {g.dtype} {list(g.shape)} content in "
+                   f"separate memory ({g.bytes_wasted:,} bytes wasted)")
+        pair = declared_pair(g, must_tie)
+        if pair is not None:
+            message += (f"; the architecture ties {' and '.join(sorted(pair))} (input embedding and output "
+                        f"projection), so this is a broken tie")
+        out.append(finding("TC005", message, g.names, severity="error" if pair else None,
                            hint=f"{RULES['TC005'].hint} Here: {assignment(g.names)}"))
     return out

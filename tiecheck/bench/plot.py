@@ -11,6 +11,8 @@ from tiecheck.errors import TiecheckError
 
 VARIANTS = ("tied", "untied")
 COLORS = {"tied": "#1f77b4", "untied": "#ff7f0e"}
+# Memory parts get colours of their own: the variants' two colours would read as tied and untied.
+PART_COLORS = {"weights": "#4d4d4d", "gradients": "#2ca02c", "optimizer state": "#9467bd"}
 
 
 def require_matplotlib() -> None:
@@ -46,7 +48,8 @@ def plot(result: BenchResult, path: str) -> None:
         else:
             _rate_panel(ax, by, metric)
         ax.set_title(title)
-    fig.suptitle(result.header["title"], fontsize=9)
+    verdict = result.headline()
+    fig.suptitle(result.header["title"] + (f"\n{verdict}" if verdict else ""), fontsize=9)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)
@@ -69,7 +72,8 @@ def _rate_panel(ax, by, metric: str) -> None:
     ax.bar(names, values, yerr=[err_lo, err_hi], capsize=6, color=[COLORS[n.split()[0]] for n in names])
     ratio = by.get(("tied/untied", metric))
     if ratio is not None:
-        ax.set_xlabel(f"tied/untied {ratio.value:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]", fontsize=8)
+        ax.set_xlabel(f"tied/untied {ratio.value:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]"
+                      + (f"\n{ratio.verdict}" if ratio.verdict else ""), fontsize=8)
     ax.set_ylabel("tokens/s")
 
 
@@ -81,7 +85,7 @@ def _memory_panel(ax, by) -> None:
     for metric, label in parts:
         heights = [by[(v, metric)].value / mib if (v, metric) in by else 0.0 for v in present]
         if any(heights):
-            ax.bar(present, heights, bottom=bottom, label=label)
+            ax.bar(present, heights, bottom=bottom, label=label, color=PART_COLORS[label])
             bottom = [b + h for b, h in zip(bottom, heights)]
     peaks = [(i, by[(v, "peak_memory_bytes")].value / mib) for i, v in enumerate(present)
              if (v, "peak_memory_bytes") in by]

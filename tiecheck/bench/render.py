@@ -57,8 +57,20 @@ def _cell(r: Optional[Row]) -> str:
         return s
     s = _num(r.value, r.unit)
     if r.ci_low is not None:
+        decimals = _decimals(r.value, r.unit)
+        if decimals is not None:  # the value and its bounds to the same decimals: [46.40, 54.76]
+            return f"{r.value:,.{decimals}f} [{r.ci_low:,.{decimals}f}, {r.ci_high:,.{decimals}f}]"
         s += f" [{_num(r.ci_low, r.unit)}, {_num(r.ci_high, r.unit)}]"
     return s
+
+
+def _decimals(v: float, unit: str) -> Optional[int]:
+    """Decimals giving ``v`` four significant digits, for units ``_num`` prints with ``.4g``; else None."""
+    if unit in ("bytes", "count", "sequences", "fraction", "nats") or unit == "tokens/s" and v >= 100:
+        return None
+    if v == 0 or abs(v) >= 1e4:
+        return 0 if v else 3
+    return max(0, 3 - math.floor(math.log10(abs(v))))
 
 
 def _label(metric: str, unit: str) -> str:

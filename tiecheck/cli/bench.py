@@ -102,7 +102,8 @@ def _check_writable(option: str, path: str | None) -> None:
               "(at most the model's positions).")
 @click.option("--rounds", type=int, help="Interleaved rounds (A B, B A, ...). Default: 20 on a GPU, 24 on the CPU.")
 @click.option("--steps", type=int, help="Timed steps per variant per round. Default: 5 on a GPU, 3 on the CPU.")
-@click.option("--warmup", type=int, help="Untimed steps per variant first. Default: 3 on a GPU, 2 on the CPU, 5 with --compile.")
+@click.option("--warmup", type=int, help="Untimed steps per variant first (at least 2 for training). Default: 3 on a GPU, 2 on the "
+                   "CPU, 5 with --compile.")
 @click.option("--decode-tokens", type=int, help="New tokens per decoding call in infer mode. "
               "Default: 64 on a GPU, 16 on the CPU.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the batches.")

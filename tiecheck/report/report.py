@@ -11,8 +11,12 @@ from tiecheck import __version__
 from tiecheck.findings import SEVERITY_RANK
 from tiecheck.report.text import escape_json, json_text
 
+# 2: the `declared` section; `files` top-level for Hugging Face folders too (was `hf.files`);
+# bytes_wasted_by_duplicates counts the duplicates the report shows, not constant-valued groups;
+# tie candidates' names sorted.
 SCHEMA_VERSION = 2
-# Versions from_dict reads: 2 added the `declared` section (a report of version 1 has none).
+# Versions from_dict reads: version 1 differs in summary fields and sections, not in what a
+# report is rebuilt from.
 READABLE_VERSIONS = (1, 2)
 FAIL_ON = ("error", "warning", "never")
 # Expectations the user stated are always checks, whatever --fail-on says.
@@ -91,7 +95,10 @@ class Report:
         import pandas as pd  # noqa: PLC0415 - pandas costs 0.3 s; only the frame needs it
 
         cols = ["name", "shape", "dtype", "numel", "bytes", "role", "device", "tie_group", "tie_kind", "tied_with"]
-        return pd.DataFrame([{c: t.get(c) for c in cols} for t in self.tensors], columns=cols)
+        frame = pd.DataFrame([{c: t.get(c) for c in cols} for t in self.tensors], columns=cols)
+        # A nullable integer: an untied name has no group, and float64 would print group 0 as 0.0.
+        frame["tie_group"] = frame["tie_group"].astype("Int64")
+        return frame
 
     # -- checks ---------------------------------------------------------------------------
     def failing_findings(self, fail_on: str = "error") -> list[dict[str, Any]]:
