@@ -468,6 +468,7 @@ def _find_max_batch(st: _State, builder: Builder, emit: Callable[[str], None] = 
                 v.scaler = D.grad_scaler(plan.dev, plan.dtype)
         if caught:
             rec.max_batch_status = f"out of memory building the model alone ({caught[0]})"
+            module = v = None  # what was built before the failure must not stay resident for the next variant
             D.cleanup_after_oom(plan.dev)
             _check_released(st, baseline, name)
             continue

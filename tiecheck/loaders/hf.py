@@ -503,7 +503,7 @@ def folder_declarations(files: Subject, cfg: dict, arch: Architecture | None
 
 def _load_weights(kind: str, path: Path, *, key: str | None, trust_pickle: bool) -> Subject:
     if kind == WEIGHTS_INDEX:
-        return load_sharded(path, read_weights_index(path), trust_pickle=trust_pickle)
+        return load_sharded(path, read_weights_index(path), trust_pickle=trust_pickle, restore_aliases=False)
     if kind == SAFETENSORS:
         return load_safetensors_file(path, restore_aliases=False)  # the architecture re-ties
     return load_torch_file(str(path), key=key, trust_pickle=trust_pickle)

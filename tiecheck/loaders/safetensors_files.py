@@ -33,6 +33,7 @@ from tiecheck.loaders.detect import (
     SAFETENSORS,
     TORCH_SAVE,
     TORCH_SAVE_LEGACY,
+    read_weights_index,
     sniff_file,
 )
 from tiecheck.loaders.fileview import FileSpan, file_spans
@@ -369,8 +370,15 @@ def shard_paths(index_path: Path, index: dict) -> dict[str, list[str]]:
     return by_shard
 
 
-def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -> Subject:
-    """A checkpoint split across shards listed by a ``*.index.json`` (safetensors or torch.save)."""
+def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False,
+                 restore_aliases: bool = True) -> Subject:
+    """A checkpoint split across shards listed by a ``*.index.json`` (safetensors or torch.save).
+
+    The alias map of a sharded save (``huggingface_hub.save_torch_state_dict`` writes it into the
+    index's ``metadata``; a shard's ``__metadata__`` may hold one too) is read as for a single file,
+    and its dropped names restored as ties unless ``restore_aliases`` is False (a Hugging Face
+    folder, whose architecture re-ties instead).
+    """
 
     by_shard = shard_paths(index_path, index)
     tensors: dict[str, Any] = {}
@@ -379,12 +387,14 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -
     kinds: set[str] = set()
     notes: list[str] = []
     extra_names: list[str] = []
+    metadata = _index_metadata(index)
     for shard, names in by_shard.items():
         p = index_path.parent / shard
         kind = sniff_file(p)
         kinds.add(kind or "unknown")
         if kind == SAFETENSORS:
             header = read_header(p)
+            metadata.update(header.metadata)
             held, more, held_spans = map_tensors(header)
             spans.update(held_spans)
             notes += more
@@ -416,5 +426,58 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -
     total = sum(f["bytes"] for f in files)
     notes.insert(0, f"{len(tensors)} tensors in {len(files)} shard{'s' if len(files) != 1 else ''} "
                     f"({total:,} bytes) listed by {index_path.name}")
+    aliases, broken = alias_map(metadata, set(tensors))
+    decls, pairs = alias_declarations(aliases, broken, index_path.name)
+    findings = [finding("TC020", f"{index_path.name} says {k} is an alias of {v}, but no shard holds {v}: "
+                                 f"a loader that restores aliases cannot restore {k}", [k, v])
+                for k, v in sorted(broken.items())]
+    stored_copies = None
+    if restore_aliases and aliases:
+        stored_copies = {n: ("file", index_path.name, n) for n in tensors}
+        for dropped, kept in aliases.items():
+            if dropped in tensors:
+                continue  # stored as well: the layers analysis compares the two copies
+            tensors[dropped] = tensors[kept]
+            stored_copies[dropped] = None
+            if kept in spans:
+                spans[dropped] = spans[kept]
+        notes.append(f"the shards' __metadata__ record {len(aliases)} dropped name(s) as aliases of stored "
+                     f"tensors; restored as ties")
     return Subject(tensors=tensors, source=Source(target=str(index_path), format=f"sharded {fmt}", notes=notes),
-                   extra={"files": files}, file_spans=spans)
+                   extra={"files": files}, file_spans=spans, loader_findings=findings, declarations=decls,
+                   declared_pairs=pairs, stored_copies=stored_copies)
+
+
+def _index_metadata(index: dict) -> dict[str, str]:
+    """The string entries of an index's ``metadata`` (where a sharded save records its aliases)."""
+    meta = index.get("metadata")
+    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
+
+
+def stored_names(folder: Path) -> tuple[set[str], dict[str, str]] | None:
+    """The tensor names a folder's safetensors files store, and their alias map (dropped -> kept).
+
+    Reads headers only: the index (``model.safetensors.index.json``) with its shards checked as
+    :func:`shard_paths` checks them, else every ``*.safetensors`` file of the folder. None where the
+    folder holds no safetensors file.
+
+    Raises:
+        TargetError: a malformed index, a shard outside the folder or missing, a broken header.
+    """
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = read_weights_index(index_path)
+        if index is None:
+            raise TargetError(f"{index_path}: not a weights index (no weight_map); save the checkpoint again")
+        files = [folder / shard for shard in shard_paths(index_path, index)]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    metadata = _index_metadata(index) if index_path.is_file() else {}
+    for path in files:
+        header = read_header(path)
+        names.update(header.entries)
+        metadata.update(header.metadata)
+    return names, alias_map(metadata, names)[0]
