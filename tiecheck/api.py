@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 from tiecheck.analyses.candidates import candidate_findings, find_candidates
-from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplicates
+from tiecheck.analyses.duplicates import (
+    duplicate_findings,
+    find_transposed_copies,
+    find_untied_duplicates,
+    transposed_findings,
+)
 from tiecheck.analyses.layers import compare_layers
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, memory_summary, unreachable_bytes
@@ -112,17 +117,22 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     findings += linear_shape_findings(facts, modules, groups)
     findings += device_findings(facts, groups)
 
-    dup_groups, content = [], None
+    dup_groups, copies, content = [], [], None
     if duplicates:
         if any(f.storage is not None for f in facts):
             from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch, only for the content pass
 
             with TorchContentReader(subject.tensors, subject.file_spans) as reader:
                 dup_groups, stats = find_untied_duplicates(facts, reader)
-            content = {"ran": True, **stats.to_dict()}
+                # A duplicate's first name stands for the group in the transposed pass.
+                copies, tstats = find_transposed_copies(facts, reader, skip=[n for g in dup_groups for n in g.names[1:]])
+            content = {"ran": True, **stats.to_dict(),
+                       "transposed": {**tstats.to_dict(), "copies": [c.to_dict() for c in copies]}}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}
         findings += duplicate_findings(dup_groups)
+        # A loader that found a transposed copy from its graph (ONNX) has reported it already.
+        findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])
     else:
         content = {"ran": False, "reason": "skipped (--no-duplicates)"}
     expect_tied = list(expect_tied)
@@ -141,6 +151,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     summary = memory_summary(facts, groups, optimizer)
     findings = sort_findings(findings)
     summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups)
+    summary["bytes_wasted_by_transposed_copies"] = sum(c.nbytes for c in copies)
     summary["bytes_unreachable"] = sum(u["unreachable_bytes"] for u in unreachable)
     summary["findings"] = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
 
