@@ -14,6 +14,7 @@ from tiecheck.analyses.duplicates import (
 from tiecheck.analyses.layers import compare_layers
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, memory_summary, unreachable_bytes
+from tiecheck.analyses.packed import find_packed_heads, packed_head_findings
 from tiecheck.analyses.ties import find_overlaps, find_tie_groups, tie_findings
 from tiecheck.errors import TiecheckError
 from tiecheck.facts import TensorFact, build_facts, build_module_facts
@@ -21,6 +22,7 @@ from tiecheck.findings import SEVERITIES, Finding, finding, sort_findings
 from tiecheck.guard.expect import TieState, tied_findings
 from tiecheck.loaders import load_target
 from tiecheck.loaders.declared import live_model_declarations
+from tiecheck.loaders.packed import packings
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
 
@@ -143,6 +145,10 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         findings += tied_findings(state, expect_tied)
     declared, layer_findings = declared_layer(subject, facts)
     findings += layer_findings
+    # Quantized or packed heads: matched by meaning, since their values cannot be compared.
+    packed = find_packed_heads(facts, packings(subject)) if subject.module is None else []
+    declared["packed_heads"] = [p.to_dict() for p in packed]
+    findings += packed_head_findings(packed, declared["ties"])
     unreachable = stored_unreachable(subject, facts)
     findings += unreachable_findings(unreachable)
     cands = find_candidates(facts)
@@ -152,6 +158,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     findings = sort_findings(findings)
     summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups)
     summary["bytes_wasted_by_transposed_copies"] = sum(c.nbytes for c in copies)
+    summary["bytes_in_packed_head_copies"] = sum(p.head_bytes for p in packed)
     summary["bytes_unreachable"] = sum(u["unreachable_bytes"] for u in unreachable)
     summary["findings"] = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
 

@@ -104,6 +104,13 @@ RULES: dict[str, Rule] = {
              "A stored tensor's storage holds bytes no name reaches (a view saved alone: torch.save writes the "
              "whole storage).",
              "Save a copy of the view (`t.clone()` or `t.contiguous().clone()`) instead of the view itself."),
+        Rule("TC022", "packed-head-copy", "info",
+             "An input embedding and an output projection of one logical shape are stored in different formats "
+             "(a quantized or packed head beside a bf16 embedding): if the model is tied, the head is the "
+             "embedding stored again, and quantization broke the tie. Values in different formats are not compared.",
+             "If the model is tied, keep the head out of quantization (bitsandbytes `llm_int8_skip_modules=[\"lm_head\"]`, "
+             "llama.cpp: drop output.weight so the embedding is used) and save with the tie intact; if it is untied "
+             "on purpose, nothing to do."),
     ]
 }
 

@@ -100,6 +100,7 @@ def _text(r: Report, markdown: bool) -> str:
         out.append("no tensors share memory")
 
     out += _declared_lines(r.declared, h, tablefmt, markdown)
+    out += _packed_lines(r.declared, h, tablefmt)
 
     content = r.content or {}
     shown = [d for d in r.untied_duplicates if not d["constant"]]
@@ -160,6 +161,19 @@ def _declared_lines(declared: dict | None, h, tablefmt: str, markdown: bool) -> 
         kinds = sorted({d["kind"] for d in declared.get("declarations", [])})
         out.append(f"declarations found ({', '.join(kinds)}) name no pair of tensors")
     return out
+
+
+def _packed_lines(declared: dict | None, h, tablefmt: str) -> list[str]:
+    """Embedding/head pairs stored in different formats (quantized heads), matched by meaning."""
+    pairs = (declared or {}).get("packed_heads") or []
+    if not pairs:
+        return []
+    return ["", h(f"Heads stored in another format than the embedding ({len(pairs)})"),
+            tabulate([[p["names"][0], p["formats"][0], p["names"][1], p["formats"][1], shape_text(p["shape"]),
+                       human_bytes(p["head_bytes"])] for p in pairs],
+                     headers=["embedding", "stored as", "head", "stored as", "logical shape", "head bytes"],
+                     tablefmt=tablefmt),
+            "values in different formats are not compared; if the model is tied, the head bytes are a copy"]
 
 
 def _flops_lines(f: dict, tablefmt: str) -> list[str]:
