@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
 from tiecheck.analyses.candidates import candidate_findings, find_candidates
 from tiecheck.analyses.duplicates import (
     duplicate_findings,
@@ -41,6 +42,7 @@ def analyze(
     seq_len: int = 128,
     attention: str = "full",
     inputs: Any = None,
+    base: Any = None,
 ) -> Report:
     """Analyse a model or checkpoint and return its :class:`~tiecheck.report.Report`.
 
@@ -71,6 +73,8 @@ def analyze(
             ``"causal-half"`` (causal attention halved, the FlashAttention convention).
         inputs: the forward's inputs for FLOPs instead of synthesized token ids: a tensor, a
             tuple/list or dict of tensors, or a ``make_inputs(module, batch_size, seq_len)`` callable.
+        base: for a PEFT adapter folder, the base model (anything ``target`` may be) whose ties the
+            adapter is held against: a tied module it saves whole or trains is a TC023 finding.
 
     Returns:
         The frozen, versioned Report: tie groups, untied duplicates, tie candidates, findings,
@@ -84,9 +88,36 @@ def analyze(
     if optimizer not in OPTIMIZERS:
         raise TiecheckError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
     subject = load_target(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+    if base is not None:
+        hold_adapter_against_base(subject, load_target(base, key=key, trust_pickle=trust_pickle,
+                                                       trust_remote_code=trust_remote_code))
     flops_options = dict(batch_size=batch_size, seq_len=seq_len, attention=attention, inputs=inputs) if flops else None
     return analyze_subject(subject, duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied,
                            flops=flops_options)
+
+
+def hold_adapter_against_base(subject: Subject, base: Subject) -> None:
+    """Add to an adapter's subject what it does to its base model's ties (findings, ``extra["peft"]``)."""
+    info = subject.extra.get("peft")
+    if info is None:
+        raise TiecheckError(f"--base holds a PEFT adapter folder (adapter_config.json) against its base model; "
+                            f"{subject.source.target} is a {subject.source.format}")
+    from tiecheck.loaders.peft_adapter import adapter_bytes, copies_equal  # noqa: PLC0415 - reads tensor values with torch
+
+    base_report = analyze_subject(base, duplicates=False)
+    rows = touched_ties(info, base_report.tie_groups, adapter_bytes(subject), copies_equal(subject, base))
+    declared_by = {frozenset(t["names"]): t["by"] for t in (base_report.declared or {}).get("ties", [])
+                   if t["declared"]}
+    # Against the base, module names are checked against its modules, not the adapter's tensors.
+    subject.loader_findings = [f for f in subject.loader_findings if f.code != "TC024"]
+    subject.loader_findings += adapter_findings(rows, declared_by)
+    subject.loader_findings += missing_modules(info, [t["name"] for t in base_report.tensors])
+    info["base"] = {"target": base.source.target, "format": base.source.format,
+                    "tie_groups": [g["names"] for g in base_report.tie_groups]}
+    info["ties_touched"] = rows
+    subject.source.notes.append(f"held against the base model {base.source.target} ({base.source.format}): "
+                                f"{len(base_report.tie_groups)} tie group{'s' if len(base_report.tie_groups) != 1 else ''}"
+                                f", {len(rows)} touched by the adapter")
 
 
 def subject_flops(subject: Subject, *, batch_size: int = 1, seq_len: int = 128, attention: str = "full",
