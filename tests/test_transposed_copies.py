@@ -53,8 +53,8 @@ def test_transposed_copy_is_found_and_near_copy_is_not(target):
     assert t["copies"] == [{"names": ["head.weight", "emb.weight"], "shapes": [[D, V], [V, D]], "dtype": "float32",
                             "bytes_wasted": V * D * 4}]
     # head, near, other against emb (one pairing) and the zeros (another); near's and head's samples
-    # agree with emb's, so both are compared in full; other's do not; the zeros are constant.
-    assert (t["buckets"], t["tensors"], t["sampled"], t["full_comparisons"]) == (2, 6, 6, 3)
+    # agree with emb's, so both are compared in full; other's do not; the zeros are constant: never compared.
+    assert (t["buckets"], t["tensors"], t["sampled"], t["full_comparisons"]) == (2, 6, 6, 2)
     (f,) = [f for f in r.findings if f["code"] == "TC005"]
     assert f["names"] == ["emb.weight", "head.weight"] and f["severity"] == "warning"
     assert f["message"].startswith(f"emb.weight [{V}, {D}] holds the transpose of head.weight [{D}, {V}]")
@@ -95,7 +95,7 @@ def test_rendered_with_what_was_compared(target):
     res = CliRunner().invoke(main, ["inspect", str(target), "--no-flops"])
     assert res.exit_code == 0, res.output
     assert "Transposed copies (1)" in res.output
-    assert "compared 6 2-D tensors in 2 shape pairings (3 in full)" in res.output
+    assert "compared 6 2-D tensors in 2 shape pairings (2 in full)" in res.output
     md = CliRunner().invoke(main, ["inspect", str(target), "--no-flops", "--format", "markdown"]).output
     assert "## Transposed copies (1)" in md
     js = json.loads(CliRunner().invoke(main, ["inspect", str(target), "--no-flops", "--format", "json"]).output)
@@ -105,3 +105,14 @@ def test_rendered_with_what_was_compared(target):
 def test_no_duplicates_skips_the_transposed_pass_too(target):
     r = tiecheck.analyze(str(target), duplicates=False)
     assert "transposed" not in r.content and not [f for f in r.findings if f["code"] == "TC005"]
+
+
+def test_constant_matrices_are_read_once_never_compared(tmp_path):
+    # Three different constants in each of two swapped shapes: each (4, 8) constant has a (8, 4) twin
+    # whose samples agree, but a constant equals any transpose of itself by construction.
+    consts = {f"{s}{i}": torch.full(shape, float(i)) for i in (1, 2, 3) for s, shape in (("a", (4, 8)), ("b", (8, 4)))}
+    t = tiecheck.analyze(str(write_safetensors(tmp_path / "c.safetensors", consts))).content["transposed"]
+    assert (t["copies"], t["full_comparisons"], t["tensors"]) == ([], 0, 6)
+    # each tensor one sample (all its 32 elements); each (4, 8) one constant check (all 32 again), after
+    # which no sample of the other side has a partner left: the (8, 4) ones are never checked.
+    assert t["bytes_read"] == (6 * 32 + 3 * 32) * 4

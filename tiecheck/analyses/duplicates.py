@@ -217,6 +217,15 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
     start_read = reader.bytes_read
     copies: list[TransposedCopy] = []
     compared: set[tuple[str, str]] = set()
+    constant: dict[str, bool] = {}
+
+    def is_constant(name: str, sig: bytes) -> bool:
+        """Constant tensors equal any transpose of the same constant: left out, each read at most once
+        (and only when its sample is uniform), so n zero matrices cost n reads, not n² comparisons."""
+        if name not in constant:
+            constant[name] = _uniform(sig, reps[name][0].itemsize) and reader.is_constant(name)
+        return constant[name]
+
     for (dtype, shape), names in sorted(by_shape.items()):
         swapped = shape[::-1]
         if shape > swapped or (dtype, swapped) not in by_shape:
@@ -226,12 +235,16 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
         stats.tensors += len(names) + (len(others) if swapped != shape else 0)
         by_sig: dict[bytes, list[str]] = defaultdict(list)
         for n in sorted(names):
-            by_sig[reader.sample(n)].append(n)
+            sig = reader.sample(n)
             stats.sampled += 1
+            if not is_constant(n, sig):
+                by_sig[sig].append(n)
         for b in sorted(others):
             sig = reader.sample_transposed(b)
             stats.sampled += 1
-            for a in by_sig.get(sig, []):
+            if sig not in by_sig or is_constant(b, sig):
+                continue
+            for a in by_sig[sig]:
                 if a == b:
                     continue  # a square tensor equal to its own transpose is symmetric, not a copy
                 x, y = (a, b) if swapped != shape else sorted((a, b))  # equality through a transpose is symmetric
@@ -239,8 +252,7 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
                     continue  # a square pair meets itself both ways: compared once
                 compared.add((x, y))
                 stats.full_comparisons += 1
-                if reader.equal_transposed(x, y) and not (_uniform(sig, reps[x][0].itemsize)
-                                                          and reader.is_constant(x)):
+                if reader.equal_transposed(x, y):
                     fx = reps[x][0]
                     copies.append(TransposedCopy(names=(x, y), aliases=(reps[x][1], reps[y][1]),
                                                  shapes=(tuple(fx.shape), tuple(swapped)), dtype=dtype,
