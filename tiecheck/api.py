@@ -187,6 +187,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     findings += unreachable_findings(unreachable)
     findings += candidate_findings(cands, [sum(g.aliases, ()) for g in dup_groups if not g.constant])
 
+    findings = superseded_dropped(findings, layer_findings)
     summary = memory_summary(facts, groups, optimizer, by_identity)
     findings = sort_findings(findings)
     # The duplicates the report shows (TC005): constant-valued groups, such as fresh LayerNorm
@@ -214,6 +215,20 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
 
 # A view saved alone is reported when its storage's unreachable bytes pass both bars.
 UNREACHABLE_MIN_BYTES = 4096
+
+
+# The Hugging Face loader's own checks (TC010 stored twice and different, TC011 config against
+# architecture or files) and the tie candidate (TC006) describe a pair that the declared layer
+# reports with its consequence (TC015-TC017) once declarations are read: one finding per pair,
+# the declared layer's.
+SUPERSEDED_BY_LAYERS = frozenset({"TC006", "TC010", "TC011"})
+
+
+def superseded_dropped(findings: list[Finding], layer_findings: list[Finding]) -> list[Finding]:
+    """``findings`` without the loader checks whose names a declared-layer finding covers."""
+    covered = [set(f.names) for f in layer_findings if f.code in ("TC015", "TC016", "TC017")]
+    return [f for f in findings
+            if not (f.code in SUPERSEDED_BY_LAYERS and any(set(f.names) <= c for c in covered))]
 
 
 def stored_unreachable(subject: Subject, facts: Sequence[TensorFact]) -> list[dict]:

@@ -182,7 +182,7 @@ class TorchContentReader:
         size = t.element_size()
         rng = self._file_range(name)
         if rng is not None:
-            fd, start, _ = rng
+            fd, start, _, _ = rng
             return b"".join(self._pread(fd, size, start + s * size) for s in src)
         vals = t[torch.tensor([k % rows for k in idx]), torch.tensor([k // rows for k in idx])]
         self.bytes_read += len(idx) * size
@@ -197,7 +197,7 @@ class TorchContentReader:
             block = t[:, lo:hi].contiguous()
             self.bytes_read += block.numel() * block.element_size()
             return block
-        fd, start, _ = rng
+        fd, start, _, _ = rng
         rows, cols = t.shape
         size = t.element_size()
         raw = bytearray()
@@ -212,7 +212,7 @@ class TorchContentReader:
             block = t[lo:hi].contiguous()
             self.bytes_read += block.numel() * block.element_size()
             return block
-        fd, start, _ = rng
+        fd, start, _, _ = rng
         cols, size = t.shape[1], t.element_size()
         raw = bytearray(self._pread(fd, (hi - lo) * cols * size, start + lo * cols * size))
         return torch.frombuffer(raw, dtype=t.dtype).reshape(hi - lo, cols)
