@@ -127,8 +127,16 @@ def _logits(folder: Path):
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModelForCausalLM
-    with _quiet_transformers():
-        model = cls.from_pretrained(folder, dtype=torch.float32)
+    from transformers.utils import logging as tlog  # noqa: PLC0415 - same boundary
+
+    bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()  # "Loading weights" bars on stderr are noise around the checks
+    try:
+        with _quiet_transformers():
+            model = cls.from_pretrained(folder, dtype=torch.float32)
+    finally:
+        if bars:
+            tlog.enable_progress_bar()
     model.eval()
     vocab = int(getattr(model.config.get_text_config(), "vocab_size", 0) or 2)
     ids = (torch.arange(FIXED_INPUT) * 7919 % vocab).unsqueeze(0)
