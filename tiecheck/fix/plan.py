@@ -197,10 +197,14 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
     # A folder: transformers re-ties what its architecture declares, so memory is one copy either way.
     in_memory = 0 if layout == HF_FOLDER else 1
     handled: set[frozenset] = set()
+    # The user's word wins over what fix would do by itself for the same pair.
+    asked = {frozenset(p) for p in [*tie, *untie]}
 
     for r in (report.declared or {}).get("ties", []):
         target, source = r["names"]
         pair = frozenset((target, source))
+        if pair in asked:
+            continue
         if r["declared"] and r["stored"] == TWO_EQUAL and _finding(report, "TC016", pair):
             n = r["bytes"]
             plan.drop[target] = source
@@ -245,9 +249,12 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
         if tuple(sa.shape) != tuple(sb.shape) or sa.dtype != sb.dtype:
             raise TiecheckError(f"--tie {a}={b}: {a} is {tuple(sa.shape)} {sa.dtype}, {b} is {tuple(sb.shape)} "
                                 f"{sb.dtype}; only tensors of one shape and dtype can be one tensor")
-        if frozenset((a, b)) in handled or _same_group(report, a, b) and not _stored(subject, a):
+        if _same_group(report, a, b) and not (_stored(subject, a) and _stored(subject, b)):
             plan.unanswered.append(f"--tie {a}={b}: already tied")
             continue
+        if layout == SHARDED:
+            raise TiecheckError(f"--tie {a}={b}: a sharded checkpoint without config.json has no alias that loaders "
+                                f"restore across shards; fix the Hugging Face folder it belongs to")
         if layout == HF_FOLDER:
             r = _row_for(report, a, b)
             if r is None or r["names"][0] != a:
@@ -305,7 +312,6 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
 
 def _alias_words(layout: str) -> str:
     return {SAFETENSORS: "recorded in __metadata__, as safetensors.torch.save_model does",
-            SHARDED: "recorded in its shard's __metadata__",
             HF_FOLDER: "transformers re-ties it on load",
             TORCH: "one storage saved under both names"}[layout]
 

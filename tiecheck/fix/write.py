@@ -188,15 +188,16 @@ def write_sharded(plan: Plan, index_path: Path, dst_folder: Path) -> list[str]:
     new_map = {n: s for n, s in weight_map.items() if n not in plan.drop}
     for n, s in copy.items():
         new_map[n] = weight_map[s]
-    bare = plan.layout == SHARDED  # without a config, aliases are recorded in the kept name's shard
     written, total = [], 0
     for i, shard in enumerate(dict.fromkeys(weight_map.values())):
         header = read_header(index_path.parent / shard)
         drop = {n for n in plan.drop if weight_map.get(n) == shard}
         here_copy = {n: s for n, s in copy.items() if weight_map[s] == shard}
-        aliases = {a: _kept(plan, a) for a in plan.drop if weight_map.get(_kept(plan, a)) == shard} if bare else {}
+        if not set(header.entries) - drop and not here_copy:
+            continue  # every name it held is dropped: the new index names no such shard
+        # No alias map in shards: transformers re-ties from the config (make_plan ties nothing in a bare index).
         sizes = write_safetensors(header, dst_folder / shard, drop=drop, copy=here_copy,
-                                  metadata=_metadata(header, plan, aliases))
+                                  metadata=_metadata(header, plan, {}))
         total += sum(sizes.values())
         written.append(shard)
         if i == 0:
