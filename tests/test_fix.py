@@ -257,7 +257,9 @@ def test_training_checkpoint_optimizer_refused_then_dropped(tmp_path):
 
 
 def test_dry_run_writes_nothing(llama_clone, tmp_path):
-    result = fix(llama_clone, tmp_path / "never", dry_run=True)
+    import tiecheck  # noqa: PLC0415 - the public name, after the package was imported
+
+    result = tiecheck.fix(llama_clone, tmp_path / "never", dry_run=True)
     assert [a.why for a in result.plan.actions] == ["TC016"] and result.checks == []
     assert list(tmp_path.iterdir()) == []
 

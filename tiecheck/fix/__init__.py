@@ -8,6 +8,8 @@ per layout, never in place, a temporary name renamed at the end), verify.py prov
 from __future__ import annotations
 
 import os
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -115,5 +117,20 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     publish(tmp, out)
     return result
 
+
+class _CallableModule(types.ModuleType):
+    """This package, callable as :func:`fix`.
+
+    ``tiecheck.fix`` names both the function and this package: once anything imports the package
+    (the CLI, ``tiecheck.fix.plan``), Python binds the package to the attribute ``tiecheck.fix``,
+    replacing the function ``tiecheck.__getattr__`` handed out. Calling the package calls the
+    function, so ``tiecheck.fix(target, output)`` works whichever the name holds.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FixResult:
+        return fix(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["Action", "Check", "FixResult", "Plan", "fix"]
