@@ -83,7 +83,7 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     out = None if output is None else Path(output)
     if out is None and not dry_run:
         raise TiecheckError("give the corrected copy a path with -o OUTPUT (or plan only with --dry-run)")
-    if out is not None:
+    if out is not None and not dry_run:  # a dry run writes nothing, so any -o is fine
         check_output(path, out, force=force)
     ties, unties = _pairs(tie, parse_tie), _pairs(untie, parse_untie)
 
