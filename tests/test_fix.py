@@ -24,9 +24,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
+import tiecheck
 from tiecheck.cli.main import main
 from tiecheck.errors import TiecheckError
 from tiecheck.fix import fix
+from tiecheck.fix.verify import Check
 from tiecheck.fix.write import PAUSE_ENV
 
 from support.checkpoints import write_safetensors, write_sharded
@@ -257,8 +259,7 @@ def test_training_checkpoint_optimizer_refused_then_dropped(tmp_path):
 
 
 def test_dry_run_writes_nothing(llama_clone, tmp_path):
-    import tiecheck  # noqa: PLC0415 - the public name, after the package was imported
-
+    # the public name, callable after the package was imported
     result = tiecheck.fix(llama_clone, tmp_path / "never", dry_run=True)
     assert [a.why for a in result.plan.actions] == ["TC016"] and result.checks == []
     assert list(tmp_path.iterdir()) == []
@@ -338,3 +339,38 @@ def test_killed_writer_leaves_no_output(tmp_path):
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     with pytest.raises(TiecheckError, match="no alias that loaders restore"):
         fix(index, tmp_path / "tied", tie=["head.weight=layers.0.weight"])
+
+
+def test_untie_in_a_folder_makes_the_config_say_so(llama_clone, tmp_path):
+    tied = tmp_path / "tied"
+    assert fix(llama_clone, tied).verified
+    out = tmp_path / "untied"
+    result = fix(tied, out, untie=["lm_head.weight,model.embed_tokens.weight"])
+    (action,) = result.plan.actions
+    assert (action.kind, action.names, action.disk_saved) == ("untie", ("lm_head.weight", "model.embed_tokens.weight"),
+                                                              -HEAD_BYTES)
+    assert result.verified, result.checks
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "lm_head.weight" in _keys(out / "model.safetensors")
+    assert _checks(result)["transformers logits"] == (True, False)
+
+
+def test_alias_contradicted_by_the_bytes_is_removed(tmp_path):
+    w = torch.randn(32, 8)
+    src = write_safetensors(tmp_path / "a.safetensors", {"emb.weight": w, "head.weight": w * 2},
+                            metadata={"format": "pt", "head.weight": "emb.weight"})
+    out = tmp_path / "b.safetensors"
+    result = fix(src, out)
+    (action,) = result.plan.actions
+    assert (action.kind, action.why, action.disk_saved) == ("declare-untied", "TC015", 0)
+    assert result.verified
+    assert _metadata(out) == {"format": "pt"} and _keys(out) == ["emb.weight", "head.weight"]
+
+
+def test_a_failed_check_leaves_nothing_and_exits_1(llama_clone, tmp_path, monkeypatch):
+    # fix() looks verify up in its package's namespace
+    monkeypatch.setitem(sys.modules["tiecheck.fix"].__dict__, "verify", lambda *a, **k: [Check("planned ties", False, "planted")])
+    out = tmp_path / "fixed"
+    r = _cli(str(llama_clone), "-o", str(out))
+    assert r.exit_code == 1 and "FAIL  planned ties: planted" in r.output and "NOT written" in r.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
