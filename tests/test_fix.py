@@ -353,6 +353,12 @@ def test_untie_in_a_folder_makes_the_config_say_so(llama_clone, tmp_path):
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     assert "lm_head.weight" in _keys(out / "model.safetensors")
     assert _checks(result)["transformers logits"] == (True, False)
+    # two copies stored already, tied by the declaration alone: only the declaration changes
+    both = fix(llama_clone, tmp_path / "declared-only", untie=["model.embed_tokens.weight,lm_head.weight"])
+    (action,) = both.plan.actions
+    assert (action.kind, action.disk_saved, action.detail.startswith("both are stored already")) == ("untie", 0, True)
+    assert both.verified and _checks(both)["planned ties"] == (True, False)
+    assert json.loads((tmp_path / "declared-only" / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_alias_contradicted_by_the_bytes_is_removed(tmp_path):

@@ -196,7 +196,6 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
     plan = Plan(target=str(path), layout=layout)
     # A folder: transformers re-ties what its architecture declares, so memory is one copy either way.
     in_memory = 0 if layout == HF_FOLDER else 1
-    handled: set[frozenset] = set()
     # The user's word wins over what fix would do by itself for the same pair.
     asked = {frozenset(p) for p in [*tie, *untie]}
 
@@ -211,7 +210,6 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
             plan.actions.append(Action("retie", (target, source), "TC016",
                                        f"store {source} once; {target} becomes its alias "
                                        f"({_alias_words(layout)})", disk_saved=n, memory_saved=n * in_memory))
-            handled.add(pair)
         elif r["declared"] and r["stored"] == TWO_DIFFERENT and _finding(report, "TC015", pair):
             by = " ".join(r["by"])
             paths = _tie_paths(subject) if layout == HF_FOLDER else []
@@ -228,7 +226,6 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
                 plan.unanswered.append(f"TC015 {target}, {source}: declared by {by}, which fix cannot rewrite")
                 continue
             plan.actions.append(Action("declare-untied", (target, source), "TC015", detail))
-            handled.add(pair)
 
     for f in (f for f in report.findings if f["code"] == "TC021"):
         if layout != TORCH:
@@ -271,7 +268,6 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
         plan.drop[a] = b
         plan.actions.append(Action("tie", (a, b), "--tie", f"{a} becomes an alias of {b} ({_alias_words(layout)})",
                                    disk_saved=n, memory_saved=n * in_memory, lost=lost))
-        handled.add(frozenset((a, b)))
 
     for a, b in untie:
         _check_name(subject, a, "--untie")
@@ -286,11 +282,16 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
             give, keep = r["names"]
             for p in _tie_paths(subject) or ["tie_word_embeddings"]:
                 plan.config[p] = False
+        n = _nbytes(subject, give)
+        if layout != TORCH and _stored(subject, give) and _stored(subject, keep):
+            # Already two copies in the files (tied only by the declaration): the declaration changes alone.
+            plan.actions.append(Action("untie", (give, keep), "--untie", "both are stored already; the declaration "
+                                       "now says untied", memory_saved=-n * (layout == HF_FOLDER)))
+            continue
         if _stored(subject, give) and layout != TORCH:
             keep, give = give, keep
         plan.copy[give] = keep
         plan.unalias.update(k for k in _alias_keys(subject) if k == give)
-        n = _nbytes(subject, give)
         plan.actions.append(Action("untie", (give, keep), "--untie", f"store {give} as its own copy of {keep}'s bytes "
                                    "(for tools that cannot load aliases)", disk_saved=-n, memory_saved=-n))
 
@@ -303,10 +304,6 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
         plan.drop_keys = list(optimizer_keys)
         plan.actions.append(Action("drop-optimizer", tuple(optimizer_keys), "--drop-optimizer",
                                    "drop the optimizer state: its entries are indexed by parameter position"))
-    for f in report.findings:
-        if f["code"] == "TC005" and frozenset(f["names"]) not in handled:
-            plan.unanswered.append(f"TC005 {', '.join(f['names'])}: equal copies nothing declares one tensor; "
-                                   f"tie them with --tie if they are")
     return plan
 
 

@@ -41,16 +41,17 @@ def _tie_checks(plan: Plan, report) -> list[Check]:
         g = report.group_of(a)
         if g is None or b not in g["names"]:
             missing.append(f"{a}={b}")
-    for a, b in plan.copy.items():
+    untied = [act.names for act in plan.actions if act.kind == "untie"]
+    for a, b in untied:
         g = report.group_of(a)
         if g is not None and b in g["names"]:
             joined.append(f"{a},{b}")
-    n = len(plan.drop) + len(plan.copy)
+    n = len(plan.drop) + len(untied)
     if missing or joined:
         why = "; ".join(filter(None, [f"not tied: {', '.join(missing)}" if missing else "",
                                       f"still tied: {', '.join(joined)}" if joined else ""]))
         return [Check("planned ties", False, why)]
-    return [Check("planned ties", True, f"{len(plan.drop)} tied, {len(plan.copy)} untied as planned" if n
+    return [Check("planned ties", True, f"{len(plan.drop)} tied, {len(untied)} untied as planned" if n
                   else "no tie changed", skipped=not n)]
 
 
