@@ -329,15 +329,20 @@ def compare_content(ra: Report, rb: Report, sa: Subject, sb: Subject) -> TieDiff
         if len(ua[i]["names"]) == 1 and len(hits) > 1 and same:
             found[i] = same
     used_b = {j for hits in found.values() for j, _ in hits}
-    for i, u in enumerate(ua):  # no content match: the first unused B memory of the same shape
+    for i, u in enumerate(ua):  # no content match: unused B memories of the same shape, in order
         if i in found:
             continue
+        hits = []
         for j, v in enumerate(ub):
             if j not in used_b and (v["logical"] == u["shape"] or v["logical"] == u["shape"][::-1]):
-                found[i] = [(j, "shape and position" if v["logical"] == u["shape"] else "transposed shape and "
-                                                                                       "position")]
+                hits.append((j, "shape and position" if v["logical"] == u["shape"] else "transposed shape and position"))
                 used_b.add(j)
-                break
+                # One B memory holding as many names as A's tie is the tie kept; a B memory with
+                # fewer names leaves A's other names to further memories of that shape (copies).
+                if sum(len(ub[k]["names"]) for k, _ in hits) >= len(u["names"]):
+                    break
+        if hits:
+            found[i] = hits
     matches, kept, lost = [], [], []
     for i, u in enumerate(ua):
         hits = found.get(i, [])
