@@ -238,7 +238,8 @@ def test_trainer_clean_run_passes_and_changes_no_loss(tmp_path):
     _, guarded = _train_hf(tmp_path, _gpt2(), [cb])
     _, plain = _train_hf(tmp_path, _gpt2())
     assert [(t.names, t.declared_by) for t in cb.guard.ties] == [
-        (("lm_head.weight", "transformer.wte.weight"), "GPT2LMHeadModel._tied_weights_keys")]
+        (("lm_head.weight", "transformer.wte.weight"),
+         "GPT2LMHeadModel._tied_weights_keys and GPT2LMHeadModel.config tie_word_embeddings (GPT2Config)")]
     assert cb.guard.last_ok == "on_train_begin (after the Trainer set up the model and optimizer)"
     assert len(guarded) == 2 and guarded == plain
 
@@ -269,7 +270,8 @@ def test_trainer_declared_tie_that_never_held_is_reported(tmp_path):
     model = _gpt2()
     model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # separate, config says tied
     with pytest.raises(TieLostError, match=r"held at: when the guard was built \(declared by "
-                                           r"GPT2LMHeadModel._tied_weights_keys; never tied here\)"):
+                                           r"GPT2LMHeadModel._tied_weights_keys and GPT2LMHeadModel.config tie_word_embeddings \(GPT2Config\); "
+                                           r"never tied here\)"):
         _train_hf(tmp_path, model, [hf_callbacks.TiecheckCallback(model)])
 
 
@@ -282,7 +284,8 @@ def test_trainer_on_save_says_the_checkpoint_keeps_the_tie_and_resume_is_checked
     assert [(v.names, v.kept, v.stored) for v in verdicts] == [
         (("lm_head.weight", "transformer.wte.weight"), True, ("transformer.wte.weight",))]
     assert verdicts[0].text == ("kept: transformer.wte.weight stored once; lm_head.weight re-tied on load "
-                                "(GPT2LMHeadModel._tied_weights_keys)")
+                                "(GPT2LMHeadModel._tied_weights_keys and GPT2LMHeadModel.config tie_word_embeddings "
+                                "(GPT2Config))")
     assert cb.guard.last_ok == "on_save at step 2"
 
     resumed = _gpt2()

@@ -31,6 +31,7 @@ from tiecheck.facts import TensorFact, build_facts, fact_of
 from tiecheck.findings import finding
 from tiecheck.guard.expect import assignment
 from tiecheck.loaders import from_module
+from tiecheck.loaders.declared import live_model_declarations
 from tiecheck.loaders.safetensors_files import stored_names
 from tiecheck.report.text import human_bytes
 from tiecheck.testing import TieAssertionError
@@ -119,31 +120,15 @@ def _fact_now(name: str, t) -> TensorFact:
 def declared_ties(model: Any) -> tuple[dict[str, str], str | None]:
     """The ties a Hugging Face model declares, ``{tied name: source name}``, and where they come from.
 
-    Transformers 5 expands ``_tied_weights_keys`` against the config
-    (``get_expanded_tied_weights_keys``); transformers 4 lists the tied names, tied to the input
-    embedding when ``config.tie_word_embeddings`` is true. Anything else declares nothing.
+    Read by the report's own declared layer (:func:`tiecheck.loaders.declared.live_model_declarations`):
+    ``_tied_weights_keys`` as transformers expands it, and the config's ``tie_word_embeddings`` as
+    the class resolves it. A pair whose declarations disagree (a flag in ``text_config`` against
+    the top level, say) is not guarded: the report names the disagreement.
     """
-    cls = type(model).__name__
-    expand = getattr(model, "get_expanded_tied_weights_keys", None)
-    if callable(expand):
-        try:
-            return {str(k): str(v) for k, v in dict(expand(all_submodels=True)).items()}, f"{cls}._tied_weights_keys"
-        except Exception:  # noqa: BLE001 - a model's own expansion may fail; it then declares nothing we can use
-            return {}, None
-    keys = getattr(model, "_tied_weights_keys", None)
-    if isinstance(keys, dict):
-        return {str(k): str(v) for k, v in keys.items()}, f"{cls}._tied_weights_keys"
-    config = getattr(model, "config", None)
-    if not keys or not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "get_input_embeddings"):
-        return {}, None
-    try:
-        source = model.get_input_embeddings().weight
-    except Exception:  # noqa: BLE001 - many models raise NotImplementedError here
-        return {}, None
-    src = next((n for n, p in model.named_parameters() if p is source), None)
-    if src is None:
-        return {}, None
-    return {str(k): src for k in keys if k != src}, f"{cls}._tied_weights_keys with config.tie_word_embeddings"
+    _, pairs, _ = live_model_declarations(model)
+    ties = {p["names"][0]: p["names"][1] for p in pairs if p["declared"] is True and not p.get("conflict")}
+    by = sorted({b for p in pairs if p["names"][0] in ties for b in p["by"]})
+    return ties, " and ".join(by) if by else None
 
 
 def _merge(groups: Iterable[Sequence[str]]) -> list[tuple[str, ...]]:
