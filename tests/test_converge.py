@@ -15,17 +15,10 @@ from click.testing import CliRunner
 pytest.importorskip("tokenizers")
 
 from tiecheck.bench import tokenizer as T  # noqa: E402 - after the skip: needs tokenizers
-from tiecheck.bench.converge import (  # noqa: E402
-    ConvergeConfig,
-    ConvergeResult,
-    mean_interval,
-    paired_intervals,
-    run_converge,
-    separation_step,
-    t_quantile,
-)
+from tiecheck.bench.converge import ConvergeConfig, ConvergeResult, run_converge  # noqa: E402
 from tiecheck.bench.corpus import stdlib_corpus, text_corpus  # noqa: E402
 from tiecheck.bench.render import render_converge  # noqa: E402
+from tiecheck.bench.seeds import mean_interval, paired_intervals, separation_step, t_quantile  # noqa: E402
 from tiecheck.cli import main  # noqa: E402
 from tiecheck.errors import TiecheckError  # noqa: E402
 

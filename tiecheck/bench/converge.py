@@ -38,7 +38,7 @@ import platform
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -47,11 +47,18 @@ from torch import nn
 
 from tiecheck import __version__, models
 from tiecheck.bench import device as D
-from tiecheck.bench import stats
-from tiecheck.bench.corpus import Corpus, load_corpus
+from tiecheck.bench.dataset import Data, prepare_data, seed_batches
 from tiecheck.bench.plan import positive
 from tiecheck.bench.protocol import diverged, identical_weights, param_count, still_tied, tie_groups
-from tiecheck.bench.tokenizer import TokenizerInfo, encode, get_tokenizer
+from tiecheck.bench.seeds import (
+    MIN_SEEDS,
+    Interval,
+    difference_verdict,
+    mean_interval,
+    paired_intervals,
+    ppl_verdict,
+    separation_step,
+)
 from tiecheck.errors import TiecheckError
 
 VARIANTS = ("tied", "untied")
@@ -66,7 +73,6 @@ METRICS: dict[str, tuple[str, str]] = {
     "separated_from_step": ("paired difference outside 0 from step", "step"),
 }
 CONFIDENCE = 0.95
-MIN_SEEDS = 2  # a paired interval needs a spread of differences
 WARMUP_FRACTION, FINAL_LR_FRACTION = 0.1, 0.1
 BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0
 
@@ -107,105 +113,6 @@ class ConvergeConfig:
     max_chars: Optional[int] = None  # the standard library budget
     threads: Optional[int] = None  # None: 1 on the CPU (steady on a shared machine), torch's own on a GPU
     overrides: Mapping[str, Any] = field(default_factory=dict)  # bundled model config changes
-
-
-# ------------------------------------------------------------------------------------------
-# Statistics over seeds
-# ------------------------------------------------------------------------------------------
-
-# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; above, the Cornish-Fisher
-# expansion around the normal quantile is within 1e-3 of the exact value.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t_quantile(df: int) -> float:
-    """t(0.975, df): the half-width multiplier of a two-sided 95% interval."""
-    if df < 1:
-        raise ValueError("a t interval needs at least two values")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A mean over seeds with its 95% Student-t interval."""
-
-    mean: float
-    low: float
-    high: float
-    n: int
-
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
-
-
-def mean_interval(values: Sequence[float]) -> Interval:
-    """Mean of ``values`` (one per seed) and its 95% t interval.
-
-    Args:
-        values: at least two numbers.
-
-    Returns:
-        The Interval; zero width when every value is equal.
-    """
-    x = np.asarray(values, dtype=float)
-    if x.size < MIN_SEEDS:
-        raise ValueError(f"an interval needs at least {MIN_SEEDS} values")
-    half = t_quantile(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    m = float(x.mean())
-    return Interval(m, m - half, m + half, int(x.size))
-
-
-def paired_intervals(tied: np.ndarray, untied: np.ndarray) -> list[Interval]:
-    """Per step, the interval of the per-seed differences tied - untied.
-
-    Args:
-        tied, untied: arrays [seed][step] of the same shape.
-
-    Returns:
-        One Interval per step.
-    """
-    d = np.asarray(tied, dtype=float) - np.asarray(untied, dtype=float)
-    return [mean_interval(d[:, j]) for j in range(d.shape[1])]
-
-
-def separation_step(steps: Sequence[int], diffs: Sequence[Interval]) -> Optional[int]:
-    """The first step from which every later interval excludes 0 on the same side; None if the
-    interval at the last step contains 0.
-
-    Args:
-        steps: the evaluation steps, ascending.
-        diffs: the paired difference's interval at each.
-
-    Returns:
-        The step, or None.
-    """
-    if not diffs or not diffs[-1].excludes_zero():
-        return None
-    side = diffs[-1].mean > 0
-    first = len(diffs) - 1
-    while first > 0 and diffs[first - 1].excludes_zero() and (diffs[first - 1].mean > 0) == side:
-        first -= 1
-    return steps[first]
-
-
-def difference_verdict(d: Interval, what: str, unit: str = "nats") -> str:
-    """The paired difference in the bench's words: a difference only when its interval excludes 0."""
-    ci = f"95% CI {d.low:+.3f} to {d.high:+.3f}, {d.n} seeds"
-    if not d.excludes_zero():
-        return f"{what}: no measurable difference (tied - untied {d.mean:+.3f} {unit}, {ci} contains 0)"
-    word = "lower" if d.mean < 0 else "higher"
-    return f"{what}: tied {word} by {abs(d.mean):.3f} {unit} (tied - untied {d.mean:+.3f}, {ci})"
-
-
-def ppl_verdict(d: Interval) -> str:
-    """The perplexity ratio tied/untied = exp(loss difference), worded by ``stats.verdict``."""
-    # rounds=0: this interval is over seeds, not the round bootstrap that stats' round minimum guards.
-    r = stats.Estimate(math.exp(d.mean), math.exp(d.low), math.exp(d.high), d.n, 0)
-    return stats.verdict(r, "validation perplexity", lower_is_better=False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,47 +194,6 @@ def resolve(cfg: ConvergeConfig) -> Plan:
                 vocab_size=cfg.vocab_size or defaults["vocab_size"], val_seqs=cfg.val_seqs or defaults["val_seqs"],
                 max_chars=cfg.max_chars or defaults["max_chars"], lr=cfg.lr or defaults["lr"], seed=cfg.seed,
                 threads=cfg.threads or (None if D.is_cuda(dev) else 1), quick=cfg.quick)
-
-
-# ------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Data:
-    corpus: Corpus
-    tok: TokenizerInfo
-    train_ids: torch.Tensor  # the training split's ids, one stream
-    val: torch.Tensor  # (val_seqs, seq_len + 1): the held-out sequences, the same for every seed
-
-
-def prepare_data(plan: Plan, cfg: ConvergeConfig) -> Data:
-    """Read the corpus, get the tokenizer, encode both splits, cut the validation sequences."""
-    corpus = load_corpus(cfg.text, plan.max_chars)
-    tok = get_tokenizer(corpus, plan.vocab_size, cfg.tokenizer, cfg.cache)
-    if cfg.tokenizer and cfg.vocab_size and tok.vocab_size != cfg.vocab_size:
-        raise TiecheckError(f"--tokenizer {cfg.tokenizer}: its vocabulary has {tok.vocab_size} tokens, not the "
-                            f"--vocab-size {cfg.vocab_size} asked for; drop --vocab-size or give a matching tokenizer")
-    train_ids = torch.tensor(encode(tok, corpus.train), dtype=torch.long)
-    val_ids = torch.tensor(encode(tok, corpus.val), dtype=torch.long)
-    window = plan.seq_len + 1
-    if train_ids.numel() < 4 * window:
-        raise TiecheckError(f"the training text is {train_ids.numel()} tokens, too little for sequences of "
-                            f"{plan.seq_len}; give more text (--text) or a smaller --seq-len")
-    n_val = min(plan.val_seqs, val_ids.numel() // window)
-    if n_val < 1:
-        raise TiecheckError(f"the validation text is {val_ids.numel()} tokens, less than one sequence of "
-                            f"{window}; give more text (--text) or a smaller --seq-len")
-    val = val_ids[: n_val * window].view(n_val, window)  # consecutive, non-overlapping windows
-    return Data(corpus, tok, train_ids, val)
-
-
-def seed_batches(train_ids: torch.Tensor, plan: Plan, seed: int) -> torch.Tensor:
-    """(steps, batch, seq_len + 1) windows at random starts: a function of ``seed`` alone."""
-    g = torch.Generator().manual_seed(seed)
-    window = plan.seq_len + 1
-    starts = torch.randint(0, train_ids.numel() - window + 1, (plan.steps, plan.batch_size), generator=g)
-    return train_ids[starts[..., None] + torch.arange(window)]
 
 
 # ------------------------------------------------------------------------------------------
