@@ -22,8 +22,10 @@ from tiecheck.facts import TensorFact, build_facts, build_module_facts
 from tiecheck.findings import SEVERITIES, Finding, finding, sort_findings
 from tiecheck.guard.expect import TieState, tied_findings
 from tiecheck.loaders import load_target
+from tiecheck.loaders.content import TorchContentReader
 from tiecheck.loaders.declared import live_model_declarations
 from tiecheck.loaders.packed import packings
+from tiecheck.loaders.peft_adapter import adapter_bytes, copies_equal
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
 
@@ -102,7 +104,6 @@ def hold_adapter_against_base(subject: Subject, base: Subject) -> None:
     if info is None:
         raise TiecheckError(f"--base holds a PEFT adapter folder (adapter_config.json) against its base model; "
                             f"{subject.source.target} is a {subject.source.format}")
-    from tiecheck.loaders.peft_adapter import adapter_bytes, copies_equal  # noqa: PLC0415 - reads tensor values with torch
 
     base_report = analyze_subject(base, duplicates=False)
     rows = touched_ties(info, base_report.tie_groups, adapter_bytes(subject), copies_equal(subject, base))
@@ -156,8 +157,6 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     cands = find_candidates(facts)
     if duplicates:
         if any(f.storage is not None for f in facts):
-            from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch, only for the content pass
-
             with TorchContentReader(subject.tensors, subject.file_spans) as reader:
                 dup_groups, stats = find_untied_duplicates(facts, reader, by_identity)
                 # A duplicate's first name stands for the group in the transposed pass.
@@ -265,8 +264,6 @@ def declared_layer(subject: Subject, facts: Sequence[TensorFact]) -> tuple[dict,
         return {"declarations": decls, "ties": [], "notes": notes}, []
     names = {n for p in pairs for n in p["names"]} & set(subject.tensors)
     if any(f.storage is not None for f in facts if f.name in names):
-        from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch, only for declared pairs
-
         with TorchContentReader(subject.tensors, subject.file_spans) as reader:
             rows, findings = compare_layers(pairs, facts, stored, reader)
     else:

@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tiecheck.api import analyze_subject, stored_unreachable
 from tiecheck.errors import TiecheckError
+from tiecheck.facts import build_facts, build_module_facts
 from tiecheck.fix.plan import OPTIMIZER_KEYS, TORCH, Action, Plan, layout_of, make_plan, parse_tie, parse_untie
 from tiecheck.fix.verify import Check, verify
 from tiecheck.fix.write import check_output, discard, publish, temp_path, write
+from tiecheck.loaders import load_target
+from tiecheck.loaders.torchfile import torch_load
 
 
 @dataclass
@@ -73,9 +77,6 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     Raises:
         TiecheckError: bad input, an output that would touch the input, or a request the format cannot express.
     """
-    from tiecheck.api import analyze_subject, stored_unreachable  # noqa: PLC0415 - the API imports torch
-    from tiecheck.facts import build_facts, build_module_facts  # noqa: PLC0415 - same
-    from tiecheck.loaders import load_target  # noqa: PLC0415 - same
 
     path = Path(target)
     if not path.exists():
@@ -93,8 +94,6 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     layout, weights = layout_of(path)
     torch_obj, opt_keys = None, []
     if layout == TORCH:
-        from tiecheck.loaders.torchfile import torch_load  # noqa: PLC0415 - a loader that needs torch
-
         torch_obj, _ = torch_load(str(path))
         opt_keys = _optimizer_keys(torch_obj)
     plan = make_plan(report, subject, path, tie=ties, untie=unties, drop_optimizer=drop_optimizer,

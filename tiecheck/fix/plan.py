@@ -18,6 +18,9 @@ from typing import Any, Iterable, Sequence
 
 from tiecheck.analyses.layers import TWO_DIFFERENT, TWO_EQUAL
 from tiecheck.errors import TiecheckError
+from tiecheck.loaders import detect
+from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.hf import find_weights
 
 # The layouts a corrected copy can be written in.
 SAFETENSORS, SHARDED, HF_FOLDER, TORCH = "safetensors", "sharded safetensors", "Hugging Face folder", "torch.save"
@@ -104,12 +107,9 @@ def parse_untie(value: str) -> tuple[str, str]:
 
 def layout_of(path: Path) -> tuple[str, Path]:
     """(layout, the weights file) of a target path the writers handle."""
-    from tiecheck.loaders import detect  # noqa: PLC0415 - loaders import torch lazily; keep plan import light
 
     if path.is_dir():
         if detect.is_hf_folder(path):
-            from tiecheck.loaders.hf import find_weights  # noqa: PLC0415 - a loader that needs torch
-
             kind, weights, _ = find_weights(path)
             if kind == detect.WEIGHTS_INDEX and not weights.name.endswith(".safetensors.index.json"):
                 kind = "torch index"
@@ -327,8 +327,6 @@ def _declared_text(report) -> str:
 
 
 def _equal(subject, a: str, b: str) -> bool:
-    from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch
-
     with TorchContentReader(subject.tensors, subject.file_spans) as reader:
         return reader.equal(a, b)
 

@@ -1,7 +1,6 @@
 """Verification of a corrected copy, before ``tiecheck fix`` says done.
 
 Each check is a name, whether it holds, and a line saying what was compared:
-
 * **planned ties**: ``inspect`` of the output ties every pair the plan tied, and no pair it untied;
 * **findings answered**: no finding the plan answered (same code, same names) remains in the output;
 * **tensors byte for byte**: the output holds every name of the input, and each equals its source's
@@ -19,8 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from tiecheck.api import analyze_subject
 from tiecheck.fix.plan import HF_FOLDER, SAFETENSORS, TORCH, Plan
 from tiecheck.fix.write import _kept
+from tiecheck.loaders import load_target
+from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.hf import _quiet_transformers, read_config
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,6 @@ def _range(subject, name: str) -> tuple[str, int] | None:
 
 
 def _byte_checks(plan: Plan, source, out) -> list[Check]:
-    from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch
-
     missing = [n for n in source.tensors if n not in out.tensors]
     extra = [n for n in out.tensors if n not in source.tensors]
     if missing or extra:
@@ -154,8 +157,6 @@ def _byte_checks(plan: Plan, source, out) -> list[Check]:
 
 def _library_checks(plan: Plan, output: Path) -> list[Check]:
     if plan.layout == TORCH:
-        import torch  # noqa: PLC0415 - the torch.save check loads the file
-
         try:
             torch.load(output, weights_only=True, map_location="cpu", mmap=True)
         except Exception as e:  # noqa: BLE001 - any failure is the check failing
@@ -178,10 +179,7 @@ FIXED_INPUT = 16  # tokens of the fixed input the logits are compared on
 
 
 def _logits(folder: Path):
-    import torch  # noqa: PLC0415 - transformers is the [hf] extra
     import transformers  # noqa: PLC0415 - transformers is the [hf] extra
-
-    from tiecheck.loaders.hf import _quiet_transformers, read_config  # noqa: PLC0415 - same boundary
 
     cfg = read_config(folder)
     arch = (cfg.get("architectures") or [None])[0]
@@ -211,7 +209,6 @@ def _transformers_checks(plan: Plan, target: Path, output: Path) -> list[Check]:
         import transformers  # noqa: F401, PLC0415 - the [hf] extra
     except ImportError:
         return [Check(name, True, "transformers is not installed (pip install 'tiecheck[hf]')", skipped=True)]
-    import torch  # noqa: PLC0415 - with transformers
 
     try:
         got = _logits(output)
@@ -234,8 +231,6 @@ def _transformers_checks(plan: Plan, target: Path, output: Path) -> list[Check]:
 
 def verify(plan: Plan, target: Path, output: Path, source) -> list[Check]:
     """Every check of the corrected copy at ``output`` against the input ``source`` Subject."""
-    from tiecheck.api import analyze_subject  # noqa: PLC0415 - the API imports the analyses and loaders
-    from tiecheck.loaders import load_target  # noqa: PLC0415 - same
 
     out = load_target(output)
     report = analyze_subject(out, duplicates=False)

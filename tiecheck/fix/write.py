@@ -23,9 +23,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import torch
+
 from tiecheck.errors import TiecheckError
 from tiecheck.fix.plan import HF_FOLDER, SAFETENSORS, SHARDED, TORCH, Plan
 from tiecheck.loaders.safetensors_files import DTYPES, Header, read_header
+from tiecheck.loaders.torchfile import strip_wrapper_prefixes
 from tiecheck.report.safewrite import UnsafeOutputError, input_paths
 
 CHUNK = 64 << 20  # bytes per copy call: bounds memory on the fallback path
@@ -249,7 +252,6 @@ def write_hf_folder(plan: Plan, folder: Path, weights: Path, dst: Path) -> None:
 
 def _refs(mapping: Mapping, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
     """(dotted name, container, key) of every tensor in a nested mapping, as the loader flattens it."""
-    import torch  # noqa: PLC0415 - only the torch.save writer needs it
 
     for k, v in mapping.items():
         name = f"{prefix}{k}"
@@ -261,9 +263,7 @@ def _refs(mapping: Mapping, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
 
 def write_torch(plan: Plan, obj: Any, state_key: str | None, dst: Path) -> None:
     """The loaded object with the plan's edits, saved with ``torch.save``: one storage under both names."""
-    import torch  # noqa: PLC0415 - only the torch.save writer needs it
 
-    from tiecheck.loaders.torchfile import strip_wrapper_prefixes  # noqa: PLC0415 - a loader that needs torch
 
     state = obj
     for part in (state_key.split(".") if state_key else []):

@@ -15,6 +15,8 @@ from typing import Any
 
 from tiecheck.errors import TargetError
 from tiecheck.findings import finding
+from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.safetensors_files import load_safetensors_file
 from tiecheck.loaders.subject import Source, Subject
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,7 +69,6 @@ def _as_list(value: Any) -> list[str] | str | None:
 
 def load_adapter(path: Path) -> Subject:
     """An adapter folder as a Subject: its saved tensors, its config's declarations, and ``extra["peft"]``."""
-    from tiecheck.loaders.safetensors_files import load_safetensors_file  # noqa: PLC0415 - maps tensors with torch
 
     cfg = read_config(path)
     weights = path / ADAPTER_WEIGHTS
@@ -134,7 +135,6 @@ def adapter_bytes(subject: Subject) -> dict[str, int]:
 
 def copies_equal(subject: Subject, base: Subject) -> dict[str, bool | None]:
     """For each tensor the adapter saves whole: whether it equals the base model's (None: not comparable)."""
-    from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch
 
     out: dict[str, bool | None] = {}
     for name, key in subject.extra.get("peft", {}).get("full_copies", {}).items():
