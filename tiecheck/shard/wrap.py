@@ -348,7 +348,7 @@ def apply_plan(model: nn.Module, units: list[Unit], fully_shard: Callable[..., A
 
 def render_text(check: WrapCheck, target: str) -> str:
     """The plan check as the terminal shows it."""
-    lines = [f"tiecheck plan: {target}, --wrap {check.policy}: {len(check.units)} fully_shard call(s)"]
+    lines = [f"wrap plan of {target}, --wrap {check.policy}: {len(check.units)} fully_shard call(s)"]
     verdict = ("accepted: every tie stays in one unit" if check.accepted else
                f"refused at the first forward: {check.error}" if check.error else
                "unsafe: a tie straddles units and no root unit checks them; the shards train apart")
