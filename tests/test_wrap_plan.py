@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from tiecheck import models
+from tiecheck import analyze, models
 from tiecheck.cli.main import main
 from tiecheck.errors import TiecheckError
 from tiecheck.shard.wrap import Unit, apply_plan, block_paths, check_plan, units_from
@@ -103,6 +103,10 @@ def test_prediction_matches_torch_fully_shard_in_a_one_rank_gloo_group():
             units = units_from(plan)
             predicted = check_plan(model, "x", units=units)
             apply_plan(model, units, fully_shard)
+            # inspect on the wrapped module, before any forward: the straddle read from FSDP2's records
+            tc022 = [f for f in analyze(model).findings if f["code"] == "TC022"]
+            assert [tuple(f["names"]) for f in tc022] == (
+                [("lm_head.weight", "transformer.wte.weight")] if predicted.error else [])
             idx = torch.randint(0, 100, (1, 8))
             try:
                 model(idx, targets=idx).loss.backward()

@@ -51,6 +51,11 @@ class Unit:
         return ", ".join(p or "<root>" for p in self.paths)
 
 
+def attr_path(path: str, var: str = "model") -> str:
+    """``model.transformer.h[0]`` for the module path ``transformer.h.0`` (``model`` for the root)."""
+    return _expr(var, path)
+
+
 def _expr(var: str, path: str) -> str:
     """``model.transformer.h[0]`` for ``transformer.h.0``: the attribute path a user types."""
     out = var
