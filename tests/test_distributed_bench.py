@@ -37,6 +37,8 @@ def test_options_that_cannot_run_on_several_processes_are_refused():
         assert res.exit_code == 2 and "not supported with several processes" in res.output
     res = runner.invoke(main, ["bench", "--nproc-per-node", "2", "--nnodes", "2"])
     assert res.exit_code == 2 and "give --rdzv-endpoint" in res.output
+    res = runner.invoke(main, ["bench", "--nproc-per-node", "2", "--model", "transformer-mini", "--device", "cpu"])
+    assert res.exit_code == 2 and "runs decoders" in res.output and "running on" not in res.output
 
 
 @pytest.mark.distributed

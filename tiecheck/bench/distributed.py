@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tiecheck import __version__, models
 from tiecheck.bench import device as D
 from tiecheck.bench import stats
-from tiecheck.bench.plan import LR, VARIANTS, WEIGHT_DECAY, BenchConfig, order_of_round, resolve
+from tiecheck.bench.plan import LR, VARIANTS, WEIGHT_DECAY, BenchConfig, Plan, order_of_round, resolve
 from tiecheck.bench.protocol import Batch, Variant, make_batches
 from tiecheck.errors import TiecheckError
 from tiecheck.report.text import human_bytes
@@ -205,13 +205,7 @@ def worker(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
 
 def _work(cfg: dict[str, Any], strategy: str, dev: torch.device, backend: str) -> Optional[dict[str, Any]]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    bc = BenchConfig(model=cfg.get("model"), device=str(dev), dtype=cfg.get("dtype"), batch_size=cfg.get("batch_size"),
-                     seq_len=cfg.get("seq_len"), rounds=cfg.get("rounds"), steps=cfg.get("steps"),
-                     warmup=cfg.get("warmup"), seed=cfg.get("seed", 0), threads=cfg.get("threads"),
-                     overrides=cfg.get("overrides") or {}, pad_vocab=cfg.get("pad_vocab"))
-    plan = resolve(bc)
-    if plan.kind != "decoder":
-        raise TiecheckError(f"--model {plan.model}: the multi-process bench runs decoders")
+    plan = _resolve(cfg, dev)
     if plan.threads:
         torch.set_num_threads(plan.threads)
     # Same seed for the weights on every rank; rank-specific batches (data parallelism).
@@ -280,6 +274,18 @@ def _work(cfg: dict[str, Any], strategy: str, dev: torch.device, backend: str) -
     if rank != 0:
         return None
     return _assemble(cfg, plan, strategy, backend, world, dev, groups, params, calls, gathered)
+
+
+def _resolve(cfg: dict[str, Any], dev: torch.device) -> Plan:
+    """The bench's own plan for this rank's device; the multi-process bench runs decoders."""
+    plan = resolve(BenchConfig(model=cfg.get("model"), device=str(dev), dtype=cfg.get("dtype"),
+                               batch_size=cfg.get("batch_size"), seq_len=cfg.get("seq_len"), rounds=cfg.get("rounds"),
+                               steps=cfg.get("steps"), warmup=cfg.get("warmup"), seed=cfg.get("seed", 0),
+                               threads=cfg.get("threads"), overrides=cfg.get("overrides") or {},
+                               pad_vocab=cfg.get("pad_vocab")))
+    if plan.kind != "decoder":
+        raise TiecheckError(f"--model {plan.model}: the multi-process bench runs decoders (gpt and llama presets)")
+    return plan
 
 
 def _probe_loss(v: Variant, batch: Batch) -> float:
@@ -414,6 +420,16 @@ def render(result: dict[str, Any], fmt: str = "table") -> str:
 # The launcher (the parent process)
 # ------------------------------------------------------------------------------------------
 
+def validate(cfg: dict[str, Any], nnodes: str = "1", rdzv_endpoint: Optional[str] = None) -> None:
+    """Reject bad input with one line before any process starts."""
+    if cfg.get("strategy") not in STRATEGIES:
+        raise TiecheckError(f"--strategy {cfg.get('strategy')}: choose one of {', '.join(STRATEGIES)}")
+    if (cfg.get("device") or "auto") in ("auto", "cpu"):
+        _resolve(cfg, torch.device("cpu"))
+    if str(nnodes) != "1" and not rdzv_endpoint:
+        raise TiecheckError(f"--nnodes {nnodes}: several nodes meet at a rendezvous; give --rdzv-endpoint HOST:PORT")
+
+
 def launch(cfg: dict[str, Any], *, nproc_per_node: int, nnodes: str = "1", rdzv_endpoint: Optional[str] = None,
            timeout: Optional[float] = None, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Run :func:`worker` on ``nproc_per_node`` processes through ``torch.distributed.run``; rank 0's result.
@@ -422,10 +438,7 @@ def launch(cfg: dict[str, Any], *, nproc_per_node: int, nnodes: str = "1", rdzv_
     launched processes get their own process group, killed if the launcher is interrupted or
     ``timeout`` (seconds) passes.
     """
-    if cfg.get("strategy") not in STRATEGIES:
-        raise TiecheckError(f"--strategy {cfg.get('strategy')}: choose one of {', '.join(STRATEGIES)}")
-    if str(nnodes) != "1" and not rdzv_endpoint:
-        raise TiecheckError(f"--nnodes {nnodes}: several nodes meet at a rendezvous; give --rdzv-endpoint HOST:PORT")
+    validate(cfg, nnodes, rdzv_endpoint)
     with tempfile.TemporaryDirectory(prefix="tiecheck-dist-") as tmp:
         result_path = os.path.join(tmp, "result.json")
         rdzv = (["--standalone"] if rdzv_endpoint is None and str(nnodes) == "1" else

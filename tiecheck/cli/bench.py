@@ -193,11 +193,12 @@ def _distributed(o: dict) -> None:
                             "drop it, or run without --nproc-per-node")
     _check_writable("-o", o["output"])
     # The boundary where the work starts: the launcher imports torch.distributed.
-    from tiecheck.bench.distributed import launch, render  # noqa: PLC0415
+    from tiecheck.bench.distributed import launch, render, validate  # noqa: PLC0415
 
     cfg = {k: o[k] for k in ("model", "device", "dtype", "batch_size", "seq_len", "rounds", "steps", "warmup",
                              "seed", "threads", "pad_vocab", "strategy")}
     cfg["command"] = _command(click.get_current_context())
+    validate(cfg, o["nnodes"], o["rdzv_endpoint"])
     if not o["progress_lines"]:
         click.echo(f"tiecheck: running on {o['nproc_per_node']} process(es) per node ({o['strategy']})...", err=True)
     result = launch(cfg, nproc_per_node=o["nproc_per_node"], nnodes=o["nnodes"], rdzv_endpoint=o["rdzv_endpoint"])
