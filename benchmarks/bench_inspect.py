@@ -111,3 +111,76 @@ def test_meta_8b_tie_analysis_vs_accelerate(benchmark):
           f"find_tied_parameters {theirs * 1e3:.1f} ms (ratio {ours / theirs:.2f})")
     assert [g["names"] for g in report.tie_groups] == [sorted(theirs_groups[0])]
     assert ours < 0.050
+
+
+# -- many small tensors: cost against tensor count ----------------------------------------------
+
+# 1M tensors: a 90 MB header and a torch.save pickle of a million storages take minutes to build
+# on a 2-core machine; opt in with TIECHECK_BENCH_1M=1.
+COUNTS = [1_000, 10_000, 100_000] + ([1_000_000] if os.environ.get("TIECHECK_BENCH_1M") else [])
+
+# Whole processes: interpreter start, torch import, the work, exit. The child reports its VmHWM.
+_HWM = ("import atexit, sys\n"
+        "def _hwm():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmHWM:'):\n"
+        "            print('VmHWM', int(line.split()[1]) // 1024, file=sys.stderr)\n"
+        "atexit.register(_hwm)\n")
+LIST_SAFETENSORS = ("import torch\nfrom safetensors import safe_open\n"
+                    "with safe_open({path!r}, 'pt') as f:\n"
+                    "    rows = [(k, f.get_slice(k).get_shape()) for k in f.keys()]\n")
+LIST_TORCH = ("import torch\n"
+              "sd = torch.load({path!r}, mmap=True, weights_only=True)\n"
+              "rows = [(k, tuple(v.shape)) for k, v in sd.items()]\n")
+INSPECT_CLI = ("import sys\nsys.argv = ['tiecheck', 'inspect', {path!r}]\n"
+               "from tiecheck.cli import main\n"
+               "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n")
+
+
+def _whole_process(code: str) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _HWM + code], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr)
+    hwm = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("VmHWM")]
+    return wall, hwm[-1]
+
+
+@pytest.fixture(scope="module")
+def many_tensor_files(tmp_path_factory):
+    """For each count: the same small tensors as one safetensors file and as one torch.save file."""
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    folder = tmp_path_factory.mktemp("many")
+    files = {}
+    for n in COUNTS:
+        # MoE-like names; 4 fp32 values each, all distinct so the content pass compares nothing.
+        sd = {f"model.layers.{i // 256}.mlp.experts.{i % 256}.w": torch.full((4,), float(i)) for i in range(n)}
+        st, pt = folder / f"t{n}.safetensors", folder / f"t{n}.pt"
+        safetensors_torch.save_file(sd, st)
+        torch.save(sd, pt)
+        files[n] = (st, pt)
+        del sd
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch.save"])
+def test_inspect_many_tensors_vs_listing(benchmark, many_tensor_files, fmt):
+    rows = []
+    for n, (st, pt) in many_tensor_files.items():
+        path = str(st if fmt == "safetensors" else pt)
+        listing = (LIST_SAFETENSORS if fmt == "safetensors" else LIST_TORCH).format(path=path)
+        base_s, base_mib = _whole_process(listing)
+        ours_s, ours_mib = _whole_process(INSPECT_CLI.format(path=path))
+        rows.append((n, base_s, base_mib, ours_s, ours_mib))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info["rows"] = rows
+    baseline = "safe_open listing" if fmt == "safetensors" else "torch.load(mmap) listing"
+    print(f"\n{fmt}: tensors | {baseline} s, peak MiB | tiecheck inspect s, peak MiB | time ratio")
+    for n, base_s, base_mib, ours_s, ours_mib in rows:
+        print(f"{n:>9,} | {base_s:7.2f} s {base_mib:5d} MiB | {ours_s:7.2f} s {ours_mib:5d} MiB | "
+              f"{ours_s / base_s:5.2f}x")
+    n, base_s, _, ours_s, ours_mib = next(r for r in rows if r[0] == 100_000)
+    assert ours_s < 2 * base_s
+    assert ours_mib < 400

@@ -28,9 +28,10 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$root/benchmarks/results}"
 py="${PYTHON:-python3}"
 # Time limits in seconds, each enforced (a step that ignores its SIGTERM is killed 5-10 s later):
-# 470 s (7 min 50 s) in all at most, grace included.
-LIMIT_DETECT=30 LIMIT_PREFLIGHT=45 LIMIT_DEFAULT=75 LIMIT_COMPILE=300
-total=$((LIMIT_DETECT + LIMIT_PREFLIGHT + LIMIT_DEFAULT + LIMIT_COMPILE + 20))
+# 470 s (7 min 50 s) in all at most: the four steps, their kill grace (5 + 5 + 10 + 10 s) and
+# 10 s each for the two probes (nvidia-smi, matplotlib).
+LIMIT_DETECT=30 LIMIT_PREFLIGHT=45 LIMIT_DEFAULT=75 LIMIT_COMPILE=270 LIMIT_PROBE=10
+total=$((LIMIT_DETECT + LIMIT_PREFLIGHT + LIMIT_DEFAULT + LIMIT_COMPILE + 30 + 2 * LIMIT_PROBE))
 
 # Checked before anything is written: on a machine without a GPU the whole output is one line.
 gpu="$(cd / && timeout -k 5 "$LIMIT_DETECT" "$py" -c 'import re, torch; assert torch.cuda.is_available(); print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))' 2>/dev/null)" \
@@ -46,9 +47,9 @@ cd "$out"  # never the source tree: `python -m` would put its tiecheck/ first on
 
 echo "gpu_check: estimate: about 4-6 minutes on one H200; at most $total s ($((total / 60)) min $((total % 60)) s):" \
      "GPU check ${LIMIT_DETECT} s, preflight ${LIMIT_PREFLIGHT} s, default run ${LIMIT_DEFAULT} s," \
-     "compiled max-batch run ${LIMIT_COMPILE} s (two compilations per variant), 20 s kill grace"
+     "compiled max-batch run ${LIMIT_COMPILE} s (two compilations per variant), 30 s kill grace, 20 s probes"
 echo "gpu_check: checkout $root, results in $out"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
+timeout -k 2 "$LIMIT_PROBE" nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || true
 timeout -k 5 "$LIMIT_PREFLIGHT" "$py" -c '
 import sys, torch, tiecheck, tiecheck.models, tiecheck.bench
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
@@ -56,7 +57,7 @@ print("tiecheck from", tiecheck.__file__, "models from", tiecheck.models.__file_
 ' || { echo "gpu_check: preflight failed: tiecheck does not import from $root; nothing run"; exit 1; }
 
 plot=0
-"$py" -c 'import matplotlib' 2>/dev/null && plot=1
+timeout -k 2 "$LIMIT_PROBE" "$py" -c 'import matplotlib' 2>/dev/null && plot=1
 
 status=0
 bench() {  # NAME LIMIT_SECONDS OPTIONS...

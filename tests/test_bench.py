@@ -499,7 +499,8 @@ def test_cli_writes_csv_and_plot(tmp_path):
     result = CliRunner().invoke(main, [*TINY_CLI, "--model", "llama-mini", "--format", "csv", "-o", str(out),
                                        "--plot", str(fig)])
     assert result.exit_code == 0, result.output
-    assert result.output == ""  # results went to the file; no progress bar without a terminal
+    # results went to the file, said on stderr; no progress bar without a terminal
+    assert result.stdout == "" and result.stderr == f"tiecheck: wrote {out}\n"
     text = out.read_text()
     assert ("# command: tiecheck bench --model llama-mini --device cpu --batch-size 2 --seq-len 16 --rounds 2 "
             "--steps 1 --format csv --output") in text

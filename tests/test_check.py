@@ -63,7 +63,7 @@ def test_expect_update_then_check(project):
                           f"  error   TC009 expected {HEAD}, {EMB} to be tied (ties.json): {HEAD} shares memory "
                           f"with nothing (equal values to {EMB} in separate memory)")
     assert RETIE in out
-    assert "note    TC005" in out  # the duplicate is shown, but only fails with --fail-on warning
+    assert "error   TC005" in out  # the embedding and its head hold equal copies: a broken tie, an error
 
 
 def test_update_rewrites_only_when_ties_change(project):
@@ -72,7 +72,7 @@ def test_update_rewrites_only_when_ties_change(project):
     code, out, _ = run("lm.py:tied", "--expect", "ties.json", "--update")
     assert code == 0 and "snapshot unchanged ties.json" in out and "0 snapshots written" in out
     assert (project / "ties.json").read_bytes() == before
-    code, out, _ = run("lm.py:broken", "--expect", "ties.json", "--update")
+    code, out, _ = run("lm.py:untied", "--expect", "ties.json", "--update")
     assert code == 0 and "snapshot updated ties.json" in out
     assert json.loads((project / "ties.json").read_text())["tie_groups"] == []
 
@@ -109,9 +109,9 @@ def test_update_never_writes_over_a_spec_file(project):
 def test_expect_tied_option_and_fail_on(project):
     code, out, _ = run("lm.py:broken", "--expect-tied", f"{EMB},{HEAD}")
     assert code == 1 and "TC009" in out and RETIE in out
-    assert run("lm.py:broken")[0] == 0  # TC005 is a warning; the default fail-on is error
-    code, out, _ = run("lm.py:broken", "--fail-on", "warning")
-    assert code == 1 and "warning TC005" in out
+    # The embedding and its head hold equal copies: the architecture's tie is broken, an error.
+    code, out, _ = run("lm.py:broken")
+    assert code == 1 and "error   TC005" in out
 
 
 @pytest.mark.parametrize("args, why", [
@@ -190,9 +190,9 @@ target = "lm.py:broken"
     code, out, _ = run()
     assert code == 1
     assert f"TC013 expected {EMB}, {HEAD} not to be tied: {HEAD}, {EMB} share memory (same_parameter)" in out
-    assert "lm.py:broken: FAILED" in out and "warning TC005" in out  # fail-on = "warning" from the table
-    code, out, _ = run("lm.py:broken", "--fail-on", "error")  # the command line wins
-    assert code == 0 and "note    TC005" in out
+    assert "lm.py:broken: FAILED" in out and "error   TC005" in out
+    code, out, _ = run("lm.py:broken", "--fail-on", "never")  # the command line wins
+    assert code == 0 and "lm.py:broken: ok" in out
 
 
 def test_policy_key_and_cli_target_outside_policy(project):
@@ -206,7 +206,7 @@ tied = [["tok_emb.weight", "head.weight"]]
     code, out, _ = run()
     assert code == 1 and "TC009" in out
     # A target the policy does not list still gets the global fail-on (default error): clean.
-    assert run("lm.py:broken")[0] == 0
+    assert run("lm.py:untied")[0] == 0
 
 
 def test_config_option_and_no_config(project, tmp_path_factory):
@@ -272,7 +272,7 @@ def test_github_annotations(project):
     assert lines[1].startswith(f"::error file=snapshots/lm.json,title=TC009::lm.py:broken: expected {HEAD}, {EMB} "
                                f"to be tied (snapshots/lm.json): ")
     assert "%0Ahint: they hold equal values in separate memory" in lines[1]
-    assert lines[2].startswith(f"::warning title=TC005::lm.py:broken: {HEAD}, {EMB} hold equal float32")
+    assert lines[2].startswith(f"::error title=TC005::lm.py:broken: {HEAD}, {EMB} hold equal float32")
     assert lines[-1] == "tiecheck check: 1 target checked, 1 failed"
     # A rule from the command line has no file to point at.
     code, out, _ = run("lm.py:broken", "--no-config", "--expect-tied", f"{EMB},{HEAD}", "--format", "github")
@@ -291,8 +291,8 @@ def test_json_format(project):
     assert code == 1
     (target,) = json.loads(out)["targets"]
     assert target["target"] == "lm.py:broken" and target["status"] == "failed"
-    assert [f["code"] for f in target["failing"]] == ["TC009"]
-    assert [f["code"] for f in target["warnings"]] == ["TC005"]
+    assert [f["code"] for f in target["failing"]] == ["TC009", "TC005"]
+    assert [f["code"] for f in target["warnings"]] == []
 
 
 def test_inspect_expect_tied_hint_names_the_cause(project):

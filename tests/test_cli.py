@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -79,7 +80,7 @@ def test_expect_tied(runner, tied_file, broken_file):
 def test_output_file_and_never_over_the_input(runner, tied_file, tmp_path):
     out = tmp_path / "report.json"
     res = runner.invoke(main, ["inspect", str(tied_file), "--format", "json", "-o", str(out)])
-    assert res.exit_code == 0 and res.output == ""
+    assert res.exit_code == 0 and res.stdout == "" and res.stderr == f"tiecheck: wrote {out}\n"
     assert json.loads(out.read_text())["schema_version"] == 2
     before = tied_file.read_bytes()
     res = runner.invoke(main, ["inspect", str(tied_file), "-o", str(tied_file)])
@@ -117,6 +118,10 @@ def test_bad_input_is_one_line_and_exit_2(runner, tmp_path, target):
     assert len(lines) == 1 and lines[0].startswith("tiecheck: error: ") and str(tmp_path) in lines[0]
     debug = runner.invoke(main, ["inspect", str(tmp_path / target), "--debug"])
     assert debug.exit_code == 2
+    # --debug adds the traceback (ending in the error raised) before the same one-line error.
+    assert debug.output.startswith("Traceback (most recent call last):\n")
+    assert re.search(r"^tiecheck\.errors\.\w+Error: ", debug.output, re.M)
+    assert debug.output.strip().splitlines()[-1] == lines[0]
 
 
 def test_real_subprocess(tied_file, tmp_path):

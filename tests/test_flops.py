@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from tiecheck import models  # the project's own subpackage: a packaging break must fail, not skip
 from tiecheck.flops import (
     PARTS,
     FlopsResult,
@@ -514,7 +515,6 @@ def test_result_dict_schema_is_json_serialisable():
 
 # --- the bundled reference models -------------------------------------------------------------
 
-models = pytest.importorskip("tiecheck.models")
 
 
 def linear_weights(model: nn.Module) -> int:

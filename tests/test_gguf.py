@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import tiecheck
@@ -189,3 +190,19 @@ def test_diff_against_quantized_gguf_matches_by_shape_and_position(tmp_path):
     (g,) = d.kept
     assert g["in_b"] == [{"names": ["output.weight", "token_embd.weight"], "method": "shape and position",
                           "bytes": V * (D // 32 * 34)}]
+
+
+def test_bf16_tensors_keep_their_dtype_and_count(tmp_path):
+    emb = torch.randn(V, D, dtype=torch.bfloat16)
+    raw = emb.view(torch.uint16).numpy().view(np.uint8).reshape(V, D * 2)
+    w = GGUFWriter(str(tmp_path / "bf16.gguf"), "llama")
+    w.add_tensor("token_embd.weight", raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = tiecheck.analyze(str(tmp_path / "bf16.gguf"), duplicates=False)
+    row = next(t for t in r.tensors if t["name"] == "token_embd.weight")
+    assert row["dtype"] == "bfloat16" and row["shape"] == [V, D]
+    assert r.summary["params_counted"] == 2 * V * D  # the embedding and llama.cpp's tied output
+    assert r.extra["gguf"]["tensor_types"]["token_embd.weight"]["quantized"] is False

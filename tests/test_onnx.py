@@ -270,3 +270,12 @@ def test_transposed_copy_in_external_data_is_compared_with_pread(tmp_path, chang
     assert pairs == ([] if changed else [{"embedding": "E", "embedding_nodes": ["emb"], "head": "H",
                                            "head_node": "head", "head_op": "MatMul", "via": [], "shape": [8, 4],
                                            "dtype": "float32", "relation": "transposed copy", "bytes_copied": 128}])
+
+
+@pytest.mark.parametrize("location", [".", "sub"])
+def test_external_data_that_is_a_folder_is_one_line(tmp_path, location):
+    (tmp_path / "sub").mkdir()
+    path = _model_with_external(tmp_path, location)
+    assert "is not a regular file" in _error(path)
+    with pytest.raises(tiecheck.TiecheckError, match="is not a regular file"):
+        tiecheck.analyze(str(path))

@@ -16,6 +16,7 @@ from tiecheck.testing import (
     BrokenTieError,
     FindingsError,
     NotTiedError,
+    SnapshotErrorsError,
     SnapshotMismatchError,
     SnapshotMissingError,
     TieAssertionError,
@@ -133,7 +134,7 @@ def test_broken_ties_reported_with_fix():
         assert_no_broken_ties(tm.broken())
     msg = str(exc.value)
     assert msg.startswith("1 broken tie in SnapshotLM:")
-    assert f"[TC005] warning: {HEAD}, {EMB} hold equal float32 [64, 16] content in separate memory" in msg
+    assert f"[TC005] error: {HEAD}, {EMB} hold equal float32 [64, 16] content in separate memory" in msg
     assert RETIE in msg
     with pytest.raises(BrokenTieError, match=r"\[TC002\]"):
         assert_no_broken_ties(tm.distinct())
@@ -186,7 +187,9 @@ def test_snapshot_mismatch_shows_expected_actual_and_hint(tmp_path):
     assert f"  expected:\n    [same_parameter] {HEAD}, {EMB}\n  actual:\n    (no tie groups)\n" in msg
     assert "[TC009]" in msg and RETIE in msg
     assert "update=True" in msg
-    assert match_snapshot(tm.broken(), path, update=True) == "updated"
+    with pytest.raises(SnapshotErrorsError, match=r"not writing the snapshot .*: TinyLM has 1 error finding"):
+        match_snapshot(tm.broken(), path, update=True)  # a broken tie is no state to record unasked
+    assert match_snapshot(tm.broken(), path, update=True, accept_errors=True) == "updated"
     assert json.loads(path.read_text())["tie_groups"] == []
     assert_ties_match_snapshot(tm.broken(), path)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from tiecheck.analyses.candidates import candidate_findings, find_candidates
+from tiecheck.analyses.candidates import candidate_findings, find_candidates, must_tie_pairs
 from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplicates
 from tiecheck.analyses.layers import compare_layers
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, memory_summary, unreachable_bytes
-from tiecheck.analyses.ties import find_overlaps, find_tie_groups, tie_findings
+from tiecheck.analyses.ties import find_overlaps, find_tie_groups, group_by_identity, tie_findings
 from tiecheck.errors import TiecheckError
 from tiecheck.facts import TensorFact, build_facts, build_module_facts
 from tiecheck.findings import SEVERITIES, Finding, finding, sort_findings
@@ -105,24 +105,27 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
                     expect_tied: Iterable[Sequence[str]] = (), flops: dict | None = None) -> Report:
     modules = build_module_facts(subject.module)
     facts = build_facts(subject, modules)
-    groups = find_tie_groups(facts)
-    overlaps = find_overlaps(facts)
+    # Grouped once and shared: every analysis below needs the same identity index.
+    by_identity = group_by_identity(facts)
+    groups = find_tie_groups(facts, by_identity)
+    overlaps = find_overlaps(facts, by_identity)
     findings: list[Finding] = list(subject.loader_findings)
     findings += tie_findings(groups, overlaps)
     findings += linear_shape_findings(facts, modules, groups)
     findings += device_findings(facts, groups)
 
     dup_groups, content = [], None
+    cands = find_candidates(facts)
     if duplicates:
         if any(f.storage is not None for f in facts):
             from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch, only for the content pass
 
             with TorchContentReader(subject.tensors, subject.file_spans) as reader:
-                dup_groups, stats = find_untied_duplicates(facts, reader)
+                dup_groups, stats = find_untied_duplicates(facts, reader, by_identity)
             content = {"ran": True, **stats.to_dict()}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}
-        findings += duplicate_findings(dup_groups)
+        findings += duplicate_findings(dup_groups, must_tie_pairs(cands, config_ties(subject)))
     else:
         content = {"ran": False, "reason": "skipped (--no-duplicates)"}
     expect_tied = list(expect_tied)
@@ -135,12 +138,13 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     findings += layer_findings
     unreachable = stored_unreachable(subject, facts)
     findings += unreachable_findings(unreachable)
-    cands = find_candidates(facts)
-    findings += candidate_findings(cands)
+    findings += candidate_findings(cands, [sum(g.aliases, ()) for g in dup_groups if not g.constant])
 
-    summary = memory_summary(facts, groups, optimizer)
+    summary = memory_summary(facts, groups, optimizer, by_identity)
     findings = sort_findings(findings)
-    summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups)
+    # The duplicates the report shows (TC005): constant-valued groups, such as fresh LayerNorm
+    # weights, are equal by construction and waste nothing a tie could save.
+    summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups if not g.constant)
     summary["bytes_unreachable"] = sum(u["unreachable_bytes"] for u in unreachable)
     summary["findings"] = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
 
@@ -204,6 +208,14 @@ def declared_layer(subject: Subject, facts: Sequence[TensorFact]) -> tuple[dict,
     else:
         rows, findings = compare_layers(pairs, facts, stored, None)
     return {"declarations": decls, "ties": [r.to_dict() for r in rows], "notes": notes}, findings
+
+
+def config_ties(subject: Subject) -> bool | None:
+    """``tie_word_embeddings`` from the subject's config (a Hugging Face folder's, or a module's
+    ``.config``), or None where nothing says."""
+    cfg = subject.config if subject.config is not None else getattr(subject.module, "config", None)
+    value = cfg.get("tie_word_embeddings") if isinstance(cfg, dict) else getattr(cfg, "tie_word_embeddings", None)
+    return value if isinstance(value, bool) else None
 
 
 def tensor_rows(facts: Sequence[TensorFact], groups) -> list[dict]:

@@ -43,7 +43,8 @@ RULES: dict[str, Rule] = {
              "Place tied modules on one device (e.g. keep the embedding and the output head together), "
              "or untie deliberately."),
         Rule("TC005", "untied-duplicate", "warning",
-             "Tensors have equal dtype, shape and content but separate memory: a broken tie or a wasted copy.",
+             "Tensors have equal dtype, shape and content but separate memory: a broken tie or a wasted copy "
+             "(an error where the architecture ties them: an input embedding and its output projection).",
              "Re-tie after loading (`model.tie_weights()`, or assign the Parameter again after "
              "`load_state_dict(assign=True)`), or drop the copy."),
         Rule("TC006", "tie-candidate", "info",

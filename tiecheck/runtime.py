@@ -31,8 +31,7 @@ from tiecheck.facts import TensorFact, build_facts, fact_of
 from tiecheck.findings import finding
 from tiecheck.guard.expect import assignment
 from tiecheck.loaders import from_module
-from tiecheck.loaders.safejson import parse_json
-from tiecheck.loaders.safetensors_files import read_header
+from tiecheck.loaders.safetensors_files import stored_names
 from tiecheck.report.text import human_bytes
 from tiecheck.testing import TieAssertionError
 
@@ -335,26 +334,6 @@ class SavedTie:
     text: str
 
 
-def _safetensors_names(folder: Path) -> tuple[set[str], dict[str, str]] | None:
-    """Names stored in a folder's safetensors files and their alias map (``__metadata__`` name -> kept name)."""
-    index = folder / "model.safetensors.index.json"
-    files = sorted({folder / f for f in _weight_map(index).values()}) if index.exists() else \
-        sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
-    names: set[str] = set()
-    aliases: dict[str, str] = {}
-    for path in files:
-        header = read_header(path)
-        names.update(header.entries)
-        aliases.update({k: v for k, v in header.metadata.items() if v in header.entries})
-    return names, aliases
-
-
-def _weight_map(index: Path) -> dict[str, str]:
-    return dict(parse_json(index.read_bytes()).get("weight_map") or {})
-
-
 def saved_ties(folder: str | Path, ties: Iterable[GuardedTie]) -> list[SavedTie] | None:
     """Whether the safetensors checkpoint in ``folder`` keeps each tie; None without safetensors files.
 
@@ -363,7 +342,11 @@ def saved_ties(folder: str | Path, ties: Iterable[GuardedTie]) -> list[SavedTie]
     (``from_pretrained`` re-ties the rest). Both names stored means two copies on disk: a load
     re-ties them only where the config declares the tie.
     """
-    found = _safetensors_names(Path(folder))
+    try:
+        found = stored_names(Path(folder))
+    except TiecheckError as e:  # a checkpoint tiecheck cannot read must not stop the training run
+        warnings.warn(TieLostWarning(f"checkpoint {folder}: cannot tell whether it keeps the ties: {e}"), stacklevel=2)
+        return None
     if found is None:
         return None
     names, aliases = found

@@ -80,6 +80,10 @@ class SnapshotMissingError(TieAssertionError):
     """There is no snapshot to compare with yet."""
 
 
+class SnapshotErrorsError(TieAssertionError):
+    """An update would record a state that has error findings (a broken tie, distinct Parameters)."""
+
+
 class TieLostError(TieAssertionError):
     """A tie of the model built on meta did not survive materialisation (``lost`` lists them)."""
 
@@ -285,8 +289,40 @@ def assert_no_findings(model: Any, severity: str = "warning", *, ignore: Iterabl
     raise FindingsError("\n".join(lines), found)
 
 
+def error_findings(report: "Report") -> list[dict]:
+    """The report's findings of severity error: the state a snapshot must not record unawares."""
+    return [f for f in report.findings if f["severity"] == "error"]
+
+
+def refuse_error_state(model: Any, label: str, how_to_accept: str) -> list[dict]:
+    """Raise SnapshotErrorsError when the target has error findings; return them otherwise (none).
+
+    A snapshot records what the ties are, not whether they are right: writing one over a broken
+    tie would make every later run pass with the tie broken.
+
+    Args:
+        model: what the snapshot describes (anything ``tiecheck.analyze`` accepts, or a Report).
+        label: the snapshot's path as messages show it.
+        how_to_accept: how to record the state anyway, in the caller's own terms.
+
+    Returns:
+        An empty list (the state has no error findings).
+    """
+    __tracebackhide__ = True
+    report = report_of(model)
+    errors = error_findings(report)
+    if errors:
+        n = len(errors)
+        lines = [f"not writing the snapshot {label}: {_target(report)} has {n} error finding{'s' if n > 1 else ''}:"]
+        lines += _finding_lines(errors)
+        lines.append(f"  fix the model, or record this state anyway: {how_to_accept}")
+        raise SnapshotErrorsError("\n".join(lines), errors)
+    return errors
+
+
 def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False, label: str | None = None,
-                   how_to_create: str | None = None, how_to_update: str | None = None) -> str:
+                   how_to_create: str | None = None, how_to_update: str | None = None,
+                   accept_errors: bool = False, how_to_accept: str | None = None) -> str:
     """Compare the target's tie groups with the snapshot at ``path``, or write it when ``update``.
 
     Args:
@@ -297,6 +333,8 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
         label: the path as messages show it (default: ``path``).
         how_to_create, how_to_update: the sentences that end the messages, so each front end (the
             pytest plugin, ``tiecheck check``) says how to fix it in its own terms.
+        accept_errors: let an update record a state with error findings (a broken tie); without
+            it such an update is refused.
 
     Returns:
         ``"created"``, ``"updated"`` or ``"unchanged"`` in update mode; ``"matched"`` otherwise.
@@ -304,11 +342,15 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
     Raises:
         SnapshotMissingError: no snapshot yet and ``update`` is false.
         SnapshotMismatchError: the tie groups differ, with a line per difference.
+        SnapshotErrorsError: an update of a state with error findings, without ``accept_errors``.
     """
     __tracebackhide__ = True
 
     path = Path(path)
     label = label or str(path)
+    if update and not accept_errors:
+        refuse_error_state(model, label, how_to_accept or f"assert_ties_match_snapshot(model, {str(path)!r}, "
+                                                          f"update=True, accept_errors=True)")
     report = report_of(model, duplicates=False)
     if update:
         protect = (os.fspath(model),) if isinstance(model, (str, os.PathLike)) else ()
@@ -335,7 +377,8 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
     raise SnapshotMismatchError("\n".join(lines), [f.to_dict() for f in findings])
 
 
-def assert_ties_match_snapshot(model: Any, snapshot: str | os.PathLike, *, update: bool = False) -> None:
+def assert_ties_match_snapshot(model: Any, snapshot: str | os.PathLike, *, update: bool = False,
+                               accept_errors: bool = False) -> None:
     """The tie groups (names and kinds) equal those stored in the JSON file ``snapshot``.
 
     Kinds ``same_parameter`` (a live module) and ``shared_storage`` (a file) match each other:
@@ -346,12 +389,13 @@ def assert_ties_match_snapshot(model: Any, snapshot: str | os.PathLike, *, updat
             bundled model name or a ``file.py:factory`` spec.
         snapshot: the JSON file holding the expected tie groups.
         update: write or refresh the file instead of comparing.
+        accept_errors: let the update record a state with error findings (a broken tie).
 
     Raises:
-        SnapshotMissingError, SnapshotMismatchError: as :func:`match_snapshot`.
+        SnapshotMissingError, SnapshotMismatchError, SnapshotErrorsError: as :func:`match_snapshot`.
     """
     __tracebackhide__ = True
-    match_snapshot(model, snapshot, update=update)
+    match_snapshot(model, snapshot, update=update, accept_errors=accept_errors)
 
 
 def assert_ties_survive(build: Any, *, materialize: Iterable[str] = MODES, device: Any = "cpu", init: Any = None,

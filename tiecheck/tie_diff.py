@@ -27,6 +27,7 @@ nowhere (lost); what B stores that matches nothing of A is listed too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from tabulate import tabulate
 from tiecheck import __version__
 from tiecheck.api import analyze, analyze_subject
 from tiecheck.errors import TargetError
-from tiecheck.guard.expect import kinds_match
+from tiecheck.guard.expect import assignment, kinds_match
 from tiecheck.loaders import load_target
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
@@ -130,9 +131,12 @@ def _saved_report(target: Any) -> Report | None:
     if not isinstance(obj, dict) or "tie_groups" not in obj or "schema_version" not in obj:
         return None
     try:
-        return Report.from_dict(obj)
+        report = Report.from_dict(obj)
     except (ValueError, KeyError) as e:
         raise TargetError(f"{p}: a tiecheck report that cannot be read ({e})") from e
+    # The header names what was compared: the saved report, and what it was made from.
+    source = {**report.source, "target": str(p), "format": f"saved report of {report.source.get('target')}"}
+    return dataclasses.replace(report, source=source)
 
 
 def diff(a: Any, b: Any, *, key: str | None = None, trust_pickle: bool = False, trust_remote_code: bool = False,
@@ -413,6 +417,10 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
     out += ["", f"kept {len(d.kept)}, lost {len(d.lost)} ({len(d.broken_into_duplicates)} broken into untied "
                 f"duplicates), added {len(d.added)}, layout changed {len(d.layout_changed)}, "
                 f"kind changed {len(d.kind_changed)}"]
+    for g in d.lost:
+        present = [n for n, s in g["in_b"].items() if s["state"] != "absent"]
+        if len(present) > 1:
+            out.append(f"hint: re-tie {', '.join(present)} in B: model.tie_weights(), or {assignment(present)}")
     if d.lost and any(s["state"] == "absent" for g in d.lost for s in g["in_b"].values()):
         out.append("hint: names absent from B are often dropped on save because they are tied (safetensors); point "
                    "diff at the Hugging Face model folder, whose architecture re-ties them")

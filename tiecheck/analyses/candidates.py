@@ -9,6 +9,7 @@ when a live module is analysed, else from conventional names.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Iterable
@@ -54,28 +55,49 @@ def is_output_projection(f: TensorFact) -> bool:
 
 
 def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
-    facts = [f for f in facts if f.numel]
-    identity = {f.name: f.identity for f in facts}
+    """Untied pairs an architecture usually ties, largest saving first.
+
+    Pairs are formed within (shape, dtype) buckets: only equal shapes and dtypes can tie, and a
+    checkpoint with thousands of embedding-like names must not cost their square.
+    """
     # One fact per memory is enough: a name already tied to another needs no second look.
     seen, unique = set(), []
     for f in facts:
-        if f.identity not in seen:
+        if f.numel and f.identity not in seen:
             seen.add(f.identity)
             unique.append(f)
-    embeds = [f for f in unique if is_embedding(f)]
-    heads = [f for f in unique if is_output_projection(f) and not is_embedding(f)]
+    embeds: dict[tuple, list[TensorFact]] = defaultdict(list)
+    heads: dict[tuple, list[TensorFact]] = defaultdict(list)
+    for f in unique:
+        if is_embedding(f):
+            embeds[(f.shape, f.dtype)].append(f)
+        elif is_output_projection(f):
+            heads[(f.shape, f.dtype)].append(f)
     out = []
-    for e in embeds:
-        for h in heads:
-            if h.shape == e.shape and h.dtype == e.dtype and identity[h.name] != identity[e.name]:
-                out.append(Candidate((e.name, h.name), "embedding-output", e.shape, e.dtype, h.nbytes))
-    for a, b in combinations(embeds, 2):
-        if a.shape == b.shape and a.dtype == b.dtype:
+    for key, es in embeds.items():
+        for e in es:
+            for h in heads.get(key, ()):
+                # Sorted like every other list of names in a report: the relation says which is which.
+                out.append(Candidate(tuple(sorted((e.name, h.name))), "embedding-output", e.shape, e.dtype,
+                                     h.nbytes))
+        for a, b in combinations(es, 2):
             out.append(Candidate(tuple(sorted((a.name, b.name))), "embeddings", a.shape, a.dtype, b.nbytes))
     return sorted(out, key=lambda c: (-c.bytes_saved, c.names))
 
 
-def candidate_findings(cands: list[Candidate]) -> list[Finding]:
+def must_tie_pairs(cands: list[Candidate], tie_word_embeddings: bool | None) -> list[tuple[str, str]]:
+    """The pairs the architecture declares one tensor: the embedding and its output projection,
+    unless the model's config says ``tie_word_embeddings=False`` (untied on purpose)."""
+    if tie_word_embeddings is False:
+        return []
+    return [c.names for c in cands if c.relation == "embedding-output"]
+
+
+def candidate_findings(cands: list[Candidate], reported: Iterable[tuple[str, ...]] = ()) -> list[Finding]:
+    """TC006 for each candidate, except a pair already reported as one duplicate group in ``reported``
+    (its TC005 says it all: one finding per pair)."""
+    groups = [set(g) for g in reported]
+    cands = [c for c in cands if not any(set(c.names) <= g for g in groups)]
     what = {"embedding-output": "input embedding and output projection",
             "embeddings": "embeddings with a shared vocabulary"}
     return [finding("TC006", f"{c.names[0]} and {c.names[1]} ({what[c.relation]}, {list(c.shape)} {c.dtype}) are "

@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
+from tiecheck.analyses.ties import IdentityIndex, group_by_identity
 from tiecheck.facts import TensorFact
 from tiecheck.findings import RULES, Finding, finding
 from tiecheck.guard.expect import assignment
@@ -77,22 +78,34 @@ class ContentStats:
         }
 
 
-def _representatives(facts: Iterable[TensorFact]) -> dict[str, tuple[TensorFact, tuple[str, ...]]]:
+def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | None = None,
+                     ) -> dict[str, tuple[TensorFact, tuple[str, ...]]]:
     """One fact per separate memory, keyed by its first name, with all its names."""
-    by_identity: dict[tuple, list[TensorFact]] = defaultdict(list)
-    for f in facts:
-        if f.numel and f.storage is not None:
-            by_identity[f.identity].append(f)
+    if by_identity is None:
+        by_identity = group_by_identity(facts)
     reps = {}
     for members in by_identity.values():
+        if members[0].storage is None:
+            continue  # no memory to read (meta device)
         names = tuple(sorted(m.name for m in members))
         rep = min(members, key=lambda m: m.name)
         reps[rep.name] = (rep, names)
     return reps
 
 
-def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader) -> tuple[list[DuplicateGroup], ContentStats]:
-    reps = _representatives(facts)
+def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
+                           by_identity: IdentityIndex | None = None) -> tuple[list[DuplicateGroup], ContentStats]:
+    """Groups of separate memories with equal dtype, shape and bits.
+
+    Args:
+        facts: the facts of one subject.
+        reader: reads the tensors' content by name.
+        by_identity: ``group_by_identity(facts)``, when the caller already built it.
+
+    Returns:
+        The duplicate groups, largest first, and what the pass read.
+    """
+    reps = _representatives(facts, by_identity)
     stats = ContentStats(tensors=len(reps), bytes_total=sum(f.nbytes for f, _ in reps.values()))
     start_read = reader.bytes_read
     buckets: dict[tuple, list[str]] = defaultdict(list)
@@ -137,12 +150,37 @@ def _uniform(sample: bytes, itemsize: int) -> bool:
     return all(sample[i:i + itemsize] == first for i in range(0, len(sample), itemsize))
 
 
-def duplicate_findings(groups: list[DuplicateGroup]) -> list[Finding]:
+def declared_pair(g: DuplicateGroup, must_tie: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
+    """The first pair of ``must_tie`` whose two names fall in two different members of the group."""
+    member = {n: i for i, names in enumerate(g.aliases) for n in names}
+    for a, b in must_tie:
+        if a in member and b in member and member[a] != member[b]:
+            return a, b
+    return None
+
+
+def duplicate_findings(groups: list[DuplicateGroup], must_tie: Iterable[tuple[str, str]] = ()) -> list[Finding]:
+    """TC005 for each group that is not constant-valued.
+
+    Args:
+        groups: the untied duplicates.
+        must_tie: name pairs the architecture (or its config) says are one tensor; a group that
+            holds one is a broken tie, an error, where a copy nothing declares stays a warning.
+
+    Returns:
+        One finding per group.
+    """
+    must_tie = list(must_tie)
     out = []
     for g in groups:
         if g.constant:
             continue  # e.g. every fresh LayerNorm weight is all ones: equal by construction
-        out.append(finding("TC005", f"{', '.join(g.names)} hold equal {g.dtype} {list(g.shape)} content in "
-                                    f"separate memory ({g.bytes_wasted:,} bytes wasted)", g.names,
+        message = (f"{', '.join(g.names)} hold equal {g.dtype} {list(g.shape)} content in "
+                   f"separate memory ({g.bytes_wasted:,} bytes wasted)")
+        pair = declared_pair(g, must_tie)
+        if pair is not None:
+            message += (f"; the architecture ties {' and '.join(sorted(pair))} (input embedding and output "
+                        f"projection), so this is a broken tie")
+        out.append(finding("TC005", message, g.names, severity="error" if pair else None,
                            hint=f"{RULES['TC005'].hint} Here: {assignment(g.names)}"))
     return out

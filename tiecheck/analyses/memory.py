@@ -20,9 +20,9 @@ gradient and optimizer state, so they save the weight bytes alone.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from typing import Callable, Sequence
 
-from tiecheck.analyses.ties import TieGroup, group_by_identity
+from tiecheck.analyses.ties import IdentityIndex, TieGroup, group_by_identity
 from tiecheck.facts import TensorFact
 
 OPTIMIZERS = ("adamw", "sgd", "none")
@@ -46,14 +46,27 @@ def is_trainable(f: TensorFact) -> bool:
     return f.is_floating
 
 
-def nested_identities(facts: Sequence[TensorFact]) -> set[tuple]:
+def _restrict(by_identity: IdentityIndex, keep: Callable[[TensorFact], bool]) -> IdentityIndex:
+    """The index of the facts ``keep`` accepts, without grouping them again."""
+    out: IdentityIndex = {}
+    dropped = False
+    for identity, members in by_identity.items():
+        kept = [m for m in members if keep(m)]
+        dropped = dropped or len(kept) != len(members)
+        if kept:
+            out[identity] = kept
+    # The same index object when nothing was dropped, so callers can reuse what they derived from it.
+    return out if dropped else by_identity
+
+
+def nested_identities(facts: Sequence[TensorFact], by_identity: IdentityIndex | None = None) -> set[tuple]:
     """Identities of extents lying wholly inside another, dense, extent of the same storage.
 
     Their bytes are already counted with their container (a flat buffer and its views, a
     fused QKV weight and its slices), whatever their own strides.
     """
     by_storage: dict = defaultdict(list)
-    for members in group_by_identity(facts).values():
+    for members in (by_identity if by_identity is not None else group_by_identity(facts)).values():
         f = members[0]
         if f.extent is not None:
             by_storage[f.storage].append(f)
@@ -70,11 +83,11 @@ def nested_identities(facts: Sequence[TensorFact]) -> set[tuple]:
     return nested
 
 
-def _unique_bytes(facts: Sequence[TensorFact], nested: set[tuple]) -> dict[str, int]:
+def _unique_bytes(by_identity: IdentityIndex, nested: set[tuple]) -> dict[str, int]:
     """Bytes of distinct memory per dtype (dtype of the tensor that starts each merged range)."""
     out: dict[str, int] = defaultdict(int)
     by_storage: dict = defaultdict(list)
-    for members in group_by_identity(facts).values():
+    for members in by_identity.values():
         f = members[0]
         if f.identity in nested:
             continue  # counted with its container
@@ -95,19 +108,39 @@ def _unique_bytes(facts: Sequence[TensorFact], nested: set[tuple]) -> dict[str, 
     return dict(out)
 
 
-def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], optimizer: str = "adamw") -> dict:
+def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], optimizer: str = "adamw",
+                   by_identity: IdentityIndex | None = None) -> dict:
+    """Parameters, bytes and training bytes, counted once and per name.
+
+    Args:
+        facts: the facts of one subject.
+        groups: its tie groups.
+        optimizer: one of OPTIMIZERS.
+        by_identity: ``group_by_identity(facts)``, when the caller already built it.
+
+    Returns:
+        The report's ``summary`` (without the duplicate and finding counts).
+    """
+    if by_identity is None:
+        by_identity = group_by_identity(facts)
     itemsize_of = {f.dtype: f.itemsize for f in facts}
     counted_bytes: dict[str, int] = defaultdict(int)
     counted_params: dict[str, int] = defaultdict(int)
     # Parameters exclude a live module's buffers (RoPE tables, BatchNorm statistics); bytes
     # include them. Files do not say which tensors were buffers, so there every tensor counts.
-    params = [f for f in facts if f.role != "buffer"]
     for f in facts:
         counted_bytes[f.dtype] += f.nbytes
-    for f in params:
-        counted_params[f.dtype] += f.numel
-    unique_bytes = _unique_bytes(facts, nested_identities(facts))
-    unique_params = {d: b // itemsize_of[d] for d, b in _unique_bytes(params, nested_identities(params)).items()}
+        if f.role != "buffer":
+            counted_params[f.dtype] += f.numel
+    params = _restrict(by_identity, lambda f: f.role != "buffer")
+    nested_all = nested_identities(facts, by_identity)
+    unique_bytes = _unique_bytes(by_identity, nested_all)
+    # A file has no buffers: then the parameters are every tensor and nothing is recomputed.
+    if params is by_identity:
+        unique_param_bytes = unique_bytes
+    else:
+        unique_param_bytes = _unique_bytes(params, nested_identities(facts, params))
+    unique_params = {d: b // itemsize_of[d] for d, b in unique_param_bytes.items()}
 
     # Training: each trainable memory once, unless distinct Parameters split its gradients.
     # In a file, a view inside another tensor is part of it (one parameter, one gradient); live
@@ -115,8 +148,9 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     train_unique = 0
     train_counted = 0
     train_nested = 0  # per-name training bytes of views inside a container: not tie savings
-    in_container = nested_identities([f for f in facts if is_trainable(f)])
-    for identity, members in group_by_identity(facts).items():
+    trainable_index = _restrict(by_identity, is_trainable)
+    in_container = nested_all if trainable_index is by_identity else nested_identities(facts, trainable_index)
+    for identity, members in by_identity.items():
         trainable = [m for m in members if is_trainable(m)]
         if not trainable:
             continue

@@ -72,8 +72,14 @@ class Overlap:
     exact: bool  # False when the element-level check was too large to run
 
 
-def group_by_identity(facts: Iterable[TensorFact]) -> dict[tuple, list[TensorFact]]:
-    groups: dict[tuple, list[TensorFact]] = defaultdict(list)
+# Every non-empty fact under its identity (see TensorFact.identity), in the facts' order.
+IdentityIndex = dict[tuple, list[TensorFact]]
+
+
+def group_by_identity(facts: Iterable[TensorFact]) -> IdentityIndex:
+    """Facts that are the same memory, grouped. Build it once per report and pass it on:
+    every analysis below accepts it, so a 100,000-tensor checkpoint is grouped once, not per analysis."""
+    groups: IdentityIndex = defaultdict(list)
     for f in facts:
         if f.numel == 0:
             continue  # empty tensors own no bytes; they cannot tie
@@ -101,10 +107,18 @@ def classify(members: list[TensorFact]) -> str:
     return DISTINCT_PARAMETERS
 
 
-def find_tie_groups(facts: Iterable[TensorFact]) -> list[TieGroup]:
-    """Every set of two or more names over the same memory, in a stable order."""
+def find_tie_groups(facts: Iterable[TensorFact], by_identity: IdentityIndex | None = None) -> list[TieGroup]:
+    """Every set of two or more names over the same memory, in a stable order.
+
+    Args:
+        facts: the facts of one subject.
+        by_identity: ``group_by_identity(facts)``, when the caller already built it.
+
+    Returns:
+        The tie groups, largest first.
+    """
     out = []
-    for members in group_by_identity(facts).values():
+    for members in (by_identity if by_identity is not None else group_by_identity(facts)).values():
         if len(members) < 2:
             continue
         first = members[0]
@@ -145,27 +159,45 @@ def _elements_overlap(a: TensorFact, b: TensorFact) -> tuple[bool, bool]:
     return bool(np.intersect1d(_offsets(a), _offsets(b), assume_unique=False).size), True
 
 
-def find_overlaps(facts: Iterable[TensorFact]) -> list[Overlap]:
-    """Extents of one storage that intersect without being identical."""
-    groups = group_by_identity(f for f in facts if f.extent is not None)
+def find_overlaps(facts: Iterable[TensorFact], by_identity: IdentityIndex | None = None) -> list[Overlap]:
+    """Extents of one storage that intersect without being identical.
+
+    Args:
+        facts: the facts of one subject.
+        by_identity: ``group_by_identity(facts)``, when the caller already built it.
+
+    Returns:
+        Every intersecting pair, sorted by names. The sweep costs O(n log n) plus the pairs it
+        reports: a memory-mapped file is one storage holding every tensor, so anything that
+        copied or rescanned the storage's list per extent would be quadratic there.
+    """
+    groups = by_identity if by_identity is not None else group_by_identity(facts)
     by_storage: dict = defaultdict(list)
     for members in groups.values():
         rep = members[0]
-        by_storage[rep.storage].append((rep, tuple(sorted(m.name for m in members))))
+        if rep.extent is not None:
+            by_storage[rep.storage].append(rep)
     out = []
     for extents in by_storage.values():
-        extents.sort(key=lambda e: (e[0].byte_start, -e[0].byte_end))
+        extents.sort(key=lambda e: (e.byte_start, -e.byte_end))
+        n = len(extents)
         # Sweep: each extent against the following ones that start before it ends.
-        for i, (a, names_a) in enumerate(extents):
-            for b, names_b in extents[i + 1:]:
-                if b.byte_start >= a.byte_end:
-                    break
+        for i, a in enumerate(extents):
+            j = i + 1
+            while j < n and extents[j].byte_start < a.byte_end:
+                b = extents[j]
+                j += 1
                 overlap, exact = _elements_overlap(a, b)
                 if not overlap:
                     continue  # interleaved views (e.g. column slices of a fused QKV weight)
                 nested = b.byte_end <= a.byte_end and a.dense
-                out.append(Overlap(a=names_a, b=names_b, kind="nested" if nested else "partial", exact=exact))
+                out.append(Overlap(a=_names(groups, a), b=_names(groups, b), kind="nested" if nested else "partial",
+                                   exact=exact))
     return sorted(out, key=lambda o: (o.a, o.b))
+
+
+def _names(groups: IdentityIndex, rep: TensorFact) -> tuple[str, ...]:
+    return tuple(sorted(m.name for m in groups[rep.identity]))
 
 
 def tie_findings(groups: list[TieGroup], overlaps: list[Overlap]) -> list[Finding]:

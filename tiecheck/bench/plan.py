@@ -17,7 +17,7 @@ from torch import nn
 from tiecheck import models
 from tiecheck.bench import device as D
 from tiecheck.bench.results import BenchResult
-from tiecheck.errors import TiecheckError
+from tiecheck.errors import TiecheckError, did_you_mean
 
 MODES = ("train", "infer")
 VARIANTS = ("tied", "untied")
@@ -129,7 +129,9 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
     try:
         preset = models.get_preset(name)
     except KeyError:
-        raise TiecheckError(f"--model {name}: unknown model; choose one of: {', '.join(models.PRESETS)}") from None
+        guess = did_you_mean(name, models.PRESETS).lstrip("; ")
+        raise TiecheckError(f"--model {name}: unknown model; {guess + ' (' if guess else ''}choose one of: "
+                            f"{', '.join(models.PRESETS)}{')' if guess else ''}") from None
     try:
         config = models.get_config(name, **cfg.overrides)
     except (TypeError, ValueError) as e:

@@ -11,6 +11,8 @@ from tiecheck.errors import TiecheckError
 
 VARIANTS = ("tied", "untied")
 COLORS = {"tied": "#1f77b4", "untied": "#ff7f0e"}
+# Memory parts get colours of their own: the variants' two colours would read as tied and untied.
+PART_COLORS = {"weights": "#4d4d4d", "gradients": "#2ca02c", "optimizer state": "#9467bd"}
 
 
 def require_matplotlib() -> None:
@@ -46,7 +48,8 @@ def plot(result: BenchResult, path: str) -> None:
         else:
             _rate_panel(ax, by, metric)
         ax.set_title(title)
-    fig.suptitle(result.header["title"], fontsize=9)
+    verdict = result.headline()
+    fig.suptitle(result.header["title"] + (f"\n{verdict}" if verdict else ""), fontsize=9)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)
@@ -69,7 +72,8 @@ def _rate_panel(ax, by, metric: str) -> None:
     ax.bar(names, values, yerr=[err_lo, err_hi], capsize=6, color=[COLORS[n.split()[0]] for n in names])
     ratio = by.get(("tied/untied", metric))
     if ratio is not None:
-        ax.set_xlabel(f"tied/untied {ratio.value:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]", fontsize=8)
+        ax.set_xlabel(f"tied/untied {ratio.value:.3f} [{ratio.ci_low:.3f}, {ratio.ci_high:.3f}]"
+                      + (f"\n{ratio.verdict}" if ratio.verdict else ""), fontsize=8)
     ax.set_ylabel("tokens/s")
 
 
@@ -81,7 +85,7 @@ def _memory_panel(ax, by) -> None:
     for metric, label in parts:
         heights = [by[(v, metric)].value / mib if (v, metric) in by else 0.0 for v in present]
         if any(heights):
-            ax.bar(present, heights, bottom=bottom, label=label)
+            ax.bar(present, heights, bottom=bottom, label=label, color=PART_COLORS[label])
             bottom = [b + h for b, h in zip(bottom, heights)]
     peaks = [(i, by[(v, "peak_memory_bytes")].value / mib) for i, v in enumerate(present)
              if (v, "peak_memory_bytes") in by]
@@ -90,3 +94,48 @@ def _memory_panel(ax, by) -> None:
                    label="peak device memory")
     ax.set_ylabel("MiB")
     ax.legend(fontsize=7)
+
+
+def plot_converge(result, path: str) -> None:
+    """``--mode converge --plot FILE``: both validation curves with 95% bands, and the paired difference.
+
+    Args:
+        result: a ConvergeResult.
+        path: the figure's file; the format follows the extension (png, svg, pdf).
+    """
+    require_matplotlib()
+    import matplotlib  # noqa: PLC0415 - plots are the `plot` extra
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - plots are the `plot` extra
+
+    by = {(r.variant, r.metric, r.step): r for r in result.rows()}
+    steps = result.steps
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.0))
+    for v in VARIANTS:
+        rows = [by[(v, "val_loss", s)] for s in steps]
+        left.plot(steps, [r.value for r in rows], color=COLORS[v], label=v)
+        left.fill_between(steps, [r.ci_low for r in rows], [r.ci_high for r in rows], color=COLORS[v], alpha=0.25)
+    left.set_xlabel("step")
+    left.set_ylabel("validation loss (nats)")
+    left.set_title(f"validation loss, mean of {result.header['seeds']} seeds, 95% CI")
+    left.legend()
+    rows = [by[("tied-untied", "val_loss", s)] for s in steps]
+    right.plot(steps, [r.value for r in rows], color="black", label="tied - untied")
+    right.fill_between(steps, [r.ci_low for r in rows], [r.ci_high for r in rows], color="gray", alpha=0.35)
+    right.axhline(0.0, color="red", linewidth=0.8)
+    sep = result.separated_from()
+    if sep is not None:
+        right.axvline(sep, color="green", linestyle="--", linewidth=0.8, label=f"outside 0 from step {sep}")
+    right.set_xlabel("step")
+    right.set_ylabel("nats")
+    right.set_title("paired difference (per seed), 95% CI")
+    right.legend(fontsize=8)
+    fig.suptitle(result.header["title"], fontsize=9)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as e:
+        raise TiecheckError(f"--plot {path}: cannot write the figure ({e})") from e
+    finally:
+        plt.close(fig)

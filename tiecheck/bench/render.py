@@ -57,8 +57,20 @@ def _cell(r: Optional[Row]) -> str:
         return s
     s = _num(r.value, r.unit)
     if r.ci_low is not None:
+        decimals = _decimals(r.value, r.unit)
+        if decimals is not None:  # the value and its bounds to the same decimals: [46.40, 54.76]
+            return f"{r.value:,.{decimals}f} [{r.ci_low:,.{decimals}f}, {r.ci_high:,.{decimals}f}]"
         s += f" [{_num(r.ci_low, r.unit)}, {_num(r.ci_high, r.unit)}]"
     return s
+
+
+def _decimals(v: float, unit: str) -> Optional[int]:
+    """Decimals giving ``v`` four significant digits, for units ``_num`` prints with ``.4g``; else None."""
+    if unit in ("bytes", "count", "sequences", "fraction", "nats") or unit == "tokens/s" and v >= 100:
+        return None
+    if v == 0 or abs(v) >= 1e4:
+        return 0 if v else 3
+    return max(0, 3 - math.floor(math.log10(abs(v))))
 
 
 def _label(metric: str, unit: str) -> str:
@@ -169,3 +181,110 @@ def _csv(result: BenchResult) -> str:
         buf.write(f"# not measured: {f}\n")
     result.to_frame().to_csv(buf, index=False, lineterminator="\n")
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------
+# --mode converge (a ConvergeResult: rows carry a step)
+
+def converge_header_items(result) -> list[tuple[str, str]]:
+    """(key, text) pairs describing a convergence run, in display order."""
+    h = result.header
+    share = f", the tie {h['tie_share']:.0%} of the untied model" if h.get("tie_share") is not None else ""
+    return [
+        ("command", h["command"]),
+        ("device", h["device"]),
+        ("host", h.get("host_load") or "load unknown"),
+        ("software", f"torch {h['torch']}, tiecheck {h['tiecheck']}, python {h['python']}"),
+        ("date", h["date"]),
+        ("model", f"{h['model']}: {h['model_description']}"),
+        ("parameters", f"tied {h['params_tied']:,}, untied {h['params_untied']:,} (vocabulary {h['vocab_size']:,}"
+                       f"{share})"),
+        ("corpus", h["corpus"]),
+        ("train split", h["train_split"]),
+        ("validation", h["val_split"]),
+        ("tokenizer", h["tokenizer"]),
+        ("optimizer", h["optimizer"]),
+        ("protocol", f"{h['seeds']} seeds (from {h['first_seed']}) x {h['steps']} steps of {h['batch_size']} x "
+                     f"{h['seq_len']} tokens; per seed both variants start from the same weights (the untied head "
+                     f"a copy of the embedding) and see the same batches in the same order; validation every "
+                     f"{h['eval_every']} steps; means over seeds with 95% Student-t intervals; tied - untied "
+                     "paired by seed"),
+    ]
+
+
+def _ci(v: float, lo: float, hi: float, fmt: str) -> str:
+    return f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def _converge_tables(result) -> tuple[list[list[str]], list[list[str]]]:
+    rows = result.rows()
+    by = {(r.variant, r.metric, r.step): r for r in rows}
+    last = result.steps[-1]
+    final = []
+    for metric, label, fmt in (("val_loss", "validation loss (nats)", ".4f"), ("val_ppl", "validation perplexity", ".2f"),
+                               ("train_loss", "training loss (nats)", ".4f")):
+        cells = []
+        for v in ("tied", "untied"):
+            r = by.get((v, metric, last))
+            cells.append(_ci(r.value, r.ci_low, r.ci_high, fmt) if r else "")
+        d = by.get(("tied-untied", metric, last)) or by.get(("tied/untied", metric, last))
+        if d is None:
+            cells.append("")
+        elif d.variant == "tied/untied":
+            cells.append(_ci(d.value, d.ci_low, d.ci_high, ".3f") + " (ratio)")
+        else:
+            cells.append(_ci(d.value, d.ci_low, d.ci_high, "+.4f"))
+        final.append([label, *cells])
+    final.append(["parameters (counted once)", *[f"{result.params.get(v, 0):,}" for v in ("tied", "untied")],
+                  f"{result.params.get('tied', 0) - result.params.get('untied', 0):+,}"])
+    curve = []
+    for step in result.steps:
+        t, u, d = (by.get((v, "val_loss", step)) for v in ("tied", "untied", "tied-untied"))
+        tr = by.get(("tied-untied", "train_loss", step))
+        outside = "yes" if d and (d.ci_low > 0 or d.ci_high < 0) else "no"
+        curve.append([str(step), f"{t.value:.4f}", f"{u.value:.4f}", _ci(d.value, d.ci_low, d.ci_high, "+.4f"),
+                      outside, f"{tr.value:+.4f}" if tr else ""])
+    return final, curve
+
+
+def render_converge(result, fmt: str = "table") -> str:
+    """A ConvergeResult as table (default), markdown, csv or json; the header travels with each."""
+    if fmt == "json":
+        return result.to_json()
+    if fmt == "csv":
+        buf = io.StringIO()
+        buf.write(f"# {result.header['title']}\n")
+        for k, v in converge_header_items(result):
+            buf.write(f"# {k}: {v}\n")
+        for c in check_lines(result):
+            buf.write(f"# check: {c}\n")
+        result.to_frame().to_csv(buf, index=False, lineterminator="\n")
+        return buf.getvalue()
+    if fmt not in ("table", "markdown"):
+        raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    markdown = fmt == "markdown"
+    h, out = result.header, []
+    if markdown:
+        out += [f"## {h['title']}", "", *[f"- **{k}**: {v}" for k, v in converge_header_items(result)]]
+    else:
+        items = converge_header_items(result)
+        width = max(len(k) for k, _ in items)
+        out += [h["title"], *[f"  {k:<{width}}  {v}" for k, v in items]]
+    final, curve = _converge_tables(result)
+    tablefmt = "github" if markdown else "simple"
+    out += ["", f"final (step {result.steps[-1]}), mean over seeds [95% CI]:" if not markdown
+            else f"**final (step {result.steps[-1]})**, mean over seeds [95% CI]", ""]
+    out.append(tabulate(final, headers=["metric", "tied", "untied", "tied - untied"], tablefmt=tablefmt,
+                        colalign=("left", "right", "right", "right"), disable_numparse=True))
+    per_seed = ", ".join(f"{x:+.4f}" for x in result.per_seed_diff())
+    out += ["", f"validation loss tied - untied per seed at step {result.steps[-1]}: {per_seed}"]
+    out += ["", "validation loss curve:" if not markdown else "**validation loss curve**", ""]
+    out.append(tabulate(curve, headers=["step", "tied", "untied", "tied - untied [95% CI]", "outside 0",
+                                        "train loss tied - untied"], tablefmt=tablefmt, disable_numparse=True,
+                        colalign=("right", "right", "right", "right", "left", "right")))
+    bullet = "- " if markdown else "  "
+    out += ["", "checks:" if not markdown else "**checks**", *[f"{bullet}{c}" for c in check_lines(result)]]
+    out += ["", "verdicts:" if not markdown else "**verdicts**", *[f"{bullet}{v}" for v in result.verdicts()]]
+    if result.notes:
+        out += ["", "notes:" if not markdown else "**notes**", *[f"{bullet}{n}" for n in result.notes]]
+    return "\n".join(out) + "\n"

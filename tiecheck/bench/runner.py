@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Optional
@@ -63,6 +64,7 @@ from tiecheck.bench.protocol import (
 )
 from tiecheck.bench.results import BenchResult, VariantRecord
 from tiecheck.bench.stats import MIN_ROUNDS_FOR_VERDICT
+from tiecheck.errors import TiecheckError
 from tiecheck.report.text import human_bytes
 
 # ------------------------------------------------------------------------------------------
@@ -89,6 +91,9 @@ class _State:
     step_peaks: dict[str, list[int]] = field(default_factory=dict)  # variant -> bytes above resident, per round
 
 
+_FLAG = re.compile(r"^--([a-z][a-z-]*) (\S+):")
+
+
 def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] = None,
               build: Optional[Builder] = None, command: Optional[str] = None,
               partial: Optional[Partial] = None) -> BenchResult:
@@ -100,7 +105,12 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] 
     before each long phase that follows the interleaved rounds (--find-max-batch, one call
     before and one after each variant), so a run cut short by a time limit still leaves them.
     """
-    plan = resolve(cfg)
+    try:
+        plan = resolve(cfg)
+    except TiecheckError as e:
+        # resolve() names options as the command line does; a Python caller set BenchConfig fields.
+        raise TiecheckError(_FLAG.sub(lambda m: f"BenchConfig({m.group(1).replace('-', '_')}={m.group(2)}):",
+                                      str(e), count=1)) from None
     threads = torch.get_num_threads()
     if plan.threads:
         torch.set_num_threads(plan.threads)
@@ -458,6 +468,7 @@ def _find_max_batch(st: _State, builder: Builder, emit: Callable[[str], None] = 
                 v.scaler = D.grad_scaler(plan.dev, plan.dtype)
         if caught:
             rec.max_batch_status = f"out of memory building the model alone ({caught[0]})"
+            module = v = None  # what was built before the failure must not stay resident for the next variant
             D.cleanup_after_oom(plan.dev)
             _check_released(st, baseline, name)
             continue

@@ -87,10 +87,12 @@ def _check_writable(option: str, path: str | None) -> None:
 
 @click.command("bench")
 @click.option("--model", metavar="NAME", help="Bundled model (see `tiecheck models`). "
-              "Default: gpt2-124m on a GPU, gpt-mini on the CPU.")
-@click.option("--mode", type=click.Choice(["train", "infer"]), default="train", show_default=True,
+              "Default: gpt2-124m on a GPU, gpt-mini on the CPU. --mode converge also takes "
+              "path/to/file.py:factory (see docs/bench.md).")
+@click.option("--mode", type=click.Choice(["train", "infer", "converge"]), default="train", show_default=True,
               help="train: forward + backward + AdamW step. infer: no-grad forward, and greedy decoding "
-                   "with a KV cache for decoders.")
+                   "with a KV cache for decoders. converge: train both variants on real text over several "
+                   "seeds and compare their loss curves.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Matmul precision (autocast; weights stay fp32). Default: bf16 on a GPU that has it, else fp32.")
@@ -100,7 +102,8 @@ def _check_writable(option: str, path: str | None) -> None:
               "(at most the model's positions).")
 @click.option("--rounds", type=int, help="Interleaved rounds (A B, B A, ...). Default: 20 on a GPU, 24 on the CPU.")
 @click.option("--steps", type=int, help="Timed steps per variant per round. Default: 5 on a GPU, 3 on the CPU.")
-@click.option("--warmup", type=int, help="Untimed steps per variant first. Default: 3 on a GPU, 2 on the CPU, 5 with --compile.")
+@click.option("--warmup", type=int, help="Untimed steps per variant first (at least 2 for training). Default: 3 on a GPU, 2 on the "
+                   "CPU, 5 with --compile.")
 @click.option("--decode-tokens", type=int, help="New tokens per decoding call in infer mode. "
               "Default: 64 on a GPU, 16 on the CPU.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the batches.")
@@ -120,6 +123,18 @@ def _check_writable(option: str, path: str | None) -> None:
 @click.option("-o", "--output", metavar="FILE", help="Write the results to FILE instead of standard output.")
 @click.option("--plot", metavar="FILE", help="Plot tokens/s and memory per variant to FILE (png, svg, pdf); "
               "needs matplotlib (pip install 'tiecheck[plot]').")
+@click.option("--seeds", type=int, help="converge: seeds (each a new init and data order, shared by both "
+              "variants). Default 3.")
+@click.option("--eval-every", type=int, help="converge: steps between validation passes. Default 25 on the CPU, 100 on a GPU.")
+@click.option("--vocab-size", type=int, help="converge: size of the BPE trained on the corpus (and of the model's "
+              "vocabulary). Default 8192.")
+@click.option("--text", metavar="FILE|DIR", help="converge: your own text (a file, or a folder of text files) "
+              "instead of the standard library's sources.")
+@click.option("--tokenizer", metavar="PATH", help="converge: a tokenizer.json (or a folder holding one) instead "
+              "of training a BPE.")
+@click.option("--no-cache", is_flag=True, help="converge: neither read nor write the tokenizer cache "
+              "($XDG_CACHE_HOME/tiecheck/tokenizers, else ~/.cache/tiecheck/tokenizers).")
+@click.option("--quick", is_flag=True, help="converge: a smoke test for CI (smaller model, short run, under 30 s).")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), help="Run on N processes through "
               "torch.distributed.run (torchrun): DDP or FSDP2, gloo on the CPU, nccl on GPUs; adds bytes "
               "communicated per step. See docs/distributed.md.")
@@ -140,11 +155,41 @@ def bench(**options):
     handle_errors(_bench)(**options)
 
 
+# Options of the timing modes that --mode converge does not use, and the converge-only ones.
+_TIMING_ONLY = ("dtype", "compile_", "rounds", "warmup", "decode_tokens", "find_max_batch", "peak_tflops", "pad_vocab",
+                "max_batch_cap")
+_CONVERGE_ONLY = ("seeds", "eval_every", "vocab_size", "text", "tokenizer", "no_cache", "quick")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def _check_mode_options(mode: str) -> None:
+    ctx = click.get_current_context()
+    given = {n for n, v in ctx.params.items()
+             if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE and v not in (None, False)}
+    wrong = [n for n in (_TIMING_ONLY if mode == "converge" else _CONVERGE_ONLY) if n in given]
+    if wrong:
+        where = "--mode converge does not use" if mode == "converge" else "only --mode converge uses"
+        raise TiecheckError(f"{where} {', '.join(_flag(n) for n in wrong)}; drop it or change --mode")
+
+
 def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
            threads, find_max_batch, max_batch_cap, peak_tflops, pad_vocab, progress_lines, fmt, output, plot,
-           nproc_per_node, strategy, nnodes, rdzv_endpoint, debug):
+           seeds, eval_every, vocab_size, text, tokenizer, no_cache, quick, nproc_per_node, strategy, nnodes,
+           rdzv_endpoint, debug):
+    _check_mode_options(mode)
     if nproc_per_node:
         _distributed(locals())
+        return
+    if mode == "converge":
+        from tiecheck.bench.converge import ConvergeConfig  # noqa: PLC0415 - the boundary: converge imports torch
+
+        cfg = ConvergeConfig(model=model, device=device, steps=steps, seeds=seeds, eval_every=eval_every,
+                             batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size, text=text,
+                             tokenizer=tokenizer, cache=not no_cache, quick=quick, seed=seed, threads=threads)
+        _converge(cfg, fmt, output, plot, progress_lines)
         return
     # The boundary where the work starts: the bench imports torch.
     from tiecheck.bench import BenchConfig, render, run_bench  # noqa: PLC0415
@@ -183,9 +228,35 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
     sys.exit(EXIT_OK if result.checks_passed() else EXIT_FAILED)
 
 
+def _converge(cfg, fmt: str, output: str | None, plot: str | None, progress_lines: bool = False) -> None:
+    """``--mode converge``: train, then print the curves and verdicts; exit 1 when a check failed."""
+    from tiecheck.bench.converge import resolve as resolve_converge  # noqa: PLC0415 - converge imports torch
+    from tiecheck.bench.converge import run_converge  # noqa: PLC0415 - converge imports torch
+    from tiecheck.bench.render import render_converge  # noqa: PLC0415 - with the run
+
+    _check_writable("-o", output)
+    _check_writable("--plot", plot)
+    if plot:
+        from tiecheck.bench.plot import require_matplotlib  # noqa: PLC0415 - plots are an extra
+
+        require_matplotlib()
+    plan = resolve_converge(cfg)  # bad input fails here, before the corpus is read
+    progress = Progress(plan.units(), lines=progress_lines)
+    try:
+        result = run_converge(cfg, progress=progress, command=_command(click.get_current_context()))
+    finally:
+        progress.close()
+    write_output(render_converge(result, fmt), output, protect=tuple(p for p in (cfg.text, cfg.tokenizer) if p))
+    if plot:
+        from tiecheck.bench.plot import plot_converge  # noqa: PLC0415 - plots are an extra
+
+        plot_converge(result, plot)
+    sys.exit(EXIT_OK if result.checks_passed() else EXIT_FAILED)
+
+
 def _distributed(o: dict) -> None:
     """``--nproc-per-node N``: the bench relaunched through torch.distributed.run (tiecheck.bench.distributed)."""
-    refused = [flag for flag, on in (("--mode infer", o["mode"] != "train"), ("--compile", o["compile_"]),
+    refused = [flag for flag, on in ((f"--mode {o['mode']}", o["mode"] != "train"), ("--compile", o["compile_"]),
                                      ("--find-max-batch", o["find_max_batch"]), ("--plot", o["plot"]),
                                      ("--format csv", o["fmt"] == "csv")) if on]
     if refused:

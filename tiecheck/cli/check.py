@@ -42,6 +42,8 @@ def render_text(outcomes: list[Outcome], update: bool) -> str:
         if o.snapshot:
             verb = {"matched": "match", "differs": "differ from"}.get(o.snapshot_status or "")
             what.append(f"{'they ' + verb if verb else 'snapshot ' + str(o.snapshot_status)} {o.snapshot}")
+            if o.snapshot_errors:
+                what[-1] += f" (records error findings: {', '.join(o.snapshot_errors)})"
         lines.append(f"{o.target}: {'FAILED' if o.failing else 'ok'} ({'; '.join(what)})")
         for f in o.failing:
             lines.append(f"  {f['severity']:<8}{f['code']} {f['message']}")
@@ -105,6 +107,8 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
 @click.option("--expect", "expect_file", metavar="FILE",
               help="Snapshot of the expected tie groups: written by --update or by `tiecheck inspect --format json`.")
 @click.option("--update", is_flag=True, help="Write or refresh the snapshot files instead of comparing with them.")
+@click.option("--accept-errors", is_flag=True,
+              help="With --update: write a snapshot even of a target with error findings (e.g. a broken tie).")
 @expect_tied_option
 @click.option("--fail-on", type=click.Choice(["error", "warning", "never"]), default=None,
               help="Fail on findings of this severity or worse (default: the policy's, else error).")
@@ -117,7 +121,7 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
 @trust_options
 @debug_option
 @handle_errors
-def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, no_config, key, trust_pickle,
+def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt, config_file, no_config, key, trust_pickle,
           trust_remote_code, debug):
     """Check TARGETs' ties against expectations; exit 1 when one is broken.
 
@@ -133,6 +137,8 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
         with_overrides,
     )
 
+    if accept_errors and not update:
+        raise TiecheckError("--accept-errors: only with --update (it lets an update record error findings)")
     if config_file and no_config:
         raise TiecheckError("--config and --no-config contradict each other; give one")
     if no_config:
@@ -161,7 +167,9 @@ def check(targets, expect_file, update, expect_tied, fail_on, fmt, config_file, 
                             "[tool.tiecheck]; none is set for " + ", ".join(t.target for t in plan))
     warn_trust(any(t.trust_pickle for t in plan), any(t.trust_remote_code for t in plan), prefix="")
 
-    outcomes = [check_target(t, update=update, extra_tied=expect_tied, debug=debug) for t in plan]
+    outcomes = [check_target(t, update=update, extra_tied=expect_tied, debug=debug, accept_errors=accept_errors,
+                             fail_on_origin=shown(policy.path) if policy.path and not fail_on else None)
+                for t in plan]
     if fmt == "json":
         text = json_text({"targets": [o.to_dict() for o in outcomes]})
     elif fmt == "github":

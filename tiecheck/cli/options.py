@@ -90,6 +90,8 @@ def write_output(text: str, output: str | None, protect: tuple[object, ...] = ()
     from tiecheck.report.safewrite import write_text  # noqa: PLC0415
 
     write_text(output, text, protect, what="the output")
+    # Nothing reaches the terminal otherwise: say where the report went (stderr keeps stdout clean).
+    click.echo(f"tiecheck: wrote {output}", err=True)
 
 
 def trust_options(fn: Callable) -> Callable:

@@ -35,6 +35,7 @@ class Outcome:
     error: str | None = None  # the target or its expectation could not be read
     snapshot: str | None = None  # the snapshot file compared or written
     snapshot_status: str | None = None  # matched | created | updated | unchanged
+    snapshot_errors: list[str] = field(default_factory=list)  # codes of error findings a written snapshot records
     groups: int = 0
     origins: dict[str, str] = field(default_factory=dict)  # finding message -> file it came from
 
@@ -56,7 +57,8 @@ def shown(path: Path | str) -> str:
         return str(path)
 
 
-def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = False) -> Outcome:
+def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = False,
+                 accept_errors: bool = False, fail_on_origin: str | None = None) -> Outcome:
     """Analyse one target and hold it to its policy and to the ``extra_tied`` groups of the command line.
 
     Args:
@@ -65,6 +67,10 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
         extra_tied: name groups that must share memory, on top of the policy's.
         debug: let an unexpected exception propagate (for its traceback) instead of
             recording it as this target's error.
+        accept_errors: let ``update`` write a snapshot of a target with error findings (a
+            broken tie); without it such an update is this target's error.
+        fail_on_origin: the file that set ``t.fail_on`` (the policy's pyproject.toml), for the
+            findings that fail only because of it; None when the command line set it.
 
     Returns:
         The :class:`Outcome`: failing findings, warnings below ``fail-on``, or the error that
@@ -89,6 +95,14 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
                 raise TiecheckError(f"no snapshot {out.snapshot} yet: rerun the same command with --update "
                                     f"to write it, then commit it")
             if update:
+                errors = [f for f in report.findings if f["severity"] == "error"]
+                if errors and not accept_errors:
+                    what = "; ".join(f"{f['code']} {', '.join(f['names'])}" for f in errors)
+                    n = len(errors)
+                    raise TiecheckError(f"not writing the snapshot {out.snapshot}: {t.target} has {n} error "
+                                        f"finding{'s' if n > 1 else ''} ({what}); fix it, or record this state "
+                                        f"anyway with --update --accept-errors")
+                out.snapshot_errors = sorted({f["code"] for f in errors})
                 out.snapshot_status = snap.refresh(t.expect, snap.Snapshot.from_report(report),
                                                    protect=(t.resolved,))
             else:
@@ -107,6 +121,10 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
         out.error = f"{t.target}: unexpected {type(e).__name__}: {first} (rerun with --debug for the traceback)"
         return out
     failing = report.failing_findings(t.fail_on)
+    if fail_on_origin is not None:
+        for f in failing:
+            if f["severity"] != "error":  # fails only because the policy's fail-on says so
+                out.origins.setdefault(f["message"], fail_on_origin)
     out.failing = expected + failing
     out.warnings = [f for f in report.findings if f["severity"] == "warning" and f not in failing]
     return out

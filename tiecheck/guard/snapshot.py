@@ -79,11 +79,12 @@ def parse(data: Any, origin: str) -> Snapshot:
 
     if not isinstance(data, dict):
         raise bad(f"expected a JSON object with a 'tie_groups' list, found a {type(data).__name__}")
-    # Report schema 2 only added the `declared` section; snapshots read tie groups, as in 1.
+    # Reports of schema_version 1 and 2 hold tie groups alike (2 added `declared` and moved
+    # `files`): either is an expectation.
     for key, supported in (("tiecheck_snapshot", (SNAPSHOT_VERSION,)), ("schema_version", (1, 2))):
         if key in data and data[key] not in supported:
-            raise SnapshotError(f"{origin}: {key} {data[key]!r} is not supported (this tiecheck reads {' or '.join(map(str, supported))}); "
-                                f"re-create it with this version")
+            raise SnapshotError(f"{origin}: {key} {data[key]!r} is not supported (this tiecheck reads "
+                                f"{' or '.join(map(str, supported))}); re-create it with this version")
     groups = data.get("tie_groups")
     if not isinstance(groups, list):
         raise bad("not a tiecheck snapshot: no 'tie_groups' list")

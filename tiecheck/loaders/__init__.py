@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tiecheck.errors import TargetError
+from tiecheck.errors import TargetError, did_you_mean
 from tiecheck.facts import module_tensors
 from tiecheck.loaders import bundled, detect, spec
 from tiecheck.loaders.subject import Source, Subject
@@ -66,7 +66,31 @@ def _load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False
         raise TargetError(f"{target}: cannot read ({e.strerror or e})") from e
     if size == 0:
         raise TargetError(f"{target}: the file is empty")
-    return load_file(path, kind, key=key, trust_pickle=trust_pickle)
+    sub = load_file(path, kind, key=key, trust_pickle=trust_pickle)
+    note = hf_folder_note(path)
+    if note:
+        sub.source.notes.insert(0, note)
+    return sub
+
+
+def hf_folder_note(path: Path) -> str | None:
+    """A note for a weights file inside a Hugging Face folder: the folder's config.json, which
+    the file alone does not see, declares the architecture and its ties."""
+    folder = path.parent
+    if not detect.is_hf_folder(folder):
+        return None
+    from tiecheck.loaders.hf import read_config  # noqa: PLC0415 - a loader that needs torch
+
+    try:
+        cfg = read_config(folder)
+    except TargetError:
+        return None  # a broken config is the folder's problem, reported when the folder is inspected
+    where = f"{path.name} is part of the Hugging Face folder {folder}, whose config.json"
+    if cfg.get("tie_word_embeddings", True) is not False:
+        return (f"{where} declares tie_word_embeddings=true: ties the architecture makes on load are not in this "
+                f"file; inspect the folder to check them: tiecheck inspect {folder}")
+    return (f"{where} describes the architecture (model_type {cfg.get('model_type')}); inspect the folder to "
+            f"check it against the files: tiecheck inspect {folder}")
 
 
 def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pickle: bool = False) -> Subject:
@@ -185,6 +209,6 @@ def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = Fal
     hint = ""
     names = bundled.names()
     if names:
-        hint = f"; bundled models: {', '.join(names)}"
+        hint = f"{did_you_mean(target, names)}; bundled models: {', '.join(names)}"
     raise TargetError(f"{target}: no such file or folder, bundled model or Python spec "
                       f"(file.py:factory or package.module:factory){hint}")

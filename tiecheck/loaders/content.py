@@ -76,16 +76,24 @@ class TorchContentReader:
         self.close()
 
     # -- pread path: contiguous tensors whose bytes sit in a file --------------------------
-    def _file_range(self, name: str) -> tuple[int, int, int] | None:
-        """(fd, offset of the first element, nbytes) when the tensor can be read from its file."""
+    def _file_range(self, name: str) -> tuple[int, int, int, int] | None:
+        """(fd, offset of the first element, nbytes, itemsize) when the tensor can be read from its file."""
         span = self.spans.get(name)
-        t = self.tensors[name]
-        if span is None or not t.is_contiguous():
+        if span is None:
             return None
+        where = getattr(self.tensors, "file_layout", None)
+        if callable(where):  # the loader knows the layout without making the tensor
+            offset, nbytes, itemsize = where(name)
+        else:
+            t = self.tensors[name]
+            if not t.is_contiguous():
+                return None
+            offset, nbytes, itemsize = t.storage_offset() * t.element_size(), t.numel() * t.element_size(), \
+                t.element_size()
         fd = self._fds.get(span.path)
         if fd is None:
             fd = self._fds[span.path] = os.open(span.path, os.O_RDONLY)
-        return fd, span.offset + t.storage_offset() * t.element_size(), t.numel() * t.element_size()
+        return fd, span.offset + offset, nbytes, itemsize
 
     def _pread(self, fd: int, n: int, off: int) -> bytes:
         data = os.pread(fd, n, off)
@@ -100,14 +108,14 @@ class TorchContentReader:
             yield self._pread(fd, min(step, nbytes - off), start + off)
 
     def sample(self, name: str) -> bytes:
-        t = self.tensors[name]
-        n = t.numel()
         rng = self._file_range(name)
         if rng is not None:
-            fd, start, nbytes = rng
-            size = t.element_size()
+            fd, start, nbytes, size = rng
+            n = nbytes // size
             run = min(n, SAMPLE_RUNS * RUN_ELEMENTS) if n <= SAMPLE_RUNS * RUN_ELEMENTS else RUN_ELEMENTS
             return b"".join(self._pread(fd, run * size, start + s * size) for s in _sample_starts(n))
+        t = self.tensors[name]
+        n = t.numel()
         if n <= SAMPLE_RUNS * RUN_ELEMENTS:
             idx = torch.arange(n)
         else:
@@ -121,11 +129,9 @@ class TorchContentReader:
         return _bits(vals.contiguous()).numpy().tobytes()
 
     def is_constant(self, name: str) -> bool:
-        t = self.tensors[name]
         rng = self._file_range(name)
         if rng is not None:
-            fd, start, nbytes = rng
-            size = t.element_size()
+            fd, start, nbytes, size = rng
             first = None
             for chunk in self._file_chunks(fd, start, nbytes, size):
                 if first is None:
@@ -133,6 +139,7 @@ class TorchContentReader:
                 if chunk != first * (len(chunk) // size):
                     return False
             return True
+        t = self.tensors[name]
         first = None
         with torch.no_grad():
             for chunk in _rows(t):
@@ -150,8 +157,7 @@ class TorchContentReader:
             return False
         ra, rb = self._file_range(a), self._file_range(b)
         if ra is not None and rb is not None:
-            size = ta.element_size()
-            for ca, cb in zip(self._file_chunks(*ra, size), self._file_chunks(*rb, size)):
+            for ca, cb in zip(self._file_chunks(*ra), self._file_chunks(*rb)):
                 if ca != cb:
                     return False
             return True

@@ -53,6 +53,7 @@ class _Archive:
         self.infos = self.zip.infos
         roots = {n.split("/", 1)[0] for n in self.infos if "/" in n}
         if len(roots) != 1:
+            self.zip.close()
             raise TargetError(f"{path}: a torch.export archive has one root folder; this zip has {len(roots)}")
         self.root = roots.pop()
         self._storage = None
@@ -223,6 +224,15 @@ def _placeholders(program: Any) -> list[dict[str, str]]:
 
 def load_pt2(path: Path, *, trust_pickle: bool = False) -> Subject:
     arc = _Archive(path)
+    try:
+        return _load_pt2(arc, path, trust_pickle)
+    finally:
+        # The tensors live in the archive's own mapping (arc.storage()): the zip's file handle is
+        # needed only while the records are read, and an open one is a ResourceWarning in the report.
+        arc.zip.close()
+
+
+def _load_pt2(arc: _Archive, path: Path, trust_pickle: bool) -> Subject:
     fmt = arc.read("archive_format").strip()
     if fmt != b"pt2":
         raise TargetError(f"{path}: archive_format is {fmt[:20]!r}, not a torch.export archive")

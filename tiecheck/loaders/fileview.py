@@ -14,6 +14,10 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+import torch
+
+from tiecheck.errors import TargetError
+
 
 @dataclass(frozen=True)
 class FileSpan:
@@ -58,3 +62,24 @@ def file_spans(tensors: Mapping, path: str) -> dict[str, FileSpan]:
                 out[name] = FileSpan(path, ptr - start + off)
                 break
     return out
+
+
+def map_file(path: str | os.PathLike, size: int, what: str) -> torch.UntypedStorage:
+    """A read-only mapping of ``size`` bytes of the regular file at ``path``.
+
+    Args:
+        path: the file to map.
+        size: how many bytes to map (the file's size, as the caller checked it).
+        what: how the error names the file (e.g. ``"model.onnx: external data x.bin"``).
+
+    Raises:
+        TargetError: ``path`` is not a regular file (a folder, a device) or cannot be mapped,
+            instead of torch's RuntimeError.
+    """
+    if not os.path.isfile(path):
+        raise TargetError(f"{what}: {os.fspath(path)} is not a regular file")
+    try:
+        return torch.UntypedStorage.from_file(os.fspath(path), False, size)
+    except (RuntimeError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TargetError(f"{what}: cannot memory-map {os.fspath(path)} ({first})") from e

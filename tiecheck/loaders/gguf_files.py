@@ -29,7 +29,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 
 from tiecheck.errors import TargetError
 from tiecheck.findings import finding
-from tiecheck.loaders.fileview import FileSpan
+from tiecheck.loaders.fileview import FileSpan, map_file
 from tiecheck.loaders.subject import Source, Subject
 
 EMBEDDING, OUTPUT = "token_embd.weight", "output.weight"
@@ -100,7 +100,7 @@ def load_gguf(path: Path) -> Subject:
     """A GGUF file's tensors (mapped), its architecture metadata and llama.cpp's output tie."""
     reader = read(path)
     size = path.stat().st_size
-    storage = torch.UntypedStorage.from_file(os.fspath(path), False, size)
+    storage = map_file(path, size, str(path))
     tensors: dict[str, torch.Tensor] = {}
     spans: dict[str, FileSpan] = {}
     types: dict[str, dict] = {}
@@ -120,11 +120,14 @@ def load_gguf(path: Path) -> Subject:
         if t.data_offset + nbytes > size:
             raise _bad(path, f"tensor {t.name!r} needs bytes {t.data_offset:,}..{t.data_offset + nbytes:,} but "
                              f"the file holds {size:,}: it is truncated; download it again")
-        shape = tuple(int(n) for n in t.data.shape)
-        dtype = _NUMPY_TO_TORCH.get(t.data.dtype)
-        if dtype is None:
-            raise _bad(path, f"tensor {t.name!r} has numpy type {t.data.dtype}, which tiecheck cannot map")
-        itemsize = t.data.dtype.itemsize
+        if qtype == GGMLQuantizationType.BF16:  # GGUFReader hands bf16 back as raw bytes: view them as bf16
+            shape, dtype, itemsize = tuple(reversed(dims)), torch.bfloat16, 2
+        else:
+            shape = tuple(int(n) for n in t.data.shape)
+            dtype = _NUMPY_TO_TORCH.get(t.data.dtype)
+            if dtype is None:
+                raise _bad(path, f"tensor {t.name!r} has numpy type {t.data.dtype}, which tiecheck cannot map")
+            itemsize = t.data.dtype.itemsize
         if nbytes == 0:
             value = torch.empty(shape, dtype=dtype)
         elif t.data_offset % itemsize == 0:
@@ -134,7 +137,8 @@ def load_gguf(path: Path) -> Subject:
             raw = torch.empty(0, dtype=torch.uint8).set_(storage, t.data_offset, (nbytes,))
             value = raw.clone().view(dtype).reshape(shape)
         tensors[t.name] = value
-        is_q = qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64,
+        is_q = qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                             GGMLQuantizationType.F64,
                              GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32,
                              GGMLQuantizationType.I64)
         quantized += is_q

@@ -281,6 +281,8 @@ def _describe(model, name: str, version: str) -> Architecture:
         with contextlib.suppress(Exception):
             declared = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
     name_of = {id(v): k for k, v in reversed(list(sd.items()))}
+    # The module's own name first: a tied head's weight is also the embedding's, whose name comes first.
+    module_name = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
 
     def weight_name(getter: str) -> str | None:
         try:
@@ -288,6 +290,9 @@ def _describe(model, name: str, version: str) -> Architecture:
         except Exception:  # noqa: BLE001 - many models raise NotImplementedError here
             return None
         w = getattr(mod, "weight", None)
+        own = f"{module_name[id(mod)]}.weight" if id(mod) in module_name else None
+        if own is not None and own in sd:
+            return own
         return name_of.get(id(w)) if w is not None else None
 
     config = getattr(model, "config", None)
@@ -498,7 +503,7 @@ def folder_declarations(files: Subject, cfg: dict, arch: Architecture | None
 
 def _load_weights(kind: str, path: Path, *, key: str | None, trust_pickle: bool) -> Subject:
     if kind == WEIGHTS_INDEX:
-        return load_sharded(path, read_weights_index(path), trust_pickle=trust_pickle)
+        return load_sharded(path, read_weights_index(path), trust_pickle=trust_pickle, restore_aliases=False)
     if kind == SAFETENSORS:
         return load_safetensors_file(path, restore_aliases=False)  # the architecture re-ties
     return load_torch_file(str(path), key=key, trust_pickle=trust_pickle)
@@ -532,9 +537,10 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
         extra["config_tie_word_embeddings"] = cfg.get("tie_word_embeddings")
     decls, pairs, copies, more = folder_declarations(files, cfg, arch)
     notes += more
+    # `files` is top-level, as for every other target (schema_version 2).
     return Subject(tensors=tensors, config=cfg, loader_findings=files.loader_findings + findings,
-                   extra={"hf": extra}, file_spans=spans, declarations=decls, declared_pairs=pairs,
-                   stored_copies=copies,
+                   extra={"files": extra.pop("files"), "hf": extra}, file_spans=spans, declarations=decls,
+                   declared_pairs=pairs, stored_copies=copies,
                    architecture=arch.module if arch is not None else None,
                    source=Source(target=str(path), format=f"Hugging Face folder ({files.source.format})",
                                  key=files.source.key, notes=notes))

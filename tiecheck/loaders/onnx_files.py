@@ -31,7 +31,7 @@ from onnx import TensorProto, numpy_helper
 
 from tiecheck.errors import TargetError
 from tiecheck.findings import finding
-from tiecheck.loaders.fileview import FileSpan
+from tiecheck.loaders.fileview import FileSpan, map_file
 from tiecheck.loaders.subject import Source, Subject
 
 MAX_PROTO = (2 << 30) - 1  # protobuf refuses messages of 2 GiB and more; larger models use external data
@@ -111,7 +111,7 @@ class _Files:
             except OSError as e:
                 raise TargetError(f"{model}: external data {p.name} of initializer {name!r} cannot be read "
                                   f"({e.strerror or e}); copy it next to the model") from e
-            st = torch.UntypedStorage.from_file(os.fspath(p), False, size) if size else None
+            st = map_file(p, size, f"{model}: external data of initializer {name!r}") if size else None
             self.storages[p] = (st, size)
         return self.storages[p]
 

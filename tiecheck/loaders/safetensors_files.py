@@ -16,7 +16,9 @@ architecture (``hf.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,14 @@ from typing import Any
 import torch
 
 from tiecheck.errors import TargetError
+from tiecheck.facts import TensorFact, fact_of
 from tiecheck.findings import finding
 from tiecheck.loaders.declared import alias_declarations, alias_map
 from tiecheck.loaders.detect import (
     SAFETENSORS,
     TORCH_SAVE,
     TORCH_SAVE_LEGACY,
+    read_weights_index,
     sniff_file,
 )
 from tiecheck.loaders.fileview import FileSpan, file_spans
@@ -53,7 +57,7 @@ DTYPES: dict[str, tuple[str, int]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     name: str
     dtype: str  # safetensors name, e.g. "BF16"
@@ -179,14 +183,99 @@ def _check_layout(path: Path, entries: dict[str, Entry], data_bytes: int) -> Non
         raise _bad(path, f"the file holds {data_bytes - pos:,} bytes after the last tensor's data")
 
 
-def map_tensors(header: Header) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """Every tensor as a view into one read-only memory mapping of the file (no data is read).
+class MappedTensors(Mapping):
+    """Every tensor of one safetensors file as a view into one read-only mapping of the file.
 
-    Returns the tensors, notes, and their file spans (the mapping starts at file offset 0), so
-    the content pass reads them with pread instead of faulting pages in.
+    The views are made on access, not up front: a checkpoint of 100,000 tensors would otherwise
+    spend seconds and a hundred megabytes on tensor objects that only their header fields are
+    needed from. ``facts()`` describes every tensor from the header alone, exactly as
+    ``tiecheck.facts.fact_of`` would describe the view.
     """
 
+    def __init__(self, header: Header, storage: Any, copied: dict[str, Any]):
+        self._header = header
+        self._storage = storage
+        self._copied = copied  # unaligned tensors, copied into memory by map_tensors
+        self._aliases: dict[str, str] = {}  # a name the file dropped -> the stored name it is one tensor with
 
+    def add_alias(self, name: str, stored: str) -> None:
+        """``name`` is one tensor with the stored ``stored`` (a tie an alias map restores)."""
+        self._aliases[name] = stored
+
+    def __getitem__(self, name: str):
+        name = self._aliases.get(name, name)
+        if name in self._copied:
+            return self._copied[name]
+        e = self._header.entries[name]  # KeyError for an unknown name, as a dict
+        dtype = getattr(torch, DTYPES[e.dtype][0])
+        if e.end == e.begin or self._storage is None:
+            return torch.empty(e.shape, dtype=dtype)
+        start = self._header.data_start + e.begin
+        return torch.empty(0, dtype=dtype).set_(self._storage, start // DTYPES[e.dtype][1], e.shape)
+
+    def __iter__(self):
+        yield from self._header.entries
+        yield from self._aliases
+
+    def __len__(self) -> int:
+        return len(self._header.entries) + len(self._aliases)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._header.entries or name in self._aliases
+
+    def file_layout(self, name: str) -> tuple[int, int, int]:
+        """(offset of the first byte in the mapping, nbytes, itemsize) of a mapped tensor, for pread."""
+        e = self._header.entries[self._aliases.get(name, name)]
+        return self._header.data_start + e.begin, e.end - e.begin, DTYPES[e.dtype][1]
+
+    def facts(self) -> list:
+        """A TensorFact per tensor, in file order, read from the header (no tensor is made)."""
+        ptr = self._storage.data_ptr() if self._storage is not None else 0
+        kinds = {}
+        for code, (attr, _size) in DTYPES.items():
+            dt = getattr(torch, attr, None)
+            if dt is not None:
+                kinds[code] = (attr, dt.is_floating_point or dt.is_complex)
+        out = []
+        storage = ("cpu", ptr)  # one key object shared by every fact, and strides shared per shape
+        strides: dict[tuple[int, ...], tuple[int, ...]] = {}
+        for name, e in self._header.entries.items():
+            if name in self._copied:
+                out.append(fact_of(name, self._copied[name]))
+                continue
+            dtype, floating = kinds[e.dtype]
+            itemsize = DTYPES[e.dtype][1]
+            stride = strides.get(e.shape)
+            if stride is None:
+                stride = strides[e.shape] = tuple(_contiguous_strides(e.shape))
+            mapped = ptr and e.end > e.begin
+            start = self._header.data_start + e.begin if mapped else 0
+            out.append(TensorFact(name=name, shape=e.shape, stride=stride, dtype=dtype, itemsize=itemsize,
+                                  device="cpu", storage=storage if mapped else None, byte_start=start,
+                                  byte_end=start + (e.end - e.begin) if mapped else 0,
+                                  owner=name.rsplit(".", 1)[0] if "." in name else "", is_floating=floating))
+        if self._aliases:  # an alias is the stored tensor's fact under its own name: the same extent
+            by_name = {f.name: f for f in out}
+            out += [dataclasses.replace(by_name[stored], name=name,
+                                        owner=name.rsplit(".", 1)[0] if "." in name else "")
+                    for name, stored in self._aliases.items()]
+        return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return strides[::-1]
+
+
+def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any]]:
+    """Every tensor as a view into one read-only memory mapping of the file (no data is read).
+
+    Returns the tensors (made on access), notes, and their file spans (the mapping starts at
+    file offset 0), so the content pass reads them with pread instead of faulting pages in.
+    """
     notes: list[str] = []
     spans: dict[str, Any] = {}
     storage = None
@@ -195,8 +284,8 @@ def map_tensors(header: Header) -> tuple[dict[str, Any], list[str], dict[str, An
             storage = torch.UntypedStorage.from_file(os.fspath(header.path), False, header.file_size)
         except RuntimeError as e:
             raise TargetError(f"{header.path}: cannot memory-map the file ({e})") from e
-    out: dict[str, Any] = {}
-    unaligned = []
+    copied: dict[str, Any] = {}
+    span = FileSpan(os.fspath(header.path), 0)  # one span serves every tensor of the file
     for e in header.entries.values():
         dtype = getattr(torch, DTYPES[e.dtype][0], None)
         if dtype is None:
@@ -205,20 +294,18 @@ def map_tensors(header: Header) -> tuple[dict[str, Any], list[str], dict[str, An
         itemsize = DTYPES[e.dtype][1]
         start = header.data_start + e.begin
         if e.end == e.begin or storage is None:
-            out[e.name] = torch.empty(e.shape, dtype=dtype)
-        elif start % itemsize == 0:
-            out[e.name] = torch.empty(0, dtype=dtype).set_(storage, start // itemsize, e.shape)
-            spans[e.name] = FileSpan(os.fspath(header.path), 0)
+            continue
+        if start % itemsize == 0:
+            spans[e.name] = span
         else:
             # A hand-made header whose length is not a multiple of the element size: a typed view
             # cannot start there, so this tensor (only) is copied into memory.
             raw = torch.empty(0, dtype=torch.uint8).set_(storage, start, (e.end - e.begin,))
-            out[e.name] = raw.clone().view(dtype).reshape(e.shape)
-            unaligned.append(e.name)
-    if unaligned:
-        notes.append(f"{len(unaligned)} tensor(s) start at unaligned offsets and were copied into memory "
-                     f"(e.g. {unaligned[0]})")
-    return out, notes, spans
+            copied[e.name] = raw.clone().view(dtype).reshape(e.shape)
+    if copied:
+        notes.append(f"{len(copied)} tensor(s) start at unaligned offsets and were copied into memory "
+                     f"(e.g. {next(iter(copied))})")
+    return MappedTensors(header, storage, copied), notes, spans
 
 
 def file_summary(header: Header) -> dict[str, Any]:
@@ -251,7 +338,7 @@ def load_safetensors_file(path: Path, *, restore_aliases: bool = True) -> Subjec
         for dropped, kept in aliases.items():
             if dropped in tensors:
                 continue  # stored as well: the layers analysis compares the two copies
-            tensors[dropped] = tensors[kept]
+            tensors.add_alias(dropped, kept)
             stored_copies[dropped] = None
             if kept in spans:
                 spans[dropped] = spans[kept]
@@ -283,8 +370,15 @@ def shard_paths(index_path: Path, index: dict) -> dict[str, list[str]]:
     return by_shard
 
 
-def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -> Subject:
-    """A checkpoint split across shards listed by a ``*.index.json`` (safetensors or torch.save)."""
+def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False,
+                 restore_aliases: bool = True) -> Subject:
+    """A checkpoint split across shards listed by a ``*.index.json`` (safetensors or torch.save).
+
+    The alias map of a sharded save (``huggingface_hub.save_torch_state_dict`` writes it into the
+    index's ``metadata``; a shard's ``__metadata__`` may hold one too) is read as for a single file,
+    and its dropped names restored as ties unless ``restore_aliases`` is False (a Hugging Face
+    folder, whose architecture re-ties instead).
+    """
 
     by_shard = shard_paths(index_path, index)
     tensors: dict[str, Any] = {}
@@ -293,12 +387,14 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -
     kinds: set[str] = set()
     notes: list[str] = []
     extra_names: list[str] = []
+    metadata = _index_metadata(index)
     for shard, names in by_shard.items():
         p = index_path.parent / shard
         kind = sniff_file(p)
         kinds.add(kind or "unknown")
         if kind == SAFETENSORS:
             header = read_header(p)
+            metadata.update(header.metadata)
             held, more, held_spans = map_tensors(header)
             spans.update(held_spans)
             notes += more
@@ -330,5 +426,58 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False) -
     total = sum(f["bytes"] for f in files)
     notes.insert(0, f"{len(tensors)} tensors in {len(files)} shard{'s' if len(files) != 1 else ''} "
                     f"({total:,} bytes) listed by {index_path.name}")
+    aliases, broken = alias_map(metadata, set(tensors))
+    decls, pairs = alias_declarations(aliases, broken, index_path.name)
+    findings = [finding("TC020", f"{index_path.name} says {k} is an alias of {v}, but no shard holds {v}: "
+                                 f"a loader that restores aliases cannot restore {k}", [k, v])
+                for k, v in sorted(broken.items())]
+    stored_copies = None
+    if restore_aliases and aliases:
+        stored_copies = {n: ("file", index_path.name, n) for n in tensors}
+        for dropped, kept in aliases.items():
+            if dropped in tensors:
+                continue  # stored as well: the layers analysis compares the two copies
+            tensors[dropped] = tensors[kept]
+            stored_copies[dropped] = None
+            if kept in spans:
+                spans[dropped] = spans[kept]
+        notes.append(f"the shards' __metadata__ record {len(aliases)} dropped name(s) as aliases of stored "
+                     f"tensors; restored as ties")
     return Subject(tensors=tensors, source=Source(target=str(index_path), format=f"sharded {fmt}", notes=notes),
-                   extra={"files": files}, file_spans=spans)
+                   extra={"files": files}, file_spans=spans, loader_findings=findings, declarations=decls,
+                   declared_pairs=pairs, stored_copies=stored_copies)
+
+
+def _index_metadata(index: dict) -> dict[str, str]:
+    """The string entries of an index's ``metadata`` (where a sharded save records its aliases)."""
+    meta = index.get("metadata")
+    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
+
+
+def stored_names(folder: Path) -> tuple[set[str], dict[str, str]] | None:
+    """The tensor names a folder's safetensors files store, and their alias map (dropped -> kept).
+
+    Reads headers only: the index (``model.safetensors.index.json``) with its shards checked as
+    :func:`shard_paths` checks them, else every ``*.safetensors`` file of the folder. None where the
+    folder holds no safetensors file.
+
+    Raises:
+        TargetError: a malformed index, a shard outside the folder or missing, a broken header.
+    """
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = read_weights_index(index_path)
+        if index is None:
+            raise TargetError(f"{index_path}: not a weights index (no weight_map); save the checkpoint again")
+        files = [folder / shard for shard in shard_paths(index_path, index)]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    metadata = _index_metadata(index) if index_path.is_file() else {}
+    for path in files:
+        header = read_header(path)
+        names.update(header.entries)
+        metadata.update(header.metadata)
+    return names, alias_map(metadata, names)[0]

@@ -12,6 +12,8 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,48 @@ from tiecheck.errors import TargetError
 
 _MODULE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _ATTR_PATH = _MODULE_PATH
+
+
+def project_root(start: Path) -> Path | None:
+    """The folder of the nearest ``pyproject.toml`` at or above ``start``, as pytest finds its rootdir."""
+    start = start.resolve()
+    for folder in (start, *start.parents):
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return None
+
+
+def import_roots(*starts: Path) -> list[str]:
+    """The folders a spec imports from: the current folder, then each project root above a start."""
+    roots = [os.getcwd()]
+    for start in (Path.cwd(), *starts):
+        root = project_root(start)
+        if root is not None and str(root) not in roots:
+            roots.append(str(root))
+    return roots
+
+
+@contextmanager
+def _on_path(folders: list[str]) -> Iterator[None]:
+    """Put ``folders`` first on ``sys.path`` for the import, then take back those that were added."""
+    added = [f for f in folders if f not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for f in added:
+            try:
+                sys.path.remove(f)
+            except ValueError:
+                pass
+
+
+def _importable(name: str) -> bool:
+    """Whether ``name``'s top-level package can be found on the current import path."""
+    try:
+        return importlib.util.find_spec(name.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def looks_like_spec(target: str) -> bool:
@@ -36,22 +80,27 @@ def _import_file(path: Path, spec_text: str):
     if spec is None or spec.loader is None:
         raise TargetError(f"{spec_text}: cannot import {path} as Python source")
     module = importlib.util.module_from_spec(spec)
-    folder = str(path.resolve().parent)
-    sys.path.insert(0, folder)  # so the file can import its siblings
+    # The file's own folder (its siblings), the current folder and the project root (its package),
+    # as pytest puts a test file's rootdir on the import path.
+    folders = [str(path.resolve().parent), *import_roots(path.resolve().parent)]
     try:
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        with _on_path(folders):
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
     except BaseException as e:
         sys.modules.pop(name, None)
         if isinstance(e, KeyboardInterrupt):
             raise
-        raise TargetError(f"{spec_text}: importing {path} failed: {type(e).__name__}: {_line(e)}") from e
-    finally:
-        try:
-            sys.path.remove(folder)
-        except ValueError:
-            pass
+        raise TargetError(f"{spec_text}: importing it failed: {type(e).__name__}: {_line(e)}"
+                          f"{_missing_hint(e, folders)}") from e
     return module
+
+
+def _missing_hint(e: BaseException, folders: list[str]) -> str:
+    if not isinstance(e, ModuleNotFoundError):
+        return ""
+    return (f" (the import path held {', '.join(folders)} first; install the package or run from the folder "
+            f"that holds it)")
 
 
 def _line(e: BaseException) -> str:
@@ -62,30 +111,27 @@ def _line(e: BaseException) -> str:
 def resolve_spec(spec_text: str) -> Any:
     """The object a spec names (not yet called)."""
     left, _, attr = spec_text.rpartition(":")
-    if left.endswith(".py") or os.path.exists(left):
+    # Like pytest: the current folder and the project root are on the import path, so a project's
+    # own package imports without being installed. A dotted name that imports is a module even
+    # where a folder of that name exists (the package's own folder, seen from the project root).
+    roots = import_roots()
+    with _on_path(roots):
+        as_module = (not left.endswith(".py") and not os.path.isfile(left) and _MODULE_PATH.match(left) is not None
+                     and _importable(left))
+    if not as_module and (left.endswith(".py") or os.path.exists(left)):
         path = Path(left)
         if not path.is_file():
             raise TargetError(f"{spec_text}: no such Python file {left}")
         module = _import_file(path, spec_text)
     else:
-        # Like `python -m`, look in the current folder first: a project's own package is
-        # usually run from its root without being installed.
-        cwd = os.getcwd()
-        added = cwd not in sys.path
-        if added:
-            sys.path.insert(0, cwd)
         try:
-            module = importlib.import_module(left)
+            with _on_path(roots):
+                module = importlib.import_module(left)
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
-            raise TargetError(f"{spec_text}: cannot import module '{left}': {type(e).__name__}: {_line(e)}") from e
-        finally:
-            if added:
-                try:
-                    sys.path.remove(cwd)
-                except ValueError:
-                    pass
+            raise TargetError(f"{spec_text}: cannot import module '{left}': {type(e).__name__}: {_line(e)}"
+                              f"{_missing_hint(e, roots)}") from e
     obj: Any = module
     for part in attr.split("."):
         try:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tiecheck.errors import TargetError, UntrustedPickleError
+from tiecheck.errors import TargetError, UntrustedPickleError, did_you_mean
 from tiecheck.facts import module_tensors
 from tiecheck.loaders.declared import megatron_declarations
 from tiecheck.loaders.fileview import file_spans
@@ -111,7 +111,28 @@ def _load_error(label: str, kind: str | None, e: Exception, trust_pickle: bool, 
         if cause.startswith(_REFUSALS):
             return UntrustedPickleError(refusal_message(label, f"what the pickle asks for ({cause})"))
         return TargetError(f"{label}: not a readable torch.save file, truncated or corrupt ({cause})")
-    return TargetError(f"{label}: not a readable torch.save file, truncated or corrupt ({_cause(e)})")
+    missing = _missing_class(label, e) if trust_pickle else None
+    return missing or TargetError(f"{label}: not a readable torch.save file, truncated or corrupt ({_cause(e)})")
+
+
+_NO_ATTRIBUTE = re.compile(r"Can't get attribute '([\w.]+)' on <module '([\w.]+)'")
+
+
+def _missing_class(label: str, e: BaseException) -> TargetError | None:
+    """A trusted pickle that names a class the import path lacks: the file is fine, say so."""
+    cause = e
+    while cause is not None and not isinstance(cause, (ModuleNotFoundError, AttributeError)):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ModuleNotFoundError) and cause.name:
+        return TargetError(f"{label}: the file is fine, but it pickles a class from module '{cause.name}', which is "
+                           f"not on the import path; run from the folder that holds {cause.name.split('.')[0]} (or "
+                           f"set PYTHONPATH), or save the state_dict() instead")
+    m = _NO_ATTRIBUTE.search(str(cause)) if isinstance(cause, AttributeError) else None
+    if m:
+        return TargetError(f"{label}: the file is fine, but it pickles {m.group(2)}.{m.group(1)}, which module "
+                           f"'{m.group(2)}' on the import path does not define (renamed or moved?); import the "
+                           f"right version of it, or save the state_dict() instead")
+    return None
 
 
 def _refused_global(label: str, kind: str | None, source) -> str | None:
@@ -230,6 +251,35 @@ def _describe_keys(obj: Mapping) -> str:
     return ", ".join(keys) + (", ..." if len(obj) > 12 else "")
 
 
+_OPTIMIZER_SLOTS = frozenset({"step", "exp_avg", "exp_avg_sq", "momentum_buffer", "square_avg", "sum", "max_exp_avg_sq"})
+
+
+def is_optimizer_state(obj: Any) -> bool:
+    """A torch.optim ``state_dict()`` (``state`` + ``param_groups``) or its ``state`` part
+    (parameter index -> step and moments): tensors, but no model's."""
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    if "param_groups" in obj and "state" in obj:
+        return True
+    return all(isinstance(k, int) or (isinstance(k, str) and k.isdigit()) for k in obj) and \
+        all(isinstance(v, Mapping) and _OPTIMIZER_SLOTS & set(map(str, v)) for v in obj.values())
+
+
+def model_state_keys(obj: Any) -> list[str]:
+    """Top-level keys of a checkpoint that hold a model state dict, for messages."""
+    if not isinstance(obj, Mapping):
+        return []
+    return [str(k) for k, v in obj.items()
+            if isinstance(v, Mapping) and not is_optimizer_state(v) and _try_pick(v)[0] is not None]
+
+
+def _no_key(where: str, key: str, part: str, cur: Any) -> TargetError:
+    if not isinstance(cur, Mapping):
+        return TargetError(f"{where}: no key '{key}' (available: {type(cur).__name__})")
+    guess = did_you_mean(part, [str(k) for k in cur])
+    return TargetError(f"{where}: no key '{key}' (available: {_describe_keys(cur)}){guess}")
+
+
 def pick_state(obj: Any, key: str | None, where: str) -> tuple[dict, str | None, list[str]]:
     """The model's name -> tensor mapping inside a loaded object, and the key that held it."""
     notes: list[str] = []
@@ -241,8 +291,13 @@ def pick_state(obj: Any, key: str | None, where: str) -> tuple[dict, str | None,
             elif isinstance(cur, Mapping) and part.isdigit() and int(part) in cur:
                 cur = cur[int(part)]
             else:
-                avail = _describe_keys(cur) if isinstance(cur, Mapping) else type(cur).__name__
-                raise TargetError(f"{where}: no key '{key}' (available: {avail})")
+                raise _no_key(where, key, part, cur)
+        if is_optimizer_state(cur):
+            models = model_state_keys(obj)
+            listed = (f"the model states in this file: {', '.join(models)} (e.g. --key {models[0]})" if models
+                      else "this file holds no model state dict at its top level")
+            raise TargetError(f"{where}: key '{key}' holds optimizer state (torch.optim state_dict: per-parameter "
+                              f"step and moments), not model weights; {listed}")
         if not isinstance(cur, Mapping):
             raise TargetError(f"{where}: key '{key}' holds a {type(cur).__name__}, not a mapping of tensors")
         chosen, used = cur, key

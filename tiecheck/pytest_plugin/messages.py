@@ -7,6 +7,7 @@ from pathlib import Path
 from tiecheck import __version__
 
 UPDATE_OPTION = "--tiecheck-update"
+ACCEPT_OPTION = "--tiecheck-accept-errors"
 
 
 def header(update: bool, snapshot_root: str | None) -> str:
@@ -21,6 +22,20 @@ def missing_snapshot(nodeid: str) -> str:
 
 def update_hint(nodeid: str) -> str:
     return f"if the change is intended, refresh the snapshot: `pytest {UPDATE_OPTION} {nodeid}`"
+
+
+def accept_hint(nodeid: str) -> str:
+    return f"`pytest {UPDATE_OPTION} {ACCEPT_OPTION} {nodeid}`"
+
+
+def with_errors(paths: dict[Path, list[str]], rootdir: Path) -> list[str]:
+    """Lines for the end of the run: snapshots written over error findings, loudly."""
+    if not paths:
+        return []
+    n = len(paths)
+    lines = [f"tiecheck: {n} snapshot{'s' if n > 1 else ''} record{'' if n > 1 else 's'} error findings "
+             f"({ACCEPT_OPTION}):"]
+    return lines + [f"  {relative(p, rootdir)}: {', '.join(codes)}" for p, codes in paths.items()]
 
 
 def conflicting_writers(path: str, first: str, second: str) -> str:

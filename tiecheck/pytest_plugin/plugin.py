@@ -22,6 +22,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tiecheck", "tiecheck: weight-tie assertions and snapshots")
     group.addoption("--tiecheck-update", action="store_true", default=False,
                     help="Write or refresh tie snapshots instead of comparing with them.")
+    group.addoption("--tiecheck-accept-errors", action="store_true", default=False,
+                    help="With --tiecheck-update: write snapshots even of models with error findings "
+                         "(e.g. a broken tie); listed at the end of the run.")
     group.addoption("--tiecheck-snapshot-dir", metavar="DIR", default=None,
                     help="Keep tie snapshots under DIR (relative to rootdir) instead of beside each test file.")
     parser.addini("tiecheck_snapshot_dir", "Folder (relative to rootdir) for tie snapshots; default: beside "
@@ -31,7 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     folder = config.getoption("tiecheck_snapshot_dir") or config.getini("tiecheck_snapshot_dir")
     root = (config.rootpath / folder) if folder else None
-    config.stash[_STORE] = SnapshotStore(config.rootpath, update=config.getoption("tiecheck_update"), root=root)
+    config.stash[_STORE] = SnapshotStore(config.rootpath, update=config.getoption("tiecheck_update"), root=root,
+                                         accept_errors=config.getoption("tiecheck_accept_errors"))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -54,5 +58,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     store = config.stash.get(_STORE, None)
     if store is None:
         return
-    for line in messages.summary(store.written, config.rootpath):
+    for line in messages.summary(store.written, config.rootpath) + messages.with_errors(store.with_errors,
+                                                                                        config.rootpath):
         terminalreporter.write_line(line)

@@ -34,9 +34,11 @@ def name_from_test(test_name: str) -> str:
 
 
 class SnapshotStore:
-    def __init__(self, rootdir: Path, update: bool = False, root: Path | None = None):
+    def __init__(self, rootdir: Path, update: bool = False, root: Path | None = None, accept_errors: bool = False):
         self.rootdir = rootdir
         self.update = update
+        self.accept_errors = accept_errors  # --tiecheck-accept-errors: record states with error findings
+        self.with_errors: dict[Path, list[str]] = {}
         self.root = root  # None: beside each test file
         self.written: dict[str, list[Path]] = defaultdict(list)
         self._writer: dict[Path, str] = {}
@@ -54,6 +56,10 @@ class SnapshotStore:
         """Record that a test uses a snapshot; the test that used it first, if another."""
         first = self._writer.setdefault(path, nodeid)
         return first if first != nodeid else None
+
+    def record_errors(self, path: Path, codes: list[str]) -> None:
+        """A snapshot written over error findings, for the run's summary."""
+        self.with_errors[path] = codes
 
     def record(self, path: Path, status: str) -> None:
         if status != "matched":

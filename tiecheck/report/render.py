@@ -85,7 +85,8 @@ def _text(r: Report, markdown: bool) -> str:
 
     content = r.content or {}
     shown = [d for d in r.untied_duplicates if not d["constant"]]
-    out += ["", h(f"Untied duplicates ({len(shown)})")]
+    wasted = s.get("bytes_wasted_by_duplicates", 0)
+    out += ["", h(f"Untied duplicates ({len(shown)}" + (f", {human_bytes(wasted)} wasted)" if wasted else ")"))]
     if not content.get("ran", False):
         out.append(f"content pass not run: {content.get('reason', 'disabled')}")
     elif r.untied_duplicates:
@@ -149,8 +150,10 @@ def _flops_lines(f: dict, tablefmt: str) -> list[str]:
     shape = f"batch {f['batch_size']} × seq {f['seq_len']}"
     if f.get("tgt_seq_len"):
         shape += f" (target {f['tgt_seq_len']})"
+    # An encoder-decoder's per-token figure divides by source and target tokens together: say so.
+    per = "per token (source + target tokens)" if f.get("tgt_seq_len") else "per token"
     lines = [
-        f"forward {human_flops(f['forward'])} for {shape}; {human_flops(f['per_token'])} per token; "
+        f"forward {human_flops(f['forward'])} for {shape}; {human_flops(f['per_token'])} {per}; "
         f"training step ≈ {human_flops(f['train_step_estimate'])} (3 × forward)",
     ]
     total = f["forward"] or 1

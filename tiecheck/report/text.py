@@ -23,9 +23,14 @@ _UNPRINTABLE.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 _JSON_UNSAFE = {c: f"\\u{c:04x}" for c in [*range(0x7F, 0xA0), 0x2028, 0x2029]}
 
 
+def escape_json(text: str) -> str:
+    """JSON text from ``json.dumps(ensure_ascii=False)`` with the characters it leaves raw escaped."""
+    return text.translate(_JSON_UNSAFE)
+
+
 def json_text(obj: Any, indent: int | None = 2) -> str:
     """``obj`` as JSON text that is safe to print: readable UTF-8, every control character escaped."""
-    return json.dumps(obj, indent=indent, ensure_ascii=False).translate(_JSON_UNSAFE) + "\n"
+    return escape_json(json.dumps(obj, indent=indent, ensure_ascii=False)) + "\n"
 
 
 def one_line(text: str) -> str:

@@ -1,0 +1,209 @@
+"""A small mutation runner: does the suite fail when the code is changed a little?
+
+    python tests/mutation/mutants.py [--budget SECONDS] [--only FILE[:FIRST-LAST]] ...
+
+Each mutant is one edit of the AST — a comparison flipped (``==``/``!=``, ``<``/``>=``,
+``in``/``not in``, ``is``/``is not``), ``and``/``or`` swapped, ``True``/``False`` swapped, an
+integer constant moved by one, ``not`` dropped, a returned value replaced by ``None``, or a
+statement replaced by ``pass`` — written to disk (bytecode caches off, so child interpreters
+the tests start see it too), then the targets' test files run in a forked child of a process
+that has already imported torch and pytest (a run costs the tests, not the imports). A mutant
+is killed when a test fails or the run exceeds ``--timeout``; the original file is restored
+after every mutant, and at exit whatever happens.
+
+Not run in CI (minutes of CPU); the results and the reasoning about each survivor are in
+docs/mutation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import importlib.util
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# target file -> (line range or None for the whole file, the test files that should kill its mutants)
+TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
+    "tiecheck/analyses/duplicates.py": (None, ["tests/test_analyses.py", "tests/test_duplicate_content.py"]),
+    "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py"]),
+    "tiecheck/analyses/candidates.py": (None, ["tests/test_analyses.py"]),
+    "tiecheck/analyses/lint.py": (None, ["tests/test_analyses.py"]),
+    "tiecheck/analyses/memory.py": (None, ["tests/test_analyses.py"]),
+}
+# The loaders' path checks: only the lines of the check itself are mutated (found by marker).
+PATH_CHECKS = {
+    "tiecheck/loaders/safetensors_files.py": ("def shard_paths(", "return by_shard",
+                                              ["tests/test_shard_index.py", "tests/test_contained_paths.py"]),
+    "tiecheck/loaders/dcp.py": ("    files: dict[str, int] = {}", "files[rel] = p.stat().st_size",
+                                ["tests/test_contained_paths.py"]),
+}
+
+FLIP = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE, ast.LtE: ast.Gt,
+        ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+
+
+@dataclass
+class Mutant:
+    file: str
+    line: int
+    what: str
+    source: str
+
+
+def _line_range(path: Path, start_marker: str, end_marker: str) -> tuple[int, int]:
+    lines = path.read_text().splitlines()
+    first = next(i for i, s in enumerate(lines, 1) if start_marker in s)
+    last = next(i for i, s in enumerate(lines, 1) if i > first and end_marker in s)
+    return first, last
+
+
+def _is_docstring(node: ast.AST, parent: ast.AST | None) -> bool:
+    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+            and parent is not None and getattr(parent, "body", [None])[0] is node)
+
+
+def mutants_of(rel: str, lines: tuple[int, int] | None) -> list[Mutant]:
+    """Every single-edit mutant of ``rel`` whose edit starts within ``lines``."""
+    tree = ast.parse((ROOT / rel).read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    sites = []  # (node, description, edit) where edit mutates a copy in place
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", None)
+        if line is None or (lines and not lines[0] <= line <= lines[1]):
+            continue
+        if isinstance(node, ast.Compare):
+            for i, op in enumerate(node.ops):
+                if type(op) in FLIP:
+                    sites.append((node, f"{type(op).__name__} -> {FLIP[type(op)].__name__}",
+                                  lambda n, i=i: n.ops.__setitem__(i, FLIP[type(n.ops[i])]())))
+        elif isinstance(node, ast.BoolOp):
+            sites.append((node, f"{type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}",
+                          lambda n: setattr(n, "op", ast.Or() if isinstance(n.op, ast.And) else ast.And())))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            sites.append((node, "not dropped", None))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, bool):
+            sites.append((node, f"{node.value} -> {not node.value}", lambda n: setattr(n, "value", not n.value)))
+        elif isinstance(node, ast.Constant) and type(node.value) is int:
+            sites.append((node, f"{node.value} -> {node.value + 1}", lambda n: setattr(n, "value", n.value + 1)))
+        elif isinstance(node, ast.Return) and node.value is not None and not (
+                isinstance(node.value, ast.Constant) and node.value.value is None):
+            sites.append((node, "return None", lambda n: setattr(n, "value", ast.Constant(None))))
+        if isinstance(node, (ast.Expr, ast.Assign, ast.AugAssign, ast.If, ast.For, ast.Raise, ast.Continue)) \
+                and not _is_docstring(node, parents.get(node)):
+            sites.append((node, f"{type(node).__name__} statement -> pass", "pass"))
+    out = []
+    for node, what, edit in sites:
+        clone = copy.deepcopy(tree)
+        target = next(n for n in ast.walk(clone) if ast.dump(n, include_attributes=True)
+                      == ast.dump(node, include_attributes=True))
+        if edit == "pass":
+            _replace(clone, target, ast.Pass())
+        elif edit is None:  # `not x` -> `x`
+            _replace(clone, target, target.operand)
+        else:
+            edit(target)
+        ast.fix_missing_locations(clone)
+        out.append(Mutant(rel, node.lineno, what, ast.unparse(clone)))
+    return out
+
+
+def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
+    for parent in ast.walk(tree):
+        for field, value in ast.iter_fields(parent):
+            if isinstance(value, list) and any(v is old for v in value):
+                value[[i for i, v in enumerate(value) if v is old][0]] = new
+                return
+            if value is old:
+                setattr(parent, field, new)
+                return
+
+
+def run_tests(tests: list[str], timeout: float) -> str:
+    """'passed', 'failed' or 'timeout': the tests in a forked child (imports already paid)."""
+    pid = os.fork()
+    if pid == 0:
+        import pytest  # noqa: PLC0415 - already imported by the parent: only bound here
+
+        sys.dont_write_bytecode = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", *tests])
+        os._exit(int(code))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return "passed" if os.waitstatus_to_exitcode(status) == 0 else "failed"
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return "timeout"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=600, help="stop starting mutants after this many seconds")
+    ap.add_argument("--timeout", type=float, default=120, help="a mutant whose tests run longer is killed")
+    ap.add_argument("--only", action="append", default=[], help="restrict to these target files")
+    args = ap.parse_args()
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    # A `timeout` or Ctrl-C must still restore the mutated file: SIGTERM unwinds like SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    import pytest  # noqa: F401, PLC0415 - paid once here, shared by every forked run
+    import torch  # noqa: F401, PLC0415 - idem
+
+    plan: list[tuple[Mutant, list[str]]] = []  # the path checks first: the fewest and the costliest to miss
+    for rel, (start, end, tests) in PATH_CHECKS.items():
+        plan += [(m, tests) for m in mutants_of(rel, _line_range(ROOT / rel, start, end))]
+    for rel, (lines, tests) in TARGETS.items():
+        plan += [(m, tests) for m in mutants_of(rel, lines)]
+    if args.only:
+        plan = [(m, t) for m, t in plan if m.file in args.only]
+
+    for tests in {tuple(t) for _, t in plan}:
+        if run_tests(list(tests), args.timeout) != "passed":
+            print(f"the unmutated code fails {' '.join(tests)}: fix that first", file=sys.stderr)
+            return 2
+    start = time.monotonic()
+    survivors, killed, skipped = [], 0, 0
+    originals: dict[str, str] = {}
+    try:
+        for m, tests in plan:
+            if time.monotonic() - start > args.budget:
+                skipped += 1
+                continue
+            path = ROOT / m.file
+            originals.setdefault(m.file, path.read_text())
+            cached = Path(importlib.util.cache_from_source(str(path)))
+            cached.unlink(missing_ok=True)
+            path.write_text(m.source + "\n")
+            try:
+                result = run_tests(tests, args.timeout)
+            finally:
+                path.write_text(originals[m.file])
+            print(f"{result:8} {m.file}:{m.line} {m.what}", flush=True)
+            if result == "passed":
+                survivors.append(m)
+            else:
+                killed += 1
+    finally:
+        for rel, text in originals.items():
+            (ROOT / rel).write_text(text)
+    print(f"{len(plan)} mutants: {killed} killed, {len(survivors)} survived, {skipped} not run (budget)")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""A broken tie (a clone of the embedding as the output head) is an error, reported once, names sorted."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from tiecheck import analyze
+from tiecheck.cli import main
+
+import support.models as tm
+
+EMB, HEAD = "tok_emb.weight", "head.weight"
+
+
+def _codes(report: dict) -> list[tuple[str, str]]:
+    return [(f["code"], f["severity"]) for f in report["findings"]]
+
+
+def test_a_cloned_head_fails_inspect_under_the_default_fail_on(tmp_path):
+    path = tmp_path / "broken.pt"
+    torch.save(tm.broken().state_dict(), path)
+    res = CliRunner().invoke(main, ["inspect", str(path), "--format", "json"])
+    assert res.exit_code == 1, res.output
+    report = json.loads(res.output)
+    # one finding for the pair: the duplicate, as an error; no TC006 for the same two names again
+    assert _codes(report) == [("TC005", "error")]
+    assert report["findings"][0]["names"] == [HEAD, EMB]
+    assert "the architecture ties" in report["findings"][0]["message"]
+    assert report["tie_candidates"][0]["names"] == sorted([EMB, HEAD])
+
+
+def test_a_duplicate_nothing_declares_stays_a_warning():
+    model = tm.tied()
+    with torch.no_grad():
+        model.norms[0].weight.uniform_()
+        model.norms[1].weight.copy_(model.norms[0].weight)
+    r = analyze(model)
+    assert [(f["code"], f["severity"]) for f in r.findings] == [("TC005", "warning")]
+    assert r.exit_code() == 0
+
+
+def test_a_config_that_declares_the_pair_untied_keeps_it_a_warning():
+    model = tm.broken()
+    model.config = type("Config", (), {"tie_word_embeddings": False})()
+    r = analyze(model)
+    assert [(f["code"], f["severity"]) for f in r.findings] == [("TC005", "warning")]
+
+
+def test_untied_candidates_keep_their_info_finding_with_sorted_names():
+    r = analyze(tm.untied())
+    assert [(f["code"], f["names"]) for f in r.findings] == [("TC006", [HEAD, EMB])]
+    assert r.tie_candidates[0]["names"] == [HEAD, EMB]

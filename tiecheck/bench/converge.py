@@ -1,0 +1,718 @@
+"""``tiecheck bench --mode converge``: does tying change what the model learns, not only how fast?
+
+    from tiecheck.bench.converge import ConvergeConfig, run_converge
+
+    result = run_converge(ConvergeConfig(quick=True))
+    result.to_frame()     # one row per (variant, metric, step): value, ci_low, ci_high, n, verdict
+    result.verdicts()     # ['validation loss: tied lower by 0.21 nats (...)', ...]
+
+Protocol. For each of ``seeds`` seeds, the tied and the untied variant are built from the same
+initial weights (the untied head a copy of the embedding) and trained on the same batches in the
+same order, with the same AdamW and learning-rate schedule, for ``steps`` steps; a seed changes
+the initial weights and the order of the batches, and both variants share it. Every
+``eval_every`` steps both are scored on the same held-out validation sequences. A seed is one
+independent replicate, so the statistics are over seeds: each variant's mean with a 95%
+Student-t interval, and the paired difference tied - untied (per seed, then its mean and
+interval). With three seeds a bootstrap percentile interval would have only ten distinct means
+to draw from and cover far less than 95%; the t interval is exact for normal differences and
+honest about having few of them. A difference is claimed only when its interval excludes 0.
+The same correctness checks as ``train`` mode run on every seed: identical start, the tie
+intact at the end, the untied copy diverged, every loss finite.
+
+The data (:mod:`tiecheck.bench.corpus`) needs no network: the standard library's sources by
+default, split by file; the tokenizer (:mod:`tiecheck.bench.tokenizer`) is a byte-level BPE
+trained on the training split and cached.
+
+Models. A bundled decoder preset (its vocabulary set to the tokenizer's), or
+``--model path/to/file.py:factory``: ``factory(tied: bool, vocab_size: int, seed: int)`` returns
+a ``torch.nn.Module`` whose ``forward(idx)`` takes token ids ``(batch, seq)`` and returns the
+logits ``(batch, seq, vocab_size)`` (or a tuple, or an object with ``.logits``, holding them);
+the tied build shares one Parameter between the embedding and the output layer, and the untied
+build with the same seed starts from the same values with the output layer a separate copy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tiecheck import __version__, models
+from tiecheck.bench import device as D
+from tiecheck.bench import stats
+from tiecheck.bench.corpus import Corpus, load_corpus
+from tiecheck.bench.protocol import diverged, identical_weights, param_count, still_tied, tie_groups
+from tiecheck.bench.tokenizer import TokenizerInfo, encode, get_tokenizer
+from tiecheck.errors import TiecheckError
+
+VARIANTS = ("tied", "untied")
+DIFF = "tied-untied"  # the paired difference, tied minus untied, per seed
+RATIO = "tied/untied"  # the perplexity ratio, exp of the difference
+COLUMNS = ["variant", "metric", "step", "unit", "value", "ci_low", "ci_high", "n", "verdict"]
+METRICS: dict[str, tuple[str, str]] = {
+    "val_loss": ("validation loss", "nats"),
+    "val_ppl": ("validation perplexity", "ppl"),
+    "train_loss": ("training loss (mean since last eval)", "nats"),
+    "params": ("parameters (counted once)", "count"),
+    "separated_from_step": ("paired difference outside 0 from step", "step"),
+}
+CONFIDENCE = 0.95
+MIN_SEEDS = 2  # a paired interval needs a spread of differences
+WARMUP_FRACTION, FINAL_LR_FRACTION = 0.1, 0.1
+BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0
+
+# Defaults: the CPU ones take about 2.5 minutes of one core (one torch thread); --quick is
+# a smoke test for CI (under 30 s) on a smaller gpt-mini, and says so in its header.
+_DEFAULTS = {
+    "cpu": dict(model="gpt-mini", overrides={}, batch_size=4, seq_len=64, steps=200, eval_every=25, seeds=3,
+                val_seqs=16, vocab_size=8192, max_chars=2_000_000, lr=1e-3),
+    "cuda": dict(model="gpt2-124m", overrides={}, batch_size=16, seq_len=256, steps=1000, eval_every=100, seeds=3,
+                 val_seqs=64, vocab_size=8192, max_chars=8_000_000, lr=1e-3),
+    "quick": dict(model="gpt-mini", overrides={"n_layer": 2, "d_model": 64, "n_head": 2}, batch_size=4, seq_len=32,
+                  steps=60, eval_every=10, seeds=3, val_seqs=16, vocab_size=2048, max_chars=400_000, lr=3e-3),
+}
+
+Progress = Callable[[int, str], None]
+Factory = Callable[..., nn.Module]  # factory(tied=..., vocab_size=..., seed=...) -> module
+
+
+@dataclass(frozen=True)
+class ConvergeConfig:
+    """What to train. ``None`` fields take the device's default (or ``--quick``'s)."""
+
+    model: Optional[str] = None  # a bundled decoder, or "file.py:factory"
+    device: str = "cpu"
+    steps: Optional[int] = None
+    seeds: Optional[int] = None
+    eval_every: Optional[int] = None
+    batch_size: Optional[int] = None
+    seq_len: Optional[int] = None
+    vocab_size: Optional[int] = None
+    text: Optional[str] = None  # a file or folder; None: the standard library
+    tokenizer: Optional[str] = None  # a tokenizer.json or a folder holding one
+    cache: bool = True
+    quick: bool = False
+    seed: int = 0  # the first seed; seed i is seed + i
+    lr: Optional[float] = None
+    val_seqs: Optional[int] = None
+    max_chars: Optional[int] = None  # the standard library budget
+    threads: Optional[int] = None  # None: 1 on the CPU (steady on a shared machine), torch's own on a GPU
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # bundled model config changes
+
+
+# ------------------------------------------------------------------------------------------
+# Statistics over seeds
+# ------------------------------------------------------------------------------------------
+
+# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; above, the Cornish-Fisher
+# expansion around the normal quantile is within 1e-3 of the exact value.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile(df: int) -> float:
+    """t(0.975, df): the half-width multiplier of a two-sided 95% interval."""
+    if df < 1:
+        raise ValueError("a t interval needs at least two values")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over seeds with its 95% Student-t interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def mean_interval(values: Sequence[float]) -> Interval:
+    """Mean of ``values`` (one per seed) and its 95% t interval.
+
+    Args:
+        values: at least two numbers.
+
+    Returns:
+        The Interval; zero width when every value is equal.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.size < MIN_SEEDS:
+        raise ValueError(f"an interval needs at least {MIN_SEEDS} values")
+    half = t_quantile(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    m = float(x.mean())
+    return Interval(m, m - half, m + half, int(x.size))
+
+
+def paired_intervals(tied: np.ndarray, untied: np.ndarray) -> list[Interval]:
+    """Per step, the interval of the per-seed differences tied - untied.
+
+    Args:
+        tied, untied: arrays [seed][step] of the same shape.
+
+    Returns:
+        One Interval per step.
+    """
+    d = np.asarray(tied, dtype=float) - np.asarray(untied, dtype=float)
+    return [mean_interval(d[:, j]) for j in range(d.shape[1])]
+
+
+def separation_step(steps: Sequence[int], diffs: Sequence[Interval]) -> Optional[int]:
+    """The first step from which every later interval excludes 0 on the same side; None if the
+    interval at the last step contains 0.
+
+    Args:
+        steps: the evaluation steps, ascending.
+        diffs: the paired difference's interval at each.
+
+    Returns:
+        The step, or None.
+    """
+    if not diffs or not diffs[-1].excludes_zero():
+        return None
+    side = diffs[-1].mean > 0
+    first = len(diffs) - 1
+    while first > 0 and diffs[first - 1].excludes_zero() and (diffs[first - 1].mean > 0) == side:
+        first -= 1
+    return steps[first]
+
+
+def difference_verdict(d: Interval, what: str, unit: str = "nats") -> str:
+    """The paired difference in the bench's words: a difference only when its interval excludes 0."""
+    ci = f"95% CI {d.low:+.3f} to {d.high:+.3f}, {d.n} seeds"
+    if not d.excludes_zero():
+        return f"{what}: no measurable difference (tied - untied {d.mean:+.3f} {unit}, {ci} contains 0)"
+    word = "lower" if d.mean < 0 else "higher"
+    return f"{what}: tied {word} by {abs(d.mean):.3f} {unit} (tied - untied {d.mean:+.3f}, {ci})"
+
+
+def ppl_verdict(d: Interval) -> str:
+    """The perplexity ratio tied/untied = exp(loss difference), worded by ``stats.verdict``."""
+    # rounds=0: this interval is over seeds, not the round bootstrap that stats' round minimum guards.
+    r = stats.Estimate(math.exp(d.mean), math.exp(d.low), math.exp(d.high), d.n, 0)
+    return stats.verdict(r, "validation perplexity", lower_is_better=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The plan
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    description: str
+    factory: Optional[str]  # "file.py:factory" when the model is the user's
+    overrides: Mapping[str, Any]
+    dev: torch.device
+    steps: int
+    seeds: int
+    eval_every: int
+    batch_size: int
+    seq_len: int
+    vocab_size: int
+    val_seqs: int
+    max_chars: int
+    lr: float
+    seed: int
+    threads: Optional[int]
+    quick: bool
+
+    def eval_steps(self) -> list[int]:
+        """0, eval_every, 2 * eval_every, ..., and the last step."""
+        return sorted(set(range(0, self.steps, self.eval_every)) | {self.steps})
+
+    def units(self) -> int:
+        return self.seeds * 2 * self.steps
+
+
+def _positive(name: str, value: Optional[int]) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise TiecheckError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+
+
+def _is_spec(model: Optional[str]) -> bool:
+    return bool(model) and ":" in model  # type: ignore[operator]
+
+
+def resolve(cfg: ConvergeConfig) -> Plan:
+    """Fill in defaults and reject bad input with one line naming the option."""
+    for name in ("steps", "seeds", "eval_every", "batch_size", "seq_len", "vocab_size", "val_seqs", "max_chars",
+                 "threads"):
+        _positive(name, getattr(cfg, name))
+    dev = D.resolve_device(cfg.device)
+    defaults = _DEFAULTS["quick" if cfg.quick else "cuda" if D.is_cuda(dev) else "cpu"]
+    seeds = cfg.seeds or defaults["seeds"]
+    if seeds < MIN_SEEDS:
+        raise TiecheckError(f"--seeds {seeds}: the verdict is a paired interval over seeds, which needs at least "
+                            f"{MIN_SEEDS} (3 or more for a useful one); use --seeds 3")
+    steps = cfg.steps or defaults["steps"]
+    eval_every = min(cfg.eval_every or defaults["eval_every"], steps)
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise TiecheckError(f"learning rate {cfg.lr}: must be positive")
+    name = cfg.model or defaults["model"]
+    overrides = dict(defaults["overrides"]) if cfg.model is None else {}
+    overrides.update(cfg.overrides)
+    seq_len = cfg.seq_len or defaults["seq_len"]
+    if _is_spec(name):
+        description = "the user's model (factory(tied, vocab_size, seed))"
+    else:
+        try:
+            preset = models.get_preset(name)
+        except KeyError:
+            raise TiecheckError(f"--model {name}: unknown model; choose a bundled decoder "
+                                f"({', '.join(p.name for p in models.list_presets() if p.kind == 'decoder')}) "
+                                "or path/to/file.py:factory") from None
+        if preset.kind != "decoder":
+            raise TiecheckError(f"--model {name}: an encoder-decoder; --mode converge trains a language model, "
+                                "so choose a decoder such as gpt-mini or llama-mini")
+        description = preset.description + (f" With {overrides}." if overrides else "")
+        max_pos = models.get_config(name, **overrides).max_positions
+        if seq_len > max_pos:
+            raise TiecheckError(f"--seq-len {seq_len}: {name} has {max_pos} positions; use --seq-len {max_pos} or less")
+    return Plan(model=name, description=description, factory=name if _is_spec(name) else None, overrides=overrides,
+                dev=dev, steps=steps, seeds=seeds, eval_every=eval_every,
+                batch_size=cfg.batch_size or defaults["batch_size"], seq_len=seq_len,
+                vocab_size=cfg.vocab_size or defaults["vocab_size"], val_seqs=cfg.val_seqs or defaults["val_seqs"],
+                max_chars=cfg.max_chars or defaults["max_chars"], lr=cfg.lr or defaults["lr"], seed=cfg.seed,
+                threads=cfg.threads or (None if D.is_cuda(dev) else 1), quick=cfg.quick)
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Data:
+    corpus: Corpus
+    tok: TokenizerInfo
+    train_ids: torch.Tensor  # the training split's ids, one stream
+    val: torch.Tensor  # (val_seqs, seq_len + 1): the held-out sequences, the same for every seed
+
+
+def prepare_data(plan: Plan, cfg: ConvergeConfig) -> Data:
+    """Read the corpus, get the tokenizer, encode both splits, cut the validation sequences."""
+    corpus = load_corpus(cfg.text, plan.max_chars)
+    tok = get_tokenizer(corpus, plan.vocab_size, cfg.tokenizer, cfg.cache)
+    if cfg.tokenizer and cfg.vocab_size and tok.vocab_size != cfg.vocab_size:
+        raise TiecheckError(f"--tokenizer {cfg.tokenizer}: its vocabulary has {tok.vocab_size} tokens, not the "
+                            f"--vocab-size {cfg.vocab_size} asked for; drop --vocab-size or give a matching tokenizer")
+    train_ids = torch.tensor(encode(tok, corpus.train), dtype=torch.long)
+    val_ids = torch.tensor(encode(tok, corpus.val), dtype=torch.long)
+    window = plan.seq_len + 1
+    if train_ids.numel() < 4 * window:
+        raise TiecheckError(f"the training text is {train_ids.numel()} tokens, too little for sequences of "
+                            f"{plan.seq_len}; give more text (--text) or a smaller --seq-len")
+    n_val = min(plan.val_seqs, val_ids.numel() // window)
+    if n_val < 1:
+        raise TiecheckError(f"the validation text is {val_ids.numel()} tokens, less than one sequence of "
+                            f"{window}; give more text (--text) or a smaller --seq-len")
+    val = val_ids[: n_val * window].view(n_val, window)  # consecutive, non-overlapping windows
+    return Data(corpus, tok, train_ids, val)
+
+
+def seed_batches(train_ids: torch.Tensor, plan: Plan, seed: int) -> torch.Tensor:
+    """(steps, batch, seq_len + 1) windows at random starts: a function of ``seed`` alone."""
+    g = torch.Generator().manual_seed(seed)
+    window = plan.seq_len + 1
+    starts = torch.randint(0, train_ids.numel() - window + 1, (plan.steps, plan.batch_size), generator=g)
+    return train_ids[starts[..., None] + torch.arange(window)]
+
+
+# ------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------
+
+def make_builder(plan: Plan, vocab_size: int) -> Callable[[bool, int], nn.Module]:
+    """(tied, seed) -> model on the plan's device, with the tokenizer's vocabulary."""
+    if plan.factory is not None:
+        from tiecheck.loaders.spec import call_spec  # noqa: PLC0415 - imports the user's file only when asked
+
+        def build_user(tied: bool, seed: int) -> nn.Module:
+            m = call_spec(plan.factory, tied=tied, vocab_size=vocab_size, seed=seed)
+            if not isinstance(m, nn.Module):
+                raise TiecheckError(f"--model {plan.factory}: returned {type(m).__name__}, not a torch.nn.Module")
+            return m.to(plan.dev)
+
+        return build_user
+    overrides = {**plan.overrides, "vocab_size": vocab_size}
+    return lambda tied, seed: models.build(plan.model, tied=tied, device=plan.dev, seed=seed, **overrides)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TiecheckError(f"the model's forward returned {type(out).__name__}; --mode converge needs the logits "
+                        "(a tensor, a tuple starting with them, or an object with .logits)")
+
+
+def lm_loss(model: nn.Module, window: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``window`` (batch, seq + 1), in float32."""
+    logits = _logits(model(window[:, :-1]))
+    if logits.shape[-1] != vocab_size:
+        raise TiecheckError(f"the model scores {logits.shape[-1]} tokens but the tokenizer has {vocab_size}; "
+                            f"use a tokenizer of the model's vocabulary (or --vocab-size {logits.shape[-1]} "
+                            "to train one)")
+    return F.cross_entropy(logits.float().reshape(-1, vocab_size), window[:, 1:].reshape(-1))
+
+
+def lr_at(step: int, plan: Plan) -> float:
+    """Linear warm-up over the first tenth, then cosine down to a tenth of the peak."""
+    warm = max(1, int(plan.steps * WARMUP_FRACTION))
+    if step < warm:
+        return plan.lr * (step + 1) / warm
+    t = (step - warm) / max(1, plan.steps - warm)
+    return plan.lr * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: torch.Tensor, batch_size: int, vocab_size: int) -> float:
+    """Mean validation loss over every held-out sequence (equal lengths, so a mean of means)."""
+    was = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, val.shape[0], batch_size):
+        chunk = val[i: i + batch_size]
+        total += float(lm_loss(model, chunk, vocab_size)) * chunk.shape[0]
+    model.train(was)
+    return total / val.shape[0]
+
+
+@dataclass
+class Run:
+    """One variant's curves for one seed."""
+
+    train_losses: list[float] = field(default_factory=list)  # every step
+    val_losses: list[float] = field(default_factory=list)  # every evaluation step
+
+
+def train(model: nn.Module, batches: torch.Tensor, val: torch.Tensor, plan: Plan, vocab_size: int, seed: int,
+          progress: Progress, label: str) -> Run:
+    """Train ``model`` on ``batches`` in order and score it at the evaluation steps.
+
+    The global RNG is seeded (inside a fork, so the caller's is untouched) for anything the model
+    draws while training -- dropout -- so both variants of a seed draw alike.
+    """
+    run = Run()
+    dev = plan.dev
+    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    evals = set(plan.eval_steps())
+    val = val.to(dev)
+    with torch.random.fork_rng(devices=[dev] if D.is_cuda(dev) else []):
+        torch.manual_seed(seed)
+        model.train()
+        for step in range(plan.steps):
+            if step in evals:
+                run.val_losses.append(evaluate(model, val, plan.batch_size * 2, vocab_size))
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, plan)
+            loss = lm_loss(model, batches[step].to(dev), vocab_size)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.train_losses.append(float(loss.detach()))
+            progress(1, label)
+        run.val_losses.append(evaluate(model, val, plan.batch_size * 2, vocab_size))
+    return run
+
+
+# ------------------------------------------------------------------------------------------
+# The result
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    variant: str
+    metric: str
+    step: Optional[int]
+    unit: str
+    value: Optional[float]
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    n: Optional[int] = None
+    verdict: str = ""
+
+    @classmethod
+    def of(cls, variant: str, metric: str, step: Optional[int], e: Interval, verdict: str = "") -> "Row":
+        return cls(variant, metric, step, METRICS[metric][1], e.mean, e.low, e.high, e.n, verdict)
+
+
+@dataclass
+class ConvergeResult:
+    """Curves per variant and seed, the checks, and the statistics derived from them.
+
+    ``curves[variant][metric]`` is [seed][eval step] for ``val_loss`` and ``train_loss`` (the
+    mean training loss of the steps since the previous evaluation; at step 0, none: NaN).
+    """
+
+    header: dict[str, Any]
+    steps: list[int]
+    curves: dict[str, dict[str, list[list[float]]]]
+    params: dict[str, int]
+    checks: dict[str, bool]
+    notes: list[str] = field(default_factory=list)
+    mode: str = "converge"
+
+    def _arr(self, variant: str, metric: str) -> np.ndarray:
+        return np.asarray(self.curves[variant][metric], dtype=float)
+
+    def diff(self, metric: str = "val_loss") -> list[Interval]:
+        """The paired difference tied - untied at every evaluation step."""
+        return paired_intervals(self._arr("tied", metric), self._arr("untied", metric))
+
+    def per_seed_diff(self, metric: str = "val_loss") -> list[float]:
+        """tied - untied at the last evaluation step, one value per seed."""
+        return list(self._arr("tied", metric)[:, -1] - self._arr("untied", metric)[:, -1])
+
+    def separated_from(self) -> Optional[int]:
+        """The first step from which the validation loss difference stays outside 0 (None: not separated)."""
+        return separation_step(self.steps, self.diff("val_loss"))
+
+    def separation_line(self) -> str:
+        s, last = self.separated_from(), self.steps[-1]
+        if s is None:
+            return (f"separation: the curves have not separated by step {last}: the paired validation loss "
+                    "difference's interval contains 0 there")
+        side = "below" if self.diff("val_loss")[-1].mean < 0 else "above"
+        return (f"separation: the curves have separated: the paired validation loss difference stays {side} 0 "
+                f"from step {s} to the last step ({last})")
+
+    def rows(self) -> list[Row]:
+        out: list[Row] = []
+        last = self.steps[-1]
+        for metric in ("val_loss", "train_loss"):
+            per = {v: self._arr(v, metric) for v in VARIANTS}
+            diffs = self.diff(metric)
+            for j, step in enumerate(self.steps):
+                if np.isnan(per["tied"][:, j]).any():
+                    continue
+                for v in VARIANTS:
+                    e = mean_interval(per[v][:, j])
+                    out.append(Row.of(v, metric, step, e))
+                    if metric == "val_loss":
+                        ppl = Interval(math.exp(e.mean), math.exp(e.low), math.exp(e.high), e.n)
+                        out.append(Row.of(v, "val_ppl", step, ppl))
+                d = diffs[j]
+                final = step == last
+                out.append(Row.of(DIFF, metric, step, d,
+                                  difference_verdict(d, METRICS[metric][0]) if final and metric == "val_loss"
+                                  else ""))
+                if metric == "val_loss":
+                    out.append(Row(RATIO, "val_ppl", step, "ratio", math.exp(d.mean), math.exp(d.low),
+                                   math.exp(d.high), d.n, ppl_verdict(d) if final else ""))
+        for v in VARIANTS:
+            out.append(Row(v, "params", None, "count", self.params.get(v)))
+        s = self.separated_from()
+        out.append(Row(DIFF, "separated_from_step", None, "step", None if s is None else float(s),
+                       verdict=self.separation_line()))
+        return out
+
+    def to_frame(self):
+        """One row per (variant, metric, step); see COLUMNS."""
+        import pandas as pd  # noqa: PLC0415 - pandas costs 0.3 s; only the frame needs it
+
+        frame = pd.DataFrame([r.__dict__ for r in self.rows()], columns=COLUMNS)
+        frame["n"] = frame["n"].astype("Int64")
+        frame["step"] = frame["step"].astype("Int64")
+        return frame
+
+    def checks_passed(self) -> bool:
+        return all(self.checks.values())
+
+    def failures(self) -> list[str]:
+        return []
+
+    def measured(self) -> bool:
+        return bool(self.steps)
+
+    def verdicts(self) -> list[str]:
+        return [r.verdict for r in self.rows() if r.verdict]
+
+    def headline(self) -> Optional[str]:
+        v = self.verdicts()
+        return v[0] if v else None
+
+    def final(self, variant: str, metric: str) -> Optional[Row]:
+        for r in self.rows():
+            if r.variant == variant and r.metric == metric and r.step == self.steps[-1]:
+                return r
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": 1,
+            "header": dict(self.header),
+            "checks": dict(self.checks),
+            "headline": self.headline(),
+            "verdicts": self.verdicts(),
+            "separated_from_step": self.separated_from(),
+            "notes": list(self.notes),
+            "steps": list(self.steps),
+            "results": [dict(r.__dict__) for r in self.rows()],
+            "curves": {v: {m: [[None if math.isnan(x) else x for x in seed] for seed in arr]
+                           for m, arr in ms.items()} for v, ms in self.curves.items()},
+        }
+
+    def to_json(self) -> str:
+        import json  # noqa: PLC0415 - only the JSON output needs it
+
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------
+
+def run_converge(cfg: ConvergeConfig = ConvergeConfig(), *, progress: Optional[Progress] = None,
+                 command: Optional[str] = None) -> ConvergeResult:
+    """Train tied and untied variants over ``cfg.seeds`` seeds and compare their curves.
+
+    Args:
+        cfg: what to train (see ConvergeConfig; None fields take defaults).
+        progress: called with (steps done, label) as training goes.
+        command: the command line shown in the header.
+
+    Returns:
+        The ConvergeResult.
+    """
+    plan = resolve(cfg)
+    threads = torch.get_num_threads()
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    try:
+        return _run(plan, cfg, progress or (lambda n, label: None), command)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _run(plan: Plan, cfg: ConvergeConfig, progress: Progress, command: Optional[str]) -> ConvergeResult:
+    load = _host_load()
+    data = prepare_data(plan, cfg)
+    vocab = data.tok.vocab_size
+    build = make_builder(plan, vocab)
+    curves = {v: {"val_loss": [], "train_loss": []} for v in VARIANTS}
+    params: dict[str, int] = {}
+    ok = {"start": True, "first": True, "tied": True, "diverged": True, "finite": True}
+    tie_share = None
+    steps = plan.eval_steps()
+    for i in range(plan.seeds):
+        seed = plan.seed + i
+        tied, untied = build(True, seed), build(False, seed)
+        groups = tie_groups(tied)
+        if not groups:
+            raise TiecheckError(f"--model {plan.model}: the tied build shares no Parameter between two names; "
+                                "the factory must tie the embedding and the output layer when tied=True")
+        rows = tied.get_parameter(groups[0][0]).shape[0]  # the tied matrix: one row per token
+        if rows != vocab:
+            raise TiecheckError(f"the model's vocabulary is {rows} tokens (its tied matrix has {rows} rows) but the "
+                                f"tokenizer has {vocab}; use a tokenizer of the model's vocabulary (or "
+                                f"--vocab-size {rows} to train one)")
+        ok["start"] &= bool(not tie_groups(untied) and identical_weights(tied, untied))
+        params = {"tied": param_count(tied), "untied": param_count(untied)}
+        tie_share = (params["untied"] - params["tied"]) / params["untied"]
+        batches = seed_batches(data.train_ids, plan, seed)
+        runs = {}
+        for name, model in (("tied", tied), ("untied", untied)):
+            runs[name] = train(model, batches, data.val, plan, vocab, seed, progress, f"seed {seed} {name}")
+        ok["first"] &= math.isclose(runs["tied"].train_losses[0], runs["untied"].train_losses[0], rel_tol=1e-4)
+        ok["tied"] &= still_tied(tied, groups)
+        ok["diverged"] &= diverged(untied, groups)
+        for name, run in runs.items():
+            ok["finite"] &= all(math.isfinite(x) for x in run.train_losses + run.val_losses)
+            curves[name]["val_loss"].append(run.val_losses)
+            curves[name]["train_loss"].append(_window_means(run.train_losses, steps))
+        del tied, untied
+    n = plan.seeds
+    checks = {
+        f"identical start (same values by name; tied shares, untied copies), {n} seeds": ok["start"],
+        f"same first loss (within 0.0001 relative), {n} seeds": ok["first"],
+        f"tied variant still tied after training, {n} seeds": ok["tied"],
+        f"untied variant diverged (separate memory, different values), {n} seeds": ok["diverged"],
+        "every training and validation loss finite": ok["finite"],
+    }
+    header = _header(plan, data, command, load, params, tie_share)
+    notes = []
+    seen = plan.steps * plan.batch_size * plan.seq_len
+    if seen > data.train_ids.numel():
+        notes.append(f"each seed trains on {seen:,} tokens, more than the {data.train_ids.numel():,} of the training "
+                     "split: windows repeat, so the curves include memorisation")
+    if plan.quick:
+        notes.append("--quick: a smoke test on a smaller model and a short run; its verdict says little about "
+                     "the default experiment")
+    return ConvergeResult(header=header, steps=steps, curves=curves, params=params, checks=checks, notes=notes)
+
+
+def _window_means(losses: list[float], steps: list[int]) -> list[float]:
+    """The mean training loss of the steps since the previous evaluation step (NaN at step 0)."""
+    out, prev = [], 0
+    for s in steps:
+        out.append(float(np.mean(losses[prev:s])) if s > prev else float("nan"))
+        prev = s
+    return out
+
+
+def _host_load() -> Optional[str]:
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return None
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs at the start"
+
+
+def _header(plan: Plan, data: Data, command: Optional[str], load: Optional[str], params: dict[str, int],
+            tie_share: Optional[float]) -> dict[str, Any]:
+    c = data.corpus
+    threads = plan.threads or torch.get_num_threads()
+    dev = f"cpu ({threads} thread{'s' if threads != 1 else ''})" if not D.is_cuda(plan.dev) else \
+        torch.cuda.get_device_name(plan.dev)
+    return {
+        "title": (f"tiecheck bench --mode converge: {plan.model}, {plan.seeds} seeds x {plan.steps} steps, "
+                  f"batch {plan.batch_size} x {plan.seq_len} tokens, {plan.dev.type}"),
+        "command": command or "run_converge(...)",
+        "device": dev,
+        "host_load": load,
+        "torch": torch.__version__,
+        "tiecheck": __version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": plan.model,
+        "model_description": plan.description,
+        "vocab_size": data.tok.vocab_size,
+        "params_tied": params.get("tied"),
+        "params_untied": params.get("untied"),
+        "tie_share": tie_share,
+        "corpus": c.description,
+        "train_split": f"{len(c.train)} files, {c.chars('train'):,} characters, {data.train_ids.numel():,} tokens",
+        "val_split": (f"{len(c.val)} files, {c.chars('val'):,} characters; {data.val.shape[0]} sequences of "
+                      f"{plan.seq_len} tokens scored"),
+        "tokenizer": data.tok.source,
+        "optimizer": (f"AdamW lr {plan.lr:g} (linear warm-up over {WARMUP_FRACTION:.0%} of the steps, cosine to "
+                      f"{FINAL_LR_FRACTION:.0%}), betas {BETAS}, weight decay {WEIGHT_DECAY}, "
+                      f"gradient clip {GRAD_CLIP}; fp32"),
+        "steps": plan.steps,
+        "seeds": plan.seeds,
+        "first_seed": plan.seed,
+        "eval_every": plan.eval_every,
+        "batch_size": plan.batch_size,
+        "seq_len": plan.seq_len,
+        "platform": sys.platform,
+    }
