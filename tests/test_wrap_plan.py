@@ -104,8 +104,8 @@ def test_prediction_matches_torch_fully_shard_in_a_one_rank_gloo_group():
             predicted = check_plan(model, "x", units=units)
             apply_plan(model, units, fully_shard)
             # inspect on the wrapped module, before any forward: the straddle read from FSDP2's records
-            tc022 = [f for f in analyze(model).findings if f["code"] == "TC022"]
-            assert [tuple(f["names"]) for f in tc022] == (
+            tc025 = [f for f in analyze(model).findings if f["code"] == "TC025"]
+            assert [tuple(f["names"]) for f in tc025] == (
                 [("lm_head.weight", "transformer.wte.weight")] if predicted.error else [])
             idx = torch.randint(0, 100, (1, 8))
             try:

@@ -105,7 +105,7 @@ RULES: dict[str, Rule] = {
              "A stored tensor's storage holds bytes no name reaches (a view saved alone: torch.save writes the "
              "whole storage).",
              "Save a copy of the view (`t.clone()` or `t.contiguous().clone()`) instead of the view itself."),
-        Rule("TC022", "tie-straddles-fsdp-units", "error",
+        Rule("TC025", "tie-straddles-fsdp-units", "error",
              "A module already wrapped with FSDP2 `fully_shard`: one tied Parameter is managed by two units, "
              "so each holds its own shards (torch 2.13 refuses it at the first forward).",
              "Shard the modules that hold the tie in one `fully_shard([a, b])` call, or leave them to the root "

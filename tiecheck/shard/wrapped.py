@@ -50,13 +50,13 @@ def straddling_ties(module: Any) -> list[tuple[tuple[str, ...], tuple[str, ...]]
 
 
 def wrapped_findings(module: Any) -> list[Finding]:
-    """TC022 for each tie group that two FSDP2 units of ``module`` manage."""
+    """TC025 for each tie group that two FSDP2 units of ``module`` manage."""
     found = []
     for names, units in straddling_ties(module):
         mods = sorted({n.rpartition(".")[0] for n in names})
         call = f"fully_shard([{', '.join(attr_path(m) for m in mods)}])"
         found.append(finding(
-            "TC022", f"{' and '.join(names)} were one Parameter before fully_shard and FSDP2 units "
+            "TC025", f"{' and '.join(names)} were one Parameter before fully_shard and FSDP2 units "
                      f"{' | '.join(units)} now each manage a copy: torch 2.13 refuses the model at the first "
                      "forward (earlier releases train the copies apart)", names,
             hint=f"Shard the modules that hold them in one call (`{call}`) or leave them to the root unit; "
