@@ -192,6 +192,20 @@ def test_diff_against_quantized_gguf_matches_by_shape_and_position(tmp_path):
                           "bytes": V * (D // 32 * 34)}]
 
 
+
+def test_diff_against_quantized_gguf_with_its_own_output_is_not_a_kept_tie(tmp_path):
+    # Quantized, nothing matches by value: shape and position decide, and two B tensors of the
+    # tie's shape mean the tie became copies, not "one tensor in B".
+    pt, arrays = _tied_checkpoint(tmp_path)
+    arrays["token_embd.weight"] = arrays["token_embd.weight"].astype(np.float32)
+    arrays["output.weight"] = arrays["token_embd.weight"].copy()
+    quant = {"token_embd.weight": GMLQ8, "output.weight": GMLQ8}
+    d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "q2.gguf", arrays, quant=quant)))
+    assert d.kept == [] and d.exit_code == 1
+    (g,) = d.lost
+    assert sorted(n for b in g["in_b"] for n in b["names"]) == ["output.weight", "token_embd.weight"]
+    assert {b["method"] for b in g["in_b"]} == {"shape and position"} and g["bytes_copied"] == V * (D // 32 * 34)
+
 def test_bf16_tensors_keep_their_dtype_and_count(tmp_path):
     emb = torch.randn(V, D, dtype=torch.bfloat16)
     raw = emb.view(torch.uint16).numpy().view(np.uint8).reshape(V, D * 2)

@@ -21,7 +21,7 @@ from importlib.util import spec_from_file_location
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "analyze", "diff", "Report", "TiecheckError"]
+__all__ = ["__version__", "analyze", "diff", "fix", "Report", "TiecheckError"]
 
 
 def __getattr__(name: str):
@@ -33,6 +33,10 @@ def __getattr__(name: str):
         from tiecheck.tie_diff import diff  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
 
         return diff
+    if name == "fix":
+        from tiecheck.fix import fix  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
+
+        return fix
     if name == "Report":
         from tiecheck.report import Report  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
 

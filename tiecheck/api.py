@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
 from tiecheck.analyses.candidates import candidate_findings, find_candidates, must_tie_pairs
-from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplicates
+from tiecheck.analyses.duplicates import (
+    duplicate_findings,
+    find_transposed_copies,
+    find_untied_duplicates,
+    transposed_findings,
+)
 from tiecheck.analyses.layers import compare_layers
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, memory_summary, unreachable_bytes
+from tiecheck.analyses.packed import find_packed_heads, packed_head_findings
 from tiecheck.analyses.ties import find_overlaps, find_tie_groups, group_by_identity, tie_findings
 from tiecheck.errors import TiecheckError
 from tiecheck.facts import TensorFact, build_facts, build_module_facts
@@ -16,6 +23,7 @@ from tiecheck.findings import SEVERITIES, Finding, finding, sort_findings
 from tiecheck.guard.expect import TieState, tied_findings
 from tiecheck.loaders import load_target
 from tiecheck.loaders.declared import live_model_declarations
+from tiecheck.loaders.packed import packings
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
 
@@ -34,6 +42,7 @@ def analyze(
     seq_len: int = 128,
     attention: str = "full",
     inputs: Any = None,
+    base: Any = None,
 ) -> Report:
     """Analyse a model or checkpoint and return its :class:`~tiecheck.report.Report`.
 
@@ -64,6 +73,8 @@ def analyze(
             ``"causal-half"`` (causal attention halved, the FlashAttention convention).
         inputs: the forward's inputs for FLOPs instead of synthesized token ids: a tensor, a
             tuple/list or dict of tensors, or a ``make_inputs(module, batch_size, seq_len)`` callable.
+        base: for a PEFT adapter folder, the base model (anything ``target`` may be) whose ties the
+            adapter is held against: a tied module it saves whole or trains is a TC023 finding.
 
     Returns:
         The frozen, versioned Report: tie groups, untied duplicates, tie candidates, findings,
@@ -77,9 +88,36 @@ def analyze(
     if optimizer not in OPTIMIZERS:
         raise TiecheckError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
     subject = load_target(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+    if base is not None:
+        hold_adapter_against_base(subject, load_target(base, key=key, trust_pickle=trust_pickle,
+                                                       trust_remote_code=trust_remote_code))
     flops_options = dict(batch_size=batch_size, seq_len=seq_len, attention=attention, inputs=inputs) if flops else None
     return analyze_subject(subject, duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied,
                            flops=flops_options)
+
+
+def hold_adapter_against_base(subject: Subject, base: Subject) -> None:
+    """Add to an adapter's subject what it does to its base model's ties (findings, ``extra["peft"]``)."""
+    info = subject.extra.get("peft")
+    if info is None:
+        raise TiecheckError(f"--base holds a PEFT adapter folder (adapter_config.json) against its base model; "
+                            f"{subject.source.target} is a {subject.source.format}")
+    from tiecheck.loaders.peft_adapter import adapter_bytes, copies_equal  # noqa: PLC0415 - reads tensor values with torch
+
+    base_report = analyze_subject(base, duplicates=False)
+    rows = touched_ties(info, base_report.tie_groups, adapter_bytes(subject), copies_equal(subject, base))
+    declared_by = {frozenset(t["names"]): t["by"] for t in (base_report.declared or {}).get("ties", [])
+                   if t["declared"]}
+    # Against the base, module names are checked against its modules, not the adapter's tensors.
+    subject.loader_findings = [f for f in subject.loader_findings if f.code != "TC024"]
+    subject.loader_findings += adapter_findings(rows, declared_by)
+    subject.loader_findings += missing_modules(info, [t["name"] for t in base_report.tensors])
+    info["base"] = {"target": base.source.target, "format": base.source.format,
+                    "tie_groups": [g["names"] for g in base_report.tie_groups]}
+    info["ties_touched"] = rows
+    subject.source.notes.append(f"held against the base model {base.source.target} ({base.source.format}): "
+                                f"{len(base_report.tie_groups)} tie group{'s' if len(base_report.tie_groups) != 1 else ''}"
+                                f", {len(rows)} touched by the adapter")
 
 
 def subject_flops(subject: Subject, *, batch_size: int = 1, seq_len: int = 128, attention: str = "full",
@@ -114,7 +152,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     findings += linear_shape_findings(facts, modules, groups)
     findings += device_findings(facts, groups)
 
-    dup_groups, content = [], None
+    dup_groups, copies, content = [], [], None
     cands = find_candidates(facts)
     if duplicates:
         if any(f.storage is not None for f in facts):
@@ -122,10 +160,15 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
 
             with TorchContentReader(subject.tensors, subject.file_spans) as reader:
                 dup_groups, stats = find_untied_duplicates(facts, reader, by_identity)
-            content = {"ran": True, **stats.to_dict()}
+                # A duplicate's first name stands for the group in the transposed pass.
+                copies, tstats = find_transposed_copies(facts, reader, skip=[n for g in dup_groups for n in g.names[1:]])
+            content = {"ran": True, **stats.to_dict(),
+                       "transposed": {**tstats.to_dict(), "copies": [c.to_dict() for c in copies]}}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}
         findings += duplicate_findings(dup_groups, must_tie_pairs(cands, config_ties(subject)))
+        # A loader that found a transposed copy from its graph (ONNX) has reported it already.
+        findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])
     else:
         content = {"ran": False, "reason": "skipped (--no-duplicates)"}
     expect_tied = list(expect_tied)
@@ -136,15 +179,22 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         findings += tied_findings(state, expect_tied)
     declared, layer_findings = declared_layer(subject, facts)
     findings += layer_findings
+    # Quantized or packed heads: matched by meaning, since their values cannot be compared.
+    packed = find_packed_heads(facts, packings(subject)) if subject.module is None else []
+    declared["packed_heads"] = [p.to_dict() for p in packed]
+    findings += packed_head_findings(packed, declared["ties"])
     unreachable = stored_unreachable(subject, facts)
     findings += unreachable_findings(unreachable)
     findings += candidate_findings(cands, [sum(g.aliases, ()) for g in dup_groups if not g.constant])
 
+    findings = superseded_dropped(findings, layer_findings)
     summary = memory_summary(facts, groups, optimizer, by_identity)
     findings = sort_findings(findings)
     # The duplicates the report shows (TC005): constant-valued groups, such as fresh LayerNorm
     # weights, are equal by construction and waste nothing a tie could save.
     summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups if not g.constant)
+    summary["bytes_wasted_by_transposed_copies"] = sum(c.nbytes for c in copies)
+    summary["bytes_in_packed_head_copies"] = sum(p.head_bytes for p in packed)
     summary["bytes_unreachable"] = sum(u["unreachable_bytes"] for u in unreachable)
     summary["findings"] = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
 
@@ -165,6 +215,20 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
 
 # A view saved alone is reported when its storage's unreachable bytes pass both bars.
 UNREACHABLE_MIN_BYTES = 4096
+
+
+# The Hugging Face loader's own checks (TC010 stored twice and different, TC011 config against
+# architecture or files) and the tie candidate (TC006) describe a pair that the declared layer
+# reports with its consequence (TC015-TC017) once declarations are read: one finding per pair,
+# the declared layer's.
+SUPERSEDED_BY_LAYERS = frozenset({"TC006", "TC010", "TC011"})
+
+
+def superseded_dropped(findings: list[Finding], layer_findings: list[Finding]) -> list[Finding]:
+    """``findings`` without the loader checks whose names a declared-layer finding covers."""
+    covered = [set(f.names) for f in layer_findings if f.code in ("TC015", "TC016", "TC017")]
+    return [f for f in findings
+            if not (f.code in SUPERSEDED_BY_LAYERS and any(set(f.names) <= c for c in covered))]
 
 
 def stored_unreachable(subject: Subject, facts: Sequence[TensorFact]) -> list[dict]:

@@ -105,6 +105,24 @@ RULES: dict[str, Rule] = {
              "A stored tensor's storage holds bytes no name reaches (a view saved alone: torch.save writes the "
              "whole storage).",
              "Save a copy of the view (`t.clone()` or `t.contiguous().clone()`) instead of the view itself."),
+        Rule("TC022", "packed-head-copy", "info",
+             "An input embedding and an output projection of one logical shape are stored in different formats "
+             "(a quantized or packed head beside a bf16 embedding): if the model is tied, the head is the "
+             "embedding stored again, and quantization broke the tie. Values in different formats are not compared.",
+             "If the model is tied, keep the head out of quantization (bitsandbytes `llm_int8_skip_modules=[\"lm_head\"]`, "
+             "llama.cpp: drop output.weight so the embedding is used) and save with the tie intact; if it is untied "
+             "on purpose, nothing to do."),
+        Rule("TC023", "adapter-touches-tie", "warning",
+             "A PEFT adapter saves or trains one side of a tie of its base model (e.g. `lm_head` in "
+             "`modules_to_save` while the head is the embedding): an independent copy that a merge puts in the "
+             "model, or a LoRA delta that a merge adds to both sides.",
+             "Train with `ensure_weight_tying=True` (peft ties the adapter's copies again), untie the base on "
+             "purpose (`tie_word_embeddings=False`) and save the merged model with that flag, or leave the tied "
+             "module out of the adapter."),
+        Rule("TC024", "adapter-module-missing", "error",
+             "A PEFT adapter config names a module that the adapter (or, with --base, the base model) does not "
+             "have: peft refuses to load it.",
+             "Fix the module name in adapter_config.json, or re-save the adapter with peft."),
         Rule("TC025", "tie-straddles-fsdp-units", "error",
              "A module already wrapped with FSDP2 `fully_shard`: one tied Parameter is managed by two units, "
              "so each holds its own shards (torch 2.13 refuses it at the first forward).",

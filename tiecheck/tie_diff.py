@@ -62,6 +62,8 @@ class TieDiff:
     matching: str = "names"
     matches: list[dict[str, Any]] = field(default_factory=list)
     b_only: list[dict[str, Any]] = field(default_factory=list)
+    # Declarations that differ between A and B (a declared tie's value, a config key's value).
+    declared_changed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -91,12 +93,14 @@ class TieDiff:
             "summary": {"tie_groups_a": self.groups_a, "tie_groups_b": self.groups_b, "kept": len(self.kept),
                         "lost": len(self.lost), "added": len(self.added),
                         "layout_changed": len(self.layout_changed), "kind_changed": len(self.kind_changed),
-                        "broken_into_duplicates": len(self.broken_into_duplicates), "exit_code": self.exit_code},
+                        "broken_into_duplicates": len(self.broken_into_duplicates),
+                        "declared_changed": len(self.declared_changed), "exit_code": self.exit_code},
             "kept": self.kept,
             "lost": self.lost,
             "added": self.added,
             "layout_changed": self.layout_changed,
             "kind_changed": self.kind_changed,
+            "declared_changed": self.declared_changed,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -227,7 +231,48 @@ def compare(ra: Report, rb: Report) -> TieDiff:
             continue
         added.append({"names": list(gb["names"]), **_layout(gb)})
     return TieDiff(a=ra.source, b=rb.source, kept=kept, lost=lost, added=added, layout_changed=layout_changed,
-                   kind_changed=kind_changed, groups_a=len(ra.tie_groups), groups_b=len(rb.tie_groups))
+                   kind_changed=kind_changed, groups_a=len(ra.tie_groups), groups_b=len(rb.tie_groups),
+                   declared_changed=declared_changes(ra.declared, rb.declared))
+
+
+def _declared_state(t: dict | None) -> dict[str, Any] | None:
+    if t is None:
+        return None
+    return {"declared": "tied" if t["declared"] else "untied", "by": list(t["by"]), "physical": t["physical"],
+            "stored": t["stored"]}
+
+
+def declared_changes(da: dict | None, db: dict | None) -> list[dict[str, Any]]:
+    """Declarations that differ between two reports' ``declared`` sections.
+
+    Two kinds of line: a declared tie (a pair of names) whose declared value changed, appeared or
+    went away, with each side's physical and stored layers; and a declaration (a config key, an
+    alias map) whose value changed, appeared or went away. A report without the section (schema
+    version 1) declares nothing.
+    """
+    da, db = da or {}, db or {}
+    ties_a = {tuple(sorted(t["names"])): t for t in da.get("ties", [])}
+    ties_b = {tuple(sorted(t["names"])): t for t in db.get("ties", [])}
+    out: list[dict[str, Any]] = []
+    for names in sorted(set(ties_a) | set(ties_b)):
+        ta, tb = ties_a.get(names), ties_b.get(names)
+        if ta is not None and tb is not None and bool(ta["declared"]) == bool(tb["declared"]):
+            continue
+        out.append({"what": "tie", "names": list((ta or tb)["names"]), "a": _declared_state(ta),
+                    "b": _declared_state(tb)})
+
+    def keyed(d: dict) -> dict[tuple[str, str], Any]:
+        return {(x["kind"], (x.get("origin") or {}).get("key", "")): x.get("value") for x in d.get("declarations", [])}
+
+    decl_a, decl_b = keyed(da), keyed(db)
+    missing = object()
+    for kind, key in sorted(set(decl_a) | set(decl_b)):
+        va, vb = decl_a.get((kind, key), missing), decl_b.get((kind, key), missing)
+        if va != vb:
+            out.append({"what": "declaration", "kind": kind, "key": key,
+                        "a": None if va is missing else va, "b": None if vb is missing else vb,
+                        "in": "both" if missing not in (va, vb) else "A only" if vb is missing else "B only"})
+    return out
 
 
 # -- across formats: tensors matched by content -----------------------------------------------
@@ -284,15 +329,20 @@ def compare_content(ra: Report, rb: Report, sa: Subject, sb: Subject) -> TieDiff
         if len(ua[i]["names"]) == 1 and len(hits) > 1 and same:
             found[i] = same
     used_b = {j for hits in found.values() for j, _ in hits}
-    for i, u in enumerate(ua):  # no content match: the first unused B memory of the same shape
+    for i, u in enumerate(ua):  # no content match: unused B memories of the same shape, in order
         if i in found:
             continue
+        hits = []
         for j, v in enumerate(ub):
             if j not in used_b and (v["logical"] == u["shape"] or v["logical"] == u["shape"][::-1]):
-                found[i] = [(j, "shape and position" if v["logical"] == u["shape"] else "transposed shape and "
-                                                                                       "position")]
+                hits.append((j, "shape and position" if v["logical"] == u["shape"] else "transposed shape and position"))
                 used_b.add(j)
-                break
+                # One B memory holding as many names as A's tie is the tie kept; a B memory with
+                # fewer names leaves A's other names to further memories of that shape (copies).
+                if sum(len(ub[k]["names"]) for k, _ in hits) >= len(u["names"]):
+                    break
+        if hits:
+            found[i] = hits
     matches, kept, lost = [], [], []
     for i, u in enumerate(ua):
         hits = found.get(i, [])
@@ -361,6 +411,32 @@ def _render_content(d: TieDiff, md: bool) -> list[str]:
 
 # -- rendering -------------------------------------------------------------------------------
 
+def _render_declared(changes: list[dict[str, Any]], h, tablefmt: str, sep: str) -> list[str]:
+    """Declarations that changed: one row per declared tie, one per declaration key."""
+    if not changes:
+        return []
+
+    def side(x: dict | None) -> str:
+        if x is None:
+            return "not declared"
+        return sep.join([x["declared"], *(f"by {b}" for b in x["by"]), f"physical: {x['physical']}",
+                         f"stored: {x['stored']}"])
+
+    def value(v: Any, present: bool) -> str:
+        return json.dumps(v, sort_keys=True) if present else "absent"
+
+    rows = []
+    for c in changes:
+        if c["what"] == "tie":
+            rows.append([sep.join(c["names"]), side(c["a"]), side(c["b"])])
+        else:
+            label = c["kind"] if c["key"] in ("", c["kind"]) else f"{c['kind']} ({c['key']})"
+            rows.append([label, value(c["a"], c["in"] != "B only"),
+                         value(c["b"], c["in"] != "A only")])
+    return ["", h(f"Declarations that changed ({len(changes)})"),
+            tabulate(rows, headers=["declared tie or key", "A", "B"], tablefmt=tablefmt)]
+
+
 def _state(n: str, s: dict) -> str:
     text = s["state"]
     if s.get("with"):
@@ -414,6 +490,7 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
         out += ["", h(f"Added ties ({len(d.added)})")]
         out.append(tabulate([[sep.join(g["names"]), g["kind"], shape_text(g["shape"]), g["dtype"]] for g in d.added],
                             headers=["tied in B only", "kind", "shape", "dtype"], tablefmt=tablefmt))
+    out += _render_declared(d.declared_changed, h, tablefmt, sep)
     out += ["", f"kept {len(d.kept)}, lost {len(d.lost)} ({len(d.broken_into_duplicates)} broken into untied "
                 f"duplicates), added {len(d.added)}, layout changed {len(d.layout_changed)}, "
                 f"kind changed {len(d.kind_changed)}"]

@@ -184,3 +184,133 @@ def duplicate_findings(groups: list[DuplicateGroup], must_tie: Iterable[tuple[st
         out.append(finding("TC005", message, g.names, severity="error" if pair else None,
                            hint=f"{RULES['TC005'].hint} Here: {assignment(g.names)}"))
     return out
+
+
+# -- transposed copies: one 2-D tensor holding another's transpose (shapes swapped) -------------
+
+
+class TransposeReader(ContentReader, Protocol):
+    """A ``ContentReader`` that also reads through a transpose (2-D tensors only)."""
+
+    def sample_transposed(self, name: str) -> bytes:
+        """The sample of ``name``'s transpose: the bits of ``t.T`` at the positions ``sample`` reads of a
+        tensor of ``t.T``'s shape, so ``sample(a) == sample_transposed(b)`` when ``a`` equals ``b.T``."""
+
+    def equal_transposed(self, a: str, b: str) -> bool:
+        """Bitwise equality of ``a`` and ``b.T`` (``b``'s shape is ``a``'s swapped), read in chunks."""
+
+
+@dataclass(frozen=True)
+class TransposedCopy:
+    names: tuple[str, str]  # (a, b): b holds a's transpose; a is the one whose shape sorts first
+    aliases: tuple[tuple[str, ...], tuple[str, ...]]
+    shapes: tuple[tuple[int, ...], tuple[int, ...]]
+    dtype: str
+    nbytes: int  # of one copy: the bytes the second copy wastes
+
+    def to_dict(self) -> dict:
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtype": self.dtype,
+                "bytes_wasted": self.nbytes}
+
+
+@dataclass
+class TransposeStats:
+    tensors: int = 0  # distinct 2-D memories whose (dtype, element count) bucket holds a swapped shape
+    buckets: int = 0  # (dtype, shape, swapped shape) pairings looked at
+    sampled: int = 0  # samples read (a square tensor is sampled both ways)
+    full_comparisons: int = 0
+    bytes_read: int = 0
+
+    def to_dict(self) -> dict:
+        return {"tensors": self.tensors, "buckets": self.buckets, "sampled": self.sampled,
+                "full_comparisons": self.full_comparisons, "bytes_read": self.bytes_read}
+
+
+def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
+                           skip: Iterable[str] = ()) -> tuple[list[TransposedCopy], TransposeStats]:
+    """Separate-memory 2-D tensors whose content equals another's transpose.
+
+    The same discipline as :func:`find_untied_duplicates`: tensors are bucketed by (dtype, element
+    count), a bucket is looked at only where a shape meets its swap, each side is sampled (the
+    swapped side through its transpose, at the positions the other side's sample reads), and only
+    pairs whose samples agree are compared in full, in chunks. Constant tensors are left out (equal
+    to any transpose of the same constant by construction).
+
+    Args:
+        facts: the tensor facts; names already tied are one tensor.
+        reader: reads samples and compares through a transpose.
+        skip: names not to consider (e.g. the second member of an untied duplicate group: its
+            first member stands for it).
+
+    Returns:
+        The copies found, largest first, and what was read to find them.
+    """
+    skipped = set(skip)
+    reps = {n: v for n, v in _representatives(facts).items()
+            if len(v[0].shape) == 2 and v[0].numel > 1 and not skipped.intersection(v[1])}
+    by_shape: dict[tuple, list[str]] = defaultdict(list)
+    for name, (f, _) in reps.items():
+        by_shape[(f.dtype, tuple(f.shape))].append(name)
+    stats = TransposeStats()
+    start_read = reader.bytes_read
+    copies: list[TransposedCopy] = []
+    compared: set[tuple[str, str]] = set()
+    constant: dict[str, bool] = {}
+
+    def is_constant(name: str, sig: bytes) -> bool:
+        """Constant tensors equal any transpose of the same constant: left out, each read at most once
+        (and only when its sample is uniform), so n zero matrices cost n reads, not n² comparisons."""
+        if name not in constant:
+            constant[name] = _uniform(sig, reps[name][0].itemsize) and reader.is_constant(name)
+        return constant[name]
+
+    for (dtype, shape), names in sorted(by_shape.items()):
+        swapped = shape[::-1]
+        if shape > swapped or (dtype, swapped) not in by_shape:
+            continue  # each (shape, swapped) pairing once, from the side whose shape sorts first
+        others = by_shape[(dtype, swapped)]
+        stats.buckets += 1
+        stats.tensors += len(names) + (len(others) if swapped != shape else 0)
+        by_sig: dict[bytes, list[str]] = defaultdict(list)
+        for n in sorted(names):
+            sig = reader.sample(n)
+            stats.sampled += 1
+            if not is_constant(n, sig):
+                by_sig[sig].append(n)
+        for b in sorted(others):
+            sig = reader.sample_transposed(b)
+            stats.sampled += 1
+            if sig not in by_sig or is_constant(b, sig):
+                continue
+            for a in by_sig[sig]:
+                if a == b:
+                    continue  # a square tensor equal to its own transpose is symmetric, not a copy
+                x, y = (a, b) if swapped != shape else sorted((a, b))  # equality through a transpose is symmetric
+                if (x, y) in compared:
+                    continue  # a square pair meets itself both ways: compared once
+                compared.add((x, y))
+                stats.full_comparisons += 1
+                if reader.equal_transposed(x, y):
+                    fx = reps[x][0]
+                    copies.append(TransposedCopy(names=(x, y), aliases=(reps[x][1], reps[y][1]),
+                                                 shapes=(tuple(fx.shape), tuple(swapped)), dtype=dtype,
+                                                 nbytes=fx.nbytes))
+    stats.bytes_read = reader.bytes_read - start_read
+    return sorted(copies, key=lambda c: (-c.nbytes, c.names)), stats
+
+
+def transposed_findings(copies: list[TransposedCopy], reported: Iterable[Iterable[str]] = ()) -> list[Finding]:
+    """TC005 for each transposed copy, except pairs a loader already reported (the ONNX graph pass)."""
+    seen = [set(r) for r in reported]
+    out = []
+    for c in copies:
+        a, b = c.names
+        if any(set(c.aliases[0]) & r and set(c.aliases[1]) & r for r in seen):
+            continue
+        out.append(finding("TC005", f"{b} {list(c.shapes[1])} holds the transpose of {a} {list(c.shapes[0])} "
+                                    f"({c.dtype}) in separate memory ({c.nbytes:,} bytes wasted): a transposed "
+                                    f"copy, e.g. a head stored as Eᵀ by a converter or constant folding",
+                           c.names, hint="Tie the head to the embedding and let it read the embedding transposed "
+                                         "(`F.linear(x, emb.weight)` or `x @ emb.weight.T`), or drop the copy and "
+                                         "re-tie after loading."))
+    return out

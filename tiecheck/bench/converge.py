@@ -34,7 +34,6 @@ build with the same seed starts from the same values with the output layer a sep
 from __future__ import annotations
 
 import math
-import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from tiecheck import __version__, models
 from tiecheck.bench import device as D
 from tiecheck.bench import stats
 from tiecheck.bench.corpus import Corpus, load_corpus
+from tiecheck.bench.plan import positive
 from tiecheck.bench.protocol import diverged, identical_weights, param_count, still_tied, tie_groups
 from tiecheck.bench.tokenizer import TokenizerInfo, encode, get_tokenizer
 from tiecheck.errors import TiecheckError
@@ -240,9 +240,6 @@ class Plan:
         return self.seeds * 2 * self.steps
 
 
-def _positive(name: str, value: Optional[int]) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise TiecheckError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
 
 
 def _is_spec(model: Optional[str]) -> bool:
@@ -253,7 +250,7 @@ def resolve(cfg: ConvergeConfig) -> Plan:
     """Fill in defaults and reject bad input with one line naming the option."""
     for name in ("steps", "seeds", "eval_every", "batch_size", "seq_len", "vocab_size", "val_seqs", "max_chars",
                  "threads"):
-        _positive(name, getattr(cfg, name))
+        positive(name, getattr(cfg, name))
     dev = D.resolve_device(cfg.device)
     defaults = _DEFAULTS["quick" if cfg.quick else "cuda" if D.is_cuda(dev) else "cpu"]
     seeds = cfg.seeds or defaults["seeds"]
@@ -605,7 +602,7 @@ def run_converge(cfg: ConvergeConfig = ConvergeConfig(), *, progress: Optional[P
 
 
 def _run(plan: Plan, cfg: ConvergeConfig, progress: Progress, command: Optional[str]) -> ConvergeResult:
-    load = _host_load()
+    load = D.host_load()
     data = prepare_data(plan, cfg)
     vocab = data.tok.vocab_size
     build = make_builder(plan, vocab)
@@ -670,12 +667,6 @@ def _window_means(losses: list[float], steps: list[int]) -> list[float]:
     return out
 
 
-def _host_load() -> Optional[str]:
-    try:
-        one, five, _ = os.getloadavg()
-    except OSError:
-        return None
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs at the start"
 
 
 def _header(plan: Plan, data: Data, command: Optional[str], load: Optional[str], params: dict[str, int],

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import platform
 import re
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -462,3 +463,13 @@ def matmul_tflops(dev: torch.device, dtype: str, n: int = 8192, iters: int = 10)
     ms = timer.intervals_ms()[0]
     del a, b
     return 2 * n**3 * iters / (ms * 1e-3) / 1e12
+
+
+def host_load() -> Optional[str]:
+    """How busy the host was, for the result's header: other processes slow the measured steps
+    (on a GPU, their launches), and a reader of the result should know."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return None
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs at the start"

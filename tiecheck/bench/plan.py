@@ -108,7 +108,8 @@ class Plan:
         return 2 * per_variant
 
 
-def _positive(name: str, value: Optional[int]) -> None:
+def positive(name: str, value: Optional[int]) -> None:
+    """A TiecheckError naming the option unless ``value`` is None or a positive integer."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise TiecheckError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
 
@@ -120,7 +121,7 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
         raise TiecheckError(f"--mode {cfg.mode}: choose one of {', '.join(MODES)}")
     for name in ("batch_size", "seq_len", "rounds", "steps", "warmup", "decode_tokens", "max_batch_cap", "threads",
                  "pad_vocab"):
-        _positive(name, getattr(cfg, name))
+        positive(name, getattr(cfg, name))
     if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
         raise TiecheckError(f"--peak-tflops {cfg.peak_tflops}: must be a positive number of TFLOP/s")
     dev = D.resolve_device(cfg.device)

@@ -18,7 +18,6 @@ kept -- a repeated step allocates the same, so anything more was allocated once.
 from __future__ import annotations
 
 import copy
-import os
 import platform
 import re
 from dataclasses import dataclass, field
@@ -123,7 +122,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] 
 
 def _run(plan: Plan, cfg: BenchConfig, progress: Optional[Progress], build: Optional[Builder],
          command: Optional[str], partial: Optional[Partial] = None) -> BenchResult:
-    st = _State(plan=plan, host_load=_host_load(), tf32=D.tf32_enabled(plan.dev))
+    st = _State(plan=plan, host_load=D.host_load(), tf32=D.tf32_enabled(plan.dev))
     if progress is not None:
         st.progress = progress
     builder = build or bundled_builder(plan.model, plan.build_overrides)
@@ -166,14 +165,6 @@ def _measure_matmul(plan: Plan) -> Optional[float]:
     return None if caught else value
 
 
-def _host_load() -> Optional[str]:
-    # Other processes on the host slow the measured steps (on a GPU, their launches): a reader
-    # of the result should know how busy the machine was.
-    try:
-        one, five, _ = os.getloadavg()
-    except OSError:
-        return None
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs at the start"
 
 
 def _build_variants(st: _State, builder: Builder) -> None:

@@ -117,12 +117,15 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
 @click.option("--config", "config_file", metavar="PYPROJECT",
               help="Read [tool.tiecheck] from this file (default: the nearest pyproject.toml that has it).")
 @click.option("--no-config", is_flag=True, help="Ignore [tool.tiecheck].")
+@click.option("--declared-agrees", is_flag=True, default=None,
+              help="Fail when a declared tie disagrees with memory or the files (TC015-TC018), whatever --fail-on "
+                   "says (policy: declared-agrees = true).")
 @key_option
 @trust_options
 @debug_option
 @handle_errors
-def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt, config_file, no_config, key, trust_pickle,
-          trust_remote_code, debug):
+def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt, config_file, no_config,
+          declared_agrees, key, trust_pickle, trust_remote_code, debug):
     """Check TARGETs' ties against expectations; exit 1 when one is broken.
 
     With no TARGET, checks every target listed in [tool.tiecheck] of pyproject.toml. Exit codes:
@@ -160,7 +163,8 @@ def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt
             "no pyproject.toml with [tool.tiecheck] was found from this folder"
         raise TiecheckError(f"nothing to check: give a TARGET, or list targets in pyproject.toml ({where})")
     plan = [with_overrides(t, expect=Path(expect_file) if expect_file else None, fail_on=fail_on,
-                           key=key, trust_pickle=trust_pickle or None, trust_remote_code=trust_remote_code or None)
+                           key=key, trust_pickle=trust_pickle or None, trust_remote_code=trust_remote_code or None,
+                           declared_agrees=declared_agrees or None)
             for t in plan]
     if update and not any(t.expect for t in plan):
         raise TiecheckError("--update writes the snapshot named by --expect FILE or by `expect` in "

@@ -64,13 +64,15 @@ def _inputs(ctx: click.Context, param: click.Parameter, value: str | None) -> In
               help="Count causal attention at half the full score matrix (FlashAttention convention).")
 @click.option("--inputs", "inputs_spec", metavar="FILE.py:make_inputs", callback=_inputs,
               help="Python spec of make_inputs(module, batch_size, seq_len) returning the forward's inputs.")
+@click.option("--base", metavar="PATH", default=None,
+              help="For a PEFT adapter folder: the base model whose ties the adapter is held against.")
 @trust_options
 @debug_option
 @handle_errors
 def inspect(target: str, fmt: str, output: str | None, fail_on: str, expect_tied: list[tuple[str, ...]],
             key: str | None, trust_pickle: bool, trust_remote_code: bool, no_duplicates: bool, optimizer: str,
             no_flops: bool, batch_size: int, seq_len: int, causal_attention_half: bool,
-            inputs_spec: InputsSpec | None, debug: bool) -> None:
+            inputs_spec: InputsSpec | None, base: str | None, debug: bool) -> None:
     """Find every tie in TARGET and what it saves.
 
     TARGET is a checkpoint file or folder (torch.save, safetensors, a Hugging Face model folder,
@@ -86,6 +88,6 @@ def inspect(target: str, fmt: str, output: str | None, fail_on: str, expect_tied
                      duplicates=not no_duplicates, optimizer=optimizer, expect_tied=expect_tied, flops=not no_flops,
                      batch_size=batch_size, seq_len=seq_len,
                      attention="causal-half" if causal_attention_half else "full",
-                     inputs=inputs_spec.make_inputs if inputs_spec else None)
-    write_output(render(report, fmt), output, protect=(target, inputs_spec.text if inputs_spec else None))
+                     inputs=inputs_spec.make_inputs if inputs_spec else None, base=base)
+    write_output(render(report, fmt), output, protect=(target, inputs_spec.text if inputs_spec else None, base))
     sys.exit(report.exit_code(fail_on))

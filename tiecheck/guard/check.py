@@ -24,6 +24,9 @@ from tiecheck.guard.expect import (
 )
 from tiecheck.guard.policy import TargetPolicy
 
+# The findings of a declared tie that memory or the files contradict (docs/layers.md).
+DECLARED_DISAGREE = frozenset({"TC015", "TC016", "TC017", "TC018"})
+
 
 @dataclass
 class Outcome:
@@ -125,6 +128,12 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
         for f in failing:
             if f["severity"] != "error":  # fails only because the policy's fail-on says so
                 out.origins.setdefault(f["message"], fail_on_origin)
+    if t.declared_agrees:
+        # Declared against physical and stored: these fail whatever their severity.
+        disagree = [f for f in report.findings if f["code"] in DECLARED_DISAGREE and f not in failing]
+        if t.source is not None:
+            out.origins.update((f["message"], shown(t.source)) for f in disagree)
+        failing = failing + disagree
     out.failing = expected + failing
     out.warnings = [f for f in report.findings if f["severity"] == "warning" and f not in failing]
     return out

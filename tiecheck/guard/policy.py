@@ -2,6 +2,7 @@
 
     [tool.tiecheck]
     fail-on = "warning"                      # error | warning | never (default: error)
+    declared-agrees = true                   # declared and physical/stored layers must agree (TC015-TC018)
 
     [[tool.tiecheck.targets]]
     target = "tests/models.py:build_gpt"     # anything `tiecheck inspect` takes
@@ -12,6 +13,7 @@
     key = "model"                            # model state inside a training checkpoint
     trust-pickle = false
     trust-remote-code = false               # let a Hugging Face folder's own code build it
+    declared-agrees = true                   # this target only
 
 Paths (targets, `file.py:factory` specs, snapshots) are relative to the folder of the
 pyproject.toml, so the check gives the same answer from any sub-folder. The file is found by
@@ -36,9 +38,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-TOP_KEYS = ("fail-on", "targets")
+TOP_KEYS = ("fail-on", "declared-agrees", "targets")
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-TARGET_KEYS = ("target", "expect", "tied", "not-tied", "fail-on", "key", "trust-pickle", "trust-remote-code")
+TARGET_KEYS = ("target", "expect", "tied", "not-tied", "fail-on", "key", "trust-pickle", "trust-remote-code",
+               "declared-agrees")
 
 
 class PolicyError(TiecheckError):
@@ -57,6 +60,8 @@ class TargetPolicy:
     trust_pickle: bool = False
     trust_remote_code: bool = False
     source: Path | None = None  # the pyproject.toml that lists it
+    # Declared and physical/stored layers must agree: TC015-TC018 fail whatever fail-on says.
+    declared_agrees: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class Policy:
     path: Path | None = None  # the pyproject.toml; None when there is none
     fail_on: str = "error"
     targets: tuple[TargetPolicy, ...] = field(default_factory=tuple)
+    declared_agrees: bool = False
 
     def find(self, target: str) -> TargetPolicy | None:
         """The policy entry for a target given on the command line: as written, or the same file or spec
@@ -75,7 +81,7 @@ class Policy:
         return None
 
     def default_for(self, target: str) -> TargetPolicy:
-        return TargetPolicy(target=target, resolved=target, fail_on=self.fail_on)
+        return TargetPolicy(target=target, resolved=target, fail_on=self.fail_on, declared_agrees=self.declared_agrees)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -164,6 +170,7 @@ def parse_policy(table: Any, path: Path) -> Policy:
         raise PolicyError(f"{where}: expected a table")
     _unknown(table, TOP_KEYS, where)
     fail_on = _fail_on(table.get("fail-on", "error"), where)
+    declared_agrees = _flag(table, "declared-agrees", False, where)
     entries = table.get("targets", [])
     if not isinstance(entries, list):
         raise PolicyError(f"{where}: 'targets' must be an array of tables: [[tool.tiecheck.targets]]")
@@ -184,9 +191,8 @@ def parse_policy(table: Any, path: Path) -> Policy:
         for key in ("key",):
             if key in t and not isinstance(t[key], str):
                 raise PolicyError(f"{here}: '{key}' must be a string")
-        for flag in ("trust-pickle", "trust-remote-code"):
-            if not isinstance(t.get(flag, False), bool):
-                raise PolicyError(f"{here}: '{flag}' must be true or false")
+        for flag in ("trust-pickle", "trust-remote-code", "declared-agrees"):
+            _flag(t, flag, False, here)
         targets.append(TargetPolicy(
             target=target,
             resolved=resolve_target(target, root),
@@ -198,8 +204,16 @@ def parse_policy(table: Any, path: Path) -> Policy:
             trust_pickle=t.get("trust-pickle", False),
             trust_remote_code=t.get("trust-remote-code", False),
             source=path,
+            declared_agrees=t.get("declared-agrees", declared_agrees),
         ))
-    return Policy(path=path, fail_on=fail_on, targets=tuple(targets))
+    return Policy(path=path, fail_on=fail_on, targets=tuple(targets), declared_agrees=declared_agrees)
+
+
+def _flag(table: dict, key: str, default: bool, where: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise PolicyError(f"{where}: '{key}' must be true or false")
+    return value
 
 
 def with_overrides(t: TargetPolicy, **changes: Any) -> TargetPolicy:

@@ -144,6 +144,10 @@ def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = Fals
             from tiecheck.loaders.dcp import load_dcp  # noqa: PLC0415
 
             return load_dcp(path, key=key)
+        if detect.is_peft_folder(path):
+            from tiecheck.loaders.peft_adapter import load_adapter  # noqa: PLC0415 - a loader that needs torch (and peft)
+
+            return load_adapter(path)
         if detect.is_hf_folder(path):
             from tiecheck.loaders.hf import load_hf_folder  # noqa: PLC0415 - a loader that needs torch
 

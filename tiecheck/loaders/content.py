@@ -168,6 +168,70 @@ class TorchContentReader:
                     return False
         return True
 
+    # -- through a transpose (the transposed-copy pass) -------------------------------------
+    def _sample_index(self, n: int) -> list[int]:
+        if n <= SAMPLE_RUNS * RUN_ELEMENTS:
+            return list(range(n))
+        return [s + i for s in _sample_starts(n) for i in range(RUN_ELEMENTS)]
+
+    def sample_transposed(self, name: str) -> bytes:
+        t = self.tensors[name]
+        rows, cols = t.shape  # t.T has shape (cols, rows): flat index k of t.T is t[k % rows, k // rows]
+        idx = self._sample_index(t.numel())
+        src = [(k % rows) * cols + k // rows for k in idx]  # flat positions in t, row-major
+        size = t.element_size()
+        rng = self._file_range(name)
+        if rng is not None:
+            fd, start, _, _ = rng
+            return b"".join(self._pread(fd, size, start + s * size) for s in src)
+        vals = t[torch.tensor([k % rows for k in idx]), torch.tensor([k // rows for k in idx])]
+        self.bytes_read += len(idx) * size
+        return _bits(vals.contiguous()).numpy().tobytes()
+
+    def _columns(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Columns ``lo:hi`` of a 2-D tensor, contiguous: one pread per row for a mapped file
+        (only those bytes are read), else a slice copy."""
+        t = self.tensors[name]
+        rng = self._file_range(name)
+        if rng is None:
+            block = t[:, lo:hi].contiguous()
+            self.bytes_read += block.numel() * block.element_size()
+            return block
+        fd, start, _, _ = rng
+        rows, cols = t.shape
+        size = t.element_size()
+        raw = bytearray()
+        for r in range(rows):
+            raw += self._pread(fd, (hi - lo) * size, start + (r * cols + lo) * size)
+        return torch.frombuffer(raw, dtype=t.dtype).reshape(rows, hi - lo)
+
+    def _row_block(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        t = self.tensors[name]
+        rng = self._file_range(name)
+        if rng is None:
+            block = t[lo:hi].contiguous()
+            self.bytes_read += block.numel() * block.element_size()
+            return block
+        fd, start, _, _ = rng
+        cols, size = t.shape[1], t.element_size()
+        raw = bytearray(self._pread(fd, (hi - lo) * cols * size, start + lo * cols * size))
+        return torch.frombuffer(raw, dtype=t.dtype).reshape(hi - lo, cols)
+
+    def equal_transposed(self, a: str, b: str) -> bool:
+        """``a`` equals ``b.T``: ``a``'s rows block by block against the same columns of ``b``,
+        at most ~CHUNK_BYTES from each side at a time."""
+        ta, tb = self.tensors[a], self.tensors[b]
+        if ta.dim() != 2 or tuple(tb.shape) != tuple(ta.shape)[::-1] or ta.dtype != tb.dtype:
+            return False
+        rows, cols = ta.shape
+        step = max(1, CHUNK_BYTES // max(1, cols * ta.element_size()))
+        with torch.no_grad():
+            for lo in range(0, rows, step):
+                hi = min(rows, lo + step)
+                if not torch.equal(_bits(self._row_block(a, lo, hi)), _bits(self._columns(b, lo, hi).t().contiguous())):
+                    return False
+        return True
+
 
 # -- matching tensors across formats (tiecheck diff) -------------------------------------------
 

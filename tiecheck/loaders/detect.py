@@ -135,6 +135,11 @@ def is_dcp_folder(path: Path) -> bool:
     return (path / DCP_METADATA).is_file() and any(p.suffix == ".distcp" for p in path.iterdir())
 
 
+def is_peft_folder(path: Path) -> bool:
+    """A PEFT adapter folder: an ``adapter_config.json`` (peft's ``save_pretrained``)."""
+    return (path / "adapter_config.json").is_file()
+
+
 def is_hf_folder(path: Path) -> bool:
     """A Hugging Face model folder: a ``config.json`` (the weights beside it are looked for later)."""
     return (path / HF_CONFIG).is_file()

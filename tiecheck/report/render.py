@@ -42,6 +42,24 @@ def render(report: Report, fmt: str = "table") -> str:
     raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
 
 
+def _transposed_lines(t: dict | None, h, tablefmt: str) -> list[str]:
+    """The transposed-copy pass: the copies found, or what was compared to find none."""
+    if not t:
+        return []
+    if not t["copies"]:
+        if not t["buckets"]:
+            return []  # no 2-D tensor met its swapped shape: nothing to say
+        return ["", f"transposed copies: none ({t['tensors']} 2-D tensors in {t['buckets']} shape pairings, "
+                    f"{t['full_comparisons']} compared in full, read {human_bytes(t['bytes_read'])})"]
+    return ["", h(f"Transposed copies ({len(t['copies'])})"),
+            tabulate([[c["names"][0], shape_text(c["shapes"][0]), c["names"][1], shape_text(c["shapes"][1]),
+                       c["dtype"], human_bytes(c["bytes_wasted"])] for c in t["copies"]],
+                     headers=["names", "shape", "holds its transpose", "shape", "dtype", "wasted"],
+                     tablefmt=tablefmt),
+            f"compared {t['tensors']} 2-D tensors in {t['buckets']} shape pairings ({t['full_comparisons']} in "
+            f"full), read {human_bytes(t['bytes_read'])}"]
+
+
 def _text(r: Report, markdown: bool) -> str:
     tablefmt = "github" if markdown else "simple"
     h = (lambda t: f"## {t}") if markdown else (lambda t: t)
@@ -82,6 +100,7 @@ def _text(r: Report, markdown: bool) -> str:
         out.append("no tensors share memory")
 
     out += _declared_lines(r.declared, h, tablefmt, markdown)
+    out += _packed_lines(r.declared, h, tablefmt)
 
     content = r.content or {}
     shown = [d for d in r.untied_duplicates if not d["constant"]]
@@ -100,6 +119,7 @@ def _text(r: Report, markdown: bool) -> str:
     else:
         out.append(f"none (compared {content.get('tensors', 0)} tensors, read "
                    f"{human_bytes(content.get('bytes_read', 0))} of {human_bytes(content.get('bytes_total', 0))})")
+    out += _transposed_lines(content.get("transposed"), h, tablefmt)
 
     if r.tie_candidates:
         out += ["", h(f"Tie candidates ({len(r.tie_candidates)})")]
@@ -142,6 +162,19 @@ def _declared_lines(declared: dict | None, h, tablefmt: str, markdown: bool) -> 
         kinds = sorted({d["kind"] for d in declared.get("declarations", [])})
         out.append(f"declarations found ({', '.join(kinds)}) name no pair of tensors")
     return out
+
+
+def _packed_lines(declared: dict | None, h, tablefmt: str) -> list[str]:
+    """Embedding/head pairs stored in different formats (quantized heads), matched by meaning."""
+    pairs = (declared or {}).get("packed_heads") or []
+    if not pairs:
+        return []
+    return ["", h(f"Heads stored in another format than the embedding ({len(pairs)})"),
+            tabulate([[p["names"][0], p["formats"][0], p["names"][1], p["formats"][1], shape_text(p["shape"]),
+                       human_bytes(p["head_bytes"])] for p in pairs],
+                     headers=["embedding", "stored as", "head", "stored as", "logical shape", "head bytes"],
+                     tablefmt=tablefmt),
+            "values in different formats are not compared; if the model is tied, the head bytes are a copy"]
 
 
 def _flops_lines(f: dict, tablefmt: str) -> list[str]:

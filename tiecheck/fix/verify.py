@@ -1,0 +1,249 @@
+"""Verification of a corrected copy, before ``tiecheck fix`` says done.
+
+Each check is a name, whether it holds, and a line saying what was compared:
+
+* **planned ties**: ``inspect`` of the output ties every pair the plan tied, and no pair it untied;
+* **findings answered**: no finding the plan answered (same code, same names) remains in the output;
+* **tensors byte for byte**: the output holds every name of the input, and each equals its source's
+  bytes (a dropped name: the bytes of the name it now shares; a replaced one: its named replacement);
+* **library reads it**: safetensors' ``safe_open`` lists the file's names; ``torch.load(weights_only=True)``
+  reads a torch.save output;
+* **transformers logits** (a Hugging Face folder): the output folder loads with transformers and its
+  logits on a fixed input equal those of the input folder loaded the same way, where the input loads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tiecheck.fix.plan import HF_FOLDER, SAFETENSORS, TORCH, Plan
+from tiecheck.fix.write import _kept
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    skipped: bool = False  # not applicable, or not comparable (the detail says why)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "skipped": self.skipped, "detail": self.detail}
+
+
+def _tie_checks(plan: Plan, report) -> list[Check]:
+    missing, joined = [], []
+    for a in plan.drop:
+        b = _kept(plan, a)
+        g = report.group_of(a)
+        if g is None or b not in g["names"]:
+            missing.append(f"{a}={b}")
+    untied = [act.names for act in plan.actions if act.kind == "untie"]
+    for a, b in untied:
+        g = report.group_of(a)
+        if g is not None and b in g["names"]:
+            joined.append(f"{a},{b}")
+    n = len(plan.drop) + len(untied)
+    if missing or joined:
+        why = "; ".join(filter(None, [f"not tied: {', '.join(missing)}" if missing else "",
+                                      f"still tied: {', '.join(joined)}" if joined else ""]))
+        return [Check("planned ties", False, why)]
+    return [Check("planned ties", True, f"{len(plan.drop)} tied, {len(untied)} untied as planned" if n
+                  else "no tie changed", skipped=not n)]
+
+
+def _finding_checks(plan: Plan, report) -> list[Check]:
+    answered = plan.answered
+    left = [f for f in report.findings if (f["code"], frozenset(f["names"])) in answered]
+    if left:
+        return [Check("findings answered", False, "still reported: " + "; ".join(
+            f"{f['code']} {', '.join(f['names'])}" for f in left))]
+    codes = sorted({c for c, _ in answered})
+    return [Check("findings answered", True, f"{len(answered)} answered ({', '.join(codes)}), none remains" if codes
+                  else "the plan answered no finding", skipped=not codes)]
+
+
+CHUNK = 16 << 20  # bytes per read when comparing files
+
+
+class _FileCompare:
+    """Byte ranges of two files compared through two reused buffers.
+
+    The content reader's ``pread`` allocates a fresh buffer per read; at the sizes fix compares
+    (every byte of the copy against the input) that costs a page fault per 4 KiB and dominated the
+    run. ``os.preadv`` into the same two buffers, compared as buffers (memcmp),
+    reads at the speed of the page cache and keeps memory at two chunks.
+    """
+
+    def __init__(self) -> None:
+        self.bufs = (bytearray(CHUNK), bytearray(CHUNK))
+        self.fds: dict[str, int] = {}
+        self.bytes_read = 0
+
+    def _fd(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def equal(self, a: tuple[str, int], b: tuple[str, int], nbytes: int) -> bool:
+        fa, fb = self._fd(a[0]), self._fd(b[0])
+        for off in range(0, nbytes, CHUNK):
+            n = min(CHUNK, nbytes - off)
+            views = [memoryview(buf)[:n] for buf in self.bufs]
+            if os.preadv(fa, [views[0]], a[1] + off) != n or os.preadv(fb, [views[1]], b[1] + off) != n:
+                raise OSError("short read: a file changed while it was compared")
+            self.bytes_read += 2 * n
+            # A whole chunk compares the buffers themselves (memcmp); a tail compares copies of its bytes.
+            same = self.bufs[0] == self.bufs[1] if n == CHUNK else bytes(views[0]) == bytes(views[1])
+            if not same:
+                return False
+        return True
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _range(subject, name: str) -> tuple[str, int] | None:
+    """(file, offset) of a mapped contiguous tensor's bytes."""
+    span, t = subject.file_spans.get(name), subject.tensors[name]
+    if span is None or not t.is_contiguous():
+        return None
+    return span.path, span.offset + t.storage_offset() * t.element_size()
+
+
+def _byte_checks(plan: Plan, source, out) -> list[Check]:
+    from tiecheck.loaders.content import TorchContentReader  # noqa: PLC0415 - reads tensor values with torch
+
+    missing = [n for n in source.tensors if n not in out.tensors]
+    extra = [n for n in out.tensors if n not in source.tensors]
+    if missing or extra:
+        return [Check("tensors byte for byte", False, "; ".join(filter(None, [
+            f"missing from the output: {', '.join(missing[:5])}" if missing else "",
+            f"not in the input: {', '.join(extra[:5])}" if extra else ""])))]
+    tensors = {**{f"in\0{n}": t for n, t in source.tensors.items()}, **{f"out\0{n}": t for n, t in out.tensors.items()}}
+    spans = {**{f"in\0{n}": s for n, s in source.file_spans.items()},
+             **{f"out\0{n}": s for n, s in out.file_spans.items()}}
+    differ, replaced, files = [], 0, _FileCompare()
+    try:
+        with TorchContentReader(tensors, spans) as reader:
+            for n, t in out.tensors.items():
+                src = _kept(plan, plan.copy.get(n, n))
+                replaced += src != n
+                s = source.tensors[src]
+                ra, rb = _range(out, n), _range(source, src)
+                if tuple(t.shape) != tuple(s.shape) or t.dtype != s.dtype:
+                    same = False
+                elif ra is not None and rb is not None:
+                    same = files.equal(ra, rb, t.numel() * t.element_size())
+                else:
+                    same = reader.equal(f"out\0{n}", f"in\0{src}")
+                if not same:
+                    differ.append(f"{n} (from {src})" if src != n else n)
+            read = reader.bytes_read + files.bytes_read
+    finally:
+        files.close()
+    if differ:
+        return [Check("tensors byte for byte", False, f"differ from their source: {', '.join(differ[:5])}")]
+    return [Check("tensors byte for byte", True, f"{len(out.tensors)} tensors equal their source ({replaced} by their "
+                                                 f"named replacement); {read:,} bytes compared")]
+
+
+def _library_checks(plan: Plan, output: Path) -> list[Check]:
+    if plan.layout == TORCH:
+        import torch  # noqa: PLC0415 - the torch.save check loads the file
+
+        try:
+            torch.load(output, weights_only=True, map_location="cpu", mmap=True)
+        except Exception as e:  # noqa: BLE001 - any failure is the check failing
+            return [Check("torch.load(weights_only=True)", False, f"{type(e).__name__}: {str(e)[:200]}")]
+        return [Check("torch.load(weights_only=True)", True, "reads the output")]
+    from safetensors import safe_open  # noqa: PLC0415 - the library's own reader, for the safetensors checks
+
+    files = [output] if plan.layout == SAFETENSORS else sorted(output.glob("*.safetensors"))
+    try:
+        names = 0
+        for f in files:
+            with safe_open(str(f), "pt") as fh:
+                names += len(list(fh.keys()))
+    except Exception as e:  # noqa: BLE001 - any failure is the check failing
+        return [Check("safetensors reads it", False, f"{type(e).__name__}: {str(e)[:200]}")]
+    return [Check("safetensors reads it", True, f"safe_open lists {names} stored names in {len(files)} file(s)")]
+
+
+FIXED_INPUT = 16  # tokens of the fixed input the logits are compared on
+
+
+def _logits(folder: Path):
+    import torch  # noqa: PLC0415 - transformers is the [hf] extra
+    import transformers  # noqa: PLC0415 - transformers is the [hf] extra
+
+    from tiecheck.loaders.hf import _quiet_transformers, read_config  # noqa: PLC0415 - same boundary
+
+    cfg = read_config(folder)
+    arch = (cfg.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM
+    from transformers.utils import logging as tlog  # noqa: PLC0415 - same boundary
+
+    bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()  # "Loading weights" bars on stderr are noise around the checks
+    try:
+        with _quiet_transformers():
+            model = cls.from_pretrained(folder, dtype=torch.float32)
+    finally:
+        if bars:
+            tlog.enable_progress_bar()
+    model.eval()
+    vocab = int(getattr(model.config.get_text_config(), "vocab_size", 0) or 2)
+    ids = (torch.arange(FIXED_INPUT) * 7919 % vocab).unsqueeze(0)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _transformers_checks(plan: Plan, target: Path, output: Path) -> list[Check]:
+    name = "transformers logits"
+    try:
+        import transformers  # noqa: F401, PLC0415 - the [hf] extra
+    except ImportError:
+        return [Check(name, True, "transformers is not installed (pip install 'tiecheck[hf]')", skipped=True)]
+    import torch  # noqa: PLC0415 - with transformers
+
+    try:
+        got = _logits(output)
+    except Exception as e:  # noqa: BLE001 - the output must load: any failure is the check failing
+        return [Check(name, False, f"the output does not load: {type(e).__name__}: {str(e).splitlines()[0][:200]}")]
+    if plan.replaced:
+        return [Check(name, True, f"the output loads; logits not compared: --tie replaced "
+                                  f"{', '.join(plan.replaced)} on the user's word", skipped=True)]
+    try:
+        want = _logits(target)
+    except Exception as e:  # noqa: BLE001 - an input that does not load cannot be compared
+        return [Check(name, True, f"the output loads; the input does not ({type(e).__name__}), so nothing to "
+                                  f"compare", skipped=True)]
+    if got.shape != want.shape or not torch.equal(got, want):
+        diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+        return [Check(name, False, f"logits differ from the input's (max |diff| {diff:.3g})")]
+    return [Check(name, True, f"logits on a fixed {FIXED_INPUT}-token input equal the input folder's "
+                              f"{tuple(got.shape)}")]
+
+
+def verify(plan: Plan, target: Path, output: Path, source) -> list[Check]:
+    """Every check of the corrected copy at ``output`` against the input ``source`` Subject."""
+    from tiecheck.api import analyze_subject  # noqa: PLC0415 - the API imports the analyses and loaders
+    from tiecheck.loaders import load_target  # noqa: PLC0415 - same
+
+    out = load_target(output)
+    report = analyze_subject(out, duplicates=False)
+    checks = _tie_checks(plan, report) + _finding_checks(plan, report) + _byte_checks(plan, source, out)
+    checks += _library_checks(plan, output)
+    if plan.layout == HF_FOLDER:
+        checks += _transformers_checks(plan, target, output)
+    return checks
+
+
+__all__ = ["Check", "verify"]
