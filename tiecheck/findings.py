@@ -123,6 +123,11 @@ RULES: dict[str, Rule] = {
              "A PEFT adapter config names a module that the adapter (or, with --base, the base model) does not "
              "have: peft refuses to load it.",
              "Fix the module name in adapter_config.json, or re-save the adapter with peft."),
+        Rule("TC025", "tie-straddles-fsdp-units", "error",
+             "A module already wrapped with FSDP2 `fully_shard`: one tied Parameter is managed by two units, "
+             "so each holds its own shards (torch 2.13 refuses it at the first forward).",
+             "Shard the modules that hold the tie in one `fully_shard([a, b])` call, or leave them to the root "
+             "unit; `tiecheck plan` checks a plan before launch."),
     ]
 }
 

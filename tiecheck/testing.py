@@ -31,6 +31,7 @@ from tiecheck.guard.expect import (
     tied_findings,
     untied_hint,
 )
+from tiecheck.materialize import MODES, check_materialization, describe
 from tiecheck.report import Report
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "assert_tied", "assert_not_tied", "assert_no_broken_ties", "assert_no_findings", "assert_ties_match_snapshot",
     "TieAssertionError", "NotTiedError", "UnexpectedTieError", "UnknownNameError", "BrokenTieError",
-    "FindingsError", "SnapshotMismatchError", "SnapshotMissingError",
+    "FindingsError", "SnapshotMismatchError", "SnapshotMissingError", "assert_ties_survive", "TieLostError",
 ]
 
 
@@ -81,6 +82,10 @@ class SnapshotMissingError(TieAssertionError):
 
 class SnapshotErrorsError(TieAssertionError):
     """An update would record a state that has error findings (a broken tie, distinct Parameters)."""
+
+
+class TieLostError(TieAssertionError):
+    """A tie of the model built on meta did not survive materialisation (``lost`` lists them)."""
 
 
 # Findings that mean a tie broke or was made wrong.
@@ -391,3 +396,34 @@ def assert_ties_match_snapshot(model: Any, snapshot: str | os.PathLike, *, updat
     """
     __tracebackhide__ = True
     match_snapshot(model, snapshot, update=update, accept_errors=accept_errors)
+
+
+def assert_ties_survive(build: Any, *, materialize: Iterable[str] = MODES, device: Any = "cpu", init: Any = None,
+                        after: Any = None, state_dict: Any = None, move_to: Any = None) -> None:
+    """Build on meta, materialise as training code does, and fail when a tie came out as two Parameters.
+
+    The ways (``materialize``): ``to_empty`` (``model.to_empty(device=...)`` then ``init``),
+    ``assign`` (``model.load_state_dict(state, assign=True)``), ``move`` (a model built on
+    ``device`` sent to ``move_to``, default ``"meta"``: a move that cannot swap tensors in place,
+    as on XLA). Each replaces shared Parameters module by module unless the model re-ties.
+
+    Args:
+        build: makes the model with no arguments (called under ``torch.device("meta")``).
+        materialize: which ways to run.
+        device: where the model is made real.
+        init: initialises the model after ``to_empty`` (default: each module's ``reset_parameters``).
+        after: your step after materialising (e.g. ``lambda m: m.tie_weights()``), run before the check.
+        state_dict: what ``assign`` loads (default: the state dict of a model built on ``device``).
+        move_to: where ``move`` sends the model.
+
+    Raises:
+        TieLostError: names the tie groups lost per way and the lines that re-tie them
+            (``.lost`` holds them).
+    """
+    __tracebackhide__ = True
+    groups, lost = check_materialization(build, materialize=materialize, device=device, init=init, after=after,
+                                         state_dict=state_dict, move_to=move_to)
+    if lost:
+        err = TieLostError(describe(lost, groups))
+        err.lost = lost
+        raise err

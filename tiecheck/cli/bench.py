@@ -135,6 +135,15 @@ def _check_writable(option: str, path: str | None) -> None:
 @click.option("--no-cache", is_flag=True, help="converge: neither read nor write the tokenizer cache "
               "($XDG_CACHE_HOME/tiecheck/tokenizers, else ~/.cache/tiecheck/tokenizers).")
 @click.option("--quick", is_flag=True, help="converge: a smoke test for CI (smaller model, short run, under 30 s).")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), help="Run on N processes through "
+              "torch.distributed.run (torchrun): DDP or FSDP2, gloo on the CPU, nccl on GPUs; adds bytes "
+              "communicated per step. See docs/distributed.md.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp2"]), default="ddp", show_default=True,
+              help="With --nproc-per-node: DistributedDataParallel, or FSDP2 fully_shard (every block a unit, the "
+                   "root last, ties kept in one unit by `tiecheck plan`).")
+@click.option("--nnodes", default="1", show_default=True, help="With --nproc-per-node: torchrun's --nnodes.")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="With --nproc-per-node: torchrun's --rdzv-endpoint "
+              "(multi-node); without it one node runs --standalone.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def bench(**options):
     """Tied vs untied: throughput, step phases, memory and MFU of a bundled model.
@@ -168,8 +177,12 @@ def _check_mode_options(mode: str) -> None:
 
 def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
            threads, find_max_batch, max_batch_cap, peak_tflops, pad_vocab, progress_lines, fmt, output, plot,
-           seeds, eval_every, vocab_size, text, tokenizer, no_cache, quick, debug):
+           seeds, eval_every, vocab_size, text, tokenizer, no_cache, quick, nproc_per_node, strategy, nnodes,
+           rdzv_endpoint, debug):
     _check_mode_options(mode)
+    if nproc_per_node:
+        _distributed(locals())
+        return
     if mode == "converge":
         from tiecheck.bench.converge import ConvergeConfig  # noqa: PLC0415 - the boundary: converge imports torch
 
@@ -239,3 +252,26 @@ def _converge(cfg, fmt: str, output: str | None, plot: str | None, progress_line
 
         plot_converge(result, plot)
     sys.exit(EXIT_OK if result.checks_passed() else EXIT_FAILED)
+
+
+def _distributed(o: dict) -> None:
+    """``--nproc-per-node N``: the bench relaunched through torch.distributed.run (tiecheck.bench.distributed)."""
+    refused = [flag for flag, on in ((f"--mode {o['mode']}", o["mode"] != "train"), ("--compile", o["compile_"]),
+                                     ("--find-max-batch", o["find_max_batch"]), ("--plot", o["plot"]),
+                                     ("--format csv", o["fmt"] == "csv")) if on]
+    if refused:
+        raise TiecheckError(f"--nproc-per-node: {', '.join(refused)} is not supported with several processes; "
+                            "drop it, or run without --nproc-per-node")
+    _check_writable("-o", o["output"])
+    # The boundary where the work starts: the launcher imports torch.distributed.
+    from tiecheck.bench.distributed import launch, render, validate  # noqa: PLC0415
+
+    cfg = {k: o[k] for k in ("model", "device", "dtype", "batch_size", "seq_len", "rounds", "steps", "warmup",
+                             "seed", "threads", "pad_vocab", "strategy")}
+    cfg["command"] = _command(click.get_current_context())
+    validate(cfg, o["nnodes"], o["rdzv_endpoint"])
+    if not o["progress_lines"]:
+        click.echo(f"tiecheck: running on {o['nproc_per_node']} process(es) per node ({o['strategy']})...", err=True)
+    result = launch(cfg, nproc_per_node=o["nproc_per_node"], nnodes=o["nnodes"], rdzv_endpoint=o["rdzv_endpoint"])
+    write_output(render(result, o["fmt"]), o["output"])
+    sys.exit(EXIT_OK if all(result["checks"].values()) else EXIT_FAILED)

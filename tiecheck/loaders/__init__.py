@@ -16,11 +16,14 @@ from tiecheck.errors import TargetError, did_you_mean
 from tiecheck.facts import module_tensors
 from tiecheck.loaders import bundled, detect, spec
 from tiecheck.loaders.subject import Source, Subject
+from tiecheck.shard.wrapped import wrapped_findings
 
 
 def from_module(module, target: str | None = None, fmt: str = "nn.Module", notes=None, config=None) -> Subject:
-    return Subject(tensors=module_tensors(module), module=module, config=config,
-                   source=Source(target=target or type(module).__name__, format=fmt, notes=list(notes or [])))
+    sub = Subject(tensors=module_tensors(module), module=module, config=config,
+                  source=Source(target=target or type(module).__name__, format=fmt, notes=list(notes or [])))
+    sub.loader_findings += wrapped_findings(module)  # FSDP2 units read from their records, never gathered
+    return sub
 
 
 def from_mapping(obj: Mapping, key: str | None = None, target: str = "<state dict>") -> Subject:

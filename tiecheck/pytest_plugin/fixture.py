@@ -55,6 +55,11 @@ class TiecheckFixture:
         __tracebackhide__ = True
         testing.assert_no_findings(model, severity, ignore=ignore)
 
+    def assert_ties_survive(self, build: Any, **options: Any) -> None:
+        """``tiecheck.testing.assert_ties_survive``: ties kept through ``to_empty``, ``assign=True`` and moves."""
+        __tracebackhide__ = True
+        testing.assert_ties_survive(build, **options)
+
     def snapshot_path(self, name: str | None = None) -> Path:
         """Where the snapshot ``name`` of this test lives (default: the test's own name)."""
         return self._store.path_for(self._test_file, clean_name(name) if name is not None

@@ -1,0 +1,88 @@
+"""A tied model trained under FSDP2 on two gloo ranks, saved with torch.distributed.checkpoint, read back.
+
+DCP stores names, not aliases: the folder holds the tied weight twice (equal values), which
+`tiecheck inspect` reports as an untied duplicate with the line that re-ties it; loading in place
+into a tied model keeps the tie, loading by assignment loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tiecheck import analyze, models
+
+OVERRIDES = {"n_layer": 1}
+PAIR = {"lm_head.weight", "transformer.wte.weight"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dcp")
+    out, result = tmp / "ckpt", tmp / "found.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+           "-m", "tiecheck.shard.dcp_roundtrip", str(out), "--n-layer", "1", "--result", str(result)]
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        log, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, log[-3000:]
+    return out, json.loads(result.read_text())
+
+
+@pytest.mark.distributed
+def test_fsdp2_keeps_the_tie_through_training_and_an_in_place_dcp_load(checkpoint):
+    _, found = checkpoint
+    assert found["tie_groups"] == [["transformer.wte.weight", "lm_head.weight"]]
+    assert found["world_size"] == 2 and found["steps"] == 2
+    assert found["trained_tied"] and found["reloaded_in_place_tied"] and found["reloaded_equals_trained"]
+
+
+@pytest.mark.distributed
+def test_inspect_reads_the_sharded_checkpoint_and_reports_the_tie_stored_twice(checkpoint):
+    path, _ = checkpoint
+    report = analyze(path)
+    assert report.tie_groups == []  # DCP records no aliasing
+    tc005 = [f for f in report.findings if f["code"] == "TC005"]
+    assert len(tc005) == 1 and set(tc005[0]["names"]) == PAIR
+    assert "model.lm_head.weight = model.transformer.wte.weight" in tc005[0]["hint"]
+    assert any("copied together from their mapped chunks" in n for n in report.source["notes"])
+
+
+@pytest.mark.distributed
+def test_loading_back_in_place_keeps_the_tie_and_by_assignment_loses_it(checkpoint, tmp_path):
+    path, _ = checkpoint
+    model = models.build("gpt-mini", tied=True, device="cpu", seed=7, **OVERRIDES)
+    state = model.state_dict()
+    dcp.load(state, checkpoint_id=str(path))  # no process group: one process reads every shard
+    model.load_state_dict(state)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+    dcp_to_torch_save(str(path), str(tmp_path / "full.pt"))
+    assigned = models.build("gpt-mini", tied=True, device="meta", **OVERRIDES)
+    assigned.load_state_dict(torch.load(tmp_path / "full.pt"), assign=True)
+    assert assigned.lm_head.weight is not assigned.transformer.wte.weight
+    assert torch.equal(assigned.lm_head.weight, model.lm_head.weight)
+    codes = {f["code"] for f in analyze(assigned).findings}
+    assert "TC005" in codes
