@@ -113,14 +113,16 @@ def test_every_analysis_is_linear_in_tensor_count(facts):
     small_steps = _steps(small)
     results, slow, steep = {}, {}, {}
     for name, step in _steps(facts).items():
-        took = min(_timed(step)[0] for _ in range(2))
+        took = min(_timed(step)[0] for _ in range(3))
         results[name] = step()
-        took_small = min(_timed(small_steps[name])[0] for _ in range(2))
+        took_small = min(_timed(small_steps[name])[0] for _ in range(3))
         if took > RATIO * base:
             slow[name] = round(took / base, 1)
-        # Five times the facts: a linear step grows ~5x like the pass, a quadratic one ~25x.
+        # Five times the facts: a linear step grows ~5x like the pass (growth ~1), a quadratic one
+        # ~25x (growth ~5). The bar sits between, with room for a busy machine's noise (the best of
+        # three runs of each is compared).
         growth = (took / max(took_small, 1e-6)) / (base / max(base_small, 1e-6))
-        if growth > 2.5:
+        if growth > 3.5:
             steep[name] = round(growth, 1)
     assert slow == {}, f"steps over {RATIO}x a linear pass of {n} facts ({base:.3f} s): {slow}"
     assert steep == {}, f"steps growing faster than a linear pass from {n // 5} to {n} facts: {steep}"

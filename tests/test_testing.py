@@ -187,7 +187,7 @@ def test_snapshot_mismatch_shows_expected_actual_and_hint(tmp_path):
     assert f"  expected:\n    [same_parameter] {HEAD}, {EMB}\n  actual:\n    (no tie groups)\n" in msg
     assert "[TC009]" in msg and RETIE in msg
     assert "update=True" in msg
-    with pytest.raises(SnapshotErrorsError, match=r"not writing the snapshot .*: TinyLM has 1 error finding"):
+    with pytest.raises(SnapshotErrorsError, match=r"not writing the snapshot .*: SnapshotLM has 1 error finding"):
         match_snapshot(tm.broken(), path, update=True)  # a broken tie is no state to record unasked
     assert match_snapshot(tm.broken(), path, update=True, accept_errors=True) == "updated"
     assert json.loads(path.read_text())["tie_groups"] == []
