@@ -183,29 +183,25 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
     if nproc_per_node:
         _distributed(locals())
         return
-    if mode == "converge":
-        from tiecheck.bench.converge import ConvergeConfig  # noqa: PLC0415 - the boundary: converge imports torch
-
-        cfg = ConvergeConfig(model=model, device=device, steps=steps, seeds=seeds, eval_every=eval_every,
-                             batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size, text=text,
-                             tokenizer=tokenizer, cache=not no_cache, quick=quick, seed=seed, threads=threads)
-        _converge(cfg, fmt, output, plot, progress_lines)
-        return
-    # The boundary where the work starts: the bench imports torch.
-    from tiecheck.bench import BenchConfig, render, run_bench  # noqa: PLC0415
-    from tiecheck.bench.runner import resolve  # noqa: PLC0415
+    # The boundary where the work starts: the bench imports torch (a plot imports matplotlib when drawn).
+    from tiecheck.bench import BenchConfig, converge, render, run_bench, runner  # noqa: PLC0415
+    from tiecheck.bench import plot as plots  # noqa: PLC0415 - the module; matplotlib only when drawing
 
     _check_writable("-o", output)
     _check_writable("--plot", plot)
     if plot:
-        from tiecheck.bench.plot import require_matplotlib  # noqa: PLC0415 - plots are an extra
-
-        require_matplotlib()
+        plots.require_matplotlib()
+    if mode == "converge":
+        cfg = converge.ConvergeConfig(model=model, device=device, steps=steps, seeds=seeds, eval_every=eval_every,
+                                      batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size, text=text,
+                                      tokenizer=tokenizer, cache=not no_cache, quick=quick, seed=seed, threads=threads)
+        _converge(cfg, fmt, output, plot, progress_lines)
+        return
     cfg = BenchConfig(model=model, mode=mode, device=device, dtype=dtype, compile=compile_, batch_size=batch_size,
                       seq_len=seq_len, rounds=rounds, steps=steps, warmup=warmup, decode_tokens=decode_tokens,
                       seed=seed, threads=threads, find_max_batch=find_max_batch, max_batch_cap=max_batch_cap,
                       peak_tflops=peak_tflops, pad_vocab=pad_vocab)
-    plan = resolve(cfg)  # bad input fails here, before anything is built
+    plan = runner.resolve(cfg)  # bad input fails here, before anything is built
     progress = Progress(plan.units(), lines=progress_lines)
     # With -o FILE, the result so far is written before --find-max-batch starts and after each
     # variant, so a run stopped by a time limit still leaves the interleaved table.
@@ -219,9 +215,7 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
         raise TiecheckError("; ".join(failures) or "nothing was measured")
     write_output(render(result, fmt), output)
     if plot:
-        from tiecheck.bench.plot import plot as draw  # noqa: PLC0415 - plots are an extra
-
-        draw(result, plot)
+        plots.plot(result, plot)
     if failures:
         click.echo(f"tiecheck: error: {'; '.join(failures)}", err=True)
         sys.exit(EXIT_ERROR)
@@ -230,27 +224,19 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
 
 def _converge(cfg, fmt: str, output: str | None, plot: str | None, progress_lines: bool = False) -> None:
     """``--mode converge``: train, then print the curves and verdicts; exit 1 when a check failed."""
-    from tiecheck.bench.converge import resolve as resolve_converge  # noqa: PLC0415 - converge imports torch
-    from tiecheck.bench.converge import run_converge  # noqa: PLC0415 - converge imports torch
-    from tiecheck.bench.render import render_converge  # noqa: PLC0415 - with the run
+    from tiecheck.bench import converge  # noqa: PLC0415 - imported by _bench already: the same boundary
+    from tiecheck.bench import plot as plots  # noqa: PLC0415 - the same boundary
+    from tiecheck.bench.render import render_converge  # noqa: PLC0415 - the same boundary
 
-    _check_writable("-o", output)
-    _check_writable("--plot", plot)
-    if plot:
-        from tiecheck.bench.plot import require_matplotlib  # noqa: PLC0415 - plots are an extra
-
-        require_matplotlib()
-    plan = resolve_converge(cfg)  # bad input fails here, before the corpus is read
+    plan = converge.resolve(cfg)  # bad input fails here, before the corpus is read
     progress = Progress(plan.units(), lines=progress_lines)
     try:
-        result = run_converge(cfg, progress=progress, command=_command(click.get_current_context()))
+        result = converge.run_converge(cfg, progress=progress, command=_command(click.get_current_context()))
     finally:
         progress.close()
     write_output(render_converge(result, fmt), output, protect=tuple(p for p in (cfg.text, cfg.tokenizer) if p))
     if plot:
-        from tiecheck.bench.plot import plot_converge  # noqa: PLC0415 - plots are an extra
-
-        plot_converge(result, plot)
+        plots.plot_converge(result, plot)
     sys.exit(EXIT_OK if result.checks_passed() else EXIT_FAILED)
 
 
