@@ -39,6 +39,11 @@ Parts (``by_part``), a partition of ``forward``
   (Q, K, V and output projections, fused or not).
 * ``mlp``: products with a weight inside a Transformer layer (an item of a ModuleList or
   Sequential that contains attention) but outside its attention.
+* ``experts``: products inside the routed or shared experts of a mixture-of-experts block
+  (transformers' experts modules, ``experts``/``shared_experts``/``shared_expert`` children of a
+  block that has routed experts), however they are computed (``bmm`` on gathered weights,
+  ``_grouped_mm``, one ``linear`` per expert).
+* ``router``: products inside the gate/router beside routed experts (the routing logits).
 * ``output_projection``: products with a weight, outside the layers, whose result has the
   vocabulary size as its last dimension -- the logits (``lm_head``), tied or not.
 * ``other``: everything else (poolers, classifier heads, an activation product outside
@@ -79,6 +84,8 @@ from tiecheck.flops.inputs import (
     module_device,
     synthesize_inputs,
 )
+from tiecheck.flops.layers import layer_of, plan_layers, traced_prefix
+from tiecheck.flops.moe import parameter_counts, traceable_experts
 from tiecheck.flops.result import PARTS, FlopsResult
 
 with warnings.catch_warnings():
@@ -184,24 +191,39 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
     if not flat:
         raise ValueError("inputs contain no tensor")
     cls = Classifier(module, _PREFIX, len(flat), mi.vocab_size, mi.family, attention)
-    fca = _flop_analysis(root, flat)
-    fca.set_op_handle(**make_handles(cls))
+    handles = make_handles(cls)
+    # On meta, identical layers are traced once and multiplied (see tiecheck.flops.layers).
+    plan = plan_layers(module, cls.layer_names) if on_meta else None
+    if plan is not None:
+        cls.layer_of = lambda owner: layer_of(owner, plan)
+    switched = 0
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the trace makes many short-lived objects; collecting them mid-trace is wasted time
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if on_meta:
-                with _OnMeta(module):
+                # fvcore names the modules when it is built: build it on the traced prefix
+                with _OnMeta(module), traceable_experts(module) as switched, traced_prefix(module, plan):
+                    fca = _flop_analysis(root, flat)
+                    fca.set_op_handle(**handles)
                     fca.total()
             else:
+                fca = _flop_analysis(root, flat)
+                fca.set_op_handle(**handles)
                 fca.total()
     finally:
         if gc_was_enabled:
             gc.enable()
     by_part = {p: 0 for p in PARTS}
     by_op: Counter = Counter()
-    for key, v in fca.by_operator().items():
+    totals = Counter({k: int(v) for k, v in fca.by_operator().items()})
+    calls = Counter(cls.calls)
+    if plan is not None:
+        for i in range(plan.keep, plan.n):
+            totals.update(cls.per_layer.get(plan.rep[i], Counter()))
+            calls.update(cls.per_layer_calls.get(plan.rep[i], Counter()))
+    for key, v in totals.items():
         part, _, op = key.partition("/")
         by_part[part] += int(v)
         by_op[op] += int(v)
@@ -211,7 +233,13 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
     for kind, n in cls.failed.items():
         uncounted[kind] = uncounted.get(kind, 0) + n
     notes = [f"{k} not counted: {why}" for k, why in sorted(cls.failures.items())]
-    return _Counted(by_part, dict(by_op), dict(cls.calls), uncounted, ignored, notes)
+    if switched:
+        notes.append("experts traced with transformers' batched_mm implementation: the same products as "
+                     "grouped_mm, with shapes fixed by the routing config")
+    if plan is not None:
+        notes.append(f"identical layers traced once: {plan.name} traced as its first {plan.keep} of {plan.n} "
+                     f"layers, each later layer counted as the first traced layer of the same structure")
+    return _Counted(by_part, dict(by_op), dict(calls), uncounted, ignored, notes)
 
 
 
@@ -271,6 +299,10 @@ def count_flops(
         else:
             plan = [("real", dev)]
 
+    try:
+        params = parameter_counts(module)
+    except Exception as e:  # noqa: BLE001 - an odd module's parameters; the count goes on without them
+        params = {"unavailable": describe_error(e)}
     failures: list[str] = []
     last_mi: ModelInputs | None = None
     for method, dev in plan:
@@ -322,6 +354,7 @@ def count_flops(
             uncounted_ops=counted.uncounted,
             ignored_ops=counted.ignored,
             notes=tuple(notes),
+            parameters=params,
         )
 
     mi = last_mi
@@ -335,4 +368,5 @@ def count_flops(
         requested_seq_len=seq_len,
         tgt_seq_len=mi.tgt_seq_len if mi and mi.family == "encoder-decoder" else None,
         notes=tuple(mi.notes) if mi else (),
+        parameters=params,
     )
