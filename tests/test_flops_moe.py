@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import tiecheck
 from tiecheck.flops import count_flops
 from tiecheck.flops.moe import traceable_experts
+from tiecheck.report.render import render
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -154,3 +156,11 @@ def test_deepseek_v3_default_closed_form():
     assert p["routed_experts"] == routed
     assert p["active_per_token"] == p["total"] - routed + routed * 8 // 256
     assert p["total"] == pytest.approx(671.0e9, rel=1e-3)
+
+
+def test_text_report_shows_experts_router_and_active_parameters():
+    report = tiecheck.analyze(_meta_model(tiny_configs()["deepseek_v3"]), flops=True, seq_len=T)
+    text = render(report, "table")
+    assert "\nexperts " in text and "\nrouter " in text
+    assert "active per token" in text and "1 MoE layers" in text
+    assert report.to_dict()["flops"]["parameters"]["moe_layers"] == 1
