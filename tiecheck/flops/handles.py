@@ -53,7 +53,7 @@ NO_ARITHMETIC = frozenset(
     linspace ones ones_like zeros zeros_like full full_like empty empty_like new_ones
     new_zeros new_full new_empty new_tensor tensor scalar_tensor eye diagonal diag diag_embed
     tril triu view_as_real view_as_complex __getitem__ _assert_async dropout feature_dropout
-    alpha_dropout native_dropout
+    alpha_dropout native_dropout unfold
     """.split()
 )
 
@@ -202,8 +202,14 @@ class Classifier:
         self.attention_names: set[str] = set()
         self.layer_names: set[str] = set()
         pat = re.compile(r"attn|attention", re.IGNORECASE)
+        # token mixers of state-space and linear-recurrent layers count as attention (docs/flops.md)
+        mixer_attr = re.compile(r"^(mixer|mamba|ssm|temporal_block)$", re.IGNORECASE)
+        not_mixer = re.compile(r"MLP|MoE|Experts|FeedForward", re.IGNORECASE)
         for name, m in self.modules.items():
-            if name and (pat.search(name.rsplit(".", 1)[-1]) or pat.search(type(m).__name__)):
+            if not name:
+                continue
+            attr, cls_name = name.rsplit(".", 1)[-1], type(m).__name__
+            if pat.search(attr) or pat.search(cls_name) or (mixer_attr.search(attr) and not not_mixer.search(cls_name)):
                 self.attention_names.add(name)
         for name, m in self.modules.items():
             if isinstance(m, (nn.ModuleList, nn.Sequential)):
@@ -372,6 +378,12 @@ def make_handles(cls: Classifier) -> dict[str, Callable]:
             return a[0] * a[1] * a[2] * b[2]
         raise ValueError(f"grouped_mm: unexpected operand ranks {len(a)}, {len(b)}")
 
+    def solve_triangular(shapes, _):
+        # forward/back substitution: n(n-1)/2 multiply-adds per right-hand column (divisions not counted)
+        a, b = shapes
+        n = a[-1]
+        return _prod(_broadcast(a[:-2], b[:-2])) * n * (n - 1) // 2 * b[-1]
+
     def einsum(shapes, inputs):
         return _einsum_macs(_const(inputs[0]), shapes)
 
@@ -391,6 +403,7 @@ def make_handles(cls: Classifier) -> dict[str, Callable]:
         "aten::baddbmm": product("baddbmm", lambda i: i[1:3], addmm),
         "aten::addbmm": product("addbmm", lambda i: i[1:3], addbmm),
         "aten::einsum": product("einsum", einsum_operands, einsum),
+        "aten::linalg_solve_triangular": product("linalg_solve_triangular", lambda i: i[:2], solve_triangular),
         "aten::_grouped_mm": product("_grouped_mm", lambda i: i[:2], grouped_mm),
         "aten::grouped_mm": product("grouped_mm", lambda i: i[:2], grouped_mm),
         "aten::_scaled_grouped_mm": product("_scaled_grouped_mm", lambda i: i[:2], grouped_mm),

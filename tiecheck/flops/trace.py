@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.stateless import _reparametrize_module
 
 from tiecheck.flops.analytic import ATTENTION_MODES
@@ -175,6 +176,37 @@ class _OnMeta:
         self._ctx.__exit__(*exc)
 
 
+class _MetaDepthwiseConv:
+    """Within the block a depthwise ``F.conv1d`` on meta under the tracer runs as unfold + einsum.
+
+    State-space layers (Mamba, Mamba2, Jamba, Bamba, Falcon-H1, ...) run a short causal depthwise
+    convolution. Under ``torch.jit.trace`` the meta convolution kernel, written in Python, reads
+    sizes as traced tensors and fails (``cond must be a bool, but got a Tensor``). The same
+    product written as ``unfold`` + ``einsum("bclk,ck->bcl")`` has the same multiply-adds
+    (channels x output length x kernel width) and traces on meta.
+    """
+
+    def __enter__(self) -> None:
+        self._orig = F.conv1d
+        orig = self._orig
+
+        def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                   dilation: Any = 1, groups: Any = 1) -> Any:
+            if (input.device.type == "meta" and torch._C._get_tracing_state() is not None
+                    and weight.dim() == 3 and weight.shape[1] == 1 and stride in (1, (1,))
+                    and dilation in (1, (1,)) and not isinstance(padding, str)):
+                pad = int(padding[0] if isinstance(padding, (tuple, list)) else padding)
+                x = torch.constant_pad_nd(input, [pad, pad]) if pad else input
+                out = torch.einsum("bclk,ck->bcl", x.unfold(2, weight.shape[-1], 1), weight[:, 0, :])
+                return out + bias[:, None] if bias is not None else out
+            return orig(input, weight, bias, stride, padding, dilation, groups)
+
+        F.conv1d = conv1d
+
+    def __exit__(self, *exc: object) -> None:
+        F.conv1d = self._orig
+
+
 @dataclass
 class _Counted:
     by_part: dict[str, int]
@@ -204,7 +236,8 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
             warnings.simplefilter("ignore")
             if on_meta:
                 # fvcore names the modules when it is built: build it on the traced prefix
-                with _OnMeta(module), traceable_experts(module) as switched, traced_prefix(module, plan):
+                with _OnMeta(module), traceable_experts(module) as switched, traced_prefix(module, plan), \
+                        _MetaDepthwiseConv():
                     fca = _flop_analysis(root, flat)
                     fca.set_op_handle(**handles)
                     fca.total()
