@@ -177,13 +177,13 @@ class _OnMeta:
 
 
 class _MetaDepthwiseConv:
-    """Within the block a depthwise ``F.conv1d`` on meta under the tracer runs as unfold + einsum.
+    """Within the block a (depthwise or grouped) ``F.conv1d`` on meta under the tracer runs as unfold + einsum.
 
     State-space layers (Mamba, Mamba2, Jamba, Bamba, Falcon-H1, ...) run a short causal depthwise
     convolution. Under ``torch.jit.trace`` the meta convolution kernel, written in Python, reads
     sizes as traced tensors and fails (``cond must be a bool, but got a Tensor``). The same
-    product written as ``unfold`` + ``einsum("bclk,ck->bcl")`` has the same multiply-adds
-    (channels x output length x kernel width) and traces on meta.
+    product written as ``unfold`` + ``einsum`` has the same multiply-adds (output channels x
+    output length x input channels per group x kernel width) and traces on meta.
     """
 
     def __enter__(self) -> None:
@@ -193,11 +193,19 @@ class _MetaDepthwiseConv:
         def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
                    dilation: Any = 1, groups: Any = 1) -> Any:
             if (input.device.type == "meta" and torch._C._get_tracing_state() is not None
-                    and weight.dim() == 3 and weight.shape[1] == 1 and stride in (1, (1,))
-                    and dilation in (1, (1,)) and not isinstance(padding, str)):
+                    and weight.dim() == 3 and stride in (1, (1,)) and dilation in (1, (1,))
+                    and not isinstance(padding, str)):
                 pad = int(padding[0] if isinstance(padding, (tuple, list)) else padding)
+                g = int(groups)
                 x = torch.constant_pad_nd(input, [pad, pad]) if pad else input
-                out = torch.einsum("bclk,ck->bcl", x.unfold(2, weight.shape[-1], 1), weight[:, 0, :])
+                x = x.unfold(2, weight.shape[-1], 1)  # (B, C_in, L_out, k)
+                if weight.shape[1] == 1 and g == weight.shape[0]:  # depthwise
+                    out = torch.einsum("bclk,ck->bcl", x, weight[:, 0, :])
+                else:  # grouped: (B, G, C_in/G, L_out, k) x (G, C_out/G, C_in/G, k)
+                    b, c_in, length, k = x.shape
+                    xg = x.reshape(b, g, c_in // g, length, k)
+                    wg = weight.reshape(g, weight.shape[0] // g, weight.shape[1], k)
+                    out = torch.einsum("bgclk,gock->bgol", xg, wg).reshape(b, weight.shape[0], length)
                 return out + bias[:, None] if bias is not None else out
             return orig(input, weight, bias, stride, padding, dilation, groups)
 
@@ -205,6 +213,37 @@ class _MetaDepthwiseConv:
 
     def __exit__(self, *exc: object) -> None:
         F.conv1d = self._orig
+
+
+class _ScatterBoolValue:
+    """Within the block ``Tensor.scatter``/``scatter_`` with a bool value pass it as an int.
+
+    The TorchScript tracer's alias analysis has no schema for ``scatter`` with a bool scalar
+    (``x.scatter(-1, idx, False)``: DeepSeek-V3.2's and GLM-MoE-DSA's sparse-attention masks),
+    and fails with an internal assert. ``False``/``True`` written into a tensor are ``0``/``1``.
+    """
+
+    _NAMES = ("scatter", "scatter_")
+
+    def __enter__(self) -> None:
+        self._orig = {n: getattr(torch.Tensor, n) for n in self._NAMES}
+        for n, fn in self._orig.items():
+            setattr(torch.Tensor, n, self._wrap(fn))
+
+    @staticmethod
+    def _wrap(fn: Any) -> Any:
+        def scatter(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if len(args) >= 3 and isinstance(args[2], bool):
+                args = (*args[:2], int(args[2]), *args[3:])
+            if isinstance(kwargs.get("value"), bool):
+                kwargs["value"] = int(kwargs["value"])
+            return fn(self, *args, **kwargs)
+
+        return scatter
+
+    def __exit__(self, *exc: object) -> None:
+        for n, fn in self._orig.items():
+            setattr(torch.Tensor, n, fn)
 
 
 @dataclass
@@ -232,7 +271,7 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the trace makes many short-lived objects; collecting them mid-trace is wasted time
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _ScatterBoolValue():
             warnings.simplefilter("ignore")
             if on_meta:
                 # fvcore names the modules when it is built: build it on the traced prefix
