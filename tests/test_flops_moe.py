@@ -164,3 +164,27 @@ def test_text_report_shows_experts_router_and_active_parameters():
     assert "\nexperts " in text and "\nrouter " in text
     assert "active per token" in text and "1 MoE layers" in text
     assert report.to_dict()["flops"]["parameters"]["moe_layers"] == 1
+
+
+class _BoolScatterMask(torch.nn.Module):
+    """A sparse-attention-style mask: keep the top-2 keys, written with scatter(..., False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = x @ x.transpose(-1, -2)
+        idx = scores.topk(2, dim=-1).indices
+        mask = torch.ones_like(scores, dtype=torch.bool).scatter(-1, idx, False)
+        return self.proj(scores.masked_fill(mask, 0.0) @ x)
+
+
+def test_scatter_with_a_bool_value_traces():
+    # the TorchScript tracer's alias analysis has no scatter schema for a bool scalar
+    x = torch.randn(1, 4, 8)
+    before = torch.Tensor.scatter
+    r = count_flops(_BoolScatterMask(), inputs=x, device="meta")
+    assert r.available, r.reason
+    assert r.forward == 2 * (4 * 8 * 4 + 4 * 4 * 8 + 4 * 8 * 8)
+    assert torch.Tensor.scatter is before
