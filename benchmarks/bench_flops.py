@@ -60,3 +60,37 @@ def test_llama3_8b_flops_on_meta(benchmark):
           f"{benchmark.stats.stats.median:.2f} s (median of 3); fresh process: build + count "
           f"{child['wall_s']:.2f} s, peak RSS {child['peak_rss_mib']:.0f} MiB")
     assert child["peak_rss_mib"] < 1024, f"peak RSS {child['peak_rss_mib']:.0f} MiB"
+
+
+def deepseek_v3_on_meta() -> torch.nn.Module:
+    """DeepSeek-V3 from transformers' default config: 61 layers (3 dense), 256 routed experts top-8 + 1 shared, MLA."""
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(transformers.DeepseekV3Config())
+
+
+def test_deepseek_v3_flops_on_meta(benchmark):
+    model = deepseek_v3_on_meta()
+    result = benchmark.pedantic(count_flops, args=(model,), kwargs={"seq_len": SEQ}, rounds=3, iterations=1)
+    assert result.available and result.method == "meta", result.reason
+    # identical layers are traced once and multiplied: the report says so
+    assert any("identical layers traced once" in n for n in result.notes)
+    child = run_child(
+        "_r = count_flops(deepseek_v3_on_meta(), seq_len=SEQ); _out['forward'] = _r.forward",
+        setup=f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              "from bench_flops import count_flops, deepseek_v3_on_meta, SEQ",
+    )
+    assert child["forward"] == result.forward
+    p = result.parameters
+    benchmark.extra_info.update(
+        forward_tflop=result.forward / 1e12,
+        params_total=p["total"],
+        params_active=p["active_per_token"],
+        child_peak_rss_mib=round(child["peak_rss_mib"]),
+        child_count_s=child["wall_s"],
+    )
+    print(f"\nDeepSeek-V3, seq {SEQ}, meta: {result.forward / 1e12:.2f} TFLOP forward, "
+          f"{p['total'] / 1e9:.1f} B parameters, {p['active_per_token'] / 1e9:.2f} B active per token; count "
+          f"{benchmark.stats.stats.median:.2f} s (median of 3); fresh process: build + count "
+          f"{child['wall_s']:.2f} s, peak RSS {child['peak_rss_mib']:.0f} MiB")
+    assert child["wall_s"] < 10, f"{child['wall_s']:.1f} s"
+    assert child["peak_rss_mib"] < 1024, f"peak RSS {child['peak_rss_mib']:.0f} MiB"

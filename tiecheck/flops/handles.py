@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from tiecheck.flops.moe import experts_kind
+
 with warnings.catch_warnings():
     # importing fvcore.nn scripts a few loss functions, which newer torch deprecates
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -51,7 +53,7 @@ NO_ARITHMETIC = frozenset(
     linspace ones ones_like zeros zeros_like full full_like empty empty_like new_ones
     new_zeros new_full new_empty new_tensor tensor scalar_tensor eye diagonal diag diag_embed
     tril triu view_as_real view_as_complex __getitem__ _assert_async dropout feature_dropout
-    alpha_dropout native_dropout
+    alpha_dropout native_dropout unfold
     """.split()
 )
 
@@ -200,8 +202,14 @@ class Classifier:
         self.attention_names: set[str] = set()
         self.layer_names: set[str] = set()
         pat = re.compile(r"attn|attention", re.IGNORECASE)
+        # token mixers of state-space and linear-recurrent layers count as attention (docs/flops.md)
+        mixer_attr = re.compile(r"^(mixer|mamba|ssm|temporal_block)$", re.IGNORECASE)
+        not_mixer = re.compile(r"MLP|MoE|Experts|FeedForward", re.IGNORECASE)
         for name, m in self.modules.items():
-            if name and (pat.search(name.rsplit(".", 1)[-1]) or pat.search(type(m).__name__)):
+            if not name:
+                continue
+            attr, cls_name = name.rsplit(".", 1)[-1], type(m).__name__
+            if pat.search(attr) or pat.search(cls_name) or (mixer_attr.search(attr) and not not_mixer.search(cls_name)):
                 self.attention_names.add(name)
         for name, m in self.modules.items():
             if isinstance(m, (nn.ModuleList, nn.Sequential)):
@@ -209,6 +217,23 @@ class Classifier:
                     full = f"{name}.{child}" if name else child
                     if any(a == full or a.startswith(full + ".") for a in self.attention_names):
                         self.layer_names.add(full)
+        # mixture of experts: routed and shared experts, and routers (a gate beside routed experts)
+        self.experts_names: set[str] = set()
+        self.router_names: set[str] = set()
+        for name, m in self.modules.items():
+            kinds = {n: experts_kind(n, c) for n, c in m.named_children()}
+            if "routed" not in kinds.values():
+                continue
+            for child, kind in kinds.items():
+                full = f"{name}.{child}" if name else child
+                if kind in ("routed", "shared"):
+                    self.experts_names.add(full)
+                elif kind == "router":
+                    self.router_names.add(full)
+        # per-layer FLOPs and attention calls, for layers traced once and multiplied
+        self.layer_of: Callable[[str], int | None] = lambda owner: None
+        self.per_layer: dict[int, Counter] = {}
+        self.per_layer_calls: dict[int, Counter] = {}
         self.calls: Counter = Counter()
         self.failed: Counter = Counter()
         self.failures: dict[str, str] = {}
@@ -249,6 +274,17 @@ class Classifier:
     def in_attention(self, owner: str) -> bool:
         return any(a in self.attention_names for a in self.ancestors(owner))
 
+    def moe_part(self, owner: str) -> str | None:
+        """"experts" or "router" for an op inside such a module of an MoE block, else None."""
+        if not (self.experts_names or self.router_names):
+            return None
+        for a in self.ancestors(owner):
+            if a in self.experts_names:
+                return "experts"
+            if a in self.router_names:
+                return "router"
+        return None
+
     def in_layer(self, owner: str) -> bool:
         return any(a in self.layer_names for a in self.ancestors(owner))
 
@@ -273,6 +309,10 @@ class Classifier:
     def part_of_product(self, node: Any, operands: Sequence[Any], out_shape: list[int] | None,
                         vocab_check: bool = True) -> str:
         owner = self.owner(node)
+        moe = self.moe_part(owner)
+        if moe is not None:
+            # expert weights are gathered per token (batched_mm) or grouped: not plain weights
+            return moe
         if any(self.is_weight(v) for v in operands):
             # logits are made outside the layers, so an MLP as wide as the vocab stays an MLP
             if self.in_attention(owner):
@@ -324,6 +364,26 @@ def make_handles(cls: Classifier) -> dict[str, Callable]:
         a, b = shapes
         return a[0] * a[1] * a[2] * b[2]
 
+    def grouped_mm(shapes, _):
+        # Group offsets only say which rows go to which group: the products' total is fixed by
+        # the shapes, so it is read from them, never from offsets (garbage on meta).
+        a, b = shapes
+        if len(a) == 2 and len(b) == 3:  # (S, K) x (G, K, N): every row through one group
+            return a[0] * a[1] * b[2]
+        if len(a) == 3 and len(b) == 2:  # (G, M, K) x (K, N_total): every column through one group
+            return a[1] * a[2] * b[1]
+        if len(a) == 2 and len(b) == 2:  # (M, K_total) x (K_total, N): K split into groups
+            return a[0] * a[1] * b[1]
+        if len(a) == 3 and len(b) == 3:  # a batch of G products
+            return a[0] * a[1] * a[2] * b[2]
+        raise ValueError(f"grouped_mm: unexpected operand ranks {len(a)}, {len(b)}")
+
+    def solve_triangular(shapes, _):
+        # forward/back substitution: n(n-1)/2 multiply-adds per right-hand column (divisions not counted)
+        a, b = shapes
+        n = a[-1]
+        return _prod(_broadcast(a[:-2], b[:-2])) * n * (n - 1) // 2 * b[-1]
+
     def einsum(shapes, inputs):
         return _einsum_macs(_const(inputs[0]), shapes)
 
@@ -343,6 +403,11 @@ def make_handles(cls: Classifier) -> dict[str, Callable]:
         "aten::baddbmm": product("baddbmm", lambda i: i[1:3], addmm),
         "aten::addbmm": product("addbmm", lambda i: i[1:3], addbmm),
         "aten::einsum": product("einsum", einsum_operands, einsum),
+        "aten::linalg_solve_triangular": product("linalg_solve_triangular", lambda i: i[:2], solve_triangular),
+        "aten::_grouped_mm": product("_grouped_mm", lambda i: i[:2], grouped_mm),
+        "aten::grouped_mm": product("grouped_mm", lambda i: i[:2], grouped_mm),
+        "aten::_scaled_grouped_mm": product("_scaled_grouped_mm", lambda i: i[:2], grouped_mm),
+        "transformers::grouped_mm_fallback": product("grouped_mm_fallback", lambda i: i[:2], grouped_mm),
     }
 
     def conv_handle(inputs: list, outputs: list) -> Counter:
@@ -400,7 +465,14 @@ def make_handles(cls: Classifier) -> dict[str, Callable]:
 
         def handle(inputs: list, outputs: list) -> Counter:
             try:
-                return fn(inputs, outputs)
+                layer = cls.layer_of(cls.owner(outputs[0].node())) if outputs else None
+                if layer is None:
+                    return fn(inputs, outputs)
+                calls = Counter(cls.calls)
+                got = fn(inputs, outputs)
+                cls.per_layer.setdefault(layer, Counter()).update(got)
+                cls.per_layer_calls.setdefault(layer, Counter()).update(cls.calls - calls)
+                return got
             except Exception as e:  # noqa: BLE001 - an odd signature or an incomplete shape
                 cls.failed[kind] += 1
                 cls.failures.setdefault(kind, describe_error(e))

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-PARTS = ("embedding", "attention", "attention_projections", "mlp", "output_projection", "other")
+PARTS = ("embedding", "attention", "attention_projections", "mlp", "experts", "router", "output_projection",
+         "other")
 
 UNIT = "FLOP"
 NOTE_ON_TYING = (
@@ -26,6 +27,15 @@ CONVENTIONS = {
         "matrix), the FlashAttention convention; train_step_estimate = 3 x forward."
     ),
 }
+
+MOE_CONVENTION = (
+    "Mixture of experts: each token runs top_k routed experts plus the shared experts, the "
+    "router's matmul counted and dense layers counted dense; with top-k routing and no capacity "
+    "limit the total does not depend on how tokens spread over experts. A capacity factor c caps "
+    "each expert at c x tokens x top_k / num_experts rows: overflow from an uneven routing is "
+    "dropped, making the count routing-dependent and at most min(1, c) x this figure; kernels that "
+    "pad every expert to its capacity do c x this figure whatever the routing."
+)
 
 
 @dataclass(frozen=True)
@@ -56,13 +66,17 @@ class FlopsResult:
     uncounted_ops: Mapping[str, int] = field(default_factory=dict)
     ignored_ops: Mapping[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    parameters: Mapping[str, Any] | None = None
 
     unit = UNIT
     note_on_tying = NOTE_ON_TYING
 
     @property
     def convention(self) -> str:
-        return CONVENTIONS[self.attention]
+        text = CONVENTIONS[self.attention]
+        if self.parameters and self.parameters.get("moe_layers"):
+            text += " " + MOE_CONVENTION
+        return text
 
     @property
     def tokens(self) -> int | None:
@@ -115,6 +129,7 @@ class FlopsResult:
                 "attention_calls": None if self.attention_calls is None else dict(self.attention_calls),
                 "uncounted_ops": dict(sorted(self.uncounted_ops.items())),
                 "ignored_ops": dict(sorted(self.ignored_ops.items())),
+                "parameters": None if self.parameters is None else dict(self.parameters),
                 "notes": list(self.notes),
                 "note_on_tying": self.note_on_tying,
             }

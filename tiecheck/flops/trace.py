@@ -39,6 +39,11 @@ Parts (``by_part``), a partition of ``forward``
   (Q, K, V and output projections, fused or not).
 * ``mlp``: products with a weight inside a Transformer layer (an item of a ModuleList or
   Sequential that contains attention) but outside its attention.
+* ``experts``: products inside the routed or shared experts of a mixture-of-experts block
+  (transformers' experts modules, ``experts``/``shared_experts``/``shared_expert`` children of a
+  block that has routed experts), however they are computed (``bmm`` on gathered weights,
+  ``_grouped_mm``, one ``linear`` per expert).
+* ``router``: products inside the gate/router beside routed experts (the routing logits).
 * ``output_projection``: products with a weight, outside the layers, whose result has the
   vocabulary size as its last dimension -- the logits (``lm_head``), tied or not.
 * ``other``: everything else (poolers, classifier heads, an activation product outside
@@ -61,6 +66,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils.stateless import _reparametrize_module
 
 from tiecheck.flops.analytic import ATTENTION_MODES
@@ -79,6 +85,8 @@ from tiecheck.flops.inputs import (
     module_device,
     synthesize_inputs,
 )
+from tiecheck.flops.layers import layer_of, plan_layers, traced_prefix
+from tiecheck.flops.moe import parameter_counts, traceable_experts
 from tiecheck.flops.result import PARTS, FlopsResult
 
 with warnings.catch_warnings():
@@ -168,6 +176,76 @@ class _OnMeta:
         self._ctx.__exit__(*exc)
 
 
+class _MetaDepthwiseConv:
+    """Within the block a (depthwise or grouped) ``F.conv1d`` on meta under the tracer runs as unfold + einsum.
+
+    State-space layers (Mamba, Mamba2, Jamba, Bamba, Falcon-H1, ...) run a short causal depthwise
+    convolution. Under ``torch.jit.trace`` the meta convolution kernel, written in Python, reads
+    sizes as traced tensors and fails (``cond must be a bool, but got a Tensor``). The same
+    product written as ``unfold`` + ``einsum`` has the same multiply-adds (output channels x
+    output length x input channels per group x kernel width) and traces on meta.
+    """
+
+    def __enter__(self) -> None:
+        self._orig = F.conv1d
+        orig = self._orig
+
+        def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                   dilation: Any = 1, groups: Any = 1) -> Any:
+            if (input.device.type == "meta" and torch._C._get_tracing_state() is not None
+                    and weight.dim() == 3 and stride in (1, (1,)) and dilation in (1, (1,))
+                    and not isinstance(padding, str)):
+                pad = int(padding[0] if isinstance(padding, (tuple, list)) else padding)
+                g = int(groups)
+                x = torch.constant_pad_nd(input, [pad, pad]) if pad else input
+                x = x.unfold(2, weight.shape[-1], 1)  # (B, C_in, L_out, k)
+                if weight.shape[1] == 1 and g == weight.shape[0]:  # depthwise
+                    out = torch.einsum("bclk,ck->bcl", x, weight[:, 0, :])
+                else:  # grouped: (B, G, C_in/G, L_out, k) x (G, C_out/G, C_in/G, k)
+                    b, c_in, length, k = x.shape
+                    xg = x.reshape(b, g, c_in // g, length, k)
+                    wg = weight.reshape(g, weight.shape[0] // g, weight.shape[1], k)
+                    out = torch.einsum("bgclk,gock->bgol", xg, wg).reshape(b, weight.shape[0], length)
+                return out + bias[:, None] if bias is not None else out
+            return orig(input, weight, bias, stride, padding, dilation, groups)
+
+        F.conv1d = conv1d
+
+    def __exit__(self, *exc: object) -> None:
+        F.conv1d = self._orig
+
+
+class _ScatterBoolValue:
+    """Within the block ``Tensor.scatter``/``scatter_`` with a bool value pass it as an int.
+
+    The TorchScript tracer's alias analysis has no schema for ``scatter`` with a bool scalar
+    (``x.scatter(-1, idx, False)``: DeepSeek-V3.2's and GLM-MoE-DSA's sparse-attention masks),
+    and fails with an internal assert. ``False``/``True`` written into a tensor are ``0``/``1``.
+    """
+
+    _NAMES = ("scatter", "scatter_")
+
+    def __enter__(self) -> None:
+        self._orig = {n: getattr(torch.Tensor, n) for n in self._NAMES}
+        for n, fn in self._orig.items():
+            setattr(torch.Tensor, n, self._wrap(fn))
+
+    @staticmethod
+    def _wrap(fn: Any) -> Any:
+        def scatter(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if len(args) >= 3 and isinstance(args[2], bool):
+                args = (*args[:2], int(args[2]), *args[3:])
+            if isinstance(kwargs.get("value"), bool):
+                kwargs["value"] = int(kwargs["value"])
+            return fn(self, *args, **kwargs)
+
+        return scatter
+
+    def __exit__(self, *exc: object) -> None:
+        for n, fn in self._orig.items():
+            setattr(torch.Tensor, n, fn)
+
+
 @dataclass
 class _Counted:
     by_part: dict[str, int]
@@ -184,24 +262,40 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
     if not flat:
         raise ValueError("inputs contain no tensor")
     cls = Classifier(module, _PREFIX, len(flat), mi.vocab_size, mi.family, attention)
-    fca = _flop_analysis(root, flat)
-    fca.set_op_handle(**make_handles(cls))
+    handles = make_handles(cls)
+    # On meta, identical layers are traced once and multiplied (see tiecheck.flops.layers).
+    plan = plan_layers(module, cls.layer_names) if on_meta else None
+    if plan is not None:
+        cls.layer_of = lambda owner: layer_of(owner, plan)
+    switched = 0
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the trace makes many short-lived objects; collecting them mid-trace is wasted time
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _ScatterBoolValue():
             warnings.simplefilter("ignore")
             if on_meta:
-                with _OnMeta(module):
+                # fvcore names the modules when it is built: build it on the traced prefix
+                with _OnMeta(module), traceable_experts(module) as switched, traced_prefix(module, plan), \
+                        _MetaDepthwiseConv():
+                    fca = _flop_analysis(root, flat)
+                    fca.set_op_handle(**handles)
                     fca.total()
             else:
+                fca = _flop_analysis(root, flat)
+                fca.set_op_handle(**handles)
                 fca.total()
     finally:
         if gc_was_enabled:
             gc.enable()
     by_part = {p: 0 for p in PARTS}
     by_op: Counter = Counter()
-    for key, v in fca.by_operator().items():
+    totals = Counter({k: int(v) for k, v in fca.by_operator().items()})
+    calls = Counter(cls.calls)
+    if plan is not None:
+        for i in range(plan.keep, plan.n):
+            totals.update(cls.per_layer.get(plan.rep[i], Counter()))
+            calls.update(cls.per_layer_calls.get(plan.rep[i], Counter()))
+    for key, v in totals.items():
         part, _, op = key.partition("/")
         by_part[part] += int(v)
         by_op[op] += int(v)
@@ -211,7 +305,13 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
     for kind, n in cls.failed.items():
         uncounted[kind] = uncounted.get(kind, 0) + n
     notes = [f"{k} not counted: {why}" for k, why in sorted(cls.failures.items())]
-    return _Counted(by_part, dict(by_op), dict(cls.calls), uncounted, ignored, notes)
+    if switched:
+        notes.append("experts traced with transformers' batched_mm implementation: the same products as "
+                     "grouped_mm, with shapes fixed by the routing config")
+    if plan is not None:
+        notes.append(f"identical layers traced once: {plan.name} traced as its first {plan.keep} of {plan.n} "
+                     f"layers, each later layer counted as the first traced layer of the same structure")
+    return _Counted(by_part, dict(by_op), dict(calls), uncounted, ignored, notes)
 
 
 
@@ -271,6 +371,10 @@ def count_flops(
         else:
             plan = [("real", dev)]
 
+    try:
+        params = parameter_counts(module)
+    except Exception as e:  # noqa: BLE001 - an odd module's parameters; the count goes on without them
+        params = {"unavailable": describe_error(e)}
     failures: list[str] = []
     last_mi: ModelInputs | None = None
     for method, dev in plan:
@@ -322,6 +426,7 @@ def count_flops(
             uncounted_ops=counted.uncounted,
             ignored_ops=counted.ignored,
             notes=tuple(notes),
+            parameters=params,
         )
 
     mi = last_mi
@@ -335,4 +440,5 @@ def count_flops(
         requested_seq_len=seq_len,
         tgt_seq_len=mi.tgt_seq_len if mi and mi.family == "encoder-decoder" else None,
         notes=tuple(mi.notes) if mi else (),
+        parameters=params,
     )

@@ -103,12 +103,22 @@ def read_weights_index(path: Path) -> dict | None:
         st = path.stat()
     except OSError:
         return None
-    obj = _parse_index(str(path), st.st_mtime_ns, st.st_size)
-    return copy.deepcopy(obj) if obj is not None else None
+    parsed = _parse_index(str(path), st.st_mtime_ns, st.st_size)
+    if parsed is None:
+        return None
+    obj, plain = parsed
+    # A copy the caller may change without touching the cached parse. copy.deepcopy costs about
+    # 10 s on a million-name weight map; a map of strings to strings (checked once, when parsed)
+    # holds nothing mutable, so a one-level copy is as safe.
+    if not plain:
+        return copy.deepcopy(obj)
+    out = {k: copy.deepcopy(v) for k, v in obj.items() if k != "weight_map"}
+    out["weight_map"] = dict(obj["weight_map"])
+    return out
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_index(path: str, _mtime_ns: int, size: int) -> dict | None:
+def _parse_index(path: str, _mtime_ns: int, size: int) -> tuple[dict, bool] | None:
     if size > _INDEX_LIMIT:
         return None
     try:
@@ -121,7 +131,7 @@ def _parse_index(path: str, _mtime_ns: int, size: int) -> dict | None:
     except (ValueError, OSError):
         return None
     if isinstance(obj, dict) and isinstance(obj.get("weight_map"), dict):
-        return obj
+        return obj, all(type(v) is str for v in obj["weight_map"].values())
     return None
 
 

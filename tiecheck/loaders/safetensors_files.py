@@ -357,6 +357,7 @@ def shard_paths(index_path: Path, index: dict) -> dict[str, list[str]]:
         if not isinstance(shard, str) or not shard:
             raise TargetError(f"{index_path}: weight_map[{name!r}] is {shard!r}, not a shard file name")
         by_shard.setdefault(shard, []).append(name)
+    missing: list[str] = []
     for shard in by_shard:
         # Judged by the name, not by where symlinks lead: a Hugging Face cache snapshot links every
         # file into ../../blobs, and that is fine; a name with a folder, '..' or a root is not.
@@ -365,8 +366,13 @@ def shard_paths(index_path: Path, index: dict) -> dict[str, list[str]]:
             raise TargetError(f"{index_path}: the index names shard {shard!r}, which lies outside its folder; "
                               f"refusing to read it (shards must sit next to the index)")
         if not (folder / p).is_file():
-            raise TargetError(f"{index_path}: shard {shard!r} named by the index is missing from {folder} "
-                              f"(partial download?); fetch it and retry")
+            missing.append(shard)
+    if missing:
+        # one line however many are missing: the count, and the first by name
+        more = (f" ({len(missing):,} of the {len(by_shard):,} shards are missing, holding "
+                f"{sum(len(by_shard[m]) for m in missing):,} tensors)") if len(missing) > 1 else ""
+        raise TargetError(f"{index_path}: shard {sorted(missing)[0]!r} named by the index is missing from {folder}"
+                          f"{more} (partial download?); fetch it and retry")
     return by_shard
 
 

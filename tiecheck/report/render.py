@@ -177,6 +177,13 @@ def _packed_lines(declared: dict | None, h, tablefmt: str) -> list[str]:
             "values in different formats are not compared; if the model is tied, the head bytes are a copy"]
 
 
+def _count(n: int) -> str:
+    for size, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
 def _flops_lines(f: dict, tablefmt: str) -> list[str]:
     if not f.get("available"):
         return [f"not available: {f.get('reason')}"]
@@ -190,8 +197,20 @@ def _flops_lines(f: dict, tablefmt: str) -> list[str]:
         f"training step ≈ {human_flops(f['train_step_estimate'])} (3 × forward)",
     ]
     total = f["forward"] or 1
-    rows = [[part, human_flops(v), f"{v / total:.1%}"] for part, v in f["by_part"].items()]
+    # the experts and router rows appear for mixture-of-experts models only
+    moe = bool(f["by_part"].get("experts") or f["by_part"].get("router"))
+    rows = [[part, human_flops(v), f"{v / total:.1%}"] for part, v in f["by_part"].items()
+            if moe or part not in ("experts", "router")]
     lines.append(tabulate(rows, headers=["part", "FLOPs", "share"], tablefmt=tablefmt, colalign=("left", "right", "right")))
+    params = f.get("parameters") or {}
+    if params.get("total"):
+        line = f"parameters {_count(params['total'])}"
+        if params.get("moe_layers"):
+            line += (f", active per token {_count(params['active_per_token'])} (routed top-k + shared + dense; "
+                     f"{params['moe_layers']} MoE layers)")
+        line += (f"; tied {_count(params['tied'])} ({params['tied_share_of_total']:.1%} of the total"
+                 + (f", {params['tied_share_of_active']:.1%} of the active)" if params.get("moe_layers") else ")"))
+        lines.append(line)
     lines.append(f"convention: {f['convention']}")
     lines.append(f["note_on_tying"])
     for note in f.get("notes", []):
