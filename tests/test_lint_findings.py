@@ -56,3 +56,9 @@ def test_with_module_types_a_column_sized_bias_is_flagged_even_untied():
     modules = {"out": ModuleFact("out", "Linear", (("in_features", 32), ("out_features", 8)))}
     (f,) = linear_shape_findings(facts, modules, find_tie_groups(facts))
     assert f.message == "out: its bias has 32 entries but the output has 8, so the bias cannot broadcast"
+
+
+def test_one_dimensional_weights_in_a_file_are_not_linears():
+    # A LayerNorm's weight and bias: a 1-D "weight" is skipped before any column is looked at.
+    facts = [fact("ln.weight", (16,), ("cpu", 1)), fact("ln.bias", (16,), ("cpu", 2))]
+    assert linear_shape_findings(facts, {}, find_tie_groups(facts)) == []

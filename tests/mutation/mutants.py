@@ -162,8 +162,12 @@ def patch_module(rel: str, source: str) -> None:
     """
     mod = sys.modules[_module_name(rel)]
     old = dict(vars(mod))
-    exec(compile(source, str(ROOT / rel), "exec"), vars(mod))  # noqa: S102 - the mutant is our own edit
     new = vars(mod)
+    # Start from an empty namespace, as an import would: a name the mutant no longer assigns must
+    # be missing, not the unmutated value left over.
+    new.clear()
+    new.update({k: v for k, v in old.items() if k.startswith("__") and k.endswith("__")})
+    exec(compile(source, str(ROOT / rel), "exec"), new)  # noqa: S102 - the mutant is our own edit
     by_id = {id(v): new[k] for k, v in old.items() if k in new and new[k] is not v
              and getattr(v, "__module__", None) == mod.__name__}
     by_name = {k: (v, new[k]) for k, v in old.items() if k in new and new[k] is not v and not k.startswith("__")}
@@ -204,7 +208,11 @@ def run_tests(tests: list[str], timeout: float, patch: Mutant | None = None) -> 
         import pytest  # noqa: PLC0415 - already imported by the parent: only bound here
 
         sys.dont_write_bytecode = True
-        if patch is not None:
+        if patch is None:  # exact: forget what the parent imported, so the tests import the code from disk
+            for name in list(sys.modules):
+                if name.split(".")[0] in ("tiecheck", "tests", "support", "conftest") or name.startswith("test_"):
+                    del sys.modules[name]
+        else:
             try:
                 patch_module(patch.file, patch.source)
             except Exception:  # noqa: BLE001 - a mutant that cannot even load is killed
