@@ -7,7 +7,9 @@ parsed and the data only memory-mapped. The shards are written as real headers f
 sparse data (``truncate``), so the files have their full size but cost no disk.
 
 Each measurement runs in a fresh interpreter (``run_child``): peak RSS is the child's own
-high-water mark, wall time covers the inspection alone (imports are in the setup), and
+high-water mark, wall time covers ``tiecheck.analyze(path, duplicates=False)`` alone — the
+analysis ``tiecheck inspect PATH --no-duplicates`` runs, without the CLI, its imports and the
+rendering of the report (imports are in the setup) — and
 ``rchar`` from /proc/self/io counts the bytes the inspection read with read()/pread().
 Baseline, in the same run: the safetensors library's own lazy ``safe_open`` reading every
 shard's header.
@@ -110,7 +112,7 @@ def llama8b_folder(tmp_path_factory):
     return folder, hf, header_bytes, params
 
 
-def test_sharded_8b_headers_only(benchmark, llama8b_folder):
+def test_sharded_8b_headers_only(benchmark, llama8b_folder, publish):
     folder, _, header_bytes, params = llama8b_folder
     size = sum(p.stat().st_size for p in folder.iterdir())
     base = run_child("", setup=SETUP)
@@ -121,8 +123,8 @@ def test_sharded_8b_headers_only(benchmark, llama8b_folder):
                                 inspect_s=res["wall_s"], inspect_rss_mib=round(res["peak_rss_mib"]),
                                 import_rss_mib=round(base["peak_rss_mib"]), inspect_read=res["read"],
                                 safe_open_s=ref["wall_s"], safe_open_read=ref["read"])
-    print(f"\n{size / 2**30:.1f} GiB in {SHARDS} shards, {params / 1e9:.2f}B params, {header_bytes:,} header bytes | "
-          f"tiecheck inspect --no-duplicates {res['wall_s'] * 1e3:.0f} ms, peak RSS {res['peak_rss_mib']:.0f} MiB "
+    publish(f"\n{size / 2**30:.1f} GiB in {SHARDS} shards, {params / 1e9:.2f}B params, {header_bytes:,} header bytes | "
+          f"tiecheck.analyze(duplicates=False) {res['wall_s'] * 1e3:.0f} ms, peak RSS {res['peak_rss_mib']:.0f} MiB "
           f"(imports alone {base['peak_rss_mib']:.0f} MiB), read {res['read']:,} bytes | safetensors safe_open "
           f"headers {ref['wall_s'] * 1e3:.0f} ms, read {ref['read']:,} bytes | time ratio "
           f"{res['wall_s'] / ref['wall_s']:.2f}")
@@ -134,7 +136,7 @@ def test_sharded_8b_headers_only(benchmark, llama8b_folder):
     assert res["read"] < header_bytes + index + (16 << 10)
 
 
-def test_hf_8b_folder_with_architecture(benchmark, llama8b_folder):
+def test_hf_8b_folder_with_architecture(benchmark, llama8b_folder, publish):
     pytest.importorskip("transformers")
     _, hf, header_bytes, params = llama8b_folder
     setup = SETUP + "import transformers, transformers.models.llama.modeling_llama\n"
@@ -142,7 +144,8 @@ def test_hf_8b_folder_with_architecture(benchmark, llama8b_folder):
     res = benchmark.pedantic(lambda: run_child(INSPECT.format(path=str(hf)), setup=setup), rounds=3, iterations=1)
     benchmark.extra_info.update(inspect_s=res["wall_s"], inspect_rss_mib=round(res["peak_rss_mib"]),
                                 import_rss_mib=round(base["peak_rss_mib"]), inspect_read=res["read"])
-    print(f"\nsame shards as a Hugging Face folder (LlamaForCausalLM built on meta from config.json): "
+    publish(f"\nsame shards as a Hugging Face folder, tiecheck.analyze(duplicates=False) (LlamaForCausalLM "
+            f"built on meta from config.json): "
           f"{res['wall_s'] * 1e3:.0f} ms, peak RSS {res['peak_rss_mib']:.0f} MiB (imports incl. transformers "
           f"{base['peak_rss_mib']:.0f} MiB), read {res['read']:,} bytes")
     assert res["tensors"] == 32 * 9 + 3 and res["params"] == params and res["groups"] == []

@@ -49,7 +49,7 @@ def big_onnx(tmp_path_factory):
     return path
 
 
-def test_inspect_onnx_with_external_data_memory(benchmark, big_onnx):
+def test_inspect_onnx_with_external_data_memory(benchmark, big_onnx, publish):
     size_mib = (os.path.getsize(big_onnx) + os.path.getsize(big_onnx.parent / "big.onnx.data")) / 2**20
     base = run_child("", setup=SETUP)
     res = benchmark.pedantic(lambda: run_child(INSPECT.format(path=str(big_onnx)), setup=SETUP),
@@ -57,7 +57,7 @@ def test_inspect_onnx_with_external_data_memory(benchmark, big_onnx):
     over = res["peak_rss_mib"] - base["peak_rss_mib"]
     benchmark.extra_info.update(file_mib=round(size_mib), import_rss_mib=round(base["peak_rss_mib"]),
                                 inspect_rss_mib=round(res["peak_rss_mib"]), inspect_s=res["wall_s"])
-    print(f"\nfile {size_mib:.0f} MiB | import {base['peak_rss_mib']:.0f} MiB | inspect {res['wall_s']:.2f} s "
-          f"{res['peak_rss_mib']:.0f} MiB (over import {over:.0f} MiB = {over / size_mib:.1%} of the file)")
+    publish(f"\nfile {size_mib:.0f} MiB | import {base['peak_rss_mib']:.0f} MiB | inspect {res['wall_s']:.2f} s "
+            f"{res['peak_rss_mib']:.0f} MiB (over import {over:.0f} MiB = {over / size_mib:.1%} of the file)")
     assert res["pairs"] == ["transposed copy"]
     assert res["peak_rss_mib"] <= base["peak_rss_mib"] + 0.10 * size_mib

@@ -20,16 +20,16 @@ from conftest import run_child
 SUITE = "def test_one():\n    pass\n"
 
 
-def test_plugin_import(benchmark):
+def test_plugin_import(benchmark, publish):
     res = benchmark.pedantic(lambda: run_child("import tiecheck.pytest_plugin.plugin\n_out['torch'] = 'torch' in "
                                                "__import__('sys').modules", setup="import pytest"),
                              rounds=5, iterations=1)
-    print(f"\nimporting the plugin module after pytest: {res['wall_s'] * 1e3:.1f} ms, torch imported: {res['torch']}")
+    publish(f"\nimporting the plugin module after pytest: {res['wall_s'] * 1e3:.1f} ms, torch imported: {res['torch']}")
     assert not res["torch"]
     assert res["wall_s"] < 0.050
 
 
-def test_pytest_start_with_and_without_plugin(benchmark, tmp_path):
+def test_pytest_start_with_and_without_plugin(benchmark, tmp_path, publish):
     (tmp_path / "test_one.py").write_text(SUITE)
     base = [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", str(tmp_path)]
 
@@ -45,6 +45,6 @@ def test_pytest_start_with_and_without_plugin(benchmark, tmp_path):
     benchmark.pedantic(lambda: timed([]), rounds=3, iterations=1)
     a, b = statistics.median(with_plugin), statistics.median(without)
     benchmark.extra_info.update(with_plugin_s=a, without_plugin_s=b)
-    print(f"\npytest --co, 1 test: with the plugin {a:.3f} s, without {b:.3f} s (ratio {a / b:.3f}, "
-          f"difference {(a - b) * 1e3:+.0f} ms)")
+    publish(f"\npytest --co, 1 test: with the plugin {a:.3f} s, without {b:.3f} s (ratio {a / b:.3f}, "
+            f"difference {(a - b) * 1e3:+.0f} ms)")
     assert a / b < 1.25

@@ -42,7 +42,7 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-def test_check_vs_one_gpt_mini_step(benchmark, one_cpu_thread):
+def test_check_vs_one_gpt_mini_step(benchmark, one_cpu_thread, publish):
     dev = torch.device("cpu")
     module = models.build("gpt-mini", tied=True, device=dev, seed=0)
     optimizer, _ = D.make_adamw(module.parameters(), dev)
@@ -64,12 +64,12 @@ def test_check_vs_one_gpt_mini_step(benchmark, one_cpu_thread):
     benchmark(guard.check, where="after the step")
     check_s = benchmark.stats.stats.median
     benchmark.extra_info.update(step_s=step_s, check_s=check_s, ratio=check_s / step_s)
-    print(f"\ngpt-mini: one train step (fwd+bwd+AdamW, batch 4 x 64) {step_s * 1e3:.2f} ms; guard.check() "
-          f"{check_s * 1e6:.2f} us; ratio {check_s / step_s:.1e}")
+    publish(f"\ngpt-mini: one train step (fwd+bwd+AdamW, batch 4 x 64) {step_s * 1e3:.2f} ms; guard.check() "
+            f"{check_s * 1e6:.2f} us; ratio {check_s / step_s:.1e}")
     assert check_s < step_s / 100
 
 
-def test_check_on_an_8b_llama_on_meta(benchmark):
+def test_check_on_an_8b_llama_on_meta(benchmark, publish):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                    num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
@@ -85,5 +85,5 @@ def test_check_on_an_8b_llama_on_meta(benchmark):
     benchmark(guard.check, where="step")
     check_s = benchmark.stats.stats.median
     benchmark.extra_info.update(params=n, build_s=build_s, check_s=check_s)
-    print(f"\n{n / 1e9:.2f}B-param Llama on meta: TieGuard() {build_s * 1e3:.1f} ms (the full tie analysis, once); "
-          f"guard.check() {check_s * 1e6:.2f} us")
+    publish(f"\n{n / 1e9:.2f}B-param Llama on meta: TieGuard() {build_s * 1e3:.1f} ms (the full tie analysis, once); "
+            f"guard.check() {check_s * 1e6:.2f} us")

@@ -8,12 +8,19 @@ never imports them.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
+
+RESULTS = Path(__file__).parent / "results"
+_published: dict[str, list[str]] = {}  # benchmark module -> the figure lines its tests printed
 
 
 def pytest_collect_file(file_path, parent):
@@ -25,12 +32,43 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
+@pytest.fixture
+def publish(request):
+    """Print a figure line (as ``-s`` shows it) and keep it for ``results/<module>.txt``.
+
+    The figures in benchmarks/README.md are copied from these files, so each one has its raw
+    output committed beside the command that printed it.
+    """
+    def emit(text: str) -> None:
+        print(text)
+        lines = _published.setdefault(request.module.__name__, [])
+        lines += [f"{request.node.name}: {line}" for line in text.strip("\n").splitlines()]
+    return emit
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write each module's published lines, under a header saying how and where they were measured."""
+    if not _published:
+        return
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    header = (f"command    pytest {' '.join(sys.argv[1:])}\n"
+              f"date       {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+              f"host       {platform.machine()}, {os.cpu_count()} CPUs, load average {load} at the end\n"
+              f"software   torch {torch.__version__}, python {platform.python_version()}\n"
+              f"exit       {int(exitstatus)}\n\n")
+    RESULTS.mkdir(exist_ok=True)
+    for module, lines in _published.items():
+        (RESULTS / f"{module}.txt").write_text(header + "\n".join(lines) + "\n")
+
+
 def run_child(code: str, setup: str = "") -> dict:
     """Run ``setup`` then ``code`` in a fresh interpreter and measure ``code`` alone.
 
-    Returns what the code put in ``_out`` plus ``wall_s`` (the code, not the setup) and
-    ``peak_rss_mib``: the child's own high-water mark (VmHWM). getrusage's ru_maxrss would not
-    do: Linux keeps it across fork and exec, so a child would inherit the parent's peak.
+    Returns what the code put in ``_out`` plus ``wall_s`` (the code, not the setup),
+    ``peak_rss_mib``: the child's own high-water mark (VmHWM; getrusage's ru_maxrss would not
+    do: Linux keeps it across fork and exec, so a child would inherit the parent's peak), and
+    ``rchar``: the bytes the code read as the OS counts them (``/proc/self/io``, every read() and
+    pread() of the process, whichever file), the one count a figure that says "read" quotes.
     """
     wrapper = textwrap.dedent("""
         import json, sys, time
@@ -38,13 +76,19 @@ def run_child(code: str, setup: str = "") -> dict:
             for line in open("/proc/self/status"):
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
+        def _rchar():
+            for line in open("/proc/self/io"):
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
         _out = {}
         _g = {"_out": _out}
         exec(compile(sys.argv[1], "<setup>", "exec"), _g)
         _out["setup_rss_mib"] = _hwm()
+        _r0 = _rchar()
         _t0 = time.perf_counter()
         exec(compile(sys.argv[2], "<bench>", "exec"), _g)
         _out["wall_s"] = time.perf_counter() - _t0
+        _out["rchar"] = _rchar() - _r0
         _out["peak_rss_mib"] = _hwm()
         print(json.dumps(_out))
     """)

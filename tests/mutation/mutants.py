@@ -31,19 +31,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # target file -> (line range or None for the whole file, the test files that should kill its mutants)
+# The fast pure tests come first: with -x a mutant they kill never reaches the slower ones.
 TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
-    "tiecheck/analyses/duplicates.py": (None, ["tests/test_analyses.py", "tests/test_duplicate_content.py"]),
-    "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py"]),
-    "tiecheck/analyses/candidates.py": (None, ["tests/test_analyses.py"]),
-    "tiecheck/analyses/lint.py": (None, ["tests/test_analyses.py"]),
-    "tiecheck/analyses/memory.py": (None, ["tests/test_analyses.py"]),
+    "tiecheck/analyses/duplicates.py": (None, ["tests/test_analyses.py", "tests/test_duplicate_content.py",
+                                               "tests/test_content_stats.py", "tests/test_inspect_modules.py"]),
+    "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py", "tests/test_summary_figures.py",
+                                         "tests/test_inspect_modules.py"]),
+    "tiecheck/analyses/candidates.py": (None, ["tests/test_analyses.py", "tests/test_inspect_modules.py"]),
+    "tiecheck/analyses/lint.py": (None, ["tests/test_analyses.py", "tests/test_lint_findings.py",
+                                         "tests/test_inspect_modules.py"]),
+    "tiecheck/analyses/memory.py": (None, ["tests/test_analyses.py", "tests/test_summary_figures.py",
+                                           "tests/test_inspect_modules.py"]),
 }
 # The loaders' path checks: only the lines of the check itself are mutated (found by marker).
 PATH_CHECKS = {
     "tiecheck/loaders/safetensors_files.py": ("def shard_paths(", "return by_shard",
                                               ["tests/test_shard_index.py", "tests/test_contained_paths.py"]),
+    # test_contained_paths only holds hostile names: a check that refused every name would pass it.
     "tiecheck/loaders/dcp.py": ("    files: dict[str, int] = {}", "files[rel] = p.stat().st_size",
-                                ["tests/test_contained_paths.py"]),
+                                ["tests/test_formats.py::test_dcp_folder_reads_metadata_and_maps_chunks",
+                                 "tests/test_formats.py::test_dcp_missing_data_file_and_truncation",
+                                 "tests/test_contained_paths.py"]),
 }
 
 FLIP = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE, ast.LtE: ast.Gt,
@@ -115,6 +123,20 @@ def mutants_of(rel: str, lines: tuple[int, int] | None) -> list[Mutant]:
     return out
 
 
+def _operator(what: str) -> str:
+    """The kind of edit, for sampling: 'statement', 'compare', 'boolop', 'not', 'bool', 'int', 'return'."""
+    head = what.split(" -> ")[0]
+    if "statement" in what:
+        return "statement"
+    if head in ("And", "Or"):
+        return "boolop"
+    if head in ("True", "False"):
+        return "bool"
+    if head.lstrip("-").isdigit():
+        return "int"
+    return {"not dropped": "not", "return None": "return"}.get(what, "compare")
+
+
 def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
     for parent in ast.walk(tree):
         for field, value in ast.iter_fields(parent):
@@ -126,13 +148,75 @@ def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
                 return
 
 
-def run_tests(tests: list[str], timeout: float) -> str:
-    """'passed', 'failed' or 'timeout': the tests in a forked child (imports already paid)."""
+def _module_name(rel: str) -> str:
+    return rel.removesuffix(".py").replace("/", ".")
+
+
+def patch_module(rel: str, source: str) -> None:
+    """Run ``source`` as the already-imported module ``rel`` and rebind what its importers took.
+
+    The module keeps its identity (its namespace is re-executed in place), so ``import x`` users
+    see the new code; ``from x import f`` users hold the old objects, so every module attribute
+    that *is* an old function or class of ``rel`` — or bears the same name and *is* the old value,
+    for constants — is pointed at the new one. Only used in a forked child, which then exits.
+    """
+    mod = sys.modules[_module_name(rel)]
+    old = dict(vars(mod))
+    new = vars(mod)
+    # Start from an empty namespace, as an import would: a name the mutant no longer assigns must
+    # be missing, not the unmutated value left over.
+    new.clear()
+    new.update({k: v for k, v in old.items() if k.startswith("__") and k.endswith("__")})
+    exec(compile(source, str(ROOT / rel), "exec"), new)  # noqa: S102 - the mutant is our own edit
+    by_id = {id(v): new[k] for k, v in old.items() if k in new and new[k] is not v
+             and getattr(v, "__module__", None) == mod.__name__}
+    by_name = {k: (v, new[k]) for k, v in old.items() if k in new and new[k] is not v and not k.startswith("__")}
+    for other in list(sys.modules.values()):
+        if other is mod or not hasattr(other, "__dict__"):
+            continue
+        space = vars(other)
+        for key, value in list(space.items()):
+            if id(value) in by_id:
+                space[key] = by_id[id(value)]
+            elif key in by_name and by_name[key][0] is value:
+                space[key] = by_name[key][1]
+
+
+def preimport(tests: list[str]) -> None:
+    """Import the test modules (and through them the code) once, as pytest would, in this process."""
+    import pytest  # noqa: PLC0415 - already imported by main(): only bound here
+
+    with open(os.devnull, "w") as devnull:
+        saved = os.dup(1), os.dup(2)
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            pytest.main(["-q", "--collect-only", "-p", "no:cacheprovider", *tests])
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+
+
+def run_tests(tests: list[str], timeout: float, patch: Mutant | None = None) -> str:
+    """'passed', 'failed' or 'timeout': the tests in a forked child (imports already paid).
+
+    With ``patch``, the child first swaps the mutant into the modules the parent pre-imported
+    (the screen); without, the child imports whatever the tests need afresh from disk (exact).
+    """
     pid = os.fork()
     if pid == 0:
         import pytest  # noqa: PLC0415 - already imported by the parent: only bound here
 
         sys.dont_write_bytecode = True
+        if patch is None:  # exact: forget what the parent imported, so the tests import the code from disk
+            for name in list(sys.modules):
+                if name.split(".")[0] in ("tiecheck", "tests", "support", "conftest") or name.startswith("test_"):
+                    del sys.modules[name]
+        else:
+            try:
+                patch_module(patch.file, patch.source)
+            except Exception:  # noqa: BLE001 - a mutant that cannot even load is killed
+                os._exit(3)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
@@ -154,6 +238,10 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=600, help="stop starting mutants after this many seconds")
     ap.add_argument("--timeout", type=float, default=120, help="a mutant whose tests run longer is killed")
     ap.add_argument("--only", action="append", default=[], help="restrict to these target files")
+    ap.add_argument("--sample", type=int, default=1, metavar="K",
+                    help="run every K-th mutant of each (file, operator) stratum of analyses/, starting with the first")
+    ap.add_argument("--exact", action="store_true",
+                    help="no screen: every mutant's tests import the code afresh from disk (slow, the reference)")
     args = ap.parse_args()
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
     # A `timeout` or Ctrl-C must still restore the mutated file: SIGTERM unwinds like SystemExit.
@@ -161,6 +249,7 @@ def main() -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
+    began_all = time.monotonic()
     import pytest  # noqa: F401, PLC0415 - paid once here, shared by every forked run
     import torch  # noqa: F401, PLC0415 - idem
 
@@ -171,11 +260,32 @@ def main() -> int:
         plan += [(m, tests) for m in mutants_of(rel, lines)]
     if args.only:
         plan = [(m, t) for m, t in plan if m.file in args.only]
+    if args.sample > 1:
+        seen: dict[tuple[str, str], int] = {}
+        kept = []
+        for m, t in plan:
+            key = (m.file, _operator(m.what))
+            seen[key] = seen.get(key, 0) + 1
+            if m.file in PATH_CHECKS or (seen[key] - 1) % args.sample == 0:  # the path checks run in full
+                kept.append((m, t))
+        plan = kept
 
-    for tests in {tuple(t) for _, t in plan}:
+    # The path checks always run exact: their tests analyse in child interpreters anyway, and
+    # re-executing loaders/dcp.py in place breaks its tests (the swap check below refuses it).
+    screened = set() if args.exact else {m.file for m, _ in plan} - set(PATH_CHECKS)
+    if screened:  # the screen: import once here; each child swaps the mutant in
+        preimport(sorted({f for m, t in plan if m.file in screened for f in t}))
+    for tests in {tuple(t) for m, t in plan if m.file not in screened}:
         if run_tests(list(tests), args.timeout) != "passed":
             print(f"the unmutated code fails {' '.join(tests)}: fix that first", file=sys.stderr)
             return 2
+    for rel in sorted(screened):  # the unmutated source swapped in must pass: the swap itself is harmless
+        same = Mutant(rel, 0, "unmutated", (ROOT / rel).read_text())
+        tests = next(t for m, t in plan if m.file == rel)
+        if run_tests(tests, args.timeout, patch=same) != "passed":
+            print(f"swapping {rel} in place breaks {' '.join(tests)} (or they fail): use --exact", file=sys.stderr)
+            return 2
+    print(f"{len(plan)} mutants planned; checks done in {time.monotonic() - began_all:.0f}s", flush=True)
     start = time.monotonic()
     survivors, killed, skipped = [], 0, 0
     originals: dict[str, str] = {}
@@ -189,11 +299,14 @@ def main() -> int:
             cached = Path(importlib.util.cache_from_source(str(path)))
             cached.unlink(missing_ok=True)
             path.write_text(m.source + "\n")
+            began = time.monotonic()
             try:
-                result = run_tests(tests, args.timeout)
+                result = run_tests(tests, args.timeout, patch=m if m.file in screened else None)
+                if result == "passed" and m.file in screened:  # a screen survivor is confirmed the exact way
+                    result = run_tests(tests, args.timeout)
             finally:
                 path.write_text(originals[m.file])
-            print(f"{result:8} {m.file}:{m.line} {m.what}", flush=True)
+            print(f"{result:8} {time.monotonic() - began:5.1f}s {m.file}:{m.line} {m.what}", flush=True)
             if result == "passed":
                 survivors.append(m)
             else:
