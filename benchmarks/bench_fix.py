@@ -16,12 +16,12 @@ import shutil
 import pytest
 from conftest import run_child
 
-SETUP = "import shutil, torch, safetensors, tiecheck, tiecheck.fix, tiecheck.api, tiecheck.loaders.content"
+SETUP = "import shutil, torch, safetensors, tiecheck, tiecheck.repair, tiecheck.api, tiecheck.loaders.content"
 COPY = "shutil.copyfile({src!r}, {dst!r})"
 # The whole fix, and its write and verification phases timed apart (wrapping the functions fix() calls).
 FIX = """
 import sys, time
-_ns = sys.modules["tiecheck.fix"].__dict__
+_ns = sys.modules["tiecheck.repair"].__dict__
 def _timed(name, f):
     def g(*a, **k):
         t0 = time.perf_counter()

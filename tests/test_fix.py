@@ -27,9 +27,9 @@ from safetensors.torch import load_model, save_model
 import tiecheck
 from tiecheck.cli.main import main
 from tiecheck.errors import TiecheckError
-from tiecheck.fix import fix
-from tiecheck.fix.verify import Check
-from tiecheck.fix.write import PAUSE_ENV
+from tiecheck.repair import fix
+from tiecheck.repair.verify import Check
+from tiecheck.repair.write import PAUSE_ENV
 
 from support.checkpoints import write_safetensors, write_sharded
 
@@ -375,7 +375,7 @@ def test_alias_contradicted_by_the_bytes_is_removed(tmp_path):
 
 def test_a_failed_check_leaves_nothing_and_exits_1(llama_clone, tmp_path, monkeypatch):
     # fix() looks verify up in its package's namespace
-    monkeypatch.setitem(sys.modules["tiecheck.fix"].__dict__, "verify", lambda *a, **k: [Check("planned ties", False, "planted")])
+    monkeypatch.setitem(sys.modules["tiecheck.repair"].__dict__, "verify", lambda *a, **k: [Check("planned ties", False, "planted")])
     out = tmp_path / "fixed"
     r = _cli(str(llama_clone), "-o", str(out))
     assert r.exit_code == 1 and "FAIL  planned ties: planted" in r.output and "NOT written" in r.output

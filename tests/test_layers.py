@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +21,15 @@ def test_module_imports_without_torch(module):
            f"assert not bad, bad"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, f"{module} imports {proc.stderr.strip().splitlines()[-1]}"
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """A package missing from pyproject's list works in a checkout and fails after `pip install .`."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"tiecheck"} | {"tiecheck." + p.parent.relative_to(root / "tiecheck").as_posix().replace("/", ".")
+                            for p in (root / "tiecheck").glob("*/__init__.py")}
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert "tiecheck.models" in listed

@@ -34,7 +34,7 @@ def __getattr__(name: str):
 
         return diff
     if name == "fix":
-        from tiecheck.fix import fix  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
+        from tiecheck.repair import fix  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
 
         return fix
     if name == "Report":

@@ -62,8 +62,8 @@ def fix(**options):
 
 def _fix(target, output, dry_run, tie, untie, force, drop_optimizer, fmt, debug):
     # The boundary where the work starts: fix imports torch.
-    from tiecheck.fix import fix as run_fix  # noqa: PLC0415
-    from tiecheck.fix.render import render  # noqa: PLC0415
+    from tiecheck.repair import fix as run_fix  # noqa: PLC0415
+    from tiecheck.repair.render import render  # noqa: PLC0415
 
     result = run_fix(target, output, dry_run=dry_run, tie=tie, untie=untie, force=force,
                      drop_optimizer=drop_optimizer)

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from tiecheck.api import analyze_subject
-from tiecheck.fix.plan import HF_FOLDER, SAFETENSORS, TORCH, Plan
-from tiecheck.fix.write import _kept
 from tiecheck.loaders import load_target
 from tiecheck.loaders.content import TorchContentReader
 from tiecheck.loaders.hf import _quiet_transformers, read_config
+from tiecheck.repair.plan import HF_FOLDER, SAFETENSORS, TORCH, Plan
+from tiecheck.repair.write import _kept
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``tiecheck.fix``: write a corrected copy of a checkpoint -- ties restored, copies dropped,
+"""``tiecheck.fix()`` and the ``tiecheck fix`` command: write a corrected copy of a checkpoint -- ties restored, copies dropped,
 declarations made true -- and verify it before saying done.
 
 plan.py decides (a Plan of Actions answering the Report's findings), write.py writes (one writer
@@ -8,8 +8,6 @@ per layout, never in place, a temporary name renamed at the end), verify.py prov
 from __future__ import annotations
 
 import os
-import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -17,11 +15,11 @@ from typing import Any, Iterable, Sequence
 from tiecheck.api import analyze_subject, stored_unreachable
 from tiecheck.errors import TiecheckError
 from tiecheck.facts import build_facts, build_module_facts
-from tiecheck.fix.plan import OPTIMIZER_KEYS, TORCH, Action, Plan, layout_of, make_plan, parse_tie, parse_untie
-from tiecheck.fix.verify import Check, verify
-from tiecheck.fix.write import check_output, discard, publish, temp_path, write
 from tiecheck.loaders import load_target
 from tiecheck.loaders.torchfile import torch_load
+from tiecheck.repair.plan import OPTIMIZER_KEYS, TORCH, Action, Plan, layout_of, make_plan, parse_tie, parse_untie
+from tiecheck.repair.verify import Check, verify
+from tiecheck.repair.write import check_output, discard, publish, temp_path, write
 
 
 @dataclass
@@ -116,20 +114,5 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     publish(tmp, out)
     return result
 
-
-class _CallableModule(types.ModuleType):
-    """This package, callable as :func:`fix`.
-
-    ``tiecheck.fix`` names both the function and this package: once anything imports the package
-    (the CLI, ``tiecheck.fix.plan``), Python binds the package to the attribute ``tiecheck.fix``,
-    replacing the function ``tiecheck.__getattr__`` handed out. Calling the package calls the
-    function, so ``tiecheck.fix(target, output)`` works whichever the name holds.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> FixResult:
-        return fix(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["Action", "Check", "FixResult", "Plan", "fix"]

@@ -26,9 +26,9 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from tiecheck.errors import TiecheckError
-from tiecheck.fix.plan import HF_FOLDER, SAFETENSORS, SHARDED, TORCH, Plan
 from tiecheck.loaders.safetensors_files import DTYPES, Header, read_header
 from tiecheck.loaders.torchfile import strip_wrapper_prefixes
+from tiecheck.repair.plan import HF_FOLDER, SAFETENSORS, SHARDED, TORCH, Plan
 from tiecheck.report.safewrite import UnsafeOutputError, input_paths
 
 CHUNK = 64 << 20  # bytes per copy call: bounds memory on the fallback path
