@@ -101,3 +101,18 @@ def test_no_window_no_full_matrix_field():
     r = count_flops(m, seq_len=40)
     assert r.by_part["attention"] == LAYERS * _full(40)
     assert r.attention_full_matrix is None
+
+
+def test_bidirectional_attention_keeps_the_full_matrix(models):
+    # a window bounds causal self-attention only: the same layers marked non-causal are counted whole
+    model = models["mistral"]
+    layers = model.model.layers
+    try:
+        for layer in layers:
+            layer.self_attn.is_causal = False
+        r = count_flops(model, seq_len=40)
+    finally:
+        for layer in layers:
+            layer.self_attn.is_causal = True
+    assert r.by_part["attention"] == LAYERS * _full(40)
+    assert r.attention_full_matrix is None

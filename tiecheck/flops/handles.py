@@ -337,7 +337,8 @@ class Classifier:
         flops = 2 * macs
         if causal and self.half_causal:
             flops //= 2
-        window = self.window_of(owner) if tq > 0 and tk > 0 else None
+        # windows bound causal self-attention; cross- and bidirectional attention keep the full matrix
+        window = self.window_of(owner) if causal and tq > 0 and tk > 0 else None
         if window is not None:
             got = windowed_flops(macs // (tq * tk), tq, tk, window, causal and self.half_causal)
             if got is not None and got != flops:
