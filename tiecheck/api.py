@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
 from tiecheck.analyses.candidates import candidate_findings, find_candidates, must_tie_pairs
@@ -45,6 +45,7 @@ def analyze(
     attention: str = "full",
     inputs: Any = None,
     base: Any = None,
+    progress: Callable[[int, str], None] | None = None,
 ) -> Report:
     """Analyse a model or checkpoint and return its :class:`~tiecheck.report.Report`.
 
@@ -77,6 +78,8 @@ def analyze(
             tuple/list or dict of tensors, or a ``make_inputs(module, batch_size, seq_len)`` callable.
         base: for a PEFT adapter folder, the base model (anything ``target`` may be) whose ties the
             adapter is held against: a tied module it saves whole or trains is a TC023 finding.
+        progress: called as ``progress(units_done, label)`` when a phase starts (0 units) and ends
+            (1 unit): reading the target, the content pass, counting FLOPs; the CLI draws a bar.
 
     Returns:
         The frozen, versioned Report: tie groups, untied duplicates, tie candidates, findings,
@@ -89,13 +92,17 @@ def analyze(
 
     if optimizer not in OPTIMIZERS:
         raise TiecheckError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
+    if progress is not None:
+        progress(0, "reading the target")
     subject = load_target(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+    if progress is not None:
+        progress(1, f"analysing {len(subject.tensors):,} tensors")
     if base is not None:
         hold_adapter_against_base(subject, load_target(base, key=key, trust_pickle=trust_pickle,
                                                        trust_remote_code=trust_remote_code))
     flops_options = dict(batch_size=batch_size, seq_len=seq_len, attention=attention, inputs=inputs) if flops else None
     return analyze_subject(subject, duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied,
-                           flops=flops_options)
+                           flops=flops_options, progress=progress)
 
 
 def hold_adapter_against_base(subject: Subject, base: Subject) -> None:
@@ -141,7 +148,9 @@ def subject_flops(subject: Subject, *, batch_size: int = 1, seq_len: int = 128, 
 
 
 def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str = "adamw",
-                    expect_tied: Iterable[Sequence[str]] = (), flops: dict | None = None) -> Report:
+                    expect_tied: Iterable[Sequence[str]] = (), flops: dict | None = None,
+                    progress: Callable[[int, str], None] | None = None) -> Report:
+    step = progress or (lambda n, label: None)
     modules = build_module_facts(subject.module)
     facts = build_facts(subject, modules)
     # Grouped once and shared: every analysis below needs the same identity index.
@@ -157,6 +166,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     cands = find_candidates(facts)
     if duplicates:
         if any(f.storage is not None for f in facts):
+            step(0, f"content pass over {len(facts):,} tensors")
             with TorchContentReader(subject.tensors, subject.file_spans) as reader:
                 dup_groups, stats = find_untied_duplicates(facts, reader, by_identity)
                 # A duplicate's first name stands for the group in the transposed pass.
@@ -170,6 +180,8 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])
     else:
         content = {"ran": False, "reason": "skipped (--no-duplicates)"}
+    if duplicates:
+        step(1, "checking ties")
     expect_tied = list(expect_tied)
     if expect_tied:
         # After the content pass, so a missing tie can say whether the names still hold equal values.
@@ -206,10 +218,20 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         findings=[f.to_dict() for f in findings],
         tensors=tensor_rows(facts, groups),
         content=content,
-        flops=subject_flops(subject, **flops) if flops is not None else None,
+        flops=_flops_step(subject, flops, step),
         declared=declared,
         extra=dict(subject.extra),
     )
+
+
+def _flops_step(subject: Subject, flops: dict | None, step: Callable[[int, str], None]) -> Any:
+    """FLOPs when asked for, with the phase announced: tracing a big model takes seconds."""
+    if flops is None:
+        return None
+    step(0, "counting FLOPs (tracing the model)")
+    got = subject_flops(subject, **flops)
+    step(1, "done")
+    return got
 
 
 # A view saved alone is reported when its storage's unreachable bytes pass both bars.

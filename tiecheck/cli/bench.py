@@ -21,45 +21,8 @@ from tiecheck.cli.options import (
     handle_errors,
     write_output,
 )
+from tiecheck.cli.progress import Progress
 from tiecheck.errors import TiecheckError
-
-
-class Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal.
-
-    Redirected output (CI logs, ``2> file``) gets nothing: a bar there is noise. ``lines``
-    writes one plain line per change of phase instead, flushed at once, so a log cut short by
-    a time limit still shows how far the run got.
-    """
-
-    def __init__(self, total: int, enabled: bool | None = None, width: int = 28, lines: bool = False) -> None:
-        self.total, self.done, self.width = max(total, 1), 0, width
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.lines = lines
-        self._last = ""
-
-    def __call__(self, n: int, label: str) -> None:
-        self.done += n
-        if self.lines:
-            if label != self._last:
-                sys.stderr.write(f"[{min(self.done / self.total, 1.0):4.0%}] {label}\n")
-                sys.stderr.flush()
-                self._last = label
-            return
-        if not self.enabled:
-            return
-        frac = min(self.done / self.total, 1.0)
-        filled = int(frac * self.width)
-        line = f"\r[{'#' * filled}{'.' * (self.width - filled)}] {frac:4.0%} {label}"
-        if line != self._last:
-            sys.stderr.write(line.ljust(len(self._last)))
-            sys.stderr.flush()
-            self._last = line
-
-    def close(self) -> None:
-        if self.enabled and self._last and not self.lines:
-            sys.stderr.write("\r" + " " * len(self._last) + "\r")
-            sys.stderr.flush()
 
 
 def _command(ctx: click.Context) -> str:

@@ -18,6 +18,7 @@ from tiecheck.cli.options import (
     warn_trust,
     write_output,
 )
+from tiecheck.cli.progress import Progress
 from tiecheck.errors import TiecheckError
 
 
@@ -84,10 +85,16 @@ def inspect(target: str, fmt: str, output: str | None, fail_on: str, expect_tied
     from tiecheck.report.render import render  # noqa: PLC0415
 
     warn_trust(trust_pickle, trust_remote_code)
-    report = analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-                     duplicates=not no_duplicates, optimizer=optimizer, expect_tied=expect_tied, flops=not no_flops,
-                     batch_size=batch_size, seq_len=seq_len,
-                     attention="causal-half" if causal_attention_half else "full",
-                     inputs=inputs_spec.make_inputs if inputs_spec else None, base=base)
+    # phases: reading, the content pass, counting FLOPs; the bar is cleared before the report is written
+    progress = Progress(1 + (not no_duplicates) + (not no_flops))
+    try:
+        report = analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                         duplicates=not no_duplicates, optimizer=optimizer, expect_tied=expect_tied,
+                         flops=not no_flops, batch_size=batch_size, seq_len=seq_len,
+                         attention="causal-half" if causal_attention_half else "full",
+                         inputs=inputs_spec.make_inputs if inputs_spec else None, base=base,
+                         progress=progress if progress.enabled else None)
+    finally:
+        progress.close()
     write_output(render(report, fmt), output, protect=(target, inputs_spec.text if inputs_spec else None, base))
     sys.exit(report.exit_code(fail_on))

@@ -238,6 +238,7 @@ class Classifier:
         self.failed: Counter = Counter()
         self.failures: dict[str, str] = {}
         self._cache: dict[str, tuple[str, ...]] = {}
+        self._windows: dict[str, tuple[str, int] | None] = {}
 
     def owner(self, node: Any) -> str:
         scope = node.scopeName().split("/")[-1]
@@ -297,6 +298,38 @@ class Classifier:
                 return v
         return self.family == "decoder" and tq == tk
 
+    def window_of(self, owner: str) -> tuple[str, int] | None:
+        """("sliding", w) or ("chunked", c) for the attention layer around ``owner``, else None.
+
+        Read from the config as the architecture reads it: ``layer_types[layer_idx]``
+        ("sliding_attention" -> ``sliding_window``, "chunked_attention" -> ``attention_chunk_size``)
+        where the config has ``layer_types``; else a per-module integer ``sliding_window``; else a
+        config-wide ``sliding_window`` (Mistral windows every layer).
+        """
+        if owner in self._windows:
+            return self._windows[owner]
+        got = None
+        for a in self.ancestors(owner):
+            m = self.modules.get(a)
+            idx, config = getattr(m, "layer_idx", None), getattr(m, "config", None)
+            if not isinstance(idx, int) or config is None:
+                continue
+            types = getattr(config, "layer_types", None)
+            if isinstance(types, (list, tuple)) and 0 <= idx < len(types):
+                size = {"sliding_attention": getattr(config, "sliding_window", None),
+                        "chunked_attention": getattr(config, "attention_chunk_size", None)}.get(types[idx])
+                kind = "chunked" if types[idx] == "chunked_attention" else "sliding"
+            else:
+                size = getattr(m, "sliding_window", None)
+                if not isinstance(size, int) or isinstance(size, bool):
+                    size = getattr(config, "sliding_window", None)
+                kind = "sliding"
+            if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+                got = (kind, size)
+            break
+        self._windows[owner] = got
+        return got
+
     def attention_flops(self, owner: str, macs: int, flag: Any, tq: int, tk: int) -> int:
         causal = self.causal(owner, flag, tq, tk)
         self.calls["calls"] += 1
@@ -304,6 +337,15 @@ class Classifier:
         flops = 2 * macs
         if causal and self.half_causal:
             flops //= 2
+        # windows bound causal self-attention; cross- and bidirectional attention keep the full matrix
+        window = self.window_of(owner) if causal and tq > 0 and tk > 0 else None
+        if window is not None:
+            got = windowed_flops(macs // (tq * tk), tq, tk, window, causal and self.half_causal)
+            if got is not None and got != flops:
+                # the full-matrix figure stays beside the windowed one (attention_full_matrix)
+                self.calls["windowed"] += 1
+                self.calls["window_saved"] += flops - got
+                flops = got
         return flops
 
     def part_of_product(self, node: Any, operands: Sequence[Any], out_shape: list[int] | None,
@@ -325,6 +367,28 @@ class Classifier:
         if self.in_attention(owner):
             return "attention"
         return "other"
+
+
+def windowed_flops(per_pair: int, tq: int, tk: int, window: tuple[str, int], half: bool) -> int | None:
+    """FLOPs of one attention product restricted to a sliding window or to chunks.
+
+    ``per_pair`` is the multiply-adds of one (query, key) pair. Under the full-matrix convention
+    each query of a sliding window w is counted with min(tk, w) keys; a chunk of c positions is a
+    c x c block. Causal-half keeps the same band and drops the masked triangle inside it
+    (w' x w' / 2 with w' = min(T, w), c x c / 2 per chunk), so when T <= w the figure equals the
+    full matrix's under either convention. Chunks need tq == tk (a prefill): else None.
+    """
+    kind, size = window
+    if kind == "sliding":
+        w = min(tk, size)
+        if half and tq == tk:
+            return per_pair * (2 * tq * w - w * w)
+        return 2 * per_pair * tq * w
+    if tq != tk:
+        return None
+    full, rest = divmod(tq, size)
+    squares = full * size * size + rest * rest
+    return per_pair * squares if half else 2 * per_pair * squares
 
 
 def make_handles(cls: Classifier) -> dict[str, Callable]:

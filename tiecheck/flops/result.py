@@ -47,7 +47,9 @@ class FlopsResult:
     ``per_token`` divides ``forward`` by ``batch_size * tokens``. ``method`` says how the
     trace ran: "meta", "real" or "real-batch-1" (see :func:`count_flops`).
     ``attention_calls`` counts the attention products in the trace and how many were causal:
-    one per SDPA call, two (QK^T and AV) per eager attention.
+    one per SDPA call, two (QK^T and AV) per eager attention. ``attention_full_matrix`` is the
+    attention row counted with the full score matrix, set only where sliding-window or chunked
+    layers make it differ from ``by_part["attention"]``.
     """
 
     available: bool
@@ -67,6 +69,7 @@ class FlopsResult:
     ignored_ops: Mapping[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     parameters: Mapping[str, Any] | None = None
+    attention_full_matrix: int | None = None
 
     unit = UNIT
     note_on_tying = NOTE_ON_TYING
@@ -127,6 +130,7 @@ class FlopsResult:
                 "output_projection_share": self.output_projection_share,
                 "by_operator": None if self.by_operator is None else dict(sorted(self.by_operator.items())),
                 "attention_calls": None if self.attention_calls is None else dict(self.attention_calls),
+                "attention_full_matrix": self.attention_full_matrix,
                 "uncounted_ops": dict(sorted(self.uncounted_ops.items())),
                 "ignored_ops": dict(sorted(self.ignored_ops.items())),
                 "parameters": None if self.parameters is None else dict(self.parameters),

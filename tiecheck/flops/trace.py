@@ -409,6 +409,10 @@ def count_flops(
                 notes.append(f"traced the given inputs with real tensors on {dev}")
         notes.extend(f"fell back after {f}" for f in failures)
         by_part = {k: v * scale for k, v in counted.by_part.items()}
+        saved = counted.calls.get("window_saved", 0) * scale
+        if saved:
+            notes.append(f"{counted.calls.get('windowed', 0)} attention products of sliding-window or chunked "
+                         f"layers counted over their window; attention_full_matrix is the full-matrix figure")
         return FlopsResult(
             available=True,
             attention=attention,
@@ -427,6 +431,7 @@ def count_flops(
             ignored_ops=counted.ignored,
             notes=tuple(notes),
             parameters=params,
+            attention_full_matrix=by_part.get("attention", 0) + saved if saved else None,
         )
 
     mi = last_mi

@@ -202,6 +202,9 @@ def _flops_lines(f: dict, tablefmt: str) -> list[str]:
     rows = [[part, human_flops(v), f"{v / total:.1%}"] for part, v in f["by_part"].items()
             if moe or part not in ("experts", "router")]
     lines.append(tabulate(rows, headers=["part", "FLOPs", "share"], tablefmt=tablefmt, colalign=("left", "right", "right")))
+    if f.get("attention_full_matrix") is not None:
+        lines.append(f"attention with the full score matrix: {human_flops(f['attention_full_matrix'])} "
+                     f"(sliding-window or chunked layers counted above over their window)")
     params = f.get("parameters") or {}
     if params.get("total"):
         line = f"parameters {_count(params['total'])}"
