@@ -112,7 +112,63 @@ def build_fixtures(base: Path, *, with_hf: bool = True) -> dict[str, Fixture]:
         dcp.save({"model": cloned(sd), "step": 7}, checkpoint_id=str(d / "ckpt"))
     names = sorted(p.name for p in (d / "ckpt").iterdir())
     fx["dcp"] = Fixture("dcp", d, "ckpt", [f"ckpt/{n}" for n in names])
+
+    d = folder("onnx")
+    write_onnx(d)
+    fx["onnx"] = Fixture("onnx", d, "m.onnx", ["m.onnx", "w.data"])
+
+    d = folder("gguf")
+    write_gguf(d / "m.gguf")
+    fx["gguf"] = Fixture("gguf", d, "m.gguf", ["m.gguf"])
     return fx
+
+
+def write_onnx(d: Path) -> Path:
+    """A tiny ONNX model in ``d``: an embedding E and its transposed copy H in the external file
+    ``w.data`` (the TorchScript exporter's lost tie), and a bias stored inline."""
+    from onnx import TensorProto, helper  # noqa: PLC0415 - an optional extra; only this fixture needs it
+
+    e = torch.arange(32, dtype=torch.float32).reshape(8, 4)
+    (d / "w.data").write_bytes(e.numpy().tobytes() + e.t().contiguous().numpy().tobytes())
+    inits = []
+    for name, shape, off in (("E", (8, 4), 0), ("H", (4, 8), 128)):
+        init = TensorProto()
+        init.name, init.data_type, init.data_location = name, TensorProto.FLOAT, TensorProto.EXTERNAL
+        init.dims.extend(shape)
+        for k, v in (("location", "w.data"), ("offset", str(off)), ("length", "128")):
+            x = init.external_data.add()
+            x.key, x.value = k, v
+        inits.append(init)
+    inits.append(helper.make_tensor("b", TensorProto.FLOAT, [8], [0.5] * 8))
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["x"], name="emb"),
+             helper.make_node("MatMul", ["x", "H"], ["h"], name="head"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="bias")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], initializer=inits)
+    path = d / "m.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    return path
+
+
+def write_gguf(path: Path) -> Path:
+    """A tiny llama GGUF file without output.weight (llama.cpp's declared tie), one tensor quantized."""
+    import gguf  # noqa: PLC0415 - an optional extra; only this fixture needs it
+
+    g = torch.Generator().manual_seed(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_vocab_size(64)
+    w.add_embedding_length(32)
+    w.add_context_length(16)
+    w.add_tensor("token_embd.weight", torch.randn(64, 32, generator=g).numpy())
+    q = torch.randn(32, 32, generator=g).numpy()
+    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(q, gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("output_norm.weight", torch.ones(32).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 # -- structure ---------------------------------------------------------------------------------

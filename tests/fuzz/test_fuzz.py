@@ -7,6 +7,9 @@ read-only copy. The normal suite runs a short, deterministic selection (``derand
 long local run, set the number of examples per property:
     TIECHECK_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py
 
+and, to aim a long run at some formats only (the bit flips draw from those fixtures):
+    TIECHECK_FUZZ_EXAMPLES=300 TIECHECK_FUZZ_FORMATS=onnx,gguf pytest tests/fuzz -k "onnx or gguf"
+
 which also cuts one byte either side of every structural boundary and draws fresh random
 examples on each run (hypothesis prints how to reproduce a failure).
 """
@@ -32,6 +35,7 @@ from harness import Fixture, Worker, build_fixtures, copy_fixture, hostile_cases
 from support.checkpoints import field_values, flip_bits, safetensors_with_header, set_field, structure  # noqa: E402
 
 LONG = int(os.environ.get("TIECHECK_FUZZ_EXAMPLES", "0"))
+FORMATS = [f for f in os.environ.get("TIECHECK_FUZZ_FORMATS", "").split(",") if f]
 
 
 def fuzz_settings(short: int):
@@ -88,10 +92,11 @@ def test_valid_fixtures_are_clean(fuzz):
     before = dict(fuzz.seen_exit)
     for fx in fuzz.fixtures.values():
         fuzz.run(fx, lambda d: None, "unchanged")
-    assert fuzz.seen_exit.get(0, 0) - before.get(0, 0) == len(fuzz.fixtures) == 7
+    assert fuzz.seen_exit.get(0, 0) - before.get(0, 0) == len(fuzz.fixtures) == 9
 
 
-@pytest.mark.parametrize("name", ["torch_zip", "torch_legacy", "safetensors", "sharded", "hf", "pt2", "dcp"])
+@pytest.mark.parametrize("name", ["torch_zip", "torch_legacy", "safetensors", "sharded", "hf", "pt2", "dcp", "onnx",
+                                  "gguf"])
 def test_truncation_at_every_structural_boundary(fuzz, name):
     """Cut each file where a parser changes state: zip local headers, data, central directory and end
     record; safetensors' length, JSON header and each tensor's data; between a legacy file's pickles."""
@@ -104,11 +109,12 @@ def test_truncation_at_every_structural_boundary(fuzz, name):
             fuzz.run(fx, _write(rel, data[:cut]), f"{rel} cut at byte {cut} of {len(data)}")
 
 
-@fuzz_settings(short=150)
+@fuzz_settings(short=130)
 @given(data=st.data())
 def test_bit_flips(fuzz, data):
-    """1-4 bits flipped, mostly where parsers read (headers, directories, JSON, pickles)."""
-    fx = fuzz.fixtures[data.draw(st.sampled_from(sorted(fuzz.fixtures)), label="fixture")]
+    """1-4 bits flipped, mostly where parsers read (headers, directories, JSON, pickles, GGUF tensor
+    infos, ONNX initializers)."""
+    fx = fuzz.fixtures[data.draw(st.sampled_from(FORMATS or sorted(fuzz.fixtures)), label="fixture")]
     rel = data.draw(st.sampled_from(fx.files), label="file")
     blob = (fx.root / rel).read_bytes()
     regions = structure(blob).regions
@@ -122,7 +128,7 @@ def test_bit_flips(fuzz, data):
     fuzz.run(fx, _write(rel, flip_bits(blob, positions, bits)), f"{rel} bits {bits} flipped at {positions}")
 
 
-@fuzz_settings(short=120)
+@fuzz_settings(short=100)
 @given(data=st.data())
 def test_zip_directory_edits(fuzz, data):
     """A field of a local header, a central directory entry or the end record set to an extreme, an
@@ -141,6 +147,59 @@ def test_zip_directory_edits(fuzz, data):
         off, n = data.draw(st.sampled_from(s.names), label="name")
         new = data.draw(st.binary(min_size=n, max_size=n), label="new name")
         fuzz.run(fx, _write(rel, blob[:off] + new + blob[off + n:]), f"{rel} entry name at {off} -> {new!r}")
+
+
+@fuzz_settings(short=30)
+@given(data=st.data())
+def test_gguf_header_edits(fuzz, data):
+    """A GGUF header count, a string or array length, a tensor's n_dims, dim, type or data offset set
+    to an extreme, an off-by-one or a value past the end of the file."""
+    fx = fuzz.fixtures["gguf"]
+    blob = (fx.root / "m.gguf").read_bytes()
+    f = data.draw(st.sampled_from(structure(blob).fields), label="field")
+    value = data.draw(st.sampled_from(field_values(f, len(blob))) | st.integers(0, 2 ** (8 * f.size) - 1),
+                      label="value")
+    fuzz.run(fx, _write("m.gguf", set_field(blob, f, value)), f"m.gguf {f.where}: {f.value} -> {value}")
+
+
+_EXTERNAL_VALUES = (st.sampled_from(["", "w.data", "../w.data", "/etc/passwd", ".", "m.onnx", "w.data\0x", "nope",
+                                     "-1", "-128", "0", "1", "127", "129", "256", "257", "1e3", "0x10", " 16", "nan",
+                                     str(2 ** 63), str(2 ** 64), "9" * 400])
+                    | st.integers(-2 ** 65, 2 ** 65).map(str) | st.text(max_size=12))
+
+
+@fuzz_settings(short=30)
+@given(data=st.data())
+def test_onnx_initializer_edits(fuzz, data):
+    """An initializer's external data location, offset or length set to another file, a path outside
+    the folder, a negative, huge or malformed number; a key removed; its dims, type or data location
+    changed."""
+    import onnx  # noqa: PLC0415 - an optional extra, imported by the fixture already
+
+    fx = fuzz.fixtures["onnx"]
+    model = onnx.load(str(fx.root / "m.onnx"), load_external_data=False)
+    i = data.draw(st.integers(0, len(model.graph.initializer) - 1), label="initializer")
+    t = model.graph.initializer[i]
+    kind = data.draw(st.sampled_from(["value", "value", "value", "drop key", "dims", "type", "location"]),
+                     label="kind")
+    if kind == "value" and t.external_data:
+        e = t.external_data[data.draw(st.integers(0, len(t.external_data) - 1), label="key")]
+        e.value = data.draw(_EXTERNAL_VALUES, label="value")
+        what = f"{e.key}={e.value!r}"
+    elif kind == "drop key" and t.external_data:
+        what = f"without {t.external_data.pop(data.draw(st.integers(0, len(t.external_data) - 1))).key}"
+    elif kind == "dims":
+        del t.dims[:]
+        t.dims.extend(data.draw(st.lists(_DIMS.filter(lambda n: n < 2 ** 63), max_size=4), label="dims"))  # int64
+        what = f"dims {list(t.dims)}"
+    elif kind == "type":
+        t.data_type = data.draw(st.integers(0, 30), label="type")
+        what = f"data_type {t.data_type}"
+    else:
+        t.data_location = 1 - t.data_location
+        what = f"data_location {t.data_location}"
+    blob = model.SerializeToString()
+    fuzz.run(fx, _write("m.onnx", blob), f"m.onnx initializer {t.name!r} {what}")
 
 
 _DTYPES = st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "C64", "F64", "X", ""])

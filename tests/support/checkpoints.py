@@ -92,7 +92,7 @@ def llama_tensors() -> dict:
 
 @dataclass
 class ZipField:
-    """A little-endian integer field of a zip header: where it is and what it holds."""
+    """A little-endian integer field of a zip or GGUF header: where it is and what it holds."""
 
     where: str  # e.g. "central[2].compress_size"
     offset: int
@@ -184,9 +184,102 @@ def structure(data: bytes) -> Structure:
         return zip_structure(data)
     if len(data) > 9 and data[8:9] == b"{":
         return safetensors_structure(data)
+    if data[:4] == b"GGUF":
+        return gguf_structure(data)
+    if data[:1] == b"\x08" and (onnx := onnx_structure(data)) is not None:  # field 1 (ir_version), a varint
+        return onnx
     if data[:1] == b"\x80":  # a pickle (legacy torch.save, DCP .metadata): every byte is an opcode or argument
         return Structure(boundaries=_pickle_boundaries(data), regions=[(0, len(data))])
     return Structure(boundaries=sorted({1, len(data) // 2, len(data) - 1}), regions=[(0, len(data))])
+
+
+# GGUFValueType -> the size of one scalar; STRING (8) and ARRAY (9) are walked.
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_structure(data: bytes) -> Structure:
+    """A GGUF file's header counts, each key/value and tensor info, and where the data starts.
+
+    Walked by hand (not with ``GGUFReader``) so every field's offset is known: the counts, string
+    lengths, array counts, each tensor's n_dims, dims, type and data offset are editable fields.
+    """
+    s = Structure(boundaries=[4, 8, 16, 24], regions=[(0, 24)])
+    s.fields += [ZipField("header.version", 4, 4, struct.unpack_from("<I", data, 4)[0]),
+                 ZipField("header.tensor_count", 8, 8, struct.unpack_from("<Q", data, 8)[0]),
+                 ZipField("header.kv_count", 16, 8, struct.unpack_from("<Q", data, 16)[0])]
+    _, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+    pos = 24
+
+    def u(fmt: str, where: str) -> int:
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        value = struct.unpack_from(fmt, data, pos)[0]
+        s.fields.append(ZipField(where, pos, size, value))
+        pos += size
+        return value
+
+    def string(where: str) -> None:
+        nonlocal pos
+        n = u("<Q", f"{where}.len")
+        s.names.append((pos, n))
+        pos += n
+
+    def value(vtype: int, where: str) -> None:
+        nonlocal pos
+        if vtype == 8:
+            string(where)
+        elif vtype == 9:
+            itype, count = u("<I", f"{where}.item_type"), u("<Q", f"{where}.count")
+            for _ in range(count):
+                value(itype, f"{where}[]")
+        else:
+            pos += _GGUF_SCALARS[vtype]
+
+    for i in range(n_kv):
+        start = pos
+        string(f"kv[{i}].key")
+        value(u("<I", f"kv[{i}].type"), f"kv[{i}].value")
+        s.boundaries += [start, pos]
+        s.regions.append((start, pos))
+    for i in range(n_tensors):
+        start = pos
+        string(f"tensor[{i}].name")
+        for _ in range(u("<I", f"tensor[{i}].n_dims")):
+            u("<Q", f"tensor[{i}].dim")
+        u("<I", f"tensor[{i}].type")
+        u("<Q", f"tensor[{i}].offset")
+        s.boundaries += [start, pos]
+        s.regions.append((start, pos))
+    s.boundaries.append(pos)
+    s.boundaries = sorted({b for b in s.boundaries if 0 < b < len(data)})
+    return s
+
+
+def onnx_structure(data: bytes) -> Structure | None:
+    """Each initializer of an ONNX model (its dims, type, name and external data fields), or None
+    when ``data`` is no ONNX model. Found by serializing each initializer again and locating it."""
+    try:
+        import onnx  # noqa: PLC0415 - an optional extra; only ONNX fixtures need it
+        model = onnx.ModelProto.FromString(data)
+    except Exception:  # noqa: BLE001 - anything else starting with 0x08 is not a model
+        return None
+    if not model.HasField("graph") or not model.graph.initializer:
+        return None
+    s = Structure(boundaries=[1, 2])
+    for t in model.graph.initializer:
+        blob = t.SerializeToString()
+        at = data.find(blob)
+        if at < 0:
+            continue
+        s.boundaries += [at, at + len(blob)]
+        s.regions.append((at, at + len(blob)))
+        for e in t.external_data:
+            for text in (e.key, e.value):
+                i = data.find(text.encode(), at, at + len(blob))
+                if i >= 0:
+                    s.names.append((i, len(text.encode())))
+    s.boundaries = sorted({b for b in s.boundaries if 0 < b < len(data)})
+    return s
 
 
 def _pickle_boundaries(data: bytes) -> list[int]:
@@ -237,6 +330,7 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 
 INTERESTING_U32 = (0, 1, 0x7FFFFFFF, 0xFFFFFFFF)
+INTERESTING_U64 = (0, 1, 2 ** 31, 2 ** 32, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1)
 INTERESTING_U16 = (0, 1, 0x7FFF, 0xFFFF)
 
 
@@ -256,7 +350,7 @@ def set_field(data: bytes, f: ZipField, value: int) -> bytes:
 
 def field_values(f: ZipField, file_size: int) -> list[int]:
     """Values an edited header field takes: extremes, off by one, past the end of the file."""
-    extremes = INTERESTING_U16 if f.size == 2 else INTERESTING_U32
+    extremes = {2: INTERESTING_U16, 4: INTERESTING_U32}.get(f.size, INTERESTING_U64)
     return sorted({*extremes, f.value + 1, max(0, f.value - 1), f.value * 2 + 1, file_size, file_size + 1,
                    8 if f.where.endswith("method") else 0, 12 if f.where.endswith("method") else 0, 99})
 

@@ -71,7 +71,10 @@ def _finding_checks(plan: Plan, report) -> list[Check]:
                   else "the plan answered no finding", skipped=not codes)]
 
 
-CHUNK = 16 << 20  # bytes per read when comparing files
+# Bytes per read when comparing files. Two 4 MiB buffers stay in the CPU cache between the read
+# that fills them and the memcmp that compares them; two of 16 MiB did not (measured: 0.45-0.50 s
+# against 0.60-0.70 s for the same 1.75 GiB compared).
+CHUNK = 4 << 20
 
 
 class _FileCompare:
@@ -80,13 +83,18 @@ class _FileCompare:
     The content reader's ``pread`` allocates a fresh buffer per read; at the sizes fix compares
     (every byte of the copy against the input) that costs a page fault per 4 KiB and dominated the
     run. ``os.preadv`` into the same two buffers, compared as buffers (memcmp),
-    reads at the speed of the page cache and keeps memory at two chunks.
+    reads at the speed of the page cache and keeps memory at two chunks. A pair of ranges already
+    found equal (a dropped name and the name it now shares point at the same bytes of both files)
+    is not read again: the files do not change between the two comparisons, so neither would the
+    answer. (Comparing mapped windows in place instead was measured slower: ``torch.equal`` over
+    bytes runs element by element, several times slower than the buffers' memcmp.)
     """
 
     def __init__(self) -> None:
         self.bufs = (bytearray(CHUNK), bytearray(CHUNK))
         self.fds: dict[str, int] = {}
         self.bytes_read = 0
+        self.same: set[tuple] = set()
 
     def _fd(self, path: str) -> int:
         if path not in self.fds:
@@ -94,6 +102,9 @@ class _FileCompare:
         return self.fds[path]
 
     def equal(self, a: tuple[str, int], b: tuple[str, int], nbytes: int) -> bool:
+        key = (a, b, nbytes)
+        if key in self.same:
+            return True
         fa, fb = self._fd(a[0]), self._fd(b[0])
         for off in range(0, nbytes, CHUNK):
             n = min(CHUNK, nbytes - off)
@@ -105,6 +116,7 @@ class _FileCompare:
             same = self.bufs[0] == self.bufs[1] if n == CHUNK else bytes(views[0]) == bytes(views[1])
             if not same:
                 return False
+        self.same.add(key)
         return True
 
     def close(self) -> None:

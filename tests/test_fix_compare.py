@@ -1,0 +1,68 @@
+"""``tiecheck fix``'s byte-for-byte comparison of the copy against the input through reused buffers:
+unaligned offsets, chunk boundaries, a changed byte anywhere, a range past the end, ranges compared once."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+verify = importlib.import_module("tiecheck.fix.verify")  # the module: tiecheck.fix.verify is also its function
+
+SIZE = 3 * 4096 + 123  # not a multiple of a page or of the chunk
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.setattr(verify, "CHUNK", 4096)  # several reads per range, one boundary mid-range
+    data = os.urandom(SIZE)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"x" * 7 + data)  # the same bytes at offset 7 of a and 70001 of b: never page aligned
+    b.write_bytes(b"y" * 70001 + data + b"tail")
+    return a, b, data
+
+
+def test_equal_ranges_at_unaligned_offsets(files):
+    a, b, _ = files
+    cmp = verify._FileCompare()
+    try:
+        assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)
+        assert cmp.bytes_read == 2 * SIZE
+    finally:
+        cmp.close()
+
+
+@pytest.mark.parametrize("at", [0, 4095, 4096, SIZE - 1])
+def test_one_changed_byte_anywhere_is_found(files, at):
+    a, b, data = files
+    changed = bytearray(data)
+    changed[at] ^= 1
+    b.write_bytes(b"y" * 70001 + bytes(changed) + b"tail")
+    cmp = verify._FileCompare()
+    try:
+        assert not cmp.equal((str(a), 7), (str(b), 70001), SIZE)
+    finally:
+        cmp.close()
+
+
+def test_a_range_past_the_end_is_a_short_read(files):
+    a, b, _ = files
+    cmp = verify._FileCompare()
+    try:
+        with pytest.raises(OSError, match="short read"):
+            cmp.equal((str(a), 7), (str(b), 70001 + SIZE), SIZE)  # starts 4 bytes before the end of b
+    finally:
+        cmp.close()
+
+
+def test_a_pair_found_equal_is_not_read_again(files):
+    a, b, _ = files
+    cmp = verify._FileCompare()
+    try:
+        assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)
+        assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)  # a dropped name sharing the kept name's bytes
+        assert cmp.bytes_read == 2 * SIZE
+        assert not cmp.equal((str(a), 7), (str(b), 70000), SIZE)  # another range is compared
+    finally:
+        cmp.close()
