@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-verify = importlib.import_module("tiecheck.fix.verify")  # the module: tiecheck.fix.verify is also its function
+# The module (the package exports its function under the same name): CHUNK is patched on it.
+verify = importlib.import_module("tiecheck.repair.verify")
 
 SIZE = 3 * 4096 + 123  # not a multiple of a page or of the chunk
 
