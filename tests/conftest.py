@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -32,3 +34,14 @@ def untied_copy(tiny_lm):
     sd = {k: v.clone() for k, v in tiny_lm.state_dict().items()}
     model.load_state_dict(sd, assign=True)
     return model
+
+
+@pytest.fixture
+def quiet_transformers():
+    """transformers' logging and Python warnings kept out of the test output (a tiny model built
+    from a config warns about weights it initialises, which is what these tests want)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -15,24 +14,18 @@ from tiecheck.cli import main
 from support.checkpoints import write_safetensors
 
 transformers = pytest.importorskip("transformers")
+
+from support.hf import EMB, HEAD, tiny_llama  # noqa: E402
+
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    transformers.logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def llama(tie: bool, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(tie, seed)
 
 
 def codes(r) -> list[str]:

@@ -5,34 +5,26 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import tiecheck
 from tiecheck.cli import main
 
 transformers = pytest.importorskip("transformers")
+
+from support.hf import EMB, HEAD, tiny_llama  # noqa: E402
+
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    transformers.logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def llama(tie: bool):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(tie)
 
 
 def folder(tmp_path, name: str, tie: bool, tensors: dict | None = None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -15,26 +14,18 @@ import tiecheck
 from tiecheck.cli import main
 
 transformers = pytest.importorskip("transformers")
+
+from support.hf import EMB, HEAD, D, V, tiny_llama  # noqa: E402
+
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-V, D = 64, 16
-EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    transformers.logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def llama(tie: bool):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie,
-                                   torch_dtype="bfloat16")
-    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return tiny_llama(tie, dtype=torch.bfloat16)
 
 
 def state(model) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -13,26 +12,19 @@ import tiecheck
 from tiecheck.cli import main
 
 transformers = pytest.importorskip("transformers")
+
+from support.hf import EMB, HEAD, D, V, tiny_llama  # noqa: E402
+
 peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
-V, D = 64, 16
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    transformers.logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 
 def llama(tie: bool = True):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(tie)
 
 
 def adapted(tie: bool = True, train: bool = True, **lora):
