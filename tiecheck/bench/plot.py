@@ -50,13 +50,7 @@ def plot(result: BenchResult, path: str) -> None:
         ax.set_title(title)
     verdict = result.headline()
     fig.suptitle(result.header["title"] + (f"\n{verdict}" if verdict else ""), fontsize=9)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except (OSError, ValueError) as e:
-        raise TiecheckError(f"--plot {path}: cannot write the figure ({e})") from e
-    finally:
-        plt.close(fig)
+    _save(fig, path, plt)
 
 
 def _rate_panel(ax, by, metric: str) -> None:
@@ -132,6 +126,11 @@ def plot_converge(result, path: str) -> None:
     right.set_title("paired difference (per seed), 95% CI")
     right.legend(fontsize=8)
     fig.suptitle(result.header["title"], fontsize=9)
+    _save(fig, path, plt)
+
+
+def _save(fig, path: str, plt) -> None:
+    """Write the figure (its format from the file name) and close it, one line on failure."""
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)

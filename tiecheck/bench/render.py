@@ -85,12 +85,7 @@ def header_items(result: BenchResult) -> list[tuple[str, str]]:
     """(key, text) pairs describing the run, in display order."""
     h = result.header
     items = [
-        ("command", h["command"]),
-        ("device", h["device"]),
-        ("host", h.get("host_load") or "load unknown"),
-        ("software", f"torch {h['torch']}, tiecheck {h['tiecheck']}, python {h['python']}"),
-        ("date", h["date"]),
-        ("model", f"{h['model']}: {h['model_description']}"),
+        *_run_items(h),
         ("precision", h["precision"]),
     ]
     if h.get("optimizer"):
@@ -191,12 +186,7 @@ def converge_header_items(result) -> list[tuple[str, str]]:
     h = result.header
     share = f", the tie {h['tie_share']:.0%} of the untied model" if h.get("tie_share") is not None else ""
     return [
-        ("command", h["command"]),
-        ("device", h["device"]),
-        ("host", h.get("host_load") or "load unknown"),
-        ("software", f"torch {h['torch']}, tiecheck {h['tiecheck']}, python {h['python']}"),
-        ("date", h["date"]),
-        ("model", f"{h['model']}: {h['model_description']}"),
+        *_run_items(h),
         ("parameters", f"tied {h['params_tied']:,}, untied {h['params_untied']:,} (vocabulary {h['vocab_size']:,}"
                        f"{share})"),
         ("corpus", h["corpus"]),
@@ -288,3 +278,15 @@ def render_converge(result, fmt: str = "table") -> str:
     if result.notes:
         out += ["", "notes:" if not markdown else "**notes**", *[f"{bullet}{n}" for n in result.notes]]
     return "\n".join(out) + "\n"
+
+
+def _run_items(h: dict) -> list[tuple[str, str]]:
+    """The header items every bench result shows first: what ran, where, with what, when."""
+    return [
+        ("command", h["command"]),
+        ("device", h["device"]),
+        ("host", h.get("host_load") or "load unknown"),
+        ("software", f"torch {h['torch']}, tiecheck {h['tiecheck']}, python {h['python']}"),
+        ("date", h["date"]),
+        ("model", f"{h['model']}: {h['model_description']}"),
+    ]
