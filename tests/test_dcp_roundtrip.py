@@ -8,10 +8,6 @@ into a tied model keeps the tie, loading by assignment loses it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -21,33 +17,22 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tiecheck import analyze, models
 
+from support.processes import free_port, run_group
+
 OVERRIDES = {"n_layer": 1}
 PAIR = {"lm_head.weight", "transformer.wte.weight"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dcp")
     out, result = tmp / "ckpt", tmp / "found.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-           "-m", "tiecheck.shard.dcp_roundtrip", str(out), "--n-layer", "1", "--result", str(result)]
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        log, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, log[-3000:]
+    code, log = run_group([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                           "-m", "tiecheck.shard.dcp_roundtrip", str(out), "--n-layer", "1", "--result", str(result)])
+    assert code == 0, log[-3000:]
     return out, json.loads(result.read_text())
 
 

@@ -7,10 +7,6 @@ minute each on two cores, so they are marked ``distributed`` and run apart from 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -19,15 +15,13 @@ from click.testing import CliRunner
 from tiecheck.bench.distributed import launch
 from tiecheck.cli.main import main
 
+from support.processes import free_port, run_group
+
 V, D_MODEL = 8192, 128  # gpt-mini's vocabulary and width: the tied weight is V x d fp32
 TIED_WEIGHT_BYTES = V * D_MODEL * 4
 SMALL = ["--batch-size", "2", "--seq-len", "16", "--rounds", "2", "--steps", "1", "--warmup", "2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_options_that_cannot_run_on_several_processes_are_refused():
@@ -43,18 +37,9 @@ def test_options_that_cannot_run_on_several_processes_are_refused():
 
 @pytest.mark.distributed
 def test_ddp_cli_counts_one_tied_weight_less_all_reduced_per_step(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "tiecheck.cli", "bench", "--nproc-per-node", "2", "--device", "cpu", *SMALL,
-           "--format", "json", "-o", str(tmp_path / "ddp.json")]
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        out, _ = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, out[-3000:]
+    code, out = run_group([sys.executable, "-m", "tiecheck.cli", "bench", "--nproc-per-node", "2", "--device", "cpu",
+                           *SMALL, "--format", "json", "-o", str(tmp_path / "ddp.json")])
+    assert code == 0, out[-3000:]
     result = json.loads((tmp_path / "ddp.json").read_text())
     comm = result["comm_bytes_per_step"]
     assert comm["untied"]["all_reduce"] - comm["tied"]["all_reduce"] == TIED_WEIGHT_BYTES
@@ -67,7 +52,7 @@ def test_ddp_cli_counts_one_tied_weight_less_all_reduced_per_step(tmp_path):
 def test_fsdp2_gathers_and_reduce_scatters_one_copy_of_the_tied_weight():
     cfg = {"strategy": "fsdp2", "device": "cpu", "batch_size": 2, "seq_len": 16, "rounds": 2, "steps": 1,
            "warmup": 2, "overrides": {"n_layer": 1}, "command": "test"}
-    result = launch(cfg, nproc_per_node=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", timeout=90)
+    result = launch(cfg, nproc_per_node=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", timeout=90)
     comm = result["comm_bytes_per_step"]
     assert comm["untied"]["all_gather"] - comm["tied"]["all_gather"] == TIED_WEIGHT_BYTES
     assert comm["untied"]["reduce_scatter"] - comm["tied"]["reduce_scatter"] == TIED_WEIGHT_BYTES
