@@ -36,10 +36,7 @@ from tiecheck.cli import main
 from tiecheck.cli.bench import Progress
 from tiecheck.errors import TiecheckError
 
-TINY = {"n_layer": 1, "vocab_size": 512, "d_model": 32, "n_head": 2, "block_size": 32}
-TINY_ARGS = dict(model="gpt-mini", device="cpu", batch_size=2, seq_len=16, rounds=6, steps=1, warmup=2,
-                 overrides=TINY)
-
+from support.bench import TINY, TINY_ARGS, limited_builder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -342,24 +339,10 @@ def test_max_batch_search_on_the_cpu_with_real_allocation_failures():
     # OOM cleanup and measurement are device-independent: run them here with a model that
     # cannot allocate its activations above 3 sequences.
 
-    build = bundled_builder("gpt-mini", TINY)
-
-    def builder(tied, dev, seed):
-        m = build(tied, dev, seed)
-        forward = m.forward
-
-        def limited(self, idx, *args, **kwargs):
-            if idx.shape[0] > (3 if tied else 2):
-                torch.empty(2**45)  # the CPU allocator refuses 128 TiB
-            return forward(idx, *args, **kwargs)
-
-        m.forward = types.MethodType(limited, m)
-        return m
-
     st = runner._State(plan=resolve(tiny(max_batch_cap=64)))
     for name in ("tied", "untied"):
         st.records[name] = runner.VariantRecord(name=name)
-    runner._find_max_batch(st, builder)
+    runner._find_max_batch(st, limited_builder())
     t, u = st.records["tied"], st.records["untied"]
     assert (t.max_batch, u.max_batch) == (3, 2) and not t.max_batch_capped
     assert len(t.max_batch_samples) == 6 and t.max_batch_status is None

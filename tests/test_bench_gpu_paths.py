@@ -33,10 +33,9 @@ from tiecheck.cli.bench import Progress
 from tiecheck.errors import TiecheckError
 from tiecheck.models.common import IGNORE_INDEX, lm_loss
 
+from support.bench import TINY, TINY_ARGS, limited_builder
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"n_layer": 1, "vocab_size": 512, "d_model": 32, "n_head": 2, "block_size": 32}
-TINY_ARGS = dict(model="gpt-mini", device="cpu", batch_size=2, seq_len=16, rounds=6, steps=1, warmup=2,
-                 overrides=TINY)
 MiB = 1 << 20
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -272,26 +271,6 @@ def _max_batch_state(compile_: bool) -> runner._State:
     return st
 
 
-def _limited_builder(on_build=None):
-    build = bundled_builder("gpt-mini", TINY)
-
-    def builder(tied, dev, seed):
-        if on_build:
-            on_build(tied)
-        m = build(tied, dev, seed)
-        forward = m.forward
-
-        def limited(self, idx, *args, **kwargs):
-            if idx.shape[0] > (3 if tied else 2):
-                torch.empty(2**45)  # the CPU allocator refuses 128 TiB
-            return forward(idx, *args, **kwargs)
-
-        m.forward = types.MethodType(limited, m)
-        return m
-
-    return builder
-
-
 def test_partial_results_are_handed_out_before_the_max_batch_search(monkeypatch):
     plan = dataclasses.replace(resolve(tiny(max_batch_cap=16)), find_max_batch=True)
     monkeypatch.setattr(runner, "resolve", lambda cfg: plan)
@@ -307,7 +286,7 @@ def test_partial_results_are_handed_out_before_the_max_batch_search(monkeypatch)
     monkeypatch.setattr(runner, "largest_fitting", search_then_time_out)
     written = []
     with pytest.raises(TimeoutError):
-        run_bench(tiny(), build=_limited_builder(), partial=written.append)
+        run_bench(tiny(), build=limited_builder(), partial=written.append)
     first, second = written
     assert first.notes[0] == "partial result, written before the run ended: --find-max-batch had not started"
     assert first.headline() and first.records["tied"].step_samples()  # the interleaved table is complete
@@ -338,7 +317,7 @@ def test_compiled_max_batch_marks_the_batch_dynamic_and_resets_the_compiler(monk
     monkeypatch.setattr(D, "reset_compiled", lambda: resets.append(1))
     monkeypatch.setattr(runner, "mark_batch_dynamic", lambda b: marked.append(b.inputs[0].shape[0]))
     st = _max_batch_state(compile_=True)
-    runner._find_max_batch(st, _limited_builder())
+    runner._find_max_batch(st, limited_builder())
     assert (st.records["tied"].max_batch, st.records["untied"].max_batch) == (3, 2)
     assert compiled == [True, True]
     assert len(resets) == 3  # the interleaved variants, then each max-batch variant
@@ -364,7 +343,7 @@ def test_memory_left_after_a_released_variant_is_reported(monkeypatch):
             allocated["now"] += 64 * MiB
 
     st = _max_batch_state(compile_=False)
-    runner._find_max_batch(st, _limited_builder(on_build=leak))
+    runner._find_max_batch(st, limited_builder(on_build=leak))
     leaks = [n for n in st.notes if "still allocated" in n]
     assert len(leaks) == 2  # after the tied variant, and still after the untied one
     assert leaks[0].startswith("max batch: 64.00 MiB still allocated after releasing the tied variant")
@@ -373,7 +352,7 @@ def test_memory_left_after_a_released_variant_is_reported(monkeypatch):
 def test_no_leak_note_when_memory_is_back(monkeypatch):
     monkeypatch.setattr(D, "memory_allocated", lambda dev: 100 * MiB)
     st = _max_batch_state(compile_=False)
-    runner._find_max_batch(st, _limited_builder())
+    runner._find_max_batch(st, limited_builder())
     assert not [n for n in st.notes if "still allocated" in n]
 
 
