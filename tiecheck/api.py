@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+import contextlib
+import gc
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
 from tiecheck.analyses.candidates import candidate_findings, find_candidates, must_tie_pairs
@@ -92,6 +94,41 @@ def analyze(
 
     if optimizer not in OPTIMIZERS:
         raise TiecheckError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
+    with collector(enabled=False):
+        return _analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                        duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied, flops=flops,
+                        batch_size=batch_size, seq_len=seq_len, attention=attention, inputs=inputs, base=base,
+                        progress=progress)
+
+
+@contextlib.contextmanager
+def collector(enabled: bool) -> Iterator[None]:
+    """Python's cyclic garbage collector on or off for the duration, back to its previous state after.
+
+    ``analyze`` turns it off: reading a checkpoint of 100,000 tensors allocates millions of
+    small, acyclic objects (header entries, facts, report rows), and each burst of allocations
+    triggers collections that walk every live object again, about half of ``inspect``'s time at
+    that size. Nothing the analysis builds is kept alive by a cycle, so reference counting frees
+    it as before. Tracing a model for FLOPs runs the model's own code, which may make cyclic
+    garbage: that step turns the collector back on.
+    """
+    was_enabled = gc.isenabled()
+    if enabled:
+        gc.enable()
+    else:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+        else:
+            gc.disable()
+
+
+def _analyze(target: Any, *, key: str | None, trust_pickle: bool, trust_remote_code: bool, duplicates: bool,
+             optimizer: str, expect_tied: Iterable[Sequence[str]], flops: bool, batch_size: int, seq_len: int,
+             attention: str, inputs: Any, base: Any, progress: Callable[[int, str], None] | None) -> Report:
     if progress is not None:
         progress(0, "reading the target")
     subject = load_target(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
@@ -170,7 +207,8 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
             with TorchContentReader(subject.tensors, subject.file_spans) as reader:
                 dup_groups, stats = find_untied_duplicates(facts, reader, by_identity)
                 # A duplicate's first name stands for the group in the transposed pass.
-                copies, tstats = find_transposed_copies(facts, reader, skip=[n for g in dup_groups for n in g.names[1:]])
+                copies, tstats = find_transposed_copies(facts, reader, skip=[n for g in dup_groups for n in g.names[1:]],
+                                                         by_identity=by_identity)
             content = {"ran": True, **stats.to_dict(),
                        "transposed": {**tstats.to_dict(), "copies": [c.to_dict() for c in copies]}}
         else:
@@ -191,7 +229,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     declared, layer_findings = declared_layer(subject, facts)
     findings += layer_findings
     # Quantized or packed heads: matched by meaning, since their values cannot be compared.
-    packed = find_packed_heads(facts, packings(subject)) if subject.module is None else []
+    packed = find_packed_heads(facts, packings(subject, facts)) if subject.module is None else []
     declared["packed_heads"] = [p.to_dict() for p in packed]
     findings += packed_head_findings(packed, declared["ties"])
     unreachable = stored_unreachable(subject, facts)
@@ -229,7 +267,8 @@ def _flops_step(subject: Subject, flops: dict | None, step: Callable[[int, str],
     if flops is None:
         return None
     step(0, "counting FLOPs (tracing the model)")
-    got = subject_flops(subject, **flops)
+    with collector(enabled=True):
+        got = subject_flops(subject, **flops)
     step(1, "done")
     return got
 
