@@ -87,6 +87,9 @@ def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | N
     for members in by_identity.values():
         if members[0].storage is None:
             continue  # no memory to read (meta device)
+        if len(members) == 1:  # most memories have one name
+            reps[members[0].name] = (members[0], (members[0].name,))
+            continue
         names = tuple(sorted(m.name for m in members))
         rep = min(members, key=lambda m: m.name)
         reps[rep.name] = (rep, names)
@@ -226,8 +229,8 @@ class TransposeStats:
                 "full_comparisons": self.full_comparisons, "bytes_read": self.bytes_read}
 
 
-def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
-                           skip: Iterable[str] = ()) -> tuple[list[TransposedCopy], TransposeStats]:
+def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader, skip: Iterable[str] = (),
+                           by_identity: IdentityIndex | None = None) -> tuple[list[TransposedCopy], TransposeStats]:
     """Separate-memory 2-D tensors whose content equals another's transpose.
 
     The same discipline as :func:`find_untied_duplicates`: tensors are bucketed by (dtype, element
@@ -241,12 +244,17 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
         reader: reads samples and compares through a transpose.
         skip: names not to consider (e.g. the second member of an untied duplicate group: its
             first member stands for it).
+        by_identity: ``group_by_identity(facts)``, when the caller already built it.
 
     Returns:
         The copies found, largest first, and what was read to find them.
     """
     skipped = set(skip)
-    reps = {n: v for n, v in _representatives(facts).items()
+    if by_identity is None:
+        by_identity = group_by_identity(facts)
+    # Only 2-D memories can hold a transpose: the others are left out before anything else is done.
+    matrices = {i: m for i, m in by_identity.items() if any(len(f.shape) == 2 for f in m)}
+    reps = {n: v for n, v in _representatives((), matrices).items()
             if len(v[0].shape) == 2 and v[0].numel > 1 and not skipped.intersection(v[1])}
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for name, (f, _) in reps.items():

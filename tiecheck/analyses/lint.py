@@ -61,10 +61,16 @@ def linear_shape_findings(facts: Sequence[TensorFact], modules: dict[str, Module
 
 def device_findings(facts: Sequence[TensorFact], groups: list[TieGroup]) -> list[Finding]:
     """TC004: a tie whose users keep their other tensors on another device."""
+    if not groups:
+        return []
+    tied = {n for g in groups for n in g.names}
+    by_name = {f.name: f for f in facts if f.name in tied}
+    # Only the owners of tied names: a checkpoint of 100,000 tensors has tens of thousands of owners.
+    wanted = {f.owner for f in by_name.values()}
     devices_of_owner: dict[str, set[str]] = defaultdict(set)
     for f in facts:
-        devices_of_owner[f.owner].add(f.device)
-    by_name = {f.name: f for f in facts}
+        if f.owner in wanted:
+            devices_of_owner[f.owner].add(f.device)
     out = []
     for g in groups:
         owners = {by_name[n].owner for n in g.names if n in by_name}

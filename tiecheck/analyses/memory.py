@@ -51,12 +51,26 @@ def _restrict(by_identity: IdentityIndex, keep: Callable[[TensorFact], bool]) ->
     out: IdentityIndex = {}
     dropped = False
     for identity, members in by_identity.items():
+        if len(members) == 1:  # most memories have one name: no list to build
+            if keep(members[0]):
+                out[identity] = members
+            else:
+                dropped = True
+            continue
         kept = [m for m in members if keep(m)]
         dropped = dropped or len(kept) != len(members)
         if kept:
             out[identity] = kept
     # The same index object when nothing was dropped, so callers can reuse what they derived from it.
     return out if dropped else by_identity
+
+
+def _not_buffer(f: TensorFact) -> bool:
+    return f.role != "buffer"
+
+
+def _start_longest_first(f: TensorFact) -> tuple[int, int]:
+    return f.byte_start, -f.byte_end
 
 
 def nested_identities(facts: Sequence[TensorFact], by_identity: IdentityIndex | None = None) -> set[tuple]:
@@ -68,17 +82,17 @@ def nested_identities(facts: Sequence[TensorFact], by_identity: IdentityIndex | 
     by_storage: dict = defaultdict(list)
     for members in (by_identity if by_identity is not None else group_by_identity(facts)).values():
         f = members[0]
-        if f.extent is not None:
+        if f.storage is not None:  # indexed facts are never empty: a storage means an extent
             by_storage[f.storage].append(f)
     nested = set()
     for extents in by_storage.values():
         # Sorted by start, longest first: every container comes before what it contains.
-        extents.sort(key=lambda f: (f.byte_start, -f.byte_end))
+        extents.sort(key=_start_longest_first)
         reach = -1  # furthest end of a dense extent seen so far
         for f in extents:
             if f.byte_end <= reach:
                 nested.add(f.identity)
-            elif f.dense:
+            elif f.byte_end - f.byte_start == f.numel * f.itemsize:  # dense
                 reach = f.byte_end
     return nested
 
@@ -91,17 +105,18 @@ def _unique_bytes(by_identity: IdentityIndex, nested: set[tuple]) -> dict[str, i
         f = members[0]
         if f.identity in nested:
             continue  # counted with its container
-        if f.extent is None or not f.dense:
-            out[f.dtype] += f.nbytes  # no memory to merge (meta), or a strided view: count its elements
+        nbytes = f.numel * f.itemsize
+        if f.storage is None or f.byte_end - f.byte_start != nbytes:
+            out[f.dtype] += nbytes  # no memory to merge (meta), or a strided view: count its elements
         else:
             by_storage[f.storage].append(f)
     for extents in by_storage.values():
-        extents.sort(key=lambda f: (f.byte_start, -f.byte_end))
+        extents.sort(key=_start_longest_first)
         cur, end = None, -1
         for f in extents:
             if cur is None or f.byte_start >= end:
                 cur, end = f, f.byte_end
-                out[f.dtype] += f.nbytes
+                out[f.dtype] += f.byte_end - f.byte_start
             elif f.byte_end > end:
                 out[cur.dtype] += f.byte_end - end
                 end = f.byte_end
@@ -129,10 +144,10 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     # Parameters exclude a live module's buffers (RoPE tables, BatchNorm statistics); bytes
     # include them. Files do not say which tensors were buffers, so there every tensor counts.
     for f in facts:
-        counted_bytes[f.dtype] += f.nbytes
+        counted_bytes[f.dtype] += f.numel * f.itemsize
         if f.role != "buffer":
             counted_params[f.dtype] += f.numel
-    params = _restrict(by_identity, lambda f: f.role != "buffer")
+    params = _restrict(by_identity, _not_buffer)
     nested_all = nested_identities(facts, by_identity)
     unique_bytes = _unique_bytes(by_identity, nested_all)
     # A file has no buffers: then the parameters are every tensor and nothing is recomputed.
@@ -148,20 +163,23 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     train_unique = 0
     train_counted = 0
     train_nested = 0  # per-name training bytes of views inside a container: not tie savings
+    per_element: dict[int, int] = {}  # itemsize -> training bytes per element
     trainable_index = _restrict(by_identity, is_trainable)
     in_container = nested_all if trainable_index is by_identity else nested_identities(facts, trainable_index)
     for identity, members in by_identity.items():
-        trainable = [m for m in members if is_trainable(m)]
+        trainable = members if len(members) == 1 and is_trainable(members[0]) else \
+            [m for m in members if is_trainable(m)]
         if not trainable:
             continue
-        if identity in in_container and all(m.obj_id is None for m in trainable):
-            f = trainable[0]
-            train_counted += len(trainable) * f.numel * training_bytes_per_element(f.itemsize, optimizer)
-            train_nested += len(trainable) * f.numel * training_bytes_per_element(f.itemsize, optimizer)
-            continue
         f = trainable[0]
-        per = training_bytes_per_element(f.itemsize, optimizer)
-        objects = len({m.obj_id for m in trainable if m.obj_id is not None}) or 1
+        per = per_element.get(f.itemsize)
+        if per is None:
+            per = per_element[f.itemsize] = training_bytes_per_element(f.itemsize, optimizer)
+        if identity in in_container and all(m.obj_id is None for m in trainable):
+            train_counted += len(trainable) * f.numel * per
+            train_nested += len(trainable) * f.numel * per
+            continue
+        objects = 1 if len(trainable) == 1 else len({m.obj_id for m in trainable if m.obj_id is not None}) or 1
         train_counted += len(trainable) * f.numel * per
         train_unique += f.numel * f.itemsize + objects * f.numel * (per - f.itemsize)
 

@@ -65,11 +65,12 @@ def find_packed_heads(facts: Iterable[TensorFact], packings: Mapping[str, Packin
         One entry per pair, largest head first.
     """
     facts = [f for f in facts if f.numel]
-    by_name = {f.name: f for f in facts}
     companions = {c for p in packings.values() for c in p.companions}
+    by_name = {f.name: f for f in facts if f.name in companions}
     seen, unique = set(), []
     for f in facts:
-        if f.identity not in seen and f.name not in companions:
+        # Embeddings and heads are 2-D, unless a packing says what they are.
+        if (len(f.shape) == 2 or f.name in packings) and f.identity not in seen and f.name not in companions:
             seen.add(f.identity)
             unique.append(f)
 

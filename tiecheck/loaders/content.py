@@ -60,9 +60,11 @@ class TorchContentReader:
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], spans: Mapping[str, FileSpan] | None = None):
         self.tensors = tensors
-        self.spans = dict(spans or {})
+        self.spans = spans if spans is not None else {}  # read only: a checkpoint's may hold 100,000 names
         self.bytes_read = 0
         self._fds: dict[str, int] = {}
+        where = getattr(tensors, "file_layout", None)
+        self._layout = where if callable(where) else None
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -81,8 +83,8 @@ class TorchContentReader:
         span = self.spans.get(name)
         if span is None:
             return None
-        where = getattr(self.tensors, "file_layout", None)
-        if callable(where):  # the loader knows the layout without making the tensor
+        where = self._layout
+        if where is not None:  # the loader knows the layout without making the tensor
             offset, nbytes, itemsize = where(name)
         else:
             t = self.tensors[name]
@@ -112,8 +114,9 @@ class TorchContentReader:
         if rng is not None:
             fd, start, nbytes, size = rng
             n = nbytes // size
-            run = min(n, SAMPLE_RUNS * RUN_ELEMENTS) if n <= SAMPLE_RUNS * RUN_ELEMENTS else RUN_ELEMENTS
-            return b"".join(self._pread(fd, run * size, start + s * size) for s in _sample_starts(n))
+            if n <= SAMPLE_RUNS * RUN_ELEMENTS:  # small enough to be its own sample: one read
+                return self._pread(fd, nbytes, start)
+            return b"".join([self._pread(fd, RUN_ELEMENTS * size, start + s * size) for s in _sample_starts(n)])
         t = self.tensors[name]
         n = t.numel()
         if n <= SAMPLE_RUNS * RUN_ELEMENTS:

@@ -14,7 +14,10 @@ Read from each format's own record, never by dequantizing:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from tiecheck.analyses.packed import Packing
+from tiecheck.facts import TensorFact
 from tiecheck.loaders.safejson import parse_json
 from tiecheck.loaders.subject import Subject
 
@@ -24,8 +27,17 @@ _SCALES = ("_scale", "_scale_inv")
 _WIDE = {"float32", "float16", "bfloat16", "float64"}
 
 
-def packings(subject: Subject) -> dict[str, Packing]:
-    """name -> Packing for the subject's tensors whose stored form is not their logical one."""
+def packings(subject: Subject, facts: Sequence[TensorFact] | None = None) -> dict[str, Packing]:
+    """name -> Packing for the subject's tensors whose stored form is not their logical one.
+
+    Args:
+        subject: what the loader read.
+        facts: the subject's facts, when built: dtypes and shapes are read from them instead of
+            from the tensors (a memory-mapped file makes each tensor object on access).
+
+    Returns:
+        The packed tensors by name; a tensor not listed is its own dtype and shape.
+    """
     out: dict[str, Packing] = {}
     gguf = subject.extra.get("gguf") if isinstance(subject.extra.get("gguf"), dict) else None
     if gguf:
@@ -48,14 +60,17 @@ def packings(subject: Subject) -> dict[str, Packing]:
             if t is not None and str(t.dtype) == "torch.int8":
                 comp = tuple(n for n in (name, weight + "_format") if n in names)
                 out[weight] = Packing(shape=tuple(t.shape), format="int8 (bitsandbytes LLM.int8)", companions=comp)
-    for name, t in subject.tensors.items():
-        dtype = str(t.dtype).replace("torch.", "")
-        if name in out or not name.endswith(".weight") or dtype in _WIDE or t.dim() != 2:
+    if facts is None:
+        layouts = ((n, str(t.dtype).replace("torch.", ""), tuple(t.shape)) for n, t in subject.tensors.items())
+    else:
+        layouts = ((f.name, f.dtype, f.shape) for f in facts)
+    for name, dtype, shape in layouts:
+        if name in out or not name.endswith(".weight") or dtype in _WIDE or len(shape) != 2:
             continue
         comp = [name + s for s in _SCALES if name + s in names]
         comp += [n for n in (name[:-len("weight")] + "input_scale",) if n in names]
         if comp:
-            out[name] = Packing(shape=tuple(t.shape), format=f"{dtype} with scales", companions=tuple(comp))
+            out[name] = Packing(shape=tuple(shape), format=f"{dtype} with scales", companions=tuple(comp))
     return out
 
 
