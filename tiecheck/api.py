@@ -30,6 +30,7 @@ from tiecheck.loaders.packed import packings
 from tiecheck.loaders.peft_adapter import adapter_bytes, copies_equal
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
+from tiecheck.report.rows import Row, TensorRows
 
 
 def analyze(
@@ -340,21 +341,9 @@ def config_ties(subject: Subject) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def tensor_rows(facts: Sequence[TensorFact], groups) -> list[dict]:
+def tensor_rows(facts: Sequence[TensorFact], groups) -> TensorRows:
+    """The report's per-tensor rows (dicts on access, compact until then)."""
     index = {n: i for i, g in enumerate(groups) for n in g.names}
-    rows = []
-    for f in facts:
-        gi = index.get(f.name)
-        rows.append({
-            "name": f.name,
-            "shape": list(f.shape),
-            "dtype": f.dtype,
-            "numel": f.numel,
-            "bytes": f.nbytes,
-            "role": f.role,
-            "device": f.device,
-            "tie_group": gi,
-            "tie_kind": groups[gi].kind if gi is not None else None,
-            "tied_with": [n for n in groups[gi].names if n != f.name] if gi is not None else [],
-        })
-    return rows
+    return TensorRows([Row(f.name, f.shape, f.dtype, f.numel, f.numel * f.itemsize, f.role, f.device,
+                           index.get(f.name)) for f in facts],
+                      [(g.kind, g.names) for g in groups])

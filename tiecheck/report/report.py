@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from tiecheck import __version__
 from tiecheck.findings import SEVERITY_RANK
@@ -31,7 +31,8 @@ class Report:
     untied_duplicates: list[dict[str, Any]]
     tie_candidates: list[dict[str, Any]]
     findings: list[dict[str, Any]]
-    tensors: list[dict[str, Any]] = field(default_factory=list)
+    # A list, or the compact TensorRows an analysis builds (the same dicts, made on access).
+    tensors: Sequence[dict[str, Any]] = field(default_factory=list)
     content: dict[str, Any] | None = None
     flops: dict[str, Any] | None = None
     # Ties as declared (config flags, alias maps, _tied_weights_keys) beside physical and stored.
@@ -40,6 +41,9 @@ class Report:
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
+        return self._as_dict(self.tensors if isinstance(self.tensors, list) else list(self.tensors))
+
+    def _as_dict(self, rows: Any) -> dict[str, Any]:
         d = {
             "schema_version": self.schema_version,
             "tiecheck_version": __version__,
@@ -52,7 +56,7 @@ class Report:
             "content_pass": self.content,
             "flops": self.flops,
             "declared": self.declared,
-            "tensors": self.tensors,
+            "tensors": rows,
         }
         d.update(self.extra)
         return d
@@ -63,13 +67,13 @@ class Report:
         Indented output goes through the json module's pure-Python encoder, which costs seconds
         on 100,000 tensor rows; the rows are encoded by the C encoder instead, one per line.
         """
-        d = self.to_dict()
-        rows = d["tensors"]
+        rows = self.tensors
         if indent is None or not rows:
-            return json_text(d, indent=indent)
-        # A fresh random string stands in for the rows, so no name in the input can collide with it.
+            return json_text(self.to_dict(), indent=indent)
+        # A fresh random string stands in for the rows, so no name in the input can collide with it;
+        # the rows are encoded one at a time (never all as dicts at once).
         mark = f"tiecheck-rows-{secrets.token_hex(16)}"
-        d["tensors"] = mark
+        d = self._as_dict(mark)
         pad = " " * indent
         encode = json.JSONEncoder(ensure_ascii=False).encode
         block = "[\n" + ",\n".join(pad * 2 + encode(r) for r in rows) + "\n" + pad + "]"
