@@ -79,21 +79,41 @@ class ContentStats:
 
 
 def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | None = None,
-                     ) -> dict[str, tuple[TensorFact, tuple[str, ...]]]:
-    """One fact per separate memory, keyed by its first name, with all its names."""
+                     ) -> dict[str, tuple[TensorFact, list[TensorFact]]]:
+    """One fact per separate memory, keyed by its first name, with the index's list of all its facts
+    (shared, not copied: a checkpoint of 100,000 tensors would otherwise build 100,000 more tuples)."""
     if by_identity is None:
         by_identity = group_by_identity(facts)
     reps = {}
     for members in by_identity.values():
         if members[0].storage is None:
             continue  # no memory to read (meta device)
-        if len(members) == 1:  # most memories have one name
-            reps[members[0].name] = (members[0], (members[0].name,))
-            continue
-        names = tuple(sorted(m.name for m in members))
-        rep = min(members, key=lambda m: m.name)
-        reps[rep.name] = (rep, names)
+        rep = members[0] if len(members) == 1 else min(members, key=_name)
+        reps[rep.name] = (rep, members)
     return reps
+
+
+def _name(f: TensorFact) -> str:
+    return f.name
+
+
+def _names(members: list[TensorFact]) -> tuple[str, ...]:
+    return tuple(sorted(m.name for m in members))
+
+
+def _by_sample(names: Iterable[str], sample) -> list[list[str]]:
+    """Names whose samples agree, in groups of two or more, in the order their first name came.
+
+    Only a repeated sample gets a list: a bucket of 100,000 distinct tensors costs one dict entry each.
+    """
+    first: dict[bytes, str] = {}
+    shared: dict[bytes, list[str]] = {}
+    for n in names:
+        sig = sample(n)
+        prev = first.setdefault(sig, n)
+        if prev != n:
+            shared.setdefault(sig, [prev]).append(n)
+    return list(shared.items())
 
 
 def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
@@ -121,12 +141,10 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         if len(names) < 2:
             continue
         stats.buckets += 1
-        by_sig: dict[bytes, list[str]] = defaultdict(list)
         itemsize = reps[names[0]][0].itemsize
-        for n in sorted(names):
-            by_sig[reader.sample(n)].append(n)
-            stats.sampled += 1
-        for sig, candidates in by_sig.items():
+        agreeing = _by_sample(sorted(names), reader.sample)
+        stats.sampled += len(names)
+        for sig, candidates in agreeing:
             remaining = list(candidates)
             while len(remaining) > 1:
                 pivot, rest = remaining[0], remaining[1:]
@@ -138,7 +156,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
                     f = reps[pivot][0]
                     groups.append(DuplicateGroup(
                         names=tuple(sorted(same)),
-                        aliases=tuple(reps[n][1] for n in sorted(same)),
+                        aliases=tuple(_names(reps[n][1]) for n in sorted(same)),
                         shape=f.shape, dtype=f.dtype, nbytes=f.nbytes,
                         # Only a uniform sample can come from a constant tensor: skip the read otherwise.
                         constant=f.numel > 1 and _uniform(sig, itemsize) and reader.is_constant(pivot),
@@ -255,7 +273,7 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
     # Only 2-D memories can hold a transpose: the others are left out before anything else is done.
     matrices = {i: m for i, m in by_identity.items() if any(len(f.shape) == 2 for f in m)}
     reps = {n: v for n, v in _representatives((), matrices).items()
-            if len(v[0].shape) == 2 and v[0].numel > 1 and not skipped.intersection(v[1])}
+            if len(v[0].shape) == 2 and v[0].numel > 1 and not skipped.intersection(m.name for m in v[1])}
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for name, (f, _) in reps.items():
         by_shape[(f.dtype, tuple(f.shape))].append(name)
@@ -300,7 +318,7 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
                 stats.full_comparisons += 1
                 if reader.equal_transposed(x, y):
                     fx = reps[x][0]
-                    copies.append(TransposedCopy(names=(x, y), aliases=(reps[x][1], reps[y][1]),
+                    copies.append(TransposedCopy(names=(x, y), aliases=(_names(reps[x][1]), _names(reps[y][1])),
                                                  shapes=(tuple(fx.shape), tuple(swapped)), dtype=dtype,
                                                  nbytes=fx.nbytes))
     stats.bytes_read = reader.bytes_read - start_read
