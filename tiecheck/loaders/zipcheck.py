@@ -111,8 +111,11 @@ class ZipArchive:
         if info.header_offset < 0 or info.header_offset + _LOCAL_HEADER > self.size:
             raise self._bad(info, f"lies outside the file ({self.size:,} bytes): the archive is truncated or corrupt")
         try:
-            self._fh.seek(info.header_offset)
-            local = self._fh.read(_LOCAL_HEADER)
+            if self._owned:  # one small read, without moving (or refilling) the buffered handle
+                local = os.pread(self._fh.fileno(), _LOCAL_HEADER, info.header_offset)
+            else:
+                self._fh.seek(info.header_offset)
+                local = self._fh.read(_LOCAL_HEADER)
         except OSError as e:
             raise self._bad(info, f"cannot be read ({e.strerror or e})") from e
         if len(local) < _LOCAL_HEADER or local[:4] != b"PK\x03\x04":
