@@ -85,7 +85,10 @@ class TorchContentReader:
             return None
         where = self._layout
         if where is not None:  # the loader knows the layout without making the tensor
-            offset, nbytes, itemsize = where(name)
+            layout = where(name)
+            if layout is None:
+                return None  # not one contiguous run of bytes: read through the tensor
+            offset, nbytes, itemsize = layout
         else:
             t = self.tensors[name]
             if not t.is_contiguous():

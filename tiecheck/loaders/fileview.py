@@ -19,7 +19,7 @@ import torch
 from tiecheck.errors import TargetError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileSpan:
     path: str
     offset: int  # file offset of the tensor's storage byte 0

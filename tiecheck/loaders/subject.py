@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,7 +42,7 @@ class Subject:
     # Free-form facts a loader wants in the report (e.g. which files were read).
     extra: dict[str, Any] = field(default_factory=dict)
     # File offsets of memory-mapped tensors (name -> fileview.FileSpan), for reading content with pread.
-    file_spans: dict[str, Any] = field(default_factory=dict)
+    file_spans: Mapping[str, Any] = field(default_factory=dict)
     # A module built from a config (e.g. a Hugging Face folder's architecture, on the meta device)
     # for what needs a module but not its tensors, such as FLOPs. The tensors still come from the
     # files, so facts and memory are the files'; ``module`` stays None.

@@ -26,6 +26,7 @@ from tiecheck.loaders.declared import megatron_declarations
 from tiecheck.loaders.fileview import file_spans
 from tiecheck.loaders.pickles import describe, first_refused
 from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.torchzip import TensorRecord, read_archive
 from tiecheck.loaders.zipcheck import ZipArchive
 
 # Where training checkpoints keep the model, most specific first. Optimizer state is never a pick.
@@ -40,7 +41,7 @@ _REFUSALS = ("Unsupported global", "unsupported GLOBAL", "unrecognized function"
 
 
 def _is_tensor(x) -> bool:
-    return isinstance(x, torch.Tensor)
+    return isinstance(x, (torch.Tensor, TensorRecord))
 
 
 def refusal_message(path: str, what: str) -> str:
@@ -365,9 +366,26 @@ def strip_wrapper_prefixes(tensors: dict) -> tuple[dict, list[str]]:
     return tensors, stripped
 
 
+def _read_records(path: str) -> tuple[Any, Any] | None:
+    """A zip archive read as records (``torchzip``), or None: not a zip, damaged, or holding what
+    only ``torch.load`` takes; ``torch_load`` then reads it and words any refusal or damage."""
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            if _kind_of(fh.read(8)) != "zip":
+                return None
+        return read_archive(path)
+    except (OSError, TargetError):
+        return None
+
+
 def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = False,
                     format_name: str = "torch.save") -> Subject:
-    obj, notes = torch_load(path, trust_pickle=trust_pickle)
+    records = _read_records(path)
+    if records is not None:
+        obj, archive = records
+        notes: list[str] = []
+    else:
+        obj, notes = torch_load(path, trust_pickle=trust_pickle)
     if trust_pickle:
         notes.append("loaded with --trust-pickle: the file's pickled objects were allowed to run code")
     module = obj if isinstance(obj, nn.Module) else None
@@ -381,5 +399,10 @@ def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = F
     tensors, used, more = pick_state(obj, key, path)
     fmt = format_name + (" training checkpoint" if used else " state dict")
     decls, pairs = megatron_declarations(obj, set(tensors), os.path.basename(path))
+    if records is not None:
+        tensors = archive.tensors(tensors)
+        spans = tensors.spans()
+    else:
+        spans = file_spans(tensors, path)
     return Subject(tensors=tensors, source=Source(target=path, format=fmt, key=used, notes=notes + more),
-                   file_spans=file_spans(tensors, path), declarations=decls, declared_pairs=pairs)
+                   file_spans=spans, declarations=decls, declared_pairs=pairs)

@@ -1,0 +1,188 @@
+"""torch.save zips read as records (loaders/torchzip.py) must say exactly what torch.load says.
+
+Every case is analysed twice, once through the record reader and once with it turned off (the
+torch.load(mmap=True) path), and the reports must be equal; the tensors made on access must be
+the ones torch.load returns, and what the reader does not take must reach torch.load untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import zipfile
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import tiecheck
+from tiecheck.errors import TargetError
+from tiecheck.loaders import load_target, torchfile
+from tiecheck.loaders.fileview import file_spans
+from tiecheck.loaders.torchzip import ArchiveTensors, read_archive
+
+from support.checkpoints import rewrite_zip_entry
+from support.models import TinyLM
+
+
+def _views_and_dtypes() -> dict:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    return {
+        "base": base,
+        "row": base[1],  # a view at an offset
+        "t": base.t(),  # strided: same storage, another layout
+        "cols": base[:, 2:4],  # strided, not contiguous, at an offset
+        "bf16": torch.linspace(-1, 1, 7).to(torch.bfloat16),
+        "f8": torch.linspace(-1, 1, 5).to(torch.float8_e4m3fn),  # written by _rebuild_tensor_v3
+        "u16": torch.arange(5).to(torch.uint16),  # v3 as well
+        "flags": torch.tensor([True, False, True]),
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(3.5),
+        "c64": torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64),
+    }
+
+
+CASES = {
+    "tied state dict": lambda: TinyLM().state_dict(),
+    "views and dtypes": _views_and_dtypes,
+    "parameters": lambda: dict(TinyLM(tie=False).named_parameters()),  # _rebuild_parameter, requires_grad
+    "training checkpoint": lambda: {"model": TinyLM().state_dict(), "step": 7, "lr": 0.1,
+                                    "optimizer": {"state": {0: {"step": torch.tensor(3.0),
+                                                                "exp_avg": torch.zeros(4)}},
+                                                  "param_groups": [{"lr": 0.1, "params": [0]}]}},
+    "DDP prefix": lambda: OrderedDict((f"module.{k}", v) for k, v in TinyLM().state_dict().items()),
+}
+
+
+def _without_records(monkeypatch) -> None:
+    monkeypatch.setattr(torchfile, "read_archive", lambda path: None)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_report_equals_torch_load_path(case, tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    torch.save(CASES[case](), path)
+    assert read_archive(str(path)) is not None, "the reader should take what torch.save writes"
+    fast = tiecheck.analyze(str(path)).to_dict()
+    _without_records(monkeypatch)
+    slow = tiecheck.analyze(str(path)).to_dict()
+    assert fast == slow
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tensors_facts_and_spans_equal_torch_load(case, tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    torch.save(CASES[case](), path)
+    fast = load_target(str(path))
+    assert isinstance(fast.tensors, ArchiveTensors)
+    _without_records(monkeypatch)
+    slow = load_target(str(path))
+    assert list(fast.tensors) == list(slow.tensors)
+    fast_facts = {f.name: f for f in fast.tensors.facts()}
+    for name, t in slow.tensors.items():
+        made = fast.tensors[name]
+        assert made.dtype == t.dtype and made.shape == t.shape and made.stride() == t.stride(), name
+        assert made.storage_offset() == t.storage_offset() and made.requires_grad == t.requires_grad, name
+        assert torch.equal(made.view(torch.uint8) if made.dim() and made.dtype.itemsize == 1 else made,
+                           t.view(torch.uint8) if t.dim() and t.dtype.itemsize == 1 else t), name
+        f, g = fast_facts[name], tiecheck.facts.fact_of(name, t)
+        # Everything but the address, which each mapping has its own of.
+        assert (f.shape, f.stride, f.dtype, f.byte_start, f.byte_end, f.storage_bytes, f.requires_grad,
+                f.is_floating) == (g.shape, g.stride, g.dtype, g.byte_start, g.byte_end, g.storage_bytes,
+                                   g.requires_grad, g.is_floating), name
+        # The fact describes the tensor the mapping makes, address included.
+        assert f.storage == ("cpu", made.untyped_storage().data_ptr()) or f.numel == 0, name
+    # Which names share a storage, and where each storage starts in the file.
+    assert _partition(fast.tensors.facts()) == _partition([tiecheck.facts.fact_of(n, t) for n, t in slow.tensors.items()])
+    assert {n: s.offset for n, s in fast.file_spans.items()} == \
+        {n: s.offset for n, s in file_spans(slow.tensors, str(path)).items()}
+
+
+def _partition(facts) -> list[list[str]]:
+    by: dict = {}
+    for f in facts:
+        if f.storage is not None and f.numel:
+            by.setdefault(f.storage, []).append(f.name)
+    return sorted(sorted(v) for v in by.values())
+
+
+class _Marker:
+    """A global torch's weights-only unpickler refuses; unpickling it would create a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_foreign_global_is_left_to_torch_load_and_never_called(tmp_path):
+    path, touched = tmp_path / "evil.pt", tmp_path / "touched"
+    torch.save({"w": torch.ones(2), "x": _Marker(str(touched))}, path)
+    assert not touched.exists()  # torch.save itself does not call it
+    assert read_archive(str(path)) is None
+    assert not touched.exists()
+    with pytest.raises(TargetError, match="builtins.open|io.open|refus"):
+        load_target(str(path))
+    assert not touched.exists()
+
+
+def test_a_namespace_checkpoint_goes_through_torch_load(tmp_path):
+    path = tmp_path / "args.pt"
+    torch.save({"model": TinyLM().state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    assert read_archive(str(path)) is None
+    with pytest.raises(TargetError):  # weights-only refuses argparse.Namespace, as before
+        load_target(str(path))
+    assert load_target(str(path), trust_pickle=True).source.key == "model"
+
+
+def _rewritten_pickle(src, dst, obj_bytes: bytes) -> None:
+    rewrite_zip_entry(src, dst, "/data.pkl", obj_bytes)
+
+
+def test_a_tensor_past_its_storage_is_left_to_torch_load(tmp_path):
+    src, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.arange(4.0)}, src)
+    with zipfile.ZipFile(src) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    # Shape (4,) -> (9,): the record's 16 bytes cannot hold nine floats.
+    # BINPERSID, offset BININT1 0, size BININT1 4 TUPLE1: the size becomes 9.
+    patched = pkl.replace(b"QK\x00K\x04\x85", b"QK\x00K\x09\x85", 1)
+    assert patched != pkl
+    _rewritten_pickle(src, bad, patched)
+    assert read_archive(str(bad)) is None
+    with pytest.raises(TargetError):
+        load_target(str(bad))
+
+
+def test_big_endian_archives_are_left_to_torch_load(tmp_path):
+    src, big = tmp_path / "ok.pt", tmp_path / "big.pt"
+    torch.save({"w": torch.arange(4.0)}, src)
+    rewrite_zip_entry(src, big, "/byteorder", b"big")
+    assert read_archive(str(src)) is not None
+    assert read_archive(str(big)) is None
+
+
+def test_compressed_records_are_left_to_torch_load(tmp_path):
+    src, packed = tmp_path / "ok.pt", tmp_path / "deflated.pt"
+    torch.save({"w": torch.zeros(64)}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    assert read_archive(str(packed)) is None
+
+
+def test_the_memo_cycle_is_broken(tmp_path):
+    """The unpickler's memo holds its bound builders: left alone, that cycle outlives the read while
+    the analysis pauses the collector."""
+    path = tmp_path / "ckpt.pt"
+    torch.save(TinyLM().state_dict(), path)
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        read_archive(str(path))
+        assert gc.collect() == 0
+    finally:
+        if was:
+            gc.enable()
