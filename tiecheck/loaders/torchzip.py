@@ -40,6 +40,20 @@ LEGACY_STORAGES = {
     "ComplexFloatStorage": "complex64",
 }
 _QUANTIZED = {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}  # rebuilt by _rebuild_qtensor: torch.load's
+
+
+def _dtype_table() -> dict[str, tuple[str, int, bool]]:
+    """name -> (canonical name, itemsize, floating or complex) of every dtype torch's namespace holds
+    (read from its __dict__: a getattr could import one of torch's lazily loaded submodules for a
+    name the file chose). Aliases (``float``, ``half``) map to their canonical names."""
+    out = {}
+    for name, dt in vars(torch).items():
+        if isinstance(dt, torch.dtype) and name not in _QUANTIZED:
+            out[name] = (str(dt).removeprefix("torch."), dt.itemsize, dt.is_floating_point or dt.is_complex)
+    return out
+
+
+DTYPES = _dtype_table()
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl of 100,000 tensors is about 12 MB
 
 
@@ -111,9 +125,8 @@ class _RecordUnpickler(pickle.Unpickler):
             return getattr(self, found)
         if found is not None:
             return found
-        dtype = getattr(torch, name, None) if module == "torch" else None
-        if isinstance(dtype, torch.dtype) and name not in _QUANTIZED:
-            return _DType(name)
+        if module == "torch" and name in DTYPES:
+            return _DType(DTYPES[name][0])
         raise _NotTaken(f"global {module}.{name}")
 
     def persistent_load(self, pid: Any) -> _StorageRef:
@@ -242,16 +255,10 @@ class ArchiveFile:
         return ArchiveTensors(self, records if type(records) is dict else dict(records))
 
 
-_ITEMSIZE: dict[str, tuple[int, bool]] = {}
-
-
 def _dtype_facts(dtype: str) -> tuple[int, bool]:
-    """(itemsize, floating or complex) of a dtype name."""
-    got = _ITEMSIZE.get(dtype)
-    if got is None:
-        dt = getattr(torch, dtype)
-        got = _ITEMSIZE[dtype] = (torch.empty(0, dtype=dt).element_size(), dt.is_floating_point or dt.is_complex)
-    return got
+    """(itemsize, floating or complex) of a canonical dtype name."""
+    _, itemsize, floating = DTYPES[dtype]
+    return itemsize, floating
 
 
 class ArchiveTensors(Mapping):
