@@ -363,13 +363,16 @@ def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any
             raise TargetError(f"{header.path}: cannot memory-map the file ({e})") from e
     copied: dict[str, Any] = {}
     span = FileSpan(os.fspath(header.path), 0)  # one span serves every tensor of the file
+    data_start = header.data_start
+    itemsizes: dict[str, int] = {}  # each dtype the file uses, checked once (not once per tensor)
     for e in header.entries.values():
-        dtype = getattr(torch, DTYPES[e.dtype][0], None)
-        if dtype is None:
-            raise TargetError(f"{header.path}: tensor {e.name!r} has dtype {e.dtype}, which this torch "
-                              f"{torch.__version__} does not support; upgrade torch")
-        itemsize = DTYPES[e.dtype][1]
-        start = header.data_start + e.begin
+        itemsize = itemsizes.get(e.dtype)
+        if itemsize is None:
+            if getattr(torch, DTYPES[e.dtype][0], None) is None:
+                raise TargetError(f"{header.path}: tensor {e.name!r} has dtype {e.dtype}, which this torch "
+                                  f"{torch.__version__} does not support; upgrade torch")
+            itemsize = itemsizes[e.dtype] = DTYPES[e.dtype][1]
+        start = data_start + e.begin
         if e.end == e.begin or storage is None:
             continue
         if start % itemsize == 0:
@@ -378,7 +381,7 @@ def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any
             # A hand-made header whose length is not a multiple of the element size: a typed view
             # cannot start there, so this tensor (only) is copied into memory.
             raw = torch.empty(0, dtype=torch.uint8).set_(storage, start, (e.end - e.begin,))
-            copied[e.name] = raw.clone().view(dtype).reshape(e.shape)
+            copied[e.name] = raw.clone().view(getattr(torch, DTYPES[e.dtype][0])).reshape(e.shape)
     if copied:
         notes.append(f"{len(copied)} tensor(s) start at unaligned offsets and were copied into memory "
                      f"(e.g. {next(iter(copied))})")
