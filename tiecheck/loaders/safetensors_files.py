@@ -434,9 +434,13 @@ def shard_paths(index_path: Path, index: dict) -> dict[str, list[str]]:
     folder = index_path.parent
     by_shard: dict[str, list[str]] = {}
     for name, shard in index["weight_map"].items():
-        if not isinstance(shard, str) or not shard:
-            raise TargetError(f"{index_path}: weight_map[{name!r}] is {shard!r}, not a shard file name")
-        by_shard.setdefault(shard, []).append(name)
+        # Each distinct value is checked when first seen (a million names name a few shards).
+        names = by_shard.get(shard) if type(shard) is str else None
+        if names is None:
+            if not isinstance(shard, str) or not shard:
+                raise TargetError(f"{index_path}: weight_map[{name!r}] is {shard!r}, not a shard file name")
+            names = by_shard[shard] = []
+        names.append(name)
     missing: list[str] = []
     for shard in by_shard:
         # Judged by the name, not by where symlinks lead: a Hugging Face cache snapshot links every
