@@ -20,7 +20,7 @@ from tiecheck.facts import TensorFact
 from tiecheck.loaders.detect import read_weights_index
 from tiecheck.loaders.safetensors_files import load_sharded
 
-from support.checkpoints import write_sharded
+from support.checkpoints import llama_config, llama_tensors, write_sharded
 
 SHARDS, TENSORS = 250, 500
 
@@ -98,6 +98,17 @@ def test_analyze_reports_within_reading_and_the_content_pass(index):
     assert all(n > 0 for n, _ in calls[1:126] + calls[128:228])
     assert sum(n for n, _ in calls[:127]) == pytest.approx(1.0)
     assert sum(n for n, _ in calls[127:]) == pytest.approx(1.0)
+
+
+def test_a_hugging_face_folder_reports_its_shards(tmp_path):
+    tensors = llama_tensors()
+    write_sharded(tmp_path, tensors, shards=4)
+    (tmp_path / "config.json").write_text(json.dumps(llama_config()))
+    calls = []
+    report = tiecheck.analyze(str(tmp_path), progress=lambda n, label: calls.append((n, label)))
+    assert len(report.tensors) == len(tensors) + 1  # lm_head.weight, tied by the architecture
+    assert [label for _, label in calls[:6]] == ["reading the target"] + [
+        f"reading the target: {i}/4 shards" for i in range(1, 5)] + [f"analysing {len(tensors) + 1} tensors"]
 
 
 def test_bar_moves_within_a_phase(monkeypatch):

@@ -156,7 +156,8 @@ def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = Fals
         if detect.is_hf_folder(path):
             from tiecheck.loaders.hf import load_hf_folder  # noqa: PLC0415 - a loader that needs torch
 
-            return load_hf_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+            return load_hf_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                                  progress=progress)
         kinds: dict[str | None, list[Path]] = {}
         for p in sorted(path.iterdir()):
             if p.is_file() and p.stat().st_size > 0:
