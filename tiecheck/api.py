@@ -82,7 +82,10 @@ def analyze(
         base: for a PEFT adapter folder, the base model (anything ``target`` may be) whose ties the
             adapter is held against: a tied module it saves whole or trains is a TC023 finding.
         progress: called as ``progress(units_done, label)`` when a phase starts (0 units) and ends
-            (1 unit): reading the target, the content pass, counting FLOPs; the CLI draws a bar.
+            (1 unit in all): reading the target, the content pass, counting FLOPs; the CLI draws a
+            bar. The phases that can take long also report within: reading a weights index (per
+            shard) and the content pass (per tensor sampled) add fractions of their unit as they
+            go, about every 1%, with the count in the label.
 
     Returns:
         The frozen, versioned Report: tie groups, untied duplicates, tie candidates, findings,
@@ -130,11 +133,11 @@ def collector(enabled: bool) -> Iterator[None]:
 def _analyze(target: Any, *, key: str | None, trust_pickle: bool, trust_remote_code: bool, duplicates: bool,
              optimizer: str, expect_tied: Iterable[Sequence[str]], flops: bool, batch_size: int, seq_len: int,
              attention: str, inputs: Any, base: Any, progress: Callable[[int, str], None] | None) -> Report:
-    if progress is not None:
-        progress(0, "reading the target")
-    subject = load_target(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
-    if progress is not None:
-        progress(1, f"analysing {len(subject.tensors):,} tensors")
+    reading = Phase(progress, "reading the target", "shards") if progress is not None else None
+    subject = load_target(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                          progress=reading)
+    if reading is not None:
+        reading.end(f"analysing {len(subject.tensors):,} tensors")
     if base is not None:
         hold_adapter_against_base(subject, load_target(base, key=key, trust_pickle=trust_pickle,
                                                        trust_remote_code=trust_remote_code))
@@ -201,12 +204,14 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     findings += device_findings(facts, groups)
 
     dup_groups, copies, content = [], [], None
+    sampling = None
     cands = find_candidates(facts)
     if duplicates:
         if any(f.storage is not None for f in facts):
-            step(0, f"content pass over {len(facts):,} tensors")
+            sampling = Phase(step, f"content pass over {len(facts):,} tensors", "sampled")
             with TorchContentReader(subject.tensors, subject.file_spans) as reader:
-                dup_groups, stats = find_untied_duplicates(facts, reader, by_identity)
+                dup_groups, stats = find_untied_duplicates(facts, reader, by_identity,
+                                                           progress=sampling if progress is not None else None)
                 # A duplicate's first name stands for the group in the transposed pass.
                 copies, tstats = find_transposed_copies(facts, reader, skip=[n for g in dup_groups for n in g.names[1:]],
                                                          by_identity=by_identity)
@@ -219,7 +224,9 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])
     else:
         content = {"ran": False, "reason": "skipped (--no-duplicates)"}
-    if duplicates:
+    if duplicates and sampling is not None:
+        sampling.end("checking ties")
+    elif duplicates:
         step(1, "checking ties")
     expect_tied = list(expect_tied)
     if expect_tied:
@@ -261,6 +268,31 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         declared=declared,
         extra=dict(subject.extra),
     )
+
+
+class Phase:
+    """One phase of ``analyze``'s progress as a ``(done, total)`` callable for the code inside it.
+
+    The phase is one unit of ``progress(units, label)``: it is announced with 0 units, each
+    ``(done, total)`` call adds the fraction done since the last, and :meth:`end` adds what is
+    left, so the units still sum to one per phase.
+    """
+
+    def __init__(self, progress: Callable[[float, str], None], label: str, unit: str):
+        self.progress, self.label, self.unit = progress, label, unit
+        self.shown = 0.0
+        progress(0, label)
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = min(done / total, 1.0) if total > 0 else 1.0
+        if frac > self.shown:
+            self.progress(frac - self.shown, f"{self.label}: {done:,}/{total:,} {self.unit}")
+            self.shown = frac
+
+    def end(self, label: str) -> None:
+        """The phase is over; ``label`` names what comes next."""
+        self.progress(1 - self.shown, label)
+        self.shown = 1.0
 
 
 def _flops_step(subject: Subject, flops: dict | None, step: Callable[[int, str], None]) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from tiecheck.analyses.ties import IdentityIndex, group_by_identity
 from tiecheck.facts import TensorFact
@@ -117,13 +117,17 @@ def _by_sample(names: Iterable[str], sample) -> list[list[str]]:
 
 
 def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
-                           by_identity: IdentityIndex | None = None) -> tuple[list[DuplicateGroup], ContentStats]:
+                           by_identity: IdentityIndex | None = None,
+                           progress: Callable[[int, int], None] | None = None,
+                           ) -> tuple[list[DuplicateGroup], ContentStats]:
     """Groups of separate memories with equal dtype, shape and bits.
 
     Args:
         facts: the facts of one subject.
         reader: reads the tensors' content by name.
         by_identity: ``group_by_identity(facts)``, when the caller already built it.
+        progress: called as ``progress(sampled, to_sample)`` as tensors are sampled: about every
+            1% of them (its cost stays negligible at 100,000 tensors), and after the last.
 
     Returns:
         The duplicate groups, largest first, and what the pass read.
@@ -137,14 +141,22 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         buckets[(f.dtype, f.shape)].append(name)
 
     groups: list[DuplicateGroup] = []
+    to_sample = sum(len(names) for names in buckets.values() if len(names) > 1)
+    every = max(1, to_sample // 100)
+
+    def sample(name: str) -> bytes:
+        sig = reader.sample(name)
+        stats.sampled += 1
+        if progress is not None and (stats.sampled % every == 0 or stats.sampled == to_sample):
+            progress(stats.sampled, to_sample)
+        return sig
+
     for (dtype, shape), names in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if len(names) < 2:
             continue
         stats.buckets += 1
         itemsize = reps[names[0]][0].itemsize
-        agreeing = _by_sample(sorted(names), reader.sample)
-        stats.sampled += len(names)
-        for sig, candidates in agreeing:
+        for sig, candidates in _by_sample(sorted(names), sample):
             remaining = list(candidates)
             while len(remaining) > 1:
                 pivot, rest = remaining[0], remaining[1:]

@@ -25,6 +25,10 @@ class Progress:
     Redirected output (CI logs, ``2> file``) and CI=true get nothing: a bar there is noise. ``lines``
     writes one plain line per change of phase instead, flushed at once, so a log cut short by
     a time limit still shows how far the run got.
+
+    A phase may report from within (``tiecheck.api.Phase``: fractions of its unit, at most about
+    one call per 1% of its items, the count in the label), so the bar moves during a long
+    read or content pass; a redraw happens only when the drawn line changes.
     """
 
     def __init__(self, total: int, enabled: bool | None = None, width: int = 28, lines: bool = False) -> None:
@@ -34,7 +38,8 @@ class Progress:
         self._last = ""
         self._shown = 0  # characters on the line now: a shorter label is padded over a longer one
 
-    def __call__(self, n: int, label: str) -> None:
+    def __call__(self, n: float, label: str) -> None:
+        """``n`` more units done (a fraction where a phase reports from within), now doing ``label``."""
         self.done += n
         if self.lines:
             if label != self._last:

@@ -10,7 +10,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tiecheck.errors import TargetError, did_you_mean
 from tiecheck.facts import module_tensors
@@ -35,14 +35,16 @@ def from_mapping(obj: Mapping, key: str | None = None, target: str = "<state dic
 
 
 def load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
-              trust_remote_code: bool = False) -> Subject:
+              trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None) -> Subject:
     """A file or folder, read by content. Warnings raised while reading it (torch's, about an old
     pickle protocol or an experimental dtype the file declares) become notes of the report, so
-    the file's bytes cannot add lines to the output."""
+    the file's bytes cannot add lines to the output. ``progress(done, total)`` is called as the
+    shards of a weights index are read."""
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sub = _load_path(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+        sub = _load_path(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                         progress=progress)
     seen: list[str] = []
     for w in caught:
         text = (str(w.message).strip().splitlines() or [""])[0][:200]
@@ -53,10 +55,11 @@ def load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
 
 
 def _load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
-               trust_remote_code: bool = False) -> Subject:
+               trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None) -> Subject:
     target = str(path)
     if path.is_dir():
-        return load_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+        return load_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                           progress=progress)
     if not path.is_file():
         raise TargetError(f"{target}: not a regular file")
     try:
@@ -66,7 +69,7 @@ def _load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False
         raise TargetError(f"{target}: cannot read ({e.strerror or e})") from e
     if size == 0:
         raise TargetError(f"{target}: the file is empty")
-    sub = load_file(path, kind, key=key, trust_pickle=trust_pickle)
+    sub = load_file(path, kind, key=key, trust_pickle=trust_pickle, progress=progress)
     note = hf_folder_note(path)
     if note:
         sub.source.notes.insert(0, note)
@@ -93,8 +96,10 @@ def hf_folder_note(path: Path) -> str | None:
             f"check it against the files: tiecheck inspect {folder}")
 
 
-def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pickle: bool = False) -> Subject:
-    """One file whose format ``detect.sniff_file`` recognised."""
+def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pickle: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> Subject:
+    """One file whose format ``detect.sniff_file`` recognised; ``progress(done, total)`` follows the
+    shards of a weights index."""
 
     target = str(path)
     if kind in (detect.TORCH_SAVE, detect.TORCH_SAVE_LEGACY):
@@ -108,7 +113,7 @@ def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pic
     if kind == detect.WEIGHTS_INDEX:
         from tiecheck.loaders.safetensors_files import load_sharded  # noqa: PLC0415 - a loader that needs torch
 
-        return load_sharded(path, detect.read_weights_index(path), trust_pickle=trust_pickle)
+        return load_sharded(path, detect.read_weights_index(path), trust_pickle=trust_pickle, progress=progress)
     if kind == detect.PT2:
         from tiecheck.loaders.export import load_pt2  # noqa: PLC0415 - a loader that needs torch
 
@@ -136,7 +141,7 @@ def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pic
 
 
 def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = False,
-                trust_remote_code: bool = False) -> Subject:
+                trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None) -> Subject:
     """A folder: a DCP checkpoint, a Hugging Face model folder, a sharded checkpoint or one weight file."""
     try:
         if detect.is_dcp_folder(path):
@@ -151,7 +156,8 @@ def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = Fals
         if detect.is_hf_folder(path):
             from tiecheck.loaders.hf import load_hf_folder  # noqa: PLC0415 - a loader that needs torch
 
-            return load_hf_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+            return load_hf_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                                  progress=progress)
         kinds: dict[str | None, list[Path]] = {}
         for p in sorted(path.iterdir()):
             if p.is_file() and p.stat().st_size > 0:
@@ -161,7 +167,7 @@ def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = Fals
     indexes = kinds.pop(detect.WEIGHTS_INDEX, [])
     kinds.pop(None, None)
     if len(indexes) == 1:
-        sub = load_file(indexes[0], detect.WEIGHTS_INDEX, key=key, trust_pickle=trust_pickle)
+        sub = load_file(indexes[0], detect.WEIGHTS_INDEX, key=key, trust_pickle=trust_pickle, progress=progress)
         sub.source.notes.insert(0, f"read {indexes[0].name} from the folder")
         return sub
     if len(indexes) > 1:
@@ -181,8 +187,9 @@ def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = Fals
 
 
 def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = False,
-                trust_remote_code: bool = False) -> Subject:
-    """Whatever the user pointed at, as a Subject. Raises TiecheckError for bad input."""
+                trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None) -> Subject:
+    """Whatever the user pointed at, as a Subject; ``progress(done, total)`` is called as the shards
+    of a weights index are read. Raises TiecheckError for bad input."""
 
     if isinstance(target, Subject):
         return target
@@ -204,7 +211,8 @@ def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = Fal
         raise TargetError("empty target: pass a path, a bundled model name or a 'file.py:factory' spec")
     # A path that exists wins over a name or a spec.
     if os.path.exists(target) or os.path.islink(target):
-        return load_path(Path(target), key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code)
+        return load_path(Path(target), key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                         progress=progress)
     if spec.looks_like_spec(target):
         module = spec.load_module_spec(target)
         return from_module(module, target=target, fmt="python spec")

@@ -14,7 +14,7 @@ handed objects the loaders already built.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Container, Mapping
 
 # A tensor name as state dicts spell it: dotted identifiers (``model.embed_tokens.weight``).
 _TENSOR_NAME = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)+$")
@@ -57,7 +57,7 @@ def merge_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # -- safetensors __metadata__ ------------------------------------------------------------------
 
-def alias_map(metadata: Mapping[str, str], stored: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+def alias_map(metadata: Mapping[str, str], stored: Container[str]) -> tuple[dict[str, str], dict[str, str]]:
     """(aliases, broken) from a safetensors ``__metadata__``.
 
     ``safetensors.torch.save_model`` and ``huggingface_hub.save_torch_state_dict`` drop every

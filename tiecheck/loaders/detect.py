@@ -8,8 +8,6 @@ directory) are read here; each loader validates its format fully.
 
 from __future__ import annotations
 
-import copy
-import functools
 from pathlib import Path
 
 from tiecheck.errors import TargetError
@@ -45,7 +43,7 @@ def sniff_file(path: Path) -> str | None:
         return GGUF
     if looks_like_onnx(head):
         return ONNX
-    if head.lstrip()[:1] == b"{" and size <= _INDEX_LIMIT and read_weights_index(path) is not None:
+    if head.lstrip()[:1] == b"{" and size <= _INDEX_LIMIT and _sniff_weights_index(path, size):
         return WEIGHTS_INDEX
     return None
 
@@ -97,28 +95,39 @@ def zip_kind(path: Path) -> str | None:
 def read_weights_index(path: Path) -> dict | None:
     """A ``*.index.json`` weights index (``{"weight_map": {name: shard}}``), or None if it is not one.
 
-    Detection and loading both need the parsed index; it is parsed once per file version.
+    Detection and loading both need the parsed index: the parse ``sniff_file`` made is handed to
+    the next reader of the same file version and then forgotten, so a 90,000-name index is parsed
+    once and not kept for the rest of the run (a cache kept it: 20 MB at that size, while the
+    analysis reached its peak). The caller owns what it gets.
     """
     try:
         st = path.stat()
     except OSError:
         return None
-    parsed = _parse_index(str(path), st.st_mtime_ns, st.st_size)
-    if parsed is None:
-        return None
-    obj, plain = parsed
-    # A copy the caller may change without touching the cached parse. copy.deepcopy costs about
-    # 10 s on a million-name weight map; a map of strings to strings (checked once, when parsed)
-    # holds nothing mutable, so a one-level copy is as safe.
-    if not plain:
-        return copy.deepcopy(obj)
-    out = {k: copy.deepcopy(v) for k, v in obj.items() if k != "weight_map"}
-    out["weight_map"] = dict(obj["weight_map"])
-    return out
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    sniffed = _sniffed.pop(key, None)
+    return sniffed if sniffed is not None else _parse_index(key[0], st.st_size)
 
 
-@functools.lru_cache(maxsize=8)
-def _parse_index(path: str, _mtime_ns: int, size: int) -> tuple[dict, bool] | None:
+# The index sniff_file parsed last, by (path, mtime, size), until the loader reads it.
+_sniffed: dict[tuple[str, int, int], dict] = {}
+
+
+def _sniff_weights_index(path: Path, size: int) -> bool:
+    """True when ``path`` is a weights index; its parse is kept for :func:`read_weights_index`."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    obj = _parse_index(str(path), size)
+    if obj is None:
+        return False
+    _sniffed.clear()  # one at most: a folder of many indexes keeps none of the others alive
+    _sniffed[(str(path), st.st_mtime_ns, st.st_size)] = obj
+    return True
+
+
+def _parse_index(path: str, size: int) -> dict | None:
     if size > _INDEX_LIMIT:
         return None
     try:
@@ -130,9 +139,9 @@ def _parse_index(path: str, _mtime_ns: int, size: int) -> tuple[dict, bool] | No
         obj = parse_json(raw)
     except (ValueError, OSError):
         return None
-    if isinstance(obj, dict) and isinstance(obj.get("weight_map"), dict):
-        return obj, all(type(v) is str for v in obj["weight_map"].values())
-    return None
+    if not (isinstance(obj, dict) and isinstance(obj.get("weight_map"), dict)):
+        return None
+    return obj
 
 
 # Folders, recognised by the files they hold.

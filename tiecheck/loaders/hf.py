@@ -30,7 +30,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn.modules import module as torch_module
@@ -501,19 +501,21 @@ def folder_declarations(files: Subject, cfg: dict, arch: Architecture | None
 
 # -- the loader --------------------------------------------------------------------------------
 
-def _load_weights(kind: str, path: Path, *, key: str | None, trust_pickle: bool) -> Subject:
+def _load_weights(kind: str, path: Path, *, key: str | None, trust_pickle: bool,
+                  progress: Callable[[int, int], None] | None = None) -> Subject:
     if kind == WEIGHTS_INDEX:
-        return load_sharded(path, read_weights_index(path), trust_pickle=trust_pickle, restore_aliases=False)
+        return load_sharded(path, read_weights_index(path), trust_pickle=trust_pickle, restore_aliases=False,
+                            progress=progress)
     if kind == SAFETENSORS:
         return load_safetensors_file(path, restore_aliases=False)  # the architecture re-ties
     return load_torch_file(str(path), key=key, trust_pickle=trust_pickle)
 
 
 def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = False,
-                   trust_remote_code: bool = False) -> Subject:
+                   trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None) -> Subject:
     cfg = read_config(path)
     kind, weights, notes = find_weights(path)
-    files = _load_weights(kind, weights, key=key, trust_pickle=trust_pickle)
+    files = _load_weights(kind, weights, key=key, trust_pickle=trust_pickle, progress=progress)
     notes = [f"weights: {weights.name} ({files.source.format})"] + notes + files.source.notes
     arch, arch_notes = build_architecture(path, cfg, trust_remote_code=trust_remote_code, stored=len(files.tensors))
     notes += arch_notes
