@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiecheck.loaders.subject import Subject
@@ -169,14 +169,21 @@ def build_module_facts(module) -> dict[str, ModuleFact]:
     return out
 
 
+def tensor_facts(tensors: Mapping) -> list[TensorFact]:
+    """Facts of a name -> tensor mapping read from files (role ``"tensor"``): from the mapping's own
+    ``facts()`` when it has one (a loader that describes its tensors without making them), else
+    one ``fact_of`` per tensor."""
+    described = getattr(tensors, "facts", None)
+    if callable(described):
+        return described()
+    return [fact_of(name, t, role="tensor") for name, t in tensors.items()]
+
+
 def build_facts(subject: "Subject", modules: dict[str, ModuleFact] | None = None) -> list[TensorFact]:
     """Facts for every named tensor of a subject, in the subject's order."""
     module = subject.module
     if module is None:
-        described = getattr(subject.tensors, "facts", None)
-        if callable(described):  # a loader that knows every fact without making the tensors
-            return described()
-        return [fact_of(name, t, role="tensor") for name, t in subject.tensors.items()]
+        return tensor_facts(subject.tensors)
 
     if modules is None:
         modules = build_module_facts(module)

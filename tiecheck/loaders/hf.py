@@ -24,10 +24,12 @@ gibberish. So the files are held against the architecture:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +39,7 @@ from torch.nn.modules import module as torch_module
 
 from tiecheck.analyses.candidates import is_embedding, is_output_projection
 from tiecheck.errors import TargetError
-from tiecheck.facts import fact_of
+from tiecheck.facts import TensorFact, fact_of, tensor_facts
 from tiecheck.findings import Finding, finding
 from tiecheck.loaders.content import TorchContentReader
 from tiecheck.loaders.declared import embedding_names, flat_config_pairs, merge_pairs, model_declarations
@@ -360,7 +362,7 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     notes: list[str] = []
     if how:
         notes.append(f"file keys matched to the architecture after {how}")
-    stored = {mapping[k]: files[k] for k in files if k in mapping}
+    stored = _Stored(files, file_key)  # architecture name -> the file's tensor, made when read
     unexpected = [k for k in files if k not in mapping]
     findings: list[Finding] = []
     alias_of: dict[str, str] = {}
@@ -405,21 +407,22 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
         notes.append(f"tied names stored twice with equal content: {redundant:,} redundant bytes in the files "
                      f"(transformers re-ties them on load)")
 
-    tensors: dict[str, Any] = {}
+    names: dict[str, str] = {}  # architecture name -> the file key whose tensor it is
     out_spans: dict[str, Any] = {}
     missing = []
     for k in arch.keys:
         src = alias_of.get(k, k)
         if src in stored:
-            tensors[k] = stored[src]
+            names[k] = file_key[src]
             if file_key[src] in spans:
                 out_spans[k] = spans[file_key[src]]
         else:
             missing.append(k)
     for k in unexpected:
-        tensors[k] = files[k]
+        names[k] = k
         if k in spans:
             out_spans[k] = spans[k]
+    tensors = RenamedTensors(files, names)
 
     head, emb = arch.output_embedding, arch.input_embedding
     arch_ties = bool(head and emb and arch.group_of(head) and emb in arch.group_of(head))
@@ -444,13 +447,74 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     return tensors, findings, notes, facts, out_spans
 
 
+class _Stored(Mapping):
+    """Architecture name -> the file's tensor, for the names the files hold; a tensor is made only
+    when read (a folder of 100,000 tensors reads a few, those of the tie groups)."""
+
+    def __init__(self, files: Mapping, file_key: dict[str, str]):
+        self._files, self._file_key = files, file_key
+
+    def __getitem__(self, name: str):
+        return self._files[self._file_key[name]]
+
+    def __iter__(self):
+        return iter(self._file_key)
+
+    def __len__(self) -> int:
+        return len(self._file_key)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_key
+
+
+class RenamedTensors(Mapping):
+    """The files' tensors under the architecture's names, as transformers loads them: ``names`` maps
+    each name to the file key whose tensor it is (a tied name the files drop maps to the one they
+    store). Facts and file layouts come from the files' own mapping, renamed, so a folder of
+    100,000 tensors makes no tensor and no ``fact_of`` per name where its loader need not."""
+
+    def __init__(self, files: Mapping, names: dict[str, str]):
+        self._files, self._names = files, names
+
+    def __getitem__(self, name: str):
+        return self._files[self._names[name]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def file_layout(self, name: str) -> tuple[int, int, int] | None:
+        """As the files' mapping says; for a plain dict of tensors, from the tensor (contiguous only)."""
+        where = getattr(self._files, "file_layout", None)
+        if callable(where):
+            return where(self._names[name])
+        t = self[name]
+        if not t.is_contiguous():
+            return None
+        return t.storage_offset() * t.element_size(), t.numel() * t.element_size(), t.element_size()
+
+    def facts(self) -> list[TensorFact]:
+        by_file = {f.name: f for f in tensor_facts(self._files)}
+        out = []
+        for name, key in self._names.items():
+            f = by_file[key]
+            out.append(f if name == key else
+                       dataclasses.replace(f, name=name, owner=name.rsplit(".", 1)[0] if "." in name else ""))
+        return out
+
+
 def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | None = None) -> list[Finding]:
     """TC011 without an architecture: the config's tie setting against embedding and head found by name."""
 
     tie = cfg.get("tie_word_embeddings")
     if not isinstance(tie, bool):
         return []
-    facts = [fact_of(n, t) for n, t in files.items()]
+    facts = tensor_facts(files)
     embeds = [f for f in facts if is_embedding(f)]
     heads = [f for f in facts if is_output_projection(f) and not is_embedding(f)]
     out = []
@@ -482,7 +546,8 @@ def folder_declarations(files: Subject, cfg: dict, arch: Architecture | None
     else:
         mapping = {k: k for k in files.tensors}
     rename = lambda n: mapping.get(n, n)  # noqa: E731 - file key -> architecture key
-    copies = {rename(k): fact_of(k, t).identity for k, t in files.tensors.items()}
+    facts = tensor_facts(files.tensors)
+    copies = {rename(f.name): f.identity for f in facts}
     decls = list(files.declarations)
     pairs = [{**p, "names": [rename(n) for n in p["names"]]} for p in files.declared_pairs]
     if arch is not None:
@@ -490,7 +555,6 @@ def folder_declarations(files: Subject, cfg: dict, arch: Architecture | None
         more_decls, more_pairs, notes = model_declarations(arch.module, cfg, input_name=inp, output_name=out,
                                                            expanded=arch.declared)
     else:
-        facts = [fact_of(n, t) for n, t in files.tensors.items()]
         embeds = [f.name for f in facts if is_embedding(f)]
         heads = [f.name for f in facts if is_output_projection(f) and not is_embedding(f)]
         if not heads and embeds and any(_LM_ARCH.search(str(a)) for a in cfg.get("architectures") or []):

@@ -280,7 +280,8 @@ class MappedTensors(Mapping):
             out.append(TensorFact(name=name, shape=e.shape, stride=stride, dtype=dtype, itemsize=itemsize,
                                   device="cpu", storage=storage if mapped else None, byte_start=start,
                                   byte_end=start + (e.end - e.begin) if mapped else 0,
-                                  owner=name.rsplit(".", 1)[0] if "." in name else "", is_floating=floating))
+                                  owner=name.rsplit(".", 1)[0] if "." in name else "", is_floating=floating,
+                                  storage_bytes=self._header.file_size if mapped else 0))
         if self._aliases:  # an alias is the stored tensor's fact under its own name: the same extent
             by_name = {f.name: f for f in out}
             out += [dataclasses.replace(by_name[stored], name=name,
