@@ -36,7 +36,7 @@ from typing import Any
 from tabulate import tabulate
 
 from tiecheck import __version__
-from tiecheck.api import analyze, analyze_subject
+from tiecheck.api import analyze, analyze_subject, collector
 from tiecheck.errors import TargetError
 from tiecheck.guard.expect import assignment, kinds_match
 from tiecheck.loaders import load_target
@@ -150,6 +150,13 @@ def diff(a: Any, b: Any, *, key: str | None = None, trust_pickle: bool = False, 
     The content pass runs by default so that a tie broken into equal copies is recognised as
     such; ``duplicates=False`` skips it.
     """
+    with collector(enabled=False):  # as in analyze: two checkpoints of 100,000 tensors each
+        return _diff(a, b, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                     duplicates=duplicates)
+
+
+def _diff(a: Any, b: Any, *, key: str | None, trust_pickle: bool, trust_remote_code: bool,
+          duplicates: bool) -> TieDiff:
     kwargs = dict(key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code, duplicates=duplicates)
     sa, sb = _as_subject(a, **kwargs), _as_subject(b, **kwargs)
     if sa is not None and sb is not None:
