@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import zipfile
 from collections import OrderedDict
 
@@ -17,8 +18,10 @@ import torch
 
 import tiecheck
 from tiecheck.errors import TargetError
+from tiecheck.facts import fact_of
 from tiecheck.loaders import load_target, torchfile
 from tiecheck.loaders.fileview import file_spans
+from tiecheck.loaders.safetensors_files import ShardedTensors
 from tiecheck.loaders.torchzip import ArchiveTensors, read_archive
 
 from support.checkpoints import rewrite_zip_entry
@@ -186,3 +189,29 @@ def test_the_memo_cycle_is_broken(tmp_path):
     finally:
         if was:
             gc.enable()
+
+
+def _torch_shards(folder, sd: dict, shards: int = 3):
+    names = list(sd)
+    weight_map = {}
+    for i in range(shards):
+        part = {n: sd[n] for n in names[i::shards]}
+        torch.save(part, folder / f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin")
+        weight_map.update({n: f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for n in part})
+    index = folder / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def test_sharded_torch_save_index_reads_records(tmp_path, monkeypatch):
+    sd = {k: v.clone() for k, v in TinyLM(tie=False).state_dict().items()}
+    sd["lm_head.weight"] = sd["embed.weight"].clone()  # a broken tie across shards: an untied duplicate
+    index = _torch_shards(tmp_path, sd)
+    fast = load_target(str(index))
+    assert isinstance(fast.tensors, ShardedTensors)
+    assert fast.tensors.facts() == [fact_of(n, t) for n, t in fast.tensors.items()]
+    report = tiecheck.analyze(str(index)).to_dict()
+    assert [d["names"] for d in report["untied_duplicates"]] == [["embed.weight", "lm_head.weight"]]
+    _without_records(monkeypatch)
+    assert not isinstance(load_target(str(index)).tensors, ShardedTensors)
+    assert tiecheck.analyze(str(index)).to_dict() == report

@@ -41,7 +41,8 @@ from tiecheck.loaders.detect import (
 from tiecheck.loaders.fileview import FileSpan, file_spans
 from tiecheck.loaders.safejson import parse_json
 from tiecheck.loaders.subject import Source, Subject
-from tiecheck.loaders.torchfile import pick_state, torch_load
+from tiecheck.loaders.torchfile import pick_state, read_records, torch_load
+from tiecheck.loaders.torchzip import ArchiveTensors
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading one.
 MAX_HEADER = 100_000_000
@@ -299,7 +300,8 @@ def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
 
 
 class ShardedTensors(Mapping):
-    """Every tensor of a sharded safetensors checkpoint: each shard's :class:`MappedTensors` behind one mapping.
+    """Every tensor of a sharded checkpoint: each shard's :class:`MappedTensors` (or, for torch.save
+    shards, ``torchzip.ArchiveTensors``) behind one mapping.
 
     Copying every shard's tensors into one dict would make a tensor view per name (1.2 s at
     90,000 names) and lose ``facts()``, so every fact would then be read back from its view
@@ -307,9 +309,9 @@ class ShardedTensors(Mapping):
     shards' header-made facts and ``file_layout`` asks the shard, as for a single file.
     """
 
-    def __init__(self, shards: list[MappedTensors]):
+    def __init__(self, shards: list[MappedTensors | ArchiveTensors]):
         self._shards = shards
-        self._where: dict[str, MappedTensors] = {}
+        self._where: dict[str, MappedTensors | ArchiveTensors] = {}
         for part in shards:
             self._where.update(dict.fromkeys(part, part))
         self._aliases: dict[str, str] = {}
@@ -505,10 +507,18 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False,
             notes += more
             files.append(file_summary(header))
         elif kind in (TORCH_SAVE, TORCH_SAVE_LEGACY):
-            obj, more = torch_load(str(p), trust_pickle=trust_pickle)
-            held, _, more2 = pick_state(obj, None, str(p))
-            spans.update(file_spans(held, str(p)))
-            notes += more + more2
+            records = read_records(str(p))  # a zip read as records, as for a single torch.save file
+            if records is not None:
+                obj, archive = records
+                picked, _, more = pick_state(obj, None, str(p))
+                held = archive.tensors(picked)
+                spans.update(held.spans())
+            else:
+                obj, more = torch_load(str(p), trust_pickle=trust_pickle)
+                held, _, more2 = pick_state(obj, None, str(p))
+                spans.update(file_spans(held, str(p)))
+                more += more2
+            notes += more
             files.append({"file": shard, "tensors": len(held), "bytes": p.stat().st_size})
         else:
             raise TargetError(f"{p}: shard named by {index_path.name} is neither safetensors nor a torch.save file")
@@ -522,7 +532,7 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False,
         parts.append(held)
         if progress is not None and (i % every == 0 or i == len(by_shard)):
             progress(i, len(by_shard))
-    if all(isinstance(part, MappedTensors) for part in parts):
+    if all(isinstance(part, (MappedTensors, ArchiveTensors)) for part in parts):
         tensors: Any = ShardedTensors(parts)  # type: ignore[arg-type]
     else:
         tensors = {n: t for part in parts for n, t in part.items()}

@@ -366,7 +366,7 @@ def strip_wrapper_prefixes(tensors: dict) -> tuple[dict, list[str]]:
     return tensors, stripped
 
 
-def _read_records(path: str) -> tuple[Any, Any] | None:
+def read_records(path: str) -> tuple[Any, Any] | None:
     """A zip archive read as records (``torchzip``), or None: not a zip, damaged, or holding what
     only ``torch.load`` takes; ``torch_load`` then reads it and words any refusal or damage."""
     try:
@@ -380,7 +380,7 @@ def _read_records(path: str) -> tuple[Any, Any] | None:
 
 def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = False,
                     format_name: str = "torch.save") -> Subject:
-    records = _read_records(path)
+    records = read_records(path)
     if records is not None:
         obj, archive = records
         notes: list[str] = []
