@@ -94,7 +94,9 @@ def test_safetensors_and_torch_save_shards_together(tmp_path):
     index.write_text(json.dumps({"weight_map": {"a.weight": "s1.safetensors", "b.weight": "s2.bin",
                                                 "c.weight": "s2.bin"}}))
     sub = load_target(str(index))
-    assert type(sub.tensors) is dict and list(sub.tensors) == ["a.weight", "b.weight", "c.weight"]
+    # A torch.save zip shard is read as records: both kinds sit behind one mapping.
+    assert isinstance(sub.tensors, ShardedTensors) and list(sub.tensors) == ["a.weight", "b.weight", "c.weight"]
+    assert sub.tensors.facts() == [fact_of(n, t) for n, t in sub.tensors.items()]
     r = tiecheck.analyze(str(index))
     assert r.source["format"] == "sharded mixed"
     assert [d["names"] for d in r.untied_duplicates] == [["a.weight", "b.weight"]]
