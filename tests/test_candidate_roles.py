@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from tiecheck.analyses.candidates import find_candidates, is_embedding, must_tie_pairs
+from tiecheck.analyses.candidates import (
+    candidate_findings,
+    find_candidates,
+    is_embedding,
+    is_output_projection,
+    must_tie_pairs,
+)
 from tiecheck.facts import TensorFact
 
 
@@ -50,3 +56,36 @@ def test_config_untied_on_purpose_declares_no_pair():
     expected = [("lm_head.weight", "src_embed.weight"), ("lm_head.weight", "wte.weight")]
     assert sorted(must_tie_pairs(cands, True)) == expected
     assert sorted(must_tie_pairs(cands, None)) == expected
+
+
+@pytest.mark.parametrize(("name", "shape", "owner_type", "expected"), [
+    ("lm_head.weight", (32, 4), None, True),  # a file: the name decides
+    ("lm_head.weight", (32, 4), "Linear", True),
+    ("lm_head.weight", (32, 4), "Linear8bitLt", True),  # a quantized Linear
+    ("lm_head.weight", (32, 4), "Conv1d", False),  # a head name on another module type
+    ("lm_head.weight", (32,), None, False),  # not a matrix
+    ("model.layers.0.mlp.weight", (32, 4), None, False),  # not a head name
+    ("lm_head.bias", (32, 4), None, False),
+])
+def test_output_projection_role(name, shape, owner_type, expected):
+    assert is_output_projection(_fact(name, shape, 1, owner_type=owner_type)) is expected
+
+
+@pytest.mark.parametrize(("name", "owner_type", "expected"), [
+    ("model.embed_tokens.weight", "Embedding", True),
+    ("model.embed_tokens.weight", "VocabParallelEmbedding", True),  # an Embedding subclass, a token-embedding name
+    ("model.embed_tokens.weight", "Linear", False),  # the name alone does not make a Linear an embedding
+    ("model.lookup.weight", "Embedding", True),  # the module type alone does
+    ("model.lookup.weight", "VocabParallelEmbedding", False),  # a look-alike type needs the name as well
+])
+def test_embedding_role_in_a_live_model(name, owner_type, expected):
+    assert is_embedding(_fact(name, (32, 4), 1, owner_type=owner_type)) is expected
+
+
+def test_candidate_finding_names_both_tensors():
+    (f,) = candidate_findings(find_candidates([_fact("wte.weight", (32, 4), 1), _fact("lm_head.weight", (32, 4), 2)]))
+    assert f.code == "TC006"
+    assert f.message == ("lm_head.weight and wte.weight (input embedding and output projection, [32, 4] float32) "
+                         "are untied; tying them would save 512 bytes of weights")
+    assert candidate_findings(find_candidates([_fact("wte.weight", (32, 4), 1), _fact("lm_head.weight", (32, 4), 2)]),
+                              reported=[("lm_head.weight", "wte.weight")]) == []
