@@ -43,7 +43,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                                "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/lint.py": (None, ["tests/test_analyses.py", "tests/test_lint_findings.py",
                                          "tests/test_inspect_modules.py"]),
-    "tiecheck/analyses/memory.py": (None, ["tests/test_analyses.py", "tests/test_summary_figures.py",
+    "tiecheck/analyses/memory.py": (None, ["tests/test_analyses.py", "tests/test_memory_counts.py",
+                                           "tests/test_summary_figures.py",
                                            "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/packed.py": (None, ["tests/test_analyses.py", "tests/test_packed_heads.py"]),
 }
