@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
-from tiecheck.analyses.memory import is_trainable, memory_summary
+from tiecheck.analyses.memory import is_trainable, memory_summary, unreachable_bytes
 from tiecheck.analyses.ties import find_tie_groups
 from tiecheck.facts import TensorFact
 
@@ -105,3 +106,22 @@ def test_a_float_view_of_a_byte_buffer_is_trained_on_its_own():
              _fact("w", (4, 4), 1, role="tensor")]
     m = memory_summary(facts, [], "adamw")
     assert (m["training_bytes"], m["training_bytes_counted"], m["training_bytes_nested_views"]) == (256, 256, 0)
+
+
+def test_disjoint_tensors_of_one_storage_count_their_own_bytes():
+    # Elements 0-15 and 32-47 of one storage (a memory-mapped file holds every tensor): 32 elements, no gap.
+    facts = [_fact("a", (16,), 1, role="tensor"), _fact("b", (16,), 1, role="tensor", offset=32)]
+    m = memory_summary(facts, [], "none")
+    assert (m["bytes_unique"], m["bytes_counted"], m["bytes_nested_views"]) == (128, 128, 0)
+
+
+def test_unreachable_bytes_per_storage():
+    def with_storage(f: TensorFact, storage_bytes: int) -> TensorFact:
+        return replace(f, storage_bytes=storage_bytes)
+
+    facts = [with_storage(_fact("view", (10,), 1, role="tensor", offset=5), 400),  # elements 5-14 and 10-19 of
+             with_storage(_fact("view2", (10,), 1, role="tensor", offset=10), 400),  # 100: 60 bytes reached
+             with_storage(_fact("mapped", (10,), 2, role="tensor"), 4000),  # a whole file's mapping: skipped
+             _fact("unknown", (10,), 3, role="tensor")]  # storage size unknown: nothing to say
+    assert unreachable_bytes(facts, skip={"mapped"}) == [
+        {"names": ["view", "view2"], "storage_bytes": 400, "reachable_bytes": 60, "unreachable_bytes": 340}]
