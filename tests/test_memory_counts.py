@@ -125,3 +125,24 @@ def test_unreachable_bytes_per_storage():
              _fact("unknown", (10,), 3, role="tensor")]  # storage size unknown: nothing to say
     assert unreachable_bytes(facts, skip={"mapped"}) == [
         {"names": ["view", "view2"], "storage_bytes": 400, "reachable_bytes": 60, "unreachable_bytes": 340}]
+
+
+def test_a_parameter_whose_bytes_a_buffer_also_names_is_trained_once():
+    # The parameter listed first, a buffer over the same bytes second: one gradient, one optimizer state.
+    facts = [_fact("lin.w", (10,), 1, obj=1), _fact("cache.w", (10,), 1, role="buffer", obj=2)]
+    m = memory_summary(facts, find_tie_groups(facts), "adamw")
+    assert (m["training_bytes"], m["training_bytes_counted"], m["training_bytes_saved"]) == (160, 160, 0)
+
+
+def test_per_dtype_rows_of_a_dtype_without_parameters_or_own_bytes():
+    # A bf16 buffer: a dtype with bytes and no parameters.
+    facts = [_fact("w", (10,), 1, obj=1), _fact("table", (8,), 2, role="buffer", obj=2, itemsize=2)]
+    rows = {r["dtype"]: r for r in memory_summary(facts, [], "none")["by_dtype"]}
+    assert rows["bfloat16"] == {"dtype": "bfloat16", "params_unique": 0, "params_counted": 0, "bytes_unique": 16,
+                                "bytes_counted": 16}
+    # A bf16 view of a float32 tensor's first 16 bytes, in a file: its bytes belong to the container.
+    facts = [_fact("flat", (16,), 1, role="tensor"), _fact("half", (8,), 1, role="tensor", itemsize=2)]
+    rows = {r["dtype"]: r for r in memory_summary(facts, [], "none")["by_dtype"]}
+    assert rows["bfloat16"] == {"dtype": "bfloat16", "params_unique": 0, "params_counted": 8, "bytes_unique": 0,
+                                "bytes_counted": 16}
+    assert rows["float32"]["bytes_unique"] == 64
