@@ -100,11 +100,12 @@ def test_a_strided_view_counts_its_elements_not_its_span():
 
 
 def test_a_float_view_of_a_byte_buffer_is_trained_on_its_own():
-    # A file storing a uint8 buffer and a float32 view of its bytes: the buffer is not trainable, so the
-    # view is no part of a trainable container and its training bytes count in full.
-    facts = [_fact("buf", (64,), 1, role="tensor", itemsize=1, is_floating=False),
+    # A file storing a 128-byte uint8 buffer and a float32 view of its first 64 bytes: the buffer is not
+    # trainable, so the view is no part of a trainable container and its training bytes count in full.
+    facts = [_fact("buf", (128,), 1, role="tensor", itemsize=1, is_floating=False),
              _fact("w", (4, 4), 1, role="tensor")]
     m = memory_summary(facts, [], "adamw")
+    assert (m["bytes_unique"], m["bytes_counted"]) == (128, 192)
     assert (m["training_bytes"], m["training_bytes_counted"], m["training_bytes_nested_views"]) == (256, 256, 0)
 
 
@@ -146,3 +147,11 @@ def test_per_dtype_rows_of_a_dtype_without_parameters_or_own_bytes():
     assert rows["bfloat16"] == {"dtype": "bfloat16", "params_unique": 0, "params_counted": 8, "bytes_unique": 0,
                                 "bytes_counted": 16}
     assert rows["float32"]["bytes_unique"] == 64
+
+
+def test_a_chain_of_overlaps_counts_its_union():
+    # Elements 0-15, 8-23 and 20-31: each overlaps the one before; the union is 0-31.
+    facts = [_fact("a", (16,), 1, role="tensor"), _fact("b", (16,), 1, role="tensor", offset=8),
+             _fact("c", (12,), 1, role="tensor", offset=20)]
+    m = memory_summary(facts, [], "none")
+    assert (m["bytes_unique"], m["bytes_counted"], m["bytes_nested_views"]) == (128, 176, 48)

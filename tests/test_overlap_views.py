@@ -116,3 +116,13 @@ def test_views_of_different_item_sizes_are_conservative():
     b = _fact("b", (4,), stride=(24,), offset=9, itemsize=2)  # starts halfway into a's row 0, past column 3
     (o,) = find_overlaps([a, b])
     assert o == Overlap(a=("a",), b=("b",), kind="partial", exact=False)
+
+
+def test_the_element_check_stops_at_four_million_elements():
+    # 2**22 elements is where enumerating offsets (8 bytes each, sorted) stops being cheap: one element
+    # more and the overlap is reported without the element check, whatever the other view.
+    assert _EXACT_LIMIT == 4_194_304
+    large = _fact("large", (2, 2_097_153), stride=(1, 3))  # 4,194,306 elements, not dense
+    small = _fact("small", (4,), stride=(3,), offset=1)
+    (o,) = find_overlaps([large, small])
+    assert o == Overlap(a=("large",), b=("small",), kind="partial", exact=False)
