@@ -42,11 +42,13 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     "tiecheck/analyses/candidates.py": (None, ["tests/test_analyses.py", "tests/test_candidate_roles.py",
                                                "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/lint.py": (None, ["tests/test_analyses.py", "tests/test_lint_findings.py",
+                                         "tests/test_linear_findings.py", "tests/test_device_findings.py",
                                          "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/memory.py": (None, ["tests/test_analyses.py", "tests/test_memory_counts.py",
                                            "tests/test_summary_figures.py",
                                            "tests/test_inspect_modules.py"]),
-    "tiecheck/analyses/packed.py": (None, ["tests/test_analyses.py", "tests/test_packed_heads.py"]),
+    "tiecheck/analyses/packed.py": (None, ["tests/test_analyses.py", "tests/test_packed_pairs.py",
+                                           "tests/test_packed_heads.py"]),
 }
 # The loaders' path checks: only the lines of the check itself are mutated (found by marker).
 PATH_CHECKS = {
