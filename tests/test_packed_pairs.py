@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tiecheck.analyses.packed import PackedHead, Packing, find_packed_heads
+from tiecheck.analyses.packed import PackedHead, Packing, find_packed_heads, packed_head_findings
 from tiecheck.facts import TensorFact
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -55,3 +55,32 @@ def test_empty_tensors_never_pair():
 def test_facts_may_be_any_iterable():
     facts = [_fact(EMB, (32, 4), 1), _fact(HEAD, (32, 4), 2, dtype="int8", itemsize=1)]
     assert [p.names for p in find_packed_heads(iter(facts), {})] == [(EMB, HEAD)]
+
+
+PAIR = PackedHead(names=(EMB, HEAD), shape=(32, 4), formats=("bfloat16", "int8 (bitsandbytes LLM.int8)"),
+                  head_bytes=1_152, embedding_bytes=256, companions=("lm_head.SCB",))
+WHAT = (f"{HEAD} (int8 (bitsandbytes LLM.int8)) and {EMB} (bfloat16) are the output projection and the input "
+        f"embedding, both [32, 4], stored in different formats: their values are not compared")
+
+
+def test_tc022_without_a_declaration_is_info():
+    (f,) = packed_head_findings([PAIR], [])
+    assert (f.code, f.severity, f.names) == ("TC022", "info", (HEAD, EMB))  # findings sort their names
+    assert f.message == (f"{WHAT}; if the model was tied before quantization, {HEAD} (with lm_head.SCB) is the "
+                         f"embedding stored again: 1,152 bytes")
+
+
+def test_tc022_names_who_declares_the_tie():
+    broke = (f"{WHAT}: quantization broke the tie and the files store the embedding again as {HEAD} (with "
+             f"lm_head.SCB), 1,152 bytes; a loader that re-ties replaces the quantized head by the embedding, one "
+             f"that does not serves a head that differs from it")
+    one = [{"names": [EMB, HEAD], "declared": True, "by": ["config.json tie_word_embeddings"]}]
+    (f,) = packed_head_findings([PAIR], one)
+    assert f.severity == "warning"
+    assert f.message == f"config.json tie_word_embeddings declares them tied, but {broke}"
+    two = [{"names": [HEAD, EMB], "declared": True, "by": ["config.json tie_word_embeddings", "the module"]}]
+    (f,) = packed_head_findings([PAIR], two)
+    assert f.message == f"config.json tie_word_embeddings and the module declare them tied, but {broke}"
+    # A tie listed but not declared is no declaration.
+    (f,) = packed_head_findings([PAIR], [{"names": [EMB, HEAD], "declared": False, "by": ["x"]}])
+    assert f.severity == "info"
