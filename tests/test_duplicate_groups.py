@@ -63,3 +63,18 @@ def test_group_fields_come_from_its_own_members():
     assert (g.names, g.shape, g.dtype, g.nbytes, g.bytes_wasted) == (("a", "b"), (2,), "int8", 2, 2)
     assert g.to_dict() == {"names": ["a", "b"], "shape": [2], "dtype": "int8", "bytes_wasted": 2, "constant": False}
     assert (stats.tensors, stats.buckets, stats.bytes_total) == (3, 1, 16)
+
+
+def test_a_declared_pair_makes_a_duplicate_a_broken_tie_in_every_group():
+    # Two duplicate groups; the declared pairs come as a one-shot iterator and the second group holds one.
+    reader = BytesReader({"a": b"\x01\x02", "b": b"\x01\x02", "emb": b"\x03\x04\x05", "head": b"\x03\x04\x05"})
+    facts = [_int8("a", 2, 1), _int8("b", 2, 2), _int8("emb", 3, 3), _int8("head", 3, 4)]
+    groups, _ = find_untied_duplicates(facts, reader)
+    assert [g.names for g in groups] == [("emb", "head"), ("a", "b")]
+    declared = iter([("x", "y"), ("head", "emb")])
+    broken, plain = duplicate_findings(list(reversed(groups)), declared)[::-1]
+    assert (broken.severity, plain.severity) == ("error", "warning")
+    assert broken.message == ("emb, head hold equal int8 [3] content in separate memory (3 bytes wasted); the "
+                              "architecture ties emb and head (input embedding and output projection), so this is "
+                              "a broken tie")
+    assert plain.message == "a, b hold equal int8 [2] content in separate memory (2 bytes wasted)"

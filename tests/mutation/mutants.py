@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     "tiecheck/analyses/duplicates.py": (None, ["tests/test_analyses.py", "tests/test_duplicate_content.py",
                                                "tests/test_content_stats.py", "tests/test_duplicate_groups.py",
+                                               "tests/test_transposed_pairs.py",
                                                "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py", "tests/test_overlap_views.py",
                                          "tests/test_summary_figures.py",
