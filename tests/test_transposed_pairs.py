@@ -58,3 +58,19 @@ def test_a_transposed_copy_found_without_a_prebuilt_index():
 def test_skipped_names_are_left_out():
     copies, stats = find_transposed_copies(FACTS, ArrayReader(ARRAYS), skip={"head"})
     assert copies == [] and stats.full_comparisons == 1
+
+
+def _square(name: str, storage: int) -> TensorFact:
+    return _fact(name, (2, 2), storage)
+
+
+def test_square_pairs_once_symmetric_and_constant_never():
+    s = np.float32([[1, 2], [3, 4]])
+    arrays = {"s": s, "st": s.T.copy(), "sym": np.float32([[5, 6], [6, 5]]), "zeros": np.zeros((2, 2), np.float32),
+              "zeros2": np.zeros((2, 2), np.float32)}
+    facts = [_square(n, i) for i, n in enumerate(arrays, 1)]
+    copies, stats = find_transposed_copies(facts, ArrayReader(arrays))
+    # s and st meet both ways (s's sample against st's transposed one, and the reverse): compared once.
+    # sym equals its own transpose: not a copy. The zero matrices equal any transpose of zeros: left out.
+    assert [(c.names, c.shapes) for c in copies] == [(("s", "st"), ((2, 2), (2, 2)))]
+    assert (stats.tensors, stats.buckets, stats.sampled, stats.full_comparisons) == (5, 1, 10, 1)
