@@ -74,3 +74,10 @@ def test_square_pairs_once_symmetric_and_constant_never():
     # sym equals its own transpose: not a copy. The zero matrices equal any transpose of zeros: left out.
     assert [(c.names, c.shapes) for c in copies] == [(("s", "st"), ((2, 2), (2, 2)))]
     assert (stats.tensors, stats.buckets, stats.sampled, stats.full_comparisons) == (5, 1, 10, 1)
+
+
+def test_a_constant_matrix_is_never_compared_even_when_a_sample_matches():
+    # a's sampled elements (0, 1 and the last) are all zero though a is not constant; b is all zeros.
+    arrays = {"a": np.float32([[0, 0, 7], [1, 2, 0]]), "b": np.zeros((3, 2), np.float32)}
+    copies, stats = find_transposed_copies([_fact("a", (2, 3), 1), _fact("b", (3, 2), 2)], ArrayReader(arrays))
+    assert copies == [] and (stats.sampled, stats.full_comparisons, stats.bytes_read) == (2, 0, 0)
