@@ -53,6 +53,9 @@ def test_a_transposed_copy_found_without_a_prebuilt_index():
     (f,) = transposed_findings(copies)
     assert f.message.startswith("head [3, 2] holds the transpose of emb [2, 3] (float32) in separate memory (24 bytes")
     assert transposed_findings(copies, reported=[("head", "emb")]) == []
+    # A reported pair that holds only one side of the copy does not stand for it.
+    assert len(transposed_findings(copies, reported=[("emb", "x")])) == 1
+    assert len(transposed_findings(copies, reported=[("head", "x")])) == 1
 
 
 def test_skipped_names_are_left_out():
