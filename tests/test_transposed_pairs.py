@@ -84,3 +84,10 @@ def test_a_constant_matrix_is_never_compared_even_when_a_sample_matches():
     arrays = {"a": np.float32([[0, 0, 7], [1, 2, 0]]), "b": np.zeros((3, 2), np.float32)}
     copies, stats = find_transposed_copies([_fact("a", (2, 3), 1), _fact("b", (3, 2), 2)], ArrayReader(arrays))
     assert copies == [] and (stats.sampled, stats.full_comparisons, stats.bytes_read) == (2, 0, 0)
+
+
+def test_a_two_element_row_and_column_are_a_transposed_copy():
+    # The smallest matrices that can be transposed copies: [1, 2] and [2, 1] holding the same two values.
+    arrays = {"row": np.float32([[1, 2]]), "col": np.float32([[1], [2]])}
+    copies, _ = find_transposed_copies([_fact("row", (1, 2), 1), _fact("col", (2, 1), 2)], ArrayReader(arrays))
+    assert [(c.names, c.shapes) for c in copies] == [(("row", "col"), ((1, 2), (2, 1)))]
