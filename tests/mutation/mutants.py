@@ -34,14 +34,22 @@ ROOT = Path(__file__).resolve().parents[2]
 # The fast pure tests come first: with -x a mutant they kill never reaches the slower ones.
 TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     "tiecheck/analyses/duplicates.py": (None, ["tests/test_analyses.py", "tests/test_duplicate_content.py",
-                                               "tests/test_content_stats.py", "tests/test_inspect_modules.py"]),
-    "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py", "tests/test_summary_figures.py",
+                                               "tests/test_content_stats.py", "tests/test_duplicate_groups.py",
+                                               "tests/test_transposed_pairs.py",
+                                               "tests/test_inspect_modules.py"]),
+    "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py", "tests/test_overlap_views.py",
+                                         "tests/test_summary_figures.py",
                                          "tests/test_inspect_modules.py"]),
-    "tiecheck/analyses/candidates.py": (None, ["tests/test_analyses.py", "tests/test_inspect_modules.py"]),
+    "tiecheck/analyses/candidates.py": (None, ["tests/test_analyses.py", "tests/test_candidate_roles.py",
+                                               "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/lint.py": (None, ["tests/test_analyses.py", "tests/test_lint_findings.py",
+                                         "tests/test_linear_findings.py", "tests/test_device_findings.py",
                                          "tests/test_inspect_modules.py"]),
-    "tiecheck/analyses/memory.py": (None, ["tests/test_analyses.py", "tests/test_summary_figures.py",
+    "tiecheck/analyses/memory.py": (None, ["tests/test_analyses.py", "tests/test_memory_counts.py",
+                                           "tests/test_summary_figures.py",
                                            "tests/test_inspect_modules.py"]),
+    "tiecheck/analyses/packed.py": (None, ["tests/test_analyses.py", "tests/test_packed_pairs.py",
+                                           "tests/test_packed_heads.py"]),
 }
 # The loaders' path checks: only the lines of the check itself are mutated (found by marker).
 PATH_CHECKS = {
@@ -135,6 +143,17 @@ def _operator(what: str) -> str:
     if head.lstrip("-").isdigit():
         return "int"
     return {"not dropped": "not", "return None": "return"}.get(what, "compare")
+
+
+def _selected(m: Mutant, only: str) -> bool:
+    """Whether ``--only FILE[:FIRST[-LAST]]`` selects ``m``."""
+    rel, _, lines = only.partition(":")
+    if m.file != rel:
+        return False
+    if not lines:
+        return True
+    first, _, last = lines.partition("-")
+    return int(first) <= m.line <= int(last or first)
 
 
 def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
@@ -237,7 +256,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=600, help="stop starting mutants after this many seconds")
     ap.add_argument("--timeout", type=float, default=120, help="a mutant whose tests run longer is killed")
-    ap.add_argument("--only", action="append", default=[], help="restrict to these target files")
+    ap.add_argument("--only", action="append", default=[], metavar="FILE[:FIRST[-LAST]]",
+                    help="restrict to these target files, or to the mutants starting on these lines of one")
     ap.add_argument("--sample", type=int, default=1, metavar="K",
                     help="run every K-th mutant of each (file, operator) stratum of analyses/, starting with the first")
     ap.add_argument("--exact", action="store_true",
@@ -259,7 +279,7 @@ def main() -> int:
     for rel, (lines, tests) in TARGETS.items():
         plan += [(m, tests) for m in mutants_of(rel, lines)]
     if args.only:
-        plan = [(m, t) for m, t in plan if m.file in args.only]
+        plan = [(m, t) for m, t in plan if any(_selected(m, only) for only in args.only)]
     if args.sample > 1:
         seen: dict[tuple[str, str], int] = {}
         kept = []

@@ -1,0 +1,80 @@
+"""Duplicate groups: the fields of each group, and constant-valued duplicates (equal by construction, an init)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplicates
+from tiecheck.facts import TensorFact
+
+
+class BytesReader:
+    """A ContentReader over plain bytes (int8 elements): samples are the first and last element."""
+
+    def __init__(self, data: dict[str, bytes]):
+        self.data = data
+        self.bytes_read = 0
+
+    def sample(self, name: str) -> bytes:
+        self.bytes_read += 2
+        return self.data[name][:1] + self.data[name][-1:]
+
+    def is_constant(self, name: str) -> bool:
+        return len(set(self.data[name])) == 1
+
+    def equal(self, a: str, b: str) -> bool:
+        self.bytes_read += len(self.data[a]) + len(self.data[b])
+        return self.data[a] == self.data[b]
+
+
+def _int8(name: str, n: int, storage: int) -> TensorFact:
+    return TensorFact(name=name, shape=(n,), stride=(1,), dtype="int8", itemsize=1, device="cpu",
+                      storage=("cpu", storage), byte_start=0, byte_end=n)
+
+
+@pytest.mark.parametrize(("n", "constant"), [(1, False), (2, True), (3, True)])
+def test_constant_flag_from_two_elements_on(n, constant):
+    # Two separate memories holding n equal elements each. From two elements on, every element equal
+    # means constant (e.g. a fresh LayerNorm weight); one element is always 'equal to itself', so a
+    # one-element duplicate is a real duplicate.
+    reader = BytesReader({"a": b"\x05" * n, "b": b"\x05" * n})
+    (g,), _ = find_untied_duplicates([_int8("a", n, 1), _int8("b", n, 2)], reader)
+    assert g.names == ("a", "b") and g.nbytes == n
+    assert g.constant is constant
+    assert [f.code for f in duplicate_findings([g])] == ([] if constant else ["TC005"])
+
+
+def test_two_element_duplicate_that_is_not_constant():
+    reader = BytesReader({"a": b"\x05\x06", "b": b"\x05\x06"})
+    (g,), _ = find_untied_duplicates([_int8("a", 2, 1), _int8("b", 2, 2)], reader)
+    assert g.constant is False
+    (f,) = duplicate_findings([g])
+    assert f.code == "TC005" and f.message.startswith("a, b hold equal int8 [2] content in separate memory (2 bytes")
+
+
+def test_group_fields_come_from_its_own_members():
+    # The duplicates are not the last memory read: a group's shape, dtype and size must be its members',
+    # not those of whichever tensor the bucketing loop saw last.
+    facts = [_int8("a", 2, 1), _int8("b", 2, 2),
+             TensorFact(name="z", shape=(3, 2), stride=(2, 1), dtype="float16", itemsize=2, device="cpu",
+                        storage=("cpu", 3), byte_start=0, byte_end=12)]
+    reader = BytesReader({"a": b"\x05\x06", "b": b"\x05\x06", "z": bytes(range(12))})
+    (g,), stats = find_untied_duplicates(facts, reader)
+    assert (g.names, g.shape, g.dtype, g.nbytes, g.bytes_wasted) == (("a", "b"), (2,), "int8", 2, 2)
+    assert g.to_dict() == {"names": ["a", "b"], "shape": [2], "dtype": "int8", "bytes_wasted": 2, "constant": False}
+    assert (stats.tensors, stats.buckets, stats.bytes_total) == (3, 1, 16)
+
+
+def test_a_declared_pair_makes_a_duplicate_a_broken_tie_in_every_group():
+    # Two duplicate groups; the declared pairs come as a one-shot iterator and the second group holds one.
+    reader = BytesReader({"a": b"\x01\x02", "b": b"\x01\x02", "emb": b"\x03\x04\x05", "head": b"\x03\x04\x05"})
+    facts = [_int8("a", 2, 1), _int8("b", 2, 2), _int8("emb", 3, 3), _int8("head", 3, 4)]
+    groups, _ = find_untied_duplicates(facts, reader)
+    assert [g.names for g in groups] == [("emb", "head"), ("a", "b")]
+    declared = iter([("x", "y"), ("head", "emb")])
+    broken, plain = duplicate_findings(list(reversed(groups)), declared)[::-1]
+    assert (broken.severity, plain.severity) == ("error", "warning")
+    assert broken.message == ("emb, head hold equal int8 [3] content in separate memory (3 bytes wasted); the "
+                              "architecture ties emb and head (input embedding and output projection), so this is "
+                              "a broken tie")
+    assert plain.message == "a, b hold equal int8 [2] content in separate memory (2 bytes wasted)"
