@@ -3,7 +3,8 @@
 Run: pytest benchmarks/bench_formats.py --benchmark-only -s
 Target (issue 3): without the content pass, inspecting a Llama-3-8B-shaped folder (4 shards,
 16 GB of bf16) takes well under a second and under 300 MB peak RSS, because the headers are
-parsed and the data only memory-mapped. The shards are written as real headers followed by
+parsed and the data only memory-mapped. With the config (the Hugging Face folder), the
+declared-layer check also reads a sample of the embedding and of the head it declares untied. The shards are written as real headers followed by
 sparse data (``truncate``), so the files have their full size but cost no disk.
 
 Each measurement runs in a fresh interpreter (``run_child``): peak RSS is the child's own
@@ -62,7 +63,12 @@ def llama8b_shapes() -> dict[str, list[int]]:
 
 
 def write_sparse_shard(path, shapes: dict[str, list[int]]) -> int:
-    """A real safetensors header for bf16 tensors, then sparse data of the right length."""
+    """A real safetensors header for bf16 tensors, then sparse data of the right length.
+
+    The head's first bytes are written (an untied head differs from the embedding, and the
+    declared-layer check compares the two by samples first): all zeros, the two would be equal
+    and their whole 2 GB compared, which no real checkpoint asks for.
+    """
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in shapes.items():
         n = 2
@@ -75,6 +81,9 @@ def write_sparse_shard(path, shapes: dict[str, list[int]]) -> int:
     with open(path, "wb") as fh:
         fh.write(len(hb).to_bytes(8, "little") + hb)
         fh.truncate(8 + len(hb) + off)
+        if "lm_head.weight" in shapes:
+            fh.seek(8 + len(hb) + header["lm_head.weight"]["data_offsets"][0])
+            fh.write(bytes(range(1, 65)))
     return 8 + len(hb)
 
 

@@ -57,6 +57,10 @@ class LayerRow:
 def _equal(reader, a: TensorFact, b: TensorFact) -> bool | None:
     if reader is None or a.shape != b.shape or a.dtype != b.dtype or a.storage is None or b.storage is None:
         return None
+    # Samples first, as the duplicate pass does: an embedding and a head that differ (the untied
+    # case) differ there, and a full comparison would read both (2 GB for an 8B model's pair).
+    if reader.sample(a.name) != reader.sample(b.name):
+        return False
     return reader.equal(a.name, b.name)
 
 
