@@ -70,7 +70,7 @@ def deepseek_v3_on_meta() -> torch.nn.Module:
         return transformers.AutoModelForCausalLM.from_config(transformers.DeepseekV3Config())
 
 
-def test_deepseek_v3_flops_on_meta(benchmark):
+def test_deepseek_v3_flops_on_meta(benchmark, publish):
     model = deepseek_v3_on_meta()
     result = benchmark.pedantic(count_flops, args=(model,), kwargs={"seq_len": SEQ}, rounds=3, iterations=1)
     assert result.available and result.method == "meta", result.reason
@@ -90,9 +90,9 @@ def test_deepseek_v3_flops_on_meta(benchmark):
         child_peak_rss_mib=round(child["peak_rss_mib"]),
         child_count_s=child["wall_s"],
     )
-    print(f"\nDeepSeek-V3, seq {SEQ}, meta: {result.forward / 1e12:.2f} TFLOP forward, "
+    publish(f"\nDeepSeek-V3, seq {SEQ}, meta: {result.forward / 1e12:.2f} TFLOP forward, "
           f"{p['total'] / 1e9:.1f} B parameters, {p['active_per_token'] / 1e9:.2f} B active per token; count "
           f"{benchmark.stats.stats.median:.2f} s (median of 3); fresh process: build + count "
-          f"{child['wall_s']:.2f} s, peak RSS {child['peak_rss_mib']:.0f} MiB")
+          f"{child['wall_s']:.2f} s (imports are setup, not timed), peak RSS {child['peak_rss_mib']:.0f} MiB")
     assert child["wall_s"] < 10, f"{child['wall_s']:.1f} s"
     assert child["peak_rss_mib"] < 1024, f"peak RSS {child['peak_rss_mib']:.0f} MiB"
