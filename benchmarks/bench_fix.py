@@ -71,7 +71,7 @@ def broken_tie_file(tmp_path_factory):
     return path
 
 
-def test_fix_vs_copy(benchmark, broken_tie_file, tmp_path):
+def test_fix_vs_copy(benchmark, broken_tie_file, tmp_path, publish):
     src = str(broken_tie_file)
     size_mib = os.path.getsize(src) / 2**20
     base = run_child("", setup=SETUP)
@@ -90,7 +90,7 @@ def test_fix_vs_copy(benchmark, broken_tie_file, tmp_path):
     benchmark.extra_info.update(file_mib=round(size_mib), copy_s=copy_s, fix_s=fixed["wall_s"],
                                 write_s=fixed["write_s"], verify_s=fixed["verify_s"],
                                 import_rss_mib=round(base["peak_rss_mib"]), fix_rss_mib=round(fixed["peak_rss_mib"]))
-    print(f"\nfile {size_mib:.0f} MiB | copyfile {copy_s:.2f} s | fix {fixed['wall_s']:.2f} s "
+    publish(f"\nfile {size_mib:.0f} MiB | copyfile {copy_s:.2f} s | fix {fixed['wall_s']:.2f} s "
           f"({fixed['wall_s'] / copy_s:.2f}x the copy): write {fixed['write_s']:.2f} s "
           f"({fixed['write_s'] / copy_s:.2f}x), verify {fixed['verify_s']:.2f} s | import {base['peak_rss_mib']:.0f} MiB, fix peak "
           f"{fixed['peak_rss_mib']:.0f} MiB ({over:.0f} MiB over the import = {over / size_mib:.1%} of the file) | "
