@@ -38,7 +38,7 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                                "tests/test_transposed_pairs.py",
                                                "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py", "tests/test_overlap_views.py",
-                                         "tests/test_summary_figures.py",
+                                         "tests/test_tie_groups.py", "tests/test_summary_figures.py",
                                          "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/candidates.py": (None, ["tests/test_analyses.py", "tests/test_candidate_roles.py",
                                                "tests/test_inspect_modules.py"]),
@@ -54,7 +54,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
 # The loaders' path checks: only the lines of the check itself are mutated (found by marker).
 PATH_CHECKS = {
     "tiecheck/loaders/safetensors_files.py": ("def shard_paths(", "return by_shard",
-                                              ["tests/test_shard_index.py", "tests/test_contained_paths.py"]),
+                                              ["tests/test_shard_index.py", "tests/test_shard_messages.py",
+                                               "tests/test_contained_paths.py"]),
     # test_contained_paths only holds hostile names: a check that refused every name would pass it.
     "tiecheck/loaders/dcp.py": ("    files: dict[str, int] = {}", "files[rel] = p.stat().st_size",
                                 ["tests/test_formats.py::test_dcp_folder_reads_metadata_and_maps_chunks",
