@@ -362,7 +362,7 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     notes: list[str] = []
     if how:
         notes.append(f"file keys matched to the architecture after {how}")
-    stored = _Stored(files, file_key)  # architecture name -> the file's tensor, made when read
+    stored = RenamedTensors(files, file_key)  # architecture name -> the file's tensor, made when read
     unexpected = [k for k in files if k not in mapping]
     findings: list[Finding] = []
     alias_of: dict[str, str] = {}
@@ -445,26 +445,6 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
                      f"{', '.join(unexpected[:3])}); transformers ignores them on load")
     facts = {"missing": missing, "unexpected": unexpected, "absent_tied": [list(g) for g in absent_tied]}
     return tensors, findings, notes, facts, out_spans
-
-
-class _Stored(Mapping):
-    """Architecture name -> the file's tensor, for the names the files hold; a tensor is made only
-    when read (a folder of 100,000 tensors reads a few, those of the tie groups)."""
-
-    def __init__(self, files: Mapping, file_key: dict[str, str]):
-        self._files, self._file_key = files, file_key
-
-    def __getitem__(self, name: str):
-        return self._files[self._file_key[name]]
-
-    def __iter__(self):
-        return iter(self._file_key)
-
-    def __len__(self) -> int:
-        return len(self._file_key)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._file_key
 
 
 class RenamedTensors(Mapping):

@@ -261,22 +261,12 @@ def _dtype_facts(dtype: str) -> tuple[int, bool]:
     return itemsize, floating
 
 
-class ArchiveTensors(Mapping):
-    """Name -> tensor for the records of one archive, each tensor made on access.
-
-    ``facts()`` describes every tensor from its record, as ``tiecheck.facts.fact_of`` describes the
-    tensor ``torch.load(mmap=True)`` makes: the storage key is the storage's address in the mapping.
-    """
+class _RecordsView(Mapping):
+    """A name -> value view over the named records of one archive; subclasses say what a value is."""
 
     def __init__(self, archive: ArchiveFile, records: dict[str, TensorRecord]):
         self._archive = archive
         self._records = records
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        r = self._records[name]
-        t = torch.empty(0, dtype=getattr(torch, r.dtype)).set_(self._archive.storage(r.key), r.offset, r.shape,
-                                                               r.stride)
-        return t.requires_grad_(True) if r.requires_grad else t
 
     def __iter__(self):
         return iter(self._records)
@@ -286,6 +276,20 @@ class ArchiveTensors(Mapping):
 
     def __contains__(self, name: object) -> bool:
         return name in self._records
+
+
+class ArchiveTensors(_RecordsView):
+    """Name -> tensor for the records of one archive, each tensor made on access.
+
+    ``facts()`` describes every tensor from its record, as ``tiecheck.facts.fact_of`` describes the
+    tensor ``torch.load(mmap=True)`` makes: the storage key is the storage's address in the mapping.
+    """
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        r = self._records[name]
+        t = torch.empty(0, dtype=getattr(torch, r.dtype)).set_(self._archive.storage(r.key), r.offset, r.shape,
+                                                               r.stride)
+        return t.requires_grad_(True) if r.requires_grad else t
 
     def spans(self) -> Mapping[str, FileSpan]:
         """Where each tensor's storage starts in the file, for the content pass's preads (made on access)."""
@@ -323,22 +327,9 @@ class ArchiveTensors(Mapping):
         return out
 
 
-class _Spans(Mapping):
+class _Spans(_RecordsView):
     """name -> FileSpan of its storage, made on access: one object per name would cost 15 MB at
     100,000 tensors for what the content pass reads one name at a time."""
 
-    def __init__(self, archive: ArchiveFile, records: dict[str, TensorRecord]):
-        self._archive = archive
-        self._records = records
-
     def __getitem__(self, name: str) -> FileSpan:
         return FileSpan(self._archive.path, self._archive.storages[self._records[name].key][0])
-
-    def __iter__(self):
-        return iter(self._records)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._records
