@@ -29,7 +29,7 @@ from tiecheck.errors import TiecheckError
 from tiecheck.loaders.safetensors_files import DTYPES, Header, read_header
 from tiecheck.loaders.torchfile import strip_wrapper_prefixes
 from tiecheck.repair.plan import HF_FOLDER, SAFETENSORS, SHARDED, TORCH, Plan
-from tiecheck.report.safewrite import UnsafeOutputError, input_paths
+from tiecheck.report.safewrite import UnsafeOutputError, input_paths, is_inside
 
 CHUNK = 64 << 20  # bytes per copy call: bounds memory on the fallback path
 # Read only by tests: seconds the writer pauses after its first shard (the fault test kills it there).
@@ -38,25 +38,17 @@ PAUSE_ENV = "TIECHECK_TEST_PAUSE_AFTER_SHARD"
 
 # -- the output's protections ---------------------------------------------------------------
 
-def _inside(child: Path, folder: Path) -> bool:
-    try:
-        child.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def check_output(target: Path, output: Path, *, force: bool) -> None:
     """Refuse an output that would touch the input, or an existing one without ``force``."""
     protect = input_paths([target])
     if target.is_file() and target.suffix == ".json":  # an index: its shards are inputs too
         protect.append(target.parent)
     for p in protect:
-        if _inside(output, p) and (p.is_dir() or output.resolve() == p.resolve()):
+        if is_inside(output, p) and (p.is_dir() or output.resolve() == p.resolve()):
             what = "the input" if output.resolve() == p.resolve() else f"inside the input folder {p}"
             raise UnsafeOutputError(f"refusing to write the fixed copy to {output}: it is {what}; fix never writes "
                                     f"in place, choose another path")
-        if output.exists() and output.is_dir() and _inside(p, output):
+        if output.exists() and output.is_dir() and is_inside(p, output):
             raise UnsafeOutputError(f"refusing to write the fixed copy to {output}: the input {p} lies inside it")
         if output.exists() and p.exists() and os.path.samefile(p, output):
             raise UnsafeOutputError(f"refusing to write the fixed copy to {output}: it is the input {p}")

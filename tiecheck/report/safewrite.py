@@ -37,7 +37,8 @@ def input_paths(targets: Iterable[object]) -> list[Path]:
     return out
 
 
-def _inside(child: Path, folder: Path) -> bool:
+def is_inside(child: Path, folder: Path) -> bool:
+    """``child`` is ``folder`` or lies under it, symlinks resolved."""
     try:
         child.resolve().relative_to(folder.resolve())
         return True
@@ -48,7 +49,7 @@ def _inside(child: Path, folder: Path) -> bool:
 def refusal(dest: Path, protect: Iterable[object] = ()) -> str | None:
     """Why ``dest`` must not be written, or None when it may be."""
     for p in input_paths(protect):
-        if p.is_dir() and _inside(dest, p):
+        if p.is_dir() and is_inside(dest, p):
             return f"it lies inside the input folder {p}"
         if dest.exists() and p.exists() and os.path.samefile(p, dest):
             return f"it is the input {p}"
