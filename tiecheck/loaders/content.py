@@ -52,6 +52,15 @@ def _sample_starts(n: int) -> list[int]:
     return sorted({round(i * (n - RUN_ELEMENTS) / (SAMPLE_RUNS - 1)) for i in range(SAMPLE_RUNS)})
 
 
+def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(offset of the first element in its storage, nbytes, itemsize) of a contiguous tensor, for
+    pread at its storage's file offset; None for a strided one."""
+    if not t.is_contiguous():
+        return None
+    size = t.element_size()
+    return t.storage_offset() * size, t.numel() * size, size
+
+
 class TorchContentReader:
     """``ContentReader`` over a name -> tensor mapping; counts the bytes it reads.
 
@@ -83,18 +92,11 @@ class TorchContentReader:
         span = self.spans.get(name)
         if span is None:
             return None
-        where = self._layout
-        if where is not None:  # the loader knows the layout without making the tensor
-            layout = where(name)
-            if layout is None:
-                return None  # not one contiguous run of bytes: read through the tensor
-            offset, nbytes, itemsize = layout
-        else:
-            t = self.tensors[name]
-            if not t.is_contiguous():
-                return None
-            offset, nbytes, itemsize = t.storage_offset() * t.element_size(), t.numel() * t.element_size(), \
-                t.element_size()
+        # The loader knows the layout without making the tensor, or the tensor says it.
+        layout = self._layout(name) if self._layout is not None else tensor_layout(self.tensors[name])
+        if layout is None:
+            return None  # not one contiguous run of bytes: read through the tensor
+        offset, nbytes, itemsize = layout
         fd = self._fds.get(span.path)
         if fd is None:
             fd = self._fds[span.path] = os.open(span.path, os.O_RDONLY)

@@ -41,7 +41,7 @@ from tiecheck.analyses.candidates import is_embedding, is_output_projection
 from tiecheck.errors import TargetError
 from tiecheck.facts import TensorFact, fact_of, tensor_facts
 from tiecheck.findings import Finding, finding
-from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.content import TorchContentReader, tensor_layout
 from tiecheck.loaders.declared import embedding_names, flat_config_pairs, merge_pairs, model_declarations
 from tiecheck.loaders.detect import (
     HF_CONFIG,
@@ -471,12 +471,7 @@ class RenamedTensors(Mapping):
     def file_layout(self, name: str) -> tuple[int, int, int] | None:
         """As the files' mapping says; for a plain dict of tensors, from the tensor (contiguous only)."""
         where = getattr(self._files, "file_layout", None)
-        if callable(where):
-            return where(self._names[name])
-        t = self[name]
-        if not t.is_contiguous():
-            return None
-        return t.storage_offset() * t.element_size(), t.numel() * t.element_size(), t.element_size()
+        return where(self._names[name]) if callable(where) else tensor_layout(self[name])
 
     def facts(self) -> list[TensorFact]:
         by_file = {f.name: f for f in tensor_facts(self._files)}
