@@ -15,6 +15,14 @@ SIZE = 3 * 4096 + 123  # not a multiple of a page or of the chunk
 
 
 @pytest.fixture
+def cmp():
+    """A file comparer, closed after the test."""
+    c = verify._FileCompare()
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def files(tmp_path, monkeypatch):
     monkeypatch.setattr(verify, "CHUNK", 4096)  # several reads per range, one boundary mid-range
     data = os.urandom(SIZE)
@@ -24,46 +32,30 @@ def files(tmp_path, monkeypatch):
     return a, b, data
 
 
-def test_equal_ranges_at_unaligned_offsets(files):
+def test_equal_ranges_at_unaligned_offsets(files, cmp):
     a, b, _ = files
-    cmp = verify._FileCompare()
-    try:
-        assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)
-        assert cmp.bytes_read == 2 * SIZE
-    finally:
-        cmp.close()
+    assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)
+    assert cmp.bytes_read == 2 * SIZE
 
 
 @pytest.mark.parametrize("at", [0, 4095, 4096, SIZE - 1])
-def test_one_changed_byte_anywhere_is_found(files, at):
+def test_one_changed_byte_anywhere_is_found(files, at, cmp):
     a, b, data = files
     changed = bytearray(data)
     changed[at] ^= 1
     b.write_bytes(b"y" * 70001 + bytes(changed) + b"tail")
-    cmp = verify._FileCompare()
-    try:
-        assert not cmp.equal((str(a), 7), (str(b), 70001), SIZE)
-    finally:
-        cmp.close()
+    assert not cmp.equal((str(a), 7), (str(b), 70001), SIZE)
 
 
-def test_a_range_past_the_end_is_a_short_read(files):
+def test_a_range_past_the_end_is_a_short_read(files, cmp):
     a, b, _ = files
-    cmp = verify._FileCompare()
-    try:
-        with pytest.raises(OSError, match="short read"):
-            cmp.equal((str(a), 7), (str(b), 70001 + SIZE), SIZE)  # starts 4 bytes before the end of b
-    finally:
-        cmp.close()
+    with pytest.raises(OSError, match="short read"):
+        cmp.equal((str(a), 7), (str(b), 70001 + SIZE), SIZE)  # starts 4 bytes before the end of b
 
 
-def test_a_pair_found_equal_is_not_read_again(files):
+def test_a_pair_found_equal_is_not_read_again(files, cmp):
     a, b, _ = files
-    cmp = verify._FileCompare()
-    try:
-        assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)
-        assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)  # a dropped name sharing the kept name's bytes
-        assert cmp.bytes_read == 2 * SIZE
-        assert not cmp.equal((str(a), 7), (str(b), 70000), SIZE)  # another range is compared
-    finally:
-        cmp.close()
+    assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)
+    assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)  # a dropped name sharing the kept name's bytes
+    assert cmp.bytes_read == 2 * SIZE
+    assert not cmp.equal((str(a), 7), (str(b), 70000), SIZE)  # another range is compared

@@ -20,13 +20,17 @@ def _index(tmp_path, weight_map: dict) -> str:
     return str(index)
 
 
+def _refusal(index: str) -> str:
+    with pytest.raises(TargetError) as e:
+        tiecheck.analyze(index)
+    return str(e.value)
+
+
 def test_two_missing_shards_are_counted_with_their_tensors(tmp_path):
     write_safetensors(tmp_path / "s1.safetensors", {"a": torch.ones(2)})
     index = _index(tmp_path, {"a": "s1.safetensors", "b": "s2.safetensors", "c": "s2.safetensors",
                               "d": "s3.safetensors"})
-    with pytest.raises(TargetError) as e:
-        tiecheck.analyze(index)
-    assert str(e.value) == (f"{index}: shard 's2.safetensors' named by the index is missing from {tmp_path} "
+    assert _refusal(index) == (f"{index}: shard 's2.safetensors' named by the index is missing from {tmp_path} "
                             f"(2 of the 3 shards are missing, holding 3 tensors) (partial download?); fetch it "
                             f"and retry")
 
@@ -34,16 +38,12 @@ def test_two_missing_shards_are_counted_with_their_tensors(tmp_path):
 def test_one_missing_shard_is_named_without_a_count(tmp_path):
     write_safetensors(tmp_path / "s1.safetensors", {"a": torch.ones(2)})
     index = _index(tmp_path, {"a": "s1.safetensors", "b": "s2.safetensors"})
-    with pytest.raises(TargetError) as e:
-        tiecheck.analyze(index)
-    assert str(e.value) == (f"{index}: shard 's2.safetensors' named by the index is missing from {tmp_path} "
+    assert _refusal(index) == (f"{index}: shard 's2.safetensors' named by the index is missing from {tmp_path} "
                             f"(partial download?); fetch it and retry")
 
 
 def test_a_shard_that_does_not_hold_what_the_index_places_in_it(tmp_path):
     write_safetensors(tmp_path / "s1.safetensors", {"a": torch.ones(2)})
     index = _index(tmp_path, {"a": "s1.safetensors", "b": "s1.safetensors"})
-    with pytest.raises(TargetError) as e:
-        tiecheck.analyze(index)
-    assert str(e.value) == (f"{index}: the index places 'b' in s1.safetensors, which does not hold it; the index "
+    assert _refusal(index) == (f"{index}: the index places 'b' in s1.safetensors, which does not hold it; the index "
                             f"and shards disagree")
