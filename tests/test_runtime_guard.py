@@ -22,8 +22,10 @@ transformers = pytest.importorskip("transformers")
 pl = pytest.importorskip("lightning.pytorch")
 save_file = pytest.importorskip("safetensors.torch").save_file
 save_model = pytest.importorskip("safetensors.torch").save_model
-hf_callbacks = pytest.importorskip("tiecheck.integrations.transformers")
-lit_callbacks = pytest.importorskip("tiecheck.integrations.lightning")
+# The project's own modules are imported plainly once their libraries are there: a packaging break must
+# fail these tests, not skip them.
+from tiecheck.integrations import lightning as lit_callbacks  # noqa: E402 - after the importorskips that guard it
+from tiecheck.integrations import transformers as hf_callbacks  # noqa: E402 - idem
 
 
 class TinyLM(nn.Module):
