@@ -50,11 +50,12 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                            "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/packed.py": (None, ["tests/test_analyses.py", "tests/test_packed_pairs.py",
                                            "tests/test_packed_heads.py"]),
-    # Declared against physical and stored, and adapters against their base: built on transformers
-    # models and PEFT folders, so their tests take seconds; not yet run (docs/mutation.md).
-    "tiecheck/analyses/layers.py": (None, ["tests/test_declared.py", "tests/test_declared_diff_check.py",
-                                           "tests/test_config_tie.py", "tests/test_sharded_aliases.py"]),
-    "tiecheck/analyses/adapter.py": (None, ["tests/test_peft_adapter.py"]),
+    # Declared against physical and stored, and adapters against their base: the pure tests first, then
+    # the ones built on transformers models and PEFT folders (seconds each).
+    "tiecheck/analyses/layers.py": (None, ["tests/test_layer_states.py", "tests/test_declared.py",
+                                           "tests/test_declared_diff_check.py", "tests/test_config_tie.py",
+                                           "tests/test_sharded_aliases.py"]),
+    "tiecheck/analyses/adapter.py": (None, ["tests/test_adapter_rows.py", "tests/test_peft_adapter.py"]),
 }
 # The loaders' path checks: only the lines of the check itself are mutated (found by marker).
 PATH_CHECKS = {
