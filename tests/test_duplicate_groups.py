@@ -78,3 +78,14 @@ def test_a_declared_pair_makes_a_duplicate_a_broken_tie_in_every_group():
                               "architecture ties emb and head (input embedding and output projection), so this is "
                               "a broken tie")
     assert plain.message == "a, b hold equal int8 [2] content in separate memory (2 bytes wasted)"
+
+
+def test_a_tied_memory_is_named_by_its_smallest_name_whatever_the_order_of_its_facts():
+    # "z" and "a" are one memory (listed "z" first), "m" a separate copy of it: the group names each
+    # memory once, by its smallest name, so the same checkpoint gives the same report in any order.
+    data = {"z": b"\x01\x02", "a": b"\x01\x02", "m": b"\x01\x02"}
+    facts = [_int8("z", 2, 1), _int8("a", 2, 1), _int8("m", 2, 2)]
+    (g,), _ = find_untied_duplicates(facts, BytesReader(data))
+    assert g.names == ("a", "m") and g.aliases == (("a", "z"), ("m",))
+    (g2,), _ = find_untied_duplicates(list(reversed(facts)), BytesReader(data))
+    assert g2 == g

@@ -76,6 +76,20 @@ def test_content_pass_reports_sampled_tensors_up_to_the_total():
     assert calls == [(i, 350) for i in range(3, 349, 3)] + [(350, 350)]
 
 
+@pytest.mark.parametrize("shapes, every", [
+    # 2 + 5 to sample: below a hundred every tensor is a call, and a bucket of two counts in the total
+    ([(4,)] * 2 + [(2, 2)] * 5 + [(1, 4)], 1),
+    # 400 to sample: a call every 4 (1% of them), the last one included once
+    ([(4,)] * 400, 4),
+], ids=["seven", "four-hundred"])
+def test_content_pass_calls_per_percent_or_per_tensor(shapes, every):
+    facts = [_fact(i, s, (1,) if len(s) == 1 else (s[1], 1)) for i, s in enumerate(shapes)]
+    total = sum(1 for s in shapes if shapes.count(s) > 1)
+    calls = []
+    find_untied_duplicates(facts, DistinctReader(), progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(i, total) for i in range(every, total + 1, every)]
+
+
 def test_content_pass_without_a_callback_is_unchanged():
     facts = [_fact(i, (4,)) for i in range(10)]
     groups, stats = find_untied_duplicates(facts, DistinctReader())

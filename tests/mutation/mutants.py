@@ -40,6 +40,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                                "tests/test_progress_within_phase.py::"
                                                "test_content_pass_reports_sampled_tensors_up_to_the_total",
                                                "tests/test_progress_within_phase.py::"
+                                               "test_content_pass_calls_per_percent_or_per_tensor",
+                                               "tests/test_progress_within_phase.py::"
                                                "test_content_pass_without_a_callback_is_unchanged",
                                                "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py", "tests/test_overlap_views.py",
