@@ -330,6 +330,79 @@ def match_keys(file_keys: list[str], arch_keys: list[str], prefix: str) -> tuple
     return best, best_how
 
 
+def load_time_keys(keys: list[str], arch: Architecture) -> tuple[dict[str, str], dict[str, str]]:
+    """Where transformers' own load-time key mapping sends file keys the plain match left over.
+
+    transformers 5 renames and converts checkpoint keys while it loads (``conversion_mapping.py``):
+    legacy names are renamed one to one, and a mixture-of-experts layer saved one tensor per expert
+    is fused into the one tensor per layer its architecture holds. Its ``rename_source_key`` is
+    used as is, so the answer is what this transformers does; a hand-written copy of its patterns
+    would drift from it.
+
+    Args:
+        keys: file keys that match no architecture key by name or base-model prefix.
+        arch: the architecture, built on the meta device.
+
+    Returns:
+        ``(renamed, converted)``, each file key -> architecture key: ``renamed`` for one-to-one
+        renamings, ``converted`` for keys a converter merges with others. Both empty with
+        transformers 4 (no conversion mapping) or an architecture without a module.
+    """
+    if not keys or arch.module is None:
+        return {}, {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415 - transformers is the `hf` extra, 5.x only
+        from transformers.core_model_loading import (  # noqa: PLC0415 - idem
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:
+        return {}, {}
+    try:
+        transforms = get_model_conversion_mapping(arch.module)
+    except Exception:  # noqa: BLE001 - a mapping this model cannot give: the plain match stands, as in 4.x
+        return {}, {}
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return {}, {}
+    known = dict.fromkeys(arch.keys, True)
+    renamed: dict[str, str] = {}
+    converted: dict[str, str] = {}
+    for k in keys:
+        new, pattern = rename_source_key(k, renamings, converters, arch.prefix or None, known)
+        if new != k and new in known:
+            (converted if pattern is not None else renamed)[k] = new
+    return renamed, converted
+
+
+@dataclass
+class KeyMap:
+    """File keys against the architecture's: found once per folder, read by the reconciliation and
+    by the declared layer."""
+
+    to_arch: dict[str, str]  # file key -> architecture key, one to one
+    notes: list[str]
+    converted: dict[str, str]  # file key -> the architecture key transformers builds from it and others
+
+
+def key_map(file_keys: list[str], arch: Architecture) -> KeyMap:
+    """The file keys matched to the architecture's by name, base-model prefix, then transformers'
+    load-time renamings; and the keys its converters merge (see ``load_time_keys``)."""
+    mapping, how = match_keys(file_keys, arch.keys, arch.prefix)
+    notes = [f"file keys matched to the architecture after {how}"] if how else []
+    renamed, converted = load_time_keys([k for k in file_keys if k not in mapping], arch)
+    taken = set(mapping.values())
+    fresh = {k: v for k, v in renamed.items() if v not in taken}
+    mapping.update(fresh)
+    if fresh:
+        k, v = next(iter(fresh.items()))
+        notes.append(f"{len(fresh)} file key{'s' if len(fresh) != 1 else ''} matched to the architecture after "
+                     f"transformers' load-time renaming (e.g. {k} -> {v})")
+    return KeyMap(mapping, notes, converted)
+
+
 def _same_memory(a, b) -> bool:
     fa, fb = fact_of("a", a), fact_of("b", b)
     return fa.extent is not None and fa.identity == fb.identity
@@ -354,16 +427,19 @@ def _plural(items, one: str, many: str) -> str:
 
 
 def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, spans: dict[str, Any] | None = None,
-              ) -> tuple[dict, list[Finding], list[str], dict, dict]:
-    """The model as the architecture loads it from these files: tensors, findings, notes, facts, spans."""
+              keys: KeyMap | None = None) -> tuple[dict, list[Finding], list[str], dict, dict]:
+    """The model as the architecture loads it from these files: tensors, findings, notes, facts, spans.
+
+    ``keys`` is ``key_map(list(files), arch)`` when the caller already has it.
+    """
     spans = spans or {}
-    mapping, how = match_keys(list(files), arch.keys, arch.prefix)
+    keys = keys or key_map(list(files), arch)
+    mapping, converted = keys.to_arch, keys.converted
     file_key = {v: k for k, v in mapping.items()}
-    notes: list[str] = []
-    if how:
-        notes.append(f"file keys matched to the architecture after {how}")
+    notes: list[str] = list(keys.notes)
     stored = RenamedTensors(files, file_key)  # architecture name -> the file's tensor, made when read
-    unexpected = [k for k in files if k not in mapping]
+    unexpected = [k for k in files if k not in mapping and k not in converted]
+    built = set(converted.values())  # architecture tensors transformers builds from several file tensors
     findings: list[Finding] = []
     alias_of: dict[str, str] = {}
     redundant = 0
@@ -416,9 +492,11 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
             names[k] = file_key[src]
             if file_key[src] in spans:
                 out_spans[k] = spans[file_key[src]]
-        else:
+        elif k not in built:
             missing.append(k)
-    for k in unexpected:
+    # Tensors the architecture does not name keep their file names; so do the pieces a converter
+    # merges: the analyses see what the files store.
+    for k in [k for k in files if k in converted] + unexpected:
         names[k] = k
         if k in spans:
             out_spans[k] = spans[k]
@@ -443,7 +521,13 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     if unexpected:
         notes.append(f"{len(unexpected)} tensor(s) in the files are not in {arch.name} (e.g. "
                      f"{', '.join(unexpected[:3])}); transformers ignores them on load")
-    facts = {"missing": missing, "unexpected": unexpected, "absent_tied": [list(g) for g in absent_tied]}
+    if converted:
+        k, v = next(iter(converted.items()))
+        notes.append(f"{len(converted)} tensor(s) in the files are merged on load into {len(built)} tensor(s) of "
+                     f"{arch.name} by transformers' conversion mapping (e.g. {k} -> {v}); they are analysed as "
+                     f"stored, under their file names")
+    facts = {"missing": missing, "unexpected": unexpected, "absent_tied": [list(g) for g in absent_tied],
+             "converted": {v: sorted(k for k in converted if converted[k] == v) for v in sorted(built)}}
     return tensors, findings, notes, facts, out_spans
 
 
@@ -513,11 +597,14 @@ def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | No
 
 # -- declarations -----------------------------------------------------------------------------
 
-def folder_declarations(files: Subject, cfg: dict, arch: Architecture | None
+def folder_declarations(files: Subject, cfg: dict, arch: Architecture | None, keys: KeyMap | None = None,
                         ) -> tuple[list[dict], list[dict], dict[str, Any], list[str]]:
-    """(declarations, declared pairs, stored copies, notes) of a folder, in the architecture's names."""
+    """(declarations, declared pairs, stored copies, notes) of a folder, in the architecture's names.
+
+    ``keys`` is ``key_map(list(files.tensors), arch)`` when the caller already has it.
+    """
     if arch is not None:
-        mapping, _ = match_keys(list(files.tensors), arch.keys, arch.prefix)
+        mapping = (keys or key_map(list(files.tensors), arch)).to_arch
     else:
         mapping = {k: k for k in files.tensors}
     rename = lambda n: mapping.get(n, n)  # noqa: E731 - file key -> architecture key
@@ -559,13 +646,14 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
     arch, arch_notes = build_architecture(path, cfg, trust_remote_code=trust_remote_code, stored=len(files.tensors))
     notes += arch_notes
     extra: dict[str, Any] = {"files": files.extra.get("files", [])}
+    keys = key_map(list(files.tensors), arch) if arch is not None else None
     if arch is None:
         findings = config_vs_files(files.tensors, cfg, files.file_spans)
         tensors, spans = files.tensors, files.file_spans
         extra["architecture"] = None
     else:
         cfg_tie = arch.tie_word_embeddings
-        tensors, findings, more, facts, spans = reconcile(files.tensors, arch, cfg_tie, files.file_spans)
+        tensors, findings, more, facts, spans = reconcile(files.tensors, arch, cfg_tie, files.file_spans, keys)
         notes.insert(1, f"architecture {arch.name} built from {CONFIG} on the meta device with transformers "
                         f"{arch.version}: {len(arch.groups)} tie group{'s' if len(arch.groups) != 1 else ''}")
         notes += more
@@ -576,7 +664,7 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
                                  **facts}
     if arch is None and cfg.get("tie_word_embeddings") is not None:
         extra["config_tie_word_embeddings"] = cfg.get("tie_word_embeddings")
-    decls, pairs, copies, more = folder_declarations(files, cfg, arch)
+    decls, pairs, copies, more = folder_declarations(files, cfg, arch, keys)
     notes += more
     # `files` is top-level, as for every other target (schema_version 2).
     return Subject(tensors=tensors, config=cfg, loader_findings=files.loader_findings + findings,

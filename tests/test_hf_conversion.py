@@ -1,0 +1,128 @@
+"""Hugging Face folders whose keys transformers 5 renames or converts while it loads them.
+
+A mixture-of-experts model is saved one tensor per expert and built with one fused tensor per
+layer; a legacy checkpoint names LayerNorm weights ``gamma``/``beta``. Neither is a tensor
+transformers ignores, nor an architecture tensor it initialises: the report must say what the
+loader does with them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import tiecheck
+from tiecheck.cli import main
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+pytest.importorskip("transformers.conversion_mapping")  # transformers 5: the loader's key mapping
+
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
+
+EXPERTS, LAYERS = 4, 2
+
+
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory):
+    cfg = transformers.AutoConfig.for_model(
+        "qwen3_moe", vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+        num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        num_experts=EXPERTS, num_experts_per_tok=2, tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("moe") / "qwen3-moe"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    return d
+
+
+def per_expert(layer: int) -> list[str]:
+    return sorted(f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"
+                  for e in range(EXPERTS) for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def test_per_expert_tensors_are_merged_on_load_not_ignored(moe_folder):
+    with safetensors_torch.safe_open(str(moe_folder / "model.safetensors"), "pt") as f:
+        assert set(per_expert(0)) <= set(f.keys())  # what save_pretrained writes
+    r = tiecheck.analyze(str(moe_folder), flops=False)
+    arch = r.to_dict()["hf"]["architecture"]
+    assert arch["unexpected"] == [] and arch["missing"] == []
+    converted = arch["converted"]
+    assert sorted(converted) == sorted(f"model.layers.{i}.mlp.experts.{p}" for i in range(LAYERS)
+                                       for p in ("down_proj", "gate_up_proj"))
+    assert converted["model.layers.1.mlp.experts.down_proj"] == [
+        f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(EXPERTS)]
+    assert converted["model.layers.0.mlp.experts.gate_up_proj"] == sorted(
+        f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in range(EXPERTS) for p in ("gate", "up"))
+    notes = r.source["notes"]
+    assert not any("ignores them on load" in n or "initialises them on load" in n for n in notes)
+    (merged,) = [n for n in notes if "merged on load" in n]
+    assert merged.startswith(f"{LAYERS * EXPERTS * 3} tensor(s) in the files are merged on load into {LAYERS * 2} "
+                             "tensor(s) of Qwen3MoeForCausalLM by transformers' conversion mapping")
+    # The pieces are analysed as stored; the tie the architecture declares is still found.
+    names = {t["name"] for t in r.tensors}
+    assert set(per_expert(1)) <= names and "model.layers.1.mlp.experts.down_proj" not in names
+    assert [g["names"] for g in r.tie_groups] == [["lm_head.weight", "model.embed_tokens.weight"]]
+
+
+def test_a_key_no_rule_reaches_is_still_ignored(moe_folder, tmp_path):
+    d = tmp_path / "extra"
+    d.mkdir()
+    (d / "config.json").write_text((moe_folder / "config.json").read_text())
+    tensors = safetensors_torch.load_file(str(moe_folder / "model.safetensors"))
+    tensors["model.layers.0.mlp.experts.0.stray.weight"] = tensors["model.norm.weight"].clone()
+    safetensors_torch.save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    arch = tiecheck.analyze(str(d), flops=False).to_dict()["hf"]["architecture"]
+    assert arch["unexpected"] == ["model.layers.0.mlp.experts.0.stray.weight"]
+    assert len(arch["converted"]) == LAYERS * 2
+
+
+def test_an_expert_missing_from_the_files_leaves_its_fused_tensor_built_from_the_rest(moe_folder, tmp_path):
+    # The report lists exactly the pieces the files hold for each fused tensor.
+    d = tmp_path / "gap"
+    d.mkdir()
+    (d / "config.json").write_text((moe_folder / "config.json").read_text())
+    tensors = safetensors_torch.load_file(str(moe_folder / "model.safetensors"))
+    del tensors["model.layers.0.mlp.experts.3.down_proj.weight"]
+    safetensors_torch.save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    converted = tiecheck.analyze(str(d), flops=False).to_dict()["hf"]["architecture"]["converted"]
+    assert converted["model.layers.0.mlp.experts.down_proj"] == [
+        f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(3)]
+
+
+@pytest.fixture(scope="module")
+def legacy_bert(tmp_path_factory):
+    """A tiny BertForMaskedLM saved with the LayerNorm names of old checkpoints (gamma, beta)."""
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32)
+    model = transformers.BertForMaskedLM(cfg)
+    d = tmp_path_factory.mktemp("bert") / "legacy"
+    model.save_pretrained(d)
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"):
+          v.detach().clone().contiguous() for k, v in model.state_dict().items()
+          if k != "cls.predictions.decoder.weight"}  # tied to the word embeddings: save_pretrained drops it too
+    safetensors_torch.save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_legacy_names_are_renamed_as_transformers_renames_them(legacy_bert):
+    r = tiecheck.analyze(str(legacy_bert), flops=False)
+    arch = r.to_dict()["hf"]["architecture"]
+    assert arch["unexpected"] == [] and arch["missing"] == [] and arch["converted"] == {}
+    with safetensors_torch.safe_open(str(legacy_bert / "model.safetensors"), "pt") as f:
+        legacy = [k for k in f.keys() if k.endswith((".gamma", ".beta"))]
+    assert len(legacy) == 8  # four LayerNorms: embeddings, attention output, output, the MLM transform
+    (note,) = [n for n in r.source["notes"] if "load-time renaming" in n]
+    assert note.startswith("8 file keys matched to the architecture after transformers' load-time renaming (e.g. ")
+    names = {t["name"] for t in r.tensors}
+    assert "bert.embeddings.LayerNorm.weight" in names and "bert.embeddings.LayerNorm.gamma" not in names
+    assert ["bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"] in \
+        [g["names"] for g in r.tie_groups]
+
+
+def test_the_cli_says_it_in_one_note(moe_folder):
+    res = CliRunner().invoke(main, ["inspect", str(moe_folder), "--no-flops", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["hf"]["architecture"]["converted"]
+    assert sum("merged on load" in n for n in report["source"]["notes"]) == 1
