@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import tiecheck
 from tiecheck.cli import main
+from tiecheck.loaders import hf
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -126,3 +127,28 @@ def test_the_cli_says_it_in_one_note(moe_folder):
     report = json.loads(res.output)
     assert report["hf"]["architecture"]["converted"]
     assert sum("merged on load" in n for n in report["source"]["notes"]) == 1
+
+
+def test_a_current_name_beside_its_legacy_one_keeps_the_current(legacy_bert, tmp_path):
+    d = tmp_path / "both"
+    d.mkdir()
+    (d / "config.json").write_text((legacy_bert / "config.json").read_text())
+    tensors = safetensors_torch.load_file(str(legacy_bert / "model.safetensors"))
+    # The current name beside the legacy one: the current name is the architecture's, the legacy is left over.
+    tensors["bert.embeddings.LayerNorm.weight"] = tensors["bert.embeddings.LayerNorm.gamma"].clone() + 1
+    safetensors_torch.save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    r = tiecheck.analyze(str(d), flops=False)
+    assert r.to_dict()["hf"]["architecture"]["unexpected"] == ["bert.embeddings.LayerNorm.gamma"]
+    (note,) = [n for n in r.source["notes"] if "load-time renaming" in n]
+    assert note.startswith("7 file keys matched")
+
+
+def test_two_renamed_keys_never_land_on_one_name(monkeypatch):
+    arch = hf.Architecture(name="M", keys=["a.weight", "b.weight"], groups=[], declared={}, prefix="",
+                           tie_word_embeddings=None, input_embedding=None, output_embedding=None, version="5")
+    monkeypatch.setattr(hf, "load_time_keys", lambda keys, _arch: (
+        {"a.gamma": "a.weight", "old.a": "a.weight", "b.gamma": "b.weight"}, {}))
+    km = hf.key_map(["a.gamma", "old.a", "b.gamma"], arch)
+    assert km.to_arch == {"a.gamma": "a.weight", "b.gamma": "b.weight"}
+    assert km.notes == ["2 file keys matched to the architecture after transformers' load-time renaming "
+                        "(e.g. a.gamma -> a.weight)"]

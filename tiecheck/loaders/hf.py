@@ -394,7 +394,11 @@ def key_map(file_keys: list[str], arch: Architecture) -> KeyMap:
     notes = [f"file keys matched to the architecture after {how}"] if how else []
     renamed, converted = load_time_keys([k for k in file_keys if k not in mapping], arch)
     taken = set(mapping.values())
-    fresh = {k: v for k, v in renamed.items() if v not in taken}
+    fresh: dict[str, str] = {}
+    for k, v in renamed.items():  # as in match_keys, two file keys never land on one architecture key
+        if v not in taken:
+            fresh[k] = v
+            taken.add(v)
     mapping.update(fresh)
     if fresh:
         k, v = next(iter(fresh.items()))
