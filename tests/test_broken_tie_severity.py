@@ -28,7 +28,9 @@ def test_a_cloned_head_fails_inspect_under_the_default_fail_on(tmp_path):
     # one finding for the pair: the duplicate, as an error; no TC006 for the same two names again
     assert _codes(report) == [("TC005", "error")]
     assert report["findings"][0]["names"] == [HEAD, EMB]
-    assert "the architecture ties" in report["findings"][0]["message"]
+    # A state dict holds no config: the pair is known by its roles, and nothing is said to declare it.
+    assert report["findings"][0]["message"].endswith(f"; {HEAD} and {EMB} are an input embedding and its output "
+                                                     "projection, so this is a broken tie")
     assert report["tie_candidates"][0]["names"] == sorted([EMB, HEAD])
 
 
@@ -47,6 +49,15 @@ def test_a_config_that_declares_the_pair_untied_keeps_it_a_warning():
     model.config = type("Config", (), {"tie_word_embeddings": False})()
     r = analyze(model)
     assert [(f["code"], f["severity"]) for f in r.findings] == [("TC005", "warning")]
+
+
+def test_a_config_that_declares_the_pair_tied_is_named_as_the_declaration():
+    model = tm.broken()
+    model.config = type("Config", (), {"tie_word_embeddings": True})()
+    (f,) = analyze(model).findings
+    assert (f["code"], f["severity"]) == ("TC005", "error")
+    assert f["message"].endswith(f"; the config (tie_word_embeddings=true) ties {HEAD} and {EMB} (input embedding "
+                                 "and output projection), so this is a broken tie")
 
 
 def test_untied_candidates_keep_their_info_finding_with_sorted_names():

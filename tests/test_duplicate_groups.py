@@ -74,9 +74,13 @@ def test_a_declared_pair_makes_a_duplicate_a_broken_tie_in_every_group():
     declared = iter([("x", "y"), ("head", "emb")])
     broken, plain = duplicate_findings(list(reversed(groups)), declared)[::-1]
     assert (broken.severity, plain.severity) == ("error", "warning")
-    assert broken.message == ("emb, head hold equal int8 [3] content in separate memory (3 bytes wasted); the "
-                              "architecture ties emb and head (input embedding and output projection), so this is "
-                              "a broken tie")
+    # Known by their roles alone (a bare state dict): nothing is said to declare them.
+    assert broken.message == ("emb, head hold equal int8 [3] content in separate memory (3 bytes wasted); emb and "
+                              "head are an input embedding and its output projection, so this is a broken tie")
+    assert plain.message == "a, b hold equal int8 [2] content in separate memory (2 bytes wasted)"
+    broken, plain = duplicate_findings(groups, [("head", "emb")], "the config (tie_word_embeddings=true)")
+    assert broken.message.endswith("(3 bytes wasted); the config (tie_word_embeddings=true) ties emb and head "
+                                   "(input embedding and output projection), so this is a broken tie")
     assert plain.message == "a, b hold equal int8 [2] content in separate memory (2 bytes wasted)"
 
 

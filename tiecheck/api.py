@@ -219,7 +219,9 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
                        "transposed": {**tstats.to_dict(), "copies": [c.to_dict() for c in copies]}}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}
-        findings += duplicate_findings(dup_groups, must_tie_pairs(cands, config_ties(subject)))
+        cfg_tie = config_ties(subject)
+        findings += duplicate_findings(dup_groups, must_tie_pairs(cands, cfg_tie),
+                                       "the config (tie_word_embeddings=true)" if cfg_tie else None)
         # A loader that found a transposed copy from its graph (ONNX) has reported it already.
         findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])
     else:

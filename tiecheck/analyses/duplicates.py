@@ -192,13 +192,16 @@ def declared_pair(g: DuplicateGroup, must_tie: Iterable[tuple[str, str]]) -> tup
     return None
 
 
-def duplicate_findings(groups: list[DuplicateGroup], must_tie: Iterable[tuple[str, str]] = ()) -> list[Finding]:
+def duplicate_findings(groups: list[DuplicateGroup], must_tie: Iterable[tuple[str, str]] = (),
+                       declared_by: str | None = None) -> list[Finding]:
     """TC005 for each group that is not constant-valued.
 
     Args:
         groups: the untied duplicates.
-        must_tie: name pairs the architecture (or its config) says are one tensor; a group that
-            holds one is a broken tie, an error, where a copy nothing declares stays a warning.
+        must_tie: name pairs that are one tensor (an input embedding and its output projection);
+            a group that holds one is a broken tie, an error, where any other copy stays a warning.
+        declared_by: what declares the ``must_tie`` pairs tied (e.g. the config), when something
+            does; None where the pairs are known by their roles alone (a bare state dict).
 
     Returns:
         One finding per group.
@@ -212,8 +215,10 @@ def duplicate_findings(groups: list[DuplicateGroup], must_tie: Iterable[tuple[st
                    f"separate memory ({g.bytes_wasted:,} bytes wasted)")
         pair = declared_pair(g, must_tie)
         if pair is not None:
-            message += (f"; the architecture ties {' and '.join(sorted(pair))} (input embedding and output "
-                        f"projection), so this is a broken tie")
+            a, b = sorted(pair)
+            message += (f"; {declared_by} ties {a} and {b} (input embedding and output projection), so this is a "
+                        f"broken tie" if declared_by else
+                        f"; {a} and {b} are an input embedding and its output projection, so this is a broken tie")
         out.append(finding("TC005", message, g.names, severity="error" if pair else None,
                            hint=f"{RULES['TC005'].hint} Here: {assignment(g.names)}"))
     return out
