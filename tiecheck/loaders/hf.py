@@ -525,13 +525,16 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     if unexpected:
         notes.append(f"{len(unexpected)} tensor(s) in the files are not in {arch.name} (e.g. "
                      f"{', '.join(unexpected[:3])}); transformers ignores them on load")
+    pieces: dict[str, list[str]] = {}  # architecture key -> the file keys merged into it
+    for k, v in converted.items():
+        pieces.setdefault(v, []).append(k)
     if converted:
         k, v = next(iter(converted.items()))
         notes.append(f"{len(converted)} tensor(s) in the files are merged on load into {len(built)} tensor(s) of "
                      f"{arch.name} by transformers' conversion mapping (e.g. {k} -> {v}); they are analysed as "
                      f"stored, under their file names")
     facts = {"missing": missing, "unexpected": unexpected, "absent_tied": [list(g) for g in absent_tied],
-             "converted": {v: sorted(k for k in converted if converted[k] == v) for v in sorted(built)}}
+             "converted": {v: sorted(pieces[v]) for v in sorted(pieces)}}
     return tensors, findings, notes, facts, out_spans
 
 
