@@ -16,6 +16,7 @@ from click.testing import CliRunner
 import tiecheck
 from tiecheck.cli import main
 from tiecheck.loaders import hf
+from tiecheck.loaders.safetensors_files import MappedTensors
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -152,3 +153,13 @@ def test_two_renamed_keys_never_land_on_one_name(monkeypatch):
     assert km.to_arch == {"a.gamma": "a.weight", "b.gamma": "b.weight"}
     assert km.notes == ["2 file keys matched to the architecture after transformers' load-time renaming "
                         "(e.g. a.gamma -> a.weight)"]
+
+
+def test_the_files_facts_are_built_once_per_folder(moe_folder, monkeypatch):
+    # The reconciliation, the declared layer and the analyses all read the files' facts: one pass over
+    # the header, not one per reader (a 100,000-tensor folder pays each pass in full).
+    calls = []
+    original = MappedTensors.facts
+    monkeypatch.setattr(MappedTensors, "facts", lambda self: calls.append(1) or original(self))
+    tiecheck.analyze(str(moe_folder), flops=False)
+    assert len(calls) == 1

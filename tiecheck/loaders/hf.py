@@ -431,10 +431,12 @@ def _plural(items, one: str, many: str) -> str:
 
 
 def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, spans: dict[str, Any] | None = None,
-              keys: KeyMap | None = None) -> tuple[dict, list[Finding], list[str], dict, dict]:
+              keys: KeyMap | None = None, file_facts: list[TensorFact] | None = None,
+              ) -> tuple[dict, list[Finding], list[str], dict, dict]:
     """The model as the architecture loads it from these files: tensors, findings, notes, facts, spans.
 
-    ``keys`` is ``key_map(list(files), arch)`` when the caller already has it.
+    ``keys`` (``key_map(list(files), arch)``) and ``file_facts`` (``tensor_facts(files)``) are
+    passed when the caller already has them.
     """
     spans = spans or {}
     keys = keys or key_map(list(files), arch)
@@ -443,7 +445,9 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     notes: list[str] = list(keys.notes)
     stored = RenamedTensors(files, file_key)  # architecture name -> the file's tensor, made when read
     unexpected = [k for k in files if k not in mapping and k not in converted]
-    built = set(converted.values())  # architecture tensors transformers builds from several file tensors
+    pieces: dict[str, list[str]] = {}  # architecture key transformers builds on load -> the file keys merged into it
+    for k, v in converted.items():
+        pieces.setdefault(v, []).append(k)
     findings: list[Finding] = []
     alias_of: dict[str, str] = {}
     redundant = 0
@@ -496,7 +500,7 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
             names[k] = file_key[src]
             if file_key[src] in spans:
                 out_spans[k] = spans[file_key[src]]
-        elif k not in built:
+        elif k not in pieces:
             missing.append(k)
     # Tensors the architecture does not name keep their file names; so do the pieces a converter
     # merges: the analyses see what the files store.
@@ -504,7 +508,7 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
         names[k] = k
         if k in spans:
             out_spans[k] = spans[k]
-    tensors = RenamedTensors(files, names)
+    tensors = RenamedTensors(files, names, file_facts)
 
     head, emb = arch.output_embedding, arch.input_embedding
     arch_ties = bool(head and emb and arch.group_of(head) and emb in arch.group_of(head))
@@ -525,12 +529,9 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     if unexpected:
         notes.append(f"{len(unexpected)} tensor(s) in the files are not in {arch.name} (e.g. "
                      f"{', '.join(unexpected[:3])}); transformers ignores them on load")
-    pieces: dict[str, list[str]] = {}  # architecture key -> the file keys merged into it
-    for k, v in converted.items():
-        pieces.setdefault(v, []).append(k)
     if converted:
         k, v = next(iter(converted.items()))
-        notes.append(f"{len(converted)} tensor(s) in the files are merged on load into {len(built)} tensor(s) of "
+        notes.append(f"{len(converted)} tensor(s) in the files are merged on load into {len(pieces)} tensor(s) of "
                      f"{arch.name} by transformers' conversion mapping (e.g. {k} -> {v}); they are analysed as "
                      f"stored, under their file names")
     facts = {"missing": missing, "unexpected": unexpected, "absent_tied": [list(g) for g in absent_tied],
@@ -542,10 +543,11 @@ class RenamedTensors(Mapping):
     """The files' tensors under the architecture's names, as transformers loads them: ``names`` maps
     each name to the file key whose tensor it is (a tied name the files drop maps to the one they
     store). Facts and file layouts come from the files' own mapping, renamed, so a folder of
-    100,000 tensors makes no tensor and no ``fact_of`` per name where its loader need not."""
+    100,000 tensors makes no tensor and no ``fact_of`` per name where its loader need not;
+    ``file_facts`` are those facts when the caller already built them."""
 
-    def __init__(self, files: Mapping, names: dict[str, str]):
-        self._files, self._names = files, names
+    def __init__(self, files: Mapping, names: dict[str, str], file_facts: list[TensorFact] | None = None):
+        self._files, self._names, self._file_facts = files, names, file_facts
 
     def __getitem__(self, name: str):
         return self._files[self._names[name]]
@@ -565,7 +567,8 @@ class RenamedTensors(Mapping):
         return where(self._names[name]) if callable(where) else tensor_layout(self[name])
 
     def facts(self) -> list[TensorFact]:
-        by_file = {f.name: f for f in tensor_facts(self._files)}
+        by_file = {f.name: f for f in (self._file_facts if self._file_facts is not None
+                                       else tensor_facts(self._files))}
         out = []
         for name, key in self._names.items():
             f = by_file[key]
@@ -574,13 +577,15 @@ class RenamedTensors(Mapping):
         return out
 
 
-def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | None = None) -> list[Finding]:
-    """TC011 without an architecture: the config's tie setting against embedding and head found by name."""
+def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | None = None,
+                    facts: list[TensorFact] | None = None) -> list[Finding]:
+    """TC011 without an architecture: the config's tie setting against embedding and head found by name.
+    ``facts`` are ``tensor_facts(files)`` when the caller already has them."""
 
     tie = cfg.get("tie_word_embeddings")
     if not isinstance(tie, bool):
         return []
-    facts = tensor_facts(files)
+    facts = facts if facts is not None else tensor_facts(files)
     embeds = [f for f in facts if is_embedding(f)]
     heads = [f for f in facts if is_output_projection(f) and not is_embedding(f)]
     out = []
@@ -604,18 +609,15 @@ def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | No
 
 # -- declarations -----------------------------------------------------------------------------
 
-def folder_declarations(files: Subject, cfg: dict, arch: Architecture | None, keys: KeyMap | None = None,
-                        ) -> tuple[list[dict], list[dict], dict[str, Any], list[str]]:
+def folder_declarations(files: Subject, facts: list[TensorFact], cfg: dict, arch: Architecture | None,
+                        keys: KeyMap | None) -> tuple[list[dict], list[dict], dict[str, Any], list[str]]:
     """(declarations, declared pairs, stored copies, notes) of a folder, in the architecture's names.
 
-    ``keys`` is ``key_map(list(files.tensors), arch)`` when the caller already has it.
+    ``facts`` are the files' (``tensor_facts(files.tensors)``); ``keys`` is
+    ``key_map(list(files.tensors), arch)``, None without an architecture.
     """
-    if arch is not None:
-        mapping = (keys or key_map(list(files.tensors), arch)).to_arch
-    else:
-        mapping = {k: k for k in files.tensors}
+    mapping = keys.to_arch if keys is not None else {}
     rename = lambda n: mapping.get(n, n)  # noqa: E731 - file key -> architecture key
-    facts = tensor_facts(files.tensors)
     copies = {rename(f.name): f.identity for f in facts}
     decls = list(files.declarations)
     pairs = [{**p, "names": [rename(n) for n in p["names"]]} for p in files.declared_pairs]
@@ -654,13 +656,15 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
     notes += arch_notes
     extra: dict[str, Any] = {"files": files.extra.get("files", [])}
     keys = key_map(list(files.tensors), arch) if arch is not None else None
+    file_facts = tensor_facts(files.tensors)  # once: the reconciliation and the declarations both read them
     if arch is None:
-        findings = config_vs_files(files.tensors, cfg, files.file_spans)
+        findings = config_vs_files(files.tensors, cfg, files.file_spans, file_facts)
         tensors, spans = files.tensors, files.file_spans
         extra["architecture"] = None
     else:
         cfg_tie = arch.tie_word_embeddings
-        tensors, findings, more, facts, spans = reconcile(files.tensors, arch, cfg_tie, files.file_spans, keys)
+        tensors, findings, more, facts, spans = reconcile(files.tensors, arch, cfg_tie, files.file_spans, keys,
+                                                          file_facts)
         notes.insert(1, f"architecture {arch.name} built from {CONFIG} on the meta device with transformers "
                         f"{arch.version}: {len(arch.groups)} tie group{'s' if len(arch.groups) != 1 else ''}")
         notes += more
@@ -671,7 +675,7 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
                                  **facts}
     if arch is None and cfg.get("tie_word_embeddings") is not None:
         extra["config_tie_word_embeddings"] = cfg.get("tie_word_embeddings")
-    decls, pairs, copies, more = folder_declarations(files, cfg, arch, keys)
+    decls, pairs, copies, more = folder_declarations(files, file_facts, cfg, arch, keys)
     notes += more
     # `files` is top-level, as for every other target (schema_version 2).
     return Subject(tensors=tensors, config=cfg, loader_findings=files.loader_findings + findings,
