@@ -9,9 +9,10 @@ so its cost grows with the number of experts. Two folders, 64 and 128 experts in
 (6,434 and 12,578 tensors, tiny shapes), each measured in a fresh interpreter (imports, transformers
 included, are setup):
 
-* ``key_map`` alone, on the architecture already built;
-* ``tiecheck.analyze(path, flops=False, duplicates=False)`` whole, in the same run: the baseline
-  the key map is a share of.
+* ``key_map`` alone, on the architecture already built: its first call (what ``inspect`` pays,
+  one-time set-up in transformers included) and the best of three (the per-key cost);
+* ``tiecheck.analyze(path, flops=False, duplicates=False)`` whole, in the same run (the best of three
+  fresh interpreters): the baseline the key map is a share of.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ KEY_MAP = ("_p = pathlib.Path({path!r}); _cfg = json.loads((_p / 'config.json').
            "from safetensors import safe_open\n"
            "with safe_open(str(_p / 'model.safetensors'), 'pt') as _f: _keys = list(_f.keys())\n"
            "_arch, _ = hf.build_architecture(_p, _cfg, stored=len(_keys))\n"
-           "_t = time.perf_counter(); _km = hf.key_map(_keys, _arch); _out['key_map_s'] = time.perf_counter() - _t\n"
+           "_ts = []\n"
+           "for _ in range(3):\n"
+           "    _t = time.perf_counter(); _km = hf.key_map(_keys, _arch); _ts.append(time.perf_counter() - _t)\n"
+           "_out['key_map_first_s'] = _ts[0]; _out['key_map_s'] = min(_ts)\n"
            "_out['keys'] = len(_keys); _out['converted'] = len(_km.converted)")
 ANALYZE = ("_r = tiecheck.analyze({path!r}, flops=False, duplicates=False)\n"
            "_out['unexpected'] = len(_r.to_dict()['hf']['architecture']['unexpected'])")
@@ -54,10 +58,14 @@ def moe_folders(tmp_path_factory):
 def test_key_map_share_of_inspect(benchmark, moe_folders, publish, experts):
     path = str(moe_folders[experts])
     keyed = run_child(KEY_MAP.format(path=path), setup=SETUP)
-    whole = benchmark.pedantic(lambda: run_child(ANALYZE.format(path=path), setup=SETUP), rounds=3, iterations=1)
-    benchmark.extra_info.update(keys=keyed["keys"], key_map_s=keyed["key_map_s"], analyze_s=whole["wall_s"])
+    runs = []
+    benchmark.pedantic(lambda: runs.append(run_child(ANALYZE.format(path=path), setup=SETUP)), rounds=3, iterations=1)
+    whole = min(runs, key=lambda r: r["wall_s"])
+    first, best = keyed["key_map_first_s"], keyed["key_map_s"]
+    benchmark.extra_info.update(keys=keyed["keys"], key_map_first_s=first, key_map_s=best, analyze_s=whole["wall_s"])
     publish(f"\n{experts} experts x {LAYERS} layers: {keyed['keys']:,} file keys, {keyed['converted']:,} merged on "
-            f"load | key_map {keyed['key_map_s'] * 1e3:.0f} ms ({keyed['key_map_s'] / keyed['keys'] * 1e6:.1f} us a "
-            f"key) | tiecheck.analyze(flops=False, duplicates=False) {whole['wall_s'] * 1e3:.0f} ms, peak RSS "
-            f"{whole['peak_rss_mib']:.0f} MiB | key_map share {keyed['key_map_s'] / whole['wall_s']:.2f}")
+            f"load | key_map first call {first * 1e3:.0f} ms, best of 3 {best * 1e3:.0f} ms "
+            f"({best / keyed['keys'] * 1e6:.1f} us a key) | tiecheck.analyze(flops=False, duplicates=False) "
+            f"{whole['wall_s'] * 1e3:.0f} ms, peak RSS {whole['peak_rss_mib']:.0f} MiB | first call's share "
+            f"{first / whole['wall_s']:.2f}")
     assert keyed["converted"] == LAYERS * experts * 3 and whole["unexpected"] == 0
