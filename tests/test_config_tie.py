@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import tiecheck
-from tests.support.checkpoints import llama_config, llama_tensors, write_safetensors
 from tiecheck.loaders.hf import Architecture, config_vs_files, reconcile
+
+from support.checkpoints import llama_config, llama_tensors, write_safetensors
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tests.support.checkpoints import llama_config, write_safetensors
+from support.checkpoints import llama_config, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

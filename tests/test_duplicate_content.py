@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import tiecheck
-from tests.support.checkpoints import write_safetensors
 from tiecheck.loaders.content import RUN_ELEMENTS, SAMPLE_RUNS, _sample_starts
+
+from support.checkpoints import write_safetensors
 
 SHAPE = (64, 48)
 N = SHAPE[0] * SHAPE[1]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import tiecheck
-from tests.support.checkpoints import write_safetensors
 from tiecheck.errors import TargetError
+
+from support.checkpoints import write_safetensors
 
 
 def _index(tmp_path, shard) -> str:
