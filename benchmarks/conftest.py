@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The benchmarks reuse the suite's synthetic builders (tests/support), as the suite itself imports them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 RESULTS = Path(__file__).parent / "results"
 _published: dict[str, list[str]] = {}  # benchmark module -> the figure lines its tests printed
 
