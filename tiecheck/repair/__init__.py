@@ -87,7 +87,8 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     ties, unties = _pairs(tie, parse_tie), _pairs(untie, parse_untie)
 
     subject = load_target(path)
-    report = analyze_subject(subject, duplicates=False)
+    # The content pass too: a broken tie (TC005) is found by comparing bytes, and fix answers it.
+    report = analyze_subject(subject, duplicates=True)
     facts = build_facts(subject, build_module_facts(None))
     layout, weights = layout_of(path)
     torch_obj, opt_keys = None, []
@@ -95,7 +96,7 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
         torch_obj, _ = torch_load(str(path))
         opt_keys = _optimizer_keys(torch_obj)
     plan = make_plan(report, subject, path, tie=ties, untie=unties, drop_optimizer=drop_optimizer,
-                     optimizer_keys=opt_keys, unreachable=stored_unreachable(subject, facts))
+                     optimizer_keys=opt_keys, unreachable=stored_unreachable(subject, facts), output=out)
     result = FixResult(plan=plan, output=None if out is None else str(out), dry_run=dry_run)
     if dry_run:
         return result

@@ -12,12 +12,15 @@ Nothing here reads tensor values except the one comparison ``--tie`` needs to sa
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tiecheck.analyses.candidates import is_embedding, is_output_projection
 from tiecheck.analyses.layers import TWO_DIFFERENT, TWO_EQUAL
 from tiecheck.errors import TiecheckError
+from tiecheck.facts import fact_of
 from tiecheck.loaders import detect
 from tiecheck.loaders.content import TorchContentReader
 from tiecheck.loaders.hf import find_weights
@@ -39,10 +42,14 @@ class Action:
     disk_saved: int = 0
     memory_saved: int = 0
     lost: str | None = None  # what the action gives up, on the user's word
+    # The findings (code, names) this action answers: its own ``why`` when that is a code, and for
+    # ``--tie A=B`` every finding about exactly that pair which one tensor answers.
+    answers: tuple[tuple[str, frozenset], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"action": self.kind, "names": list(self.names), "why": self.why, "detail": self.detail,
-                "disk_saved": self.disk_saved, "memory_saved": self.memory_saved, "lost": self.lost}
+                "disk_saved": self.disk_saved, "memory_saved": self.memory_saved, "lost": self.lost,
+                "answers": sorted(f"{code} {', '.join(sorted(names))}" for code, names in self.answers)}
 
 
 @dataclass
@@ -71,7 +78,8 @@ class Plan:
     @property
     def answered(self) -> set[tuple[str, frozenset]]:
         """(finding code, names) the plan answers; verification holds the output to it."""
-        return {(a.why, frozenset(a.names)) for a in self.actions if a.why.startswith("TC")}
+        return {(a.why, frozenset(a.names)) for a in self.actions if a.why.startswith("TC")} | {
+            answer for a in self.actions for answer in a.answers}
 
     def changes(self) -> bool:
         return bool(self.actions)
@@ -176,7 +184,8 @@ def _same_group(report, a: str, b: str) -> bool:
 
 def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (),
               untie: Sequence[tuple[str, str]] = (), drop_optimizer: bool = False,
-              optimizer_keys: Sequence[str] = (), unreachable: Sequence[dict] = ()) -> Plan:
+              optimizer_keys: Sequence[str] = (), unreachable: Sequence[dict] = (),
+              output: Path | None = None) -> Plan:
     """The corrected copy's plan.
 
     Args:
@@ -188,12 +197,14 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
         drop_optimizer: drop optimizer state from a training checkpoint whose parameters merge or split.
         optimizer_keys: the training checkpoint's top-level keys that hold optimizer state.
         unreachable: per storage, the bytes no name reaches (``api.stored_unreachable``).
+        output: where the copy goes, for the commands the plan suggests (``-o OUT`` when not given).
 
     Returns:
         The Plan. Raises TiecheckError for a name the target does not hold or a request the layout cannot express.
     """
     layout, _ = layout_of(path)
     plan = Plan(target=str(path), layout=layout)
+    command = f"tiecheck fix {shlex.quote(str(path))} -o {shlex.quote(str(output)) if output else 'OUT'}"
     # A folder: transformers re-ties what its architecture declares, so memory is one copy either way.
     in_memory = 0 if layout == HF_FOLDER else 1
     # The user's word wins over what fix would do by itself for the same pair.
@@ -240,34 +251,13 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
     for a, b in tie:
         _check_name(subject, a, "--tie")
         _check_name(subject, b, "--tie")
-        if not _stored(subject, b):
-            raise TiecheckError(f"--tie {a}={b}: the files do not store {b}; keep a stored name")
-        sa, sb = subject.tensors[a], subject.tensors[b]
-        if tuple(sa.shape) != tuple(sb.shape) or sa.dtype != sb.dtype:
-            raise TiecheckError(f"--tie {a}={b}: {a} is {tuple(sa.shape)} {sa.dtype}, {b} is {tuple(sb.shape)} "
-                                f"{sb.dtype}; only tensors of one shape and dtype can be one tensor")
-        if _same_group(report, a, b) and not (_stored(subject, a) and _stored(subject, b)):
-            plan.unanswered.append(f"--tie {a}={b}: already tied")
-            continue
-        if layout == SHARDED:
-            raise TiecheckError(f"--tie {a}={b}: a sharded checkpoint without config.json has no alias that loaders "
-                                f"restore across shards; fix the Hugging Face folder it belongs to")
-        if layout == HF_FOLDER:
-            r = _row_for(report, a, b)
-            if r is None or r["names"][0] != a:
-                raise TiecheckError(f"--tie {a}={b}: transformers fills only the names its architecture ties; in this "
-                                    f"folder --tie takes the declared pair {_declared_text(report)}")
-            for p in _tie_paths(subject) or ["tie_word_embeddings"]:
-                plan.config[p] = True
-        lost = None
-        equal = _equal(subject, a, b)
-        if not equal:
-            lost = f"the stored content of {a} ({_nbytes(subject, a):,} bytes) differs from {b} and is replaced by it"
-            plan.replaced[a] = b
-        n = _nbytes(subject, a) if _stored(subject, a) else 0
-        plan.drop[a] = b
-        plan.actions.append(Action("tie", (a, b), "--tie", f"{a} becomes an alias of {b} ({_alias_words(layout)})",
-                                   disk_saved=n, memory_saved=n * in_memory, lost=lost))
+        _tie(plan, report, subject, a, b, "--tie", in_memory)
+
+    for f, head, emb in _broken_embedding_ties(report, subject, asked | {frozenset(a.names) for a in plan.actions}):
+        try:
+            _tie(plan, report, subject, head, emb, "TC005", in_memory)
+        except TiecheckError as e:
+            plan.unanswered.append(f"TC005 {', '.join(f['names'])}: {str(e).split(': ', 1)[-1]}")
 
     for a, b in untie:
         _check_name(subject, a, "--untie")
@@ -304,7 +294,118 @@ def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (
         plan.drop_keys = list(optimizer_keys)
         plan.actions.append(Action("drop-optimizer", tuple(optimizer_keys), "--drop-optimizer",
                                    "drop the optimizer state: its entries are indexed by parameter position"))
+    plan.unanswered += _not_answered(plan, report, subject, command)
     return plan
+
+
+def _tie(plan: Plan, report, subject, a: str, b: str, why: str, in_memory: int) -> None:
+    """Add the action that makes ``a`` an alias of ``b`` (b's bytes kept), for ``--tie`` or a finding.
+
+    Raises TiecheckError where the layout cannot express the tie (the message says why).
+    """
+    layout = plan.layout
+    if not _stored(subject, b):
+        raise TiecheckError(f"--tie {a}={b}: the files do not store {b}; keep a stored name")
+    sa, sb = subject.tensors[a], subject.tensors[b]
+    if tuple(sa.shape) != tuple(sb.shape) or sa.dtype != sb.dtype:
+        raise TiecheckError(f"--tie {a}={b}: {a} is {tuple(sa.shape)} {sa.dtype}, {b} is {tuple(sb.shape)} "
+                            f"{sb.dtype}; only tensors of one shape and dtype can be one tensor")
+    if _same_group(report, a, b) and not (_stored(subject, a) and _stored(subject, b)):
+        plan.unanswered.append(f"--tie {a}={b}: already tied")
+        return
+    if layout == SHARDED:
+        raise TiecheckError(f"--tie {a}={b}: a sharded checkpoint without config.json has no alias that loaders "
+                            f"restore across shards; fix the Hugging Face folder it belongs to")
+    if layout == HF_FOLDER:
+        r = _row_for(report, a, b)
+        if r is None or r["names"][0] != a:
+            raise TiecheckError(f"--tie {a}={b}: transformers fills only the names its architecture ties; in this "
+                                f"folder --tie takes the declared pair {_declared_text(report)}")
+        for p in _tie_paths(subject) or ["tie_word_embeddings"]:
+            plan.config[p] = True
+    lost = None
+    if not _equal(subject, a, b):
+        lost = f"the stored content of {a} ({_nbytes(subject, a):,} bytes) differs from {b} and is replaced by it"
+        plan.replaced[a] = b
+    n = _nbytes(subject, a) if _stored(subject, a) else 0
+    plan.drop[a] = b
+    pair = frozenset((a, b))
+    answers = tuple((f["code"], pair) for f in report.findings
+                    if f["code"] in TIE_ANSWERS and frozenset(f["names"]) == pair)
+    detail = f"{a} becomes an alias of {b} ({_alias_words(layout)})"
+    if why == "TC005":
+        detail = f"store {b} once: {a}, its output projection, holds equal bytes and becomes its alias " \
+                 f"({_alias_words(layout)})"
+    plan.actions.append(Action("retie" if why.startswith("TC") else "tie", (a, b), why, detail, disk_saved=n,
+                               memory_saved=n * in_memory, lost=lost, answers=answers))
+
+
+# Findings about exactly two names that making them one tensor answers.
+TIE_ANSWERS = frozenset({"TC005", "TC006", "TC010", "TC015", "TC016"})
+
+
+def _broken_embedding_ties(report, subject, taken: set[frozenset]) -> list[tuple[dict, str, str]]:
+    """(finding, output projection, input embedding) of each TC005 error over exactly that pair.
+
+    TC005 is an error only where the two equal copies are an input embedding and its output
+    projection (a broken tie): re-tying them loses nothing, since the bytes are equal. The output
+    projection becomes the alias, as transformers' ``tie_weights`` makes the head the embedding's.
+    """
+    out = []
+    for f in report.findings:
+        names = frozenset(f["names"])
+        if f["code"] != "TC005" or f["severity"] != "error" or len(names) != 2 or names in taken:
+            continue
+        facts = [fact_of(n, subject.tensors[n]) for n in sorted(names) if n in subject.tensors]
+        heads = [x.name for x in facts if is_output_projection(x) and not is_embedding(x)]
+        embeds = [x.name for x in facts if is_embedding(x)]
+        if len(facts) == 2 and len(heads) == 1 and len(embeds) == 1:
+            out.append((f, heads[0], embeds[0]))
+    return out
+
+
+def _not_answered(plan: Plan, report, subject, command: str) -> list[str]:
+    """Each error and warning the plan leaves, with why and, where tying a pair would answer it, the
+    exact command; the info findings in one line (observations, nothing to repair)."""
+    answered = plan.answered
+    said = {line.split(":", 1)[0] for line in plan.unanswered}
+    out, info = [], []
+    for f in report.findings:
+        names = f["names"]
+        if (f["code"], frozenset(names)) in answered or f"{f['code']} {', '.join(names)}" in said:
+            continue
+        if f["severity"] == "info":
+            info.append(f["code"])
+            continue
+        out.append(f"{f['code']} {', '.join(names)}: {_why_not(f, subject, command)}")
+    if info:
+        codes = sorted(set(info))
+        out.append(f"{len(info)} info finding{'s' if len(info) != 1 else ''} ({', '.join(codes)}): observations with "
+                   f"nothing to repair; `tiecheck inspect` shows them")
+    return out
+
+
+def _why_not(f: dict, subject, command: str) -> str:
+    """Why fix leaves this finding, and the command that answers it where a tie would."""
+    names = [n for n in f["names"] if n in subject.tensors]
+    pairable = len(f["names"]) == 2 and len(names) == 2 and f["code"] in TIE_ANSWERS
+    if pairable:
+        a, b = names
+        ta, tb = subject.tensors[a], subject.tensors[b]
+        pairable = tuple(ta.shape) == tuple(tb.shape) and ta.dtype == tb.dtype
+    if f["code"] == "TC005":
+        why = "equal copies that nothing declares one tensor (models keep some apart on purpose)"
+    elif f["code"] == "TC010":
+        why = "two stored copies with different content: decide which one is right"
+    else:
+        why = "no action of fix answers it (see its hint in `tiecheck inspect`)"
+    if pairable:
+        # Keep the input embedding where one is named (the head becomes its alias), else the first name.
+        embeds = [n for n in names if is_embedding(fact_of(n, subject.tensors[n]))]
+        kept = embeds[0] if len(embeds) == 1 else min(names)
+        dropped = next(n for n in names if n != kept)
+        return f"{why}; if they are meant to be one tensor: {command} --tie {dropped}={kept}"
+    return why
 
 
 def _alias_words(layout: str) -> str:
