@@ -164,6 +164,7 @@ def test_nothing_on_stderr_under_ci_even_on_a_terminal(index, monkeypatch):
 def test_forced_bar_shows_shards_and_samples_on_stderr_only(index, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.setattr(progress_mod, "on_terminal", lambda: True)
+    monkeypatch.setattr(progress_mod, "SHOW_AFTER", 0.0)
     result = CliRunner().invoke(main, ["inspect", str(index), "--format", "json"])
     assert result.exit_code == 0, result.output
     assert f"reading the target: {SHARDS}/{SHARDS} shards" in result.stderr

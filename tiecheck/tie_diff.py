@@ -31,7 +31,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tabulate import tabulate
 
@@ -144,28 +144,40 @@ def _saved_report(target: Any) -> Report | None:
 
 
 def diff(a: Any, b: Any, *, key: str | None = None, trust_pickle: bool = False, trust_remote_code: bool = False,
-         duplicates: bool = True) -> TieDiff:
+         duplicates: bool = True, progress: Callable[[int, str], None] | None = None) -> TieDiff:
     """Compare the ties of two targets (anything ``analyze`` accepts, a Report, or a saved JSON report).
 
     The content pass runs by default so that a tie broken into equal copies is recognised as
-    such; ``duplicates=False`` skips it.
+    such; ``duplicates=False`` skips it. ``progress(units_done, label)`` is called as each of
+    four phases starts (reading A, reading B, analysing A, analysing B), as ``analyze`` calls it.
     """
     with collector(enabled=False):  # as in analyze: two checkpoints of 100,000 tensors each
         return _diff(a, b, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-                     duplicates=duplicates)
+                     duplicates=duplicates, step=progress or (lambda n, label: None))
 
 
 def _diff(a: Any, b: Any, *, key: str | None, trust_pickle: bool, trust_remote_code: bool,
-          duplicates: bool) -> TieDiff:
+          duplicates: bool, step: Callable[[int, str], None]) -> TieDiff:
     kwargs = dict(key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code, duplicates=duplicates)
-    sa, sb = _as_subject(a, **kwargs), _as_subject(b, **kwargs)
-    if sa is not None and sb is not None:
-        ra, rb = analyze_subject(sa, duplicates=duplicates), analyze_subject(sb, duplicates=duplicates)
-        if by_content(sa, sb):
-            return compare_content(ra, rb, sa, sb)
-        return compare(ra, rb)
-    return compare(_as_report(a, **kwargs) if sa is None else analyze_subject(sa, duplicates=duplicates),
-                   _as_report(b, **kwargs) if sb is None else analyze_subject(sb, duplicates=duplicates))
+    step(0, f"reading {_label(a)}")
+    sa = _as_subject(a, **kwargs)
+    step(1, f"reading {_label(b)}")
+    sb = _as_subject(b, **kwargs)
+
+    def report(target: Any, subject: Subject | None, units: int) -> Report:
+        step(units, f"analysing {_label(target)}")
+        return _as_report(target, **kwargs) if subject is None else analyze_subject(subject, duplicates=duplicates)
+
+    ra, rb = report(a, sa, 1), report(b, sb, 1)
+    step(1, "comparing")
+    if sa is not None and sb is not None and by_content(sa, sb):
+        return compare_content(ra, rb, sa, sb)
+    return compare(ra, rb)
+
+
+def _label(target: Any) -> str:
+    """A target as a progress label: its path or name, else what it is."""
+    return str(target) if isinstance(target, (str, Path)) else type(target).__name__
 
 
 # Formats whose tensor names differ from the PyTorch model's by design.

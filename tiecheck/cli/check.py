@@ -25,6 +25,7 @@ from tiecheck.cli.options import (
     trust_options,
     warn_trust,
 )
+from tiecheck.cli.progress import command_progress
 from tiecheck.errors import TiecheckError
 from tiecheck.report.text import clean, json_text, one_line
 
@@ -131,6 +132,16 @@ def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt
     With no TARGET, checks every target listed in [tool.tiecheck] of pyproject.toml. Exit codes:
     0 clean, 1 a check failed, 2 usage or input error.
     """
+    progress = command_progress(1)  # one phase per target, counted once the targets are known
+    try:
+        _check(progress, targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt, config_file,
+               no_config, declared_agrees, key, trust_pickle, trust_remote_code, debug)
+    finally:
+        progress.close()
+
+
+def _check(progress, targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt, config_file, no_config,
+           declared_agrees, key, trust_pickle, trust_remote_code, debug):
     # The boundary where the work starts: checking analyses targets (torch, transformers).
     from tiecheck.guard.check import check_target, shown  # noqa: PLC0415
     from tiecheck.guard.policy import (  # noqa: PLC0415
@@ -171,9 +182,13 @@ def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt
                             "[tool.tiecheck]; none is set for " + ", ".join(t.target for t in plan))
     warn_trust(any(t.trust_pickle for t in plan), any(t.trust_remote_code for t in plan), prefix="")
 
-    outcomes = [check_target(t, update=update, extra_tied=expect_tied, debug=debug, accept_errors=accept_errors,
-                             fail_on_origin=shown(policy.path) if policy.path and not fail_on else None)
-                for t in plan]
+    progress.total = len(plan)
+    outcomes = []
+    for t in plan:
+        progress(0 if not outcomes else 1, f"checking {t.target}")
+        outcomes.append(check_target(t, update=update, extra_tied=expect_tied, debug=debug, accept_errors=accept_errors,
+                                     fail_on_origin=shown(policy.path) if policy.path and not fail_on else None))
+    progress.close()  # before the report is written
     if fmt == "json":
         text = json_text({"targets": [o.to_dict() for o in outcomes]})
     elif fmt == "github":

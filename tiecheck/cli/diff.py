@@ -16,6 +16,7 @@ from tiecheck.cli.options import (
     warn_trust,
     write_output,
 )
+from tiecheck.cli.progress import command_progress
 
 
 @click.command("diff")
@@ -34,11 +35,15 @@ def diff_command(a, b, fmt, output, key, trust_pickle, trust_remote_code, no_dup
 
     A and B are anything `inspect` accepts, or a report saved with `inspect --format json`.
     """
-    # The boundary where the work starts: diff analyses both targets (torch, transformers).
-    from tiecheck.tie_diff import diff, render_diff  # noqa: PLC0415
-
     warn_trust(trust_pickle, trust_remote_code)
-    result = diff(a, b, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-                  duplicates=not no_duplicates)
+    progress = command_progress(4)  # read A, read B, analyse A, analyse B (then compare)
+    try:
+        # The boundary where the work starts: diff analyses both targets (torch, transformers).
+        from tiecheck.tie_diff import diff, render_diff  # noqa: PLC0415
+
+        result = diff(a, b, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                      duplicates=not no_duplicates, progress=progress if progress.enabled else None)
+    finally:
+        progress.close()
     write_output(render_diff(result, fmt), output, protect=(a, b))
     sys.exit(result.exit_code)

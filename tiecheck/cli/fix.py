@@ -11,6 +11,7 @@ import sys
 import click
 
 from tiecheck.cli.options import EXIT_FAILED, EXIT_OK, handle_errors, write_output
+from tiecheck.cli.progress import command_progress
 
 
 def _tie_values(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -61,11 +62,15 @@ def fix(**options):
 
 
 def _fix(target, output, dry_run, tie, untie, force, drop_optimizer, fmt, debug):
-    # The boundary where the work starts: fix imports torch.
-    from tiecheck.repair import fix as run_fix  # noqa: PLC0415
-    from tiecheck.repair.render import render  # noqa: PLC0415
+    progress = command_progress(3 if dry_run else 5)  # read, analyse, plan (then write, verify)
+    try:
+        # The boundary where the work starts: fix imports torch.
+        from tiecheck.repair import fix as run_fix  # noqa: PLC0415
+        from tiecheck.repair.render import render  # noqa: PLC0415
 
-    result = run_fix(target, output, dry_run=dry_run, tie=tie, untie=untie, force=force,
-                     drop_optimizer=drop_optimizer)
+        result = run_fix(target, output, dry_run=dry_run, tie=tie, untie=untie, force=force,
+                         drop_optimizer=drop_optimizer, progress=progress if progress.enabled else None)
+    finally:
+        progress.close()
     write_output(render(result, fmt), None)
     sys.exit(EXIT_OK if result.exit_code() == 0 else EXIT_FAILED)

@@ -18,7 +18,7 @@ from tiecheck.cli.options import (
     warn_trust,
     write_output,
 )
-from tiecheck.cli.progress import Progress
+from tiecheck.cli.progress import command_progress
 from tiecheck.errors import TiecheckError
 
 
@@ -80,14 +80,14 @@ def inspect(target: str, fmt: str, output: str | None, fail_on: str, expect_tied
     torch.export .pt2, TorchScript, a torch.distributed.checkpoint folder), a bundled model name
     (see `tiecheck models`), or a Python spec `path/to/file.py:factory` / `package.module:factory`.
     """
-    # The boundary where the work starts: the API imports torch, the renderers pandas.
-    from tiecheck.api import analyze  # noqa: PLC0415
-    from tiecheck.report.render import render  # noqa: PLC0415
-
     warn_trust(trust_pickle, trust_remote_code)
     # phases: reading, the content pass, counting FLOPs; the bar is cleared before the report is written
-    progress = Progress(1 + (not no_duplicates) + (not no_flops))
+    progress = command_progress(1 + (not no_duplicates) + (not no_flops))
     try:
+        # The boundary where the work starts: the API imports torch, the renderers pandas.
+        from tiecheck.api import analyze  # noqa: PLC0415
+        from tiecheck.report.render import render  # noqa: PLC0415
+
         report = analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
                          duplicates=not no_duplicates, optimizer=optimizer, expect_tied=expect_tied,
                          flops=not no_flops, batch_size=batch_size, seq_len=seq_len,

@@ -13,6 +13,7 @@ import sys
 import click
 
 from tiecheck.cli.options import EXIT_FAILED, EXIT_OK, debug_option, handle_errors, output_option, write_output
+from tiecheck.cli.progress import command_progress
 from tiecheck.errors import TiecheckError
 
 
@@ -51,16 +52,22 @@ def plan(target: str, policy: object, fmt: str, output: str | None, debug: bool)
     anything that yields a module. The module is built on the meta device and the plan replayed
     without a process group.
     """
-    # The boundary where the work starts: the loaders and the planner import torch.
-    from tiecheck.loaders import load_target  # noqa: PLC0415
-    from tiecheck.shard.wrap import check_plan, render_text  # noqa: PLC0415
+    progress = command_progress(2)  # build the module, replay the plan
+    try:
+        # The boundary where the work starts: the loaders and the planner import torch.
+        from tiecheck.loaders import load_target  # noqa: PLC0415
+        from tiecheck.shard.wrap import check_plan, render_text  # noqa: PLC0415
 
-    subject = load_target(target)
-    module = subject.module if subject.module is not None else subject.architecture
-    if module is None:
-        raise TiecheckError(f"{target}: holds tensors but no module to shard; give a bundled model name, a Python "
-                            "spec file.py:factory or a Hugging Face model folder")
-    check = check_plan(module, policy)  # type: ignore[arg-type]
+        progress(0, f"building {target} on the meta device")
+        subject = load_target(target)
+        module = subject.module if subject.module is not None else subject.architecture
+        if module is None:
+            raise TiecheckError(f"{target}: holds tensors but no module to shard; give a bundled model name, a "
+                                "Python spec file.py:factory or a Hugging Face model folder")
+        progress(1, "replaying the wrap plan")
+        check = check_plan(module, policy)  # type: ignore[arg-type]
+    finally:
+        progress.close()
     text = json.dumps({"target": target, **check.to_dict()}, indent=2) + "\n" if fmt == "json" else \
         render_text(check, target)
     write_output(text, output, protect=(target,))

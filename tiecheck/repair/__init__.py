@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from tiecheck.api import analyze_subject, stored_unreachable
 from tiecheck.errors import TiecheckError
@@ -55,7 +55,7 @@ def _optimizer_keys(obj: Any) -> list[str]:
 
 def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, dry_run: bool = False,
         tie: Sequence[Any] = (), untie: Sequence[Any] = (), force: bool = False,
-        drop_optimizer: bool = False) -> FixResult:
+        drop_optimizer: bool = False, progress: Callable[[int, str], None] | None = None) -> FixResult:
     """Plan, write and verify a corrected copy of ``target`` at ``output``.
 
     Args:
@@ -68,6 +68,8 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
         untie: ``"A,B"`` strings or pairs: give each name its own copy.
         force: replace an existing output (never the input).
         drop_optimizer: drop a training checkpoint's optimizer state when parameters merge or split.
+        progress: called as ``progress(units_done, label)`` as each phase starts: reading, analysing,
+            planning, writing, verifying (the last two not on a dry run).
 
     Returns:
         The FixResult: the plan, and the checks of the written copy (none on a dry run).
@@ -86,9 +88,13 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
         check_output(path, out, force=force)
     ties, unties = _pairs(tie, parse_tie), _pairs(untie, parse_untie)
 
+    step = progress or (lambda n, label: None)
+    step(0, f"reading {path}")
     subject = load_target(path)
+    step(1, f"analysing {len(subject.tensors):,} tensors")
     # The content pass too: a broken tie (TC005) is found by comparing bytes, and fix answers it.
     report = analyze_subject(subject, duplicates=True)
+    step(1, "planning")
     facts = build_facts(subject, build_module_facts(None))
     layout, weights = layout_of(path)
     torch_obj, opt_keys = None, []
@@ -103,7 +109,9 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     tmp = temp_path(out)
     discard(tmp)
     try:
+        step(1, f"writing {out}")
         write(plan, path, weights, tmp, torch_obj=torch_obj, state_key=subject.source.key)
+        step(1, "verifying the copy")
         result.checks = verify(plan, path, tmp, subject)
     except BaseException:
         discard(tmp)
