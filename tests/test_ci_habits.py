@@ -125,3 +125,20 @@ def test_the_github_workflow_parses_and_its_commands_pass(pytester, monkeypatch)
             assert res.stdout.splitlines()[-1] == "tiecheck check: 1 target checked"
         else:
             pytester.runpytest_inprocess("-p", "no:hypothesispytest", *argv[1:]).assert_outcomes(passed=1)
+
+
+def test_the_documented_install_lines_are_valid_requirements():
+    """docs/ci.md tells a project how to depend on tiecheck, which no package index holds: every
+    requirement it shows parses as pip parses it and names tiecheck with the `hf` extra."""
+    from packaging.requirements import Requirement  # noqa: PLC0415 - pip's own parser, only for this check
+
+    text = CI_DOC.read_text(encoding="utf-8")
+    section = text.split("## Installing tiecheck into your project", 1)[1].split("\n## ", 1)[0]
+    lines = re.findall(r'"(tiecheck[^"]*)"', section)
+    assert len(lines) >= 3
+    for line in lines:
+        req = Requirement(line.replace("<tiecheck's git URL>", "https://example.org/tiecheck.git")
+                          .replace("<rev>", "v0.1.0").replace("/path/to/", "/opt/"))
+        assert req.name == "tiecheck"
+        assert req.url and req.url.startswith(("git+https://", "file:///")), line
+    assert "pre-commit install" in text and "pre-commit run --all-files" in text
