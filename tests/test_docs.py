@@ -355,6 +355,33 @@ def test_command_examples_use_real_commands_and_options(page):
     assert not problems, "\n  ".join(problems)
 
 
+def options_outside_tiecheck() -> set[str]:
+    """Options the pages name that belong to other programs: the pytest plugin's, the mutation
+    runner's (both read from their own code), torchrun's, and pytest-benchmark's namespace."""
+    plugin = (ROOT / "tiecheck" / "pytest_plugin" / "plugin.py").read_text(encoding="utf-8")
+    runner = (ROOT / "tests" / "mutation" / "mutants.py").read_text(encoding="utf-8")
+    found = re.findall(r'addoption\("(--[\w-]+)"', plugin) + re.findall(r'add_argument\("(--[\w-]+)"', runner)
+    return set(found) | {"--standalone"}  # torch.distributed.run's single-node rendezvous
+
+
+def unknown_option_spans(text: str) -> list[str]:
+    """Code spans starting with an option that no tiecheck command (nor a program above) has."""
+    known = {o for cmd in main.commands.values() for p in cmd.params
+             for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]} | options_outside_tiecheck()
+    return sorted({m for m in re.findall(r"`(--[a-z][a-z0-9-]*)", text)
+                   if m not in known and not m.startswith("--benchmark-")})
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_option_a_page_names_exists(page):
+    """docs/formats.md once named a `--flops` option that no command has."""
+    assert unknown_option_spans(page.read_text(encoding="utf-8")) == []
+
+
+def test_unknown_option_spans_catches_a_made_up_option():
+    assert unknown_option_spans("counted with `--flops`, or `--no-flops` to skip") == ["--flops"]
+
+
 # --- 4. the findings table -------------------------------------------------------------------------
 
 
