@@ -184,7 +184,7 @@ def resolve(cfg: ConvergeConfig) -> Plan:
         if preset.kind != "decoder":
             raise TiecheckError(f"--model {name}: an encoder-decoder; --mode converge trains a language model, "
                                 "so choose a decoder such as gpt-mini or llama-mini")
-        description = preset.description + (f" With {overrides}." if overrides else "")
+        description = preset.description + (f" Changed: {config_changes(overrides)}." if overrides else "")
         max_pos = models.get_config(name, **overrides).max_positions
         if seq_len > max_pos:
             raise TiecheckError(f"--seq-len {seq_len}: {name} has {max_pos} positions; use --seq-len {max_pos} or less")
@@ -533,6 +533,11 @@ def _window_means(losses: list[float], steps: list[int]) -> list[float]:
     return out
 
 
+
+
+def config_changes(overrides: Mapping[str, Any]) -> str:
+    """A bundled model's config changes as the header shows them: ``n_layer 2, d_model 64``."""
+    return ", ".join(f"{k} {v}" for k, v in overrides.items())
 
 
 def _header(plan: Plan, data: Data, command: Optional[str], load: Optional[str], params: dict[str, int],

@@ -539,6 +539,16 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     return tensors, findings, notes, facts, out_spans
 
 
+def architecture_ties(groups: list[tuple[str, ...]]) -> str:
+    """What the built architecture ties, in words that cannot be read as the files' tie groups
+    (which the report counts below, and which differ where the files store two copies)."""
+    if not groups:
+        return "it ties no names"
+    shown = "; ".join(" = ".join(g) for g in groups[:3])
+    more = f" and {len(groups) - 3} more" if len(groups) > 3 else ""
+    return f"it ties {shown}{more}"
+
+
 class RenamedTensors(Mapping):
     """The files' tensors under the architecture's names, as transformers loads them: ``names`` maps
     each name to the file key whose tensor it is (a tied name the files drop maps to the one they
@@ -666,7 +676,7 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
         tensors, findings, more, facts, spans = reconcile(files.tensors, arch, cfg_tie, files.file_spans, keys,
                                                           file_facts)
         notes.insert(1, f"architecture {arch.name} built from {CONFIG} on the meta device with transformers "
-                        f"{arch.version}: {len(arch.groups)} tie group{'s' if len(arch.groups) != 1 else ''}")
+                        f"{arch.version}: {architecture_ties(arch.groups)}")
         notes += more
         extra["architecture"] = {"class": arch.name, "transformers": arch.version,
                                  "ties": [list(g) for g in arch.groups],

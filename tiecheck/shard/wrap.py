@@ -358,8 +358,9 @@ def render_text(check: WrapCheck, target: str) -> str:
                f"refused at the first forward: {check.error}" if check.error else
                "unsafe: a tie straddles units and no root unit checks them; the shards train apart")
     lines.append(f"verdict: {verdict}")
-    if not check.tie_groups:
-        lines.append("ties: none")
+    lines.append("calls, in this order:" if check.units else "calls: none")
+    lines += [f"  {u.call()}" for u in check.units]
+    lines.append("ties:" if check.tie_groups else "ties: none")
     for g in check.tie_groups:
         us = sorted({check.owner[n] for n in g if check.owner.get(n) is not None})
         where = " | ".join(check.units[i].label() for i in us) or "no unit"
