@@ -47,8 +47,8 @@ def one_cpu_thread():
     torch.set_num_threads(threads)
 
 
-def test_check_vs_one_gpt_mini_step(benchmark, one_cpu_thread, publish):
-    dev = torch.device("cpu")
+def _gpt_mini_step(dev: torch.device):
+    """gpt-mini, its AdamW, and one train step of it (forward with the loss, backward, AdamW)."""
     module = models.build("gpt-mini", tied=True, device=dev, seed=0)
     optimizer, _ = D.make_adamw(module.parameters(), dev)
     v = Variant(name="tied", module=module, fn=module, dev=dev, dtype="fp32", mode="train", optimizer=optimizer,
@@ -60,6 +60,11 @@ def test_check_vs_one_gpt_mini_step(benchmark, one_cpu_thread, publish):
         v.step(batch, _NoTimer())
         v.losses.clear()
 
+    return module, optimizer, step
+
+
+def test_check_vs_one_gpt_mini_step(benchmark, one_cpu_thread, publish):
+    module, optimizer, step = _gpt_mini_step(torch.device("cpu"))
     guard = TieGuard(module, optimizer=optimizer)
     assert len(guard.ties) == 1
     for _ in range(2):  # warm-up: AdamW state, allocator
@@ -92,22 +97,6 @@ def test_check_on_an_8b_llama_on_meta(benchmark, publish):
     benchmark.extra_info.update(params=n, build_s=build_s, check_s=check_s)
     publish(f"\n{n / 1e9:.2f}B-param Llama on meta: TieGuard() {build_s * 1e3:.1f} ms (the full tie analysis, once); "
             f"guard.check() {check_s * 1e6:.2f} us")
-
-
-def _gpt_mini_step(dev: torch.device):
-    """gpt-mini, its AdamW, and one train step of it (forward with the loss, backward, AdamW)."""
-    module = models.build("gpt-mini", tied=True, device=dev, seed=0)
-    optimizer, _ = D.make_adamw(module.parameters(), dev)
-    v = Variant(name="tied", module=module, fn=module, dev=dev, dtype="fp32", mode="train", optimizer=optimizer,
-                scaler=D.grad_scaler(dev, "fp32"))
-    config = models.get_config("gpt-mini")
-    batch = make_batches(config.kind, config.vocab_size, 4, 64, 1, 0, dev)[0]
-
-    def step() -> None:
-        v.step(batch, _NoTimer())
-        v.losses.clear()
-
-    return module, optimizer, step
 
 
 def _tiny_trainer_step_s(tmp_path) -> float:
