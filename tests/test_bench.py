@@ -24,6 +24,8 @@ from tiecheck.bench import device as D
 from tiecheck.bench.flops import flops_shape, forward_flops, step_flops
 from tiecheck.bench.plot import plot
 from tiecheck.bench.protocol import (
+    LossLog,
+    Variant,
     diverged,
     identical_weights,
     make_batches,
@@ -122,6 +124,39 @@ def test_memory_is_counted_from_tensors(train_result):
     # Fused AdamW keeps two fp32 moments and a 4-byte step per parameter tensor.
     assert u.optimizer_bytes - t.optimizer_bytes == 2 * 4 * vd + 4
     assert t.peak_bytes is None  # no device allocator on the CPU
+
+
+def test_steps_keep_no_allocation_of_their_own_alive():
+    # A kept 0-dim loss per step pinned glibc's heap around it (tiecheck bench grew to 1.5 GB on
+    # gpt-mini); every step's loss now lands in one buffer allocated for the run.
+    cpu = torch.device("cpu")
+    model = bundled_builder("gpt-mini", TINY)(True, cpu, 0)
+    v = Variant(name="tied", module=model, fn=model, dev=cpu, dtype="fp32", mode="train",
+                optimizer=D.make_adamw(model.parameters(), cpu)[0])
+    batches = make_batches("decoder", TINY["vocab_size"], 2, 8, 2, 0, cpu)
+    timer = D.PhaseTimer(cpu)
+    expected = []
+    for i in range(5):
+        b = batches[i % 2]
+        with torch.no_grad():
+            expected.append(model(*b.inputs, targets=b.targets).loss.item())
+        timer.mark()
+        v.step(b, timer)
+    assert len(v.losses) == 5
+    assert len({v.losses[i].untyped_storage().data_ptr() for i in range(5)}) == 1
+    assert v.losses.values().tolist() == pytest.approx(expected, rel=1e-6)
+    assert v.losses_finite() and float(v.losses[-1]) == pytest.approx(expected[-1], rel=1e-6)
+    v.release()
+    assert v.losses.values().tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_loss_log_grows_past_its_capacity():
+    log = LossLog(capacity=2)
+    for x in range(5):
+        log.append(torch.tensor(float(x)))
+    assert (len(log), log.values().tolist(), float(log[-1])) == (5, [0.0, 1.0, 2.0, 3.0, 4.0], 4.0)
+    log.clear()
+    assert not log and log.values().tolist() == []
 
 
 def test_optimizer_state_bytes_counts_moments():

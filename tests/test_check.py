@@ -77,6 +77,37 @@ def test_update_rewrites_only_when_ties_change(project):
     assert json.loads((project / "ties.json").read_text())["tie_groups"] == []
 
 
+def test_update_says_what_it_changes_as_a_snapshot_diff(project):
+    assert run("lm.py:tied", "--expect", "ties.json", "--update")[0] == 0
+    code, out, _ = run("lm.py:untied", "--expect", "ties.json", "--update")
+    assert (code, out) == (0, "lm.py:untied: ok (0 tie groups; snapshot updated ties.json)\n"
+                              f"  ties.json: removes tie group {HEAD} = {EMB} (same_parameter)\n"
+                              "tiecheck check: 1 target checked, 1 snapshot written\n")
+    code, out, _ = run("lm.py:tied", "--expect", "ties.json", "--update")
+    assert code == 0 and f"  ties.json: adds tie group {HEAD} = {EMB} (same_parameter)\n" in out
+    # One memory under two Parameter objects: the same names, another kind (an error it must accept).
+    code, out, _ = run("lm.py:distinct", "--expect", "ties.json", "--update", "--accept-errors")
+    assert code == 1 and (f"  ties.json: changes tie group {HEAD} = {EMB}: kind same_parameter -> "
+                          "distinct_parameters\n") in out
+    code, out, _ = run("lm.py:untied", "--expect", "ties.json", "--update", "--format", "json")
+    [target] = json.loads(out)["targets"]
+    assert target["snapshot_changes"] == [{"change": "removes", "names": [HEAD, EMB], "kind": "distinct_parameters"}]
+    code, out, _ = run("lm.py:tied", "--expect", "ties.json", "--update", "--format", "github")
+    assert (f"::notice file=ties.json,title=tiecheck snapshot::lm.py:tied: ties.json adds tie group {HEAD} = {EMB} "
+            "(same_parameter)\n") in out
+    code, out, _ = run("lm.py:tied", "--expect", "ties.json", "--update")  # unchanged: no diff
+    assert out == ("lm.py:tied: ok (1 tie group; snapshot unchanged ties.json)\n"
+                   "tiecheck check: 1 target checked, 0 snapshots written\n")
+
+
+def test_update_over_an_unreadable_snapshot_says_it_replaces_it(project):
+    (project / "ties.json").write_text("{not json")
+    code, out, _ = run("lm.py:tied", "--expect", "ties.json", "--update")
+    assert code == 0
+    assert ("  ties.json: replaces a snapshot it could not read (not valid JSON (line 1, column 2: Expecting "
+            "property name enclosed in double quotes))\n") in out
+
+
 def test_inspect_json_is_accepted_as_expectation(project):
     result = CliRunner().invoke(main, ["inspect", "lm.py:tied", "--format", "json", "-o", "report.json"])
     assert result.exit_code == 0, result.stderr

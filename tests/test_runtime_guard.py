@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import warnings
@@ -176,6 +177,22 @@ def test_only_the_report_rank_prints_the_details(monkeypatch):
         assert len(warn_guard.check(where="x")) == 1
 
 
+def test_a_note_ends_the_message_on_every_rank(monkeypatch):
+    model = TinyLM()
+    guard = TieGuard(model)
+    assert guard.check(where="step 1", note="checkpoint not written: out/checkpoint-1") == []  # silent while tied
+    model.head.weight = nn.Parameter(model.head.weight.detach().clone())
+    with pytest.raises(TieLostError) as err:
+        guard.check(where="step 2", note="checkpoint not written: out/checkpoint-2")
+    assert str(err.value).endswith("re-tie: model.head.weight = model.emb.weight\n"
+                                   "  checkpoint not written: out/checkpoint-2")
+    monkeypatch.setattr(runtime, "_rank", lambda: 1)
+    with pytest.raises(TieLostError) as err:
+        guard.check(where="step 2", note="checkpoint not written: out/checkpoint-2")
+    assert str(err.value) == ("rank 1: 1 tie lost, found at step 2: emb.weight, head.weight; checkpoint not written: "
+                              "out/checkpoint-2 (rank 0 reports the details)")
+
+
 def test_dtensor_parameters_are_compared_by_their_local_shard(tmp_path):
     dist = torch.distributed
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -229,8 +246,10 @@ def _train_hf(tmp_path, model, callbacks=(), trainer_cls=None, resume=None, **ar
     kw = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
               report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
     kw.update(args)
+    evaluates = kw.get("eval_strategy", "no") != "no"
     trainer = (trainer_cls or transformers.Trainer)(model=model, args=transformers.TrainingArguments(**kw),
-                                                    train_dataset=data, callbacks=list(callbacks))
+                                                    train_dataset=data, eval_dataset=data if evaluates else None,
+                                                    callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=resume)
     return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -242,7 +261,8 @@ def test_trainer_clean_run_passes_and_changes_no_loss(tmp_path):
     assert [(t.names, t.declared_by) for t in cb.guard.ties] == [
         (("lm_head.weight", "transformer.wte.weight"),
          "GPT2LMHeadModel._tied_weights_keys and GPT2LMHeadModel.config tie_word_embeddings (GPT2Config)")]
-    assert cb.guard.last_ok == "on_train_begin (after the Trainer set up the model and optimizer)"
+    assert cb.guard.checks == 4  # on_train_begin, after each of the 2 optimizer steps, on_train_end
+    assert cb.guard.last_ok == "on_train_end at step 2"
     assert len(guarded) == 2 and guarded == plain
 
 
@@ -288,12 +308,134 @@ def test_trainer_on_save_says_the_checkpoint_keeps_the_tie_and_resume_is_checked
     assert verdicts[0].text == ("kept: transformer.wte.weight stored once; lm_head.weight re-tied on load "
                                 "(GPT2LMHeadModel._tied_weights_keys and GPT2LMHeadModel.config tie_word_embeddings "
                                 "(GPT2Config))")
-    assert cb.guard.last_ok == "on_save at step 2"
+    assert cb.guard.last_ok == "on_train_end at step 2"
 
     resumed = _gpt2()
     cb2 = hf_callbacks.TiecheckCallback(resumed)
+    seen = _record_checks(cb2.guard)
     _train_hf(tmp_path, resumed, [cb2], max_steps=3, resume=folder)
-    assert cb2.guard.last_ok == "on_train_begin (after resuming at step 2)"
+    assert seen == ["on_train_begin (after resuming at step 2)", "step 3", "on_train_end at step 3"]
+
+
+def _record_checks(guard: TieGuard) -> list[str]:
+    """The points the guard is checked at, in order, as the callbacks name them."""
+    seen: list[str] = []
+    check = guard.check
+
+    def recording(where="check", **kw):
+        seen.append(where)
+        return check(where, **kw)
+
+    guard.check = recording
+    return seen
+
+
+class ReplaceHeadAt(transformers.TrainerCallback):
+    """Replaces the head by a clone at the end of optimizer step ``step``, as code that swaps a module mid-run does."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            model.lm_head = copy.deepcopy(model.lm_head)
+
+
+def _checkpoints(tmp_path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("save", [dict(save_strategy="no"), dict(save_strategy="steps", save_steps=2)],
+                         ids=["no-saves", "save-every-2"])
+def test_trainer_tie_broken_mid_run_is_found_at_that_step_and_never_saved(tmp_path, save):
+    model = _gpt2()
+    cb = hf_callbacks.TiecheckCallback(model)
+    with pytest.raises(TieLostError) as err:
+        _train_hf(tmp_path, model, [ReplaceHeadAt(3), cb], max_steps=10, **save)
+    msg = str(err.value)
+    assert msg.startswith("1 tie lost, found at step 3:\n  lm_head.weight, transformer.wte.weight: 2 separate copies")
+    held = "on_save at step 2" if save["save_strategy"] == "steps" else "step 2"  # the last check that passed
+    assert f"    held at: {held}; lost by: step 3\n" in msg
+    assert "re-tie: model.tie_weights(), or model.lm_head.weight = model.transformer.wte.weight" in msg
+    assert _checkpoints(tmp_path) == (["checkpoint-2"] if save["save_strategy"] == "steps" else [])
+
+
+def test_trainer_check_every_thins_the_steps_but_never_the_check_before_a_save(tmp_path):
+    model = _gpt2()
+    cb = hf_callbacks.TiecheckCallback(model, check_every=10)
+    seen = _record_checks(cb.guard)
+    with pytest.raises(TieLostError) as err:
+        _train_hf(tmp_path, model, [ReplaceHeadAt(3), cb], max_steps=10, save_strategy="steps", save_steps=5)
+    folder = tmp_path / "out" / "checkpoint-5"
+    msg = str(err.value)
+    assert msg.startswith("1 tie lost, found at step 5:\n")
+    assert "held at: on_train_begin (after the Trainer set up the model and optimizer); lost by: step 5" in msg
+    assert msg.endswith(f"\n  checkpoint not written: {folder} (the run stops before the Trainer saves it)")
+    assert seen == ["on_train_begin (after the Trainer set up the model and optimizer)", "step 5"]
+    assert _checkpoints(tmp_path) == []
+
+
+@pytest.mark.parametrize("save, where, step, kept", [
+    (dict(save_strategy="epoch"), "the end of epoch 2 (step 4)", 4, ["checkpoint-2"]),  # 2 steps an epoch
+    (dict(save_strategy="best", eval_strategy="steps", eval_steps=5, metric_for_best_model="loss"),
+     "the evaluation at step 5", 5, []),
+], ids=["epoch", "best"])
+def test_trainer_checks_before_epoch_and_best_model_saves(tmp_path, save, where, step, kept):
+    model = _gpt2()
+    with pytest.raises(TieLostError) as err:
+        _train_hf(tmp_path, model, [ReplaceHeadAt(3), hf_callbacks.TiecheckCallback(model, check_every=10)],
+                  max_steps=10, **save)
+    assert str(err.value).startswith(f"1 tie lost, found at {where}:\n")
+    assert str(err.value).endswith(f"checkpoint not written: {tmp_path / 'out' / f'checkpoint-{step}'} (the run "
+                                   "stops before the Trainer saves it)")
+    assert _checkpoints(tmp_path) == kept  # written before the tie broke
+
+
+def test_trainer_checkpoint_written_while_broken_is_named(tmp_path):
+    # Broken after the callback's check of step 5 and before the save: only on_save can see it.
+    model = _gpt2()
+    with pytest.raises(TieLostError) as err:
+        _train_hf(tmp_path, model, [hf_callbacks.TiecheckCallback(model), ReplaceHeadAt(5)], max_steps=10,
+                  save_strategy="steps", save_steps=5)
+    folder = tmp_path / "out" / "checkpoint-5"
+    msg = str(err.value)
+    assert msg.startswith("1 tie lost, found at on_save at step 5:\n")
+    assert "held at: step 5; lost by: on_save at step 5" in msg
+    assert msg.endswith(f"\n  checkpoint written while the tie was broken: {folder}")
+    assert _checkpoints(tmp_path) == ["checkpoint-5"]
+
+
+def test_trainer_warn_mode_reports_a_lost_tie_once_and_every_checkpoint_written_broken(tmp_path):
+    model = _gpt2()
+    cb = hf_callbacks.TiecheckCallback(model, on_lost="warn", check_save=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = _train_hf(tmp_path, model, [ReplaceHeadAt(3), cb], max_steps=10, save_strategy="steps",
+                               save_steps=5)
+    lost = [str(w.message) for w in caught if issubclass(w.category, TieLostWarning)]
+    assert [m.split(":\n")[0] for m in lost] == [
+        "1 tie lost, found at step 3", "1 tie lost, found at step 5", "1 tie lost, found at on_save at step 5",
+        "1 tie lost, found at step 10", "1 tie lost, found at on_save at step 10"]
+    out = tmp_path / "out"
+    assert lost[1].endswith(f"checkpoint about to be written with the tie broken: {out / 'checkpoint-5'}")
+    assert lost[2].endswith(f"checkpoint written while the tie was broken: {out / 'checkpoint-5'}")
+    assert trainer.state.global_step == 10 and _checkpoints(tmp_path) == ["checkpoint-10", "checkpoint-5"]
+
+
+def test_trainer_tie_broken_between_thinned_checks_is_found_at_train_end(tmp_path):
+    model = _gpt2()
+    with pytest.raises(TieLostError, match="^1 tie lost, found at on_train_end at step 10:\n"):
+        _train_hf(tmp_path, model, [ReplaceHeadAt(3), hf_callbacks.TiecheckCallback(model, check_every=100)],
+                  max_steps=10)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_check_every_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match=r"^check_every must be a positive int \(1: every optimizer step, N: every "
+                                         r"N-th\), not "):
+        hf_callbacks.TiecheckCallback(check_every=bad)
+    with pytest.raises(ValueError, match="^check_every must be a positive int"):
+        lit_callbacks.TiecheckCallback(check_every=bad)
 
 
 def test_saved_ties_reads_the_safetensors_alias_map_and_both_names(tmp_path):
@@ -349,7 +491,8 @@ class UntyingLitLM(LitLM):
 
 
 def _fit(module, callbacks=(), tmp_path=None, max_steps=2, ckpt_path=None):
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=checkpointing,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
                          default_root_dir=str(tmp_path) if tmp_path else None)
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -362,7 +505,8 @@ def test_lightning_clean_run_passes_and_changes_no_loss(tmp_path):
     trainer = _fit(guarded, [cb], tmp_path)
     _fit(plain, [], tmp_path)
     assert [t.names for t in cb.guard.ties] == [("model.emb.weight", "model.head.weight")]
-    assert cb.guard.last_ok == "on_fit_start (after setup, configure_model and the strategy's setup)"
+    assert cb.guard.checks == 4  # on_fit_start, after each of the 2 optimizer steps, on_train_end
+    assert cb.guard.last_ok == "on_train_end at step 2"
     assert len(guarded.losses) == 2 and guarded.losses == plain.losses
 
     trainer.save_checkpoint(tmp_path / "last.ckpt")
@@ -370,8 +514,8 @@ def test_lightning_clean_run_passes_and_changes_no_loss(tmp_path):
     assert (step, v.kept, v.text) == (2, True, "kept: every name over one storage (torch.save writes it once)")
     resumed_cb = lit_callbacks.TiecheckCallback()
     _fit(LitLM(), [resumed_cb], tmp_path, max_steps=3, ckpt_path=str(tmp_path / "last.ckpt"))
-    assert resumed_cb.guard.checks == 2  # on_load_checkpoint, then on_fit_start
-    assert resumed_cb.guard.last_ok.startswith("on_fit_start")
+    assert resumed_cb.guard.checks == 4  # on_load_checkpoint, on_fit_start, step 3, on_train_end
+    assert resumed_cb.guard.last_ok == "on_train_end at step 3"
 
 
 def test_lightning_untie_in_setup_is_named_with_where(tmp_path):
@@ -382,3 +526,58 @@ def test_lightning_untie_in_setup_is_named_with_where(tmp_path):
                           "setup):\n  model.emb.weight, model.head.weight: 2 separate copies")
     assert "optimizer: double update: model.emb.weight, model.head.weight are all in its param groups" in msg
     assert "re-tie: model.model.head.weight = model.model.emb.weight" in msg
+
+
+class ReplaceLitHeadAt(pl.Callback):
+    """Replaces the head by a clone after optimizer step ``step``, as code that swaps a module mid-run does."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            pl_module.model.head = copy.deepcopy(pl_module.model.head)
+
+
+def _ckpts(tmp_path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
+
+
+def test_lightning_tie_broken_mid_run_is_found_at_that_step_and_never_saved(tmp_path):
+    every_2 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(TieLostError) as err:
+        _fit(LitLM(), [ReplaceLitHeadAt(3), lit_callbacks.TiecheckCallback(), every_2], tmp_path, max_steps=10)
+    msg = str(err.value)
+    assert msg.startswith("1 tie lost, found at step 3:\n  model.emb.weight, model.head.weight: 2 separate copies")
+    assert "    held at: on_save_checkpoint at step 2; lost by: step 3\n" in msg  # the last check that passed
+    assert ("optimizer: half gradient: only model.emb.weight is in its param groups; model.head.weight never "
+            "changes") in msg
+    assert _ckpts(tmp_path) == ["epoch=0-step=2.ckpt"]
+
+
+def test_lightning_check_every_thins_the_steps_but_never_the_check_before_a_save(tmp_path):
+    every_5 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    cb = lit_callbacks.TiecheckCallback(check_every=10)
+    with pytest.raises(TieLostError) as err:
+        _fit(LitLM(), [ReplaceLitHeadAt(3), cb, every_5], tmp_path, max_steps=10)
+    msg = str(err.value)
+    assert msg.startswith("1 tie lost, found at on_save_checkpoint at step 5:\n")
+    assert "held at: on_fit_start (after setup, configure_model and the strategy's setup); lost by" in msg
+    assert msg.endswith("\n  checkpoint of step 5 not written (the error stops the save before Lightning writes the "
+                        "file)")
+    assert cb.guard.checks == 2 and _ckpts(tmp_path) == []
+
+
+def test_lightning_warn_mode_names_each_checkpoint_written_broken_and_train_end_checks(tmp_path):
+    every_5 = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    cb = lit_callbacks.TiecheckCallback(on_lost="warn", check_every=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(LitLM(), [ReplaceLitHeadAt(3), cb, every_5], tmp_path, max_steps=10)
+    lost = [str(w.message) for w in caught if issubclass(w.category, TieLostWarning) and "tie lost" in str(w.message)]
+    assert [m.split(":\n")[0] for m in lost] == ["1 tie lost, found at on_save_checkpoint at step 5",
+                                                 "1 tie lost, found at on_save_checkpoint at step 10"]
+    assert lost[0].endswith("\n  checkpoint of step 5 written with the tie broken")
+    assert _ckpts(tmp_path) == ["epoch=2-step=5.ckpt", "epoch=4-step=10.ckpt"]
+    with pytest.raises(TieLostError, match="^1 tie lost, found at on_train_end at step 10:\n"):
+        _fit(LitLM(), [ReplaceLitHeadAt(3), lit_callbacks.TiecheckCallback(check_every=100)], tmp_path, max_steps=10)

@@ -234,12 +234,14 @@ class TieGuard:
                 out.append(found)
         return out
 
-    def check(self, where: str = "check", *, optimizer: Any = None) -> list[LostTie]:
+    def check(self, where: str = "check", *, optimizer: Any = None, note: str | None = None) -> list[LostTie]:
         """Raise ``TieLostError`` (or warn) if a recorded tie broke; returns the lost ties (empty: all hold).
 
         Args:
             where: the point of the run, as the message should name it (``"after load"``).
             optimizer: describe what this optimizer does with the copies (defaults to the guard's).
+            note: a last line for the message when a tie is lost (what the point means for the
+                run, such as the checkpoint written or not written there).
 
         Returns:
             The lost ties (only in ``on_lost="warn"`` mode can the list be non-empty).
@@ -250,7 +252,7 @@ class TieGuard:
         if not lost:
             self.last_ok = where
             return lost
-        self._report(lost, where)
+        self._report(lost, where, note)
         return lost
 
     def _lost_tie(self, tie: GuardedTie, where: str, optimizer: Any) -> LostTie | None:
@@ -290,23 +292,67 @@ class TieGuard:
         return LostTie(names=tie.names, now=now, bytes_twice=bytes_twice, optimizer=cost, retie=retie,
                        since=since, where=where)
 
-    def _report(self, lost: list[LostTie], where: str) -> None:
+    def _report(self, lost: list[LostTie], where: str, note: str | None = None) -> None:
         __tracebackhide__ = True
         rank = _rank()
         n = len(lost)
         head = f"{n} tie{'s' if n > 1 else ''} lost, found at {where}:"
-        lines = [head] + [line for t in lost for line in t.lines()]
+        lines = [head] + [line for t in lost for line in t.lines()] + ([f"  {note}"] if note else [])
         findings = [finding("TC002" if "one memory" in t.now else "TC009", f"{', '.join(t.names)}: {t.now}", t.names,
                             hint=t.retie, where=where).to_dict() for t in lost]
         full = rank == self.report_rank
         if not full:
             lines = [f"rank {rank}: {head} " + "; ".join(", ".join(t.names) for t in lost)
-                     + f" (rank {self.report_rank} reports the details)"]
+                     + (f"; {note}" if note else "") + f" (rank {self.report_rank} reports the details)"]
         message = "\n".join(lines)
         if self.on_lost == "raise":
             raise TieLostError(message, findings, lost)
         if full:
             warnings.warn(TieLostWarning(message), stacklevel=3)
+
+
+class StepWatch:
+    """What the training callbacks share: a guard checked every ``check_every`` optimizer steps.
+
+    In ``warn`` mode a tie found lost at a step is reported once, not at every step after it;
+    the checks around a save always report, so each checkpoint written with the tie broken is
+    named.
+
+    Args:
+        check_every: check at every N-th optimizer step (1: every step); see :func:`check_interval`.
+    """
+
+    def __init__(self, check_every: int = 1):
+        self.check_every = check_interval(check_every)
+        self._reported: set[tuple[str, ...]] = set()
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (counted from 1) is one to check."""
+        return step % self.check_every == 0
+
+    def check(self, guard: TieGuard, where: str, optimizer: Any = None, *, note: str | None = None,
+              repeat: bool = True) -> list[LostTie]:
+        """``guard.check``; with ``repeat=False``, ties already reported in ``warn`` mode stay quiet.
+
+        Returns:
+            The lost ties (empty while every tie holds).
+        """
+        __tracebackhide__ = True
+        if not repeat and guard.on_lost == "warn" and self._reported:
+            lost = guard.lost(where, optimizer=optimizer)
+            if lost and {t.names for t in lost} <= self._reported:
+                return lost
+        lost = guard.check(where=where, optimizer=optimizer, note=note)
+        self._reported |= {t.names for t in lost}
+        return lost
+
+
+def check_interval(check_every: Any) -> int:
+    """``check_every`` as given to a callback: a positive int, or ``ValueError`` saying what is expected."""
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be a positive int (1: every optimizer step, N: every N-th), "
+                         f"not {check_every!r}")
+    return check_every
 
 
 @dataclass(frozen=True)

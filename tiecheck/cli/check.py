@@ -46,6 +46,8 @@ def render_text(outcomes: list[Outcome], update: bool) -> str:
             if o.snapshot_errors:
                 what[-1] += f" (records error findings: {', '.join(o.snapshot_errors)})"
         lines.append(f"{o.target}: {'FAILED' if o.failing else 'ok'} ({'; '.join(what)})")
+        for c in o.snapshot_changes:  # what the update changed, as a snapshot diff
+            lines.append(f"  {o.snapshot}: {c.text()}")
         for f in o.failing:
             lines.append(f"  {f['severity']:<8}{f['code']} {f['message']}")
             if f.get("hint"):
@@ -99,6 +101,8 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
             lines.append(annotation("error", f["code"], f"{o.target}: {f['message']}{hint}", o.origins.get(f["message"])))
         for f in o.warnings:
             lines.append(annotation("warning", f["code"], f"{o.target}: {f['message']}\nhint: {f['hint']}"))
+        for c in o.snapshot_changes:
+            lines.append(annotation("notice", "tiecheck snapshot", f"{o.target}: {o.snapshot} {c.text()}", o.snapshot))
     lines.append(summary_line(outcomes, update))
     return "\n".join(lines) + "\n"
 

@@ -39,6 +39,7 @@ class Outcome:
     snapshot: str | None = None  # the snapshot file compared or written
     snapshot_status: str | None = None  # matched | created | updated | unchanged
     snapshot_errors: list[str] = field(default_factory=list)  # codes of error findings a written snapshot records
+    snapshot_changes: list[snap.Change] = field(default_factory=list)  # what an update changed in the file
     groups: int = 0
     origins: dict[str, str] = field(default_factory=dict)  # finding message -> file it came from
 
@@ -49,6 +50,7 @@ class Outcome:
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "status": self.status, "error": self.error, "tie_groups": self.groups,
                 "snapshot": self.snapshot, "snapshot_status": self.snapshot_status,
+                "snapshot_changes": [c.to_dict() for c in self.snapshot_changes],
                 "failing": self.failing, "warnings": self.warnings}
 
 
@@ -106,8 +108,8 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
                                         f"finding{'s' if n > 1 else ''} ({what}); fix it, or record this state "
                                         f"anyway with --update --accept-errors")
                 out.snapshot_errors = sorted({f["code"] for f in errors})
-                out.snapshot_status = snap.refresh(t.expect, snap.Snapshot.from_report(report),
-                                                   protect=(t.resolved,))
+                out.snapshot_status, out.snapshot_changes = snap.update(
+                    t.expect, snap.Snapshot.from_report(report), protect=(t.resolved,))
             else:
                 found = snapshot_findings(state, snap.read(t.expect).groups, origin=out.snapshot)
                 expected += [f.to_dict() for f in found]

@@ -71,6 +71,48 @@ class Snapshot:
             kinds_match(mine[n], theirs[n]) or kinds_match(theirs[n], mine[n]) for n in mine)
 
 
+@dataclass(frozen=True)
+class Change:
+    """One tie group that an update adds, removes or changes, as a snapshot diff shows it."""
+
+    verb: str  # adds | removes | changes | replaces (a previous file that could not be read)
+    names: tuple[str, ...] = ()
+    kind: str | None = None
+    was: str | None = None  # changes: the previous kind; replaces: why the file could not be read
+
+    def text(self) -> str:
+        if self.verb == "replaces":
+            return f"replaces a snapshot it could not read ({self.was})"
+        group = " = ".join(self.names)
+        if self.verb == "changes":
+            return f"changes tie group {group}: kind {self.was} -> {self.kind}"
+        return f"{self.verb} tie group {group}" + (f" ({self.kind})" if self.kind else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"change": self.verb, "names": list(self.names), "kind": self.kind}
+        if self.verb == "changes":
+            out["was"] = self.was
+        elif self.verb == "replaces":
+            out["error"] = self.was
+        return out
+
+
+def changes(before: Snapshot, after: Snapshot) -> list[Change]:
+    """What writing ``after`` over ``before`` changes: removed groups, changed kinds, added groups.
+
+    A group is its set of names: one that gains or loses a name is removed and added, as a line
+    of a diff is. Kinds that match (a file's ``shared_storage`` for a module's
+    ``same_parameter``, or a group written without a kind) are no change.
+    """
+    old = {g.names: g.kind for g in before.groups}
+    new = {g.names: g.kind for g in after.groups}
+    removed = [Change("removes", n, old[n]) for n in old if n not in new]
+    changed = [Change("changes", n, new[n], was=old[n]) for n in old if n in new
+               and not (kinds_match(old[n], new[n]) or kinds_match(new[n], old[n]))]
+    added = [Change("adds", n, new[n]) for n in new if n not in old]
+    return removed + changed + added
+
+
 def parse(data: Any, origin: str) -> Snapshot:
     """A snapshot from parsed JSON: a tiecheck snapshot or an `inspect --format json` report."""
     def bad(why: str) -> SnapshotError:
@@ -134,14 +176,33 @@ def refresh(path: str | os.PathLike, actual: Snapshot, protect: tuple[str, ...] 
 
     Leaving an equal file alone keeps its bytes (and the version that wrote it) out of diffs.
     """
+    return update(path, actual, protect)[0]
+
+
+def update(path: str | os.PathLike, actual: Snapshot, protect: tuple[str, ...] = ()) -> tuple[str, list[Change]]:
+    """:func:`refresh`, and what the write changed in the file.
+
+    Args:
+        path: the snapshot file.
+        actual: the snapshot of the target now.
+        protect: inputs the file must not be written over.
+
+    Returns:
+        The status (``created``, ``updated`` or ``unchanged``) and, for ``updated``, the
+        :class:`Change` of each tie group the previous file held otherwise (a file that could
+        not be read is one ``replaces`` change).
+    """
     p = Path(path)
     if not p.exists():
         write(p, actual, protect)
-        return "created"
+        return "created", []
     try:
-        if read(p).matches(actual):
-            return "unchanged"
-    except SnapshotError:
-        pass  # unreadable or outdated: the refresh replaces it
+        before = read(p)
+    except SnapshotError as e:  # unreadable or outdated: the update replaces it
+        found = [Change("replaces", was=str(e).removeprefix(f"{p}: ").split(";")[0])]
+    else:
+        if before.matches(actual):
+            return "unchanged", []
+        found = changes(before, actual)
     write(p, actual, protect)
-    return "updated"
+    return "updated", found

@@ -1,12 +1,15 @@
-"""``TiecheckCallback`` for Lightning: the module's ties checked where the Trainer changes it.
+"""``TiecheckCallback`` for Lightning: the module's ties checked at every step and before each save.
 
     trainer = lightning.Trainer(callbacks=[TiecheckCallback()])
 
 Checks at ``on_fit_start`` (after ``setup``, ``configure_model``, the strategy's device move and
-wrapping, and the optimizers), at ``on_save_checkpoint`` (and says whether the saved state dict
-keeps each tie: both names over one storage) and at ``on_load_checkpoint`` (after the weights
-were restored). Given a module, the ties are recorded when the callback is built; without one,
-at ``setup``, before the module's own ``setup`` and ``configure_model`` run (or at
+wrapping, and the optimizers), at ``on_train_batch_end`` after every optimizer step (every
+``check_every``-th), at ``on_train_end``, at ``on_save_checkpoint`` and at ``on_load_checkpoint``
+(after the weights were restored). Lightning calls ``on_save_checkpoint`` while it builds the
+checkpoint, before the file is written, so a tie found lost there stops the run before a broken
+checkpoint reaches the disk; the callback also says whether the saved state dict keeps each tie
+(both names over one storage). Given a module, the ties are recorded when the callback is built;
+without one, at ``setup``, before the module's own ``setup`` and ``configure_model`` run (or at
 ``on_fit_start`` when the module has no parameters yet).
 """
 
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tiecheck.runtime import SavedTie, TieGuard, TieLostWarning, log
+from tiecheck.runtime import SavedTie, StepWatch, TieGuard, TieLostWarning, log
 
 __all__ = ["TiecheckCallback"]
 
@@ -43,11 +46,15 @@ class TiecheckCallback(Callback):
     Args:
         model: the module to guard; None to take the Trainer's at its first hook.
         on_lost: ``"raise"`` (``TieLostError`` stops the run) or ``"warn"``.
+        check_every: check after every N-th optimizer step (1: every step). The checks before
+            each save, at fit start and at train end run whatever N is.
 
     ``saves`` lists, per checkpoint saved, its step and one ``SavedTie`` per guarded tie.
     """
 
-    def __init__(self, model: Any = None, *, on_lost: str = "raise"):
+    def __init__(self, model: Any = None, *, on_lost: str = "raise", check_every: int = 1):
+        self.watch = StepWatch(check_every)
+        self._last_step = -1  # the optimizer step last checked: a batch that only accumulates is not a step
         self.on_lost = on_lost
         self.guard: TieGuard | None = TieGuard(model, on_lost=on_lost) if model is not None else None
         self.saves: list[tuple[int, list[SavedTie]]] = []
@@ -61,13 +68,26 @@ class TiecheckCallback(Callback):
         self._guard(pl_module, empty_ok=False)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self._guard(pl_module, empty_ok=True).check(
-            where="on_fit_start (after setup, configure_model and the strategy's setup)",
-            optimizer=_one_optimizer(trainer))
+        self.watch.check(self._guard(pl_module, empty_ok=True),
+                         "on_fit_start (after setup, configure_model and the strategy's setup)", _one_optimizer(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step != self._last_step and self.watch.due(step):
+            self._last_step = step
+            self.watch.check(self._guard(pl_module, empty_ok=True), f"step {step}", _one_optimizer(trainer),
+                             repeat=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.watch.check(self._guard(pl_module, empty_ok=True), f"on_train_end at step {trainer.global_step}",
+                         _one_optimizer(trainer), repeat=False)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         guard = self._guard(pl_module, empty_ok=True)
-        guard.check(where=f"on_save_checkpoint at step {trainer.global_step}", optimizer=_one_optimizer(trainer))
+        step = trainer.global_step
+        note = (f"checkpoint of step {step} not written (the error stops the save before Lightning writes the file)"
+                if guard.on_lost == "raise" else f"checkpoint of step {step} written with the tie broken")
+        self.watch.check(guard, f"on_save_checkpoint at step {step}", _one_optimizer(trainer), note=note)
         state = checkpoint.get("state_dict") or {}
         verdicts = [_saved(tie.names, state) for tie in guard.ties]
         self.saves.append((trainer.global_step, verdicts))
@@ -79,8 +99,8 @@ class TiecheckCallback(Callback):
                 warnings.warn(TieLostWarning(text), stacklevel=2)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        self._guard(pl_module, empty_ok=True).check(
-            where="on_load_checkpoint (after the weights were restored)", optimizer=_one_optimizer(trainer))
+        self.watch.check(self._guard(pl_module, empty_ok=True), "on_load_checkpoint (after the weights were restored)",
+                         _one_optimizer(trainer))
 
 
 def _one_optimizer(trainer) -> Any:
