@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tiecheck.api import analyze
 from tiecheck.errors import TiecheckError
@@ -322,7 +322,8 @@ def refuse_error_state(model: Any, label: str, how_to_accept: str) -> list[dict]
 
 def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False, label: str | None = None,
                    how_to_create: str | None = None, how_to_update: str | None = None,
-                   accept_errors: bool = False, how_to_accept: str | None = None) -> str:
+                   accept_errors: bool = False, how_to_accept: str | None = None,
+                   on_changes: Callable[[list], None] | None = None) -> str:
     """Compare the target's tie groups with the snapshot at ``path``, or write it when ``update``.
 
     Args:
@@ -335,6 +336,8 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
             pytest plugin, ``tiecheck check``) says how to fix it in its own terms.
         accept_errors: let an update record a state with error findings (a broken tie); without
             it such an update is refused.
+        on_changes: called with what an update changed in the file (each tie group it removes,
+            adds or changes, as :func:`tiecheck.guard.snapshot.update` lists them).
 
     Returns:
         ``"created"``, ``"updated"`` or ``"unchanged"`` in update mode; ``"matched"`` otherwise.
@@ -354,7 +357,10 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
     report = report_of(model, duplicates=False)
     if update:
         protect = (os.fspath(model),) if isinstance(model, (str, os.PathLike)) else ()
-        return snap.refresh(path, snap.Snapshot.from_report(report), protect)
+        status, found = snap.update(path, snap.Snapshot.from_report(report), protect)
+        if on_changes is not None and found:
+            on_changes(found)
+        return status
     if not path.exists():
         how = how_to_create or (f"create it with assert_ties_match_snapshot(model, {str(path)!r}, update=True) "
                                 f"or `tiecheck check TARGET --expect {label} --update`")

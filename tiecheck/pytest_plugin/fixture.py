@@ -97,7 +97,8 @@ class TiecheckFixture:
         status = testing.match_snapshot(
             model, path, update=self.update, label=shown, accept_errors=True,
             how_to_create=messages.missing_snapshot(self._nodeid),
-            how_to_update=messages.update_hint(self._nodeid))
+            how_to_update=messages.update_hint(self._nodeid),
+            on_changes=lambda found: self._store.record_changes(path, found))
         self._store.record(path, status)
         if accepted:
             self._store.record_errors(path, sorted({f["code"] for f in accepted}))

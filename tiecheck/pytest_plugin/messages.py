@@ -48,14 +48,17 @@ def bad_name(name: object) -> str:
             f"(no folders), e.g. \"gpt-mini\"")
 
 
-def summary(written: dict[str, list[Path]], rootdir: Path) -> list[str]:
-    """Lines for the end of the run: which snapshots this run created or refreshed."""
+def summary(written: dict[str, list[Path]], rootdir: Path, changes: dict[Path, list[str]] | None = None) -> list[str]:
+    """Lines for the end of the run: which snapshots this run created or refreshed, and under each
+    refreshed one what the refresh changed in it (as a snapshot diff: "removes tie group …")."""
     lines = []
     for status in ("created", "updated"):
         paths = written.get(status, [])
         if paths:
             lines.append(f"tiecheck: {len(paths)} snapshot{'s' if len(paths) > 1 else ''} {status}:")
-            lines += [f"  {relative(p, rootdir)}" for p in paths]
+            for p in paths:
+                lines.append(f"  {relative(p, rootdir)}")
+                lines += [f"    {c}" for c in (changes or {}).get(p, [])]
     unchanged = len(written.get("unchanged", []))
     if unchanged:
         lines.append(f"tiecheck: {unchanged} snapshot{'s' if unchanged > 1 else ''} unchanged")

@@ -58,6 +58,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     store = config.stash.get(_STORE, None)
     if store is None:
         return
-    for line in messages.summary(store.written, config.rootpath) + messages.with_errors(store.with_errors,
+    for line in messages.summary(store.written, config.rootpath, store.changes) + messages.with_errors(store.with_errors,
                                                                                         config.rootpath):
         terminalreporter.write_line(line)

@@ -39,6 +39,7 @@ class SnapshotStore:
         self.update = update
         self.accept_errors = accept_errors  # --tiecheck-accept-errors: record states with error findings
         self.with_errors: dict[Path, list[str]] = {}
+        self.changes: dict[Path, list[str]] = {}  # updated snapshot -> what the update changed in it
         self.root = root  # None: beside each test file
         self.written: dict[str, list[Path]] = defaultdict(list)
         self._writer: dict[Path, str] = {}
@@ -60,6 +61,10 @@ class SnapshotStore:
     def record_errors(self, path: Path, codes: list[str]) -> None:
         """A snapshot written over error findings, for the run's summary."""
         self.with_errors[path] = codes
+
+    def record_changes(self, path: Path, found: list) -> None:
+        """What an update changed in a snapshot (``guard.snapshot.Change`` items), for the summary."""
+        self.changes[path] = [c.text() for c in found]
 
     def record(self, path: Path, status: str) -> None:
         if status != "matched":
