@@ -49,16 +49,18 @@ def _check_writable(option: str, path: str | None) -> None:
 
 
 @click.command("bench")
-@click.option("--model", metavar="NAME", help="Bundled model (see `tiecheck models`). "
-              "Default: gpt2-124m on a GPU, gpt-mini on the CPU. --mode converge also takes "
-              "path/to/file.py:factory (see docs/bench.md).")
+@click.option("--model", metavar="NAME|PATH|SPEC", help="A bundled model (see `tiecheck models`), a Hugging Face "
+              "folder or its config.json (built from the config, random weights), or path/to/file.py:factory "
+              "with factory(tied: bool, vocab_size=..., seed=...) returning the model (every mode; see "
+              "docs/bench.md). Default: gpt2-124m on a GPU, gpt-mini on the CPU.")
 @click.option("--mode", type=click.Choice(["train", "infer", "converge"]), default="train", show_default=True,
               help="train: forward + backward + AdamW step. infer: no-grad forward, and greedy decoding "
                    "with a KV cache for decoders. converge: train both variants on real text over several "
                    "seeds and compare their loss curves.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="Matmul precision (autocast; weights stay fp32). Default: bf16 on a GPU that has it, else fp32.")
+              help="Matmul precision (autocast; weights stay fp32; with --strategy fsdp2 also FSDP2's "
+                   "MixedPrecisionPolicy). Default: bf16 on a GPU that has it, else fp32.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile both variants.")
 @click.option("--batch-size", type=int, help="Sequences per step. Default: 16 on a GPU, 4 on the CPU.")
 @click.option("--seq-len", type=int, help="Tokens per sequence. Default: 1024 on a GPU, 64 on the CPU "
@@ -119,7 +121,7 @@ def bench(**options):
 
 
 # Options of the timing modes that --mode converge does not use, and the converge-only ones.
-_TIMING_ONLY = ("dtype", "compile_", "rounds", "warmup", "decode_tokens", "find_max_batch", "peak_tflops", "pad_vocab",
+_TIMING_ONLY = ("compile_", "rounds", "warmup", "decode_tokens", "find_max_batch", "peak_tflops", "pad_vocab",
                 "max_batch_cap")
 _CONVERGE_ONLY = ("seeds", "eval_every", "vocab_size", "text", "tokenizer", "no_cache", "quick")
 
@@ -155,7 +157,7 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
     if plot:
         plots.require_matplotlib()
     if mode == "converge":
-        cfg = converge.ConvergeConfig(model=model, device=device, steps=steps, seeds=seeds, eval_every=eval_every,
+        cfg = converge.ConvergeConfig(model=model, device=device, dtype=dtype, steps=steps, seeds=seeds, eval_every=eval_every,
                                       batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size, text=text,
                                       tokenizer=tokenizer, cache=not no_cache, quick=quick, seed=seed, threads=threads)
         _converge(cfg, fmt, output, plot, progress_lines)
@@ -193,8 +195,14 @@ def _converge(cfg, fmt: str, output: str | None, plot: str | None, progress_line
 
     plan = converge.resolve(cfg)  # bad input fails here, before the corpus is read
     progress = Progress(plan.units(), lines=progress_lines)
+
+    def announce(budget: str) -> None:
+        # What the run will do, before training starts: a GPU slot's length is known in advance, the run's is not.
+        click.echo(f"tiecheck: converge budget: {budget}", err=True)
+
     try:
-        result = converge.run_converge(cfg, progress=progress, command=_command(click.get_current_context()))
+        result = converge.run_converge(cfg, progress=progress, command=_command(click.get_current_context()),
+                                       announce=announce)
     finally:
         progress.close()
     write_output(render_converge(result, fmt), output, protect=tuple(p for p in (cfg.text, cfg.tokenizer) if p))
