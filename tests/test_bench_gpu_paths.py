@@ -520,6 +520,32 @@ def test_the_header_names_the_matched_row(monkeypatch):
     assert D.peak_tflops(gpu, "fp32", tf32=True)[1].startswith("datasheet dense tf32 peak")
 
 
+def _props(monkeypatch, sms):
+    def props(dev):
+        if sms is None:
+            raise RuntimeError("no device properties")
+        return types.SimpleNamespace(multi_processor_count=sms)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+
+
+def test_a_mig_slice_gets_its_share_of_the_peak(monkeypatch):
+    """A MIG slice names the whole GPU and has a share of its multiprocessors: MFU against the whole GPU's
+    peak was understated up to 7x."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(D, "device_name", lambda dev: "NVIDIA H100 80GB HBM3 MIG 1g.10gb")
+    _props(monkeypatch, 16)
+    value, source = D.peak_tflops(gpu, "bf16", tf32=False)
+    assert value == pytest.approx(989.4 * 16 / 132)
+    assert "scaled to this MIG slice's 16 of 132 streaming multiprocessors" in source
+    _props(monkeypatch, None)  # the slice's multiprocessors cannot be read: MFU unknown, not the whole GPU's
+    value, source = D.peak_tflops(gpu, "bf16", tf32=False)
+    assert value is None and source.startswith("MFU unknown: NVIDIA H100 80GB HBM3 MIG 1g.10gb is a MIG slice")
+    monkeypatch.setattr(D, "device_name", lambda dev: "NVIDIA H100 80GB HBM3")
+    _props(monkeypatch, 132)  # the whole GPU: the table's figure
+    assert D.peak_tflops(gpu, "bf16", tf32=False)[0] == 989.4
+
+
 # ------------------------------------------------------------------------------------------
 # 8. TF32, read by whichever API set it
 
