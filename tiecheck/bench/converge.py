@@ -383,11 +383,13 @@ class ConvergeResult:
 
     def throughput(self) -> Optional[Interval]:
         """The training tokens/s ratio tied/untied: per seed (the variants of a seed ran back to back), then
-        its mean and 95% t interval over seeds."""
+        its geometric mean and 95% t interval over seeds."""
         t, u = self.train_ms.get("tied") or [], self.train_ms.get("untied") or []
         if len(t) < MIN_SEEDS or len(t) != len(u) or not all(t):
             return None
-        return mean_interval([b / a for a, b in zip(t, u)])
+        # On the log scale, as ratios compose: the interval stays positive and symmetric in tied and untied.
+        r = mean_interval([math.log(b / a) for a, b in zip(t, u)])
+        return Interval(math.exp(r.mean), math.exp(r.low), math.exp(r.high), r.n)
 
     def tokens_per_s(self, variant: str) -> Optional[float]:
         ms = self.train_ms.get(variant) or []
