@@ -138,45 +138,45 @@ def test_gpu_check_without_cuda_is_one_line_and_exit_2(tmp_path):
     assert not out.exists()  # nothing written without a GPU
 
 
-FAKE_GPU_PYTHON = """#!/bin/bash
-# Says yes to the GPU check; runs each bench tiny on the CPU; anything else is the real python.
-if [[ "$*" == *"torch.cuda.is_available()"* ]]; then echo fake-gpu; exit 0; fi
-if [[ "$1" == "-m" && "$2" == "tiecheck.cli" ]]; then
-    shift 2; keep=()
-    while [ $# -gt 0 ]; do
-        case "$1" in -o|--plot) keep+=("$1" "$2"); shift 2;; --progress-lines) keep+=("$1"); shift;; *) shift;; esac
-    done
-    exec "{real}" -m tiecheck.cli bench --device cpu --batch-size 2 --seq-len 8 --rounds 2 --steps 1 \\
-        --model gpt-mini "${{keep[@]}}"
-fi
-exec "{real}" "$@"
-"""
-
-
-def test_gpu_check_keeps_everything_in_its_folder_with_a_log(tmp_path):
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_GPU_PYTHON.format(real=sys.executable))
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    elsewhere = tmp_path / "cwd"
+def test_gpu_check_dry_run_takes_the_whole_path_on_the_cpu_without_fvcore(tmp_path):
+    """--dry-run: the four runs, their limits, the log and the tables, on the CPU, from another folder, on an
+    image without fvcore (the GPU machines have none): a package of that name that refuses to import."""
+    blocker = tmp_path / "no-fvcore" / "fvcore"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('fvcore is not installed on this image')\n")
+    out, elsewhere = tmp_path / "out", tmp_path / "cwd"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], capture_output=True,
-                          text=True, cwd=elsewhere, env={**env, "PYTHON": str(fake)}, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    env.update(PYTHON=sys.executable, PYTHONPATH=str(blocker.parent), CI="true")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", str(out)],
+                          capture_output=True, text=True, cwd=elsewhere, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 6 and "gpu_check.log" in files, files
-    assert {"bench-default-fake-gpu.txt", "bench-compile-maxbatch-fake-gpu.txt"} <= set(files)
+    assert len(files) <= 9 and "gpu_check.log" in files, files
+    runs = ("default", "compile-maxbatch", "converge", "fsdp2-1rank")
+    assert {f"bench-{run}-dry-run.txt" for run in runs} <= set(files)
     assert not list(elsewhere.iterdir())  # nothing outside the folder it was given
     log = (out / "gpu_check.log").read_text()
     estimate = log.splitlines()[0]
-    assert estimate.startswith("gpu_check: estimate:") and "at most 470 s (7 min 50 s)" in estimate
+    assert estimate.startswith("gpu_check: estimate:") and "at most 590 s (9 min 50 s)" in estimate
     assert f"models from {ROOT / 'models' / '__init__.py'}" in log  # this checkout, not an install
-    assert "[  0%] warm-up tied" in log and "== default: exit 0" in log and log.rstrip().endswith("exit 0")
+    for run in runs:
+        assert f"== {run}: exit 0" in log, run
+    assert "[  0%] warm-up tied" in log and "tiecheck: converge budget:" in log and log.rstrip().endswith("exit 0")
+    assert "fvcore" not in log
+    tables = {run: (out / f"bench-{run}-dry-run.txt").read_text() for run in runs}
+    assert all(_last_line(t).startswith("verdict: ") for t in tables.values()), tables
+    assert "fsdp2 on 1 rank(s) on 1 node(s)" in tables["fsdp2-1rank"]
     text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     limits = dict(kv.split("=") for kv in next(l for l in text.splitlines() if l.startswith("LIMIT_")).split())
-    # Every limit, the kill grace of the four steps (5 + 5 + 10 + 10 s), and the second probe.
-    assert sum(int(v) for v in limits.values()) + 30 + int(limits["LIMIT_PROBE"]) == 470 < 8 * 60
+    grace = int(next(l for l in text.splitlines() if l.startswith("GRACE=")).split("=")[1])
+    # Every limit, the kill grace of the six steps (5 + 5 + 4 x 10 s), and the second probe: a 10-minute slot.
+    assert sum(int(v) for v in limits.values()) + grace + int(limits["LIMIT_PROBE"]) == 590 < 10 * 60
+    assert grace == 5 + 5 + 4 * 10
+
+
+def _last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -518,6 +518,32 @@ def test_the_header_names_the_matched_row(monkeypatch):
     assert D.peak_tflops(gpu, "bf16", tf32=False) == (181.05, "datasheet dense bf16 peak, table row 'L40' "
                                                              "for NVIDIA L40")
     assert D.peak_tflops(gpu, "fp32", tf32=True)[1].startswith("datasheet dense tf32 peak")
+
+
+def _props(monkeypatch, sms):
+    def props(dev):
+        if sms is None:
+            raise RuntimeError("no device properties")
+        return types.SimpleNamespace(multi_processor_count=sms)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+
+
+def test_a_mig_slice_gets_its_share_of_the_peak(monkeypatch):
+    """A MIG slice names the whole GPU and has a share of its multiprocessors: MFU against the whole GPU's
+    peak was understated up to 7x."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(D, "device_name", lambda dev: "NVIDIA H100 80GB HBM3 MIG 1g.10gb")
+    _props(monkeypatch, 16)
+    value, source = D.peak_tflops(gpu, "bf16", tf32=False)
+    assert value == pytest.approx(989.4 * 16 / 132)
+    assert "scaled to this MIG slice's 16 of 132 streaming multiprocessors" in source
+    _props(monkeypatch, None)  # the slice's multiprocessors cannot be read: MFU unknown, not the whole GPU's
+    value, source = D.peak_tflops(gpu, "bf16", tf32=False)
+    assert value is None and source.startswith("MFU unknown: NVIDIA H100 80GB HBM3 MIG 1g.10gb is a MIG slice")
+    monkeypatch.setattr(D, "device_name", lambda dev: "NVIDIA H100 80GB HBM3")
+    _props(monkeypatch, 132)  # the whole GPU: the table's figure
+    assert D.peak_tflops(gpu, "bf16", tf32=False)[0] == 989.4
 
 
 # ------------------------------------------------------------------------------------------

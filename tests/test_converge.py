@@ -236,3 +236,18 @@ def test_converge_options_need_converge_mode():
 def test_resolve_rejects_before_reading_anything():
     with pytest.raises(TiecheckError, match="--steps 0: must be a positive integer"):
         run_converge(ConvergeConfig(steps=0))
+
+
+def test_the_host_reads_losses_once_per_validation_pass_not_per_step(cache, corpus_dir, monkeypatch):
+    """On a GPU every float(tensor) waits for the device: one per training step stalled the queue
+    6,000 times in the GPU default. The training losses are read together; each validation pass once."""
+    import torch  # noqa: PLC0415 - the class whose __float__ is counted
+
+    calls = []
+    real = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: calls.append(1) or real(self))
+    cfg = _tiny_cfg(corpus_dir, steps=6, eval_every=3, seeds=2)  # validation at steps 0, 3 and 6
+    result = run_converge(cfg)
+    assert len(calls) == 2 * 2 * 3  # seeds x variants x validation passes
+    assert all(len(seed) == 3 for seed in result.curves["tied"]["val_loss"])
+    assert all(result.checks.values())

@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from tiecheck import analyze, models
 from tiecheck.cli.main import main
 from tiecheck.errors import TiecheckError
-from tiecheck.shard.wrap import Unit, apply_plan, block_paths, check_plan, units_from
+from tiecheck.shard.wrap import Unit, apply_plan, block_paths, check_plan, torch_refuses_shared_params, units_from
 
 SPLIT = ["transformer.wte", "lm_head", ""]
 REFUSED = ("ValueError: Parameter 'lm_head.weight' is shared with a parameter already managed by another FSDP group")
@@ -85,6 +85,12 @@ def test_cli_exit_codes_and_json(tmp_path):
     assert bad.exit_code == 1
     doc = json.loads(bad.output)
     assert doc["error"] == REFUSED and doc["fix"][0] == "fully_shard([model.transformer.wte, model.lm_head])"
+    # The verdict is the running torch's: refused where it has the duplicate check, a silent split where not.
+    assert doc["torch"] == torch.__version__ and doc["refused_at_first_forward"] == torch_refuses_shared_params()
+    text = runner.invoke(main, ["plan", "gpt-mini", "--wrap", f"{spec}:split"]).output
+    verdict = next(line for line in text.splitlines() if line.startswith("verdict:"))
+    assert verdict.startswith("verdict: refused at the first forward" if torch_refuses_shared_params() else
+                              "verdict: trains the tie as separate shards without an error"), verdict
     assert runner.invoke(main, ["plan", "gpt-mini", "--wrap", "zzz"]).exit_code == 2
 
 
@@ -94,29 +100,79 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_prediction_matches_torch_fully_shard_in_a_one_rank_gloo_group():
-    """The replay against the real thing: torch refuses exactly the plans the planner refuses."""
+@pytest.fixture
+def one_rank_group():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        for plan in (SPLIT, ["transformer.h.0", "transformer.h.1", ""], [["transformer.wte", "lm_head"], ""]):
-            model = models.build("gpt-mini", tied=True, device="cpu", n_layer=2)
-            units = units_from(plan)
-            predicted = check_plan(model, "x", units=units)
-            apply_plan(model, units, fully_shard)
-            # inspect on the wrapped module, before any forward: the straddle read from FSDP2's records
-            tc025 = [f for f in analyze(model).findings if f["code"] == "TC025"]
-            assert [tuple(f["names"]) for f in tc025] == (
-                [("lm_head.weight", "transformer.wte.weight")] if predicted.error else [])
-            idx = torch.randint(0, 100, (1, 8))
-            try:
-                model(idx, targets=idx).loss.backward()
-                real = None
-            except ValueError as e:
-                real = f"ValueError: {e}"
-            assert (predicted.error is None) == (real is None), plan
-            if real is not None:
-                assert real.startswith(predicted.error)
-            else:
-                assert model.transformer.wte.weight is model.lm_head.weight
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def _tc025(model):
+    return [f for f in analyze(model).findings if f["code"] == "TC025"]
+
+
+def test_prediction_matches_torch_fully_shard_in_a_one_rank_gloo_group(one_rank_group):
+    """The replay against the running torch: a torch with the duplicate-parameter check refuses exactly the
+    plans the planner finds straddling; a torch without it (2.11) trains those ties as two sets of shards."""
+    refuses = torch_refuses_shared_params()
+    for plan in (SPLIT, ["transformer.h.0", "transformer.h.1", ""], [["transformer.wte", "lm_head"], ""]):
+        model = models.build("gpt-mini", tied=True, device="cpu", n_layer=2)
+        units = units_from(plan)
+        predicted = check_plan(model, "x", units=units)
+        assert predicted.refused == (refuses and predicted.error is not None)
+        assert predicted.torch_version == torch.__version__
+        apply_plan(model, units, fully_shard)
+        # inspect on the wrapped module, before any forward: the units and the shards' values, no torch record
+        tc025 = _tc025(model)
+        assert [tuple(f["names"]) for f in tc025] == (
+            [("lm_head.weight", "transformer.wte.weight")] if predicted.error else [])
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        idx = torch.randint(0, 100, (1, 8))
+        try:
+            model(idx, targets=idx).loss.backward()
+            opt.step()
+            real = None
+        except ValueError as e:
+            real = f"ValueError: {e}"
+        if predicted.error is None:
+            assert real is None and model.transformer.wte.weight is model.lm_head.weight, plan
+            continue
+        message = tc025[0]["message"]
+        if refuses:
+            assert real is not None and real.startswith(predicted.error), plan
+            assert predicted.verdict().startswith("refused at the first forward") and "refuses the model" in message
+        else:
+            # What the verdict says: no error, and the two halves of the tie trained apart.
+            assert real is None, plan
+            wte, head = model.transformer.wte.weight, model.lm_head.weight
+            assert wte is not head and not torch.equal(wte.to_local(), head.to_local())
+            assert predicted.verdict().startswith("trains the tie as separate shards without an error")
+            assert "trains the copies apart without an error" in message
+
+
+def test_a_declared_tie_split_by_fully_shard_is_found_after_training_too(one_rank_group, quiet_transformers):
+    """transformers' own declaration names the tie, so TC025 holds once the split copies have moved apart."""
+    import transformers  # noqa: PLC0415 - the test's subject, an optional extra
+
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                     tie_word_embeddings=True)
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    apply_plan(model, units_from(["transformer.wte", "lm_head", ""]), fully_shard)
+    found = _tc025(model)
+    assert [tuple(f["names"]) for f in found] == [("lm_head.weight", "transformer.wte.weight")]
+    assert "declared tied by the model" in found[0]["message"]
+    if torch_refuses_shared_params():
+        return  # refused at the first forward: the copies never move apart
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # what a training step does to the head's own copy
+    assert [tuple(f["names"]) for f in _tc025(model)] == [("lm_head.weight", "transformer.wte.weight")]
+
+
+def test_equal_values_of_an_untied_model_in_one_unit_are_no_finding(one_rank_group):
+    """Copies in one unit are not a split tie, and constant tensors (LayerNorm ones) are no evidence."""
+    model = models.build("gpt-mini", tied=False, device="cpu", n_layer=2)  # the head starts as a copy
+    apply_plan(model, units_from(["transformer.h.0", "transformer.h.1", ""]), fully_shard)
+    assert _tc025(model) == []

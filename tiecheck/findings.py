@@ -125,7 +125,8 @@ RULES: dict[str, Rule] = {
              "Fix the module name in adapter_config.json, or re-save the adapter with peft."),
         Rule("TC025", "tie-straddles-fsdp-units", "error",
              "A module already wrapped with FSDP2 `fully_shard`: one tied Parameter is managed by two units, "
-             "so each holds its own shards (torch 2.13 refuses it at the first forward).",
+             "so each holds its own shards (torch 2.13 refuses it at the first forward; torch 2.11 trains the copies "
+             "apart without an error).",
              "Shard the modules that hold the tie in one `fully_shard([a, b])` call, or leave them to the root "
              "unit; `tiecheck plan` checks a plan before launch."),
     ]

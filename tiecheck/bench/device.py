@@ -375,6 +375,7 @@ class Peak:
     tf32: float | None  # fp32 matmuls on tensor cores, when torch allows TF32
     bf16: float | None
     fp16: float | None
+    sms: int | None = None  # streaming multiprocessors of the whole GPU: a MIG slice has a share of them
 
 
 # Matched by whole tokens of torch.cuda.get_device_name (split at anything not a letter or digit,
@@ -382,18 +383,18 @@ class Peak:
 # high), nor "NVIDIA H200 NVL" the SXM row. The row with the most matching tokens wins.
 # Dense tensor-core figures from NVIDIA's datasheets (the "with sparsity" figures are 2x these).
 PEAK_TFLOPS: tuple[tuple[str, Peak], ...] = (
-    ("H100 PCIe", Peak(fp32=51.2, tf32=378.0, bf16=756.0, fp16=756.0)),
-    ("H100 NVL", Peak(fp32=60.0, tf32=417.5, bf16=835.5, fp16=835.5)),
-    ("H100", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4)),  # SXM5 (80GB HBM3)
-    ("H200 NVL", Peak(fp32=60.0, tf32=417.5, bf16=835.5, fp16=835.5)),
-    ("H200", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4)),  # SXM
-    ("GH200", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4)),
-    ("A100", Peak(fp32=19.5, tf32=156.0, bf16=312.0, fp16=312.0)),
-    ("L40S", Peak(fp32=91.6, tf32=183.0, bf16=362.05, fp16=362.05)),
-    ("L40", Peak(fp32=90.5, tf32=90.5, bf16=181.05, fp16=181.05)),
-    ("L4", Peak(fp32=30.3, tf32=60.0, bf16=121.0, fp16=121.0)),
-    ("V100", Peak(fp32=15.7, tf32=None, bf16=None, fp16=125.0)),
-    ("T4", Peak(fp32=8.1, tf32=None, bf16=None, fp16=65.0)),
+    ("H100 PCIe", Peak(fp32=51.2, tf32=378.0, bf16=756.0, fp16=756.0, sms=114)),
+    ("H100 NVL", Peak(fp32=60.0, tf32=417.5, bf16=835.5, fp16=835.5, sms=132)),
+    ("H100", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, sms=132)),  # SXM5 (80GB HBM3)
+    ("H200 NVL", Peak(fp32=60.0, tf32=417.5, bf16=835.5, fp16=835.5, sms=132)),
+    ("H200", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, sms=132)),  # SXM
+    ("GH200", Peak(fp32=66.9, tf32=494.7, bf16=989.4, fp16=989.4, sms=132)),
+    ("A100", Peak(fp32=19.5, tf32=156.0, bf16=312.0, fp16=312.0, sms=108)),
+    ("L40S", Peak(fp32=91.6, tf32=183.0, bf16=362.05, fp16=362.05, sms=142)),
+    ("L40", Peak(fp32=90.5, tf32=90.5, bf16=181.05, fp16=181.05, sms=142)),
+    ("L4", Peak(fp32=30.3, tf32=60.0, bf16=121.0, fp16=121.0, sms=58)),
+    ("V100", Peak(fp32=15.7, tf32=None, bf16=None, fp16=125.0, sms=80)),
+    ("T4", Peak(fp32=8.1, tf32=None, bf16=None, fp16=65.0, sms=40)),
 )
 
 
@@ -439,7 +440,35 @@ def peak_tflops(dev: torch.device, dtype: str, override: float | None = None,
     if value is None:
         return None, f"unknown device '{name}' for {dtype}; pass --peak-tflops for MFU"
     label = "tf32" if dtype == "fp32" and tf32 else dtype
-    return value, f"datasheet dense {label} peak, table row '{row[0]}' for {name}"
+    source = f"datasheet dense {label} peak, table row '{row[0]}' for {name}"
+    share = _mig_share(dev, name, row[1])
+    if share is None:
+        return None, (f"MFU unknown: {name} is a MIG slice and the table has no multiprocessor count for "
+                      f"'{row[0]}'; pass --peak-tflops with the slice's own peak")
+    if share != (1, 1):
+        value = value * share[0] / share[1]
+        source += (f", scaled to this MIG slice's {share[0]} of {share[1]} streaming multiprocessors "
+                   f"(the whole GPU's {_peak_at(row[1], dtype, tf32):g} TFLOP/s)")
+    return value, source
+
+
+def _mig_share(dev: torch.device, name: str, peak: Peak) -> tuple[int, int] | None:
+    """(multiprocessors this device has, the whole GPU's); (1, 1) for a whole GPU; None when it cannot be told.
+
+    A MIG slice reports the full GPU's name with "MIG" and its profile ("NVIDIA A100-SXM4-40GB MIG 1g.5gb")
+    and only its own multiprocessors: the whole GPU's datasheet peak overstated its MFU's denominator up to
+    7x. The multiprocessor count is the slice's share of the tensor cores, so the peak scales by it.
+    """
+    mig = "mig" in _tokens(name)
+    try:
+        sms = int(torch.cuda.get_device_properties(dev).multi_processor_count)
+    except (AttributeError, RuntimeError, AssertionError):
+        sms = 0
+    if peak.sms is None or sms <= 0:
+        return None if mig else (1, 1)
+    if sms < peak.sms:
+        return sms, peak.sms
+    return (1, 1)
 
 
 def matmul_tflops(dev: torch.device, dtype: str, n: int = 8192, iters: int = 10) -> float:

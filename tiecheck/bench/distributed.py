@@ -21,33 +21,38 @@ wrapped correctly by construction.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from tabulate import tabulate
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from tiecheck import __version__, models
+from tiecheck import __version__
 from tiecheck.bench import device as D
 from tiecheck.bench import stats
 from tiecheck.bench.plan import LR, VARIANTS, WEIGHT_DECAY, BenchConfig, Plan, order_of_round, resolve
 from tiecheck.bench.protocol import Batch, Variant, make_batches
+from tiecheck.bench.results import bytes_verdict
 from tiecheck.errors import TiecheckError
 from tiecheck.report.text import human_bytes
 from tiecheck.shard.wrap import apply_plan, check_plan
@@ -135,7 +140,27 @@ def _state_bytes(module: nn.Module, opt: torch.optim.Optimizer, grads: int) -> d
     return {"weights": weights, "grads": grads, "optimizer": state, "total": weights + grads + state}
 
 
-def _wrap(module: nn.Module, strategy: str, dev: torch.device, counter: CommCounter) -> tuple[nn.Module, list[str]]:
+def mixed_precision(dtype: str) -> Optional[MixedPrecisionPolicy]:
+    """FSDP2's policy for a 16-bit run: parameters gathered and computed in ``dtype``, gradients reduced in
+    fp32 -- what a bf16 FSDP2 training run uses. None for fp32 (FSDP2's default: everything fp32)."""
+    if dtype == "fp32":
+        return None
+    return MixedPrecisionPolicy(param_dtype=D.DTYPES[dtype], reduce_dtype=torch.float32)
+
+
+def precision_line(strategy: str, dtype: str) -> str:
+    """What the table was measured with, in the header's words."""
+    if dtype == "fp32":
+        return "fp32 weights, gradients and communication"
+    if strategy == "fsdp2":
+        return (f"FSDP2 MixedPrecisionPolicy(param_dtype={dtype}, reduce_dtype=fp32): parameters all-gathered and "
+                f"computed in {dtype}, gradients reduce-scattered in fp32, fp32 shards and AdamW state; "
+                f"{dtype} autocast over it")
+    return f"{dtype} autocast over fp32 weights: DDP all-reduces fp32 gradients"
+
+
+def _wrap(module: nn.Module, strategy: str, dev: torch.device, counter: CommCounter,
+          dtype: str = "fp32") -> tuple[nn.Module, list[str]]:
     """The module as the strategy trains it, with the counters installed; and the calls made."""
     if strategy == "ddp":
         ddp = DistributedDataParallel(module, device_ids=[dev.index] if D.is_cuda(dev) else None)
@@ -143,12 +168,13 @@ def _wrap(module: nn.Module, strategy: str, dev: torch.device, counter: CommCoun
         return ddp, ["DistributedDataParallel(model)"]
     check = check_plan(module, "blocks")
     units = check.fix if check.fix is not None else check.units
-    apply_plan(module, units, fully_shard)
+    policy = mixed_precision(dtype)
+    apply_plan(module, units, fully_shard, **({"mp_policy": policy} if policy is not None else {}))
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.set_custom_all_gather(CountingAllGather(counter))
             m.set_custom_reduce_scatter(CountingReduceScatter(counter))
-    return module, [u.call() for u in units]
+    return module, [u.call() for u in units]  # each with the mp_policy the header's precision line names
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,11 +204,31 @@ def _diverged(module: nn.Module, groups: list[tuple[str, ...]]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------
+# Progress: rank 0 says how far it is, the launcher shows it as it comes
+# ------------------------------------------------------------------------------------------
+
+PROGRESS = "tiecheck-progress:"  # the worker's progress lines on stdout: "<prefix> <done>/<total> <label>"
+
+
+def _progress(rank: int, total: int) -> Callable[[int, str], None]:
+    """Rank 0's progress, one line per change on stdout (flushed: a killed run has shown how far it got)."""
+    done = 0
+
+    def emit(n: int, label: str) -> None:
+        nonlocal done
+        done += n
+        if rank == 0:
+            print(f"{PROGRESS} {done}/{total} {label}", flush=True)
+
+    return emit
+
+
+# ------------------------------------------------------------------------------------------
 # The worker (one per rank)
 # ------------------------------------------------------------------------------------------
 
 def worker(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """Run the interleaved A/B protocol on this rank; rank 0 returns the gathered result."""
+    """Run the interleaved A/B protocol on this rank; every rank returns the gathered result."""
     strategy = cfg["strategy"]
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     wanted = (cfg.get("device") or "auto").lower()
@@ -192,6 +238,9 @@ def worker(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
     use_cuda = wanted != "cpu" and torch.cuda.is_available()
     if wanted == "cuda" and not use_cuda:
         raise TiecheckError("--device cuda: CUDA is not available here; use --device cpu")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise TiecheckError(f"local rank {local_rank}: this node has {torch.cuda.device_count()} GPU(s) visible; "
+                            "give --nproc-per-node at most that")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -203,32 +252,38 @@ def worker(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
         dist.destroy_process_group()
 
 
-def _work(cfg: dict[str, Any], strategy: str, dev: torch.device, backend: str) -> Optional[dict[str, Any]]:
+def _work(cfg: dict[str, Any], strategy: str, dev: torch.device, backend: str) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     plan = _resolve(cfg, dev)
     if plan.threads:
         torch.set_num_threads(plan.threads)
+    progress = _progress(rank, 2 * (plan.warmup + plan.rounds * plan.steps))
+    progress(0, "building both variants")
     # Same seed for the weights on every rank; rank-specific batches (data parallelism).
     batches = make_batches(plan.kind, plan.vocab_size, plan.batch_size, plan.seq_len, 4, plan.seed + 1 + rank, dev)
     probe = make_batches(plan.kind, plan.vocab_size, plan.batch_size, plan.seq_len, 1, plan.seed, dev)[0]
+    build = plan.builder()
     variants: dict[str, Variant] = {}
     counters: dict[str, CommCounter] = {}
     calls: dict[str, list[str]] = {}
     groups: list[tuple[str, ...]] = []
     params: dict[str, int] = {}
+    tied_shape: Optional[list[int]] = None
     for name in VARIANTS:
-        module = models.build(plan.model, tied=name == "tied", device=dev, seed=plan.seed, **plan.build_overrides)
+        module = build(name == "tied", dev, plan.seed)
         if name == "tied":
             groups = _groups(module)
+            if groups:
+                tied_shape = list(module.get_parameter(groups[0][0]).shape)
         params[name] = sum(p.numel() for p in module.parameters())
         counters[name] = CommCounter()
-        wrapped, calls[name] = _wrap(module, strategy, dev, counters[name])
+        wrapped, calls[name] = _wrap(module, strategy, dev, counters[name], plan.dtype)
         if strategy == "ddp":
             opt, _ = D.make_adamw(wrapped.parameters(), dev, LR, WEIGHT_DECAY)
         else:  # DTensor parameters: the for-each kernels where the device has them
             opt = torch.optim.AdamW(wrapped.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, foreach=D.is_cuda(dev))
-        variants[name] = Variant(name=name, module=module, fn=wrapped, dev=dev, dtype=plan.dtype, mode="train",
-                                 optimizer=opt, scaler=D.grad_scaler(dev, plan.dtype))
+        variants[name] = Variant(name=name, module=module, fn=plan.call(wrapped), dev=dev, dtype=plan.dtype,
+                                 mode="train", optimizer=opt, scaler=D.grad_scaler(dev, plan.dtype))
     k = 0
     for name in VARIANTS:
         timer = D.PhaseTimer(dev)
@@ -237,32 +292,43 @@ def _work(cfg: dict[str, Any], strategy: str, dev: torch.device, backend: str) -
             variants[name].step(batches[k % len(batches)], timer)
             timer.intervals_ms()
             k += 1
+            progress(1, f"warm-up {name}")
     state = {n: _state_bytes(v.module, v.optimizer, _grad_bytes(v, batches[0])) for n, v in variants.items()}
     rounds: dict[str, list[float]] = {n: [] for n in VARIANTS}
-    peaks: dict[str, list[int]] = {n: [] for n in VARIANTS}
+    above: dict[str, list[int]] = {n: [] for n in VARIANTS}
     for r in range(plan.rounds):
         for name in order_of_round(r):
             v, counter = variants[name], counters[name]
             dist.barrier()  # every rank starts the variant's steps together
+            # As the single-device runner: the peak is what the steps allocate above what is resident
+            # (both variants are, and the other's weights and AdamW state are not this variant's).
             D.reset_peak_memory(dev)
+            resident = D.memory_allocated(dev)
             counter.counting = True
             timer = D.PhaseTimer(dev)
             timer.mark()
             for s in range(plan.steps):
                 v.step(batches[(r * plan.steps + s) % len(batches)], timer)
                 counter.step()
+                progress(1, f"round {r + 1}/{plan.rounds} {name}")
             ms = timer.intervals_ms()
             counter.counting = False
             rounds[name].append(sum(ms))
-            peak = D.max_memory_allocated(dev)
+            peak = D.max_memory_allocated(dev) if resident is not None else None
             if peak is not None:
-                peaks[name].append(peak)
+                above[name].append(peak - resident)
     mine = {
         "rank": rank,
+        "node": int(os.environ.get("GROUP_RANK", "0")),
+        "host": socket.gethostname(),
+        "output": cfg.get("output"),
         "round_ms": rounds,
         "comm_steps": {n: counters[n].steps for n in VARIANTS},
         "state_bytes": state,
-        "peak_bytes": {n: max(peaks[n]) if peaks[n] else None for n in VARIANTS},
+        # The smallest over the rounds (a repeated step allocates the same; more was allocated once),
+        # plus the variant's own weights and AdamW state: its peak alone.
+        "peak_bytes": {n: min(above[n]) + state[n]["weights"] + state[n]["optimizer"] if above[n] else None
+                       for n in VARIANTS},
         "tied_intact": _tied(variants["tied"].module, groups),
         "untied_diverged": _diverged(variants["untied"].module, groups),
         "losses_finite": {n: bool(v.losses_finite()) for n, v in variants.items()},
@@ -271,9 +337,7 @@ def _work(cfg: dict[str, Any], strategy: str, dev: torch.device, backend: str) -
     }
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, mine)
-    if rank != 0:
-        return None
-    return _assemble(cfg, plan, strategy, backend, world, dev, groups, params, calls, gathered)
+    return _assemble(cfg, plan, strategy, backend, world, dev, groups, params, calls, gathered, tied_shape)
 
 
 def _resolve(cfg: dict[str, Any], dev: torch.device) -> Plan:
@@ -284,7 +348,8 @@ def _resolve(cfg: dict[str, Any], dev: torch.device) -> Plan:
                                threads=cfg.get("threads"), overrides=cfg.get("overrides") or {},
                                pad_vocab=cfg.get("pad_vocab")))
     if plan.kind != "decoder":
-        raise TiecheckError(f"--model {plan.model}: the multi-process bench runs decoders (gpt and llama presets)")
+        raise TiecheckError(f"--model {plan.model}: the multi-process bench runs decoders (the gpt and llama presets, "
+                            "a Hugging Face causal LM, or a factory)")
     return plan
 
 
@@ -304,8 +369,9 @@ def _per_step(steps: list[dict[str, int]], kind: str) -> tuple[int, bool]:
     return (values[0] if values else 0), len(set(values)) <= 1
 
 
-def _assemble(cfg, plan, strategy, backend, world, dev, groups, params, calls, ranks) -> dict[str, Any]:
+def _assemble(cfg, plan, strategy, backend, world, dev, groups, params, calls, ranks, tied_shape) -> dict[str, Any]:
     tokens_per_round = world * plan.batch_size * plan.seq_len * plan.steps
+    nodes = len({r["node"] for r in ranks})
     # Lockstep: a round lasts as long as its slowest rank.
     round_s = {n: [max(r["round_ms"][n][i] for r in ranks) / 1e3 for i in range(plan.rounds)] for n in VARIANTS}
     rates = {n: [[tokens_per_round / s] for s in round_s[n]] for n in VARIANTS}
@@ -329,47 +395,65 @@ def _assemble(cfg, plan, strategy, backend, world, dev, groups, params, calls, r
     for n in VARIANTS:
         losses = {r["probe_loss"][n] for r in ranks}
         checks[f"{n}: identical loss on every rank on a shared batch after the steps"] = len(losses) == 1
-    tied_weight = _tied_numel(plan, groups)
-    if tied_weight is not None:
-        # One copy of the tied weight crosses in each collective kind (fp32 weights and gradients);
-        # FSDP2 pads a parameter's first dimension to a multiple of the world size.
-        rows = -(-tied_weight[0] // world) * world if strategy == "fsdp2" else tied_weight[0]
-        expected = rows * tied_weight[1] * 4
+    notes = []
+    silent = strategy == "fsdp2" and world == 1
+    if silent:
+        # torch's FSDPParamGroup skips the all-gather (it copies the shard) and the reduce-scatter at world size 1.
+        notes.append("one rank: FSDP2 issues no all-gather and no reduce-scatter (torch skips them at world size "
+                     "1), so 0 bytes cross and the byte checks do not apply; throughput and memory are those of "
+                     "FSDP2's code path on one device. Run 2 or more ranks for the communication figures")
+        checks["no collective issued on one rank (FSDP2 skips them)"] = all(comm[n]["total"] == 0 for n in VARIANTS)
+    elif tied_shape is not None:
+        # One copy of the tied weight crosses in each collective kind; FSDP2 pads a parameter's first
+        # dimension to a multiple of the world size, and gathers in the policy's param_dtype.
+        rows = -(-tied_shape[0] // world) * world if strategy == "fsdp2" else tied_shape[0]
         for kind in COLLECTIVES[strategy]:
+            size = 2 if kind == "all_gather" and plan.dtype != "fp32" else 4
+            expected = rows * tied_shape[1] * size
             diff = comm["untied"][kind] - comm["tied"][kind]
             checks[f"{kind.replace('_', '-')}: untied - tied = {diff:,} bytes, one copy of the tied weight "
-                   f"({rows:,} x {tied_weight[1]:,} x 4 bytes)"] = diff == expected
+                   f"({rows:,} x {tied_shape[1]:,} x {size} bytes)"] = diff == expected
     return {
         "header": {
-            "title": f"tiecheck bench: {plan.model}, train, {strategy} on {world} ranks ({backend}), batch "
-                     f"{plan.batch_size} x {plan.seq_len} tokens per rank, {plan.dtype}, {dev.type}",
+            "title": f"tiecheck bench: {plan.model}, train, {strategy} on {world} rank(s) on {nodes} node(s) "
+                     f"({backend}), batch {plan.batch_size} x {plan.seq_len} tokens per rank, {plan.dtype}, "
+                     f"{dev.type}",
             "command": cfg.get("command"),
-            "strategy": strategy, "backend": backend, "world_size": world, "device": dev.type,
+            "strategy": strategy, "backend": backend, "world_size": world, "nodes": nodes, "device": dev.type,
             "device_name": D.device_name(dev), "model": plan.model, "overrides": dict(plan.overrides),
-            "dtype": plan.dtype, "batch_size_per_rank": plan.batch_size, "seq_len": plan.seq_len,
+            "dtype": plan.dtype, "precision": precision_line(strategy, plan.dtype),
+            "batch_size_per_rank": plan.batch_size, "seq_len": plan.seq_len,
             "rounds": plan.rounds, "steps_per_round": plan.steps, "warmup_steps": plan.warmup, "seed": plan.seed,
             "threads_per_rank": torch.get_num_threads(), "torch": torch.__version__, "tiecheck": __version__,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "wrap": calls,
-            "tie_groups": [list(g) for g in groups], "tied_weight_shape": tied_weight,
+            "tie_groups": [list(g) for g in groups], "tied_weight_shape": tied_shape,
+            "rank0_host": ranks[0]["host"], "rank0_output": ranks[0]["output"],
         },
         "tokens_per_s": {n: asdict(est[n]) for n in VARIANTS},
         "tokens_per_s_ratio": asdict(ratio),
         "comm_bytes_per_step": comm,
         "params": params,
-        "ranks": [{"rank": r["rank"], "state_bytes": r["state_bytes"], "peak_bytes": r["peak_bytes"],
+        "ranks": [{"rank": r["rank"], "node": r["node"], "state_bytes": r["state_bytes"], "peak_bytes": r["peak_bytes"],
                    "median_round_ms": {n: sorted(r["round_ms"][n])[len(r["round_ms"][n]) // 2] for n in VARIANTS}}
                   for r in ranks],
         "checks": checks,
+        "notes": notes,
+        "verdict": _verdict(est, ratio, comm, strategy, ranks, silent),
     }
 
 
-def _tied_numel(plan, groups) -> Optional[tuple[int, int]]:
-    """(rows, columns) of the tied embedding: the model's vocabulary by its width."""
-    if not groups:
-        return None
-    cfg = models.get_config(plan.model, **plan.build_overrides)
-    return cfg.vocab_size, cfg.d_model
+def _verdict(est, ratio, comm, strategy, ranks, silent) -> Optional[str]:
+    """Throughput, memory and communication joined in one line, as the single-device bench ends."""
+    parts = [stats.verdict(ratio, "tokens/s (all ranks)", lower_is_better=False)]
+    t, u = (ranks[0]["state_bytes"][n]["total"] for n in VARIANTS)
+    parts.append(bytes_verdict(t, u, "weights+grads+AdamW state per rank"))
+    if ranks[0]["peak_bytes"]["tied"] is not None:
+        parts.append(bytes_verdict(ranks[0]["peak_bytes"]["tied"], ranks[0]["peak_bytes"]["untied"],
+                                   "peak device memory of rank 0"))
+    if not silent and comm["untied"]["total"]:
+        parts.append(bytes_verdict(comm["tied"]["total"], comm["untied"]["total"], "bytes communicated per step"))
+    return stats.join_verdicts(parts)
 
 
 def render(result: dict[str, Any], fmt: str = "table") -> str:
@@ -398,7 +482,9 @@ def render(result: dict[str, Any], fmt: str = "table") -> str:
     table = tabulate(rows, headers=["", "tied", "untied", "tied/untied"], tablefmt="github" if md else "simple")
     lines = [("# " if md else "") + h["title"], ""]
     info = [f"command: {h['command']}", f"torch {h['torch']}, tiecheck {h['tiecheck']}, {h['date']}",
-            f"device: {h['device_name']} ({h['threads_per_rank']} thread(s) per rank)",
+            f"device: {h['device_name']} ({h['threads_per_rank']} thread(s) per rank); {h['world_size']} rank(s) on "
+            f"{h['nodes']} node(s)",
+            f"precision: {h['precision']}",
             f"protocol: {h['warmup_steps']} warm-up steps, {h['rounds']} rounds x {h['steps_per_round']} steps, "
             "order A B | B A ..., same seed on every rank, rank-specific batches; a round's time is its slowest "
             "rank's",
@@ -409,10 +495,18 @@ def render(result: dict[str, Any], fmt: str = "table") -> str:
     if h["device"] == "cpu":
         info.append("memory: the rank's own weights, gradients and AdamW state (exact tensor bytes; local shards "
                     "under FSDP2); a CPU has no device peak counter")
+    else:
+        info.append("memory: the rank's own weights, gradients and AdamW state (exact tensor bytes; local shards "
+                    "under FSDP2); peak: the most a variant's steps allocated above what was resident (both "
+                    "variants are), smallest over the rounds, plus that variant's weights and AdamW state")
     lines += [f"- {i}" if md else i for i in info]
     lines += ["", table, ""]
     for name, ok in result["checks"].items():
         lines.append(f"{'- ' if md else ''}{'PASS' if ok else 'FAIL'}  {name}")
+    for note in result.get("notes", []):
+        lines.append(f"{'- ' if md else ''}note: {note}")
+    if result.get("verdict"):
+        lines += ["", f"**{result['verdict']}**" if md else result["verdict"]]
     return "\n".join(lines) + "\n"
 
 
@@ -420,48 +514,151 @@ def render(result: dict[str, Any], fmt: str = "table") -> str:
 # The launcher (the parent process)
 # ------------------------------------------------------------------------------------------
 
-def validate(cfg: dict[str, Any], nnodes: str = "1", rdzv_endpoint: Optional[str] = None) -> None:
+@dataclass(frozen=True)
+class Launch:
+    """How torchrun meets the other nodes: its own options, passed through."""
+
+    nproc_per_node: int
+    nnodes: str = "1"
+    rdzv_endpoint: Optional[str] = None
+    rdzv_id: Optional[str] = None
+    node_rank: Optional[int] = None
+    max_restarts: Optional[int] = None
+
+    def torchrun_args(self) -> list[str]:
+        """torch.distributed.run's options: one node alone runs --standalone (it picks a free port);
+        several meet at the rendezvous -- c10d, or torchrun's static one when --node-rank fixes the ranks."""
+        if self.rdzv_endpoint is None and str(self.nnodes) == "1":
+            out = ["--standalone"]
+        else:
+            out = ["--nnodes", str(self.nnodes), "--rdzv-endpoint", self.rdzv_endpoint or ""]
+            # torchrun reads --node-rank only with its static rendezvous (c10d assigns node ranks as nodes arrive).
+            out += (["--rdzv-backend", "static", "--node-rank", str(self.node_rank)] if self.node_rank is not None
+                    else ["--rdzv-backend", "c10d"])
+            if self.rdzv_id:
+                out += ["--rdzv-id", self.rdzv_id]
+        if self.max_restarts is not None:
+            out += ["--max-restarts", str(self.max_restarts)]
+        return [*out, "--nproc-per-node", str(self.nproc_per_node)]
+
+
+def validate(cfg: dict[str, Any], nnodes: str = "1", rdzv_endpoint: Optional[str] = None,
+             nproc_per_node: Optional[int] = None) -> None:
     """Reject bad input with one line before any process starts."""
     if cfg.get("strategy") not in STRATEGIES:
         raise TiecheckError(f"--strategy {cfg.get('strategy')}: choose one of {', '.join(STRATEGIES)}")
-    if (cfg.get("device") or "auto") in ("auto", "cpu"):
+    device = (cfg.get("device") or "auto").lower()
+    if device in ("auto", "cpu"):
         _resolve(cfg, torch.device("cpu"))
     if str(nnodes) != "1" and not rdzv_endpoint:
         raise TiecheckError(f"--nnodes {nnodes}: several nodes meet at a rendezvous; give --rdzv-endpoint HOST:PORT")
+    gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
+    if nproc_per_node and gpus and nproc_per_node > gpus:
+        # Each rank takes the GPU of its LOCAL_RANK: a rank without one dies in CUDA ("invalid device ordinal").
+        raise TiecheckError(f"--nproc-per-node {nproc_per_node}: this node has {gpus} GPU(s) visible and each rank "
+                            f"takes one; use --nproc-per-node {gpus} (one rank runs DDP and FSDP2 too), or "
+                            "--device cpu")
 
 
 def launch(cfg: dict[str, Any], *, nproc_per_node: int, nnodes: str = "1", rdzv_endpoint: Optional[str] = None,
-           timeout: Optional[float] = None, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """Run :func:`worker` on ``nproc_per_node`` processes through ``torch.distributed.run``; rank 0's result.
+           timeout: Optional[float] = None, env: Optional[dict[str, str]] = None, rdzv_id: Optional[str] = None,
+           node_rank: Optional[int] = None, max_restarts: Optional[int] = None,
+           progress: Optional[Callable[[int, int, str], None]] = None) -> dict[str, Any]:
+    """Run :func:`worker` on ``nproc_per_node`` processes through ``torch.distributed.run``.
 
-    One node without ``rdzv_endpoint`` runs ``--standalone`` (torchrun picks a free port). The
-    launched processes get their own process group, killed if the launcher is interrupted or
-    ``timeout`` (seconds) passes.
+    Args:
+        cfg: the bench options (as the command line gives them).
+        nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, node_rank, max_restarts: torchrun's.
+        timeout: seconds before the workers are stopped (None: no limit).
+        env: variables added to the workers' environment.
+        progress: called with (done, total, label) as rank 0 reports, while the workers run.
+
+    Returns:
+        Rank 0's result on the node that holds rank 0; on any other node, ``{"elsewhere": {...}}``
+        saying which host holds rank 0 and whether every check passed.
+
+    The launched processes get their own process group, killed when the launcher is interrupted
+    (Ctrl-C, SIGTERM) or ``timeout`` passes; the workers' output is read as it comes.
     """
-    validate(cfg, nnodes, rdzv_endpoint)
+    validate(cfg, nnodes, rdzv_endpoint, nproc_per_node)
+    how = Launch(nproc_per_node, str(nnodes), rdzv_endpoint, rdzv_id, node_rank, max_restarts)
     with tempfile.TemporaryDirectory(prefix="tiecheck-dist-") as tmp:
         result_path = os.path.join(tmp, "result.json")
-        rdzv = (["--standalone"] if rdzv_endpoint is None and str(nnodes) == "1" else
-                ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint or ""])
-        cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--nproc-per-node", str(nproc_per_node),
+        cmd = [sys.executable, "-m", "torch.distributed.run", *how.torchrun_args(),
                "-m", "tiecheck.bench.distributed", "--config", json.dumps(cfg), "--result", result_path]
-        proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except BaseException:
-            _kill(proc)
-            raise
-        if proc.returncode != 0 or not os.path.exists(result_path):
-            raised = [line for line in out.splitlines() if re.match(r"^\[rank\d+\]: \w*(Error|Exception)\b", line)]
-            tail = "\n".join(raised[:2] or [line for line in out.splitlines() if line.strip()][-20:])
-            errors = [line for line in out.splitlines() if "tiecheck: error:" in line]
+        code, tail = _run_streaming(cmd, {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}, timeout, progress)
+        if code != 0 or not os.path.exists(result_path):
+            out = list(tail)
+            raised = [line for line in out if re.match(r"^\[rank\d+\]: \w*(Error|Exception)\b", line)]
+            errors = [line for line in out if "tiecheck: error:" in line]
             if errors:
                 raise TiecheckError(errors[0].split("tiecheck: error:", 1)[1].strip())
-            raise TiecheckError(f"the {nproc_per_node} worker process(es) failed (exit {proc.returncode}); "
-                                f"their output ends:\n{tail}")
+            shown = "\n".join(raised[:2] or [line for line in out if line.strip()][-20:])
+            raise TiecheckError(f"the {nproc_per_node} worker process(es) failed (exit {code}); "
+                                f"their output ends:\n{shown}")
         with open(result_path, encoding="utf-8") as f:
             return json.load(f)
+
+
+def _run_streaming(cmd: list[str], env: dict[str, str], timeout: Optional[float],
+                   progress: Optional[Callable[[int, int, str], None]]) -> tuple[int, collections.deque]:
+    """Run ``cmd`` in a process group of its own, reading its output as it comes; (exit code, last lines).
+
+    Progress lines go to ``progress``; the rest is kept (the last 400 lines) for an error message.
+    Past ``timeout``, on Ctrl-C or on SIGTERM the whole group is stopped.
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True)
+    reader.start()
+    tail: collections.deque = collections.deque(maxlen=400)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    previous = _stop_on_sigterm()
+    try:
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                line = lines.get(timeout=wait)
+            except queue.Empty:
+                _kill(proc)
+                shown = "\n".join([x for x in tail if x.strip()][-10:])
+                raise TiecheckError(f"the workers did not finish within {timeout:g} s (--timeout); stopped. "
+                                    f"Their output ends:\n{shown}") from None
+            if line is None:
+                break
+            line = line.rstrip("\n")
+            m = re.match(rf"^(?:\[[^\]]*\]:?\s*)?{PROGRESS} (\d+)/(\d+) (.*)$", line)
+            if m:
+                if progress is not None:
+                    progress(int(m.group(1)), int(m.group(2)), m.group(3))
+            else:
+                tail.append(line)
+        return proc.wait(), tail
+    except BaseException:
+        _kill(proc)
+        raise
+    finally:
+        _restore_sigterm(previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM to the launcher: unwinds like Ctrl-C, so the workers are stopped before it exits."""
+
+
+def _stop_on_sigterm() -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated("stopped by SIGTERM")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -489,11 +686,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TiecheckError as e:
         print(f"tiecheck: error: {e}", file=sys.stderr, flush=True)
         return 2
-    if result is not None:
-        with open(args.result + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(result, f)
-        os.replace(args.result + ".tmp", args.result)
+    if result is None:
+        return 0
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if rank == 0:
+        _write(args.result, result)
+    elif local_rank == 0 and result["ranks"][0]["node"] != int(os.environ.get("GROUP_RANK", "0")):
+        # A node without rank 0: its launcher says where the table is, and whether the checks passed.
+        h = result["header"]
+        _write(args.result, {"elsewhere": {"node": int(os.environ.get("GROUP_RANK", "0")), "nodes": h["nodes"],
+                                           "host": h["rank0_host"], "output": h["rank0_output"],
+                                           "passed": all(result["checks"].values())}})
     return 0
+
+
+def _write(path: str, doc: dict[str, Any]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

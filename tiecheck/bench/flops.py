@@ -16,6 +16,7 @@ FLOPs are equal, which the bench checks on the built models.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
 
@@ -39,13 +40,15 @@ def step_flops(shape: FlopsShape, seq_len: int, batch_size: int, mode: str) -> i
     return (3 if mode == "train" else 1) * forward_flops(shape, seq_len, batch_size)
 
 
-def flops_shape(model: nn.Module) -> FlopsShape:
-    """N, L and d of a bundled model, read from its modules and config.
+def flops_shape(model: nn.Module) -> Optional[FlopsShape]:
+    """N, L and d of a bundled model or a transformers decoder, read from its modules and config.
 
     N is the weights of its ``nn.Linear`` modules, each Parameter once (a tied head is still
     one product per forward). Attention layers: one per decoder block; an encoder-decoder
     adds a cross-attention per decoder layer and its encoder's self-attention (with source
-    and target of equal length, as the bench feeds them).
+    and target of equal length, as the bench feeds them). A transformers config gives L as
+    ``num_hidden_layers`` and d as heads x head dimension. None for a model whose config says
+    neither (a user's factory): its FLOPs, and so its MFU, are not counted.
     """
     seen: set[int] = set()
     n = 0
@@ -53,9 +56,17 @@ def flops_shape(model: nn.Module) -> FlopsShape:
         if isinstance(m, nn.Linear) and id(m.weight) not in seen:
             seen.add(id(m.weight))
             n += m.weight.numel()
-    cfg = model.config
-    if getattr(cfg, "kind", "decoder") == "encoder-decoder":
-        layers = cfg.n_encoder_layers + 2 * cfg.n_decoder_layers
-    else:
-        layers = cfg.n_layer
-    return FlopsShape(n_matmul_params=n, n_attention_layers=layers, d_attn=cfg.d_model)
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "family") and hasattr(cfg, "d_model"):  # a bundled model
+        if getattr(cfg, "kind", "decoder") == "encoder-decoder":
+            layers = cfg.n_encoder_layers + 2 * cfg.n_decoder_layers
+        else:
+            layers = cfg.n_layer
+        return FlopsShape(n_matmul_params=n, n_attention_layers=layers, d_attn=cfg.d_model)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    layers, heads, hidden = (getattr(text, k, None) for k in ("num_hidden_layers", "num_attention_heads", "hidden_size"))
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, hidden)):
+        return None
+    head_dim = getattr(text, "head_dim", None)
+    return FlopsShape(n_matmul_params=n, n_attention_layers=layers,
+                      d_attn=heads * (head_dim if isinstance(head_dim, int) and head_dim > 0 else hidden // heads))

@@ -16,7 +16,9 @@ from torch import nn
 
 from tiecheck import models
 from tiecheck.bench import device as D
+from tiecheck.bench import usermodel
 from tiecheck.bench.results import BenchResult
+from tiecheck.bench.usermodel import UserModel
 from tiecheck.errors import TiecheckError, did_you_mean
 
 MODES = ("train", "infer")
@@ -93,6 +95,7 @@ class Plan:
     overrides: Mapping[str, Any]
     model_vocab: int = 0  # the built model's vocabulary: vocab_size, or more when padded
     build_overrides: Mapping[str, Any] = field(default_factory=dict)  # overrides plus the padded vocab_size
+    user: Optional[UserModel] = None  # the user's own model (a Hugging Face folder or a factory)
 
     @property
     def padded(self) -> bool:
@@ -100,7 +103,20 @@ class Plan:
 
     @property
     def decodes(self) -> bool:
-        return self.mode == "infer" and self.kind == "decoder"
+        """Greedy decoding with the KV cache: the bundled decoders' own ``generate``."""
+        return self.mode == "infer" and self.kind == "decoder" and self.user is None
+
+    def builder(self) -> Builder:
+        """(tied, device, seed) -> the model this plan measures."""
+        if self.user is None:
+            return bundled_builder(self.model, self.build_overrides)
+        user, vocab = self.user, self.model_vocab if self.padded else None
+        return lambda tied, dev, seed: usermodel.build(user, tied, dev, seed, vocab_size=vocab)
+
+    def call(self, fn: Callable) -> Callable:
+        """What a step calls: ``fn`` itself for a bundled model; for the user's, an adapter taking
+        ``(idx, targets=None)`` whose loss is the bench's own cross-entropy of the logits."""
+        return fn if self.user is None else usermodel.LMCall(fn, hf=self.user.hf)
 
     def units(self) -> int:
         """Progress units: one per step, warm-up included, and one per decoding call."""
@@ -127,16 +143,23 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
     dev = D.resolve_device(cfg.device)
     defaults = _DEFAULTS["cuda" if D.is_cuda(dev) else "cpu"]
     name = cfg.model or defaults["model"]
-    try:
-        preset = models.get_preset(name)
-    except KeyError:
-        guess = did_you_mean(name, models.PRESETS).lstrip("; ")
-        raise TiecheckError(f"--model {name}: unknown model; {guess + ' (' if guess else ''}choose one of: "
-                            f"{', '.join(models.PRESETS)}{')' if guess else ''}") from None
-    try:
-        config = models.get_config(name, **cfg.overrides)
-    except (TypeError, ValueError) as e:
-        raise TiecheckError(f"model overrides {dict(cfg.overrides)}: {e}") from None
+    user = _user_model(cfg, name)
+    if user is None:
+        try:
+            preset = models.get_preset(name)
+        except KeyError:
+            guess = did_you_mean(name, models.PRESETS).lstrip("; ")
+            raise TiecheckError(f"--model {name}: unknown model; {guess + ' (' if guess else ''}choose one of: "
+                                f"{', '.join(models.PRESETS)}{')' if guess else ''}; or give a Hugging Face "
+                                "folder or config.json, or path/to/file.py:factory") from None
+        try:
+            config = models.get_config(name, **cfg.overrides)
+        except (TypeError, ValueError) as e:
+            raise TiecheckError(f"model overrides {dict(cfg.overrides)}: {e}") from None
+        description, kind, vocab_size, max_pos = preset.description, preset.kind, config.vocab_size, \
+            config.max_positions
+    else:
+        description, kind, vocab_size, max_pos = user.description, "decoder", user.vocab_size, user.max_positions
     if cfg.find_max_batch and not D.is_cuda(dev):
         raise TiecheckError("--find-max-batch needs a CUDA GPU: it fills the device memory to find the largest "
                             "batch, and the CPU has no fixed device memory to fill; run it with --device cuda")
@@ -151,21 +174,23 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
     if cfg.mode == "train" and warmup < 2:
         raise TiecheckError(f"--warmup {warmup}: training needs at least 2 warm-up steps (AdamW allocates its "
                             "state in the first, and the peak memory is read in the warm-up)")
-    max_pos = config.max_positions
-    seq_len = cfg.seq_len or min(defaults["seq_len"], max_pos)
-    if seq_len > max_pos:
+    seq_len = cfg.seq_len or min(defaults["seq_len"], max_pos or defaults["seq_len"])
+    if max_pos is not None and seq_len > max_pos:
         raise TiecheckError(f"--seq-len {seq_len}: {name} has {max_pos} positions; use --seq-len {max_pos} or less")
     decode_tokens = cfg.decode_tokens or defaults["decode_tokens"]
     # Decoding starts from half a sequence and may not run past the model's positions.
     prompt_len = max(1, seq_len // 2)
-    decode_tokens = min(decode_tokens, max_pos - prompt_len + 1)
-    multiple = cfg.pad_vocab or (GPU_VOCAB_MULTIPLE if D.is_cuda(dev) else 1)
-    model_vocab = -(-config.vocab_size // multiple) * multiple
+    if max_pos is not None:
+        decode_tokens = min(decode_tokens, max_pos - prompt_len + 1)
+    if user is not None and not user.hf and cfg.pad_vocab not in (None, 1):
+        raise TiecheckError(f"--pad-vocab {cfg.pad_vocab}: {name} builds its own vocabulary; pad it in the factory")
+    multiple = cfg.pad_vocab or (GPU_VOCAB_MULTIPLE if D.is_cuda(dev) and (user is None or user.hf) else 1)
+    model_vocab = -(-vocab_size // multiple) * multiple
     build_overrides = dict(cfg.overrides)
-    if model_vocab != config.vocab_size:
+    if model_vocab != vocab_size:
         build_overrides["vocab_size"] = model_vocab
-    return Plan(model=name, description=preset.description, kind=preset.kind, vocab_size=config.vocab_size,
-                max_positions=max_pos, mode=cfg.mode, dev=dev, dtype=dtype, compile=cfg.compile,
+    return Plan(model=name, description=description, kind=kind, vocab_size=vocab_size,
+                max_positions=max_pos or seq_len, mode=cfg.mode, dev=dev, dtype=dtype, compile=cfg.compile,
                 batch_size=cfg.batch_size or defaults["batch_size"], seq_len=seq_len, rounds=rounds,
                 steps=cfg.steps or defaults["steps"], warmup=warmup, decode_tokens=decode_tokens,
                 prompt_len=prompt_len, seed=cfg.seed, find_max_batch=cfg.find_max_batch,
@@ -175,7 +200,17 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
                 # sibling that another process has descheduled -- on a shared two-core machine
                 # that wait made steps 10x slower at random and the intervals useless.
                 threads=cfg.threads or (None if D.is_cuda(dev) else 1), overrides=dict(cfg.overrides),
-                model_vocab=model_vocab, build_overrides=build_overrides)
+                model_vocab=model_vocab, build_overrides=build_overrides, user=user)
+
+
+def _user_model(cfg: BenchConfig, name: str) -> Optional[UserModel]:
+    """The user's model when ``name`` is a path or a spec; None for a bundled name."""
+    if not usermodel.is_user_model(name):
+        return None
+    if cfg.overrides:
+        raise TiecheckError(f"model overrides {dict(cfg.overrides)}: only for bundled models; change "
+                            f"{name} itself")
+    return usermodel.resolve_user_model(name, seed=cfg.seed)
 
 
 def bundled_builder(name: str, overrides: Mapping[str, Any] = {}) -> Builder:  # noqa: B006 - read only

@@ -159,7 +159,16 @@ def _text(result: BenchResult, markdown: bool) -> str:
         out += ["", "not measured:" if not markdown else "**not measured**", *[f"{bullet}{f}" for f in failures]]
     if result.notes:
         out += ["", "notes:" if not markdown else "**notes**", *[f"{bullet}{n}" for n in result.notes]]
+    out += _verdict_line(result, markdown)
     return "\n".join(out) + "\n"
+
+
+def _verdict_line(result, markdown: bool) -> list[str]:
+    """The last line of a table or Markdown result: every answer of the run joined."""
+    line = result.verdict_line()
+    if not line:
+        return []
+    return ["", f"**{line}**" if markdown else line]
 
 
 # ------------------------------------------------------------------------------------------
@@ -174,6 +183,8 @@ def _csv(result: BenchResult) -> str:
         buf.write(f"# check: {c}\n")
     for f in result.failures():
         buf.write(f"# not measured: {f}\n")
+    if result.verdict_line():
+        buf.write(f"# {result.verdict_line()}\n")
     result.to_frame().to_csv(buf, index=False, lineterminator="\n")
     return buf.getvalue()
 
@@ -227,6 +238,15 @@ def _converge_tables(result) -> tuple[list[list[str]], list[list[str]]]:
         final.append([label, *cells])
     final.append(["parameters (counted once)", *[f"{result.params.get(v, 0):,}" for v in ("tied", "untied")],
                   f"{result.params.get('tied', 0) - result.params.get('untied', 0):+,}"])
+    if result.train_ms:
+        r = result.throughput()
+        final.append(["training tokens/s (all seeds)", *[_num(result.tokens_per_s(v), "tokens/s")
+                                                        for v in ("tied", "untied")],
+                      _ci(r.mean, r.low, r.high, ".3f") + " (ratio)" if r else ""])
+    if result.state_bytes:
+        t, u = result.state_bytes.get("tied", 0), result.state_bytes.get("untied", 0)
+        final.append(["weights+grads+AdamW state", human_bytes(t), human_bytes(u),
+                      f"{'-' if t < u else '+'}{human_bytes(abs(t - u))}"])
     curve = []
     for step in result.steps:
         t, u, d = (by.get((v, "val_loss", step)) for v in ("tied", "untied", "tied-untied"))
@@ -248,6 +268,8 @@ def render_converge(result, fmt: str = "table") -> str:
             buf.write(f"# {k}: {v}\n")
         for c in check_lines(result):
             buf.write(f"# check: {c}\n")
+        if result.verdict_line():
+            buf.write(f"# {result.verdict_line()}\n")
         result.to_frame().to_csv(buf, index=False, lineterminator="\n")
         return buf.getvalue()
     if fmt not in ("table", "markdown"):
@@ -277,6 +299,7 @@ def render_converge(result, fmt: str = "table") -> str:
     out += ["", "verdicts:" if not markdown else "**verdicts**", *[f"{bullet}{v}" for v in result.verdicts()]]
     if result.notes:
         out += ["", "notes:" if not markdown else "**notes**", *[f"{bullet}{n}" for n in result.notes]]
+    out += _verdict_line(result, markdown)
     return "\n".join(out) + "\n"
 
 

@@ -109,7 +109,8 @@ class Row:
         return cls(variant, metric, METRICS[metric][1], value, verdict=verdict)
 
 
-def _bytes_verdict(a: int, b: int, what: str) -> str:
+def bytes_verdict(a: int, b: int, what: str) -> str:
+    """What the tie saves (or costs) of ``what``: tied ``a`` bytes against untied ``b``."""
     if a == b:
         return f"{what}: same"
     word = "saves" if a < b else "costs"
@@ -207,7 +208,7 @@ class BenchResult:
             if metric == "params":
                 verdict = f"parameters: tied has {b - a:,} fewer ({(b - a) / b:.1%} of untied)"
             else:
-                verdict = _bytes_verdict(a, b, METRICS[metric][0].strip())
+                verdict = bytes_verdict(a, b, METRICS[metric][0].strip())
             out.append(Row.exact(R, metric, a / b, verdict))
         if t.max_batch and u.max_batch:
             d = t.max_batch - u.max_batch
@@ -254,6 +255,13 @@ class BenchResult:
         """The ratio rows' verdicts, timing first."""
         return [r.verdict for r in self.rows() if r.variant == "tied/untied" and r.verdict]
 
+    def verdict_line(self) -> Optional[str]:
+        """One line joining throughput and memory: the tokens/s ratio's verdict, then what the tie saves of
+        the training state (train) or the weights (infer), and of the device peak where it was read."""
+        memory = ("training_state_bytes" if self.mode == "train" else "weight_bytes", "peak_memory_bytes")
+        by = {r.metric: r.verdict for r in self.rows() if r.variant == "tied/untied" and r.verdict}
+        return stats.join_verdicts([by.get("tokens_per_s", ""), *(by.get(m, "") for m in memory)])
+
     def headline(self) -> Optional[str]:
         """The step-time (train) or forward-time (infer) verdict."""
         for r in self.rows():
@@ -272,6 +280,7 @@ class BenchResult:
             "checks": dict(self.checks),
             "headline": self.headline(),
             "verdicts": self.verdicts(),
+            "verdict": self.verdict_line(),
             "notes": list(self.notes),
             "results": [{k: v for k, v in r.__dict__.items()} for r in self.rows()],
             "samples_ms": {name: {"phases": rec.samples, "decode": rec.decode_samples,

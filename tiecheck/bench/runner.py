@@ -125,7 +125,7 @@ def _run(plan: Plan, cfg: BenchConfig, progress: Optional[Progress], build: Opti
     st = _State(plan=plan, host_load=D.host_load(), tf32=D.tf32_enabled(plan.dev))
     if progress is not None:
         st.progress = progress
-    builder = build or bundled_builder(plan.model, plan.build_overrides)
+    builder = build or plan.builder()
 
     if D.is_cuda(plan.dev):
         st.progress(0, "timing a matmul")
@@ -175,7 +175,7 @@ def _build_variants(st: _State, builder: Builder) -> None:
             module = builder(name == "tied", plan.dev, plan.seed)
             if plan.mode == "infer":
                 module.eval()
-            v = Variant(name=name, module=module, fn=_compile(plan, module), dev=plan.dev, dtype=plan.dtype,
+            v = Variant(name=name, module=module, fn=plan.call(_compile(plan, module)), dev=plan.dev, dtype=plan.dtype,
                         mode=plan.mode, vocab_limit=plan.vocab_size)
             if plan.mode == "train":
                 v.optimizer, st.optimizer_label = D.make_adamw(module.parameters(), plan.dev, LR, WEIGHT_DECAY)
@@ -452,7 +452,7 @@ def _find_max_batch(st: _State, builder: Builder, emit: Callable[[str], None] = 
             module = builder(name == "tied", plan.dev, plan.seed)
             if plan.mode == "infer":
                 module.eval()
-            v = Variant(name=name, module=module, fn=_compile(plan, module), dev=plan.dev, dtype=plan.dtype,
+            v = Variant(name=name, module=module, fn=plan.call(_compile(plan, module)), dev=plan.dev, dtype=plan.dtype,
                         mode=plan.mode, vocab_limit=plan.vocab_size)
             if plan.mode == "train":
                 v.optimizer, _ = D.make_adamw(module.parameters(), plan.dev, LR, WEIGHT_DECAY)
@@ -518,6 +518,9 @@ def _result(st: _State, cfg: BenchConfig, command: Optional[str], pending: Optio
         notes.append(vocab_note)
     if plan.compile and plan.decodes:
         notes.append("decoding runs the uncompiled model (each decoding step has a new shape)")
+    if plan.user is not None and plan.mode == "infer":
+        notes.append("decoding is timed on the bundled models only (their own generate); for this model the "
+                     "forward is")
     if plan.kind == "encoder-decoder":
         notes.append(f"tokens/s counts predicted (target) tokens; each step also reads a {plan.seq_len}-token source")
     if plan.find_max_batch:
@@ -593,4 +596,5 @@ def _vocab_note(st: _State) -> Optional[str]:
             "the device computes")
 
 
-__all__ = ["BenchConfig", "Plan", "run_bench", "resolve", "order_of_round", "largest_fitting", "command_line"]
+__all__ = ["BenchConfig", "Plan", "run_bench", "resolve", "order_of_round", "largest_fitting", "command_line",
+           "bundled_builder"]

@@ -11,7 +11,7 @@ widening its interval. Intervals are percentile intervals of the resampled media
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -110,3 +110,9 @@ def verdict(r: Estimate, what: str, lower_is_better: bool = True, subject: str =
         word = "higher" if better else "lower"
         pct = abs(r.median - 1.0) * 100
     return f"{what}: {subject} {word} by {pct:.1f}% (tied/untied {r.median:.3f}, 95% CI {ci})"
+
+
+def join_verdicts(parts: Sequence[str]) -> Optional[str]:
+    """The run's answers on one line -- throughput, memory and, where measured, loss -- each as its own verdict."""
+    parts = [p for p in parts if p]
+    return f"verdict: {'; '.join(parts)}" if parts else None

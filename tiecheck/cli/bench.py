@@ -49,16 +49,18 @@ def _check_writable(option: str, path: str | None) -> None:
 
 
 @click.command("bench")
-@click.option("--model", metavar="NAME", help="Bundled model (see `tiecheck models`). "
-              "Default: gpt2-124m on a GPU, gpt-mini on the CPU. --mode converge also takes "
-              "path/to/file.py:factory (see docs/bench.md).")
+@click.option("--model", metavar="NAME|PATH|SPEC", help="A bundled model (see `tiecheck models`), a Hugging Face "
+              "folder or its config.json (built from the config, random weights), or path/to/file.py:factory "
+              "with factory(tied: bool, vocab_size=..., seed=...) returning the model (every mode; see "
+              "docs/bench.md). Default: gpt2-124m on a GPU, gpt-mini on the CPU.")
 @click.option("--mode", type=click.Choice(["train", "infer", "converge"]), default="train", show_default=True,
               help="train: forward + backward + AdamW step. infer: no-grad forward, and greedy decoding "
                    "with a KV cache for decoders. converge: train both variants on real text over several "
                    "seeds and compare their loss curves.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="Matmul precision (autocast; weights stay fp32). Default: bf16 on a GPU that has it, else fp32.")
+              help="Matmul precision (autocast; weights stay fp32; with --strategy fsdp2 also FSDP2's "
+                   "MixedPrecisionPolicy). Default: bf16 on a GPU that has it, else fp32.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile both variants.")
 @click.option("--batch-size", type=int, help="Sequences per step. Default: 16 on a GPU, 4 on the CPU.")
 @click.option("--seq-len", type=int, help="Tokens per sequence. Default: 1024 on a GPU, 64 on the CPU "
@@ -107,6 +109,14 @@ def _check_writable(option: str, path: str | None) -> None:
 @click.option("--nnodes", default="1", show_default=True, help="With --nproc-per-node: torchrun's --nnodes.")
 @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="With --nproc-per-node: torchrun's --rdzv-endpoint "
               "(multi-node); without it one node runs --standalone.")
+@click.option("--rdzv-id", metavar="ID", help="With --nproc-per-node: torchrun's --rdzv-id (the same on every node "
+              "of one job, e.g. $SLURM_JOB_ID).")
+@click.option("--node-rank", type=click.IntRange(min=0), help="With --nproc-per-node: this node's rank (torchrun's "
+              "static rendezvous; node 0 hosts it at --rdzv-endpoint). Without it c10d ranks the nodes as they "
+              "arrive.")
+@click.option("--max-restarts", type=click.IntRange(min=0), help="With --nproc-per-node: torchrun's --max-restarts.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="With --nproc-per-node: stop the workers after SECONDS (default: no limit).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def bench(**options):
     """Tied vs untied: throughput, step phases, memory and MFU of a bundled model.
@@ -119,7 +129,7 @@ def bench(**options):
 
 
 # Options of the timing modes that --mode converge does not use, and the converge-only ones.
-_TIMING_ONLY = ("dtype", "compile_", "rounds", "warmup", "decode_tokens", "find_max_batch", "peak_tflops", "pad_vocab",
+_TIMING_ONLY = ("compile_", "rounds", "warmup", "decode_tokens", "find_max_batch", "peak_tflops", "pad_vocab",
                 "max_batch_cap")
 _CONVERGE_ONLY = ("seeds", "eval_every", "vocab_size", "text", "tokenizer", "no_cache", "quick")
 
@@ -138,11 +148,26 @@ def _check_mode_options(mode: str) -> None:
         raise TiecheckError(f"{where} {', '.join(_flag(n) for n in wrong)}; drop it or change --mode")
 
 
+# The options that say how to launch several processes: meaningless (and once silently ignored) without them.
+_LAUNCH_ONLY = ("strategy", "nnodes", "rdzv_endpoint", "rdzv_id", "node_rank", "max_restarts", "timeout")
+
+
+def _check_launch_options(nproc_per_node: int | None) -> None:
+    if nproc_per_node:
+        return
+    ctx = click.get_current_context()
+    given = [n for n in _LAUNCH_ONLY if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise TiecheckError(f"{', '.join(_flag(n) for n in given)} only with --nproc-per-node N (the processes per "
+                            "node); add it, or drop them for a single-process run")
+
+
 def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, steps, warmup, decode_tokens, seed,
            threads, find_max_batch, max_batch_cap, peak_tflops, pad_vocab, progress_lines, fmt, output, plot,
            seeds, eval_every, vocab_size, text, tokenizer, no_cache, quick, nproc_per_node, strategy, nnodes,
-           rdzv_endpoint, debug):
+           rdzv_endpoint, rdzv_id, node_rank, max_restarts, timeout, debug):
     _check_mode_options(mode)
+    _check_launch_options(nproc_per_node)
     if nproc_per_node:
         _distributed(locals())
         return
@@ -155,7 +180,7 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
     if plot:
         plots.require_matplotlib()
     if mode == "converge":
-        cfg = converge.ConvergeConfig(model=model, device=device, steps=steps, seeds=seeds, eval_every=eval_every,
+        cfg = converge.ConvergeConfig(model=model, device=device, dtype=dtype, steps=steps, seeds=seeds, eval_every=eval_every,
                                       batch_size=batch_size, seq_len=seq_len, vocab_size=vocab_size, text=text,
                                       tokenizer=tokenizer, cache=not no_cache, quick=quick, seed=seed, threads=threads)
         _converge(cfg, fmt, output, plot, progress_lines)
@@ -193,8 +218,14 @@ def _converge(cfg, fmt: str, output: str | None, plot: str | None, progress_line
 
     plan = converge.resolve(cfg)  # bad input fails here, before the corpus is read
     progress = Progress(plan.units(), lines=progress_lines)
+
+    def announce(budget: str) -> None:
+        # What the run will do, before training starts: a GPU slot's length is known in advance, the run's is not.
+        click.echo(f"tiecheck: converge budget: {budget}", err=True)
+
     try:
-        result = converge.run_converge(cfg, progress=progress, command=_command(click.get_current_context()))
+        result = converge.run_converge(cfg, progress=progress, command=_command(click.get_current_context()),
+                                       announce=announce)
     finally:
         progress.close()
     write_output(render_converge(result, fmt), output, protect=tuple(p for p in (cfg.text, cfg.tokenizer) if p))
@@ -218,9 +249,30 @@ def _distributed(o: dict) -> None:
     cfg = {k: o[k] for k in ("model", "device", "dtype", "batch_size", "seq_len", "rounds", "steps", "warmup",
                              "seed", "threads", "pad_vocab", "strategy")}
     cfg["command"] = _command(click.get_current_context())
-    validate(cfg, o["nnodes"], o["rdzv_endpoint"])
-    if not o["progress_lines"]:
-        click.echo(f"tiecheck: running on {o['nproc_per_node']} process(es) per node ({o['strategy']})...", err=True)
-    result = launch(cfg, nproc_per_node=o["nproc_per_node"], nnodes=o["nnodes"], rdzv_endpoint=o["rdzv_endpoint"])
+    cfg["output"] = os.path.abspath(o["output"]) if o["output"] not in (None, "-") else None
+    validate(cfg, o["nnodes"], o["rdzv_endpoint"], o["nproc_per_node"])
+    nodes = f" on {o['nnodes']} nodes" if str(o["nnodes"]) != "1" else ""
+    click.echo(f"tiecheck: launching {o['nproc_per_node']} process(es) per node{nodes} ({o['strategy']})", err=True)
+    bar: list[Progress] = []
+
+    def progress(done: int, total: int, label: str) -> None:
+        # Rank 0's progress, shown as it comes: a bar on a terminal, plain lines with --progress-lines.
+        if not bar:
+            bar.append(Progress(total, lines=o["progress_lines"]))
+        bar[0](done - bar[0].done, label)
+
+    try:
+        result = launch(cfg, nproc_per_node=o["nproc_per_node"], nnodes=o["nnodes"], rdzv_endpoint=o["rdzv_endpoint"],
+                        rdzv_id=o["rdzv_id"], node_rank=o["node_rank"], max_restarts=o["max_restarts"],
+                        timeout=o["timeout"], progress=progress)
+    finally:
+        if bar:
+            bar[0].close()
+    if "elsewhere" in result:
+        e = result["elsewhere"]
+        where = f"its {e['output']}" if e["output"] else "its standard output"
+        click.echo(f"tiecheck: node {e['node']} of {e['nodes']} done; the results are written by the node of rank 0 "
+                   f"({e['host']}) to {where}; {'every check passed' if e['passed'] else 'a check FAILED'}", err=True)
+        sys.exit(EXIT_OK if e["passed"] else EXIT_FAILED)
     write_output(render(result, o["fmt"]), o["output"])
     sys.exit(EXIT_OK if all(result["checks"].values()) else EXIT_FAILED)

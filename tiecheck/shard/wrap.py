@@ -1,16 +1,18 @@
 """FSDP2 wrap plans replayed without a process group: will ``fully_shard`` accept them, and what fixes them.
 
-The rule replayed is torch's own (``torch/distributed/fsdp/_fully_shard``, torch 2.13):
+The rule replayed is torch's own (``torch/distributed/fsdp/_fully_shard``, read in torch 2.11 and 2.13):
 
 - ``fully_shard(modules)`` manages every module reached by a depth-first walk from ``modules``
   that stops at a module some earlier ``fully_shard`` call was given (a nested unit), and every
   parameter those modules register directly, each Parameter object once per call
   (``_get_managed_modules``, ``_get_managed_states``).
-- At the root's first forward, ``FSDPState._validate_no_duplicate_params`` walks the units in
-  the order of the root's ``named_modules()`` and raises ``ValueError: Parameter '<fqn>' is
-  shared with a parameter already managed by another FSDP group`` when one Parameter object is
-  managed by two units. Before torch 2.13 the same plan trained silently wrong: each unit kept
-  its own shard of the tied weight.
+- At the root's first forward, torch 2.13's ``FSDPState._validate_no_duplicate_params`` walks
+  the units in the order of the root's ``named_modules()`` and raises ``ValueError: Parameter
+  '<fqn>' is shared with a parameter already managed by another FSDP group`` when one
+  Parameter object is managed by two units. torch 2.11 has no such check (its ``FSDPState``
+  goes from ``_init_shared_state`` straight to the groups' lazy init): the same plan trains,
+  each unit updating its own shards of the tied weight. The verdict is the running torch's
+  (:func:`torch_refuses_shared_params` asks it).
 
 So a tie survives sharding only when every name of its group is registered by modules of one
 unit. The fix puts the modules that hold a straddling tie into one call
@@ -24,12 +26,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+import torch
 from torch import nn
 
 from tiecheck.errors import TiecheckError
 
 POLICIES = ("blocks", "none")
 ROOT = ""
+
+
+def torch_refuses_shared_params() -> bool:
+    """Whether the running torch refuses, at the root's first forward, a Parameter two FSDP2 units manage.
+
+    Asked of torch itself (the check's presence on ``FSDPState``), not of its version number:
+    torch 2.13 has it, 2.11 does not, and a release between is whatever it is.
+
+    Returns:
+        True when ``fully_shard`` raises the duplicate-parameter ValueError; False when it
+        trains the copies apart, or when this torch has no FSDP2 at all.
+    """
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState  # noqa: PLC0415 - torch.distributed costs a second; only the verdict needs it
+    except ImportError:
+        return False
+    return hasattr(FSDPState, "_validate_no_duplicate_params")
 
 
 @dataclass(frozen=True)
@@ -82,19 +102,38 @@ class WrapCheck:
     tie_groups: list[tuple[str, ...]]
     owner: dict[str, Optional[int]]  # parameter name -> index of the unit managing it (None: no unit)
     straddles: list[Straddle]
-    error: Optional[str]  # what torch raises at the first forward, None when it accepts the plan
+    # What torch's duplicate-parameter check raises for this plan at the first forward (torch 2.13
+    # has the check; ``refused`` says whether the running torch does); None when nothing trips it.
+    error: Optional[str]
     fix: Optional[list[Unit]] = None  # a plan that keeps every tie, when this one does not
     notes: list[str] = field(default_factory=list)
+    refused: bool = False  # the running torch raises ``error`` at the first forward
+    torch_version: str = torch.__version__
 
     @property
     def accepted(self) -> bool:
-        """torch accepts the plan and every tie stays one Parameter (one shard set)."""
+        """Every tie stays one Parameter (one shard set), whatever the torch release."""
         return not self.straddles
+
+    def verdict(self) -> str:
+        """What the running torch does with the plan, in one line."""
+        if self.accepted:
+            return "accepted: every tie stays in one unit"
+        if self.error and self.refused:
+            return f"refused at the first forward (torch {self.torch_version}): {self.error}"
+        if self.error:
+            return (f"trains the tie as separate shards without an error (torch {self.torch_version} has no check "
+                    "for a Parameter shared across units; releases with it, 2.13 among them, refuse this plan at "
+                    f"the first forward: {self.error})")
+        return "unsafe: a tie straddles units and no root unit checks them; the shards train apart"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
             "accepted": self.accepted,
+            "verdict": self.verdict(),
+            "torch": self.torch_version,
+            "refused_at_first_forward": self.refused,
             "error": self.error,
             "units": [{"paths": list(u.paths), "call": u.call()} for u in self.units],
             "tie_groups": [
@@ -340,8 +379,9 @@ def _replay(model: nn.Module, units: list[Unit], groups: list[tuple[str, ...]], 
             straddles.append(Straddle(names=names, units=tuple(us),
                                       names_by_unit={i: _names_in(model, units, i, by_id[pid]) for i in us}))
     straddles.sort(key=lambda s: s.names)
+    error = _error(model, units, managed, by_id)
     return WrapCheck(policy=label, units=list(units), tie_groups=groups, owner=owner, straddles=straddles,
-                     error=_error(model, units, managed, by_id))
+                     error=error, refused=error is not None and torch_refuses_shared_params())
 
 
 def apply_plan(model: nn.Module, units: list[Unit], fully_shard: Callable[..., Any], **kwargs: Any) -> None:
@@ -354,10 +394,7 @@ def apply_plan(model: nn.Module, units: list[Unit], fully_shard: Callable[..., A
 def render_text(check: WrapCheck, target: str) -> str:
     """The plan check as the terminal shows it."""
     lines = [f"wrap plan of {target}, --wrap {check.policy}: {len(check.units)} fully_shard call(s)"]
-    verdict = ("accepted: every tie stays in one unit" if check.accepted else
-               f"refused at the first forward: {check.error}" if check.error else
-               "unsafe: a tie straddles units and no root unit checks them; the shards train apart")
-    lines.append(f"verdict: {verdict}")
+    lines.append(f"verdict: {check.verdict()}")
     lines.append("calls, in this order:" if check.units else "calls: none")
     lines += [f"  {u.call()}" for u in check.units]
     lines.append("ties:" if check.tie_groups else "ties: none")
