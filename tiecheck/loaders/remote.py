@@ -27,14 +27,18 @@ import re
 import shutil
 import tempfile
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote, unquote, urljoin
 
+import torch
+
 from tiecheck.errors import TargetError, TiecheckError
+from tiecheck.facts import tensor_facts
 from tiecheck.loaders import REMOTE_SCHEMES, detect
-from tiecheck.loaders.content import register_stand_in, release_stand_in
+from tiecheck.loaders.content import register_stand_in, release_stand_in, tensor_layout
 from tiecheck.loaders.ranges import (
     FetchStats,
     FsspecFile,
@@ -435,9 +439,47 @@ def _load_mirrored(folder: Any, single: tuple[str, RemoteFile] | None, options: 
         raise
     # The stand-ins are mapped by the loaders: removing their folder now leaves the mappings intact.
     mirror.remove_folder()
+    remote = {n for n, span in sub.file_spans.items() if getattr(span, "path", None) in mirror.stand_ins}
+    sub.tensors = RemoteTensors(sub.tensors, remote)
     sub.extra["remote"] = stats.section
     weakref.finalize(sub, _release, list(mirror.stand_ins.items()), list(closing or []))
     return sub
+
+
+class RemoteTensors(Mapping):
+    """A remote subject's tensors, those whose bytes are remote handed out on the meta device.
+
+    The loaders made them as views of the stand-ins, whose data is a hole: read through a view,
+    every value would be zero, and two remote files would compare equal. So a view never leaves:
+    its name gives a meta tensor of the same shape, strides and dtype, and its values are read
+    only through the content reader, by range (facts and file layouts come from the loaders'
+    own mapping, as for a local file).
+    """
+
+    def __init__(self, tensors: Mapping, remote: set[str]):
+        self._tensors, self._remote = tensors, remote
+
+    def __getitem__(self, name: str):
+        t = self._tensors[name]
+        if name not in self._remote:
+            return t  # no bytes in the files (an empty tensor), or copied from real bytes
+        return torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device="meta")
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def facts(self) -> list:
+        return tensor_facts(self._tensors)  # the views' own facts: their storages are the stand-ins'
+
+    def file_layout(self, name: str) -> tuple[int, int, int] | None:
+        where = getattr(self._tensors, "file_layout", None)
+        return where(name) if callable(where) else tensor_layout(self._tensors[name])
 
 
 def _release(stand_ins: list[tuple[str, RemoteFile]], closing: list[Any]) -> None:
