@@ -39,6 +39,7 @@ from tiecheck.errors import TargetError, TiecheckError
 from tiecheck.facts import tensor_facts
 from tiecheck.loaders import REMOTE_SCHEMES, detect
 from tiecheck.loaders.content import register_stand_in, release_stand_in, tensor_layout
+from tiecheck.loaders.hf import PREFERRED, find_weights
 from tiecheck.loaders.ranges import (
     FetchStats,
     FsspecFile,
@@ -52,7 +53,7 @@ from tiecheck.loaders.ranges import (
     store_options,
     timeout,
 )
-from tiecheck.loaders.safetensors_files import DTYPES, header_length, read_header
+from tiecheck.loaders.safetensors_files import DTYPES, header_length, read_header, shard_paths
 from tiecheck.loaders.subject import Subject
 
 URL_SCHEMES = tuple(s for s in REMOTE_SCHEMES if s != "hf://")
@@ -161,8 +162,6 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """
     from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 - huggingface_hub only for Hub ids
 
-    from tiecheck.loaders.hf import PREFERRED, find_weights  # noqa: PLC0415 - a loader that needs torch
-    from tiecheck.loaders.safetensors_files import shard_paths  # noqa: PLC0415 - idem
 
     for name in (CONFIG, *PREFERRED):
         found = try_to_load_from_cache(repo_id, name, revision=revision)
@@ -370,7 +369,7 @@ class Mirror:
 
     def add_safetensors(self, name: str, file: RemoteFile, head: bytes | None = None) -> None:
         """Lay out a stand-in for a remote safetensors file, checked by the local header parser."""
-        head = head if head is not None else probe(file, FIRST_BYTES)
+        head = head if head is not None else file.probe(FIRST_BYTES)
         if not detect.looks_like_safetensors(head[:16]):
             raise RemoteError(f"{file.where}: not a safetensors file (no safetensors header in its first bytes); "
                               f"remote targets are read for safetensors weights only: download it and inspect it "
@@ -406,11 +405,6 @@ class Mirror:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def probe(file: RemoteFile, n: int) -> bytes:
-    """The first bytes of a remote file, at most ``n`` (an HTTP file learns its size here)."""
-    return file.probe(n)
-
-
 def _load_mirrored(folder: Any, single: tuple[str, RemoteFile] | None, options: dict,
                    progress: Callable[[int, int], None] | None, stats: FetchStats,
                    closing: list[Any] | None = None) -> Subject:
@@ -431,6 +425,7 @@ def _load_mirrored(folder: Any, single: tuple[str, RemoteFile] | None, options: 
             e.args = (mirror.shown(str(e)),)
             raise
         sub.source.target = folder.target
+        # The loaders' notes describe the stand-ins: name the remote files, and how their data is read.
         sub.source.notes = [mirror.shown(n).replace("data memory-mapped", "data read by range")
                             for n in sub.source.notes]
     except BaseException:
@@ -530,7 +525,7 @@ def _mirror_folder(folder: Any, mirror: Mirror, progress: Callable[[int, int], N
 def _mirror_file(folder: Any, mirror: Mirror, name: str, file: RemoteFile,
                  progress: Callable[[int, int], None] | None) -> str:
     """One remote file, recognised by its first bytes: a safetensors file, or a weights index with its shards."""
-    head = probe(file, FIRST_BYTES)
+    head = file.probe(FIRST_BYTES)
     if detect.looks_like_safetensors(head[:16]):
         mirror.add_safetensors(name, file, head)
     elif head.lstrip()[:1] == b"{":
