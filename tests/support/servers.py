@@ -49,6 +49,15 @@ class _Base(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet: the tests read the counters instead
         pass
 
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self._route(head=False)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._route(head=True)
+
+    def _route(self, head: bool) -> None:  # pragma: no cover - each server routes its own paths
+        self._send(404, b"")
+
     def _send(self, code: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
         self.send_response(code)
         for k, v in (headers or {}).items():
@@ -131,12 +140,6 @@ class _Running:
 
 
 class _FileHandler(_Base):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        self._route(head=False)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._route(head=True)
-
     def _route(self, head: bool) -> None:
         rel = unquote(urlsplit(self.path).path).lstrip("/")
         path = (self.owner.root / rel).resolve()
@@ -159,12 +162,6 @@ class FileServer(_Running):
 # -- the Hub ------------------------------------------------------------------------------------------
 
 class _HubHandler(_Base):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        self._route(head=False)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._route(head=True)
-
     def _route(self, head: bool) -> None:
         hub: HubServer = self.owner
         path = unquote(urlsplit(self.path).path)
@@ -218,14 +215,14 @@ class _HubHandler(_Base):
 
 
 class _CdnHandler(_Base):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def _route(self, head: bool) -> None:
         path = unquote(urlsplit(self.path).path)
         m = re.match(r"^/([^/]+/[^/]+)/([0-9a-f]+)/(.+)$", path)
         folder = next((f for revs in self.owner.hub.repos.values() for sha, f in revs.values()
                        if m and sha == m.group(2)), None)
         if m is None or folder is None or not (folder / m.group(3)).is_file():
             return self._send(404, b"")
-        self._serve_file(folder / m.group(3), m.group(3))
+        self._serve_file(folder / m.group(3), m.group(3), head)
 
 
 class HubServer(_Running):
