@@ -13,6 +13,9 @@ from support.models import TinyLM  # noqa: E402
 # No test may fetch code from the Hub: transformers >= 5 swaps some layers' forwards for
 # `kernels` downloaded at run time unless this says no. The reference paths are what is tested.
 os.environ.setdefault("USE_HUB_KERNELS", "0")
+# Nor may any test reach the Hub itself: a target shaped like a Hub id (org/name) that names no local
+# path is looked up there. The remote tests serve the Hub's endpoints on the loopback instead.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 
 
 @pytest.fixture(scope="module")

@@ -57,8 +57,11 @@ def analyze(
             path (``str`` or ``os.PathLike``) to a checkpoint file or folder, recognised by content
             (torch.save, safetensors, a weights index, a Hugging Face folder, ``.pt2``, TorchScript,
             a torch.distributed.checkpoint folder); a bundled model name (``"gpt-mini"``, see
-            ``tiecheck models``); or a Python spec ``"file.py:factory"`` / ``"package.module:factory"``.
-            A path that exists wins over a name or a spec.
+            ``tiecheck models``); a Python spec ``"file.py:factory"`` / ``"package.module:factory"``;
+            or a Hugging Face Hub id (``"org/name"``, ``"org/name@revision"``) or an ``https://``,
+            ``s3://``, ``gs://`` URL, read from the Hugging Face cache or by range, never downloading
+            the weights (docs/formats.md, "Remote targets"). A path that exists wins over a name, a
+            spec or a Hub id.
         key: dotted key of the model state inside a training checkpoint (``"model"``,
             ``"state.model"``); by default the model state is picked and the report says which.
         trust_pickle: allow pickled Python objects (full ``nn.Module`` files, TorchScript archives,

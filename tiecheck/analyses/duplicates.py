@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Protocol, Sequence
 
 from tiecheck.analyses.ties import IdentityIndex, group_by_identity
 from tiecheck.facts import TensorFact
@@ -33,6 +33,16 @@ class ContentReader(Protocol):
 
     def equal(self, a: str, b: str) -> bool:
         """Bitwise equality of two tensors of equal dtype and shape, read in chunks."""
+
+    # Optional: ``prefetch(names, transposed=())`` is told what a pass will sample before it samples
+    # it, so a reader whose reads cost a round trip each (remote files) can fetch them all at once.
+
+
+def _prefetch(reader: ContentReader, names: list[str], transposed: Sequence[str] = ()) -> None:
+    """Tell ``reader`` what is about to be sampled, where it wants to know (see ``ContentReader``)."""
+    prefetch = getattr(reader, "prefetch", None)
+    if prefetch is not None and (names or transposed):
+        prefetch(names, transposed)
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
             progress(stats.sampled, to_sample)
         return sig
 
+    _prefetch(reader, [n for names in buckets.values() if len(names) > 1 for n in names])
     for (dtype, shape), names in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if len(names) < 2:
             continue
@@ -307,6 +318,10 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
             constant[name] = _uniform(sig, reps[name][0].itemsize) and reader.is_constant(name)
         return constant[name]
 
+    # The pairings the loop below looks at: a shape whose swap is present, from the side that sorts first.
+    pairings = [(dtype, shape) for dtype, shape in by_shape if shape <= shape[::-1] and (dtype, shape[::-1]) in by_shape]
+    _prefetch(reader, [n for key in pairings for n in by_shape[key]],
+              [n for dtype, shape in pairings for n in by_shape[(dtype, shape[::-1])]])
     for (dtype, shape), names in sorted(by_shape.items()):
         swapped = shape[::-1]
         if shape > swapped or (dtype, swapped) not in by_shape:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from tiecheck import __version__
-from tiecheck.cli import bench, check, diff, fix, inspect, models, plan
+from tiecheck.cli import bench, check, diff, fix, inspect, models, plan, scan
 from tiecheck.cli.options import OneLineErrors
 
 __all__ = ["main"]
@@ -22,5 +22,6 @@ def main() -> None:
     """Find, measure and guard weight tying in PyTorch Transformers."""
 
 
-for _command in (inspect.inspect, models.models, diff.diff_command, check.check, bench.bench, fix.fix, plan.plan):
+for _command in (inspect.inspect, models.models, diff.diff_command, check.check, bench.bench, fix.fix, plan.plan,
+                 scan.scan):
     main.add_command(_command)

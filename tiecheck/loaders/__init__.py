@@ -18,6 +18,9 @@ from tiecheck.loaders import bundled, detect, spec
 from tiecheck.loaders.subject import Source, Subject
 from tiecheck.shard.wrapped import wrapped_findings
 
+# URLs read by range (loaders/remote.py); the scheme alone decides, so nothing is imported for a path.
+REMOTE_SCHEMES = ("https://", "http://", "s3://", "s3a://", "gs://", "gcs://", "hf://")
+
 
 def from_module(module, target: str | None = None, fmt: str = "nn.Module", notes=None, config=None) -> Subject:
     sub = Subject(tensors=module_tensors(module), module=module, config=config,
@@ -213,11 +216,24 @@ def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = Fal
     if os.path.exists(target) or os.path.islink(target):
         return load_path(Path(target), key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
                          progress=progress)
+    # -- remote targets (loaders/remote.py): a URL before a spec, since a URL holds a colon ------------
+    if target.lower().startswith(REMOTE_SCHEMES):
+        from tiecheck.loaders.remote import load_remote  # noqa: PLC0415 - huggingface_hub and fsspec, only for URLs
+
+        return load_remote(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                           progress=progress)
     if spec.looks_like_spec(target):
         module = spec.load_module_spec(target)
         return from_module(module, target=target, fmt="python spec")
     if bundled.is_bundled(target):
         return bundled.load_bundled(target)
+    # -- a Hugging Face Hub id (org/name[@revision]): the local cache first, else the Hub ------------
+    if "/" in target:
+        from tiecheck.loaders import remote  # noqa: PLC0415 - huggingface_hub, only for what may be a Hub id
+
+        if remote.hub_id(target) is not None:
+            return remote.load_remote(target, key=key, trust_pickle=trust_pickle,
+                                      trust_remote_code=trust_remote_code, progress=progress)
     hint = ""
     names = bundled.names()
     if names:

@@ -4,12 +4,19 @@ Samples read a few short runs of elements; full comparisons go chunk by chunk so
 stays bounded whatever the tensor size. Tensors memory-mapped from a file are read with
 ``os.pread`` at their file offset (see ``fileview``): reading through the mapping would make
 large parts of the file resident.
+
+A remote file (``loaders/remote.py``) is read through a local stand-in that holds its header and
+a hole where its data is; the stand-in's path is registered here (:func:`register_stand_in`) with
+the source of its real bytes, so every read of its data is a range request, never the hole. A
+pass that knows what it will sample says so first (``prefetch``): a remote file's samples are
+then fetched concurrently, since round trips, not bytes, bound them.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Mapping, Protocol, Union
 
 import torch
 
@@ -20,6 +27,35 @@ RUN_ELEMENTS = 8
 CHUNK_BYTES = 16 << 20
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Range requests in flight at once while a remote file's samples are prefetched.
+PREFETCH_THREADS = 16
+
+
+class RangeSource(Protocol):
+    """The real bytes of a stand-in file, read by range (a remote file: ``loaders/ranges.py``).
+    ``pread`` returns exactly ``n`` bytes or raises ``TiecheckError``; it is called from several
+    threads at once while samples are prefetched."""
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """``n`` bytes from ``offset``."""
+
+
+_STAND_INS: dict[str, RangeSource] = {}  # stand-in path -> where its bytes are
+
+
+def register_stand_in(path: str, source: RangeSource) -> None:
+    """Reads of ``path``'s data go to ``source`` from now on (``path`` holds no data of its own)."""
+    _STAND_INS[path] = source
+
+
+def release_stand_in(path: str, source: RangeSource) -> None:
+    """Forget a stand-in registered by :func:`register_stand_in`, if ``path`` still stands for ``source``
+    (a later stand-in may reuse a freed temporary name)."""
+    if _STAND_INS.get(path) is source:
+        del _STAND_INS[path]
+
+
+Handle = Union[int, RangeSource]  # an open file descriptor, or a stand-in's source
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -44,6 +80,14 @@ def _rows(t: torch.Tensor):
     step = max(1, CHUNK_BYTES // row_bytes)
     for i in range(0, t.shape[0], step):
         yield t[i:i + step].contiguous().reshape(-1)
+
+
+def _read(fd: Handle, n: int, off: int) -> bytes:
+    """Exactly ``n`` bytes at ``off`` of an open file or a stand-in's source."""
+    data = os.pread(fd, n, off) if isinstance(fd, int) else fd.pread(n, off)
+    if len(data) != n:
+        raise OSError(f"short read at byte {off}: the file changed or is truncated")
+    return data
 
 
 def _sample_starts(n: int) -> list[int]:
@@ -71,14 +115,17 @@ class TorchContentReader:
         self.tensors = tensors
         self.spans = spans if spans is not None else {}  # read only: a checkpoint's may hold 100,000 names
         self.bytes_read = 0
-        self._fds: dict[str, int] = {}
+        self._fds: dict[str, Handle] = {}
+        self._prefetched: dict[tuple[str, str], bytes] = {}  # ("sample" | "transposed", name) -> sample
         where = getattr(tensors, "file_layout", None)
         self._layout = where if callable(where) else None
 
     def close(self) -> None:
         for fd in self._fds.values():
-            os.close(fd)
+            if isinstance(fd, int):
+                os.close(fd)
         self._fds.clear()
+        self._prefetched.clear()
 
     def __enter__(self):
         return self
@@ -87,7 +134,7 @@ class TorchContentReader:
         self.close()
 
     # -- pread path: contiguous tensors whose bytes sit in a file --------------------------
-    def _file_range(self, name: str) -> tuple[int, int, int, int] | None:
+    def _file_range(self, name: str) -> tuple[Handle, int, int, int] | None:
         """(fd, offset of the first element, nbytes, itemsize) when the tensor can be read from its file."""
         span = self.spans.get(name)
         if span is None:
@@ -99,15 +146,49 @@ class TorchContentReader:
         offset, nbytes, itemsize = layout
         fd = self._fds.get(span.path)
         if fd is None:
-            fd = self._fds[span.path] = os.open(span.path, os.O_RDONLY)
+            remote = _STAND_INS.get(span.path)
+            fd = self._fds[span.path] = remote if remote is not None else os.open(span.path, os.O_RDONLY)
         return fd, span.offset + offset, nbytes, itemsize
 
-    def _pread(self, fd: int, n: int, off: int) -> bytes:
-        data = os.pread(fd, n, off)
-        if len(data) != n:
-            raise OSError(f"short read at byte {off}: the file changed or is truncated")
+    def _pread(self, fd: Handle, n: int, off: int) -> bytes:
+        data = _read(fd, n, off)
         self.bytes_read += n
         return data
+
+    # -- prefetching a remote file's samples ------------------------------------------------
+    def prefetch(self, names: Iterable[str], transposed: Iterable[str] = ()) -> None:
+        """Fetch the samples a pass is about to read (``sample`` of ``names``, ``sample_transposed``
+        of ``transposed``), for the tensors whose bytes are remote: one range request per run, many
+        in flight at once. Local files need nothing (pread costs no round trip)."""
+        if not _STAND_INS:
+            return
+        wanted: list[tuple[tuple[str, str], Handle, list[tuple[int, int]]]] = []
+        for kind, group in (("sample", names), ("transposed", transposed)):
+            for name in group:
+                rng = self._file_range(name)
+                if rng is None or isinstance(rng[0], int):
+                    continue
+                wanted.append(((kind, name), rng[0], self._sample_reads(name, rng, kind == "transposed")))
+        if not wanted:
+            return
+        reads = [(fd, n, off) for _, fd, runs in wanted for off, n in runs]
+        with ThreadPoolExecutor(max_workers=min(PREFETCH_THREADS, len(reads))) as pool:
+            got = iter(list(pool.map(lambda r: _read(*r), reads)))
+        self.bytes_read += sum(n for _, n, _ in reads)  # counted here: the threads share no counter
+        for key, _, runs in wanted:
+            self._prefetched[key] = b"".join(next(got) for _ in runs)
+
+    def _sample_reads(self, name: str, rng: tuple[Handle, int, int, int], transposed: bool) -> list[tuple[int, int]]:
+        """(offset, nbytes) of each read ``sample`` (or ``sample_transposed``) makes of a file's tensor."""
+        _, start, nbytes, size = rng
+        if transposed:
+            # t.T has shape (cols, rows): flat index k of t.T is t[k % rows, k // rows], row-major in the file
+            rows, cols = self.tensors[name].shape
+            return [(start + ((k % rows) * cols + k // rows) * size, size) for k in self._sample_index(rows * cols)]
+        n = nbytes // size
+        if n <= SAMPLE_RUNS * RUN_ELEMENTS:
+            return [(start, nbytes)]
+        return [(start + s * size, RUN_ELEMENTS * size) for s in _sample_starts(n)]
 
     def _file_chunks(self, fd: int, start: int, nbytes: int, itemsize: int):
         step = max(itemsize, CHUNK_BYTES - CHUNK_BYTES % itemsize)
@@ -115,13 +196,13 @@ class TorchContentReader:
             yield self._pread(fd, min(step, nbytes - off), start + off)
 
     def sample(self, name: str) -> bytes:
+        got = self._prefetched.pop(("sample", name), None)
+        if got is not None:
+            return got
         rng = self._file_range(name)
         if rng is not None:
-            fd, start, nbytes, size = rng
-            n = nbytes // size
-            if n <= SAMPLE_RUNS * RUN_ELEMENTS:  # small enough to be its own sample: one read
-                return self._pread(fd, nbytes, start)
-            return b"".join([self._pread(fd, RUN_ELEMENTS * size, start + s * size) for s in _sample_starts(n)])
+            # small enough to be its own sample: one read; else a run at each sample start
+            return b"".join([self._pread(rng[0], n, off) for off, n in self._sample_reads(name, rng, False)])
         t = self.tensors[name]
         n = t.numel()
         if n <= SAMPLE_RUNS * RUN_ELEMENTS:
@@ -183,15 +264,16 @@ class TorchContentReader:
         return [s + i for s in _sample_starts(n) for i in range(RUN_ELEMENTS)]
 
     def sample_transposed(self, name: str) -> bytes:
+        got = self._prefetched.pop(("transposed", name), None)
+        if got is not None:
+            return got
+        rng = self._file_range(name)
+        if rng is not None:  # one element per read, at the positions _sample_reads computes
+            return b"".join(self._pread(rng[0], n, off) for off, n in self._sample_reads(name, rng, True))
         t = self.tensors[name]
         rows, cols = t.shape  # t.T has shape (cols, rows): flat index k of t.T is t[k % rows, k // rows]
         idx = self._sample_index(t.numel())
-        src = [(k % rows) * cols + k // rows for k in idx]  # flat positions in t, row-major
         size = t.element_size()
-        rng = self._file_range(name)
-        if rng is not None:
-            fd, start, _, _ = rng
-            return b"".join(self._pread(fd, size, start + s * size) for s in src)
         vals = t[torch.tensor([k % rows for k in idx]), torch.tensor([k // rows for k in idx])]
         self.bytes_read += len(idx) * size
         return _bits(vals.contiguous()).numpy().tobytes()

@@ -88,7 +88,7 @@ class Header:
         return self.file_size - self.data_start
 
 
-def _bad(path: Path, why: str) -> TargetError:
+def _bad(path: Path | str, why: str) -> TargetError:
     return TargetError(f"{path}: not a valid safetensors file: {why}")
 
 
@@ -102,6 +102,33 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+def header_length(path: Path | str, first: bytes, size: int) -> int:
+    """The header length N that a file's first 8 bytes declare, checked before N bytes are read.
+
+    Shared by every reader of a header (local files, and remote ones read by range), so a length
+    that lies is refused with the same line wherever the file is.
+
+    Args:
+        path: how errors name the file.
+        first: the file's first 8 bytes.
+        size: the file's size in bytes.
+
+    Returns:
+        N, at most ``MAX_HEADER`` and within the file.
+
+    Raises:
+        TargetError: the length exceeds the limit or the file.
+    """
+    n = int.from_bytes(first[:8], "little")
+    if n > MAX_HEADER:
+        raise _bad(path, f"header length {n:,} bytes exceeds the {MAX_HEADER:,}-byte limit; the first 8 "
+                         f"bytes are corrupt or this is not safetensors")
+    if 8 + n > size:
+        raise _bad(path, f"header length {n:,} bytes exceeds the file size ({size:,} bytes): the file is "
+                         f"truncated or corrupt; download or copy it again")
+    return n
+
+
 def read_header(path: Path) -> Header:
     """Parse and validate a safetensors header; reads 8 + N bytes, never the tensor data."""
     try:
@@ -111,13 +138,7 @@ def read_header(path: Path) -> Header:
             first = fh.read(8)
             if len(first) < 8:
                 raise _bad(path, f"{size} bytes is too short to hold the 8-byte header length")
-            n = int.from_bytes(first, "little")
-            if n > MAX_HEADER:
-                raise _bad(path, f"header length {n:,} bytes exceeds the {MAX_HEADER:,}-byte limit; the first 8 "
-                                 f"bytes are corrupt or this is not safetensors")
-            if 8 + n > size:
-                raise _bad(path, f"header length {n:,} bytes exceeds the file size ({size:,} bytes): the file is "
-                                 f"truncated or corrupt; download or copy it again")
+            n = header_length(path, first, size)
             raw = b""
             while len(raw) < n:  # an unbuffered read may return less than asked
                 more = fh.read(n - len(raw))

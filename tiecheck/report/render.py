@@ -69,6 +69,10 @@ def _text(r: Report, markdown: bool) -> str:
     out.append(f"# tiecheck: {title}" if markdown else f"tiecheck: {title}")
     for note in src.get("notes", []):
         out.append(f"{'- ' if markdown else '  '}{note}")
+    remote = r.extra.get("remote") or {}  # a remote target (loaders/remote.py): what was fetched to read it
+    if remote.get("requests"):
+        out.append(f"{'- ' if markdown else '  '}fetched {human_bytes(remote['bytes_fetched'])} in "
+                   f"{remote['requests']:,} range request{'s' if remote['requests'] != 1 else ''}")
     s = r.summary
     out += ["", h("Summary")]
     rows = [
