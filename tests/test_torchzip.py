@@ -2,7 +2,8 @@
 
 Every case is analysed twice, once through the record reader and once with it turned off (the
 torch.load(mmap=True) path), and the reports must be equal; the tensors made on access must be
-the ones torch.load returns, and what the reader does not take must reach torch.load untouched.
+the ones torch.load returns; what the reader does not build reaches torch.load after its bounds, and what
+breaks them is refused in one line.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import tiecheck
-from tiecheck.errors import TargetError
+from tiecheck.errors import TargetError, UntrustedPickleError
 from tiecheck.facts import fact_of
 from tiecheck.loaders import load_target, torchfile
 from tiecheck.loaders.fileview import file_spans
@@ -119,31 +120,42 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
-def test_a_foreign_global_is_left_to_torch_load_and_never_called(tmp_path):
+def test_a_foreign_global_is_refused_by_name_and_never_called(tmp_path):
     path, touched = tmp_path / "evil.pt", tmp_path / "touched"
     torch.save({"w": torch.ones(2), "x": _Marker(str(touched))}, path)
     assert not touched.exists()  # torch.save itself does not call it
-    assert read_archive(str(path)) is None
+    with pytest.raises(UntrustedPickleError, match=r"the global 'io.open' \(data.pkl, byte \d+ of the file\)"):
+        read_archive(str(path))
     assert not touched.exists()
-    with pytest.raises(TargetError, match="builtins.open|io.open|refus"):
+    with pytest.raises(UntrustedPickleError, match="io.open"):
         load_target(str(path))
     assert not touched.exists()
 
 
-def test_a_namespace_checkpoint_goes_through_torch_load(tmp_path):
+def test_a_namespace_checkpoint_is_refused_unless_trusted(tmp_path):
     path = tmp_path / "args.pt"
     torch.save({"model": TinyLM().state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
-    assert read_archive(str(path)) is None
-    with pytest.raises(TargetError):  # weights-only refuses argparse.Namespace, as before
+    with pytest.raises(UntrustedPickleError, match="argparse.Namespace"):  # weights-only refuses it too
         load_target(str(path))
     assert load_target(str(path), trust_pickle=True).source.key == "model"
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_a_global_the_weights_only_unpickler_allows_goes_to_torch_load_after_the_bounds(tmp_path):
+    """A quantized tensor: torch._utils._rebuild_qtensor is allowed but not built here. The pickle is
+    still read through the loop's bounds; only then does torch.load read the file."""
+    path = tmp_path / "q.pt"
+    torch.save({"q": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8), "w": torch.ones(2)}, path)
+    assert read_archive(str(path)) is None
+    sub = load_target(str(path))
+    assert sorted(sub.tensors) == ["q", "w"] and not isinstance(sub.tensors, ArchiveTensors)
 
 
 def _rewritten_pickle(src, dst, obj_bytes: bytes) -> None:
     rewrite_zip_entry(src, dst, "/data.pkl", obj_bytes)
 
 
-def test_a_tensor_past_its_storage_is_left_to_torch_load(tmp_path):
+def test_a_tensor_past_its_storage_is_refused_in_one_line(tmp_path):
     src, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
     torch.save({"w": torch.arange(4.0)}, src)
     with zipfile.ZipFile(src) as z:
@@ -153,9 +165,12 @@ def test_a_tensor_past_its_storage_is_left_to_torch_load(tmp_path):
     patched = pkl.replace(b"QK\x00K\x04\x85", b"QK\x00K\x09\x85", 1)
     assert patched != pkl
     _rewritten_pickle(src, bad, patched)
-    assert read_archive(str(bad)) is None
-    with pytest.raises(TargetError):
+    with pytest.raises(TargetError, match=r"a tensor of size \[9\] at offset 0 reaches past the end of storage"):
+        read_archive(str(bad))
+    with pytest.raises(TargetError, match="reaches past the end"):
         load_target(str(bad))
+    with pytest.raises(RuntimeError, match="resize storage"):  # torch.load refuses it too
+        torch.load(bad, weights_only=True)
 
 
 def test_big_endian_archives_are_left_to_torch_load(tmp_path):
