@@ -124,6 +124,9 @@ class TorchContentReader:
         self._fds: dict[str, int] = {}
         where = getattr(tensors, "file_layout", None)
         self._layout = where if callable(where) else None
+        # A loader holding a tensor's bytes in memory says where: (buffer, offset, nbytes, itemsize) or None.
+        held = getattr(tensors, "memory_layout", None)
+        self._in_memory = held if callable(held) else None
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -172,10 +175,19 @@ class TorchContentReader:
             if n <= SAMPLE_RUNS * RUN_ELEMENTS:  # small enough to be its own sample: one read
                 return self._pread(fd, nbytes, start)
             return b"".join([self._pread(fd, RUN_ELEMENTS * size, start + s * size) for s in _sample_starts(n)])
+        held = self._in_memory(name) if self._in_memory is not None else None
+        if held is not None:  # bytes the loader holds: sliced, no tensor made
+            buf, start, nbytes, size = held
+            n = nbytes // size
+            self.bytes_read += min(nbytes, SAMPLE_RUNS * RUN_ELEMENTS * size)
+            if n <= SAMPLE_RUNS * RUN_ELEMENTS:
+                return bytes(buf[start:start + nbytes])
+            return b"".join([bytes(buf[start + s * size:start + (s + RUN_ELEMENTS) * size]) for s in _sample_starts(n)])
         t = self.tensors[name]
         n = t.numel()
-        if n <= SAMPLE_RUNS * RUN_ELEMENTS:
-            idx = torch.arange(n)
+        if n <= SAMPLE_RUNS * RUN_ELEMENTS:  # small enough to be its own sample
+            self.bytes_read += n * t.element_size()
+            return _bits(t.contiguous().reshape(-1)).numpy().tobytes()
         else:
             starts = torch.tensor(_sample_starts(n))
             idx = (starts[:, None] + torch.arange(RUN_ELEMENTS)[None, :]).reshape(-1)
