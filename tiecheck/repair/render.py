@@ -48,4 +48,6 @@ def render(result, fmt: str = "table") -> str:
     if not result.dry_run:
         where = f"written to {one_line(result.output)}" if result.output else "NOT written: a check failed"
         out += ["", f"{'**output**: ' if markdown else 'output: '}{where}"]
+    for note in getattr(result, "notes", []):
+        out.append(f"{bullet}{one_line(note)}")
     return "\n".join(out) + "\n"
