@@ -16,11 +16,23 @@ at all (``equal`` says False: a duplicate may be missed, never invented).
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
 from tiecheck.loaders.fileview import FileSpan
+
+
+class HeldBytes(NamedTuple):
+    """A contiguous tensor whose bytes a loader holds in memory (``memory_layout(name)``): sampled
+    and compared by slicing them, without making a tensor."""
+
+    buffer: Any  # bytes-like
+    offset: int
+    nbytes: int
+    itemsize: int
+    layout: tuple  # (dtype, shape): two tensors of equal layout are equal when their bytes are
+
 
 SAMPLE_RUNS = 4  # short runs per tensor: first, last and two in between
 RUN_ELEMENTS = 8
@@ -124,7 +136,7 @@ class TorchContentReader:
         self._fds: dict[str, int] = {}
         where = getattr(tensors, "file_layout", None)
         self._layout = where if callable(where) else None
-        # A loader holding a tensor's bytes in memory says where: (buffer, offset, nbytes, itemsize) or None.
+        # A loader holding a tensor's bytes in memory says where (a HeldBytes), or None.
         held = getattr(tensors, "memory_layout", None)
         self._in_memory = held if callable(held) else None
 
@@ -175,9 +187,9 @@ class TorchContentReader:
             if n <= SAMPLE_RUNS * RUN_ELEMENTS:  # small enough to be its own sample: one read
                 return self._pread(fd, nbytes, start)
             return b"".join([self._pread(fd, RUN_ELEMENTS * size, start + s * size) for s in _sample_starts(n)])
-        held = self._in_memory(name) if self._in_memory is not None else None
+        held = self._held(name)
         if held is not None:  # bytes the loader holds: sliced, no tensor made
-            buf, start, nbytes, size = held
+            buf, start, nbytes, size, _ = held
             n = nbytes // size
             self.bytes_read += min(nbytes, SAMPLE_RUNS * RUN_ELEMENTS * size)
             if n <= SAMPLE_RUNS * RUN_ELEMENTS:
@@ -198,7 +210,15 @@ class TorchContentReader:
         self.bytes_read += idx.numel() * t.element_size()
         return _bits(vals.contiguous()).numpy().tobytes()
 
+    def _held(self, name: str) -> HeldBytes | None:
+        return self._in_memory(name) if self._in_memory is not None else None
+
     def is_constant(self, name: str) -> bool:
+        held = self._held(name)
+        if held is not None:
+            view = memoryview(held.buffer)[held.offset:held.offset + held.nbytes]
+            self.bytes_read += held.nbytes
+            return view.tobytes() == bytes(view[:held.itemsize]) * (held.nbytes // held.itemsize)
         rng = self._file_range(name)
         if rng is not None:
             fd, start, nbytes, size = rng
@@ -225,6 +245,13 @@ class TorchContentReader:
         return True
 
     def equal(self, a: str, b: str) -> bool:
+        ha, hb = self._held(a), self._held(b)
+        if ha is not None and hb is not None:
+            if ha.layout != hb.layout:
+                return False
+            self.bytes_read += ha.nbytes + hb.nbytes
+            return memoryview(ha.buffer)[ha.offset:ha.offset + ha.nbytes] == \
+                memoryview(hb.buffer)[hb.offset:hb.offset + hb.nbytes]
         ta, tb = self.tensors[a], self.tensors[b]
         if ta.shape != tb.shape or ta.dtype != tb.dtype:
             return False

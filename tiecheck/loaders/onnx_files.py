@@ -35,6 +35,7 @@ from onnx import TensorProto, numpy_helper
 from tiecheck.errors import TargetError
 from tiecheck.facts import TensorFact, span_elements
 from tiecheck.findings import finding
+from tiecheck.loaders.content import HeldBytes
 from tiecheck.loaders.fileview import FileSpan, map_file
 from tiecheck.loaders.subject import Source, Subject
 
@@ -205,14 +206,14 @@ class OnnxTensors(Mapping):
         size = r.dtype.itemsize
         return r.offset * size, math.prod(r.shape) * size, size
 
-    def memory_layout(self, name: str) -> tuple[Any, int, int, int] | None:
-        """(buffer, offset, nbytes, itemsize) of a contiguous tensor stored in the protobuf, whose bytes
-        the content pass can slice without making a tensor; None otherwise."""
+    def memory_layout(self, name: str) -> HeldBytes | None:
+        """Where the bytes of a contiguous tensor stored in the protobuf are, so the content pass can
+        slice them without making a tensor; None otherwise."""
         r = self._records[name]
         if r.storage != INLINE or r.stride != _contiguous(r.shape):
             return None
         size = r.dtype.itemsize
-        return self._inline, r.offset, math.prod(r.shape) * size, size
+        return HeldBytes(self._inline, r.offset, math.prod(r.shape) * size, size, (r.dtype, r.shape))
 
     def facts(self) -> list[TensorFact]:
         """A TensorFact per name, as ``fact_of`` describes the tensor made on access."""
