@@ -258,7 +258,7 @@ def problems(res: Result, case: str) -> list[str]:
     """What the answer to one case breaks, empty when every invariant holds."""
     out = []
     if res.timed_out:
-        out.append(f"no answer within {CASE_TIMEOUT_S} s (hang); where it was:\n{res.raw[-3000:]}")
+        out.append(f"no answer within the case's time bound (hang); where it was:\n{res.raw[-3000:]}")
         return out
     if res.crashed:
         out.append(f"the process died:\n{res.raw[-3000:]}")
@@ -285,12 +285,13 @@ def problems(res: Result, case: str) -> list[str]:
     return [f"{case}: {p}" for p in out]
 
 
-def run_case(worker: Worker, root: Path, target: str, case: str, extra_args=()) -> tuple[Result, list[str]]:
+def run_case(worker: Worker, root: Path, target: str, case: str, extra_args=(),
+             timeout: float = CASE_TIMEOUT_S) -> tuple[Result, list[str]]:
     """Run `tiecheck inspect` on ``root/target`` made read-only; check the invariants and the inputs."""
     before = snapshot(root)
     set_read_only(root, True)
     try:
-        res = worker.run(["inspect", str(root / target), "--no-flops", *extra_args])
+        res = worker.run(["inspect", str(root / target), "--no-flops", *extra_args], timeout)
     finally:
         set_read_only(root, False)
     found = problems(res, case)
