@@ -89,12 +89,17 @@ def base_name(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
 
 
-def _as_list(value: Any) -> list[str] | str | None:
+def _as_list(value: Any, field: str, path: Path) -> list[str] | str | None:
+    """A module list of the config: None, a regular expression, or names. peft reads a config whose
+    lists hold other values (``"target_modules": false``) without complaint; tiecheck says which field."""
     if value is None:
         return None
     if isinstance(value, str):
         return value
-    return sorted(str(v) for v in value)
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return sorted(value)
+    raise TargetError(f"{path / ADAPTER_CONFIG}: {field} is {type(value).__name__} {str(value)[:60]!r}; peft expects a "
+                      f"module name, a list of names or a regular expression there: fix or re-save the adapter")
 
 
 def load_adapter(path: Path) -> Subject:
@@ -109,9 +114,9 @@ def load_adapter(path: Path) -> Subject:
     info = {
         "peft_type": str(getattr(cfg, "peft_type", "") or "").replace("PeftType.", ""),
         "base_model_name_or_path": getattr(cfg, "base_model_name_or_path", None),
-        "target_modules": _as_list(getattr(cfg, "target_modules", None)),
-        "exclude_modules": _as_list(getattr(cfg, "exclude_modules", None)),
-        "modules_to_save": _as_list(getattr(cfg, "modules_to_save", None)),
+        "target_modules": _as_list(getattr(cfg, "target_modules", None), "target_modules", path),
+        "exclude_modules": _as_list(getattr(cfg, "exclude_modules", None), "exclude_modules", path),
+        "modules_to_save": _as_list(getattr(cfg, "modules_to_save", None), "modules_to_save", path),
         "ensure_weight_tying": bool(getattr(cfg, "ensure_weight_tying", False)),
         "saved_modules": sorted({module_of(k) for k in sub.tensors}),
         # name in the base model -> the adapter key that stores it whole
