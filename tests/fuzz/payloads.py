@@ -401,7 +401,12 @@ def payloads() -> list[tuple[str, str, Writer, object]]:
     ]
 
 
-# 200,000 initializers: the report lists 200,000 tensors, which costs what it costs in any format
-# (about 10 s on a two-core machine); TIECHECK_SLOW_TESTS=1 runs it.
-SLOW = [("ONNX", "200,000 initializers", onnx_many_initializers(200_000),
-         lambda report: len(report["tensors"]) == 200_000)]
+class Table(str):
+    """Expect a report in the default table format holding this text (the JSON of 200,000 tensor rows
+    adds its own text, 51 MB, to what is measured)."""
+
+
+# 200,000 equal initializers (one duplicate group of 200,000 names): the report lists 200,000 tensors,
+# which costs what it costs in any format; TIECHECK_SLOW_TESTS=1 runs it.
+SLOW = [("ONNX", "200,000 equal initializers", onnx_many_initializers(200_000),
+         Table("200000 initializers (0 in external data)"))]
