@@ -12,6 +12,7 @@ bound; bounded peak memory; the input's bytes, mtime and folder unchanged.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -118,7 +119,28 @@ def build_fixtures(base: Path, *, with_hf: bool = True) -> dict[str, Fixture]:
     d = folder("gguf")
     write_gguf(d / "m.gguf")
     fx["gguf"] = Fixture("gguf", d, "m.gguf", ["m.gguf"])
+
+    if importlib.util.find_spec("peft") is not None:  # reading an adapter needs the [peft] extra
+        d = folder("peft")
+        write_adapter(d / "adapter")
+        fx["peft"] = Fixture("peft", d, "adapter", ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"])
     return fx
+
+
+ADAPTER_CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0,
+                  "target_modules": ["q_proj"], "modules_to_save": ["lm_head"], "base_model_name_or_path": None,
+                  "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+
+
+def write_adapter(d: Path) -> Path:
+    """A tiny LoRA adapter folder, as peft's save_pretrained lays it out (written directly: no model)."""
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG, indent=2))
+    write_safetensors(d / "adapter_model.safetensors", {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 8),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 2),
+        "base_model.model.lm_head.modules_to_save.weight": torch.arange(128.0).reshape(16, 8)})
+    return d
 
 
 def write_onnx(d: Path) -> Path:
