@@ -25,7 +25,7 @@ from tiecheck.loaders.fileview import file_spans
 from tiecheck.loaders.safetensors_files import ShardedTensors
 from tiecheck.loaders.torchzip import ArchiveTensors, read_archive
 
-from support.checkpoints import rewrite_zip_entry
+from support.checkpoints import rewrite_zip_entry, tensor_pickle
 from support.models import TinyLM
 
 
@@ -230,3 +230,56 @@ def test_sharded_torch_save_index_reads_records(tmp_path, monkeypatch):
     _without_records(monkeypatch)
     assert not isinstance(load_target(str(index)).tensors, ShardedTensors)
     assert tiecheck.analyze(str(index)).to_dict() == report
+
+
+# -- the record reader refuses what torch.load refuses ---------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # PROTO followed by a zero byte
+def test_the_opcode_set_is_the_one_torchs_weights_only_unpickler_implements():
+    """Asked of torch itself: an opcode torch's unpickler does not implement is 'Unsupported operand'
+    there, and exactly those are refused by the loop."""
+    import io  # noqa: PLC0415 - only this test feeds bytes to torch's unpickler
+    import pickletools  # noqa: PLC0415
+
+    from torch import _weights_only_unpickler  # noqa: PLC0415
+
+    from tiecheck.loaders.pickleloop import TORCH_OPCODES  # noqa: PLC0415
+
+    for op in pickletools.opcodes:
+        code = op.code.encode("latin-1")
+        try:
+            _weights_only_unpickler.Unpickler(io.BytesIO(b"\x80\x02" + code + b"\x00" * 16)).load()
+            unsupported = False
+        except Exception as e:  # noqa: BLE001 - any other failure means torch got past the opcode
+            unsupported = f"Unsupported operand {code[0]}" in str(e)  # not a later byte's
+        assert unsupported == (code[0] not in TORCH_OPCODES), op.name
+
+
+@pytest.mark.parametrize("name, data_pkl", [
+    ("POP", b"\x80\x02}N0."),
+    ("DUP", b"\x80\x02}2."),
+    ("LONG4 key", b"\x80\x02}(\x8b\x02\x00\x00\x00\x01\x00X\x01\x00\x00\x00au."),
+])
+def test_opcodes_torch_load_refuses_are_refused(tmp_path, name, data_pkl):
+    src, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    _rewritten_pickle(src, bad, data_pkl)
+    with pytest.raises(Exception, match="Unsupported operand"):
+        torch.load(bad, weights_only=True)
+    with pytest.raises(UntrustedPickleError, match=r"uses the opcode \w+.*torch.load refuses it too"):
+        read_archive(str(bad))
+
+
+@pytest.mark.parametrize("size, stride, torch_says", [
+    ((2 ** 62, 4), (0, 1), "numel: integer multiplication overflow"),
+    ((2 ** 70,), (1,), "Overflow when unpacking long"),
+])
+def test_tensor_geometry_torch_refuses_is_refused(tmp_path, size, stride, torch_says):
+    storage = torch.UntypedStorage(16)
+    with pytest.raises((RuntimeError, TypeError), match=torch_says):
+        torch.empty(0).set_(storage, 0, size, stride)
+    src, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(4)}, src)
+    _rewritten_pickle(src, bad, tensor_pickle(size, stride))
+    with pytest.raises(TargetError, match="numel overflow|out of range|reaching past"):
+        read_archive(str(bad))

@@ -15,7 +15,6 @@ import pickle
 import struct
 import warnings
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +24,7 @@ from support.checkpoints import (
     llama_config,
     llama_tensors,
     set_field,
+    tensor_pickle,
     tiny_state_dict,
     write_safetensors,
     zip_structure,
@@ -62,24 +62,6 @@ def torch_zip(data_pkl: bytes, *, deflate: bool = False) -> Writer:
 def empty_lists(n_batches: int) -> bytes:
     """A list of n_batches * 1,000 empty lists, appended in batches of 1,000 as pickle writes them."""
     return P2 + b"]" + (b"(" + b"]" * 1000 + b"e") * n_batches + b"."
-
-
-def tensor_pickle(size: tuple, stride: tuple, numel: int = 4) -> bytes:
-    """data.pkl of {"w": tensor} whose record states ``size`` and ``stride`` over a storage of ``numel`` floats."""
-    class Claim(pickle.Pickler):
-        def persistent_id(self, obj):
-            if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
-                return ("storage", torch.FloatStorage, "0", "cpu", numel)
-            return None
-
-        def reducer_override(self, obj):
-            if isinstance(obj, torch.Tensor):
-                return torch._utils._rebuild_tensor_v2, (obj.untyped_storage(), 0, size, stride, False, OrderedDict())
-            return NotImplemented
-
-    buf = io.BytesIO()
-    Claim(buf, protocol=2).dump({"w": torch.zeros(numel)})
-    return buf.getvalue()
 
 
 def torch_saved(obj_factory, **kwargs) -> Writer:
