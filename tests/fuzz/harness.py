@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import io
 import json
 import os
 import pickle
@@ -39,6 +38,7 @@ from support.checkpoints import (
     safetensors_with_header,
     set_read_only,
     snapshot,
+    tensor_pickle,
     tiny_state_dict,
     write_safetensors,
     write_sharded,
@@ -483,22 +483,8 @@ def _dcp_cases() -> list[tuple[str, object]]:
 def _torch_zip_cases() -> list[tuple[str, object]]:
     def storage_claim(numel: int, shape: tuple):
         """data.pkl rewritten to claim a storage (and a tensor over it) far larger than its record."""
-        class Claim(pickle.Pickler):
-            def persistent_id(self, obj):
-                if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
-                    return ("storage", torch.FloatStorage, "0", "cpu", numel)
-                return None
-
-            def reducer_override(self, obj):
-                if isinstance(obj, torch.Tensor):
-                    return torch._utils._rebuild_tensor_v2, (obj.untyped_storage(), 0, shape,
-                                                              (1,) * len(shape), False, {})
-                return NotImplemented
-
-
-        buf = io.BytesIO()
-        Claim(buf, protocol=2).dump({"embed.weight": torch.zeros(4)})
-        return lambda d: _rewrite(d / "model.pt", "data.pkl", buf.getvalue())
+        body = tensor_pickle(shape, (1,) * len(shape), numel=numel, name="embed.weight")
+        return lambda d: _rewrite(d / "model.pt", "data.pkl", body)
 
     def bomb(d: Path) -> None:
         """data.pkl deflated, declaring 2 GiB: what a zip bomb looks like to miniz."""

@@ -372,8 +372,8 @@ def safetensors_with_header(header, data_bytes: bytes = b"", *, length: int | No
     return n.to_bytes(8, "little", signed=False) + hb + data_bytes
 
 
-def tensor_pickle(size: tuple, stride: tuple, numel: int = 4) -> bytes:
-    """data.pkl of {"w": tensor} whose record states ``size`` and ``stride`` over a storage of ``numel`` floats."""
+def tensor_pickle(size: tuple, stride: tuple, numel: int = 4, name: str = "w") -> bytes:
+    """data.pkl of {name: tensor} whose record states ``size`` and ``stride`` over a storage of ``numel`` floats."""
     class Claim(pickle.Pickler):
         def persistent_id(self, obj):
             if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
@@ -386,5 +386,5 @@ def tensor_pickle(size: tuple, stride: tuple, numel: int = 4) -> bytes:
             return NotImplemented
 
     buf = io.BytesIO()
-    Claim(buf, protocol=2).dump({"w": torch.zeros(numel)})
+    Claim(buf, protocol=2).dump({name: torch.zeros(min(numel, 4))})
     return buf.getvalue()

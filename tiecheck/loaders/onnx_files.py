@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,7 +35,7 @@ from tiecheck.errors import TargetError
 from tiecheck.facts import TensorFact, span_elements
 from tiecheck.findings import finding
 from tiecheck.loaders.content import HeldBytes
-from tiecheck.loaders.fileview import FileSpan, map_file
+from tiecheck.loaders.fileview import FileSpan, RecordsMapping, map_file
 from tiecheck.loaders.subject import Source, Subject
 
 MAX_PROTO = (2 << 30) - 1  # protobuf refuses messages of 2 GiB and more; larger models use external data
@@ -139,7 +138,7 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     return _layout(shape)[1]
 
 
-class OnnxTensors(Mapping):
+class OnnxTensors(RecordsMapping):
     """name -> tensor for an ONNX model's initializers (and head aliases), each made on access: a view
     of its external file's one mapping, or, for data stored in the protobuf, its own slice of one
     buffer holding all of it (as if each had its own storage). ``facts()`` describes them from their
@@ -187,15 +186,6 @@ class OnnxTensors(Mapping):
             return torch.empty(r.shape, dtype=r.dtype)
         storage, offset = self._storage(r)
         return torch.empty(0, dtype=r.dtype).set_(storage, offset, r.shape, r.stride)
-
-    def __iter__(self):
-        return iter(self._records)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._records
 
     def file_layout(self, name: str) -> tuple[int, int, int] | None:
         """(offset of the first element from the storage's start, nbytes, itemsize) of a contiguous

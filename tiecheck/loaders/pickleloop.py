@@ -40,6 +40,9 @@ MAX_DEPTH = 100  # nesting of containers in the loaded object
 MAX_GLOBAL_NAME = 512  # characters of a module or attribute name
 _CHECK_EVERY = 1024  # opcodes between checks of the budget and the stack
 _FRAME = 72  # bytes of an empty list: a MARK frame, refunded when the frame is consumed
+# Counted strings and bytes: opcode -> (bytes of the count, whether it is text). BINUNICODE is
+# torch's; the others are protocol 4's.
+_COUNTED = {0x58: (4, True), 0x8C: (1, True), 0x8D: (8, True), 0x43: (1, False), 0x42: (4, False)}
 
 _OPS = {op.name: op.code.encode("latin-1")[0] for op in __import__("pickletools").opcodes}
 NAMES = {code: name for name, code in _OPS.items()}
@@ -154,6 +157,12 @@ def _truncated(op: int, n: int, pos: int, end: int, at: int) -> None:
                   f"{end:,}", at)
 
 
+def _refuse_opcode(op: int, at: int) -> None:
+    name = NAMES.get(op)
+    what = f"the opcode {name}" if name else f"byte {op:#04x}, which is no opcode"
+    raise Refused(f"uses {what}, which the weights-only unpickler does not accept", at, untrusted=name is not None)
+
+
 def _add_items(target: Any, items: list[Any], rules: Rules, at: int) -> None:
     """SETITEM(S): the pairs of ``items`` into the dict ``target``, keys checked first."""
     if type(target) not in rules.dict_types:
@@ -224,16 +233,21 @@ def _load(data, rules: Rules, budget: Budget, pos: int) -> tuple[Any, int]:  # n
                 stack = []
                 push = stack.append
                 bytes_left -= _FRAME
-            elif op == 0x58:  # BINUNICODE
-                n = _STRUCT_UI(data, pos)[0]
-                pos += 4
+            elif op in _COUNTED:  # BINUNICODE; protocol 4's SHORT_BINUNICODE, BINUNICODE8, SHORT_BINBYTES, BINBYTES
+                if not allowed[op]:
+                    _refuse_opcode(op, at)
+                width, text = _COUNTED[op]
+                if pos + width > end:
+                    _truncated(op, width, pos, end, at)
+                n = int.from_bytes(data[pos:pos + width], "little")
+                pos += width
                 if pos + n > end:
                     _truncated(op, n, pos, end, at)
                 bytes_left -= 64 + n
                 if bytes_left < 0:
-                    check_at = ops_left  # refused at the top, before the string is made
+                    check_at = ops_left  # refused at the top, before the object is made
                     continue
-                push(str(data[pos:pos + n], "utf-8", "surrogatepass"))
+                push(str(data[pos:pos + n], "utf-8", "surrogatepass") if text else bytes(data[pos:pos + n]))
                 pos += n
             elif op == 0x74:  # TUPLE
                 items = stack
@@ -366,25 +380,11 @@ def _load(data, rules: Rules, budget: Budget, pos: int) -> tuple[Any, int]:  # n
             elif op == 0x2E:  # STOP
                 return stack.pop(), pos
             elif not allowed[op]:
-                name = NAMES.get(op)
-                what = f"the opcode {name}" if name else f"byte {op:#04x}, which is no opcode"
-                raise Refused(f"uses {what}, which the weights-only unpickler does not accept", at,
-                              untrusted=name is not None)
+                _refuse_opcode(op, at)
             # -- protocol 4's opcodes, for the rules that allow them ----------------------------
             elif op == 0x94:  # MEMOIZE
                 remember(stack[-1])
                 bytes_left -= 8
-            elif op == 0x8C or op == 0x8D:  # SHORT_BINUNICODE, BINUNICODE8
-                n = data[pos] if op == 0x8C else _STRUCT_Q(data, pos)[0]
-                pos += 1 if op == 0x8C else 8
-                if pos + n > end:
-                    _truncated(op, n, pos, end, at)
-                bytes_left -= 64 + n
-                if bytes_left < 0:
-                    check_at = ops_left
-                    continue
-                push(str(data[pos:pos + n], "utf-8", "surrogatepass"))
-                pos += n
             elif op == 0x93:  # STACK_GLOBAL
                 name = stack.pop()
                 module = stack.pop()
@@ -405,17 +405,6 @@ def _load(data, rules: Rules, budget: Budget, pos: int) -> tuple[Any, int]:  # n
                 push = stack.append
                 push(frozenset(_set_items(items, rules, at)))
                 bytes_left -= 232 + 56 * len(items) - _FRAME
-            elif op == 0x43 or op == 0x42:  # SHORT_BINBYTES, BINBYTES
-                n = data[pos] if op == 0x43 else _STRUCT_UI(data, pos)[0]
-                pos += 1 if op == 0x43 else 4
-                if pos + n > end:
-                    _truncated(op, n, pos, end, at)
-                bytes_left -= 40 + n
-                if bytes_left < 0:
-                    check_at = ops_left
-                    continue
-                push(bytes(data[pos:pos + n]))
-                pos += n
             elif op == 0x95:  # FRAME: a length prefix for buffered reading; nothing to build
                 _STRUCT_Q(data, pos)
                 pos += 8

@@ -33,7 +33,7 @@ import torch
 
 from tiecheck.errors import TargetError, UntrustedPickleError
 from tiecheck.facts import TensorFact, span_elements
-from tiecheck.loaders.fileview import FileSpan, map_file
+from tiecheck.loaders.fileview import FileSpan, RecordsMapping, map_file
 from tiecheck.loaders.pickleloop import TORCH_OPCODES, Budget, Refused, Rules, check_containers, load
 from tiecheck.loaders.pickles import Global, describe, first_refused, resolve, weights_only_allows
 from tiecheck.loaders.zipcheck import ZipArchive
@@ -424,21 +424,12 @@ def _dtype_facts(dtype: str) -> tuple[int, bool]:
     return itemsize, floating
 
 
-class _RecordsView(Mapping):
+class _RecordsView(RecordsMapping):
     """A name -> value view over the named records of one archive; subclasses say what a value is."""
 
     def __init__(self, archive: ArchiveFile, records: dict[str, TensorRecord]):
         self._archive = archive
         self._records = records
-
-    def __iter__(self):
-        return iter(self._records)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._records
 
 
 class ArchiveTensors(_RecordsView):
