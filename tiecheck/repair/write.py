@@ -212,7 +212,9 @@ def create_private(path: Path) -> None:
 
 def keep_modes(layout: str, target: Path, weights: Path, tmp: Path) -> None:
     """Give the written copy the input's permissions: a file its file's, a folder its folder's, and
-    each file written in it the mode of the input file of that name (a 0600 input stays 0600)."""
+    each file written in it the mode of the input file of that name (a 0600 input stays 0600). A
+    folder keeps its owner's read, write and search bits, so the copy can be replaced later (a
+    read-only cache folder would otherwise make a copy --force cannot remove)."""
     if layout in (SAFETENSORS, TORCH):
         shutil.copymode(target, tmp)
         return
@@ -221,7 +223,7 @@ def keep_modes(layout: str, target: Path, weights: Path, tmp: Path) -> None:
         src = src_folder / p.name
         if p.is_file() and not p.is_symlink() and src.is_file():
             shutil.copymode(src, p)
-    shutil.copymode(src_folder, tmp)
+    os.chmod(tmp, stat.S_IMODE(os.stat(src_folder).st_mode) | stat.S_IRWXU)
 
 
 # -- the files of a folder that are copied ------------------------------------------------------
