@@ -3,14 +3,17 @@ escape sequences, whatever the file put in a tensor name."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from tiecheck.cli import main
-from tiecheck.report.text import json_text, one_line
+from tiecheck.report.text import json_text, markdown_text, one_line
 
 # An ANSI colour sequence, a newline, a carriage return, a C1 CSI and a Unicode line separator.
 HOSTILE = "emb\x1b[31mRED\nfake: line\r\x9b2J\u2028x.weight"
@@ -40,7 +43,7 @@ def test_inspect_escapes_names_in_every_format(hostile_files, fmt):
     res = CliRunner().invoke(main, ["inspect", str(hostile_files[0]), "--format", fmt, "--no-flops"])
     assert res.exit_code == 0, res.output
     _assert_clean(res.output)
-    assert one_line(HOSTILE) in res.output or fmt == "json"
+    assert (markdown_text(HOSTILE) if fmt == "markdown" else one_line(HOSTILE)) in res.output or fmt == "json"
     if fmt == "json":  # escaped, not lost: the JSON reads back the exact name
         names = {n for g in json.loads(res.output)["tie_groups"] for n in g["names"]}
         assert HOSTILE in names
@@ -73,3 +76,65 @@ def test_json_text_reads_back_unchanged():
     text = json_text(obj)
     _assert_clean(text)
     assert json.loads(text) == obj
+
+
+# -- names that spoof, inject markup or formulas --------------------------------------------------
+
+# U+202E shows what follows reversed ("exe.txt" reads "txt.exe"); U+200B and U+2060 are invisible;
+# U+2066 opens a bidirectional isolate; U+FEFF is a zero-width no-break space.
+SPOOF = "model.\u202eweight.txet\u200b\u2060.lm_head\u2066\ufeff"
+INVISIBLE = {"\u202e", "\u200b", "\u2060", "\u2066", "\ufeff"}
+MARKUP = "w|<img src=x onerror=alert(1)>[click](javascript:alert(1))"
+FORMULA = "=HYPERLINK(\"http://x\",\"y\")"
+
+
+@pytest.fixture(scope="module")
+def spoofing_file(tmp_path_factory):
+    """A checkpoint whose names hold invisible and bidirectional characters, Markdown/HTML and a formula."""
+    root = tmp_path_factory.mktemp("spoof")
+    emb = torch.arange(12.0).reshape(3, 4)
+    path = root / "spoof.pt"
+    torch.save({SPOOF: emb, MARKUP: emb, FORMULA: emb.clone(), "+cmd|' /C calc'!A0": emb.clone()}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "json", "csv"])
+def test_bidi_and_zero_width_characters_are_shown_as_escapes(spoofing_file, fmt):
+    res = CliRunner().invoke(main, ["inspect", str(spoofing_file), "--format", fmt, "--no-flops"])
+    assert res.exit_code == 0, res.output
+    assert not INVISIBLE & set(res.output), "an invisible or bidirectional character reached the output"
+    assert "\\u202e" in res.output and "\\u200b" in res.output
+    if fmt == "json":  # escaped as JSON escapes: the exact name reads back
+        assert SPOOF in {n for g in json.loads(res.output)["tie_groups"] for n in g["names"]}
+
+
+def test_check_annotations_show_bidi_and_zero_width_characters(spoofing_file):
+    res = CliRunner().invoke(main, ["check", str(spoofing_file), "--no-config", "--format", "github",
+                                    "--expect-tied", f"{FORMULA},{SPOOF}"])
+    assert res.exit_code == 1, res.output
+    assert "::error " in res.output and not INVISIBLE & set(res.output)
+    assert "\\u202e" in res.output
+
+
+def test_markdown_names_cannot_add_cells_html_or_links(spoofing_file):
+    out = CliRunner().invoke(main, ["inspect", str(spoofing_file), "--format", "markdown", "--no-flops"]).output
+    assert "<img" not in out and not re.search(r"(?<!\\)\]\(javascript:", out) and not re.search(r"(?<!\\)\[click", out)
+    assert "w\\|&lt;img src=x onerror=alert(1)&gt;\\[click\\](javascript:alert(1))" in out
+    row = next(line for line in out.splitlines() if "onerror" in line)
+    assert row.count("|") - row.count("\\|") == 7  # the tie groups table's six columns, nothing more
+
+
+def test_csv_cells_are_never_formulas(spoofing_file):
+    """OWASP's rule: a cell starting with =, +, - or @ is prefixed with a quote, so a spreadsheet reads text."""
+    out = CliRunner().invoke(main, ["inspect", str(spoofing_file), "--format", "csv", "--no-flops"]).output
+    cells = [c for row in csv.reader(io.StringIO(out)) for c in row]
+    assert "'" + FORMULA in cells and "'+cmd|' /C calc'!A0" in cells
+    assert not [c for c in cells if c[:1] in ("=", "+", "@") or (c.startswith("-") and not _number(c))]
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

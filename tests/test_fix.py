@@ -297,12 +297,24 @@ def test_cli_refusals(llama_clone, tmp_path, case):
     assert not (tmp_path / "x").exists() and not (llama_clone / "fixed").exists()
 
 
-def test_force_replaces_an_old_output(llama_clone, tmp_path):
+def test_force_replaces_only_an_output_fix_wrote(llama_clone, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(TiecheckError, match="is not an output of tiecheck fix"):
+        fix(llama_clone, mine, force=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
     out = tmp_path / "fixed"
-    out.mkdir()
-    (out / "stale").write_text("old")
-    assert fix(llama_clone, out, force=True).verified
-    assert not (out / "stale").exists() and (out / "model.safetensors").is_file()
+    assert fix(llama_clone, out).verified
+    assert (tmp_path / ".fixed.fixed-by-tiecheck").is_file()
+    first = (out / "model.safetensors").stat().st_ino
+    assert fix(llama_clone, out, force=True).verified  # fix's own output: replaced
+    assert (out / "model.safetensors").stat().st_ino != first
+    (out / "stale").write_text("added after fix wrote it")
+    with pytest.raises(TiecheckError, match="changed since fix wrote it"):
+        fix(llama_clone, out, force=True)
+    assert (out / "stale").exists()
 
 
 def test_killed_writer_leaves_no_output(tmp_path):
@@ -329,9 +341,13 @@ def test_killed_writer_leaves_no_output(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     assert _hash_tree(src) == before
-    # the same command without the pause completes: the index and its shards, each tensor the input's
+    (stale,) = tmp_path.glob(".fixed.tiecheck-tmp-*")
+    # the same command without the pause completes: the index and its shards, each tensor the input's;
+    # the killed run's temporary folder is removed and said to be
     result = fix(index, out)
     assert result.verified and result.plan.actions == []
+    assert not stale.exists() and result.notes == [f"removed {stale}, a temporary output left by a run (PID "
+                                                   f"{proc.pid}) that no longer exists"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
     for shard in out.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as a, safe_open(str(src / shard.name), "pt") as b:

@@ -147,7 +147,49 @@ def test_tensor_dims_that_overflow(tmp_path):
     data[at + 4:at + 20] = struct.pack("<QQ", 1 << 40, 1 << 40)
     path.write_bytes(bytes(data))
     msg = _error(path)
-    assert "not a valid GGUF file" in msg and "truncated or corrupt" in msg
+    assert "not a valid GGUF file" in msg and "more bytes than any file can hold" in msg
+
+
+def test_the_header_reads_as_gguf_reader_reads_it(tmp_path):
+    """read_gguf (no numpy view per array element) against the gguf package's own GGUFReader, on a
+    file with scalar, string and array metadata, quantized, bf16 and plain tensors, and an alignment."""
+    from tiecheck.loaders.gguf_files import ArrayValue, _tensor_layout, read_gguf  # noqa: PLC0415 - the [gguf] extra
+
+    path = tmp_path / "m.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_vocab_size(V)
+    w.add_name("tiny")
+    w.add_custom_alignment(64)
+    w.add_token_list([f"tok{i}" for i in range(V)])
+    w.add_token_scores([float(i) for i in range(V)])
+    w.add_array("test.ints", [1, 2, 3])
+    w.add_bool("test.flag", True)
+    w.add_float64("test.pi", 3.25)
+    tensors = weights()
+    w.add_tensor("token_embd.weight", tensors["token_embd.weight"])
+    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(tensors["blk.0.attn_q.weight"], GMLQ8), raw_dtype=GMLQ8)
+    bf16 = gguf.quants.quantize(tensors["output_norm.weight"], GGMLQuantizationType.BF16)
+    w.add_tensor("output_norm.weight", bf16, raw_dtype=GGMLQuantizationType.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    theirs = gguf.GGUFReader(str(path))
+    ours = read_gguf(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, f in theirs.fields.items():
+        mine = ours.fields[key]
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            assert mine == ArrayValue(f.types[-1], len(f.data)), key
+        else:
+            assert mine == f.contents(), key
+    assert ours.data_offset == theirs.data_offset
+    for t, r in zip(ours.tensors, theirs.tensors, strict=True):
+        qtype, nbytes, shape, dtype = _tensor_layout(path, t)
+        assert (t.name, list(t.dims), qtype, ours.data_offset + t.offset) == \
+            (r.name, r.shape.tolist(), r.tensor_type, r.data_offset)
+        assert (nbytes, shape, dtype) == (r.n_bytes, r.data.shape, r.data.dtype), t.name
 
 
 # -- tiecheck diff: a PyTorch checkpoint against its GGUF conversion ---------------------------

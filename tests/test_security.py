@@ -429,7 +429,10 @@ def test_names_from_a_file_cannot_break_lines_or_reach_the_terminal(tmp_path):
     for fmt in ("table", "markdown"):
         out = CliRunner().invoke(main, ["inspect", str(path), "--no-flops", "--format", fmt]).stdout
         assert "\x1b" not in out and "\x07" not in out
-        assert r"emb\x1b]0;owned\x07\x1b[31m\x0ahead" in out
+        shown = r"emb\x1b]0;owned\x07\x1b[31m\x0ahead"
+        # Markdown escapes the backslashes and brackets of the escaped name once more
+        assert (shown.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]") if fmt == "markdown"
+                else shown) in out
     report = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--no-flops", "--format", "json"]).stdout)
     assert report["untied_duplicates"][0]["names"] == sorted(["copy", name])
 
@@ -448,3 +451,59 @@ def test_a_config_claiming_a_million_layers_is_not_built(tmp_path):
     assert report["hf"]["architecture"] is None
     assert any("config.json does not describe these files" in n and "the files hold 11 tensors" in n
                for n in report["source"]["notes"])
+
+
+# -- state and trust: what a file may make tiecheck build ------------------------------------------
+
+_DCP_META = "torch.distributed.checkpoint.metadata"
+# Ends with BUILD on DCP's Metadata class itself, with a slot state: unpickled, it sets
+# Metadata.__setstate__ (to another metadata class), so every later DCP read in the process fails.
+POISONED_METADATA = (b"\x80\x02" + f"c{_DCP_META}\nMetadata\n".encode() + b"N}(X\x0c\x00\x00\x00__setstate__"
+                     + f"c{_DCP_META}\nChunkStorageMetadata\n".encode() + b"u\x86b.")
+
+
+def test_a_poisoned_dcp_metadata_cannot_change_a_later_clean_read(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader  # noqa: PLC0415 - only this test needs DCP's reader
+    from torch.distributed.checkpoint.metadata import Metadata  # noqa: PLC0415 - idem
+
+    import tiecheck  # noqa: PLC0415 - the API, as the pytest plugin and check over several targets use it
+
+    clean, poisoned = tmp_path / "clean", tmp_path / "poisoned"
+    for d in (clean, poisoned):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"w": torch.ones(4)}, checkpoint_id=str(d))
+    (poisoned / ".metadata").write_bytes(POISONED_METADATA)
+    # Live: plain pickle poisons the class, and DCP's own reader then fails on the clean folder.
+    before = dict(vars(Metadata))
+    try:
+        pickle.loads(POISONED_METADATA)
+        assert "__setstate__" in vars(Metadata)
+        with pytest.raises(TypeError):
+            FileSystemReader(str(clean)).read_metadata()
+    finally:
+        if "__setstate__" not in before:
+            del Metadata.__setstate__
+    assert dict(vars(Metadata)) == before
+    # Through tiecheck: refused in one line, the class untouched, the clean folder read as before.
+    res = CliRunner().invoke(main, ["check", str(poisoned), str(clean), "--no-config"])
+    assert "sets the state of 'torch.distributed.checkpoint.metadata.Metadata'" in res.stderr, res.output
+    assert dict(vars(Metadata)) == before
+    assert f"{clean}: ok" in res.stdout, res.output
+    assert tiecheck.analyze(str(clean)).source["format"].startswith("torch.distributed.checkpoint")
+
+
+def test_config_architectures_name_only_model_classes(tmp_path, monkeypatch):
+    """"architectures": ["Trainer"] made tiecheck call transformers.Trainer(config)."""
+    transformers = pytest.importorskip("transformers")
+    called = []
+    monkeypatch.setattr(transformers.Trainer, "__init__", lambda self, *a, **k: called.append(a))
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**llama_config(), "architectures": ["Trainer", "os.system"]}))
+    write_safetensors(folder / "model.safetensors", llama_tensors())
+    res = CliRunner().invoke(main, ["inspect", str(folder), "--no-flops", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert not called
+    # The architecture comes from the config's model_type instead, as transformers' Auto classes pick it.
+    assert json.loads(res.stdout)["hf"]["architecture"]["class"] == "LlamaForCausalLM"

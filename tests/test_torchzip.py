@@ -2,7 +2,8 @@
 
 Every case is analysed twice, once through the record reader and once with it turned off (the
 torch.load(mmap=True) path), and the reports must be equal; the tensors made on access must be
-the ones torch.load returns, and what the reader does not take must reach torch.load untouched.
+the ones torch.load returns; what the reader does not build reaches torch.load after its bounds, and what
+breaks them is refused in one line.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import pytest
 import torch
 
 import tiecheck
-from tiecheck.errors import TargetError
+from tiecheck.errors import TargetError, UntrustedPickleError
 from tiecheck.facts import fact_of
 from tiecheck.loaders import load_target, torchfile
 from tiecheck.loaders.fileview import file_spans
 from tiecheck.loaders.safetensors_files import ShardedTensors
 from tiecheck.loaders.torchzip import ArchiveTensors, read_archive
 
-from support.checkpoints import rewrite_zip_entry
+from support.checkpoints import rewrite_zip_entry, tensor_pickle
 from support.models import TinyLM
 
 
@@ -119,31 +120,42 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
-def test_a_foreign_global_is_left_to_torch_load_and_never_called(tmp_path):
+def test_a_foreign_global_is_refused_by_name_and_never_called(tmp_path):
     path, touched = tmp_path / "evil.pt", tmp_path / "touched"
     torch.save({"w": torch.ones(2), "x": _Marker(str(touched))}, path)
     assert not touched.exists()  # torch.save itself does not call it
-    assert read_archive(str(path)) is None
+    with pytest.raises(UntrustedPickleError, match=r"the global 'io.open' \(data.pkl, byte \d+ of the file\)"):
+        read_archive(str(path))
     assert not touched.exists()
-    with pytest.raises(TargetError, match="builtins.open|io.open|refus"):
+    with pytest.raises(UntrustedPickleError, match="io.open"):
         load_target(str(path))
     assert not touched.exists()
 
 
-def test_a_namespace_checkpoint_goes_through_torch_load(tmp_path):
+def test_a_namespace_checkpoint_is_refused_unless_trusted(tmp_path):
     path = tmp_path / "args.pt"
     torch.save({"model": TinyLM().state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
-    assert read_archive(str(path)) is None
-    with pytest.raises(TargetError):  # weights-only refuses argparse.Namespace, as before
+    with pytest.raises(UntrustedPickleError, match="argparse.Namespace"):  # weights-only refuses it too
         load_target(str(path))
     assert load_target(str(path), trust_pickle=True).source.key == "model"
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_a_global_the_weights_only_unpickler_allows_goes_to_torch_load_after_the_bounds(tmp_path):
+    """A quantized tensor: torch._utils._rebuild_qtensor is allowed but not built here. The pickle is
+    still read through the loop's bounds; only then does torch.load read the file."""
+    path = tmp_path / "q.pt"
+    torch.save({"q": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8), "w": torch.ones(2)}, path)
+    assert read_archive(str(path)) is None
+    sub = load_target(str(path))
+    assert sorted(sub.tensors) == ["q", "w"] and not isinstance(sub.tensors, ArchiveTensors)
 
 
 def _rewritten_pickle(src, dst, obj_bytes: bytes) -> None:
     rewrite_zip_entry(src, dst, "/data.pkl", obj_bytes)
 
 
-def test_a_tensor_past_its_storage_is_left_to_torch_load(tmp_path):
+def test_a_tensor_past_its_storage_is_refused_in_one_line(tmp_path):
     src, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
     torch.save({"w": torch.arange(4.0)}, src)
     with zipfile.ZipFile(src) as z:
@@ -153,9 +165,12 @@ def test_a_tensor_past_its_storage_is_left_to_torch_load(tmp_path):
     patched = pkl.replace(b"QK\x00K\x04\x85", b"QK\x00K\x09\x85", 1)
     assert patched != pkl
     _rewritten_pickle(src, bad, patched)
-    assert read_archive(str(bad)) is None
-    with pytest.raises(TargetError):
+    with pytest.raises(TargetError, match=r"a tensor of size \[9\] at offset 0 reaches past the end of storage"):
+        read_archive(str(bad))
+    with pytest.raises(TargetError, match="reaches past the end"):
         load_target(str(bad))
+    with pytest.raises(RuntimeError, match="resize storage"):  # torch.load refuses it too
+        torch.load(bad, weights_only=True)
 
 
 def test_big_endian_archives_are_left_to_torch_load(tmp_path):
@@ -215,3 +230,56 @@ def test_sharded_torch_save_index_reads_records(tmp_path, monkeypatch):
     _without_records(monkeypatch)
     assert not isinstance(load_target(str(index)).tensors, ShardedTensors)
     assert tiecheck.analyze(str(index)).to_dict() == report
+
+
+# -- the record reader refuses what torch.load refuses ---------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # PROTO followed by a zero byte
+def test_the_opcode_set_is_the_one_torchs_weights_only_unpickler_implements():
+    """Asked of torch itself: an opcode torch's unpickler does not implement is 'Unsupported operand'
+    there, and exactly those are refused by the loop."""
+    import io  # noqa: PLC0415 - only this test feeds bytes to torch's unpickler
+    import pickletools  # noqa: PLC0415
+
+    from torch import _weights_only_unpickler  # noqa: PLC0415
+
+    from tiecheck.loaders.pickleloop import TORCH_OPCODES  # noqa: PLC0415
+
+    for op in pickletools.opcodes:
+        code = op.code.encode("latin-1")
+        try:
+            _weights_only_unpickler.Unpickler(io.BytesIO(b"\x80\x02" + code + b"\x00" * 16)).load()
+            unsupported = False
+        except Exception as e:  # noqa: BLE001 - any other failure means torch got past the opcode
+            unsupported = f"Unsupported operand {code[0]}" in str(e)  # not a later byte's
+        assert unsupported == (code[0] not in TORCH_OPCODES), op.name
+
+
+@pytest.mark.parametrize("name, data_pkl", [
+    ("POP", b"\x80\x02}N0."),
+    ("DUP", b"\x80\x02}2."),
+    ("LONG4 key", b"\x80\x02}(\x8b\x02\x00\x00\x00\x01\x00X\x01\x00\x00\x00au."),
+])
+def test_opcodes_torch_load_refuses_are_refused(tmp_path, name, data_pkl):
+    src, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    _rewritten_pickle(src, bad, data_pkl)
+    with pytest.raises(Exception, match="Unsupported operand"):
+        torch.load(bad, weights_only=True)
+    with pytest.raises(UntrustedPickleError, match=r"uses the opcode \w+.*torch.load refuses it too"):
+        read_archive(str(bad))
+
+
+@pytest.mark.parametrize("size, stride, torch_says", [
+    ((2 ** 62, 4), (0, 1), "numel: integer multiplication overflow"),
+    ((2 ** 70,), (1,), "Overflow when unpacking long"),
+])
+def test_tensor_geometry_torch_refuses_is_refused(tmp_path, size, stride, torch_says):
+    storage = torch.UntypedStorage(16)
+    with pytest.raises((RuntimeError, TypeError), match=torch_says):
+        torch.empty(0).set_(storage, 0, size, stride)
+    src, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(4)}, src)
+    _rewritten_pickle(src, bad, tensor_pickle(size, stride))
+    with pytest.raises(TargetError, match="numel overflow|out of range|reaching past"):
+        read_archive(str(bad))

@@ -42,7 +42,7 @@ from tiecheck.guard.expect import assignment, kinds_match
 from tiecheck.loaders import load_target
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
-from tiecheck.report.text import clean, json_text, shape_text
+from tiecheck.report.text import clean, json_text, markdown_text, shape_text
 
 DIFF_SCHEMA_VERSION = 1
 
@@ -470,8 +470,8 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
         return d.to_json()
     if fmt not in ("table", "markdown"):
         raise ValueError(f"unknown format {fmt!r}; choose one of: table, json, markdown")
-    d = clean(d)  # names come from files
     md = fmt == "markdown"
+    d = markdown_text(d) if md else clean(d)  # names come from files
     tablefmt = "github" if md else "simple"
     sep = "<br>" if md else "\n"
     h = (lambda t: f"## {t}") if md else (lambda t: t)

@@ -12,7 +12,7 @@ bound; bounded peak memory; the input's bytes, mtime and folder unchanged.
 from __future__ import annotations
 
 import dataclasses
-import io
+import importlib.util
 import json
 import os
 import pickle
@@ -30,8 +30,6 @@ from typing import Callable
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tiecheck.loaders.dcp import read_metadata
-
 from support.checkpoints import (
     cloned,
     llama_config,
@@ -40,6 +38,7 @@ from support.checkpoints import (
     safetensors_with_header,
     set_read_only,
     snapshot,
+    tensor_pickle,
     tiny_state_dict,
     write_safetensors,
     write_sharded,
@@ -120,7 +119,28 @@ def build_fixtures(base: Path, *, with_hf: bool = True) -> dict[str, Fixture]:
     d = folder("gguf")
     write_gguf(d / "m.gguf")
     fx["gguf"] = Fixture("gguf", d, "m.gguf", ["m.gguf"])
+
+    if importlib.util.find_spec("peft") is not None:  # reading an adapter needs the [peft] extra
+        d = folder("peft")
+        write_adapter(d / "adapter")
+        fx["peft"] = Fixture("peft", d, "adapter", ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"])
     return fx
+
+
+ADAPTER_CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "lora_dropout": 0.0,
+                  "target_modules": ["q_proj"], "modules_to_save": ["lm_head"], "base_model_name_or_path": None,
+                  "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+
+
+def write_adapter(d: Path) -> Path:
+    """A tiny LoRA adapter folder, as peft's save_pretrained lays it out (written directly: no model)."""
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG, indent=2))
+    write_safetensors(d / "adapter_model.safetensors", {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 8),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(8, 2),
+        "base_model.model.lm_head.modules_to_save.weight": torch.arange(128.0).reshape(16, 8)})
+    return d
 
 
 def write_onnx(d: Path) -> Path:
@@ -260,7 +280,7 @@ def problems(res: Result, case: str) -> list[str]:
     """What the answer to one case breaks, empty when every invariant holds."""
     out = []
     if res.timed_out:
-        out.append(f"no answer within {CASE_TIMEOUT_S} s (hang); where it was:\n{res.raw[-3000:]}")
+        out.append(f"no answer within the case's time bound (hang); where it was:\n{res.raw[-3000:]}")
         return out
     if res.crashed:
         out.append(f"the process died:\n{res.raw[-3000:]}")
@@ -287,12 +307,13 @@ def problems(res: Result, case: str) -> list[str]:
     return [f"{case}: {p}" for p in out]
 
 
-def run_case(worker: Worker, root: Path, target: str, case: str, extra_args=()) -> tuple[Result, list[str]]:
+def run_case(worker: Worker, root: Path, target: str, case: str, extra_args=(),
+             timeout: float = CASE_TIMEOUT_S) -> tuple[Result, list[str]]:
     """Run `tiecheck inspect` on ``root/target`` made read-only; check the invariants and the inputs."""
     before = snapshot(root)
     set_read_only(root, True)
     try:
-        res = worker.run(["inspect", str(root / target), "--no-flops", *extra_args])
+        res = worker.run(["inspect", str(root / target), "--no-flops", *extra_args], timeout)
     finally:
         set_read_only(root, False)
     found = problems(res, case)
@@ -414,7 +435,8 @@ def _rewrite(path: Path, suffix: str, payload: bytes) -> None:
 
 def _dcp_edit(edit):
     def mutate(d: Path) -> None:
-        md = read_metadata(d / "ckpt")
+        # DCP's own reader (plain pickle.load): the fixture is ours, so it is trusted here.
+        md = dcp.FileSystemReader(str(d / "ckpt")).read_metadata()
         edit(md)
         (d / "ckpt" / ".metadata").write_bytes(pickle.dumps(md))
     return mutate
@@ -461,22 +483,8 @@ def _dcp_cases() -> list[tuple[str, object]]:
 def _torch_zip_cases() -> list[tuple[str, object]]:
     def storage_claim(numel: int, shape: tuple):
         """data.pkl rewritten to claim a storage (and a tensor over it) far larger than its record."""
-        class Claim(pickle.Pickler):
-            def persistent_id(self, obj):
-                if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
-                    return ("storage", torch.FloatStorage, "0", "cpu", numel)
-                return None
-
-            def reducer_override(self, obj):
-                if isinstance(obj, torch.Tensor):
-                    return torch._utils._rebuild_tensor_v2, (obj.untyped_storage(), 0, shape,
-                                                              (1,) * len(shape), False, {})
-                return NotImplemented
-
-
-        buf = io.BytesIO()
-        Claim(buf, protocol=2).dump({"embed.weight": torch.zeros(4)})
-        return lambda d: _rewrite(d / "model.pt", "data.pkl", buf.getvalue())
+        body = tensor_pickle(shape, (1,) * len(shape), numel=numel, name="embed.weight")
+        return lambda d: _rewrite(d / "model.pt", "data.pkl", body)
 
     def bomb(d: Path) -> None:
         """data.pkl deflated, declaring 2 GiB: what a zip bomb looks like to miniz."""

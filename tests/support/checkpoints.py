@@ -7,10 +7,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import pickletools
 import stat
 import struct
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -368,3 +370,21 @@ def safetensors_with_header(header, data_bytes: bytes = b"", *, length: int | No
     hb = header if isinstance(header, bytes) else json.dumps(header).encode()
     n = len(hb) if length is None else length
     return n.to_bytes(8, "little", signed=False) + hb + data_bytes
+
+
+def tensor_pickle(size: tuple, stride: tuple, numel: int = 4, name: str = "w") -> bytes:
+    """data.pkl of {name: tensor} whose record states ``size`` and ``stride`` over a storage of ``numel`` floats."""
+    class Claim(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, (torch.UntypedStorage, torch.storage.TypedStorage)):
+                return ("storage", torch.FloatStorage, "0", "cpu", numel)
+            return None
+
+        def reducer_override(self, obj):
+            if isinstance(obj, torch.Tensor):
+                return torch._utils._rebuild_tensor_v2, (obj.untyped_storage(), 0, size, stride, False, OrderedDict())
+            return NotImplemented
+
+    buf = io.BytesIO()
+    Claim(buf, protocol=2).dump({name: torch.zeros(min(numel, 4))})
+    return buf.getvalue()

@@ -45,7 +45,8 @@ def _untie_values(ctx: click.Context, param: click.Parameter, values: tuple[str,
               help="Tie A to B on your word: A is dropped and becomes B (B's bytes win; the plan says what is lost).")
 @click.option("--untie", "untie", multiple=True, metavar="A,B", callback=_untie_values,
               help="Give two tied names their own copies (for tools that cannot load aliases).")
-@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@click.option("--force", is_flag=True, help="Replace an existing output that tiecheck fix wrote (never the input, "
+              "nor a file or folder fix did not write).")
 @click.option("--drop-optimizer", is_flag=True, help="Drop a training checkpoint's optimizer state when "
               "parameters merge or split (its entries are indexed by parameter position).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from tiecheck.errors import TargetError, did_you_mean
 from tiecheck.facts import module_tensors
 from tiecheck.loaders import bundled, detect, spec
+from tiecheck.loaders.names import check_names
 from tiecheck.loaders.subject import Source, Subject
 from tiecheck.shard.wrapped import wrapped_findings
 
@@ -48,6 +49,7 @@ def load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
         warnings.simplefilter("always")
         sub = _load_path(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
                          progress=progress)
+    check_names(sub.tensors, str(path))
     seen: list[str] = []
     for w in caught:
         text = (str(w.message).strip().splitlines() or [""])[0][:200]

@@ -5,6 +5,13 @@ stays bounded whatever the tensor size. Tensors memory-mapped from a file are re
 ``os.pread`` at their file offset (see ``fileview``): reading through the mapping would make
 large parts of the file resident.
 
+A view can have far more elements than its storage holds: a stride of 0 repeats one value along
+a dimension (``torch.zeros(1).expand(2**20, 2**20)`` is 2**40 elements over 4 bytes), and
+overlapping strides reread stored elements. Such a view is never materialised or walked element
+by element: dimensions of stride 0 are compared once (``_broadcast_dims``), and a view whose
+remaining elements still outnumber the storage elements they reach is not compared by content
+at all (``equal`` says False: a duplicate may be missed, never invented).
+
 A remote file (``loaders/remote.py``) is read through a local stand-in that holds its header and
 a hole where its data is; the stand-in's path is registered here (:func:`register_stand_in`) with
 the source of its real bytes, so every read of its data is a range request, never the hole. A
@@ -16,17 +23,28 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Mapping, Protocol, Union
+from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Union
 
 import torch
 
 from tiecheck.loaders.fileview import FileSpan
 
+
+class HeldBytes(NamedTuple):
+    """A contiguous tensor whose bytes a loader holds in memory (``memory_layout(name)``): sampled
+    and compared by slicing them, without making a tensor."""
+
+    buffer: Any  # bytes-like
+    offset: int
+    nbytes: int
+    itemsize: int
+    layout: tuple  # (dtype, shape): two tensors of equal layout are equal when their bytes are
+
+
 SAMPLE_RUNS = 4  # short runs per tensor: first, last and two in between
 RUN_ELEMENTS = 8
 CHUNK_BYTES = 16 << 20
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Range requests in flight at once while a remote file's samples are prefetched.
 PREFETCH_THREADS = 16
 
@@ -57,6 +75,8 @@ def release_stand_in(path: str, source: RangeSource) -> None:
 
 Handle = Union[int, RangeSource]  # an open file descriptor, or a stand-in's source
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits as integers, so NaNs compare equal and -0.0 differs from 0.0."""
@@ -68,7 +88,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(t: torch.Tensor):
-    """Yield contiguous chunks of whole rows, at most ~CHUNK_BYTES each (bounded memory).
+    """Yield contiguous chunks of whole rows, at most ~CHUNK_BYTES each (bounded memory); a row
+    larger than that is split the same way along its own first dimension.
 
     Chunks depend only on shape and dtype, so two tensors of equal shape but different
     layouts (one transposed, say) yield chunks that line up element for element.
@@ -77,6 +98,10 @@ def _rows(t: torch.Tensor):
         yield t.reshape(1)
         return
     row_bytes = max(1, (t.numel() // max(1, t.shape[0])) * t.element_size())
+    if row_bytes > CHUNK_BYTES and t.dim() > 1:
+        for i in range(t.shape[0]):
+            yield from _rows(t[i])
+        return
     step = max(1, CHUNK_BYTES // row_bytes)
     for i in range(0, t.shape[0], step):
         yield t[i:i + step].contiguous().reshape(-1)
@@ -88,6 +113,44 @@ def _read(fd: Handle, n: int, off: int) -> bytes:
     if len(data) != n:
         raise OSError(f"short read at byte {off}: the file changed or is truncated")
     return data
+
+
+def _broadcast_dims(t: torch.Tensor) -> tuple[int, ...]:
+    """Dimensions along which a view repeats one value (stride 0, more than one element)."""
+    return tuple(d for d, (n, s) in enumerate(zip(t.shape, t.stride())) if s == 0 and n > 1)
+
+
+def _narrowed(t: torch.Tensor, dims) -> torch.Tensor:
+    """``t`` with each of ``dims`` cut to its first element (a view: nothing is copied)."""
+    for d in dims:
+        t = t.narrow(d, 0, 1)
+    return t
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """More elements than the storage elements they reach: walking them all would reread stored ones."""
+    n = t.numel()
+    return n > 1 and n > 1 + sum((k - 1) * abs(s) for k, s in zip(t.shape, t.stride()))
+
+
+def _compared_forms(ta: torch.Tensor, tb: torch.Tensor, constant_along) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two tensors of one shape reduced to what decides their equality without repeating stored
+    elements, or None when they differ or cannot be compared that way.
+
+    A dimension of stride 0 in either is compared once: the other tensor must be constant along
+    it (``constant_along(t, dims)``), and both are cut to its first element.
+    """
+    za, zb = _broadcast_dims(ta), _broadcast_dims(tb)
+    if za or zb:
+        dims = sorted(set(za) | set(zb))
+        for t, own in ((ta, za), (tb, zb)):
+            rest = [d for d in dims if d not in own]
+            if rest and not constant_along(_narrowed(t, own), rest):
+                return None
+        ta, tb = _narrowed(ta, dims), _narrowed(tb, dims)
+    if _overlapping(ta) or _overlapping(tb):
+        return None
+    return ta, tb
 
 
 def _sample_starts(n: int) -> list[int]:
@@ -119,6 +182,9 @@ class TorchContentReader:
         self._prefetched: dict[tuple[str, str], bytes] = {}  # ("sample" | "transposed", name) -> sample
         where = getattr(tensors, "file_layout", None)
         self._layout = where if callable(where) else None
+        # A loader holding a tensor's bytes in memory says where (a HeldBytes), or None.
+        held = getattr(tensors, "memory_layout", None)
+        self._in_memory = held if callable(held) else None
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -190,7 +256,7 @@ class TorchContentReader:
             return [(start, nbytes)]
         return [(start + s * size, RUN_ELEMENTS * size) for s in _sample_starts(n)]
 
-    def _file_chunks(self, fd: int, start: int, nbytes: int, itemsize: int):
+    def _file_chunks(self, fd: Handle, start: int, nbytes: int, itemsize: int):
         step = max(itemsize, CHUNK_BYTES - CHUNK_BYTES % itemsize)
         for off in range(0, nbytes, step):
             yield self._pread(fd, min(step, nbytes - off), start + off)
@@ -203,10 +269,19 @@ class TorchContentReader:
         if rng is not None:
             # small enough to be its own sample: one read; else a run at each sample start
             return b"".join([self._pread(rng[0], n, off) for off, n in self._sample_reads(name, rng, False)])
+        held = self._held(name)
+        if held is not None:  # bytes the loader holds: sliced, no tensor made
+            buf, start, nbytes, size, _ = held
+            n = nbytes // size
+            self.bytes_read += min(nbytes, SAMPLE_RUNS * RUN_ELEMENTS * size)
+            if n <= SAMPLE_RUNS * RUN_ELEMENTS:
+                return bytes(buf[start:start + nbytes])
+            return b"".join([bytes(buf[start + s * size:start + (s + RUN_ELEMENTS) * size]) for s in _sample_starts(n)])
         t = self.tensors[name]
         n = t.numel()
-        if n <= SAMPLE_RUNS * RUN_ELEMENTS:
-            idx = torch.arange(n)
+        if n <= SAMPLE_RUNS * RUN_ELEMENTS:  # small enough to be its own sample
+            self.bytes_read += n * t.element_size()
+            return _bits(t.contiguous().reshape(-1)).numpy().tobytes()
         else:
             starts = torch.tensor(_sample_starts(n))
             idx = (starts[:, None] + torch.arange(RUN_ELEMENTS)[None, :]).reshape(-1)
@@ -217,7 +292,15 @@ class TorchContentReader:
         self.bytes_read += idx.numel() * t.element_size()
         return _bits(vals.contiguous()).numpy().tobytes()
 
+    def _held(self, name: str) -> HeldBytes | None:
+        return self._in_memory(name) if self._in_memory is not None else None
+
     def is_constant(self, name: str) -> bool:
+        held = self._held(name)
+        if held is not None:
+            view = memoryview(held.buffer)[held.offset:held.offset + held.nbytes]
+            self.bytes_read += held.nbytes
+            return view.tobytes() == bytes(view[:held.itemsize]) * (held.nbytes // held.itemsize)
         rng = self._file_range(name)
         if rng is not None:
             fd, start, nbytes, size = rng
@@ -229,6 +312,9 @@ class TorchContentReader:
                     return False
             return True
         t = self.tensors[name]
+        t = _narrowed(t, _broadcast_dims(t))  # a stride-0 dimension repeats what its first element holds
+        if _overlapping(t):
+            return False  # not walked: the reached storage elements would be read many times over
         first = None
         with torch.no_grad():
             for chunk in _rows(t):
@@ -241,6 +327,13 @@ class TorchContentReader:
         return True
 
     def equal(self, a: str, b: str) -> bool:
+        ha, hb = self._held(a), self._held(b)
+        if ha is not None and hb is not None:
+            if ha.layout != hb.layout:
+                return False
+            self.bytes_read += ha.nbytes + hb.nbytes
+            return memoryview(ha.buffer)[ha.offset:ha.offset + ha.nbytes] == \
+                memoryview(hb.buffer)[hb.offset:hb.offset + hb.nbytes]
         ta, tb = self.tensors[a], self.tensors[b]
         if ta.shape != tb.shape or ta.dtype != tb.dtype:
             return False
@@ -250,12 +343,24 @@ class TorchContentReader:
                 if ca != cb:
                     return False
             return True
+        forms = _compared_forms(ta, tb, self._constant_along)
+        if forms is None:
+            return False
+        return self._chunks_equal(*forms)
+
+    def _chunks_equal(self, ta: torch.Tensor, tb: torch.Tensor) -> bool:
         with torch.no_grad():
             for ca, cb in zip(_rows(ta), _rows(tb)):
                 self.bytes_read += 2 * ca.numel() * ca.element_size()
                 if not torch.equal(_bits(ca), _bits(cb)):
                     return False
         return True
+
+    def _constant_along(self, t: torch.Tensor, dims) -> bool:
+        """``t`` repeats its first slice along ``dims`` (``t`` itself has no stride-0 dimension)."""
+        if _overlapping(t):
+            return False
+        return self._chunks_equal(t, _narrowed(t, dims).expand(t.shape))
 
     # -- through a transpose (the transposed-copy pass) -------------------------------------
     def _sample_index(self, n: int) -> list[int]:
@@ -309,9 +414,12 @@ class TorchContentReader:
 
     def equal_transposed(self, a: str, b: str) -> bool:
         """``a`` equals ``b.T``: ``a``'s rows block by block against the same columns of ``b``,
-        at most ~CHUNK_BYTES from each side at a time."""
+        at most ~CHUNK_BYTES from each side at a time. Views that repeat stored elements (stride 0,
+        overlaps) are not compared: the blocks would walk every repetition."""
         ta, tb = self.tensors[a], self.tensors[b]
         if ta.dim() != 2 or tuple(tb.shape) != tuple(ta.shape)[::-1] or ta.dtype != tb.dtype:
+            return False
+        if any(_broadcast_dims(t) or _overlapping(t) for t in (ta, tb)):
             return False
         rows, cols = ta.shape
         step = max(1, CHUNK_BYTES // max(1, cols * ta.element_size()))
@@ -365,6 +473,17 @@ def value_match(ta: torch.Tensor, tb: torch.Tensor) -> str | None:
     if ta.dtype != tb.dtype and wide is None:
         return None
     conv = "" if wide is None else f", {str(ta.dtype)[6:]}→{str(tb.dtype)[6:]} lossless"
+    if any(_broadcast_dims(t) or _overlapping(t) for t in (ta, tb)):
+        # Views repeating stored elements: compared once per stored element, same layout only.
+        if tuple(ta.shape) != tuple(tb.shape) or _broadcast_dims(ta) != _broadcast_dims(tb):
+            return None
+        ta, tb = _narrowed(ta, _broadcast_dims(ta)), _narrowed(tb, _broadcast_dims(tb))
+        if _overlapping(ta) or _overlapping(tb):
+            return None
+        with torch.no_grad():
+            if all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb))):
+                return ("exact bytes" if wide is None else "exact values") + conv
+        return None
     with torch.no_grad():
         if tuple(ta.shape) == tuple(tb.shape) and _ends_agree(ta, tb, wide):
             if all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb))):

@@ -19,6 +19,22 @@ import torch
 from tiecheck.errors import TargetError
 
 
+class RecordsMapping(Mapping):
+    """A name -> tensor mapping over a loader's records (``self._records``, a dict by name), each tensor
+    made on access by the subclass's ``__getitem__``."""
+
+    _records: dict
+
+    def __iter__(self):
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._records
+
+
 @dataclass(frozen=True, slots=True)
 class FileSpan:
     path: str

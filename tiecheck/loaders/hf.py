@@ -53,6 +53,7 @@ from tiecheck.loaders.detect import (
     sniff_file,
 )
 from tiecheck.loaders.metainit import skip_init_on_meta
+from tiecheck.loaders.names import check_names
 from tiecheck.loaders.safejson import parse_json
 from tiecheck.loaders.safetensors_files import load_safetensors_file, load_sharded
 from tiecheck.loaders.subject import Source, Subject
@@ -122,6 +123,28 @@ def find_weights(path: Path) -> tuple[str, Path, list[str]]:
     return kind, chosen, notes
 
 
+# -- what the folder's files may name -------------------------------------------------------------
+
+def architecture_class(transformers, name: object) -> type | None:
+    """The transformers model class that ``config.json``'s ``architectures`` entry ``name`` names, or None.
+
+    Only a ``PreTrainedModel`` subclass is a model: ``"architectures": ["Trainer"]`` would otherwise
+    make tiecheck call ``transformers.Trainer(config)``. The name must be a plain identifier.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"\w{1,200}", name):
+        return None
+    cls = getattr(transformers, name, None)
+    base = getattr(transformers, "PreTrainedModel", None)
+    if isinstance(cls, type) and base is not None and issubclass(cls, base):
+        return cls
+    return None
+
+
+def check_file_names(files: Subject, weights: Path) -> None:
+    """Tensor names bounded before any regular expression (transformers' key renaming) sees them."""
+    check_names(files.tensors, str(weights))
+
+
 # -- the architecture -----------------------------------------------------------------------
 
 @dataclass
@@ -163,7 +186,7 @@ def _quiet_transformers():
 
 def _model_class(transformers, folder: Path, config, cfg: dict, trust_remote_code: bool):
     for name in cfg.get("architectures") or []:
-        cls = getattr(transformers, str(name), None) if re.fullmatch(r"\w+", str(name)) else None
+        cls = architecture_class(transformers, name)
         if cls is not None:
             return cls
     auto_map = cfg.get("auto_map") if isinstance(cfg.get("auto_map"), dict) else {}
@@ -241,7 +264,7 @@ def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = Fal
         return None, [NEEDS_EXTRA]
 
     archs = [str(a) for a in cfg.get("architectures") or []]
-    custom = bool(cfg.get("auto_map")) and not any(hasattr(transformers, a) for a in archs)
+    custom = bool(cfg.get("auto_map")) and not any(architecture_class(transformers, a) is not None for a in archs)
     if custom and not trust_remote_code:
         return None, [f"the architecture ({', '.join(archs or ['auto_map'])}) is custom "
                       f"code shipped in the folder; it was not run. Rerun with --trust-remote-code to build it and "
@@ -661,6 +684,7 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
     cfg = read_config(path)
     kind, weights, notes = find_weights(path)
     files = _load_weights(kind, weights, key=key, trust_pickle=trust_pickle, progress=progress)
+    check_file_names(files, weights)
     notes = [f"weights: {weights.name} ({files.source.format})"] + notes + files.source.notes
     arch, arch_notes = build_architecture(path, cfg, trust_remote_code=trust_remote_code, stored=len(files.tensors))
     notes += arch_notes

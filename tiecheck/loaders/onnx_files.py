@@ -18,10 +18,12 @@ comparing the two initializers block by block.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -30,13 +32,17 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
 from tiecheck.errors import TargetError
+from tiecheck.facts import TensorFact, span_elements
 from tiecheck.findings import finding
-from tiecheck.loaders.fileview import FileSpan, map_file
+from tiecheck.loaders.content import HeldBytes
+from tiecheck.loaders.fileview import FileSpan, RecordsMapping, map_file
 from tiecheck.loaders.subject import Source, Subject
 
 MAX_PROTO = (2 << 30) - 1  # protobuf refuses messages of 2 GiB and more; larger models use external data
 MAX_BYTES = (1 << 63) - 1
 BLOCK_BYTES = 16 << 20  # bounded reads when comparing two initializers
+MAX_LISTED = 16  # nodes named per note and pair; the rest are counted
+MAX_PAIRS = 1024  # embedding/head pairs listed in the report
 
 # TensorProto.DataType -> torch dtype name.
 DTYPES: dict[int, str] = {
@@ -98,33 +104,164 @@ def external_location(path: Path, name: str, location: str) -> Path:
     return path.parent / loc
 
 
+class _Record(NamedTuple):
+    """Where one initializer's elements are: an external file's mapping, or the inline buffer."""
+
+    storage: int  # index in OnnxTensors' storages; INLINE: the inline buffer; EMPTY: no elements
+    offset: int  # elements from the storage's start (inline: bytes from the buffer's start)
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+INLINE, EMPTY = -1, -2
+
+
+_LAYOUTS: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def _layout(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, contiguous strides), one shared pair per distinct shape: models repeat a few shapes."""
+    known = _LAYOUTS.get(shape)
+    if known is None:
+        stride, acc = [], 1
+        for n in reversed(shape):
+            stride.append(acc)
+            acc *= max(n, 1)
+        known = (shape, tuple(reversed(stride)))
+        if len(_LAYOUTS) < 65536:
+            _LAYOUTS[shape] = known
+    return known
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return _layout(shape)[1]
+
+
+class OnnxTensors(RecordsMapping):
+    """name -> tensor for an ONNX model's initializers (and head aliases), each made on access: a view
+    of its external file's one mapping, or, for data stored in the protobuf, its own slice of one
+    buffer holding all of it (as if each had its own storage). ``facts()`` describes them from their
+    records: 200,000 initializers cost a record each, not a tensor each."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, _Record] = {}
+        self._storages: list[torch.UntypedStorage] = []
+        self._inline = bytearray()
+        self._inline_storage: torch.UntypedStorage | None = None
+        self.paths: dict[int, str] = {}  # storage index -> the external file it maps
+
+    def add_storage(self, storage: torch.UntypedStorage, path: str) -> int:
+        self._storages.append(storage)
+        self.paths[len(self._storages) - 1] = path
+        return len(self._storages) - 1
+
+    def add_external(self, name: str, storage: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self._records[name] = _Record(storage, offset, dtype, *_layout(shape))
+
+    def add_inline(self, name: str, data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        if not data:
+            self._records[name] = _Record(EMPTY, 0, dtype, *_layout(shape))
+            return
+        self._inline += bytes(-len(self._inline) % 16)  # every inline tensor starts aligned
+        self._records[name] = _Record(INLINE, len(self._inline), dtype, *_layout(shape))
+        self._inline += data
+
+    def add_alias(self, alias: str, name: str, transposed: bool) -> None:
+        r = self._records[name]
+        self._records[alias] = r._replace(shape=r.shape[::-1], stride=r.stride[::-1]) if transposed else r
+
+    def _storage(self, r: _Record) -> tuple[torch.UntypedStorage, int]:
+        """(storage, element offset) of a record; an inline record gets its own slice of the buffer."""
+        if r.storage != INLINE:
+            return self._storages[r.storage], r.offset
+        if self._inline_storage is None:
+            self._inline_storage = torch.frombuffer(self._inline, dtype=torch.uint8).untyped_storage()
+        nbytes = math.prod(r.shape) * r.dtype.itemsize
+        return self._inline_storage[r.offset:r.offset + nbytes], 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        r = self._records[name]
+        if r.storage == EMPTY:
+            return torch.empty(r.shape, dtype=r.dtype)
+        storage, offset = self._storage(r)
+        return torch.empty(0, dtype=r.dtype).set_(storage, offset, r.shape, r.stride)
+
+    def file_layout(self, name: str) -> tuple[int, int, int] | None:
+        """(offset of the first element from the storage's start, nbytes, itemsize) of a contiguous
+        tensor in an external file, for pread; None otherwise."""
+        r = self._records[name]
+        if r.storage < 0 or r.stride != _contiguous(r.shape):
+            return None
+        size = r.dtype.itemsize
+        return r.offset * size, math.prod(r.shape) * size, size
+
+    def memory_layout(self, name: str) -> HeldBytes | None:
+        """Where the bytes of a contiguous tensor stored in the protobuf are, so the content pass can
+        slice them without making a tensor; None otherwise."""
+        r = self._records[name]
+        if r.storage != INLINE or r.stride != _contiguous(r.shape):
+            return None
+        size = r.dtype.itemsize
+        return HeldBytes(self._inline, r.offset, math.prod(r.shape) * size, size, (r.dtype, r.shape))
+
+    def facts(self) -> list[TensorFact]:
+        """A TensorFact per name, as ``fact_of`` describes the tensor made on access."""
+        if self._inline and self._inline_storage is None:
+            self._inline_storage = torch.frombuffer(self._inline, dtype=torch.uint8).untyped_storage()
+        out = []
+        for name, r in self._records.items():
+            size = r.dtype.itemsize
+            storage, start, end, nbytes = None, 0, 0, 0
+            if r.storage != EMPTY:
+                if r.storage == INLINE:
+                    nbytes = math.prod(r.shape) * size
+                    storage = ("cpu", self._inline_storage.data_ptr() + r.offset)
+                else:
+                    st = self._storages[r.storage]
+                    storage, nbytes, start = ("cpu", st.data_ptr()), st.nbytes(), r.offset * size
+                end = start + span_elements(r.shape, r.stride) * size
+            out.append(TensorFact(name=name, shape=r.shape, stride=r.stride, dtype=str(r.dtype).removeprefix("torch."),
+                                  itemsize=size, device="cpu", storage=storage, byte_start=start, byte_end=end,
+                                  owner=name.rsplit(".", 1)[0] if "." in name else "", requires_grad=False,
+                                  is_floating=r.dtype.is_floating_point or r.dtype.is_complex,
+                                  storage_bytes=nbytes))
+        return out
+
+
 @dataclass
 class _Files:
     """One read-only mapping per external data file."""
 
-    storages: dict[Path, tuple[Any, int]] = field(default_factory=dict)
+    tensors: OnnxTensors
+    storages: dict[Path, tuple[int, int]] = field(default_factory=dict)  # path -> (storage index, size)
 
-    def storage(self, p: Path, model: Path, name: str):
+    def storage(self, p: Path, model: Path, name: str) -> tuple[int, int] | None:
         if p not in self.storages:
             try:
                 size = p.stat().st_size
             except OSError as e:
                 raise TargetError(f"{model}: external data {p.name} of initializer {name!r} cannot be read "
                                   f"({e.strerror or e}); copy it next to the model") from e
-            st = map_file(p, size, f"{model}: external data of initializer {name!r}") if size else None
-            self.storages[p] = (st, size)
+            if not size:
+                self.storages[p] = (EMPTY, 0)
+            else:
+                st = map_file(p, size, f"{model}: external data of initializer {name!r}")
+                self.storages[p] = (self.tensors.add_storage(st, os.fspath(p)), size)
         return self.storages[p]
 
 
-def _initializer(path: Path, t: TensorProto, files: _Files, spans: dict, notes: list[str]):
-    """One initializer as a torch tensor (a view of its external file where it has one), or None."""
+def _initializer(path: Path, t: TensorProto, files: _Files, spans: dict, notes: list[str]) -> bool:
+    """Record one initializer in ``files.tensors``: a view of its external file where it has one, else
+    its bytes in the inline buffer. False for a type tiecheck does not read."""
     dname = DTYPES.get(t.data_type)
     dtype = getattr(torch, dname, None) if dname else None
     if dtype is None:
-        return None
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    dims = [int(d) for d in t.dims]
-    numel = _numel(path, t.name, dims, itemsize)
+        return False
+    tensors = files.tensors
+    itemsize = dtype.itemsize
+    dims = tuple(int(d) for d in t.dims)
+    numel = _numel(path, t.name, list(dims), itemsize)
     nbytes = numel * itemsize
     if t.data_location == TensorProto.EXTERNAL:
         info = {e.key: e.value for e in t.external_data}
@@ -135,32 +272,39 @@ def _initializer(path: Path, t: TensorProto, files: _Files, spans: dict, notes: 
         except ValueError as e:
             raise _bad(path, f"initializer {t.name!r} has a malformed external data offset or length") from e
         if offset < 0 or length != nbytes:
-            raise _bad(path, f"initializer {t.name!r} ({dname} {dims}) needs {nbytes:,} bytes but its external "
+            raise _bad(path, f"initializer {t.name!r} ({dname} {list(dims)}) needs {nbytes:,} bytes but its external "
                              f"data says offset {offset:,}, length {length:,}")
-        storage, size = files.storage(p, path, t.name)
+        index, size = files.storage(p, path, t.name)
         if offset + length > size:
             raise TargetError(f"{path}: initializer {t.name!r} needs bytes {offset:,}..{offset + length:,} of "
                               f"{p.name}, which holds {size:,}: the data file is truncated; copy it again")
         if nbytes == 0:
-            return torch.empty(dims, dtype=dtype)
-        if offset % itemsize == 0:
+            tensors.add_inline(t.name, b"", dtype, dims)
+        elif offset % itemsize == 0:
             spans[t.name] = FileSpan(os.fspath(p), 0)
-            return torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, dims)
-        raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (nbytes,))
-        notes.append(f"{t.name}: external data at an unaligned offset, copied into memory")
-        return raw.clone().view(dtype).reshape(dims)
+            tensors.add_external(t.name, index, offset // itemsize, dtype, dims)
+        else:
+            notes.append(f"{t.name}: external data at an unaligned offset, copied into memory")
+            with open(p, "rb") as fh:
+                tensors.add_inline(t.name, os.pread(fh.fileno(), nbytes, offset), dtype, dims)
+        return True
     if t.HasField("raw_data"):
-        if len(t.raw_data) != nbytes:
-            raise _bad(path, f"initializer {t.name!r} ({dname} {dims}) needs {nbytes:,} bytes but holds "
-                             f"{len(t.raw_data):,}")
-        if nbytes == 0:
-            return torch.empty(dims, dtype=dtype)
-        return torch.frombuffer(bytearray(t.raw_data), dtype=torch.uint8).view(dtype).reshape(dims)
+        raw = t.raw_data
+        if len(raw) != nbytes:
+            raise _bad(path, f"initializer {t.name!r} ({dname} {list(dims)}) needs {nbytes:,} bytes but holds "
+                             f"{len(raw):,}")
+        tensors.add_inline(t.name, raw, dtype, dims)
+        return True
     try:
         arr = numpy_helper.to_array(t)
-        return torch.from_numpy(np.ascontiguousarray(arr)).reshape(dims)
     except (ValueError, TypeError, RuntimeError) as e:
         raise _bad(path, f"initializer {t.name!r} cannot be read ({str(e)[:120]})") from e
+    data = np.ascontiguousarray(arr).tobytes()
+    if len(data) != nbytes:
+        raise _bad(path, f"initializer {t.name!r} ({dname} {list(dims)}) needs {nbytes:,} bytes but holds "
+                         f"{len(data):,}")
+    tensors.add_inline(t.name, data, dtype, dims)
+    return True
 
 
 # -- the graph: which nodes read each initializer ---------------------------------------------
@@ -316,65 +460,133 @@ def _describe(use: Use) -> str:
     return f"{use.op} {use.node}{via}"
 
 
-def embedding_heads(tensors: dict[str, torch.Tensor], spans: dict[str, FileSpan], graph,
-                    notes: list[str]) -> tuple[list[dict], list[Any], dict[str, torch.Tensor]]:
+def _listed(items: list[str], limit: int = MAX_LISTED) -> str:
+    """The first ``limit`` items, and how many more: a graph may have thousands of readers."""
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f" and {more:,} more" if more > 0 else "")
+
+
+def _digest(reader: _Reader, name: str, transposed: bool) -> bytes:
+    """SHA-256 of a 2-D initializer's bytes in row order, or of its transpose's, read in blocks."""
+    t = reader.tensors[name]
+    rows, cols = t.shape
+    h = hashlib.sha256()
+    if transposed:
+        step = max(1, BLOCK_BYTES // max(1, rows * t.element_size()))
+        for start in range(0, cols, step):
+            h.update(np.ascontiguousarray(reader.columns(name, start, min(cols, start + step)).T).tobytes())
+    else:
+        step = max(1, BLOCK_BYTES // max(1, cols * t.element_size()))
+        for start in range(0, rows, step):
+            h.update(reader.rows(name, start, min(rows, start + step)).tobytes())
+    return h.digest()
+
+
+def _copies(reader: _Reader, embeddings: list[str], heads: dict[str, list[Use]]) -> dict[str, tuple[str, str]]:
+    """head initializer -> (the first embedding it holds a copy of, "transposed copy" or "copy").
+
+    Pairs are never tried all against all: each initializer's bytes (and each embedding's
+    transpose) are hashed once, heads are matched to embeddings by hash and shape, and each match
+    is then confirmed byte for byte, so the work is one pass over each initializer whatever the
+    number of Gather and MatMul nodes.
+    """
+    tensors = reader.tensors
+    wanted_t, wanted = {}, {}  # (dtype, shape) -> heads that could hold a transpose / a plain copy
+    for head, uses in heads.items():
+        h = tensors[head]
+        if h.dim() == 2:
+            key = (h.dtype, tuple(h.shape))
+            wanted_t.setdefault(key, []).append(head)
+            if any(u.transposes % 2 for u in uses):
+                wanted.setdefault(key, []).append(head)
+    by_digest: dict[tuple, list[str]] = {}  # (relation, dtype, shape, digest) -> embeddings, in graph order
+    for emb in embeddings:
+        e = tensors[emb]
+        key_t, key = (e.dtype, tuple(e.shape)[::-1]), (e.dtype, tuple(e.shape))
+        if key_t in wanted_t:
+            by_digest.setdefault(("transposed copy", *key_t, _digest(reader, emb, True)), []).append(emb)
+        if key in wanted:
+            by_digest.setdefault(("copy", *key, _digest(reader, emb, False)), []).append(emb)
+    out: dict[str, tuple[str, str]] = {}
+    for relation, table in (("transposed copy", wanted_t), ("copy", wanted)):
+        for key, candidates in table.items():
+            for head in candidates:
+                if head in out:
+                    continue
+                same = by_digest.get((relation, *key, _digest(reader, head, False)), [])
+                emb = next((x for x in same if x != head), None)  # a head reading the embedding itself is a tie
+                check = transposed_equal if relation == "transposed copy" else plain_equal
+                if emb is not None and check(reader, emb, head):
+                    out[head] = (emb, relation)
+    return out
+
+
+def embedding_heads(tensors: OnnxTensors, spans: dict[str, FileSpan], graph,
+                    notes: list[str]) -> tuple[list[dict], list[Any], list[str]]:
     """How each embedding (Gather) initializer relates to each head (MatMul/Gemm) initializer.
 
-    Returns the pairs (for the report), loader findings, and alias tensors for heads that read
-    the embedding's own initializer.
+    Returns the pairs (for the report, one per head use, at most ``MAX_PAIRS``), loader findings
+    (one per embedding and head initializer), and the names of the aliases added to ``tensors``
+    for heads that read the embedding's own initializer.
     """
     embeddings, heads = graph_uses(graph, set(tensors))
+    embeddings = {e: g for e, g in embeddings.items() if tensors[e].dim() == 2}
     pairs: list[dict] = []
     found: list[Any] = []
-    aliases: dict[str, torch.Tensor] = {}
+    aliases: list[str] = []
     reader = _Reader(tensors, spans)
     try:
-        for emb, gathers in embeddings.items():
-            e = tensors[emb]
-            if e.dim() != 2:
-                continue
-            for head, uses in heads.items():
-                h = tensors[head]
-                for use in uses:
-                    base = {"embedding": emb, "embedding_nodes": [g.node for g in gathers], "head": head,
-                            "head_node": use.node, "head_op": use.op, "via": list(use.via),
-                            "shape": list(e.shape), "dtype": str(e.dtype).replace("torch.", "")}
-                    gather_text = ", ".join(_describe(g) for g in gathers)
-                    if head == emb:
-                        alias = f"{use.node}:B"
-                        aliases[alias] = e.t() if sum(1 for v in use.via if v.startswith("Transpose")) % 2 else e
-                        if emb in spans:
-                            spans[alias] = spans[emb]
-                        pairs.append({**base, "relation": "one tensor", "alias": alias, "bytes_copied": 0})
-                        notes.append(f"{emb} {list(e.shape)} is read by {gather_text} (embedding) and by "
-                                     f"{_describe(use)} (head): one initializer, the tie survived the export "
-                                     f"(the head's use is listed as {alias})")
-                        continue
-                    if h.dim() != 2 or h.dtype != e.dtype or h.numel() != e.numel():
-                        continue
-                    if tuple(h.shape) == tuple(e.shape)[::-1] and transposed_equal(reader, emb, head):
-                        relation = "transposed copy"
-                    elif h.shape == e.shape and use.transposes % 2 and plain_equal(reader, emb, head):
-                        relation = "copy"
-                    else:
-                        continue
-                    nbytes = h.numel() * h.element_size()
-                    pairs.append({**base, "relation": relation, "bytes_copied": nbytes})
-                    notes.append(f"{emb} {list(e.shape)} is read by {gather_text} (embedding); the head "
-                                 f"{_describe(use)} reads {head} {list(h.shape)}, a {relation} of it: the tie was "
-                                 f"lost in the export ({nbytes:,} bytes stored twice)")
-                    if relation == "transposed copy":
-                        # Equal-shape copies are the content pass's (TC005); a transposed copy is
-                        # found here, from the graph, where the two uses are known.
-                        found.append(finding(
-                            "TC005", f"{head} {list(h.shape)} holds the transpose of {emb} {list(e.shape)} in "
-                                     f"separate memory: the export stored the tied embedding twice, once "
-                                     f"transposed for {_describe(use)} ({nbytes:,} bytes wasted)", (emb, head),
-                            hint="Export with the torch.export-based exporter (torch.onnx.export(..., "
-                                 "dynamo=True)), which keeps one initializer, or deduplicate the model so "
-                                 "the head reads Transpose(embedding)."))
+        copies = _copies(reader, list(embeddings), heads)
     finally:
         reader.close()
+
+    def pair(emb: str, head: str, use: Use, relation: str, nbytes: int, alias: str | None = None) -> None:
+        if len(pairs) >= MAX_PAIRS:
+            return
+        e = tensors[emb]
+        gathers = embeddings[emb]
+        pairs.append({"embedding": emb, "embedding_nodes": [g.node for g in gathers[:MAX_LISTED]],
+                      "head": head, "head_node": use.node, "head_op": use.op, "via": list(use.via),
+                      "shape": list(e.shape), "dtype": str(e.dtype).replace("torch.", ""), "relation": relation,
+                      **({"alias": alias} if alias else {}), "bytes_copied": nbytes})
+
+    for emb, gathers in embeddings.items():
+        e = tensors[emb]
+        gather_text = _listed([_describe(g) for g in gathers])
+        uses = heads.get(emb, [])
+        for use in uses:  # the head reads the embedding's own initializer: the tie survived
+            alias = f"{use.node}:B"
+            tensors.add_alias(alias, emb, transposed=sum(1 for v in use.via if v.startswith("Transpose")) % 2 == 1)
+            if emb in spans:
+                spans[alias] = spans[emb]
+            aliases.append(alias)
+            pair(emb, emb, use, "one tensor", 0, alias)
+        if uses:
+            notes.append(f"{emb} {list(e.shape)} is read by {gather_text} (embedding) and by "
+                         f"{_listed([_describe(u) for u in uses])} (head): one initializer, the tie survived the "
+                         f"export (the head's use is listed as {_listed([f'{u.node}:B' for u in uses])})")
+    for head, (emb, relation) in copies.items():
+        e, h = tensors[emb], tensors[head]
+        uses = [u for u in heads[head] if relation == "transposed copy" or u.transposes % 2]
+        nbytes = h.numel() * h.element_size()
+        for use in uses:
+            pair(emb, head, use, relation, nbytes)
+        use_text = _listed([_describe(u) for u in uses])
+        notes.append(f"{emb} {list(e.shape)} is read by {_listed([_describe(g) for g in embeddings[emb]])} "
+                     f"(embedding); the head {use_text} reads {head} {list(h.shape)}, a {relation} of it: the tie "
+                     f"was lost in the export ({nbytes:,} bytes stored twice)")
+        if relation == "transposed copy":
+            # Equal-shape copies are the content pass's (TC005); a transposed copy is
+            # found here, from the graph, where the two uses are known.
+            found.append(finding(
+                "TC005", f"{head} {list(h.shape)} holds the transpose of {emb} {list(e.shape)} in "
+                         f"separate memory: the export stored the tied embedding twice, once "
+                         f"transposed for {use_text} ({nbytes:,} bytes wasted)", (emb, head),
+                hint="Export with the torch.export-based exporter (torch.onnx.export(..., "
+                     "dynamo=True)), which keeps one initializer, or deduplicate the model so "
+                     "the head reads Transpose(embedding)."))
+    if len(pairs) >= MAX_PAIRS:
+        notes.append(f"the graph's embedding/head pairs are listed up to {MAX_PAIRS:,}")
     return pairs, found, aliases
 
 
@@ -382,8 +594,8 @@ def load_onnx(path: Path) -> Subject:
     """An ONNX model's initializers as tensors, with the embedding/head ties its graph shows."""
     model = read_model(path)
     graph = model.graph
-    files = _Files()
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = OnnxTensors()
+    files = _Files(tensors)
     spans: dict[str, FileSpan] = {}
     notes: list[str] = []
     skipped: list[str] = []
@@ -391,12 +603,10 @@ def load_onnx(path: Path) -> Subject:
     for t in graph.initializer:
         if t.name in tensors or not t.name:
             raise _bad(path, f"initializer name {t.name!r} is empty or used twice")
-        value = _initializer(path, t, files, spans, notes)
-        if value is None:
+        if not _initializer(path, t, files, spans, notes):
             skipped.append(t.name)
             continue
         external += t.data_location == TensorProto.EXTERNAL
-        tensors[t.name] = value
     if skipped:
         notes.append(f"skipped {len(skipped)} initializer(s) of types tiecheck does not read (e.g. {skipped[0]})")
     if len(graph.sparse_initializer):
@@ -404,7 +614,6 @@ def load_onnx(path: Path) -> Subject:
     if not tensors:
         raise TargetError(f"{path}: the ONNX graph holds no initializers (no weights to analyse)")
     pairs, found, aliases = embedding_heads(tensors, spans, graph, notes)
-    tensors.update(aliases)
     data_files = sorted(p.name for p in files.storages)
     total = sum(size for _, size in files.storages.values())
     opsets = {o.domain or "ai.onnx": int(o.version) for o in model.opset_import}

@@ -9,6 +9,7 @@ other. An adapter alone says which modules it trains or saves whole (``target_mo
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,13 @@ from typing import Any
 from tiecheck.errors import TargetError
 from tiecheck.findings import finding
 from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.safejson import parse_json
 from tiecheck.loaders.safetensors_files import load_safetensors_file
 from tiecheck.loaders.subject import Source, Subject
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CONFIG_LIMIT = 16 << 20  # as for config.json: adapter configs are a few kilobytes
 PREFIX = "base_model.model."  # peft's prefix on every saved key
 # The part of a saved key that names the adapter's own tensors, not the base module's.
 _ADAPTER_PART = re.compile(r"\.(lora_[A-Za-z_]+|lora_embedding_[AB]|modules_to_save|original_module)(\.|$)")
@@ -30,6 +33,32 @@ def is_adapter_folder(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file()
 
 
+def check_config_json(path: Path) -> None:
+    """``adapter_config.json`` parsed by tiecheck first, within the bounds of ``config.json``: peft
+    reads it with ``json.load``, whose RecursionError on JSON nested 100,000 deep escapes every
+    ``except ValueError``, and which reads a file of any size whole.
+
+    Raises:
+        TargetError: too large, not JSON, nested too deeply, or not a JSON object.
+    """
+    p = path / ADAPTER_CONFIG
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(min(os.fstat(fh.fileno()).st_size, CONFIG_LIMIT) + 1)
+    except OSError as e:
+        raise TargetError(f"{p}: cannot read ({e.strerror or e})") from e
+    if len(raw) > CONFIG_LIMIT:
+        raise TargetError(f"{p}: larger than {CONFIG_LIMIT:,} bytes; an adapter config is a few kilobytes, so this "
+                          f"is not one")
+    try:
+        obj = parse_json(raw)
+    except ValueError as e:
+        raise TargetError(f"{p}: peft cannot read this adapter config (not valid JSON: {e}); fix or re-save it "
+                          f"with peft") from e
+    if not isinstance(obj, dict):
+        raise TargetError(f"{p}: holds a JSON {type(obj).__name__}, not an object")
+
+
 def read_config(path: Path) -> Any:
     """The adapter's PeftConfig, as peft reads it; one line for anything peft refuses."""
     try:
@@ -37,9 +66,10 @@ def read_config(path: Path) -> Any:
     except ImportError as e:
         raise TargetError(f"{path}: a PEFT adapter folder; reading it needs peft: pip install 'tiecheck[peft]'") \
             from e
+    check_config_json(path)
     try:
         return peft.PeftConfig.from_pretrained(str(path))
-    except (ValueError, TypeError, KeyError, OSError) as e:
+    except (ValueError, TypeError, KeyError, OSError, RecursionError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise TargetError(f"{path / ADAPTER_CONFIG}: peft cannot read this adapter config ({first}); fix or "
                           f"re-save it with peft") from e
@@ -59,12 +89,17 @@ def base_name(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
 
 
-def _as_list(value: Any) -> list[str] | str | None:
+def _as_list(value: Any, field: str, path: Path) -> list[str] | str | None:
+    """A module list of the config: None, a regular expression, or names. peft reads a config whose
+    lists hold other values (``"target_modules": false``) without complaint; tiecheck says which field."""
     if value is None:
         return None
     if isinstance(value, str):
         return value
-    return sorted(str(v) for v in value)
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return sorted(value)
+    raise TargetError(f"{path / ADAPTER_CONFIG}: {field} is {type(value).__name__} {str(value)[:60]!r}; peft expects a "
+                      f"module name, a list of names or a regular expression there: fix or re-save the adapter")
 
 
 def load_adapter(path: Path) -> Subject:
@@ -79,9 +114,9 @@ def load_adapter(path: Path) -> Subject:
     info = {
         "peft_type": str(getattr(cfg, "peft_type", "") or "").replace("PeftType.", ""),
         "base_model_name_or_path": getattr(cfg, "base_model_name_or_path", None),
-        "target_modules": _as_list(getattr(cfg, "target_modules", None)),
-        "exclude_modules": _as_list(getattr(cfg, "exclude_modules", None)),
-        "modules_to_save": _as_list(getattr(cfg, "modules_to_save", None)),
+        "target_modules": _as_list(getattr(cfg, "target_modules", None), "target_modules", path),
+        "exclude_modules": _as_list(getattr(cfg, "exclude_modules", None), "exclude_modules", path),
+        "modules_to_save": _as_list(getattr(cfg, "modules_to_save", None), "modules_to_save", path),
         "ensure_weight_tying": bool(getattr(cfg, "ensure_weight_tying", False)),
         "saved_modules": sorted({module_of(k) for k in sub.tensors}),
         # name in the base model -> the adapter key that stores it whole

@@ -528,7 +528,7 @@ def load_sharded(index_path: Path, index: dict, *, trust_pickle: bool = False,
             notes += more
             files.append(file_summary(header))
         elif kind in (TORCH_SAVE, TORCH_SAVE_LEGACY):
-            records = read_records(str(p))  # a zip read as records, as for a single torch.save file
+            records = read_records(str(p), trust_pickle=trust_pickle)  # as for a single torch.save file
             if records is not None:
                 obj, archive = records
                 picked, _, more = pick_state(obj, None, str(p))

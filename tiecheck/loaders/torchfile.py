@@ -24,9 +24,11 @@ from tiecheck.errors import TargetError, UntrustedPickleError, did_you_mean
 from tiecheck.facts import module_tensors
 from tiecheck.loaders.declared import megatron_declarations
 from tiecheck.loaders.fileview import file_spans
+from tiecheck.loaders.pickleloop import Budget, Refused, check_containers
+from tiecheck.loaders.pickleloop import load as pickle_load
 from tiecheck.loaders.pickles import describe, first_refused
 from tiecheck.loaders.subject import Source, Subject
-from tiecheck.loaders.torchzip import TensorRecord, read_archive
+from tiecheck.loaders.torchzip import PickleRefusal, TensorRecord, TorchRules, read_archive, vet_archive
 from tiecheck.loaders.zipcheck import ZipArchive
 
 # Where training checkpoints keep the model, most specific first. Optimizer state is never a pick.
@@ -34,6 +36,7 @@ MODEL_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module"
               "generator", "ema", "model_ema", "ema_model")
 NOT_MODEL_KEYS = re.compile(r"optim|scheduler|scaler|lr_|rng|loops|callbacks|hyper|args|config", re.I)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+LEGACY_PICKLES = 5  # magic number, protocol version, system info, the object, the storage keys; then raw data
 
 # Inner messages of the weights-only unpickler that mean "refused", not "damaged".
 _REFUSALS = ("Unsupported global", "unsupported GLOBAL", "unrecognized function", "Can only create new object",
@@ -166,20 +169,57 @@ def _kind_of(head: bytes) -> str | None:
 
 
 def _guarded_load(source, label: str, kind: str | None, trust_pickle: bool) -> Any:
-    """torch.load with every failure as one TargetError (warnings become notes in ``load_path``)."""
+    """torch.load with every failure as one TargetError (warnings become notes in ``load_path``).
 
-
-
+    Without ``trust_pickle`` the file's pickles are first run through ``pickleloop``'s bounds (the
+    loop builds nothing here): torch's own unpickler keeps every object a file asks for, so a few
+    kilobytes could otherwise make it build gigabytes.
+    """
     if kind == "zip":
         with ZipArchive(io.BytesIO(source) if isinstance(source, bytes) else source, label) as za:
             za.check_all()
             _pickle_record(za)
+            if not trust_pickle:
+                vet_archive(za)
+    elif kind == "legacy" and not trust_pickle:
+        _vet_legacy(source, label)
     try:
-        return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
-                          mmap=kind == "zip" and not isinstance(source, bytes), map_location="cpu",
-                          weights_only=not trust_pickle)
+        obj = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
+                         mmap=kind == "zip" and not isinstance(source, bytes), map_location="cpu",
+                         weights_only=not trust_pickle)
     except Exception as e:  # noqa: BLE001 - weights-only runs no code from the file: any failure is the file's
         raise _load_error(label, kind, e, trust_pickle, source) from e
+    try:
+        check_containers(obj)
+    except Refused as e:
+        raise TargetError(f"{label}: the pickle {e.why}") from e
+    return obj
+
+
+def _vet_legacy(source, label: str) -> None:
+    """The pickles of a legacy torch.save file (magic number, protocol, system info, the object,
+    the storage keys) run through the loop's bounds before torch.load reads them."""
+    try:
+        if isinstance(source, bytes):
+            _vet_pickles(source, label)
+            return
+        with open(source, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            _vet_pickles(m, label)
+    except (OSError, ValueError) as e:
+        raise TargetError(f"{label}: cannot read ({getattr(e, 'strerror', None) or e})") from e
+
+
+def _vet_pickles(data, label: str) -> None:
+    budget = Budget(len(data))
+    pos = 0
+    for i in range(LEGACY_PICKLES):
+        if pos >= len(data) or (i and data[pos] != 0x80):
+            return  # fewer pickles than a torch.save file holds: torch.load says what the file is
+        start = pos
+        try:
+            _, pos = pickle_load(data, TorchRules(build=False), budget, pos)
+        except Refused as e:
+            raise PickleRefusal.of(e, label, "the pickle", start, data[start:]) from e
 
 
 def torch_load(path: str, *, trust_pickle: bool = False) -> tuple[Any, list[str]]:
@@ -366,21 +406,28 @@ def strip_wrapper_prefixes(tensors: dict) -> tuple[dict, list[str]]:
     return tensors, stripped
 
 
-def read_records(path: str) -> tuple[Any, Any] | None:
-    """A zip archive read as records (``torchzip``), or None: not a zip, damaged, or holding what
-    only ``torch.load`` takes; ``torch_load`` then reads it and words any refusal or damage."""
+def read_records(path: str, *, trust_pickle: bool = False) -> tuple[Any, Any] | None:
+    """A zip archive read as records (``torchzip``), or None: not a zip, or holding what only
+    ``torch.load`` takes (after its pickle was vetted). A file the reader refuses stays refused,
+    in its words: no other parser gets a second try at it. With ``trust_pickle`` the user has
+    vouched for the file, and anything refused here goes to ``torch.load(weights_only=False)``."""
     try:
         with open(path, "rb", buffering=0) as fh:
             if _kind_of(fh.read(8)) != "zip":
                 return None
-        return read_archive(path)
-    except (OSError, TargetError):
+    except OSError:
         return None
+    try:
+        return read_archive(path)
+    except TargetError:
+        if trust_pickle:
+            return None
+        raise
 
 
 def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = False,
                     format_name: str = "torch.save") -> Subject:
-    records = read_records(path)
+    records = read_records(path, trust_pickle=trust_pickle)
     if records is not None:
         obj, archive = records
         notes: list[str] = []

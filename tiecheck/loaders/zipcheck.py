@@ -6,8 +6,8 @@ the readers answer with a dozen exception types (``NotImplementedError`` for a v
 ``RuntimeError`` for encryption, ``zlib.error``, ``EOFError``...) or, for a deflated record
 declaring gigabytes, by allocating them. Every zip is therefore opened here first: each record
 is checked against the file before anything reads it, a compressed record may not inflate past
-``MAX_INFLATE`` bytes, two records may not share a name (readers disagree on which one wins),
-and every failure becomes one ``TargetError`` naming the file, the record and its byte offset.
+``MAX_INFLATE`` bytes, two records may not share a name (readers disagree on which one wins) or
+bytes, and every failure becomes one ``TargetError`` naming the file, the record and its byte offset.
 """
 
 from __future__ import annotations
@@ -129,8 +129,16 @@ class ZipArchive:
         return info
 
     def check_all(self) -> None:
+        """Every record checked, and no two of them sharing bytes: a directory whose entries overlap
+        would make two records (two storages) out of the same bytes, which no zip writer does."""
         for name in self.infos:
             self.check(name)
+        spans = sorted((info.header_offset, self._data_start[name] + info.compress_size, name)
+                       for name, info in self.infos.items())
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise self._bad(self.infos[second], f"overlaps record {first!r} (which ends at byte {end:,}): two "
+                                                    f"records share bytes, so the archive is refused")
 
     def read(self, name: str, limit: int = MAX_INFLATE) -> bytes:
         """A record's bytes, at most ``limit`` of them."""

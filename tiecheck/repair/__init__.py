@@ -19,7 +19,7 @@ from tiecheck.loaders import load_target
 from tiecheck.loaders.torchfile import torch_load
 from tiecheck.repair.plan import OPTIMIZER_KEYS, TORCH, Action, Plan, layout_of, make_plan, parse_tie, parse_untie
 from tiecheck.repair.verify import Check, verify
-from tiecheck.repair.write import check_output, discard, publish, temp_path, write
+from tiecheck.repair.write import check_output, clear_stale, discard, publish, temp_path, write
 
 
 @dataclass
@@ -30,6 +30,7 @@ class FixResult:
     output: str | None
     dry_run: bool
     checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # stale temporary outputs removed or left
 
     @property
     def verified(self) -> bool:
@@ -42,7 +43,7 @@ class FixResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.to_dict(), "output": self.output, "dry_run": self.dry_run,
-                "verified": self.verified, "checks": [c.to_dict() for c in self.checks]}
+                "verified": self.verified, "checks": [c.to_dict() for c in self.checks], "notes": self.notes}
 
 
 def _pairs(values: Iterable[Any], parse) -> list[tuple[str, str]]:
@@ -66,7 +67,7 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
         dry_run: plan only; nothing is written.
         tie: ``"A=B"`` strings or (A, B) pairs: A becomes B (B's bytes are kept; the plan says what is lost).
         untie: ``"A,B"`` strings or pairs: give each name its own copy.
-        force: replace an existing output (never the input).
+        force: replace an existing output that fix wrote (never the input, nor anything else).
         drop_optimizer: drop a training checkpoint's optimizer state when parameters merge or split.
         progress: called as ``progress(units_done, label)`` as each phase starts: reading, analysing,
             planning, writing, verifying (the last two not on a dry run).
@@ -106,6 +107,7 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     result = FixResult(plan=plan, output=None if out is None else str(out), dry_run=dry_run)
     if dry_run:
         return result
+    result.notes = clear_stale(out)
     tmp = temp_path(out)
     discard(tmp)
     try:
@@ -113,14 +115,12 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
         write(plan, path, weights, tmp, torch_obj=torch_obj, state_key=subject.source.key)
         step(1, "verifying the copy")
         result.checks = verify(plan, path, tmp, subject)
-    except BaseException:
-        discard(tmp)
-        raise
+        if result.verified:
+            publish(tmp, out, path, force=force)
+    finally:
+        discard(tmp)  # published: renamed away; refused or failed: never left beside the output
     if not result.verified:
-        discard(tmp)
         result.output = None
-        return result
-    publish(tmp, out)
     return result
 
 

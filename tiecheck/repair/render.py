@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from tiecheck.report.text import clean, human_bytes, json_text, one_line
+from tiecheck.report.text import clean, human_bytes, json_text, markdown_text, one_line
 
 
 def _signed(n: int) -> str:
@@ -20,11 +20,39 @@ def check_lines(result) -> list[str]:
             for c in result.checks]
 
 
+class _MarkdownResult:
+    """A FixResult whose plan, notes and output are escaped for Markdown (checks are tiecheck's own)."""
+
+    def __init__(self, result):
+        self._result = result
+        self.plan = _Escaped(result.plan)
+        self.notes = markdown_text(list(getattr(result, "notes", [])))
+        self.output = markdown_text(result.output)
+
+    def __getattr__(self, name: str):
+        return getattr(self._result, name)
+
+
+class _Escaped:
+    """An object whose string attributes (and lists of them) are read Markdown-escaped."""
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def __getattr__(self, name: str):
+        value = getattr(self._obj, name)
+        if isinstance(value, list) and value and not isinstance(value[0], (str, int, float)):
+            return [_Escaped(v) for v in value]
+        return markdown_text(value) if not callable(value) else value
+
+
 def render(result, fmt: str = "table") -> str:
     """``result`` (a FixResult) in ``fmt``: table, markdown or json."""
     if fmt == "json":
         return json_text(clean(result.to_dict()))
     markdown = fmt == "markdown"
+    if markdown:  # names and notes come from the input: never table syntax, HTML or a link
+        result = _MarkdownResult(result)
     plan = result.plan
     out = [f"## Fix plan: {one_line(plan.target)}" if markdown else f"Fix plan: {one_line(plan.target)}",
            "", f"layout: {plan.layout}", ""]
@@ -48,4 +76,6 @@ def render(result, fmt: str = "table") -> str:
     if not result.dry_run:
         where = f"written to {one_line(result.output)}" if result.output else "NOT written: a check failed"
         out += ["", f"{'**output**: ' if markdown else 'output: '}{where}"]
+    for note in getattr(result, "notes", []):
+        out.append(f"{bullet}{one_line(note)}")
     return "\n".join(out) + "\n"

@@ -1,9 +1,12 @@
 """Writers of the corrected copy, one per layout, and the output's protections.
 
 Never in place: the output may not be the input, lie inside it, or hold it; an existing output
-is replaced only with ``force``. Everything is written under a temporary name in the output's
-parent folder and renamed at the end, so an interrupted run leaves no half-written output under
-the final name (a folder is written whole as a temporary folder, then renamed).
+is replaced only with ``force``, and only when fix wrote it (a marker beside it says so).
+Everything is written under a temporary name in the output's parent folder, readable by its
+owner only, and renamed at the end without replacing anything, so an interrupted run leaves no
+half-written output under the final name and two runs cannot both publish one new output. A
+folder's other files are copied only when they are regular files in the folder (links leaving
+it are refused by name), and the copy keeps the input's permissions.
 
 safetensors files are written here rather than with ``safetensors.torch.save_file``: that
 function serialises every tensor to bytes in memory first, so fixing a 16 GB file would need
@@ -16,16 +19,20 @@ the output with the safetensors library itself.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
-from tiecheck.errors import TiecheckError
+from tiecheck.errors import TargetError, TiecheckError
 from tiecheck.loaders.safetensors_files import DTYPES, Header, read_header
 from tiecheck.loaders.torchfile import strip_wrapper_prefixes
 from tiecheck.repair.plan import HF_FOLDER, SAFETENSORS, SHARDED, TORCH, Plan
@@ -38,8 +45,47 @@ PAUSE_ENV = "TIECHECK_TEST_PAUSE_AFTER_SHARD"
 
 # -- the output's protections ---------------------------------------------------------------
 
+MARKER = ".fixed-by-tiecheck"  # suffix of the record beside each output fix publishes: what --force may replace
+_MARKER_LIMIT = 64 << 10
+
+
+def marker_path(output: Path) -> Path:
+    """Where fix records that it wrote ``output``: a hidden file beside it, never inside it."""
+    return output.parent / f".{output.name}{MARKER}"
+
+
+def _identity(p: Path) -> dict[str, int]:
+    """What a marker records of an output: replaced, moved or changed (a file's bytes, a folder's
+    entries) since, it no longer matches."""
+    st = os.lstat(p)
+    return {"device": st.st_dev, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns,
+            "size": st.st_size if stat.S_ISREG(st.st_mode) else -1}
+
+
+def written_by_fix(output: Path) -> bool:
+    """Whether ``output`` is, unchanged, an output ``fix`` published (its marker says so)."""
+    marker = marker_path(output)
+    try:
+        with open(marker, "rb") as fh:
+            record = json.loads(fh.read(_MARKER_LIMIT))
+        return isinstance(record, dict) and record.get("output") == output.name and \
+            record.get("identity") == _identity(output)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def write_marker(output: Path, target: Path) -> None:
+    """Record, beside the output just published, that fix wrote it (atomically: a temporary, renamed)."""
+    marker = marker_path(output)
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
+    record = {"written_by": "tiecheck fix", "output": output.name, "input": str(target),
+              "identity": _identity(output)}
+    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    os.replace(tmp, marker)
+
+
 def check_output(target: Path, output: Path, *, force: bool) -> None:
-    """Refuse an output that would touch the input, or an existing one without ``force``."""
+    """Refuse an output that would touch the input, or an existing one unless ``force`` and fix wrote it."""
     protect = input_paths([target])
     if target.is_file() and target.suffix == ".json":  # an index: its shards are inputs too
         protect.append(target.parent)
@@ -52,8 +98,13 @@ def check_output(target: Path, output: Path, *, force: bool) -> None:
             raise UnsafeOutputError(f"refusing to write the fixed copy to {output}: the input {p} lies inside it")
         if output.exists() and p.exists() and os.path.samefile(p, output):
             raise UnsafeOutputError(f"refusing to write the fixed copy to {output}: it is the input {p}")
-    if (output.exists() or output.is_symlink()) and not force:
-        raise UnsafeOutputError(f"{output} exists; choose another path, or pass --force to replace it")
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise UnsafeOutputError(f"{output} exists; choose another path, or pass --force to replace it")
+        if not written_by_fix(output):
+            raise UnsafeOutputError(f"{output} exists and is not an output of tiecheck fix, or changed since fix "
+                                    f"wrote it (its record {marker_path(output).name} is missing or disagrees); "
+                                    f"--force replaces only fix's own outputs: move or delete it yourself")
     if not output.parent.is_dir():
         raise TiecheckError(f"-o {output}: folder {output.parent} does not exist")
 
@@ -62,18 +113,88 @@ def temp_path(output: Path) -> Path:
     return output.parent / f".{output.name}.tiecheck-tmp-{os.getpid()}"
 
 
-def publish(tmp: Path, output: Path) -> None:
-    """Rename the finished temporary output to its final name, replacing an old output (--force)."""
-    if output.exists() or output.is_symlink():
-        old = output.parent / f".{output.name}.tiecheck-old-{os.getpid()}"
-        os.replace(output, old)  # the previous complete output stays whole until the new one is in place
-        os.replace(tmp, output)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_stale(output: Path) -> list[str]:
+    """Remove the temporary outputs that runs which no longer exist left beside ``output`` (a run
+    killed mid-write leaves ``.NAME.tiecheck-tmp-PID``); say which were removed and which were left
+    (their run is still going, or the PID was reused)."""
+    notes = []
+    for kind in ("tmp", "old"):
+        for p in sorted(output.parent.glob(f".{glob.escape(output.name)}.tiecheck-{kind}-*")):
+            pid = p.name.rsplit("-", 1)[1]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            if _alive(int(pid)):
+                notes.append(f"left {p}: a temporary output of a run whose PID {pid} is still alive (delete it if "
+                             f"that run is gone)")
+                continue
+            discard(p)
+            notes.append(f"removed {p}, a temporary output left by a run (PID {pid}) that no longer exists")
+    return notes
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, atomically (Linux ``renameat2`` with
+    ``RENAME_NOREPLACE``; elsewhere a hard link for a file, and for a folder a check then a rename).
+
+    Raises:
+        FileExistsError: ``dst`` exists (another run published first).
+    """
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL):  # the filesystem or kernel lacks it: the fallbacks below
+            raise OSError(err, os.strerror(err), str(src))
+    if src.is_dir() and not src.is_symlink():
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", str(dst))
+        os.rename(src, dst)
     else:
-        os.replace(tmp, output)
+        os.link(src, dst)  # fails when dst exists
+        os.unlink(src)
+
+
+def publish(tmp: Path, output: Path, target: Path, *, force: bool) -> None:
+    """Rename the finished temporary output to its final name, and record that fix wrote it.
+
+    Without ``force`` the name must still be free: of two runs writing the same new output, the
+    second fails instead of replacing the first. With ``force`` only an output fix wrote is
+    replaced, and the previous one stays whole until the new one is in place.
+
+    Raises:
+        UnsafeOutputError: the output appeared meanwhile, or is no longer one fix wrote.
+    """
+    old = None
+    if force and (output.exists() or output.is_symlink()):
+        if not written_by_fix(output):
+            raise UnsafeOutputError(f"{output} changed while the fixed copy was written; nothing was replaced")
+        old = output.parent / f".{output.name}.tiecheck-old-{os.getpid()}"
+        os.replace(output, old)
+    try:
+        rename_noreplace(tmp, output)
+    except FileExistsError:
+        raise UnsafeOutputError(f"{output} appeared while the fixed copy was written (another run?); nothing was "
+                                f"replaced: choose another path") from None
+    finally:
+        if old is not None:
+            discard(old)
+    write_marker(output, target)
 
 
 def discard(tmp: Path) -> None:
@@ -81,6 +202,115 @@ def discard(tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     elif tmp.exists() or tmp.is_symlink():
         tmp.unlink()
+
+
+def create_private(path: Path) -> None:
+    """An empty file only its owner can read: the writers fill it (``open(..., "wb")`` keeps the
+    mode), and the input's mode is given to it once it is complete."""
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
+def keep_modes(layout: str, target: Path, weights: Path, tmp: Path) -> None:
+    """Give the written copy the input's permissions: a file its file's, a folder its folder's, and
+    each file written in it the mode of the input file of that name (a 0600 input stays 0600). A
+    folder keeps its owner's read, write and search bits, so the copy can be replaced later (a
+    read-only cache folder would otherwise make a copy --force cannot remove)."""
+    if layout in (SAFETENSORS, TORCH):
+        shutil.copymode(target, tmp)
+        return
+    src_folder = weights.parent if layout != HF_FOLDER else target
+    for p in tmp.iterdir():
+        src = src_folder / p.name
+        if p.is_file() and not p.is_symlink() and src.is_file():
+            shutil.copymode(src, p)
+    os.chmod(tmp, stat.S_IMODE(os.stat(src_folder).st_mode) | stat.S_IRWXU)
+
+
+# -- the files of a folder that are copied ------------------------------------------------------
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _cache_blobs(folder: Path) -> str | None:
+    """A Hugging Face cache snapshot (``<repo>/snapshots/<rev>``) links every file into ``<repo>/blobs``."""
+    real = Path(os.path.realpath(folder))
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return os.path.realpath(real.parent.parent / "blobs")
+    return None
+
+
+def copied_files(folder: Path, skip: set[str]) -> list[tuple[str, str]]:
+    """(path relative to ``folder``, the regular file it holds) for every file a folder fix copies.
+
+    Only regular files are copied. A symbolic link is followed only when it stays in the folder
+    (or, for a Hugging Face cache snapshot, in its repository's ``blobs``): a link elsewhere (a
+    token file in the home folder) would publish that file with the model. Links to folders,
+    FIFOs, devices and sockets are refused too; each refusal names the entry.
+
+    Raises:
+        TargetError: an entry that is not copied, by name.
+    """
+    root = os.path.realpath(folder)
+    blobs = _cache_blobs(folder)
+    out: list[tuple[str, str]] = []
+
+    def refuse(rel: str, why: str) -> TargetError:
+        return TargetError(f"{folder}: refusing to copy {rel!r} into the fixed copy: {why}")
+
+    def walk(rel_dir: str) -> None:
+        with os.scandir(os.path.join(folder, rel_dir)) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
+                if not rel_dir and entry.name in skip:
+                    continue
+                if entry.is_symlink():
+                    real = os.path.realpath(entry.path)
+                    if not (_inside(real, root) or (blobs is not None and _inside(real, blobs))):
+                        raise refuse(rel, f"it is a symbolic link to {real}, outside the folder; copying it would "
+                                          f"publish that file with the model. Replace the link with the file it "
+                                          f"stands for, or remove it")
+                    try:
+                        st = os.stat(real)
+                    except OSError:
+                        raise refuse(rel, f"it is a broken symbolic link (to {real})") from None
+                    if not stat.S_ISREG(st.st_mode):
+                        raise refuse(rel, f"it is a symbolic link to {_kind(st.st_mode)}, not to a regular file")
+                    out.append((rel, real))
+                elif entry.is_dir(follow_symlinks=False):
+                    walk(rel)
+                elif entry.is_file(follow_symlinks=False):
+                    out.append((rel, entry.path))
+                else:
+                    raise refuse(rel, f"it is {_kind(entry.stat(follow_symlinks=False).st_mode)}, not a regular file")
+
+    walk("")
+    return out
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def copy_regular(src: str, dst: Path, label: str) -> None:
+    """Copy one regular file (contents, mode, times), checked again once open: never a FIFO or a
+    device swapped in after ``copied_files`` looked (O_NONBLOCK: opening a FIFO does not wait)."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TargetError(f"{label}: refusing to copy it: it is no longer a regular file")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.dup(fd), "rb") as fin, open(dst, "wb") as fout:
+            shutil.copyfileobj(fin, fout, CHUNK)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(fd)
 
 
 # -- safetensors ----------------------------------------------------------------------------
@@ -215,14 +445,24 @@ def _set_path(cfg: dict, dotted: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def write_hf_folder(plan: Plan, folder: Path, weights: Path, dst: Path) -> None:
-    """The weights rewritten, config.json updated, every other file copied unchanged."""
-    dst.mkdir()
+def rewritten_files(plan: Plan, weights: Path) -> set[str]:
+    """The names of a folder's files that fix writes itself (the weights, the index, a changed config)."""
     if weights.name.endswith(".index.json"):
-        skip = set(json.loads(weights.read_text(encoding="utf-8"))["weight_map"].values()) | {weights.name}
+        names = set(json.loads(weights.read_text(encoding="utf-8"))["weight_map"].values()) | {weights.name}
+    else:
+        names = {weights.name}
+    return names | ({"config.json"} if plan.config else set())
+
+
+def write_hf_folder(plan: Plan, folder: Path, weights: Path, dst: Path) -> None:
+    """The weights rewritten, config.json updated, every other regular file copied unchanged (see
+    ``copied_files`` for what is refused)."""
+    skip = rewritten_files(plan, weights)
+    copies = copied_files(folder, skip)  # refusals come before anything is written
+    dst.mkdir(mode=0o700)
+    if weights.name.endswith(".index.json"):
         write_sharded(plan, weights, dst)
     else:
-        skip = {weights.name}
         write_single(plan, weights, dst / weights.name)
     cfg_path = folder / "config.json"
     if plan.config:
@@ -230,14 +470,8 @@ def write_hf_folder(plan: Plan, folder: Path, weights: Path, dst: Path) -> None:
         for k, v in plan.config.items():
             _set_path(cfg, k, v)
         (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        skip.add("config.json")
-    for p in sorted(folder.iterdir()):
-        if p.name in skip:
-            continue
-        if p.is_dir():
-            shutil.copytree(p, dst / p.name, symlinks=True)
-        else:
-            shutil.copy2(p, dst / p.name, follow_symlinks=True)
+    for rel, src in copies:
+        copy_regular(src, dst / rel, f"{folder / rel}")
 
 
 # -- torch.save --------------------------------------------------------------------------------
@@ -290,11 +524,14 @@ def write(plan: Plan, target: Path, weights: Path, tmp: Path, *, torch_obj: Any 
     if plan.layout == HF_FOLDER:
         write_hf_folder(plan, target, weights, tmp)
     elif plan.layout == SHARDED:
-        tmp.mkdir()
+        tmp.mkdir(mode=0o700)
         write_sharded(plan, target, tmp)
     elif plan.layout == SAFETENSORS:
+        create_private(tmp)
         write_single(plan, target, tmp)
     elif plan.layout == TORCH:
+        create_private(tmp)
         write_torch(plan, torch_obj, state_key, tmp)
     else:  # pragma: no cover - make_plan only returns the layouts above
         raise TiecheckError(f"no writer for {plan.layout}")
+    keep_modes(plan.layout, target, weights, tmp)

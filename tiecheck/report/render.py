@@ -7,7 +7,7 @@ import io
 from tabulate import tabulate
 
 from tiecheck.report.report import Report
-from tiecheck.report.text import clean, human_bytes, human_flops, shape_text
+from tiecheck.report.text import clean, csv_cell, human_bytes, human_flops, markdown_text, shape_text
 
 FORMATS = ("table", "json", "markdown", "csv")
 
@@ -15,13 +15,15 @@ FORMATS = ("table", "json", "markdown", "csv")
 class _Printable:
     """A Report whose strings are safe for a terminal: tensor names, keys and notes come from the
     input file, and a newline or an escape sequence in one must neither break the table nor reach
-    the terminal. JSON and CSV escape on their own."""
+    the terminal; for Markdown, nor become table syntax, HTML or a link. JSON and CSV escape on
+    their own."""
 
-    def __init__(self, report: Report):
+    def __init__(self, report: Report, markdown: bool = False):
         self._report = report
+        self._escape = markdown_text if markdown else clean
 
     def __getattr__(self, name: str):
-        return clean(getattr(self._report, name))
+        return self._escape(getattr(self._report, name))
 
 
 def render(report: Report, fmt: str = "table") -> str:
@@ -32,13 +34,13 @@ def render(report: Report, fmt: str = "table") -> str:
         frame = report.to_frame()
         for col in ("shape", "tied_with"):
             frame[col] = frame[col].map(lambda v: " ".join(str(x) for x in v) if isinstance(v, list) else v)
-        for col in frame.columns:  # names come from files: escape them as every other format does
+        for col in frame.columns:  # names come from files: escaped, and never read as a formula
             if frame[col].dtype == object or str(frame[col].dtype) in ("str", "string"):
-                frame[col] = frame[col].map(clean)
+                frame[col] = frame[col].map(csv_cell)
         frame.to_csv(buf, index=False, lineterminator="\n")
         return buf.getvalue()
     if fmt in ("table", "markdown"):
-        return _text(_Printable(report), markdown=fmt == "markdown")
+        return _text(_Printable(report, markdown=fmt == "markdown"), markdown=fmt == "markdown")
     raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
 
 
