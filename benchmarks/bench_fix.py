@@ -1,10 +1,9 @@
 """Speed and memory of `tiecheck fix` on a 1 GiB broken-tie safetensors file, against a plain copy.
 
 Run: pytest benchmarks/bench_fix.py --benchmark-only -s
-Targets (from the fix issue): fixing within 2x a `shutil.copyfile` of the same file measured in
-the same run, and peak RSS under the import baseline + 10% of the file. The write alone is held to
-the 2x; the whole command, which then reads every byte of the copy and of the input again to verify
-them, is recorded beside it and held to 4x (reading both files back costs about one more copy).
+Targets: the whole fix (write and verification) within 1.5x a `shutil.copyfile` of the same file
+measured in the same run on a warm page cache (figures for a cold input beside it), and peak RSS
+under the import baseline + 10% of the file.
 """
 
 from __future__ import annotations
@@ -71,33 +70,56 @@ def broken_tie_file(tmp_path_factory):
     return path
 
 
+def _evict(path: str) -> None:
+    """Drop ``path``'s pages from the page cache (written back first), so the next read is cold."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def test_fix_vs_copy(benchmark, broken_tie_file, tmp_path, publish):
     src = str(broken_tie_file)
     size_mib = os.path.getsize(src) / 2**20
     base = run_child("", setup=SETUP)
 
-    def once(code: str, dst: str) -> dict:
+    def once(code: str, dst: str, cold: bool = False) -> dict:
         if os.path.exists(dst):
             os.remove(dst)
+        if cold:
+            _evict(src)
         return run_child(code.format(src=src, dst=dst), setup=SETUP)
 
-    run_child(COPY.format(src=src, dst=str(tmp_path / "warm")), setup=SETUP)  # the input in the page cache
-    copy = once(COPY, str(tmp_path / "copy.safetensors"))
-    fixed = benchmark.pedantic(lambda: once(FIX, str(tmp_path / "fixed.safetensors")), rounds=3, iterations=1)
-    copy2 = once(COPY, str(tmp_path / "copy.safetensors"))
-    copy_s = min(copy["wall_s"], copy2["wall_s"])
+    def best(runs: list[dict]) -> dict:
+        return min(runs, key=lambda r: r["wall_s"])
+
+    # Warm: the input in the page cache; copy and fix interleaved, three of each, the fastest of each.
+    run_child(COPY.format(src=src, dst=str(tmp_path / "warm")), setup=SETUP)
+    copies, fixes = [], []
+    for _ in range(3):
+        copies.append(once(COPY, str(tmp_path / "copy.safetensors")))
+        fixes.append(once(FIX, str(tmp_path / "fixed.safetensors")))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    copy_s, fixed = best(copies)["wall_s"], best(fixes)
+    # Cold: the input's pages dropped before each run (the output is new either way).
+    cold_copy = best([once(COPY, str(tmp_path / "copy.safetensors"), cold=True) for _ in range(2)])["wall_s"]
+    cold_fix = best([once(FIX, str(tmp_path / "fixed.safetensors"), cold=True) for _ in range(2)])
     over = fixed["peak_rss_mib"] - base["peak_rss_mib"]
     benchmark.extra_info.update(file_mib=round(size_mib), copy_s=copy_s, fix_s=fixed["wall_s"],
                                 write_s=fixed["write_s"], verify_s=fixed["verify_s"],
                                 import_rss_mib=round(base["peak_rss_mib"]), fix_rss_mib=round(fixed["peak_rss_mib"]))
-    publish(f"\nfile {size_mib:.0f} MiB | copyfile {copy_s:.2f} s | fix {fixed['wall_s']:.2f} s "
-          f"({fixed['wall_s'] / copy_s:.2f}x the copy): write {fixed['write_s']:.2f} s "
-          f"({fixed['write_s'] / copy_s:.2f}x), verify {fixed['verify_s']:.2f} s | import {base['peak_rss_mib']:.0f} MiB, fix peak "
-          f"{fixed['peak_rss_mib']:.0f} MiB ({over:.0f} MiB over the import = {over / size_mib:.1%} of the file) | "
-          f"saved {fixed['saved'] / 2**20:.0f} MiB")
+    publish(f"\nfile {size_mib:.0f} MiB, warm page cache, fastest of 3 interleaved | copyfile {copy_s:.2f} s | fix "
+            f"{fixed['wall_s']:.2f} s ({fixed['wall_s'] / copy_s:.2f}x the copy): write {fixed['write_s']:.2f} s "
+            f"({fixed['write_s'] / copy_s:.2f}x), verify {fixed['verify_s']:.2f} s | import {base['peak_rss_mib']:.0f} "
+            f"MiB, fix peak {fixed['peak_rss_mib']:.0f} MiB ({over:.0f} MiB over the import = {over / size_mib:.1%} of "
+            f"the file) | saved {fixed['saved'] / 2**20:.0f} MiB")
+    publish(f"cold input (its pages dropped before each run), fastest of 2 | copyfile {cold_copy:.2f} s | fix "
+            f"{cold_fix['wall_s']:.2f} s ({cold_fix['wall_s'] / cold_copy:.2f}x the copy): write "
+            f"{cold_fix['write_s']:.2f} s, verify {cold_fix['verify_s']:.2f} s")
     shutil.rmtree(tmp_path, ignore_errors=True)
     assert fixed["verified"] and fixed["actions"] == ["retie"]
     assert fixed["saved"] == EMB[0] * EMB[1] * 2
     assert fixed["peak_rss_mib"] <= base["peak_rss_mib"] + 0.10 * size_mib
-    assert fixed["write_s"] <= 2 * copy_s
-    assert fixed["wall_s"] <= 4 * copy_s
+    assert fixed["wall_s"] <= 2 * copy_s  # the target is 1.5x (see benchmarks/README.md); 2x leaves room for noise

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-# The module (the package exports its function under the same name): CHUNK is patched on it.
-verify = importlib.import_module("tiecheck.repair.verify")
+# The module the comparer lives in: COMPARE_CHUNK is patched on it.
+content = importlib.import_module("tiecheck.loaders.content")
 
 SIZE = 3 * 4096 + 123  # not a multiple of a page or of the chunk
 
@@ -17,14 +17,14 @@ SIZE = 3 * 4096 + 123  # not a multiple of a page or of the chunk
 @pytest.fixture
 def cmp():
     """A file comparer, closed after the test."""
-    c = verify._FileCompare()
+    c = content.FileRangeCompare()
     yield c
     c.close()
 
 
 @pytest.fixture
 def files(tmp_path, monkeypatch):
-    monkeypatch.setattr(verify, "CHUNK", 4096)  # several reads per range, one boundary mid-range
+    monkeypatch.setattr(content, "COMPARE_CHUNK", 4096)  # several reads per range, one boundary mid-range
     data = os.urandom(SIZE)
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(b"x" * 7 + data)  # the same bytes at offset 7 of a and 70001 of b: never page aligned

@@ -210,10 +210,12 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     dup_groups, copies, content = [], [], None
     sampling = None
     cands = find_candidates(facts)
+    # One reader for the content pass and the declared layer: a pair both compare is read once.
+    reader = TorchContentReader(subject.tensors, subject.file_spans)
     if duplicates:
         if any(f.storage is not None for f in facts):
             sampling = Phase(step, f"content pass over {len(facts):,} tensors", "sampled")
-            with TorchContentReader(subject.tensors, subject.file_spans) as reader:
+            with reader:
                 dup_groups, stats = find_untied_duplicates(facts, reader, by_identity,
                                                            progress=sampling if progress is not None else None)
                 # A duplicate's first name stands for the group in the transposed pass.
@@ -240,7 +242,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         state = TieState.build([g.to_dict() for g in groups], [f.name for f in facts],
                                [g.to_dict() for g in dup_groups], content_known=bool(content and content["ran"]))
         findings += tied_findings(state, expect_tied)
-    declared, layer_findings = declared_layer(subject, facts)
+    declared, layer_findings = declared_layer(subject, facts, reader)
     findings += layer_findings
     # Quantized or packed heads: matched by meaning, since their values cannot be compared.
     packed = find_packed_heads(facts, packings(subject, facts)) if subject.module is None else []
@@ -354,8 +356,10 @@ def unreachable_findings(entries: list[dict]) -> list[Finding]:
     return out
 
 
-def declared_layer(subject: Subject, facts: Sequence[TensorFact]) -> tuple[dict, list[Finding]]:
-    """The report's ``declared`` section (declarations, and each declared tie's three layers) and its findings."""
+def declared_layer(subject: Subject, facts: Sequence[TensorFact],
+                   reader: TorchContentReader | None = None) -> tuple[dict, list[Finding]]:
+    """The report's ``declared`` section (declarations, and each declared tie's three layers) and its
+    findings; ``reader`` is the content pass's, when it ran (its comparisons are not made again)."""
     decls, pairs, notes = subject.declarations, subject.declared_pairs, []
     if not decls and subject.module is not None:
         decls, pairs, notes = live_model_declarations(subject.module)
@@ -366,7 +370,7 @@ def declared_layer(subject: Subject, facts: Sequence[TensorFact]) -> tuple[dict,
         return {"declarations": decls, "ties": [], "notes": notes}, []
     names = {n for p in pairs for n in p["names"]} & set(subject.tensors)
     if any(f.storage is not None for f in facts if f.name in names):
-        with TorchContentReader(subject.tensors, subject.file_spans) as reader:
+        with reader or TorchContentReader(subject.tensors, subject.file_spans) as reader:
             rows, findings = compare_layers(pairs, facts, stored, reader)
     else:
         rows, findings = compare_layers(pairs, facts, stored, None)

@@ -168,6 +168,65 @@ def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
     return t.storage_offset() * size, t.numel() * size, size
 
 
+# Bytes per read when comparing files. Two 4 MiB buffers stay in the CPU cache between the read
+# that fills them and the memcmp that compares them; two of 16 MiB did not (measured: 0.45-0.50 s
+# against 0.60-0.70 s for the same 1.75 GiB compared).
+COMPARE_CHUNK = 4 << 20
+
+
+class FileRangeCompare:
+    """Byte ranges of two files compared through two reused buffers: ``tiecheck fix``'s check of
+    every byte of its copy, and the content pass's full comparison of two tensors of local files.
+
+    A ``pread`` into a fresh buffer per read costs a page fault per 4 KiB and dominated fix's
+    verification (every byte of the copy against the input). ``os.preadv`` into the same two buffers, compared as buffers (memcmp),
+    reads at the speed of the page cache and keeps memory at two chunks. A pair of ranges already
+    found equal (a dropped name and the name it now shares point at the same bytes of both files)
+    is not read again: the files do not change between the two comparisons, so neither would the
+    answer. (Comparing mapped windows in place instead was measured slower: ``torch.equal`` over
+    bytes runs element by element, several times slower than the buffers' memcmp.)
+    """
+
+    def __init__(self) -> None:
+        self.bufs = (bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK))
+        self.fds: dict[str, int] = {}
+        self.bytes_read = 0
+        self.same: set[tuple] = set()
+
+    def _fd(self, path: str) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
+
+    def equal(self, a: tuple[str, int], b: tuple[str, int], nbytes: int) -> bool:
+        """``nbytes`` at (path, offset) ``a`` against those at ``b``; files opened once and kept."""
+        key = (a, b, nbytes)
+        if key in self.same:
+            return True
+        same = self.equal_fds(self._fd(a[0]), a[1], self._fd(b[0]), b[1], nbytes)
+        if same:
+            self.same.add(key)
+        return same
+
+    def equal_fds(self, fa: int, offset_a: int, fb: int, offset_b: int, nbytes: int) -> bool:
+        """``nbytes`` at ``offset_a`` of open file ``fa`` against those at ``offset_b`` of ``fb``."""
+        for off in range(0, nbytes, COMPARE_CHUNK):
+            n = min(COMPARE_CHUNK, nbytes - off)
+            views = [memoryview(buf)[:n] for buf in self.bufs]
+            if os.preadv(fa, [views[0]], offset_a + off) != n or os.preadv(fb, [views[1]], offset_b + off) != n:
+                raise OSError("short read: a file changed while it was compared")
+            self.bytes_read += 2 * n
+            # A whole chunk compares the buffers themselves (memcmp); a tail compares copies of its bytes.
+            same = self.bufs[0] == self.bufs[1] if n == COMPARE_CHUNK else bytes(views[0]) == bytes(views[1])
+            if not same:
+                return False
+        return True
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
 class TorchContentReader:
     """``ContentReader`` over a name -> tensor mapping; counts the bytes it reads.
 
@@ -180,6 +239,8 @@ class TorchContentReader:
         self.bytes_read = 0
         self._fds: dict[str, Handle] = {}
         self._prefetched: dict[tuple[str, str], bytes] = {}  # ("sample" | "transposed", name) -> sample
+        self._equal_known: dict[tuple[str, str], bool] = {}  # (a, b), sorted -> equal
+        self._compare_files: FileRangeCompare | None = None  # its two buffers, made at the first full comparison
         where = getattr(tensors, "file_layout", None)
         self._layout = where if callable(where) else None
         # A loader holding a tensor's bytes in memory says where (a HeldBytes), or None.
@@ -327,6 +388,16 @@ class TorchContentReader:
         return True
 
     def equal(self, a: str, b: str) -> bool:
+        """Bitwise equality of two tensors, each pair compared once for the reader's life: the
+        duplicate pass and the declared layer both ask about an embedding and its head (two full
+        reads of 128 MiB each, for one answer). Kept across ``close``, which only drops handles."""
+        key = (a, b) if a <= b else (b, a)
+        known = self._equal_known.get(key)
+        if known is None:
+            known = self._equal_known[key] = self._compare(a, b)
+        return known
+
+    def _compare(self, a: str, b: str) -> bool:
         ha, hb = self._held(a), self._held(b)
         if ha is not None and hb is not None:
             if ha.layout != hb.layout:
@@ -338,6 +409,15 @@ class TorchContentReader:
         if ta.shape != tb.shape or ta.dtype != tb.dtype:
             return False
         ra, rb = self._file_range(a), self._file_range(b)
+        if ra is not None and rb is not None and isinstance(ra[0], int) and isinstance(rb[0], int):
+            # Local files: two reused buffers compared as memory (a fresh 16 MiB bytes per read
+            # measured 4x slower on a 128 MiB embedding and its head).
+            if self._compare_files is None:
+                self._compare_files = FileRangeCompare()
+            before = self._compare_files.bytes_read
+            same = self._compare_files.equal_fds(ra[0], ra[1], rb[0], rb[1], ra[2])
+            self.bytes_read += self._compare_files.bytes_read - before
+            return same
         if ra is not None and rb is not None:
             for ca, cb in zip(self._file_chunks(*ra), self._file_chunks(*rb)):
                 if ca != cb:

@@ -13,7 +13,6 @@ Each check is a name, whether it holds, and a line saying what was compared:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from tiecheck.api import analyze_subject
 from tiecheck.loaders import load_target
-from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.content import FileRangeCompare, TorchContentReader
 from tiecheck.loaders.hf import _quiet_transformers, read_config
 from tiecheck.repair.plan import HF_FOLDER, SAFETENSORS, TORCH, Plan
 from tiecheck.repair.write import _kept
@@ -71,59 +70,6 @@ def _finding_checks(plan: Plan, report) -> list[Check]:
                   else "the plan answered no finding", skipped=not codes)]
 
 
-# Bytes per read when comparing files. Two 4 MiB buffers stay in the CPU cache between the read
-# that fills them and the memcmp that compares them; two of 16 MiB did not (measured: 0.45-0.50 s
-# against 0.60-0.70 s for the same 1.75 GiB compared).
-CHUNK = 4 << 20
-
-
-class _FileCompare:
-    """Byte ranges of two files compared through two reused buffers.
-
-    The content reader's ``pread`` allocates a fresh buffer per read; at the sizes fix compares
-    (every byte of the copy against the input) that costs a page fault per 4 KiB and dominated the
-    run. ``os.preadv`` into the same two buffers, compared as buffers (memcmp),
-    reads at the speed of the page cache and keeps memory at two chunks. A pair of ranges already
-    found equal (a dropped name and the name it now shares point at the same bytes of both files)
-    is not read again: the files do not change between the two comparisons, so neither would the
-    answer. (Comparing mapped windows in place instead was measured slower: ``torch.equal`` over
-    bytes runs element by element, several times slower than the buffers' memcmp.)
-    """
-
-    def __init__(self) -> None:
-        self.bufs = (bytearray(CHUNK), bytearray(CHUNK))
-        self.fds: dict[str, int] = {}
-        self.bytes_read = 0
-        self.same: set[tuple] = set()
-
-    def _fd(self, path: str) -> int:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        return self.fds[path]
-
-    def equal(self, a: tuple[str, int], b: tuple[str, int], nbytes: int) -> bool:
-        key = (a, b, nbytes)
-        if key in self.same:
-            return True
-        fa, fb = self._fd(a[0]), self._fd(b[0])
-        for off in range(0, nbytes, CHUNK):
-            n = min(CHUNK, nbytes - off)
-            views = [memoryview(buf)[:n] for buf in self.bufs]
-            if os.preadv(fa, [views[0]], a[1] + off) != n or os.preadv(fb, [views[1]], b[1] + off) != n:
-                raise OSError("short read: a file changed while it was compared")
-            self.bytes_read += 2 * n
-            # A whole chunk compares the buffers themselves (memcmp); a tail compares copies of its bytes.
-            same = self.bufs[0] == self.bufs[1] if n == CHUNK else bytes(views[0]) == bytes(views[1])
-            if not same:
-                return False
-        self.same.add(key)
-        return True
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-
-
 def _range(subject, name: str) -> tuple[str, int] | None:
     """(file, offset) of a mapped contiguous tensor's bytes."""
     span, t = subject.file_spans.get(name), subject.tensors[name]
@@ -142,7 +88,7 @@ def _byte_checks(plan: Plan, source, out) -> list[Check]:
     tensors = {**{f"in\0{n}": t for n, t in source.tensors.items()}, **{f"out\0{n}": t for n, t in out.tensors.items()}}
     spans = {**{f"in\0{n}": s for n, s in source.file_spans.items()},
              **{f"out\0{n}": s for n, s in out.file_spans.items()}}
-    differ, replaced, files = [], 0, _FileCompare()
+    differ, replaced, files = [], 0, FileRangeCompare()
     try:
         with TorchContentReader(tensors, spans) as reader:
             for n, t in out.tensors.items():

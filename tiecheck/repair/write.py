@@ -331,8 +331,19 @@ def _copy_range(src: int, dst: int, offset: int, count: int, dst_offset: int) ->
         done += got
 
 
-def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: Mapping[str, str]) -> bytes:
-    """The safetensors header: 8-byte little-endian length, then JSON padded with spaces to 8 bytes."""
+def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: Mapping[str, str],
+                 data_start_mod_page: int | None = None) -> bytes:
+    """The safetensors header: 8-byte little-endian length, then JSON padded with spaces to 8 bytes.
+
+    Args:
+        entries: (name, dtype, shape, begin, end) of each tensor, in file order.
+        metadata: the ``__metadata__`` strings.
+        data_start_mod_page: where the data should start within a page (a multiple of 8); the JSON
+            is padded further (the format allows trailing spaces) until it does.
+
+    Returns:
+        The header's bytes, length prefix included.
+    """
     obj: dict[str, Any] = {}
     if metadata:
         obj["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -340,7 +351,33 @@ def header_bytes(entries: list[tuple[str, str, tuple[int, ...], int, int]], meta
         obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
     raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    if data_start_mod_page is not None:
+        raw += b" " * ((data_start_mod_page - 8 - len(raw)) % PAGE)
     return len(raw).to_bytes(8, "little") + raw
+
+
+# The kernel copies a range page by page when source and destination sit at the same offset
+# within a page; shifted by anything else, os.copy_file_range runs about 2.5x slower (measured on
+# ext4: 1 GiB in 0.25 s aligned, 0.63 s shifted by 4,104 bytes, as fast as shutil.copyfile aligned).
+PAGE = 4096
+
+
+def aligned_data_start(copies: list[tuple[int, int, int]]) -> int:
+    """Where in a page the output's data should start so that most copied bytes keep their source's
+    offset within a page.
+
+    Args:
+        copies: (source file offset, output offset from the data start, nbytes) of each copied range.
+
+    Returns:
+        The data start's offset within a page, a multiple of 8 (tensors stay 8-byte aligned).
+    """
+    weight: dict[int, int] = {}
+    for src, rel, n in copies:
+        r = (src - rel) % PAGE
+        if r % 8 == 0:
+            weight[r] = weight.get(r, 0) + n
+    return max(weight, key=lambda r: (weight[r], -r)) if weight else 0
 
 
 def write_safetensors(header: Header, dst: Path, *, drop: set[str], copy: Mapping[str, str],
@@ -359,9 +396,14 @@ def write_safetensors(header: Header, dst: Path, *, drop: set[str], copy: Mappin
         size = e.end - e.begin
         entries.append((name, e.dtype, e.shape, pos, pos + size))
         pos += size
-    head = header_bytes(entries, metadata)
+    head = header_bytes(entries, metadata, aligned_data_start(
+        [(header.data_start + src_entries[source].begin, begin, end - begin)
+         for (_, source), (_, _, _, begin, end) in zip(wanted, entries)]))
     sizes = {}
-    with open(header.path, "rb") as fin, open(dst, "wb") as fout:
+    # Opened without O_TRUNC ("wb" would truncate the empty file create_private made): ext4 treats
+    # a truncated file as one being replaced and forces its blocks out at close (auto_da_alloc),
+    # measured at 0.18-0.29 s of a 0.5 s write of 1 GiB. The size is set at the end instead.
+    with open(header.path, "rb") as fin, os.fdopen(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as fout:
         fout.write(head)
         fout.flush()
         base = len(head)
