@@ -7,8 +7,9 @@ import gc
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
-from tiecheck.analyses.candidates import candidate_findings, find_candidates, must_tie_pairs
+from tiecheck.analyses.candidates import candidate_findings, find_candidates, role_relations
 from tiecheck.analyses.duplicates import (
+    Relation,
     duplicate_findings,
     find_transposed_copies,
     find_untied_duplicates,
@@ -206,6 +207,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     dup_groups, copies, content = [], [], None
     sampling = None
     cands = find_candidates(facts)
+    declarations = subject_declarations(subject)
     if duplicates:
         if any(f.storage is not None for f in facts):
             sampling = Phase(step, f"content pass over {len(facts):,} tensors", "sampled")
@@ -219,9 +221,8 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
                        "transposed": {**tstats.to_dict(), "copies": [c.to_dict() for c in copies]}}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}
-        cfg_tie = config_ties(subject)
-        findings += duplicate_findings(dup_groups, must_tie_pairs(cands, cfg_tie),
-                                       "the config (tie_word_embeddings=true)" if cfg_tie else None)
+        findings += duplicate_findings(dup_groups, role_relations(cands, config_ties(subject))
+                                       + declared_relations(declarations[1]))
         # A loader that found a transposed copy from its graph (ONNX) has reported it already.
         findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])
     else:
@@ -236,7 +237,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         state = TieState.build([g.to_dict() for g in groups], [f.name for f in facts],
                                [g.to_dict() for g in dup_groups], content_known=bool(content and content["ran"]))
         findings += tied_findings(state, expect_tied)
-    declared, layer_findings = declared_layer(subject, facts)
+    declared, layer_findings = declared_layer(subject, facts, declarations)
     findings += layer_findings
     # Quantized or packed heads: matched by meaning, since their values cannot be compared.
     packed = find_packed_heads(facts, packings(subject, facts)) if subject.module is None else []
@@ -348,11 +349,31 @@ def unreachable_findings(entries: list[dict]) -> list[Finding]:
     return out
 
 
-def declared_layer(subject: Subject, facts: Sequence[TensorFact]) -> tuple[dict, list[Finding]]:
-    """The report's ``declared`` section (declarations, and each declared tie's three layers) and its findings."""
-    decls, pairs, notes = subject.declarations, subject.declared_pairs, []
-    if not decls and subject.module is not None:
-        decls, pairs, notes = live_model_declarations(subject.module)
+def subject_declarations(subject: Subject) -> tuple[list[dict], list[dict], list[str]]:
+    """(declarations, declared pairs, notes): the loader's, or a live transformers model's own."""
+    if not subject.declarations and subject.module is not None:
+        return live_model_declarations(subject.module)
+    return subject.declarations, subject.declared_pairs, []
+
+
+def declared_relations(pairs: Sequence[dict]) -> list[Relation]:
+    """The pairs a declaration ties (a class's ``_tied_weights_keys``, an alias map, a config flag): a copy
+    between them is a broken tie."""
+    out = []
+    for p in pairs:
+        if p["declared"] and len(p["names"]) == 2:
+            a, b = sorted(p["names"])
+            by = " and ".join(p["by"])
+            out.append(Relation((a, b), True, f"{by} tie{'s' if len(p['by']) == 1 else ''} {a} and {b}, so this is "
+                                              f"a broken tie"))
+    return out
+
+
+def declared_layer(subject: Subject, facts: Sequence[TensorFact],
+                   declarations: tuple[list[dict], list[dict], list[str]] | None = None) -> tuple[dict, list[Finding]]:
+    """The report's ``declared`` section (declarations, and each declared tie's three layers) and its findings.
+    ``declarations`` is ``subject_declarations(subject)`` when the caller already has it."""
+    decls, pairs, notes = declarations or subject_declarations(subject)
     stored = subject.stored_copies
     if stored is None and subject.module is None:
         stored = {f.name: f.identity for f in facts}  # the tensors are the files': their memory is what is stored

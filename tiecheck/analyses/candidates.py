@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Iterable
 
+from tiecheck.analyses.duplicates import Relation
 from tiecheck.facts import TensorFact
 from tiecheck.findings import Finding, finding
 
@@ -63,7 +64,8 @@ def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
     # One fact per memory is enough: a name already tied to another needs no second look.
     seen, unique = set(), []
     for f in facts:
-        if f.numel and f.identity not in seen:
+        # Buffers are computed, not trained weights: never a tie candidate (nor RoPE's frequency tables).
+        if f.numel and f.role != "buffer" and f.identity not in seen:
             seen.add(f.identity)
             unique.append(f)
     embeds: dict[tuple, list[TensorFact]] = defaultdict(list)
@@ -85,12 +87,28 @@ def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
     return sorted(out, key=lambda c: (-c.bytes_saved, c.names))
 
 
-def must_tie_pairs(cands: list[Candidate], tie_word_embeddings: bool | None) -> list[tuple[str, str]]:
-    """The pairs the architecture declares one tensor: the embedding and its output projection,
-    unless the model's config says ``tie_word_embeddings=False`` (untied on purpose)."""
-    if tie_word_embeddings is False:
-        return []
-    return [c.names for c in cands if c.relation == "embedding-output"]
+def role_relations(cands: list[Candidate], tie_word_embeddings: bool | None) -> list[Relation]:
+    """What the candidates' roles say of a copy between them (see :class:`~tiecheck.analyses.duplicates.Relation`):
+    an embedding and its output projection are one tensor unless the config says untied; two embeddings of one
+    shape are usually one."""
+    out = []
+    for c in cands:
+        a, b = c.names
+        if c.relation == "embeddings":
+            out.append(Relation(c.names, False, f"{a} and {b} are embeddings of one shape (a shared vocabulary is "
+                                                f"usually one tensor), so this is a broken tie or a wasted copy"))
+        elif tie_word_embeddings is False:
+            out.append(Relation(c.names, False, f"the config keeps {a} and {b} untied (tie_word_embeddings=false), "
+                                                f"so the output projection is a copy of the input embedding",
+                                config_ties=False))
+        elif tie_word_embeddings:
+            out.append(Relation(c.names, True, f"the config (tie_word_embeddings=true) ties {a} and {b} (input "
+                                               f"embedding and output projection), so this is a broken tie",
+                                config_ties=True))
+        else:
+            out.append(Relation(c.names, True, f"{a} and {b} are an input embedding and its output projection, so "
+                                               f"this is a broken tie"))
+    return out
 
 
 def candidate_findings(cands: list[Candidate], reported: Iterable[tuple[str, ...]] = ()) -> list[Finding]:
