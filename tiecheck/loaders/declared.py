@@ -35,8 +35,14 @@ def declaration(kind: str, value: Any, *, file: str | None = None, key: str | No
     return {"kind": kind, "value": value, "origin": origin, **more}
 
 
-def pair(target: str, source: str, declared: bool, by: str) -> dict[str, Any]:
-    return {"names": [target, source], "declared": declared, "by": [by]}
+def pair(target: str, source: str, declared: bool, by: str, written: list[bool] | None = None) -> dict[str, Any]:
+    """One declared pair; ``written`` holds the values a config file writes for the flag that declares it,
+    where the value a class resolves may differ (T5Config resolves tie_word_embeddings to true whatever
+    config.json says)."""
+    out = {"names": [target, source], "declared": declared, "by": [by]}
+    if written is not None:
+        out["written"] = list(written)
+    return out
 
 
 def merge_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -49,6 +55,8 @@ def merge_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row = out[k]
             row["by"] += [b for b in p["by"] if b not in row["by"]]
             row["claims"].update({b: v for b, v in claims.items() if b not in row["claims"]})
+            if "written" in p:
+                row["written"] = row.get("written", []) + [v for v in p["written"] if v not in row.get("written", [])]
         else:
             out[k] = row = {**p, "by": list(p["by"]), "claims": claims}
         row["conflict"] = len(set(row["claims"].values())) > 1
@@ -138,13 +146,14 @@ def model_declarations(model: Any, raw_cfg: Mapping[str, Any] | None, *, input_n
     if resolved is not None:
         decls.append(resolved)
         if input_name and output_name and input_name != output_name:
+            written = [d["value"] for d in decls if d["kind"] == "tie_word_embeddings" and d is not resolved]
             pairs.append(pair(output_name, input_name, resolved["value"],
-                              f"{file} tie_word_embeddings ({resolved['resolved_by']})"))
+                              f"{file} tie_word_embeddings ({resolved['resolved_by']})", written))
             # A value written elsewhere (text_config, decoder) that the class overrides is still read by
             # engines that look there: it joins the row, which then records the disagreement.
             for d in decls:
                 if d["kind"] == "tie_word_embeddings" and d is not resolved and d["value"] != resolved["value"]:
-                    pairs.append(pair(output_name, input_name, d["value"], f"{file} {d['origin']['key']}"))
+                    pairs.append(pair(output_name, input_name, d["value"], f"{file} {d['origin']['key']}", written))
     raw_keys = getattr(type(model), "_tied_weights_keys", None)
     if raw_keys:
         if expanded is None and hasattr(model, "get_expanded_tied_weights_keys"):
@@ -208,7 +217,29 @@ def embedding_names(module: Any) -> tuple[str | None, str | None]:
             return None
         return f"{path}.weight" if path else "weight"
 
-    return name("get_input_embeddings"), name("get_output_embeddings")
+    output = name("get_output_embeddings")
+    return head_source(module, output) or name("get_input_embeddings"), output
+
+
+def head_source(module: Any, head: str | None) -> str | None:
+    """The embedding the model's own tie mapping ties ``head`` to, whatever the config says of tying.
+
+    ``get_input_embeddings()`` is the encoder's in an encoder-decoder; Marian with separate
+    vocabularies ties its head to the decoder's embedding, and says so in ``_tied_weights_keys``
+    (``{"lm_head.weight": "model.decoder.embed_tokens.weight"}``). None where the mapping does not
+    name ``head`` as a plain key (transformers 4 lists targets only) or names no tensor of the module.
+    """
+    mapping = getattr(module, "_tied_weights_keys", None)
+    if head is None or not isinstance(mapping, Mapping):
+        return None
+    source = mapping.get(head)
+    if not isinstance(source, str) or source == head:
+        return None
+    try:
+        module.get_parameter(source)
+    except (AttributeError, TypeError):
+        return None
+    return source
 
 
 def live_model_declarations(module: Any) -> tuple[list[dict], list[dict], list[str]]:
