@@ -57,7 +57,6 @@ name contains "attn" or "attention" (case-insensitive).
 from __future__ import annotations
 
 import gc
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -87,6 +86,7 @@ from tiecheck.flops.inputs import (
 )
 from tiecheck.flops.layers import layer_of, plan_layers, traced_prefix
 from tiecheck.flops.moe import parameter_counts, traceable_experts
+from tiecheck.flops.reasons import fallback_note, unavailable_reason
 from tiecheck.flops.result import PARTS, FlopsResult
 
 with warnings.catch_warnings():
@@ -375,7 +375,7 @@ def count_flops(
         params = parameter_counts(module)
     except Exception as e:  # noqa: BLE001 - an odd module's parameters; the count goes on without them
         params = {"unavailable": describe_error(e)}
-    failures: list[str] = []
+    failures: list[tuple[str, BaseException]] = []
     last_mi: ModelInputs | None = None
     for method, dev in plan:
         b = 1 if method == "real-batch-1" else batch_size
@@ -384,19 +384,19 @@ def count_flops(
                 mi = synthesize_inputs(module, b, seq_len, tgt_seq_len=tgt_seq_len, device=dev)
             else:
                 mi = coerce_inputs(module, inputs, b, seq_len, dev)
-        except TypeError:
+        except TypeError as e:
             if inputs is not None and not callable(inputs):
                 raise
-            failures.append(f"inputs: {describe_error(sys.exc_info()[1])}")
+            failures.append(("inputs", e))
             break
         except Exception as e:  # noqa: BLE001 - a user's make_inputs or an odd module
-            failures.append(f"inputs: {describe_error(e)}")
+            failures.append(("inputs", e))
             break
         last_mi = mi
         try:
             counted = _trace_count(module, mi, attention, on_meta=(method == "meta"))
         except Exception as e:  # noqa: BLE001 - the model's forward failed under the trace
-            failures.append(f"{method} trace: {describe_error(e)}")
+            failures.append((method, e))
             continue
 
         scale = 1
@@ -407,7 +407,7 @@ def count_flops(
                 notes.append(f"traced one example with real tensors on {dev} and scaled by batch_size")
             else:
                 notes.append(f"traced the given inputs with real tensors on {dev}")
-        notes.extend(f"fell back after {f}" for f in failures)
+        notes.extend(fallback_note(m, e, module, inputs is None) for m, e in failures)
         by_part = {k: v * scale for k, v in counted.by_part.items()}
         saved = counted.calls.get("window_saved", 0) * scale
         if saved:
@@ -437,7 +437,8 @@ def count_flops(
     mi = last_mi
     return FlopsResult(
         available=False,
-        reason="; ".join(failures) or "nothing to trace",
+        reason=unavailable_reason(failures, module, synthesized=inputs is None),
+        errors=tuple(f"{m}: {describe_error(e)}" for m, e in failures),
         attention=attention,
         family=mi.family if mi else None,
         batch_size=batch_size,
