@@ -31,6 +31,7 @@ from tiecheck.loaders.packed import packings
 from tiecheck.loaders.peft_adapter import adapter_bytes, copies_equal
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
+from tiecheck.report.ignore import parse_ignores, with_ignored
 from tiecheck.report.rows import Row, TensorRows
 
 
@@ -50,6 +51,7 @@ def analyze(
     inputs: Any = None,
     base: Any = None,
     progress: Callable[[int, str], None] | None = None,
+    ignore: Iterable[str] = (),
 ) -> Report:
     """Analyse a model or checkpoint and return its :class:`~tiecheck.report.Report`.
 
@@ -87,6 +89,9 @@ def analyze(
             bar. The phases that can take long also report within: reading a weights index (per
             shard) and the content pass (per tensor sampled) add fractions of their unit as they
             go, about every 1%, with the count in the label.
+        ignore: findings to ignore: rule codes (``"TC005"``) or codes with a glob over tensor names
+            (``"TC005:*.rotary_emb.*"``). A finding one matches stays in the report, marked
+            ``"ignored": true``, and never counts toward the exit code.
 
     Returns:
         The frozen, versioned Report: tie groups, untied duplicates, tie candidates, findings,
@@ -99,11 +104,16 @@ def analyze(
 
     if optimizer not in OPTIMIZERS:
         raise TiecheckError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
+    try:
+        specs = parse_ignores([ignore] if isinstance(ignore, str) else ignore)
+    except ValueError as e:
+        raise TiecheckError(f"ignore: {e}") from None
     with collector(enabled=False):
-        return _analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-                        duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied, flops=flops,
-                        batch_size=batch_size, seq_len=seq_len, attention=attention, inputs=inputs, base=base,
-                        progress=progress)
+        report = _analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                          duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied, flops=flops,
+                          batch_size=batch_size, seq_len=seq_len, attention=attention, inputs=inputs, base=base,
+                          progress=progress)
+    return with_ignored(report, specs)
 
 
 @contextlib.contextmanager
@@ -257,6 +267,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     summary["bytes_in_packed_head_copies"] = sum(p.head_bytes for p in packed)
     summary["bytes_unreachable"] = sum(u["unreachable_bytes"] for u in unreachable)
     summary["findings"] = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
+    summary["findings_ignored"] = 0
 
     return Report(
         source=subject.source.to_dict(),
