@@ -35,6 +35,20 @@ def _other_inputs(names) -> str:
     return " and ".join(f"{n} ({OTHER_INPUTS[n]})" if n in OTHER_INPUTS else n for n in names)
 
 
+def needed_inputs(e: BaseException, module: Any) -> list[str]:
+    """The inputs other than token ids a failed forward asked for: its missing positional arguments, its
+    main input when that is not ``input_ids``, and the inputs its error names."""
+    msg = str(e)
+    first = msg.strip().splitlines()[0] if msg.strip() else ""
+    missing = _MISSING_ARGS.search(first)
+    names = _QUOTED.findall(missing.group(1)) if missing else []
+    main = getattr(module, "main_input_name", "input_ids")
+    if main in OTHER_INPUTS:
+        names.append(main)
+    names += [n for n in OTHER_INPUTS if re.search(rf"\b{n}\b", msg)]
+    return list(dict.fromkeys(names))
+
+
 def cause(e: BaseException, module: Any, synthesized: bool) -> str:
     """What made one trace fail, in words.
 
@@ -49,14 +63,13 @@ def cause(e: BaseException, module: Any, synthesized: bool) -> str:
     msg = str(e)
     missing = _MISSING_ARGS.search(msg.strip().splitlines()[0] if msg.strip() else "")
     if synthesized and missing:
-        return f"its forward needs {_other_inputs(_QUOTED.findall(missing.group(1)))}, which tiecheck does not " \
-               f"synthesize (it passes token ids)"
+        return f"its forward needs {_other_inputs(_QUOTED.findall(missing.group(1)))} besides token ids"
     main = getattr(module, "main_input_name", "input_ids")
     if synthesized and main in OTHER_INPUTS:
-        return f"its forward reads {_other_inputs([main])}, which tiecheck does not synthesize (it passes token ids)"
+        return f"its forward reads {_other_inputs([main])}, not token ids"
     named = [n for n in OTHER_INPUTS if re.search(rf"\b{n}\b", msg)]
     if synthesized and named:
-        return f"its forward needs {_other_inputs(named)}, which tiecheck does not synthesize (it passes token ids)"
+        return f"its forward needs {_other_inputs(named)} besides token ids"
     if ".item()" in msg:
         return "the forward calls .item() on a tensor, which has no value on the meta device"
     if "nonzero" in msg:
@@ -83,15 +96,23 @@ def unavailable_reason(failures: list[tuple[str, BaseException]], module: Any, s
         what = f"the inputs could not be made ({detail})" if detail else "the inputs could not be made"
         return f"{what}; {PASS_INPUTS}"
     causes: list[str] = []
-    for _, e in failures:
-        c = cause(e, module, synthesized)
+    retried = [(m, e) for m, e in failures if " with " in m]
+    for m, e in failures:
+        # A retry with synthesized images or audio: the inputs were there, so its cause is what the model did.
+        c = cause(e, module, synthesized and (m, e) not in retried)
+        if (m, e) in retried:
+            c = f"with synthesized {_other_inputs(m.split(' with ', 1)[1].split(' and '))} as well, {_lower(c)}"
         if c not in causes:
             causes.append(c)
-    tried = " and ".join(dict.fromkeys(WHERE.get(m, m) for m, _ in failures))
+    tried = " and ".join(dict.fromkeys(WHERE.get(m.split(" with ")[0], m) for m, _ in failures))
     text = f"the forward could not be traced {tried}: {'; '.join(causes)}"
-    if synthesized and any("does not synthesize" in c for c in causes):
+    if synthesized:
         text += f"; {PASS_INPUTS}"
     return text
+
+
+def _lower(clause: str) -> str:
+    return clause[:1].lower() + clause[1:]
 
 
 def fallback_note(method: str, e: BaseException, module: Any, synthesized: bool) -> str:

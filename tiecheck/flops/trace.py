@@ -81,12 +81,13 @@ from tiecheck.flops.inputs import (
     ModelInputs,
     coerce_inputs,
     has_meta_tensors,
+    media_inputs,
     module_device,
     synthesize_inputs,
 )
 from tiecheck.flops.layers import layer_of, plan_layers, traced_prefix
 from tiecheck.flops.moe import parameter_counts, traceable_experts
-from tiecheck.flops.reasons import fallback_note, unavailable_reason
+from tiecheck.flops.reasons import fallback_note, needed_inputs, unavailable_reason
 from tiecheck.flops.result import PARTS, FlopsResult
 
 with warnings.catch_warnings():
@@ -177,13 +178,15 @@ class _OnMeta:
 
 
 class _MetaDepthwiseConv:
-    """Within the block a (depthwise or grouped) ``F.conv1d`` on meta under the tracer runs as unfold + einsum.
+    """Within the block an ``F.conv1d`` on meta under the tracer runs as unfold + einsum.
 
     State-space layers (Mamba, Mamba2, Jamba, Bamba, Falcon-H1, ...) run a short causal depthwise
-    convolution. Under ``torch.jit.trace`` the meta convolution kernel, written in Python, reads
-    sizes as traced tensors and fails (``cond must be a bool, but got a Tensor``). The same
-    product written as ``unfold`` + ``einsum`` has the same multiply-adds (output channels x
-    output length x input channels per group x kernel width) and traces on meta.
+    convolution, and speech encoders a strided one over their audio features (Whisper's second
+    convolution has stride 2). Under ``torch.jit.trace`` the meta convolution kernel, written in
+    Python, reads sizes as traced tensors and fails (``cond must be a bool, but got a Tensor``).
+    The same product written as ``unfold`` (a window every ``stride`` positions) + ``einsum`` has
+    the same multiply-adds (output channels x output length x input channels per group x kernel
+    width) and traces on meta.
     """
 
     def __enter__(self) -> None:
@@ -193,12 +196,13 @@ class _MetaDepthwiseConv:
         def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
                    dilation: Any = 1, groups: Any = 1) -> Any:
             if (input.device.type == "meta" and torch._C._get_tracing_state() is not None
-                    and weight.dim() == 3 and stride in (1, (1,)) and dilation in (1, (1,))
-                    and not isinstance(padding, str)):
+                    and weight.dim() == 3 and dilation in (1, (1,)) and not isinstance(padding, str)):
                 pad = int(padding[0] if isinstance(padding, (tuple, list)) else padding)
+                step = int(stride[0] if isinstance(stride, (tuple, list)) else stride)
                 g = int(groups)
                 x = torch.constant_pad_nd(input, [pad, pad]) if pad else input
-                x = x.unfold(2, weight.shape[-1], 1)  # (B, C_in, L_out, k)
+                # windows every `step` positions: conv1d's output length, floor((L + 2p - k) / step) + 1
+                x = x.unfold(2, weight.shape[-1], step)  # (B, C_in, L_out, k)
                 if weight.shape[1] == 1 and g == weight.shape[0]:  # depthwise
                     out = torch.einsum("bclk,ck->bcl", x, weight[:, 0, :])
                 else:  # grouped: (B, G, C_in/G, L_out, k) x (G, C_out/G, C_in/G, k)
@@ -254,6 +258,32 @@ class _Counted:
     uncounted: dict[str, int]
     ignored: dict[str, int]
     notes: list[str]
+
+
+def _trace_synthesized(module: nn.Module, mi: ModelInputs, attention: str, method: str,
+                       failures: list[tuple[str, BaseException]], synthesized: bool,
+                       ) -> tuple[_Counted | None, ModelInputs]:
+    """One trace; where synthesized token ids were not what the forward needs (images, audio), again with
+    those inputs added (``media_inputs``). Failures are appended to ``failures``: the first, and the last
+    retry's."""
+    on_meta = method == "meta"
+    try:
+        return _trace_count(module, mi, attention, on_meta=on_meta), mi
+    except Exception as e:  # noqa: BLE001 - the model's forward failed under the trace
+        failures.append((method, e))
+        wanted = needed_inputs(e, module) if synthesized else []
+    last = None
+    for candidate in media_inputs(module, mi, wanted) if wanted else ():
+        try:
+            counted = _trace_count(module, candidate, attention, on_meta=on_meta)
+        except Exception as e:  # noqa: BLE001 - the next shape may be the one it reads
+            last = e
+            continue
+        failures.pop()  # token ids alone were not its inputs: the candidate's note says what was added
+        return counted, candidate
+    if last is not None:
+        failures.append((f"{method} with {' and '.join(wanted)}", last))
+    return None, mi
 
 
 def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bool) -> _Counted:
@@ -393,10 +423,8 @@ def count_flops(
             failures.append(("inputs", e))
             break
         last_mi = mi
-        try:
-            counted = _trace_count(module, mi, attention, on_meta=(method == "meta"))
-        except Exception as e:  # noqa: BLE001 - the model's forward failed under the trace
-            failures.append((method, e))
+        counted, mi = _trace_synthesized(module, mi, attention, method, failures, synthesized=inputs is None)
+        if counted is None:
             continue
 
         scale = 1
