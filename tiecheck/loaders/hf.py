@@ -44,7 +44,9 @@ from tiecheck.findings import Finding, finding
 from tiecheck.loaders.content import TorchContentReader, tensor_layout
 from tiecheck.loaders.declared import (
     embedding_names,
+    flag_reaches,
     flat_config_pairs,
+    governing_config,
     head_source,
     merge_pairs,
     model_declarations,
@@ -143,6 +145,8 @@ class Architecture:
     version: str
     notes: list[str] = field(default_factory=list)
     module: Any = None  # the meta-device module itself (for FLOPs)
+    # ``declared`` is transformers' own expansion (5.x); False where it could not be had (4.x)
+    mapping_known: bool = False
 
     def group_of(self, name: str) -> tuple[str, ...] | None:
         for g in self.groups:
@@ -284,10 +288,11 @@ def _describe(model, name: str, version: str) -> Architecture:
     for k, v in sd.items():
         by_id.setdefault(id(v), []).append(k)
     groups = [tuple(sorted(v)) for v in by_id.values() if len(v) > 1]
-    declared = {}
+    declared, mapping_known = {}, False
     if hasattr(model, "get_expanded_tied_weights_keys"):
         with contextlib.suppress(Exception):
             declared = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+            mapping_known = True
     name_of = {id(v): k for k, v in reversed(list(sd.items()))}
     # The module's own name first: a tied head's weight is also the embedding's, whose name comes first.
     module_name = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
@@ -303,10 +308,12 @@ def _describe(model, name: str, version: str) -> Architecture:
             return own
         return name_of.get(id(w)) if w is not None else None
 
-    config = getattr(model, "config", None)
-    tie = getattr(config, "tie_word_embeddings", None)
     head = weight_name("get_output_embeddings")
+    # The flag of the sub-model the head belongs to (an encoder-decoder's decoder), as transformers reads it.
+    config, _ = governing_config(model, head)
+    tie = getattr(config, "tie_word_embeddings", None)
     return Architecture(name=name, keys=list(sd), groups=sorted(groups), declared=declared, module=model,
+                        mapping_known=mapping_known,
                         prefix=getattr(model, "base_model_prefix", "") or "",
                         tie_word_embeddings=tie if isinstance(tie, bool) else None,
                         # The embedding the head ties to, where the model's tie mapping names it (Marian with
@@ -345,7 +352,7 @@ def _one_to_one(mapping: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def load_time_keys(keys: list[str], arch: Architecture) -> tuple[dict[str, str], dict[str, str]] | None:
+def load_time_keys(keys: list[str], arch: Architecture) -> tuple[dict[str, str], dict[str, tuple[str, ...]]] | None:
     """Where ``from_pretrained`` sends each file key, asked of transformers' own key mapping.
 
     transformers 5 maps every checkpoint key while it loads (``core_model_loading``): legacy names
@@ -361,9 +368,9 @@ def load_time_keys(keys: list[str], arch: Architecture) -> tuple[dict[str, str],
         arch: the architecture, built on the meta device.
 
     Returns:
-        ``(renamed, converted)``, each file key -> architecture key (a key that stays the same
-        included): ``renamed`` for keys loaded one to one, ``converted`` for keys a converter merges
-        with others. None where transformers has no such mapping (4.x) or there is no module.
+        ``(renamed, converted)``: ``renamed`` maps a key loaded one to one to its architecture key
+        (a key that stays the same included); ``converted`` maps a key a converter merges with others,
+        or splits, to the architecture keys it feeds. None where transformers has no such mapping (4.x) or there is no module.
     """
     if arch.module is None:
         return None
@@ -386,15 +393,22 @@ def load_time_keys(keys: list[str], arch: Architecture) -> tuple[dict[str, str],
     known = dict.fromkeys(arch.keys, True)
     # from_pretrained passes the model's base_model_prefix as it is ("" included).
     prefix = getattr(arch.module, "base_model_prefix", arch.prefix)
+    targets = {p: c.target_patterns for c in converters for p in c.source_patterns}
     renamed: dict[str, str] = {}
-    converted: dict[str, str] = {}
+    converted: dict[str, tuple[str, ...]] = {}
     # In transformers' order: some renamings hold state from one key to the next (a guard pattern).
     for k in sorted(keys, key=dot_natural_key):
         new, pattern = rename_source_key(k, renamings, converters, prefix, known)
         if new not in known and k in known:
             new, pattern = rename_source_key(k, [], [], base_model_prefix=prefix, meta_state_dict=known)
-        if new in known:
-            (converted if pattern is not None else renamed)[k] = new
+        if new not in known:
+            continue
+        if pattern is None:
+            renamed[k] = new
+        else:
+            # A one-to-many converter (a fused qkv split in three) fills every target: the key names its first.
+            first, *others = targets[pattern]
+            converted[k] = (new, *(t for t in (new.replace(first, o) for o in others) if t in known))
     return renamed, converted
 
 
@@ -439,7 +453,7 @@ class KeyMap:
 
     to_arch: dict[str, str]  # file key -> architecture key, one to one
     notes: list[str]
-    converted: dict[str, str]  # file key -> the architecture key transformers builds from it and others
+    converted: dict[str, tuple[str, ...]]  # file key -> the architecture keys transformers builds from it (and others)
     # file key -> the architecture key it lands on after another file key that fills it: transformers loads
     # the first in its own order and says nothing of the second (neither missing nor unexpected)
     shadowed: dict[str, str] = field(default_factory=dict)
@@ -527,8 +541,9 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     stored = RenamedTensors(files, file_key)  # architecture name -> the file's tensor, made when read
     unexpected = [k for k in files if k not in mapping and k not in converted and k not in keys.shadowed]
     pieces: dict[str, list[str]] = {}  # architecture key transformers builds on load -> the file keys merged into it
-    for k, v in converted.items():
-        pieces.setdefault(v, []).append(k)
+    for k, vs in converted.items():
+        for v in vs:
+            pieces.setdefault(v, []).append(k)
     findings: list[Finding] = []
     alias_of: dict[str, str] = {}
     redundant = 0
@@ -595,7 +610,9 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
 
     head, emb = arch.output_embedding, arch.input_embedding
     arch_ties = bool(head and emb and arch.group_of(head) and emb in arch.group_of(head))
-    if cfg_tie is not None and head and emb and cfg_tie != arch_ties:
+    # A class whose tie mapping names no tie for its head loads it as stored whatever the flag says.
+    inert = bool(cfg_tie and head and arch.mapping_known and not flag_reaches(arch.declared, head))
+    if cfg_tie is not None and head and emb and cfg_tie != arch_ties and not inert:
         findings.append(finding(
             "TC011", f"config.json says tie_word_embeddings={str(cfg_tie).lower()}, but {arch.name} "
                      f"{'does not tie' if cfg_tie else 'ties'} {head} to {emb}", [head, emb]))
@@ -613,10 +630,12 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
         notes.append(f"{len(unexpected)} tensor(s) in the files are not in {arch.name} (e.g. "
                      f"{', '.join(unexpected[:3])}); transformers ignores them on load")
     if converted:
-        k, v = next(iter(converted.items()))
-        notes.append(f"{len(converted)} tensor(s) in the files are merged on load into {len(pieces)} tensor(s) of "
-                     f"{arch.name} by transformers' conversion mapping (e.g. {k} -> {v}); they are analysed as "
-                     f"stored, under their file names")
+        k, vs = next(iter(converted.items()))
+        split = [len(v) > 1 for v in converted.values()]
+        how = "split" if all(split) else "merged or split" if any(split) else "merged"
+        notes.append(f"{len(converted)} tensor(s) in the files are {how} on load into {len(pieces)} tensor(s) of "
+                     f"{arch.name} by transformers' conversion mapping (e.g. {k} -> {', '.join(vs)}); they are "
+                     f"analysed as stored, under their file names")
     facts = {"missing": missing, "unexpected": unexpected, "absent_tied": [list(g) for g in absent_tied],
              "converted": {v: sorted(pieces[v]) for v in sorted(pieces)}}
     return tensors, findings, notes, facts, out_spans
@@ -707,7 +726,7 @@ def folder_declarations(files: Subject, facts: list[TensorFact], cfg: dict, arch
     if arch is not None:
         inp, out = embedding_names(arch.module)
         more_decls, more_pairs, notes = model_declarations(arch.module, cfg, input_name=inp, output_name=out,
-                                                           expanded=arch.declared)
+                                                           expanded=arch.declared if arch.mapping_known else None)
     else:
         embeds = [f.name for f in facts if is_embedding(f)]
         heads = [f.name for f in facts if is_output_projection(f) and not is_embedding(f)]
