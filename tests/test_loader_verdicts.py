@@ -1,0 +1,259 @@
+"""Verdicts from what transformers' own loader does, on the cases that raised false alarms.
+
+Each case is built from transformers' classes with a tiny config, and each verdict is held
+against what transformers itself does with the same module or folder (``from_pretrained`` with
+``output_loading_info=True``, the Parameters it ties, the values it keeps):
+
+1. a live RoPE model (Llama, Qwen2): ``original_inv_freq`` is a non-persistent copy of
+   ``inv_freq``, never saved, never a broken tie;
+2. an untied Qwen2-VL / Qwen2.5-VL folder as ``save_pretrained`` writes it: keys mapped as
+   ``from_pretrained`` maps them, so ``lm_head.weight`` is neither missing nor unexpected;
+3. the T5 v1.1 / mT5 layout (``tie_word_embeddings: false``, a trained head beside ``shared``);
+4. Marian with separate vocabularies: the head ties to the decoder's embedding;
+5. FLOPs of Whisper (audio features) and NLLB-MoE on meta (``torch.nonzero``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import tiecheck
+from tiecheck.cli import main
+from tiecheck.facts import build_facts
+from tiecheck.flops import count_flops
+from tiecheck.loaders import load_target
+from tiecheck.testing import assert_no_broken_ties
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
+
+# An exception's own text: "AttributeError: 'NoneType' object has no attribute 'shape'".
+RAW_EXCEPTION = re.compile(r"\b[A-Z]\w*(Error|Exception)\b:")
+
+
+def above_info(report) -> list[tuple[str, str, list[str]]]:
+    return [(f["code"], f["severity"], f["names"]) for f in report.findings if f["severity"] != "info"]
+
+
+# -- 1. live RoPE models -----------------------------------------------------------------------
+
+def rope_model(arch: str):
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(arch, vocab_size=64, hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            tie_word_embeddings=False)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_fresh_rope_model_raises_nothing_above_info(arch):
+    model = rope_model(arch)
+    rope = model.model.rotary_emb
+    # transformers keeps a clone of inv_freq for dynamic RoPE, out of the state dict: equal, never saved.
+    assert torch.equal(rope.inv_freq, rope.original_inv_freq)
+    assert "model.rotary_emb.original_inv_freq" not in model.state_dict()
+    r = tiecheck.analyze(model)
+    assert above_info(r) == [] and r.exit_code("warning") == 0
+    assert not [d for d in r.untied_duplicates if any("rotary_emb" in n for n in d["names"])]
+    assert_no_broken_ties(model)
+
+
+def test_facts_call_non_persistent_exactly_what_the_state_dict_leaves_out():
+    model = rope_model("llama")
+    facts = build_facts(load_target(model))
+    transient = {f.name for f in facts if not f.persistent}
+    assert transient == {f.name for f in facts} - set(model.state_dict())
+    assert transient == {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"}
+
+
+def test_check_with_fail_on_warning_passes_a_fresh_llama(tmp_path, monkeypatch):
+    # The README's CI setup, word for word, on a model built the way users build one.
+    (tmp_path / "lm.py").write_text(
+        "import transformers\n\n"
+        "def build():\n"
+        "    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+        "                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)\n"
+        "    return transformers.LlamaForCausalLM(cfg)\n")
+    (tmp_path / "pyproject.toml").write_text('[tool.tiecheck]\nfail-on = "warning"\n\n[[tool.tiecheck.targets]]\n'
+                                             'target = "lm.py:build"\n')
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(main, ["check"])
+    assert res.exit_code == 0, res.output
+
+
+# -- 2. Qwen2-VL / Qwen2.5-VL folders ----------------------------------------------------------
+
+def qwen_vl(cls_name: str, tie: bool, dtype=torch.float32):
+    torch.manual_seed(0)
+    cls = getattr(transformers, cls_name)
+    config_cls = getattr(transformers, cls_name.replace("ForConditionalGeneration", "Config"))
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                tie_word_embeddings=tie)
+    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=1, temporal_patch_size=1,
+                  in_channels=3, out_hidden_size=32, intermediate_size=32)
+    if cls_name.startswith("Qwen2VL"):
+        vision.update(embed_dim=16, mlp_ratio=2)
+    return cls(config_cls(text_config=text, vision_config=vision, tie_word_embeddings=tie)).to(dtype)
+
+
+@pytest.mark.parametrize("cls_name", ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"])
+def test_an_untied_qwen_vl_folder_is_read_as_from_pretrained_reads_it(tmp_path, cls_name):
+    model = qwen_vl(cls_name, tie=False)
+    model.save_pretrained(tmp_path)
+    with safetensors_torch.safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= stored  # the legacy layout save_pretrained writes
+    loaded, info = type(model).from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)  # the stored head is what loads
+
+    r = tiecheck.analyze(str(tmp_path))
+    arch = r.to_dict()["hf"]["architecture"]
+    assert arch["missing"] == sorted(info["missing_keys"]) and arch["unexpected"] == sorted(info["unexpected_keys"])
+    assert above_info(r) == [] and r.exit_code("warning") == 0
+    assert not [f for f in r.findings if f["code"] in ("TC011", "TC012")]
+    # The head the report holds is the stored one, under the architecture's name.
+    subject = load_target(str(tmp_path))
+    assert torch.equal(subject.tensors["lm_head.weight"], model.lm_head.weight)
+    assert torch.equal(subject.tensors["model.language_model.embed_tokens.weight"],
+                       model.model.language_model.embed_tokens.weight)
+
+
+def test_a_quantized_head_a_qwen_vl_folder_stores_is_not_called_absent(tmp_path):
+    model = qwen_vl("Qwen2VLForConditionalGeneration", tie=True, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    sd = safetensors_torch.load_file(str(tmp_path / "model.safetensors"))
+    w = model.lm_head.weight.detach().float()
+    scb = w.abs().amax(dim=1)
+    sd |= {"lm_head.weight": torch.round(w * 127 / scb[:, None]).to(torch.int8), "lm_head.SCB": scb,
+           "lm_head.weight_format": torch.tensor(0, dtype=torch.uint8)}  # bitsandbytes LLM.int8's layout
+    safetensors_torch.save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    r = tiecheck.analyze(str(tmp_path))
+    assert [f["code"] for f in r.findings if f["severity"] != "info"] == ["TC022"]
+    assert not [f for f in r.findings if f["code"] in ("TC012", "TC010")]
+    assert "lm_head.weight" not in r.to_dict()["hf"]["architecture"]["missing"]
+
+
+# -- 3. T5 v1.1, flan-t5, mT5: a trained head beside shared, tie_word_embeddings written false -------
+
+def t5_folder(path, cls, written: bool):
+    """The layout of a T5 v1.1 checkpoint: shared and a head trained apart, the flag as config.json writes it."""
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(cls.config_class.model_type, vocab_size=64, d_model=16, d_kv=8,
+                                                d_ff=32, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu")
+    model = cls(config)
+    model.save_pretrained(path)
+    head = model.shared.weight.detach().clone() + 0.5
+    sd = safetensors_torch.load_file(str(path / "model.safetensors")) | {"lm_head.weight": head}
+    safetensors_torch.save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": written}))
+    return head
+
+
+@pytest.mark.parametrize("cls_name", ["T5ForConditionalGeneration", "MT5ForConditionalGeneration"])
+def test_a_t5_v1_1_folder_is_untied_by_design(tmp_path, cls_name):
+    cls = getattr(transformers, cls_name)
+    head = t5_folder(tmp_path, cls, written=False)
+    # transformers 5: the config class forces the flag to true, yet the loader keeps both stored copies.
+    loaded = cls.from_pretrained(str(tmp_path))
+    assert loaded.config.tie_word_embeddings is True
+    assert loaded.lm_head.weight is not loaded.shared.weight and torch.equal(loaded.lm_head.weight, head)
+    r = tiecheck.analyze(str(tmp_path))
+    assert above_info(r) == [] and r.exit_code("warning") == 0
+    (f,) = [f for f in r.findings if f["code"] == "TC015"]
+    assert f["severity"] == "info" and "the model loads untied, as stored" in f["message"]
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--no-flops", "--fail-on", "warning"])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_t5_folder_whose_config_writes_true_is_still_an_error(tmp_path):
+    # Written true, two different copies: transformers 5 keeps the stored head, engines that trust the flag serve
+    # the embedding instead (transformers 4.57 re-ties it): the loaders disagree.
+    cls = transformers.T5ForConditionalGeneration
+    head = t5_folder(tmp_path, cls, written=True)
+    assert torch.equal(cls.from_pretrained(str(tmp_path)).lm_head.weight, head)
+    r = tiecheck.analyze(str(tmp_path))
+    assert [(f["code"], f["severity"]) for f in r.findings if f["code"] == "TC015"] == [("TC015", "error")]
+    assert r.exit_code() == 1
+
+
+# -- 4. Marian with separate vocabularies ----------------------------------------------------------
+
+def marian():
+    torch.manual_seed(0)
+    cfg = transformers.MarianConfig(vocab_size=64, decoder_vocab_size=48, share_encoder_decoder_embeddings=False,
+                                    d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                    max_position_embeddings=32, pad_token_id=1, decoder_start_token_id=1)
+    return transformers.MarianMTModel(cfg)
+
+
+def test_marian_with_separate_vocabularies_holds_the_flag_against_the_decoder_embedding(tmp_path):
+    model = marian()
+    # What transformers does: the head is the decoder's embedding, not get_input_embeddings() (the encoder's).
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    assert model.get_input_embeddings() is model.model.encoder.embed_tokens
+    model.save_pretrained(tmp_path)
+    for target in (model, str(tmp_path)):
+        r = tiecheck.analyze(target)
+        assert above_info(r) == [] and not [f for f in r.findings if f["code"] == "TC011"]
+        (row,) = [t for t in r.declared["ties"] if "lm_head.weight" in t["names"]]
+        assert row["names"] == ["lm_head.weight", "model.decoder.embed_tokens.weight"]
+        assert row["declared"] and row["physical"] == "tied"
+
+
+# -- 5. FLOPs: a sentence, never an exception's text ---------------------------------------------------
+
+def test_whisper_flops_are_counted_with_the_audio_features_its_forward_reads():
+    cfg = transformers.WhisperConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_source_positions=50, max_target_positions=32,
+                                     num_mel_bins=8, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+                                     decoder_start_token_id=3)
+    torch.manual_seed(0)
+    real = transformers.WhisperForConditionalGeneration(cfg).eval()
+    with torch.device("meta"):
+        meta = transformers.WhisperForConditionalGeneration(cfg)
+    on_meta, on_cpu = count_flops(meta, seq_len=16), count_flops(real, seq_len=16, device="cpu")
+    assert on_meta.available and on_meta.method == "meta", on_meta.reason
+    assert "synthesized input_features [1, 8, 100] of zeros: the forward needs it" in on_meta.notes
+    # The strided front-end convolution runs as unfold + einsum on meta: the same count as the real forward.
+    assert on_meta.forward == on_cpu.forward and on_meta.by_part == on_cpu.by_part
+
+
+def test_nllb_moe_on_meta_says_why_in_a_sentence():
+    cfg = transformers.NllbMoeConfig(vocab_size=128, d_model=16, encoder_layers=4, decoder_layers=4,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, num_experts=4, expert_capacity=4, max_position_embeddings=64,
+                                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    with torch.device("meta"):
+        model = transformers.NllbMoeForConditionalGeneration(cfg)
+    r = count_flops(model, seq_len=16)
+    assert not r.available
+    assert r.reason.startswith("the forward could not be traced on the meta device: the forward calls torch.nonzero, "
+                               "whose output size depends on the values")
+    assert not RAW_EXCEPTION.search(r.reason)
+    assert r.errors and r.errors[0].startswith("meta: NotImplementedError: ")  # the exception itself, kept apart
+
+
+def test_a_forward_that_needs_images_tiecheck_cannot_shape_gives_a_sentence():
+    # IDEFICS reads a stack of images per example; the (batch, channels, h, w) tiecheck synthesizes is not it.
+    model = transformers.IdeficsForVisionText2Text._from_config(transformers.AutoConfig.for_model(
+        "idefics", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        vision_config={"embed_dim": 16, "image_size": 8, "patch_size": 4, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "intermediate_size": 32},
+        perceiver_config={"qk_layer_norms_perceiver": False, "resampler_n_latents": 2, "resampler_depth": 1,
+                          "resampler_n_heads": 2, "resampler_head_dim": 8}))
+    d = tiecheck.analyze(model, flops=True, seq_len=8, duplicates=False).flops
+    assert not d["available"] and not RAW_EXCEPTION.search(d["reason"])
+    assert "its forward needs pixel_values (images)" in d["reason"] and "inputs=" in d["reason"]
+    assert d["errors"]
