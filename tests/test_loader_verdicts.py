@@ -186,6 +186,23 @@ def test_a_t5_folder_whose_config_writes_true_is_still_an_error(tmp_path):
     assert r.exit_code() == 1
 
 
+def test_fix_leaves_a_t5_v1_1_folder_alone_and_unties_a_written_true_one(tmp_path):
+    cls = transformers.T5ForConditionalGeneration
+    alone, declared = tmp_path / "v1_1", tmp_path / "written-true"
+    alone.mkdir()
+    declared.mkdir()
+    t5_folder(alone, cls, written=False)
+    t5_folder(declared, cls, written=True)
+    res = CliRunner().invoke(main, ["fix", str(alone), "-o", str(tmp_path / "out1")])
+    assert res.exit_code == 0 and "nothing to fix" in res.output and "written to" in res.output, res.output
+    # The encoder-decoder's logits are compared too (decoder ids given), and equal.
+    assert "pass  transformers logits" in res.output
+    res = CliRunner().invoke(main, ["fix", str(declared), "-o", str(tmp_path / "out2")])
+    assert res.exit_code == 0 and "declare-untied" in res.output, res.output
+    assert "pass  findings answered" in res.output and "written to" in res.output
+    assert json.loads((tmp_path / "out2" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
 # -- 4. Marian with separate vocabularies ----------------------------------------------------------
 
 def marian():
