@@ -274,3 +274,24 @@ def test_a_forward_that_needs_images_tiecheck_cannot_shape_gives_a_sentence():
     assert not d["available"] and not RAW_EXCEPTION.search(d["reason"])
     assert "its forward needs pixel_values (images)" in d["reason"] and "inputs=" in d["reason"]
     assert d["errors"]
+
+
+# -- found by the sweep (benchmarks/sweep_precision.py) ------------------------------------------------
+
+def test_a_cloned_embedding_still_tied_to_the_head_under_another_name_is_a_broken_tie(tmp_path):
+    # FSMT with one vocabulary ties the encoder's embedding, the decoder's and the output projection into one
+    # tensor. A clone of the decoder's embedding in a bare state dict: its copy's other names include the head.
+    cfg = transformers.FSMTConfig(src_vocab_size=64, tgt_vocab_size=64, d_model=16, encoder_layers=1,
+                                  decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                  encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                                  tie_word_embeddings=True, langs=["en", "de"])
+    torch.manual_seed(0)
+    model = transformers.FSMTForConditionalGeneration(cfg)
+    dec = model.model.decoder
+    assert dec.embed_tokens.weight is dec.output_projection.weight is model.model.encoder.embed_tokens.weight
+    dec.embed_tokens.weight = torch.nn.Parameter(dec.embed_tokens.weight.detach().clone())
+    path = tmp_path / "fsmt.pt"
+    torch.save(model.state_dict(), path)
+    (f,) = [f for f in tiecheck.analyze(str(path)).findings if f["severity"] != "info"]
+    assert (f["code"], f["severity"]) == ("TC005", "error") and "model.decoder.embed_tokens.weight" in f["names"]
+    assert "are an input embedding and its output projection, so this is a broken tie" in f["message"]

@@ -7,7 +7,7 @@ import gc
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
-from tiecheck.analyses.candidates import candidate_findings, find_candidates, role_relations
+from tiecheck.analyses.candidates import candidate_findings, find_candidates, member_candidates, role_relations
 from tiecheck.analyses.duplicates import (
     Relation,
     duplicate_findings,
@@ -231,7 +231,9 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
                        "transposed": {**tstats.to_dict(), "copies": [c.to_dict() for c in copies]}}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}
-        findings += duplicate_findings(dup_groups, role_relations(cands, config_ties(subject))
+        by_name = {f.name: f for f in facts} if dup_groups else {}
+        between = [c for g in dup_groups for c in member_candidates(g.aliases, by_name)]
+        findings += duplicate_findings(dup_groups, role_relations(cands + between, config_ties(subject))
                                        + declared_relations(declarations[1]))
         # A loader that found a transposed copy from its graph (ONNX) has reported it already.
         findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])

@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from tiecheck.analyses.duplicates import Relation
 from tiecheck.facts import TensorFact
@@ -85,6 +85,37 @@ def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
         for a, b in combinations(es, 2):
             out.append(Candidate(tuple(sorted((a.name, b.name))), "embeddings", a.shape, a.dtype, b.nbytes))
     return sorted(out, key=lambda c: (-c.bytes_saved, c.names))
+
+
+def member_candidates(members: Iterable[Sequence[str]], by_name: Mapping[str, TensorFact]) -> list[Candidate]:
+    """Candidates between the members of one duplicate group, over every name of each member.
+
+    ``find_candidates`` looks at one name per memory, so a copy of an embedding that is still tied to
+    the head under another name (FSMT's encoder embedding and output projection are one tensor, the
+    decoder's embedding a clone) would be seen as two embeddings; here each member's every name counts.
+    ``by_name`` maps a name to its fact.
+    """
+    members = [[by_name[n] for n in m if n in by_name] for m in members]
+    out = []
+    for i, a_names in enumerate(members):
+        for b_names in members[i + 1:]:
+            for a in a_names:
+                for b in b_names:
+                    rel = _relation(a, b)
+                    if rel is not None:
+                        out.append(Candidate(tuple(sorted((a.name, b.name))), rel, a.shape, a.dtype, b.nbytes))
+    return out
+
+
+def _relation(a: TensorFact, b: TensorFact) -> str | None:
+    if a.shape != b.shape or a.dtype != b.dtype or a.role == "buffer" or b.role == "buffer":
+        return None
+    ea, eb = is_embedding(a), is_embedding(b)
+    if ea and eb:
+        return "embeddings"
+    if (ea and is_output_projection(b)) or (eb and is_output_projection(a)):
+        return "embedding-output"
+    return None
 
 
 def role_relations(cands: list[Candidate], tie_word_embeddings: bool | None) -> list[Relation]:
