@@ -295,3 +295,32 @@ def test_a_cloned_embedding_still_tied_to_the_head_under_another_name_is_a_broke
     (f,) = [f for f in tiecheck.analyze(str(path)).findings if f["severity"] != "info"]
     assert (f["code"], f["severity"]) == ("TC005", "error") and "model.decoder.embed_tokens.weight" in f["names"]
     assert "are an input embedding and its output projection, so this is a broken tie" in f["message"]
+
+
+TINY = {  # transformers classes whose embedding or head a bare state dict names in its own way
+    "CTRLLMHeadModel": ("ctrl", dict(vocab_size=64, n_embd=16, n_layer=1, n_head=2, dff=32)),
+    "OpenAIGPTLMHeadModel": ("openai-gpt", dict(vocab_size=64, n_embd=16, n_layer=1, n_head=2)),
+    "XLNetLMHeadModel": ("xlnet", dict(vocab_size=64, d_model=16, n_layer=1, n_head=2, d_inner=32)),
+    "DistilBertForMaskedLM": ("distilbert", dict(vocab_size=64, dim=16, n_layers=1, n_heads=2, hidden_dim=32)),
+    "ElectraForMaskedLM": ("electra", dict(vocab_size=64, embedding_size=16, hidden_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=32)),
+    "FlaubertWithLMHeadModel": ("flaubert", dict(vocab_size=64, emb_dim=16, n_layers=1, n_heads=2)),
+}
+
+
+@pytest.mark.parametrize("cls_name", list(TINY))
+def test_a_cloned_head_in_a_bare_state_dict_is_known_by_transformers_own_names(tmp_path, cls_name):
+    model_type, kwargs = TINY[cls_name]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(transformers.AutoConfig.for_model(model_type, tie_word_embeddings=True,
+                                                                              **kwargs))
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is emb.weight  # transformers ties them
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone())  # what load_state_dict(assign=True) leaves
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    names = {id(m): n for n, m in model.named_modules()}
+    pair = sorted([f"{names[id(head)]}.weight", f"{names[id(emb)]}.weight"])
+    r = tiecheck.analyze(str(path))
+    assert [(f["code"], f["severity"], f["names"]) for f in r.findings if f["severity"] != "info"] == \
+        [("TC005", "error", pair)]

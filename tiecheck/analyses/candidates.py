@@ -18,13 +18,18 @@ from tiecheck.analyses.duplicates import Relation
 from tiecheck.facts import TensorFact
 from tiecheck.findings import Finding, finding
 
+# Conventional names; transformers' own among them (CTRL's transformer.w, GPT's tokens_embed, XLNet's
+# word_embedding and lm_loss, DistilBERT's vocab_projector, ELECTRA's generator_lm_head, XLM's
+# pred_layer.proj, T5Gemma's lm_head.out_proj): a bare state dict has nothing but its names.
 _EMBED_NAME = re.compile(
     r"(^|\.)(wte|tok_embeddings|tok_emb|embed_tokens|word_embeddings|embed_in|shared|embedding|embeddings|"
-    r"src_embed|tgt_embed|src_emb|tgt_emb|encoder_embed|decoder_embed|token_embedding|input_embedding)"
+    r"src_embed|tgt_embed|src_emb|tgt_emb|encoder_embed|decoder_embed|token_embedding|input_embedding|"
+    r"tokens_embed|word_embedding|transformer\.w)"
     r"(\.weight)?$")
 _HEAD_NAME = re.compile(
     r"(^|\.)(lm_head|head|output|output_projection|out|generator|decoder|embed_out|proj_out|logits|"
-    r"pre_softmax|output_layer)\.weight$")
+    r"pre_softmax|output_layer|generator_lm_head|vocab_projector|lm_loss|pred_layer\.proj|lm_head\.out_proj)"
+    r"\.weight$")
 _NOT_TOKEN_EMBED = re.compile(r"(pos|position|wpe|token_type|segment|type_emb|rel|bucket)", re.I)
 
 
