@@ -78,7 +78,7 @@ TASKS = {
 }
 # A small config's model may hold at most this many parameters (float32: 4 bytes each): the three
 # states, from_pretrained and the planted variants each hold a copy.
-MAX_PARAMS = 40_000_000
+MAX_PARAMS = 150_000_000
 SMALL_VOCAB = 1024
 LAYERS = 2
 # An exception's text as a reason ("AttributeError: 'NoneType' ...") is not a sentence.
@@ -302,6 +302,17 @@ def pick_config(cls, model_type: str) -> tuple[str | None, Any, int, list[str]]:
     return None, None, 0, errors
 
 
+def no_build_reason(errors: list[str]) -> str:
+    """Why no config was picked: transformers' default config itself fails, or no cut of it fits the cap."""
+    if not errors:
+        return "no config"
+    last = errors[-1]
+    if not last.endswith(" parameters"):
+        return f"the default config does not build with this transformers ({last.split(': ', 1)[1]})"
+    return f"no cut config builds under {MAX_PARAMS:,} parameters (smallest tried: {errors[0]}; default widths: " \
+           f"{last.split(': ', 1)[1]})"
+
+
 def one_line(e: BaseException) -> str:
     msg = (str(e).strip().splitlines() or [""])[0][:200]
     return f"{type(e).__name__}: {msg}"
@@ -396,7 +407,7 @@ def sweep_class(name: str, model_type: str, work: Path, flops: bool = True) -> d
         return {**out, "status": "no-class", "reason": f"transformers has no attribute {name}"}
     label, cfg, n_params, errors = pick_config(cls, model_type)
     if cfg is None:
-        return {**out, "status": "no-build", "reason": errors[-1] if errors else "no config", "tried": errors}
+        return {**out, "status": "no-build", "reason": no_build_reason(errors), "tried": errors}
     out.update(config=label, params=n_params)
     variants = []
     seen_shapes = []
