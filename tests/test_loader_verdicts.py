@@ -247,6 +247,24 @@ def test_whisper_flops_are_counted_with_the_audio_features_its_forward_reads():
     assert on_meta.forward == on_cpu.forward and on_meta.by_part == on_cpu.by_part
 
 
+def test_a_vision_encoder_decoder_is_counted_on_meta_with_synthesized_images():
+    vit = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 image_size=32, patch_size=8)
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, is_decoder=True, add_cross_attention=True)
+    cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, bert, decoder_start_token_id=1,
+                                                                              pad_token_id=0)
+    torch.manual_seed(0)
+    real = transformers.VisionEncoderDecoderModel(cfg).eval()
+    with torch.device("meta"):
+        meta = transformers.VisionEncoderDecoderModel(cfg)
+    on_meta, on_cpu = count_flops(meta, seq_len=8), count_flops(real, seq_len=8, device="cpu")
+    assert on_meta.available and on_meta.method == "meta", on_meta.reason
+    assert "synthesized pixel_values [1, 3, 32, 32] of zeros: the forward needs it" in on_meta.notes
+    # The patch embedding's conv2d runs as unfold + einsum on meta: the real forward's count.
+    assert on_meta.forward == on_cpu.forward and on_meta.by_part == on_cpu.by_part
+
+
 def test_nllb_moe_on_meta_says_why_in_a_sentence():
     cfg = transformers.NllbMoeConfig(vocab_size=128, d_model=16, encoder_layers=4, decoder_layers=4,
                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,

@@ -286,6 +286,8 @@ AUDIO_SAMPLES = 16000
 # Feature frames when the config has no max_source_positions (30 s at a 10 ms hop, Whisper's window).
 AUDIO_FRAMES = 3000
 _FEATURE_SIZE = ("num_mel_bins", "input_feat_per_channel", "feature_projection_input_dim", "feature_size")
+# Image patches of a flattened-patch model (Pix2Struct), as many as its processor makes by default.
+FLAT_PATCHES = 2048
 
 
 def _configs(config: Any, depth: int = 0) -> list[Any]:
@@ -296,6 +298,15 @@ def _configs(config: Any, depth: int = 0) -> list[Any]:
             if hasattr(v, "to_dict") and not isinstance(v, type) and v is not config:
                 out += _configs(v, depth + 1)
     return out
+
+
+def _config_int_any(config: Any, names: Sequence[str]) -> int | None:
+    """The first of ``names`` a config or one nested in it sets to a positive int."""
+    for c in _configs(config):
+        found = _config_int(c, names)
+        if found:
+            return found[1]
+    return None
 
 
 def _image_shape(config: Any) -> tuple[int, int, int] | None:
@@ -346,6 +357,15 @@ def media_inputs(module: nn.Module, mi: ModelInputs, wanted: Sequence[str]) -> l
         if name == "pixel_values" and _image_shape(config):
             c, h, w = _image_shape(config)
             extras.append(({name: torch.zeros(batch, c, h, w, device=dev)}, f"{name} [{batch}, {c}, {h}, {w}]"))
+            # One image per example as a stack of images (IDEFICS' layout).
+            extras.append(({name: torch.zeros(batch, 1, c, h, w, device=dev)}, f"{name} [{batch}, 1, {c}, {h}, {w}]"))
+        elif name == "flattened_patches" and _config_int_any(config, ("patch_embed_hidden_size",)):
+            # Pix2Struct: per patch its row and column, then its pixels.
+            d = _config_int_any(config, ("patch_embed_hidden_size",)) + 2
+            extras.append(({name: torch.zeros(batch, FLAT_PATCHES, d, device=dev)}, f"{name} [{batch}, {FLAT_PATCHES}, {d}]"))
+        elif name == "bbox":
+            extras.append(({name: torch.zeros(batch, ids.shape[1], 4, dtype=torch.long, device=dev)},
+                           f"{name} [{batch}, {ids.shape[1]}, 4]"))
         elif name == "input_features" and _feature_shape(config):
             f, t = _feature_shape(config)
             extras.append(({name: torch.zeros(batch, f, t, device=dev)}, f"{name} [{batch}, {f}, {t}]"))

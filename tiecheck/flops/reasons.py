@@ -20,6 +20,8 @@ OTHER_INPUTS = {
     "qformer_input_ids": "Q-Former token ids",
     "image_encoder_embeddings": "image embeddings",
     "audio_values": "audio",
+    "flattened_patches": "image patches",
+    "bbox": "layout boxes",
 }
 PASS_INPUTS = "pass the forward's inputs with inputs= (--inputs FILE.py:make_inputs)"
 _MISSING_ARGS = re.compile(r"missing \d+ required positional arguments?: (.+)$")
@@ -45,7 +47,7 @@ def needed_inputs(e: BaseException, module: Any) -> list[str]:
     main = getattr(module, "main_input_name", "input_ids")
     if main in OTHER_INPUTS:
         names.append(main)
-    names += [n for n in OTHER_INPUTS if re.search(rf"\b{n}\b", msg)]
+    names += [n for n in OTHER_INPUTS if re.search(rf"\b{n}\b", msg, re.IGNORECASE)]
     return list(dict.fromkeys(names))
 
 

@@ -177,26 +177,35 @@ class _OnMeta:
         self._ctx.__exit__(*exc)
 
 
-class _MetaDepthwiseConv:
-    """Within the block an ``F.conv1d`` on meta under the tracer runs as unfold + einsum.
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _traced_on_meta(input: Any, dilation: Any, padding: Any) -> bool:
+    return (input.device.type == "meta" and torch._C._get_tracing_state() is not None
+            and all(d == 1 for d in (dilation if isinstance(dilation, (tuple, list)) else (dilation,)))
+            and not isinstance(padding, str))
+
+
+class _MetaConv:
+    """Within the block ``F.conv1d`` and ``F.conv2d`` on meta under the tracer run as unfold + einsum.
 
     State-space layers (Mamba, Mamba2, Jamba, Bamba, Falcon-H1, ...) run a short causal depthwise
-    convolution, and speech encoders a strided one over their audio features (Whisper's second
-    convolution has stride 2). Under ``torch.jit.trace`` the meta convolution kernel, written in
-    Python, reads sizes as traced tensors and fails (``cond must be a bool, but got a Tensor``).
-    The same product written as ``unfold`` (a window every ``stride`` positions) + ``einsum`` has
-    the same multiply-adds (output channels x output length x input channels per group x kernel
-    width) and traces on meta.
+    convolution, speech encoders a strided one over their audio features (Whisper's second
+    convolution has stride 2), vision towers a 2-D one over image patches. Under
+    ``torch.jit.trace`` the meta convolution kernel, written in Python, reads sizes as traced
+    tensors and fails (``cond must be a bool, but got a Tensor``). The same product written as
+    ``unfold`` (a window every ``stride`` positions) + ``einsum`` has the same multiply-adds
+    (output channels x output positions x input channels per group x kernel size) and traces on meta.
     """
 
     def __enter__(self) -> None:
-        self._orig = F.conv1d
-        orig = self._orig
+        self._orig = F.conv1d, F.conv2d
+        orig1, orig2 = self._orig
 
         def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
                    dilation: Any = 1, groups: Any = 1) -> Any:
-            if (input.device.type == "meta" and torch._C._get_tracing_state() is not None
-                    and weight.dim() == 3 and dilation in (1, (1,)) and not isinstance(padding, str)):
+            if weight.dim() == 3 and _traced_on_meta(input, dilation, padding):
                 pad = int(padding[0] if isinstance(padding, (tuple, list)) else padding)
                 step = int(stride[0] if isinstance(stride, (tuple, list)) else stride)
                 g = int(groups)
@@ -211,12 +220,26 @@ class _MetaDepthwiseConv:
                     wg = weight.reshape(g, weight.shape[0] // g, weight.shape[1], k)
                     out = torch.einsum("bgclk,gock->bgol", xg, wg).reshape(b, weight.shape[0], length)
                 return out + bias[:, None] if bias is not None else out
-            return orig(input, weight, bias, stride, padding, dilation, groups)
+            return orig1(input, weight, bias, stride, padding, dilation, groups)
 
-        F.conv1d = conv1d
+        def conv2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                   dilation: Any = 1, groups: Any = 1) -> Any:
+            if weight.dim() == 4 and input.dim() == 4 and _traced_on_meta(input, dilation, padding):
+                (sh, sw), (ph, pw), g = _pair(stride), _pair(padding), int(groups)
+                kh, kw = weight.shape[-2:]
+                x = torch.constant_pad_nd(input, [pw, pw, ph, ph]) if ph or pw else input
+                x = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C_in, H_out, W_out, kh, kw)
+                b, c_in, ho, wo = x.shape[:4]
+                xg = x.reshape(b, g, c_in // g, ho, wo, kh, kw)
+                wg = weight.reshape(g, weight.shape[0] // g, weight.shape[1], kh, kw)
+                out = torch.einsum("bgchwij,gocij->bgohw", xg, wg).reshape(b, weight.shape[0], ho, wo)
+                return out + bias[:, None, None] if bias is not None else out
+            return orig2(input, weight, bias, stride, padding, dilation, groups)
+
+        F.conv1d, F.conv2d = conv1d, conv2d
 
     def __exit__(self, *exc: object) -> None:
-        F.conv1d = self._orig
+        F.conv1d, F.conv2d = self._orig
 
 
 class _ScatterBoolValue:
@@ -306,7 +329,7 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
             if on_meta:
                 # fvcore names the modules when it is built: build it on the traced prefix
                 with _OnMeta(module), traceable_experts(module) as switched, traced_prefix(module, plan), \
-                        _MetaDepthwiseConv():
+                        _MetaConv():
                     fca = _flop_analysis(root, flat)
                     fca.set_op_handle(**handles)
                     fca.total()
