@@ -127,6 +127,7 @@ EXPERTS_FIELD = re.compile(r"^(num_experts|num_local_experts|n_routed_experts|mo
 ROUTED_FIELD = re.compile(r"^(num_experts_per_tok|num_experts_per_token|moe_topk|moe_k)$")
 GROUP_FIELD = re.compile(r"^(n_group|topk_group|num_expert_group)$")
 EXPERTS = 4
+INDEX_LIST = re.compile(r"(_ids|_indices|_idxs|_idx)$")
 
 
 def sub_configs(cfg) -> Iterator[Any]:
@@ -177,6 +178,11 @@ def cut_layers(cfg, n: int = LAYERS) -> None:
             setattr(c, k, len(keep))
             for name, lst in per_layer.items():
                 setattr(c, name, [lst[i] for i in keep])
+            # Lists of layer indices (Zamba2's hybrid_layer_ids) follow the layers kept.
+            for name, lst in list(vars(c).items()):
+                if (INDEX_LIST.search(name) and isinstance(lst, list) and lst and name not in per_layer
+                        and all(isinstance(x, int) and 0 <= x < v for x in lst)):
+                    setattr(c, name, [keep.index(x) for x in lst if x in keep])
 
 
 def scale_widths(cfg, k: int) -> None:
@@ -220,6 +226,15 @@ def cut_vocab(cfg, size: int = SMALL_VOCAB) -> None:
                 setattr(c, name, [moved.setdefault(x, size - 1 - len(moved)) if x >= size else x for x in v])
 
 
+def complete_window(cfg) -> None:
+    """A sliding-window layer kind with no window (Step3p7's default config): the model cannot run without
+    one, so it gets a small one, as ``complete_defaults`` fills DeepSeek-V2's router."""
+    for c in sub_configs(cfg):
+        kinds = getattr(c, "layer_types", None) or []
+        if getattr(c, "sliding_window", 0) is None and any("sliding" in str(k) for k in kinds):
+            c.sliding_window = 64
+
+
 def cut_experts(cfg, n: int = EXPERTS) -> None:
     """Mixture-of-experts layers cut to ``n`` experts, two routed a token, in one group."""
     for c in sub_configs(cfg):
@@ -248,6 +263,7 @@ def small_configs(model_type: str) -> Iterator[tuple[str, Any]]:
             for layers in (True, False):
                 cfg = copy.deepcopy(base)
                 complete_defaults(cfg)
+                complete_window(cfg)
                 scale_widths(cfg, k)
                 cut_experts(cfg)
                 if vocab:
@@ -458,13 +474,16 @@ def default_config_flops(cls, model_type: str) -> dict[str, Any]:
 
     try:
         cfg = AutoConfig.for_model(model_type)
+        complete_defaults(cfg)
+        complete_window(cfg)
         cut_layers(cfg)
         model = build(cls, cfg, "meta")
     except Exception as e:  # noqa: BLE001 - recorded
         return {"available": False, "reason": f"the default config does not build ({one_line(e)})", "readable": True,
                 "on": "default config"}
     f = tiecheck.analyze(model, flops=True, seq_len=32, duplicates=False).flops or {}
-    return {"available": bool(f.get("available")), "reason": f.get("reason"), "on": "default config, meta",
+    return {"available": bool(f.get("available")), "reason": f.get("reason"), "errors": f.get("errors"),
+            "on": "default config, meta",
             "readable": bool(f.get("available")) or not RAW_EXCEPTION.search(str(f.get("reason")))}
 
 
@@ -486,7 +505,7 @@ def sweep_variant(cls, model, tie: bool, work: Path, flops: bool, flag_ties_head
     st["seconds"] = round(time.perf_counter() - t0, 2)
     if flops:
         f = report.flops or {}
-        v["flops"] = {"available": bool(f.get("available")), "reason": f.get("reason"),
+        v["flops"] = {"available": bool(f.get("available")), "reason": f.get("reason"), "errors": f.get("errors"),
                       "readable": bool(f.get("available")) or not RAW_EXCEPTION.search(str(f.get("reason")))}
     states["live"] = st
 
