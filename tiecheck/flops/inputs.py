@@ -363,9 +363,12 @@ def media_inputs(module: nn.Module, mi: ModelInputs, wanted: Sequence[str]) -> l
             # Pix2Struct: per patch its row and column, then its pixels.
             d = _config_int_any(config, ("patch_embed_hidden_size",)) + 2
             extras.append(({name: torch.zeros(batch, FLAT_PATCHES, d, device=dev)}, f"{name} [{batch}, {FLAT_PATCHES}, {d}]"))
-        elif name == "bbox":
-            extras.append(({name: torch.zeros(batch, ids.shape[1], 4, dtype=torch.long, device=dev)},
-                           f"{name} [{batch}, {ids.shape[1]}, 4]"))
+        elif name == "bbox":  # integer boxes (LayoutLM) or normalised ones (UDOP)
+            for dtype in (torch.long, torch.float32):
+                extras.append(({name: torch.zeros(batch, ids.shape[1], 4, dtype=dtype, device=dev)},
+                               f"{name} [{batch}, {ids.shape[1]}, 4] {str(dtype).removeprefix('torch.')}"))
+        elif name == "lang_ids":  # X-MOD's per-example language adapter: the first language
+            extras.append(({name: torch.zeros(batch, dtype=torch.long, device=dev)}, f"{name} [{batch}]"))
         elif name == "input_features" and _feature_shape(config):
             f, t = _feature_shape(config)
             extras.append(({name: torch.zeros(batch, f, t, device=dev)}, f"{name} [{batch}, {f}, {t}]"))

@@ -22,6 +22,7 @@ OTHER_INPUTS = {
     "audio_values": "audio",
     "flattened_patches": "image patches",
     "bbox": "layout boxes",
+    "lang_ids": "language ids",
 }
 PASS_INPUTS = "pass the forward's inputs with inputs= (--inputs FILE.py:make_inputs)"
 _MISSING_ARGS = re.compile(r"missing \d+ required positional arguments?: (.+)$")
@@ -48,6 +49,8 @@ def needed_inputs(e: BaseException, module: Any) -> list[str]:
     if main in OTHER_INPUTS:
         names.append(main)
     names += [n for n in OTHER_INPUTS if re.search(rf"\b{n}\b", msg, re.IGNORECASE)]
+    if re.search(r"\blanguage\b", msg, re.IGNORECASE):  # X-MOD: "Input language unknown"
+        names.append("lang_ids")
     return list(dict.fromkeys(names))
 
 
