@@ -1,5 +1,5 @@
 """Ignored findings (``ignore`` in [tool.tiecheck], ``--ignore``): kept in the report, marked, never failing;
-and the hints that follow the verdict (TC005 with a config that unties, diff on a head trained apart)."""
+and diff's hint for a head trained apart (TC005's hint with a config that unties is in test_loader_verdicts)."""
 
 from __future__ import annotations
 
@@ -86,21 +86,6 @@ def test_a_bad_ignore_in_the_policy_is_an_input_error(project):
 
 
 # -- hints that follow the verdict ------------------------------------------------------------------
-
-def test_a_copied_head_the_config_keeps_untied_is_not_sent_to_tie_weights():
-    transformers = pytest.importorskip("transformers")
-    from support.hf import EMB as LLAMA_EMB, HEAD as LLAMA_HEAD, tiny_llama
-
-    model = tiny_llama(tie=False)
-    with torch.no_grad():
-        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
-    assert isinstance(model, transformers.PreTrainedModel)
-    model.tie_weights()  # what the old hint offered: with tie_word_embeddings=False it ties nothing
-    assert model.lm_head.weight is not model.model.embed_tokens.weight
-    (f,) = [f for f in tiecheck.analyze(model).findings if f["code"] == "TC005"]
-    assert f["severity"] == "warning" and f["names"] == [LLAMA_HEAD, LLAMA_EMB]
-    assert "tie_weights()` leaves them apart" in f["hint"] and "set tie_word_embeddings=true" in f["hint"]
-
 
 def test_diff_does_not_say_re_tie_for_a_head_trained_apart(tmp_path):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"

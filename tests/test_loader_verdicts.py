@@ -32,6 +32,10 @@ from tiecheck.testing import assert_no_broken_ties
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from support.hf import EMB as LLAMA_EMB  # noqa: E402
+from support.hf import HEAD as LLAMA_HEAD
+from support.hf import tiny_llama
+
 pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
 # An exception's own text: "AttributeError: 'NoneType' object has no attribute 'shape'".
@@ -292,6 +296,20 @@ def test_a_forward_that_needs_images_tiecheck_cannot_shape_gives_a_sentence():
     assert not d["available"] and not RAW_EXCEPTION.search(d["reason"])
     assert "its forward needs pixel_values (images)" in d["reason"] and "inputs=" in d["reason"]
     assert d["errors"]
+
+
+# -- hints that follow the verdict ---------------------------------------------------------------------
+
+def test_a_copied_head_the_config_keeps_untied_is_not_sent_to_tie_weights():
+    model = tiny_llama(tie=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    assert isinstance(model, transformers.PreTrainedModel)
+    model.tie_weights()  # what the old hint offered: with tie_word_embeddings=False it ties nothing
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    (f,) = [f for f in tiecheck.analyze(model).findings if f["code"] == "TC005"]
+    assert f["severity"] == "warning" and f["names"] == [LLAMA_HEAD, LLAMA_EMB]
+    assert "tie_weights()` leaves them apart" in f["hint"] and "set tie_word_embeddings=true" in f["hint"]
 
 
 # -- found by the sweep (benchmarks/sweep_precision.py) ------------------------------------------------
