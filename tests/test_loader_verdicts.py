@@ -234,21 +234,27 @@ def test_marian_with_separate_vocabularies_holds_the_flag_against_the_decoder_em
 
 # -- 5. FLOPs: a sentence, never an exception's text ---------------------------------------------------
 
+def counted_on_meta_as_on_cpu(cls, cfg, seq_len: int, note: str) -> None:
+    """The meta trace counts, with ``note`` among its notes, exactly what the real forward on the CPU counts."""
+    torch.manual_seed(0)
+    real = cls(cfg).eval()
+    with torch.device("meta"):
+        meta = cls(cfg)
+    on_meta, on_cpu = count_flops(meta, seq_len=seq_len), count_flops(real, seq_len=seq_len, device="cpu")
+    assert on_meta.available and on_meta.method == "meta", on_meta.reason
+    assert note in on_meta.notes
+    assert on_meta.forward == on_cpu.forward and on_meta.by_part == on_cpu.by_part
+
+
 def test_whisper_flops_are_counted_with_the_audio_features_its_forward_reads():
     cfg = transformers.WhisperConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
                                      decoder_ffn_dim=64, max_source_positions=50, max_target_positions=32,
                                      num_mel_bins=8, pad_token_id=1, bos_token_id=2, eos_token_id=2,
                                      decoder_start_token_id=3)
-    torch.manual_seed(0)
-    real = transformers.WhisperForConditionalGeneration(cfg).eval()
-    with torch.device("meta"):
-        meta = transformers.WhisperForConditionalGeneration(cfg)
-    on_meta, on_cpu = count_flops(meta, seq_len=16), count_flops(real, seq_len=16, device="cpu")
-    assert on_meta.available and on_meta.method == "meta", on_meta.reason
-    assert "synthesized input_features [1, 8, 100] of zeros: the forward needs it" in on_meta.notes
-    # The strided front-end convolution runs as unfold + einsum on meta: the same count as the real forward.
-    assert on_meta.forward == on_cpu.forward and on_meta.by_part == on_cpu.by_part
+    # The strided front-end convolution runs as unfold + einsum on meta.
+    counted_on_meta_as_on_cpu(transformers.WhisperForConditionalGeneration, cfg, 16,
+                              "synthesized input_features [1, 8, 100] of zeros: the forward needs it")
 
 
 def test_a_vision_encoder_decoder_is_counted_on_meta_with_synthesized_images():
@@ -258,15 +264,9 @@ def test_a_vision_encoder_decoder_is_counted_on_meta_with_synthesized_images():
                                    intermediate_size=32, is_decoder=True, add_cross_attention=True)
     cfg = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, bert, decoder_start_token_id=1,
                                                                               pad_token_id=0)
-    torch.manual_seed(0)
-    real = transformers.VisionEncoderDecoderModel(cfg).eval()
-    with torch.device("meta"):
-        meta = transformers.VisionEncoderDecoderModel(cfg)
-    on_meta, on_cpu = count_flops(meta, seq_len=8), count_flops(real, seq_len=8, device="cpu")
-    assert on_meta.available and on_meta.method == "meta", on_meta.reason
-    assert "synthesized pixel_values [1, 3, 32, 32] of zeros: the forward needs it" in on_meta.notes
-    # The patch embedding's conv2d runs as unfold + einsum on meta: the real forward's count.
-    assert on_meta.forward == on_cpu.forward and on_meta.by_part == on_cpu.by_part
+    # The patch embedding's conv2d runs as unfold + einsum on meta.
+    counted_on_meta_as_on_cpu(transformers.VisionEncoderDecoderModel, cfg, 8,
+                              "synthesized pixel_values [1, 3, 32, 32] of zeros: the forward needs it")
 
 
 def test_nllb_moe_on_meta_says_why_in_a_sentence():
