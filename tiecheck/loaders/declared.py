@@ -260,7 +260,11 @@ def megatron_declarations(obj: Any, names: set[str], file: str) -> tuple[list[di
 
 def embedding_names(module: Any) -> tuple[str | None, str | None]:
     """(input embedding weight, output embedding weight) by module path, so a tied pair keeps two names."""
-    paths = {id(m): p for p, m in module.named_modules(remove_duplicate=False)}
+    paths: dict[int, str] = {}
+    for p, m in module.named_modules(remove_duplicate=False):
+        # A module reached under several paths (transformers 4's T5 shares one embedding as shared,
+        # encoder.embed_tokens and decoder.embed_tokens) is named by its first, the one state_dict keeps.
+        paths.setdefault(id(m), p)
 
     def name(getter: str) -> str | None:
         try:

@@ -295,7 +295,9 @@ def _describe(model, name: str, version: str) -> Architecture:
             mapping_known = True
     name_of = {id(v): k for k, v in reversed(list(sd.items()))}
     # The module's own name first: a tied head's weight is also the embedding's, whose name comes first.
-    module_name = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    module_name: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        module_name.setdefault(id(m), n)  # a shared module (transformers 4's T5 embedding) by its first path
 
     def weight_name(getter: str) -> str | None:
         try:
@@ -554,6 +556,8 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
             continue
         # Keep the name transformers ties to (the mapping's source) when it is stored.
         sources = {arch.declared.get(n) for n in group} - {None}
+        # Without transformers 5's mapping, transformers 4 ties the output embedding to the input one.
+        sources = sources or {arch.input_embedding}
         base = next((n for n in present if n in sources), present[0])
         differing = []
         for n in present:
