@@ -6,6 +6,7 @@ import json
 
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 from tiecheck import analyze
 from tiecheck.cli import main
@@ -34,14 +35,27 @@ def test_a_cloned_head_fails_inspect_under_the_default_fail_on(tmp_path):
     assert report["tie_candidates"][0]["names"] == sorted([EMB, HEAD])
 
 
-def test_a_duplicate_nothing_declares_stays_a_warning():
+def test_a_duplicate_nothing_relates_is_info():
+    # Equal weights that no declaration and no role relates (a deterministic initialisation, a copied layer)
+    # are no broken tie: reported, but never a warning.
     model = tm.tied()
     with torch.no_grad():
         model.norms[0].weight.uniform_()
         model.norms[1].weight.copy_(model.norms[0].weight)
     r = analyze(model)
-    assert [(f["code"], f["severity"]) for f in r.findings] == [("TC005", "warning")]
-    assert r.exit_code() == 0
+    assert [(f["code"], f["severity"]) for f in r.findings] == [("TC005", "info")]
+    assert r.exit_code("warning") == 0
+
+
+def test_two_equal_embeddings_of_one_shape_stay_a_warning():
+    # Embeddings of one shape are usually one tensor (a shared vocabulary): a copy is a warning.
+    model = nn.ModuleDict({"src_embed": nn.Embedding(64, 16), "tgt_embed": nn.Embedding(64, 16)})
+    with torch.no_grad():
+        model["tgt_embed"].weight.copy_(model["src_embed"].weight)
+    (f,) = analyze(model).findings
+    assert (f["code"], f["severity"]) == ("TC005", "warning")
+    assert f["message"].endswith("src_embed.weight and tgt_embed.weight are embeddings of one shape (a shared "
+                                 "vocabulary is usually one tensor), so this is a broken tie or a wasted copy")
 
 
 def test_a_config_that_declares_the_pair_untied_keeps_it_a_warning():

@@ -61,10 +61,14 @@ def test_formats_are_byte_identical_across_runs(runner, tied_file, fmt):
         assert a.output.startswith("# tiecheck:") and "## Tie groups (1)" in a.output
 
 
-def test_fail_on_levels(runner, broken_file):
-    assert runner.invoke(main, ["inspect", str(broken_file)]).exit_code == 0  # only a warning
-    assert runner.invoke(main, ["inspect", str(broken_file), "--fail-on", "warning"]).exit_code == 1
-    assert runner.invoke(main, ["inspect", str(broken_file), "--fail-on", "never"]).exit_code == 0
+def test_fail_on_levels(runner, tmp_path):
+    # Two embeddings of one shape stored as equal copies: a warning (a shared vocabulary is usually one tensor).
+    emb = torch.randn(64, 16)
+    path = tmp_path / "copied.pt"
+    torch.save({"src_embed.weight": emb, "tgt_embed.weight": emb.clone()}, path)
+    assert runner.invoke(main, ["inspect", str(path)]).exit_code == 0  # only a warning
+    assert runner.invoke(main, ["inspect", str(path), "--fail-on", "warning"]).exit_code == 1
+    assert runner.invoke(main, ["inspect", str(path), "--fail-on", "never"]).exit_code == 0
 
 
 def test_expect_tied(runner, tied_file, broken_file):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from tiecheck.analyses.duplicates import duplicate_findings, find_untied_duplicates
+from tiecheck.analyses.candidates import Candidate, role_relations
+from tiecheck.analyses.duplicates import Relation, duplicate_findings, find_untied_duplicates
 from tiecheck.facts import TensorFact
 
 
@@ -66,22 +69,52 @@ def test_group_fields_come_from_its_own_members():
 
 
 def test_a_declared_pair_makes_a_duplicate_a_broken_tie_in_every_group():
-    # Two duplicate groups; the declared pairs come as a one-shot iterator and the second group holds one.
+    # Two duplicate groups; the relations come as a one-shot iterator and the second group holds one.
     reader = BytesReader({"a": b"\x01\x02", "b": b"\x01\x02", "emb": b"\x03\x04\x05", "head": b"\x03\x04\x05"})
     facts = [_int8("a", 2, 1), _int8("b", 2, 2), _int8("emb", 3, 3), _int8("head", 3, 4)]
     groups, _ = find_untied_duplicates(facts, reader)
     assert [g.names for g in groups] == [("emb", "head"), ("a", "b")]
-    declared = iter([("x", "y"), ("head", "emb")])
-    broken, plain = duplicate_findings(list(reversed(groups)), declared)[::-1]
-    assert (broken.severity, plain.severity) == ("error", "warning")
+    cands = [Candidate(("emb", "head"), "embedding-output", (3,), "int8", 3)]
+    relations = iter([Relation(("x", "y"), True, "x and y are one"), *role_relations(cands, None)])
+    broken, plain = duplicate_findings(list(reversed(groups)), relations)[::-1]
+    # Nothing relates a and b: equal values, no broken tie (info).
+    assert (broken.severity, plain.severity) == ("error", "info")
     # Known by their roles alone (a bare state dict): nothing is said to declare them.
     assert broken.message == ("emb, head hold equal int8 [3] content in separate memory (3 bytes wasted); emb and "
                               "head are an input embedding and its output projection, so this is a broken tie")
-    assert plain.message == "a, b hold equal int8 [2] content in separate memory (2 bytes wasted)"
-    broken, plain = duplicate_findings(groups, [("head", "emb")], "the config (tie_word_embeddings=true)")
+    assert plain.message == ("a, b hold equal int8 [2] content in separate memory (2 bytes wasted); nothing ties or "
+                             "relates these names, so this is no broken tie")
+    broken, plain = duplicate_findings(groups, role_relations(cands, True))
     assert broken.message.endswith("(3 bytes wasted); the config (tie_word_embeddings=true) ties emb and head "
                                    "(input embedding and output projection), so this is a broken tie")
-    assert plain.message == "a, b hold equal int8 [2] content in separate memory (2 bytes wasted)"
+    assert "tie_weights()" in broken.hint
+    # Untied on purpose: a warning whose hint does not offer tie_weights() (it follows the config, which says untied).
+    warned, _ = duplicate_findings(groups, role_relations(cands, False))
+    assert warned.severity == "warning" and warned.message.endswith(
+        "the config keeps emb and head untied (tie_word_embeddings=false), so the output projection is a copy of the "
+        "input embedding")
+    assert "leaves them apart" in warned.hint and "set tie_word_embeddings=true" in warned.hint
+
+
+def test_buffers_nothing_ties_are_no_finding_and_a_declared_buffer_is():
+    # Two equal buffers (frequency tables, position ids): computed by the module, not a tie anything broke.
+    reader = BytesReader({"a.inv_freq": b"\x01\x02", "b.inv_freq": b"\x01\x02"})
+    facts = [dataclasses.replace(_int8("a.inv_freq", 2, 1), role="buffer"),
+             dataclasses.replace(_int8("b.inv_freq", 2, 2), role="buffer")]
+    (g,), _ = find_untied_duplicates(facts, reader)
+    assert g.buffers == ("a.inv_freq", "b.inv_freq")
+    assert duplicate_findings([g]) == []
+    (f,) = duplicate_findings([g], [Relation(("a.inv_freq", "b.inv_freq"), True, "M ties them, so this is a broken tie")])
+    assert f.severity == "error"
+
+
+def test_a_non_persistent_buffer_is_never_a_duplicate():
+    # register_buffer(..., persistent=False): never saved, so never a copy or a broken tie.
+    reader = BytesReader({"rope.inv_freq": b"\x01\x02", "rope.original_inv_freq": b"\x01\x02"})
+    facts = [dataclasses.replace(_int8("rope.inv_freq", 2, 1), role="buffer", persistent=False),
+             dataclasses.replace(_int8("rope.original_inv_freq", 2, 2), role="buffer", persistent=False)]
+    groups, stats = find_untied_duplicates(facts, reader)
+    assert groups == [] and stats.tensors == 0
 
 
 def test_a_tied_memory_is_named_by_its_smallest_name_whatever_the_order_of_its_facts():

@@ -130,18 +130,28 @@ def test_the_cli_says_it_in_one_note(moe_folder):
     assert sum("merged on load" in n for n in report["source"]["notes"]) == 1
 
 
-def test_a_current_name_beside_its_legacy_one_keeps_the_current(legacy_bert, tmp_path):
+def test_a_current_name_beside_its_legacy_one_is_loaded_as_from_pretrained_loads_it(legacy_bert, tmp_path):
     d = tmp_path / "both"
     d.mkdir()
     (d / "config.json").write_text((legacy_bert / "config.json").read_text())
     tensors = safetensors_torch.load_file(str(legacy_bert / "model.safetensors"))
-    # The current name beside the legacy one: the current name is the architecture's, the legacy is left over.
-    tensors["bert.embeddings.LayerNorm.weight"] = tensors["bert.embeddings.LayerNorm.gamma"].clone() + 1
+    legacy = tensors["bert.embeddings.LayerNorm.gamma"]
+    tensors["bert.embeddings.LayerNorm.weight"] = legacy.clone() + 1
     safetensors_torch.save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    # The loader itself: the first key in its order (the legacy one) fills the weight, and neither is reported.
+    loaded, info = transformers.BertForMaskedLM.from_pretrained(str(d), output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    assert loaded.bert.embeddings.LayerNorm.weight.detach().equal(legacy)
     r = tiecheck.analyze(str(d), flops=False)
-    assert r.to_dict()["hf"]["architecture"]["unexpected"] == ["bert.embeddings.LayerNorm.gamma"]
-    (note,) = [n for n in r.source["notes"] if "load-time renaming" in n]
-    assert note.startswith("7 file keys matched")
+    arch = r.to_dict()["hf"]["architecture"]
+    assert arch["unexpected"] == [] and arch["missing"] == []
+    (note,) = [n for n in r.source["notes"] if "fills first" in n]
+    assert note.startswith("1 file key lands on an architecture key another file key fills first (e.g. "
+                           "bert.embeddings.LayerNorm.weight -> bert.embeddings.LayerNorm.weight, filled by "
+                           "bert.embeddings.LayerNorm.gamma)")
+    # The architecture's weight is the tensor transformers loads: the legacy one.
+    subject = tiecheck.loaders.load_target(str(d))
+    assert subject.tensors["bert.embeddings.LayerNorm.weight"].equal(legacy)
 
 
 def test_two_renamed_keys_never_land_on_one_name(monkeypatch):
@@ -151,8 +161,9 @@ def test_two_renamed_keys_never_land_on_one_name(monkeypatch):
         {"a.gamma": "a.weight", "old.a": "a.weight", "b.gamma": "b.weight"}, {}))
     km = hf.key_map(["a.gamma", "old.a", "b.gamma"], arch)
     assert km.to_arch == {"a.gamma": "a.weight", "b.gamma": "b.weight"}
-    assert km.notes == ["2 file keys matched to the architecture after transformers' load-time renaming "
-                        "(e.g. a.gamma -> a.weight)"]
+    assert km.shadowed == {"old.a": "a.weight"}
+    assert km.notes[0] == ("2 file keys matched to the architecture after transformers' load-time renaming "
+                           "(e.g. a.gamma -> a.weight)")
 
 
 def test_the_files_facts_are_built_once_per_folder(moe_folder, monkeypatch):

@@ -51,21 +51,20 @@ def test_diff_against_a_saved_report_names_it_and_hints_the_fix(tmp_path):
 def test_github_annotation_points_at_the_policy_whose_fail_on_fails(tmp_path, monkeypatch):
     shutil.copy(tm.__file__, tmp_path / "lm.py")
     (tmp_path / "pyproject.toml").write_text('[tool.tiecheck]\nfail-on = "warning"\n'
-                                             '[[tool.tiecheck.targets]]\ntarget = "lm.py:shared_norms"\n')
+                                             '[[tool.tiecheck.targets]]\ntarget = "lm.py:copied_embeddings"\n')
     (tmp_path / "lm.py").write_text((tmp_path / "lm.py").read_text() + '''
 
-def shared_norms():
-    """Two LayerNorms holding equal, non-constant weights: a copy nothing declares (a warning)."""
-    model = tied()
+def copied_embeddings():
+    """Two embeddings of one shape holding equal weights: a copy nothing declares tied (a warning)."""
+    model = nn.ModuleDict({"src_embed": nn.Embedding(64, 16), "tgt_embed": nn.Embedding(64, 16)})
     with torch.no_grad():
-        model.norms[0].weight.uniform_()
-        model.norms[1].weight.copy_(model.norms[0].weight)
+        model["tgt_embed"].weight.copy_(model["src_embed"].weight)
     return model
 ''')
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(main, ["check", "--format", "github"])
     assert res.exit_code == 1, res.output
-    assert res.stdout.splitlines()[0].startswith("::error file=pyproject.toml,title=TC005::lm.py:shared_norms: ")
+    assert res.stdout.splitlines()[0].startswith("::error file=pyproject.toml,title=TC005::lm.py:copied_embeddings: ")
     res = CliRunner().invoke(main, ["check", "--format", "github", "--fail-on", "warning"])
     assert res.stdout.splitlines()[0].startswith("::error title=TC005::")  # the command line set it
 

@@ -8,8 +8,9 @@ from itertools import chain
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
-from tiecheck.analyses.candidates import candidate_findings, find_candidates, must_tie_pairs
+from tiecheck.analyses.candidates import candidate_findings, find_candidates, member_candidates, role_relations
 from tiecheck.analyses.duplicates import (
+    Relation,
     duplicate_findings,
     find_transposed_copies,
     find_untied_duplicates,
@@ -31,6 +32,7 @@ from tiecheck.loaders.packed import packings
 from tiecheck.loaders.peft_adapter import adapter_bytes, copies_equal
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
+from tiecheck.report.ignore import parse_ignores, with_ignored
 from tiecheck.report.rows import Row, TensorRows
 
 
@@ -50,6 +52,7 @@ def analyze(
     inputs: Any = None,
     base: Any = None,
     progress: Callable[[int, str], None] | None = None,
+    ignore: Iterable[str] = (),
 ) -> Report:
     """Analyse a model or checkpoint and return its :class:`~tiecheck.report.Report`.
 
@@ -90,6 +93,9 @@ def analyze(
             bar. The phases that can take long also report within: reading a weights index (per
             shard) and the content pass (per tensor sampled) add fractions of their unit as they
             go, about every 1%, with the count in the label.
+        ignore: findings to ignore: rule codes (``"TC005"``) or codes with a glob over tensor names
+            (``"TC005:*.rotary_emb.*"``). A finding one matches stays in the report, marked
+            ``"ignored": true``, and never counts toward the exit code.
 
     Returns:
         The frozen, versioned Report: tie groups, untied duplicates, tie candidates, findings,
@@ -102,11 +108,16 @@ def analyze(
 
     if optimizer not in OPTIMIZERS:
         raise TiecheckError(f"unknown optimizer '{optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
+    try:
+        specs = parse_ignores([ignore] if isinstance(ignore, str) else ignore)
+    except ValueError as e:
+        raise TiecheckError(f"ignore: {e}") from None
     with collector(enabled=False):
-        return _analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-                        duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied, flops=flops,
-                        batch_size=batch_size, seq_len=seq_len, attention=attention, inputs=inputs, base=base,
-                        progress=progress)
+        report = _analyze(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                          duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied, flops=flops,
+                          batch_size=batch_size, seq_len=seq_len, attention=attention, inputs=inputs, base=base,
+                          progress=progress)
+    return with_ignored(report, specs)
 
 
 @contextlib.contextmanager
@@ -210,6 +221,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     dup_groups, copies, content = [], [], None
     sampling = None
     cands = find_candidates(facts)
+    declarations = subject_declarations(subject)
     # One reader for the content pass and the declared layer: a pair both compare is read once.
     reader = TorchContentReader(subject.tensors, subject.file_spans)
     if duplicates:
@@ -225,9 +237,10 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
                        "transposed": {**tstats.to_dict(), "copies": [c.to_dict() for c in copies]}}
         else:
             content = {"ran": False, "reason": "no tensor data (meta device)"}
-        cfg_tie = config_ties(subject)
-        findings += duplicate_findings(dup_groups, must_tie_pairs(cands, cfg_tie),
-                                       "the config (tie_word_embeddings=true)" if cfg_tie else None)
+        by_name = {f.name: f for f in facts} if dup_groups else {}
+        between = [c for g in dup_groups for c in member_candidates(g.aliases, by_name)]
+        findings += duplicate_findings(dup_groups, role_relations(cands + between, config_ties(subject))
+                                       + declared_relations(declarations[1]))
         # A loader that found a transposed copy from its graph (ONNX) has reported it already.
         findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])
     else:
@@ -242,7 +255,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         state = TieState.build([g.to_dict() for g in groups], [f.name for f in facts],
                                [g.to_dict() for g in dup_groups], content_known=bool(content and content["ran"]))
         findings += tied_findings(state, expect_tied)
-    declared, layer_findings = declared_layer(subject, facts, reader)
+    declared, layer_findings = declared_layer(subject, facts, declarations, reader)
     findings += layer_findings
     # Quantized or packed heads: matched by meaning, since their values cannot be compared.
     packed = find_packed_heads(facts, packings(subject, facts)) if subject.module is None else []
@@ -264,6 +277,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     summary["bytes_in_packed_head_copies"] = sum(p.head_bytes for p in packed)
     summary["bytes_unreachable"] = sum(u["unreachable_bytes"] for u in unreachable)
     summary["findings"] = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
+    summary["findings_ignored"] = 0
 
     return Report(
         source=subject.source.to_dict(),
@@ -356,13 +370,33 @@ def unreachable_findings(entries: list[dict]) -> list[Finding]:
     return out
 
 
+def subject_declarations(subject: Subject) -> tuple[list[dict], list[dict], list[str]]:
+    """(declarations, declared pairs, notes): the loader's, or a live transformers model's own."""
+    if not subject.declarations and subject.module is not None:
+        return live_model_declarations(subject.module)
+    return subject.declarations, subject.declared_pairs, []
+
+
+def declared_relations(pairs: Sequence[dict]) -> list[Relation]:
+    """The pairs a declaration ties (a class's ``_tied_weights_keys``, an alias map, a config flag): a copy
+    between them is a broken tie."""
+    out = []
+    for p in pairs:
+        if p["declared"] and len(p["names"]) == 2:
+            a, b = sorted(p["names"])
+            by = " and ".join(p["by"])
+            out.append(Relation((a, b), True, f"{by} tie{'s' if len(p['by']) == 1 else ''} {a} and {b}, so this is "
+                                              f"a broken tie"))
+    return out
+
+
 def declared_layer(subject: Subject, facts: Sequence[TensorFact],
+                   declarations: tuple[list[dict], list[dict], list[str]] | None = None,
                    reader: TorchContentReader | None = None) -> tuple[dict, list[Finding]]:
-    """The report's ``declared`` section (declarations, and each declared tie's three layers) and its
-    findings; ``reader`` is the content pass's, when it ran (its comparisons are not made again)."""
-    decls, pairs, notes = subject.declarations, subject.declared_pairs, []
-    if not decls and subject.module is not None:
-        decls, pairs, notes = live_model_declarations(subject.module)
+    """The report's ``declared`` section (declarations, and each declared tie's three layers) and its findings.
+    ``declarations`` is ``subject_declarations(subject)`` when the caller already has it; ``reader`` is
+    the content pass's, when it ran (its comparisons are not made again)."""
+    decls, pairs, notes = declarations or subject_declarations(subject)
     stored = subject.stored_copies
     if stored is None and subject.module is None:
         stored = {f.name: f.identity for f in facts}  # the tensors are the files': their memory is what is stored

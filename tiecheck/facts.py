@@ -25,7 +25,7 @@ class TensorFact:
     100,000 tensors holds 100,000 facts, a per-instance ``__dict__`` would double their memory,
     and the analyses read those two values millions of times. Treat a fact as immutable (it is
     hashed by value); it is not a frozen dataclass because frozen construction sets each of its
-    19 fields through ``object.__setattr__``, which made building 100,000 facts take four times
+    20 fields through ``object.__setattr__``, which made building 100,000 facts take four times
     as long. Use ``dataclasses.replace`` for a changed copy.
     """
 
@@ -49,6 +49,9 @@ class TensorFact:
     is_floating: bool = True
     # Bytes of the whole storage the tensor views (a torch.save file writes all of them).
     storage_bytes: int = 0
+    # False for a module's non-persistent buffer (``register_buffer(..., persistent=False)``): never in a
+    # state dict, so never stored, never a tie candidate, never a broken tie (e.g. RoPE's inv_freq).
+    persistent: bool = True
     numel: int = field(init=False, repr=False, compare=False)
     # What makes two names 'the same memory': the extent, else the Parameter object, else the name.
     identity: tuple = field(init=False, repr=False, compare=False)
@@ -95,7 +98,7 @@ def _dtype_name(dtype) -> str:
 
 
 def fact_of(name: str, t, *, role: str = "tensor", obj_id: int | None = None, owner: str | None = None,
-            owner_type: str | None = None) -> TensorFact:
+            owner_type: str | None = None, persistent: bool = True) -> TensorFact:
     """Describe one tensor without reading its values."""
     import torch  # noqa: PLC0415 - TensorFact is torch-free so analyses stay torch-free; building facts reads tensors
 
@@ -138,6 +141,7 @@ def fact_of(name: str, t, *, role: str = "tensor", obj_id: int | None = None, ow
         requires_grad=bool(getattr(t, "requires_grad", False)),
         is_floating=bool(t.is_floating_point() or t.is_complex()),
         storage_bytes=storage_bytes,
+        persistent=persistent,
     )
 
 
@@ -189,6 +193,7 @@ def build_facts(subject: "Subject", modules: dict[str, ModuleFact] | None = None
         modules = build_module_facts(module)
     owners = {path: m.type for path, m in modules.items()}
     param_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    transient = non_persistent_buffers(module)
     facts = []
     for name, t in subject.tensors.items():
         owner = name.rsplit(".", 1)[0] if "." in name else ""
@@ -201,9 +206,20 @@ def build_facts(subject: "Subject", modules: dict[str, ModuleFact] | None = None
                 obj_id=id(t),
                 owner=owner,
                 owner_type=owners.get(owner),
+                persistent=is_param or name not in transient,
             )
         )
     return facts
+
+
+def non_persistent_buffers(module) -> set[str]:
+    """Names of the buffers ``module`` keeps out of its state dict (``persistent=False``), under every path."""
+    out = set()
+    for path, sub in module.named_modules(remove_duplicate=False):
+        # torch's own record of them: what state_dict() leaves out.
+        for b in getattr(sub, "_non_persistent_buffers_set", ()):
+            out.add(f"{path}.{b}" if path else b)
+    return out
 
 
 def module_tensors(module) -> dict:

@@ -515,7 +515,14 @@ def render_diff(d: TieDiff, fmt: str = "table") -> str:
                 f"kind changed {len(d.kind_changed)}"]
     for g in d.lost:
         present = [n for n, s in g["in_b"].items() if s["state"] != "absent"]
-        if len(present) > 1:
+        if len(present) < 2:
+            continue
+        if any(g["in_b"][n]["state"] == "untied" for n in present):
+            # Different values in B: the copies diverged (trained or merged apart), so re-tying would throw one away.
+            out.append(f"hint: B holds {', '.join(present)} with different content: decide which copy is right. If B "
+                       f"trained or merged them apart on purpose, declare them untied (tie_word_embeddings=false) and "
+                       f"keep both; otherwise save B with the tie intact")
+        else:
             out.append(f"hint: re-tie {', '.join(present)} in B: model.tie_weights(), or {assignment(present)}")
     if d.lost and any(s["state"] == "absent" for g in d.lost for s in g["in_b"].values()):
         out.append("hint: names absent from B are often dropped on save because they are tied (safetensors); point "

@@ -12,18 +12,24 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
+from tiecheck.analyses.duplicates import Relation
 from tiecheck.facts import TensorFact
 from tiecheck.findings import Finding, finding
 
+# Conventional names; transformers' own among them (CTRL's transformer.w, GPT's tokens_embed, XLNet's
+# word_embedding and lm_loss, DistilBERT's vocab_projector, ELECTRA's generator_lm_head, XLM's
+# pred_layer.proj, T5Gemma's lm_head.out_proj): a bare state dict has nothing but its names.
 _EMBED_NAME = re.compile(
     r"(^|\.)(wte|tok_embeddings|tok_emb|embed_tokens|word_embeddings|embed_in|shared|embedding|embeddings|"
-    r"src_embed|tgt_embed|src_emb|tgt_emb|encoder_embed|decoder_embed|token_embedding|input_embedding)"
+    r"src_embed|tgt_embed|src_emb|tgt_emb|encoder_embed|decoder_embed|token_embedding|input_embedding|"
+    r"tokens_embed|word_embedding|transformer\.w)"
     r"(\.weight)?$")
 _HEAD_NAME = re.compile(
     r"(^|\.)(lm_head|head|output|output_projection|out|generator|decoder|embed_out|proj_out|logits|"
-    r"pre_softmax|output_layer)\.weight$")
+    r"pre_softmax|output_layer|generator_lm_head|vocab_projector|lm_loss|pred_layer\.proj|lm_head\.out_proj)"
+    r"\.weight$")
 _NOT_TOKEN_EMBED = re.compile(r"(pos|position|wpe|token_type|segment|type_emb|rel|bucket)", re.I)
 
 
@@ -63,7 +69,8 @@ def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
     # One fact per memory is enough: a name already tied to another needs no second look.
     seen, unique = set(), []
     for f in facts:
-        if f.numel and f.identity not in seen:
+        # Buffers are computed, not trained weights: never a tie candidate (nor RoPE's frequency tables).
+        if f.numel and f.role != "buffer" and f.identity not in seen:
             seen.add(f.identity)
             unique.append(f)
     embeds: dict[tuple, list[TensorFact]] = defaultdict(list)
@@ -85,12 +92,59 @@ def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
     return sorted(out, key=lambda c: (-c.bytes_saved, c.names))
 
 
-def must_tie_pairs(cands: list[Candidate], tie_word_embeddings: bool | None) -> list[tuple[str, str]]:
-    """The pairs the architecture declares one tensor: the embedding and its output projection,
-    unless the model's config says ``tie_word_embeddings=False`` (untied on purpose)."""
-    if tie_word_embeddings is False:
-        return []
-    return [c.names for c in cands if c.relation == "embedding-output"]
+def member_candidates(members: Iterable[Sequence[str]], by_name: Mapping[str, TensorFact]) -> list[Candidate]:
+    """Candidates between the members of one duplicate group, over every name of each member.
+
+    ``find_candidates`` looks at one name per memory, so a copy of an embedding that is still tied to
+    the head under another name (FSMT's encoder embedding and output projection are one tensor, the
+    decoder's embedding a clone) would be seen as two embeddings; here each member's every name counts.
+    ``by_name`` maps a name to its fact.
+    """
+    members = [[by_name[n] for n in m if n in by_name] for m in members]
+    out = []
+    for i, a_names in enumerate(members):
+        for b_names in members[i + 1:]:
+            for a in a_names:
+                for b in b_names:
+                    rel = _relation(a, b)
+                    if rel is not None:
+                        out.append(Candidate(tuple(sorted((a.name, b.name))), rel, a.shape, a.dtype, b.nbytes))
+    return out
+
+
+def _relation(a: TensorFact, b: TensorFact) -> str | None:
+    if a.shape != b.shape or a.dtype != b.dtype or a.role == "buffer" or b.role == "buffer":
+        return None
+    ea, eb = is_embedding(a), is_embedding(b)
+    if ea and eb:
+        return "embeddings"
+    if (ea and is_output_projection(b)) or (eb and is_output_projection(a)):
+        return "embedding-output"
+    return None
+
+
+def role_relations(cands: list[Candidate], tie_word_embeddings: bool | None) -> list[Relation]:
+    """What the candidates' roles say of a copy between them (see :class:`~tiecheck.analyses.duplicates.Relation`):
+    an embedding and its output projection are one tensor unless the config says untied; two embeddings of one
+    shape are usually one."""
+    out = []
+    for c in cands:
+        a, b = c.names
+        if c.relation == "embeddings":
+            out.append(Relation(c.names, False, f"{a} and {b} are embeddings of one shape (a shared vocabulary is "
+                                                f"usually one tensor), so this is a broken tie or a wasted copy"))
+        elif tie_word_embeddings is False:
+            out.append(Relation(c.names, False, f"the config keeps {a} and {b} untied (tie_word_embeddings=false), "
+                                                f"so the output projection is a copy of the input embedding",
+                                config_ties=False))
+        elif tie_word_embeddings:
+            out.append(Relation(c.names, True, f"the config (tie_word_embeddings=true) ties {a} and {b} (input "
+                                               f"embedding and output projection), so this is a broken tie",
+                                config_ties=True))
+        else:
+            out.append(Relation(c.names, True, f"{a} and {b} are an input embedding and its output projection, so "
+                                               f"this is a broken tie"))
+    return out
 
 
 def candidate_findings(cands: list[Candidate], reported: Iterable[tuple[str, ...]] = ()) -> list[Finding]:

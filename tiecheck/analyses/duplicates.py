@@ -53,6 +53,7 @@ class DuplicateGroup:
     dtype: str
     nbytes: int
     constant: bool  # every element equal: equal by construction (e.g. init), rarely a broken tie
+    buffers: tuple[str, ...] = ()  # the members that are a module's buffers (no name of theirs is a parameter)
 
     @property
     def bytes_wasted(self) -> int:
@@ -98,6 +99,11 @@ def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | N
     for members in by_identity.values():
         if members[0].storage is None:
             continue  # no memory to read (meta device)
+        if not all(m.persistent for m in members):
+            # A non-persistent buffer is never saved: not a copy anything stores or a tie could save.
+            members = [m for m in members if m.persistent]
+            if not members:
+                continue
         rep = members[0] if len(members) == 1 else min(members, key=_name)
         reps[rep.name] = (rep, members)
     return reps
@@ -183,6 +189,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
                         shape=f.shape, dtype=f.dtype, nbytes=f.nbytes,
                         # Only a uniform sample can come from a constant tensor: skip the read otherwise.
                         constant=f.numel > 1 and _uniform(sig, itemsize) and reader.is_constant(pivot),
+                        buffers=tuple(n for n in sorted(same) if all(m.role == "buffer" for m in reps[n][1])),
                     ))
                 remaining = differ
     stats.bytes_read = reader.bytes_read - start_read
@@ -194,45 +201,86 @@ def _uniform(sample: bytes, itemsize: int) -> bool:
     return all(sample[i:i + itemsize] == first for i in range(0, len(sample), itemsize))
 
 
-def declared_pair(g: DuplicateGroup, must_tie: Iterable[tuple[str, str]]) -> tuple[str, str] | None:
-    """The first pair of ``must_tie`` whose two names fall in two different members of the group."""
+@dataclass(frozen=True)
+class Relation:
+    """Why two names might be one tensor, and how sure that is.
+
+    ``broken``: the architecture or a declaration makes them one tensor (a config's
+    ``tie_word_embeddings=true``, a class's ``_tied_weights_keys``, an alias map, or an input
+    embedding and its output projection where nothing says untied), so separate equal copies are a
+    broken tie (an error). Otherwise the names are of a kind usually tied (two embeddings of one
+    vocabulary, a head a config keeps untied): equal copies may be a broken tie or a wasted copy (a
+    warning).
+    """
+
+    names: tuple[str, str]
+    broken: bool
+    why: str  # the finding's message ends "...; <why>": what relates the pair and what that makes the copy
+    config_ties: bool | None = None  # what the config's tie_word_embeddings says, where it speaks of the pair
+
+
+def relation_of(g: DuplicateGroup, relations: Iterable[Relation]) -> Relation | None:
+    """The first relation whose two names fall in two different members of the group (a broken one first)."""
     member = {n: i for i, names in enumerate(g.aliases) for n in names}
-    for a, b in must_tie:
+    found = None
+    for r in relations:
+        a, b = r.names
         if a in member and b in member and member[a] != member[b]:
-            return a, b
-    return None
+            if r.broken:
+                return r
+            found = found or r
+    return found
 
 
-def duplicate_findings(groups: list[DuplicateGroup], must_tie: Iterable[tuple[str, str]] = (),
-                       declared_by: str | None = None) -> list[Finding]:
-    """TC005 for each group that is not constant-valued.
+def duplicate_findings(groups: list[DuplicateGroup], relations: Iterable[Relation] = ()) -> list[Finding]:
+    """TC005 for each duplicate group, with the severity its relation gives it.
 
     Args:
         groups: the untied duplicates.
-        must_tie: name pairs that are one tensor (an input embedding and its output projection);
-            a group that holds one is a broken tie, an error, where any other copy stays a warning.
-        declared_by: what declares the ``must_tie`` pairs tied (e.g. the config), when something
-            does; None where the pairs are known by their roles alone (a bare state dict).
+        relations: name pairs that are, or are usually, one tensor (see :class:`Relation`).
 
     Returns:
-        One finding per group.
+        One finding per group: an error where a relation makes the names one tensor (a broken tie), a
+        warning where they are of a kind usually tied, and info where nothing relates them (equal by
+        construction: a deterministic initialisation, a frozen sinusoidal table, a copied layer). None for
+        a constant-valued group, or one whose copies are buffers nothing ties (constants a module
+        computes, not weights).
     """
-    must_tie = list(must_tie)
+    relations = list(relations)
     out = []
     for g in groups:
         if g.constant:
             continue  # e.g. every fresh LayerNorm weight is all ones: equal by construction
+        rel = relation_of(g, relations)
+        if rel is None and len(g.names) - len(g.buffers) < 2:
+            continue  # buffers (position ids, masks, frequency tables): computed, not trained
         message = (f"{', '.join(g.names)} hold equal {g.dtype} {list(g.shape)} content in "
                    f"separate memory ({g.bytes_wasted:,} bytes wasted)")
-        pair = declared_pair(g, must_tie)
-        if pair is not None:
-            a, b = sorted(pair)
-            message += (f"; {declared_by} ties {a} and {b} (input embedding and output projection), so this is a "
-                        f"broken tie" if declared_by else
-                        f"; {a} and {b} are an input embedding and its output projection, so this is a broken tie")
-        out.append(finding("TC005", message, g.names, severity="error" if pair else None,
-                           hint=f"{RULES['TC005'].hint} Here: {assignment(g.names)}"))
+        if rel is None:
+            out.append(finding("TC005", message + "; nothing ties or relates these names, so this is no broken tie",
+                               g.names, severity="info", hint=UNRELATED_HINT))
+            continue
+        message += f"; {rel.why}"
+        out.append(finding("TC005", message, g.names, severity="error" if rel.broken else "warning",
+                           hint=_hint(g, rel)))
     return out
+
+
+UNRELATED_HINT = ("Nothing to do where they are equal by construction (a deterministic initialisation such as "
+                  "Mamba's A_log, a frozen sinusoidal table, a copied layer); if one is meant to be the other, tie "
+                  "them in code by assigning the Parameter.")
+
+
+def _hint(g: DuplicateGroup, rel: Relation) -> str:
+    here = assignment(g.names)
+    if rel.config_ties is False:
+        # tie_weights() follows the config, which keeps them apart: it would do nothing here.
+        return (f"The config says tie_word_embeddings=false, so `model.tie_weights()` leaves them apart: if they "
+                f"are meant to be one tensor, tie them by assignment ({here}) and set tie_word_embeddings=true; "
+                f"otherwise nothing to do (the head is its own copy, equal for now).")
+    if not rel.broken:
+        return f"If they are meant to be one tensor, tie them by assignment ({here}); otherwise drop the copy."
+    return f"{RULES['TC005'].hint} Here: {here}"
 
 
 # -- transposed copies: one 2-D tensor holding another's transpose (shapes swapped) -------------

@@ -116,10 +116,26 @@ def _decl_text(by: Sequence[str], tied: bool) -> str:
     return f"{' and '.join(by)} declare{'s' if len(by) == 1 else ''} them {'tied' if tied else 'untied'}"
 
 
+def overridden(p: Mapping[str, Any]) -> bool:
+    """The pair is declared tied only by a class that overrides the flag its config file writes: every value
+    written says untied (T5Config resolves ``tie_word_embeddings`` to true whatever config.json says)."""
+    written = p.get("written") or []
+    return bool(p["declared"]) and bool(written) and not any(written)
+
+
 def _row_findings(r: LayerRow, p: Mapping[str, Any], stored_copies) -> list[Finding]:
     target, source = r.names
     names = [target, source]
     out = []
+    if overridden(p) and r.stored == TWO_DIFFERENT:
+        # What the loaders do, not what the class's flag says (checked with transformers 5.25 and 4.57): both
+        # keep the stored copies apart, so the model loads as stored, untied by design.
+        tied_by = [b for b, v in p.get("claims", {}).items() if v] or list(r.by)
+        return [finding("TC015", f"{_decl_text(tied_by, True)}, but config.json writes tie_word_embeddings=false and "
+                                 f"the files store {target} and {source} with different content: transformers 5 keeps "
+                                 f"both stored copies (it warns), transformers 4 follows the written false; either way "
+                                 f"the model loads untied, as stored", names, severity="info",
+                        hint="Nothing to do: the head is trained apart from the embedding and every loader keeps it.")]
     if r.conflict:
         claims = p.get("claims", {})
         said = "; ".join(f"{b}: {'tied' if v else 'untied'}" for b, v in claims.items())

@@ -21,6 +21,7 @@ from tiecheck.cli.options import (
     debug_option,
     expect_tied_option,
     handle_errors,
+    ignore_option,
     key_option,
     trust_options,
     warn_trust,
@@ -125,12 +126,13 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
 @click.option("--declared-agrees", is_flag=True, default=None,
               help="Fail when a declared tie disagrees with memory or the files (TC015-TC018), whatever --fail-on "
                    "says (policy: declared-agrees = true).")
+@ignore_option
 @key_option
 @trust_options
 @debug_option
 @handle_errors
 def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt, config_file, no_config,
-          declared_agrees, key, trust_pickle, trust_remote_code, debug):
+          declared_agrees, ignore, key, trust_pickle, trust_remote_code, debug):
     """Check TARGETs' ties against expectations; exit 1 when one is broken.
 
     With no TARGET, checks every target listed in [tool.tiecheck] of pyproject.toml. Exit codes:
@@ -139,13 +141,13 @@ def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt
     progress = command_progress(1)  # one phase per target, counted once the targets are known
     try:
         _check(progress, targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt, config_file,
-               no_config, declared_agrees, key, trust_pickle, trust_remote_code, debug)
+               no_config, declared_agrees, ignore, key, trust_pickle, trust_remote_code, debug)
     finally:
         progress.close()
 
 
 def _check(progress, targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt, config_file, no_config,
-           declared_agrees, key, trust_pickle, trust_remote_code, debug):
+           declared_agrees, ignore, key, trust_pickle, trust_remote_code, debug):
     # The boundary where the work starts: checking analyses targets (torch, transformers).
     from tiecheck.guard.check import check_target, shown  # noqa: PLC0415
     from tiecheck.guard.policy import (  # noqa: PLC0415
@@ -179,7 +181,8 @@ def _check(progress, targets, expect_file, update, accept_errors, expect_tied, f
         raise TiecheckError(f"nothing to check: give a TARGET, or list targets in pyproject.toml ({where})")
     plan = [with_overrides(t, expect=Path(expect_file) if expect_file else None, fail_on=fail_on,
                            key=key, trust_pickle=trust_pickle or None, trust_remote_code=trust_remote_code or None,
-                           declared_agrees=declared_agrees or None)
+                           declared_agrees=declared_agrees or None,
+                           ignore=t.ignore + tuple(i for i in ignore if i not in t.ignore) if ignore else None)
             for t in plan]
     if update and not any(t.expect for t in plan):
         raise TiecheckError("--update writes the snapshot named by --expect FILE or by `expect` in "

@@ -12,6 +12,7 @@ from tiecheck.cli.options import (
     expect_tied_option,
     format_option,
     handle_errors,
+    ignore_option,
     key_option,
     output_option,
     trust_options,
@@ -52,6 +53,7 @@ def _inputs(ctx: click.Context, param: click.Parameter, value: str | None) -> In
 @click.option("--fail-on", type=click.Choice(["error", "warning", "never"]), default="error", show_default=True,
               help="Exit 1 when a finding of this severity or worse is present.")
 @expect_tied_option
+@ignore_option
 @key_option
 @click.option("--no-duplicates", is_flag=True, help="Skip the content pass that finds untied duplicates.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "none"]), default="adamw", show_default=True,
@@ -71,7 +73,7 @@ def _inputs(ctx: click.Context, param: click.Parameter, value: str | None) -> In
 @debug_option
 @handle_errors
 def inspect(target: str, fmt: str, output: str | None, fail_on: str, expect_tied: list[tuple[str, ...]],
-            key: str | None, trust_pickle: bool, trust_remote_code: bool, no_duplicates: bool, optimizer: str,
+            ignore: tuple[str, ...], key: str | None, trust_pickle: bool, trust_remote_code: bool, no_duplicates: bool, optimizer: str,
             no_flops: bool, batch_size: int, seq_len: int, causal_attention_half: bool,
             inputs_spec: InputsSpec | None, base: str | None, debug: bool) -> None:
     """Find every tie in TARGET and what it saves.
@@ -93,7 +95,7 @@ def inspect(target: str, fmt: str, output: str | None, fail_on: str, expect_tied
                          flops=not no_flops, batch_size=batch_size, seq_len=seq_len,
                          attention="causal-half" if causal_attention_half else "full",
                          inputs=inputs_spec.make_inputs if inputs_spec else None, base=base,
-                         progress=progress if progress.enabled else None)
+                         progress=progress if progress.enabled else None, ignore=ignore)
     finally:
         progress.close()
     write_output(render(report, fmt), output, protect=(target, inputs_spec.text if inputs_spec else None, base))

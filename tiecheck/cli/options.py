@@ -142,6 +142,22 @@ def _key(ctx: click.Context, param: click.Parameter, value: str | None) -> str |
     return value
 
 
+def _ignore(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    # The findings catalogue, only when --ignore is given (every command's --help would pay it otherwise).
+    from tiecheck.report.ignore import parse_ignore  # noqa: PLC0415
+
+    for v in values:
+        try:
+            parse_ignore(v)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return values
+
+
+ignore_option = click.option(
+    "--ignore", multiple=True, metavar="CODE[:GLOB]", callback=_ignore,
+    help="Ignore a finding code, or a code for tensor names matching GLOB (TC005:*.rotary_emb.*); repeatable. "
+         "Ignored findings stay in the report, marked ignored, and never fail.")
 expect_tied_option = click.option(
     "--expect-tied", multiple=True, metavar="A,B[,C]", callback=_expect_tied,
     help="Names that must share memory (repeatable); exit 1 if they do not.")

@@ -10,7 +10,7 @@ import inspect
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -277,3 +277,109 @@ def coerce_inputs(
         notes.append("inputs supplied by the caller; sizes read from the first tensor")
     vocab_size = mi.vocab_size if mi.vocab_size is not None else _vocab_size(module)[0]
     return ModelInputs(args, kwargs, family, bs, sl, tsl, mi.requested_seq_len or sl, vocab_size, tuple(notes))
+
+
+# -- inputs that are not token ids: images and audio, for a forward that needs them ---------------
+
+# Raw audio a speech model reads when its config says nothing of the length: one second at 16 kHz.
+AUDIO_SAMPLES = 16000
+# Feature frames when the config has no max_source_positions (30 s at a 10 ms hop, Whisper's window).
+AUDIO_FRAMES = 3000
+_FEATURE_SIZE = ("num_mel_bins", "input_feat_per_channel", "feature_projection_input_dim", "feature_size")
+# Image patches of a flattened-patch model (Pix2Struct), as many as its processor makes by default.
+FLAT_PATCHES = 2048
+
+
+def _configs(config: Any, depth: int = 0) -> list[Any]:
+    """``config`` and the configs nested in it (vision_config, audio_config, encoder, ...), outermost first."""
+    out = [config]
+    if depth < 3:
+        for v in vars(config).values():
+            if hasattr(v, "to_dict") and not isinstance(v, type) and v is not config:
+                out += _configs(v, depth + 1)
+    return out
+
+
+def _config_int_any(config: Any, names: Sequence[str]) -> int | None:
+    """The first of ``names`` a config or one nested in it sets to a positive int."""
+    for c in _configs(config):
+        found = _config_int(c, names)
+        if found:
+            return found[1]
+    return None
+
+
+def _image_shape(config: Any) -> tuple[int, int, int] | None:
+    for c in _configs(config):
+        size = getattr(c, "image_size", None)
+        if isinstance(size, int) and size > 0:
+            h = w = size
+        elif isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(x, int) and x > 0 for x in size):
+            h, w = size
+        else:
+            continue
+        channels = getattr(c, "num_channels", 3)
+        return (channels if isinstance(channels, int) and channels > 0 else 3), h, w
+    return None
+
+
+def _feature_shape(config: Any) -> tuple[int, int] | None:
+    for c in _configs(config):
+        found = _config_int(c, _FEATURE_SIZE)
+        if found:
+            positions = _config_int(c, ("max_source_positions",))
+            # Whisper's encoder takes exactly 2 x max_source_positions frames (its second conv halves them),
+            # its window of 30 s; no model is held to more than that window here.
+            return found[1], min(2 * positions[1], AUDIO_FRAMES) if positions else AUDIO_FRAMES
+    return None
+
+
+def media_inputs(module: nn.Module, mi: ModelInputs, wanted: Sequence[str]) -> list[ModelInputs]:
+    """``mi`` with the non-token inputs in ``wanted`` added, one candidate per way to shape them.
+
+    Images are ``(batch, channels, height, width)`` from the config's ``image_size`` and
+    ``num_channels``; audio features ``(batch, features, frames)`` then ``(batch, frames,
+    features)`` from ``num_mel_bins`` (or ``input_feat_per_channel``) and ``max_source_positions``;
+    raw audio one second at 16 kHz. The values are zeros: FLOPs do not depend on them. Token ids
+    the forward reads besides ``input_ids`` (``qformer_input_ids``) are the same ids. Inputs
+    nothing in the config describes are left out, so the list may be empty.
+    """
+    config = getattr(module, "config", None)
+    ids = mi.kwargs.get("input_ids")
+    if config is None or not isinstance(ids, torch.Tensor):
+        return []
+    batch, dev = ids.shape[0], ids.device
+    base = dict(mi.kwargs)
+    if not _accepts(module, "input_ids"):
+        base.pop("input_ids")
+    extras: list[tuple[dict[str, Any], str]] = []
+    for name in wanted:
+        if name == "pixel_values" and _image_shape(config):
+            c, h, w = _image_shape(config)
+            extras.append(({name: torch.zeros(batch, c, h, w, device=dev)}, f"{name} [{batch}, {c}, {h}, {w}]"))
+            # One image per example as a stack of images (IDEFICS' layout).
+            extras.append(({name: torch.zeros(batch, 1, c, h, w, device=dev)}, f"{name} [{batch}, 1, {c}, {h}, {w}]"))
+        elif name == "flattened_patches" and _config_int_any(config, ("patch_embed_hidden_size",)):
+            # Pix2Struct: per patch its row and column, then its pixels.
+            d = _config_int_any(config, ("patch_embed_hidden_size",)) + 2
+            extras.append(({name: torch.zeros(batch, FLAT_PATCHES, d, device=dev)}, f"{name} [{batch}, {FLAT_PATCHES}, {d}]"))
+        elif name == "bbox":  # integer boxes (LayoutLM) or normalised ones (UDOP)
+            for dtype in (torch.long, torch.float32):
+                extras.append(({name: torch.zeros(batch, ids.shape[1], 4, dtype=dtype, device=dev)},
+                               f"{name} [{batch}, {ids.shape[1]}, 4] {str(dtype).removeprefix('torch.')}"))
+        elif name == "lang_ids":  # X-MOD's per-example language adapter: the first language
+            extras.append(({name: torch.zeros(batch, dtype=torch.long, device=dev)}, f"{name} [{batch}]"))
+        elif name == "input_features" and _feature_shape(config):
+            f, t = _feature_shape(config)
+            extras.append(({name: torch.zeros(batch, f, t, device=dev)}, f"{name} [{batch}, {f}, {t}]"))
+            extras.append(({name: torch.zeros(batch, t, f, device=dev)}, f"{name} [{batch}, {t}, {f}]"))
+        elif name == "input_values":
+            extras.append(({name: torch.zeros(batch, AUDIO_SAMPLES, device=dev)}, f"{name} [{batch}, {AUDIO_SAMPLES}]"))
+        elif name.endswith("input_ids") and _accepts(module, name):
+            base[name] = ids
+    out = []
+    for kw, shown in extras:
+        if _accepts(module, next(iter(kw))):
+            out.append(replace(mi, kwargs={**base, **kw},
+                               notes=(*mi.notes, f"synthesized {shown} of zeros: the forward needs it")))
+    return out

@@ -70,6 +70,8 @@ class FlopsResult:
     notes: tuple[str, ...] = ()
     parameters: Mapping[str, Any] | None = None
     attention_full_matrix: int | None = None
+    # Where the count is unavailable: each failed try as "method: exception" (the reason says it in words).
+    errors: tuple[str, ...] = ()
 
     unit = UNIT
     note_on_tying = NOTE_ON_TYING
@@ -135,6 +137,7 @@ class FlopsResult:
                 "ignored_ops": dict(sorted(self.ignored_ops.items())),
                 "parameters": None if self.parameters is None else dict(self.parameters),
                 "notes": list(self.notes),
+                "errors": list(self.errors),
                 "note_on_tying": self.note_on_tying,
             }
         )

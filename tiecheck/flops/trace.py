@@ -57,7 +57,6 @@ name contains "attn" or "attention" (case-insensitive).
 from __future__ import annotations
 
 import gc
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -82,11 +81,13 @@ from tiecheck.flops.inputs import (
     ModelInputs,
     coerce_inputs,
     has_meta_tensors,
+    media_inputs,
     module_device,
     synthesize_inputs,
 )
 from tiecheck.flops.layers import layer_of, plan_layers, traced_prefix
 from tiecheck.flops.moe import parameter_counts, traceable_experts
+from tiecheck.flops.reasons import fallback_note, needed_inputs, unavailable_reason
 from tiecheck.flops.result import PARTS, FlopsResult
 
 with warnings.catch_warnings():
@@ -176,29 +177,41 @@ class _OnMeta:
         self._ctx.__exit__(*exc)
 
 
-class _MetaDepthwiseConv:
-    """Within the block a (depthwise or grouped) ``F.conv1d`` on meta under the tracer runs as unfold + einsum.
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _traced_on_meta(input: Any, dilation: Any, padding: Any) -> bool:
+    return (input.device.type == "meta" and torch._C._get_tracing_state() is not None
+            and all(d == 1 for d in (dilation if isinstance(dilation, (tuple, list)) else (dilation,)))
+            and not isinstance(padding, str))
+
+
+class _MetaConv:
+    """Within the block ``F.conv1d`` and ``F.conv2d`` on meta under the tracer run as unfold + einsum.
 
     State-space layers (Mamba, Mamba2, Jamba, Bamba, Falcon-H1, ...) run a short causal depthwise
-    convolution. Under ``torch.jit.trace`` the meta convolution kernel, written in Python, reads
-    sizes as traced tensors and fails (``cond must be a bool, but got a Tensor``). The same
-    product written as ``unfold`` + ``einsum`` has the same multiply-adds (output channels x
-    output length x input channels per group x kernel width) and traces on meta.
+    convolution, speech encoders a strided one over their audio features (Whisper's second
+    convolution has stride 2), vision towers a 2-D one over image patches. Under
+    ``torch.jit.trace`` the meta convolution kernel, written in Python, reads sizes as traced
+    tensors and fails (``cond must be a bool, but got a Tensor``). The same product written as
+    ``unfold`` (a window every ``stride`` positions) + ``einsum`` has the same multiply-adds
+    (output channels x output positions x input channels per group x kernel size) and traces on meta.
     """
 
     def __enter__(self) -> None:
-        self._orig = F.conv1d
-        orig = self._orig
+        self._orig = F.conv1d, F.conv2d
+        orig1, orig2 = self._orig
 
         def conv1d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
                    dilation: Any = 1, groups: Any = 1) -> Any:
-            if (input.device.type == "meta" and torch._C._get_tracing_state() is not None
-                    and weight.dim() == 3 and stride in (1, (1,)) and dilation in (1, (1,))
-                    and not isinstance(padding, str)):
+            if weight.dim() == 3 and _traced_on_meta(input, dilation, padding):
                 pad = int(padding[0] if isinstance(padding, (tuple, list)) else padding)
+                step = int(stride[0] if isinstance(stride, (tuple, list)) else stride)
                 g = int(groups)
                 x = torch.constant_pad_nd(input, [pad, pad]) if pad else input
-                x = x.unfold(2, weight.shape[-1], 1)  # (B, C_in, L_out, k)
+                # windows every `step` positions: conv1d's output length, floor((L + 2p - k) / step) + 1
+                x = x.unfold(2, weight.shape[-1], step)  # (B, C_in, L_out, k)
                 if weight.shape[1] == 1 and g == weight.shape[0]:  # depthwise
                     out = torch.einsum("bclk,ck->bcl", x, weight[:, 0, :])
                 else:  # grouped: (B, G, C_in/G, L_out, k) x (G, C_out/G, C_in/G, k)
@@ -207,12 +220,26 @@ class _MetaDepthwiseConv:
                     wg = weight.reshape(g, weight.shape[0] // g, weight.shape[1], k)
                     out = torch.einsum("bgclk,gock->bgol", xg, wg).reshape(b, weight.shape[0], length)
                 return out + bias[:, None] if bias is not None else out
-            return orig(input, weight, bias, stride, padding, dilation, groups)
+            return orig1(input, weight, bias, stride, padding, dilation, groups)
 
-        F.conv1d = conv1d
+        def conv2d(input: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
+                   dilation: Any = 1, groups: Any = 1) -> Any:
+            if weight.dim() == 4 and input.dim() == 4 and _traced_on_meta(input, dilation, padding):
+                (sh, sw), (ph, pw), g = _pair(stride), _pair(padding), int(groups)
+                kh, kw = weight.shape[-2:]
+                x = torch.constant_pad_nd(input, [pw, pw, ph, ph]) if ph or pw else input
+                x = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C_in, H_out, W_out, kh, kw)
+                b, c_in, ho, wo = x.shape[:4]
+                xg = x.reshape(b, g, c_in // g, ho, wo, kh, kw)
+                wg = weight.reshape(g, weight.shape[0] // g, weight.shape[1], kh, kw)
+                out = torch.einsum("bgchwij,gocij->bgohw", xg, wg).reshape(b, weight.shape[0], ho, wo)
+                return out + bias[:, None, None] if bias is not None else out
+            return orig2(input, weight, bias, stride, padding, dilation, groups)
+
+        F.conv1d, F.conv2d = conv1d, conv2d
 
     def __exit__(self, *exc: object) -> None:
-        F.conv1d = self._orig
+        F.conv1d, F.conv2d = self._orig
 
 
 class _ScatterBoolValue:
@@ -256,6 +283,32 @@ class _Counted:
     notes: list[str]
 
 
+def _trace_synthesized(module: nn.Module, mi: ModelInputs, attention: str, method: str,
+                       failures: list[tuple[str, BaseException]], synthesized: bool,
+                       ) -> tuple[_Counted | None, ModelInputs]:
+    """One trace; where synthesized token ids were not what the forward needs (images, audio), again with
+    those inputs added (``media_inputs``). Failures are appended to ``failures``: the first, and the last
+    retry's."""
+    on_meta = method == "meta"
+    try:
+        return _trace_count(module, mi, attention, on_meta=on_meta), mi
+    except Exception as e:  # noqa: BLE001 - the model's forward failed under the trace
+        failures.append((method, e))
+        wanted = needed_inputs(e, module) if synthesized else []
+    last = None
+    for candidate in media_inputs(module, mi, wanted) if wanted else ():
+        try:
+            counted = _trace_count(module, candidate, attention, on_meta=on_meta)
+        except Exception as e:  # noqa: BLE001 - the next shape may be the one it reads
+            last = e
+            continue
+        failures.pop()  # token ids alone were not its inputs: the candidate's note says what was added
+        return counted, candidate
+    if last is not None:
+        failures.append((f"{method} with {' and '.join(wanted)}", last))
+    return None, mi
+
+
 def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bool) -> _Counted:
     root = _Call(module, mi)
     flat = root.flat_inputs()
@@ -276,7 +329,7 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
             if on_meta:
                 # fvcore names the modules when it is built: build it on the traced prefix
                 with _OnMeta(module), traceable_experts(module) as switched, traced_prefix(module, plan), \
-                        _MetaDepthwiseConv():
+                        _MetaConv():
                     fca = _flop_analysis(root, flat)
                     fca.set_op_handle(**handles)
                     fca.total()
@@ -375,7 +428,7 @@ def count_flops(
         params = parameter_counts(module)
     except Exception as e:  # noqa: BLE001 - an odd module's parameters; the count goes on without them
         params = {"unavailable": describe_error(e)}
-    failures: list[str] = []
+    failures: list[tuple[str, BaseException]] = []
     last_mi: ModelInputs | None = None
     for method, dev in plan:
         b = 1 if method == "real-batch-1" else batch_size
@@ -384,19 +437,17 @@ def count_flops(
                 mi = synthesize_inputs(module, b, seq_len, tgt_seq_len=tgt_seq_len, device=dev)
             else:
                 mi = coerce_inputs(module, inputs, b, seq_len, dev)
-        except TypeError:
+        except TypeError as e:
             if inputs is not None and not callable(inputs):
                 raise
-            failures.append(f"inputs: {describe_error(sys.exc_info()[1])}")
+            failures.append(("inputs", e))
             break
         except Exception as e:  # noqa: BLE001 - a user's make_inputs or an odd module
-            failures.append(f"inputs: {describe_error(e)}")
+            failures.append(("inputs", e))
             break
         last_mi = mi
-        try:
-            counted = _trace_count(module, mi, attention, on_meta=(method == "meta"))
-        except Exception as e:  # noqa: BLE001 - the model's forward failed under the trace
-            failures.append(f"{method} trace: {describe_error(e)}")
+        counted, mi = _trace_synthesized(module, mi, attention, method, failures, synthesized=inputs is None)
+        if counted is None:
             continue
 
         scale = 1
@@ -407,7 +458,7 @@ def count_flops(
                 notes.append(f"traced one example with real tensors on {dev} and scaled by batch_size")
             else:
                 notes.append(f"traced the given inputs with real tensors on {dev}")
-        notes.extend(f"fell back after {f}" for f in failures)
+        notes.extend(fallback_note(m, e, module, inputs is None) for m, e in failures)
         by_part = {k: v * scale for k, v in counted.by_part.items()}
         saved = counted.calls.get("window_saved", 0) * scale
         if saved:
@@ -437,7 +488,8 @@ def count_flops(
     mi = last_mi
     return FlopsResult(
         available=False,
-        reason="; ".join(failures) or "nothing to trace",
+        reason=unavailable_reason(failures, module, synthesized=inputs is None),
+        errors=tuple(f"{m}: {describe_error(e)}" for m, e in failures),
         attention=attention,
         family=mi.family if mi else None,
         batch_size=batch_size,

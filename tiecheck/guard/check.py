@@ -83,7 +83,8 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
     """
     out = Outcome(target=t.target)
     try:
-        report = analyze(t.resolved, key=t.key, trust_pickle=t.trust_pickle, trust_remote_code=t.trust_remote_code)
+        report = analyze(t.resolved, key=t.key, trust_pickle=t.trust_pickle, trust_remote_code=t.trust_remote_code,
+                         ignore=t.ignore)
         state = TieState.from_report(report)
         out.groups = len(report.tie_groups)
         missing = sorted({n for g in t.not_tied for n in g if n not in state.names})
@@ -100,7 +101,7 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
                 raise TiecheckError(f"no snapshot {out.snapshot} yet: rerun the same command with --update "
                                     f"to write it, then commit it")
             if update:
-                errors = [f for f in report.findings if f["severity"] == "error"]
+                errors = [f for f in report.findings if f["severity"] == "error" and not f.get("ignored")]
                 if errors and not accept_errors:
                     what = "; ".join(f"{f['code']} {', '.join(f['names'])}" for f in errors)
                     n = len(errors)
@@ -132,10 +133,12 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
                 out.origins.setdefault(f["message"], fail_on_origin)
     if t.declared_agrees:
         # Declared against physical and stored: these fail whatever their severity.
-        disagree = [f for f in report.findings if f["code"] in DECLARED_DISAGREE and f not in failing]
+        disagree = [f for f in report.findings
+                    if f["code"] in DECLARED_DISAGREE and f not in failing and not f.get("ignored")]
         if t.source is not None:
             out.origins.update((f["message"], shown(t.source)) for f in disagree)
         failing = failing + disagree
     out.failing = expected + failing
-    out.warnings = [f for f in report.findings if f["severity"] == "warning" and f not in failing]
+    out.warnings = [f for f in report.findings
+                    if f["severity"] == "warning" and f not in failing and not f.get("ignored")]
     return out

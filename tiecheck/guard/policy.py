@@ -3,6 +3,7 @@
     [tool.tiecheck]
     fail-on = "warning"                      # error | warning | never (default: error)
     declared-agrees = true                   # declared and physical/stored layers must agree (TC015-TC018)
+    ignore = ["TC006", "TC005:*.rotary_emb.*"]   # findings that never fail: a code, or a code:glob over names
 
     [[tool.tiecheck.targets]]
     target = "tests/models.py:build_gpt"     # anything `tiecheck inspect` takes
@@ -14,6 +15,7 @@
     trust-pickle = false
     trust-remote-code = false               # let a Hugging Face folder's own code build it
     declared-agrees = true                   # this target only
+    ignore = ["TC010"]                       # added to the global list for this target
 
 Paths (targets, `file.py:factory` specs, snapshots) are relative to the folder of the
 pyproject.toml, so the check gives the same answer from any sub-folder. The file is found by
@@ -32,16 +34,17 @@ from typing import Any
 
 from tiecheck.errors import TiecheckError
 from tiecheck.report import FAIL_ON
+from tiecheck.report.ignore import parse_ignore
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-TOP_KEYS = ("fail-on", "declared-agrees", "targets")
+TOP_KEYS = ("fail-on", "declared-agrees", "ignore", "targets")
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 TARGET_KEYS = ("target", "expect", "tied", "not-tied", "fail-on", "key", "trust-pickle", "trust-remote-code",
-               "declared-agrees")
+               "declared-agrees", "ignore")
 
 
 class PolicyError(TiecheckError):
@@ -62,6 +65,8 @@ class TargetPolicy:
     source: Path | None = None  # the pyproject.toml that lists it
     # Declared and physical/stored layers must agree: TC015-TC018 fail whatever fail-on says.
     declared_agrees: bool = False
+    # Findings to ignore (``tiecheck.report.ignore``): the global list, then this target's own.
+    ignore: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class Policy:
     fail_on: str = "error"
     targets: tuple[TargetPolicy, ...] = field(default_factory=tuple)
     declared_agrees: bool = False
+    ignore: tuple[str, ...] = ()
 
     def find(self, target: str) -> TargetPolicy | None:
         """The policy entry for a target given on the command line: as written, or the same file or spec
@@ -81,7 +87,8 @@ class Policy:
         return None
 
     def default_for(self, target: str) -> TargetPolicy:
-        return TargetPolicy(target=target, resolved=target, fail_on=self.fail_on, declared_agrees=self.declared_agrees)
+        return TargetPolicy(target=target, resolved=target, fail_on=self.fail_on, declared_agrees=self.declared_agrees,
+                            ignore=self.ignore)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -129,6 +136,17 @@ def _fail_on(value: Any, where: str) -> str:
     return value
 
 
+def _ignore(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise PolicyError(f"{where}: ignore = {value!r}; expected a list such as [\"TC005\", \"TC005:*.rotary_emb.*\"]")
+    for v in value:
+        try:
+            parse_ignore(v)
+        except ValueError as e:
+            raise PolicyError(f"{where}: ignore: {e}") from None
+    return tuple(v.strip() for v in value)
+
+
 def _groups(value: Any, where: str, minimum: int) -> tuple[tuple[str, ...], ...]:
     ok = isinstance(value, list) and all(
         isinstance(g, list) and len(g) >= minimum and all(isinstance(n, str) and n for n in g) for g in value)
@@ -171,6 +189,7 @@ def parse_policy(table: Any, path: Path) -> Policy:
     _unknown(table, TOP_KEYS, where)
     fail_on = _fail_on(table.get("fail-on", "error"), where)
     declared_agrees = _flag(table, "declared-agrees", False, where)
+    ignore = _ignore(table.get("ignore", []), where)
     entries = table.get("targets", [])
     if not isinstance(entries, list):
         raise PolicyError(f"{where}: 'targets' must be an array of tables: [[tool.tiecheck.targets]]")
@@ -205,8 +224,9 @@ def parse_policy(table: Any, path: Path) -> Policy:
             trust_remote_code=t.get("trust-remote-code", False),
             source=path,
             declared_agrees=t.get("declared-agrees", declared_agrees),
+            ignore=ignore + tuple(v for v in _ignore(t.get("ignore", []), here) if v not in ignore),
         ))
-    return Policy(path=path, fail_on=fail_on, targets=tuple(targets), declared_agrees=declared_agrees)
+    return Policy(path=path, fail_on=fail_on, targets=tuple(targets), declared_agrees=declared_agrees, ignore=ignore)
 
 
 def _flag(table: dict, key: str, default: bool, where: str) -> bool:

@@ -35,8 +35,14 @@ def declaration(kind: str, value: Any, *, file: str | None = None, key: str | No
     return {"kind": kind, "value": value, "origin": origin, **more}
 
 
-def pair(target: str, source: str, declared: bool, by: str) -> dict[str, Any]:
-    return {"names": [target, source], "declared": declared, "by": [by]}
+def pair(target: str, source: str, declared: bool, by: str, written: list[bool] | None = None) -> dict[str, Any]:
+    """One declared pair; ``written`` holds the values a config file writes for the flag that declares it,
+    where the value a class resolves may differ (T5Config resolves tie_word_embeddings to true whatever
+    config.json says)."""
+    out = {"names": [target, source], "declared": declared, "by": [by]}
+    if written is not None:
+        out["written"] = list(written)
+    return out
 
 
 def merge_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -49,6 +55,8 @@ def merge_pairs(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row = out[k]
             row["by"] += [b for b in p["by"] if b not in row["by"]]
             row["claims"].update({b: v for b, v in claims.items() if b not in row["claims"]})
+            if "written" in p:
+                row["written"] = row.get("written", []) + [v for v in p["written"] if v not in row.get("written", [])]
         else:
             out[k] = row = {**p, "by": list(p["by"]), "claims": claims}
         row["conflict"] = len(set(row["claims"].values())) > 1
@@ -109,14 +117,55 @@ def raw_config_ties(cfg: Mapping[str, Any], file: str = "config.json") -> tuple[
     return decls, notes
 
 
-def resolved_tie(config: Any, raw: list[dict], file: str = "config.json") -> dict | None:
-    """What the config class makes of ``tie_word_embeddings`` (e.g. LlavaConfig copies text_config's)."""
+def resolved_tie(config: Any, raw: list[dict], file: str = "config.json", path: str = "") -> dict | None:
+    """What the config class makes of ``tie_word_embeddings`` (e.g. LlavaConfig copies text_config's);
+    ``path`` is where that config sits in config.json ("" at the top, "decoder" for an encoder-decoder's)."""
     value = getattr(config, "tie_word_embeddings", None)
     if not isinstance(value, bool):
         return None
-    return declaration("tie_word_embeddings", value, file=file, key="tie_word_embeddings",
+    return declaration("tie_word_embeddings", value, file=file, key=_under(path, "tie_word_embeddings"),
                        resolved_by=type(config).__name__,
                        paths=[d["origin"]["key"] for d in raw if d["kind"] == "tie_word_embeddings"])
+
+
+def _under(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def governing_config(model: Any, head: str | None) -> tuple[Any, str]:
+    """(config, its path in config.json) of the sub-model whose flag decides ``head``'s tie.
+
+    transformers reads ``tie_word_embeddings`` from each sub-model's own config (5.x expands every
+    ``PreTrainedModel`` inside a model with that model's config): an ``EncoderDecoderModel``'s head
+    belongs to its decoder, whose config sits under ``decoder`` in config.json. The deepest sub-model
+    holding ``head`` and a config with the flag decides; the top config where none does, or where
+    the sub-model's config is not found in the top one (it is then not what config.json holds).
+    """
+    top = getattr(model, "config", None)
+    if head is None or top is None:
+        return top, ""
+    best, best_path = top, ""
+    for prefix, sub in model.named_modules():
+        cfg = getattr(sub, "config", None)
+        if not prefix or cfg is None or cfg is top or not head.startswith(prefix + "."):
+            continue
+        if isinstance(getattr(cfg, "tie_word_embeddings", None), bool) and len(prefix) > len(best_path or ""):
+            found = _config_path(top, cfg)
+            if found is not None:
+                best, best_path = cfg, found
+    return best, best_path
+
+
+def _config_path(top: Any, target: Any, depth: int = 0) -> str | None:
+    """The attribute path from config ``top`` to the config object ``target`` ("decoder", "text_config")."""
+    for k, v in vars(top).items():
+        if v is target:
+            return k
+        if depth < MAX_DEPTH and hasattr(v, "to_dict") and not isinstance(v, type):
+            inner = _config_path(v, target, depth + 1)
+            if inner is not None:
+                return f"{k}.{inner}"
+    return None
 
 
 def model_declarations(model: Any, raw_cfg: Mapping[str, Any] | None, *, input_name: str | None,
@@ -134,31 +183,46 @@ def model_declarations(model: Any, raw_cfg: Mapping[str, Any] | None, *, input_n
         file = f"{type(model).__name__}.config"
     decls, notes = raw_config_ties(raw_cfg, file)
     pairs: list[dict] = []
-    resolved = resolved_tie(config, decls, file) if config is not None else None
+    if expanded is None and hasattr(model, "get_expanded_tied_weights_keys"):
+        try:
+            expanded = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+        except Exception as e:  # noqa: BLE001 - transformers raises ValueError on a pattern that matches nothing
+            notes.append(f"{type(model).__name__}._tied_weights_keys could not be expanded ({e})")
+    governing, path = governing_config(model, output_name)
+    # The written values that speak for the governing config: all of them at the top (a class may copy a
+    # nested one, as LlavaConfig copies text_config's), else those under its path only.
+    under = [d for d in decls if not path or d["origin"]["key"].startswith(path + ".")]
+    resolved = resolved_tie(governing, under, file, path) if governing is not None else None
     if resolved is not None:
         decls.append(resolved)
-        if input_name and output_name and input_name != output_name:
+        if resolved["value"] and output_name and expanded is not None and not flag_reaches(expanded, output_name):
+            # transformers ties what the class's tie mapping names, and the flag only switches that mapping on:
+            # a class that names no tie for its head loads it as stored whatever the flag says.
+            notes.append(f"{file} says tie_word_embeddings=true, but {type(model).__name__} ties nothing to "
+                         f"{output_name} (its tie mapping does not name it): transformers loads it as stored, so the "
+                         f"flag is not held against it")
+        elif input_name and output_name and input_name != output_name:
+            written = [d["value"] for d in under if d["kind"] == "tie_word_embeddings"]
             pairs.append(pair(output_name, input_name, resolved["value"],
-                              f"{file} tie_word_embeddings ({resolved['resolved_by']})"))
+                              f"{file} {resolved['origin']['key']} ({resolved['resolved_by']})", written))
             # A value written elsewhere (text_config, decoder) that the class overrides is still read by
             # engines that look there: it joins the row, which then records the disagreement.
-            for d in decls:
-                if d["kind"] == "tie_word_embeddings" and d is not resolved and d["value"] != resolved["value"]:
-                    pairs.append(pair(output_name, input_name, d["value"], f"{file} {d['origin']['key']}"))
+            for d in under:
+                if d["kind"] == "tie_word_embeddings" and d["value"] != resolved["value"]:
+                    pairs.append(pair(output_name, input_name, d["value"], f"{file} {d['origin']['key']}", written))
     raw_keys = getattr(type(model), "_tied_weights_keys", None)
     if raw_keys:
-        if expanded is None and hasattr(model, "get_expanded_tied_weights_keys"):
-            try:
-                expanded = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
-            except Exception as e:  # noqa: BLE001 - transformers raises ValueError on a pattern that matches nothing
-                notes.append(f"{type(model).__name__}._tied_weights_keys could not be expanded ({e})")
-                expanded = None
         shown = dict(raw_keys) if isinstance(raw_keys, Mapping) else list(raw_keys)
         decls.append(declaration("tied_weights_keys", shown, key=f"{type(model).__name__}._tied_weights_keys",
                                  expanded=dict(expanded or {})))
         for target, source in (expanded or {}).items():
             pairs.append(pair(target, source, True, f"{type(model).__name__}._tied_weights_keys"))
     return decls, merge_pairs(pairs), notes
+
+
+def flag_reaches(expanded: Mapping[str, str], head: str) -> bool:
+    """Whether transformers' expanded tie mapping (built with the flag on) ties ``head`` to anything."""
+    return head in expanded or head in expanded.values()
 
 
 def flat_config_pairs(raw_cfg: Mapping[str, Any], embeddings: list[str], heads: list[str],
@@ -196,7 +260,11 @@ def megatron_declarations(obj: Any, names: set[str], file: str) -> tuple[list[di
 
 def embedding_names(module: Any) -> tuple[str | None, str | None]:
     """(input embedding weight, output embedding weight) by module path, so a tied pair keeps two names."""
-    paths = {id(m): p for p, m in module.named_modules(remove_duplicate=False)}
+    paths: dict[int, str] = {}
+    for p, m in module.named_modules(remove_duplicate=False):
+        # A module reached under several paths (transformers 4's T5 shares one embedding as shared,
+        # encoder.embed_tokens and decoder.embed_tokens) is named by its first, the one state_dict keeps.
+        paths.setdefault(id(m), p)
 
     def name(getter: str) -> str | None:
         try:
@@ -208,7 +276,39 @@ def embedding_names(module: Any) -> tuple[str | None, str | None]:
             return None
         return f"{path}.weight" if path else "weight"
 
-    return name("get_input_embeddings"), name("get_output_embeddings")
+    output = name("get_output_embeddings")
+    return head_source(module, output) or name("get_input_embeddings"), output
+
+
+def head_source(module: Any, head: str | None) -> str | None:
+    """The embedding the model's own tie mapping ties ``head`` to.
+
+    ``get_input_embeddings()`` is the encoder's in an encoder-decoder, while the head ties to the
+    decoder's: Marian with separate vocabularies says so in its ``_tied_weights_keys``
+    (``{"lm_head.weight": "model.decoder.embed_tokens.weight"}``), an ``EncoderDecoderModel`` in its
+    decoder's. transformers' own expansion over every sub-model is asked first (5.x, where the
+    config ties), then the module's plain mapping. None where neither names ``head`` (transformers 4
+    lists targets only) or the name is no tensor of the module.
+    """
+    if head is None:
+        return None
+    sources = []
+    if hasattr(module, "get_expanded_tied_weights_keys"):
+        try:
+            sources.append(module.get_expanded_tied_weights_keys(all_submodels=True).get(head))
+        except Exception:  # noqa: BLE001 - transformers raises ValueError on a pattern that matches nothing
+            pass
+    mapping = getattr(module, "_tied_weights_keys", None)
+    if isinstance(mapping, Mapping):
+        sources.append(mapping.get(head))
+    for source in sources:
+        if isinstance(source, str) and source != head:
+            try:
+                module.get_parameter(source)
+            except (AttributeError, TypeError):
+                continue
+            return source
+    return None
 
 
 def live_model_declarations(module: Any) -> tuple[list[dict], list[dict], list[str]]:

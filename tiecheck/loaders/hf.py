@@ -42,7 +42,15 @@ from tiecheck.errors import TargetError
 from tiecheck.facts import TensorFact, fact_of, tensor_facts
 from tiecheck.findings import Finding, finding
 from tiecheck.loaders.content import TorchContentReader, tensor_layout
-from tiecheck.loaders.declared import embedding_names, flat_config_pairs, merge_pairs, model_declarations
+from tiecheck.loaders.declared import (
+    embedding_names,
+    flag_reaches,
+    flat_config_pairs,
+    governing_config,
+    head_source,
+    merge_pairs,
+    model_declarations,
+)
 from tiecheck.loaders.detect import (
     HF_CONFIG,
     SAFETENSORS,
@@ -160,6 +168,8 @@ class Architecture:
     version: str
     notes: list[str] = field(default_factory=list)
     module: Any = None  # the meta-device module itself (for FLOPs)
+    # ``declared`` is transformers' own expansion (5.x); False where it could not be had (4.x)
+    mapping_known: bool = False
 
     def group_of(self, name: str) -> tuple[str, ...] | None:
         for g in self.groups:
@@ -301,13 +311,16 @@ def _describe(model, name: str, version: str) -> Architecture:
     for k, v in sd.items():
         by_id.setdefault(id(v), []).append(k)
     groups = [tuple(sorted(v)) for v in by_id.values() if len(v) > 1]
-    declared = {}
+    declared, mapping_known = {}, False
     if hasattr(model, "get_expanded_tied_weights_keys"):
         with contextlib.suppress(Exception):
             declared = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+            mapping_known = True
     name_of = {id(v): k for k, v in reversed(list(sd.items()))}
     # The module's own name first: a tied head's weight is also the embedding's, whose name comes first.
-    module_name = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    module_name: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        module_name.setdefault(id(m), n)  # a shared module (transformers 4's T5 embedding) by its first path
 
     def weight_name(getter: str) -> str | None:
         try:
@@ -320,19 +333,25 @@ def _describe(model, name: str, version: str) -> Architecture:
             return own
         return name_of.get(id(w)) if w is not None else None
 
-    config = getattr(model, "config", None)
+    head = weight_name("get_output_embeddings")
+    # The flag of the sub-model the head belongs to (an encoder-decoder's decoder), as transformers reads it.
+    config, _ = governing_config(model, head)
     tie = getattr(config, "tie_word_embeddings", None)
     return Architecture(name=name, keys=list(sd), groups=sorted(groups), declared=declared, module=model,
+                        mapping_known=mapping_known,
                         prefix=getattr(model, "base_model_prefix", "") or "",
                         tie_word_embeddings=tie if isinstance(tie, bool) else None,
-                        input_embedding=weight_name("get_input_embeddings"),
-                        output_embedding=weight_name("get_output_embeddings"), version=version)
+                        # The embedding the head ties to, where the model's tie mapping names it (Marian with
+                        # separate vocabularies: the decoder's, not get_input_embeddings(), the encoder's).
+                        input_embedding=head_source(model, head) or weight_name("get_input_embeddings"),
+                        output_embedding=head, version=version)
 
 
 # -- files against architecture ---------------------------------------------------------------
 
 def match_keys(file_keys: list[str], arch_keys: list[str], prefix: str) -> tuple[dict[str, str], str]:
-    """file key -> architecture key, allowing for a base-model prefix added or dropped on save."""
+    """file key -> architecture key, allowing for a base-model prefix added or dropped on save: transformers
+    4's rule (one decision for the whole checkpoint), used where transformers has no per-key mapping."""
     arch = set(arch_keys)
     options = [("", lambda k: k)]
     if prefix:
@@ -344,60 +363,112 @@ def match_keys(file_keys: list[str], arch_keys: list[str], prefix: str) -> tuple
         m = {k: fn(k) for k in file_keys if fn(k) in arch}
         if len(m) > best_n:
             best, best_how, best_n = m, how, len(m)
-    # Two file keys must not land on one architecture key.
-    seen: dict[str, str] = {}
-    for k, v in list(best.items()):
-        if v in seen:
-            del best[k]
-        seen.setdefault(v, k)
-    return best, best_how
+    return _one_to_one(best), best_how
 
 
-def load_time_keys(keys: list[str], arch: Architecture) -> tuple[dict[str, str], dict[str, str]]:
-    """Where transformers' own load-time key mapping sends file keys the plain match left over.
+def _one_to_one(mapping: dict[str, str]) -> dict[str, str]:
+    """``mapping`` without the keys that land on an architecture key another file key took first."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for k, v in mapping.items():
+        if v not in taken:
+            out[k] = v
+            taken.add(v)
+    return out
 
-    transformers 5 renames and converts checkpoint keys while it loads (``conversion_mapping.py``):
-    legacy names are renamed one to one, and a mixture-of-experts layer saved one tensor per expert
-    is fused into the one tensor per layer its architecture holds. Its ``rename_source_key`` is
-    used as is, so the answer is what this transformers does; a hand-written copy of its patterns
-    would drift from it.
+
+def load_time_keys(keys: list[str], arch: Architecture) -> tuple[dict[str, str], dict[str, tuple[str, ...]]] | None:
+    """Where ``from_pretrained`` sends each file key, asked of transformers' own key mapping.
+
+    transformers 5 maps every checkpoint key while it loads (``core_model_loading``): legacy names
+    renamed one to one, checkpoint conversion mappings applied (Qwen2-VL's ``model.`` ->
+    ``model.language_model.``), the base-model prefix added or dropped key by key, and a
+    mixture-of-experts layer saved one tensor per expert fused into the one tensor its architecture
+    holds. The loop below is ``convert_and_load_state_dict_in_model``'s, calling its
+    ``rename_source_key`` with the mapping ``from_pretrained`` builds (``get_model_conversion_mapping``),
+    so the answer is what this transformers does; a hand-written copy of its patterns would drift.
 
     Args:
-        keys: file keys that match no architecture key by name or base-model prefix.
+        keys: the file keys.
         arch: the architecture, built on the meta device.
 
     Returns:
-        ``(renamed, converted)``, each file key -> architecture key: ``renamed`` for one-to-one
-        renamings, ``converted`` for keys a converter merges with others. Both empty with
-        transformers 4 (no conversion mapping) or an architecture without a module.
+        ``(renamed, converted)``: ``renamed`` maps a key loaded one to one to its architecture key
+        (a key that stays the same included); ``converted`` maps a key a converter merges with others,
+        or splits, to the architecture keys it feeds. None where transformers has no such mapping (4.x) or there is no module.
     """
-    if not keys or arch.module is None:
-        return {}, {}
+    if arch.module is None:
+        return None
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415 - transformers is the `hf` extra, 5.x only
         from transformers.core_model_loading import (  # noqa: PLC0415 - idem
             WeightConverter,
             WeightRenaming,
+            dot_natural_key,
             rename_source_key,
         )
     except ImportError:
-        return {}, {}
+        return None
     try:
         transforms = get_model_conversion_mapping(arch.module)
-    except Exception:  # noqa: BLE001 - a mapping this model cannot give: the plain match stands, as in 4.x
-        return {}, {}
+    except Exception:  # noqa: BLE001 - a mapping this model cannot give: keys are matched as they are
+        transforms = []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    if not renamings and not converters:
-        return {}, {}
     known = dict.fromkeys(arch.keys, True)
+    # from_pretrained passes the model's base_model_prefix as it is ("" included).
+    prefix = getattr(arch.module, "base_model_prefix", arch.prefix)
+    targets = {p: c.target_patterns for c in converters for p in c.source_patterns}
     renamed: dict[str, str] = {}
-    converted: dict[str, str] = {}
-    for k in keys:
-        new, pattern = rename_source_key(k, renamings, converters, arch.prefix or None, known)
-        if new != k and new in known:
-            (converted if pattern is not None else renamed)[k] = new
+    converted: dict[str, tuple[str, ...]] = {}
+    # In transformers' order: some renamings hold state from one key to the next (a guard pattern).
+    for k in sorted(keys, key=dot_natural_key):
+        new, pattern = rename_source_key(k, renamings, converters, prefix, known)
+        if new not in known and k in known:
+            new, pattern = rename_source_key(k, [], [], base_model_prefix=prefix, meta_state_dict=known)
+        if new not in known:
+            continue
+        if pattern is None:
+            renamed[k] = new
+        else:
+            # A one-to-many converter (a fused qkv split in three) fills every target: the key names its first.
+            first, *others = targets[pattern]
+            converted[k] = (new, *(t for t in (new.replace(first, o) for o in others) if t in known))
     return renamed, converted
+
+
+def renaming_mapping_4x(keys: list[str], arch: Architecture) -> dict[str, str] | None:
+    """Where transformers 4 (4.5x) sends each file key: its ``_load_pretrained_model``'s own steps.
+
+    The base-model prefix is added or dropped for the whole checkpoint, as that loader decides it,
+    and each key goes through the model's ``_get_key_renaming_mapping`` (legacy ``gamma``/``beta``
+    names, and the class's ``_checkpoint_conversion_mapping`` for the vision-language models the
+    loader applies it to: Qwen2-VL's ``model.`` -> ``model.language_model.``).
+
+    Returns:
+        file key -> architecture key for the keys that land on one; None where the model has no
+        such method (transformers before 4.5x, or a module that is not a ``PreTrainedModel``).
+    """
+    model = arch.module
+    rename = getattr(model, "_get_key_renaming_mapping", None)
+    if rename is None:
+        return None
+    try:
+        from transformers.modeling_utils import VLMS  # noqa: PLC0415 - transformers 4.x: the classes it maps keys for
+    except ImportError:
+        VLMS = ()  # noqa: N806 - the name transformers gives it
+    key_mapping = None
+    if any(n in c.__name__.lower() for c in type(model).__mro__[:-1] for n in VLMS):
+        key_mapping = getattr(type(model), "_checkpoint_conversion_mapping", None) or None
+    prefix = model.base_model_prefix
+    has_prefix = bool(prefix) and any(k.startswith(prefix) for k in keys)
+    expects_prefix = bool(prefix) and hasattr(model, prefix)
+    try:
+        mapping = rename(keys, key_mapping, has_prefix and not expects_prefix, expects_prefix and not has_prefix)
+    except Exception:  # noqa: BLE001 - transformers raises on a state dict it calls corrupted: matched by name then
+        return None
+    known = set(arch.keys)
+    return {k: v for k, v in sorted(mapping.items()) if v in known}
 
 
 @dataclass
@@ -407,27 +478,53 @@ class KeyMap:
 
     to_arch: dict[str, str]  # file key -> architecture key, one to one
     notes: list[str]
-    converted: dict[str, str]  # file key -> the architecture key transformers builds from it and others
+    converted: dict[str, tuple[str, ...]]  # file key -> the architecture keys transformers builds from it (and others)
+    # file key -> the architecture key it lands on after another file key that fills it: transformers loads
+    # the first in its own order and says nothing of the second (neither missing nor unexpected)
+    shadowed: dict[str, str] = field(default_factory=dict)
 
 
 def key_map(file_keys: list[str], arch: Architecture) -> KeyMap:
-    """The file keys matched to the architecture's by name, base-model prefix, then transformers'
-    load-time renamings; and the keys its converters merge (see ``load_time_keys``)."""
-    mapping, how = match_keys(file_keys, arch.keys, arch.prefix)
-    notes = [f"file keys matched to the architecture after {how}"] if how else []
-    renamed, converted = load_time_keys([k for k in file_keys if k not in mapping], arch)
-    taken = set(mapping.values())
-    fresh: dict[str, str] = {}
-    for k, v in renamed.items():  # as in match_keys, two file keys never land on one architecture key
-        if v not in taken:
-            fresh[k] = v
-            taken.add(v)
-    mapping.update(fresh)
-    if fresh:
-        k, v = next(iter(fresh.items()))
-        notes.append(f"{len(fresh)} file key{'s' if len(fresh) != 1 else ''} matched to the architecture after "
+    """The file keys matched to the architecture's as ``from_pretrained`` matches them (``load_time_keys``);
+    with transformers 4, by name and a base-model prefix added or dropped for the whole checkpoint."""
+    known = set(arch.keys)
+    if all(k in known for k in file_keys):
+        return KeyMap({k: k for k in file_keys}, [], {})  # every key is the architecture's: nothing to map
+    found = load_time_keys(file_keys, arch)
+    if found is None:
+        renamed = renaming_mapping_4x(file_keys, arch)
+        if renamed is None:
+            mapping, how = match_keys(file_keys, arch.keys, arch.prefix)
+            return KeyMap(mapping, [f"file keys matched to the architecture after {how}"] if how else [], {})
+        found = renamed, {}
+    renamed, converted = found
+    mapping = _one_to_one(renamed)
+    shadowed = {k: v for k, v in renamed.items() if k not in mapping}
+    notes = _mapping_notes(mapping, arch.prefix)
+    if shadowed:
+        k, v = next(iter(shadowed.items()))
+        notes.append(f"{len(shadowed)} file key{'s' if len(shadowed) != 1 else ''} land{'s' if len(shadowed) == 1 else ''} "
+                     f"on an architecture key another file key fills first (e.g. {k} -> {v}, filled by "
+                     f"{next(f for f, a in mapping.items() if a == v)}): transformers loads the first, in its own "
+                     f"order, and drops the other without a word")
+    return KeyMap(mapping, notes, converted, shadowed)
+
+
+def _mapping_notes(mapping: dict[str, str], prefix: str) -> list[str]:
+    """What the mapping did to the keys, as the report's notes: a prefix added or dropped, keys renamed."""
+    p = f"{prefix}." if prefix else None
+    added = [k for k, v in mapping.items() if p and v == p + k]
+    removed = [k for k, v in mapping.items() if p and k == p + v]
+    other = [(k, v) for k, v in mapping.items() if k != v and k not in set(added) | set(removed)]
+    notes = []
+    for keys, how in ((added, f"added prefix '{p}'"), (removed, f"removed prefix '{p}'")):
+        if keys:
+            notes.append(f"{len(keys)} file key{'s' if len(keys) != 1 else ''} matched to the architecture after {how}")
+    if other:
+        k, v = other[0]
+        notes.append(f"{len(other)} file key{'s' if len(other) != 1 else ''} matched to the architecture after "
                      f"transformers' load-time renaming (e.g. {k} -> {v})")
-    return KeyMap(mapping, notes, converted)
+    return notes
 
 
 def _same_memory(a, b) -> bool:
@@ -467,10 +564,11 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
     file_key = {v: k for k, v in mapping.items()}
     notes: list[str] = list(keys.notes)
     stored = RenamedTensors(files, file_key)  # architecture name -> the file's tensor, made when read
-    unexpected = [k for k in files if k not in mapping and k not in converted]
+    unexpected = [k for k in files if k not in mapping and k not in converted and k not in keys.shadowed]
     pieces: dict[str, list[str]] = {}  # architecture key transformers builds on load -> the file keys merged into it
-    for k, v in converted.items():
-        pieces.setdefault(v, []).append(k)
+    for k, vs in converted.items():
+        for v in vs:
+            pieces.setdefault(v, []).append(k)
     findings: list[Finding] = []
     alias_of: dict[str, str] = {}
     redundant = 0
@@ -481,10 +579,16 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
             continue
         # Keep the name transformers ties to (the mapping's source) when it is stored.
         sources = {arch.declared.get(n) for n in group} - {None}
+        # Without transformers 5's mapping, transformers 4 ties the output embedding to the input one.
+        sources = sources or {arch.input_embedding}
         base = next((n for n in present if n in sources), present[0])
         differing = []
         for n in present:
             if n == base:
+                continue
+            if stored[n].dtype != stored[base].dtype:
+                # Values in different formats (a quantized head beside the embedding) are not compared: the
+                # packed-head check (TC022) and the declared layer say what they are.
                 continue
             eq = _equal(stored[base], stored[n], (spans.get(file_key[base]), spans.get(file_key[n])))
             if eq is False:
@@ -527,7 +631,9 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
             missing.append(k)
     # Tensors the architecture does not name keep their file names; so do the pieces a converter
     # merges: the analyses see what the files store.
-    for k in [k for k in files if k in converted] + unexpected:
+    for k in [k for k in files if k in converted or k in keys.shadowed] + unexpected:
+        if k in names:
+            continue  # a shadowed key of the architecture's own name: the name is the tensor transformers loads
         names[k] = k
         if k in spans:
             out_spans[k] = spans[k]
@@ -535,7 +641,9 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
 
     head, emb = arch.output_embedding, arch.input_embedding
     arch_ties = bool(head and emb and arch.group_of(head) and emb in arch.group_of(head))
-    if cfg_tie is not None and head and emb and cfg_tie != arch_ties:
+    # A class whose tie mapping names no tie for its head loads it as stored whatever the flag says.
+    inert = bool(cfg_tie and head and arch.mapping_known and not flag_reaches(arch.declared, head))
+    if cfg_tie is not None and head and emb and cfg_tie != arch_ties and not inert:
         findings.append(finding(
             "TC011", f"config.json says tie_word_embeddings={str(cfg_tie).lower()}, but {arch.name} "
                      f"{'does not tie' if cfg_tie else 'ties'} {head} to {emb}", [head, emb]))
@@ -553,10 +661,12 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
         notes.append(f"{len(unexpected)} tensor(s) in the files are not in {arch.name} (e.g. "
                      f"{', '.join(unexpected[:3])}); transformers ignores them on load")
     if converted:
-        k, v = next(iter(converted.items()))
-        notes.append(f"{len(converted)} tensor(s) in the files are merged on load into {len(pieces)} tensor(s) of "
-                     f"{arch.name} by transformers' conversion mapping (e.g. {k} -> {v}); they are analysed as "
-                     f"stored, under their file names")
+        k, vs = next(iter(converted.items()))
+        split = [len(v) > 1 for v in converted.values()]
+        how = "split" if all(split) else "merged or split" if any(split) else "merged"
+        notes.append(f"{len(converted)} tensor(s) in the files are {how} on load into {len(pieces)} tensor(s) of "
+                     f"{arch.name} by transformers' conversion mapping (e.g. {k} -> {', '.join(vs)}); they are "
+                     f"analysed as stored, under their file names")
     facts = {"missing": missing, "unexpected": unexpected, "absent_tied": [list(g) for g in absent_tied],
              "converted": {v: sorted(pieces[v]) for v in sorted(pieces)}}
     return tensors, findings, notes, facts, out_spans
@@ -657,7 +767,7 @@ def folder_declarations(files: Subject, facts: list[TensorFact], cfg: dict, arch
     if arch is not None:
         inp, out = embedding_names(arch.module)
         more_decls, more_pairs, notes = model_declarations(arch.module, cfg, input_name=inp, output_name=out,
-                                                           expanded=arch.declared)
+                                                           expanded=arch.declared if arch.mapping_known else None)
     else:
         embeds = [f.name for f in facts if is_embedding(f)]
         heads = [f.name for f in facts if is_output_projection(f) and not is_embedding(f)]

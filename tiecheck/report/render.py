@@ -136,16 +136,24 @@ def _text(r: Report, markdown: bool) -> str:
     if r.flops:
         out += ["", h("Forward FLOPs")] + _flops_lines(r.flops, tablefmt)
 
-    out += ["", h(f"Findings ({len(r.findings)})")]
+    ignored = [f for f in r.findings if f.get("ignored")]
+    kept = [f for f in r.findings if not f.get("ignored")]
+    out += ["", h(f"Findings ({len(kept)}" + (f", {len(ignored)} ignored)" if ignored else ")"))]
     if not r.findings:
         out.append("no findings")
-    for f in r.findings:
+    for f in kept:
         if markdown:
             out.append(f"- **{f['severity']}** `{f['code']}` {f['message']}  \n  hint: {f['hint']}")
         else:
             out.append(f"{f['severity']:<8}{f['code']} {f['message']}")
             if f.get("hint"):
                 out.append(f"{'':<8}      hint: {f['hint']}")
+    # Ignored findings last, one line each: still shown, so an ignore never hides what it covers.
+    for f in ignored:
+        if markdown:
+            out.append(f"- ignored ({f['ignored_by']}): {f['severity']} `{f['code']}` {f['message']}")
+        else:
+            out.append(f"{'ignored':<8}{f['code']} ({f['severity']}, by {f['ignored_by']}) {f['message']}")
     return "\n".join(out) + "\n"
 
 

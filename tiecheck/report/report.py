@@ -113,6 +113,8 @@ class Report:
             raise ValueError(f"fail_on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
         out = []
         for f in self.findings:
+            if f.get("ignored"):
+                continue  # ignored on purpose (``ignore`` in [tool.tiecheck], ``--ignore``): never fails
             if f["code"] in EXPECTATION_CODES:
                 out.append(f)
             elif fail_on != "never" and SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[fail_on]:
