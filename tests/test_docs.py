@@ -357,10 +357,12 @@ def test_command_examples_use_real_commands_and_options(page):
 
 def options_outside_tiecheck() -> set[str]:
     """Options the pages name that belong to other programs: the pytest plugin's, the mutation
-    runner's (both read from their own code), torchrun's, and pytest-benchmark's namespace."""
+    runner's and the benchmark scripts' (read from their own code), torchrun's, and pytest-benchmark's
+    namespace."""
     plugin = (ROOT / "tiecheck" / "pytest_plugin" / "plugin.py").read_text(encoding="utf-8")
-    runner = (ROOT / "tests" / "mutation" / "mutants.py").read_text(encoding="utf-8")
-    found = re.findall(r'addoption\("(--[\w-]+)"', plugin) + re.findall(r'add_argument\("(--[\w-]+)"', runner)
+    scripts = [ROOT / "tests" / "mutation" / "mutants.py", *sorted((ROOT / "benchmarks").glob("*.py"))]
+    argparse_options = [o for p in scripts for o in re.findall(r'add_argument\("(--[\w-]+)"', p.read_text("utf-8"))]
+    found = re.findall(r'addoption\("(--[\w-]+)"', plugin) + argparse_options
     return set(found) | {"--standalone"}  # torch.distributed.run's single-node rendezvous
 
 

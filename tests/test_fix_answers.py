@@ -64,7 +64,7 @@ def test_a_cloned_head_in_a_safetensors_file_becomes_an_alias(tmp_path):
 
 def test_every_finding_left_is_listed_with_the_command_that_answers_it(tmp_path):
     state = _state(clone_head=False)
-    state["blocks.1.w"] = state["blocks.0.w"].clone()  # equal copies nothing declares one tensor: a warning
+    state["blocks.1.w"] = state["blocks.0.w"].clone()  # equal copies nothing declares one tensor
     src = write_safetensors(tmp_path / "copies.safetensors", state)
     out = tmp_path / "out.safetensors"
     r = _cli(src, "-o", out, "--dry-run")
@@ -73,12 +73,24 @@ def test_every_finding_left_is_listed_with_the_command_that_answers_it(tmp_path)
     command = f"tiecheck fix {src} -o {out} --tie blocks.1.w=blocks.0.w"
     assert "TC005 blocks.0.w, blocks.1.w: equal copies that nothing declares one tensor" in r.output
     assert command in r.output
-    assert "info finding (TC006): observations with nothing to repair" in r.output
+    # The untied embedding and head (TC006, info) can be answered by a tie too, on the user's word.
+    assert ("TC006 head.weight, tok_emb.weight: untied, with different values: tying makes one hold the other's"
+            in r.output)
+    assert f"tiecheck fix {src} -o {out} --tie head.weight=tok_emb.weight" in r.output
     # The command it names answers the finding, and the check counts it.
     r = _cli(*shlex.split(command)[2:])
     assert r.exit_code == 0, r.output
     assert "pass  findings answered: 1 answered (TC005), none remains" in r.output
     assert "TC005 blocks" not in r.output.split("checks:")[0].split("not answered:")[-1]
+
+
+def test_info_findings_no_tie_answers_are_counted_in_one_line(tmp_path):
+    flat = torch.arange(64.0)
+    src = tmp_path / "nested.pt"
+    torch.save({"flat": flat, "w": flat[:16].view(4, 4)}, src)  # a view inside another tensor: TC007, info
+    r = _cli(src, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "not answered:\n  1 info finding (TC007): observations with nothing to repair" in r.output
 
 
 def test_tie_counts_the_findings_it_answers(tmp_path):

@@ -367,8 +367,8 @@ def _broken_embedding_ties(report, subject, taken: set[frozenset]) -> list[tuple
 
 
 def _not_answered(plan: Plan, report, subject, command: str) -> list[str]:
-    """Each error and warning the plan leaves, with why and, where tying a pair would answer it, the
-    exact command; the info findings in one line (observations, nothing to repair)."""
+    """Each finding the plan leaves, with why and, where tying a pair would answer it, the exact
+    command; the info findings no tie answers in one line (observations, nothing to repair)."""
     answered = plan.answered
     said = {line.split(":", 1)[0] for line in plan.unanswered}
     out, info = [], []
@@ -376,10 +376,13 @@ def _not_answered(plan: Plan, report, subject, command: str) -> list[str]:
         names = f["names"]
         if (f["code"], frozenset(names)) in answered or f"{f['code']} {', '.join(names)}" in said:
             continue
-        if f["severity"] == "info":
+        tie = _tie_command(f, subject, command)
+        if f["severity"] == "info" and tie is None:
             info.append(f["code"])
             continue
-        out.append(f"{f['code']} {', '.join(names)}: {_why_not(f, subject, command)}")
+        why = _WHY_NOT.get(f["code"], "no action of fix answers it (see its hint in `tiecheck inspect`)")
+        out.append(f"{f['code']} {', '.join(names)}: {why}" + (f"; if they are meant to be one tensor: {tie}"
+                                                                if tie else ""))
     if info:
         codes = sorted(set(info))
         out.append(f"{len(info)} info finding{'s' if len(info) != 1 else ''} ({', '.join(codes)}): observations with "
@@ -387,27 +390,27 @@ def _not_answered(plan: Plan, report, subject, command: str) -> list[str]:
     return out
 
 
-def _why_not(f: dict, subject, command: str) -> str:
-    """Why fix leaves this finding, and the command that answers it where a tie would."""
+# Why fix leaves a finding it could answer only on the user's word.
+_WHY_NOT = {
+    "TC005": "equal copies that nothing declares one tensor (models keep some apart on purpose)",
+    "TC006": "untied, with different values: tying makes one hold the other's (the plan would say what is lost)",
+    "TC010": "two stored copies with different content: decide which one is right",
+}
+
+
+def _tie_command(f: dict, subject, command: str) -> str | None:
+    """The ``--tie`` command that answers ``f``: two names of one shape and dtype in a finding a tie
+    answers; the input embedding is kept where one is named (the head becomes its alias)."""
     names = [n for n in f["names"] if n in subject.tensors]
-    pairable = len(f["names"]) == 2 and len(names) == 2 and f["code"] in TIE_ANSWERS
-    if pairable:
-        a, b = names
-        ta, tb = subject.tensors[a], subject.tensors[b]
-        pairable = tuple(ta.shape) == tuple(tb.shape) and ta.dtype == tb.dtype
-    if f["code"] == "TC005":
-        why = "equal copies that nothing declares one tensor (models keep some apart on purpose)"
-    elif f["code"] == "TC010":
-        why = "two stored copies with different content: decide which one is right"
-    else:
-        why = "no action of fix answers it (see its hint in `tiecheck inspect`)"
-    if pairable:
-        # Keep the input embedding where one is named (the head becomes its alias), else the first name.
-        embeds = [n for n in names if is_embedding(fact_of(n, subject.tensors[n]))]
-        kept = embeds[0] if len(embeds) == 1 else min(names)
-        dropped = next(n for n in names if n != kept)
-        return f"{why}; if they are meant to be one tensor: {command} --tie {dropped}={kept}"
-    return why
+    if f["code"] not in TIE_ANSWERS or len(f["names"]) != 2 or len(names) != 2:
+        return None
+    ta, tb = (subject.tensors[n] for n in names)
+    if tuple(ta.shape) != tuple(tb.shape) or ta.dtype != tb.dtype:
+        return None
+    embeds = [n for n in names if is_embedding(fact_of(n, subject.tensors[n]))]
+    kept = embeds[0] if len(embeds) == 1 else min(names)
+    dropped = next(n for n in names if n != kept)
+    return f"{command} --tie {dropped}={kept}"
 
 
 def _alias_words(layout: str) -> str:
