@@ -58,6 +58,7 @@ def test_planted_transpose_reads_little(benchmark, planted_transpose_file, publi
           f"resident growth {rss_growth / 2**20:.0f} MiB ({rss_growth / size:.1%}); {res['wall_s']:.2f} s "
           f"(the whole analysis, duplicate pass included, imports are setup); the OS counts "
           f"{res['rchar'] / 2**20:.2f} MiB read by the whole analysis (rchar: both passes and the header)")
-    assert res["copies"] == [["a.3", "b.7"]] and res["full"] == 2
+    assert res["copies"] == [["a.3", "b.7"]]
+    assert res["full"] == 2
     assert beyond < 0.05 * size
     assert rss_growth < 0.10 * size

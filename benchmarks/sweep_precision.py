@@ -51,8 +51,9 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import accelerate
 import torch
@@ -661,7 +662,7 @@ def stored_untied_folder(cls, model, work: Path) -> dict[str, Any]:
     cfg["tie_word_embeddings"] = False
     cfg_path.write_text(json.dumps(cfg, indent=2))
     saved = {k: t.detach().clone() for k, t in model.state_dict().items()}
-    report, st = inspect_state(folder)
+    _report, st = inspect_state(folder)
     truth = load_truth(cls, folder, saved)
     st["truth"] = truth
     st["head_survives"] = head not in truth["changed"] and not truth["head_is_embedding"]

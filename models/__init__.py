@@ -29,19 +29,19 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "Preset",
     "PRESETS",
-    "UnknownModelError",
-    "list_presets",
-    "get_preset",
-    "get_config",
-    "param_count",
-    "tie_savings",
-    "build",
-    "example_inputs",
     "GPTConfig",
     "LlamaConfig",
+    "Preset",
     "TransformerConfig",
+    "UnknownModelError",
+    "build",
+    "example_inputs",
+    "get_config",
+    "get_preset",
+    "list_presets",
+    "param_count",
+    "tie_savings",
 ]
 
 ModelConfig = GPTConfig | LlamaConfig | TransformerConfig

@@ -168,7 +168,7 @@ class Transformer(nn.Module):
         # §3.4: "we multiply those weights by sqrt(d_model)", which brings the tied matrix
         # (scaled for the output projection) to the size of the position encodings it is added to.
         T = ids.size(1)
-        if T > self.config.max_len:
+        if self.config.max_len < T:
             raise ValueError(f"sequence of {T} tokens is longer than max_len {self.config.max_len}")
         return self.dropout(table(ids) * math.sqrt(self.config.d_model) + self.pos_enc[:T])
 

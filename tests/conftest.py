@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from support.models import TinyLM  # noqa: E402
+from support.models import TinyLM
 
 # No test may fetch code from the Hub: transformers >= 5 swaps some layers' forwards for
 # `kernels` downloaded at run time unless this says no. The reference paths are what is tested.

@@ -18,7 +18,7 @@ GROUP = {"names": [HEAD, EMB]}
 # -- module_matches: as peft's check_target_module_exists ---------------------------------------------
 
 
-@pytest.mark.parametrize("key, spec, expected", [
+@pytest.mark.parametrize(("key", "spec", "expected"), [
     ("lm_head", ["lm_head"], True),                              # the whole path
     ("model.layers.0.q_proj", ["q_proj"], True),                 # the end of the path after a dot
     ("model.layers.0.xq_proj", ["q_proj"], False),               # a suffix that is not a whole piece

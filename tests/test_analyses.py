@@ -51,7 +51,8 @@ def test_same_parameter_is_a_true_tie():
 
 def test_file_alias_is_shared_storage():
     (g,) = find_tie_groups([fact("b", (10, 4)), fact("a", (10, 4))])
-    assert g.kind == SHARED_STORAGE and g.names == ("a", "b")
+    assert g.kind == SHARED_STORAGE
+    assert g.names == ("a", "b")
 
 
 def test_distinct_parameters_over_one_memory_is_an_error():
@@ -59,7 +60,8 @@ def test_distinct_parameters_over_one_memory_is_an_error():
     (g,) = find_tie_groups(facts)
     assert g.kind == DISTINCT_PARAMETERS
     (f,) = tie_findings([g], [])
-    assert f.code == "TC002" and f.severity == "error"
+    assert f.code == "TC002"
+    assert f.severity == "error"
 
 
 def test_transposed_and_restrided_aliases():
@@ -96,7 +98,8 @@ def test_meta_device_uses_object_identity():
              fact("b", (10, 4), storage=None, obj=7, role="parameter", device="meta"),
              fact("c", (10, 4), storage=None, obj=8, role="parameter", device="meta")]
     (g,) = find_tie_groups(facts)
-    assert g.names == ("a", "b") and g.kind == SAME_PARAMETER
+    assert g.names == ("a", "b")
+    assert g.kind == SAME_PARAMETER
 
 
 def test_empty_tensors_never_tie():
@@ -109,7 +112,8 @@ def test_memory_counts_once_and_per_name():
              fact("ln.weight", (8,), storage=T, obj=2, role="parameter")]
     groups = find_tie_groups(facts)
     m = memory_summary(facts, groups, "adamw")
-    assert m["params_unique"] == 808 and m["params_counted"] == 1608
+    assert m["params_unique"] == 808
+    assert m["params_counted"] == 1608
     assert m["bytes_saved"] == 800 * 4
     assert m["training_bytes_saved"] == 800 * 16
     assert m["training_bytes"] == 808 * 16
@@ -135,7 +139,7 @@ def test_training_bytes_per_element():
     assert training_bytes_per_element(2, "adamw") == 16  # bf16 + fp32 master + fp32 moments
     assert training_bytes_per_element(4, "sgd") == 12
     assert training_bytes_per_element(4, "none") == 8
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
         training_bytes_per_element(4, "lion")
 
 
@@ -173,7 +177,9 @@ def test_duplicates_skip_tied_names_and_flag_constants():
              fact("b", (4,), storage=("cpu", 2))]
     reader = DictReader({"a": b"\x01\x01\x01\x01", "b": b"\x01\x01\x01\x01"})
     (g,) = find_untied_duplicates(facts, reader)[0]
-    assert g.names == ("a", "b") and g.aliases == (("a", "a2"), ("b",)) and g.constant
+    assert g.names == ("a", "b")
+    assert g.aliases == (("a", "a2"), ("b",))
+    assert g.constant
 
 
 def test_candidates_embedding_and_head():
@@ -181,7 +187,8 @@ def test_candidates_embedding_and_head():
              fact("lm_head.weight", (100, 8), storage=("cpu", 2), owner_type="Linear"),
              fact("model.layers.0.mlp.weight", (100, 8), storage=("cpu", 3), owner_type="Linear")]
     (c,) = find_candidates(facts)
-    assert c.names == ("lm_head.weight", "model.embed_tokens.weight") and c.relation == "embedding-output"  # sorted
+    assert c.names == ("lm_head.weight", "model.embed_tokens.weight")
+    assert c.relation == "embedding-output"
     assert c.bytes_saved == 3200
 
 
@@ -204,7 +211,9 @@ def test_wrong_linear_lint_from_module_facts():
              fact("out.bias", (16,), storage=T, obj=2, role="parameter", owner_type="Linear")]
     modules = {"out": ModuleFact("out", "Linear", (("in_features", 100), ("out_features", 16)))}
     (f,) = linear_shape_findings(facts, modules, find_tie_groups(facts))
-    assert f.code == "TC001" and "in_features=100" in f.message and "cannot broadcast" in f.message
+    assert f.code == "TC001"
+    assert "in_features=100" in f.message
+    assert "cannot broadcast" in f.message
     assert f.names == ("out.bias", "out.weight")
 
 
@@ -220,7 +229,9 @@ def test_expectations():
     state = TieState.build([g.to_dict() for g in find_tie_groups(facts)], [f.name for f in facts])
     assert tied_findings(state, [("a", "b")]) == []
     (f,) = tied_findings(state, [("a", "c")])
-    assert f.code == "TC009" and "c shares memory with nothing" in f.message and "a shares memory with b" in f.message
+    assert f.code == "TC009"
+    assert "c shares memory with nothing" in f.message
+    assert "a shares memory with b" in f.message
     (f,) = tied_findings(state, [("a", "zzz")])
     assert "zzz is not in the target" in f.message
 
@@ -229,9 +240,11 @@ def test_memory_strided_view_inside_a_buffer_counts_once():
     # A (48, 16) weight, its first 16 rows, and a column slice: 768 elements of memory.
     facts = [fact("qkv.weight", (48, 16)), fact("q", (16, 16)), fact("col", (48, 4), stride=(16, 1))]
     m = memory_summary(facts, find_tie_groups(facts), "adamw")
-    assert m["params_unique"] == 768 and m["bytes_unique"] == 768 * 4
+    assert m["params_unique"] == 768
+    assert m["bytes_unique"] == 768 * 4
     assert m["params_counted"] == 768 + 256 + 192
     # In a file the views are part of one parameter: training state once, like the weights.
     assert m["training_bytes"] == 768 * 16
     # Views are not ties: what a per-name sum counts twice for them is a figure of its own.
-    assert m["training_bytes_saved"] == 0 and m["training_bytes_nested_views"] == (256 + 192) * 16
+    assert m["training_bytes_saved"] == 0
+    assert m["training_bytes_nested_views"] == (256 + 192) * 16

@@ -95,7 +95,8 @@ def test_tie_kept_and_untied_diverged_after_steps(train_result):
     checks = train_result.checks
     assert checks["tied still tied after 10 steps (one storage, equal values)"]  # 2 warm-up + 4 x 2
     assert checks["untied diverged after 10 steps (separate storage, different values)"]
-    assert checks["tied losses finite"] and checks["untied losses finite"]
+    assert checks["tied losses finite"]
+    assert checks["untied losses finite"]
     assert train_result.checks_passed()
 
 
@@ -106,7 +107,8 @@ def test_tie_checks_can_fail():
     groups = tie_groups(tied)
     assert groups == [("lm_head.weight", "transformer.wte.weight")]
     assert tie_groups(untied) == []
-    assert still_tied(tied, groups) and not still_tied(untied, groups)
+    assert still_tied(tied, groups)
+    assert not still_tied(untied, groups)
     assert not diverged(untied, groups)  # a fresh copy: separate memory but equal values
     with torch.no_grad():
         untied.lm_head.weight.mul_(2)
@@ -145,7 +147,8 @@ def test_steps_keep_no_allocation_of_their_own_alive():
     assert len(v.losses) == 5
     assert len({v.losses[i].untyped_storage().data_ptr() for i in range(5)}) == 1
     assert v.losses.values().tolist() == pytest.approx(expected, rel=1e-6)
-    assert v.losses_finite() and float(v.losses[-1]) == pytest.approx(expected[-1], rel=1e-6)
+    assert v.losses_finite()
+    assert float(v.losses[-1]) == pytest.approx(expected[-1], rel=1e-6)
     v.release()
     assert v.losses.values().tolist() == pytest.approx(expected, rel=1e-6)
 
@@ -156,7 +159,8 @@ def test_loss_log_grows_past_its_capacity():
         log.append(torch.tensor(float(x)))
     assert (len(log), log.values().tolist(), float(log[-1])) == (5, [0.0, 1.0, 2.0, 3.0, 4.0], 4.0)
     log.clear()
-    assert not log and log.values().tolist() == []
+    assert not log
+    assert log.values().tolist() == []
 
 
 def test_optimizer_state_bytes_counts_moments():
@@ -172,7 +176,7 @@ def test_batches_are_a_function_of_the_seed():
     cpu = torch.device("cpu")
     a = make_batches("decoder", 100, 2, 8, 2, 0, cpu)
     b = make_batches("decoder", 100, 2, 8, 2, 0, cpu)
-    assert all(torch.equal(x.inputs[0], y.inputs[0]) and torch.equal(x.targets, y.targets) for x, y in zip(a, b))
+    assert all(torch.equal(x.inputs[0], y.inputs[0]) and torch.equal(x.targets, y.targets) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0].inputs[0], a[1].inputs[0])
     assert torch.equal(a[0].inputs[0][:, 1:], a[0].targets[:, :-1])  # targets are the next tokens
     src, tgt = make_batches("encoder-decoder", 100, 2, 8, 1, 0, cpu)[0].inputs
@@ -181,8 +185,10 @@ def test_batches_are_a_function_of_the_seed():
 
 def test_infer_mode_times_forward_and_decoding(infer_result):
     metrics = {(r.variant, r.metric) for r in infer_result.rows()}
-    assert ("tied", "decode_tokens_per_s") in metrics and ("tied/untied", "decode_tokens_per_s") in metrics
-    assert ("tied", "backward_ms") not in metrics and ("tied", "optimizer_state_bytes") not in metrics
+    assert ("tied", "decode_tokens_per_s") in metrics
+    assert ("tied/untied", "decode_tokens_per_s") in metrics
+    assert ("tied", "backward_ms") not in metrics
+    assert ("tied", "optimizer_state_bytes") not in metrics
     assert list(infer_result.records["tied"].samples) == ["forward"]
     assert not any("diverged" in c for c in infer_result.checks)  # nothing trains in infer mode
     assert infer_result.checks_passed()
@@ -212,8 +218,10 @@ def test_a_variant_that_does_not_fit_is_reported_and_the_other_measured():
         return m
 
     r = run_bench(tiny(), build=builder)
-    assert r.records["tied"].ok and r.records["tied"].step_samples()
-    assert not r.records["untied"].ok and "out of memory" in r.records["untied"].status
+    assert r.records["tied"].ok
+    assert r.records["tied"].step_samples()
+    assert not r.records["untied"].ok
+    assert "out of memory" in r.records["untied"].status
     assert r.failures() == [f"untied variant: {r.records['untied'].status}"]
     assert not any(row.variant == "tied/untied" and row.metric == "step_ms" for row in r.rows())
     assert "not measured" in render(r, "table")
@@ -246,7 +254,8 @@ def test_bootstrap_interval_narrows_with_more_samples_and_separates_a_real_diffe
     wide = stats.ratio(*_synthetic(0.9, 6, 2, rng))
     narrow = stats.ratio(*_synthetic(0.9, 40, 10, rng))
     assert narrow.high - narrow.low < wide.high - wide.low
-    assert narrow.high < 1.0 and narrow.contains(0.9)
+    assert narrow.high < 1.0
+    assert narrow.contains(0.9)
     assert "tied faster by" in stats.verdict(narrow, "step time")
 
 
@@ -259,10 +268,15 @@ def test_pairing_cancels_shared_drift():
 
 def test_estimate_median_and_inversion():
     e = stats.estimate([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]])
-    assert e.median == 2.0 and e.low <= 2.0 <= e.high and e.n == 6 and e.rounds == 2
+    assert e.median == 2.0
+    assert e.low <= 2.0 <= e.high
+    assert e.n == 6
+    assert e.rounds == 2
     rate = e.inverted(100.0)
-    assert rate.median == 50.0 and rate.low == pytest.approx(100 / e.high) and rate.high == pytest.approx(100 / e.low)
-    with pytest.raises(ValueError):
+    assert rate.median == 50.0
+    assert rate.low == pytest.approx(100 / e.high)
+    assert rate.high == pytest.approx(100 / e.low)
+    with pytest.raises(ValueError, match="samples must be a non-empty list"):
         stats.estimate([])
 
 
@@ -300,7 +314,9 @@ def test_phase_timer_on_cpu():
     t.mark()
     t.mark()
     ms = t.intervals_ms()
-    assert len(ms) == 2 and ms[0] > 0 and ms[1] >= 0
+    assert len(ms) == 2
+    assert ms[0] > 0
+    assert ms[1] >= 0
     assert t.intervals_ms() == []  # cleared for the next round
 
 
@@ -313,25 +329,29 @@ def test_oom_detection_and_cleanup_with_a_real_allocation_failure():
     with D.catch_oom() as caught:
         torch.empty(2**45)
     assert caught == ["tried to allocate 128.00 TiB"]
-    with pytest.raises(RuntimeError, match="shape"):
-        with D.catch_oom():
-            raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape"), D.catch_oom():
+        raise RuntimeError("shape mismatch")
 
 
 def test_cpu_memory_and_precision_helpers():
     cpu = torch.device("cpu")
     D.reset_peak_memory(cpu)
-    assert D.memory_allocated(cpu) is None and D.max_memory_allocated(cpu) is None and D.total_memory(cpu) is None
-    assert D.default_dtype(cpu) == "fp32" and D.bf16_supported(cpu)
+    assert D.memory_allocated(cpu) is None
+    assert D.max_memory_allocated(cpu) is None
+    assert D.total_memory(cpu) is None
+    assert D.default_dtype(cpu) == "fp32"
+    assert D.bf16_supported(cpu)
     with D.autocast(cpu, "bf16"):
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
     with D.autocast(cpu, "fp32"):
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float32
-    assert D.grad_scaler(cpu, "fp16") is not None and D.grad_scaler(cpu, "bf16") is None
+    assert D.grad_scaler(cpu, "fp16") is not None
+    assert D.grad_scaler(cpu, "bf16") is None
     with pytest.raises(TiecheckError, match="choose one of"):
         D.check_dtype(cpu, "int8")
     opt, label = D.make_adamw([torch.nn.Parameter(torch.zeros(3))], cpu)
-    assert label.startswith("AdamW") and isinstance(opt, torch.optim.AdamW)
+    assert label.startswith("AdamW")
+    assert isinstance(opt, torch.optim.AdamW)
     assert D.device_name(cpu)
 
 
@@ -346,7 +366,8 @@ def test_peak_table():
     assert D.lookup_peak_tflops("Some Future GPU", "bf16") is None
     cpu = torch.device("cpu")
     value, why = D.peak_tflops(cpu, "fp32")
-    assert value is None and "--peak-tflops" in why
+    assert value is None
+    assert "--peak-tflops" in why
     assert D.peak_tflops(cpu, "fp32", override=1.5) == (1.5, "--peak-tflops")
 
 
@@ -379,8 +400,10 @@ def test_max_batch_search_on_the_cpu_with_real_allocation_failures():
         st.records[name] = runner.VariantRecord(name=name)
     runner._find_max_batch(st, limited_builder())
     t, u = st.records["tied"], st.records["untied"]
-    assert (t.max_batch, u.max_batch) == (3, 2) and not t.max_batch_capped
-    assert len(t.max_batch_samples) == 6 and t.max_batch_status is None
+    assert (t.max_batch, u.max_batch) == (3, 2)
+    assert not t.max_batch_capped
+    assert len(t.max_batch_samples) == 6
+    assert t.max_batch_status is None
     result = runner._result(st, tiny(), "test")
     rows = {(r.variant, r.metric): r for r in result.rows()}
     assert rows[("tied/untied", "max_batch")].verdict == "largest batch: tied fits 1 more sequences"
@@ -400,7 +423,8 @@ def test_flops_are_equal_for_tied_and_untied():
     shape = flops_shape(models.build("gpt2-124m", device="meta"))
     # 12 blocks x (qkv 3d^2 + proj d^2 + mlp 8d^2) + the head V*d
     assert shape.n_matmul_params == 12 * 12 * 768**2 + 50257 * 768
-    assert shape.n_attention_layers == 12 and shape.d_attn == 768
+    assert shape.n_attention_layers == 12
+    assert shape.d_attn == 768
     assert forward_flops(shape, 1024, 1) == 2 * shape.n_matmul_params * 1024 + 4 * 12 * 1024**2 * 768
     assert step_flops(shape, 1024, 2, "train") == 3 * 2 * forward_flops(shape, 1024, 1)
     encdec = flops_shape(models.build("transformer-base", device="meta"))
@@ -423,7 +447,8 @@ def test_frame_columns_and_rows(train_result):
     assert list(frame.columns) == ["variant", "metric", "unit", "value", "ci_low", "ci_high", "n", "verdict"]
     assert set(frame.variant) == {"tied", "untied", "tied/untied"}
     tok = frame[(frame.variant == "tied") & (frame.metric == "tokens_per_s")].iloc[0]
-    assert tok.ci_low <= tok.value <= tok.ci_high and tok.n == 8
+    assert tok.ci_low <= tok.value <= tok.ci_high
+    assert tok.n == 8
     ratio = frame[(frame.variant == "tied/untied") & (frame.metric == "step_ms")].iloc[0]
     assert ratio.verdict.startswith("step time:")
 
@@ -439,16 +464,23 @@ def test_table_has_the_header_and_every_figure(train_result):
 
 def test_json_csv_markdown(train_result):
     data = json.loads(render(train_result, "json"))
-    assert data["schema_version"] == 1 and data["header"]["torch"] == torch.__version__
-    assert data["checks"] and all(data["checks"].values())
+    assert data["schema_version"] == 1
+    assert data["header"]["torch"] == torch.__version__
+    assert data["checks"]
+    assert all(data["checks"].values())
     assert len(data["samples_ms"]["tied"]["phases"]["forward"]) == 4
     csv = render(train_result, "csv")
-    assert csv.startswith("# tiecheck bench:") and "# device: cpu" in csv and "# command: " in csv
+    assert csv.startswith("# tiecheck bench:")
+    assert "# device: cpu" in csv
+    assert "# command: " in csv
     frame = pd.read_csv(io.StringIO(csv), comment="#")
-    assert list(frame.columns)[:4] == ["variant", "metric", "unit", "value"] and len(frame) == len(train_result.rows())
+    assert list(frame.columns)[:4] == ["variant", "metric", "unit", "value"]
+    assert len(frame) == len(train_result.rows())
     md = render(train_result, "markdown")
-    assert md.startswith("## tiecheck bench:") and "- **torch**" not in md and "|---" in md
-    with pytest.raises(ValueError):
+    assert md.startswith("## tiecheck bench:")
+    assert "- **torch**" not in md
+    assert "|---" in md
+    with pytest.raises(ValueError, match="unknown format 'xml'"):
         render(train_result, "xml")
 
 
@@ -473,7 +505,7 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args, needle", [
+@pytest.mark.parametrize(("args", "needle"), [
     (["--model", "gpt-9000"], "unknown model; choose one of: gpt-mini, gpt2-124m"),
     (["--batch-size", "0"], "--batch-size 0: must be a positive integer"),
     (["--seq-len", "-4"], "--seq-len -4: must be a positive integer"),
@@ -509,7 +541,8 @@ def test_plot_without_matplotlib_fails_before_running(monkeypatch, tmp_path):
 
 def test_output_to_a_folder_fails_before_running(tmp_path):
     result = CliRunner().invoke(main, [*TINY_CLI, "-o", str(tmp_path)])
-    assert result.exit_code == 2 and "is a folder" in _one_error_line(result)
+    assert result.exit_code == 2
+    assert "is a folder" in _one_error_line(result)
 
 
 def test_cli_writes_csv_and_plot(tmp_path):
@@ -518,7 +551,8 @@ def test_cli_writes_csv_and_plot(tmp_path):
                                        "--plot", str(fig)])
     assert result.exit_code == 0, result.output
     # results went to the file, said on stderr; no progress bar without a terminal
-    assert result.stdout == "" and result.stderr == f"tiecheck: wrote {out}\n"
+    assert result.stdout == ""
+    assert result.stderr == f"tiecheck: wrote {out}\n"
     text = out.read_text()
     assert ("# command: tiecheck bench --model llama-mini --device cpu --batch-size 2 --seq-len 16 --rounds 2 "
             "--steps 1 --format csv --output") in text

@@ -81,7 +81,8 @@ def test_no_tiecheck_dot_anything_else_from_the_checkout(tmp_path):
     code = "import tiecheck.tests"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env=_source_env())
-    assert proc.returncode != 0 and "No module named 'tiecheck.tests'" in proc.stderr
+    assert proc.returncode != 0
+    assert "No module named 'tiecheck.tests'" in proc.stderr
 
 
 def test_a_copy_without_models_says_how_to_install(tmp_path):
@@ -94,14 +95,16 @@ def test_a_copy_without_models_says_how_to_install(tmp_path):
                           cwd=tmp_path, env=env)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("ModuleNotFoundError: tiecheck.models is missing") and "pip install" in last
+    assert last.startswith("ModuleNotFoundError: tiecheck.models is missing")
+    assert "pip install" in last
 
 
 def test_bench_help_runs_from_the_source_tree_with_a_safe_path():
     proc = subprocess.run([sys.executable, "-m", "tiecheck.cli", "bench", "--help"], capture_output=True,
                           text=True, cwd=ROOT, env=_source_env())
     assert proc.returncode == 0, proc.stderr
-    assert "--pad-vocab" in proc.stdout and "--progress-lines" in proc.stdout
+    assert "--pad-vocab" in proc.stdout
+    assert "--progress-lines" in proc.stdout
 
 
 def test_the_bench_command_needs_only_what_the_gpu_machine_has(tmp_path):
@@ -152,17 +155,21 @@ def test_gpu_check_dry_run_takes_the_whole_path_on_the_cpu_without_fvcore(tmp_pa
                           capture_output=True, text=True, cwd=elsewhere, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 9 and "gpu_check.log" in files, files
+    assert len(files) <= 9, files
+    assert "gpu_check.log" in files, files
     runs = ("default", "compile-maxbatch", "converge", "fsdp2-1rank")
     assert {f"bench-{run}-dry-run.txt" for run in runs} <= set(files)
     assert not list(elsewhere.iterdir())  # nothing outside the folder it was given
     log = (out / "gpu_check.log").read_text()
     estimate = log.splitlines()[0]
-    assert estimate.startswith("gpu_check: estimate:") and "at most 590 s (9 min 50 s)" in estimate
+    assert estimate.startswith("gpu_check: estimate:")
+    assert "at most 590 s (9 min 50 s)" in estimate
     assert f"models from {ROOT / 'models' / '__init__.py'}" in log  # this checkout, not an install
     for run in runs:
         assert f"== {run}: exit 0" in log, run
-    assert "[  0%] warm-up tied" in log and "tiecheck: converge budget:" in log and log.rstrip().endswith("exit 0")
+    assert "[  0%] warm-up tied" in log
+    assert "tiecheck: converge budget:" in log
+    assert log.rstrip().endswith("exit 0")
     assert "fvcore" not in log
     tables = {run: (out / f"bench-{run}-dry-run.txt").read_text() for run in runs}
     assert all(_last_line(t).startswith("verdict: ") for t in tables.values()), tables
@@ -289,9 +296,12 @@ def test_partial_results_are_handed_out_before_the_max_batch_search(monkeypatch)
         run_bench(tiny(), build=limited_builder(), partial=written.append)
     first, second = written
     assert first.notes[0] == "partial result, written before the run ended: --find-max-batch had not started"
-    assert first.headline() and first.records["tied"].step_samples()  # the interleaved table is complete
-    assert "tokens/s" in render(first, "table") and not [x for x in first.rows() if x.metric == "max_batch"]
-    assert second.records["tied"].max_batch == 3 and second.records["untied"].max_batch is None
+    assert first.headline()
+    assert first.records["tied"].step_samples()
+    assert "tokens/s" in render(first, "table")
+    assert not [x for x in first.rows() if x.metric == "max_batch"]
+    assert second.records["tied"].max_batch == 3
+    assert second.records["untied"].max_batch is None
     assert "untied variant" in second.notes[0]
 
 
@@ -308,7 +318,8 @@ def test_cli_writes_the_partial_table_before_a_time_limit(monkeypatch, tmp_path)
     result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--batch-size", "2", "--seq-len", "16",
                                        "--rounds", "2", "--steps", "1", "-o", str(out)])
     assert result.exit_code == 130
-    assert out.read_text().startswith("tiecheck bench: gpt-mini") and "tokens/s" in out.read_text()
+    assert out.read_text().startswith("tiecheck bench: gpt-mini")
+    assert "tokens/s" in out.read_text()
 
 
 def test_compiled_max_batch_marks_the_batch_dynamic_and_resets_the_compiler(monkeypatch):
@@ -321,7 +332,8 @@ def test_compiled_max_batch_marks_the_batch_dynamic_and_resets_the_compiler(monk
     assert (st.records["tied"].max_batch, st.records["untied"].max_batch) == (3, 2)
     assert compiled == [True, True]
     assert len(resets) == 3  # the interleaved variants, then each max-batch variant
-    assert set(marked) >= {2, 3, 4} and all(b >= 1 for b in marked)
+    assert set(marked) >= {2, 3, 4}
+    assert all(b >= 1 for b in marked)
 
 
 def test_compiled_interleaved_graphs_are_the_ones_the_search_reuses(monkeypatch):
@@ -417,7 +429,8 @@ def test_on_device_makes_the_gpu_current_and_restores_it(monkeypatch):
     fake = FakeCuda(monkeypatch)
     with D.on_device(torch.device("cuda", 1)):
         assert fake.current == 1
-    assert fake.current == 0 and fake.calls == [("set_device", 1), ("set_device", 0)]
+    assert fake.current == 0
+    assert fake.calls == [("set_device", 1), ("set_device", 0)]
     with D.on_device(torch.device("cpu")):
         pass
     assert len(fake.calls) == 2
@@ -491,7 +504,7 @@ def test_bf16_check_on_a_torch_without_the_emulation_argument(monkeypatch):
 # 7. The peak table
 
 
-@pytest.mark.parametrize("name, dtype, peak, row", [
+@pytest.mark.parametrize(("name", "dtype", "peak", "row"), [
     ("NVIDIA L40", "bf16", 181.05, "L40"),  # a substring match gave L4's 121 (MFU 1.5x too high)
     ("NVIDIA L40S", "bf16", 362.05, "L40S"),
     ("NVIDIA L4", "bf16", 121.0, "L4"),
@@ -540,7 +553,8 @@ def test_a_mig_slice_gets_its_share_of_the_peak(monkeypatch):
     assert "scaled to this MIG slice's 16 of 132 streaming multiprocessors" in source
     _props(monkeypatch, None)  # the slice's multiprocessors cannot be read: MFU unknown, not the whole GPU's
     value, source = D.peak_tflops(gpu, "bf16", tf32=False)
-    assert value is None and source.startswith("MFU unknown: NVIDIA H100 80GB HBM3 MIG 1g.10gb is a MIG slice")
+    assert value is None
+    assert source.startswith("MFU unknown: NVIDIA H100 80GB HBM3 MIG 1g.10gb is a MIG slice")
     monkeypatch.setattr(D, "device_name", lambda dev: "NVIDIA H100 80GB HBM3")
     _props(monkeypatch, 132)  # the whole GPU: the table's figure
     assert D.peak_tflops(gpu, "bf16", tf32=False)[0] == 989.4
@@ -614,7 +628,8 @@ def test_gpu_default_pads_gpt2_vocab_to_50304(monkeypatch):
     monkeypatch.setattr(D, "default_dtype", lambda dev: "bf16")
     plan = resolve(BenchConfig(model="gpt2-124m"))
     assert (plan.vocab_size, plan.model_vocab, plan.padded) == (50257, 50304, True)
-    assert plan.build_overrides == {"vocab_size": 50304} and plan.overrides == {}
+    assert plan.build_overrides == {"vocab_size": 50304}
+    assert plan.overrides == {}
     assert resolve(BenchConfig(model="gpt2-124m", pad_vocab=1)).model_vocab == 50257
     assert resolve(BenchConfig(model="big-vocab")).model_vocab == 128256  # already a multiple of 64
 
@@ -637,7 +652,8 @@ def test_padded_rows_are_never_drawn_and_the_report_says_so():
     r = run_bench(tiny(overrides={**TINY, "vocab_size": 500}, pad_vocab=64), build=builder)
     assert 0 <= seen["max"] < 500
     assert "vocab 500 padded to 512" in r.header["title"]
-    assert r.header["vocab_size"] == 500 and r.header["model_vocab_size"] == 512
+    assert r.header["vocab_size"] == 500
+    assert r.header["model_vocab_size"] == 512
     assert any(n.startswith("vocabulary padded from 500 to 512 rows") for n in r.notes)
 
 
@@ -667,16 +683,16 @@ def test_half_precision_loss_keeps_no_float32_logits():
         saved.append((t.dtype, t.numel()))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = lm_loss(logits, targets)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_loss(logits, targets)
     assert loss.dtype == torch.float32
     assert not [s for s in saved if s == (torch.float32, logits.numel())]
     reference = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                                   ignore_index=IGNORE_INDEX)
     assert loss.item() == pytest.approx(reference.item(), rel=2e-3)
     loss.backward()
-    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+    assert logits.grad.dtype == torch.bfloat16
+    assert torch.isfinite(logits.grad.float()).all()
     fp32 = lm_loss(logits.detach().float(), targets)  # float32 logits: the plain path, exact
     assert fp32.item() == pytest.approx(reference.item(), rel=1e-6)
 

@@ -85,7 +85,8 @@ def test_bench_on_a_factory_spec_ends_with_one_verdict_line(spec_file):
     assert res.exit_code == 0, res.output
     last = _last_line(res.output)
     # One line, throughput then memory, each the verdict of its own row.
-    assert last.startswith("verdict: tokens/s: ") and "; weights+grads+state: tied saves 24.00 KiB" in last, last  # 96 x 16 x 4 bytes, x 4
+    assert last.startswith("verdict: tokens/s: "), last
+    assert "; weights+grads+state: tied saves 24.00 KiB" in last, last  # 96 x 16 x 4 bytes, x 4
     assert "FAIL" not in res.output
     assert "factory(tied: bool, vocab_size: int = ..., seed: int = ...)" in res.output  # the contract in the header
 
@@ -105,7 +106,10 @@ def test_bench_on_a_hugging_face_folder_builds_both_variants_from_its_config(hf_
 
 def test_a_config_json_is_as_good_as_its_folder(hf_folder):
     plan = resolve(BenchConfig(model=str(hf_folder / "config.json"), device="cpu"))
-    assert plan.user is not None and plan.user.hf and plan.vocab_size == 128 and plan.max_positions == 32
+    assert plan.user is not None
+    assert plan.user.hf
+    assert plan.vocab_size == 128
+    assert plan.max_positions == 32
     tied, untied = (plan.builder()(t, torch.device("cpu"), 0) for t in (True, False))
     assert tied.lm_head.weight is tied.transformer.wte.weight
     assert untied.lm_head.weight is not untied.transformer.wte.weight
@@ -117,7 +121,8 @@ def test_one_factory_signature_for_every_mode(spec_file):
     """factory(tied) alone works; vocab_size and seed are passed when named; the global RNG is seeded either way."""
     a = call_factory(f"{spec_file}:factory", tied=False, seed=3)
     b = call_factory(f"{spec_file}:factory", tied=False, seed=3)
-    assert a.embed.weight.shape[0] == 96 and torch.equal(a.embed.weight, b.embed.weight)
+    assert a.embed.weight.shape[0] == 96
+    assert torch.equal(a.embed.weight, b.embed.weight)
     assert call_factory(f"{spec_file}:factory", tied=True, vocab_size=300).embed.weight.shape[0] == 300
     assert resolve_user_model(f"{spec_file}:factory").vocab_size == 96
     result = run_converge(ConvergeConfig(model=f"{spec_file}:factory", quick=True, steps=4, eval_every=2, seq_len=16,
@@ -126,25 +131,27 @@ def test_one_factory_signature_for_every_mode(spec_file):
     line = result.verdict_line()
     # Throughput, memory and loss joined, in that order.
     assert line.startswith("verdict: training tokens/s: ")
-    assert "; weights+grads+AdamW state: tied saves" in line and "; validation loss: " in line
+    assert "; weights+grads+AdamW state: tied saves" in line
+    assert "; validation loss: " in line
     # The head's weight, gradient and two AdamW moments, and AdamW's step count (a float32 per Parameter).
     assert result.state_bytes["untied"] - result.state_bytes["tied"] == 300 * 16 * 4 * 4 + 4
 
 
-@pytest.mark.parametrize("name, message", [
+@pytest.mark.parametrize(("name", "message"), [
     ("needs_vocab", "the factory requires vocab_size; give it a default"),
     ("no_tied", "it must take tied: bool"),
     ("never_tied", "the tied build (tied=True) shares no Parameter"),
 ])
 def test_a_factory_outside_the_contract_is_one_line(spec_file, name, message):
     res = CliRunner().invoke(main, ["bench", "--model", f"{spec_file}:{name}", *SMALL])
-    assert res.exit_code == 2 and message in res.output, res.output
+    assert res.exit_code == 2, res.output
+    assert message in res.output, res.output
     assert len([line for line in res.output.splitlines() if line.strip()]) == 1
 
 
 def test_a_folder_without_config_and_a_missing_config_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TiecheckError, match="a folder without config.json"):
+    with pytest.raises(TiecheckError, match=r"a folder without config\.json"):
         resolve(BenchConfig(model=str(tmp_path / "empty"), device="cpu"))
     with pytest.raises(TiecheckError, match="no such file"):
         resolve(BenchConfig(model=str(tmp_path / "nope.json"), device="cpu"))

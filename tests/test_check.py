@@ -42,7 +42,8 @@ def write_policy(root: Path, body: str) -> None:
 
 def test_expect_update_then_check(project):
     code, out, err = run("lm.py:tied", "--expect", "ties.json")
-    assert code == 2 and not out
+    assert code == 2
+    assert not out
     assert err.strip() == ("tiecheck: error: lm.py:tied: no snapshot ties.json yet: rerun the same command with "
                            "--update to write it, then commit it")
     assert not (project / "ties.json").exists()
@@ -70,10 +71,13 @@ def test_update_rewrites_only_when_ties_change(project):
     assert run("lm.py:tied", "--expect", "ties.json", "--update")[0] == 0
     before = (project / "ties.json").read_bytes()
     code, out, _ = run("lm.py:tied", "--expect", "ties.json", "--update")
-    assert code == 0 and "snapshot unchanged ties.json" in out and "0 snapshots written" in out
+    assert code == 0
+    assert "snapshot unchanged ties.json" in out
+    assert "0 snapshots written" in out
     assert (project / "ties.json").read_bytes() == before
     code, out, _ = run("lm.py:untied", "--expect", "ties.json", "--update")
-    assert code == 0 and "snapshot updated ties.json" in out
+    assert code == 0
+    assert "snapshot updated ties.json" in out
     assert json.loads((project / "ties.json").read_text())["tie_groups"] == []
 
 
@@ -84,10 +88,12 @@ def test_update_says_what_it_changes_as_a_snapshot_diff(project):
                               f"  ties.json: removes tie group {HEAD} = {EMB} (same_parameter)\n"
                               "tiecheck check: 1 target checked, 1 snapshot written\n")
     code, out, _ = run("lm.py:tied", "--expect", "ties.json", "--update")
-    assert code == 0 and f"  ties.json: adds tie group {HEAD} = {EMB} (same_parameter)\n" in out
+    assert code == 0
+    assert f"  ties.json: adds tie group {HEAD} = {EMB} (same_parameter)\n" in out
     # One memory under two Parameter objects: the same names, another kind (an error it must accept).
     code, out, _ = run("lm.py:distinct", "--expect", "ties.json", "--update", "--accept-errors")
-    assert code == 1 and (f"  ties.json: changes tie group {HEAD} = {EMB}: kind same_parameter -> "
+    assert code == 1
+    assert (f"  ties.json: changes tie group {HEAD} = {EMB}: kind same_parameter -> "
                           "distinct_parameters\n") in out
     code, out, _ = run("lm.py:untied", "--expect", "ties.json", "--update", "--format", "json")
     [target] = json.loads(out)["targets"]
@@ -126,26 +132,31 @@ def test_update_never_writes_over_the_target(project):
     torch.save(tm.tied().state_dict(), project / "model.pt")
     before = (project / "model.pt").read_bytes()
     code, _, err = run("model.pt", "--expect", "model.pt", "--update")
-    assert code == 2 and "refusing to write the snapshot to model.pt: it is the input" in err
+    assert code == 2
+    assert "refusing to write the snapshot to model.pt: it is the input" in err
     assert (project / "model.pt").read_bytes() == before
 
 
 def test_update_never_writes_over_a_spec_file(project):
     before = (project / "lm.py").read_bytes()
     code, _, err = run("lm.py:tied", "--expect", "lm.py", "--update")
-    assert code == 2 and "refusing to write the snapshot to lm.py" in err
+    assert code == 2
+    assert "refusing to write the snapshot to lm.py" in err
     assert (project / "lm.py").read_bytes() == before
 
 
 def test_expect_tied_option_and_fail_on(project):
     code, out, _ = run("lm.py:broken", "--expect-tied", f"{EMB},{HEAD}")
-    assert code == 1 and "TC009" in out and RETIE in out
+    assert code == 1
+    assert "TC009" in out
+    assert RETIE in out
     # The embedding and its head hold equal copies: the architecture's tie is broken, an error.
     code, out, _ = run("lm.py:broken")
-    assert code == 1 and "error   TC005" in out
+    assert code == 1
+    assert "error   TC005" in out
 
 
-@pytest.mark.parametrize("args, why", [
+@pytest.mark.parametrize(("args", "why"), [
     (["--update"], "nothing to check"),
     (["lm.py:tied", "--update"], "--update writes the snapshot named by --expect FILE"),
     (["lm.py:tied", "lm.py:broken", "--expect", "x.json"], "--expect compares one target"),
@@ -153,14 +164,18 @@ def test_expect_tied_option_and_fail_on(project):
     (["lm.py:tied", "--config", "pyproject.toml", "--no-config"], "contradict"),
 ])
 def test_usage_errors_exit_2(project, args, why):
-    code, out, err = run(*args)
-    assert code == 2 and why in err and err.count("\n") == 1 and "Traceback" not in err
+    code, _out, err = run(*args)
+    assert code == 2
+    assert why in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
 
 
 def test_bad_snapshot_exits_2_and_names_it(project):
     (project / "ties.json").write_text('{"tie_groups": 3}')
     code, _, err = run("lm.py:tied", "--expect", "ties.json")
-    assert code == 2 and err.startswith("tiecheck: error: lm.py:tied: ties.json: not a tiecheck snapshot")
+    assert code == 2
+    assert err.startswith("tiecheck: error: lm.py:tied: ties.json: not a tiecheck snapshot")
 
 
 # -- [tool.tiecheck] ------------------------------------------------------------------------------------
@@ -189,7 +204,8 @@ def test_policy_forms_from_a_subfolder(project, monkeypatch):
     monkeypatch.chdir(project / "src" / "deep")  # paths in the policy stay relative to pyproject.toml
 
     code, _, err = run()
-    assert code == 2 and "no snapshot ../../snapshots/lm.json yet" in err
+    assert code == 2
+    assert "no snapshot ../../snapshots/lm.json yet" in err
 
     code, out, err = run("--update")
     assert code == 1, err  # snapshot written; lm.py:broken still fails its `tied` rule
@@ -221,9 +237,11 @@ target = "lm.py:broken"
     code, out, _ = run()
     assert code == 1
     assert f"TC013 expected {EMB}, {HEAD} not to be tied: {HEAD}, {EMB} share memory (same_parameter)" in out
-    assert "lm.py:broken: FAILED" in out and "error   TC005" in out
+    assert "lm.py:broken: FAILED" in out
+    assert "error   TC005" in out
     code, out, _ = run("lm.py:broken", "--fail-on", "never")  # the command line wins
-    assert code == 0 and "lm.py:broken: ok" in out
+    assert code == 0
+    assert "lm.py:broken: ok" in out
 
 
 def test_policy_key_and_cli_target_outside_policy(project):
@@ -235,7 +253,8 @@ key = "model"
 tied = [["tok_emb.weight", "head.weight"]]
 ''')
     code, out, _ = run()
-    assert code == 1 and "TC009" in out
+    assert code == 1
+    assert "TC009" in out
     # A target the policy does not list still gets the global fail-on (default error): clean.
     assert run("lm.py:untied")[0] == 0
 
@@ -244,21 +263,25 @@ def test_config_option_and_no_config(project, tmp_path_factory):
     other = tmp_path_factory.mktemp("elsewhere") / "pyproject.toml"
     other.write_text(f'[tool.tiecheck]\nfail-on = "warning"\n[[tool.tiecheck.targets]]\ntarget = "{project}/lm.py:broken"\n')
     code, out, _ = run("--config", str(other))
-    assert code == 1 and "TC005" in out
+    assert code == 1
+    assert "TC005" in out
     write_policy(project, POLICY)
     code, _, err = run("--no-config")
-    assert code == 2 and "nothing to check" in err
+    assert code == 2
+    assert "nothing to check" in err
     code, _, err = run("--config", str(project / "lm.py"))
-    assert code == 2 and "invalid TOML" in err
+    assert code == 2
+    assert "invalid TOML" in err
 
 
 def test_policy_search_stops_at_the_repository_root(project, monkeypatch):
     write_policy(project.parent, POLICY)  # above the .git folder: not this project's file
     code, _, err = run()
-    assert code == 2 and "no pyproject.toml with [tool.tiecheck] was found" in err
+    assert code == 2
+    assert "no pyproject.toml with [tool.tiecheck] was found" in err
 
 
-@pytest.mark.parametrize("body, why", [
+@pytest.mark.parametrize(("body", "why"), [
     ('[tool.tiecheck]\nfail_on = "warning"\n', "unknown key 'fail_on' (did you mean 'fail-on'?)"),
     ('[tool.tiecheck]\nfail-on = "fatal"\n', "fail-on = 'fatal'; choose one of: error, warning, never"),
     ('[tool.tiecheck]\n[[tool.tiecheck.targets]]\nexpect = "x.json"\n', "'target' is required"),
@@ -270,22 +293,27 @@ def test_policy_search_stops_at_the_repository_root(project, monkeypatch):
 ])
 def test_bad_policy_exits_2_with_one_line(project, body, why):
     write_policy(project, body)
-    code, out, err = run()
-    assert code == 2 and why in err and err.count("\n") == 1 and "pyproject.toml" in err
+    code, _out, err = run()
+    assert code == 2
+    assert why in err
+    assert err.count("\n") == 1
+    assert "pyproject.toml" in err
 
 
 def test_not_tied_with_unknown_name_is_an_input_error(project):
     write_policy(project, '[tool.tiecheck]\n[[tool.tiecheck.targets]]\ntarget = "lm.py:tied"\n'
                           'not-tied = [["tok_emb.wieght", "head.weight"]]\n')
     code, _, err = run()
-    assert code == 2 and "tok_emb.wieght is not in the target (did you mean tok_emb.weight?)" in err
+    assert code == 2
+    assert "tok_emb.wieght is not in the target (did you mean tok_emb.weight?)" in err
 
 
 def test_one_bad_target_does_not_stop_the_others(project):
     (project / "empty.pt").touch()
     code, out, err = run("empty.pt", "lm.py:broken", "--expect-tied", f"{EMB},{HEAD}")
     assert code == 2  # an input error outranks a failed check
-    assert "lm.py:broken: FAILED" in out and "tiecheck: error: empty.pt: the file is empty" in err
+    assert "lm.py:broken: FAILED" in out
+    assert "tiecheck: error: empty.pt: the file is empty" in err
     assert out.splitlines()[-1] == "tiecheck check: 2 targets checked, 1 failed, 1 could not be checked"
 
 
@@ -307,9 +335,11 @@ def test_github_annotations(project):
     assert lines[-1] == "tiecheck check: 1 target checked, 1 failed"
     # A rule from the command line has no file to point at.
     code, out, _ = run("lm.py:broken", "--no-config", "--expect-tied", f"{EMB},{HEAD}", "--format", "github")
-    assert code == 1 and out.startswith(f"::error title=TC009::lm.py:broken: expected {EMB}, {HEAD} to be tied:")
-    code, out, err = run("empty.pt", "--format", "github")
-    assert code == 2 and out.splitlines()[0] == "::error title=tiecheck::empty.pt: the file is empty"
+    assert code == 1
+    assert out.startswith(f"::error title=TC009::lm.py:broken: expected {EMB}, {HEAD} to be tied:")
+    code, out, _err = run("empty.pt", "--format", "github")
+    assert code == 2
+    assert out.splitlines()[0] == "::error title=tiecheck::empty.pt: the file is empty"
 
 
 def test_github_escapes_workflow_command_syntax():
@@ -321,7 +351,8 @@ def test_json_format(project):
     code, out, _ = run("lm.py:broken", "--expect-tied", f"{EMB},{HEAD}", "--format", "json")
     assert code == 1
     (target,) = json.loads(out)["targets"]
-    assert target["target"] == "lm.py:broken" and target["status"] == "failed"
+    assert target["target"] == "lm.py:broken"
+    assert target["status"] == "failed"
     assert [f["code"] for f in target["failing"]] == ["TC009", "TC005"]
     assert [f["code"] for f in target["warnings"]] == []
 

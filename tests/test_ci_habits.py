@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import tiecheck.api  # noqa: F401  (pytester's in-process runs keep one copy of each module)
+import tiecheck.api
 import tiecheck.pytest_plugin.fixture  # noqa: F401
 from tiecheck.cli import main
 
@@ -102,8 +102,10 @@ def test_pre_commit_runs_the_shipped_hook_offline(tmp_path):
     pre_commit = [sys.executable, "-m", "pre_commit", "run", "--all-files", "--color", "never"]
     res = subprocess.run(pre_commit, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stdout + res.stderr  # the broken tie fails the commit
-    assert "tiecheck check (weight ties)" in res.stdout and "Failed" in res.stdout
-    assert "lm.py:broken: FAILED" in res.stdout and "TC009" in res.stdout
+    assert "tiecheck check (weight ties)" in res.stdout
+    assert "Failed" in res.stdout
+    assert "lm.py:broken: FAILED" in res.stdout
+    assert "TC009" in res.stdout
 
 
 def test_the_github_workflow_parses_and_its_commands_pass(pytester, monkeypatch):
@@ -140,5 +142,7 @@ def test_the_documented_install_lines_are_valid_requirements():
         req = Requirement(line.replace("<tiecheck's git URL>", "https://example.org/tiecheck.git")
                           .replace("<rev>", "v0.1.0").replace("/path/to/", "/opt/"))
         assert req.name == "tiecheck"
-        assert req.url and req.url.startswith(("git+https://", "file:///")), line
-    assert "pre-commit install" in text and "pre-commit run --all-files" in text
+        assert req.url, line
+        assert req.url.startswith(("git+https://", "file:///")), line
+    assert "pre-commit install" in text
+    assert "pre-commit run --all-files" in text

@@ -39,7 +39,9 @@ def broken_file(tmp_path, untied_copy):
 def test_table_output(runner, tied_file):
     res = runner.invoke(main, ["inspect", str(tied_file)])
     assert res.exit_code == 0, res.output
-    assert "Tie groups (1)" in res.output and "embed.weight" in res.output and "lm_head.weight" in res.output
+    assert "Tie groups (1)" in res.output
+    assert "embed.weight" in res.output
+    assert "lm_head.weight" in res.output
     assert "saved by ties" in res.output
 
 
@@ -47,7 +49,8 @@ def test_table_output(runner, tied_file):
 def test_formats_are_byte_identical_across_runs(runner, tied_file, fmt):
     a = runner.invoke(main, ["inspect", str(tied_file), "--format", fmt])
     b = runner.invoke(main, ["inspect", str(tied_file), "--format", fmt])
-    assert a.exit_code == 0 and a.output == b.output
+    assert a.exit_code == 0
+    assert a.output == b.output
     if fmt == "json":
         d = json.loads(a.output)
         assert d["schema_version"] == 2
@@ -58,7 +61,8 @@ def test_formats_are_byte_identical_across_runs(runner, tied_file, fmt):
         assert header.startswith("name,shape,dtype")
         assert any(r.startswith("lm_head.weight,64 16,float32") for r in rows)
     if fmt == "markdown":
-        assert a.output.startswith("# tiecheck:") and "## Tie groups (1)" in a.output
+        assert a.output.startswith("# tiecheck:")
+        assert "## Tie groups (1)" in a.output
 
 
 def test_fail_on_levels(runner, tmp_path):
@@ -76,19 +80,25 @@ def test_expect_tied(runner, tied_file, broken_file):
     assert ok.exit_code == 0
     bad = runner.invoke(main, ["inspect", str(broken_file), "--expect-tied", "embed.weight,lm_head.weight",
                                "--fail-on", "never"])
-    assert bad.exit_code == 1 and "TC009" in bad.output
+    assert bad.exit_code == 1
+    assert "TC009" in bad.output
     usage = runner.invoke(main, ["inspect", str(tied_file), "--expect-tied", "embed.weight"])
-    assert usage.exit_code == 2 and "at least two" in usage.output
+    assert usage.exit_code == 2
+    assert "at least two" in usage.output
 
 
 def test_output_file_and_never_over_the_input(runner, tied_file, tmp_path):
     out = tmp_path / "report.json"
     res = runner.invoke(main, ["inspect", str(tied_file), "--format", "json", "-o", str(out)])
-    assert res.exit_code == 0 and res.stdout == "" and res.stderr == f"tiecheck: wrote {out}\n"
+    assert res.exit_code == 0
+    assert res.stdout == ""
+    assert res.stderr == f"tiecheck: wrote {out}\n"
     assert json.loads(out.read_text())["schema_version"] == 2
     before = tied_file.read_bytes()
     res = runner.invoke(main, ["inspect", str(tied_file), "-o", str(tied_file)])
-    assert res.exit_code == 2 and "refusing to write the output to" in res.output and "it is the input" in res.output
+    assert res.exit_code == 2
+    assert "refusing to write the output to" in res.output
+    assert "it is the input" in res.output
     assert tied_file.read_bytes() == before
 
 
@@ -96,7 +106,8 @@ def test_no_duplicates_and_optimizer(runner, broken_file):
     res = runner.invoke(main, ["inspect", str(broken_file), "--no-duplicates", "--optimizer", "sgd",
                                "--format", "json"])
     d = json.loads(res.output)
-    assert d["content_pass"]["ran"] is False and d["untied_duplicates"] == []
+    assert d["content_pass"]["ran"] is False
+    assert d["untied_duplicates"] == []
     assert d["summary"]["optimizer"] == "sgd"
 
 
@@ -104,10 +115,12 @@ def test_trust_pickle_warns(runner, tmp_path):
     p = tmp_path / "full.pt"
     torch.save(TinyLM(), p)
     refused = runner.invoke(main, ["inspect", str(p)])
-    assert refused.exit_code == 2 and "--trust-pickle" in refused.output
+    assert refused.exit_code == 2
+    assert "--trust-pickle" in refused.output
     assert "Traceback" not in refused.output
     ok = runner.invoke(main, ["inspect", str(p), "--trust-pickle"])
-    assert ok.exit_code == 0 and "warning: --trust-pickle" in ok.output
+    assert ok.exit_code == 0
+    assert "warning: --trust-pickle" in ok.output
 
 
 @pytest.mark.parametrize("target", ["missing.pt", "folder", "empty.pt", "random.bin", "spec.py:boom"])
@@ -119,7 +132,9 @@ def test_bad_input_is_one_line_and_exit_2(runner, tmp_path, target):
     res = runner.invoke(main, ["inspect", str(tmp_path / target)])
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tiecheck: error: ") and str(tmp_path) in lines[0]
+    assert len(lines) == 1
+    assert lines[0].startswith("tiecheck: error: ")
+    assert str(tmp_path) in lines[0]
     debug = runner.invoke(main, ["inspect", str(tmp_path / target), "--debug"])
     assert debug.exit_code == 2
     # --debug adds the traceback (ending in the error raised) before the same one-line error.
@@ -135,7 +150,9 @@ def test_real_subprocess(tied_file, tmp_path):
     assert json.loads(proc.stdout)["tie_groups"][0]["kind"] == "shared_storage"
     bad = subprocess.run([sys.executable, "-m", "tiecheck.cli", "inspect", str(tmp_path / "nope.pt")],
                          capture_output=True, text=True, cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1
+    assert "Traceback" not in bad.stderr
 
 
 def test_help_and_models_do_not_import_torch():
@@ -156,8 +173,11 @@ def test_usage_errors_exit_2(runner):
 def test_flops_in_inspect(runner, tmp_path):
     full = json.loads(runner.invoke(main, ["inspect", "gpt-mini", "--format", "json", "--seq-len", "64"]).output)
     f = full["flops"]
-    assert f["available"] and f["unit"] == "FLOP" and f["seq_len"] == 64
-    assert f["forward"] == sum(f["by_part"].values()) and f["by_part"]["embedding"] == 0
+    assert f["available"]
+    assert f["unit"] == "FLOP"
+    assert f["seq_len"] == 64
+    assert f["forward"] == sum(f["by_part"].values())
+    assert f["by_part"]["embedding"] == 0
     half = json.loads(runner.invoke(main, ["inspect", "gpt-mini", "--format", "json", "--seq-len", "64",
                                            "--causal-attention-half"]).output)["flops"]
     assert half["by_part"]["attention"] * 2 == f["by_part"]["attention"]
@@ -181,7 +201,8 @@ def test_flops_with_user_inputs(runner, tmp_path):
 
 def test_flops_unavailable_for_tensors_only(runner, tied_file):
     d = json.loads(runner.invoke(main, ["inspect", str(tied_file), "--format", "json"]).output)
-    assert d["flops"]["available"] is False and "tensors only" in d["flops"]["reason"]
+    assert d["flops"]["available"] is False
+    assert "tensors only" in d["flops"]["reason"]
 
 
 def test_output_never_destroys_inputs_of_any_kind(runner, tmp_path, tiny_lm):
@@ -202,7 +223,9 @@ def test_output_never_destroys_inputs_of_any_kind(runner, tmp_path, tiny_lm):
     for args, why in cases:
         before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
         res = runner.invoke(main, ["inspect", *args, "--no-flops"])
-        assert res.exit_code == 2 and why in res.output, (args, res.output)
+        assert res.exit_code == 2, (args, res.output)
+        assert why in res.output, (args, res.output)
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     ok = runner.invoke(main, ["inspect", f"{spec}:build", "--no-flops", "-o", str(tmp_path / "report.txt")])
-    assert ok.exit_code == 0 and (tmp_path / "report.txt").read_text().startswith("tiecheck:")
+    assert ok.exit_code == 0
+    assert (tmp_path / "report.txt").read_text().startswith("tiecheck:")

@@ -21,7 +21,7 @@ EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def _arch(tied: bool) -> Architecture:
-    keys = list(llama_tensors()) + [HEAD]
+    keys = [*list(llama_tensors()), HEAD]
     return Architecture(name="LlamaForCausalLM", keys=keys, groups=[tuple(sorted((EMB, HEAD)))] if tied else [],
                         declared={HEAD: EMB} if tied else {}, prefix="model", tie_word_embeddings=None,
                         input_embedding=EMB, output_embedding=HEAD, version="hand-made")
@@ -31,7 +31,7 @@ def _tc011(findings) -> list[tuple[str, list[str]]]:
     return [(f.message, list(f.names)) for f in findings if f.code == "TC011"]
 
 
-@pytest.mark.parametrize("cfg_tie, arch_tied, says", [
+@pytest.mark.parametrize(("cfg_tie", "arch_tied", "says"), [
     (True, False, "does not tie"),
     (False, True, "ties"),
 ])

@@ -129,7 +129,7 @@ INDEX_CASES = [f"{w}-{k}" for w in ("index", "hf-folder") for k in ("absolute", 
 
 @pytest.mark.parametrize("case", INDEX_CASES)
 def test_shard_outside_the_folder_is_refused_unopened(results, case):
-    (target, folder, name), got = results[case]
+    (target, _folder, name), got = results[case]
     index = target if target.is_file() else target / "model.safetensors.index.json"
     assert got["error"] == (f"{index}: the index names shard {name!r}, which lies outside its folder; "
                             f"refusing to read it (shards must sit next to the index)")
@@ -138,13 +138,13 @@ def test_shard_outside_the_folder_is_refused_unopened(results, case):
 
 @pytest.mark.parametrize("case", ["dcp-absolute", "dcp-subfolder", "dcp-dotdot"])
 def test_dcp_data_file_outside_the_folder_is_refused_unopened(results, case):
-    (target, folder, name), got = results[case]
+    (target, _folder, name), got = results[case]
     assert got["error"] == f"{target / '.metadata'}: names data file {name!r}, which lies outside the checkpoint folder"
     assert got["outside"] == []
 
 
 def test_the_hook_sees_a_followed_name(results):
     """The audit hook is live: a plain shard name, whose folder is reported as elsewhere, is seen opened."""
-    (target, folder, name), got = results["followed"]
+    (target, _folder, name), got = results["followed"]
     assert got["error"] is None
     assert os.path.realpath(target.parent / name) in got["outside"]

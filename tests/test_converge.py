@@ -14,17 +14,16 @@ from click.testing import CliRunner
 
 pytest.importorskip("tokenizers")
 
-from tiecheck.bench import tokenizer as T  # noqa: E402 - after the skip: needs tokenizers
-from tiecheck.bench.converge import ConvergeConfig, ConvergeResult, run_converge  # noqa: E402
-from tiecheck.bench.corpus import stdlib_corpus, text_corpus  # noqa: E402
-from tiecheck.bench.render import render_converge  # noqa: E402
-from tiecheck.bench.seeds import mean_interval, paired_intervals, separation_step, t_quantile  # noqa: E402
-from tiecheck.cli import main  # noqa: E402
-from tiecheck.errors import TiecheckError  # noqa: E402
+from tiecheck.bench import tokenizer as T
+from tiecheck.bench.converge import ConvergeConfig, ConvergeResult, run_converge
+from tiecheck.bench.corpus import stdlib_corpus, text_corpus
+from tiecheck.bench.render import render_converge
+from tiecheck.bench.seeds import mean_interval, paired_intervals, separation_step, t_quantile
+from tiecheck.cli import main
+from tiecheck.errors import TiecheckError
 
 TINY = {"n_layer": 1, "d_model": 32, "n_head": 2, "block_size": 32}
-WORDS = ("the tie shares one matrix between the embedding and the output layer so gradients from both uses "
-         "reach it while the untied model keeps two copies that drift apart as training goes on").split()
+WORDS = ["the", "tie", "shares", "one", "matrix", "between", "the", "embedding", "and", "the", "output", "layer", "so", "gradients", "from", "both", "uses", "reach", "it", "while", "the", "untied", "model", "keeps", "two", "copies", "that", "drift", "apart", "as", "training", "goes", "on"]
 
 
 def _write_corpus(folder, n_files: int = 12, words: int = 600):
@@ -82,10 +81,12 @@ def test_frame_has_one_row_per_variant_metric_step(cache, corpus_dir):
     assert sorted(val[val.variant == "tied"].step.tolist()) == [0, 3, 6]
     assert set(frame[frame.metric == "val_loss"].n.dropna()) == {2}
     parsed = json.loads(render_converge(r, "json"))
-    assert parsed["steps"] == [0, 3, 6] and len(parsed["curves"]["tied"]["val_loss"]) == 2
+    assert parsed["steps"] == [0, 3, 6]
+    assert len(parsed["curves"]["tied"]["val_loss"]) == 2
     assert render_converge(r, "csv").startswith("# tiecheck bench --mode converge: gpt-mini, 2 seeds x 6 steps")
     table = render_converge(r, "table")
-    assert "validation loss curve" in table and "pass  tied variant still tied after training, 2 seeds" in table
+    assert "validation loss curve" in table
+    assert "pass  tied variant still tied after training, 2 seeds" in table
 
 
 # --- the paired statistics on synthetic curves --------------------------------------------------------
@@ -100,7 +101,8 @@ def _synthetic(tied, untied, steps) -> ConvergeResult:
 
 
 def test_t_quantiles():
-    assert t_quantile(2) == 4.303 and t_quantile(30) == 2.042
+    assert t_quantile(2) == 4.303
+    assert t_quantile(30) == 2.042
     assert t_quantile(40) == pytest.approx(2.0211, abs=1e-3)
     assert t_quantile(1000) == pytest.approx(1.9623, abs=1e-3)
 
@@ -108,11 +110,13 @@ def test_t_quantiles():
 def test_paired_difference_with_a_known_gap():
     untied = [[5.0, 4.0, 3.0, 2.5], [5.2, 4.1, 3.2, 2.6], [4.9, 3.9, 3.1, 2.4]]
     gaps = [[0.0, 0.0, -0.10, -0.10], [0.0, 0.01, -0.12, -0.12], [0.0, -0.01, -0.08, -0.08]]
-    tied = [[u + g for u, g in zip(us, gs)] for us, gs in zip(untied, gaps)]
+    tied = [[u + g for u, g in zip(us, gs, strict=True)] for us, gs in zip(untied, gaps, strict=True)]
     r = _synthetic(tied, untied, [0, 10, 20, 30])
     d = r.diff()[-1]
     half = 4.303 * 0.02 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n) of the gaps -0.10, -0.12, -0.08
-    assert d.mean == pytest.approx(-0.10) and d.low == pytest.approx(-0.10 - half) and d.high == pytest.approx(-0.10 + half)
+    assert d.mean == pytest.approx(-0.10)
+    assert d.low == pytest.approx(-0.10 - half)
+    assert d.high == pytest.approx(-0.10 + half)
     assert r.separated_from() == 20
     verdicts = r.verdicts()
     assert verdicts[0] == ("validation loss: tied lower by 0.100 nats (tied - untied -0.100, 95% CI -0.150 to -0.050, "
@@ -142,10 +146,12 @@ def test_split_is_by_file_and_no_file_is_in_both(tmp_path):
     c = text_corpus(_write_corpus(tmp_path / "c", n_files=25, words=20))
     train, val = [d.name for d in c.train], [d.name for d in c.val]
     assert val == ["doc09.txt", "doc19.txt"]
-    assert not set(train) & set(val) and len(train) + len(val) == 25
+    assert not set(train) & set(val)
+    assert len(train) + len(val) == 25
     std = stdlib_corpus(max_chars=300_000)
     names = [d.name for d in std.train], [d.name for d in std.val]
-    assert not set(names[0]) & set(names[1]) and names[1]
+    assert not set(names[0]) & set(names[1])
+    assert names[1]
     assert all(n.endswith(".py") and "site-packages" not in n for n in names[0] + names[1])
     assert std.fingerprint == stdlib_corpus(max_chars=300_000).fingerprint  # a fixed order
 
@@ -154,7 +160,8 @@ def test_one_file_splits_by_lines(tmp_path):
     f = tmp_path / "one.txt"
     f.write_text("".join(f"line {i}\n" for i in range(20)), encoding="utf-8")
     c = text_corpus(f)
-    assert [d.name for d in c.train] == ["one.txt (lines 1-18)"] and [d.name for d in c.val] == ["one.txt (lines 19-20)"]
+    assert [d.name for d in c.train] == ["one.txt (lines 1-18)"]
+    assert [d.name for d in c.val] == ["one.txt (lines 19-20)"]
     assert c.val[0].text == "line 18\nline 19\n"
 
 
@@ -165,15 +172,20 @@ def test_second_run_loads_the_cached_tokenizer(cache, corpus_dir):
     corpus = text_corpus(corpus_dir)
     before = T.TRAINED
     first = T.bpe_for(corpus, 300)
-    assert T.TRAINED == before + 1 and "cached at" in first.source
+    assert before + 1 == T.TRAINED
+    assert "cached at" in first.source
     files = list(cache.glob("bpe-300-*.json"))
-    assert len(files) == 1 and str(files[0]) in first.source
+    assert len(files) == 1
+    assert str(files[0]) in first.source
     mtime = files[0].stat().st_mtime_ns
     second = T.bpe_for(corpus, 300)
-    assert T.TRAINED == before + 1 and second.source.startswith("byte-level BPE from the cache")
-    assert second.tokenizer.to_str() == first.tokenizer.to_str() and files[0].stat().st_mtime_ns == mtime
+    assert before + 1 == T.TRAINED
+    assert second.source.startswith("byte-level BPE from the cache")
+    assert second.tokenizer.to_str() == first.tokenizer.to_str()
+    assert files[0].stat().st_mtime_ns == mtime
     T.bpe_for(corpus, 300, use_cache=False)  # --no-cache: trains, and leaves the cache alone
-    assert T.TRAINED == before + 2 and list(cache.glob("*.json")) == files
+    assert before + 2 == T.TRAINED
+    assert list(cache.glob("*.json")) == files
 
 
 # --- bad input: one line, exit 2 ----------------------------------------------------------------------
@@ -216,7 +228,7 @@ def test_tokenizer_vocabulary_differs_from_the_model(cache, corpus_dir, tmp_path
     assert "its vocabulary has 300 tokens, not the --vocab-size 512 asked for" in _one_error_line(result)
 
 
-@pytest.mark.parametrize("args, needle", [
+@pytest.mark.parametrize(("args", "needle"), [
     (["--seeds", "1"], "--seeds 1: the verdict is a paired interval over seeds, which needs at least 2"),
     (["--model", "transformer-mini"], "an encoder-decoder; --mode converge trains a language model"),
     (["--rounds", "4"], "--mode converge does not use --rounds"),
@@ -230,7 +242,8 @@ def test_bad_options(cache, corpus_dir, args, needle):
 
 def test_converge_options_need_converge_mode():
     result = CliRunner().invoke(main, ["bench", "--seeds", "3"])
-    assert result.exit_code == 2 and "only --mode converge uses --seeds" in _one_error_line(result)
+    assert result.exit_code == 2
+    assert "only --mode converge uses --seeds" in _one_error_line(result)
 
 
 def test_resolve_rejects_before_reading_anything():

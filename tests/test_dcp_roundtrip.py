@@ -40,8 +40,11 @@ def checkpoint(tmp_path_factory):
 def test_fsdp2_keeps_the_tie_through_training_and_an_in_place_dcp_load(checkpoint):
     _, found = checkpoint
     assert found["tie_groups"] == [["transformer.wte.weight", "lm_head.weight"]]
-    assert found["world_size"] == 2 and found["steps"] == 2
-    assert found["trained_tied"] and found["reloaded_in_place_tied"] and found["reloaded_equals_trained"]
+    assert found["world_size"] == 2
+    assert found["steps"] == 2
+    assert found["trained_tied"]
+    assert found["reloaded_in_place_tied"]
+    assert found["reloaded_equals_trained"]
 
 
 @pytest.mark.distributed
@@ -50,7 +53,8 @@ def test_inspect_reads_the_sharded_checkpoint_and_reports_the_tie_stored_twice(c
     report = analyze(path)
     assert report.tie_groups == []  # DCP records no aliasing
     tc005 = [f for f in report.findings if f["code"] == "TC005"]
-    assert len(tc005) == 1 and set(tc005[0]["names"]) == PAIR
+    assert len(tc005) == 1
+    assert set(tc005[0]["names"]) == PAIR
     assert "model.lm_head.weight = model.transformer.wte.weight" in tc005[0]["hint"]
     assert any("copied together from their mapped chunks" in n for n in report.source["notes"])
 

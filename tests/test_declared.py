@@ -55,7 +55,8 @@ def test_save_model_alias_map_is_restored_as_a_tie_with_its_bytes(tmp_path):
     path = tmp_path / "m.safetensors"
     safetensors_torch.save_model(m, str(path))
     r = tiecheck.analyze(str(path))
-    assert [g["names"] for g in r.tie_groups] == [[HEAD, EMB]] and r.tie_groups[0]["bytes_saved"] == 64 * 16 * 4
+    assert [g["names"] for g in r.tie_groups] == [[HEAD, EMB]]
+    assert r.tie_groups[0]["bytes_saved"] == 64 * 16 * 4
     assert r.summary["bytes_saved"] == 4096
     (decl,) = r.declared["declarations"]
     assert decl == {"kind": "alias_map", "value": {EMB: HEAD}, "origin": {"file": "m.safetensors",
@@ -75,9 +76,11 @@ def test_alias_map_naming_a_missing_key_is_a_finding(tmp_path):
                              metadata={"format": "pt", "head.weight": "gone.weight", "note": "not.an alias"})
     r = tiecheck.analyze(str(path))
     f = only(r, "TC020")
-    assert f["severity"] == "warning" and f["names"] == ["gone.weight", "head.weight"]
+    assert f["severity"] == "warning"
+    assert f["names"] == ["gone.weight", "head.weight"]
     assert "holds no gone.weight" in f["message"]
-    assert r.tie_groups == [] and r.declared["ties"] == []
+    assert r.tie_groups == []
+    assert r.declared["ties"] == []
     assert r.declared["declarations"][0]["broken"] == {"head.weight": "gone.weight"}
 
 
@@ -88,7 +91,8 @@ def test_declared_tied_but_head_stored_different_is_an_error_and_transformers_lo
     d = folder(tmp_path, m, sd)
     r = tiecheck.analyze(str(d))
     f = only(r, "TC015")
-    assert f["severity"] == "error" and f["names"] == [HEAD, EMB]
+    assert f["severity"] == "error"
+    assert f["names"] == [HEAD, EMB]
     assert "transformers 5 warns and loads them untied" in f["message"]
     (row,) = r.declared["ties"]
     assert (row["declared"], row["physical"], row["stored"]) == (True, "separate, different", "two different copies")
@@ -104,7 +108,8 @@ def test_declared_tied_and_stored_twice_equal_is_wasted_disk_and_retied_on_load(
     d = folder(tmp_path, m, state(m))
     r = tiecheck.analyze(str(d))
     f = only(r, "TC016")
-    assert f["severity"] == "warning" and "4,096 bytes stored twice" in f["message"]
+    assert f["severity"] == "warning"
+    assert "4,096 bytes stored twice" in f["message"]
     (row,) = r.declared["ties"]
     assert (row["physical"], row["stored"]) == ("tied", "two equal copies")
     loaded = transformers.LlamaForCausalLM.from_pretrained(d)
@@ -117,7 +122,8 @@ def test_declared_untied_with_one_copy_is_an_error_and_transformers_initialises_
     d = folder(tmp_path, m, sd)
     r = tiecheck.analyze(str(d))
     f = only(r, "TC017")
-    assert f["severity"] == "error" and "initialise lm_head.weight randomly" in f["message"]
+    assert f["severity"] == "error"
+    assert "initialise lm_head.weight randomly" in f["message"]
     (row,) = r.declared["ties"]
     assert (row["declared"], row["physical"], row["stored"]) == (False, "absent", "one copy")
     loaded = transformers.LlamaForCausalLM.from_pretrained(d)
@@ -157,8 +163,11 @@ def test_nested_text_config_flag_is_resolved_as_the_config_class_resolves_it(tmp
         ("text_config.tie_word_embeddings", True), ("tie_word_embeddings", True)]
     assert [x.get("resolved_by") for x in decls if x["kind"] == "tie_word_embeddings"] == [None, "LlavaConfig"]
     (row,) = r.declared["ties"]
-    assert row["names"] == [HEAD, LLAVA_EMB] and row["declared"] and row["stored"] == "one copy"
-    assert row["physical"] == "tied" and "TC019" not in codes(r)
+    assert row["names"] == [HEAD, LLAVA_EMB]
+    assert row["declared"]
+    assert row["stored"] == "one copy"
+    assert row["physical"] == "tied"
+    assert "TC019" not in codes(r)
     loaded = transformers.LlavaForConditionalGeneration.from_pretrained(d)
     assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
 
@@ -171,7 +180,8 @@ def test_top_level_and_nested_flags_that_disagree_are_a_finding(tmp_path):
     assert "config.json text_config.tie_word_embeddings: untied" in f["message"]
     assert "transformers follows config.json tie_word_embeddings (LlavaConfig)" in f["message"]
     (row,) = r.declared["ties"]
-    assert row["declared"] is True and row["conflict"] is True
+    assert row["declared"] is True
+    assert row["conflict"] is True
 
 
 def test_nested_config_of_the_wrong_type_is_one_line(tmp_path):
@@ -204,14 +214,16 @@ def test_megatron_args_declaration(tmp_path):
     torch.save({"model": sd, "args": {"untie_embeddings_and_output_weights": True}}, path)
     r = tiecheck.analyze(str(path))
     (decl,) = r.declared["declarations"]
-    assert decl["value"] is False and decl["origin"] == {"file": "model_optim_rng.pt",
+    assert decl["value"] is False
+    assert decl["origin"] == {"file": "model_optim_rng.pt",
                                                          "key": "args.untie_embeddings_and_output_weights"}
     f = only(r, "TC017")
     assert f["names"] == ["embedding.word_embeddings.weight", "output_layer.weight"]
 
     torch.save({"model": sd, "args": {"untie_embeddings_and_output_weights": False}}, path)
     r = tiecheck.analyze(str(path))
-    assert r.declared["ties"][0]["stored"] == "one copy" and "TC017" not in codes(r)
+    assert r.declared["ties"][0]["stored"] == "one copy"
+    assert "TC017" not in codes(r)
 
 
 def test_three_layers_show_in_table_and_markdown(tmp_path):
@@ -221,4 +233,6 @@ def test_three_layers_show_in_table_and_markdown(tmp_path):
     for fmt in ("table", "markdown"):
         res = CliRunner().invoke(main, ["inspect", str(path), "--format", fmt])
         assert "Declared ties (1)" in res.output
-        assert "physical" in res.output and "stored" in res.output and "by m.safetensors __metadata__" in res.output
+        assert "physical" in res.output
+        assert "stored" in res.output
+        assert "by m.safetensors __metadata__" in res.output

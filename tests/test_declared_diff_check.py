@@ -76,7 +76,8 @@ def test_changed_declaration_is_a_diff_line(merged_pair):
 def test_unchanged_declarations_make_no_line(tmp_path):
     a, b = folder(tmp_path, "a", tie=True), folder(tmp_path, "b", tie=True)
     d = tiecheck.diff(str(a), str(b))
-    assert d.declared_changed == [] and d.exit_code == 0
+    assert d.declared_changed == []
+    assert d.exit_code == 0
     assert "Declarations that changed" not in CliRunner().invoke(main, ["diff", str(a), str(b)]).output
 
 
@@ -90,7 +91,8 @@ def test_alias_map_only_on_one_side(tmp_path):
     assert decl == [{"what": "declaration", "kind": "alias_map", "key": "__metadata__", "a": {EMB: HEAD},
                      "b": None, "in": "A only"}]
     (tie,) = [c for c in d.declared_changed if c["what"] == "tie"]
-    assert tie["a"]["declared"] == "tied" and tie["b"] is None
+    assert tie["a"]["declared"] == "tied"
+    assert tie["b"] is None
 
 
 def pyproject(tmp_path, body: str):
@@ -115,14 +117,16 @@ def test_declared_agrees_fails_a_warning_that_fail_on_error_lets_pass(tmp_path, 
     strict = pyproject(tmp_path, "declared-agrees = true\n" + target)
     res = CliRunner().invoke(main, ["check", "--config", str(strict)])
     assert res.exit_code == 1, res.output
-    assert "FAILED" in res.output and "TC016" in res.output
+    assert "FAILED" in res.output
+    assert "TC016" in res.output
     github = CliRunner().invoke(main, ["check", "--config", str(strict), "--format", "github"]).output
     # A warning made failing by the policy is an error annotation on the file that states the rule.
     (line,) = [x for x in github.splitlines() if x.startswith("::")]
     assert line.startswith(f"::error file={os.path.relpath(strict)},title=TC016::")
     # The same from the command line.
     res = CliRunner().invoke(main, ["check", "--no-config", str(stored_twice), "--declared-agrees"])
-    assert res.exit_code == 1 and "TC016" in res.output
+    assert res.exit_code == 1
+    assert "TC016" in res.output
     res = CliRunner().invoke(main, ["check", "--no-config", str(stored_twice)])
     assert res.exit_code == 0, res.output
 

@@ -11,7 +11,8 @@ from tiecheck.cli import main
 def _error(args: list[str]) -> str:
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2, res.output
-    assert res.stdout == "" and res.stderr.count("\n") == 1, res.stderr  # one line, on stderr
+    assert res.stdout == "", res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr  # one line, on stderr
     assert res.stderr.startswith("tiecheck: error: ")
     return res.stderr
 
@@ -29,7 +30,7 @@ def test_a_target_like_nothing_gets_no_guess():
     assert "did you mean" not in _error(["inspect", "zzzzzz"])
 
 
-@pytest.mark.parametrize("args, expected", [
+@pytest.mark.parametrize(("args", "expected"), [
     (["inspct", "gpt-mini"], "Did you mean 'inspect'?"),
     (["inspect", "gpt-mini", "--seq-lenn", "3"], "Did you mean '--seq-len'?"),
     (["inspect", "gpt-mini", "--seq-len", "0"], "'--seq-len'"),

@@ -33,7 +33,9 @@ def broken(tied):
 
 def test_identical_ties_exit_0(tied):
     d = tiecheck.diff(tied, tied)
-    assert d.exit_code == 0 and d.lost == [] and d.added == []
+    assert d.exit_code == 0
+    assert d.lost == []
+    assert d.added == []
     assert [g["names"] for g in d.kept] == [["embed.weight", "lm_head.weight"]]
 
 
@@ -41,17 +43,20 @@ def test_tie_broken_into_duplicates(tied, broken):
     d = tiecheck.diff(tied, broken)
     assert d.exit_code == 1
     (lost,) = d.lost
-    assert lost["names"] == ["embed.weight", "lm_head.weight"] and lost["broken_into_duplicates"]
+    assert lost["names"] == ["embed.weight", "lm_head.weight"]
+    assert lost["broken_into_duplicates"]
     assert lost["in_b"]["lm_head.weight"] == {"state": "untied duplicate", "with": ["embed.weight"],
                                               "shape": [64, 16], "dtype": "float32"}
     # Without the content pass the copies are merely untied.
     d2 = tiecheck.diff(tied, broken, duplicates=False)
-    assert d2.lost[0]["in_b"]["lm_head.weight"]["state"] == "untied" and not d2.lost[0]["broken_into_duplicates"]
+    assert d2.lost[0]["in_b"]["lm_head.weight"]["state"] == "untied"
+    assert not d2.lost[0]["broken_into_duplicates"]
 
 
 def test_retied_is_added_not_lost(tied, broken):
     d = tiecheck.diff(broken, tied)
-    assert d.exit_code == 0 and d.lost == []
+    assert d.exit_code == 0
+    assert d.lost == []
     assert [g["names"] for g in d.added] == [["embed.weight", "lm_head.weight"]]
 
 
@@ -62,7 +67,8 @@ def test_dtype_change_of_a_kept_tie(tied):
     d = tiecheck.diff(tied, half)
     assert d.exit_code == 0
     (c,) = d.layout_changed
-    assert c["a"]["dtype"] == "float32" and c["b"]["dtype"] == "float16"
+    assert c["a"]["dtype"] == "float32"
+    assert c["b"]["dtype"] == "float16"
 
 
 def test_untied_with_different_content_and_grown_groups():
@@ -74,7 +80,8 @@ def test_untied_with_different_content_and_grown_groups():
     d = tiecheck.diff(a, b)
     assert d.exit_code == 1
     (lost,) = d.lost
-    assert lost["names"] == ["bias", "decoder.bias"] and lost["in_b"]["decoder.bias"]["state"] == "untied"
+    assert lost["names"] == ["bias", "decoder.bias"]
+    assert lost["in_b"]["decoder.bias"]["state"] == "untied"
     (grown,) = [g for g in d.kept if g.get("grown")]
     assert grown["grown"] == ["extra_head.weight"]
 
@@ -86,7 +93,9 @@ def test_names_absent_from_b_and_the_hint(tmp_path, tied):
     assert d.lost[0]["in_b"]["lm_head.weight"] == {"state": "absent"}
 
     text = render_diff(d)
-    assert "Lost ties (1)" in text and "absent" in text and "Hugging Face model folder" in text
+    assert "Lost ties (1)" in text
+    assert "absent" in text
+    assert "Hugging Face model folder" in text
 
 
 def test_cli_table_json_markdown_exit_codes_and_saved_reports(tmp_path, tied, broken):
@@ -95,11 +104,15 @@ def test_cli_table_json_markdown_exit_codes_and_saved_reports(tmp_path, tied, br
     torch.save(broken.state_dict(), b)
     runner = CliRunner()
     res = runner.invoke(main, ["diff", str(a), str(b)])
-    assert res.exit_code == 1 and "Lost ties (1)" in res.output and "untied duplicate" in res.output
+    assert res.exit_code == 1
+    assert "Lost ties (1)" in res.output
+    assert "untied duplicate" in res.output
     res = runner.invoke(main, ["diff", str(a), str(a), "--format", "json"])
     assert res.exit_code == 0
     d = json.loads(res.output)
-    assert d["summary"]["kept"] == 1 and d["summary"]["exit_code"] == 0 and d["a"]["target"] == str(a)
+    assert d["summary"]["kept"] == 1
+    assert d["summary"]["exit_code"] == 0
+    assert d["a"]["target"] == str(a)
     assert runner.invoke(main, ["diff", str(a), str(b), "--format", "markdown"]).output.startswith("# tiecheck diff")
 
     # A report saved with `inspect --format json` works as either side (a CI baseline).
@@ -112,14 +125,17 @@ def test_cli_table_json_markdown_exit_codes_and_saved_reports(tmp_path, tied, br
     assert runner.invoke(main, ["diff", str(a), str(a), "--format", "json", "-o", str(out)]).exit_code == 0
     assert json.loads(out.read_text())["summary"]["lost"] == 0
     res = runner.invoke(main, ["diff", str(a), str(b), "-o", str(a)])
-    assert res.exit_code == 2 and "it is the input" in res.output
+    assert res.exit_code == 2
+    assert "it is the input" in res.output
 
 
 def test_cli_bad_side_is_one_line_exit_2(tmp_path, tied):
     a = tmp_path / "a.pt"
     torch.save(tied.state_dict(), a)
     res = CliRunner().invoke(main, ["diff", str(a), str(tmp_path / "missing.safetensors")])
-    assert res.exit_code == 2 and res.output.count("\n") == 1 and res.output.startswith("tiecheck: error:")
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1
+    assert res.output.startswith("tiecheck: error:")
 
 
 def test_tie_turned_into_distinct_parameters_is_a_failure(tied):
@@ -128,7 +144,8 @@ def test_tie_turned_into_distinct_parameters_is_a_failure(tied):
     # The same memory, but two Parameter objects: gradients are no longer shared.
     b.lm_head.weight = nn.Parameter(b.embed.weight.data)
     d = tiecheck.diff(tied, b)
-    assert d.lost == [] and len(d.kept) == 1
+    assert d.lost == []
+    assert len(d.kept) == 1
     assert d.kind_changed == [{"names": ["embed.weight", "lm_head.weight"], "a": "same_parameter",
                                "b": "distinct_parameters"}]
     assert d.exit_code == 1

@@ -100,7 +100,8 @@ def test_fsdp2_on_one_rank_passes_and_says_no_collective_is_issued(one_rank):
     assert all(result["checks"].values()), result["checks"]
     assert "no collective issued on one rank (FSDP2 skips them)" in result["checks"]
     assert any("torch skips them at world size 1" in n for n in result["notes"])
-    assert result["header"]["nodes"] == 1 and result["header"]["world_size"] == 1
+    assert result["header"]["nodes"] == 1
+    assert result["header"]["world_size"] == 1
     assert "note: one rank: FSDP2 issues no all-gather" in distributed.render(result)
 
 
@@ -109,7 +110,8 @@ def test_launch_options_without_nproc_per_node_are_refused():
     for extra in (["--nnodes", "2"], ["--rdzv-endpoint", "h:1"], ["--strategy", "fsdp2"], ["--node-rank", "1"],
                   ["--rdzv-id", "x"], ["--max-restarts", "1"], ["--timeout", "5"]):
         res = runner.invoke(main, ["bench", "--device", "cpu", *extra])
-        assert res.exit_code == 2 and "only with --nproc-per-node N" in res.output, (extra, res.output)
+        assert res.exit_code == 2, (extra, res.output)
+        assert "only with --nproc-per-node N" in res.output, (extra, res.output)
         assert extra[0] in res.output
 
 
@@ -138,11 +140,15 @@ def test_options_that_cannot_run_on_several_processes_are_refused():
     runner = CliRunner()
     for extra in (["--compile"], ["--mode", "infer"], ["--format", "csv"]):
         res = runner.invoke(main, ["bench", "--nproc-per-node", "2", *extra])
-        assert res.exit_code == 2 and "not supported with several processes" in res.output
+        assert res.exit_code == 2
+        assert "not supported with several processes" in res.output
     res = runner.invoke(main, ["bench", "--nproc-per-node", "2", "--nnodes", "2"])
-    assert res.exit_code == 2 and "give --rdzv-endpoint" in res.output
+    assert res.exit_code == 2
+    assert "give --rdzv-endpoint" in res.output
     res = runner.invoke(main, ["bench", "--nproc-per-node", "2", "--model", "transformer-mini", "--device", "cpu"])
-    assert res.exit_code == 2 and "runs decoders" in res.output and "running on" not in res.output
+    assert res.exit_code == 2
+    assert "runs decoders" in res.output
+    assert "running on" not in res.output
 
 
 @pytest.mark.distributed
@@ -154,7 +160,8 @@ def test_ddp_cli_counts_one_tied_weight_less_all_reduced_per_step(tmp_path):
     comm = result["comm_bytes_per_step"]
     assert comm["untied"]["all_reduce"] - comm["tied"]["all_reduce"] == TIED_WEIGHT_BYTES
     assert comm["tied"]["all_reduce"] == result["params"]["tied"] * 4  # every gradient, all-reduced once
-    assert result["header"]["world_size"] == 2 and result["header"]["backend"] == "gloo"
+    assert result["header"]["world_size"] == 2
+    assert result["header"]["backend"] == "gloo"
     assert all(result["checks"].values()), result["checks"]
 
 
@@ -189,7 +196,8 @@ def test_rank0_progress_is_streamed_and_a_timeout_stops_every_worker():
     seen: list[tuple[int, int, str]] = []
     result = launch({**TINY_CFG, "strategy": "ddp"}, nproc_per_node=2, rdzv_endpoint=f"127.0.0.1:{free_port()}",
                     timeout=120, progress=lambda done, total, label: seen.append((done, total, label)))
-    assert seen[0][2] == "building both variants" and seen[-1][0] == seen[-1][1]  # as it went, to the end
+    assert seen[0][2] == "building both variants"
+    assert seen[-1][0] == seen[-1][1]
     assert [label for _, _, label in seen].count("warm-up tied") == 2  # rank 0 only, one line per step
     assert all(result["checks"].values())
     with pytest.raises(TiecheckError, match=r"did not finish within 2 s \(--timeout\); stopped"):
@@ -223,8 +231,10 @@ def test_two_nodes_on_localhost_both_exit_0_and_one_writes_the_table(tmp_path):
     written = [n for n in "ab" if (tmp_path / f"{n}.json").exists()]
     assert len(written) == 1, outs
     result = json.loads((tmp_path / f"{written[0]}.json").read_text())
-    assert result["header"]["nodes"] == 2 and result["header"]["world_size"] == 2
+    assert result["header"]["nodes"] == 2
+    assert result["header"]["world_size"] == 2
     other = outs["ab".index("b" if written == ["a"] else "a")]
     line = next(x for x in other.splitlines() if "done; the results are written by the node of rank 0" in x)
-    assert line.startswith("tiecheck: node 1 of 2 done") and f"{written[0]}.json" in line
+    assert line.startswith("tiecheck: node 1 of 2 done")
+    assert f"{written[0]}.json" in line
     assert "every check passed" in line

@@ -48,7 +48,8 @@ def _torch_save_transposed(tmp_path, a, b):
     path = tmp_path / "pair.pt"
     torch.save({"x.weight": a.t().contiguous().t(), "y.weight": b.t().contiguous().t()}, path)
     loaded = torch.load(path, weights_only=True)
-    assert not loaded["x.weight"].is_contiguous() and torch.equal(loaded["y.weight"], b)
+    assert not loaded["x.weight"].is_contiguous()
+    assert torch.equal(loaded["y.weight"], b)
     return str(path)
 
 

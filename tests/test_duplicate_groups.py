@@ -42,7 +42,8 @@ def test_constant_flag_from_two_elements_on(n, constant):
     # one-element duplicate is a real duplicate.
     reader = BytesReader({"a": b"\x05" * n, "b": b"\x05" * n})
     (g,), _ = find_untied_duplicates([_int8("a", n, 1), _int8("b", n, 2)], reader)
-    assert g.names == ("a", "b") and g.nbytes == n
+    assert g.names == ("a", "b")
+    assert g.nbytes == n
     assert g.constant is constant
     assert [f.code for f in duplicate_findings([g])] == ([] if constant else ["TC005"])
 
@@ -52,7 +53,8 @@ def test_two_element_duplicate_that_is_not_constant():
     (g,), _ = find_untied_duplicates([_int8("a", 2, 1), _int8("b", 2, 2)], reader)
     assert g.constant is False
     (f,) = duplicate_findings([g])
-    assert f.code == "TC005" and f.message.startswith("a, b hold equal int8 [2] content in separate memory (2 bytes")
+    assert f.code == "TC005"
+    assert f.message.startswith("a, b hold equal int8 [2] content in separate memory (2 bytes")
 
 
 def test_group_fields_come_from_its_own_members():
@@ -90,10 +92,12 @@ def test_a_declared_pair_makes_a_duplicate_a_broken_tie_in_every_group():
     assert "tie_weights()" in broken.hint
     # Untied on purpose: a warning whose hint does not offer tie_weights() (it follows the config, which says untied).
     warned, _ = duplicate_findings(groups, role_relations(cands, False))
-    assert warned.severity == "warning" and warned.message.endswith(
+    assert warned.severity == "warning"
+    assert warned.message.endswith(
         "the config keeps emb and head untied (tie_word_embeddings=false), so the output projection is a copy of the "
         "input embedding")
-    assert "leaves them apart" in warned.hint and "set tie_word_embeddings=true" in warned.hint
+    assert "leaves them apart" in warned.hint
+    assert "set tie_word_embeddings=true" in warned.hint
 
 
 def test_buffers_nothing_ties_are_no_finding_and_a_declared_buffer_is():
@@ -114,7 +118,8 @@ def test_a_non_persistent_buffer_is_never_a_duplicate():
     facts = [dataclasses.replace(_int8("rope.inv_freq", 2, 1), role="buffer", persistent=False),
              dataclasses.replace(_int8("rope.original_inv_freq", 2, 2), role="buffer", persistent=False)]
     groups, stats = find_untied_duplicates(facts, reader)
-    assert groups == [] and stats.tensors == 0
+    assert groups == []
+    assert stats.tensors == 0
 
 
 def test_a_tied_memory_is_named_by_its_smallest_name_whatever_the_order_of_its_facts():
@@ -123,6 +128,7 @@ def test_a_tied_memory_is_named_by_its_smallest_name_whatever_the_order_of_its_f
     data = {"z": b"\x01\x02", "a": b"\x01\x02", "m": b"\x01\x02"}
     facts = [_int8("z", 2, 1), _int8("a", 2, 1), _int8("m", 2, 2)]
     (g,), _ = find_untied_duplicates(facts, BytesReader(data))
-    assert g.names == ("a", "m") and g.aliases == (("a", "z"), ("m",))
+    assert g.names == ("a", "m")
+    assert g.aliases == (("a", "z"), ("m",))
     (g2,), _ = find_untied_duplicates(list(reversed(facts)), BytesReader(data))
     assert g2 == g

@@ -103,7 +103,8 @@ def test_bidi_and_zero_width_characters_are_shown_as_escapes(spoofing_file, fmt)
     res = CliRunner().invoke(main, ["inspect", str(spoofing_file), "--format", fmt, "--no-flops"])
     assert res.exit_code == 0, res.output
     assert not INVISIBLE & set(res.output), "an invisible or bidirectional character reached the output"
-    assert "\\u202e" in res.output and "\\u200b" in res.output
+    assert "\\u202e" in res.output
+    assert "\\u200b" in res.output
     if fmt == "json":  # escaped as JSON escapes: the exact name reads back
         assert SPOOF in {n for g in json.loads(res.output)["tie_groups"] for n in g["names"]}
 
@@ -112,13 +113,16 @@ def test_check_annotations_show_bidi_and_zero_width_characters(spoofing_file):
     res = CliRunner().invoke(main, ["check", str(spoofing_file), "--no-config", "--format", "github",
                                     "--expect-tied", f"{FORMULA},{SPOOF}"])
     assert res.exit_code == 1, res.output
-    assert "::error " in res.output and not INVISIBLE & set(res.output)
+    assert "::error " in res.output
+    assert not INVISIBLE & set(res.output)
     assert "\\u202e" in res.output
 
 
 def test_markdown_names_cannot_add_cells_html_or_links(spoofing_file):
     out = CliRunner().invoke(main, ["inspect", str(spoofing_file), "--format", "markdown", "--no-flops"]).output
-    assert "<img" not in out and not re.search(r"(?<!\\)\]\(javascript:", out) and not re.search(r"(?<!\\)\[click", out)
+    assert "<img" not in out
+    assert not re.search(r"(?<!\\)\]\(javascript:", out)
+    assert not re.search(r"(?<!\\)\[click", out)
     assert "w\\|&lt;img src=x onerror=alert(1)&gt;\\[click\\](javascript:alert(1))" in out
     row = next(line for line in out.splitlines() if "onerror" in line)
     assert row.count("|") - row.count("\\|") == 7  # the tie groups table's six columns, nothing more
@@ -128,7 +132,8 @@ def test_csv_cells_are_never_formulas(spoofing_file):
     """OWASP's rule: a cell starting with =, +, - or @ is prefixed with a quote, so a spreadsheet reads text."""
     out = CliRunner().invoke(main, ["inspect", str(spoofing_file), "--format", "csv", "--no-flops"]).output
     cells = [c for row in csv.reader(io.StringIO(out)) for c in row]
-    assert "'" + FORMULA in cells and "'+cmd|' /C calc'!A0" in cells
+    assert "'" + FORMULA in cells
+    assert "'+cmd|' /C calc'!A0" in cells
     assert not [c for c in cells if c[:1] in ("=", "+", "@") or (c.startswith("-") and not _number(c))]
 
 

@@ -120,7 +120,8 @@ def test_llama_equal_copies_retied_and_verified(llama_clone, tmp_path):
     assert _checks(result) == {"planned ties": (True, False), "findings answered": (True, False),
                                "tensors byte for byte": (True, False), "safetensors reads it": (True, False),
                                "transformers logits": (True, False)}
-    assert result.verified and result.exit_code() == 0
+    assert result.verified
+    assert result.exit_code() == 0
     assert "lm_head.weight" not in _keys(out / "model.safetensors")
     assert len(_keys(out / "model.safetensors")) == len(_keys(llama_clone / "model.safetensors")) - 1
     sizes = (llama_clone / "model.safetensors").stat().st_size - (out / "model.safetensors").stat().st_size
@@ -192,7 +193,8 @@ def test_view_saved_alone_is_trimmed(tmp_path):
     (action,) = result.plan.actions
     assert (action.kind, action.why, action.names) == ("trim", "TC021", ("emb.weight",))
     assert action.disk_saved == action.memory_saved == (4096 - 64) * 4
-    assert result.verified and _checks(result)["torch.load(weights_only=True)"] == (True, False)
+    assert result.verified
+    assert _checks(result)["torch.load(weights_only=True)"] == (True, False)
     loaded = torch.load(out, weights_only=True)
     assert loaded["emb.weight"].untyped_storage().nbytes() == 64 * 4
     assert torch.equal(loaded["emb.weight"], big[:64].view(8, 8))
@@ -225,7 +227,8 @@ def test_tie_writes_the_alias_map_save_model_writes(tmp_path):
     assert _keys(out) == _keys(reference) == ["emb.weight"]
     fresh = Tied()
     load_model(fresh, str(out))  # the library restores the tie from the map
-    assert torch.equal(fresh.head.weight, w) and fresh.head.weight is fresh.emb.weight
+    assert torch.equal(fresh.head.weight, w)
+    assert fresh.head.weight is fresh.emb.weight
 
 
 def test_untie_gives_each_name_its_copy(tmp_path):
@@ -238,7 +241,8 @@ def test_untie_gives_each_name_its_copy(tmp_path):
     (action,) = result.plan.actions
     assert (action.kind, action.disk_saved, action.memory_saved) == ("untie", -32 * 8 * 4, -32 * 8 * 4)
     assert result.verified, result.checks
-    assert _keys(out) == ["emb.weight", "head.weight"] and _metadata(out) == {}
+    assert _keys(out) == ["emb.weight", "head.weight"]
+    assert _metadata(out) == {}
     with safe_open(str(out), "pt") as f:
         assert torch.equal(f.get_tensor("head.weight"), model.emb.weight.detach())
 
@@ -248,20 +252,23 @@ def test_training_checkpoint_optimizer_refused_then_dropped(tmp_path):
     src = tmp_path / "ckpt.pt"
     torch.save({"model": {"emb.weight": w, "head.weight": w.clone()}, "optimizer": {"state": {0: {"step": 1}}},
                 "epoch": 3}, src)
-    with pytest.raises(TiecheckError, match="indexed by parameter position.*--drop-optimizer"):
+    with pytest.raises(TiecheckError, match=r"indexed by parameter position.*--drop-optimizer"):
         fix(src, tmp_path / "out.pt", tie=["head.weight=emb.weight"])
     assert not (tmp_path / "out.pt").exists()
     result = fix(src, tmp_path / "out.pt", tie=["head.weight=emb.weight"], drop_optimizer=True)
-    assert [a.kind for a in result.plan.actions] == ["tie", "drop-optimizer"] and result.verified
+    assert [a.kind for a in result.plan.actions] == ["tie", "drop-optimizer"]
+    assert result.verified
     loaded = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert set(loaded) == {"model", "epoch"} and loaded["epoch"] == 3
+    assert set(loaded) == {"model", "epoch"}
+    assert loaded["epoch"] == 3
     assert loaded["model"]["head.weight"].data_ptr() == loaded["model"]["emb.weight"].data_ptr()
 
 
 def test_dry_run_writes_nothing(llama_clone, tmp_path):
     # the public name, callable after the package was imported
     result = tiecheck.fix(llama_clone, tmp_path / "never", dry_run=True)
-    assert [a.why for a in result.plan.actions] == ["TC016"] and result.checks == []
+    assert [a.why for a in result.plan.actions] == ["TC016"]
+    assert result.checks == []
     assert list(tmp_path.iterdir()) == []
 
 
@@ -273,11 +280,16 @@ def test_cli_prints_plan_and_checks(llama_clone, tmp_path):
     r = _cli(str(llama_clone), "-o", str(tmp_path / "a"), "--format", "json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
-    assert doc["verified"] is True and doc["plan"]["totals"] == {"disk_saved": HEAD_BYTES, "memory_saved": 0}
+    assert doc["verified"] is True
+    assert doc["plan"]["totals"] == {"disk_saved": HEAD_BYTES, "memory_saved": 0}
     r = _cli(str(llama_clone), "--dry-run", "--format", "markdown")
-    assert r.exit_code == 0 and "| retie" in r.output and "--dry-run: nothing written" in r.output
+    assert r.exit_code == 0
+    assert "| retie" in r.output
+    assert "--dry-run: nothing written" in r.output
     r = _cli(str(llama_clone), "-o", str(tmp_path / "b"))
-    assert r.exit_code == 0 and "pass  transformers logits" in r.output and "TC016" in r.output
+    assert r.exit_code == 0
+    assert "pass  transformers logits" in r.output
+    assert "TC016" in r.output
 
 
 @pytest.mark.parametrize("case", ["same", "inside", "exists", "unknown-name", "bad-tie"])
@@ -294,7 +306,8 @@ def test_cli_refusals(llama_clone, tmp_path, case):
             "pass --force", "unknown-name": "'lm_head.wieght' is not a tensor", "bad-tie": "write DROPPED=KEPT"}[case]
     assert want in r.output
     assert _hash_tree(llama_clone) == before
-    assert not (tmp_path / "x").exists() and not (llama_clone / "fixed").exists()
+    assert not (tmp_path / "x").exists()
+    assert not (llama_clone / "fixed").exists()
 
 
 def test_force_replaces_only_an_output_fix_wrote(llama_clone, tmp_path):
@@ -332,7 +345,8 @@ def test_killed_writer_leaves_no_output(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".fixed.tiecheck-tmp-*/model-00001-of-00003.safetensors")):
-            assert proc.poll() is None and time.monotonic() < deadline, "the writer never wrote its first shard"
+            assert proc.poll() is None, "the writer never wrote its first shard"
+            assert time.monotonic() < deadline, "the writer never wrote its first shard"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -345,14 +359,16 @@ def test_killed_writer_leaves_no_output(tmp_path):
     # the same command without the pause completes: the index and its shards, each tensor the input's;
     # the killed run's temporary folder is removed and said to be
     result = fix(index, out)
-    assert result.verified and result.plan.actions == []
-    assert not stale.exists() and result.notes == [f"removed {stale}, a temporary output left by a run (PID "
+    assert result.verified
+    assert result.plan.actions == []
+    assert not stale.exists()
+    assert result.notes == [f"removed {stale}, a temporary output left by a run (PID "
                                                    f"{proc.pid}) that no longer exists"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
     for shard in out.glob("*.safetensors"):
         with safe_open(str(shard), "pt") as a, safe_open(str(src / shard.name), "pt") as b:
             assert sorted(a.keys()) == sorted(b.keys())
-            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118 - safe_open has keys(), no __iter__
     with pytest.raises(TiecheckError, match="no alias that loaders restore"):
         fix(index, tmp_path / "tied", tie=["head.weight=layers.0.weight"])
 
@@ -373,7 +389,8 @@ def test_untie_in_a_folder_makes_the_config_say_so(llama_clone, tmp_path):
     both = fix(llama_clone, tmp_path / "declared-only", untie=["model.embed_tokens.weight,lm_head.weight"])
     (action,) = both.plan.actions
     assert (action.kind, action.disk_saved, action.detail.startswith("both are stored already")) == ("untie", 0, True)
-    assert both.verified and _checks(both)["planned ties"] == (True, False)
+    assert both.verified
+    assert _checks(both)["planned ties"] == (True, False)
     assert json.loads((tmp_path / "declared-only" / "config.json").read_text())["tie_word_embeddings"] is False
 
 
@@ -386,7 +403,8 @@ def test_alias_contradicted_by_the_bytes_is_removed(tmp_path):
     (action,) = result.plan.actions
     assert (action.kind, action.why, action.disk_saved) == ("declare-untied", "TC015", 0)
     assert result.verified
-    assert _metadata(out) == {"format": "pt"} and _keys(out) == ["emb.weight", "head.weight"]
+    assert _metadata(out) == {"format": "pt"}
+    assert _keys(out) == ["emb.weight", "head.weight"]
 
 
 def test_a_failed_check_leaves_nothing_and_exits_1(llama_clone, tmp_path, monkeypatch):
@@ -394,5 +412,8 @@ def test_a_failed_check_leaves_nothing_and_exits_1(llama_clone, tmp_path, monkey
     monkeypatch.setitem(sys.modules["tiecheck.repair"].__dict__, "verify", lambda *a, **k: [Check("planned ties", False, "planted")])
     out = tmp_path / "fixed"
     r = _cli(str(llama_clone), "-o", str(out))
-    assert r.exit_code == 1 and "FAIL  planned ties: planted" in r.output and "NOT written" in r.output
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert r.exit_code == 1
+    assert "FAIL  planned ties: planted" in r.output
+    assert "NOT written" in r.output
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -42,7 +42,8 @@ def test_a_cloned_head_in_a_torch_save_file_is_retied(tmp_path):
     r = _cli(src, "-o", out)
     assert r.exit_code == 0, r.output
     assert "nothing to fix" not in r.output
-    assert "retie" in r.output and "pass  findings answered: 1 answered (TC005), none remains" in r.output
+    assert "retie" in r.output
+    assert "pass  findings answered: 1 answered (TC005), none remains" in r.output
     loaded = torch.load(out, weights_only=True)
     # One storage under both names (nothing lost: the bytes were equal), and no finding left.
     assert loaded["head.weight"].data_ptr() == loaded["tok_emb.weight"].data_ptr()
@@ -56,10 +57,12 @@ def test_a_cloned_head_in_a_safetensors_file_becomes_an_alias(tmp_path):
     result = tiecheck.fix(src, out)
     (action,) = result.plan.actions
     assert (action.kind, action.why, action.names) == ("retie", "TC005", ("head.weight", "tok_emb.weight"))
-    assert action.disk_saved == 64 * 16 * 4 and action.lost is None
+    assert action.disk_saved == 64 * 16 * 4
+    assert action.lost is None
     assert result.verified
     with safe_open(str(out), "pt") as f:
-        assert f.metadata() == {"head.weight": "tok_emb.weight"} and "head.weight" not in f.keys()
+        assert f.metadata() == {"head.weight": "tok_emb.weight"}
+        assert "head.weight" not in f.keys()  # noqa: SIM118 - safe_open has keys(), no __contains__
 
 
 def test_every_finding_left_is_listed_with_the_command_that_answers_it(tmp_path):
@@ -69,7 +72,8 @@ def test_every_finding_left_is_listed_with_the_command_that_answers_it(tmp_path)
     out = tmp_path / "out.safetensors"
     r = _cli(src, "-o", out, "--dry-run")
     assert r.exit_code == 0, r.output
-    assert "nothing to fix" in r.output and "not answered:" in r.output
+    assert "nothing to fix" in r.output
+    assert "not answered:" in r.output
     command = f"tiecheck fix {src} -o {out} --tie blocks.1.w=blocks.0.w"
     assert "TC005 blocks.0.w, blocks.1.w: equal copies that nothing declares one tensor" in r.output
     assert command in r.output
@@ -98,11 +102,13 @@ def test_tie_counts_the_findings_it_answers(tmp_path):
     src = write_safetensors(tmp_path / "untied.safetensors", state)
     result = tiecheck.fix(src, tmp_path / "out.safetensors", tie=["head.weight=tok_emb.weight"])
     (action,) = result.plan.actions
-    assert action.kind == "tie" and action.answers == (("TC006", frozenset({"head.weight", "tok_emb.weight"})),)
+    assert action.kind == "tie"
+    assert action.answers == (("TC006", frozenset({"head.weight", "tok_emb.weight"})),)
     doc = result.to_dict()
     assert doc["plan"]["actions"][0]["answers"] == ["TC006 head.weight, tok_emb.weight"]
     checks = {c["check"]: c for c in doc["checks"]}
-    assert checks["findings answered"]["ok"] and not checks["findings answered"]["skipped"]
+    assert checks["findings answered"]["ok"]
+    assert not checks["findings answered"]["skipped"]
     assert checks["findings answered"]["detail"] == "1 answered (TC006), none remains"
 
 
@@ -113,14 +119,16 @@ def test_a_broken_tie_across_shards_is_listed_with_why(tmp_path):
     plan = json.loads(r.output)["plan"]
     assert plan["actions"] == []
     (line,) = [u for u in plan["unanswered"] if u.startswith("TC005")]
-    assert "head.weight, tok_emb.weight" in line and "no alias that loaders restore across shards" in line
+    assert "head.weight, tok_emb.weight" in line
+    assert "no alias that loaders restore across shards" in line
 
 
 def test_a_retie_in_a_training_checkpoint_still_asks_about_optimizer_state(tmp_path):
     src = tmp_path / "ckpt.pt"
     torch.save({"model": _state(), "optimizer": {"state": {0: {"step": 1}}}}, src)
     r = _cli(src, "-o", tmp_path / "out.pt")
-    assert r.exit_code == 2 and "--drop-optimizer" in r.output
+    assert r.exit_code == 2
+    assert "--drop-optimizer" in r.output
     r = _cli(src, "-o", tmp_path / "out.pt", "--drop-optimizer")
     assert r.exit_code == 0, r.output
     loaded = torch.load(tmp_path / "out.pt", weights_only=True)

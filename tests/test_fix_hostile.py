@@ -51,13 +51,14 @@ def _fix_cli(target: Path, out: Path, *extra: str):
 
 
 def _nothing_written(tmp_path: Path, out: Path) -> None:
-    assert not out.exists() and not os.path.lexists(out)
+    assert not out.exists()
+    assert not os.path.lexists(out)
     assert not list(tmp_path.glob(f".{out.name}.*")), "a temporary output or a marker was left"
 
 
 # -- what is copied --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, expected", [
+@pytest.mark.parametrize(("make", "expected"), [
     (lambda d, secret: os.symlink(secret, d / "tokenizer.json"), r"'tokenizer.json' .* symbolic link to .*secret"),
     (lambda d, secret: os.symlink("/dev/zero", d / "vocab.txt"), r"'vocab.txt' .* symbolic link to /dev/zero"),
     (lambda d, secret: os.mkfifo(d / "merges.txt"), r"'merges.txt' into the fixed copy: it is a FIFO"),
@@ -73,7 +74,8 @@ def test_entries_that_are_not_the_folders_own_files_are_refused_by_name(hf, tmp_
     before = snapshot(hf)
     out = tmp_path / "out"
     res = _fix_cli(hf, out)
-    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1, res.output
     assert re.search(expected, res.stderr), res.stderr
     _nothing_written(tmp_path, out)
     assert snapshot(hf) == before
@@ -96,7 +98,8 @@ def test_links_inside_the_folder_and_into_a_hub_cache_are_copied_as_files(tmp_pa
     result = fix(snap, out)
     assert result.verified
     for name in ("tokenizer_config.json", "alias.json"):
-        assert (out / name).is_file() and not (out / name).is_symlink()
+        assert (out / name).is_file()
+        assert not (out / name).is_symlink()
         assert (out / name).read_text() == '{"model_max_length": 32}'
 
 
@@ -115,7 +118,8 @@ def test_a_run_never_replaces_an_output_another_published_meanwhile(hf, tmp_path
     monkeypatch.setattr(repair, "verify", verify_then_lose_the_race)
     with pytest.raises(TiecheckError, match="appeared while the fixed copy was written"):
         fix(hf, out)
-    assert out.is_dir() and not any(out.iterdir())
+    assert out.is_dir()
+    assert not any(out.iterdir())
     assert not list(tmp_path.glob(".out.tiecheck-*"))
 
 
@@ -128,10 +132,12 @@ def test_rename_noreplace_refuses_an_existing_file_or_folder(tmp_path):
         dst.mkdir()  # empty: os.rename would silently replace it with a folder
         with pytest.raises(FileExistsError):
             rename_noreplace(src, dst)
-        assert src.exists() and dst.is_dir()
+        assert src.exists()
+        assert dst.is_dir()
         dst.rmdir()
         rename_noreplace(src, dst)
-        assert dst.exists() and not src.exists()
+        assert dst.exists()
+        assert not src.exists()
 
 
 def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_named(hf, tmp_path):
@@ -145,7 +151,8 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_named(hf, tmp_
     live.mkdir()
     result = fix(hf, tmp_path / "out")
     assert result.verified
-    assert not stale.exists() and live.is_dir()
+    assert not stale.exists()
+    assert live.is_dir()
     assert any(f"removed {stale}" in n and f"PID {dead_pid}" in n for n in result.notes), result.notes
     assert any(f"left {live}" in n for n in result.notes), result.notes
 

@@ -12,8 +12,19 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from tiecheck import models  # the project's own subpackage: a packaging break must fail, not skip
 from tiecheck.flops import (
@@ -25,19 +36,7 @@ from tiecheck.flops import (
     synthesize_inputs,
 )
 
-transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-)
 
 T = 32  # sequence length for the tiny models
 D = 64
@@ -124,7 +123,7 @@ def test_analytic_matches_the_issue_numbers_for_gpt2_124m():
 
 
 def test_analytic_rejects_unknown_convention():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attention must be one of"):
         analytic_flops(1, 1, 1, 1, attention="half")
 
 
@@ -133,7 +132,8 @@ def test_gpt2_124m_on_meta_gives_the_analytic_count():
     with torch.device("meta"):
         model = GPT2LMHeadModel(cfg)
     r = count_flops(model, seq_len=1024)
-    assert r.available and r.method == "meta"
+    assert r.available
+    assert r.method == "meta"
     assert round(r.forward / 1e9, 2) == 291.65
     assert round(r.by_part["attention"] / 1e9, 2) == 38.65
     assert r.by_part["embedding"] == 0
@@ -194,7 +194,9 @@ def test_t5_is_counted_as_encoder_decoder():
     r = count_flops(t5(device="meta"), seq_len=T, tgt_seq_len=16)
     assert r.family == "encoder-decoder"
     d = r.to_dict()
-    assert d["seq_len"] == T and d["tgt_seq_len"] == 16 and d["tokens"] == T + 16
+    assert d["seq_len"] == T
+    assert d["tgt_seq_len"] == 16
+    assert d["tokens"] == T + 16
     enc = analytic_flops(2 * (4 * D * D + 2 * D * 160), 2, T, D)
     cross_kv = 2 * (2 * D * D)  # cross-attention K and V project the 32 source positions
     dec_weights = 2 * 16 * (2 * (8 * D * D + 2 * D * 160) - cross_kv + D * V) + 2 * T * cross_kv
@@ -216,7 +218,8 @@ def test_meta_count_equals_real_weight_count():
 
 def test_meta_module_cannot_run_on_cpu():
     r = count_flops(llama(device="meta"), seq_len=T, device="cpu")
-    assert not r.available and "meta" in r.reason
+    assert not r.available
+    assert "meta" in r.reason
 
 
 def test_tied_and_untied_have_identical_flops():
@@ -224,7 +227,8 @@ def test_tied_and_untied_have_identical_flops():
     assert tied.lm_head.weight is tied.transformer.wte.weight
     assert untied.lm_head.weight is not untied.transformer.wte.weight
     a, b = count_flops(tied, seq_len=T), count_flops(untied, seq_len=T)
-    assert a.forward == b.forward and a.by_part == b.by_part
+    assert a.forward == b.forward
+    assert a.by_part == b.by_part
     assert "memory" in a.to_dict()["note_on_tying"]
 
 
@@ -235,7 +239,8 @@ def test_causal_half_halves_causal_attention_only():
     assert half.by_part["attention"] * 2 == full.by_part["attention"]
     assert {k: v for k, v in half.by_part.items() if k != "attention"} == {
         k: v for k, v in full.by_part.items() if k != "attention"}
-    assert "FlashAttention" in half.convention and "PaLM" in full.convention
+    assert "FlashAttention" in half.convention
+    assert "PaLM" in full.convention
     # BERT is bidirectional: nothing to halve
     encoder = bert(device="meta")
     assert count_flops(encoder, seq_len=T, attention="causal-half").forward == \
@@ -249,7 +254,7 @@ def test_causal_half_halves_causal_attention_only():
 
 
 def test_unknown_attention_convention_raises():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attention must be one of"):
         count_flops(gpt2(device="meta"), attention="half")
 
 
@@ -360,8 +365,10 @@ class UsesItem(TinyLM):
 
 def test_forward_calling_item_falls_back_or_reports():
     real = count_flops(UsesItem(), batch_size=3, seq_len=16)
-    assert real.available and real.method == "real-batch-1"
-    assert real.forward == tiny_lm_flops(3, 16) and real.batch_size == 3
+    assert real.available
+    assert real.method == "real-batch-1"
+    assert real.forward == tiny_lm_flops(3, 16)
+    assert real.batch_size == 3
     assert any("item()" in n for n in real.notes)
 
     with torch.device("meta"):
@@ -371,7 +378,8 @@ def test_forward_calling_item_falls_back_or_reports():
     assert "item()" in meta.reason
     d = meta.to_dict()
     json.dumps(d)
-    assert d["forward"] is None and d["by_part"] is None
+    assert d["forward"] is None
+    assert d["by_part"] is None
 
     assert not count_flops(meta_model, seq_len=16, device="meta").available
 
@@ -413,26 +421,33 @@ def test_elementwise_ops_are_ignored_and_listed():
 def test_synthesized_inputs_by_family():
     g = synthesize_inputs(gpt2(), 2, T)
     ids = g.kwargs["input_ids"]
-    assert ids.shape == (2, T) and ids.dtype == torch.long
-    assert 0 <= int(ids.min()) and int(ids.max()) < V
-    assert g.kwargs["use_cache"] is False and g.family == "decoder"
+    assert ids.shape == (2, T)
+    assert ids.dtype == torch.long
+    assert int(ids.min()) >= 0
+    assert int(ids.max()) < V
+    assert g.kwargs["use_cache"] is False
+    assert g.family == "decoder"
 
     e = synthesize_inputs(t5(device="meta"), 2, T, tgt_seq_len=8)
-    assert e.family == "encoder-decoder" and e.kwargs["input_ids"].is_meta
+    assert e.family == "encoder-decoder"
+    assert e.kwargs["input_ids"].is_meta
     assert e.kwargs["decoder_input_ids"].shape == (2, 8)
 
     assert synthesize_inputs(bert(device="meta"), 1, T).family == "encoder"
 
     tiny = synthesize_inputs(TinyLM(), 1, 16)
-    assert tiny.args[0].shape == (1, 16) and int(tiny.args[0].max()) < 500
+    assert tiny.args[0].shape == (1, 16)
+    assert int(tiny.args[0].max()) < 500
 
 
 def test_seq_len_is_capped_by_max_positions_and_reported():
     r = count_flops(gpt2(device="meta"), seq_len=1000)
-    assert r.seq_len == 128 and r.requested_seq_len == 1000
+    assert r.seq_len == 128
+    assert r.requested_seq_len == 1000
     assert any("max_position_embeddings=128" in n for n in r.notes)
     capped = count_flops(TinyLM(block_size=64), seq_len=100)
-    assert capped.seq_len == 64 and any("pos.num_embeddings" in n for n in capped.notes)
+    assert capped.seq_len == 64
+    assert any("pos.num_embeddings" in n for n in capped.notes)
 
 
 class EncDec(nn.Module):
@@ -452,7 +467,8 @@ class EncDec(nn.Module):
 
 def test_generic_encoder_decoder_gets_source_and_target():
     r = count_flops(EncDec(), seq_len=10, tgt_seq_len=6)
-    assert r.family == "encoder-decoder" and (r.seq_len, r.tgt_seq_len) == (10, 6)
+    assert r.family == "encoder-decoder"
+    assert (r.seq_len, r.tgt_seq_len) == (10, 6)
     assert r.forward == 2 * (10 * 32 * 32 + 6 * 32 * 32 + 6 * 32 * 300)
 
 
@@ -483,12 +499,14 @@ def test_failing_make_inputs_is_reported():
         raise RuntimeError("no tokenizer here")
 
     r = count_flops(gpt2(device="meta"), inputs=broken)
-    assert not r.available and "no tokenizer here" in r.reason
+    assert not r.available
+    assert "no tokenizer here" in r.reason
 
 
 def test_module_without_vocabulary_is_unavailable():
     r = count_flops(nn.Linear(4, 4))
-    assert not r.available and "inputs=" in r.reason
+    assert not r.available
+    assert "inputs=" in r.reason
 
 
 # --- the result ------------------------------------------------------------------------------
@@ -502,7 +520,8 @@ def test_result_dict_schema_is_json_serialisable():
                 "forward", "per_token", "train_step_estimate", "by_part", "output_projection_share",
                 "uncounted_ops", "ignored_ops", "note_on_tying"):
         assert key in d, key
-    assert d["unit"] == "FLOP" and d["reason"] is None
+    assert d["unit"] == "FLOP"
+    assert d["reason"] is None
     assert list(d["by_part"]) == list(PARTS)
     assert d["train_step_estimate"] == 3 * d["forward"]
     assert d["per_token"] == pytest.approx(d["forward"] / (2 * (T + T)))
@@ -532,7 +551,8 @@ def test_bundled_models_agree_with_formula_and_flop_counter_mode(name):
     model = models.build(name).eval()
     r = count_flops(model, batch_size=2, seq_len=64)
     assert r.available, r.reason
-    assert r.family == model.config.kind and r.method == "meta"
+    assert r.family == model.config.kind
+    assert r.method == "meta"
     assert r.uncounted_ops == {}
     expected = analytic_flops(linear_weights(model), bundled_attention_layers(model), 64,
                               model.config.d_model, batch_size=2)
@@ -540,7 +560,8 @@ def test_bundled_models_agree_with_formula_and_flop_counter_mode(name):
     reference = torch_flops(model, synthesize_inputs(model, 2, 64))
     assert close(r.forward, reference), (r.forward, reference)
     assert r.by_part["output_projection"] == 2 * 2 * 64 * model.config.d_model * model.config.vocab_size
-    assert r.by_part["other"] == 0 and r.by_part["embedding"] == 0
+    assert r.by_part["other"] == 0
+    assert r.by_part["embedding"] == 0
 
 
 @pytest.mark.parametrize("name", ["gpt-mini", "llama-mini", "transformer-mini"])
@@ -548,14 +569,17 @@ def test_bundled_tied_and_untied_have_identical_flops(name):
     tied, untied = models.build(name, tied=True), models.build(name, tied=False)
     assert sum(p.numel() for p in tied.parameters()) < sum(p.numel() for p in untied.parameters())
     a, b = count_flops(tied, seq_len=64), count_flops(untied, seq_len=64)
-    assert a.forward == b.forward and a.by_part == b.by_part
+    assert a.forward == b.forward
+    assert a.by_part == b.by_part
 
 
 def test_bundled_meta_equals_real_and_gpt2_124m_matches_the_issue():
     real = count_flops(models.build("llama-mini"), seq_len=64, device="cpu")
     meta = count_flops(models.build("llama-mini", device="meta"), seq_len=64)
-    assert real.method == "real" and meta.method == "meta"
-    assert real.forward == meta.forward and real.by_part == meta.by_part
+    assert real.method == "real"
+    assert meta.method == "meta"
+    assert real.forward == meta.forward
+    assert real.by_part == meta.by_part
 
     r = count_flops(models.build("gpt2-124m", device="meta"), seq_len=1024)
     assert round(r.forward / 1e9, 2) == 291.65
@@ -572,4 +596,5 @@ def test_bundled_encoder_decoder_halves_only_decoder_self_attention():
     per_layer = 4 * 64 * 64 * c.d_model
     assert full.by_part["attention"] - half.by_part["attention"] == c.n_decoder_layers * per_layer // 2
     capped = count_flops(model, seq_len=10_000)
-    assert capped.seq_len == c.max_positions and capped.tgt_seq_len == c.max_positions
+    assert capped.seq_len == c.max_positions
+    assert capped.tgt_seq_len == c.max_positions

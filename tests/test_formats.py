@@ -52,7 +52,8 @@ def test_safetensors_file_by_content_any_extension(tmp_path):
     assert r.source["format"] == "safetensors"
     assert {t["name"] for t in r.tensors} == set(sd)
     assert r.summary["params_counted"] == sum(v.numel() for v in sd.values())
-    assert groups(r) == [] and r.content["ran"]
+    assert groups(r) == []
+    assert r.content["ran"]
     assert r.extra["files"][0]["tensors"] == len(sd)
 
 
@@ -62,14 +63,17 @@ def test_safetensors_tensors_are_mapped_not_read(tmp_path):
     path = write_safetensors(tmp_path / "m.safetensors", sd)
     sub = load_safetensors_file(path)
     for name, t in sub.tensors.items():
-        assert torch.equal(t, sd[name]) and t.dtype == sd[name].dtype
+        assert torch.equal(t, sd[name])
+        assert t.dtype == sd[name].dtype
     # Every tensor is a view of one storage spanning the whole file: the mapping, not copies.
     storages = {t.untyped_storage().data_ptr() for t in sub.tensors.values() if t.numel()}
-    assert len(storages) == 1 and sub.tensors["a"].untyped_storage().nbytes() == path.stat().st_size
+    assert len(storages) == 1
+    assert sub.tensors["a"].untyped_storage().nbytes() == path.stat().st_size
     if os.path.exists("/proc/self/maps"):
         assert str(path) in Path("/proc/self/maps").read_text()
     # The content pass reads them with pread at their file offset, not through the mapping.
-    assert set(sub.file_spans) == {"a", "b", "c"} and {s.offset for s in sub.file_spans.values()} == {0}
+    assert set(sub.file_spans) == {"a", "b", "c"}
+    assert {s.offset for s in sub.file_spans.values()} == {0}
 
 
 def test_safetensors_untied_copy_is_a_duplicate(tmp_path):
@@ -131,8 +135,10 @@ def test_cli_corrupt_and_partial_files_exit_2_in_one_line(tmp_path):
     (tmp_path / "ckpt" / shard).unlink()
     for target in (tmp_path / "bad.safetensors", tmp_path / "ckpt"):
         res = CliRunner().invoke(main, ["inspect", str(target)])
-        assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
-        assert res.output.startswith("tiecheck: error: ") and "Traceback" not in res.output
+        assert res.exit_code == 2, res.output
+        assert res.output.count("\n") == 1, res.output
+        assert res.output.startswith("tiecheck: error: ")
+        assert "Traceback" not in res.output
 
 
 def test_too_short_file_is_unrecognised_not_a_crash(tmp_path):
@@ -202,9 +208,11 @@ def test_hf_folder_tied_key_absent_is_info_and_retied(tmp_path):
     assert r.source["format"] == "Hugging Face folder (safetensors)"
     assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]]
     (f,) = [f for f in r.findings if f["code"] == "TC012"]
-    assert f["severity"] == "info" and "lm_head.weight is absent" in f["message"]
+    assert f["severity"] == "info"
+    assert "lm_head.weight is absent" in f["message"]
     arch = r.extra["hf"]["architecture"]
-    assert arch["class"] == "LlamaForCausalLM" and arch["absent_tied"] == [["lm_head.weight",
+    assert arch["class"] == "LlamaForCausalLM"
+    assert arch["absent_tied"] == [["lm_head.weight",
                                                                            "model.embed_tokens.weight"]]
     assert r.exit_code("warning") == 0
 
@@ -213,9 +221,11 @@ def test_hf_folder_flops_come_from_the_architecture_and_memory_from_the_files(tm
     m = llama(tie=True)
     m.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     r = tiecheck.analyze(str(tmp_path / "hf"), flops=True, duplicates=False)
-    assert r.flops["available"] and r.flops["forward"] > 0
+    assert r.flops["available"]
+    assert r.flops["forward"] > 0
     assert {d["dtype"] for d in r.summary["by_dtype"]} == {"bfloat16"}  # the files', not the meta build's
-    assert r.summary["training_bytes"] > 0 and r.summary["params_unique"] == sum(p.numel() for p in m.parameters())
+    assert r.summary["training_bytes"] > 0
+    assert r.summary["params_unique"] == sum(p.numel() for p in m.parameters())
 
 
 def test_hf_tied_keys_stored_twice_with_different_content(tmp_path):
@@ -226,7 +236,9 @@ def test_hf_tied_keys_stored_twice_with_different_content(tmp_path):
     # One finding for the pair: the declared layer's (declared tied, stored different), not the
     # loader's own TC010 as well.
     (f,) = [f for f in r.findings if set(f["names"]) == {"lm_head.weight", "model.embed_tokens.weight"}]
-    assert f["code"] == "TC015" and "different content" in f["message"] and "TC010" not in codes(r)
+    assert f["code"] == "TC015"
+    assert "different content" in f["message"]
+    assert "TC010" not in codes(r)
     assert groups(r) == []  # transformers loads them untied; so does the report
     assert r.exit_code("warning") == 1
 
@@ -236,7 +248,8 @@ def test_hf_tied_keys_stored_twice_equal_are_retied(tmp_path):
     sd = {k: v.detach().clone() for k, v in m.state_dict().items()}  # both names, equal content
     r = tiecheck.analyze(str(hf_folder(tmp_path, m, sd)))
     assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]]
-    assert "TC010" not in codes(r) and "TC005" not in codes(r)
+    assert "TC010" not in codes(r)
+    assert "TC005" not in codes(r)
     assert any("redundant bytes" in n for n in r.source["notes"])
 
 
@@ -246,8 +259,10 @@ def test_hf_untied_config_without_head_is_config_mismatch(tmp_path):
     folder = hf_folder(tmp_path, m, sd)
     r = tiecheck.analyze(str(folder))
     (f,) = [f for f in r.findings if "lm_head.weight" in f["names"]]
-    assert f["code"] == "TC017" and "initialise lm_head.weight randomly" in f["message"]
-    assert "TC011" not in codes(r) and groups(r) == []
+    assert f["code"] == "TC017"
+    assert "initialise lm_head.weight randomly" in f["message"]
+    assert "TC011" not in codes(r)
+    assert groups(r) == []
     # Without transformers the config is still held against the files, once.
     r = analyze_without_transformers(folder)
     assert [f["code"] for f in r.findings if f["code"] in ("TC011", "TC017")] == ["TC017"]
@@ -259,7 +274,9 @@ def test_hf_untied_llama_lists_head_but_is_not_tied(tmp_path):
     assert "lm_head.weight" in type(m)._tied_weights_keys  # what the class attribute alone would suggest
     m.save_pretrained(tmp_path / "hf")
     r = tiecheck.analyze(str(tmp_path / "hf"))
-    assert groups(r) == [] and "TC011" not in codes(r) and "TC012" not in codes(r)
+    assert groups(r) == []
+    assert "TC011" not in codes(r)
+    assert "TC012" not in codes(r)
     assert [c["names"] for c in r.tie_candidates] == [["lm_head.weight", "model.embed_tokens.weight"]]  # sorted
 
 
@@ -274,7 +291,8 @@ def test_hf_folder_without_transformers_says_so(tmp_path):
     m = llama(tie=True)
     m.save_pretrained(tmp_path / "hf")
     r = analyze_without_transformers(tmp_path / "hf")
-    assert groups(r) == [] and r.extra["hf"]["architecture"] is None
+    assert groups(r) == []
+    assert r.extra["hf"]["architecture"] is None
     assert any("architecture ties need transformers: pip install tiecheck[hf]" in n for n in r.source["notes"])
     assert "TC012" not in codes(r)
 
@@ -295,7 +313,8 @@ def test_hf_pytorch_model_bin_folder_and_sharded_bin(tmp_path):
     torch.save(m.state_dict(), one / "pytorch_model.bin")
     r = tiecheck.analyze(str(one))
     assert r.source["format"] == "Hugging Face folder (torch.save state dict)"
-    assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]] and "TC012" not in codes(r)
+    assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]]
+    assert "TC012" not in codes(r)
 
     sharded = tmp_path / "sharded"
     sharded.mkdir()
@@ -311,17 +330,18 @@ def test_hf_pytorch_model_bin_folder_and_sharded_bin(tmp_path):
     (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
     r = tiecheck.analyze(str(sharded))
     assert r.source["format"] == "Hugging Face folder (sharded torch.save)"
-    assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]] and "TC012" in codes(r)
+    assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]]
+    assert "TC012" in codes(r)
 
 
 def test_hf_folder_bad_config_and_no_weights(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text("{not json")
-    with pytest.raises(TargetError, match="config.json: not valid JSON"):
+    with pytest.raises(TargetError, match=r"config\.json: not valid JSON"):
         tiecheck.analyze(str(folder))
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(TargetError, match="holds config.json but no weights"):
+    with pytest.raises(TargetError, match=r"holds config\.json but no weights"):
         tiecheck.analyze(str(folder))
 
 
@@ -373,7 +393,8 @@ def test_custom_architecture_needs_trust_remote_code(tmp_path):
     write_safetensors(folder / "model.safetensors", {"embed.weight": torch.randn(32, 8)})
 
     r = tiecheck.analyze(str(folder))
-    assert groups(r) == [] and r.extra["hf"]["architecture"] is None
+    assert groups(r) == []
+    assert r.extra["hf"]["architecture"] is None
     assert any("--trust-remote-code" in n and "not run" in n for n in r.source["notes"])
 
     # Trusted: transformers copies the module into its modules cache; point that at tmp_path.
@@ -382,7 +403,8 @@ def test_custom_architecture_needs_trust_remote_code(tmp_path):
         mp.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))
         mp.syspath_prepend(str(tmp_path / "modules"))
         r = tiecheck.analyze(str(folder), trust_remote_code=True)
-    assert groups(r) == [["embed.weight", "head.weight"]] and "TC012" in codes(r)
+    assert groups(r) == [["embed.weight", "head.weight"]]
+    assert "TC012" in codes(r)
     assert r.extra["hf"]["architecture"]["class"] == "TinyCustomForCausalLM"
 
 
@@ -416,10 +438,12 @@ def test_pt2_archive_keeps_ties_and_says_which_inputs_share(pt2_file):
     assert {"scale", "c", "m.block.weight"} <= names
     (prog,) = r.extra["export"]
     assert prog["placeholders_sharing_memory"] == [["p_m_embed_weight", "p_m_lm_head_weight"]]
-    assert r.content["ran"] and codes(r) == []
+    assert r.content["ran"]
+    assert codes(r) == []
     ref = Wrapped()
     t = tiecheck.loaders.load_target(str(pt2_file)).tensors
-    assert torch.equal(t["m.block.weight"], ref.m.block.weight.detach()) and torch.equal(t["c"], ref.c)
+    assert torch.equal(t["m.block.weight"], ref.m.block.weight.detach())
+    assert torch.equal(t["c"], ref.c)
 
 
 def test_pt2_never_unpickles_sample_inputs(tmp_path, pt2_file):
@@ -445,7 +469,9 @@ def test_pt2_truncated_is_one_clear_error(tmp_path, pt2_file):
     cut = tmp_path / "cut.pt2"
     cut.write_bytes(pt2_file.read_bytes()[: pt2_file.stat().st_size // 2])
     res = CliRunner().invoke(main, ["inspect", str(cut)])
-    assert res.exit_code == 2 and res.output.count("\n") == 1 and str(cut) in res.output
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1
+    assert str(cut) in res.output
 
 
 # -- TorchScript -----------------------------------------------------------------------------------
@@ -454,13 +480,15 @@ def test_pt2_truncated_is_one_clear_error(tmp_path, pt2_file):
 def test_torchscript_needs_trust_pickle(tmp_path):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(TinyLM()), path)
-    with pytest.raises(UntrustedPickleError, match="TorchScript.*--trust-pickle"):
+    with pytest.raises(UntrustedPickleError, match=r"TorchScript.*--trust-pickle"):
         tiecheck.analyze(str(path))
     res = CliRunner().invoke(main, ["inspect", str(path)])
-    assert res.exit_code == 2 and "runs the TorchScript code" in res.output
+    assert res.exit_code == 2
+    assert "runs the TorchScript code" in res.output
     r = tiecheck.analyze(str(path), trust_pickle=True)
     assert r.source["format"] == "TorchScript archive"
-    assert groups(r) == [["embed.weight", "lm_head.weight"]] and r.tie_groups[0]["kind"] == "same_parameter"
+    assert groups(r) == [["embed.weight", "lm_head.weight"]]
+    assert r.tie_groups[0]["kind"] == "same_parameter"
 
 
 # -- torch.distributed.checkpoint -------------------------------------------------------------------
@@ -477,10 +505,12 @@ def dcp_folder(tmp_path):
 
 def test_dcp_folder_reads_metadata_and_maps_chunks(dcp_folder):
     r = tiecheck.analyze(str(dcp_folder))
-    assert r.source["format"] == "torch.distributed.checkpoint training checkpoint" and r.source["key"] == "model"
+    assert r.source["format"] == "torch.distributed.checkpoint training checkpoint"
+    assert r.source["key"] == "model"
     assert {t["name"] for t in r.tensors} == set(TinyLM().state_dict())
     # DCP records no aliasing: the tie comes back as two equal copies.
-    assert groups(r) == [] and [d["names"] for d in r.untied_duplicates] == [["embed.weight", "lm_head.weight"]]
+    assert groups(r) == []
+    assert [d["names"] for d in r.untied_duplicates] == [["embed.weight", "lm_head.weight"]]
     assert any("records no aliasing" in n for n in r.source["notes"])
     sub = tiecheck.loaders.load_target(str(dcp_folder))
     span = sub.file_spans["block.weight"]
@@ -512,7 +542,7 @@ def test_dcp_metadata_pickle_cannot_run_code(tmp_path):
     folder.mkdir()
     (folder / ".metadata").write_bytes(pickle.dumps(Evil()))
     (folder / "__0_0.distcp").write_bytes(b"\0" * 8)
-    with pytest.raises(TargetError, match="refused to unpickle pathlib.Path.touch|refused to unpickle"):
+    with pytest.raises(TargetError, match=r"refused to unpickle pathlib\.Path\.touch|refused to unpickle"):
         tiecheck.analyze(str(folder))
     assert not marker.exists()
 

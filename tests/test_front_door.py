@@ -32,7 +32,8 @@ def test_the_inspect_header_never_counts_tie_groups_the_report_does_not_show(tmp
 
 def test_the_converge_header_shows_config_changes_as_words():
     plan = resolve(ConvergeConfig(quick=True, device="cpu"))
-    assert "{" not in plan.description and "'" not in plan.description
+    assert "{" not in plan.description
+    assert "'" not in plan.description
     assert plan.description.endswith("Changed: n_layer 2, d_model 64, n_head 2.")
 
 

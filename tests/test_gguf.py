@@ -63,7 +63,8 @@ def test_untied_output_is_not_a_tie(tmp_path):
     w = weights()
     w["output.weight"] = weights(1)["token_embd.weight"]
     r = tiecheck.analyze(str(write_gguf(tmp_path / "untied.gguf", w)))
-    assert r.tie_groups == [] and r.untied_duplicates == []
+    assert r.tie_groups == []
+    assert r.untied_duplicates == []
     assert r.extra["gguf"]["output_tie"] == "stored"
 
 
@@ -96,7 +97,8 @@ def test_quantized_output_missing_still_ties(tmp_path):
 
 def test_flops_say_pytorch_only(tmp_path):
     r = tiecheck.analyze(str(write_gguf(tmp_path / "t.gguf", weights())), flops=True)
-    assert r.flops["available"] is False and "PyTorch modules only" in r.flops["reason"]
+    assert r.flops["available"] is False
+    assert "PyTorch modules only" in r.flops["reason"]
 
 
 # -- hostile files ----------------------------------------------------------------------------
@@ -105,7 +107,9 @@ def _error(path) -> str:
     res = CliRunner().invoke(main, ["inspect", str(path)])
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("tiecheck: error: ") and "Traceback" not in res.output
+    assert len(lines) == 1
+    assert lines[0].startswith("tiecheck: error: ")
+    assert "Traceback" not in res.output
     return lines[0]
 
 
@@ -121,14 +125,16 @@ def test_truncated_data(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", weights())
     path.write_bytes(path.read_bytes()[:-100])
     msg = _error(path)
-    assert "not a valid GGUF file" in msg and "truncated" in msg
+    assert "not a valid GGUF file" in msg
+    assert "truncated" in msg
 
 
 def test_truncated_header(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", weights())
     path.write_bytes(path.read_bytes()[:200])
     msg = _error(path)
-    assert "not a valid GGUF file" in msg and ("truncated" in msg or "corrupt" in msg)
+    assert "not a valid GGUF file" in msg
+    assert ("truncated" in msg or "corrupt" in msg)
 
 
 def test_unknown_version(tmp_path):
@@ -147,7 +153,8 @@ def test_tensor_dims_that_overflow(tmp_path):
     data[at + 4:at + 20] = struct.pack("<QQ", 1 << 40, 1 << 40)
     path.write_bytes(bytes(data))
     msg = _error(path)
-    assert "not a valid GGUF file" in msg and "more bytes than any file can hold" in msg
+    assert "not a valid GGUF file" in msg
+    assert "more bytes than any file can hold" in msg
 
 
 def test_the_header_reads_as_gguf_reader_reads_it(tmp_path):
@@ -209,9 +216,13 @@ def _tied_checkpoint(tmp_path):
 def test_diff_against_gguf_keeps_the_declared_tie(tmp_path):
     pt, arrays = _tied_checkpoint(tmp_path)
     d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "m.gguf", arrays)))
-    assert d.matching == "content" and d.exit_code == 0 and d.lost == [] and d.b_only == []
+    assert d.matching == "content"
+    assert d.exit_code == 0
+    assert d.lost == []
+    assert d.b_only == []
     (g,) = d.kept
-    assert g["tied_in_b"] and g["in_b"][0]["names"] == ["output.weight", "token_embd.weight"]
+    assert g["tied_in_b"]
+    assert g["in_b"][0]["names"] == ["output.weight", "token_embd.weight"]
     assert g["in_b"][0]["method"] == "exact values, float32→float16 lossless"
     rows = {tuple(m["a"]): [(b["names"], b["method"]) for b in m["b"]] for m in d.matches}
     assert rows[("model.q.weight",)] == [(["blk.0.attn_q.weight"], "exact bytes")]
@@ -243,10 +254,12 @@ def test_diff_against_quantized_gguf_with_its_own_output_is_not_a_kept_tie(tmp_p
     arrays["output.weight"] = arrays["token_embd.weight"].copy()
     quant = {"token_embd.weight": GMLQ8, "output.weight": GMLQ8}
     d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "q2.gguf", arrays, quant=quant)))
-    assert d.kept == [] and d.exit_code == 1
+    assert d.kept == []
+    assert d.exit_code == 1
     (g,) = d.lost
     assert sorted(n for b in g["in_b"] for n in b["names"]) == ["output.weight", "token_embd.weight"]
-    assert {b["method"] for b in g["in_b"]} == {"shape and position"} and g["bytes_copied"] == V * (D // 32 * 34)
+    assert {b["method"] for b in g["in_b"]} == {"shape and position"}
+    assert g["bytes_copied"] == V * (D // 32 * 34)
 
 def test_bf16_tensors_keep_their_dtype_and_count(tmp_path):
     emb = torch.randn(V, D, dtype=torch.bfloat16)
@@ -259,6 +272,7 @@ def test_bf16_tensors_keep_their_dtype_and_count(tmp_path):
     w.close()
     r = tiecheck.analyze(str(tmp_path / "bf16.gguf"), duplicates=False)
     row = next(t for t in r.tensors if t["name"] == "token_embd.weight")
-    assert row["dtype"] == "bfloat16" and row["shape"] == [V, D]
+    assert row["dtype"] == "bfloat16"
+    assert row["shape"] == [V, D]
     assert r.summary["params_counted"] == 2 * V * D  # the embedding and llama.cpp's tied output
     assert r.extra["gguf"]["tensor_types"]["token_embd.weight"]["quantized"] is False

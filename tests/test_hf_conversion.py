@@ -48,7 +48,8 @@ def test_per_expert_tensors_are_merged_on_load_not_ignored(moe_folder):
         assert set(per_expert(0)) <= set(f.keys())  # what save_pretrained writes
     r = tiecheck.analyze(str(moe_folder), flops=False)
     arch = r.to_dict()["hf"]["architecture"]
-    assert arch["unexpected"] == [] and arch["missing"] == []
+    assert arch["unexpected"] == []
+    assert arch["missing"] == []
     converted = arch["converted"]
     assert sorted(converted) == sorted(f"model.layers.{i}.mlp.experts.{p}" for i in range(LAYERS)
                                        for p in ("down_proj", "gate_up_proj"))
@@ -63,7 +64,8 @@ def test_per_expert_tensors_are_merged_on_load_not_ignored(moe_folder):
                              "tensor(s) of Qwen3MoeForCausalLM by transformers' conversion mapping")
     # The pieces are analysed as stored; the tie the architecture declares is still found.
     names = {t["name"] for t in r.tensors}
-    assert set(per_expert(1)) <= names and "model.layers.1.mlp.experts.down_proj" not in names
+    assert set(per_expert(1)) <= names
+    assert "model.layers.1.mlp.experts.down_proj" not in names
     assert [g["names"] for g in r.tie_groups] == [["lm_head.weight", "model.embed_tokens.weight"]]
 
 
@@ -110,14 +112,17 @@ def legacy_bert(tmp_path_factory):
 def test_legacy_names_are_renamed_as_transformers_renames_them(legacy_bert):
     r = tiecheck.analyze(str(legacy_bert), flops=False)
     arch = r.to_dict()["hf"]["architecture"]
-    assert arch["unexpected"] == [] and arch["missing"] == [] and arch["converted"] == {}
+    assert arch["unexpected"] == []
+    assert arch["missing"] == []
+    assert arch["converted"] == {}
     with safetensors_torch.safe_open(str(legacy_bert / "model.safetensors"), "pt") as f:
-        legacy = [k for k in f.keys() if k.endswith((".gamma", ".beta"))]
+        legacy = [k for k in f.keys() if k.endswith((".gamma", ".beta"))]  # noqa: SIM118 - safe_open has keys(), no __iter__
     assert len(legacy) == 8  # four LayerNorms: embeddings, attention output, output, the MLM transform
     (note,) = [n for n in r.source["notes"] if "load-time renaming" in n]
     assert note.startswith("8 file keys matched to the architecture after transformers' load-time renaming (e.g. ")
     names = {t["name"] for t in r.tensors}
-    assert "bert.embeddings.LayerNorm.weight" in names and "bert.embeddings.LayerNorm.gamma" not in names
+    assert "bert.embeddings.LayerNorm.weight" in names
+    assert "bert.embeddings.LayerNorm.gamma" not in names
     assert ["bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"] in \
         [g["names"] for g in r.tie_groups]
 
@@ -140,11 +145,13 @@ def test_a_current_name_beside_its_legacy_one_is_loaded_as_from_pretrained_loads
     safetensors_torch.save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
     # The loader itself: the first key in its order (the legacy one) fills the weight, and neither is reported.
     loaded, info = transformers.BertForMaskedLM.from_pretrained(str(d), output_loading_info=True)
-    assert not info["unexpected_keys"] and not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert not info["missing_keys"]
     assert loaded.bert.embeddings.LayerNorm.weight.detach().equal(legacy)
     r = tiecheck.analyze(str(d), flops=False)
     arch = r.to_dict()["hf"]["architecture"]
-    assert arch["unexpected"] == [] and arch["missing"] == []
+    assert arch["unexpected"] == []
+    assert arch["missing"] == []
     (note,) = [n for n in r.source["notes"] if "fills first" in n]
     assert note.startswith("1 file key lands on an architecture key another file key fills first (e.g. "
                            "bert.embeddings.LayerNorm.weight -> bert.embeddings.LayerNorm.weight, filled by "

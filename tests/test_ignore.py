@@ -30,16 +30,21 @@ def project(tmp_path, monkeypatch):
 def test_an_ignored_finding_stays_in_the_report_and_never_fails():
     r = tiecheck.analyze(tm.broken(), ignore=["TC005"])
     (f,) = [f for f in r.findings if f["code"] == "TC005"]
-    assert f["severity"] == "error" and f["ignored"] is True and f["ignored_by"] == "TC005"
-    assert r.exit_code("warning") == 0 and r.failing_findings("warning") == []
-    assert r.summary["findings"]["error"] == 0 and r.summary["findings_ignored"] == 1
+    assert f["severity"] == "error"
+    assert f["ignored"] is True
+    assert f["ignored_by"] == "TC005"
+    assert r.exit_code("warning") == 0
+    assert r.failing_findings("warning") == []
+    assert r.summary["findings"]["error"] == 0
+    assert r.summary["findings_ignored"] == 1
     assert tiecheck.analyze(tm.broken()).exit_code() == 1  # not ignored: it fails
 
 
 def test_a_glob_ignores_the_findings_that_name_a_matching_tensor():
     assert tiecheck.analyze(tm.broken(), ignore=["TC005:head.*"]).exit_code() == 0
     r = tiecheck.analyze(tm.broken(), ignore=["TC005:*.rotary_emb.*"])  # matches no name here
-    assert not any(f.get("ignored") for f in r.findings) and r.exit_code() == 1
+    assert not any(f.get("ignored") for f in r.findings)
+    assert r.exit_code() == 1
 
 
 @pytest.mark.parametrize("spec", ["TC05", "TC999", "XX005", "TC005:"])
@@ -47,7 +52,9 @@ def test_a_bad_spec_is_one_line_that_says_what_to_write(spec):
     with pytest.raises(TiecheckError, match="ignore: "):
         tiecheck.analyze(tm.tied(), ignore=[spec])
     res = CliRunner().invoke(main, ["inspect", "gpt-mini", "--no-flops", "--ignore", spec])
-    assert res.exit_code == 2 and "--ignore" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert res.exit_code == 2
+    assert "--ignore" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_inspect_ignore_keeps_the_finding_in_json_and_exits_zero(project):
@@ -56,9 +63,11 @@ def test_inspect_ignore_keeps_the_finding_in_json_and_exits_zero(project):
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     (f,) = [f for f in d["findings"] if f["code"] == "TC005"]
-    assert f["ignored"] is True and f["severity"] == "error"
+    assert f["ignored"] is True
+    assert f["severity"] == "error"
     table = CliRunner().invoke(main, ["inspect", "lm.py:broken", "--no-flops", "--ignore", "TC005"]).output
-    assert "Findings (0, 1 ignored)" in table and "ignored TC005 (error, by TC005) " in table
+    assert "Findings (0, 1 ignored)" in table
+    assert "ignored TC005 (error, by TC005) " in table
 
 
 def test_check_reads_ignore_globally_and_per_target(project):
@@ -69,12 +78,14 @@ def test_check_reads_ignore_globally_and_per_target(project):
     res = CliRunner().invoke(main, ["check", "--format", "json"])
     assert res.exit_code == 0, res.output
     targets = {t["target"]: t for t in json.loads(res.stdout)["targets"]}
-    assert targets["lm.py:broken"]["status"] == "ok" and targets["lm.py:untied"]["status"] == "ok"
+    assert targets["lm.py:broken"]["status"] == "ok"
+    assert targets["lm.py:untied"]["status"] == "ok"
     # Without the per-target entry the broken tie fails again; the global list still covers TC006.
     (project / "pyproject.toml").write_text('[tool.tiecheck]\nfail-on = "warning"\nignore = ["TC006"]\n\n'
                                             '[[tool.tiecheck.targets]]\ntarget = "lm.py:broken"\n')
     res = CliRunner().invoke(main, ["check"])
-    assert res.exit_code == 1 and "TC005" in res.output
+    assert res.exit_code == 1
+    assert "TC005" in res.output
     assert CliRunner().invoke(main, ["check", "--ignore", "TC005"]).exit_code == 0
 
 
@@ -82,7 +93,8 @@ def test_a_bad_ignore_in_the_policy_is_an_input_error(project):
     (project / "pyproject.toml").write_text('[tool.tiecheck]\nignore = ["TC05"]\n\n'
                                             '[[tool.tiecheck.targets]]\ntarget = "lm.py:tied"\n')
     res = CliRunner().invoke(main, ["check"])
-    assert res.exit_code == 2 and "ignore: 'TC05': TC05 is not a rule code" in res.stderr
+    assert res.exit_code == 2
+    assert "ignore: 'TC05': TC05 is not a rule code" in res.stderr
 
 
 # -- hints that follow the verdict ------------------------------------------------------------------

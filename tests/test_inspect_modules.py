@@ -17,7 +17,8 @@ def codes(report):
 def test_tied_lm(tiny_lm):
     r = tiecheck.analyze(tiny_lm)
     (g,) = r.tie_groups
-    assert g["names"] == ["embed.weight", "lm_head.weight"] and g["kind"] == "same_parameter"
+    assert g["names"] == ["embed.weight", "lm_head.weight"]
+    assert g["kind"] == "same_parameter"
     assert g["bytes_saved"] == 64 * 16 * 4
     assert r.summary["params_unique"] == sum(p.numel() for p in tiny_lm.parameters())
     assert r.summary["params_counted"] == r.summary["params_unique"] + 64 * 16
@@ -34,14 +35,16 @@ def test_tie_broken_by_assign_is_an_untied_duplicate(untied_copy):
     assert codes(r) == ["TC005"]  # one finding for the pair: the broken tie, not a TC006 as well
     assert r.exit_code("error") == 1
     cand = r.tie_candidates[0]
-    assert cand["relation"] == "embedding-output" and cand["bytes_saved"] == 64 * 16 * 4
+    assert cand["relation"] == "embedding-output"
+    assert cand["bytes_saved"] == 64 * 16 * 4
 
 
 def test_untied_lm_different_values_is_a_candidate_only():
     torch.manual_seed(0)
     m = TinyLM(tie=False)
     r = tiecheck.analyze(m)
-    assert r.tie_groups == [] and not [d for d in r.untied_duplicates if not d["constant"]]
+    assert r.tie_groups == []
+    assert not [d for d in r.untied_duplicates if not d["constant"]]
     assert codes(r) == ["TC006"]
 
 
@@ -56,7 +59,8 @@ def test_bert_like_mlm_ties_weight_and_bias():
 
 def test_flat_buffer_model_has_no_ties():
     r = tiecheck.analyze(FlatBufferModel())
-    assert r.tie_groups == [] and codes(r) == []
+    assert r.tie_groups == []
+    assert codes(r) == []
     assert r.summary["params_unique"] == r.summary["params_counted"] == 32 + 8 + 24
 
 
@@ -66,13 +70,15 @@ def test_flat_buffer_registered_too_gives_nested_views():
     m2.register_buffer("flat", flat)
     m2.p = nn.Parameter(flat[:8])
     r = tiecheck.analyze(m2)
-    assert r.tie_groups == [] and codes(r) == ["TC007"]
+    assert r.tie_groups == []
+    assert codes(r) == ["TC007"]
     assert r.summary["bytes_unique"] == 16 * 4
 
 
 def test_fused_qkv_views_are_not_ties():
     r = tiecheck.analyze(FusedQKV())
-    assert r.tie_groups == [] and codes(r) == []
+    assert r.tie_groups == []
+    assert codes(r) == []
 
 
 def test_distinct_parameters_over_one_storage():
@@ -83,7 +89,8 @@ def test_distinct_parameters_over_one_storage():
     r = tiecheck.analyze(m)
     (g,) = r.tie_groups
     assert g["kind"] == "distinct_parameters"
-    assert "TC002" in codes(r) and r.exit_code("error") == 1
+    assert "TC002" in codes(r)
+    assert r.exit_code("error") == 1
     assert r.summary["training_bytes_saved"] == 15 * 4  # the weights only
 
 
@@ -102,7 +109,8 @@ def test_transposed_alias_saved_in_a_state_dict(tmp_path):
     torch.save({"embed.weight": emb, "proj.weight": emb.t()}, path)
     r = tiecheck.analyze(str(path))
     (g,) = r.tie_groups
-    assert g["kind"] == "transposed_alias" and "TC008" in codes(r)
+    assert g["kind"] == "transposed_alias"
+    assert "TC008" in codes(r)
 
 
 def test_tie_spanning_devices_is_flagged():
@@ -112,7 +120,8 @@ def test_tie_spanning_devices_is_flagged():
     r = tiecheck.analyze(m)
     assert "TC004" in codes(r)
     (f,) = [f for f in r.findings if f["code"] == "TC004"]
-    assert "cpu" in f["message"] and "meta" in f["message"]
+    assert "cpu" in f["message"]
+    assert "meta" in f["message"]
 
 
 def test_moving_one_side_of_a_tie_breaks_it():

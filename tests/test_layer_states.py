@@ -73,7 +73,8 @@ def test_the_size_is_the_sources_when_both_are_there():
 def test_one_memory_is_tied_whatever_a_reader_would_say():
     reader = Reader({HEAD: b"a", EMB: b"b"})
     row, _ = one([pair()], [fact(HEAD), fact(EMB)], None, reader)
-    assert row.physical == "tied" and reader.sampled == reader.compared == []
+    assert row.physical == "tied"
+    assert reader.sampled == reader.compared == []
 
 
 def test_separate_memory_without_a_reader_is_separate():
@@ -89,13 +90,15 @@ def test_separate_memory_without_a_reader_is_separate():
 def test_what_cannot_be_compared_is_not_read(other):
     reader = Reader({HEAD: b"ab", EMB: b"ab"})
     row, _ = one([pair()], [fact(HEAD), other], None, reader)
-    assert row.physical == "separate" and reader.sampled == reader.compared == []
+    assert row.physical == "separate"
+    assert reader.sampled == reader.compared == []
 
 
 def test_a_tensor_without_memory_on_the_target_side_is_not_read_either():
     reader = Reader({HEAD: b"ab", EMB: b"ab"})
     row, _ = one([pair()], [fact(HEAD, storage=None), fact(EMB, storage=2)], None, reader)
-    assert row.physical == "separate" and reader.sampled == []
+    assert row.physical == "separate"
+    assert reader.sampled == []
 
 
 def test_samples_that_differ_settle_it_without_reading_the_whole():
@@ -103,14 +106,16 @@ def test_samples_that_differ_settle_it_without_reading_the_whole():
     reader = Reader({HEAD: b"xb", EMB: b"yb"})
     row, _ = one([pair()], [fact(HEAD), fact(EMB, storage=2)], None, reader)
     assert row.physical == "separate, different"
-    assert reader.sampled == [HEAD, EMB] and reader.compared == []
+    assert reader.sampled == [HEAD, EMB]
+    assert reader.compared == []
 
 
-@pytest.mark.parametrize("emb, physical", [(b"ab", "separate, equal"), (b"ac", "separate, different")])
+@pytest.mark.parametrize(("emb", "physical"), [(b"ab", "separate, equal"), (b"ac", "separate, different")])
 def test_equal_samples_go_on_to_the_whole(emb, physical):
     reader = Reader({HEAD: b"ab", EMB: emb})
     row, _ = one([pair()], [fact(HEAD), fact(EMB, storage=2)], None, reader)
-    assert row.physical == physical and reader.compared == [(HEAD, EMB)]
+    assert row.physical == physical
+    assert reader.compared == [(HEAD, EMB)]
 
 
 # -- the stored layer --------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ def test_no_mapping_means_no_files():
     assert row.stored == "no files (in memory)"
 
 
-@pytest.mark.parametrize("stored, state", [
+@pytest.mark.parametrize(("stored", "state"), [
     ({}, "not stored"),
     ({HEAD: None, EMB: None}, "not stored"),
     ({EMB: "s1"}, "one copy"),
@@ -133,14 +138,15 @@ def test_stored_states_from_the_copies_alone(stored, state):
     assert row.stored == state
 
 
-@pytest.mark.parametrize("emb, state", [
+@pytest.mark.parametrize(("emb", "state"), [
     (fact(EMB, storage=2, shape=(2, 4)), "two copies of different shape or dtype"),
     (fact(EMB, storage=2, dtype="bfloat16", itemsize=2), "two copies of different shape or dtype"),
 ])
 def test_two_copies_that_cannot_be_equal(emb, state):
     reader = Reader({HEAD: b"ab", EMB: b"ab"})
     row, findings = one([pair()], [fact(HEAD), emb], {HEAD: "s1", EMB: "s2"}, reader)
-    assert row.stored == state and findings == []
+    assert row.stored == state
+    assert findings == []
 
 
 def test_two_copies_when_a_name_has_no_fact_are_compared_as_nothing():
@@ -148,7 +154,7 @@ def test_two_copies_when_a_name_has_no_fact_are_compared_as_nothing():
     assert (row.physical, row.stored, findings) == ("absent", "two copies", [])
 
 
-@pytest.mark.parametrize("emb, state", [(b"ab", "two equal copies"), (b"ac", "two different copies")])
+@pytest.mark.parametrize(("emb", "state"), [(b"ab", "two equal copies"), (b"ac", "two different copies")])
 def test_two_copies_of_one_shape_take_the_readers_answer(emb, state):
     reader = Reader({HEAD: b"ab", EMB: emb})
     row, _ = one([pair()], [fact(HEAD), fact(EMB, storage=2)], {HEAD: "s1", EMB: "s2"}, reader)
@@ -157,7 +163,8 @@ def test_two_copies_of_one_shape_take_the_readers_answer(emb, state):
 
 def test_two_copies_without_a_reader_are_just_two_copies():
     row, findings = one([pair()], [fact(HEAD), fact(EMB, storage=2)], {HEAD: "s1", EMB: "s2"})
-    assert row.stored == "two copies" and findings == []
+    assert row.stored == "two copies"
+    assert findings == []
 
 
 def test_a_row_as_a_dict():
@@ -171,7 +178,9 @@ def test_a_row_as_a_dict():
 
 def test_a_pair_without_a_conflict_key_has_none():
     row, findings = one([pair()], [fact(HEAD), fact(EMB)], {HEAD: "s1", EMB: "s1"})
-    assert row.conflict is False and row.declared is True and findings == []
+    assert row.conflict is False
+    assert row.declared is True
+    assert findings == []
 
 
 # -- the findings ------------------------------------------------------------------------------------
@@ -236,7 +245,7 @@ def test_declared_tied_with_one_copy_is_what_a_tie_should_store(stored):
     assert findings == []
 
 
-@pytest.mark.parametrize("stored, gone, kept", [({EMB: "s1"}, HEAD, EMB), ({HEAD: "s1"}, EMB, HEAD)])
+@pytest.mark.parametrize(("stored", "gone", "kept"), [({EMB: "s1"}, HEAD, EMB), ({HEAD: "s1"}, EMB, HEAD)])
 def test_declared_untied_with_one_copy_names_the_one_initialised_randomly(stored, gone, kept):
     _, findings = one([pair(declared=False)], [fact(HEAD), fact(EMB)], stored)
     (f,) = findings

@@ -32,9 +32,9 @@ from tiecheck.testing import assert_no_broken_ties
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from support.hf import EMB as LLAMA_EMB  # noqa: E402
-from support.hf import HEAD as LLAMA_HEAD
-from support.hf import tiny_llama
+from support.hf import EMB as LLAMA_EMB  # noqa: E402 - after the importorskip of transformers, which it imports
+from support.hf import HEAD as LLAMA_HEAD  # noqa: E402 - as above
+from support.hf import tiny_llama  # noqa: E402 - as above
 
 pytestmark = pytest.mark.usefixtures("quiet_transformers")
 
@@ -64,7 +64,8 @@ def test_a_fresh_rope_model_raises_nothing_above_info(arch):
     assert torch.equal(rope.inv_freq, rope.original_inv_freq)
     assert "model.rotary_emb.original_inv_freq" not in model.state_dict()
     r = tiecheck.analyze(model)
-    assert above_info(r) == [] and r.exit_code("warning") == 0
+    assert above_info(r) == []
+    assert r.exit_code("warning") == 0
     assert not [d for d in r.untied_duplicates if any("rotary_emb" in n for n in d["names"])]
     assert_no_broken_ties(model)
 
@@ -116,13 +117,16 @@ def test_an_untied_qwen_vl_folder_is_read_as_from_pretrained_reads_it(tmp_path, 
         stored = set(f.keys())
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= stored  # the legacy layout save_pretrained writes
     loaded, info = type(model).from_pretrained(str(tmp_path), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)  # the stored head is what loads
 
     r = tiecheck.analyze(str(tmp_path))
     arch = r.to_dict()["hf"]["architecture"]
-    assert arch["missing"] == sorted(info["missing_keys"]) and arch["unexpected"] == sorted(info["unexpected_keys"])
-    assert above_info(r) == [] and r.exit_code("warning") == 0
+    assert arch["missing"] == sorted(info["missing_keys"])
+    assert arch["unexpected"] == sorted(info["unexpected_keys"])
+    assert above_info(r) == []
+    assert r.exit_code("warning") == 0
     assert not [f for f in r.findings if f["code"] in ("TC011", "TC012")]
     # The head the report holds is the stored one, under the architecture's name.
     subject = load_target(str(tmp_path))
@@ -170,11 +174,14 @@ def test_a_t5_v1_1_folder_is_untied_by_design(tmp_path, cls_name):
     # transformers 5: the config class forces the flag to true, yet the loader keeps both stored copies.
     loaded = cls.from_pretrained(str(tmp_path))
     assert loaded.config.tie_word_embeddings is True
-    assert loaded.lm_head.weight is not loaded.shared.weight and torch.equal(loaded.lm_head.weight, head)
+    assert loaded.lm_head.weight is not loaded.shared.weight
+    assert torch.equal(loaded.lm_head.weight, head)
     r = tiecheck.analyze(str(tmp_path))
-    assert above_info(r) == [] and r.exit_code("warning") == 0
+    assert above_info(r) == []
+    assert r.exit_code("warning") == 0
     (f,) = [f for f in r.findings if f["code"] == "TC015"]
-    assert f["severity"] == "info" and "the model loads untied, as stored" in f["message"]
+    assert f["severity"] == "info"
+    assert "the model loads untied, as stored" in f["message"]
     res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--no-flops", "--fail-on", "warning"])
     assert res.exit_code == 0, res.output
 
@@ -198,12 +205,16 @@ def test_fix_leaves_a_t5_v1_1_folder_alone_and_unties_a_written_true_one(tmp_pat
     t5_folder(alone, cls, written=False)
     t5_folder(declared, cls, written=True)
     res = CliRunner().invoke(main, ["fix", str(alone), "-o", str(tmp_path / "out1")])
-    assert res.exit_code == 0 and "nothing to fix" in res.output and "written to" in res.output, res.output
+    assert res.exit_code == 0, res.output
+    assert "nothing to fix" in res.output, res.output
+    assert "written to" in res.output, res.output
     # The encoder-decoder's logits are compared too (decoder ids given), and equal.
     assert "pass  transformers logits" in res.output
     res = CliRunner().invoke(main, ["fix", str(declared), "-o", str(tmp_path / "out2")])
-    assert res.exit_code == 0 and "declare-untied" in res.output, res.output
-    assert "pass  findings answered" in res.output and "written to" in res.output
+    assert res.exit_code == 0, res.output
+    assert "declare-untied" in res.output, res.output
+    assert "pass  findings answered" in res.output
+    assert "written to" in res.output
     assert json.loads((tmp_path / "out2" / "config.json").read_text())["tie_word_embeddings"] is False
 
 
@@ -226,10 +237,12 @@ def test_marian_with_separate_vocabularies_holds_the_flag_against_the_decoder_em
     model.save_pretrained(tmp_path)
     for target in (model, str(tmp_path)):
         r = tiecheck.analyze(target)
-        assert above_info(r) == [] and not [f for f in r.findings if f["code"] == "TC011"]
+        assert above_info(r) == []
+        assert not [f for f in r.findings if f["code"] == "TC011"]
         (row,) = [t for t in r.declared["ties"] if "lm_head.weight" in t["names"]]
         assert row["names"] == ["lm_head.weight", "model.decoder.embed_tokens.weight"]
-        assert row["declared"] and row["physical"] == "tied"
+        assert row["declared"]
+        assert row["physical"] == "tied"
 
 
 # -- 5. FLOPs: a sentence, never an exception's text ---------------------------------------------------
@@ -241,9 +254,11 @@ def counted_on_meta_as_on_cpu(cls, cfg, seq_len: int, note: str) -> None:
     with torch.device("meta"):
         meta = cls(cfg)
     on_meta, on_cpu = count_flops(meta, seq_len=seq_len), count_flops(real, seq_len=seq_len, device="cpu")
-    assert on_meta.available and on_meta.method == "meta", on_meta.reason
+    assert on_meta.available, on_meta.reason
+    assert on_meta.method == "meta", on_meta.reason
     assert note in on_meta.notes
-    assert on_meta.forward == on_cpu.forward and on_meta.by_part == on_cpu.by_part
+    assert on_meta.forward == on_cpu.forward
+    assert on_meta.by_part == on_cpu.by_part
 
 
 def test_whisper_flops_are_counted_with_the_audio_features_its_forward_reads():
@@ -281,7 +296,8 @@ def test_nllb_moe_on_meta_says_why_in_a_sentence():
     assert r.reason.startswith("the forward could not be traced on the meta device: the forward calls torch.nonzero, "
                                "whose output size depends on the values")
     assert not RAW_EXCEPTION.search(r.reason)
-    assert r.errors and r.errors[0].startswith("meta: NotImplementedError: ")  # the exception itself, kept apart
+    assert r.errors
+    assert r.errors[0].startswith("meta: NotImplementedError: ")
 
 
 def test_a_forward_that_needs_images_tiecheck_cannot_shape_gives_a_sentence():
@@ -293,8 +309,10 @@ def test_a_forward_that_needs_images_tiecheck_cannot_shape_gives_a_sentence():
         perceiver_config={"qk_layer_norms_perceiver": False, "resampler_n_latents": 2, "resampler_depth": 1,
                           "resampler_n_heads": 2, "resampler_head_dim": 8}))
     d = tiecheck.analyze(model, flops=True, seq_len=8, duplicates=False).flops
-    assert not d["available"] and not RAW_EXCEPTION.search(d["reason"])
-    assert "its forward needs pixel_values (images)" in d["reason"] and "inputs=" in d["reason"]
+    assert not d["available"]
+    assert not RAW_EXCEPTION.search(d["reason"])
+    assert "its forward needs pixel_values (images)" in d["reason"]
+    assert "inputs=" in d["reason"]
     assert d["errors"]
 
 
@@ -308,8 +326,10 @@ def test_a_copied_head_the_config_keeps_untied_is_not_sent_to_tie_weights():
     model.tie_weights()  # what the old hint offered: with tie_word_embeddings=False it ties nothing
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     (f,) = [f for f in tiecheck.analyze(model).findings if f["code"] == "TC005"]
-    assert f["severity"] == "warning" and f["names"] == [LLAMA_HEAD, LLAMA_EMB]
-    assert "tie_weights()` leaves them apart" in f["hint"] and "set tie_word_embeddings=true" in f["hint"]
+    assert f["severity"] == "warning"
+    assert f["names"] == [LLAMA_HEAD, LLAMA_EMB]
+    assert "tie_weights()` leaves them apart" in f["hint"]
+    assert "set tie_word_embeddings=true" in f["hint"]
 
 
 # -- found by the sweep (benchmarks/sweep_precision.py) ------------------------------------------------
@@ -329,7 +349,8 @@ def test_a_cloned_embedding_still_tied_to_the_head_under_another_name_is_a_broke
     path = tmp_path / "fsmt.pt"
     torch.save(model.state_dict(), path)
     (f,) = [f for f in tiecheck.analyze(str(path)).findings if f["severity"] != "info"]
-    assert (f["code"], f["severity"]) == ("TC005", "error") and "model.decoder.embed_tokens.weight" in f["names"]
+    assert (f["code"], f["severity"]) == ("TC005", "error")
+    assert "model.decoder.embed_tokens.weight" in f["names"]
     assert "are an input embedding and its output projection, so this is a broken tie" in f["message"]
 
 

@@ -29,7 +29,8 @@ def test_plain_state_dict_keeps_ties(tmp_path, sd):
     torch.save(sd, path)
     r = tiecheck.analyze(str(path))
     assert tied_names(r) == [["embed.weight", "lm_head.weight"]]
-    assert r.source["format"] == "torch.save state dict" and r.source["key"] is None
+    assert r.source["format"] == "torch.save state dict"
+    assert r.source["key"] is None
 
 
 def test_hf_style_bin_any_extension(tmp_path, sd):
@@ -48,7 +49,8 @@ def test_training_checkpoint_picks_model_and_says_which_key(tmp_path, tiny_lm, s
     path = tmp_path / "step_1000.pt"
     torch.save({"model": sd, "optimizer": opt.state_dict(), "step": 1000}, path)
     r = tiecheck.analyze(str(path))
-    assert r.source["key"] == "model" and "training checkpoint" in r.source["format"]
+    assert r.source["key"] == "model"
+    assert "training checkpoint" in r.source["format"]
     assert tied_names(r) == [["embed.weight", "lm_head.weight"]]
     assert not any("exp_avg" in t["name"] for t in r.tensors)
 
@@ -75,7 +77,7 @@ def test_key_option_chooses_and_errors_list_keys(tmp_path, sd):
     torch.save({"ema": sd, "weights": {k: v.clone() for k, v in sd.items()}}, path)
     assert tiecheck.analyze(str(path), key="weights").source["key"] == "weights"
     assert tiecheck.analyze(str(path)).source["key"] == "ema"
-    with pytest.raises(TargetError, match="no key 'nope'.*ema, weights"):
+    with pytest.raises(TargetError, match=r"no key 'nope'.*ema, weights"):
         tiecheck.analyze(str(path), key="nope")
 
 
@@ -133,7 +135,7 @@ def test_python_specs(tmp_path, monkeypatch):
     assert tied_names(tiecheck.analyze("mymodel:build")) == [["emb.weight", "head.weight"]]
     with pytest.raises(TargetError, match="raised RuntimeError: no GPU here"):
         tiecheck.analyze(f"{tmp_path}/mymodel.py:broken")
-    with pytest.raises(TargetError, match="returned int, not a torch.nn.Module"):
+    with pytest.raises(TargetError, match=r"returned int, not a torch\.nn\.Module"):
         tiecheck.analyze(f"{tmp_path}/mymodel.py:not_a_module")
     with pytest.raises(TargetError, match="names a int"):
         tiecheck.analyze(f"{tmp_path}/mymodel.py:number")
@@ -159,7 +161,7 @@ def test_state_dict_and_checkpoint_objects_in_python(sd):
     assert r.source["key"] == "model"
 
 
-@pytest.mark.parametrize("make, match", [
+@pytest.mark.parametrize(("make", "match"), [
     (lambda p: None, "no such file"),
     (lambda p: p.mkdir(), "holds no weight files"),
     (lambda p: p.write_bytes(b""), "the file is empty"),
@@ -180,7 +182,7 @@ def test_truncated_file(tmp_path, sd):
     for cut in (10, len(data) // 2, len(data) - 30):
         bad = tmp_path / f"cut{cut}.pt"
         bad.write_bytes(data[:cut])
-        with pytest.raises(TargetError, match="truncated or corrupt|not a readable"):
+        with pytest.raises(TargetError, match=r"truncated or corrupt|not a readable"):
             tiecheck.analyze(str(bad))
 
 

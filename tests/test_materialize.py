@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,7 +65,7 @@ def test_assign_loads_the_given_state_dict():
 
 
 def test_the_pytest_fixture_exposes_it(pytester):
-    pytester.makepyfile(tie_models=open(tie_models.__file__).read())
+    pytester.makepyfile(tie_models=Path(tie_models.__file__).read_text())
     pytester.makepyfile(test_mat="""
 from tie_models import TinyLM
 

@@ -17,7 +17,7 @@ def _fact(name: str, shape: tuple[int, ...], storage: int, *, role: str = "param
           stride: tuple[int, ...] | None = None) -> TensorFact:
     if stride is None:
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    span = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+    span = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
     return TensorFact(name=name, shape=shape, stride=stride, dtype={4: "float32", 2: "bfloat16", 1: "uint8"}[itemsize],
                       itemsize=itemsize, device="cpu", storage=("cpu", storage), byte_start=offset * itemsize,
                       byte_end=(offset + span) * itemsize, obj_id=obj, role=role, requires_grad=requires_grad,

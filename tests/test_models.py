@@ -147,7 +147,8 @@ def test_forward_shapes_and_finite_loss(name):
     inputs, targets = inputs_and_targets(model)
     out = model(*inputs, targets=targets)
     assert out.logits.shape == (2, 12, model.config.vocab_size)
-    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert out.loss.ndim == 0
+    assert torch.isfinite(out.loss)
     assert model(*inputs).loss is None
 
 
@@ -228,7 +229,8 @@ def test_example_inputs_fit_the_model():
     assert src.shape == tgt.shape == (3, max_len)  # capped at the positions the model has
     assert src.dtype == torch.long
     (idx,) = example_inputs("gpt-mini", batch_size=2, seq_len=32)
-    assert 0 <= int(idx.min()) and int(idx.max()) < get_preset("gpt-mini").config["vocab_size"]
+    assert int(idx.min()) >= 0
+    assert int(idx.max()) < get_preset("gpt-mini").config["vocab_size"]
     assert torch.equal(idx, example_inputs("gpt-mini", 2, 32)[0])  # same seed, same ids
     meta_model = build("gpt2-124m", device="meta")
     assert example_inputs(meta_model, 1, 16)[0].device.type == "meta"

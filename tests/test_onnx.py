@@ -69,10 +69,12 @@ def test_torchscript_exporter_loses_the_tie_as_a_transposed_copy(torchscript_onn
     assert p["head"].startswith("onnx::MatMul")
     tc005 = [f for f in r.findings if f["code"] == "TC005"]
     assert [sorted(f["names"]) for f in tc005] == [sorted(["embed.weight", p["head"]])]
-    assert f"{V * D * 4:,} bytes wasted" in tc005[0]["message"] and "MatMul /lm_head/MatMul" in tc005[0]["message"]
+    assert f"{V * D * 4:,} bytes wasted" in tc005[0]["message"]
+    assert "MatMul /lm_head/MatMul" in tc005[0]["message"]
     # the stored transpose is exactly the embedding's transpose
     stored = {t["name"]: t for t in r.tensors}
-    assert stored[p["head"]]["shape"] == [D, V] and stored["embed.weight"]["shape"] == [V, D]
+    assert stored[p["head"]]["shape"] == [D, V]
+    assert stored["embed.weight"]["shape"] == [V, D]
     assert any("a transposed copy of it: the tie was lost in the export" in n for n in r.source["notes"])
 
 
@@ -82,10 +84,12 @@ def test_dynamo_exporter_keeps_one_initializer(dynamo_onnx):
     assert len(r.tie_groups) == 1
     g = r.tie_groups[0]
     (pair,) = r.extra["onnx"]["embedding_head"]
-    assert pair["relation"] == "one tensor" and pair["head_op"] == "MatMul"
+    assert pair["relation"] == "one tensor"
+    assert pair["head_op"] == "MatMul"
     assert any(v.startswith("Transpose ") for v in pair["via"])
     assert sorted(g["names"]) == sorted([pair["embedding"], pair["alias"]])
-    assert g["kind"] == "transposed_alias" and g["bytes_saved"] == V * D * 4
+    assert g["kind"] == "transposed_alias"
+    assert g["bytes_saved"] == V * D * 4
     assert r.extra["onnx"]["external_files"] == ["tiny.onnx.data"]
     assert not [f for f in r.findings if f["code"] == "TC005"]
 
@@ -94,7 +98,8 @@ def test_external_initializers_are_views_of_the_data_file(dynamo_onnx):
     sub = onnx_files.load_onnx(dynamo_onnx)
     data = str(dynamo_onnx.parent / "tiny.onnx.data")
     mapped = [n for n, s in sub.file_spans.items() if s.path == data]
-    assert mapped and all(not sub.tensors[n].untyped_storage().resizable() for n in mapped)
+    assert mapped
+    assert all(not sub.tensors[n].untyped_storage().resizable() for n in mapped)
     # the bytes read through the mapping are the file's
     name = mapped[0]
     t = sub.tensors[name]
@@ -133,7 +138,8 @@ def test_gpt2_dynamo_export_keeps_the_tie(tmp_path):
 
 def test_flops_say_pytorch_only(torchscript_onnx):
     r = tiecheck.analyze(str(torchscript_onnx), flops=True)
-    assert r.flops["available"] is False and "PyTorch modules only" in r.flops["reason"]
+    assert r.flops["available"] is False
+    assert "PyTorch modules only" in r.flops["reason"]
 
 
 # -- hostile files ----------------------------------------------------------------------------
@@ -161,7 +167,9 @@ def _error(path) -> str:
     res = CliRunner().invoke(main, ["inspect", str(path)])
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("tiecheck: error: ") and "Traceback" not in res.output
+    assert len(lines) == 1
+    assert lines[0].startswith("tiecheck: error: ")
+    assert "Traceback" not in res.output
     return lines[0]
 
 
@@ -174,7 +182,8 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, location):
 def test_valid_external_data_reads(tmp_path):
     data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
     r = tiecheck.analyze(str(_model_with_external(tmp_path, "w.data", data=data)))
-    assert [t["name"] for t in r.tensors] == ["w"] and r.tensors[0]["shape"] == [4, 2]
+    assert [t["name"] for t in r.tensors] == ["w"]
+    assert r.tensors[0]["shape"] == [4, 2]
 
 
 def test_truncated_external_data(tmp_path):
@@ -197,7 +206,8 @@ def test_truncated_protobuf(torchscript_onnx, tmp_path):
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(torchscript_onnx.read_bytes()[:5000])
     msg = _error(cut)
-    assert "not a valid ONNX model" in msg and "truncated or corrupt" in msg
+    assert "not a valid ONNX model" in msg
+    assert "truncated or corrupt" in msg
 
 
 def test_protobuf_size_is_bounded(tmp_path, monkeypatch):
@@ -219,14 +229,19 @@ def tiny_pt(tmp_path_factory, tiny):
 
 def test_diff_torchscript_export_shows_the_tie_became_copies(tiny_pt, torchscript_onnx):
     d = tiecheck.diff(str(tiny_pt), str(torchscript_onnx))
-    assert d.matching == "content" and d.exit_code == 1 and d.kept == [] and d.b_only == []
+    assert d.matching == "content"
+    assert d.exit_code == 1
+    assert d.kept == []
+    assert d.b_only == []
     (g,) = d.lost
-    assert g["names"] == ["embed.weight", "lm_head.weight"] and g["broken_into_duplicates"]
+    assert g["names"] == ["embed.weight", "lm_head.weight"]
+    assert g["broken_into_duplicates"]
     assert g["bytes_copied"] == V * D * 4
     assert sorted((x["names"][0].split("::")[0], x["method"]) for x in g["in_b"]) == \
         [("embed.weight", "exact bytes"), ("onnx", "transpose")]
     rows = {tuple(m["a"]): [(b["method"]) for b in m["b"]] for m in d.matches}
-    assert rows[("block.bias",)] == ["exact bytes"] and rows[("block.weight",)] == ["transpose"]
+    assert rows[("block.bias",)] == ["exact bytes"]
+    assert rows[("block.weight",)] == ["transpose"]
     from_cli = CliRunner().invoke(main, ["diff", str(tiny_pt), str(torchscript_onnx)])
     assert from_cli.exit_code == 1
     assert f"became 2 copies (+{V * D * 4:,} bytes)" in from_cli.output
@@ -235,11 +250,15 @@ def test_diff_torchscript_export_shows_the_tie_became_copies(tiny_pt, torchscrip
 
 def test_diff_dynamo_export_keeps_the_tie(tiny_pt, dynamo_onnx):
     d = tiecheck.diff(str(tiny_pt), str(dynamo_onnx))
-    assert d.exit_code == 0 and d.lost == []
+    assert d.exit_code == 0
+    assert d.lost == []
     (g,) = d.kept
-    assert g["names"] == ["embed.weight", "lm_head.weight"] and g["tied_in_b"]
+    assert g["names"] == ["embed.weight", "lm_head.weight"]
+    assert g["tied_in_b"]
     (b,) = g["in_b"]
-    assert b["method"] == "exact bytes" and "lm_head.weight" in b["names"] and "node_linear_1:B" in b["names"]
+    assert b["method"] == "exact bytes"
+    assert "lm_head.weight" in b["names"]
+    assert "node_linear_1:B" in b["names"]
 
 
 @pytest.mark.parametrize("changed", [False, True])

@@ -51,7 +51,8 @@ def test_csv_and_frame_keep_tie_groups_integer(tmp_path):
     rows = {r.split(",")[0]: r.split(",") for r in res.output.splitlines()[1:]}
     header = res.output.splitlines()[0].split(",")
     col = header.index("tie_group")
-    assert rows["head.weight"][col] == "0" and rows["norms.0.weight"][col] == ""
+    assert rows["head.weight"][col] == "0"
+    assert rows["norms.0.weight"][col] == ""
     frame = analyze(path).to_frame()
     assert str(frame["tie_group"].dtype) == "Int64"
     assert frame.set_index("name").loc["tok_emb.weight", "tie_group"] == 0

@@ -48,7 +48,8 @@ def test_strided_views_overlap_exactly_when_they_share_an_element(case):
     a, b = PAIRS[case]
     facts = [fact_of("a", a), fact_of("b", b)]
     assert not facts[0].dense or not facts[1].dense
-    assert facts[0].byte_start < facts[1].byte_end and facts[1].byte_start < facts[0].byte_end  # ranges intersect
+    assert facts[0].byte_start < facts[1].byte_end
+    assert facts[1].byte_start < facts[0].byte_end
     expected = [Overlap(a=("a",), b=("b",), kind="partial", exact=True)] if _shares(a, b) else []
     assert find_overlaps(facts) == expected
 
@@ -83,7 +84,8 @@ def test_dense_partial_overlap_is_exact_and_unqualified():
     (o,) = find_overlaps([_fact("a", (16,)), _fact("b", (16,), offset=8)])
     assert o == Overlap(a=("a",), b=("b",), kind="partial", exact=True)
     (f,) = tie_findings([], [o])
-    assert f.code == "TC003" and f.message == "a and b partially overlap"
+    assert f.code == "TC003"
+    assert f.message == "a and b partially overlap"
 
 
 def test_dense_extents_past_the_exact_limit_are_still_exact():

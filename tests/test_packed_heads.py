@@ -100,7 +100,8 @@ def saved(tmp_path, tensors: dict, name: str = "q.safetensors"):
 def test_nf4_head_beside_bf16_embedding(tmp_path):
     m = llama(tie=False)
     sd = {k: v for k, v in state(m).items() if k != HEAD} | bnb_head(m, "nf4")
-    assert sd[HEAD].dtype == torch.uint8 and tuple(sd[HEAD].shape) == (V * D // 2, 1)  # packed, not [V, D]
+    assert sd[HEAD].dtype == torch.uint8
+    assert tuple(sd[HEAD].shape) == (V * D // 2, 1)
     r = tiecheck.analyze(str(saved(tmp_path, sd)))
     companions = sorted(k for k in sd if k.startswith(HEAD + "."))
     head_bytes = sum(sd[k].numel() * sd[k].element_size() for k in [HEAD, *companions])
@@ -109,9 +110,11 @@ def test_nf4_head_beside_bf16_embedding(tmp_path):
         "head_bytes": head_bytes, "embedding_bytes": V * D * 2, "companions": companions}]
     (f,) = tc022(r)
     assert (f["severity"], f["names"]) == ("info", [HEAD, EMB])
-    assert f"{head_bytes:,} bytes" in f["message"] and "not compared" in f["message"]
+    assert f"{head_bytes:,} bytes" in f["message"]
+    assert "not compared" in f["message"]
     assert r.summary["bytes_in_packed_head_copies"] == head_bytes
-    assert r.content["transposed"]["copies"] == [] and not [d for d in r.untied_duplicates if not d["constant"]]
+    assert r.content["transposed"]["copies"] == []
+    assert not [d for d in r.untied_duplicates if not d["constant"]]
 
 
 def test_int8_head_with_scb_in_a_folder_that_declares_the_tie(tmp_path):
@@ -119,16 +122,19 @@ def test_int8_head_with_scb_in_a_folder_that_declares_the_tie(tmp_path):
     d = tmp_path / "hf"
     m.save_pretrained(d)
     sd = state(m) | bnb_head(m, "int8")
-    assert sd[HEAD].dtype == torch.int8 and "lm_head.SCB" in sd
+    assert sd[HEAD].dtype == torch.int8
+    assert "lm_head.SCB" in sd
     (d / "model.safetensors").unlink()
     safetensors_torch.save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     r = tiecheck.analyze(str(d))
     (p,) = r.declared["packed_heads"]
-    assert p["formats"] == ["bfloat16", "int8 (bitsandbytes LLM.int8)"] and p["shape"] == [V, D]
+    assert p["formats"] == ["bfloat16", "int8 (bitsandbytes LLM.int8)"]
+    assert p["shape"] == [V, D]
     assert p["companions"] == ["lm_head.SCB", "lm_head.weight_format"]
     assert p["head_bytes"] == V * D + V * 4 + 1
     (f,) = tc022(r)
-    assert f["severity"] == "warning" and f["names"] == [HEAD, EMB]
+    assert f["severity"] == "warning"
+    assert f["names"] == [HEAD, EMB]
     assert f["message"].startswith("config.json tie_word_embeddings (LlamaConfig)")
     assert "quantization broke the tie" in f["message"]
     # The declared layer sees two copies that cannot be compared, and says so instead of "different".
@@ -151,7 +157,9 @@ def test_fp8_head_with_scale(tmp_path):
 def test_same_format_is_left_to_the_content_pass(tmp_path):
     m = llama(tie=False)
     r = tiecheck.analyze(str(saved(tmp_path, state(m))))
-    assert r.declared["packed_heads"] == [] and tc022(r) == [] and r.summary["bytes_in_packed_head_copies"] == 0
+    assert r.declared["packed_heads"] == []
+    assert tc022(r) == []
+    assert r.summary["bytes_in_packed_head_copies"] == 0
 
 
 def test_gguf_q8_output_beside_f16_embedding(tmp_path):
@@ -177,7 +185,8 @@ def test_gguf_q8_output_beside_f16_embedding(tmp_path):
                  "embedding_bytes": V * 32 * 2, "companions": []}
     assert [f["severity"] for f in tc022(r)] == ["info"]
     out = CliRunner().invoke(main, ["inspect", str(path)]).output
-    assert "Heads stored in another format than the embedding (1)" in out and "Q8_0 (GGUF)" in out
+    assert "Heads stored in another format than the embedding (1)" in out
+    assert "Q8_0 (GGUF)" in out
 
 
 def test_malformed_quant_state_is_not_a_packing(tmp_path):
@@ -186,4 +195,5 @@ def test_malformed_quant_state_is_not_a_packing(tmp_path):
     key = HEAD + ".quant_state.bitsandbytes__nf4"
     sd[key] = torch.frombuffer(bytearray(b'{"shape": "not a shape"'), dtype=torch.uint8)
     r = tiecheck.analyze(str(saved(tmp_path, sd)))
-    assert r.declared["packed_heads"] == [] and tc022(r) == []
+    assert r.declared["packed_heads"] == []
+    assert tc022(r) == []

@@ -67,22 +67,26 @@ def test_adapter_folder_is_a_target(tmp_path):
         ("peft_modules_to_save", ["lm_head"], {"file": "adapter_config.json", "key": "modules_to_save"}),
         ("peft_target_modules", ["q_proj"], {"file": "adapter_config.json", "key": "target_modules"})]
     assert any(f"stores 1 tensor whole ({HEAD}; {V * D * 4:,} bytes)" in n for n in r.source["notes"])
-    assert tc(r, "TC023") == [] and tc(r, "TC024") == []
+    assert tc(r, "TC023") == []
+    assert tc(r, "TC024") == []
 
 
 def test_modules_to_save_on_a_tied_head_costs_a_copy_and_breaks_on_merge(tmp_path, base):
     d = save(adapted(), tmp_path / "adapter")
     r = tiecheck.analyze(str(d), base=str(base))
     (f,) = tc(r, "TC023")
-    assert f["severity"] == "warning" and f["names"] == [HEAD, EMB]
+    assert f["severity"] == "warning"
+    assert f["names"] == [HEAD, EMB]
     assert f["message"].startswith(f"adapter_config.json modules_to_save saves {HEAD} whole ({V * D * 4:,} bytes), "
                                    f"but the base ties it to {EMB}")
-    assert "differs from the base's (trained)" in f["message"] and "TC015" in f["message"]
+    assert "differs from the base's (trained)" in f["message"]
+    assert "TC015" in f["message"]
     assert r.to_dict()["peft"]["ties_touched"] == [{"names": [HEAD, EMB], "touched": HEAD, "how": "modules_to_save",
                                                    "bytes": V * D * 4, "equal_to_base": False,
                                                    "retied_by_peft": False}]
     res = CliRunner().invoke(main, ["inspect", str(d), "--base", str(base), "--no-flops"])
-    assert res.exit_code == 0 and "TC023" in res.output  # a warning: fails with --fail-on warning
+    assert res.exit_code == 0
+    assert "TC023" in res.output
     assert CliRunner().invoke(main, ["inspect", str(d), "--base", str(base), "--no-flops",
                                      "--fail-on", "warning"]).exit_code == 1
 
@@ -92,7 +96,8 @@ def test_ensure_weight_tying_keeps_the_tie(tmp_path, base):
     r = tiecheck.analyze(str(d), base=str(base))
     assert tc(r, "TC023") == []
     (row,) = r.to_dict()["peft"]["ties_touched"]
-    assert row["retied_by_peft"] is True and row["names"] == [HEAD, EMB]
+    assert row["retied_by_peft"] is True
+    assert row["names"] == [HEAD, EMB]
     # peft saves both sides whole, with equal content: the adapter itself stores the tie twice.
     assert r.to_dict()["peft"]["full_copies"] == {HEAD: "base_model.model.lm_head.weight",
                                                   EMB: "base_model.model.model.embed_tokens.weight"}
@@ -117,7 +122,8 @@ def test_what_merge_and_unload_does_and_what_tiecheck_says_of_the_merged_model(t
     fixed = tmp_path / "merged"
     merged.save_pretrained(fixed)
     r = tiecheck.analyze(str(fixed))
-    assert tc(r, "TC015") == [] and r.tie_groups == []
+    assert tc(r, "TC015") == []
+    assert r.tie_groups == []
     merged.config.tie_word_embeddings = True  # as older peft left it
     stale = tmp_path / "stale"
     merged.save_pretrained(stale)
@@ -146,7 +152,8 @@ def test_untied_base_is_not_touched(tmp_path):
     llama(False).save_pretrained(untied)
     d = save(adapted(tie=False), tmp_path / "adapter")
     r = tiecheck.analyze(str(d), base=str(untied))
-    assert tc(r, "TC023") == [] and r.to_dict()["peft"]["ties_touched"] == []
+    assert tc(r, "TC023") == []
+    assert r.to_dict()["peft"]["ties_touched"] == []
 
 
 def edit_config(d, **changes):
@@ -160,13 +167,14 @@ def test_config_naming_a_module_that_does_not_exist(tmp_path, base):
     d = save(adapted(), tmp_path / "adapter")
     edit_config(d, modules_to_save=["lm_head", "score"])
     (f,) = tc(tiecheck.analyze(str(d)), "TC024")
-    assert f["severity"] == "error" and "modules_to_save names 'score'" in f["message"]
+    assert f["severity"] == "error"
+    assert "modules_to_save names 'score'" in f["message"]
     (f,) = tc(tiecheck.analyze(str(d), base=str(base)), "TC024")
     assert "the base model has no module named 'score'" in f["message"]
     assert CliRunner().invoke(main, ["inspect", str(d), "--no-flops"]).exit_code == 1
 
 
-@pytest.mark.parametrize("why, edit, expected", [
+@pytest.mark.parametrize(("why", "edit", "expected"), [
     ("not json", lambda d: (d / "adapter_config.json").write_text("{"), "peft cannot read this adapter config"),
     ("no weights", lambda d: (d / "adapter_model.safetensors").unlink(), "without adapter_model.safetensors"),
 ])
@@ -177,7 +185,8 @@ def test_bad_adapter_folder_is_one_line(tmp_path, why, edit, expected):
     res = CliRunner().invoke(main, ["inspect", str(d), "--no-flops"])
     assert res.exit_code == 2, res.output
     (line,) = res.output.strip().splitlines()
-    assert line.startswith("tiecheck: error: ") and expected in line
+    assert line.startswith("tiecheck: error: ")
+    assert expected in line
     assert sorted(p.name for p in d.iterdir()) == before
 
 

@@ -71,7 +71,8 @@ def test_forced_bar_stays_out_of_json_output(monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["flops"]["available"]
-    assert "counting FLOPs" in result.stderr and "\r[" in result.stderr
+    assert "counting FLOPs" in result.stderr
+    assert "\r[" in result.stderr
     assert "\r[" not in result.stdout
 
 
@@ -98,7 +99,8 @@ def test_a_delayed_bar_shows_the_phase_still_running_when_the_delay_ends(monkeyp
     assert err.getvalue() == "\r[....]   0% starting (importing torch)"
     bar(1, "reading")  # once shown, every call draws
     bar.close()
-    assert "\r[##..]  50% reading" in err.getvalue() and err.getvalue().endswith("\r")
+    assert "\r[##..]  50% reading" in err.getvalue()
+    assert err.getvalue().endswith("\r")
 
 
 @pytest.mark.parametrize("command", [["diff", "{a}", "{b}"], ["fix", "{a}", "--dry-run"], ["check", "{a}"],
@@ -114,6 +116,7 @@ def test_every_command_that_reads_a_target_says_what_it_is_doing(command, tmp_pa
     torch.save({"emb.weight": torch.ones(4, 2)}, b)
     result = CliRunner().invoke(main, [c.format(a=a, b=b) for c in command])
     assert result.exit_code in (0, 1), result.output
-    assert "\r[" in result.stderr and "starting (importing torch)" in result.stderr
+    assert "\r[" in result.stderr
+    assert "starting (importing torch)" in result.stderr
     assert "\r[" not in result.stdout
     assert result.stderr.endswith("\r")  # cleared before the report

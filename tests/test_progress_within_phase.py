@@ -72,11 +72,12 @@ def test_content_pass_reports_sampled_tensors_up_to_the_total():
         [_fact(999, (1, 4), (4, 1))]
     calls = []
     groups, stats = find_untied_duplicates(facts, DistinctReader(), progress=lambda d, t: calls.append((d, t)))
-    assert groups == [] and stats.sampled == 350
+    assert groups == []
+    assert stats.sampled == 350
     assert calls == [(i, 350) for i in range(3, 349, 3)] + [(350, 350)]
 
 
-@pytest.mark.parametrize("shapes, every", [
+@pytest.mark.parametrize(("shapes", "every"), [
     # 2 + 5 to sample: below a hundred every tensor is a call, and a bucket of two counts in the total
     ([(4,)] * 2 + [(2, 2)] * 5 + [(1, 4)], 1),
     # 400 to sample: a call every 4 (1% of them), the last one included once
@@ -93,7 +94,8 @@ def test_content_pass_calls_per_percent_or_per_tensor(shapes, every):
 def test_content_pass_without_a_callback_is_unchanged():
     facts = [_fact(i, (4,)) for i in range(10)]
     groups, stats = find_untied_duplicates(facts, DistinctReader())
-    assert groups == [] and stats.sampled == 10
+    assert groups == []
+    assert stats.sampled == 10
 
 
 def test_analyze_reports_within_reading_and_the_content_pass(index):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import tiecheck.api  # noqa: F401  (imported here so pytester's in-process runs keep one copy of each module)
+import tiecheck.api
 import tiecheck.pytest_plugin.fixture  # noqa: F401
 from tiecheck import __version__
 

@@ -167,7 +167,8 @@ def test_the_cli_says_what_was_fetched(duplicate_file):
     with FileServer(duplicate_file.parent) as srv:
         res = CliRunner().invoke(main, ["inspect", srv.url_of("dup.safetensors"), "--no-flops"])
     assert res.exit_code == 1, res.output  # the broken tie is an error
-    assert "range requests" in res.output and "fetched" in res.output
+    assert "range requests" in res.output
+    assert "fetched" in res.output
 
 
 # -- the Hub ----------------------------------------------------------------------------------------------
@@ -192,7 +193,8 @@ def test_a_hub_id_is_read_from_the_hub_without_its_weights(hub, llama_folder, sh
     assert _shape(report) == _shape(tiecheck.analyze(str(llama_folder)))
     d = report.to_dict()
     assert d["source"]["target"] == "org/tiny"
-    assert d["remote"]["where"] == "hub" and d["remote"]["revision"] == "main"
+    assert d["remote"]["where"] == "hub"
+    assert d["remote"]["revision"] == "main"
     assert "GET /api/models/org/tiny" in hub.calls
     assert any(c.startswith("HEAD /org/tiny/resolve/") for c in hub.calls)
     # The weights come from the CDN the Hub redirects to, by range, and not whole.
@@ -205,7 +207,7 @@ def test_a_hub_id_is_read_from_the_hub_without_its_weights(hub, llama_folder, sh
     assert "GET /api/models/org/tiny/revision/untied" in hub.calls
 
 
-@pytest.mark.parametrize("target, message", [
+@pytest.mark.parametrize(("target", "message"), [
     ("org/none", "no such file or folder, bundled model or Python spec, and no model org/none on the Hugging Face Hub"),
     ("org/tiny@nope", "org/tiny has no revision 'nope' on the Hub"),
     ("org/gated", "is gated on the Hub"),
@@ -216,7 +218,8 @@ def test_a_hub_id_that_is_not_there_is_one_line(hub, llama_folder, target, messa
     hub.gated.add("org/gated")
     res = CliRunner().invoke(main, ["inspect", target, "--no-flops"])
     assert res.exit_code == 2
-    assert res.output.count("\n") == 1 and message in res.output, res.output
+    assert res.output.count("\n") == 1, res.output
+    assert message in res.output, res.output
 
 
 def test_a_path_that_exists_wins_over_a_hub_id(hub, llama_folder, tmp_path, monkeypatch):
@@ -225,7 +228,8 @@ def test_a_path_that_exists_wins_over_a_hub_id(hub, llama_folder, tmp_path, monk
     save_file({"x": torch.zeros(3)}, str(tmp_path / "org" / "tiny"))
     monkeypatch.chdir(tmp_path)
     report = tiecheck.analyze("org/tiny")
-    assert report.to_dict()["source"]["format"] == "safetensors" and hub.calls == []
+    assert report.to_dict()["source"]["format"] == "safetensors"
+    assert hub.calls == []
 
 
 def test_the_cache_comes_first_and_works_offline(hub, llama_folder, monkeypatch):
@@ -265,8 +269,10 @@ def test_offline_with_a_cache_from_the_environment(llama_folder, tmp_path):
     (code, out, _), (other_code, _, other_err) = json.loads(proc.stdout.strip().splitlines()[-1])
     assert code == 0, proc.stderr
     d = json.loads(out)
-    assert d["remote"]["where"] == "cache" and d["hf"]["architecture"]["class"] == "LlamaForCausalLM"
-    assert other_code == 2 and other_err.count("\n") == 1
+    assert d["remote"]["where"] == "cache"
+    assert d["hf"]["architecture"]["class"] == "LlamaForCausalLM"
+    assert other_code == 2
+    assert other_err.count("\n") == 1
     assert "org/other: not in the local Hugging Face cache with its weights, and HF_HUB_OFFLINE is set" in other_err
 
 
@@ -302,7 +308,8 @@ def test_an_s3_folder_and_file_are_read_by_range(bucket, llama_folder, duplicate
 
 def test_a_missing_object_is_one_line(bucket):
     res = CliRunner().invoke(main, ["inspect", f"s3://{bucket}/nothing/here.safetensors", "--no-flops"])
-    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1
     assert f"s3://{bucket}/nothing/here.safetensors: no such object" in res.output
 
 
@@ -316,5 +323,6 @@ def test_remote_values_are_read_by_range_only(tmp_path):
     with FileServer(tmp_path) as srv:
         x = tiecheck.loaders.load_target(srv.url_of("a.safetensors")).tensors["x"]
         y = tiecheck.loaders.load_target(srv.url_of("b.safetensors")).tensors["y"]
-    assert x.device.type == "meta" and (x.shape, x.dtype) == ((64, 16), torch.float32)
+    assert x.device.type == "meta"
+    assert (x.shape, x.dtype) == ((64, 16), torch.float32)
     assert content.value_match(x, y) is None

@@ -78,12 +78,15 @@ def test_guard_records_the_tie_by_identity_on_meta():
 def test_to_empty_unties_and_the_with_block_says_where_and_how_to_retie():
     with torch.device("meta"):
         model = TinyLM()
-    with pytest.raises(TieLostError) as err:
+    def materialize() -> None:
         with TieGuard(model):
             model.to_empty(device="cpu")
             for m in model.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
+
+    with pytest.raises(TieLostError) as err:
+        materialize()
     assert isinstance(err.value, TieAssertionError)
     assert str(err.value) == (
         "1 tie lost, found at the end of the `with TieGuard(model)` block:\n"
@@ -216,7 +219,7 @@ def test_dtensor_parameters_are_compared_by_their_local_shard(tmp_path):
 
 
 def test_guarding_something_that_is_not_a_module_is_one_clear_error():
-    with pytest.raises(TiecheckError, match="^TieGuard needs a torch.nn.Module, not dict: pass the model itself$"):
+    with pytest.raises(TiecheckError, match=r"^TieGuard needs a torch\.nn\.Module, not dict: pass the model itself$"):
         TieGuard(dict(TinyLM().state_dict()))
 
 
@@ -263,7 +266,8 @@ def test_trainer_clean_run_passes_and_changes_no_loss(tmp_path):
          "GPT2LMHeadModel._tied_weights_keys and GPT2LMHeadModel.config tie_word_embeddings (GPT2Config)")]
     assert cb.guard.checks == 4  # on_train_begin, after each of the 2 optimizer steps, on_train_end
     assert cb.guard.last_ok == "on_train_end at step 2"
-    assert len(guarded) == 2 and guarded == plain
+    assert len(guarded) == 2
+    assert guarded == plain
 
 
 class UntyingTrainer(transformers.Trainer):
@@ -375,7 +379,7 @@ def test_trainer_check_every_thins_the_steps_but_never_the_check_before_a_save(t
     assert _checkpoints(tmp_path) == []
 
 
-@pytest.mark.parametrize("save, where, step, kept", [
+@pytest.mark.parametrize(("save", "where", "step", "kept"), [
     (dict(save_strategy="epoch"), "the end of epoch 2 (step 4)", 4, ["checkpoint-2"]),  # 2 steps an epoch
     (dict(save_strategy="best", eval_strategy="steps", eval_steps=5, metric_for_best_model="loss"),
      "the evaluation at step 5", 5, []),
@@ -419,12 +423,13 @@ def test_trainer_warn_mode_reports_a_lost_tie_once_and_every_checkpoint_written_
     out = tmp_path / "out"
     assert lost[1].endswith(f"checkpoint about to be written with the tie broken: {out / 'checkpoint-5'}")
     assert lost[2].endswith(f"checkpoint written while the tie was broken: {out / 'checkpoint-5'}")
-    assert trainer.state.global_step == 10 and _checkpoints(tmp_path) == ["checkpoint-10", "checkpoint-5"]
+    assert trainer.state.global_step == 10
+    assert _checkpoints(tmp_path) == ["checkpoint-10", "checkpoint-5"]
 
 
 def test_trainer_tie_broken_between_thinned_checks_is_found_at_train_end(tmp_path):
     model = _gpt2()
-    with pytest.raises(TieLostError, match="^1 tie lost, found at on_train_end at step 10:\n"):
+    with pytest.raises(TieLostError, match=r"^1 tie lost, found at on_train_end at step 10:\n"):
         _train_hf(tmp_path, model, [ReplaceHeadAt(3), hf_callbacks.TiecheckCallback(model, check_every=100)],
                   max_steps=10)
 
@@ -434,7 +439,7 @@ def test_check_every_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match=r"^check_every must be a positive int \(1: every optimizer step, N: every "
                                          r"N-th\), not "):
         hf_callbacks.TiecheckCallback(check_every=bad)
-    with pytest.raises(ValueError, match="^check_every must be a positive int"):
+    with pytest.raises(ValueError, match=r"^check_every must be a positive int"):
         lit_callbacks.TiecheckCallback(check_every=bad)
 
 
@@ -507,7 +512,8 @@ def test_lightning_clean_run_passes_and_changes_no_loss(tmp_path):
     assert [t.names for t in cb.guard.ties] == [("model.emb.weight", "model.head.weight")]
     assert cb.guard.checks == 4  # on_fit_start, after each of the 2 optimizer steps, on_train_end
     assert cb.guard.last_ok == "on_train_end at step 2"
-    assert len(guarded.losses) == 2 and guarded.losses == plain.losses
+    assert len(guarded.losses) == 2
+    assert guarded.losses == plain.losses
 
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     [(step, [v])] = cb.saves
@@ -565,7 +571,8 @@ def test_lightning_check_every_thins_the_steps_but_never_the_check_before_a_save
     assert "held at: on_fit_start (after setup, configure_model and the strategy's setup); lost by" in msg
     assert msg.endswith("\n  checkpoint of step 5 not written (the error stops the save before Lightning writes the "
                         "file)")
-    assert cb.guard.checks == 2 and _ckpts(tmp_path) == []
+    assert cb.guard.checks == 2
+    assert _ckpts(tmp_path) == []
 
 
 def test_lightning_warn_mode_names_each_checkpoint_written_broken_and_train_end_checks(tmp_path):
@@ -579,5 +586,5 @@ def test_lightning_warn_mode_names_each_checkpoint_written_broken_and_train_end_
                                                  "1 tie lost, found at on_save_checkpoint at step 10"]
     assert lost[0].endswith("\n  checkpoint of step 5 written with the tie broken")
     assert _ckpts(tmp_path) == ["epoch=2-step=5.ckpt", "epoch=4-step=10.ckpt"]
-    with pytest.raises(TieLostError, match="^1 tie lost, found at on_train_end at step 10:\n"):
+    with pytest.raises(TieLostError, match=r"^1 tie lost, found at on_train_end at step 10:\n"):
         _fit(LitLM(), [ReplaceLitHeadAt(3), lit_callbacks.TiecheckCallback(check_every=100)], tmp_path, max_steps=10)

@@ -25,13 +25,15 @@ def test_safetensors_header_claiming_ten_million_tensors(tmp_path):
     res = CliRunner().invoke(main, ["inspect", str(path)])
     assert res.exit_code == 2
     lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tiecheck: error: ") and "560,000,000" in lines[0]
+    assert len(lines) == 1
+    assert lines[0].startswith("tiecheck: error: ")
+    assert "560,000,000" in lines[0]
 
 
 def test_header_within_the_limit_but_longer_than_the_file(tmp_path):
     path = tmp_path / "truncated.safetensors"
     path.write_bytes((MAX_HEADER - 1).to_bytes(8, "little") + b'{"a":')
-    with pytest.raises(TargetError, match="exceeds the file size .* truncated or corrupt"):
+    with pytest.raises(TargetError, match=r"exceeds the file size .* truncated or corrupt"):
         tiecheck.analyze(str(path))
 
 

@@ -110,7 +110,8 @@ def test_a_scan_gives_the_row_of_every_checkpoint(tree, tmp_path):
     assert verdicts["runs/bad.safetensors"] == ""
     assert "header length 100 bytes exceeds the file size" in rows[str(tree / "runs/bad.safetensors")]["error"]
     twice = rows[str(tree / "hf" / "twice")]
-    assert int(twice["bytes_stored_twice"]) == 64 * 16 * 4 and "TC016" in twice["findings"]
+    assert int(twice["bytes_stored_twice"]) == 64 * 16 * 4
+    assert "TC016" in twice["findings"]
     # Each row is what the analysis says of its target, the one per-target function run in a worker.
     for target in (str(tree / "runs/a/broken.safetensors"), str(tree / "hf" / "twice")):
         local = report_row(target, tiecheck.analyze(target).to_dict(), 0.0)
@@ -119,7 +120,8 @@ def test_a_scan_gives_the_row_of_every_checkpoint(tree, tmp_path):
     assert res.output.strip() == (f"scan: 8 checkpoints, 8.00 KiB stored twice (in 2), 1 broken tie (in 1), "
                                   f"1 unreadable; rows in {out}")
     never = CliRunner().invoke(main, ["scan", str(tree / "sharded"), "--fail-on", "never", "--jobs", "1"])
-    assert never.exit_code == 0 and never.stdout.splitlines()[0] == ",".join(ROW_FIELDS)
+    assert never.exit_code == 0
+    assert never.stdout.splitlines()[0] == ",".join(ROW_FIELDS)
 
 
 def test_rows_as_json_lines_and_parquet(tree, tmp_path):
@@ -130,11 +132,12 @@ def test_rows_as_json_lines_and_parquet(tree, tmp_path):
         assert res.exit_code == 1, res.output
     by_json = {r["target"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
     frame = pd.read_parquet(parquet)
-    assert list(frame.columns) == list(ROW_FIELDS) and sorted(frame["target"]) == sorted(by_json)
+    assert list(frame.columns) == list(ROW_FIELDS)
+    assert sorted(frame["target"]) == sorted(by_json)
     for r in frame.to_dict("records"):
         assert {k: v for k, v in r.items() if k != "seconds"} == \
             {k: v for k, v in by_json[r["target"]].items() if k != "seconds"}
-    assert list(by_json.values())[0].keys() == set(ROW_FIELDS)
+    assert next(iter(by_json.values())).keys() == set(ROW_FIELDS)
 
 
 def test_a_crashing_target_is_an_error_row(tmp_path, monkeypatch, tree):
@@ -148,7 +151,8 @@ def test_a_crashing_target_is_an_error_row(tmp_path, monkeypatch, tree):
     assert sorted(rows) == sorted([*good, "crash.py:segfault"])
     assert rows["crash.py:segfault"]["error"] == ("the worker process died while reading this target (killed by "
                                                   "SIGSEGV); the rest of the scan went on")
-    assert rows["crash.py:model"]["format"] == "python spec" and rows[good[0]]["verdict"] == "tied"
+    assert rows["crash.py:model"]["format"] == "python spec"
+    assert rows[good[0]]["verdict"] == "tied"
     assert "1 unreadable" in res.output
 
 
@@ -166,7 +170,8 @@ def test_an_interrupted_scan_resumes_without_duplicate_rows(tmp_path, monkeypatc
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "tiecheck: interrupted" in err, err
+    assert proc.returncode == 130, err
+    assert "tiecheck: interrupted" in err, err
     written = [json.loads(line)["target"] for line in out.read_text().splitlines()]
     assert 3 <= len(written) < len(names)
     with out.open("a") as fh:
@@ -187,13 +192,14 @@ def test_remote_targets_in_a_list(tmp_path, tree):
                                         "--jobs", "1"])
     rows = {r["target"]: r for r in map(json.loads, res.stdout.splitlines())}
     remote = rows[srv.url_of("untied.safetensors")]
-    assert remote["verdict"] == "untied" and remote["format"] == "safetensors"
+    assert remote["verdict"] == "untied"
+    assert remote["format"] == "safetensors"
     assert 0 < remote["bytes_fetched"] == srv.sent["untied.safetensors"] < (tree / "runs/a/untied.safetensors").stat().st_size
     assert rows[str(tree / "runs" / "tied.pt")]["bytes_fetched"] == 0
     assert res.stderr.startswith("scan: 2 checkpoints")
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(("args", "message"), [
     (["{tree}", "--from", "x.txt"], "give a folder to scan (ROOT) or a list of targets (--from FILE), not both"),
     (["{tree}", "--resume"], "--resume goes on with an output file"),
     (["{tree}/runs/tied.pt"], "not a folder"),
@@ -206,10 +212,14 @@ def test_bad_scans_are_one_line(tree, tmp_path, args, message):
     existing.write_text("target\n")
     argv = [a.format(tree=tree, existing=existing) for a in args]
     res = CliRunner().invoke(main, ["scan", *argv])
-    assert res.exit_code == 2 and res.output.count("\n") == 1 and message in res.output, res.output
+    assert res.exit_code == 2, res.output
+    assert res.output.count("\n") == 1, res.output
+    assert message in res.output, res.output
     assert not (tree / "hf" / "twice" / "rows.csv").exists()
 
 
 def test_scan_target_is_the_row_of_any_target(tree):
     row = scan_target(str(tree / "runs" / "bad.safetensors"))
-    assert list(row) == list(ROW_FIELDS) and row["verdict"] == "" and "not a valid safetensors file" in row["error"]
+    assert list(row) == list(ROW_FIELDS)
+    assert row["verdict"] == ""
+    assert "not a valid safetensors file" in row["error"]

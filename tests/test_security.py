@@ -125,8 +125,10 @@ def run_read_only(inputs: Path, target: Path, cwd: Path, *args: str):
 def assert_refused(res, marker: Path, names: str) -> None:
     assert not marker.exists(), "the payload ran"
     assert res.exit_code == 2, res.output
-    assert res.stderr.count("\n") == 1 and res.stderr.startswith("tiecheck: error: "), res.stderr
-    assert names in res.stderr and "--trust-pickle" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("tiecheck: error: "), res.stderr
+    assert names in res.stderr, res.stderr
+    assert "--trust-pickle" in res.stderr, res.stderr
 
 
 # -- placements: where a checkpoint can hide a payload ------------------------------------------------
@@ -222,9 +224,11 @@ def test_dcp_metadata_payload_is_refused(env, payload):
     evil, refused = payloads(marker)[payload]
     res = run_read_only(inputs, dcp_metadata(inputs, evil), cwd)
     assert not marker.exists()
-    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1, res.output
     # DCP metadata holds only metadata classes: the first global that is not one is named
-    assert f"refused to unpickle '{refused}'" in res.stderr and ".metadata" in res.stderr, res.stderr
+    assert f"refused to unpickle '{refused}'" in res.stderr, res.stderr
+    assert ".metadata" in res.stderr, res.stderr
 
 
 def test_refusal_gives_the_byte_offset_in_data_pkl(env):
@@ -239,7 +243,8 @@ def test_refusal_gives_the_byte_offset_in_data_pkl(env):
     local = target.read_bytes()[info.header_offset:info.header_offset + 30]
     start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
     # the offset points at the GLOBAL opcode naming the function, inside data.pkl
-    assert pkl[where - start:where - start + 1] == b"c" and b"system" in pkl[where - start:where - start + 40]
+    assert pkl[where - start:where - start + 1] == b"c"
+    assert b"system" in pkl[where - start:where - start + 40]
 
 
 # -- archives that carry pickles besides the state: .pt2 and TorchScript ------------------------------
@@ -299,7 +304,8 @@ def test_pt2_sample_inputs_and_custom_objects_are_never_unpickled(env, archives)
     target = inputs / "evil.pt2"
     rewrite_zip_entry(archives / "tiny.pt2", target, "/data/sample_inputs/model.pt", pickle.dumps(evil))
     res = run_read_only(inputs, target, cwd)
-    assert res.exit_code == 0 and not marker.exists(), res.output
+    assert res.exit_code == 0, res.output
+    assert not marker.exists(), res.output
 
 
 @pytest.mark.parametrize("record", ["data.pkl", "constants.pkl"])
@@ -310,15 +316,17 @@ def test_torchscript_archive_with_payload_is_refused_whole(env, archives, record
     rewrite_zip_entry(archives / "scripted.pt", target, f"/{record}", pickle.dumps(evil, protocol=2))
     res = run_read_only(inputs, target, cwd)
     assert not marker.exists()
-    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
-    assert "TorchScript archive" in res.stderr and "--trust-pickle" in res.stderr
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1, res.output
+    assert "TorchScript archive" in res.stderr
+    assert "--trust-pickle" in res.stderr
 
 
 # -- what the opt-ins do -------------------------------------------------------------------------------
 
 def test_trust_pickle_is_what_lets_the_payload_run(env):
     """The control: with the opt-in, the same file does run its code (and tiecheck warned first)."""
-    inputs, marker, cwd = env
+    inputs, marker, _cwd = env
     evil, _ = payloads(marker)["os.system"]
     target = as_state_dict_value(inputs, evil)
     res = CliRunner().invoke(main, ["inspect", str(target), "--no-flops", "--trust-pickle"])
@@ -327,7 +335,7 @@ def test_trust_pickle_is_what_lets_the_payload_run(env):
 
 
 def test_legacy_files_load_safely_without_mmap(env):
-    inputs, marker, cwd = env
+    inputs, _marker, cwd = env
     path = inputs / "old.pt"
     torch.save(tiny_state_dict(), path, _use_new_zipfile_serialization=False)
     res = run_read_only(inputs, path, cwd, "--format", "json")
@@ -344,7 +352,7 @@ def plain_targets(tmp_path):
     return a, b
 
 
-@pytest.mark.parametrize("flag, warning", [
+@pytest.mark.parametrize(("flag", "warning"), [
     ("--trust-pickle", "--trust-pickle lets the file's pickled objects run code"),
     ("--trust-remote-code", "--trust-remote-code runs the model folder's Python code"),
 ])
@@ -357,7 +365,7 @@ def test_each_opt_in_warns_in_inspect_and_diff(plain_targets, flag, warning):
         assert "warning" not in CliRunner().invoke(main, [a for a in args if a != flag]).stderr
 
 
-@pytest.mark.parametrize("flag, key, warning", [
+@pytest.mark.parametrize(("flag", "key", "warning"), [
     ("--trust-pickle", "trust-pickle", "trust-pickle lets the file's pickled objects run code"),
     ("--trust-remote-code", "trust-remote-code", "trust-remote-code runs the model folder's Python code"),
 ])
@@ -365,12 +373,14 @@ def test_each_opt_in_warns_in_check_from_the_command_line_and_the_policy(tmp_pat
                                                                          flag, key, warning):
     a, _ = plain_targets
     res = CliRunner().invoke(main, ["check", str(a), "--no-config", flag])
-    assert res.exit_code == 0 and f"tiecheck: warning: {warning}" in res.stderr, res.output
+    assert res.exit_code == 0, res.output
+    assert f"tiecheck: warning: {warning}" in res.stderr, res.output
     (tmp_path / "pyproject.toml").write_text(f'[tool.tiecheck]\n[[tool.tiecheck.targets]]\ntarget = "{a.name}"\n'
                                              f"{key} = true\n")
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(main, ["check"])
-    assert res.exit_code == 0 and f"tiecheck: warning: {warning}" in res.stderr, res.output
+    assert res.exit_code == 0, res.output
+    assert f"tiecheck: warning: {warning}" in res.stderr, res.output
 
 
 # -- broken files inside large folders: the error says which file and where ----------------------------
@@ -416,7 +426,8 @@ def _dcp_chunk_past_the_end(d: Path) -> tuple[Path, str]:
 def test_a_failure_inside_a_large_folder_names_the_file_and_where(tmp_path, make):
     target, pattern = make(tmp_path)
     res = CliRunner().invoke(main, ["inspect", str(target), "--no-flops"])
-    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.output
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1, res.output
     assert re.search(pattern, res.stderr), res.stderr
 
 
@@ -428,7 +439,8 @@ def test_names_from_a_file_cannot_break_lines_or_reach_the_terminal(tmp_path):
     path = write_safetensors(tmp_path / "m.safetensors", {name: w, "copy": w.clone()})
     for fmt in ("table", "markdown"):
         out = CliRunner().invoke(main, ["inspect", str(path), "--no-flops", "--format", fmt]).stdout
-        assert "\x1b" not in out and "\x07" not in out
+        assert "\x1b" not in out
+        assert "\x07" not in out
         shown = r"emb\x1b]0;owned\x07\x1b[31m\x0ahead"
         # Markdown escapes the backslashes and brackets of the escaped name once more
         assert (shown.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]") if fmt == "markdown"

@@ -50,7 +50,8 @@ def test_alias_restored_across_shards_reads_as_the_kept_tensor(tmp_path):
     meta["metadata"]["lm_head.weight"] = "model.embed.weight"
     index.write_text(json.dumps(meta))
     sub = load_target(str(index))
-    assert "lm_head.weight" in sub.tensors and len(sub.tensors) == len(tensors) + 1
+    assert "lm_head.weight" in sub.tensors
+    assert len(sub.tensors) == len(tensors) + 1
     assert torch.equal(sub.tensors["lm_head.weight"], tensors["model.embed.weight"])
     assert sub.tensors.file_layout("lm_head.weight") == sub.tensors.file_layout("model.embed.weight")
     r = tiecheck.analyze(str(index))
@@ -95,7 +96,8 @@ def test_safetensors_and_torch_save_shards_together(tmp_path):
                                                 "c.weight": "s2.bin"}}))
     sub = load_target(str(index))
     # A torch.save zip shard is read as records: both kinds sit behind one mapping.
-    assert isinstance(sub.tensors, ShardedTensors) and list(sub.tensors) == ["a.weight", "b.weight", "c.weight"]
+    assert isinstance(sub.tensors, ShardedTensors)
+    assert list(sub.tensors) == ["a.weight", "b.weight", "c.weight"]
     assert sub.tensors.facts() == [fact_of(n, t) for n, t in sub.tensors.items()]
     r = tiecheck.analyze(str(index))
     assert r.source["format"] == "sharded mixed"
@@ -108,4 +110,5 @@ def test_the_index_detection_parsed_is_handed_over_once(tmp_path):
     first = read_weights_index(Path(index))
     first["weight_map"].clear()  # the caller owns it: the next read is not changed
     second = read_weights_index(Path(index))
-    assert sorted(second["weight_map"]) == ["a", "b"] and second is not first
+    assert sorted(second["weight_map"]) == ["a", "b"]
+    assert second is not first

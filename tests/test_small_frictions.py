@@ -29,7 +29,8 @@ def test_a_pt2_archive_leaves_no_unclosed_file_note(tmp_path):
 def test_an_encoder_decoder_says_which_tokens_per_token_counts():
     res = CliRunner().invoke(main, ["inspect", "transformer-mini", "--seq-len", "8"])
     line = next(ln for ln in res.output.splitlines() if ln.startswith("forward "))
-    assert "for batch 1 × seq 8 (target 8);" in line and " per token (source + target tokens); " in line
+    assert "for batch 1 × seq 8 (target 8);" in line
+    assert " per token (source + target tokens); " in line
     res = CliRunner().invoke(main, ["inspect", "gpt-mini", "--seq-len", "8"])
     line = next(ln for ln in res.output.splitlines() if ln.startswith("forward "))
     assert " per token; " in line
@@ -91,7 +92,8 @@ def test_plot_memory_parts_use_colours_of_their_own_and_show_the_verdict():
         bench_plot._memory_panel(memory, by)
         variant_colours = {matplotlib.colors.to_hex(c) for c in bench_plot.COLORS.values()}
         part_colours = {matplotlib.colors.to_hex(p.get_facecolor()) for p in memory.patches}
-        assert len(part_colours) == 3 and not part_colours & variant_colours
+        assert len(part_colours) == 3
+        assert not part_colours & variant_colours
         assert rate.get_xlabel().endswith("\nno measurable difference")
     finally:
         plt.close(fig)

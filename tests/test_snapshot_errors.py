@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import tiecheck.api  # noqa: F401  (pytester's in-process runs keep one copy of each module)
+import tiecheck.api
 import tiecheck.pytest_plugin.fixture  # noqa: F401
 from tiecheck.cli import main
 
@@ -86,4 +86,5 @@ def test_check_update_refuses_a_broken_tie_unless_accepted(project):
 
 def test_accept_errors_needs_update(project):
     res = CliRunner().invoke(main, ["check", "lm.py:tied", "--expect", "ties.json", "--accept-errors"])
-    assert res.exit_code == 2 and "--accept-errors: only with --update" in res.stderr
+    assert res.exit_code == 2
+    assert "--accept-errors: only with --update" in res.stderr

@@ -42,7 +42,8 @@ def test_module_spec_wins_over_a_same_named_folder(project):
     _, pkg = project
     res = CliRunner().invoke(main, ["inspect", f"{pkg}:GPT", "--no-flops", "--format", "json"])
     assert res.exit_code == 0, res.output
-    assert '"wte.weight"' in res.output and "no such Python file" not in res.output
+    assert '"wte.weight"' in res.output
+    assert "no such Python file" not in res.output
 
 
 def test_file_spec_imports_the_project_package_from_the_root(project):
@@ -65,7 +66,8 @@ def test_a_failed_import_names_the_path_once_and_what_to_do(tmp_path, monkeypatc
     assert res.exit_code == 2
     line = res.output.strip()
     assert line.count("m.py") == 1, line
-    assert "No module named 'no_such_pkg_xyz'" in line and "import path" in line
+    assert "No module named 'no_such_pkg_xyz'" in line
+    assert "import path" in line
 
 
 def test_a_folder_that_is_no_module_is_still_named(tmp_path, monkeypatch):

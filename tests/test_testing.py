@@ -54,7 +54,8 @@ def test_assign_true_untie_fails_with_cause_and_fix():
     assert msg.startswith(f"expected {EMB}, {HEAD} to be tied in SnapshotLM, but they are not")
     # What each name shares memory with now, and that the values are still equal.
     assert f"{EMB} shares memory with nothing (equal values to {HEAD} in separate memory)" in msg
-    assert "re-tie after load_state_dict(assign=True)" in msg and RETIE in msg
+    assert "re-tie after load_state_dict(assign=True)" in msg
+    assert RETIE in msg
     assert [f["code"] for f in exc.value.findings] == ["TC009"]
 
 
@@ -74,7 +75,8 @@ def test_distinct_parameters_over_one_memory_are_not_a_tie():
     with pytest.raises(NotTiedError) as exc:
         assert_tied(tm.distinct(), EMB, HEAD)
     msg = str(exc.value)
-    assert "[TC002]" in msg and "gradients are not shared" in msg
+    assert "[TC002]" in msg
+    assert "gradients are not shared" in msg
     assert "assigning the Parameter itself" in msg
 
 
@@ -118,7 +120,7 @@ def test_accepts_state_dict_report_file_and_spec(tmp_path):
 
 def test_bad_target_is_an_input_error_not_an_assertion(tmp_path):
     (tmp_path / "empty.pt").touch()
-    with pytest.raises(TiecheckError, match="empty.pt: the file is empty"):
+    with pytest.raises(TiecheckError, match=r"empty\.pt: the file is empty"):
         assert_tied(str(tmp_path / "empty.pt"), EMB, HEAD)
 
 
@@ -154,7 +156,8 @@ def test_no_findings_by_severity_and_ignore():
     with pytest.raises(FindingsError) as exc:
         assert_no_findings(tm.broken())
     assert [f["code"] for f in exc.value.findings] == ["TC005"]
-    assert "hint: Re-tie after loading" in str(exc.value) and "Here: model.head.weight = model.tok_emb.weight" in str(exc.value)
+    assert "hint: Re-tie after loading" in str(exc.value)
+    assert "Here: model.head.weight = model.tok_emb.weight" in str(exc.value)
     with pytest.raises(ValueError, match="severity must be one of"):
         assert_no_findings(tm.tied(), "fatal")
 
@@ -185,7 +188,8 @@ def test_snapshot_mismatch_shows_expected_actual_and_hint(tmp_path):
     msg = str(exc.value)
     assert f"tie groups of SnapshotLM differ from the snapshot {path}" in msg
     assert f"  expected:\n    [same_parameter] {HEAD}, {EMB}\n  actual:\n    (no tie groups)\n" in msg
-    assert "[TC009]" in msg and RETIE in msg
+    assert "[TC009]" in msg
+    assert RETIE in msg
     assert "update=True" in msg
     with pytest.raises(SnapshotErrorsError, match=r"not writing the snapshot .*: SnapshotLM has 1 error finding"):
         match_snapshot(tm.broken(), path, update=True)  # a broken tie is no state to record unasked
@@ -215,7 +219,7 @@ def test_inspect_json_is_a_snapshot(tmp_path):
         assert_ties_match_snapshot(tm.broken(), path)
 
 
-@pytest.mark.parametrize("text, why", [
+@pytest.mark.parametrize(("text", "why"), [
     ("{not json", "not valid JSON (line 1"),
     ("[]", "expected a JSON object with a 'tie_groups' list, found a list"),
     ('{"groups": []}', "no 'tie_groups' list"),
@@ -229,7 +233,8 @@ def test_bad_snapshot_is_an_input_error(tmp_path, text, why):
     path.write_text(text)
     with pytest.raises(TiecheckError) as exc:
         assert_ties_match_snapshot(tm.tied(), path)
-    assert str(exc.value).startswith(str(path)) and why in str(exc.value)
+    assert str(exc.value).startswith(str(path))
+    assert why in str(exc.value)
     assert not isinstance(exc.value, AssertionError)
     assert path.read_text() == text  # never rewritten outside update mode
 
@@ -245,7 +250,7 @@ def test_update_never_writes_over_the_target(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(tm.tied().state_dict(), path)
     before = path.read_bytes()
-    with pytest.raises(TiecheckError, match="refusing to write the snapshot to .*: it is the input"):
+    with pytest.raises(TiecheckError, match=r"refusing to write the snapshot to .*: it is the input"):
         assert_ties_match_snapshot(str(path), path, update=True)
     assert path.read_bytes() == before
 
@@ -253,7 +258,8 @@ def test_update_never_writes_over_the_target(tmp_path):
 def test_errors_are_assertion_errors():
     for cls in (NotTiedError, UnexpectedTieError, UnknownNameError, BrokenTieError, FindingsError,
                 SnapshotMismatchError, SnapshotMissingError):
-        assert issubclass(cls, TieAssertionError) and issubclass(cls, AssertionError)
+        assert issubclass(cls, TieAssertionError)
+        assert issubclass(cls, AssertionError)
 
 
 def test_assertions_work_without_pytest():

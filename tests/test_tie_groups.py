@@ -48,7 +48,7 @@ def test_empty_tensors_never_group_even_as_one_object():
              _fact("c", (0,), (1,), start=8, end=8), _fact("d", (0,), (1,), start=8, end=8)]
     assert group_by_identity(empty) == {}
     assert find_tie_groups(empty) == []
-    assert find_tie_groups(empty + [_fact("x", (2, 3), (3, 1)), _fact("y", (2, 3), (3, 1))])[0].names == ("x", "y")
+    assert find_tie_groups([*empty, _fact("x", (2, 3), (3, 1)), _fact("y", (2, 3), (3, 1))])[0].names == ("x", "y")
 
 
 def test_a_group_takes_its_shape_from_its_first_fact_and_single_elements_tie():

@@ -85,8 +85,11 @@ def test_tensors_facts_and_spans_equal_torch_load(case, tmp_path, monkeypatch):
     fast_facts = {f.name: f for f in fast.tensors.facts()}
     for name, t in slow.tensors.items():
         made = fast.tensors[name]
-        assert made.dtype == t.dtype and made.shape == t.shape and made.stride() == t.stride(), name
-        assert made.storage_offset() == t.storage_offset() and made.requires_grad == t.requires_grad, name
+        assert made.dtype == t.dtype, name
+        assert made.shape == t.shape, name
+        assert made.stride() == t.stride(), name
+        assert made.storage_offset() == t.storage_offset(), name
+        assert made.requires_grad == t.requires_grad, name
         assert torch.equal(made.view(torch.uint8) if made.dim() and made.dtype.itemsize == 1 else made,
                            t.view(torch.uint8) if t.dim() and t.dtype.itemsize == 1 else t), name
         f, g = fast_facts[name], tiecheck.facts.fact_of(name, t)
@@ -127,7 +130,7 @@ def test_a_foreign_global_is_refused_by_name_and_never_called(tmp_path):
     with pytest.raises(UntrustedPickleError, match=r"the global 'io.open' \(data.pkl, byte \d+ of the file\)"):
         read_archive(str(path))
     assert not touched.exists()
-    with pytest.raises(UntrustedPickleError, match="io.open"):
+    with pytest.raises(UntrustedPickleError, match=r"io\.open"):
         load_target(str(path))
     assert not touched.exists()
 
@@ -135,7 +138,7 @@ def test_a_foreign_global_is_refused_by_name_and_never_called(tmp_path):
 def test_a_namespace_checkpoint_is_refused_unless_trusted(tmp_path):
     path = tmp_path / "args.pt"
     torch.save({"model": TinyLM().state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(UntrustedPickleError, match="argparse.Namespace"):  # weights-only refuses it too
+    with pytest.raises(UntrustedPickleError, match=r"argparse\.Namespace"):  # weights-only refuses it too
         load_target(str(path))
     assert load_target(str(path), trust_pickle=True).source.key == "model"
 
@@ -148,7 +151,8 @@ def test_a_global_the_weights_only_unpickler_allows_goes_to_torch_load_after_the
     torch.save({"q": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8), "w": torch.ones(2)}, path)
     assert read_archive(str(path)) is None
     sub = load_target(str(path))
-    assert sorted(sub.tensors) == ["q", "w"] and not isinstance(sub.tensors, ArchiveTensors)
+    assert sorted(sub.tensors) == ["q", "w"]
+    assert not isinstance(sub.tensors, ArchiveTensors)
 
 
 def _rewritten_pickle(src, dst, obj_bytes: bytes) -> None:
@@ -255,7 +259,7 @@ def test_the_opcode_set_is_the_one_torchs_weights_only_unpickler_implements():
         assert unsupported == (code[0] not in TORCH_OPCODES), op.name
 
 
-@pytest.mark.parametrize("name, data_pkl", [
+@pytest.mark.parametrize(("name", "data_pkl"), [
     ("POP", b"\x80\x02}N0."),
     ("DUP", b"\x80\x02}2."),
     ("LONG4 key", b"\x80\x02}(\x8b\x02\x00\x00\x00\x01\x00X\x01\x00\x00\x00au."),
@@ -270,7 +274,7 @@ def test_opcodes_torch_load_refuses_are_refused(tmp_path, name, data_pkl):
         read_archive(str(bad))
 
 
-@pytest.mark.parametrize("size, stride, torch_says", [
+@pytest.mark.parametrize(("size", "stride", "torch_says"), [
     ((2 ** 62, 4), (0, 1), "numel: integer multiplication overflow"),
     ((2 ** 70,), (1,), "Overflow when unpacking long"),
 ])
@@ -281,5 +285,5 @@ def test_tensor_geometry_torch_refuses_is_refused(tmp_path, size, stride, torch_
     src, bad = tmp_path / "ok.pt", tmp_path / "bad.pt"
     torch.save({"w": torch.ones(4)}, src)
     _rewritten_pickle(src, bad, tensor_pickle(size, stride))
-    with pytest.raises(TargetError, match="numel overflow|out of range|reaching past"):
+    with pytest.raises(TargetError, match=r"numel overflow|out of range|reaching past"):
         read_archive(str(bad))

@@ -56,11 +56,14 @@ def test_transposed_copy_is_found_and_near_copy_is_not(target):
     # agree with emb's, so both are compared in full; other's do not; the zeros are constant: never compared.
     assert (t["buckets"], t["tensors"], t["sampled"], t["full_comparisons"]) == (2, 6, 6, 2)
     (f,) = [f for f in r.findings if f["code"] == "TC005"]
-    assert f["names"] == ["emb.weight", "head.weight"] and f["severity"] == "warning"
+    assert f["names"] == ["emb.weight", "head.weight"]
+    assert f["severity"] == "warning"
     assert f["message"].startswith(f"emb.weight [{V}, {D}] holds the transpose of head.weight [{D}, {V}]")
-    assert "transposed copy" in f["message"] and f"{V * D * 4:,} bytes wasted" in f["message"]
+    assert "transposed copy" in f["message"]
+    assert f"{V * D * 4:,} bytes wasted" in f["message"]
     assert r.summary["bytes_wasted_by_transposed_copies"] == V * D * 4
-    assert r.summary["bytes_wasted_by_duplicates"] == 0 and r.untied_duplicates == []
+    assert r.summary["bytes_wasted_by_duplicates"] == 0
+    assert r.untied_duplicates == []
 
 
 def test_samples_that_disagree_cost_no_full_read(tmp_path):
@@ -104,7 +107,8 @@ def test_rendered_with_what_was_compared(target):
 
 def test_no_duplicates_skips_the_transposed_pass_too(target):
     r = tiecheck.analyze(str(target), duplicates=False)
-    assert "transposed" not in r.content and not [f for f in r.findings if f["code"] == "TC005"]
+    assert "transposed" not in r.content
+    assert not [f for f in r.findings if f["code"] == "TC005"]
 
 
 def test_constant_matrices_are_read_once_never_compared(tmp_path):

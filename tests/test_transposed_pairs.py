@@ -60,7 +60,8 @@ def test_a_transposed_copy_found_without_a_prebuilt_index():
 
 def test_skipped_names_are_left_out():
     copies, stats = find_transposed_copies(FACTS, ArrayReader(ARRAYS), skip={"head"})
-    assert copies == [] and stats.full_comparisons == 1
+    assert copies == []
+    assert stats.full_comparisons == 1
 
 
 def _square(name: str, storage: int) -> TensorFact:
@@ -83,7 +84,8 @@ def test_a_constant_matrix_is_never_compared_even_when_a_sample_matches():
     # a's sampled elements (0, 1 and the last) are all zero though a is not constant; b is all zeros.
     arrays = {"a": np.float32([[0, 0, 7], [1, 2, 0]]), "b": np.zeros((3, 2), np.float32)}
     copies, stats = find_transposed_copies([_fact("a", (2, 3), 1), _fact("b", (3, 2), 2)], ArrayReader(arrays))
-    assert copies == [] and (stats.sampled, stats.full_comparisons, stats.bytes_read) == (2, 0, 0)
+    assert copies == []
+    assert (stats.sampled, stats.full_comparisons, stats.bytes_read) == (2, 0, 0)
 
 
 def test_a_two_element_row_and_column_are_a_transposed_copy():

@@ -52,4 +52,5 @@ def test_a_file_outside_any_folder_with_a_config_has_no_note(tmp_path):
     target = write_safetensors(tmp_path / "model.safetensors", TENSORS)
     res = CliRunner().invoke(main, ["inspect", str(target), "--no-flops", "--format", "json"])
     notes = json.loads(res.output)["source"]["notes"]
-    assert len(notes) == 1 and "Hugging Face folder" not in notes[0]
+    assert len(notes) == 1
+    assert "Hugging Face folder" not in notes[0]

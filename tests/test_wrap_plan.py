@@ -42,7 +42,9 @@ def test_blocks_policy_units_and_ties_left_to_the_root():
     assert block_paths(m) == ["transformer.h.0", "transformer.h.1"]
     c = check_plan(m, "blocks")
     assert [u.paths for u in c.units] == [("transformer.h.0",), ("transformer.h.1",), ("",)]
-    assert c.accepted and c.error is None and c.fix is None
+    assert c.accepted
+    assert c.error is None
+    assert c.fix is None
     assert c.owner["lm_head.weight"] == c.owner["transformer.wte.weight"] == 2
 
 
@@ -61,7 +63,8 @@ def test_shared_submodule_across_blocks_straddles_and_without_root_is_unsafe():
                                                    ("layers.0.0.weight", "layers.1.0.weight")]
     assert [u.call() for u in c.fix] == ["fully_shard([model.layers[0], model.layers[1]])", "fully_shard(model)"]
     no_root = check_plan(SharedBlockLM(), "x", units=units_from(["embed", "head"]))
-    assert not no_root.accepted and no_root.error is None  # torch checks nothing without a root unit
+    assert not no_root.accepted
+    assert no_root.error is None
     assert any("root is not a unit" in n for n in no_root.notes)
     assert [u.call() for u in no_root.fix] == ["fully_shard([model.embed, model.head])"]
 
@@ -80,13 +83,16 @@ def test_cli_exit_codes_and_json(tmp_path):
     spec.write_text(f"def split(model):\n    return {SPLIT!r}\n")
     runner = CliRunner()
     ok = runner.invoke(main, ["plan", "gpt-mini"])
-    assert ok.exit_code == 0 and "accepted" in ok.output
+    assert ok.exit_code == 0
+    assert "accepted" in ok.output
     bad = runner.invoke(main, ["plan", "gpt-mini", "--wrap", f"{spec}:split", "--format", "json"])
     assert bad.exit_code == 1
     doc = json.loads(bad.output)
-    assert doc["error"] == REFUSED and doc["fix"][0] == "fully_shard([model.transformer.wte, model.lm_head])"
+    assert doc["error"] == REFUSED
+    assert doc["fix"][0] == "fully_shard([model.transformer.wte, model.lm_head])"
     # The verdict is the running torch's: refused where it has the duplicate check, a silent split where not.
-    assert doc["torch"] == torch.__version__ and doc["refused_at_first_forward"] == torch_refuses_shared_params()
+    assert doc["torch"] == torch.__version__
+    assert doc["refused_at_first_forward"] == torch_refuses_shared_params()
     text = runner.invoke(main, ["plan", "gpt-mini", "--wrap", f"{spec}:split"]).output
     verdict = next(line for line in text.splitlines() if line.startswith("verdict:"))
     assert verdict.startswith("verdict: refused at the first forward" if torch_refuses_shared_params() else
@@ -137,17 +143,21 @@ def test_prediction_matches_torch_fully_shard_in_a_one_rank_gloo_group(one_rank_
         except ValueError as e:
             real = f"ValueError: {e}"
         if predicted.error is None:
-            assert real is None and model.transformer.wte.weight is model.lm_head.weight, plan
+            assert real is None, plan
+            assert model.transformer.wte.weight is model.lm_head.weight, plan
             continue
         message = tc025[0]["message"]
         if refuses:
-            assert real is not None and real.startswith(predicted.error), plan
-            assert predicted.verdict().startswith("refused at the first forward") and "refuses the model" in message
+            assert real is not None, plan
+            assert real.startswith(predicted.error), plan
+            assert predicted.verdict().startswith("refused at the first forward")
+            assert "refuses the model" in message
         else:
             # What the verdict says: no error, and the two halves of the tie trained apart.
             assert real is None, plan
             wte, head = model.transformer.wte.weight, model.lm_head.weight
-            assert wte is not head and not torch.equal(wte.to_local(), head.to_local())
+            assert wte is not head
+            assert not torch.equal(wte.to_local(), head.to_local())
             assert predicted.verdict().startswith("trains the tie as separate shards without an error")
             assert "trains the copies apart without an error" in message
 

@@ -21,7 +21,7 @@ from importlib.util import spec_from_file_location
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "analyze", "diff", "fix", "Report", "TiecheckError"]
+__all__ = ["Report", "TiecheckError", "__version__", "analyze", "diff", "fix"]
 
 
 def __getattr__(name: str):
@@ -84,7 +84,7 @@ class _SourceModelsFinder:
             return False
         return re.search(r'^name\s*=\s*["\']tiecheck["\']\s*$', text, re.MULTILINE) is not None
 
-    def find_spec(self, fullname: str, path=None, target=None):  # noqa: ANN001 - the MetaPathFinder protocol
+    def find_spec(self, fullname: str, path=None, target=None):
         if fullname != "tiecheck.models":
             return None
         if not self._is_checkout():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
 from tiecheck.analyses.candidates import candidate_findings, find_candidates, member_candidates, role_relations

@@ -7,8 +7,9 @@ testable with hand-made facts (see tests/test_analyses.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiecheck.loaders.subject import Subject
@@ -90,7 +91,7 @@ def span_elements(shape: Iterable[int], stride: Iterable[int]) -> int:
     shape = tuple(shape)
     if math.prod(shape) == 0:
         return 0
-    return 1 + sum((n - 1) * abs(s) for n, s in zip(shape, stride))
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(shape, stride, strict=True))
 
 
 def _dtype_name(dtype) -> str:
@@ -183,7 +184,7 @@ def tensor_facts(tensors: Mapping) -> list[TensorFact]:
     return [fact_of(name, t, role="tensor") for name, t in tensors.items()]
 
 
-def build_facts(subject: "Subject", modules: dict[str, ModuleFact] | None = None) -> list[TensorFact]:
+def build_facts(subject: Subject, modules: dict[str, ModuleFact] | None = None) -> list[TensorFact]:
     """Facts for every named tensor of a subject, in the subject's order."""
     module = subject.module
     if module is None:

@@ -17,8 +17,9 @@ Parameter, with the line that re-ties them; ``tiecheck.testing.assert_ties_survi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,9 +85,9 @@ def _lost(model: nn.Module, groups: Iterable[tuple[str, ...]], mode: str) -> lis
 
 
 def check_materialization(build: Callable[[], nn.Module], *, materialize: Iterable[str] = MODES,
-                          device: Any = "cpu", init: Optional[Callable[[nn.Module], None]] = None,
-                          after: Optional[Callable[[nn.Module], None]] = None,
-                          state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+                          device: Any = "cpu", init: Callable[[nn.Module], None] | None = None,
+                          after: Callable[[nn.Module], None] | None = None,
+                          state_dict: Mapping[str, torch.Tensor] | None = None,
                           move_to: Any = None) -> tuple[list[tuple[str, ...]], list[Lost]]:
     """Build on meta, materialise each way, and list the ties that did not survive.
 

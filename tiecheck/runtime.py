@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ from tiecheck.loaders.safetensors_files import stored_names
 from tiecheck.report.text import human_bytes
 from tiecheck.testing import TieAssertionError
 
-__all__ = ["TieGuard", "TieLostError", "TieLostWarning", "GuardedTie", "LostTie", "SavedTie", "saved_ties"]
+__all__ = ["GuardedTie", "LostTie", "SavedTie", "TieGuard", "TieLostError", "TieLostWarning", "saved_ties"]
 
 log = logging.getLogger("tiecheck")
 
@@ -47,7 +48,7 @@ ON_LOST = ("raise", "warn")
 class TieLostError(TieAssertionError):
     """A tie the guard recorded no longer holds. ``lost`` holds one ``LostTie`` per broken group."""
 
-    def __init__(self, message: str, findings: Iterable[dict] = (), lost: Sequence["LostTie"] = ()):
+    def __init__(self, message: str, findings: Iterable[dict] = (), lost: Sequence[LostTie] = ()):
         super().__init__(message, findings)
         self.lost = list(lost)
 
@@ -216,7 +217,7 @@ class TieGuard:
         self.last_ok = BUILT
         self.checks = 0
 
-    def __enter__(self) -> "TieGuard":
+    def __enter__(self) -> TieGuard:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

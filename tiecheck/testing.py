@@ -16,8 +16,9 @@ memory with now, and a hint tied to the likely cause. The error keeps the findin
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from tiecheck.api import analyze
 from tiecheck.errors import TiecheckError
@@ -38,9 +39,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from tiecheck.report import Report
 
 __all__ = [
-    "assert_tied", "assert_not_tied", "assert_no_broken_ties", "assert_no_findings", "assert_ties_match_snapshot",
-    "TieAssertionError", "NotTiedError", "UnexpectedTieError", "UnknownNameError", "BrokenTieError",
-    "FindingsError", "SnapshotMismatchError", "SnapshotMissingError", "assert_ties_survive", "TieLostError",
+    "BrokenTieError",
+    "FindingsError",
+    "NotTiedError",
+    "SnapshotMismatchError",
+    "SnapshotMissingError",
+    "TieAssertionError",
+    "TieLostError",
+    "UnexpectedTieError",
+    "UnknownNameError",
+    "assert_no_broken_ties",
+    "assert_no_findings",
+    "assert_not_tied",
+    "assert_tied",
+    "assert_ties_match_snapshot",
+    "assert_ties_survive",
 ]
 
 
@@ -92,7 +105,7 @@ class TieLostError(TieAssertionError):
 BROKEN_TIE_CODES = ("TC002", "TC005", "TC010")
 
 
-def report_of(model: Any, *, duplicates: bool = True) -> "Report":
+def report_of(model: Any, *, duplicates: bool = True) -> Report:
     """The Report of whatever an assertion was given (a Report is used as it is)."""
 
     if isinstance(model, Report):
@@ -101,7 +114,7 @@ def report_of(model: Any, *, duplicates: bool = True) -> "Report":
     return analyze(model, duplicates=duplicates)
 
 
-def _explained(model: Any, report: "Report") -> "Report":
+def _explained(model: Any, report: Report) -> Report:
     """The report with the content pass, so a failure can say whether values are still equal.
 
     Tie checks skip that pass while they succeed (it reads every weight); a failure is rare and
@@ -113,7 +126,7 @@ def _explained(model: Any, report: "Report") -> "Report":
     return report_of(model, duplicates=True)
 
 
-def _target(report: "Report") -> str:
+def _target(report: Report) -> str:
     return report.source.get("target", "the target")
 
 
@@ -127,7 +140,7 @@ def _finding_lines(findings: Iterable[dict | Finding], indent: str = "  ") -> li
     return lines
 
 
-def _check_names(state: TieState, names: tuple[str, ...], what: str, report: "Report") -> None:
+def _check_names(state: TieState, names: tuple[str, ...], what: str, report: Report) -> None:
     __tracebackhide__ = True
     missing = [n for n in names if n not in state.names]
     if missing:
@@ -184,7 +197,7 @@ def assert_tied(model: Any, *names: str) -> None:
     raise NotTiedError("\n".join(lines), [f.to_dict() for f in failures])
 
 
-def _tied_failures(state: TieState, report: "Report", names: tuple[str, ...]) -> list[Finding]:
+def _tied_failures(state: TieState, report: Report, names: tuple[str, ...]) -> list[Finding]:
     if len(names) == 1:
         if state.group_of(names[0]) is not None:
             failures = []
@@ -290,7 +303,7 @@ def assert_no_findings(model: Any, severity: str = "warning", *, ignore: Iterabl
     raise FindingsError("\n".join(lines), found)
 
 
-def error_findings(report: "Report") -> list[dict]:
+def error_findings(report: Report) -> list[dict]:
     """The report's findings of severity error: the state a snapshot must not record unawares."""
     return [f for f in report.findings if f["severity"] == "error"]
 
@@ -377,7 +390,7 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
     lines = [f"tie groups of {_target(report)} differ from the snapshot {label}",
              "  expected:"] + [f"    {g}" for g in group_lines((g.names, g.kind) for g in expected.groups)]
     lines += ["  actual:"] + [f"    {g}" for g in group_lines(state.groups)]
-    lines += ["  differences:"] + _finding_lines(findings, indent="    ")
+    lines += ["  differences:", *_finding_lines(findings, indent="    ")]
     how = how_to_update or (f"if the change is intended, rewrite the snapshot: assert_ties_match_snapshot(model, "
                             f"{str(path)!r}, update=True) or `tiecheck check TARGET --expect {label} --update`")
     lines.append(f"  {how}")

@@ -23,9 +23,9 @@ import sys
 import tarfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -230,7 +230,8 @@ class Worker:
                    TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen([sys.executable, str(WORKER), str(self.capture)], cwd=self.cwd, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(self.scratch / "worker.log", "ab"), text=True, bufsize=1)
+                                     stderr=open(self.scratch / "worker.log", "ab"),  # noqa: SIM115 - the worker's, for its life
+                                     text=True, bufsize=1)
         line = self._read_line(120)
         if line is None or not json.loads(line).get("ready"):
             raise RuntimeError(f"the fuzz worker did not start: {(self.scratch / 'worker.log').read_text()[-2000:]}")

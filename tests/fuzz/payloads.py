@@ -15,8 +15,8 @@ import pickle
 import struct
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

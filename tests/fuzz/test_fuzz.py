@@ -30,11 +30,11 @@ pytest.importorskip("transformers")
 
 import json
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from harness import Fixture, Worker, _rewrite, build_fixtures, copy_fixture, hostile_cases, run_case  # noqa: E402
-from support.checkpoints import field_values, flip_bits, safetensors_with_header, set_field, structure  # noqa: E402
+from harness import Fixture, Worker, _rewrite, build_fixtures, copy_fixture, hostile_cases, run_case
+from support.checkpoints import field_values, flip_bits, safetensors_with_header, set_field, structure
 
 LONG = int(os.environ.get("TIECHECK_FUZZ_EXAMPLES", "0"))
 FORMATS = [f for f in os.environ.get("TIECHECK_FUZZ_FORMATS", "").split(",") if f]
@@ -135,7 +135,7 @@ def test_bit_flips(fuzz, data):
 def test_zip_directory_edits(fuzz, data):
     """A field of a local header, a central directory entry or the end record set to an extreme, an
     off-by-one, a value past the end of the file; or an entry renamed."""
-    which = data.draw(st.sampled_from(sorted(ZIPS) + ["dcp"]), label="archive")
+    which = data.draw(st.sampled_from([*sorted(ZIPS), "dcp"]), label="archive")
     fx = fuzz.fixtures[which]
     rel = ZIPS.get(which) or next(f for f in fx.files if f.endswith(".distcp"))
     blob = (fx.root / rel).read_bytes()
@@ -230,7 +230,7 @@ def test_safetensors_headers(fuzz, entries, data_len, length_delta):
              f"header {header} + {data_len} data bytes, length {len(raw)}{length_delta:+}")
 
 
-@pytest.mark.parametrize("fixture, name, mutate", hostile_cases(), ids=[c[1] for c in hostile_cases()])
+@pytest.mark.parametrize(("fixture", "name", "mutate"), hostile_cases(), ids=[c[1] for c in hostile_cases()])
 def test_hostile_inputs(fuzz, fixture, name, mutate):
     """Hand-made: petabyte claims, outside paths, symlink loops, FIFOs, zip bombs, absurd configs."""
     fuzz.run(fuzz.fixtures[fixture], mutate, name)
@@ -239,7 +239,7 @@ def test_hostile_inputs(fuzz, fixture, name, mutate):
 # -- round 3: the new readers' inputs, generated --------------------------------------------------
 
 def _opcode_stream(codes: list[int], args: list[bytes]) -> bytes:
-    return b"\x80\x02" + b"".join(bytes([c]) + a for c, a in zip(codes, args)) + b"."
+    return b"\x80\x02" + b"".join(bytes([c]) + a for c, a in zip(codes, args, strict=True)) + b"."
 
 
 # Opcodes with their argument bytes drawn as the format requires (lengths sometimes lying).
@@ -403,7 +403,7 @@ def test_peft_configs(fuzz, data):
                         label="bytes")
     else:
         cfg = dict(ADAPTER_CONFIG)
-        for key in data.draw(st.lists(st.sampled_from(sorted(ADAPTER_CONFIG) + ["layers_to_transform", "x"]),
+        for key in data.draw(st.lists(st.sampled_from([*sorted(ADAPTER_CONFIG), "layers_to_transform", "x"]),
                                       min_size=1, max_size=3), label="keys"):
             if data.draw(st.booleans(), label="drop"):
                 cfg.pop(key, None)

@@ -292,7 +292,7 @@ def _pickle_boundaries(data: bytes) -> list[int]:
     buf = io.BytesIO(data)
     while pos < len(data):
         try:
-            for _op, _arg, p in pickletools.genops(buf):
+            for _op, _arg, _p in pickletools.genops(buf):
                 pass
         except Exception:  # noqa: BLE001 - raw storage bytes follow the last pickle
             break
@@ -338,7 +338,7 @@ INTERESTING_U16 = (0, 1, 0x7FFF, 0xFFFF)
 
 def flip_bits(data: bytes, positions: list[int], bits: list[int]) -> bytes:
     b = bytearray(data)
-    for p, bit in zip(positions, bits):
+    for p, bit in zip(positions, bits, strict=True):
         b[p % len(b)] ^= 1 << (bit % 8)
     return bytes(b)
 

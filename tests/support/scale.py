@@ -5,7 +5,7 @@ Shared by tests/test_scale.py (lines executed, results) and benchmarks/bench_sca
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from tiecheck.analyses.candidates import find_candidates
 from tiecheck.analyses.duplicates import find_untied_duplicates

@@ -24,8 +24,9 @@ import shutil
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
@@ -49,10 +50,10 @@ class _Base(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet: the tests read the counters instead
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self._route(head=False)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._route(head=True)
 
     def _route(self, head: bool) -> None:  # pragma: no cover - each server routes its own paths

@@ -13,7 +13,8 @@ saved copy with the base tensor is measured by the caller.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from tiecheck.findings import Finding, finding
 

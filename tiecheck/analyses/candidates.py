@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Iterable, Mapping, Sequence
 
 from tiecheck.analyses.duplicates import Relation
 from tiecheck.facts import TensorFact

@@ -11,8 +11,9 @@ stays free of torch and can be tested with hand-made readers.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol
 
 from tiecheck.analyses.ties import IdentityIndex, group_by_identity
 from tiecheck.facts import TensorFact
@@ -168,7 +169,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         return sig
 
     _prefetch(reader, [n for names in buckets.values() if len(names) > 1 for n in names])
-    for (dtype, shape), names in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (_dtype, _shape), names in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if len(names) < 2:
             continue
         stats.buckets += 1

@@ -13,8 +13,9 @@ read through a ``ContentReader``, only for the declared pairs, so this module st
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from tiecheck.facts import TensorFact
 from tiecheck.findings import Finding, finding

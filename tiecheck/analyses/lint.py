@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from tiecheck.analyses.ties import TieGroup
 from tiecheck.facts import ModuleFact, TensorFact

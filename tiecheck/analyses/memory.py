@@ -20,7 +20,7 @@ gradient and optimizer state, so they save the weight bytes alone.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from tiecheck.analyses.ties import IdentityIndex, TieGroup, group_by_identity
 from tiecheck.facts import TensorFact

@@ -12,8 +12,8 @@ stays torch-free.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 from tiecheck.analyses.candidates import is_embedding, is_output_projection
 from tiecheck.facts import TensorFact

@@ -10,8 +10,8 @@ identity of the Parameter (or buffer) object decides.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -144,7 +144,7 @@ _EXACT_LIMIT = 1 << 22
 
 def _offsets(f: TensorFact):
     off = np.array([f.byte_start // f.itemsize], dtype=np.int64)
-    for n, s in zip(f.shape, f.stride):
+    for n, s in zip(f.shape, f.stride, strict=True):
         off = (off[:, None] + np.arange(n, dtype=np.int64)[None, :] * s).reshape(-1)
     return off
 

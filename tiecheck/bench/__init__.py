@@ -19,4 +19,4 @@ from tiecheck.bench.render import FORMATS, render
 from tiecheck.bench.results import BenchResult
 from tiecheck.bench.runner import BenchConfig, run_bench
 
-__all__ = ["BenchConfig", "BenchResult", "FORMATS", "render", "run_bench"]
+__all__ = ["FORMATS", "BenchConfig", "BenchResult", "render", "run_bench"]

@@ -41,9 +41,10 @@ from __future__ import annotations
 import math
 import platform
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,24 +113,24 @@ Factory = Callable[..., nn.Module]  # factory(tied=..., vocab_size=..., seed=...
 class ConvergeConfig:
     """What to train. ``None`` fields take the device's default (or ``--quick``'s)."""
 
-    model: Optional[str] = None  # a bundled decoder, a Hugging Face folder or config, or "file.py:factory"
+    model: str | None = None  # a bundled decoder, a Hugging Face folder or config, or "file.py:factory"
     device: str = "cpu"
-    dtype: Optional[str] = None  # fp32 | bf16 | fp16 autocast; None: bf16 on a GPU that has it, else fp32
-    steps: Optional[int] = None
-    seeds: Optional[int] = None
-    eval_every: Optional[int] = None
-    batch_size: Optional[int] = None
-    seq_len: Optional[int] = None
-    vocab_size: Optional[int] = None
-    text: Optional[str] = None  # a file or folder; None: the standard library
-    tokenizer: Optional[str] = None  # a tokenizer.json or a folder holding one
+    dtype: str | None = None  # fp32 | bf16 | fp16 autocast; None: bf16 on a GPU that has it, else fp32
+    steps: int | None = None
+    seeds: int | None = None
+    eval_every: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    vocab_size: int | None = None
+    text: str | None = None  # a file or folder; None: the standard library
+    tokenizer: str | None = None  # a tokenizer.json or a folder holding one
     cache: bool = True
     quick: bool = False
     seed: int = 0  # the first seed; seed i is seed + i
-    lr: Optional[float] = None
-    val_seqs: Optional[int] = None
-    max_chars: Optional[int] = None  # the standard library budget
-    threads: Optional[int] = None  # None: 1 on the CPU (steady on a shared machine), torch's own on a GPU
+    lr: float | None = None
+    val_seqs: int | None = None
+    max_chars: int | None = None  # the standard library budget
+    threads: int | None = None  # None: 1 on the CPU (steady on a shared machine), torch's own on a GPU
     overrides: Mapping[str, Any] = field(default_factory=dict)  # bundled model config changes
 
 
@@ -141,7 +142,7 @@ class ConvergeConfig:
 class Plan:
     model: str
     description: str
-    user: Optional[UserModel]  # the user's model (a Hugging Face folder or config, or a factory)
+    user: UserModel | None  # the user's model (a Hugging Face folder or config, or a factory)
     overrides: Mapping[str, Any]
     dev: torch.device
     dtype: str
@@ -155,7 +156,7 @@ class Plan:
     max_chars: int
     lr: float
     seed: int
-    threads: Optional[int]
+    threads: int | None
     quick: bool
 
     def eval_steps(self) -> list[int]:
@@ -165,7 +166,7 @@ class Plan:
     def units(self) -> int:
         return self.seeds * 2 * self.steps
 
-    def budget(self, flops_per_step: Optional[int] = None) -> str:
+    def budget(self, flops_per_step: int | None = None) -> str:
         """What the run will do, in one line, printed before it starts: runs, steps, tokens, and with the
         FLOPs of a step, the least time the device's datasheet peak allows."""
         runs = 2 * self.seeds
@@ -349,16 +350,16 @@ def train(model: nn.Module, batches: torch.Tensor, val: torch.Tensor, plan: Plan
 class Row:
     variant: str
     metric: str
-    step: Optional[int]
+    step: int | None
     unit: str
-    value: Optional[float]
-    ci_low: Optional[float] = None
-    ci_high: Optional[float] = None
-    n: Optional[int] = None
+    value: float | None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int | None = None
     verdict: str = ""
 
     @classmethod
-    def of(cls, variant: str, metric: str, step: Optional[int], e: Interval, verdict: str = "") -> "Row":
+    def of(cls, variant: str, metric: str, step: int | None, e: Interval, verdict: str = "") -> Row:
         return cls(variant, metric, step, METRICS[metric][1], e.mean, e.low, e.high, e.n, verdict)
 
 
@@ -381,21 +382,21 @@ class ConvergeResult:
     tokens_per_run: int = 0  # tokens one variant trains on per seed
     state_bytes: dict[str, int] = field(default_factory=dict)  # variant -> weights + grads + AdamW state
 
-    def throughput(self) -> Optional[Interval]:
+    def throughput(self) -> Interval | None:
         """The training tokens/s ratio tied/untied: per seed (the variants of a seed ran back to back), then
         its geometric mean and 95% t interval over seeds."""
         t, u = self.train_ms.get("tied") or [], self.train_ms.get("untied") or []
         if len(t) < MIN_SEEDS or len(t) != len(u) or not all(t):
             return None
         # On the log scale, as ratios compose: the interval stays positive and symmetric in tied and untied.
-        r = mean_interval([math.log(b / a) for a, b in zip(t, u)])
+        r = mean_interval([math.log(b / a) for a, b in zip(t, u, strict=True)])
         return Interval(math.exp(r.mean), math.exp(r.low), math.exp(r.high), r.n)
 
-    def tokens_per_s(self, variant: str) -> Optional[float]:
+    def tokens_per_s(self, variant: str) -> float | None:
         ms = self.train_ms.get(variant) or []
         return self.tokens_per_run * len(ms) / (sum(ms) / 1e3) if ms and sum(ms) else None
 
-    def verdict_line(self) -> Optional[str]:
+    def verdict_line(self) -> str | None:
         """One line joining the three answers: throughput, memory and the validation loss."""
         parts = []
         r = self.throughput()
@@ -419,7 +420,7 @@ class ConvergeResult:
         """tied - untied at the last evaluation step, one value per seed."""
         return list(self._arr("tied", metric)[:, -1] - self._arr("untied", metric)[:, -1])
 
-    def separated_from(self) -> Optional[int]:
+    def separated_from(self) -> int | None:
         """The first step from which the validation loss difference stays outside 0 (None: not separated)."""
         return separation_step(self.steps, self.diff("val_loss"))
 
@@ -483,11 +484,11 @@ class ConvergeResult:
     def verdicts(self) -> list[str]:
         return [r.verdict for r in self.rows() if r.verdict]
 
-    def headline(self) -> Optional[str]:
+    def headline(self) -> str | None:
         v = self.verdicts()
         return v[0] if v else None
 
-    def final(self, variant: str, metric: str) -> Optional[Row]:
+    def final(self, variant: str, metric: str) -> Row | None:
         for r in self.rows():
             if r.variant == variant and r.metric == metric and r.step == self.steps[-1]:
                 return r
@@ -522,8 +523,8 @@ class ConvergeResult:
 # The run
 # ------------------------------------------------------------------------------------------
 
-def run_converge(cfg: ConvergeConfig = ConvergeConfig(), *, progress: Optional[Progress] = None,
-                 command: Optional[str] = None, announce: Optional[Callable[[str], None]] = None) -> ConvergeResult:
+def run_converge(cfg: ConvergeConfig = ConvergeConfig(), *, progress: Progress | None = None,
+                 command: str | None = None, announce: Callable[[str], None] | None = None) -> ConvergeResult:
     """Train tied and untied variants over ``cfg.seeds`` seeds and compare their curves.
 
     Args:
@@ -546,8 +547,8 @@ def run_converge(cfg: ConvergeConfig = ConvergeConfig(), *, progress: Optional[P
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _run(plan: Plan, cfg: ConvergeConfig, progress: Progress, command: Optional[str],
-         announce: Optional[Callable[[str], None]] = None) -> ConvergeResult:
+def _run(plan: Plan, cfg: ConvergeConfig, progress: Progress, command: str | None,
+         announce: Callable[[str], None] | None = None) -> ConvergeResult:
     load = D.host_load()
     data = prepare_data(plan, cfg)
     vocab = data.tok.vocab_size
@@ -621,7 +622,7 @@ def _first_loss_tolerance(plan: Plan) -> float:
     return 1e-4 if plan.dtype == "fp32" else 1e-2
 
 
-def step_flops_of(plan: Plan, vocab_size: int) -> Optional[int]:
+def step_flops_of(plan: Plan, vocab_size: int) -> int | None:
     """The analytic FLOPs of one training step of the plan's model (its shape read on the meta device), or None."""
     if plan.user is not None and not plan.user.hf:
         return None  # a factory's model says nothing of its layers
@@ -652,8 +653,8 @@ def config_changes(overrides: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in overrides.items())
 
 
-def _header(plan: Plan, data: Data, command: Optional[str], load: Optional[str], params: dict[str, int],
-            tie_share: Optional[float]) -> dict[str, Any]:
+def _header(plan: Plan, data: Data, command: str | None, load: str | None, params: dict[str, int],
+            tie_share: float | None) -> dict[str, Any]:
     c = data.corpus
     threads = plan.threads or torch.get_num_threads()
     dev = f"cpu ({threads} thread{'s' if threads != 1 else ''})" if not D.is_cuda(plan.dev) else \

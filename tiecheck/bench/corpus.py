@@ -15,9 +15,9 @@ import hashlib
 import math
 import sys
 import sysconfig
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
 
 from tiecheck.errors import TiecheckError
 
@@ -85,7 +85,7 @@ def split_by_lines(doc: Doc) -> tuple[tuple[Doc, ...], tuple[Doc, ...]]:
             (Doc(f"{doc.name} (lines {cut + 1}-{len(lines)})", "".join(lines[cut:])),))
 
 
-def _read_text(path: Path) -> Optional[str]:
+def _read_text(path: Path) -> str | None:
     """The file's text, or None when it is not UTF-8 text (binary files are skipped)."""
     try:
         data = path.read_bytes()
@@ -99,7 +99,7 @@ def _read_text(path: Path) -> Optional[str]:
         return None
 
 
-def _thin(paths: list[Path], sizes: list[int], max_chars: Optional[int]) -> list[int]:
+def _thin(paths: list[Path], sizes: list[int], max_chars: int | None) -> list[int]:
     """Indices of an evenly spaced subset whose size is about ``max_chars`` (every k-th file)."""
     total = sum(sizes)
     if max_chars is None or total <= max_chars:
@@ -112,7 +112,7 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_corpus(max_chars: Optional[int] = None) -> Corpus:
+def stdlib_corpus(max_chars: int | None = None) -> Corpus:
     """The standard library's ``.py`` sources, every k-th file in path order to stay near ``max_chars``.
 
     Args:
@@ -184,6 +184,6 @@ def text_corpus(path: str | Path) -> Corpus:
     return Corpus(f"{p} ({len(docs)} text files)", train, val)
 
 
-def load_corpus(text: Optional[str], max_chars: Optional[int]) -> Corpus:
+def load_corpus(text: str | None, max_chars: int | None) -> Corpus:
     """``--text`` when given (read whole), else the standard library within ``max_chars``."""
     return text_corpus(text) if text else stdlib_corpus(max_chars)

@@ -15,8 +15,9 @@ import os
 import platform
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from itertools import pairwise
 
 import torch
 
@@ -246,9 +247,9 @@ class PhaseTimer:
         """Milliseconds between consecutive marks, then cleared for the next round."""
         if self._cuda:
             synchronize(self.dev)
-            out = [a.elapsed_time(b) for a, b in zip(self._marks, self._marks[1:])]
+            out = [a.elapsed_time(b) for a, b in pairwise(self._marks)]
         else:
-            out = [(b - a) * 1e3 for a, b in zip(self._marks, self._marks[1:])]
+            out = [(b - a) * 1e3 for a, b in pairwise(self._marks)]
         self._marks = []
         return out
 
@@ -344,7 +345,7 @@ def catch_oom() -> Iterator[list]:
     caught: list[str] = []
     try:
         yield caught
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is an allocation failure
+    except Exception as e:
         if not is_oom(e):
             raise
         caught.append(_oom_line(e))
@@ -494,7 +495,7 @@ def matmul_tflops(dev: torch.device, dtype: str, n: int = 8192, iters: int = 10)
     return 2 * n**3 * iters / (ms * 1e-3) / 1e12
 
 
-def host_load() -> Optional[str]:
+def host_load() -> str | None:
     """How busy the host was, for the result's header: other processes slow the measured steps
     (on a GPU, their launches), and a reader of the result should know."""
     try:

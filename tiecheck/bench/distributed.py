@@ -33,9 +33,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -140,7 +141,7 @@ def _state_bytes(module: nn.Module, opt: torch.optim.Optimizer, grads: int) -> d
     return {"weights": weights, "grads": grads, "optimizer": state, "total": weights + grads + state}
 
 
-def mixed_precision(dtype: str) -> Optional[MixedPrecisionPolicy]:
+def mixed_precision(dtype: str) -> MixedPrecisionPolicy | None:
     """FSDP2's policy for a 16-bit run: parameters gathered and computed in ``dtype``, gradients reduced in
     fp32 -- what a bf16 FSDP2 training run uses. None for fp32 (FSDP2's default: everything fp32)."""
     if dtype == "fp32":
@@ -227,7 +228,7 @@ def _progress(rank: int, total: int) -> Callable[[int, str], None]:
 # The worker (one per rank)
 # ------------------------------------------------------------------------------------------
 
-def worker(cfg: dict[str, Any]) -> Optional[dict[str, Any]]:
+def worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """Run the interleaved A/B protocol on this rank; every rank returns the gathered result."""
     strategy = cfg["strategy"]
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -268,7 +269,7 @@ def _work(cfg: dict[str, Any], strategy: str, dev: torch.device, backend: str) -
     calls: dict[str, list[str]] = {}
     groups: list[tuple[str, ...]] = []
     params: dict[str, int] = {}
-    tied_shape: Optional[list[int]] = None
+    tied_shape: list[int] | None = None
     for name in VARIANTS:
         module = build(name == "tied", dev, plan.seed)
         if name == "tied":
@@ -443,7 +444,7 @@ def _assemble(cfg, plan, strategy, backend, world, dev, groups, params, calls, r
     }
 
 
-def _verdict(est, ratio, comm, strategy, ranks, silent) -> Optional[str]:
+def _verdict(est, ratio, comm, strategy, ranks, silent) -> str | None:
     """Throughput, memory and communication joined in one line, as the single-device bench ends."""
     parts = [stats.verdict(ratio, "tokens/s (all ranks)", lower_is_better=False)]
     t, u = (ranks[0]["state_bytes"][n]["total"] for n in VARIANTS)
@@ -520,10 +521,10 @@ class Launch:
 
     nproc_per_node: int
     nnodes: str = "1"
-    rdzv_endpoint: Optional[str] = None
-    rdzv_id: Optional[str] = None
-    node_rank: Optional[int] = None
-    max_restarts: Optional[int] = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None
+    node_rank: int | None = None
+    max_restarts: int | None = None
 
     def torchrun_args(self) -> list[str]:
         """torch.distributed.run's options: one node alone runs --standalone (it picks a free port);
@@ -542,8 +543,8 @@ class Launch:
         return [*out, "--nproc-per-node", str(self.nproc_per_node)]
 
 
-def validate(cfg: dict[str, Any], nnodes: str = "1", rdzv_endpoint: Optional[str] = None,
-             nproc_per_node: Optional[int] = None) -> None:
+def validate(cfg: dict[str, Any], nnodes: str = "1", rdzv_endpoint: str | None = None,
+             nproc_per_node: int | None = None) -> None:
     """Reject bad input with one line before any process starts."""
     if cfg.get("strategy") not in STRATEGIES:
         raise TiecheckError(f"--strategy {cfg.get('strategy')}: choose one of {', '.join(STRATEGIES)}")
@@ -560,10 +561,10 @@ def validate(cfg: dict[str, Any], nnodes: str = "1", rdzv_endpoint: Optional[str
                             "--device cpu")
 
 
-def launch(cfg: dict[str, Any], *, nproc_per_node: int, nnodes: str = "1", rdzv_endpoint: Optional[str] = None,
-           timeout: Optional[float] = None, env: Optional[dict[str, str]] = None, rdzv_id: Optional[str] = None,
-           node_rank: Optional[int] = None, max_restarts: Optional[int] = None,
-           progress: Optional[Callable[[int, int, str], None]] = None) -> dict[str, Any]:
+def launch(cfg: dict[str, Any], *, nproc_per_node: int, nnodes: str = "1", rdzv_endpoint: str | None = None,
+           timeout: float | None = None, env: dict[str, str] | None = None, rdzv_id: str | None = None,
+           node_rank: int | None = None, max_restarts: int | None = None,
+           progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Run :func:`worker` on ``nproc_per_node`` processes through ``torch.distributed.run``.
 
     Args:
@@ -600,8 +601,8 @@ def launch(cfg: dict[str, Any], *, nproc_per_node: int, nnodes: str = "1", rdzv_
             return json.load(f)
 
 
-def _run_streaming(cmd: list[str], env: dict[str, str], timeout: Optional[float],
-                   progress: Optional[Callable[[int, int, str], None]]) -> tuple[int, collections.deque]:
+def _run_streaming(cmd: list[str], env: dict[str, str], timeout: float | None,
+                   progress: Callable[[int, int, str], None] | None) -> tuple[int, collections.deque]:
     """Run ``cmd`` in a process group of its own, reading its output as it comes; (exit code, last lines).
 
     Progress lines go to ``progress``; the rest is kept (the last 400 lines) for an error message.
@@ -675,7 +676,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """The worker's entry point under ``torch.distributed.run``."""
     ap = argparse.ArgumentParser(prog="python -m tiecheck.bench.distributed")
     ap.add_argument("--config", required=True)

@@ -16,7 +16,6 @@ FLOPs are equal, which the bench checks on the built models.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -40,7 +39,7 @@ def step_flops(shape: FlopsShape, seq_len: int, batch_size: int, mode: str) -> i
     return (3 if mode == "train" else 1) * forward_flops(shape, seq_len, batch_size)
 
 
-def flops_shape(model: nn.Module) -> Optional[FlopsShape]:
+def flops_shape(model: nn.Module) -> FlopsShape | None:
     """N, L and d of a bundled model or a transformers decoder, read from its modules and config.
 
     N is the weights of its ``nn.Linear`` modules, each Parameter once (a tied head is still

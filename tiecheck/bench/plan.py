@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,26 +46,26 @@ LEAK_TOLERANCE = 1 << 20  # bytes still allocated after a release that are repor
 class BenchConfig:
     """What to measure. ``None`` fields take the device's default (see ``_DEFAULTS``)."""
 
-    model: Optional[str] = None
+    model: str | None = None
     mode: str = "train"
     device: str = "auto"
-    dtype: Optional[str] = None  # fp32 | bf16 | fp16; None: bf16 on a GPU that has it, else fp32
+    dtype: str | None = None  # fp32 | bf16 | fp16; None: bf16 on a GPU that has it, else fp32
     compile: bool = False
-    batch_size: Optional[int] = None
-    seq_len: Optional[int] = None
-    rounds: Optional[int] = None
-    steps: Optional[int] = None
-    warmup: Optional[int] = None
-    decode_tokens: Optional[int] = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    rounds: int | None = None
+    steps: int | None = None
+    warmup: int | None = None
+    decode_tokens: int | None = None
     seed: int = 0
     find_max_batch: bool = False
     max_batch_cap: int = 1024
-    peak_tflops: Optional[float] = None
-    threads: Optional[int] = None  # CPU threads; None: 1 on the CPU, torch's setting on a GPU
+    peak_tflops: float | None = None
+    threads: int | None = None  # CPU threads; None: 1 on the CPU, torch's setting on a GPU
     overrides: Mapping[str, Any] = field(default_factory=dict)  # model config changes, e.g. {"n_layer": 2}
     # Pad the model's vocabulary to a multiple of this (tokens are still drawn below the real
     # size); None: 64 on a GPU, 1 (no padding) on the CPU.
-    pad_vocab: Optional[int] = None
+    pad_vocab: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,12 @@ class Plan:
     seed: int
     find_max_batch: bool
     max_batch_cap: int
-    peak_tflops: Optional[float]
-    threads: Optional[int]  # what to set torch's intra-op threads to for the run; None: leave it
+    peak_tflops: float | None
+    threads: int | None  # what to set torch's intra-op threads to for the run; None: leave it
     overrides: Mapping[str, Any]
     model_vocab: int = 0  # the built model's vocabulary: vocab_size, or more when padded
     build_overrides: Mapping[str, Any] = field(default_factory=dict)  # overrides plus the padded vocab_size
-    user: Optional[UserModel] = None  # the user's own model (a Hugging Face folder or a factory)
+    user: UserModel | None = None  # the user's own model (a Hugging Face folder or a factory)
 
     @property
     def padded(self) -> bool:
@@ -124,13 +125,13 @@ class Plan:
         return 2 * per_variant
 
 
-def positive(name: str, value: Optional[int]) -> None:
+def positive(name: str, value: int | None) -> None:
     """A TiecheckError naming the option unless ``value`` is None or a positive integer."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise TiecheckError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
 
 
-def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
+def resolve(cfg: BenchConfig, builder: Builder | None = None) -> Plan:
     """Fill in defaults and reject bad input with one line naming the option."""
 
     if cfg.mode not in MODES:
@@ -203,7 +204,7 @@ def resolve(cfg: BenchConfig, builder: Optional[Builder] = None) -> Plan:
                 model_vocab=model_vocab, build_overrides=build_overrides, user=user)
 
 
-def _user_model(cfg: BenchConfig, name: str) -> Optional[UserModel]:
+def _user_model(cfg: BenchConfig, name: str) -> UserModel | None:
     """The user's model when ``name`` is a path or a spec; None for a bundled name."""
     if not usermodel.is_user_model(name):
         return None
@@ -213,7 +214,7 @@ def _user_model(cfg: BenchConfig, name: str) -> Optional[UserModel]:
     return usermodel.resolve_user_model(name, seed=cfg.seed)
 
 
-def bundled_builder(name: str, overrides: Mapping[str, Any] = {}) -> Builder:  # noqa: B006 - read only
+def bundled_builder(name: str, overrides: Mapping[str, Any] = {}) -> Builder:
 
     return lambda tied, dev, seed: models.build(name, tied=tied, device=dev, seed=seed, **overrides)
 

@@ -42,7 +42,7 @@ def plot(result: BenchResult, path: str) -> None:
     panels.append(("memory", "memory (MiB)"))
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
-    for ax, (metric, title) in zip(axes[0], panels):
+    for ax, (metric, title) in zip(axes[0], panels, strict=True):
         if metric == "memory":
             _memory_panel(ax, by)
         else:
@@ -80,7 +80,7 @@ def _memory_panel(ax, by) -> None:
         heights = [by[(v, metric)].value / mib if (v, metric) in by else 0.0 for v in present]
         if any(heights):
             ax.bar(present, heights, bottom=bottom, label=label, color=PART_COLORS[label])
-            bottom = [b + h for b, h in zip(bottom, heights)]
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     peaks = [(i, by[(v, "peak_memory_bytes")].value / mib) for i, v in enumerate(present)
              if (v, "peak_memory_bytes") in by]
     if peaks:

@@ -9,8 +9,8 @@ the end of one step is the start of the next, so the phases add up to the step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -189,7 +189,7 @@ class LossLog:
         """Forget the losses; the buffer is kept for the next ones."""
         self._n = 0
 
-    def cpu(self) -> "LossLog":
+    def cpu(self) -> LossLog:
         """A copy on the CPU holding only the logged losses (the device buffer is let go)."""
         out = LossLog(max(self._n, 1))
         out._buf, out._n = self.values().cpu().clone(), self._n

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Optional
 
 from tabulate import tabulate
 
@@ -39,7 +38,7 @@ def _num(v: float, unit: str) -> str:
     if unit == "bytes":
         return human_bytes(v)
     if unit in ("count", "sequences"):
-        return f"{int(round(v)):,}"
+        return f"{round(v):,}"
     if unit == "fraction":
         return f"{v:.1%}"
     if unit == "tokens/s":
@@ -49,7 +48,7 @@ def _num(v: float, unit: str) -> str:
     return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
 
 
-def _cell(r: Optional[Row]) -> str:
+def _cell(r: Row | None) -> str:
     if r is None:
         return ""
     if r.variant == "tied/untied":
@@ -64,9 +63,9 @@ def _cell(r: Optional[Row]) -> str:
     return s
 
 
-def _decimals(v: float, unit: str) -> Optional[int]:
+def _decimals(v: float, unit: str) -> int | None:
     """Decimals giving ``v`` four significant digits, for units ``_num`` prints with ``.4g``; else None."""
-    if unit in ("bytes", "count", "sequences", "fraction", "nats") or unit == "tokens/s" and v >= 100:
+    if unit in ("bytes", "count", "sequences", "fraction", "nats") or (unit == "tokens/s" and v >= 100):
         return None
     if v == 0 or abs(v) >= 1e4:
         return 0 if v else 3

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from tiecheck.bench import stats
 from tiecheck.bench.stats import Estimate
@@ -54,37 +54,37 @@ class VariantRecord:
 
     name: str
     status: str = "ok"
-    params: Optional[int] = None
-    weight_bytes: Optional[int] = None
-    grad_bytes: Optional[int] = None
-    optimizer_bytes: Optional[int] = None
-    peak_bytes: Optional[int] = None
+    params: int | None = None
+    weight_bytes: int | None = None
+    grad_bytes: int | None = None
+    optimizer_bytes: int | None = None
+    peak_bytes: int | None = None
     samples: dict[str, list[list[float]]] = field(default_factory=dict)  # phase -> [round][step] ms
-    decode_samples: Optional[list[list[float]]] = None  # [round][call] ms
-    loss_first: Optional[float] = None
-    loss_last: Optional[float] = None
-    steps: Optional[int] = None
-    max_batch: Optional[int] = None
+    decode_samples: list[list[float]] | None = None  # [round][call] ms
+    loss_first: float | None = None
+    loss_last: float | None = None
+    steps: int | None = None
+    max_batch: int | None = None
     max_batch_capped: bool = False
-    max_batch_samples: Optional[list[list[float]]] = None  # [round][step] ms
-    max_batch_peak_bytes: Optional[int] = None
-    max_batch_status: Optional[str] = None
+    max_batch_samples: list[list[float]] | None = None  # [round][step] ms
+    max_batch_peak_bytes: int | None = None
+    max_batch_status: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
-    def step_samples(self) -> Optional[list[list[float]]]:
+    def step_samples(self) -> list[list[float]] | None:
         """Whole-step times: the phases of each step added."""
         if not self.samples:
             return None
         phases = list(self.samples.values())
         if not phases[0]:
             return None
-        return [[sum(vals) for vals in zip(*(p[r] for p in phases))] for r in range(len(phases[0]))]
+        return [[sum(vals) for vals in zip(*(p[r] for p in phases), strict=True)] for r in range(len(phases[0]))]
 
     @property
-    def training_state_bytes(self) -> Optional[int]:
+    def training_state_bytes(self) -> int | None:
         parts = (self.weight_bytes, self.grad_bytes, self.optimizer_bytes)
         return None if any(p is None for p in parts) else sum(parts)  # type: ignore[arg-type]
 
@@ -94,18 +94,18 @@ class Row:
     variant: str
     metric: str
     unit: str
-    value: Optional[float]
-    ci_low: Optional[float] = None
-    ci_high: Optional[float] = None
-    n: Optional[int] = None
+    value: float | None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int | None = None
     verdict: str = ""
 
     @classmethod
-    def of(cls, variant: str, metric: str, e: Estimate, verdict: str = "") -> "Row":
+    def of(cls, variant: str, metric: str, e: Estimate, verdict: str = "") -> Row:
         return cls(variant, metric, METRICS[metric][1], e.median, e.low, e.high, e.n, verdict)
 
     @classmethod
-    def exact(cls, variant: str, metric: str, value: Optional[float], verdict: str = "") -> "Row":
+    def exact(cls, variant: str, metric: str, value: float | None, verdict: str = "") -> Row:
         return cls(variant, metric, METRICS[metric][1], value, verdict=verdict)
 
 
@@ -124,12 +124,12 @@ class BenchResult:
     checks: dict[str, bool]  # check -> passed, in the order they ran
     notes: list[str]
     tokens_per_step: int
-    flops_per_step: Optional[int]
-    peak_tflops: Optional[float]
-    decode_tokens_per_call: Optional[int]
+    flops_per_step: int | None
+    peak_tflops: float | None
+    decode_tokens_per_call: int | None
     seq_len: int
     mode: str
-    _rows: Optional[list[Row]] = field(default=None, repr=False)
+    _rows: list[Row] | None = field(default=None, repr=False)
 
     # --------------------------------------------------------------------------------------
     # Derived figures
@@ -255,14 +255,14 @@ class BenchResult:
         """The ratio rows' verdicts, timing first."""
         return [r.verdict for r in self.rows() if r.variant == "tied/untied" and r.verdict]
 
-    def verdict_line(self) -> Optional[str]:
+    def verdict_line(self) -> str | None:
         """One line joining throughput and memory: the tokens/s ratio's verdict, then what the tie saves of
         the training state (train) or the weights (infer), and of the device peak where it was read."""
         memory = ("training_state_bytes" if self.mode == "train" else "weight_bytes", "peak_memory_bytes")
         by = {r.metric: r.verdict for r in self.rows() if r.variant == "tied/untied" and r.verdict}
         return stats.join_verdicts([by.get("tokens_per_s", ""), *(by.get(m, "") for m in memory)])
 
-    def headline(self) -> Optional[str]:
+    def headline(self) -> str | None:
         """The step-time (train) or forward-time (infer) verdict."""
         for r in self.rows():
             if r.variant == "tied/untied" and r.metric == "step_ms":

@@ -20,9 +20,10 @@ from __future__ import annotations
 import copy
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from functools import partial
 
 import torch
 from torch import nn
@@ -81,21 +82,21 @@ class _State:
     checks: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     optimizer_label: str = ""
-    shape: Optional[FlopsShape] = None
+    shape: FlopsShape | None = None
     progress: Progress = lambda n, label: None
-    host_load: Optional[str] = None
+    host_load: str | None = None
     tf32: bool = False  # fp32 matmuls on TF32, as set when the run started
-    matmul_tflops: Optional[float] = None  # a plain matmul's TFLOP/s on the device, at the start
-    model_vocab: Optional[int] = None  # the built models' vocabulary size
+    matmul_tflops: float | None = None  # a plain matmul's TFLOP/s on the device, at the start
+    model_vocab: int | None = None  # the built models' vocabulary size
     step_peaks: dict[str, list[int]] = field(default_factory=dict)  # variant -> bytes above resident, per round
 
 
 _FLAG = re.compile(r"^--([a-z][a-z-]*) (\S+):")
 
 
-def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] = None,
-              build: Optional[Builder] = None, command: Optional[str] = None,
-              partial: Optional[Partial] = None) -> BenchResult:
+def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Progress | None = None,
+              build: Builder | None = None, command: str | None = None,
+              partial: Partial | None = None) -> BenchResult:
     """Measure the tied and untied variants of ``cfg.model`` and return the result.
 
     ``build(tied, device, seed)`` replaces the bundled model builder: it must return the
@@ -120,8 +121,8 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Optional[Progress] 
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _run(plan: Plan, cfg: BenchConfig, progress: Optional[Progress], build: Optional[Builder],
-         command: Optional[str], partial: Optional[Partial] = None) -> BenchResult:
+def _run(plan: Plan, cfg: BenchConfig, progress: Progress | None, build: Builder | None,
+         command: str | None, partial: Partial | None = None) -> BenchResult:
     st = _State(plan=plan, host_load=D.host_load(), tf32=D.tf32_enabled(plan.dev))
     if progress is not None:
         st.progress = progress
@@ -157,7 +158,7 @@ def _compile(plan: Plan, module: nn.Module) -> Callable:
     return torch.compile(module) if plan.compile else module
 
 
-def _measure_matmul(plan: Plan) -> Optional[float]:
+def _measure_matmul(plan: Plan) -> float | None:
     """A large matmul's TFLOP/s at the run's dtype, beside the datasheet peak MFU divides by."""
     with D.catch_oom() as caught:
         value = D.matmul_tflops(plan.dev, plan.dtype)
@@ -273,7 +274,7 @@ def _same_first_loss(st: _State) -> None:
 def _rounds(st: _State) -> None:
     plan = st.plan
     phases = PHASES[plan.mode]
-    for name, rec in st.records.items():
+    for rec in st.records.values():
         if rec.ok:
             rec.samples = {p: [] for p in phases}
             rec.decode_samples = [] if plan.decodes else None
@@ -422,7 +423,7 @@ def largest_fitting(fits: Callable[[int], bool], start: int, cap: int) -> tuple[
     return lo, False
 
 
-def _check_released(st: _State, baseline: Optional[int], after: str) -> None:
+def _check_released(st: _State, baseline: int | None, after: str) -> None:
     """Note memory a released variant left allocated: the next variant had that much less."""
 
     now = D.memory_allocated(st.plan.dev)
@@ -463,7 +464,7 @@ def _find_max_batch(st: _State, builder: Builder, emit: Callable[[str], None] = 
             D.cleanup_after_oom(plan.dev)
             _check_released(st, baseline, name)
             continue
-        best, capped = largest_fitting(lambda b: _fits(st, v, b), plan.batch_size, plan.max_batch_cap)
+        best, capped = largest_fitting(partial(_fits, st, v), plan.batch_size, plan.max_batch_cap)
         rec.max_batch, rec.max_batch_capped = best, capped
         if best == 0:
             rec.max_batch_status = "not even a batch of 1 fits"
@@ -505,7 +506,7 @@ def _measure_alone(st: _State, v: Variant, batch_size: int, rec: VariantRecord) 
 # Result
 # ------------------------------------------------------------------------------------------
 
-def _result(st: _State, cfg: BenchConfig, command: Optional[str], pending: Optional[str] = None) -> BenchResult:
+def _result(st: _State, cfg: BenchConfig, command: str | None, pending: str | None = None) -> BenchResult:
     """The result from what was measured; ``pending`` marks a partial result (what had not run)."""
     plan = st.plan
     tokens = plan.batch_size * plan.seq_len
@@ -586,7 +587,7 @@ def _result(st: _State, cfg: BenchConfig, command: Optional[str], pending: Optio
                        if plan.decodes else None, seq_len=plan.seq_len, mode=plan.mode)
 
 
-def _vocab_note(st: _State) -> Optional[str]:
+def _vocab_note(st: _State) -> str | None:
     plan = st.plan
     if not st.model_vocab or st.model_vocab <= plan.vocab_size:
         return None
@@ -596,5 +597,13 @@ def _vocab_note(st: _State) -> Optional[str]:
             "the device computes")
 
 
-__all__ = ["BenchConfig", "Plan", "run_bench", "resolve", "order_of_round", "largest_fitting", "command_line",
-           "bundled_builder"]
+__all__ = [
+    "BenchConfig",
+    "Plan",
+    "bundled_builder",
+    "command_line",
+    "largest_fitting",
+    "order_of_round",
+    "resolve",
+    "run_bench",
+]

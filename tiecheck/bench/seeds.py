@@ -9,8 +9,8 @@ to draw from and covers well under 95%, hence Student-t.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def paired_intervals(tied: np.ndarray, untied: np.ndarray) -> list[Interval]:
     return [mean_interval(d[:, j]) for j in range(d.shape[1])]
 
 
-def separation_step(steps: Sequence[int], diffs: Sequence[Interval]) -> Optional[int]:
+def separation_step(steps: Sequence[int], diffs: Sequence[Interval]) -> int | None:
     """The first step from which every later interval excludes 0 on the same side; None if the
     interval at the last step contains 0.
 

@@ -10,8 +10,8 @@ widening its interval. Intervals are percentile intervals of the resampled media
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -34,10 +34,10 @@ class Estimate:
     n: int  # samples
     rounds: int = 0  # independent rounds (clusters) behind the interval
 
-    def scaled(self, k: float) -> "Estimate":
+    def scaled(self, k: float) -> Estimate:
         return Estimate(self.median * k, self.low * k, self.high * k, self.n, self.rounds)
 
-    def inverted(self, k: float = 1.0) -> "Estimate":
+    def inverted(self, k: float = 1.0) -> Estimate:
         """``k / x``: a time becomes a rate; the interval's ends swap."""
         return Estimate(k / self.median, k / self.high, k / self.low, self.n, self.rounds)
 
@@ -112,7 +112,7 @@ def verdict(r: Estimate, what: str, lower_is_better: bool = True, subject: str =
     return f"{what}: {subject} {word} by {pct:.1f}% (tied/untied {r.median:.3f}, 95% CI {ci})"
 
 
-def join_verdicts(parts: Sequence[str]) -> Optional[str]:
+def join_verdicts(parts: Sequence[str]) -> str | None:
     """The run's answers on one line -- throughput, memory and, where measured, loss -- each as its own verdict."""
     parts = [p for p in parts if p]
     return f"verdict: {'; '.join(parts)}" if parts else None

@@ -15,7 +15,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from tiecheck.bench.corpus import Corpus
 from tiecheck.errors import TiecheckError
@@ -143,13 +143,13 @@ def load_tokenizer(path: str) -> TokenizerInfo:
         raise TiecheckError(f"--tokenizer {path}: no such file or folder")
     try:
         tok = tk.Tokenizer.from_file(str(p))
-    except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for a bad file
+    except Exception as e:
         first = (str(e).strip().splitlines() or ["unreadable"])[0][:200]
         raise TiecheckError(f"--tokenizer {path}: not a tokenizers JSON file ({first})") from e
     return TokenizerInfo(tok, vocab_size_of(tok), f"{p}")
 
 
-def get_tokenizer(corpus: Corpus, vocab_size: int, path: Optional[str], use_cache: bool) -> TokenizerInfo:
+def get_tokenizer(corpus: Corpus, vocab_size: int, path: str | None, use_cache: bool) -> TokenizerInfo:
     """The user's tokenizer when ``path`` is given, else the cached or trained BPE."""
     return load_tokenizer(path) if path else bpe_for(corpus, vocab_size, use_cache)
 

@@ -32,9 +32,10 @@ import contextlib
 import copy
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,8 +57,8 @@ class UserModel:
     target: str  # as given on the command line
     source: str  # "hf" | "spec"
     description: str
-    vocab_size: Optional[int]  # the model's own vocabulary (rows of its tied matrix)
-    max_positions: Optional[int]  # None: the model does not say
+    vocab_size: int | None  # the model's own vocabulary (rows of its tied matrix)
+    max_positions: int | None  # None: the model does not say
     config: Any = None  # the transformers config ("hf")
 
     @property
@@ -65,7 +66,7 @@ class UserModel:
         return self.source == "hf"
 
 
-def is_user_model(name: Optional[str]) -> bool:
+def is_user_model(name: str | None) -> bool:
     """Whether ``--model`` names the user's model (a path or a spec) rather than a bundled preset."""
     if not name:
         return False
@@ -168,7 +169,7 @@ def _resolve_spec(target: str, seed: int) -> UserModel:
 # Building
 # ------------------------------------------------------------------------------------------
 
-def call_factory(spec: str, tied: bool, *, vocab_size: Optional[int] = None, seed: int = 0) -> nn.Module:
+def call_factory(spec: str, tied: bool, *, vocab_size: int | None = None, seed: int = 0) -> nn.Module:
     """Call the user's factory with the arguments it names; torch's global RNG seeded with ``seed`` first.
 
     Args:
@@ -216,7 +217,7 @@ def untie(model: nn.Module) -> nn.Module:
     return model
 
 
-def build(user: UserModel, tied: bool, dev: torch.device, seed: int, vocab_size: Optional[int] = None) -> nn.Module:
+def build(user: UserModel, tied: bool, dev: torch.device, seed: int, vocab_size: int | None = None) -> nn.Module:
     """One variant of the user's model on ``dev``.
 
     Args:
@@ -294,7 +295,7 @@ class LMCall:
     def __init__(self, fn: Callable, hf: bool) -> None:
         self.fn, self.hf = fn, hf
 
-    def __call__(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> ModelOutput:
+    def __call__(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         out = self.fn(input_ids=idx, use_cache=False) if self.hf else self.fn(idx)
         logits = logits_of(out)
         return ModelOutput(logits, lm_loss(logits, targets))

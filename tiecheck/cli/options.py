@@ -36,7 +36,7 @@ class OneLineErrors(click.Group):
     bad file. Everything else (``--help``, exit codes) is Click's own.
     """
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
@@ -72,7 +72,7 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("tiecheck: interrupted", err=True)
             sys.exit(130)
-        except Exception as e:  # a bug or an unforeseen input: still one line unless --debug
+        except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: still one line unless --debug
             if debug:
                 traceback.print_exc()
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""

@@ -40,43 +40,13 @@ _PASS_THROUGH = frozenset(
 # Ops with no arithmetic at all -- shape queries, views, copies, casts, indexing, tensor
 # creation. They are skipped like fvcore skips them, and not listed anywhere.
 NO_ARITHMETIC = frozenset(
-    """
-    size numel dim Int Float Bool ScalarImplicit item is_floating_point _shape_as_tensor
-    sym_size contiguous view reshape permute transpose t expand expand_as unsqueeze squeeze
-    slice select narrow flatten unflatten chunk split split_with_sizes unbind to type_as
-    clone alias view_as reshape_as movedim swapaxes swapdims numpy_T mT mH adjoint
-    tensor_split unsafe_chunk unsafe_split as_strided _unsafe_view _reshape_alias
-    resolve_conj resolve_neg lift lift_fresh _to_copy to_dense expand_copy detach copy fill
-    zero float half bfloat16 _cast_Float _cast_Half cat concat concatenate stack hstack
-    vstack repeat repeat_interleave tile roll flip pad constant_pad_nd gather scatter index
-    index_select index_put index_fill take take_along_dim masked_select nonzero arange
-    linspace ones ones_like zeros zeros_like full full_like empty empty_like new_ones
-    new_zeros new_full new_empty new_tensor tensor scalar_tensor eye diagonal diag diag_embed
-    tril triu view_as_real view_as_complex __getitem__ _assert_async dropout feature_dropout
-    alpha_dropout native_dropout unfold
-    """.split()
+    ["size", "numel", "dim", "Int", "Float", "Bool", "ScalarImplicit", "item", "is_floating_point", "_shape_as_tensor", "sym_size", "contiguous", "view", "reshape", "permute", "transpose", "t", "expand", "expand_as", "unsqueeze", "squeeze", "slice", "select", "narrow", "flatten", "unflatten", "chunk", "split", "split_with_sizes", "unbind", "to", "type_as", "clone", "alias", "view_as", "reshape_as", "movedim", "swapaxes", "swapdims", "numpy_T", "mT", "mH", "adjoint", "tensor_split", "unsafe_chunk", "unsafe_split", "as_strided", "_unsafe_view", "_reshape_alias", "resolve_conj", "resolve_neg", "lift", "lift_fresh", "_to_copy", "to_dense", "expand_copy", "detach", "copy", "fill", "zero", "float", "half", "bfloat16", "_cast_Float", "_cast_Half", "cat", "concat", "concatenate", "stack", "hstack", "vstack", "repeat", "repeat_interleave", "tile", "roll", "flip", "pad", "constant_pad_nd", "gather", "scatter", "index", "index_select", "index_put", "index_fill", "take", "take_along_dim", "masked_select", "nonzero", "arange", "linspace", "ones", "ones_like", "zeros", "zeros_like", "full", "full_like", "empty", "empty_like", "new_ones", "new_zeros", "new_full", "new_empty", "new_tensor", "tensor", "scalar_tensor", "eye", "diagonal", "diag", "diag_embed", "tril", "triu", "view_as_real", "view_as_complex", "__getitem__", "_assert_async", "dropout", "feature_dropout", "alpha_dropout", "native_dropout", "unfold"]
 )
 
 # Ops with arithmetic that is deliberately not counted (see the module docstring). They are
 # listed in ``ignored_ops`` with their call counts.
 IGNORED = frozenset(
-    """
-    add sub rsub mul div true_divide floor_divide neg reciprocal pow sqrt rsqrt exp exp2 expm1
-    log log1p log2 log10 abs sign sgn square tanh sigmoid silu gelu relu relu6 leaky_relu elu
-    selu celu mish hardswish hardsigmoid hardtanh softplus glu sin cos tan atan atan2 asin
-    acos sinh cosh asinh acosh atanh erf erfc erfinv softmax log_softmax _softmax
-    _log_softmax layer_norm group_norm batch_norm instance_norm rms_norm native_layer_norm
-    masked_fill masked_scatter where clamp clamp_min clamp_max clip minimum maximum fmin fmax
-    lerp addcmul addcdiv mean sum prod max min amax amin argmax argmin std var norm
-    linalg_vector_norm cumsum cumprod logsumexp topk sort argsort all any eq ne lt le gt ge
-    logical_and logical_or logical_not logical_xor bitwise_and bitwise_or bitwise_not
-    bitwise_xor __and__ __or__ __xor__ __not__ __iand__ __ior__ __ixor__ __lshift__
-    __rshift__ __ilshift__ __irshift__ isnan isinf isfinite nan_to_num round floor ceil
-    trunc frac fmod remainder embedding embedding_bag one_hot scatter_add index_add diff
-    bucketize searchsorted rand randn randint rand_like randn_like bernoulli multinomial
-    polar complex real imag angle upsample_nearest2d upsample_bilinear2d adaptive_avg_pool1d
-    adaptive_avg_pool2d avg_pool1d avg_pool2d max_pool1d max_pool2d
-    """.split()
+    ["add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "neg", "reciprocal", "pow", "sqrt", "rsqrt", "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "abs", "sign", "sgn", "square", "tanh", "sigmoid", "silu", "gelu", "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "mish", "hardswish", "hardsigmoid", "hardtanh", "softplus", "glu", "sin", "cos", "tan", "atan", "atan2", "asin", "acos", "sinh", "cosh", "asinh", "acosh", "atanh", "erf", "erfc", "erfinv", "softmax", "log_softmax", "_softmax", "_log_softmax", "layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm", "native_layer_norm", "masked_fill", "masked_scatter", "where", "clamp", "clamp_min", "clamp_max", "clip", "minimum", "maximum", "fmin", "fmax", "lerp", "addcmul", "addcdiv", "mean", "sum", "prod", "max", "min", "amax", "amin", "argmax", "argmin", "std", "var", "norm", "linalg_vector_norm", "cumsum", "cumprod", "logsumexp", "topk", "sort", "argsort", "all", "any", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor", "__and__", "__or__", "__xor__", "__not__", "__iand__", "__ior__", "__ixor__", "__lshift__", "__rshift__", "__ilshift__", "__irshift__", "isnan", "isinf", "isfinite", "nan_to_num", "round", "floor", "ceil", "trunc", "frac", "fmod", "remainder", "embedding", "embedding_bag", "one_hot", "scatter_add", "index_add", "diff", "bucketize", "searchsorted", "rand", "randn", "randint", "rand_like", "randn_like", "bernoulli", "multinomial", "polar", "complex", "real", "imag", "angle", "upsample_nearest2d", "upsample_bilinear2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d"]
 )
 
 
@@ -160,10 +130,10 @@ def _einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> int:
         raise ValueError(f"einsum {equation!r}: {len(terms)} terms for {len(shapes)} operands")
     # expand "..." into fresh upper-case letters unused by the equation
     spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
-    ell = max((len(s) - len(t.replace("...", "")) for t, s in zip(terms, shapes) if "..." in t), default=0)
+    ell = max((len(s) - len(t.replace("...", "")) for t, s in zip(terms, shapes, strict=True) if "..." in t), default=0)
     ell_letters = "".join(spare[:ell])
     expanded = []
-    for t, s in zip(terms, shapes):
+    for t, s in zip(terms, shapes, strict=True):
         if "..." in t:
             n = len(s) - len(t.replace("...", ""))
             t = t.replace("...", ell_letters[ell - n:] if n else "")
@@ -173,8 +143,8 @@ def _einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> int:
         rhs = "".join(sorted(c for c, k in counts.items() if k == 1))
     rhs = rhs.replace("...", ell_letters)
     size: dict[str, int] = {}
-    for t, s in zip(expanded, shapes):
-        for c, d in zip(t, s):
+    for t, s in zip(expanded, shapes, strict=True):
+        for c, d in zip(t, s, strict=True):
             size[c] = max(size.get(c, 1), int(d))
     if len(expanded) < 2:
         return 0

@@ -111,7 +111,7 @@ def unavailable_reason(failures: list[tuple[str, BaseException]], module: Any, s
             causes.append(c)
     tried = " and ".join(dict.fromkeys(WHERE.get(m.split(" with ")[0], m) for m, _ in failures))
     text = f"the forward could not be traced {tried}: {'; '.join(causes)}"
-    if synthesized and retried or any("token ids" in c for c in causes):
+    if (synthesized and retried) or any("token ids" in c for c in causes):
         text += f"; {PASS_INPUTS}"
     else:
         text += " (flops.errors holds the exceptions)"

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from tiecheck.findings import Finding, finding
 
@@ -55,14 +56,14 @@ class TieState:
 
     @classmethod
     def build(cls, tie_groups: Iterable[Mapping], names: Iterable[str], duplicates: Iterable[Mapping] = (),
-              content_known: bool = False) -> "TieState":
+              content_known: bool = False) -> TieState:
         return cls(groups=tuple((tuple(g["names"]), g["kind"]) for g in tie_groups),
                    names=frozenset(names),
                    duplicates=tuple((tuple(d["names"]), bool(d.get("constant"))) for d in duplicates),
                    content_known=content_known)
 
     @classmethod
-    def from_report(cls, report: "Report") -> "TieState":
+    def from_report(cls, report: Report) -> TieState:
         names = [t["name"] for t in report.tensors] or [n for g in report.tie_groups for n in g["names"]]
         return cls.build(report.tie_groups, names, report.untied_duplicates,
                          content_known=bool((report.content or {}).get("ran")))
@@ -166,7 +167,7 @@ def tied_findings(state: TieState, expected: Iterable[Sequence[str] | ExpectedGr
         names = e.names
         groups = {state.group_of(n) for n in names}
         if len(groups) == 1 and None not in groups:
-            (actual_names, kind), = groups
+            (_actual_names, kind), = groups
             if not kinds_match(e.kind, kind):
                 out.append(finding("TC014", f"{', '.join(names)} are tied as {kind}, expected {e.kind}{where}",
                                    names, hint=_kind_hint(names, kind)))

@@ -42,7 +42,7 @@ class Snapshot:
     groups: tuple[ExpectedGroup, ...]
 
     @classmethod
-    def from_report(cls, report: "Report") -> "Snapshot":
+    def from_report(cls, report: Report) -> Snapshot:
         groups = [ExpectedGroup(tuple(sorted(g["names"])), g["kind"]) for g in report.tie_groups]
         return cls(tuple(sorted(groups, key=lambda g: g.names)))
 
@@ -63,7 +63,7 @@ class Snapshot:
         body = f"[\n{groups}\n  ]" if groups else "[]"
         return "{\n" + "\n".join(head) + f"\n  \"tie_groups\": {body}\n}}\n"
 
-    def matches(self, other: "Snapshot") -> bool:
+    def matches(self, other: Snapshot) -> bool:
         """Same groups with compatible kinds (what a comparison would accept)."""
         mine = {g.names: g.kind for g in self.groups}
         theirs = {g.names: g.kind for g in other.groups}

@@ -22,8 +22,9 @@ then fetched concurrently, since round trips, not bytes, bound them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Mapping, NamedTuple, Protocol, Union
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -73,7 +74,7 @@ def release_stand_in(path: str, source: RangeSource) -> None:
         del _STAND_INS[path]
 
 
-Handle = Union[int, RangeSource]  # an open file descriptor, or a stand-in's source
+Handle = int | RangeSource  # an open file descriptor, or a stand-in's source
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -117,7 +118,7 @@ def _read(fd: Handle, n: int, off: int) -> bytes:
 
 def _broadcast_dims(t: torch.Tensor) -> tuple[int, ...]:
     """Dimensions along which a view repeats one value (stride 0, more than one element)."""
-    return tuple(d for d, (n, s) in enumerate(zip(t.shape, t.stride())) if s == 0 and n > 1)
+    return tuple(d for d, (n, s) in enumerate(zip(t.shape, t.stride(), strict=True)) if s == 0 and n > 1)
 
 
 def _narrowed(t: torch.Tensor, dims) -> torch.Tensor:
@@ -130,7 +131,7 @@ def _narrowed(t: torch.Tensor, dims) -> torch.Tensor:
 def _overlapping(t: torch.Tensor) -> bool:
     """More elements than the storage elements they reach: walking them all would reread stored ones."""
     n = t.numel()
-    return n > 1 and n > 1 + sum((k - 1) * abs(s) for k, s in zip(t.shape, t.stride()))
+    return n > 1 and n > 1 + sum((k - 1) * abs(s) for k, s in zip(t.shape, t.stride(), strict=True))
 
 
 def _compared_forms(ta: torch.Tensor, tb: torch.Tensor, constant_along) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -419,10 +420,7 @@ class TorchContentReader:
             self.bytes_read += self._compare_files.bytes_read - before
             return same
         if ra is not None and rb is not None:
-            for ca, cb in zip(self._file_chunks(*ra), self._file_chunks(*rb)):
-                if ca != cb:
-                    return False
-            return True
+            return all(ca == cb for ca, cb in zip(self._file_chunks(*ra), self._file_chunks(*rb), strict=True))
         forms = _compared_forms(ta, tb, self._constant_along)
         if forms is None:
             return False
@@ -430,7 +428,7 @@ class TorchContentReader:
 
     def _chunks_equal(self, ta: torch.Tensor, tb: torch.Tensor) -> bool:
         with torch.no_grad():
-            for ca, cb in zip(_rows(ta), _rows(tb)):
+            for ca, cb in zip(_rows(ta), _rows(tb), strict=True):
                 self.bytes_read += 2 * ca.numel() * ca.element_size()
                 if not torch.equal(_bits(ca), _bits(cb)):
                     return False
@@ -456,7 +454,7 @@ class TorchContentReader:
         if rng is not None:  # one element per read, at the positions _sample_reads computes
             return b"".join(self._pread(rng[0], n, off) for off, n in self._sample_reads(name, rng, True))
         t = self.tensors[name]
-        rows, cols = t.shape  # t.T has shape (cols, rows): flat index k of t.T is t[k % rows, k // rows]
+        rows, _cols = t.shape  # t.T has shape (cols, rows): flat index k of t.T is t[k % rows, k // rows]
         idx = self._sample_index(t.numel())
         size = t.element_size()
         vals = t[torch.tensor([k % rows for k in idx]), torch.tensor([k // rows for k in idx])]
@@ -561,13 +559,13 @@ def value_match(ta: torch.Tensor, tb: torch.Tensor) -> str | None:
         if _overlapping(ta) or _overlapping(tb):
             return None
         with torch.no_grad():
-            if all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb))):
+            if all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb), strict=True)):
                 return ("exact bytes" if wide is None else "exact values") + conv
         return None
     with torch.no_grad():
-        if tuple(ta.shape) == tuple(tb.shape) and _ends_agree(ta, tb, wide):
-            if all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb))):
-                return ("exact bytes" if wide is None else "exact values") + conv
+        if tuple(ta.shape) == tuple(tb.shape) and _ends_agree(ta, tb, wide) and \
+                all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb), strict=True)):
+            return ("exact bytes" if wide is None else "exact values") + conv
         if ta.dim() == 2 and tuple(tb.shape) == tuple(ta.shape)[::-1] and ta.shape[0]:
             rows, cols = ta.shape
             if not _same(ta[:1].reshape(-1), tb[:, :1].reshape(-1), wide):

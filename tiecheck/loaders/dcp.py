@@ -78,7 +78,7 @@ class _InertClass(str):
 class _Inert:
     """An object of a DCP class as the pickle describes it: never an instance of the real class."""
 
-    __slots__ = ("cls", "args", "state")
+    __slots__ = ("args", "cls", "state")
 
     def __init__(self, cls: str, args: tuple):
         self.cls, self.args, self.state = cls, args, None
@@ -491,7 +491,7 @@ def _assembled(path: Path, storages: dict[str, Any], files: dict[str, int], chun
         offsets = item.offset or ()
         if len(offsets) != len(size) or t.dtype != dtype:
             raise ValueError(f"chunk at {list(offsets)} holds {list(t.shape)} {t.dtype}")
-        region = out[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))]
+        region = out[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape, strict=True))]
         if tuple(region.shape) != tuple(t.shape):
             raise ValueError(f"chunk at {list(offsets)} of shape {list(t.shape)} runs past {list(size)}")
         region.copy_(t)

@@ -13,8 +13,10 @@ handed objects the loaders already built.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Container, Mapping
+from collections.abc import Container, Mapping
+from typing import Any
 
 # A tensor name as state dicts spell it: dotted identifiers (``model.embed_tokens.weight``).
 _TENSOR_NAME = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)+$")
@@ -294,10 +296,9 @@ def head_source(module: Any, head: str | None) -> str | None:
         return None
     sources = []
     if hasattr(module, "get_expanded_tied_weights_keys"):
-        try:
+        # transformers raises ValueError on a pattern that matches nothing
+        with contextlib.suppress(Exception):
             sources.append(module.get_expanded_tied_weights_keys(all_submodels=True).get(head))
-        except Exception:  # noqa: BLE001 - transformers raises ValueError on a pattern that matches nothing
-            pass
     mapping = getattr(module, "_tied_weights_keys", None)
     if isinstance(mapping, Mapping):
         sources.append(mapping.get(head))

@@ -107,7 +107,7 @@ def _check_geometry(path: Path, fqn: str, sizes: list[int], strides: list[int], 
     numel = 1
     for n in sizes:
         numel *= max(n, 1)
-    reach = offset + sum((n - 1) * st for n, st in zip(sizes, strides) if n)
+    reach = offset + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True) if n)
     if numel * 16 > _INT64_MAX or reach * 16 > _INT64_MAX:
         raise TargetError(f"{path}: tensor {fqn!r} claims sizes {sizes} (strides {strides}): more elements than "
                           f"any file can hold; the archive is corrupt")
@@ -185,7 +185,7 @@ def _payloads(arc: _Archive, config_rel: str, folder: str, prefix: str, trust_pi
         offset = _int(tm.get("storage_offset", {"as_int": 0}), f"the storage offset of {fqn!r}", arc.path)
         numel = _check_geometry(arc.path, fqn, sizes, strides, offset)
         flat = _flat(arc, rel, dtype, cache)
-        span = 0 if numel == 0 else 1 + sum((n - 1) * abs(st) for n, st in zip(sizes, strides))
+        span = 0 if numel == 0 else 1 + sum((n - 1) * abs(st) for n, st in zip(sizes, strides, strict=True))
         if len(strides) != len(sizes) or offset < 0 or offset + span > flat.numel():
             if flat.numel() == 0 and numel:
                 # The writer stores fake tensors as empty records; their values were never saved.

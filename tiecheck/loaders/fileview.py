@@ -11,8 +11,8 @@ content pass reads through the mapping instead.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 

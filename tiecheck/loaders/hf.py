@@ -29,10 +29,10 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.nn.modules import module as torch_module
@@ -456,7 +456,7 @@ def renaming_mapping_4x(keys: list[str], arch: Architecture) -> dict[str, str] |
     try:
         from transformers.modeling_utils import VLMS  # noqa: PLC0415 - transformers 4.x: the classes it maps keys for
     except ImportError:
-        VLMS = ()  # noqa: N806 - the name transformers gives it
+        VLMS = ()
     key_mapping = None
     if any(n in c.__name__.lower() for c in type(model).__mro__[:-1] for n in VLMS):
         key_mapping = getattr(type(model), "_checkpoint_conversion_mapping", None) or None
@@ -541,7 +541,7 @@ def _equal(a, b, spans=(None, None)) -> bool | None:
         return None
     if _same_memory(a, b):
         return True
-    known = {k: s for k, s in zip("ab", spans) if s is not None}
+    known = {k: s for k, s in zip("ab", spans, strict=True) if s is not None}
     with TorchContentReader({"a": a, "b": b}, known) as reader:
         return reader.equal("a", "b")
 
@@ -600,12 +600,12 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
         if differing:
             t_b = stored[base]
             shapes = "; ".join(f"{n} {list(stored[n].shape)} {str(stored[n].dtype).replace('torch.', '')}"
-                               for n in [base] + differing)
+                               for n in [base, *differing])
             findings.append(finding(
-                "TC010", f"{arch.name} ties {', '.join([base] + differing)}, but the files store "
+                "TC010", f"{arch.name} ties {', '.join([base, *differing])}, but the files store "
                          f"{_plural(differing, 'both', 'each')} with different content ({shapes}): transformers "
                          f"warns and loads them untied, and engines that trust the tie use one copy for both",
-                [base] + differing, shape=list(t_b.shape)))
+                [base, *differing], shape=list(t_b.shape)))
         absent = [n for n in group if n not in stored]
         for n in absent:
             alias_of[n] = base
@@ -795,7 +795,7 @@ def load_hf_folder(path: Path, *, key: str | None = None, trust_pickle: bool = F
     kind, weights, notes = find_weights(path)
     files = _load_weights(kind, weights, key=key, trust_pickle=trust_pickle, progress=progress)
     check_file_names(files, weights)
-    notes = [f"weights: {weights.name} ({files.source.format})"] + notes + files.source.notes
+    notes = [f"weights: {weights.name} ({files.source.format})", *notes, *files.source.notes]
     arch, arch_notes = build_architecture(path, cfg, trust_remote_code=trust_remote_code, stored=len(files.tensors))
     notes += arch_notes
     extra: dict[str, Any] = {"files": files.extra.get("files", [])}

@@ -14,7 +14,7 @@ Read from each format's own record, never by dequantizing:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tiecheck.analyses.packed import Packing
 from tiecheck.facts import TensorFact

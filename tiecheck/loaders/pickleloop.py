@@ -147,7 +147,7 @@ def load(data, rules: Rules, budget: Budget, start: int = 0) -> tuple[Any, int]:
     Raises:
         Refused: an opcode outside ``rules.opcodes``, a broken bound, or damage, with its offset.
     """
-    if not TORCH_OPCODES <= rules.opcodes:
+    if not rules.opcodes >= TORCH_OPCODES:
         raise ValueError("rules must allow every opcode torch.save writes")
     return _load(data, rules, budget, start)
 
@@ -184,7 +184,7 @@ def _set_items(items: list[Any], rules: Rules, at: int) -> list[Any]:
     return items
 
 
-def _load(data, rules: Rules, budget: Budget, pos: int) -> tuple[Any, int]:  # noqa: C901, PLR0912, PLR0915 - one hot dispatch loop, inlined on purpose
+def _load(data, rules: Rules, budget: Budget, pos: int) -> tuple[Any, int]:
     allowed = bytes(1 if i in rules.opcodes else 0 for i in range(256))
     end = len(data)
     stack: list[Any] = []

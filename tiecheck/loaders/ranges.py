@@ -32,8 +32,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from tiecheck.errors import TargetError
@@ -185,7 +186,7 @@ class HttpFile(RemoteFile):
             raise RemoteError(f"{self.where}: cannot fetch ({type(e).__name__}: {_first_line(e)})") from None
         except TargetError:
             raise
-        except Exception as e:  # noqa: BLE001 - huggingface_hub's offline mode raises from its request hook
+        except Exception as e:
             if type(e).__name__ == "OfflineModeIsEnabled":
                 raise RemoteError(f"{self.where}: HF_HUB_OFFLINE is set, so the Hub is not asked; unset it to "
                                   f"fetch headers") from None

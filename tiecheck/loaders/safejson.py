@@ -8,7 +8,8 @@ Parsing here turns it into a ``ValueError`` like any other malformed JSON.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def parse_json(raw: bytes | str, object_pairs_hook: Callable | None = None) -> Any:

@@ -16,6 +16,7 @@ architecture (``hf.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import operator
@@ -181,10 +182,9 @@ def _entry(path: Path, name: str, spec: Any,
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     known = None
     if type(shape) is list:
-        try:
+        # A list or object where a string or an integer belongs raises TypeError: _nbytes says which.
+        with contextlib.suppress(TypeError):
             known = shapes.get((dtype, tuple(shape)))
-        except TypeError:  # a list or object where a string or an integer belongs: _nbytes says which
-            pass
     if known is None:
         want = _nbytes(path, name, dtype, shape)  # first: it refuses what a cache key cannot hold
         key = (dtype, tuple(shape))

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +51,8 @@ def _on_path(folders: list[str]) -> Iterator[None]:
         yield
     finally:
         for f in added:
-            try:
+            with suppress(ValueError):
                 sys.path.remove(f)
-            except ValueError:
-                pass
 
 
 def _importable(name: str) -> bool:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -33,9 +34,9 @@ class Subject:
     several names for one Parameter object.
     """
 
-    tensors: dict[str, "torch.Tensor"]
+    tensors: dict[str, torch.Tensor]
     source: Source
-    module: "nn.Module | None" = None
+    module: nn.Module | None = None
     config: dict[str, Any] | None = None
     # Extra findings a loader discovered (e.g. keys absent from a file because they are tied).
     loader_findings: list[Any] = field(default_factory=list)
@@ -46,7 +47,7 @@ class Subject:
     # A module built from a config (e.g. a Hugging Face folder's architecture, on the meta device)
     # for what needs a module but not its tensors, such as FLOPs. The tensors still come from the
     # files, so facts and memory are the files'; ``module`` stays None.
-    architecture: "nn.Module | None" = None
+    architecture: nn.Module | None = None
     # Ties as the target declares them (``loaders/declared.py``): every declaration with its origin,
     # and the name pairs they declare tied or untied.
     declarations: list[dict[str, Any]] = field(default_factory=list)

@@ -187,7 +187,7 @@ def _guarded_load(source, label: str, kind: str | None, trust_pickle: bool) -> A
         obj = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source,
                          mmap=kind == "zip" and not isinstance(source, bytes), map_location="cpu",
                          weights_only=not trust_pickle)
-    except Exception as e:  # noqa: BLE001 - weights-only runs no code from the file: any failure is the file's
+    except Exception as e:
         raise _load_error(label, kind, e, trust_pickle, source) from e
     try:
         check_containers(obj)
@@ -349,7 +349,7 @@ def pick_state(obj: Any, key: str | None, where: str) -> tuple[dict, str | None,
         for k in MODEL_KEYS:
             v = obj.get(k)
             if isinstance(v, Mapping):
-                inner, inner_key, inner_notes = _try_pick(v)
+                inner, inner_key, _inner_notes = _try_pick(v)
                 if inner is not None:
                     chosen, used = inner, k + (f".{inner_key}" if inner_key else "")
                     break
@@ -357,9 +357,9 @@ def pick_state(obj: Any, key: str | None, where: str) -> tuple[dict, str | None,
             # Otherwise the largest mapping of tensors that is not optimizer or scheduler state.
             best = None
             for k, v in obj.items():
-                if isinstance(k, str) and not NOT_MODEL_KEYS.search(k) and _looks_like_state_dict(v):
-                    if best is None or len(v) > len(obj[best]):
-                        best = k
+                if isinstance(k, str) and not NOT_MODEL_KEYS.search(k) and _looks_like_state_dict(v) and \
+                        (best is None or len(v) > len(obj[best])):
+                    best = k
             if best is not None:
                 chosen, used = obj[best], best
         if chosen is None:

@@ -26,7 +26,7 @@ def load_torchscript(path: Path, *, trust_pickle: bool = False) -> Subject:
 
     try:
         module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - a corrupt archive fails in many ways inside the JIT
+    except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise TargetError(f"{path}: not a loadable TorchScript archive ({type(e).__name__}: {first})") from e
     return Subject(tensors=module_tensors(module), module=module,

@@ -303,7 +303,7 @@ def vet_archive(za: ZipArchive) -> None:
         PickleRefusal: the pickle breaks a bound or names a global the weights-only unpickler refuses.
     """
     try:
-        name, data, offset, stored, _ = _archive_records(za)
+        _name, data, offset, stored, _ = _archive_records(za)
     except _NotTaken:
         return  # torch.load says what is wrong with the archive's layout
     try:
@@ -421,7 +421,7 @@ class ArchiveFile:
             st = self._views[key] = self.mapping[off:off + nbytes]
         return st
 
-    def tensors(self, records: Mapping[str, TensorRecord]) -> "ArchiveTensors":
+    def tensors(self, records: Mapping[str, TensorRecord]) -> ArchiveTensors:
         """The named records (each checked against its storage by ``read_archive``) as tensors."""
         return ArchiveTensors(self, records if type(records) is dict else dict(records))
 
@@ -472,7 +472,7 @@ class ArchiveTensors(_RecordsView):
         r = self._records[name]
         itemsize, _ = _dtype_facts(r.dtype)
         numel, expect = 1, 1
-        for n, st in zip(reversed(r.shape), reversed(r.stride)):
+        for n, st in zip(reversed(r.shape), reversed(r.stride), strict=True):
             if n != 1 and st != expect:
                 return None
             expect *= n

@@ -12,6 +12,7 @@ bytes, and every failure becomes one ``TargetError`` naming the file, the record
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import zipfile
@@ -49,7 +50,7 @@ class ZipArchive:
         self.label = label
         try:
             if isinstance(source, (str, os.PathLike)):
-                self._fh: IO[bytes] = open(source, "rb")
+                self._fh: IO[bytes] = open(source, "rb")  # noqa: SIM115 - kept open for the archive's life; close() closes it
                 self._owned = True
             else:
                 self._fh, self._owned = source, False
@@ -135,7 +136,7 @@ class ZipArchive:
             self.check(name)
         spans = sorted((info.header_offset, self._data_start[name] + info.compress_size, name)
                        for name, info in self.infos.items())
-        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
             if start < end:
                 raise self._bad(self.infos[second], f"overlaps record {first!r} (which ends at byte {end:,}): two "
                                                     f"records share bytes, so the archive is refused")

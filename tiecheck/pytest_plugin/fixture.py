@@ -3,8 +3,9 @@ snapshots named per test and stored beside the test file."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from tiecheck import testing
 from tiecheck.api import analyze
@@ -34,7 +35,7 @@ class TiecheckFixture:
         """True under ``--tiecheck-update``: snapshot assertions write instead of compare."""
         return self._store.update
 
-    def analyze(self, model: Any, **options: Any) -> "Report":
+    def analyze(self, model: Any, **options: Any) -> Report:
         """``tiecheck.analyze`` (imported on first use, so collecting tests never loads torch)."""
 
         return analyze(model, **options)

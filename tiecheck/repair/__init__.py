@@ -8,9 +8,10 @@ per layout, never in place, a temporary name renamed at the end), verify.py prov
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from tiecheck.api import analyze_subject, stored_unreachable
 from tiecheck.errors import TiecheckError

@@ -13,9 +13,10 @@ Nothing here reads tensor values except the one comparison ``--tie`` needs to sa
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from tiecheck.analyses.candidates import is_embedding, is_output_projection
 from tiecheck.analyses.layers import TWO_DIFFERENT, TWO_EQUAL
@@ -437,5 +438,15 @@ def _equal(subject, a: str, b: str) -> bool:
         return reader.equal(a, b)
 
 
-__all__ = ["Action", "Plan", "make_plan", "parse_tie", "parse_untie", "SAFETENSORS", "SHARDED", "HF_FOLDER", "TORCH",
-           "OPTIMIZER_KEYS"]
+__all__ = [
+    "HF_FOLDER",
+    "OPTIMIZER_KEYS",
+    "SAFETENSORS",
+    "SHARDED",
+    "TORCH",
+    "Action",
+    "Plan",
+    "make_plan",
+    "parse_tie",
+    "parse_untie",
+]

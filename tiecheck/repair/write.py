@@ -27,8 +27,9 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -398,7 +399,7 @@ def write_safetensors(header: Header, dst: Path, *, drop: set[str], copy: Mappin
         pos += size
     head = header_bytes(entries, metadata, aligned_data_start(
         [(header.data_start + src_entries[source].begin, begin, end - begin)
-         for (_, source), (_, _, _, begin, end) in zip(wanted, entries)]))
+         for (_, source), (_, _, _, begin, end) in zip(wanted, entries, strict=True)]))
     sizes = {}
     # Opened without O_TRUNC ("wb" would truncate the empty file create_private made): ext4 treats
     # a truncated file as one being replaced and forces its blocks out at close (auto_da_alloc),
@@ -407,7 +408,7 @@ def write_safetensors(header: Header, dst: Path, *, drop: set[str], copy: Mappin
         fout.write(head)
         fout.flush()
         base = len(head)
-        for (name, source), (_, _, _, begin, end) in zip(wanted, entries):
+        for (name, source), (_, _, _, begin, end) in zip(wanted, entries, strict=True):
             e = src_entries[source]
             _copy_range(fin.fileno(), fout.fileno(), header.data_start + e.begin, end - begin, base + begin)
             sizes[name] = end - begin
@@ -474,7 +475,7 @@ def write_sharded(plan: Plan, index_path: Path, dst_folder: Path) -> list[str]:
     meta["total_size"] = total
     out = {"metadata": meta, **out, "weight_map": dict(sorted(new_map.items()))}
     (dst_folder / index_path.name).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    return written + [index_path.name]
+    return [*written, index_path.name]
 
 
 # -- Hugging Face folders ---------------------------------------------------------------------

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from tiecheck.findings import RULES
 
@@ -59,7 +60,7 @@ def parse_ignores(texts: Iterable[str]) -> tuple[IgnoreSpec, ...]:
     return tuple(parse_ignore(t) for t in texts)
 
 
-def with_ignored(report: "Report", specs: Iterable[IgnoreSpec]) -> "Report":
+def with_ignored(report: Report, specs: Iterable[IgnoreSpec]) -> Report:
     """``report`` with every finding a spec matches marked ``ignored`` (and ``ignored_by``), the summary's
     counts by severity made of the findings left, and ``summary.findings_ignored`` their number."""
     specs = tuple(specs)

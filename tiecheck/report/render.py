@@ -134,7 +134,7 @@ def _text(r: Report, markdown: bool) -> str:
                             headers=["names", "relation", "shape", "would save"], tablefmt=tablefmt))
 
     if r.flops:
-        out += ["", h("Forward FLOPs")] + _flops_lines(r.flops, tablefmt)
+        out += ["", h("Forward FLOPs"), *_flops_lines(r.flops, tablefmt)]
 
     ignored = [f for f in r.findings if f.get("ignored")]
     kept = [f for f in r.findings if not f.get("ignored")]

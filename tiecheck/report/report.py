@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, Sequence
+from typing import Any
 
 from tiecheck import __version__
 from tiecheck.findings import SEVERITY_RANK
@@ -84,7 +85,7 @@ class Report:
         return escape_json("".join(chain((head, "[\n"), lines, ("\n", pad, "]", tail)))) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Report":
+    def from_dict(cls, d: dict[str, Any]) -> Report:
         """Rebuild a report from its JSON (e.g. a stored snapshot)."""
         version = d.get("schema_version")
         if version not in READABLE_VERSIONS:
@@ -115,9 +116,7 @@ class Report:
         for f in self.findings:
             if f.get("ignored"):
                 continue  # ignored on purpose (``ignore`` in [tool.tiecheck], ``--ignore``): never fails
-            if f["code"] in EXPECTATION_CODES:
-                out.append(f)
-            elif fail_on != "never" and SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[fail_on]:
+            if f["code"] in EXPECTATION_CODES or (fail_on != "never" and SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[fail_on]):
                 out.append(f)
         return out
 

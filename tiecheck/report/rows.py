@@ -9,8 +9,8 @@ iteration, ``len``, comparison with a list) sees what it saw before.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Iterator, NamedTuple, overload
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple, overload
 
 
 class Row(NamedTuple):
@@ -32,7 +32,7 @@ class TensorRows(Sequence):
         groups: ``(kind, names)`` of each tie group, by the index a row's ``tie_group`` holds.
     """
 
-    __slots__ = ("_rows", "_groups")
+    __slots__ = ("_groups", "_rows")
 
     def __init__(self, rows: list[Row], groups: Sequence[tuple[str, Sequence[str]]]):
         self._rows = rows
@@ -65,7 +65,7 @@ class TensorRows(Sequence):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
             return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
 
     __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
 

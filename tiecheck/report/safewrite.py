@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tiecheck.errors import TiecheckError
 from tiecheck.loaders.detect import sniff_file

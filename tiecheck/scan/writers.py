@@ -75,7 +75,7 @@ class RowWriter:
             self.done = {r["target"] for r in rows}
             self._rewrite(rows)  # a row cut in the middle is dropped; the rest stays as it was
         try:
-            self._fh = open(self.output, "a", encoding="utf-8", newline="")
+            self._fh = open(self.output, "a", encoding="utf-8", newline="")  # noqa: SIM115 - open while rows come; close() closes it
         except OSError as e:
             raise TiecheckError(f"{self.output}: cannot write the rows ({e.strerror or e})") from e
         self._start_text(fresh=not rows)

@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,8 +46,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def roundtrip(out: str, *, model: str = "gpt-mini", overrides: Optional[dict[str, Any]] = None, steps: int = 2,
-              seed: int = 0) -> Optional[dict[str, Any]]:
+def roundtrip(out: str, *, model: str = "gpt-mini", overrides: dict[str, Any] | None = None, steps: int = 2,
+              seed: int = 0) -> dict[str, Any] | None:
     """Train, save with DCP and load back in place on every rank; rank 0 returns what it found.
 
     Args:
@@ -80,7 +80,7 @@ def roundtrip(out: str, *, model: str = "gpt-mini", overrides: Optional[dict[str
     dcp.load(state, checkpoint_id=out)
     set_model_state_dict(fresh, state)
     same = all(torch.equal(_full(a), _full(b)) for a, b in zip(trained.state_dict().values(),
-                                                               fresh.state_dict().values()))
+                                                               fresh.state_dict().values(), strict=True))
     found = {
         "tie_groups": [list(x) for x in groups],
         "trained_tied": _tied(trained, groups),
@@ -103,7 +103,7 @@ def _tied(module: torch.nn.Module, groups: list[tuple[str, ...]]) -> bool:
     return bool(groups) and all(all(module.get_parameter(n) is module.get_parameter(g[0]) for n in g) for g in groups)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point under ``torch.distributed.run``: OUT folder, and ``--result FILE`` for rank 0's JSON."""
     ap = argparse.ArgumentParser(prog="python -m tiecheck.shard.dcp_roundtrip")
     ap.add_argument("out")

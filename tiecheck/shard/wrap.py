@@ -23,8 +23,9 @@ Nothing here allocates or communicates: the model may live on the meta device.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,12 +101,12 @@ class WrapCheck:
     policy: str
     units: list[Unit]
     tie_groups: list[tuple[str, ...]]
-    owner: dict[str, Optional[int]]  # parameter name -> index of the unit managing it (None: no unit)
+    owner: dict[str, int | None]  # parameter name -> index of the unit managing it (None: no unit)
     straddles: list[Straddle]
     # What torch's duplicate-parameter check raises for this plan at the first forward (torch 2.13
     # has the check; ``refused`` says whether the running torch does); None when nothing trips it.
-    error: Optional[str]
-    fix: Optional[list[Unit]] = None  # a plan that keeps every tie, when this one does not
+    error: str | None
+    fix: list[Unit] | None = None  # a plan that keeps every tie, when this one does not
     notes: list[str] = field(default_factory=list)
     refused: bool = False  # the running torch raises ``error`` at the first forward
     torch_version: str = torch.__version__
@@ -216,6 +217,18 @@ def _module(model: nn.Module, path: str) -> nn.Module:
                             "model.named_modules(), '' for the root") from None
 
 
+def _postorder(mod: nn.Module, root_ids: set[int], given: set[int], visited: set[int],
+               modules: list[nn.Module]) -> None:
+    """Append ``mod``'s subtree to ``modules`` children first, as ``fully_shard`` walks it."""
+    if id(mod) not in root_ids and id(mod) in given:
+        return  # a nested unit manages its own subtree
+    visited.add(id(mod))
+    for child in mod.children():
+        if id(child) not in visited:
+            _postorder(child, root_ids, given, visited, modules)
+    modules.append(mod)
+
+
 def _assign(model: nn.Module, units: list[Unit]) -> list[list[nn.Parameter]]:
     """Each unit's managed parameters, as ``fully_shard`` collects them when called in order."""
     given: set[int] = set()  # modules some fully_shard call was given (they carry FSDP state)
@@ -224,22 +237,12 @@ def _assign(model: nn.Module, units: list[Unit]) -> list[list[nn.Parameter]]:
         roots = [_module(model, p) for p in unit.paths]
         root_ids = {id(m) for m in roots}
         if any(id(m) in given for m in roots):
-            dup = next(p for p, m in zip(unit.paths, roots) if id(m) in given)
+            dup = next(p for p, m in zip(unit.paths, roots, strict=True) if id(m) in given)
             raise TiecheckError(f"wrap plan: module '{dup or '<root>'}' is given to fully_shard twice")
         visited: set[int] = set()
         modules: list[nn.Module] = []
-
-        def dfs(mod: nn.Module) -> None:
-            if id(mod) not in root_ids and id(mod) in given:
-                return  # a nested unit manages its own subtree
-            visited.add(id(mod))
-            for child in mod.children():
-                if id(child) not in visited:
-                    dfs(child)
-            modules.append(mod)
-
         for m in roots:
-            dfs(m)
+            _postorder(m, root_ids, given, visited, modules)
         params: list[nn.Parameter] = []
         seen: set[int] = set()
         for mod in modules:
@@ -270,7 +273,7 @@ def _names_in(model: nn.Module, units: list[Unit], unit_index: int, names: list[
     return tuple(inside)
 
 
-def _unit_of_module(model: nn.Module, units: list[Unit], path: str) -> Optional[int]:
+def _unit_of_module(model: nn.Module, units: list[Unit], path: str) -> int | None:
     """The unit managing the module at ``path``: the last-called unit among its nearest ancestors."""
     best, depth = None, -1
     for i, u in enumerate(units):
@@ -283,7 +286,7 @@ def _unit_of_module(model: nn.Module, units: list[Unit], path: str) -> Optional[
 
 
 def _error(model: nn.Module, units: list[Unit], managed: list[list[nn.Parameter]],
-           by_id: dict[int, list[str]]) -> Optional[str]:
+           by_id: dict[int, list[str]]) -> str | None:
     """The ValueError torch raises at the root's first forward, replayed in its order."""
     if not any(u.is_root for u in units):
         return None  # no root unit: nothing validates the units against each other
@@ -309,10 +312,8 @@ def _merge(units: list[Unit], involved: set[int]) -> list[Unit]:
     paths: list[str] = []
     for i in sorted(involved):
         paths += [p for p in units[i].paths if p not in paths]
-    if ROOT in paths:
-        paths = [ROOT]
-    else:  # a path under another one of the call is already reached by the walk from it
-        paths = [p for p in paths if not any(q != p and p.startswith(q + ".") for q in paths)]
+    # A path under another one of the call is already reached by the walk from it.
+    paths = [ROOT] if ROOT in paths else [p for p in paths if not any(q != p and p.startswith(q + ".") for q in paths)]
     out = []
     for i, u in enumerate(units):
         if i == last:
@@ -323,7 +324,7 @@ def _merge(units: list[Unit], involved: set[int]) -> list[Unit]:
 
 
 def check_plan(model: nn.Module, policy: str | Callable[[nn.Module], Iterable[Any]] = "blocks",
-               units: Optional[list[Unit]] = None) -> WrapCheck:
+               units: list[Unit] | None = None) -> WrapCheck:
     """Replay ``fully_shard`` over a plan and say whether every tie stays in one unit.
 
     Args:
@@ -367,7 +368,7 @@ def _replay(model: nn.Module, units: list[Unit], groups: list[tuple[str, ...]], 
     for i, params in enumerate(managed):
         for p in params:
             unit_of.setdefault(id(p), []).append(i)
-    owner: dict[str, Optional[int]] = {}
+    owner: dict[str, int | None] = {}
     for pid, names in by_id.items():
         us = unit_of.get(pid, [])
         for n in names:

@@ -24,7 +24,7 @@ does silently -- check a wrapped model before its first step, or the plan before
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -61,7 +61,7 @@ def _units(module: Any) -> tuple[dict[str, object], dict[object, str]]:
     return key_of, {k: ", ".join(v) for k, v in paths.items()}
 
 
-def _unit_of(name: str, key_of: dict[str, object]) -> Optional[object]:
+def _unit_of(name: str, key_of: dict[str, object]) -> object | None:
     """The unit of the module registering ``name``: its nearest ancestor (or itself) given to fully_shard."""
     path = name.rpartition(".")[0]
     while True:
