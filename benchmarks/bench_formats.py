@@ -29,7 +29,7 @@ V, D, FF, LAYERS, KV = 128256, 4096, 14336, 32, 1024
 SHARDS = 4
 
 SETUP = ("import os, torch, tiecheck, tiecheck.api, tiecheck.loaders, tiecheck.loaders.detect, "
-         "tiecheck.loaders.safetensors_files, tiecheck.loaders.hf, tiecheck.loaders.dcp, tiecheck.report.render, "
+         "tiecheck.loaders.formats.safetensors_files, tiecheck.loaders.formats.hf, tiecheck.loaders.formats.dcp, tiecheck.report.render, "
          "tiecheck.loaders.fileview\n"
          "def _rchar():\n"
          "    for line in open('/proc/self/io'):\n"

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from support.servers import FileServer
 
 SHARDS, PER_SHARD, SHAPE = 100, 4, (256, 256)
-SETUP = "import tiecheck, tiecheck.api, tiecheck.loaders.remote, tiecheck.loaders.safetensors_files, huggingface_hub\n"
+SETUP = "import tiecheck, tiecheck.api, tiecheck.loaders.remote, tiecheck.loaders.formats.safetensors_files, huggingface_hub\n"
 INSPECT = ("_r = tiecheck.analyze({target!r}); _d = _r.to_dict()\n"
            "_out['tensors'] = len(_d['tensors']); _out['fetched'] = (_d.get('remote') or {{}}).get('bytes_fetched')\n"
            "_out['requests'] = (_d.get('remote') or {{}}).get('requests'); _out['sampled'] = _d['content_pass']['sampled']\n"

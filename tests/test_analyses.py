@@ -6,6 +6,7 @@ import pytest
 
 from tiecheck.analyses.candidates import find_candidates
 from tiecheck.analyses.duplicates import find_untied_duplicates
+from tiecheck.analyses.expect import TieState, tied_findings
 from tiecheck.analyses.lint import linear_shape_findings
 from tiecheck.analyses.memory import memory_summary, training_bytes_per_element
 from tiecheck.analyses.ties import (
@@ -19,7 +20,6 @@ from tiecheck.analyses.ties import (
     tie_findings,
 )
 from tiecheck.facts import ModuleFact, TensorFact, span_elements
-from tiecheck.guard.expect import TieState, tied_findings
 
 S = ("cpu", 0x1000)  # one storage
 T = ("cpu", 0x9000)  # another

@@ -26,7 +26,7 @@ from tiecheck import models
 from tiecheck.bench import BenchConfig, render, run_bench, runner
 from tiecheck.bench import device as D
 from tiecheck.bench.protocol import make_batches, mark_batch_dynamic
-from tiecheck.bench.render import header_items
+from tiecheck.bench.result_text import header_items
 from tiecheck.bench.runner import bundled_builder, resolve
 from tiecheck.cli import main
 from tiecheck.cli.bench import Progress

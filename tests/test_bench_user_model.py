@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from tiecheck.bench import BenchConfig, run_bench
 from tiecheck.bench.converge import ConvergeConfig, run_converge
-from tiecheck.bench.plan import resolve
+from tiecheck.bench.settings import resolve
 from tiecheck.bench.usermodel import call_factory, resolve_user_model
 from tiecheck.cli import main
 from tiecheck.errors import TiecheckError

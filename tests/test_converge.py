@@ -17,7 +17,7 @@ pytest.importorskip("tokenizers")
 from tiecheck.bench import tokenizer as T
 from tiecheck.bench.converge import ConvergeConfig, ConvergeResult, run_converge
 from tiecheck.bench.corpus import stdlib_corpus, text_corpus
-from tiecheck.bench.render import render_converge
+from tiecheck.bench.result_text import render_converge
 from tiecheck.bench.seeds import mean_interval, paired_intervals, separation_step, t_quantile
 from tiecheck.cli import main
 from tiecheck.errors import TiecheckError

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tiecheck import analyze, models
 
 from support.processes import free_port, run_group
 
+SCRIPT = Path(__file__).parent / "support" / "dcp_roundtrip.py"
 OVERRIDES = {"n_layer": 1}
 PAIR = {"lm_head.weight", "transformer.wte.weight"}
 
@@ -31,7 +33,7 @@ def checkpoint(tmp_path_factory):
     out, result = tmp / "ckpt", tmp / "found.json"
     code, log = run_group([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-                           "-m", "tiecheck.shard.dcp_roundtrip", str(out), "--n-layer", "1", "--result", str(result)])
+                           str(SCRIPT), str(out), "--n-layer", "1", "--result", str(result)])
     assert code == 0, log[-3000:]
     return out, json.loads(result.read_text())
 

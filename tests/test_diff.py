@@ -11,7 +11,7 @@ from torch import nn
 
 import tiecheck
 from tiecheck.cli import main
-from tiecheck.tie_diff import render_diff
+from tiecheck.compare.tie_diff import render_diff
 
 from support.checkpoints import write_safetensors
 from support.models import BertLikeMLM, TinyLM

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import tiecheck
 from tiecheck.cli import main
 from tiecheck.errors import TargetError, UntrustedPickleError
-from tiecheck.loaders.safetensors_files import load_safetensors_file
+from tiecheck.loaders.formats.safetensors_files import load_safetensors_file
 
 from support.checkpoints import safetensors_bytes, write_safetensors, write_sharded
 from support.models import TinyLM

@@ -160,7 +160,7 @@ def test_tensor_dims_that_overflow(tmp_path):
 def test_the_header_reads_as_gguf_reader_reads_it(tmp_path):
     """read_gguf (no numpy view per array element) against the gguf package's own GGUFReader, on a
     file with scalar, string and array metadata, quantized, bf16 and plain tensors, and an alignment."""
-    from tiecheck.loaders.gguf_files import ArrayValue, _tensor_layout, read_gguf  # noqa: PLC0415 - the [gguf] extra
+    from tiecheck.loaders.formats.gguf_files import ArrayValue, _tensor_layout, read_gguf  # noqa: PLC0415 - the [gguf] extra
 
     path = tmp_path / "m.gguf"
     w = GGUFWriter(str(path), "llama")

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 import tiecheck
 from tiecheck.cli import main
-from tiecheck.loaders import hf
-from tiecheck.loaders.safetensors_files import MappedTensors
+from tiecheck.loaders.formats import hf
+from tiecheck.loaders.formats.safetensors_files import MappedTensors
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tiecheck.facts import fact_of
 from tiecheck.loaders import load_target
-from tiecheck.loaders.hf import RenamedTensors
+from tiecheck.loaders.formats.hf import RenamedTensors
+from tiecheck.loaders.tensor_facts import fact_of
 
 from support.hf import EMB, HEAD, tiny_llama
 

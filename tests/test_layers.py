@@ -11,7 +11,7 @@ import pytest
 TORCH_FREE = [
     "tiecheck.analyses.ties", "tiecheck.analyses.duplicates", "tiecheck.analyses.candidates",
     "tiecheck.analyses.lint", "tiecheck.analyses.memory", "tiecheck.analyses.layers", "tiecheck.facts", "tiecheck.findings",
-    "tiecheck.report", "tiecheck.report.render", "tiecheck.guard.expect", "tiecheck.flops.analytic", "tiecheck.flops.result", "tiecheck.cli",
+    "tiecheck.report", "tiecheck.report.render", "tiecheck.analyses.expect", "tiecheck.flops.analytic", "tiecheck.flops.result", "tiecheck.cli",
 ]
 
 

@@ -24,9 +24,9 @@ from click.testing import CliRunner
 
 import tiecheck
 from tiecheck.cli import main
-from tiecheck.facts import build_facts
 from tiecheck.flops import count_flops
 from tiecheck.loaders import load_target
+from tiecheck.loaders.tensor_facts import build_facts
 from tiecheck.testing import assert_no_broken_ties
 
 transformers = pytest.importorskip("transformers")

@@ -19,7 +19,7 @@ from support.models import TinyLM
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402 - after the importorskip that guards it
 
-from tiecheck.loaders import onnx_files  # noqa: E402 - needs onnx
+from tiecheck.loaders.formats import onnx_files  # noqa: E402 - needs onnx
 
 
 def _export(model, path, *, dynamo: bool, **kw):

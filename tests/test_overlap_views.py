@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tiecheck.analyses.ties import _EXACT_LIMIT, Overlap, find_overlaps, tie_findings
-from tiecheck.facts import TensorFact, fact_of, span_elements
+from tiecheck.facts import TensorFact, span_elements
+from tiecheck.loaders.tensor_facts import fact_of
 
 BASE = torch.arange(96, dtype=torch.float32)
 GRID = BASE.view(8, 12)

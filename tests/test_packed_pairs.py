@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from tiecheck.analyses.packed import PackedHead, Packing, find_packed_heads, packed_head_findings
-from tiecheck.facts import TensorFact
+from tiecheck.analyses.packed import PackedHead, find_packed_heads, packed_head_findings
+from tiecheck.facts import Packing, TensorFact
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from tiecheck.bench import plot as bench_plot
-from tiecheck.bench.render import _cell
+from tiecheck.bench.result_text import _cell
 from tiecheck.bench.results import Row
 from tiecheck.cli import main
 

@@ -19,11 +19,12 @@ import torch
 
 import tiecheck
 from tiecheck.errors import TargetError, UntrustedPickleError
-from tiecheck.facts import fact_of
-from tiecheck.loaders import load_target, torchfile
+from tiecheck.loaders import load_target
 from tiecheck.loaders.fileview import file_spans
-from tiecheck.loaders.safetensors_files import ShardedTensors
-from tiecheck.loaders.torchzip import ArchiveTensors, read_archive
+from tiecheck.loaders.formats import torchfile
+from tiecheck.loaders.formats.safetensors_files import ShardedTensors
+from tiecheck.loaders.formats.torchzip import ArchiveTensors, read_archive
+from tiecheck.loaders.tensor_facts import fact_of
 
 from support.checkpoints import rewrite_zip_entry, tensor_pickle
 from support.models import TinyLM
@@ -92,7 +93,7 @@ def test_tensors_facts_and_spans_equal_torch_load(case, tmp_path, monkeypatch):
         assert made.requires_grad == t.requires_grad, name
         assert torch.equal(made.view(torch.uint8) if made.dim() and made.dtype.itemsize == 1 else made,
                            t.view(torch.uint8) if t.dim() and t.dtype.itemsize == 1 else t), name
-        f, g = fast_facts[name], tiecheck.facts.fact_of(name, t)
+        f, g = fast_facts[name], tiecheck.loaders.tensor_facts.fact_of(name, t)
         # Everything but the address, which each mapping has its own of.
         assert (f.shape, f.stride, f.dtype, f.byte_start, f.byte_end, f.storage_bytes, f.requires_grad,
                 f.is_floating) == (g.shape, g.stride, g.dtype, g.byte_start, g.byte_end, g.storage_bytes,
@@ -100,7 +101,7 @@ def test_tensors_facts_and_spans_equal_torch_load(case, tmp_path, monkeypatch):
         # The fact describes the tensor the mapping makes, address included.
         assert f.storage == ("cpu", made.untyped_storage().data_ptr()) or f.numel == 0, name
     # Which names share a storage, and where each storage starts in the file.
-    assert _partition(fast.tensors.facts()) == _partition([tiecheck.facts.fact_of(n, t) for n, t in slow.tensors.items()])
+    assert _partition(fast.tensors.facts()) == _partition([tiecheck.loaders.tensor_facts.fact_of(n, t) for n, t in slow.tensors.items()])
     assert {n: s.offset for n, s in fast.file_spans.items()} == \
         {n: s.offset for n, s in file_spans(slow.tensors, str(path)).items()}
 

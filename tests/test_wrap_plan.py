@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from tiecheck import analyze, models
 from tiecheck.cli.main import main
 from tiecheck.errors import TiecheckError
-from tiecheck.shard.wrap import Unit, apply_plan, block_paths, check_plan, torch_refuses_shared_params, units_from
+from tiecheck.plan.wrap import Unit, apply_plan, block_paths, check_plan, torch_refuses_shared_params, units_from
 
 SPLIT = ["transformer.wte", "lm_head", ""]
 REFUSED = ("ValueError: Parameter 'lm_head.weight' is shared with a parameter already managed by another FSDP group")

@@ -11,27 +11,27 @@ from typing import Any
 from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
 from tiecheck.analyses.candidates import candidate_findings, find_candidates, member_candidates, role_relations
 from tiecheck.analyses.duplicates import (
-    Relation,
     duplicate_findings,
     find_transposed_copies,
     find_untied_duplicates,
     transposed_findings,
 )
-from tiecheck.analyses.layers import compare_layers
+from tiecheck.analyses.expect import TieState, tied_findings
+from tiecheck.analyses.layers import compare_layers, declared_relations, superseded_dropped
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
-from tiecheck.analyses.memory import OPTIMIZERS, memory_summary, unreachable_bytes
+from tiecheck.analyses.memory import OPTIMIZERS, memory_summary, unreachable_bytes, unreachable_findings
 from tiecheck.analyses.packed import find_packed_heads, packed_head_findings
 from tiecheck.analyses.ties import find_overlaps, find_tie_groups, group_by_identity, tie_findings
 from tiecheck.errors import TiecheckError
-from tiecheck.facts import TensorFact, build_facts, build_module_facts
-from tiecheck.findings import SEVERITIES, Finding, finding, sort_findings
-from tiecheck.guard.expect import TieState, tied_findings
+from tiecheck.facts import TensorFact
+from tiecheck.findings import SEVERITIES, Finding, sort_findings
 from tiecheck.loaders import load_target
 from tiecheck.loaders.content import TorchContentReader
 from tiecheck.loaders.declared import live_model_declarations
-from tiecheck.loaders.packed import packings
-from tiecheck.loaders.peft_adapter import adapter_bytes, copies_equal
+from tiecheck.loaders.formats.peft_adapter import adapter_bytes, copies_equal
+from tiecheck.loaders.quantized import packings
 from tiecheck.loaders.subject import Subject
+from tiecheck.loaders.tensor_facts import build_facts, build_module_facts
 from tiecheck.report import Report
 from tiecheck.report.ignore import parse_ignores, with_ignored
 from tiecheck.report.rows import Row, TensorRows
@@ -331,24 +331,6 @@ def _flops_step(subject: Subject, flops: dict | None, step: Callable[[int, str],
     return got
 
 
-# A view saved alone is reported when its storage's unreachable bytes pass both bars.
-UNREACHABLE_MIN_BYTES = 4096
-
-
-# The Hugging Face loader's own checks (TC010 stored twice and different, TC011 config against
-# architecture or files) and the tie candidate (TC006) describe a pair that the declared layer
-# reports with its consequence (TC015-TC017) once declarations are read: one finding per pair,
-# the declared layer's.
-SUPERSEDED_BY_LAYERS = frozenset({"TC006", "TC010", "TC011"})
-
-
-def superseded_dropped(findings: list[Finding], layer_findings: list[Finding]) -> list[Finding]:
-    """``findings`` without the loader checks whose names a declared-layer finding covers."""
-    covered = [set(f.names) for f in layer_findings if f.code in ("TC015", "TC016", "TC017")]
-    return [f for f in findings
-            if not (f.code in SUPERSEDED_BY_LAYERS and any(set(f.names) <= c for c in covered))]
-
-
 def stored_unreachable(subject: Subject, facts: Sequence[TensorFact]) -> list[dict]:
     """Bytes the files store that no name reaches; only for files whose storages are written whole."""
     if subject.module is not None:
@@ -359,36 +341,11 @@ def stored_unreachable(subject: Subject, facts: Sequence[TensorFact]) -> list[di
     return unreachable_bytes(facts, whole_file)
 
 
-def unreachable_findings(entries: list[dict]) -> list[Finding]:
-    out = []
-    for u in entries:
-        if u["unreachable_bytes"] >= UNREACHABLE_MIN_BYTES and u["unreachable_bytes"] > u["reachable_bytes"]:
-            out.append(finding("TC021", f"{', '.join(u['names'][:3])} reach{'es' if len(u['names']) == 1 else ''} "
-                                        f"{u['reachable_bytes']:,} of the {u['storage_bytes']:,} bytes stored for "
-                                        f"{'its' if len(u['names']) == 1 else 'their'} storage: "
-                                        f"{u['unreachable_bytes']:,} bytes on disk no name reaches",
-                               u["names"], bytes=u["unreachable_bytes"]))
-    return out
-
-
 def subject_declarations(subject: Subject) -> tuple[list[dict], list[dict], list[str]]:
     """(declarations, declared pairs, notes): the loader's, or a live transformers model's own."""
     if not subject.declarations and subject.module is not None:
         return live_model_declarations(subject.module)
     return subject.declarations, subject.declared_pairs, []
-
-
-def declared_relations(pairs: Sequence[dict]) -> list[Relation]:
-    """The pairs a declaration ties (a class's ``_tied_weights_keys``, an alias map, a config flag): a copy
-    between them is a broken tie."""
-    out = []
-    for p in pairs:
-        if p["declared"] and len(p["names"]) == 2:
-            a, b = sorted(p["names"])
-            by = " and ".join(p["by"])
-            out.append(Relation((a, b), True, f"{by} tie{'s' if len(p['by']) == 1 else ''} {a} and {b}, so this is "
-                                              f"a broken tie"))
-    return out
 
 
 def declared_layer(subject: Subject, facts: Sequence[TensorFact],

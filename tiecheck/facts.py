@@ -1,18 +1,21 @@
-"""Per-tensor facts: everything the analyses need, read from torch once.
+"""The records the loaders hand to the analyses: one TensorFact per name, and what a name says of itself.
 
-Analyses never touch torch; they read these records. That keeps them fast, pure and
-testable with hand-made facts (see tests/test_analyses.py).
+Analyses never touch torch; they read these records. That keeps them fast, pure and testable with
+hand-made facts (see tests/test_analyses.py). The loaders describe tensors
+(``loaders/tensor_facts.py`` reads them from torch, a format reader from its file's header) and the
+analyses read the descriptions; this module imports neither, nor torch.
+
+Beside ``TensorFact``: ``ModuleFact`` (a module's declared features), ``Packing`` (how a quantized
+tensor is stored), the role a tensor's name and owner give it (input embedding, output
+projection) and the Python path that reaches a name from the model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from tiecheck.loaders.subject import Subject
 
 # Key that identifies one allocation: (device, address of the storage's first byte).
 StorageKey = tuple[str, int]
@@ -94,58 +97,6 @@ def span_elements(shape: Iterable[int], stride: Iterable[int]) -> int:
     return 1 + sum((n - 1) * abs(s) for n, s in zip(shape, stride, strict=True))
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def fact_of(name: str, t, *, role: str = "tensor", obj_id: int | None = None, owner: str | None = None,
-            owner_type: str | None = None, persistent: bool = True) -> TensorFact:
-    """Describe one tensor without reading its values."""
-    import torch  # noqa: PLC0415 - TensorFact is torch-free so analyses stay torch-free; building facts reads tensors
-
-    shape = tuple(int(n) for n in t.shape)
-    try:
-        stride = tuple(int(s) for s in t.stride())
-    except (RuntimeError, NotImplementedError):  # sparse and other layouts without strides
-        stride = ()
-    itemsize = t.element_size()
-    device = str(t.device)
-    storage = None
-    start = end = storage_bytes = 0
-    if t.device.type != "meta" and t.layout == torch.strided:
-        try:
-            st = t.untyped_storage()
-            ptr = st.data_ptr()
-        except (RuntimeError, NotImplementedError, TypeError):  # fake / functional tensors
-            ptr = 0
-        if ptr:
-            storage = (device, ptr)
-            storage_bytes = st.nbytes()
-            start = t.storage_offset() * itemsize
-            end = start + span_elements(shape, stride) * itemsize
-    if owner is None:
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-    return TensorFact(
-        name=name,
-        shape=shape,
-        stride=stride,
-        dtype=_dtype_name(t.dtype),
-        itemsize=itemsize,
-        device=device,
-        storage=storage,
-        byte_start=start,
-        byte_end=end,
-        obj_id=obj_id,
-        role=role,
-        owner=owner,
-        owner_type=owner_type,
-        requires_grad=bool(getattr(t, "requires_grad", False)),
-        is_floating=bool(t.is_floating_point() or t.is_complex()),
-        storage_bytes=storage_bytes,
-        persistent=persistent,
-    )
-
-
 @dataclass(frozen=True)
 class ModuleFact:
     """The few module attributes the lint rules need (e.g. a Linear's declared features)."""
@@ -158,74 +109,50 @@ class ModuleFact:
         return dict(self.attrs).get(key, default)
 
 
-_MODULE_ATTRS = ("in_features", "out_features", "num_embeddings", "embedding_dim", "padding_idx")
+@dataclass(frozen=True)
+class Packing:
+    """How a tensor is stored when its stored shape or dtype is not its logical one."""
 
+    shape: tuple[int, ...]  # the logical shape (e.g. [vocab, hidden]) whatever the stored one
+    format: str  # e.g. "nf4 (bitsandbytes 4-bit)", "Q8_0 (GGUF)", "int8 (bitsandbytes LLM.int8)"
+    companions: tuple[str, ...] = ()  # names stored with it that only it needs (scales, quant state)
+    role: str | None = None  # "embedding" or "head" where the format names the role (GGUF)
 
-def build_module_facts(module) -> dict[str, ModuleFact]:
-    if module is None:
-        return {}
-    out = {}
-    for path, sub in module.named_modules(remove_duplicate=False):
-        # Plain attributes live in __dict__; reading them there avoids nn.Module.__getattr__,
-        # which is slow on a miss and would dominate on models with thousands of modules.
-        own = vars(sub)
-        attrs = tuple((a, own[a]) for a in _MODULE_ATTRS if a in own and isinstance(own[a], (int, type(None))))
-        out.setdefault(path, ModuleFact(path=path, type=type(sub).__name__, attrs=attrs))
+def attr_path(name: str, var: str = "model") -> str:
+    """The Python expression that reaches a dotted name from ``var``: ``model.transformer.h[0].weight``
+    for ``transformer.h.0.weight`` (``var`` alone for the root's empty path)."""
+    out = var
+    for part in name.split(".") if name else ():
+        out += f"[{part}]" if part.isdigit() else f".{part}"
     return out
 
 
-def tensor_facts(tensors: Mapping) -> list[TensorFact]:
-    """Facts of a name -> tensor mapping read from files (role ``"tensor"``): from the mapping's own
-    ``facts()`` when it has one (a loader that describes its tensors without making them), else
-    one ``fact_of`` per tensor."""
-    described = getattr(tensors, "facts", None)
-    if callable(described):
-        return described()
-    return [fact_of(name, t, role="tensor") for name, t in tensors.items()]
+# -- roles: what a name and its owning module say a tensor is ----------------------------------
+
+# Conventional names; transformers' own among them (CTRL's transformer.w, GPT's tokens_embed, XLNet's
+# word_embedding and lm_loss, DistilBERT's vocab_projector, ELECTRA's generator_lm_head, XLM's
+# pred_layer.proj, T5Gemma's lm_head.out_proj): a bare state dict has nothing but its names.
+_EMBED_NAME = re.compile(
+    r"(^|\.)(wte|tok_embeddings|tok_emb|embed_tokens|word_embeddings|embed_in|shared|embedding|embeddings|"
+    r"src_embed|tgt_embed|src_emb|tgt_emb|encoder_embed|decoder_embed|token_embedding|input_embedding|"
+    r"tokens_embed|word_embedding|transformer\.w)"
+    r"(\.weight)?$")
+_HEAD_NAME = re.compile(
+    r"(^|\.)(lm_head|head|output|output_projection|out|generator|decoder|embed_out|proj_out|logits|"
+    r"pre_softmax|output_layer|generator_lm_head|vocab_projector|lm_loss|pred_layer\.proj|lm_head\.out_proj)"
+    r"\.weight$")
+_NOT_TOKEN_EMBED = re.compile(r"(pos|position|wpe|token_type|segment|type_emb|rel|bucket)", re.I)
 
 
-def build_facts(subject: Subject, modules: dict[str, ModuleFact] | None = None) -> list[TensorFact]:
-    """Facts for every named tensor of a subject, in the subject's order."""
-    module = subject.module
-    if module is None:
-        return tensor_facts(subject.tensors)
-
-    if modules is None:
-        modules = build_module_facts(module)
-    owners = {path: m.type for path, m in modules.items()}
-    param_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    transient = non_persistent_buffers(module)
-    facts = []
-    for name, t in subject.tensors.items():
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        is_param = name in param_names
-        facts.append(
-            fact_of(
-                name,
-                t,
-                role="parameter" if is_param else "buffer",
-                obj_id=id(t),
-                owner=owner,
-                owner_type=owners.get(owner),
-                persistent=is_param or name not in transient,
-            )
-        )
-    return facts
+def is_embedding(f: TensorFact) -> bool:
+    if len(f.shape) != 2 or f.attr != "weight" or _NOT_TOKEN_EMBED.search(f.owner.rsplit(".", 1)[-1] or ""):
+        return False
+    if f.owner_type is not None:
+        return f.owner_type == "Embedding" or bool(_EMBED_NAME.search(f.name) and "Embedding" in f.owner_type)
+    return bool(_EMBED_NAME.search(f.name))
 
 
-def non_persistent_buffers(module) -> set[str]:
-    """Names of the buffers ``module`` keeps out of its state dict (``persistent=False``), under every path."""
-    out = set()
-    for path, sub in module.named_modules(remove_duplicate=False):
-        # torch's own record of them: what state_dict() leaves out.
-        for b in getattr(sub, "_non_persistent_buffers_set", ()):
-            out.add(f"{path}.{b}" if path else b)
-    return out
-
-
-def module_tensors(module) -> dict:
-    """Every parameter and buffer of a module under every name it is reachable by."""
-    tensors = dict(module.named_parameters(remove_duplicate=False))
-    for name, b in module.named_buffers(remove_duplicate=False):
-        tensors.setdefault(name, b)
-    return tensors
+def is_output_projection(f: TensorFact) -> bool:
+    if len(f.shape) != 2 or not _HEAD_NAME.search(f.name):
+        return False
+    return f.owner_type is None or f.owner_type == "Linear" or "Linear" in f.owner_type

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tiecheck.errors import TiecheckError
+from tiecheck.facts import attr_path
 
 MODES = ("to_empty", "assign", "move")
 
@@ -37,14 +38,6 @@ class Lost:
     names: tuple[str, ...]
     memory_shared: bool  # the names still share storage (distinct Parameters over one tensor)
     retie: list[str] = field(default_factory=list)  # Python lines that re-tie them
-
-
-def attr_expr(name: str, var: str = "model") -> str:
-    """``model.transformer.h[0].weight`` for ``transformer.h.0.weight``."""
-    out = var
-    for part in name.split("."):
-        out += f"[{part}]" if part.isdigit() else f".{part}"
-    return out
 
 
 def tie_groups(model: nn.Module) -> list[tuple[str, ...]]:
@@ -80,7 +73,7 @@ def _lost(model: nn.Module, groups: Iterable[tuple[str, ...]], mode: str) -> lis
         ptrs = {p.untyped_storage().data_ptr() for p in params}
         shared = len(ptrs) == 1 and params[0].device.type != "meta"
         out.append(Lost(mode=mode, names=names, memory_shared=shared,
-                        retie=[f"{attr_expr(n)} = {attr_expr(names[0])}" for n in names[1:]]))
+                        retie=[f"{attr_path(n)} = {attr_path(names[0])}" for n in names[1:]]))
     return out
 
 

@@ -7,7 +7,7 @@
 Construction runs the library's tie analysis once (``tiecheck.facts`` then
 ``tiecheck.analyses.ties.find_tie_groups``). A check then looks only at the names of the guarded
 groups: it reaches each Parameter through its owning module, describes it with
-``tiecheck.facts.fact_of`` (object identity and storage extent, never a value) and groups those
+``tiecheck.loaders.tensor_facts.fact_of`` (object identity and storage extent, never a value) and groups those
 few facts with ``find_tie_groups`` again. Its cost depends on how many names are tied, not on
 the size of the model, so it can run every step.
 
@@ -26,14 +26,15 @@ from typing import Any
 
 import torch
 
+from tiecheck.analyses.expect import assignment
 from tiecheck.analyses.ties import SAME_PARAMETER, find_tie_groups, group_by_identity
 from tiecheck.errors import TiecheckError
-from tiecheck.facts import TensorFact, build_facts, fact_of
+from tiecheck.facts import TensorFact
 from tiecheck.findings import finding
-from tiecheck.guard.expect import assignment
 from tiecheck.loaders import from_module
 from tiecheck.loaders.declared import live_model_declarations
-from tiecheck.loaders.safetensors_files import stored_names
+from tiecheck.loaders.formats.safetensors_files import stored_names
+from tiecheck.loaders.tensor_facts import build_facts, fact_of
 from tiecheck.report.text import human_bytes
 from tiecheck.testing import TieAssertionError
 

@@ -20,11 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tiecheck.api import analyze
-from tiecheck.errors import TiecheckError
-from tiecheck.findings import SEVERITY_RANK, Finding, finding
-from tiecheck.guard import snapshot as snap
-from tiecheck.guard.expect import (
+from tiecheck.analyses.expect import (
     TieState,
     group_lines,
     not_tied_findings,
@@ -32,6 +28,10 @@ from tiecheck.guard.expect import (
     tied_findings,
     untied_hint,
 )
+from tiecheck.api import analyze
+from tiecheck.check import snapshot as snap
+from tiecheck.errors import TiecheckError
+from tiecheck.findings import SEVERITY_RANK, Finding, finding
 from tiecheck.materialize import MODES, check_materialization, describe
 from tiecheck.report import Report
 
@@ -179,12 +179,12 @@ def assert_tied(model: Any, *names: str) -> None:
     __tracebackhide__ = True
     names = _names_arg("assert_tied", names)
     report = report_of(model, duplicates=False)
-    state = TieState.from_report(report)
+    state = report.tie_state()
     _check_names(state, names, f"assert_tied({', '.join(names)})", report)
     if not _tied_failures(state, report, names):
         return
     report = _explained(model, report)
-    state = TieState.from_report(report)
+    state = report.tie_state()
     failures = _tied_failures(state, report, names)
     if len(names) == 1:
         head = f"expected {names[0]} to be tied to another name in {_target(report)}, but it is not"
@@ -230,7 +230,7 @@ def assert_not_tied(model: Any, *names: str) -> None:
     __tracebackhide__ = True
     names = _names_arg("assert_not_tied", names)
     report = report_of(model, duplicates=False)
-    state = TieState.from_report(report)
+    state = report.tie_state()
     _check_names(state, names, f"assert_not_tied({', '.join(names)})", report)
     failures = not_tied_findings(state, [names])
     if not failures:
@@ -265,7 +265,7 @@ def assert_no_broken_ties(model: Any) -> None:
         reason = (report.content or {}).get("reason", "the content pass did not run")
         raise TiecheckError(f"{_target(report)}: cannot look for broken ties: {reason}; pass a model with its "
                             f"weights (not on the meta device) or a report made with duplicates=True")
-    state = TieState.from_report(report)
+    state = report.tie_state()
     # An info TC005 is equal values nothing ties (a deterministic initialisation): no broken tie.
     broken = [f for f in report.findings if f["code"] in BROKEN_TIE_CODES and f["severity"] != "info"]
     if not broken:
@@ -351,7 +351,7 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
         accept_errors: let an update record a state with error findings (a broken tie); without
             it such an update is refused.
         on_changes: called with what an update changed in the file (each tie group it removes,
-            adds or changes, as :func:`tiecheck.guard.snapshot.update` lists them).
+            adds or changes, as :func:`tiecheck.check.snapshot.update` lists them).
 
     Returns:
         ``"created"``, ``"updated"`` or ``"unchanged"`` in update mode; ``"matched"`` otherwise.
@@ -380,12 +380,12 @@ def match_snapshot(model: Any, path: str | os.PathLike, *, update: bool = False,
                                 f"or `tiecheck check TARGET --expect {label} --update`")
         raise SnapshotMissingError(f"no tie snapshot at {label}: {how}")
     expected = snap.read(path)
-    state = TieState.from_report(report)
+    state = report.tie_state()
     findings = snapshot_findings(state, expected.groups, origin=label)
     if not findings:
         return "matched"
     report = _explained(model, report)
-    state = TieState.from_report(report)
+    state = report.tie_state()
     findings = snapshot_findings(state, expected.groups, origin=label)
     lines = [f"tie groups of {_target(report)} differ from the snapshot {label}",
              "  expected:"] + [f"    {g}" for g in group_lines((g.names, g.kind) for g in expected.groups)]

@@ -66,11 +66,11 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
 }
 # The loaders' path checks: only the lines of the check itself are mutated (found by marker).
 PATH_CHECKS = {
-    "tiecheck/loaders/safetensors_files.py": ("def shard_paths(", "return by_shard",
+    "tiecheck/loaders/formats/safetensors_files.py": ("def shard_paths(", "return by_shard",
                                               ["tests/test_shard_index.py", "tests/test_shard_messages.py",
                                                "tests/test_contained_paths.py"]),
     # test_contained_paths only holds hostile names: a check that refused every name would pass it.
-    "tiecheck/loaders/dcp.py": ("    files: dict[str, int] = {}", "files[rel] = p.stat().st_size",
+    "tiecheck/loaders/formats/dcp.py": ("    files: dict[str, int] = {}", "files[rel] = p.stat().st_size",
                                 ["tests/test_formats.py::test_dcp_folder_reads_metadata_and_maps_chunks",
                                  "tests/test_formats.py::test_dcp_missing_data_file_and_truncation",
                                  "tests/test_contained_paths.py"]),

@@ -8,29 +8,14 @@ when a live module is analysed, else from conventional names.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
 from tiecheck.analyses.duplicates import Relation
-from tiecheck.facts import TensorFact
+from tiecheck.facts import TensorFact, is_embedding, is_output_projection
 from tiecheck.findings import Finding, finding
-
-# Conventional names; transformers' own among them (CTRL's transformer.w, GPT's tokens_embed, XLNet's
-# word_embedding and lm_loss, DistilBERT's vocab_projector, ELECTRA's generator_lm_head, XLM's
-# pred_layer.proj, T5Gemma's lm_head.out_proj): a bare state dict has nothing but its names.
-_EMBED_NAME = re.compile(
-    r"(^|\.)(wte|tok_embeddings|tok_emb|embed_tokens|word_embeddings|embed_in|shared|embedding|embeddings|"
-    r"src_embed|tgt_embed|src_emb|tgt_emb|encoder_embed|decoder_embed|token_embedding|input_embedding|"
-    r"tokens_embed|word_embedding|transformer\.w)"
-    r"(\.weight)?$")
-_HEAD_NAME = re.compile(
-    r"(^|\.)(lm_head|head|output|output_projection|out|generator|decoder|embed_out|proj_out|logits|"
-    r"pre_softmax|output_layer|generator_lm_head|vocab_projector|lm_loss|pred_layer\.proj|lm_head\.out_proj)"
-    r"\.weight$")
-_NOT_TOKEN_EMBED = re.compile(r"(pos|position|wpe|token_type|segment|type_emb|rel|bucket)", re.I)
 
 
 @dataclass(frozen=True)
@@ -44,20 +29,6 @@ class Candidate:
     def to_dict(self) -> dict:
         return {"names": list(self.names), "relation": self.relation, "shape": list(self.shape),
                 "dtype": self.dtype, "bytes_saved": self.bytes_saved}
-
-
-def is_embedding(f: TensorFact) -> bool:
-    if len(f.shape) != 2 or f.attr != "weight" or _NOT_TOKEN_EMBED.search(f.owner.rsplit(".", 1)[-1] or ""):
-        return False
-    if f.owner_type is not None:
-        return f.owner_type == "Embedding" or bool(_EMBED_NAME.search(f.name) and "Embedding" in f.owner_type)
-    return bool(_EMBED_NAME.search(f.name))
-
-
-def is_output_projection(f: TensorFact) -> bool:
-    if len(f.shape) != 2 or not _HEAD_NAME.search(f.name):
-        return False
-    return f.owner_type is None or f.owner_type == "Linear" or "Linear" in f.owner_type
 
 
 def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from tiecheck.analyses.expect import assignment
 from tiecheck.analyses.ties import IdentityIndex, group_by_identity
 from tiecheck.facts import TensorFact
 from tiecheck.findings import RULES, Finding, finding
-from tiecheck.guard.expect import assignment
 
 
 class ContentReader(Protocol):

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tiecheck.analyses.duplicates import Relation
 from tiecheck.facts import TensorFact
 from tiecheck.findings import Finding, finding
 
@@ -167,4 +168,31 @@ def _row_findings(r: LayerRow, p: Mapping[str, Any], stored_copies) -> list[Find
         elif r.physical == TIED and r.stored in (NO_FILES, SHARED):
             out.append(finding("TC018", f"{_decl_text(r.by, False)}, but {target} and {source} share memory: a "
                                         f"loader that trusts the declaration builds two tensors", names))
+    return out
+
+
+# The Hugging Face loader's own checks (TC010 stored twice and different, TC011 config against
+# architecture or files) and the tie candidate (TC006) describe a pair that the declared layer
+# reports with its consequence (TC015-TC017) once declarations are read: one finding per pair,
+# the declared layer's.
+SUPERSEDED_BY_LAYERS = frozenset({"TC006", "TC010", "TC011"})
+
+
+def superseded_dropped(findings: list[Finding], layer_findings: list[Finding]) -> list[Finding]:
+    """``findings`` without the loader checks whose names a declared-layer finding covers."""
+    covered = [set(f.names) for f in layer_findings if f.code in ("TC015", "TC016", "TC017")]
+    return [f for f in findings
+            if not (f.code in SUPERSEDED_BY_LAYERS and any(set(f.names) <= c for c in covered))]
+
+
+def declared_relations(pairs: Sequence[dict]) -> list[Relation]:
+    """The pairs a declaration ties (a class's ``_tied_weights_keys``, an alias map, a config flag): a copy
+    between them is a broken tie."""
+    out = []
+    for p in pairs:
+        if p["declared"] and len(p["names"]) == 2:
+            a, b = sorted(p["names"])
+            by = " and ".join(p["by"])
+            out.append(Relation((a, b), True, f"{by} tie{'s' if len(p['by']) == 1 else ''} {a} and {b}, so this is "
+                                              f"a broken tie"))
     return out

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 from tiecheck.analyses.ties import IdentityIndex, TieGroup, group_by_identity
 from tiecheck.facts import TensorFact
+from tiecheck.findings import Finding, finding
 
 OPTIMIZERS = ("adamw", "sgd", "none")
 _STATES = {"adamw": 2, "sgd": 1, "none": 0}
@@ -240,3 +241,20 @@ def unreachable_bytes(facts: Sequence[TensorFact], skip: set[str] = frozenset())
             out.append({"names": sorted({f.name for f in members}), "storage_bytes": size,
                         "reachable_bytes": covered, "unreachable_bytes": size - covered})
     return sorted(out, key=lambda d: (-d["unreachable_bytes"], d["names"]))
+
+
+# A view saved alone is reported when its storage's unreachable bytes pass both bars.
+UNREACHABLE_MIN_BYTES = 4096
+
+
+def unreachable_findings(entries: list[dict]) -> list[Finding]:
+    """TC021 for each storage whose unreachable bytes pass ``UNREACHABLE_MIN_BYTES`` and outweigh the reachable ones."""
+    out = []
+    for u in entries:
+        if u["unreachable_bytes"] >= UNREACHABLE_MIN_BYTES and u["unreachable_bytes"] > u["reachable_bytes"]:
+            out.append(finding("TC021", f"{', '.join(u['names'][:3])} reach{'es' if len(u['names']) == 1 else ''} "
+                                        f"{u['reachable_bytes']:,} of the {u['storage_bytes']:,} bytes stored for "
+                                        f"{'its' if len(u['names']) == 1 else 'their'} storage: "
+                                        f"{u['unreachable_bytes']:,} bytes on disk no name reaches",
+                               u["names"], bytes=u["unreachable_bytes"]))
+    return out

@@ -15,19 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tiecheck.analyses.candidates import is_embedding, is_output_projection
-from tiecheck.facts import TensorFact
+from tiecheck.facts import Packing, TensorFact, is_embedding, is_output_projection
 from tiecheck.findings import Finding, finding
-
-
-@dataclass(frozen=True)
-class Packing:
-    """How a tensor is stored when its stored shape or dtype is not its logical one."""
-
-    shape: tuple[int, ...]  # the logical shape (e.g. [vocab, hidden]) whatever the stored one
-    format: str  # e.g. "nf4 (bitsandbytes 4-bit)", "Q8_0 (GGUF)", "int8 (bitsandbytes LLM.int8)"
-    companions: tuple[str, ...] = ()  # names stored with it that only it needs (scales, quant state)
-    role: str | None = None  # "embedding" or "head" where the format names the role (GGUF)
 
 
 @dataclass(frozen=True)

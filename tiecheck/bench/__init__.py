@@ -15,7 +15,7 @@ and ``plot`` (output).
 
 from __future__ import annotations
 
-from tiecheck.bench.render import FORMATS, render
+from tiecheck.bench.result_text import FORMATS, render
 from tiecheck.bench.results import BenchResult
 from tiecheck.bench.runner import BenchConfig, run_bench
 

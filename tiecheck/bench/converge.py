@@ -56,7 +56,6 @@ from tiecheck.bench import device as D
 from tiecheck.bench import stats, usermodel
 from tiecheck.bench.dataset import Data, prepare_data, seed_batches
 from tiecheck.bench.flops import flops_shape, step_flops
-from tiecheck.bench.plan import positive
 from tiecheck.bench.protocol import (
     diverged,
     identical_weights,
@@ -76,6 +75,7 @@ from tiecheck.bench.seeds import (
     ppl_verdict,
     separation_step,
 )
+from tiecheck.bench.settings import positive
 from tiecheck.bench.usermodel import UserModel, logits_of
 from tiecheck.errors import TiecheckError
 

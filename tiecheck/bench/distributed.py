@@ -13,7 +13,7 @@ What crosses the network is counted from the collectives issued, not from a form
   own defaults, installed with ``FSDPModule.set_custom_all_gather`` / ``set_custom_reduce_scatter``;
   the figure is the size of the gathered (unsharded) buffer and of the reduce-scatter input.
 
-The fsdp2 strategy wraps with the plan of :mod:`tiecheck.shard.wrap` (every block its own unit,
+The fsdp2 strategy wraps with the plan of :mod:`tiecheck.plan.wrap` (every block its own unit,
 the root last), fixed by the planner when a tie would straddle units -- so a tied model is
 wrapped correctly by construction.
 """
@@ -51,12 +51,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tiecheck import __version__
 from tiecheck.bench import device as D
 from tiecheck.bench import stats
-from tiecheck.bench.plan import LR, VARIANTS, WEIGHT_DECAY, BenchConfig, Plan, order_of_round, resolve
 from tiecheck.bench.protocol import Batch, Variant, make_batches
 from tiecheck.bench.results import bytes_verdict
+from tiecheck.bench.settings import LR, VARIANTS, WEIGHT_DECAY, BenchConfig, Plan, order_of_round, resolve
 from tiecheck.errors import TiecheckError
+from tiecheck.plan.wrap import apply_plan, check_plan
 from tiecheck.report.text import human_bytes
-from tiecheck.shard.wrap import apply_plan, check_plan
 
 STRATEGIES = ("ddp", "fsdp2")
 COLLECTIVES = {"ddp": ("all_reduce",), "fsdp2": ("all_gather", "reduce_scatter")}

@@ -31,7 +31,22 @@ from torch import nn
 from tiecheck import __version__
 from tiecheck.bench import device as D
 from tiecheck.bench.flops import FlopsShape, flops_shape, step_flops
-from tiecheck.bench.plan import (
+from tiecheck.bench.protocol import (
+    PHASES,
+    Batch,
+    Variant,
+    diverged,
+    identical_weights,
+    make_batches,
+    mark_batch_dynamic,
+    optimizer_state_bytes,
+    param_count,
+    still_tied,
+    tie_groups,
+    weight_bytes,
+)
+from tiecheck.bench.results import BenchResult, VariantRecord
+from tiecheck.bench.settings import (
     LEAK_TOLERANCE,
     LR,
     N_BATCHES,
@@ -48,21 +63,6 @@ from tiecheck.bench.plan import (
     order_of_round,
     resolve,
 )
-from tiecheck.bench.protocol import (
-    PHASES,
-    Batch,
-    Variant,
-    diverged,
-    identical_weights,
-    make_batches,
-    mark_batch_dynamic,
-    optimizer_state_bytes,
-    param_count,
-    still_tied,
-    tie_groups,
-    weight_bytes,
-)
-from tiecheck.bench.results import BenchResult, VariantRecord
 from tiecheck.bench.stats import MIN_ROUNDS_FOR_VERDICT
 from tiecheck.errors import TiecheckError
 from tiecheck.report.text import human_bytes

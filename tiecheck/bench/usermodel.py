@@ -43,7 +43,7 @@ from torch import nn
 from tiecheck import models
 from tiecheck.bench.protocol import tie_groups
 from tiecheck.errors import TiecheckError
-from tiecheck.loaders.spec import call_spec, looks_like_spec, resolve_spec
+from tiecheck.loaders.formats.spec import call_spec, looks_like_spec, resolve_spec
 from tiecheck.models.common import ModelOutput, lm_loss
 
 CONFIG = "config.json"

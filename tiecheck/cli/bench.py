@@ -214,7 +214,7 @@ def _converge(cfg, fmt: str, output: str | None, plot: str | None, progress_line
     """``--mode converge``: train, then print the curves and verdicts; exit 1 when a check failed."""
     from tiecheck.bench import converge  # noqa: PLC0415 - imported by _bench already: the same boundary
     from tiecheck.bench import plot as plots  # noqa: PLC0415 - the same boundary
-    from tiecheck.bench.render import render_converge  # noqa: PLC0415 - the same boundary
+    from tiecheck.bench.result_text import render_converge  # noqa: PLC0415 - the same boundary
 
     plan = converge.resolve(cfg)  # bad input fails here, before the corpus is read
     progress = Progress(plan.units(), lines=progress_lines)

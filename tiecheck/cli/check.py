@@ -2,7 +2,7 @@
 
 Checks each target against its expectations (a snapshot file, groups that must or must not be
 tied) and its findings (at ``fail-on`` or worse). Targets and expectations come from the command
-line or from ``[tool.tiecheck]`` in pyproject.toml (see :mod:`tiecheck.guard.policy`). Exit codes
+line or from ``[tool.tiecheck]`` in pyproject.toml (see :mod:`tiecheck.check.policy`). Exit codes
 as ``inspect``: 0 clean, 1 a check failed, 2 usage or input error (for any target).
 """
 
@@ -31,7 +31,7 @@ from tiecheck.errors import TiecheckError
 from tiecheck.report.text import clean, json_text, one_line
 
 if TYPE_CHECKING:
-    from tiecheck.guard.check import Outcome
+    from tiecheck.check.outcome import Outcome
 
 
 def render_text(outcomes: list[Outcome], update: bool) -> str:
@@ -149,8 +149,8 @@ def check(targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt
 def _check(progress, targets, expect_file, update, accept_errors, expect_tied, fail_on, fmt, config_file, no_config,
            declared_agrees, ignore, key, trust_pickle, trust_remote_code, debug):
     # The boundary where the work starts: checking analyses targets (torch, transformers).
-    from tiecheck.guard.check import check_target, shown  # noqa: PLC0415
-    from tiecheck.guard.policy import (  # noqa: PLC0415
+    from tiecheck.check.outcome import check_target, shown  # noqa: PLC0415
+    from tiecheck.check.policy import (  # noqa: PLC0415
         Policy,
         find_pyproject,
         load_policy,

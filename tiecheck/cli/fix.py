@@ -67,7 +67,7 @@ def _fix(target, output, dry_run, tie, untie, force, drop_optimizer, fmt, debug)
     try:
         # The boundary where the work starts: fix imports torch.
         from tiecheck.repair import fix as run_fix  # noqa: PLC0415
-        from tiecheck.repair.render import render  # noqa: PLC0415
+        from tiecheck.repair.fix_text import render  # noqa: PLC0415
 
         result = run_fix(target, output, dry_run=dry_run, tie=tie, untie=untie, force=force,
                          drop_optimizer=drop_optimizer, progress=progress if progress.enabled else None)

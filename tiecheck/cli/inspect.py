@@ -36,7 +36,7 @@ def _inputs(ctx: click.Context, param: click.Parameter, value: str | None) -> In
     if value is None:
         return None
     # The loaders package (file formats, bundled models) costs 0.1 s: only a given --inputs pays it here.
-    from tiecheck.loaders.spec import resolve_spec  # noqa: PLC0415
+    from tiecheck.loaders.formats.spec import resolve_spec  # noqa: PLC0415
 
     try:
         fn = resolve_spec(value)

@@ -21,7 +21,7 @@ def _wrap(ctx: click.Context, param: click.Parameter, value: str) -> object:
     if value in ("blocks", "none"):
         return value
     # Only a spec pays for the loaders package.
-    from tiecheck.loaders.spec import looks_like_spec, resolve_spec  # noqa: PLC0415
+    from tiecheck.loaders.formats.spec import looks_like_spec, resolve_spec  # noqa: PLC0415
 
     if not looks_like_spec(value):
         raise click.BadParameter(f"{value}: choose blocks, none, or a Python spec file.py:fn")
@@ -56,7 +56,7 @@ def plan(target: str, policy: object, fmt: str, output: str | None, debug: bool)
     try:
         # The boundary where the work starts: the loaders and the planner import torch.
         from tiecheck.loaders import load_target  # noqa: PLC0415
-        from tiecheck.shard.wrap import check_plan, render_text  # noqa: PLC0415
+        from tiecheck.plan.wrap import check_plan, render_text  # noqa: PLC0415
 
         progress(0, f"building {target} on the meta device")
         subject = load_target(target)

@@ -85,9 +85,9 @@ from tiecheck.flops.inputs import (
     module_device,
     synthesize_inputs,
 )
-from tiecheck.flops.layers import layer_of, plan_layers, traced_prefix
 from tiecheck.flops.moe import parameter_counts, traceable_experts
 from tiecheck.flops.reasons import fallback_note, needed_inputs, unavailable_reason
+from tiecheck.flops.repeats import layer_of, plan_layers, traced_prefix
 from tiecheck.flops.result import PARTS, FlopsResult
 
 with warnings.catch_warnings():
@@ -316,7 +316,7 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
         raise ValueError("inputs contain no tensor")
     cls = Classifier(module, _PREFIX, len(flat), mi.vocab_size, mi.family, attention)
     handles = make_handles(cls)
-    # On meta, identical layers are traced once and multiplied (see tiecheck.flops.layers).
+    # On meta, identical layers are traced once and multiplied (see tiecheck.flops.repeats).
     plan = plan_layers(module, cls.layer_names) if on_meta else None
     if plan is not None:
         cls.layer_of = lambda owner: layer_of(owner, plan)

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from tiecheck.errors import TargetError, did_you_mean
-from tiecheck.facts import module_tensors
-from tiecheck.loaders import bundled, detect, spec
+from tiecheck.loaders import detect
+from tiecheck.loaders.formats import bundled, spec
+from tiecheck.loaders.fsdp import wrapped_findings
 from tiecheck.loaders.names import check_names
 from tiecheck.loaders.subject import Source, Subject
-from tiecheck.shard.wrapped import wrapped_findings
+from tiecheck.loaders.tensor_facts import module_tensors
 
 # URLs read by range (loaders/remote.py); the scheme alone decides, so nothing is imported for a path.
 REMOTE_SCHEMES = ("https://", "http://", "s3://", "s3a://", "gs://", "gcs://", "hf://")
@@ -31,7 +32,7 @@ def from_module(module, target: str | None = None, fmt: str = "nn.Module", notes
 
 
 def from_mapping(obj: Mapping, key: str | None = None, target: str = "<state dict>") -> Subject:
-    from tiecheck.loaders.torchfile import pick_state  # noqa: PLC0415 - a loader that needs torch
+    from tiecheck.loaders.formats.torchfile import pick_state  # noqa: PLC0415 - a loader that needs torch
 
     tensors, used, notes = pick_state(obj, key, target)
     fmt = "training checkpoint" if used else "state dict"
@@ -87,7 +88,7 @@ def hf_folder_note(path: Path) -> str | None:
     folder = path.parent
     if not detect.is_hf_folder(folder):
         return None
-    from tiecheck.loaders.hf import read_config  # noqa: PLC0415 - a loader that needs torch
+    from tiecheck.loaders.formats.hf import read_config  # noqa: PLC0415 - a loader that needs torch
 
     try:
         cfg = read_config(folder)
@@ -108,35 +109,35 @@ def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pic
 
     target = str(path)
     if kind in (detect.TORCH_SAVE, detect.TORCH_SAVE_LEGACY):
-        from tiecheck.loaders import torchfile  # noqa: PLC0415 - a loader that needs torch
+        from tiecheck.loaders.formats import torchfile  # noqa: PLC0415 - a loader that needs torch
 
         return torchfile.load_torch_file(target, key=key, trust_pickle=trust_pickle)
     if kind == detect.SAFETENSORS:
-        from tiecheck.loaders.safetensors_files import load_safetensors_file  # noqa: PLC0415 - a loader that needs torch
+        from tiecheck.loaders.formats.safetensors_files import load_safetensors_file  # noqa: PLC0415 - a loader that needs torch
 
         return load_safetensors_file(path)
     if kind == detect.WEIGHTS_INDEX:
-        from tiecheck.loaders.safetensors_files import load_sharded  # noqa: PLC0415 - a loader that needs torch
+        from tiecheck.loaders.formats.safetensors_files import load_sharded  # noqa: PLC0415 - a loader that needs torch
 
         return load_sharded(path, detect.read_weights_index(path), trust_pickle=trust_pickle, progress=progress)
     if kind == detect.PT2:
-        from tiecheck.loaders.export import load_pt2  # noqa: PLC0415 - a loader that needs torch
+        from tiecheck.loaders.formats.export import load_pt2  # noqa: PLC0415 - a loader that needs torch
 
         return load_pt2(path, trust_pickle=trust_pickle)
     if kind == detect.TORCHSCRIPT:
-        from tiecheck.loaders.torchscript import load_torchscript  # noqa: PLC0415 - a loader that needs torch
+        from tiecheck.loaders.formats.torchscript import load_torchscript  # noqa: PLC0415 - a loader that needs torch
 
         return load_torchscript(path, trust_pickle=trust_pickle)
     if kind == detect.ONNX:
         try:
-            from tiecheck.loaders.onnx_files import load_onnx  # noqa: PLC0415 - onnx is the [onnx] extra
+            from tiecheck.loaders.formats.onnx_files import load_onnx  # noqa: PLC0415 - onnx is the [onnx] extra
         except ImportError as e:
             raise TargetError(f"{target}: an ONNX model; reading it needs the onnx package: "
                               f"pip install 'tiecheck[onnx]'") from e
         return load_onnx(path)
     if kind == detect.GGUF:
         try:
-            from tiecheck.loaders.gguf_files import load_gguf  # noqa: PLC0415 - gguf is the [gguf] extra
+            from tiecheck.loaders.formats.gguf_files import load_gguf  # noqa: PLC0415 - gguf is the [gguf] extra
         except ImportError as e:
             raise TargetError(f"{target}: a GGUF file; reading it needs the gguf package: "
                               f"pip install 'tiecheck[gguf]'") from e
@@ -151,15 +152,15 @@ def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = Fals
     try:
         if detect.is_dcp_folder(path):
             # torch.distributed.checkpoint takes a second to import: only DCP folders pay for it
-            from tiecheck.loaders.dcp import load_dcp  # noqa: PLC0415
+            from tiecheck.loaders.formats.dcp import load_dcp  # noqa: PLC0415
 
             return load_dcp(path, key=key)
         if detect.is_peft_folder(path):
-            from tiecheck.loaders.peft_adapter import load_adapter  # noqa: PLC0415 - a loader that needs torch (and peft)
+            from tiecheck.loaders.formats.peft_adapter import load_adapter  # noqa: PLC0415 - a loader that needs torch (and peft)
 
             return load_adapter(path)
         if detect.is_hf_folder(path):
-            from tiecheck.loaders.hf import load_hf_folder  # noqa: PLC0415 - a loader that needs torch
+            from tiecheck.loaders.formats.hf import load_hf_folder  # noqa: PLC0415 - a loader that needs torch
 
             return load_hf_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
                                   progress=progress)

@@ -36,10 +36,10 @@ from urllib.parse import quote, unquote, urljoin
 import torch
 
 from tiecheck.errors import TargetError, TiecheckError
-from tiecheck.facts import tensor_facts
 from tiecheck.loaders import REMOTE_SCHEMES, detect
 from tiecheck.loaders.content import register_stand_in, release_stand_in, tensor_layout
-from tiecheck.loaders.hf import PREFERRED, find_weights
+from tiecheck.loaders.formats.hf import PREFERRED, find_weights
+from tiecheck.loaders.formats.safetensors_files import DTYPES, header_length, read_header, shard_paths
 from tiecheck.loaders.ranges import (
     FetchStats,
     FsspecFile,
@@ -53,8 +53,8 @@ from tiecheck.loaders.ranges import (
     store_options,
     timeout,
 )
-from tiecheck.loaders.safetensors_files import DTYPES, header_length, read_header, shard_paths
 from tiecheck.loaders.subject import Subject
+from tiecheck.loaders.tensor_facts import tensor_facts
 
 URL_SCHEMES = tuple(s for s in REMOTE_SCHEMES if s != "hf://")
 CONFIG = detect.HF_CONFIG

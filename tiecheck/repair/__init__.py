@@ -15,10 +15,10 @@ from typing import Any
 
 from tiecheck.api import analyze_subject, stored_unreachable
 from tiecheck.errors import TiecheckError
-from tiecheck.facts import build_facts, build_module_facts
 from tiecheck.loaders import load_target
-from tiecheck.loaders.torchfile import torch_load
-from tiecheck.repair.plan import OPTIMIZER_KEYS, TORCH, Action, Plan, layout_of, make_plan, parse_tie, parse_untie
+from tiecheck.loaders.formats.torchfile import torch_load
+from tiecheck.loaders.tensor_facts import build_facts, build_module_facts
+from tiecheck.repair.actions import OPTIMIZER_KEYS, TORCH, Action, Plan, layout_of, make_plan, parse_tie, parse_untie
 from tiecheck.repair.verify import Check, verify
 from tiecheck.repair.write import check_output, clear_stale, discard, publish, temp_path, write
 

@@ -22,8 +22,8 @@ import torch
 from tiecheck.api import analyze_subject
 from tiecheck.loaders import load_target
 from tiecheck.loaders.content import FileRangeCompare, TorchContentReader
-from tiecheck.loaders.hf import _quiet_transformers, read_config
-from tiecheck.repair.plan import HF_FOLDER, SAFETENSORS, TORCH, Plan
+from tiecheck.loaders.formats.hf import _quiet_transformers, read_config
+from tiecheck.repair.actions import HF_FOLDER, SAFETENSORS, TORCH, Plan
 from tiecheck.repair.write import _kept
 
 

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from tiecheck.errors import TargetError, TiecheckError
-from tiecheck.loaders.safetensors_files import DTYPES, Header, read_header
-from tiecheck.loaders.torchfile import strip_wrapper_prefixes
-from tiecheck.repair.plan import HF_FOLDER, SAFETENSORS, SHARDED, TORCH, Plan
+from tiecheck.loaders.formats.safetensors_files import DTYPES, Header, read_header
+from tiecheck.loaders.formats.torchfile import strip_wrapper_prefixes
+from tiecheck.repair.actions import HF_FOLDER, SAFETENSORS, SHARDED, TORCH, Plan
 from tiecheck.report.safewrite import UnsafeOutputError, input_paths, is_inside
 
 CHUNK = 64 << 20  # bytes per copy call: bounds memory on the fallback path

@@ -10,6 +10,7 @@ from itertools import chain
 from typing import Any
 
 from tiecheck import __version__
+from tiecheck.analyses.expect import TieState
 from tiecheck.findings import SEVERITY_RANK
 from tiecheck.report.text import escape_json, json_text
 
@@ -123,6 +124,12 @@ class Report:
     def exit_code(self, fail_on: str = "error") -> int:
         """0 when clean, 1 when a check failed (the CLI's contract)."""
         return 1 if self.failing_findings(fail_on) else 0
+
+    def tie_state(self) -> TieState:
+        """The tie facts expectations are held against (:mod:`tiecheck.analyses.expect`)."""
+        names = [t["name"] for t in self.tensors] or [n for g in self.tie_groups for n in g["names"]]
+        return TieState.build(self.tie_groups, names, self.untied_duplicates,
+                              content_known=bool((self.content or {}).get("ran")))
 
     def group_of(self, name: str) -> dict[str, Any] | None:
         for g in self.tie_groups:

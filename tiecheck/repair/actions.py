@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tiecheck.analyses.candidates import is_embedding, is_output_projection
 from tiecheck.analyses.layers import TWO_DIFFERENT, TWO_EQUAL
 from tiecheck.errors import TiecheckError
-from tiecheck.facts import fact_of
+from tiecheck.facts import is_embedding, is_output_projection
 from tiecheck.loaders import detect
 from tiecheck.loaders.content import TorchContentReader
-from tiecheck.loaders.hf import find_weights
+from tiecheck.loaders.formats.hf import find_weights
+from tiecheck.loaders.tensor_facts import fact_of
 
 # The layouts a corrected copy can be written in.
 SAFETENSORS, SHARDED, HF_FOLDER, TORCH = "safetensors", "sharded safetensors", "Hugging Face folder", "torch.save"

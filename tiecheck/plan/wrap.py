@@ -31,26 +31,11 @@ import torch
 from torch import nn
 
 from tiecheck.errors import TiecheckError
+from tiecheck.facts import attr_path
+from tiecheck.loaders.fsdp import torch_refuses_shared_params
 
 POLICIES = ("blocks", "none")
 ROOT = ""
-
-
-def torch_refuses_shared_params() -> bool:
-    """Whether the running torch refuses, at the root's first forward, a Parameter two FSDP2 units manage.
-
-    Asked of torch itself (the check's presence on ``FSDPState``), not of its version number:
-    torch 2.13 has it, 2.11 does not, and a release between is whatever it is.
-
-    Returns:
-        True when ``fully_shard`` raises the duplicate-parameter ValueError; False when it
-        trains the copies apart, or when this torch has no FSDP2 at all.
-    """
-    try:
-        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState  # noqa: PLC0415 - torch.distributed costs a second; only the verdict needs it
-    except ImportError:
-        return False
-    return hasattr(FSDPState, "_validate_no_duplicate_params")
 
 
 @dataclass(frozen=True)
@@ -65,24 +50,11 @@ class Unit:
 
     def call(self, var: str = "model") -> str:
         """The Python line that applies this unit, e.g. ``fully_shard([model.a, model.b])``."""
-        exprs = [_expr(var, p) for p in self.paths]
+        exprs = [attr_path(p, var) for p in self.paths]
         return f"fully_shard({exprs[0]})" if len(exprs) == 1 else f"fully_shard([{', '.join(exprs)}])"
 
     def label(self) -> str:
         return ", ".join(p or "<root>" for p in self.paths)
-
-
-def attr_path(path: str, var: str = "model") -> str:
-    """``model.transformer.h[0]`` for the module path ``transformer.h.0`` (``model`` for the root)."""
-    return _expr(var, path)
-
-
-def _expr(var: str, path: str) -> str:
-    """``model.transformer.h[0]`` for ``transformer.h.0``: the attribute path a user types."""
-    out = var
-    for part in path.split(".") if path else []:
-        out += f"[{part}]" if part.isdigit() else f".{part}"
-    return out
 
 
 @dataclass

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tiecheck.analyses.packed import Packing
-from tiecheck.facts import TensorFact
+from tiecheck.facts import Packing, TensorFact
 from tiecheck.loaders.safejson import parse_json
 from tiecheck.loaders.subject import Subject
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tiecheck import __version__
+from tiecheck.analyses.expect import ExpectedGroup, kinds_match
 from tiecheck.analyses.ties import KINDS
 from tiecheck.errors import TiecheckError
-from tiecheck.guard.expect import ExpectedGroup, kinds_match
 from tiecheck.report.safewrite import UnsafeOutputError, write_text
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tiecheck.errors import TargetError
-from tiecheck.facts import TensorFact, fact_of
+from tiecheck.facts import TensorFact
 from tiecheck.findings import finding
 from tiecheck.loaders.declared import alias_declarations, alias_map
 from tiecheck.loaders.detect import (
@@ -40,10 +40,11 @@ from tiecheck.loaders.detect import (
     sniff_file,
 )
 from tiecheck.loaders.fileview import FileSpan, file_spans
+from tiecheck.loaders.formats.torchfile import pick_state, read_records, torch_load
+from tiecheck.loaders.formats.torchzip import ArchiveTensors
 from tiecheck.loaders.safejson import parse_json
 from tiecheck.loaders.subject import Source, Subject
-from tiecheck.loaders.torchfile import pick_state, read_records, torch_load
-from tiecheck.loaders.torchzip import ArchiveTensors
+from tiecheck.loaders.tensor_facts import fact_of
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading one.
 MAX_HEADER = 100_000_000
@@ -238,7 +239,7 @@ class MappedTensors(Mapping):
     The views are made on access, not up front: a checkpoint of 100,000 tensors would otherwise
     spend seconds and a hundred megabytes on tensor objects that only their header fields are
     needed from. ``facts()`` describes every tensor from the header alone, exactly as
-    ``tiecheck.facts.fact_of`` would describe the view.
+    ``tiecheck.loaders.tensor_facts.fact_of`` would describe the view.
     """
 
     def __init__(self, header: Header, storage: Any, copied: dict[str, Any]):

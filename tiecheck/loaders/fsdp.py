@@ -28,11 +28,28 @@ from typing import Any
 
 import torch
 
+from tiecheck.facts import attr_path
 from tiecheck.findings import Finding, finding
 from tiecheck.loaders.declared import live_model_declarations
-from tiecheck.shard.wrap import attr_path, torch_refuses_shared_params
 
 FINGERPRINT = 16  # leading elements compared before a full comparison of two shards
+
+
+def torch_refuses_shared_params() -> bool:
+    """Whether the running torch refuses, at the root's first forward, a Parameter two FSDP2 units manage.
+
+    Asked of torch itself (the check's presence on ``FSDPState``), not of its version number:
+    torch 2.13 has it, 2.11 does not, and a release between is whatever it is.
+
+    Returns:
+        True when ``fully_shard`` raises the duplicate-parameter ValueError; False when it
+        trains the copies apart, or when this torch has no FSDP2 at all.
+    """
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState  # noqa: PLC0415 - torch.distributed costs a second; only the verdict needs it
+    except ImportError:
+        return False
+    return hasattr(FSDPState, "_validate_no_duplicate_params")
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from tiecheck.errors import TargetError, UntrustedPickleError, did_you_mean
-from tiecheck.facts import module_tensors
 from tiecheck.loaders.declared import megatron_declarations
 from tiecheck.loaders.fileview import file_spans
+from tiecheck.loaders.formats.torchzip import PickleRefusal, TensorRecord, TorchRules, read_archive, vet_archive
 from tiecheck.loaders.pickleloop import Budget, Refused, check_containers
 from tiecheck.loaders.pickleloop import load as pickle_load
 from tiecheck.loaders.pickles import describe, first_refused
 from tiecheck.loaders.subject import Source, Subject
-from tiecheck.loaders.torchzip import PickleRefusal, TensorRecord, TorchRules, read_archive, vet_archive
+from tiecheck.loaders.tensor_facts import module_tensors
 from tiecheck.loaders.zipcheck import ZipArchive
 
 # Where training checkpoints keep the model, most specific first. Optimizer state is never a pick.

@@ -1,7 +1,7 @@
 """A tied model through FSDP2 training, ``torch.distributed.checkpoint`` and back: does the tie survive?
 
-Run on N ranks (``python -m torch.distributed.run --nproc-per-node 2 -m tiecheck.shard.dcp_roundtrip
-OUT``): a tied bundled model is wrapped with the plan of :mod:`tiecheck.shard.wrap`, trained a few
+Run on N ranks (``python -m torch.distributed.run --nproc-per-node 2 tests/support/dcp_roundtrip.py
+OUT``, as ``tests/test_dcp_roundtrip.py`` does): a tied bundled model is wrapped with the plan of :mod:`tiecheck.plan.wrap`, trained a few
 steps on rank-specific batches, and saved with ``dcp.save`` (the state dict of
 ``get_model_state_dict``: sharded DTensors). It is then loaded back two ways:
 
@@ -32,7 +32,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from tiecheck import models
-from tiecheck.shard.wrap import apply_plan, check_plan
+from tiecheck.plan.wrap import apply_plan, check_plan
 
 
 def _build(name: str, overrides: dict[str, Any], seed: int) -> torch.nn.Module:
@@ -105,7 +105,7 @@ def _tied(module: torch.nn.Module, groups: list[tuple[str, ...]]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point under ``torch.distributed.run``: OUT folder, and ``--result FILE`` for rank 0's JSON."""
-    ap = argparse.ArgumentParser(prog="python -m tiecheck.shard.dcp_roundtrip")
+    ap = argparse.ArgumentParser(prog="tests/support/dcp_roundtrip.py")
     ap.add_argument("out")
     ap.add_argument("--model", default="gpt-mini")
     ap.add_argument("--n-layer", type=int)

@@ -17,8 +17,8 @@ from typing import Any
 from tiecheck.errors import TargetError
 from tiecheck.findings import finding
 from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.formats.safetensors_files import load_safetensors_file
 from tiecheck.loaders.safejson import parse_json
-from tiecheck.loaders.safetensors_files import load_safetensors_file
 from tiecheck.loaders.subject import Source, Subject
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -2,7 +2,7 @@
 
 Checks each target against its expectations (a snapshot file, groups that must or must not be
 tied) and its findings (at ``fail-on`` or worse). Targets and expectations come from the command
-line or from ``[tool.tiecheck]`` in pyproject.toml (see ``tiecheck.guard.policy``). Exit codes as
+line or from ``[tool.tiecheck]`` in pyproject.toml (see ``tiecheck.check.policy``). Exit codes as
 ``inspect``: 0 clean, 1 a check failed, 2 usage or input error (for any target).
 """
 
@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tiecheck.api import analyze
-from tiecheck.errors import TiecheckError
-from tiecheck.guard import snapshot as snap
-from tiecheck.guard.expect import (
-    TieState,
+from tiecheck.analyses.expect import (
     not_tied_findings,
     snapshot_findings,
     tied_findings,
 )
-from tiecheck.guard.policy import TargetPolicy
+from tiecheck.api import analyze
+from tiecheck.check import snapshot as snap
+from tiecheck.check.policy import TargetPolicy
+from tiecheck.errors import TiecheckError
 
 # The findings of a declared tie that memory or the files contradict (docs/layers.md).
 DECLARED_DISAGREE = frozenset({"TC015", "TC016", "TC017", "TC018"})
@@ -85,7 +84,7 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
     try:
         report = analyze(t.resolved, key=t.key, trust_pickle=t.trust_pickle, trust_remote_code=t.trust_remote_code,
                          ignore=t.ignore)
-        state = TieState.from_report(report)
+        state = report.tie_state()
         out.groups = len(report.tie_groups)
         missing = sorted({n for g in t.not_tied for n in g if n not in state.names})
         if missing:

@@ -37,9 +37,8 @@ from typing import Any
 import torch
 from torch.nn.modules import module as torch_module
 
-from tiecheck.analyses.candidates import is_embedding, is_output_projection
 from tiecheck.errors import TargetError
-from tiecheck.facts import TensorFact, fact_of, tensor_facts
+from tiecheck.facts import TensorFact, is_embedding, is_output_projection
 from tiecheck.findings import Finding, finding
 from tiecheck.loaders.content import TorchContentReader, tensor_layout
 from tiecheck.loaders.declared import (
@@ -60,12 +59,13 @@ from tiecheck.loaders.detect import (
     read_weights_index,
     sniff_file,
 )
+from tiecheck.loaders.formats.safetensors_files import load_safetensors_file, load_sharded
+from tiecheck.loaders.formats.torchfile import load_torch_file
 from tiecheck.loaders.metainit import skip_init_on_meta
 from tiecheck.loaders.names import check_names
 from tiecheck.loaders.safejson import parse_json
-from tiecheck.loaders.safetensors_files import load_safetensors_file, load_sharded
 from tiecheck.loaders.subject import Source, Subject
-from tiecheck.loaders.torchfile import load_torch_file
+from tiecheck.loaders.tensor_facts import fact_of, tensor_facts
 
 CONFIG = HF_CONFIG
 CONFIG_LIMIT = 16 << 20  # configs are kilobytes; never read a huge file as one

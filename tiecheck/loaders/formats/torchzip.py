@@ -446,7 +446,7 @@ class _RecordsView(RecordsMapping):
 class ArchiveTensors(_RecordsView):
     """Name -> tensor for the records of one archive, each tensor made on access.
 
-    ``facts()`` describes every tensor from its record, as ``tiecheck.facts.fact_of`` describes the
+    ``facts()`` describes every tensor from its record, as ``tiecheck.loaders.tensor_facts.fact_of`` describes the
     tensor ``torch.load(mmap=True)`` makes: the storage key is the storage's address in the mapping.
     """
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from tiecheck.errors import TargetError, UntrustedPickleError
-from tiecheck.facts import module_tensors
 from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.tensor_facts import module_tensors
 
 
 def load_torchscript(path: Path, *, trust_pickle: bool = False) -> Subject:

@@ -7,8 +7,8 @@ Three kinds of expectation, all answered with findings from the catalogue:
 - a snapshot: the tie groups are exactly the expected ones, with the expected kinds
   (TC009 for a tie that went missing, TC013 for a new one, TC014 for a changed kind).
 
-Everything here reads the plain data of a Report (tie groups, untied duplicates, names), so the
-same code serves ``tiecheck.analyze(expect_tied=...)``, ``tiecheck check`` and the pytest
+Everything here reads the tie facts of one target (``TieState``: tie groups, untied duplicates,
+names; ``Report.tie_state()`` gives a report's), so the same code serves ``tiecheck.analyze(expect_tied=...)``, ``tiecheck check`` and the pytest
 assertions. Messages say what each name shares memory with now; hints name the likely cause.
 """
 
@@ -18,12 +18,9 @@ import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from tiecheck.facts import attr_path
 from tiecheck.findings import Finding, finding
-
-if TYPE_CHECKING:  # pragma: no cover
-    from tiecheck.report import Report
 
 # A file keeps no Parameter objects, so a tie read from a file is `shared_storage` where the live
 # module shows `same_parameter`: both are one memory, a true tie.
@@ -61,12 +58,6 @@ class TieState:
                    names=frozenset(names),
                    duplicates=tuple((tuple(d["names"]), bool(d.get("constant"))) for d in duplicates),
                    content_known=content_known)
-
-    @classmethod
-    def from_report(cls, report: Report) -> TieState:
-        names = [t["name"] for t in report.tensors] or [n for g in report.tie_groups for n in g["names"]]
-        return cls.build(report.tie_groups, names, report.untied_duplicates,
-                         content_known=bool((report.content or {}).get("ran")))
 
     def group_of(self, name: str) -> tuple[tuple[str, ...], str] | None:
         for g in self.groups:
@@ -109,11 +100,6 @@ class TieState:
         return f"{name} shares memory with nothing"
 
 
-def python_path(name: str) -> str:
-    """``layers.0.weight`` as Python reaches it from the model: ``model.layers[0].weight``."""
-    return "model" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in name.split("."))
-
-
 _EMBEDDING_HINT = re.compile(r"emb|wte|shared|word", re.I)
 
 
@@ -121,7 +107,7 @@ def assignment(names: Sequence[str]) -> str:
     """The line that re-ties the names: every name assigned the embedding's Parameter."""
     names = sorted(names)
     source = next((n for n in names if _EMBEDDING_HINT.search(n)), names[0])
-    return "; ".join(f"{python_path(n)} = {python_path(source)}" for n in names if n != source)
+    return "; ".join(f"{attr_path(n)} = {attr_path(source)}" for n in names if n != source)
 
 
 def untied_hint(state: TieState, names: Sequence[str]) -> str:

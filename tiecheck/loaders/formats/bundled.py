@@ -7,8 +7,8 @@ allocates nothing, so even ``big-vocab`` is analysed in milliseconds.
 from __future__ import annotations
 
 from tiecheck import models
-from tiecheck.facts import module_tensors
 from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.tensor_facts import module_tensors
 
 
 def names() -> list[str]:

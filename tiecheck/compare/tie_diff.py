@@ -37,9 +37,9 @@ from typing import Any
 from tabulate import tabulate
 
 from tiecheck import __version__
+from tiecheck.analyses.expect import assignment, kinds_match
 from tiecheck.api import analyze, analyze_subject, collector
 from tiecheck.errors import TargetError
-from tiecheck.guard.expect import assignment, kinds_match
 from tiecheck.loaders import load_target
 from tiecheck.loaders.subject import Subject
 from tiecheck.report import Report
