@@ -10,9 +10,15 @@ from __future__ import annotations
 import pytest
 
 from tiecheck.analyses.adapter import adapter_findings, missing_modules, module_matches, touched_ties
+from tiecheck.analyses.ties import TieGroup
 
 HEAD, EMB = "lm_head.weight", "model.embed_tokens.weight"
-GROUP = {"names": [HEAD, EMB]}
+def group(*names: str) -> TieGroup:
+    """A tie group of the base model, as touched_ties reads it (its names)."""
+    return TieGroup(names=names, kind="shared_storage", shape=(64, 16), dtype="float32", numel=1024, itemsize=4)
+
+
+GROUP = group(HEAD, EMB)
 
 
 # -- module_matches: as peft's check_target_module_exists ---------------------------------------------
@@ -110,7 +116,7 @@ def test_exclude_modules_keeps_lora_off_but_not_a_whole_copy():
 
 def test_both_sides_touched_give_two_rows_and_peft_retying_marks_each():
     info = {"modules_to_save": ["lm_head", "embed_tokens"], "ensure_weight_tying": True}
-    rows = touched_ties(info, [GROUP, {"names": ["a.weight", "b.weight"]}], {"lm_head": 1, "model.embed_tokens": 2},
+    rows = touched_ties(info, [GROUP, group("a.weight", "b.weight")], {"lm_head": 1, "model.embed_tokens": 2},
                         {HEAD: True, EMB: True})
     assert [(r["touched"], r["bytes"], r["retied_by_peft"]) for r in rows] == [(HEAD, 1, True), (EMB, 2, True)]
 

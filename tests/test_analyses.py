@@ -112,26 +112,26 @@ def test_memory_counts_once_and_per_name():
              fact("ln.weight", (8,), storage=T, obj=2, role="parameter")]
     groups = find_tie_groups(facts)
     m = memory_summary(facts, groups, "adamw")
-    assert m["params_unique"] == 808
-    assert m["params_counted"] == 1608
-    assert m["bytes_saved"] == 800 * 4
-    assert m["training_bytes_saved"] == 800 * 16
-    assert m["training_bytes"] == 808 * 16
+    assert m.params_unique == 808
+    assert m.params_counted == 1608
+    assert m.bytes_saved == 800 * 4
+    assert m.training_bytes_saved == 800 * 16
+    assert m.training_bytes == 808 * 16
 
 
 def test_memory_distinct_parameters_share_weights_not_training_state():
     facts = [fact("a", (10, 10), obj=1, role="parameter"), fact("b", (10, 10), obj=2, role="parameter")]
     m = memory_summary(facts, find_tie_groups(facts), "adamw")
-    assert m["bytes_saved"] == 400
-    assert m["training_bytes_saved"] == 400  # weight bytes only: two gradients, two optimizer states
+    assert m.bytes_saved == 400
+    assert m.training_bytes_saved == 400  # weight bytes only: two gradients, two optimizer states
 
 
 def test_memory_nested_views_count_once():
     facts = [fact("flat", (64,), obj=1, role="buffer"), fact("a", (4, 4), offset=0, obj=2, role="parameter"),
              fact("b", (4, 4), offset=16, obj=3, role="parameter")]
     m = memory_summary(facts, [], "none")
-    assert m["bytes_unique"] == 64 * 4
-    assert m["bytes_counted"] == 96 * 4
+    assert m.bytes_unique == 64 * 4
+    assert m.bytes_counted == 96 * 4
 
 
 def test_training_bytes_per_element():
@@ -226,7 +226,7 @@ def test_good_linear_has_no_lint():
 def test_expectations():
     facts = [fact("a", (4,), obj=1, role="parameter"), fact("b", (4,), obj=1, role="parameter"),
              fact("c", (4,), storage=T)]
-    state = TieState.build([g.to_dict() for g in find_tie_groups(facts)], [f.name for f in facts])
+    state = TieState.build(find_tie_groups(facts), [f.name for f in facts])
     assert tied_findings(state, [("a", "b")]) == []
     (f,) = tied_findings(state, [("a", "c")])
     assert f.code == "TC009"
@@ -240,11 +240,11 @@ def test_memory_strided_view_inside_a_buffer_counts_once():
     # A (48, 16) weight, its first 16 rows, and a column slice: 768 elements of memory.
     facts = [fact("qkv.weight", (48, 16)), fact("q", (16, 16)), fact("col", (48, 4), stride=(16, 1))]
     m = memory_summary(facts, find_tie_groups(facts), "adamw")
-    assert m["params_unique"] == 768
-    assert m["bytes_unique"] == 768 * 4
-    assert m["params_counted"] == 768 + 256 + 192
+    assert m.params_unique == 768
+    assert m.bytes_unique == 768 * 4
+    assert m.params_counted == 768 + 256 + 192
     # In a file the views are part of one parameter: training state once, like the weights.
-    assert m["training_bytes"] == 768 * 16
+    assert m.training_bytes == 768 * 16
     # Views are not ties: what a per-name sum counts twice for them is a figure of its own.
-    assert m["training_bytes_saved"] == 0
-    assert m["training_bytes_nested_views"] == (256 + 192) * 16
+    assert m.training_bytes_saved == 0
+    assert m.training_bytes_nested_views == (256 + 192) * 16

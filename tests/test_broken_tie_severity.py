@@ -43,7 +43,7 @@ def test_a_duplicate_nothing_relates_is_info():
         model.norms[0].weight.uniform_()
         model.norms[1].weight.copy_(model.norms[0].weight)
     r = analyze(model)
-    assert [(f["code"], f["severity"]) for f in r.findings] == [("TC005", "info")]
+    assert [(f.code, f.severity) for f in r.findings] == [("TC005", "info")]
     assert r.exit_code("warning") == 0
 
 
@@ -53,8 +53,8 @@ def test_two_equal_embeddings_of_one_shape_stay_a_warning():
     with torch.no_grad():
         model["tgt_embed"].weight.copy_(model["src_embed"].weight)
     (f,) = analyze(model).findings
-    assert (f["code"], f["severity"]) == ("TC005", "warning")
-    assert f["message"].endswith("src_embed.weight and tgt_embed.weight are embeddings of one shape (a shared "
+    assert (f.code, f.severity) == ("TC005", "warning")
+    assert f.message.endswith("src_embed.weight and tgt_embed.weight are embeddings of one shape (a shared "
                                  "vocabulary is usually one tensor), so this is a broken tie or a wasted copy")
 
 
@@ -62,19 +62,19 @@ def test_a_config_that_declares_the_pair_untied_keeps_it_a_warning():
     model = tm.broken()
     model.config = type("Config", (), {"tie_word_embeddings": False})()
     r = analyze(model)
-    assert [(f["code"], f["severity"]) for f in r.findings] == [("TC005", "warning")]
+    assert [(f.code, f.severity) for f in r.findings] == [("TC005", "warning")]
 
 
 def test_a_config_that_declares_the_pair_tied_is_named_as_the_declaration():
     model = tm.broken()
     model.config = type("Config", (), {"tie_word_embeddings": True})()
     (f,) = analyze(model).findings
-    assert (f["code"], f["severity"]) == ("TC005", "error")
-    assert f["message"].endswith(f"; the config (tie_word_embeddings=true) ties {HEAD} and {EMB} (input embedding "
+    assert (f.code, f.severity) == ("TC005", "error")
+    assert f.message.endswith(f"; the config (tie_word_embeddings=true) ties {HEAD} and {EMB} (input embedding "
                                  "and output projection), so this is a broken tie")
 
 
 def test_untied_candidates_keep_their_info_finding_with_sorted_names():
     r = analyze(tm.untied())
-    assert [(f["code"], f["names"]) for f in r.findings] == [("TC006", [HEAD, EMB])]
-    assert r.tie_candidates[0]["names"] == [HEAD, EMB]
+    assert [(f.code, list(f.names)) for f in r.findings] == [("TC006", [HEAD, EMB])]
+    assert list(r.tie_candidates[0].names) == [HEAD, EMB]

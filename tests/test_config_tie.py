@@ -76,6 +76,6 @@ def test_hf_folder_without_transformers_flags_different_heads(tmp_path, monkeypa
     assert r.extra["hf"]["architecture"] is None
     # Without transformers the flat config is still held against the files: the declared layer says
     # it (declared tied, stored different: TC015), once; the loader's own TC011 would repeat it.
-    assert [(f["code"], sorted(f["names"])) for f in r.findings if f["code"] in ("TC011", "TC015")] == \
+    assert [(f.code, sorted(f.names)) for f in r.findings if f.code in ("TC011", "TC015")] == \
         [("TC015", sorted([HEAD, EMB]))]
     assert r.exit_code("error") == 1

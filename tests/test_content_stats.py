@@ -22,13 +22,13 @@ def test_content_figures_count_the_samples_and_the_one_full_comparison():
     with torch.no_grad():
         model.b.weight.copy_(model.a.weight)
     r = tiecheck.analyze(model)
-    assert [d["names"] for d in r.untied_duplicates] == [["a.weight", "b.weight"]]
+    assert [list(d.names) for d in r.untied_duplicates] == [["a.weight", "b.weight"]]
     weight = 64 * 64 * 4
     sample = SAMPLE_RUNS * RUN_ELEMENTS * 4
     assert sample == 128
     # The transposed pass: b is a's duplicate (its first name stands for the group), so a and c are
     # the square 2-D tensors it looks at; their transposed samples differ, so nothing is compared in full.
-    assert r.content == {"ran": True, "tensors": 3, "buckets": 1, "sampled": 3, "full_comparisons": 1,
+    assert r.content.to_dict() == {"ran": True, "tensors": 3, "buckets": 1, "sampled": 3, "full_comparisons": 1,
                          "bytes_total": 3 * weight, "bytes_read": 3 * sample + 2 * weight,
                          "transposed": {"tensors": 2, "buckets": 1, "sampled": 4, "full_comparisons": 0,
                                         "bytes_read": 4 * sample, "copies": []}}

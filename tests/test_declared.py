@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import tiecheck
+from tiecheck.analyses.layers import Declaration, LayerRow
 from tiecheck.cli import main
 
 from support.checkpoints import write_safetensors
@@ -29,11 +30,11 @@ def llama(tie: bool, seed: int = 0):
 
 
 def codes(r) -> list[str]:
-    return sorted(f["code"] for f in r.findings)
+    return sorted(f.code for f in r.findings)
 
 
 def only(r, code: str) -> dict:
-    (f,) = [f for f in r.findings if f["code"] == code]
+    (f,) = [f for f in r.findings if f.code == code]
     return f
 
 
@@ -55,15 +56,13 @@ def test_save_model_alias_map_is_restored_as_a_tie_with_its_bytes(tmp_path):
     path = tmp_path / "m.safetensors"
     safetensors_torch.save_model(m, str(path))
     r = tiecheck.analyze(str(path))
-    assert [g["names"] for g in r.tie_groups] == [[HEAD, EMB]]
-    assert r.tie_groups[0]["bytes_saved"] == 64 * 16 * 4
-    assert r.summary["bytes_saved"] == 4096
-    (decl,) = r.declared["declarations"]
-    assert decl == {"kind": "alias_map", "value": {EMB: HEAD}, "origin": {"file": "m.safetensors",
-                                                                         "key": "__metadata__"}}
-    assert r.declared["ties"] == [{"names": [EMB, HEAD], "declared": True, "conflict": False,
-                                   "by": ["m.safetensors __metadata__"], "physical": "tied", "stored": "one copy",
-                                   "bytes": 4096}]
+    assert [list(g.names) for g in r.tie_groups] == [[HEAD, EMB]]
+    assert r.tie_groups[0].bytes_saved == 64 * 16 * 4
+    assert r.summary.bytes_saved == 4096
+    (decl,) = r.declared.declarations
+    assert decl == Declaration("alias_map", {EMB: HEAD}, file="m.safetensors", key="__metadata__")
+    assert r.declared.ties == (LayerRow(names=(EMB, HEAD), declared=True, by=("m.safetensors __metadata__",),
+                                        physical="tied", stored="one copy", nbytes=4096),)
     assert codes(r) == []
     # The library's own loader restores the same tie into a fresh model.
     fresh = llama(tie=True, seed=1)
@@ -76,12 +75,12 @@ def test_alias_map_naming_a_missing_key_is_a_finding(tmp_path):
                              metadata={"format": "pt", "head.weight": "gone.weight", "note": "not.an alias"})
     r = tiecheck.analyze(str(path))
     f = only(r, "TC020")
-    assert f["severity"] == "warning"
-    assert f["names"] == ["gone.weight", "head.weight"]
-    assert "holds no gone.weight" in f["message"]
-    assert r.tie_groups == []
-    assert r.declared["ties"] == []
-    assert r.declared["declarations"][0]["broken"] == {"head.weight": "gone.weight"}
+    assert f.severity == "warning"
+    assert list(f.names) == ["gone.weight", "head.weight"]
+    assert "holds no gone.weight" in f.message
+    assert r.tie_groups == ()
+    assert r.declared.ties == ()
+    assert r.declared.declarations[0].more["broken"] == {"head.weight": "gone.weight"}
 
 
 def test_declared_tied_but_head_stored_different_is_an_error_and_transformers_loads_it_untied(tmp_path):
@@ -91,12 +90,12 @@ def test_declared_tied_but_head_stored_different_is_an_error_and_transformers_lo
     d = folder(tmp_path, m, sd)
     r = tiecheck.analyze(str(d))
     f = only(r, "TC015")
-    assert f["severity"] == "error"
-    assert f["names"] == [HEAD, EMB]
-    assert "transformers 5 warns and loads them untied" in f["message"]
-    (row,) = r.declared["ties"]
-    assert (row["declared"], row["physical"], row["stored"]) == (True, "separate, different", "two different copies")
-    assert row["by"] == ["config.json tie_word_embeddings (LlamaConfig)", "LlamaForCausalLM._tied_weights_keys"]
+    assert f.severity == "error"
+    assert list(f.names) == [HEAD, EMB]
+    assert "transformers 5 warns and loads them untied" in f.message
+    (row,) = r.declared.ties
+    assert (row.declared, row.physical, row.stored) == (True, "separate, different", "two different copies")
+    assert list(row.by) == ["config.json tie_word_embeddings (LlamaConfig)", "LlamaForCausalLM._tied_weights_keys"]
     assert r.exit_code("error") == 1
     loaded = transformers.LlamaForCausalLM.from_pretrained(d)
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
@@ -108,10 +107,10 @@ def test_declared_tied_and_stored_twice_equal_is_wasted_disk_and_retied_on_load(
     d = folder(tmp_path, m, state(m))
     r = tiecheck.analyze(str(d))
     f = only(r, "TC016")
-    assert f["severity"] == "warning"
-    assert "4,096 bytes stored twice" in f["message"]
-    (row,) = r.declared["ties"]
-    assert (row["physical"], row["stored"]) == ("tied", "two equal copies")
+    assert f.severity == "warning"
+    assert "4,096 bytes stored twice" in f.message
+    (row,) = r.declared.ties
+    assert (row.physical, row.stored) == ("tied", "two equal copies")
     loaded = transformers.LlamaForCausalLM.from_pretrained(d)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
@@ -122,10 +121,10 @@ def test_declared_untied_with_one_copy_is_an_error_and_transformers_initialises_
     d = folder(tmp_path, m, sd)
     r = tiecheck.analyze(str(d))
     f = only(r, "TC017")
-    assert f["severity"] == "error"
-    assert "initialise lm_head.weight randomly" in f["message"]
-    (row,) = r.declared["ties"]
-    assert (row["declared"], row["physical"], row["stored"]) == (False, "absent", "one copy")
+    assert f.severity == "error"
+    assert "initialise lm_head.weight randomly" in f.message
+    (row,) = r.declared.ties
+    assert (row.declared, row.physical, row.stored) == (False, "absent", "one copy")
     loaded = transformers.LlamaForCausalLM.from_pretrained(d)
     assert not torch.equal(loaded.lm_head.weight, sd[EMB])
 
@@ -158,15 +157,15 @@ def test_nested_text_config_flag_is_resolved_as_the_config_class_resolves_it(tmp
     raw.pop("tie_word_embeddings", None)  # the flag only in text_config, as older checkpoints write it
     (d / "config.json").write_text(json.dumps(raw))
     r = tiecheck.analyze(str(d))
-    decls = r.declared["declarations"]
-    assert [(x["origin"]["key"], x["value"]) for x in decls if x["kind"] == "tie_word_embeddings"] == [
+    decls = r.declared.declarations
+    assert [(x.key, x.value) for x in decls if x.kind == "tie_word_embeddings"] == [
         ("text_config.tie_word_embeddings", True), ("tie_word_embeddings", True)]
-    assert [x.get("resolved_by") for x in decls if x["kind"] == "tie_word_embeddings"] == [None, "LlavaConfig"]
-    (row,) = r.declared["ties"]
-    assert row["names"] == [HEAD, LLAVA_EMB]
-    assert row["declared"]
-    assert row["stored"] == "one copy"
-    assert row["physical"] == "tied"
+    assert [x.more.get("resolved_by") for x in decls if x.kind == "tie_word_embeddings"] == [None, "LlavaConfig"]
+    (row,) = r.declared.ties
+    assert list(row.names) == [HEAD, LLAVA_EMB]
+    assert row.declared
+    assert row.stored == "one copy"
+    assert row.physical == "tied"
     assert "TC019" not in codes(r)
     loaded = transformers.LlavaForConditionalGeneration.from_pretrained(d)
     assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
@@ -177,11 +176,11 @@ def test_top_level_and_nested_flags_that_disagree_are_a_finding(tmp_path):
     d = llava_folder(tmp_path, m)
     r = tiecheck.analyze(str(d))
     f = only(r, "TC019")
-    assert "config.json text_config.tie_word_embeddings: untied" in f["message"]
-    assert "transformers follows config.json tie_word_embeddings (LlavaConfig)" in f["message"]
-    (row,) = r.declared["ties"]
-    assert row["declared"] is True
-    assert row["conflict"] is True
+    assert "config.json text_config.tie_word_embeddings: untied" in f.message
+    assert "transformers follows config.json tie_word_embeddings (LlavaConfig)" in f.message
+    (row,) = r.declared.ties
+    assert row.declared is True
+    assert row.conflict is True
 
 
 def test_nested_config_of_the_wrong_type_is_one_line(tmp_path):
@@ -202,9 +201,9 @@ def test_live_model_declared_tied_but_head_changed_in_memory(tmp_path):
     m.lm_head.weight = torch.nn.Parameter(m.model.embed_tokens.weight.detach() + 1)
     r = tiecheck.analyze(m)
     f = only(r, "TC015")
-    assert "memory holds lm_head.weight and model.embed_tokens.weight with different content" in f["message"]
-    (row,) = r.declared["ties"]
-    assert (row["physical"], row["stored"]) == ("separate, different", "no files (in memory)")
+    assert "memory holds lm_head.weight and model.embed_tokens.weight with different content" in f.message
+    (row,) = r.declared.ties
+    assert (row.physical, row.stored) == ("separate, different", "no files (in memory)")
 
 
 def test_megatron_args_declaration(tmp_path):
@@ -213,16 +212,15 @@ def test_megatron_args_declaration(tmp_path):
     path = tmp_path / "model_optim_rng.pt"
     torch.save({"model": sd, "args": {"untie_embeddings_and_output_weights": True}}, path)
     r = tiecheck.analyze(str(path))
-    (decl,) = r.declared["declarations"]
-    assert decl["value"] is False
-    assert decl["origin"] == {"file": "model_optim_rng.pt",
-                                                         "key": "args.untie_embeddings_and_output_weights"}
+    (decl,) = r.declared.declarations
+    assert decl.value is False
+    assert (decl.file, decl.key) == ("model_optim_rng.pt", "args.untie_embeddings_and_output_weights")
     f = only(r, "TC017")
-    assert f["names"] == ["embedding.word_embeddings.weight", "output_layer.weight"]
+    assert list(f.names) == ["embedding.word_embeddings.weight", "output_layer.weight"]
 
     torch.save({"model": sd, "args": {"untie_embeddings_and_output_weights": False}}, path)
     r = tiecheck.analyze(str(path))
-    assert r.declared["ties"][0]["stored"] == "one copy"
+    assert r.declared.ties[0].stored == "one copy"
     assert "TC017" not in codes(r)
 
 

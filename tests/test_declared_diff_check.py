@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import tiecheck
 from tiecheck.cli import main
+from tiecheck.compare.tie_diff import DeclarationChange, DeclaredTieChange
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,14 +55,14 @@ def merged_pair(tmp_path):
 def test_changed_declaration_is_a_diff_line(merged_pair):
     a, b = merged_pair
     d = tiecheck.diff(str(a), str(b))
-    tie_rows = [c for c in d.declared_changed if c["what"] == "tie"]
+    tie_rows = [c.to_dict() for c in d.declared_changed if isinstance(c, DeclaredTieChange)]
     assert tie_rows == [{"what": "tie", "names": [HEAD, EMB],
                          "a": {"declared": "tied", "by": ["config.json tie_word_embeddings (LlamaConfig)",
                                                           "LlamaForCausalLM._tied_weights_keys"],
                                "physical": "tied", "stored": "one copy"},
                          "b": {"declared": "untied", "by": ["config.json tie_word_embeddings (LlamaConfig)"],
                                "physical": "separate, different", "stored": "two different copies"}}]
-    keys = {(c["kind"], c["key"]): (c["a"], c["b"], c["in"]) for c in d.declared_changed if c["what"] == "declaration"}
+    keys = {(c.kind, c.key): (c.a, c.b, c.where) for c in d.declared_changed if isinstance(c, DeclarationChange)}
     assert keys[("tie_word_embeddings", "tie_word_embeddings")] == (True, False, "both")
     assert d.to_dict()["summary"]["declared_changed"] == len(d.declared_changed)
     res = CliRunner().invoke(main, ["diff", str(a), str(b)])
@@ -70,13 +71,13 @@ def test_changed_declaration_is_a_diff_line(merged_pair):
     assert [x.split() for x in res.output.splitlines() if x.startswith("tie_word_embeddings")] == \
         [["tie_word_embeddings", "true", "false"]]
     js = json.loads(CliRunner().invoke(main, ["diff", str(a), str(b), "--format", "json"]).output)
-    assert js["declared_changed"] == json.loads(json.dumps(d.declared_changed))
+    assert js["declared_changed"] == [c.to_dict() for c in d.declared_changed]
 
 
 def test_unchanged_declarations_make_no_line(tmp_path):
     a, b = folder(tmp_path, "a", tie=True), folder(tmp_path, "b", tie=True)
     d = tiecheck.diff(str(a), str(b))
-    assert d.declared_changed == []
+    assert d.declared_changed == ()
     assert d.exit_code == 0
     assert "Declarations that changed" not in CliRunner().invoke(main, ["diff", str(a), str(b)]).output
 
@@ -87,12 +88,11 @@ def test_alias_map_only_on_one_side(tmp_path):
     safetensors_torch.save_model(m, str(a))
     safetensors_torch.save_file({k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}, str(b))
     d = tiecheck.diff(str(a), str(b))
-    decl = [c for c in d.declared_changed if c["what"] == "declaration"]
-    assert decl == [{"what": "declaration", "kind": "alias_map", "key": "__metadata__", "a": {EMB: HEAD},
-                     "b": None, "in": "A only"}]
-    (tie,) = [c for c in d.declared_changed if c["what"] == "tie"]
-    assert tie["a"]["declared"] == "tied"
-    assert tie["b"] is None
+    decl = [c for c in d.declared_changed if isinstance(c, DeclarationChange)]
+    assert decl == [DeclarationChange("alias_map", "__metadata__", {EMB: HEAD}, None, "A only")]
+    (tie,) = [c for c in d.declared_changed if isinstance(c, DeclaredTieChange)]
+    assert tie.a.declared is True
+    assert tie.b is None
 
 
 def pyproject(tmp_path, body: str):
@@ -109,7 +109,7 @@ def stored_twice(tmp_path):
 
 def test_declared_agrees_fails_a_warning_that_fail_on_error_lets_pass(tmp_path, stored_twice):
     r = tiecheck.analyze(str(stored_twice))
-    assert [f["code"] for f in r.findings if f["code"].startswith("TC01")] == ["TC016"]
+    assert [f.code for f in r.findings if f.code.startswith("TC01")] == ["TC016"]
     target = f'[[tool.tiecheck.targets]]\ntarget = "{stored_twice.name}"\n'
     loose = pyproject(tmp_path, target)
     res = CliRunner().invoke(main, ["check", "--config", str(loose)])

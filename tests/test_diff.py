@@ -11,7 +11,8 @@ from torch import nn
 
 import tiecheck
 from tiecheck.cli import main
-from tiecheck.compare.tie_diff import render_diff
+from tiecheck.compare import render_diff
+from tiecheck.compare.tie_diff import KindChange, NameInB
 
 from support.checkpoints import write_safetensors
 from support.models import BertLikeMLM, TinyLM
@@ -34,30 +35,30 @@ def broken(tied):
 def test_identical_ties_exit_0(tied):
     d = tiecheck.diff(tied, tied)
     assert d.exit_code == 0
-    assert d.lost == []
-    assert d.added == []
-    assert [g["names"] for g in d.kept] == [["embed.weight", "lm_head.weight"]]
+    assert d.lost == ()
+    assert d.added == ()
+    assert [list(g.names) for g in d.kept] == [["embed.weight", "lm_head.weight"]]
 
 
 def test_tie_broken_into_duplicates(tied, broken):
     d = tiecheck.diff(tied, broken)
     assert d.exit_code == 1
     (lost,) = d.lost
-    assert lost["names"] == ["embed.weight", "lm_head.weight"]
-    assert lost["broken_into_duplicates"]
-    assert lost["in_b"]["lm_head.weight"] == {"state": "untied duplicate", "with": ["embed.weight"],
-                                              "shape": [64, 16], "dtype": "float32"}
+    assert list(lost.names) == ["embed.weight", "lm_head.weight"]
+    assert lost.broken_into_duplicates
+    assert lost.in_b["lm_head.weight"] == NameInB("untied duplicate", with_=("embed.weight",), shape=(64, 16),
+                                                  dtype="float32")
     # Without the content pass the copies are merely untied.
     d2 = tiecheck.diff(tied, broken, duplicates=False)
-    assert d2.lost[0]["in_b"]["lm_head.weight"]["state"] == "untied"
-    assert not d2.lost[0]["broken_into_duplicates"]
+    assert d2.lost[0].in_b["lm_head.weight"].state == "untied"
+    assert not d2.lost[0].broken_into_duplicates
 
 
 def test_retied_is_added_not_lost(tied, broken):
     d = tiecheck.diff(broken, tied)
     assert d.exit_code == 0
-    assert d.lost == []
-    assert [g["names"] for g in d.added] == [["embed.weight", "lm_head.weight"]]
+    assert d.lost == ()
+    assert [list(g.names) for g in d.added] == [["embed.weight", "lm_head.weight"]]
 
 
 def test_dtype_change_of_a_kept_tie(tied):
@@ -67,8 +68,8 @@ def test_dtype_change_of_a_kept_tie(tied):
     d = tiecheck.diff(tied, half)
     assert d.exit_code == 0
     (c,) = d.layout_changed
-    assert c["a"]["dtype"] == "float32"
-    assert c["b"]["dtype"] == "float16"
+    assert c.a.dtype == "float32"
+    assert c.b.dtype == "float16"
 
 
 def test_untied_with_different_content_and_grown_groups():
@@ -80,17 +81,17 @@ def test_untied_with_different_content_and_grown_groups():
     d = tiecheck.diff(a, b)
     assert d.exit_code == 1
     (lost,) = d.lost
-    assert lost["names"] == ["bias", "decoder.bias"]
-    assert lost["in_b"]["decoder.bias"]["state"] == "untied"
-    (grown,) = [g for g in d.kept if g.get("grown")]
-    assert grown["grown"] == ["extra_head.weight"]
+    assert list(lost.names) == ["bias", "decoder.bias"]
+    assert lost.in_b["decoder.bias"].state == "untied"
+    (grown,) = [g for g in d.kept if g.grown]
+    assert grown.grown == ("extra_head.weight",)
 
 
 def test_names_absent_from_b_and_the_hint(tmp_path, tied):
     sd = {k: v.detach().clone() for k, v in tied.state_dict().items() if k != "lm_head.weight"}
     path = write_safetensors(tmp_path / "model.safetensors", sd)
     d = tiecheck.diff(tied, str(path))
-    assert d.lost[0]["in_b"]["lm_head.weight"] == {"state": "absent"}
+    assert d.lost[0].in_b["lm_head.weight"] == NameInB("absent")
 
     text = render_diff(d)
     assert "Lost ties (1)" in text
@@ -144,12 +145,11 @@ def test_tie_turned_into_distinct_parameters_is_a_failure(tied):
     # The same memory, but two Parameter objects: gradients are no longer shared.
     b.lm_head.weight = nn.Parameter(b.embed.weight.data)
     d = tiecheck.diff(tied, b)
-    assert d.lost == []
+    assert d.lost == ()
     assert len(d.kept) == 1
-    assert d.kind_changed == [{"names": ["embed.weight", "lm_head.weight"], "a": "same_parameter",
-                               "b": "distinct_parameters"}]
+    assert d.kind_changed == (KindChange(("embed.weight", "lm_head.weight"), "same_parameter", "distinct_parameters"),)
     assert d.exit_code == 1
 
     assert "Ties whose kind changed (1)" in render_diff(d)
     # A module's tie and the same tie read from a file are not a change.
-    assert tiecheck.diff(tied, tied.state_dict()).kind_changed == []
+    assert tiecheck.diff(tied, tied.state_dict()).kind_changed == ()

@@ -71,10 +71,10 @@ SOURCES = {"safetensors (pread)": _safetensors, "torch.save transposed (in memor
 def test_equal_samples_different_content_is_not_a_duplicate(tmp_path, source):
     a, b = _pair(differ=True)
     r = tiecheck.analyze(SOURCES[source](tmp_path, a, b))
-    assert r.untied_duplicates == []
-    assert "TC005" not in {f["code"] for f in r.findings}
+    assert r.untied_duplicates == ()
+    assert "TC005" not in {f.code for f in r.findings}
     # The samples agreed, so the pair reached the full comparison: only it can have told them apart.
-    assert r.content["full_comparisons"] == 1
+    assert r.content.stats.full_comparisons == 1
 
 
 @pytest.mark.parametrize("source", list(SOURCES))
@@ -82,7 +82,7 @@ def test_equal_content_is_a_duplicate(tmp_path, source):
     a, b = _pair(differ=False)
     r = tiecheck.analyze(SOURCES[source](tmp_path, a, b))
     names = ["x.weight", "y.weight"]
-    assert [d["names"] for d in r.untied_duplicates] == [names]
-    assert r.untied_duplicates[0]["bytes_wasted"] == N * 4
-    assert [f["names"] for f in r.findings if f["code"] == "TC005"] == [names]
-    assert r.content["full_comparisons"] == 1
+    assert [list(d.names) for d in r.untied_duplicates] == [names]
+    assert r.untied_duplicates[0].bytes_wasted == N * 4
+    assert [list(f.names) for f in r.findings if f.code == "TC005"] == [names]
+    assert r.content.stats.full_comparisons == 1

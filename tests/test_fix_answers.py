@@ -27,7 +27,7 @@ def _state(clone_head: bool = True) -> dict:
 
 
 def _codes(target) -> list[tuple[str, str, list[str]]]:
-    return [(f["code"], f["severity"], f["names"]) for f in tiecheck.analyze(target).findings]
+    return [(f.code, f.severity, list(f.names)) for f in tiecheck.analyze(target).findings]
 
 
 def _cli(*args: str):

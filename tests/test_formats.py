@@ -30,11 +30,11 @@ transformers = pytest.importorskip("transformers")
 
 
 def groups(report):
-    return [g["names"] for g in report.tie_groups]
+    return [list(g.names) for g in report.tie_groups]
 
 
 def codes(report):
-    return sorted(f["code"] for f in report.findings)
+    return sorted(f.code for f in report.findings)
 
 
 def untied_sd(seed: int = 0) -> dict:
@@ -49,11 +49,11 @@ def test_safetensors_file_by_content_any_extension(tmp_path):
     path = tmp_path / "weights.bin-final"
     save_file(sd, path)
     r = tiecheck.analyze(str(path))
-    assert r.source["format"] == "safetensors"
-    assert {t["name"] for t in r.tensors} == set(sd)
-    assert r.summary["params_counted"] == sum(v.numel() for v in sd.values())
+    assert r.source.format == "safetensors"
+    assert {t.name for t in r.tensors} == set(sd)
+    assert r.summary.params_counted == sum(v.numel() for v in sd.values())
     assert groups(r) == []
-    assert r.content["ran"]
+    assert r.content.ran
     assert r.extra["files"][0]["tensors"] == len(sd)
 
 
@@ -81,7 +81,7 @@ def test_safetensors_untied_copy_is_a_duplicate(tmp_path):
     path = write_safetensors(tmp_path / "m.safetensors", {"embed.weight": emb, "lm_head.weight": emb.clone(),
                                                           "norm.weight": torch.randn(16)})
     r = tiecheck.analyze(str(path))
-    assert [d["names"] for d in r.untied_duplicates] == [["embed.weight", "lm_head.weight"]]
+    assert [list(d.names) for d in r.untied_duplicates] == [["embed.weight", "lm_head.weight"]]
     assert "TC005" in codes(r)
 
 
@@ -154,8 +154,8 @@ def test_sharded_safetensors_by_folder_and_by_index(tmp_path):
     index = write_sharded(tmp_path / "ckpt", sd, shards=3)
     for target in (index, index.parent):
         r = tiecheck.analyze(str(target))
-        assert r.source["format"] == "sharded safetensors"
-        assert {t["name"] for t in r.tensors} == set(sd)
+        assert r.source.format == "sharded safetensors"
+        assert {t.name for t in r.tensors} == set(sd)
         assert len(r.extra["files"]) == 3
 
 
@@ -205,11 +205,11 @@ def test_hf_folder_tied_key_absent_is_info_and_retied(tmp_path):
     m = llama(tie=True)
     m.save_pretrained(tmp_path / "hf")
     r = tiecheck.analyze(str(tmp_path / "hf"))
-    assert r.source["format"] == "Hugging Face folder (safetensors)"
+    assert r.source.format == "Hugging Face folder (safetensors)"
     assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]]
-    (f,) = [f for f in r.findings if f["code"] == "TC012"]
-    assert f["severity"] == "info"
-    assert "lm_head.weight is absent" in f["message"]
+    (f,) = [f for f in r.findings if f.code == "TC012"]
+    assert f.severity == "info"
+    assert "lm_head.weight is absent" in f.message
     arch = r.extra["hf"]["architecture"]
     assert arch["class"] == "LlamaForCausalLM"
     assert arch["absent_tied"] == [["lm_head.weight",
@@ -221,11 +221,11 @@ def test_hf_folder_flops_come_from_the_architecture_and_memory_from_the_files(tm
     m = llama(tie=True)
     m.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     r = tiecheck.analyze(str(tmp_path / "hf"), flops=True, duplicates=False)
-    assert r.flops["available"]
-    assert r.flops["forward"] > 0
-    assert {d["dtype"] for d in r.summary["by_dtype"]} == {"bfloat16"}  # the files', not the meta build's
-    assert r.summary["training_bytes"] > 0
-    assert r.summary["params_unique"] == sum(p.numel() for p in m.parameters())
+    assert r.flops.available
+    assert r.flops.forward > 0
+    assert {d.dtype for d in r.summary.by_dtype} == {"bfloat16"}  # the files', not the meta build's
+    assert r.summary.training_bytes > 0
+    assert r.summary.params_unique == sum(p.numel() for p in m.parameters())
 
 
 def test_hf_tied_keys_stored_twice_with_different_content(tmp_path):
@@ -235,9 +235,9 @@ def test_hf_tied_keys_stored_twice_with_different_content(tmp_path):
     r = tiecheck.analyze(str(hf_folder(tmp_path, m, sd)))
     # One finding for the pair: the declared layer's (declared tied, stored different), not the
     # loader's own TC010 as well.
-    (f,) = [f for f in r.findings if set(f["names"]) == {"lm_head.weight", "model.embed_tokens.weight"}]
-    assert f["code"] == "TC015"
-    assert "different content" in f["message"]
+    (f,) = [f for f in r.findings if set(list(f.names)) == {"lm_head.weight", "model.embed_tokens.weight"}]
+    assert f.code == "TC015"
+    assert "different content" in f.message
     assert "TC010" not in codes(r)
     assert groups(r) == []  # transformers loads them untied; so does the report
     assert r.exit_code("warning") == 1
@@ -250,7 +250,7 @@ def test_hf_tied_keys_stored_twice_equal_are_retied(tmp_path):
     assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]]
     assert "TC010" not in codes(r)
     assert "TC005" not in codes(r)
-    assert any("redundant bytes" in n for n in r.source["notes"])
+    assert any("redundant bytes" in n for n in r.source.notes)
 
 
 def test_hf_untied_config_without_head_is_config_mismatch(tmp_path):
@@ -258,15 +258,15 @@ def test_hf_untied_config_without_head_is_config_mismatch(tmp_path):
     sd = {k: v.detach().clone() for k, v in m.state_dict().items() if k != "lm_head.weight"}
     folder = hf_folder(tmp_path, m, sd)
     r = tiecheck.analyze(str(folder))
-    (f,) = [f for f in r.findings if "lm_head.weight" in f["names"]]
-    assert f["code"] == "TC017"
-    assert "initialise lm_head.weight randomly" in f["message"]
+    (f,) = [f for f in r.findings if "lm_head.weight" in f.names]
+    assert f.code == "TC017"
+    assert "initialise lm_head.weight randomly" in f.message
     assert "TC011" not in codes(r)
     assert groups(r) == []
     # Without transformers the config is still held against the files, once.
     r = analyze_without_transformers(folder)
-    assert [f["code"] for f in r.findings if f["code"] in ("TC011", "TC017")] == ["TC017"]
-    assert any("pip install tiecheck[hf]" in n for n in r.source["notes"])
+    assert [f.code for f in r.findings if f.code in ("TC011", "TC017")] == ["TC017"]
+    assert any("pip install tiecheck[hf]" in n for n in r.source.notes)
 
 
 def test_hf_untied_llama_lists_head_but_is_not_tied(tmp_path):
@@ -277,7 +277,7 @@ def test_hf_untied_llama_lists_head_but_is_not_tied(tmp_path):
     assert groups(r) == []
     assert "TC011" not in codes(r)
     assert "TC012" not in codes(r)
-    assert [c["names"] for c in r.tie_candidates] == [["lm_head.weight", "model.embed_tokens.weight"]]  # sorted
+    assert [list(c.names) for c in r.tie_candidates] == [["lm_head.weight", "model.embed_tokens.weight"]]  # sorted
 
 
 def analyze_without_transformers(target, **kw):
@@ -293,7 +293,7 @@ def test_hf_folder_without_transformers_says_so(tmp_path):
     r = analyze_without_transformers(tmp_path / "hf")
     assert groups(r) == []
     assert r.extra["hf"]["architecture"] is None
-    assert any("architecture ties need transformers: pip install tiecheck[hf]" in n for n in r.source["notes"])
+    assert any("architecture ties need transformers: pip install tiecheck[hf]" in n for n in r.source.notes)
     assert "TC012" not in codes(r)
 
 
@@ -302,7 +302,7 @@ def test_hf_base_model_weights_matched_by_prefix(tmp_path):
     base = {k[len("model."):]: v.detach().clone() for k, v in m.state_dict().items() if k.startswith("model.")}
     r = tiecheck.analyze(str(hf_folder(tmp_path, m, base)))
     assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]]
-    assert any("added prefix 'model.'" in n for n in r.source["notes"])
+    assert any("added prefix 'model.'" in n for n in r.source.notes)
 
 
 def test_hf_pytorch_model_bin_folder_and_sharded_bin(tmp_path):
@@ -312,7 +312,7 @@ def test_hf_pytorch_model_bin_folder_and_sharded_bin(tmp_path):
     m.config.save_pretrained(one)
     torch.save(m.state_dict(), one / "pytorch_model.bin")
     r = tiecheck.analyze(str(one))
-    assert r.source["format"] == "Hugging Face folder (torch.save state dict)"
+    assert r.source.format == "Hugging Face folder (torch.save state dict)"
     assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]]
     assert "TC012" not in codes(r)
 
@@ -329,7 +329,7 @@ def test_hf_pytorch_model_bin_folder_and_sharded_bin(tmp_path):
         wm.update({n: fname for n in part})
     (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
     r = tiecheck.analyze(str(sharded))
-    assert r.source["format"] == "Hugging Face folder (sharded torch.save)"
+    assert r.source.format == "Hugging Face folder (sharded torch.save)"
     assert groups(r) == [["lm_head.weight", "model.embed_tokens.weight"]]
     assert "TC012" in codes(r)
 
@@ -395,7 +395,7 @@ def test_custom_architecture_needs_trust_remote_code(tmp_path):
     r = tiecheck.analyze(str(folder))
     assert groups(r) == []
     assert r.extra["hf"]["architecture"] is None
-    assert any("--trust-remote-code" in n and "not run" in n for n in r.source["notes"])
+    assert any("--trust-remote-code" in n and "not run" in n for n in r.source.notes)
 
     # Trusted: transformers copies the module into its modules cache; point that at tmp_path.
 
@@ -432,13 +432,13 @@ def pt2_file(tmp_path_factory):
 
 def test_pt2_archive_keeps_ties_and_says_which_inputs_share(pt2_file):
     r = tiecheck.analyze(str(pt2_file))
-    assert r.source["format"] == "torch.export archive"
+    assert r.source.format == "torch.export archive"
     assert groups(r) == [["m.embed.weight", "m.lm_head.weight"]]
-    names = {t["name"] for t in r.tensors}
+    names = {t.name for t in r.tensors}
     assert {"scale", "c", "m.block.weight"} <= names
     (prog,) = r.extra["export"]
     assert prog["placeholders_sharing_memory"] == [["p_m_embed_weight", "p_m_lm_head_weight"]]
-    assert r.content["ran"]
+    assert r.content.ran
     assert codes(r) == []
     ref = Wrapped()
     t = tiecheck.loaders.load_target(str(pt2_file)).tensors
@@ -486,9 +486,9 @@ def test_torchscript_needs_trust_pickle(tmp_path):
     assert res.exit_code == 2
     assert "runs the TorchScript code" in res.output
     r = tiecheck.analyze(str(path), trust_pickle=True)
-    assert r.source["format"] == "TorchScript archive"
+    assert r.source.format == "TorchScript archive"
     assert groups(r) == [["embed.weight", "lm_head.weight"]]
-    assert r.tie_groups[0]["kind"] == "same_parameter"
+    assert r.tie_groups[0].kind == "same_parameter"
 
 
 # -- torch.distributed.checkpoint -------------------------------------------------------------------
@@ -505,13 +505,13 @@ def dcp_folder(tmp_path):
 
 def test_dcp_folder_reads_metadata_and_maps_chunks(dcp_folder):
     r = tiecheck.analyze(str(dcp_folder))
-    assert r.source["format"] == "torch.distributed.checkpoint training checkpoint"
-    assert r.source["key"] == "model"
-    assert {t["name"] for t in r.tensors} == set(TinyLM().state_dict())
+    assert r.source.format == "torch.distributed.checkpoint training checkpoint"
+    assert r.source.key == "model"
+    assert {t.name for t in r.tensors} == set(TinyLM().state_dict())
     # DCP records no aliasing: the tie comes back as two equal copies.
     assert groups(r) == []
-    assert [d["names"] for d in r.untied_duplicates] == [["embed.weight", "lm_head.weight"]]
-    assert any("records no aliasing" in n for n in r.source["notes"])
+    assert [list(d.names) for d in r.untied_duplicates] == [["embed.weight", "lm_head.weight"]]
+    assert any("records no aliasing" in n for n in r.source.notes)
     sub = tiecheck.loaders.load_target(str(dcp_folder))
     span = sub.file_spans["block.weight"]
     raw = Path(span.path).read_bytes()[span.offset:span.offset + 16 * 16 * 4]

@@ -49,22 +49,22 @@ def test_output_missing_is_a_declared_tie(tmp_path):
     path = write_gguf(tmp_path / "tied.gguf", weights())
     assert detect.sniff_file(path) == detect.GGUF
     r = tiecheck.analyze(str(path))
-    assert r.source["format"] == "GGUF"
-    assert [(g["names"], g["kind"], g["shape"], g["bytes_saved"]) for g in r.tie_groups] == \
+    assert r.source.format == "GGUF"
+    assert [(list(g.names), g.kind, list(g.shape), g.bytes_saved) for g in r.tie_groups] == \
         [(["output.weight", "token_embd.weight"], "shared_storage", [V, D], V * D * 4)]
-    assert [(f["code"], f["names"]) for f in r.findings if f["code"] == "TC012"] == \
+    assert [(f.code, list(f.names)) for f in r.findings if f.code == "TC012"] == \
         [("TC012", ["output.weight", "token_embd.weight"])]
     g = r.extra["gguf"]
     assert (g["architecture"], g["vocab_size"], g["embedding_length"], g["output_tie"]) == ("llama", V, D, "declared")
-    assert "architecture llama, vocab 64, embedding length 32" in r.source["notes"][0]
+    assert "architecture llama, vocab 64, embedding length 32" in r.source.notes[0]
 
 
 def test_untied_output_is_not_a_tie(tmp_path):
     w = weights()
     w["output.weight"] = weights(1)["token_embd.weight"]
     r = tiecheck.analyze(str(write_gguf(tmp_path / "untied.gguf", w)))
-    assert r.tie_groups == []
-    assert r.untied_duplicates == []
+    assert r.tie_groups == ()
+    assert r.untied_duplicates == ()
     assert r.extra["gguf"]["output_tie"] == "stored"
 
 
@@ -72,10 +72,10 @@ def test_duplicated_output_found_by_content(tmp_path):
     w = weights()
     w["output.weight"] = w["token_embd.weight"].copy()
     r = tiecheck.analyze(str(write_gguf(tmp_path / "dup.gguf", w)))
-    assert r.tie_groups == []
-    assert [(d["names"], d["dtype"], d["bytes_wasted"]) for d in r.untied_duplicates] == \
+    assert r.tie_groups == ()
+    assert [(list(d.names), d.dtype, d.bytes_wasted) for d in r.untied_duplicates] == \
         [(["output.weight", "token_embd.weight"], "float32", V * D * 4)]
-    assert [f["names"] for f in r.findings if f["code"] == "TC005"] == [["output.weight", "token_embd.weight"]]
+    assert [list(f.names) for f in r.findings if f.code == "TC005"] == [["output.weight", "token_embd.weight"]]
 
 
 def test_quantized_duplicate_found_by_stored_blocks(tmp_path):
@@ -84,7 +84,7 @@ def test_quantized_duplicate_found_by_stored_blocks(tmp_path):
     q8 = {"token_embd.weight": GMLQ8, "output.weight": GMLQ8}
     r = tiecheck.analyze(str(write_gguf(tmp_path / "q8.gguf", w, quant=q8)))
     row_bytes = D // 32 * 34  # Q8_0: blocks of 32 weights in 34 bytes
-    assert [(d["names"], d["dtype"], d["shape"], d["bytes_wasted"]) for d in r.untied_duplicates] == \
+    assert [(list(d.names), d.dtype, list(d.shape), d.bytes_wasted) for d in r.untied_duplicates] == \
         [(["output.weight", "token_embd.weight"], "uint8", [V, row_bytes], V * row_bytes)]
     types = r.extra["gguf"]["tensor_types"]
     assert types["output.weight"] == {"type": "Q8_0", "shape": [V, D], "bytes": V * row_bytes, "quantized": True}
@@ -92,13 +92,13 @@ def test_quantized_duplicate_found_by_stored_blocks(tmp_path):
 
 def test_quantized_output_missing_still_ties(tmp_path):
     r = tiecheck.analyze(str(write_gguf(tmp_path / "q.gguf", weights(), quant={"token_embd.weight": GMLQ8})))
-    assert [g["names"] for g in r.tie_groups] == [["output.weight", "token_embd.weight"]]
+    assert [list(g.names) for g in r.tie_groups] == [["output.weight", "token_embd.weight"]]
 
 
 def test_flops_say_pytorch_only(tmp_path):
     r = tiecheck.analyze(str(write_gguf(tmp_path / "t.gguf", weights())), flops=True)
-    assert r.flops["available"] is False
-    assert "PyTorch modules only" in r.flops["reason"]
+    assert r.flops.available is False
+    assert "PyTorch modules only" in r.flops.reason
 
 
 # -- hostile files ----------------------------------------------------------------------------
@@ -218,13 +218,13 @@ def test_diff_against_gguf_keeps_the_declared_tie(tmp_path):
     d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "m.gguf", arrays)))
     assert d.matching == "content"
     assert d.exit_code == 0
-    assert d.lost == []
-    assert d.b_only == []
+    assert d.lost == ()
+    assert d.b_only == ()
     (g,) = d.kept
-    assert g["tied_in_b"]
-    assert g["in_b"][0]["names"] == ["output.weight", "token_embd.weight"]
-    assert g["in_b"][0]["method"] == "exact values, float32→float16 lossless"
-    rows = {tuple(m["a"]): [(b["names"], b["method"]) for b in m["b"]] for m in d.matches}
+    assert g.tied_in_b
+    assert g.in_b[0].names == ("output.weight", "token_embd.weight")
+    assert g.in_b[0].method == "exact values, float32→float16 lossless"
+    rows = {m.a: [(list(b.names), b.method) for b in m.b] for m in d.matches}
     assert rows[("model.q.weight",)] == [(["blk.0.attn_q.weight"], "exact bytes")]
 
 
@@ -241,8 +241,8 @@ def test_diff_against_quantized_gguf_matches_by_shape_and_position(tmp_path):
     arrays["token_embd.weight"] = arrays["token_embd.weight"].astype(np.float32)
     d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "q.gguf", arrays, quant={"token_embd.weight": GMLQ8})))
     (g,) = d.kept
-    assert g["in_b"] == [{"names": ["output.weight", "token_embd.weight"], "method": "shape and position",
-                          "bytes": V * (D // 32 * 34)}]
+    assert [b.placed() for b in g.in_b] == [{"names": ["output.weight", "token_embd.weight"],
+                                           "method": "shape and position", "bytes": V * (D // 32 * 34)}]
 
 
 
@@ -254,12 +254,12 @@ def test_diff_against_quantized_gguf_with_its_own_output_is_not_a_kept_tie(tmp_p
     arrays["output.weight"] = arrays["token_embd.weight"].copy()
     quant = {"token_embd.weight": GMLQ8, "output.weight": GMLQ8}
     d = tiecheck.diff(str(pt), str(write_gguf(tmp_path / "q2.gguf", arrays, quant=quant)))
-    assert d.kept == []
+    assert d.kept == ()
     assert d.exit_code == 1
     (g,) = d.lost
-    assert sorted(n for b in g["in_b"] for n in b["names"]) == ["output.weight", "token_embd.weight"]
-    assert {b["method"] for b in g["in_b"]} == {"shape and position"}
-    assert g["bytes_copied"] == V * (D // 32 * 34)
+    assert sorted(n for b in g.in_b for n in b.names) == ["output.weight", "token_embd.weight"]
+    assert {b.method for b in g.in_b} == {"shape and position"}
+    assert g.bytes_copied == V * (D // 32 * 34)
 
 def test_bf16_tensors_keep_their_dtype_and_count(tmp_path):
     emb = torch.randn(V, D, dtype=torch.bfloat16)
@@ -271,8 +271,8 @@ def test_bf16_tensors_keep_their_dtype_and_count(tmp_path):
     w.write_tensors_to_file()
     w.close()
     r = tiecheck.analyze(str(tmp_path / "bf16.gguf"), duplicates=False)
-    row = next(t for t in r.tensors if t["name"] == "token_embd.weight")
-    assert row["dtype"] == "bfloat16"
-    assert row["shape"] == [V, D]
-    assert r.summary["params_counted"] == 2 * V * D  # the embedding and llama.cpp's tied output
+    row = next(t for t in r.tensors if t.name == "token_embd.weight")
+    assert row.dtype == "bfloat16"
+    assert list(row.shape) == [V, D]
+    assert r.summary.params_counted == 2 * V * D  # the embedding and llama.cpp's tied output
     assert r.extra["gguf"]["tensor_types"]["token_embd.weight"]["quantized"] is False

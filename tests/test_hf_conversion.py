@@ -57,16 +57,16 @@ def test_per_expert_tensors_are_merged_on_load_not_ignored(moe_folder):
         f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(EXPERTS)]
     assert converted["model.layers.0.mlp.experts.gate_up_proj"] == sorted(
         f"model.layers.0.mlp.experts.{e}.{p}_proj.weight" for e in range(EXPERTS) for p in ("gate", "up"))
-    notes = r.source["notes"]
+    notes = list(r.source.notes)
     assert not any("ignores them on load" in n or "initialises them on load" in n for n in notes)
     (merged,) = [n for n in notes if "merged on load" in n]
     assert merged.startswith(f"{LAYERS * EXPERTS * 3} tensor(s) in the files are merged on load into {LAYERS * 2} "
                              "tensor(s) of Qwen3MoeForCausalLM by transformers' conversion mapping")
     # The pieces are analysed as stored; the tie the architecture declares is still found.
-    names = {t["name"] for t in r.tensors}
+    names = {t.name for t in r.tensors}
     assert set(per_expert(1)) <= names
     assert "model.layers.1.mlp.experts.down_proj" not in names
-    assert [g["names"] for g in r.tie_groups] == [["lm_head.weight", "model.embed_tokens.weight"]]
+    assert [list(g.names) for g in r.tie_groups] == [["lm_head.weight", "model.embed_tokens.weight"]]
 
 
 def test_a_key_no_rule_reaches_is_still_ignored(moe_folder, tmp_path):
@@ -118,13 +118,13 @@ def test_legacy_names_are_renamed_as_transformers_renames_them(legacy_bert):
     with safetensors_torch.safe_open(str(legacy_bert / "model.safetensors"), "pt") as f:
         legacy = [k for k in f.keys() if k.endswith((".gamma", ".beta"))]  # noqa: SIM118 - safe_open has keys(), no __iter__
     assert len(legacy) == 8  # four LayerNorms: embeddings, attention output, output, the MLM transform
-    (note,) = [n for n in r.source["notes"] if "load-time renaming" in n]
+    (note,) = [n for n in r.source.notes if "load-time renaming" in n]
     assert note.startswith("8 file keys matched to the architecture after transformers' load-time renaming (e.g. ")
-    names = {t["name"] for t in r.tensors}
+    names = {t.name for t in r.tensors}
     assert "bert.embeddings.LayerNorm.weight" in names
     assert "bert.embeddings.LayerNorm.gamma" not in names
     assert ["bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"] in \
-        [g["names"] for g in r.tie_groups]
+        [list(g.names) for g in r.tie_groups]
 
 
 def test_the_cli_says_it_in_one_note(moe_folder):
@@ -152,7 +152,7 @@ def test_a_current_name_beside_its_legacy_one_is_loaded_as_from_pretrained_loads
     arch = r.to_dict()["hf"]["architecture"]
     assert arch["unexpected"] == []
     assert arch["missing"] == []
-    (note,) = [n for n in r.source["notes"] if "fills first" in n]
+    (note,) = [n for n in r.source.notes if "fills first" in n]
     assert note.startswith("1 file key lands on an architecture key another file key fills first (e.g. "
                            "bert.embeddings.LayerNorm.weight -> bert.embeddings.LayerNorm.weight, filled by "
                            "bert.embeddings.LayerNorm.gamma)")

@@ -29,21 +29,21 @@ def project(tmp_path, monkeypatch):
 
 def test_an_ignored_finding_stays_in_the_report_and_never_fails():
     r = tiecheck.analyze(tm.broken(), ignore=["TC005"])
-    (f,) = [f for f in r.findings if f["code"] == "TC005"]
-    assert f["severity"] == "error"
-    assert f["ignored"] is True
-    assert f["ignored_by"] == "TC005"
+    (f,) = [f for f in r.findings if f.code == "TC005"]
+    assert f.severity == "error"
+    assert f.ignored is True
+    assert f.ignored_by == "TC005"
     assert r.exit_code("warning") == 0
     assert r.failing_findings("warning") == []
-    assert r.summary["findings"]["error"] == 0
-    assert r.summary["findings_ignored"] == 1
+    assert r.summary.findings.error == 0
+    assert r.summary.findings_ignored == 1
     assert tiecheck.analyze(tm.broken()).exit_code() == 1  # not ignored: it fails
 
 
 def test_a_glob_ignores_the_findings_that_name_a_matching_tensor():
     assert tiecheck.analyze(tm.broken(), ignore=["TC005:head.*"]).exit_code() == 0
     r = tiecheck.analyze(tm.broken(), ignore=["TC005:*.rotary_emb.*"])  # matches no name here
-    assert not any(f.get("ignored") for f in r.findings)
+    assert not any(f.ignored for f in r.findings)
     assert r.exit_code() == 1
 
 

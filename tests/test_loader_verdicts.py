@@ -43,7 +43,7 @@ RAW_EXCEPTION = re.compile(r"\b[A-Z]\w*(Error|Exception)\b:")
 
 
 def above_info(report) -> list[tuple[str, str, list[str]]]:
-    return [(f["code"], f["severity"], f["names"]) for f in report.findings if f["severity"] != "info"]
+    return [(f.code, f.severity, list(f.names)) for f in report.findings if f.severity != "info"]
 
 
 # -- 1. live RoPE models -----------------------------------------------------------------------
@@ -66,7 +66,7 @@ def test_a_fresh_rope_model_raises_nothing_above_info(arch):
     r = tiecheck.analyze(model)
     assert above_info(r) == []
     assert r.exit_code("warning") == 0
-    assert not [d for d in r.untied_duplicates if any("rotary_emb" in n for n in d["names"])]
+    assert not [d for d in r.untied_duplicates if any("rotary_emb" in n for n in d.names)]
     assert_no_broken_ties(model)
 
 
@@ -127,7 +127,7 @@ def test_an_untied_qwen_vl_folder_is_read_as_from_pretrained_reads_it(tmp_path, 
     assert arch["unexpected"] == sorted(info["unexpected_keys"])
     assert above_info(r) == []
     assert r.exit_code("warning") == 0
-    assert not [f for f in r.findings if f["code"] in ("TC011", "TC012")]
+    assert not [f for f in r.findings if f.code in ("TC011", "TC012")]
     # The head the report holds is the stored one, under the architecture's name.
     subject = load_target(str(tmp_path))
     assert torch.equal(subject.tensors["lm_head.weight"], model.lm_head.weight)
@@ -145,8 +145,8 @@ def test_a_quantized_head_a_qwen_vl_folder_stores_is_not_called_absent(tmp_path)
            "lm_head.weight_format": torch.tensor(0, dtype=torch.uint8)}  # bitsandbytes LLM.int8's layout
     safetensors_torch.save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     r = tiecheck.analyze(str(tmp_path))
-    assert [f["code"] for f in r.findings if f["severity"] != "info"] == ["TC022"]
-    assert not [f for f in r.findings if f["code"] in ("TC012", "TC010")]
+    assert [f.code for f in r.findings if f.severity != "info"] == ["TC022"]
+    assert not [f for f in r.findings if f.code in ("TC012", "TC010")]
     assert "lm_head.weight" not in r.to_dict()["hf"]["architecture"]["missing"]
 
 
@@ -179,9 +179,9 @@ def test_a_t5_v1_1_folder_is_untied_by_design(tmp_path, cls_name):
     r = tiecheck.analyze(str(tmp_path))
     assert above_info(r) == []
     assert r.exit_code("warning") == 0
-    (f,) = [f for f in r.findings if f["code"] == "TC015"]
-    assert f["severity"] == "info"
-    assert "the model loads untied, as stored" in f["message"]
+    (f,) = [f for f in r.findings if f.code == "TC015"]
+    assert f.severity == "info"
+    assert "the model loads untied, as stored" in f.message
     res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--no-flops", "--fail-on", "warning"])
     assert res.exit_code == 0, res.output
 
@@ -193,7 +193,7 @@ def test_a_t5_folder_whose_config_writes_true_is_still_an_error(tmp_path):
     head = t5_folder(tmp_path, cls, written=True)
     assert torch.equal(cls.from_pretrained(str(tmp_path)).lm_head.weight, head)
     r = tiecheck.analyze(str(tmp_path))
-    assert [(f["code"], f["severity"]) for f in r.findings if f["code"] == "TC015"] == [("TC015", "error")]
+    assert [(f.code, f.severity) for f in r.findings if f.code == "TC015"] == [("TC015", "error")]
     assert r.exit_code() == 1
 
 
@@ -238,11 +238,11 @@ def test_marian_with_separate_vocabularies_holds_the_flag_against_the_decoder_em
     for target in (model, str(tmp_path)):
         r = tiecheck.analyze(target)
         assert above_info(r) == []
-        assert not [f for f in r.findings if f["code"] == "TC011"]
-        (row,) = [t for t in r.declared["ties"] if "lm_head.weight" in t["names"]]
-        assert row["names"] == ["lm_head.weight", "model.decoder.embed_tokens.weight"]
-        assert row["declared"]
-        assert row["physical"] == "tied"
+        assert not [f for f in r.findings if f.code == "TC011"]
+        (row,) = [t for t in r.declared.ties if "lm_head.weight" in t.names]
+        assert list(row.names) == ["lm_head.weight", "model.decoder.embed_tokens.weight"]
+        assert row.declared
+        assert row.physical == "tied"
 
 
 # -- 5. FLOPs: a sentence, never an exception's text ---------------------------------------------------
@@ -309,11 +309,11 @@ def test_a_forward_that_needs_images_tiecheck_cannot_shape_gives_a_sentence():
         perceiver_config={"qk_layer_norms_perceiver": False, "resampler_n_latents": 2, "resampler_depth": 1,
                           "resampler_n_heads": 2, "resampler_head_dim": 8}))
     d = tiecheck.analyze(model, flops=True, seq_len=8, duplicates=False).flops
-    assert not d["available"]
-    assert not RAW_EXCEPTION.search(d["reason"])
-    assert "its forward needs pixel_values (images)" in d["reason"]
-    assert "inputs=" in d["reason"]
-    assert d["errors"]
+    assert not d.available
+    assert not RAW_EXCEPTION.search(d.reason)
+    assert "its forward needs pixel_values (images)" in d.reason
+    assert "inputs=" in d.reason
+    assert d.errors
 
 
 # -- hints that follow the verdict ---------------------------------------------------------------------
@@ -325,11 +325,11 @@ def test_a_copied_head_the_config_keeps_untied_is_not_sent_to_tie_weights():
     assert isinstance(model, transformers.PreTrainedModel)
     model.tie_weights()  # what the old hint offered: with tie_word_embeddings=False it ties nothing
     assert model.lm_head.weight is not model.model.embed_tokens.weight
-    (f,) = [f for f in tiecheck.analyze(model).findings if f["code"] == "TC005"]
-    assert f["severity"] == "warning"
-    assert f["names"] == [LLAMA_HEAD, LLAMA_EMB]
-    assert "tie_weights()` leaves them apart" in f["hint"]
-    assert "set tie_word_embeddings=true" in f["hint"]
+    (f,) = [f for f in tiecheck.analyze(model).findings if f.code == "TC005"]
+    assert f.severity == "warning"
+    assert list(f.names) == [LLAMA_HEAD, LLAMA_EMB]
+    assert "tie_weights()` leaves them apart" in f.hint
+    assert "set tie_word_embeddings=true" in f.hint
 
 
 # -- found by the sweep (benchmarks/sweep_precision.py) ------------------------------------------------
@@ -348,10 +348,10 @@ def test_a_cloned_embedding_still_tied_to_the_head_under_another_name_is_a_broke
     dec.embed_tokens.weight = torch.nn.Parameter(dec.embed_tokens.weight.detach().clone())
     path = tmp_path / "fsmt.pt"
     torch.save(model.state_dict(), path)
-    (f,) = [f for f in tiecheck.analyze(str(path)).findings if f["severity"] != "info"]
-    assert (f["code"], f["severity"]) == ("TC005", "error")
-    assert "model.decoder.embed_tokens.weight" in f["names"]
-    assert "are an input embedding and its output projection, so this is a broken tie" in f["message"]
+    (f,) = [f for f in tiecheck.analyze(str(path)).findings if f.severity != "info"]
+    assert (f.code, f.severity) == ("TC005", "error")
+    assert "model.decoder.embed_tokens.weight" in f.names
+    assert "are an input embedding and its output projection, so this is a broken tie" in f.message
 
 
 TINY = {  # transformers classes whose embedding or head a bare state dict names in its own way
@@ -379,5 +379,5 @@ def test_a_cloned_head_in_a_bare_state_dict_is_known_by_transformers_own_names(t
     names = {id(m): n for n, m in model.named_modules()}
     pair = sorted([f"{names[id(head)]}.weight", f"{names[id(emb)]}.weight"])
     r = tiecheck.analyze(str(path))
-    assert [(f["code"], f["severity"], f["names"]) for f in r.findings if f["severity"] != "info"] == \
+    assert [(f.code, f.severity, list(f.names)) for f in r.findings if f.severity != "info"] == \
         [("TC005", "error", pair)]

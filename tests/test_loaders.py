@@ -21,7 +21,7 @@ def sd(tiny_lm):
 
 
 def tied_names(report):
-    return [g["names"] for g in report.tie_groups]
+    return [list(g.names) for g in report.tie_groups]
 
 
 def test_plain_state_dict_keeps_ties(tmp_path, sd):
@@ -29,8 +29,8 @@ def test_plain_state_dict_keeps_ties(tmp_path, sd):
     torch.save(sd, path)
     r = tiecheck.analyze(str(path))
     assert tied_names(r) == [["embed.weight", "lm_head.weight"]]
-    assert r.source["format"] == "torch.save state dict"
-    assert r.source["key"] is None
+    assert r.source.format == "torch.save state dict"
+    assert r.source.key is None
 
 
 def test_hf_style_bin_any_extension(tmp_path, sd):
@@ -49,10 +49,10 @@ def test_training_checkpoint_picks_model_and_says_which_key(tmp_path, tiny_lm, s
     path = tmp_path / "step_1000.pt"
     torch.save({"model": sd, "optimizer": opt.state_dict(), "step": 1000}, path)
     r = tiecheck.analyze(str(path))
-    assert r.source["key"] == "model"
-    assert "training checkpoint" in r.source["format"]
+    assert r.source.key == "model"
+    assert "training checkpoint" in r.source.format
     assert tied_names(r) == [["embed.weight", "lm_head.weight"]]
-    assert not any("exp_avg" in t["name"] for t in r.tensors)
+    assert not any("exp_avg" in t.name for t in r.tensors)
 
 
 def test_lightning_checkpoint(tmp_path, sd):
@@ -60,7 +60,7 @@ def test_lightning_checkpoint(tmp_path, sd):
     torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "optimizer_states": [{}], "epoch": 3,
                 "global_step": 10}, path)
     r = tiecheck.analyze(str(path))
-    assert r.source["key"] == "state_dict"
+    assert r.source.key == "state_dict"
     assert tied_names(r) == [["model.embed.weight", "model.lm_head.weight"]]
 
 
@@ -69,14 +69,14 @@ def test_ddp_and_compile_prefixes_are_stripped(tmp_path, sd):
     torch.save({f"module._orig_mod.{k}": v for k, v in sd.items()}, path)
     r = tiecheck.analyze(str(path))
     assert tied_names(r) == [["embed.weight", "lm_head.weight"]]
-    assert any("'module.'" in n and "'_orig_mod.'" in n for n in r.source["notes"])
+    assert any("'module.'" in n and "'_orig_mod.'" in n for n in r.source.notes)
 
 
 def test_key_option_chooses_and_errors_list_keys(tmp_path, sd):
     path = tmp_path / "two.pt"
     torch.save({"ema": sd, "weights": {k: v.clone() for k, v in sd.items()}}, path)
-    assert tiecheck.analyze(str(path), key="weights").source["key"] == "weights"
-    assert tiecheck.analyze(str(path)).source["key"] == "ema"
+    assert tiecheck.analyze(str(path), key="weights").source.key == "weights"
+    assert tiecheck.analyze(str(path)).source.key == "ema"
     with pytest.raises(TargetError, match=r"no key 'nope'.*ema, weights"):
         tiecheck.analyze(str(path), key="nope")
 
@@ -86,7 +86,7 @@ def test_legacy_format_loads_without_mmap(tmp_path, sd):
     torch.save(sd, path, _use_new_zipfile_serialization=False)
     r = tiecheck.analyze(str(path))
     assert tied_names(r) == [["embed.weight", "lm_head.weight"]]
-    assert any("legacy" in n for n in r.source["notes"])
+    assert any("legacy" in n for n in r.source.notes)
 
 
 def test_pickled_module_refused_then_trusted(tmp_path):
@@ -96,8 +96,8 @@ def test_pickled_module_refused_then_trusted(tmp_path):
         tiecheck.analyze(str(path))
     assert "TinyLM" in str(e.value) or "conftest" in str(e.value)
     r = tiecheck.analyze(str(path), trust_pickle=True)
-    assert r.tie_groups[0]["kind"] == "same_parameter"
-    assert "pickled nn.Module" in r.source["format"]
+    assert r.tie_groups[0].kind == "same_parameter"
+    assert "pickled nn.Module" in r.source.format
 
 
 def test_folder_with_one_weight_file(tmp_path, sd):
@@ -130,7 +130,7 @@ def test_python_specs(tmp_path, monkeypatch):
     for attr in ("build", "Net", "instance"):
         r = tiecheck.analyze(f"{tmp_path}/mymodel.py:{attr}")
         assert tied_names(r) == [["emb.weight", "head.weight"]], attr
-        assert r.source["format"] == "python spec"
+        assert r.source.format == "python spec"
     monkeypatch.chdir(tmp_path)  # a module spec is looked up in the current folder, as `python -m` does
     assert tied_names(tiecheck.analyze("mymodel:build")) == [["emb.weight", "head.weight"]]
     with pytest.raises(TargetError, match="raised RuntimeError: no GPU here"):
@@ -152,13 +152,13 @@ def test_path_wins_over_bundled_name(tmp_path, sd, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(sd, tmp_path / "gpt-mini")
     r = tiecheck.analyze("gpt-mini")
-    assert r.source["format"] == "torch.save state dict"
+    assert r.source.format == "torch.save state dict"
 
 
 def test_state_dict_and_checkpoint_objects_in_python(sd):
     assert tied_names(tiecheck.analyze(dict(sd))) == [["embed.weight", "lm_head.weight"]]
     r = tiecheck.analyze({"model": sd, "step": 3})
-    assert r.source["key"] == "model"
+    assert r.source.key == "model"
 
 
 @pytest.mark.parametrize(("make", "match"), [

@@ -55,27 +55,27 @@ def test_detected_by_content(torchscript_onnx, tmp_path):
     renamed = tmp_path / "weights.bin"
     renamed.write_bytes(torchscript_onnx.read_bytes())
     assert detect.sniff_file(renamed) == detect.ONNX
-    assert tiecheck.analyze(str(renamed)).source["format"] == "ONNX"
+    assert tiecheck.analyze(str(renamed)).source.format == "ONNX"
 
 
 def test_torchscript_exporter_loses_the_tie_as_a_transposed_copy(torchscript_onnx, tiny):
     r = tiecheck.analyze(str(torchscript_onnx))
-    assert r.tie_groups == []
+    assert r.tie_groups == ()
     pairs = r.extra["onnx"]["embedding_head"]
     assert len(pairs) == 1
     p = pairs[0]
     assert (p["embedding"], p["embedding_nodes"], p["head_node"], p["head_op"], p["relation"], p["bytes_copied"]) \
         == ("embed.weight", ["/embed/Gather"], "/lm_head/MatMul", "MatMul", "transposed copy", V * D * 4)
     assert p["head"].startswith("onnx::MatMul")
-    tc005 = [f for f in r.findings if f["code"] == "TC005"]
-    assert [sorted(f["names"]) for f in tc005] == [sorted(["embed.weight", p["head"]])]
-    assert f"{V * D * 4:,} bytes wasted" in tc005[0]["message"]
-    assert "MatMul /lm_head/MatMul" in tc005[0]["message"]
+    tc005 = [f for f in r.findings if f.code == "TC005"]
+    assert [sorted(f.names) for f in tc005] == [sorted(["embed.weight", p["head"]])]
+    assert f"{V * D * 4:,} bytes wasted" in tc005[0].message
+    assert "MatMul /lm_head/MatMul" in tc005[0].message
     # the stored transpose is exactly the embedding's transpose
-    stored = {t["name"]: t for t in r.tensors}
-    assert stored[p["head"]]["shape"] == [D, V]
-    assert stored["embed.weight"]["shape"] == [V, D]
-    assert any("a transposed copy of it: the tie was lost in the export" in n for n in r.source["notes"])
+    stored = {t.name: t for t in r.tensors}
+    assert stored[p["head"]].shape == (D, V)
+    assert stored["embed.weight"].shape == (V, D)
+    assert any("a transposed copy of it: the tie was lost in the export" in n for n in r.source.notes)
 
 
 def test_dynamo_exporter_keeps_one_initializer(dynamo_onnx):
@@ -87,11 +87,11 @@ def test_dynamo_exporter_keeps_one_initializer(dynamo_onnx):
     assert pair["relation"] == "one tensor"
     assert pair["head_op"] == "MatMul"
     assert any(v.startswith("Transpose ") for v in pair["via"])
-    assert sorted(g["names"]) == sorted([pair["embedding"], pair["alias"]])
-    assert g["kind"] == "transposed_alias"
-    assert g["bytes_saved"] == V * D * 4
+    assert sorted(g.names) == sorted([pair["embedding"], pair["alias"]])
+    assert g.kind == "transposed_alias"
+    assert g.bytes_saved == V * D * 4
     assert r.extra["onnx"]["external_files"] == ["tiny.onnx.data"]
-    assert not [f for f in r.findings if f["code"] == "TC005"]
+    assert not [f for f in r.findings if f.code == "TC005"]
 
 
 def test_external_initializers_are_views_of_the_data_file(dynamo_onnx):
@@ -133,13 +133,13 @@ def test_gpt2_dynamo_export_keeps_the_tie(tmp_path):
     (pair,) = r.extra["onnx"]["embedding_head"]
     assert (pair["embedding"], pair["relation"], pair["head_node"]) == ("gpt2.lm_head.weight", "one tensor",
                                                                         "node_linear")
-    assert [sorted(g["names"]) for g in r.tie_groups] == [["gpt2.lm_head.weight", "node_linear:B"]]
+    assert [sorted(g.names) for g in r.tie_groups] == [["gpt2.lm_head.weight", "node_linear:B"]]
 
 
 def test_flops_say_pytorch_only(torchscript_onnx):
     r = tiecheck.analyze(str(torchscript_onnx), flops=True)
-    assert r.flops["available"] is False
-    assert "PyTorch modules only" in r.flops["reason"]
+    assert r.flops.available is False
+    assert "PyTorch modules only" in r.flops.reason
 
 
 # -- hostile files ----------------------------------------------------------------------------
@@ -182,8 +182,8 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, location):
 def test_valid_external_data_reads(tmp_path):
     data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
     r = tiecheck.analyze(str(_model_with_external(tmp_path, "w.data", data=data)))
-    assert [t["name"] for t in r.tensors] == ["w"]
-    assert r.tensors[0]["shape"] == [4, 2]
+    assert [t.name for t in r.tensors] == ["w"]
+    assert list(r.tensors[0].shape) == [4, 2]
 
 
 def test_truncated_external_data(tmp_path):
@@ -231,15 +231,15 @@ def test_diff_torchscript_export_shows_the_tie_became_copies(tiny_pt, torchscrip
     d = tiecheck.diff(str(tiny_pt), str(torchscript_onnx))
     assert d.matching == "content"
     assert d.exit_code == 1
-    assert d.kept == []
-    assert d.b_only == []
+    assert d.kept == ()
+    assert d.b_only == ()
     (g,) = d.lost
-    assert g["names"] == ["embed.weight", "lm_head.weight"]
-    assert g["broken_into_duplicates"]
-    assert g["bytes_copied"] == V * D * 4
-    assert sorted((x["names"][0].split("::")[0], x["method"]) for x in g["in_b"]) == \
+    assert list(g.names) == ["embed.weight", "lm_head.weight"]
+    assert g.broken_into_duplicates
+    assert g.bytes_copied == V * D * 4
+    assert sorted((x.names[0].split("::")[0], x.method) for x in g.in_b) == \
         [("embed.weight", "exact bytes"), ("onnx", "transpose")]
-    rows = {tuple(m["a"]): [(b["method"]) for b in m["b"]] for m in d.matches}
+    rows = {m.a: [b.method for b in m.b] for m in d.matches}
     assert rows[("block.bias",)] == ["exact bytes"]
     assert rows[("block.weight",)] == ["transpose"]
     from_cli = CliRunner().invoke(main, ["diff", str(tiny_pt), str(torchscript_onnx)])
@@ -251,14 +251,14 @@ def test_diff_torchscript_export_shows_the_tie_became_copies(tiny_pt, torchscrip
 def test_diff_dynamo_export_keeps_the_tie(tiny_pt, dynamo_onnx):
     d = tiecheck.diff(str(tiny_pt), str(dynamo_onnx))
     assert d.exit_code == 0
-    assert d.lost == []
+    assert d.lost == ()
     (g,) = d.kept
-    assert g["names"] == ["embed.weight", "lm_head.weight"]
-    assert g["tied_in_b"]
-    (b,) = g["in_b"]
-    assert b["method"] == "exact bytes"
-    assert "lm_head.weight" in b["names"]
-    assert "node_linear_1:B" in b["names"]
+    assert list(g.names) == ["embed.weight", "lm_head.weight"]
+    assert g.tied_in_b
+    (b,) = g.in_b
+    assert b.method == "exact bytes"
+    assert "lm_head.weight" in b.names
+    assert "node_linear_1:B" in b.names
 
 
 @pytest.mark.parametrize("changed", [False, True])

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 import tiecheck
+from tiecheck.analyses.packed import PackedHead
 from tiecheck.cli import main
 
 transformers = pytest.importorskip("transformers")
@@ -33,7 +34,7 @@ def state(model) -> dict:
 
 
 def tc022(r) -> list[dict]:
-    return [f for f in r.findings if f["code"] == "TC022"]
+    return [f for f in r.findings if f.code == "TC022"]
 
 
 def bnb_head(model, kind: str) -> dict:
@@ -105,16 +106,16 @@ def test_nf4_head_beside_bf16_embedding(tmp_path):
     r = tiecheck.analyze(str(saved(tmp_path, sd)))
     companions = sorted(k for k in sd if k.startswith(HEAD + "."))
     head_bytes = sum(sd[k].numel() * sd[k].element_size() for k in [HEAD, *companions])
-    assert r.declared["packed_heads"] == [{
-        "names": [EMB, HEAD], "shape": [V, D], "formats": ["bfloat16", "nf4 (bitsandbytes 4-bit)"],
-        "head_bytes": head_bytes, "embedding_bytes": V * D * 2, "companions": companions}]
+    assert r.declared.packed_heads == (PackedHead(
+        names=(EMB, HEAD), shape=(V, D), formats=("bfloat16", "nf4 (bitsandbytes 4-bit)"), head_bytes=head_bytes,
+        embedding_bytes=V * D * 2, companions=tuple(companions)),)
     (f,) = tc022(r)
-    assert (f["severity"], f["names"]) == ("info", [HEAD, EMB])
-    assert f"{head_bytes:,} bytes" in f["message"]
-    assert "not compared" in f["message"]
-    assert r.summary["bytes_in_packed_head_copies"] == head_bytes
-    assert r.content["transposed"]["copies"] == []
-    assert not [d for d in r.untied_duplicates if not d["constant"]]
+    assert (f.severity, list(f.names)) == ("info", [HEAD, EMB])
+    assert f"{head_bytes:,} bytes" in f.message
+    assert "not compared" in f.message
+    assert r.summary.bytes_in_packed_head_copies == head_bytes
+    assert r.content.copies == ()
+    assert not [d for d in r.untied_duplicates if not d.constant]
 
 
 def test_int8_head_with_scb_in_a_folder_that_declares_the_tie(tmp_path):
@@ -127,20 +128,20 @@ def test_int8_head_with_scb_in_a_folder_that_declares_the_tie(tmp_path):
     (d / "model.safetensors").unlink()
     safetensors_torch.save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     r = tiecheck.analyze(str(d))
-    (p,) = r.declared["packed_heads"]
-    assert p["formats"] == ["bfloat16", "int8 (bitsandbytes LLM.int8)"]
-    assert p["shape"] == [V, D]
-    assert p["companions"] == ["lm_head.SCB", "lm_head.weight_format"]
-    assert p["head_bytes"] == V * D + V * 4 + 1
+    (p,) = r.declared.packed_heads
+    assert list(p.formats) == ["bfloat16", "int8 (bitsandbytes LLM.int8)"]
+    assert list(p.shape) == [V, D]
+    assert list(p.companions) == ["lm_head.SCB", "lm_head.weight_format"]
+    assert p.head_bytes == V * D + V * 4 + 1
     (f,) = tc022(r)
-    assert f["severity"] == "warning"
-    assert f["names"] == [HEAD, EMB]
-    assert f["message"].startswith("config.json tie_word_embeddings (LlamaConfig)")
-    assert "quantization broke the tie" in f["message"]
+    assert f.severity == "warning"
+    assert list(f.names) == [HEAD, EMB]
+    assert f.message.startswith("config.json tie_word_embeddings (LlamaConfig)")
+    assert "quantization broke the tie" in f.message
     # The declared layer sees two copies that cannot be compared, and says so instead of "different".
-    (row,) = r.declared["ties"]
-    assert row["stored"] == "two copies of different shape or dtype"
-    assert not [f for f in r.findings if f["code"] == "TC015"]
+    (row,) = r.declared.ties
+    assert row.stored == "two copies of different shape or dtype"
+    assert not [f for f in r.findings if f.code == "TC015"]
 
 
 def test_fp8_head_with_scale(tmp_path):
@@ -149,17 +150,17 @@ def test_fp8_head_with_scale(tmp_path):
     sd[HEAD] = sd[HEAD].to(torch.float8_e4m3fn)
     sd[HEAD + "_scale_inv"] = torch.ones(1)
     r = tiecheck.analyze(str(saved(tmp_path, sd)))
-    (p,) = r.declared["packed_heads"]
-    assert (p["formats"], p["head_bytes"], p["companions"]) == (
+    (p,) = r.declared.packed_heads
+    assert (list(p.formats), p.head_bytes, list(p.companions)) == (
         ["bfloat16", "float8_e4m3fn with scales"], V * D + 4, [HEAD + "_scale_inv"])
 
 
 def test_same_format_is_left_to_the_content_pass(tmp_path):
     m = llama(tie=False)
     r = tiecheck.analyze(str(saved(tmp_path, state(m))))
-    assert r.declared["packed_heads"] == []
+    assert r.declared.packed_heads == ()
     assert tc022(r) == []
-    assert r.summary["bytes_in_packed_head_copies"] == 0
+    assert r.summary.bytes_in_packed_head_copies == 0
 
 
 def test_gguf_q8_output_beside_f16_embedding(tmp_path):
@@ -178,12 +179,12 @@ def test_gguf_q8_output_beside_f16_embedding(tmp_path):
     w.write_tensors_to_file()
     w.close()
     r = tiecheck.analyze(str(path))
-    (p,) = r.declared["packed_heads"]
+    (p,) = r.declared.packed_heads
     row_bytes = 32 // 32 * 34  # Q8_0: 32 values in 34 bytes
-    assert p == {"names": ["token_embd.weight", "output.weight"], "shape": [V, 32],
-                 "formats": ["F16 (GGUF)", "Q8_0 (GGUF)"], "head_bytes": V * row_bytes,
-                 "embedding_bytes": V * 32 * 2, "companions": []}
-    assert [f["severity"] for f in tc022(r)] == ["info"]
+    assert p == PackedHead(names=("token_embd.weight", "output.weight"), shape=(V, 32),
+                           formats=("F16 (GGUF)", "Q8_0 (GGUF)"), head_bytes=V * row_bytes,
+                           embedding_bytes=V * 32 * 2, companions=())
+    assert [f.severity for f in tc022(r)] == ["info"]
     out = CliRunner().invoke(main, ["inspect", str(path)]).output
     assert "Heads stored in another format than the embedding (1)" in out
     assert "Q8_0 (GGUF)" in out
@@ -195,5 +196,5 @@ def test_malformed_quant_state_is_not_a_packing(tmp_path):
     key = HEAD + ".quant_state.bitsandbytes__nf4"
     sd[key] = torch.frombuffer(bytearray(b'{"shape": "not a shape"'), dtype=torch.uint8)
     r = tiecheck.analyze(str(saved(tmp_path, sd)))
-    assert r.declared["packed_heads"] == []
+    assert r.declared.packed_heads == ()
     assert tc022(r) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from tiecheck.analyses.layers import LayerRow
 from tiecheck.analyses.packed import PackedHead, find_packed_heads, packed_head_findings
 from tiecheck.facts import Packing, TensorFact
 
@@ -63,6 +64,11 @@ WHAT = (f"{HEAD} (int8 (bitsandbytes LLM.int8)) and {EMB} (bfloat16) are the out
         f"embedding, both [32, 4], stored in different formats: their values are not compared")
 
 
+def row(names: tuple[str, str], declared: bool, *by: str) -> LayerRow:
+    """A declared pair's row, as the declared layer makes it (its layers do not matter here)."""
+    return LayerRow(names=names, declared=declared, by=by, physical="separate", stored="two copies", nbytes=0)
+
+
 def test_tc022_without_a_declaration_is_info():
     (f,) = packed_head_findings([PAIR], [])
     assert (f.code, f.severity, f.names) == ("TC022", "info", (HEAD, EMB))  # findings sort their names
@@ -74,13 +80,13 @@ def test_tc022_names_who_declares_the_tie():
     broke = (f"{WHAT}: quantization broke the tie and the files store the embedding again as {HEAD} (with "
              f"lm_head.SCB), 1,152 bytes; a loader that re-ties replaces the quantized head by the embedding, one "
              f"that does not serves a head that differs from it")
-    one = [{"names": [EMB, HEAD], "declared": True, "by": ["config.json tie_word_embeddings"]}]
+    one = [row((EMB, HEAD), True, "config.json tie_word_embeddings")]
     (f,) = packed_head_findings([PAIR], one)
     assert f.severity == "warning"
     assert f.message == f"config.json tie_word_embeddings declares them tied, but {broke}"
-    two = [{"names": [HEAD, EMB], "declared": True, "by": ["config.json tie_word_embeddings", "the module"]}]
+    two = [row((HEAD, EMB), True, "config.json tie_word_embeddings", "the module")]
     (f,) = packed_head_findings([PAIR], two)
     assert f.message == f"config.json tie_word_embeddings and the module declare them tied, but {broke}"
     # A tie listed but not declared is no declaration.
-    (f,) = packed_head_findings([PAIR], [{"names": [EMB, HEAD], "declared": False, "by": ["x"]}])
+    (f,) = packed_head_findings([PAIR], [row((EMB, HEAD), False, "x")])
     assert f.severity == "info"

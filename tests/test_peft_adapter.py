@@ -52,21 +52,21 @@ def save(pm, path):
 
 
 def tc(r, code: str) -> list[dict]:
-    return [f for f in r.findings if f["code"] == code]
+    return [f for f in r.findings if f.code == code]
 
 
 def test_adapter_folder_is_a_target(tmp_path):
     d = save(adapted(), tmp_path / "adapter")
     r = tiecheck.analyze(str(d))
-    assert r.source["format"] == "PEFT adapter (safetensors)"
+    assert r.source.format == "PEFT adapter (safetensors)"
     info = r.to_dict()["peft"]
     assert (info["peft_type"], info["target_modules"], info["modules_to_save"]) == ("LORA", ["q_proj"], ["lm_head"])
     assert info["full_copies"] == {HEAD: "base_model.model.lm_head.weight"}
     assert info["saved_modules"] == ["lm_head", "model.layers.0.self_attn.q_proj"]
-    assert [(d["kind"], d["value"], d["origin"]) for d in r.declared["declarations"]] == [
-        ("peft_modules_to_save", ["lm_head"], {"file": "adapter_config.json", "key": "modules_to_save"}),
-        ("peft_target_modules", ["q_proj"], {"file": "adapter_config.json", "key": "target_modules"})]
-    assert any(f"stores 1 tensor whole ({HEAD}; {V * D * 4:,} bytes)" in n for n in r.source["notes"])
+    assert [(d.kind, d.value, d.file, d.key) for d in r.declared.declarations] == [
+        ("peft_modules_to_save", ["lm_head"], "adapter_config.json", "modules_to_save"),
+        ("peft_target_modules", ["q_proj"], "adapter_config.json", "target_modules")]
+    assert any(f"stores 1 tensor whole ({HEAD}; {V * D * 4:,} bytes)" in n for n in r.source.notes)
     assert tc(r, "TC023") == []
     assert tc(r, "TC024") == []
 
@@ -75,12 +75,12 @@ def test_modules_to_save_on_a_tied_head_costs_a_copy_and_breaks_on_merge(tmp_pat
     d = save(adapted(), tmp_path / "adapter")
     r = tiecheck.analyze(str(d), base=str(base))
     (f,) = tc(r, "TC023")
-    assert f["severity"] == "warning"
-    assert f["names"] == [HEAD, EMB]
-    assert f["message"].startswith(f"adapter_config.json modules_to_save saves {HEAD} whole ({V * D * 4:,} bytes), "
+    assert f.severity == "warning"
+    assert list(f.names) == [HEAD, EMB]
+    assert f.message.startswith(f"adapter_config.json modules_to_save saves {HEAD} whole ({V * D * 4:,} bytes), "
                                    f"but the base ties it to {EMB}")
-    assert "differs from the base's (trained)" in f["message"]
-    assert "TC015" in f["message"]
+    assert "differs from the base's (trained)" in f.message
+    assert "TC015" in f.message
     assert r.to_dict()["peft"]["ties_touched"] == [{"names": [HEAD, EMB], "touched": HEAD, "how": "modules_to_save",
                                                    "bytes": V * D * 4, "equal_to_base": False,
                                                    "retied_by_peft": False}]
@@ -101,14 +101,14 @@ def test_ensure_weight_tying_keeps_the_tie(tmp_path, base):
     # peft saves both sides whole, with equal content: the adapter itself stores the tie twice.
     assert r.to_dict()["peft"]["full_copies"] == {HEAD: "base_model.model.lm_head.weight",
                                                   EMB: "base_model.model.model.embed_tokens.weight"}
-    assert [d["names"] for d in r.untied_duplicates] == [["base_model.model.lm_head.weight",
+    assert [list(d.names) for d in r.untied_duplicates] == [["base_model.model.lm_head.weight",
                                                           "base_model.model.model.embed_tokens.weight"]]
 
 
 def test_untrained_copy_is_bytes_for_nothing(tmp_path, base):
     d = save(adapted(train=False), tmp_path / "adapter")
     (f,) = tc(tiecheck.analyze(str(d), base=str(base)), "TC023")
-    assert "still equals the base's (untrained)" in f["message"]
+    assert "still equals the base's (untrained)" in f.message
 
 
 def test_what_merge_and_unload_does_and_what_tiecheck_says_of_the_merged_model(tmp_path):
@@ -123,7 +123,7 @@ def test_what_merge_and_unload_does_and_what_tiecheck_says_of_the_merged_model(t
     merged.save_pretrained(fixed)
     r = tiecheck.analyze(str(fixed))
     assert tc(r, "TC015") == []
-    assert r.tie_groups == []
+    assert r.tie_groups == ()
     merged.config.tie_word_embeddings = True  # as older peft left it
     stale = tmp_path / "stale"
     merged.save_pretrained(stale)
@@ -131,7 +131,7 @@ def test_what_merge_and_unload_does_and_what_tiecheck_says_of_the_merged_model(t
     safetensors_torch.save_file({k: v.detach().clone().contiguous() for k, v in merged.state_dict().items()},
               str(stale / "model.safetensors"), metadata={"format": "pt"})
     (f,) = tc(tiecheck.analyze(str(stale)), "TC015")
-    assert f["names"] == [HEAD, EMB]
+    assert list(f.names) == [HEAD, EMB]
 
 
 def test_lora_on_a_tied_head_changes_the_embedding_on_merge(tmp_path, base):
@@ -139,7 +139,7 @@ def test_lora_on_a_tied_head_changes_the_embedding_on_merge(tmp_path, base):
     d = save(pm, tmp_path / "adapter")
     (f,) = tc(tiecheck.analyze(str(d), base=str(base)), "TC023")
     lora_bytes = (2 * D + V * 2) * 4
-    assert f["message"].startswith(f"adapter_config.json target_modules trains a LoRA delta for {HEAD} "
+    assert f.message.startswith(f"adapter_config.json target_modules trains a LoRA delta for {HEAD} "
                                    f"({lora_bytes:,} bytes), but the base ties it to {EMB}")
     before = pm.base_model.model.model.embed_tokens.weight.detach().clone()
     merged = pm.merge_and_unload()
@@ -167,10 +167,10 @@ def test_config_naming_a_module_that_does_not_exist(tmp_path, base):
     d = save(adapted(), tmp_path / "adapter")
     edit_config(d, modules_to_save=["lm_head", "score"])
     (f,) = tc(tiecheck.analyze(str(d)), "TC024")
-    assert f["severity"] == "error"
-    assert "modules_to_save names 'score'" in f["message"]
+    assert f.severity == "error"
+    assert "modules_to_save names 'score'" in f.message
     (f,) = tc(tiecheck.analyze(str(d), base=str(base)), "TC024")
-    assert "the base model has no module named 'score'" in f["message"]
+    assert "the base model has no module named 'score'" in f.message
     assert CliRunner().invoke(main, ["inspect", str(d), "--no-flops"]).exit_code == 1
 
 

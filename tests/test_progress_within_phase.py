@@ -101,7 +101,7 @@ def test_content_pass_without_a_callback_is_unchanged():
 def test_analyze_reports_within_reading_and_the_content_pass(index):
     calls = []
     report = tiecheck.analyze(str(index), progress=lambda n, label: calls.append((n, label)))
-    assert report.content["sampled"] == TENSORS
+    assert report.content.stats.sampled == TENSORS
     labels = [label for _, label in calls]
     assert labels[0] == "reading the target"
     assert labels[1:126] == [f"reading the target: {i:,}/{SHARDS} shards" for i in range(2, SHARDS + 1, 2)]

@@ -94,7 +94,7 @@ def test_to_empty_unties_and_the_with_block_says_where_and_how_to_retie():
         "    held at: when the guard was built; lost by: the end of the `with TieGuard(model)` block\n"
         "    stored twice: 1.00 KiB (1,024 bytes)\n"
         "    re-tie: model.head.weight = model.emb.weight")
-    assert [f["code"] for f in err.value.findings] == ["TC009"]
+    assert [f.code for f in err.value.findings] == ["TC009"]
     assert [t.names for t in err.value.lost] == [("emb.weight", "head.weight")]
 
 
@@ -141,7 +141,7 @@ def test_assign_true_makes_distinct_parameters_over_one_memory_double_update():
     assert "stored twice" not in msg  # one memory: nothing is stored twice
     assert ("optimizer: double update: emb.weight, head.weight are all in its param groups and each steps the one "
             "memory with its own part of the gradient") in msg
-    assert [f["code"] for f in err.value.findings] == ["TC002"]
+    assert [f.code for f in err.value.findings] == ["TC002"]
 
 
 def test_last_passing_check_is_where_the_tie_still_held():

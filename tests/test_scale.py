@@ -17,12 +17,13 @@ import sys
 
 import pytest
 
+from tiecheck.analyses.duplicates import ContentPass
 from tiecheck.analyses.memory import memory_summary
 from tiecheck.analyses.ties import find_tie_groups, group_by_identity, tie_findings
-from tiecheck.api import tensor_rows
-from tiecheck.facts import TensorFact
+from tiecheck.facts import Source, TensorFact
 from tiecheck.report.render import render
 from tiecheck.report.report import Report
+from tiecheck.report.rows import TensorRows
 
 from support.scale import analysis_steps, synthetic_facts
 
@@ -77,8 +78,8 @@ def test_every_analysis_is_right_at_scale(facts):
     (o,) = results["find_overlaps"]
     assert (o.a, o.b, o.kind) == (("model.layers.0.experts.1.w",), ("view",), "nested")
     summary = results["memory_summary"]
-    assert summary["bytes_unique"] == n * 64
-    assert summary["bytes_counted"] == n * 64 + 2 * 64 + 16
+    assert summary.bytes_unique == n * 64
+    assert summary.bytes_counted == n * 64 + 2 * 64 + 16
     dups, stats = results["find_untied_duplicates"]
     assert dups == []
     assert stats.tensors == n + 1
@@ -89,11 +90,9 @@ def test_every_analysis_is_right_at_scale(facts):
 def test_report_renders_at_scale_without_listing_every_tensor(facts):
     by_identity = group_by_identity(facts)
     groups = find_tie_groups(facts, by_identity)
-    report = Report(source={"target": "synthetic", "format": "safetensors", "key": None, "notes": []},
-                    summary={**memory_summary(facts, groups, "adamw", by_identity), "bytes_wasted_by_duplicates": 0,
-                             "findings": {}},
-                    tie_groups=[g.to_dict() for g in groups], untied_duplicates=[], tie_candidates=[], findings=[],
-                    tensors=tensor_rows(facts, groups), content={"ran": False, "reason": "synthetic"})
+    report = Report(source=Source("synthetic", "safetensors"), summary=memory_summary(facts, groups, "adamw", by_identity),
+                    tie_groups=tuple(groups), tensors=TensorRows.of(facts, groups),
+                    content=ContentPass(ran=False, reason="synthetic"))
     n = len(facts) - 3
     text = report.to_json()
     back = json.loads(text)

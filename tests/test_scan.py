@@ -114,7 +114,7 @@ def test_a_scan_gives_the_row_of_every_checkpoint(tree, tmp_path):
     assert "TC016" in twice["findings"]
     # Each row is what the analysis says of its target, the one per-target function run in a worker.
     for target in (str(tree / "runs/a/broken.safetensors"), str(tree / "hf" / "twice")):
-        local = report_row(target, tiecheck.analyze(target).to_dict(), 0.0)
+        local = report_row(target, tiecheck.analyze(target), 0.0)
         assert {k: str(v) for k, v in local.items() if k != "seconds"} == \
             {k: v for k, v in rows[target].items() if k != "seconds"}
     assert res.output.strip() == (f"scan: 8 checkpoints, 8.00 KiB stored twice (in 2), 1 broken tie (in 1), "

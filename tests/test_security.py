@@ -502,7 +502,7 @@ def test_a_poisoned_dcp_metadata_cannot_change_a_later_clean_read(tmp_path):
     assert "sets the state of 'torch.distributed.checkpoint.metadata.Metadata'" in res.stderr, res.output
     assert dict(vars(Metadata)) == before
     assert f"{clean}: ok" in res.stdout, res.output
-    assert tiecheck.analyze(str(clean)).source["format"].startswith("torch.distributed.checkpoint")
+    assert tiecheck.analyze(str(clean)).source.format.startswith("torch.distributed.checkpoint")
 
 
 def test_config_architectures_name_only_model_classes(tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ def test_alias_restored_across_shards_reads_as_the_kept_tensor(tmp_path):
     assert torch.equal(sub.tensors["lm_head.weight"], tensors["model.embed.weight"])
     assert sub.tensors.file_layout("lm_head.weight") == sub.tensors.file_layout("model.embed.weight")
     r = tiecheck.analyze(str(index))
-    assert [g["names"] for g in r.tie_groups] == [["lm_head.weight", "model.embed.weight"]]
+    assert [list(g.names) for g in r.tie_groups] == [["lm_head.weight", "model.embed.weight"]]
 
 
 def test_duplicate_across_shards_is_found_by_reading_both_files(tmp_path):
@@ -64,8 +64,8 @@ def test_duplicate_across_shards_is_found_by_reading_both_files(tmp_path):
     tensors = {"a.weight": w, "b.weight": torch.randn(64, 32, generator=g), "c.weight": w.clone()}
     index = write_sharded(tmp_path, tensors, shards=3)
     r = tiecheck.analyze(str(index))
-    assert [d["names"] for d in r.untied_duplicates] == [["a.weight", "c.weight"]]
-    assert r.content["bytes_read"] < 2 * 64 * 32 * 4 + 3 * 4 * 8 * 4 + 1  # the pair in full, samples of the rest
+    assert [list(d.names) for d in r.untied_duplicates] == [["a.weight", "c.weight"]]
+    assert r.content.stats.bytes_read < 2 * 64 * 32 * 4 + 3 * 4 * 8 * 4 + 1  # the pair in full, samples of the rest
 
 
 def test_a_name_stored_in_two_shards_is_one_line(tmp_path):
@@ -84,7 +84,7 @@ def test_a_tensor_the_index_does_not_name_is_noted(tmp_path):
     index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors"}}))
     r = tiecheck.analyze(str(index))
     assert "1 tensor(s) in the shards are not in the index (e.g. extra); loaders that follow the index ignore " \
-           "them" in r.source["notes"]
+           "them" in r.source.notes
 
 
 def test_safetensors_and_torch_save_shards_together(tmp_path):
@@ -100,8 +100,8 @@ def test_safetensors_and_torch_save_shards_together(tmp_path):
     assert list(sub.tensors) == ["a.weight", "b.weight", "c.weight"]
     assert sub.tensors.facts() == [fact_of(n, t) for n, t in sub.tensors.items()]
     r = tiecheck.analyze(str(index))
-    assert r.source["format"] == "sharded mixed"
-    assert [d["names"] for d in r.untied_duplicates] == [["a.weight", "b.weight"]]
+    assert r.source.format == "sharded mixed"
+    assert [list(d.names) for d in r.untied_duplicates] == [["a.weight", "b.weight"]]
 
 
 def test_the_index_detection_parsed_is_handed_over_once(tmp_path):

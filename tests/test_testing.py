@@ -56,7 +56,7 @@ def test_assign_true_untie_fails_with_cause_and_fix():
     assert f"{EMB} shares memory with nothing (equal values to {HEAD} in separate memory)" in msg
     assert "re-tie after load_state_dict(assign=True)" in msg
     assert RETIE in msg
-    assert [f["code"] for f in exc.value.findings] == ["TC009"]
+    assert [f.code for f in exc.value.findings] == ["TC009"]
 
 
 def test_never_tied_names_get_the_build_time_hint():
@@ -155,7 +155,7 @@ def test_no_findings_by_severity_and_ignore():
     assert_no_findings(tm.untied(), "info", ignore=["TC006"])
     with pytest.raises(FindingsError) as exc:
         assert_no_findings(tm.broken())
-    assert [f["code"] for f in exc.value.findings] == ["TC005"]
+    assert [f.code for f in exc.value.findings] == ["TC005"]
     assert "hint: Re-tie after loading" in str(exc.value)
     assert "Here: model.head.weight = model.tok_emb.weight" in str(exc.value)
     with pytest.raises(ValueError, match="severity must be one of"):

@@ -49,29 +49,29 @@ def target(request, tmp_path):
 
 def test_transposed_copy_is_found_and_near_copy_is_not(target):
     r = tiecheck.analyze(str(target))
-    t = r.content["transposed"]
-    assert t["copies"] == [{"names": ["head.weight", "emb.weight"], "shapes": [[D, V], [V, D]], "dtype": "float32",
+    t = r.content.transposed
+    assert [c.to_dict() for c in r.content.copies] == [{"names": ["head.weight", "emb.weight"], "shapes": [[D, V], [V, D]], "dtype": "float32",
                             "bytes_wasted": V * D * 4}]
     # head, near, other against emb (one pairing) and the zeros (another); near's and head's samples
     # agree with emb's, so both are compared in full; other's do not; the zeros are constant: never compared.
-    assert (t["buckets"], t["tensors"], t["sampled"], t["full_comparisons"]) == (2, 6, 6, 2)
-    (f,) = [f for f in r.findings if f["code"] == "TC005"]
-    assert f["names"] == ["emb.weight", "head.weight"]
-    assert f["severity"] == "warning"
-    assert f["message"].startswith(f"emb.weight [{V}, {D}] holds the transpose of head.weight [{D}, {V}]")
-    assert "transposed copy" in f["message"]
-    assert f"{V * D * 4:,} bytes wasted" in f["message"]
-    assert r.summary["bytes_wasted_by_transposed_copies"] == V * D * 4
-    assert r.summary["bytes_wasted_by_duplicates"] == 0
-    assert r.untied_duplicates == []
+    assert (t.buckets, t.tensors, t.sampled, t.full_comparisons) == (2, 6, 6, 2)
+    (f,) = [f for f in r.findings if f.code == "TC005"]
+    assert list(f.names) == ["emb.weight", "head.weight"]
+    assert f.severity == "warning"
+    assert f.message.startswith(f"emb.weight [{V}, {D}] holds the transpose of head.weight [{D}, {V}]")
+    assert "transposed copy" in f.message
+    assert f"{V * D * 4:,} bytes wasted" in f.message
+    assert r.summary.bytes_wasted_by_transposed_copies == V * D * 4
+    assert r.summary.bytes_wasted_by_duplicates == 0
+    assert r.untied_duplicates == ()
 
 
 def test_samples_that_disagree_cost_no_full_read(tmp_path):
     torch.manual_seed(1)
     path = write_safetensors(tmp_path / "m.safetensors", {"a": torch.randn(V, D), "b": torch.randn(D, V)})
-    t = tiecheck.analyze(str(path)).content["transposed"]
-    assert (t["copies"], t["full_comparisons"]) == ([], 0)
-    assert t["bytes_read"] == 2 * len(sampled_positions(V * D)) * 4  # two samples, nothing else
+    content = tiecheck.analyze(str(path)).content
+    assert (content.copies, content.transposed.full_comparisons) == ((), 0)
+    assert content.transposed.bytes_read == 2 * len(sampled_positions(V * D)) * 4  # two samples, nothing else
 
 
 def test_square_transposed_copy_but_not_a_symmetric_tensor(tmp_path):
@@ -80,8 +80,8 @@ def test_square_transposed_copy_but_not_a_symmetric_tensor(tmp_path):
     sym = w + w.t()
     path = write_safetensors(tmp_path / "m.safetensors", {"w": w, "wt": w.t().contiguous(), "sym": sym})
     r = tiecheck.analyze(str(path))
-    assert [c["names"] for c in r.content["transposed"]["copies"]] == [["w", "wt"]]
-    assert [f["names"] for f in r.findings if f["code"] == "TC005"] == [["w", "wt"]]
+    assert [list(c.names) for c in r.content.copies] == [["w", "wt"]]
+    assert [list(f.names) for f in r.findings if f.code == "TC005"] == [["w", "wt"]]
 
 
 def test_duplicates_of_a_transposed_copy_are_reported_once_each_way(tmp_path):
@@ -90,8 +90,8 @@ def test_duplicates_of_a_transposed_copy_are_reported_once_each_way(tmp_path):
     path = write_safetensors(tmp_path / "m.safetensors",
                              {"emb": emb, "emb_copy": emb.clone(), "head": emb.t().contiguous()})
     r = tiecheck.analyze(str(path))
-    assert [d["names"] for d in r.untied_duplicates] == [["emb", "emb_copy"]]
-    assert [c["names"] for c in r.content["transposed"]["copies"]] == [["head", "emb"]]
+    assert [list(d.names) for d in r.untied_duplicates] == [["emb", "emb_copy"]]
+    assert [list(c.names) for c in r.content.copies] == [["head", "emb"]]
 
 
 def test_rendered_with_what_was_compared(target):
@@ -107,16 +107,17 @@ def test_rendered_with_what_was_compared(target):
 
 def test_no_duplicates_skips_the_transposed_pass_too(target):
     r = tiecheck.analyze(str(target), duplicates=False)
-    assert "transposed" not in r.content
-    assert not [f for f in r.findings if f["code"] == "TC005"]
+    assert r.content.transposed is None
+    assert not [f for f in r.findings if f.code == "TC005"]
 
 
 def test_constant_matrices_are_read_once_never_compared(tmp_path):
     # Three different constants in each of two swapped shapes: each (4, 8) constant has a (8, 4) twin
     # whose samples agree, but a constant equals any transpose of itself by construction.
     consts = {f"{s}{i}": torch.full(shape, float(i)) for i in (1, 2, 3) for s, shape in (("a", (4, 8)), ("b", (8, 4)))}
-    t = tiecheck.analyze(str(write_safetensors(tmp_path / "c.safetensors", consts))).content["transposed"]
-    assert (t["copies"], t["full_comparisons"], t["tensors"]) == ([], 0, 6)
+    content = tiecheck.analyze(str(write_safetensors(tmp_path / "c.safetensors", consts))).content
+    t = content.transposed
+    assert (content.copies, t.full_comparisons, t.tensors) == ((), 0, 6)
     # each tensor one sample (all its 32 elements); each (4, 8) one constant check (all 32 again), after
     # which no sample of the other side has a partner left: the (8, 4) ones are never checked.
-    assert t["bytes_read"] == (6 * 32 + 3 * 32) * 4
+    assert t.bytes_read == (6 * 32 + 3 * 32) * 4

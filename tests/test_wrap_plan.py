@@ -116,7 +116,7 @@ def one_rank_group():
 
 
 def _tc025(model):
-    return [f for f in analyze(model).findings if f["code"] == "TC025"]
+    return [f for f in analyze(model).findings if f.code == "TC025"]
 
 
 def test_prediction_matches_torch_fully_shard_in_a_one_rank_gloo_group(one_rank_group):
@@ -132,7 +132,7 @@ def test_prediction_matches_torch_fully_shard_in_a_one_rank_gloo_group(one_rank_
         apply_plan(model, units, fully_shard)
         # inspect on the wrapped module, before any forward: the units and the shards' values, no torch record
         tc025 = _tc025(model)
-        assert [tuple(f["names"]) for f in tc025] == (
+        assert [f.names for f in tc025] == (
             [("lm_head.weight", "transformer.wte.weight")] if predicted.error else [])
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         idx = torch.randint(0, 100, (1, 8))
@@ -146,7 +146,7 @@ def test_prediction_matches_torch_fully_shard_in_a_one_rank_gloo_group(one_rank_
             assert real is None, plan
             assert model.transformer.wte.weight is model.lm_head.weight, plan
             continue
-        message = tc025[0]["message"]
+        message = tc025[0].message
         if refuses:
             assert real is not None, plan
             assert real.startswith(predicted.error), plan
@@ -172,13 +172,13 @@ def test_a_declared_tie_split_by_fully_shard_is_found_after_training_too(one_ran
     assert model.lm_head.weight is model.transformer.wte.weight
     apply_plan(model, units_from(["transformer.wte", "lm_head", ""]), fully_shard)
     found = _tc025(model)
-    assert [tuple(f["names"]) for f in found] == [("lm_head.weight", "transformer.wte.weight")]
-    assert "declared tied by the model" in found[0]["message"]
+    assert [f.names for f in found] == [("lm_head.weight", "transformer.wte.weight")]
+    assert "declared tied by the model" in found[0].message
     if torch_refuses_shared_params():
         return  # refused at the first forward: the copies never move apart
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)  # what a training step does to the head's own copy
-    assert [tuple(f["names"]) for f in _tc025(model)] == [("lm_head.weight", "transformer.wte.weight")]
+    assert [f.names for f in _tc025(model)] == [("lm_head.weight", "transformer.wte.weight")]
 
 
 def test_equal_values_of_an_untied_model_in_one_unit_are_no_finding(one_rank_group):

@@ -118,7 +118,7 @@ def zoo(tmp_path_factory):
 
 
 def tie_groups(report) -> list[list[str]]:
-    return sorted(g["names"] for g in report.tie_groups)
+    return sorted(list(g.names) for g in report.tie_groups)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -128,9 +128,9 @@ def test_groups_equal_what_the_architecture_declares(zoo, name, form):
     report = tiecheck.analyze(entry[form] if form == "module" else str(entry[form]), duplicates=False)
     assert tie_groups(report) == declared_groups(entry["model"])
     # Ties are never errors or warnings on a healthy model, whatever the format.
-    assert [f for f in report.findings if f["severity"] != "info"] == []
+    assert [f for f in report.findings if f.severity != "info"] == []
     if form in ("safetensors_folder", "sharded_folder"):
-        absent = [f for f in report.findings if f["code"] == "TC012"]
+        absent = [f for f in report.findings if f.code == "TC012"]
         assert len(absent) == len(declared_groups(entry["model"]))  # one per tie the file dropped
 
 
@@ -159,8 +159,8 @@ def test_class_attribute_alone_would_be_wrong(zoo):
 
 def test_content_pass_on_a_saved_folder_finds_no_broken_tie(zoo):
     report = tiecheck.analyze(str(zoo["t5"]["safetensors_folder"]))
-    assert report.content["ran"]
-    assert [f["code"] for f in report.findings if f["code"] == "TC005"] == []
+    assert report.content.ran
+    assert [f.code for f in report.findings if f.code == "TC005"] == []
 
 
 def test_gpt2_counts_a_tie_once_where_torchinfo_counts_it_twice():
@@ -168,6 +168,6 @@ def test_gpt2_counts_a_tie_once_where_torchinfo_counts_it_twice():
     with torch.device("meta"):
         model = GPT2LMHeadModel(cfg)
     s = tiecheck.analyze(model).summary
-    assert s["params_unique"] == 172_288  # what the model has
-    assert s["params_counted"] == 236_288  # the per-name sum torchinfo prints: the 64,000-entry wte twice
-    assert s["params_counted"] - s["params_unique"] == 1000 * 64
+    assert s.params_unique == 172_288  # what the model has
+    assert s.params_counted == 236_288  # the per-name sum torchinfo prints: the 64,000-entry wte twice
+    assert s.params_counted - s.params_unique == 1000 * 64

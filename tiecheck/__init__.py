@@ -30,7 +30,7 @@ def __getattr__(name: str):
 
         return analyze
     if name == "diff":
-        from tiecheck.compare.tie_diff import diff  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
+        from tiecheck.compare import diff  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
 
         return diff
     if name == "fix":

@@ -5,26 +5,31 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Any
 
 from tiecheck.analyses.adapter import adapter_findings, missing_modules, touched_ties
 from tiecheck.analyses.candidates import candidate_findings, find_candidates, member_candidates, role_relations
 from tiecheck.analyses.duplicates import (
+    ContentPass,
+    DuplicateGroup,
+    TransposedCopy,
     duplicate_findings,
     find_transposed_copies,
     find_untied_duplicates,
     transposed_findings,
 )
 from tiecheck.analyses.expect import TieState, tied_findings
-from tiecheck.analyses.layers import compare_layers, declared_relations, superseded_dropped
+from tiecheck.analyses.layers import Declaration, LayerRow, compare_layers, declared_relations, superseded_dropped
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
-from tiecheck.analyses.memory import OPTIMIZERS, memory_summary, unreachable_bytes, unreachable_findings
+from tiecheck.analyses.memory import OPTIMIZERS, Unreachable, memory_summary, unreachable_bytes, unreachable_findings
 from tiecheck.analyses.packed import find_packed_heads, packed_head_findings
 from tiecheck.analyses.ties import find_overlaps, find_tie_groups, group_by_identity, tie_findings
 from tiecheck.errors import TiecheckError
 from tiecheck.facts import TensorFact
-from tiecheck.findings import SEVERITIES, Finding, sort_findings
+from tiecheck.findings import Finding, SeverityCounts, sort_findings
+from tiecheck.flops.result import FlopsResult, NoFlops
 from tiecheck.loaders import load_target
 from tiecheck.loaders.content import TorchContentReader
 from tiecheck.loaders.declared import live_model_declarations
@@ -32,9 +37,9 @@ from tiecheck.loaders.formats.peft_adapter import adapter_bytes, copies_equal
 from tiecheck.loaders.quantized import packings
 from tiecheck.loaders.subject import Subject
 from tiecheck.loaders.tensor_facts import build_facts, build_module_facts
-from tiecheck.report import Report
 from tiecheck.report.ignore import parse_ignores, with_ignored
-from tiecheck.report.rows import Row, TensorRows
+from tiecheck.report.report import Declared, Report
+from tiecheck.report.rows import TensorRows
 
 
 def analyze(
@@ -171,42 +176,64 @@ def hold_adapter_against_base(subject: Subject, base: Subject) -> None:
 
     base_report = analyze_subject(base, duplicates=False)
     rows = touched_ties(info, base_report.tie_groups, adapter_bytes(subject), copies_equal(subject, base))
-    declared_by = {frozenset(t["names"]): t["by"] for t in (base_report.declared or {}).get("ties", [])
-                   if t["declared"]}
+    declared_by = {frozenset(t.names): t.by for t in (base_report.declared or Declared()).ties if t.declared}
     # Against the base, module names are checked against its modules, not the adapter's tensors.
     subject.loader_findings = [f for f in subject.loader_findings if f.code != "TC024"]
     subject.loader_findings += adapter_findings(rows, declared_by)
-    subject.loader_findings += missing_modules(info, [t["name"] for t in base_report.tensors])
+    subject.loader_findings += missing_modules(info, base_report.tensors.names())
     info["base"] = {"target": base.source.target, "format": base.source.format,
-                    "tie_groups": [g["names"] for g in base_report.tie_groups]}
+                    "tie_groups": [list(g.names) for g in base_report.tie_groups]}
     info["ties_touched"] = rows
+    n = len(base_report.tie_groups)
     subject.source.notes.append(f"held against the base model {base.source.target} ({base.source.format}): "
-                                f"{len(base_report.tie_groups)} tie group{'s' if len(base_report.tie_groups) != 1 else ''}"
-                                f", {len(rows)} touched by the adapter")
+                                f"{n} tie group{'s' if n != 1 else ''}, {len(rows)} touched by the adapter")
+
+
+# Why a target without a module has no FLOPs, unless its loader says otherwise.
+NO_MODULE = ("the target holds tensors only; FLOPs need a module (a Python spec, a bundled model, a Hugging Face "
+             "folder with its config, or a trusted pickled module)")
 
 
 def subject_flops(subject: Subject, *, batch_size: int = 1, seq_len: int = 128, attention: str = "full",
-                  inputs: Any = None) -> dict:
+                  inputs: Any = None) -> FlopsResult | NoFlops:
     """Forward FLOPs of the subject's module (or the architecture its config builds), or why there are none."""
     module = subject.module if subject.module is not None else subject.architecture
-    if module is None and subject.extra.get("flops_unavailable"):
-        return {"available": False, "reason": subject.extra["flops_unavailable"]}
     if module is None:
-        return {"available": False, "reason": "the target holds tensors only; FLOPs need a module (a Python spec, "
-                                              "a bundled model, a Hugging Face folder with its config, or a "
-                                              "trusted pickled module)"}
+        return NoFlops(subject.extra.get("flops_unavailable") or NO_MODULE)
     from tiecheck.flops import count_flops  # noqa: PLC0415 - fvcore and the tracer, only when FLOPs are asked for
 
     try:
-        return count_flops(module, inputs=inputs, batch_size=batch_size, seq_len=seq_len,
-                           attention=attention).to_dict()
+        return count_flops(module, inputs=inputs, batch_size=batch_size, seq_len=seq_len, attention=attention)
     except (ValueError, TypeError) as e:
         raise TiecheckError(f"FLOPs: {e}") from e
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What ``inspect`` found about one subject, beside what it was found from.
+
+    ``tiecheck.fix`` plans from it: the subject the loaders read once, its facts built once, and the
+    storages whose bytes no name reaches (which the report counts but does not list).
+    """
+
+    subject: Subject
+    facts: list[TensorFact]
+    report: Report
+    unreachable: list[Unreachable]
 
 
 def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str = "adamw",
                     expect_tied: Iterable[Sequence[str]] = (), flops: dict | None = None,
                     progress: Callable[[int, str], None] | None = None) -> Report:
+    """The Report of a loaded subject (``analyze`` without the loading); the arguments are ``analyze``'s."""
+    return examine(subject, duplicates=duplicates, optimizer=optimizer, expect_tied=expect_tied, flops=flops,
+                   progress=progress).report
+
+
+def examine(subject: Subject, *, duplicates: bool = True, optimizer: str = "adamw",
+            expect_tied: Iterable[Sequence[str]] = (), flops: dict | None = None,
+            progress: Callable[[int, str], None] | None = None) -> Analysis:
+    """Every analysis of a loaded subject: the :class:`Analysis` whose ``report`` ``analyze`` returns."""
     step = progress or (lambda n, label: None)
     modules = build_module_facts(subject.module)
     facts = build_facts(subject, modules)
@@ -219,7 +246,8 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     findings += linear_shape_findings(facts, modules, groups)
     findings += device_findings(facts, groups)
 
-    dup_groups, copies, content = [], [], None
+    dup_groups: list[DuplicateGroup] = []
+    copies: list[TransposedCopy] = []
     sampling = None
     cands = find_candidates(facts)
     declarations = subject_declarations(subject)
@@ -234,10 +262,9 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
                 # A duplicate's first name stands for the group in the transposed pass.
                 copies, tstats = find_transposed_copies(facts, reader, skip=[n for g in dup_groups for n in g.names[1:]],
                                                          by_identity=by_identity)
-            content = {"ran": True, **stats.to_dict(),
-                       "transposed": {**tstats.to_dict(), "copies": [c.to_dict() for c in copies]}}
+            content = ContentPass(ran=True, stats=stats, transposed=tstats, copies=tuple(copies))
         else:
-            content = {"ran": False, "reason": "no tensor data (meta device)"}
+            content = ContentPass(ran=False, reason="no tensor data (meta device)")
         by_name = {f.name: f for f in facts} if dup_groups else {}
         between = [c for g in dup_groups for c in member_candidates(g.aliases, by_name)]
         findings += duplicate_findings(dup_groups, role_relations(cands + between, config_ties(subject))
@@ -245,7 +272,7 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
         # A loader that found a transposed copy from its graph (ONNX) has reported it already.
         findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])
     else:
-        content = {"ran": False, "reason": "skipped (--no-duplicates)"}
+        content = ContentPass(ran=False, reason="skipped (--no-duplicates)")
     if duplicates and sampling is not None:
         sampling.end("checking ties")
     elif duplicates:
@@ -253,46 +280,45 @@ def analyze_subject(subject: Subject, *, duplicates: bool = True, optimizer: str
     expect_tied = list(expect_tied)
     if expect_tied:
         # After the content pass, so a missing tie can say whether the names still hold equal values.
-        state = TieState.build([g.to_dict() for g in groups], [f.name for f in facts],
-                               [g.to_dict() for g in dup_groups], content_known=bool(content and content["ran"]))
+        state = TieState.build(groups, [f.name for f in facts], dup_groups, content_known=content.ran)
         findings += tied_findings(state, expect_tied)
-    declared, layer_findings = declared_layer(subject, facts, declarations, reader)
+    ties, layer_findings = declared_layer(subject, facts, declarations[1], reader)
     findings += layer_findings
     # Quantized or packed heads: matched by meaning, since their values cannot be compared.
     packed = find_packed_heads(facts, packings(subject, facts)) if subject.module is None else []
-    declared["packed_heads"] = [p.to_dict() for p in packed]
-    findings += packed_head_findings(packed, declared["ties"])
+    findings += packed_head_findings(packed, ties)
     unreachable = stored_unreachable(subject, facts)
     findings += unreachable_findings(unreachable)
     # chain, not sum(..., ()): 200,000 equal tensors make one group, and tuple sums are quadratic
     findings += candidate_findings(cands, [tuple(chain.from_iterable(g.aliases)) for g in dup_groups
                                            if not g.constant])
 
-    findings = superseded_dropped(findings, layer_findings)
-    summary = memory_summary(facts, groups, optimizer, by_identity)
-    findings = sort_findings(findings)
-    # The duplicates the report shows (TC005): constant-valued groups, such as fresh LayerNorm
-    # weights, are equal by construction and waste nothing a tie could save.
-    summary["bytes_wasted_by_duplicates"] = sum(g.bytes_wasted for g in dup_groups if not g.constant)
-    summary["bytes_wasted_by_transposed_copies"] = sum(c.nbytes for c in copies)
-    summary["bytes_in_packed_head_copies"] = sum(p.head_bytes for p in packed)
-    summary["bytes_unreachable"] = sum(u["unreachable_bytes"] for u in unreachable)
-    summary["findings"] = {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
-    summary["findings_ignored"] = 0
-
-    return Report(
-        source=subject.source.to_dict(),
+    findings = sort_findings(superseded_dropped(findings, layer_findings))
+    summary = replace(
+        memory_summary(facts, groups, optimizer, by_identity),
+        # The duplicates the report shows (TC005): constant-valued groups, such as fresh LayerNorm
+        # weights, are equal by construction and waste nothing a tie could save.
+        bytes_wasted_by_duplicates=sum(g.bytes_wasted for g in dup_groups if not g.constant),
+        bytes_wasted_by_transposed_copies=sum(c.nbytes for c in copies),
+        bytes_in_packed_head_copies=sum(p.head_bytes for p in packed),
+        bytes_unreachable=sum(u.unreachable_bytes for u in unreachable),
+        findings=SeverityCounts.of(findings))
+    decls, _, notes = declarations
+    report = Report(
+        source=subject.source,
         summary=summary,
-        tie_groups=[g.to_dict() for g in groups],
-        untied_duplicates=[g.to_dict() for g in dup_groups],
-        tie_candidates=[c.to_dict() for c in cands],
-        findings=[f.to_dict() for f in findings],
-        tensors=tensor_rows(facts, groups),
+        tie_groups=tuple(groups),
+        untied_duplicates=tuple(dup_groups),
+        tie_candidates=tuple(cands),
+        findings=tuple(findings),
+        tensors=TensorRows.of(facts, groups),
         content=content,
         flops=_flops_step(subject, flops, step),
-        declared=declared,
+        declared=Declared(declarations=tuple(Declaration.from_dict(d) for d in decls), ties=tuple(ties),
+                          notes=tuple(notes), packed_heads=tuple(packed)),
         extra=dict(subject.extra),
     )
+    return Analysis(subject=subject, facts=facts, report=report, unreachable=unreachable)
 
 
 class Phase:
@@ -320,7 +346,7 @@ class Phase:
         self.shown = 1.0
 
 
-def _flops_step(subject: Subject, flops: dict | None, step: Callable[[int, str], None]) -> Any:
+def _flops_step(subject: Subject, flops: dict | None, step: Callable[[int, str], None]) -> FlopsResult | NoFlops | None:
     """FLOPs when asked for, with the phase announced: tracing a big model takes seconds."""
     if flops is None:
         return None
@@ -331,7 +357,7 @@ def _flops_step(subject: Subject, flops: dict | None, step: Callable[[int, str],
     return got
 
 
-def stored_unreachable(subject: Subject, facts: Sequence[TensorFact]) -> list[dict]:
+def stored_unreachable(subject: Subject, facts: Sequence[TensorFact]) -> list[Unreachable]:
     """Bytes the files store that no name reaches; only for files whose storages are written whole."""
     if subject.module is not None:
         return []
@@ -348,25 +374,20 @@ def subject_declarations(subject: Subject) -> tuple[list[dict], list[dict], list
     return subject.declarations, subject.declared_pairs, []
 
 
-def declared_layer(subject: Subject, facts: Sequence[TensorFact],
-                   declarations: tuple[list[dict], list[dict], list[str]] | None = None,
-                   reader: TorchContentReader | None = None) -> tuple[dict, list[Finding]]:
-    """The report's ``declared`` section (declarations, and each declared tie's three layers) and its findings.
-    ``declarations`` is ``subject_declarations(subject)`` when the caller already has it; ``reader`` is
-    the content pass's, when it ran (its comparisons are not made again)."""
-    decls, pairs, notes = declarations or subject_declarations(subject)
+def declared_layer(subject: Subject, facts: Sequence[TensorFact], pairs: Sequence[dict],
+                   reader: TorchContentReader | None = None) -> tuple[list[LayerRow], list[Finding]]:
+    """Each declared pair's three layers (declared, physical, stored) and the findings where they disagree.
+    ``reader`` is the content pass's, when it ran (its comparisons are not made again)."""
+    if not pairs:
+        return [], []
     stored = subject.stored_copies
     if stored is None and subject.module is None:
         stored = {f.name: f.identity for f in facts}  # the tensors are the files': their memory is what is stored
-    if not pairs:
-        return {"declarations": decls, "ties": [], "notes": notes}, []
     names = {n for p in pairs for n in p["names"]} & set(subject.tensors)
     if any(f.storage is not None for f in facts if f.name in names):
         with reader or TorchContentReader(subject.tensors, subject.file_spans) as reader:
-            rows, findings = compare_layers(pairs, facts, stored, reader)
-    else:
-        rows, findings = compare_layers(pairs, facts, stored, None)
-    return {"declarations": decls, "ties": [r.to_dict() for r in rows], "notes": notes}, findings
+            return compare_layers(pairs, facts, stored, reader)
+    return compare_layers(pairs, facts, stored, None)
 
 
 def config_ties(subject: Subject) -> bool | None:
@@ -375,11 +396,3 @@ def config_ties(subject: Subject) -> bool | None:
     cfg = subject.config if subject.config is not None else getattr(subject.module, "config", None)
     value = cfg.get("tie_word_embeddings") if isinstance(cfg, dict) else getattr(cfg, "tie_word_embeddings", None)
     return value if isinstance(value, bool) else None
-
-
-def tensor_rows(facts: Sequence[TensorFact], groups) -> TensorRows:
-    """The report's per-tensor rows (dicts on access, compact until then)."""
-    index = {n: i for i, g in enumerate(groups) for n in g.names}
-    return TensorRows([Row(f.name, f.shape, f.dtype, f.numel, f.numel * f.itemsize, f.role, f.device,
-                           index.get(f.name)) for f in facts],
-                      [(g.kind, g.names) for g in groups])

@@ -6,7 +6,7 @@ hand-made facts (see tests/test_analyses.py). The loaders describe tensors
 analyses read the descriptions; this module imports neither, nor torch.
 
 Beside ``TensorFact``: ``ModuleFact`` (a module's declared features), ``Packing`` (how a quantized
-tensor is stored), the role a tensor's name and owner give it (input embedding, output
+tensor is stored), ``Source`` (where the tensors came from), the role a tensor's name and owner give it (input embedding, output
 projection) and the Python path that reaches a name from the model.
 """
 
@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 # Key that identifies one allocation: (device, address of the storage's first byte).
 StorageKey = tuple[str, int]
@@ -117,6 +118,27 @@ class Packing:
     format: str  # e.g. "nf4 (bitsandbytes 4-bit)", "Q8_0 (GGUF)", "int8 (bitsandbytes LLM.int8)"
     companions: tuple[str, ...] = ()  # names stored with it that only it needs (scales, quant state)
     role: str | None = None  # "embedding" or "head" where the format names the role (GGUF)
+
+@dataclass(frozen=True)
+class Source:
+    """Where a subject came from: the report's ``source``.
+
+    Frozen like the rest of a report; ``notes`` is the one list a loader still adds to while it reads
+    (a note on the folder a file belongs to, a warning the file raised).
+    """
+
+    target: str
+    format: str
+    key: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "format": self.format, "key": self.key, "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Source:
+        return cls(target=d["target"], format=d["format"], key=d.get("key"), notes=list(d.get("notes", ())))
+
 
 def attr_path(name: str, var: str = "model") -> str:
     """The Python expression that reaches a dotted name from ``var``: ``model.transformer.h[0].weight``

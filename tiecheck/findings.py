@@ -6,6 +6,8 @@ the single source for the README's rule table and for `--fail-on`.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,22 +137,62 @@ RULES: dict[str, Rule] = {
 
 @dataclass(frozen=True)
 class Finding:
+    """One finding of a report: a rule's code, how severe it is here, what was found and what to do.
+
+    ``data`` holds what the analysis measured for the finding's own use (bytes, say); it is not part
+    of the report's JSON, nor of a finding's equality. ``ignored_by`` is the ignore spec that matched
+    it (``TC005:*.rotary_emb.*``): an ignored finding stays in the report and never fails a check.
+    """
+
     code: str
     severity: str
     message: str
     names: tuple[str, ...] = ()
     hint: str = ""
     data: dict[str, Any] = field(default_factory=dict, compare=False)
+    ignored_by: str | None = None
+
+    @property
+    def rule(self) -> str:
+        """The rule's name (``untied-duplicate``), or the code of a rule this release does not know."""
+        return RULES[self.code].name if self.code in RULES else self.code
+
+    @property
+    def ignored(self) -> bool:
+        return self.ignored_by is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "rule": RULES[self.code].name if self.code in RULES else self.code,
-            "severity": self.severity,
-            "message": self.message,
-            "names": list(self.names),
-            "hint": self.hint,
-        }
+        d = {"code": self.code, "rule": self.rule, "severity": self.severity, "message": self.message,
+             "names": list(self.names), "hint": self.hint}
+        if self.ignored_by is not None:
+            d.update(ignored=True, ignored_by=self.ignored_by)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Finding:
+        return cls(code=d["code"], severity=d["severity"], message=d["message"], names=tuple(d.get("names", ())),
+                   hint=d.get("hint", ""), ignored_by=d.get("ignored_by") if d.get("ignored") else None)
+
+
+@dataclass(frozen=True)
+class SeverityCounts:
+    """How many findings of each severity a report holds, ignored ones left out (``summary.findings``)."""
+
+    error: int = 0
+    warning: int = 0
+    info: int = 0
+
+    @classmethod
+    def of(cls, findings: Iterable[Finding]) -> SeverityCounts:
+        counts = Counter(f.severity for f in findings if not f.ignored)
+        return cls(**{s: counts[s] for s in SEVERITIES})
+
+    def to_dict(self) -> dict[str, int]:
+        return {s: getattr(self, s) for s in SEVERITIES}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, int]) -> SeverityCounts:
+        return cls(**{s: int(d.get(s, 0)) for s in SEVERITIES})
 
 
 def finding(code: str, message: str, names=(), *, severity: str | None = None, hint: str | None = None,

@@ -30,7 +30,7 @@ from tiecheck.analyses.expect import assignment
 from tiecheck.analyses.ties import SAME_PARAMETER, find_tie_groups, group_by_identity
 from tiecheck.errors import TiecheckError
 from tiecheck.facts import TensorFact
-from tiecheck.findings import finding
+from tiecheck.findings import Finding, finding
 from tiecheck.loaders import from_module
 from tiecheck.loaders.declared import live_model_declarations
 from tiecheck.loaders.formats.safetensors_files import stored_names
@@ -49,7 +49,7 @@ ON_LOST = ("raise", "warn")
 class TieLostError(TieAssertionError):
     """A tie the guard recorded no longer holds. ``lost`` holds one ``LostTie`` per broken group."""
 
-    def __init__(self, message: str, findings: Iterable[dict] = (), lost: Sequence[LostTie] = ()):
+    def __init__(self, message: str, findings: Iterable[Finding] = (), lost: Sequence[LostTie] = ()):
         super().__init__(message, findings)
         self.lost = list(lost)
 
@@ -301,7 +301,7 @@ class TieGuard:
         head = f"{n} tie{'s' if n > 1 else ''} lost, found at {where}:"
         lines = [head] + [line for t in lost for line in t.lines()] + ([f"  {note}"] if note else [])
         findings = [finding("TC002" if "one memory" in t.now else "TC009", f"{', '.join(t.names)}: {t.now}", t.names,
-                            hint=t.retie, where=where).to_dict() for t in lost]
+                            hint=t.retie, where=where) for t in lost]
         full = rank == self.report_rank
         if not full:
             lines = [f"rank {rank}: {head} " + "; ".join(", ".join(t.names) for t in lost)

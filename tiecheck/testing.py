@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,9 +59,9 @@ __all__ = [
 
 
 class TieAssertionError(AssertionError):
-    """A tie assertion failed. ``findings`` holds the findings (as dicts) behind the message."""
+    """A tie assertion failed. ``findings`` holds the findings (``Finding``) behind the message."""
 
-    def __init__(self, message: str, findings: Iterable[dict] = ()):
+    def __init__(self, message: str, findings: Iterable[Finding] = ()):
         super().__init__(message)
         self.findings = list(findings)
 
@@ -120,23 +121,22 @@ def _explained(model: Any, report: Report) -> Report:
     Tie checks skip that pass while they succeed (it reads every weight); a failure is rare and
     worth the read.
     """
-    content = report.content or {}
-    if content.get("ran") or not content.get("reason", "").startswith("skipped"):
+    content = report.content
+    if content is None or content.ran or not (content.reason or "").startswith("skipped"):
         return report  # it ran, or cannot run (no tensor data on the meta device)
     return report_of(model, duplicates=True)
 
 
 def _target(report: Report) -> str:
-    return report.source.get("target", "the target")
+    return report.source.target
 
 
-def _finding_lines(findings: Iterable[dict | Finding], indent: str = "  ") -> list[str]:
+def _finding_lines(findings: Iterable[Finding], indent: str = "  ") -> list[str]:
     lines = []
     for f in findings:
-        f = f.to_dict() if isinstance(f, Finding) else f
-        lines.append(f"{indent}[{f['code']}] {f['severity']}: {f['message']}")
-        if f.get("hint"):
-            lines.append(f"{indent}  hint: {f['hint']}")
+        lines.append(f"{indent}[{f.code}] {f.severity}: {f.message}")
+        if f.hint:
+            lines.append(f"{indent}  hint: {f.hint}")
     return lines
 
 
@@ -194,7 +194,7 @@ def assert_tied(model: Any, *names: str) -> None:
     for f in failures:
         # A TC009 message repeats the lines above; other findings (TC002) add what they found.
         lines += ([] if f.code == "TC009" else [f"  [{f.code}] {f.message}"]) + [f"  hint: {f.hint}"]
-    raise NotTiedError("\n".join(lines), [f.to_dict() for f in failures])
+    raise NotTiedError("\n".join(lines), failures)
 
 
 def _tied_failures(state: TieState, report: Report, names: tuple[str, ...]) -> list[Finding]:
@@ -210,9 +210,7 @@ def _tied_failures(state: TieState, report: Report, names: tuple[str, ...]) -> l
     else:
         failures = tied_findings(state, [names])
     # One memory through distinct Parameters is not a tie for training: TC002 from the analysis.
-    for f in report.findings:
-        if f["code"] == "TC002" and set(f["names"]) & set(names):
-            failures.append(Finding(f["code"], f["severity"], f["message"], tuple(f["names"]), f["hint"]))
+    failures += [f for f in report.findings_of("TC002") if set(f.names) & set(names)]
     return failures
 
 
@@ -240,7 +238,7 @@ def assert_not_tied(model: Any, *names: str) -> None:
              f"{'it shares memory' if len(names) == 1 else 'they share memory'}", "  now:"]
     lines += [f"    {state.describe(n)}" for n in names]
     lines += [f"  hint: {failures[0].hint}"]
-    raise UnexpectedTieError("\n".join(lines), [f.to_dict() for f in failures])
+    raise UnexpectedTieError("\n".join(lines), failures)
 
 
 def assert_no_broken_ties(model: Any) -> None:
@@ -261,19 +259,18 @@ def assert_no_broken_ties(model: Any) -> None:
     __tracebackhide__ = True
 
     report = report_of(model, duplicates=True)
-    if not (report.content or {}).get("ran"):
-        reason = (report.content or {}).get("reason", "the content pass did not run")
+    if report.content is None or not report.content.ran:
+        reason = (report.content and report.content.reason) or "the content pass did not run"
         raise TiecheckError(f"{_target(report)}: cannot look for broken ties: {reason}; pass a model with its "
                             f"weights (not on the meta device) or a report made with duplicates=True")
     state = report.tie_state()
     # An info TC005 is equal values nothing ties (a deterministic initialisation): no broken tie.
-    broken = [f for f in report.findings if f["code"] in BROKEN_TIE_CODES and f["severity"] != "info"]
+    broken = [f for f in report.findings_of(*BROKEN_TIE_CODES) if f.severity != "info"]
     if not broken:
         return
     lines = [f"{len(broken)} broken tie{'s' if len(broken) > 1 else ''} in {_target(report)}:"]
     for f in broken:
-        hint = untied_hint(state, f["names"]) if f["code"] == "TC005" else f["hint"]
-        lines += _finding_lines([{**f, "hint": hint}])
+        lines += _finding_lines([replace(f, hint=untied_hint(state, f.names)) if f.code == "TC005" else f])
     raise BrokenTieError("\n".join(lines), broken)
 
 
@@ -294,8 +291,7 @@ def assert_no_findings(model: Any, severity: str = "warning", *, ignore: Iterabl
         raise ValueError(f"severity must be one of {', '.join(SEVERITY_RANK)}, not {severity!r}")
     ignored = set(ignore)
     report = report_of(model, duplicates=True)
-    found = [f for f in report.findings
-             if SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[severity] and f["code"] not in ignored]
+    found = [f for f in report.findings if SEVERITY_RANK[f.severity] >= SEVERITY_RANK[severity] and f.code not in ignored]
     if not found:
         return
     lines = [f"{len(found)} finding{'s' if len(found) > 1 else ''} at {severity} or worse in {_target(report)}:"]
@@ -303,12 +299,12 @@ def assert_no_findings(model: Any, severity: str = "warning", *, ignore: Iterabl
     raise FindingsError("\n".join(lines), found)
 
 
-def error_findings(report: Report) -> list[dict]:
+def error_findings(report: Report) -> list[Finding]:
     """The report's findings of severity error: the state a snapshot must not record unawares."""
-    return [f for f in report.findings if f["severity"] == "error"]
+    return [f for f in report.findings if f.severity == "error"]
 
 
-def refuse_error_state(model: Any, label: str, how_to_accept: str) -> list[dict]:
+def refuse_error_state(model: Any, label: str, how_to_accept: str) -> list[Finding]:
     """Raise SnapshotErrorsError when the target has error findings; return them otherwise (none).
 
     A snapshot records what the ties are, not whether they are right: writing one over a broken

@@ -12,8 +12,8 @@ from tiecheck.analyses.duplicates import find_untied_duplicates
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import memory_summary
 from tiecheck.analyses.ties import find_overlaps, find_tie_groups, group_by_identity
-from tiecheck.api import tensor_rows
 from tiecheck.facts import TensorFact
+from tiecheck.report.rows import TensorRows
 
 STORAGE = ("cpu", 4096)  # one mapped file: every tensor in one storage
 
@@ -64,5 +64,5 @@ def analysis_steps(facts: list[TensorFact]) -> dict[str, Callable[[], object]]:
         "find_candidates": lambda: find_candidates(facts),
         "linear_shape_findings": lambda: linear_shape_findings(facts, {}, groups),
         "device_findings": lambda: device_findings(facts, groups),
-        "tensor_rows": lambda: tensor_rows(facts, groups),
+        "tensor_rows": lambda: TensorRows.of(facts, groups),
     }

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from tiecheck.analyses.ties import TieGroup
 from tiecheck.findings import Finding, finding
 
 
@@ -53,7 +54,7 @@ def missing_modules(info: Mapping[str, Any], base_names: Iterable[str]) -> list[
     return out
 
 
-def touched_ties(info: Mapping[str, Any], base_groups: Sequence[Mapping[str, Any]],
+def touched_ties(info: Mapping[str, Any], base_groups: Sequence[TieGroup],
                  adapter_bytes: Mapping[str, int], copy_equal: Mapping[str, bool | None]) -> list[dict[str, Any]]:
     """One row per tied name the adapter touches.
 
@@ -72,7 +73,7 @@ def touched_ties(info: Mapping[str, Any], base_groups: Sequence[Mapping[str, Any
     rows = []
     excluded = info.get("exclude_modules")
     for g in base_groups:
-        names = list(g["names"])
+        names = list(g.names)
         for n in names:
             mod = _module(n)
             how = None

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from typing import Any
 
 from tiecheck.analyses.duplicates import Relation
 from tiecheck.facts import TensorFact, is_embedding, is_output_projection
@@ -29,6 +30,12 @@ class Candidate:
     def to_dict(self) -> dict:
         return {"names": list(self.names), "relation": self.relation, "shape": list(self.shape),
                 "dtype": self.dtype, "bytes_saved": self.bytes_saved}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Candidate:
+        a, b = d["names"]
+        return cls(names=(a, b), relation=d["relation"], shape=tuple(d["shape"]), dtype=d["dtype"],
+                   bytes_saved=d["bytes_saved"])
 
 
 def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:

@@ -11,9 +11,9 @@ stays free of torch and can be tested with hand-made readers.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from tiecheck.analyses.expect import assignment
 from tiecheck.analyses.ties import IdentityIndex, group_by_identity
@@ -69,8 +69,26 @@ class DuplicateGroup:
             "constant": self.constant,
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DuplicateGroup:
+        """A group as a report's JSON holds it: each member one name (the aliases and buffers stay the analysis's)."""
+        names = tuple(d["names"])
+        return cls(names=names, aliases=tuple((n,) for n in names), shape=tuple(d["shape"]), dtype=d["dtype"],
+                   nbytes=d["bytes_wasted"] // (len(names) - 1) if len(names) > 1 else 0,
+                   constant=bool(d.get("constant")))
+
 
 @dataclass
+class _Tally:
+    """What a content pass counts while it runs; its stats are these counts, frozen, at the end."""
+
+    tensors: int = 0
+    buckets: int = 0
+    sampled: int = 0
+    full_comparisons: int = 0
+
+
+@dataclass(frozen=True)
 class ContentStats:
     tensors: int = 0  # distinct memories considered
     buckets: int = 0  # (dtype, shape) buckets with two or more members
@@ -88,6 +106,11 @@ class ContentStats:
             "bytes_total": self.bytes_total,
             "bytes_read": self.bytes_read,
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ContentStats:
+        return cls(**{k: int(d.get(k, 0)) for k in ("tensors", "buckets", "sampled", "full_comparisons",
+                                                      "bytes_total", "bytes_read")})
 
 
 def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | None = None,
@@ -150,7 +173,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         The duplicate groups, largest first, and what the pass read.
     """
     reps = _representatives(facts, by_identity)
-    stats = ContentStats(tensors=len(reps), bytes_total=sum(f.nbytes for f, _ in reps.values()))
+    stats = _Tally(tensors=len(reps))
     start_read = reader.bytes_read
     buckets: dict[tuple, list[str]] = defaultdict(list)
     for name, (f, _) in reps.items():
@@ -193,8 +216,9 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
                         buffers=tuple(n for n in sorted(same) if all(m.role == "buffer" for m in reps[n][1])),
                     ))
                 remaining = differ
-    stats.bytes_read = reader.bytes_read - start_read
-    return sorted(groups, key=lambda g: (-g.nbytes, g.names)), stats
+    return sorted(groups, key=lambda g: (-g.nbytes, g.names)), ContentStats(
+        tensors=stats.tensors, buckets=stats.buckets, sampled=stats.sampled, full_comparisons=stats.full_comparisons,
+        bytes_total=sum(f.nbytes for f, _ in reps.values()), bytes_read=reader.bytes_read - start_read)
 
 
 def _uniform(sample: bytes, itemsize: int) -> bool:
@@ -310,8 +334,15 @@ class TransposedCopy:
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtype": self.dtype,
                 "bytes_wasted": self.nbytes}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TransposedCopy:
+        a, b = d["names"]
+        sa, sb = d["shapes"]
+        return cls(names=(a, b), aliases=((a,), (b,)), shapes=(tuple(sa), tuple(sb)), dtype=d["dtype"],
+                   nbytes=d["bytes_wasted"])
 
-@dataclass
+
+@dataclass(frozen=True)
 class TransposeStats:
     tensors: int = 0  # distinct 2-D memories whose (dtype, element count) bucket holds a swapped shape
     buckets: int = 0  # (dtype, shape, swapped shape) pairings looked at
@@ -322,6 +353,39 @@ class TransposeStats:
     def to_dict(self) -> dict:
         return {"tensors": self.tensors, "buckets": self.buckets, "sampled": self.sampled,
                 "full_comparisons": self.full_comparisons, "bytes_read": self.bytes_read}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TransposeStats:
+        return cls(**{k: int(d.get(k, 0)) for k in ("tensors", "buckets", "sampled", "full_comparisons", "bytes_read")})
+
+
+@dataclass(frozen=True)
+class ContentPass:
+    """The report's ``content_pass``: what the pass that compares tensor values read, and the transposed
+    copies it found (the duplicate groups are the report's ``untied_duplicates``); or why it did not run."""
+
+    ran: bool
+    reason: str | None = None  # why it did not run
+    stats: ContentStats = field(default_factory=ContentStats)
+    transposed: TransposeStats | None = None  # None in reports written before the transposed pass
+    copies: tuple[TransposedCopy, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.ran:
+            return {"ran": False, "reason": self.reason}
+        d: dict[str, Any] = {"ran": True, **self.stats.to_dict()}
+        if self.transposed is not None:
+            d["transposed"] = {**self.transposed.to_dict(), "copies": [c.to_dict() for c in self.copies]}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ContentPass:
+        if not d.get("ran"):
+            return cls(ran=False, reason=d.get("reason"))
+        t = d.get("transposed")
+        return cls(ran=True, stats=ContentStats.from_dict(d),
+                   transposed=None if t is None else TransposeStats.from_dict(t),
+                   copies=tuple(TransposedCopy.from_dict(c) for c in (t or {}).get("copies", ())))
 
 
 def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader, skip: Iterable[str] = (),
@@ -354,7 +418,7 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for name, (f, _) in reps.items():
         by_shape[(f.dtype, tuple(f.shape))].append(name)
-    stats = TransposeStats()
+    stats = _Tally()
     start_read = reader.bytes_read
     copies: list[TransposedCopy] = []
     compared: set[tuple[str, str]] = set()
@@ -402,8 +466,9 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
                     copies.append(TransposedCopy(names=(x, y), aliases=(_names(reps[x][1]), _names(reps[y][1])),
                                                  shapes=(tuple(fx.shape), tuple(swapped)), dtype=dtype,
                                                  nbytes=fx.nbytes))
-    stats.bytes_read = reader.bytes_read - start_read
-    return sorted(copies, key=lambda c: (-c.nbytes, c.names)), stats
+    return sorted(copies, key=lambda c: (-c.nbytes, c.names)), TransposeStats(
+        tensors=stats.tensors, buckets=stats.buckets, sampled=stats.sampled, full_comparisons=stats.full_comparisons,
+        bytes_read=reader.bytes_read - start_read)
 
 
 def transposed_findings(copies: list[TransposedCopy], reported: Iterable[Iterable[str]] = ()) -> list[Finding]:

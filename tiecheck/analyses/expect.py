@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tiecheck.facts import attr_path
 from tiecheck.findings import Finding, finding
+
+if TYPE_CHECKING:  # pragma: no cover - duplicates.py imports this module
+    from tiecheck.analyses.duplicates import DuplicateGroup
+    from tiecheck.analyses.ties import TieGroup
 
 # A file keeps no Parameter objects, so a tie read from a file is `shared_storage` where the live
 # module shows `same_parameter`: both are one memory, a true tie.
@@ -52,12 +57,10 @@ class TieState:
     content_known: bool = False  # the content pass ran, so "no duplicate" means "different values"
 
     @classmethod
-    def build(cls, tie_groups: Iterable[Mapping], names: Iterable[str], duplicates: Iterable[Mapping] = (),
+    def build(cls, tie_groups: Iterable[TieGroup], names: Iterable[str], duplicates: Iterable[DuplicateGroup] = (),
               content_known: bool = False) -> TieState:
-        return cls(groups=tuple((tuple(g["names"]), g["kind"]) for g in tie_groups),
-                   names=frozenset(names),
-                   duplicates=tuple((tuple(d["names"]), bool(d.get("constant"))) for d in duplicates),
-                   content_known=content_known)
+        return cls(groups=tuple((g.names, g.kind) for g in tie_groups), names=frozenset(names),
+                   duplicates=tuple((d.names, d.constant) for d in duplicates), content_known=content_known)
 
     def group_of(self, name: str) -> tuple[tuple[str, ...], str] | None:
         for g in self.groups:

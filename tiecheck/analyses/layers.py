@@ -14,7 +14,7 @@ read through a ``ContentReader``, only for the declared pairs, so this module st
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tiecheck.analyses.duplicates import Relation
@@ -54,6 +54,38 @@ class LayerRow:
     def to_dict(self) -> dict[str, Any]:
         return {"names": list(self.names), "declared": self.declared, "conflict": self.conflict, "by": list(self.by),
                 "physical": self.physical, "stored": self.stored, "bytes": self.nbytes}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerRow:
+        target, source = d["names"]
+        return cls(names=(target, source), declared=bool(d["declared"]), by=tuple(d["by"]), physical=d["physical"],
+                   stored=d["stored"], nbytes=d["bytes"], conflict=bool(d.get("conflict")))
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One declaration as a loader read it (``loaders/declared.py``): what it is, its value, where it came from.
+
+    ``file`` and ``key`` say where (``config.json``, ``text_config.tie_word_embeddings``); ``more``
+    holds what a kind of declaration adds (an alias map's ``broken`` entries, the config class that
+    ``resolved_by`` a value), in the order the loader wrote it.
+    """
+
+    kind: str
+    value: Any
+    file: str | None = None
+    key: str | None = None
+    more: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        origin = {k: v for k, v in (("file", self.file), ("key", self.key)) if v is not None}
+        return {"kind": self.kind, "value": self.value, "origin": origin, **self.more}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Declaration:
+        origin = d.get("origin") or {}
+        return cls(kind=d["kind"], value=d.get("value"), file=origin.get("file"), key=origin.get("key"),
+                   more={k: v for k, v in d.items() if k not in ("kind", "value", "origin")})
 
 
 def _equal(reader, a: TensorFact, b: TensorFact) -> bool | None:

@@ -20,14 +20,91 @@ gradient and optimizer state, so they save the weight bytes alone.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from tiecheck.analyses.ties import IdentityIndex, TieGroup, group_by_identity
 from tiecheck.facts import TensorFact
-from tiecheck.findings import Finding, finding
+from tiecheck.findings import Finding, SeverityCounts, finding
 
 OPTIMIZERS = ("adamw", "sgd", "none")
 _STATES = {"adamw": 2, "sgd": 1, "none": 0}
+
+
+@dataclass(frozen=True)
+class DtypeBytes:
+    """Parameters and bytes of one dtype, counted once and per name (a ``summary.by_dtype`` row)."""
+
+    dtype: str
+    params_unique: int = 0
+    params_counted: int = 0
+    bytes_unique: int = 0
+    bytes_counted: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DtypeBytes:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A report's ``summary``: the figures of this memory analysis, then the counts ``inspect`` adds from the
+    other analyses (the bytes duplicates, transposed copies, packed heads and unreachable storage take,
+    the findings by severity). A report of an older schema read back has the figures it lacked at 0."""
+
+    params_unique: int = 0
+    params_counted: int = 0
+    params_saved: int = 0
+    bytes_unique: int = 0
+    bytes_counted: int = 0
+    bytes_saved: int = 0
+    bytes_nested_views: int = 0
+    tie_groups: int = 0
+    tied_names: int = 0
+    optimizer: str = "adamw"
+    training_bytes: int = 0
+    training_bytes_counted: int = 0
+    training_bytes_saved: int = 0
+    training_bytes_nested_views: int = 0
+    by_dtype: tuple[DtypeBytes, ...] = ()
+    bytes_wasted_by_duplicates: int = 0
+    bytes_wasted_by_transposed_copies: int = 0
+    bytes_in_packed_head_copies: int = 0
+    bytes_unreachable: int = 0
+    findings: SeverityCounts = field(default_factory=SeverityCounts)
+    findings_ignored: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["by_dtype"] = [row.to_dict() for row in self.by_dtype]
+        d["findings"] = self.findings.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Summary:
+        known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        # Schema 1 had no params_saved: what a per-name sum counts beyond the parameters counted once.
+        known.setdefault("params_saved", d.get("params_counted", 0) - d.get("params_unique", 0))
+        known["by_dtype"] = tuple(DtypeBytes.from_dict(row) for row in d.get("by_dtype", ()))
+        known["findings"] = SeverityCounts.from_dict(d.get("findings") or {})
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Unreachable:
+    """One storage whose stored bytes no listed name fully reaches (a view saved alone keeps its whole storage)."""
+
+    names: tuple[str, ...]
+    storage_bytes: int
+    reachable_bytes: int
+
+    @property
+    def unreachable_bytes(self) -> int:
+        return self.storage_bytes - self.reachable_bytes
 
 
 def training_bytes_per_element(itemsize: int, optimizer: str = "adamw") -> int:
@@ -125,7 +202,7 @@ def _unique_bytes(by_identity: IdentityIndex, nested: set[tuple]) -> dict[str, i
 
 
 def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], optimizer: str = "adamw",
-                   by_identity: IdentityIndex | None = None) -> dict:
+                   by_identity: IdentityIndex | None = None) -> Summary:
     """Parameters, bytes and training bytes, counted once and per name.
 
     Args:
@@ -135,7 +212,7 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
         by_identity: ``group_by_identity(facts)``, when the caller already built it.
 
     Returns:
-        The report's ``summary`` (without the duplicate and finding counts).
+        The report's ``summary``, its counts from the other analyses left at 0.
     """
     if by_identity is None:
         by_identity = group_by_identity(facts)
@@ -190,35 +267,28 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     # Ties only: names that are one memory. What else a per-name sum counts twice is views nested
     # in (or overlapping) another listed tensor, a figure of its own.
     tie_bytes = sum(g.bytes_saved for g in groups)
-    return {
-        "params_unique": sum(unique_params.values()),
-        "params_counted": sum(counted_params.values()),
-        "params_saved": sum((len(g.names) - 1) * g.numel for g in groups),
-        "bytes_unique": total_unique,
-        "bytes_counted": total_counted,
-        "bytes_saved": tie_bytes,
-        "bytes_nested_views": max(0, total_counted - total_unique - tie_bytes),
-        "tie_groups": len(groups),
-        "tied_names": sum(len(g.names) for g in groups),
-        "optimizer": optimizer,
-        "training_bytes": train_unique,
-        "training_bytes_counted": train_counted,
-        "training_bytes_saved": train_counted - train_unique - train_nested,
-        "training_bytes_nested_views": train_nested,
-        "by_dtype": [
-            {
-                "dtype": d,
-                "params_unique": unique_params.get(d, 0),
-                "params_counted": counted_params.get(d, 0),
-                "bytes_unique": unique_bytes.get(d, 0),
-                "bytes_counted": counted_bytes.get(d, 0),
-            }
-            for d in dtypes
-        ],
-    }
+    return Summary(
+        params_unique=sum(unique_params.values()),
+        params_counted=sum(counted_params.values()),
+        params_saved=sum((len(g.names) - 1) * g.numel for g in groups),
+        bytes_unique=total_unique,
+        bytes_counted=total_counted,
+        bytes_saved=tie_bytes,
+        bytes_nested_views=max(0, total_counted - total_unique - tie_bytes),
+        tie_groups=len(groups),
+        tied_names=sum(len(g.names) for g in groups),
+        optimizer=optimizer,
+        training_bytes=train_unique,
+        training_bytes_counted=train_counted,
+        training_bytes_saved=train_counted - train_unique - train_nested,
+        training_bytes_nested_views=train_nested,
+        by_dtype=tuple(DtypeBytes(d, params_unique=unique_params.get(d, 0), params_counted=counted_params.get(d, 0),
+                                  bytes_unique=unique_bytes.get(d, 0), bytes_counted=counted_bytes.get(d, 0))
+                       for d in dtypes),
+    )
 
 
-def unreachable_bytes(facts: Sequence[TensorFact], skip: set[str] = frozenset()) -> list[dict]:
+def unreachable_bytes(facts: Sequence[TensorFact], skip: set[str] = frozenset()) -> list[Unreachable]:
     """Per storage, the bytes no listed tensor reaches (a view saved alone keeps its whole storage).
 
     ``skip`` names tensors whose storage is not what is stored (a mapping of a whole file).
@@ -238,23 +308,22 @@ def unreachable_bytes(facts: Sequence[TensorFact], skip: set[str] = frozenset())
                 covered += f.byte_end - start
                 end = f.byte_end
         if size > covered:
-            out.append({"names": sorted({f.name for f in members}), "storage_bytes": size,
-                        "reachable_bytes": covered, "unreachable_bytes": size - covered})
-    return sorted(out, key=lambda d: (-d["unreachable_bytes"], d["names"]))
+            out.append(Unreachable(tuple(sorted({f.name for f in members})), size, covered))
+    return sorted(out, key=lambda u: (-u.unreachable_bytes, u.names))
 
 
 # A view saved alone is reported when its storage's unreachable bytes pass both bars.
 UNREACHABLE_MIN_BYTES = 4096
 
 
-def unreachable_findings(entries: list[dict]) -> list[Finding]:
+def unreachable_findings(entries: Sequence[Unreachable]) -> list[Finding]:
     """TC021 for each storage whose unreachable bytes pass ``UNREACHABLE_MIN_BYTES`` and outweigh the reachable ones."""
     out = []
     for u in entries:
-        if u["unreachable_bytes"] >= UNREACHABLE_MIN_BYTES and u["unreachable_bytes"] > u["reachable_bytes"]:
-            out.append(finding("TC021", f"{', '.join(u['names'][:3])} reach{'es' if len(u['names']) == 1 else ''} "
-                                        f"{u['reachable_bytes']:,} of the {u['storage_bytes']:,} bytes stored for "
-                                        f"{'its' if len(u['names']) == 1 else 'their'} storage: "
-                                        f"{u['unreachable_bytes']:,} bytes on disk no name reaches",
-                               u["names"], bytes=u["unreachable_bytes"]))
+        if u.unreachable_bytes >= UNREACHABLE_MIN_BYTES and u.unreachable_bytes > u.reachable_bytes:
+            one = len(u.names) == 1
+            out.append(finding("TC021", f"{', '.join(u.names[:3])} reach{'es' if one else ''} {u.reachable_bytes:,} "
+                                        f"of the {u.storage_bytes:,} bytes stored for {'its' if one else 'their'} "
+                                        f"storage: {u.unreachable_bytes:,} bytes on disk no name reaches",
+                               u.names, bytes=u.unreachable_bytes))
     return out

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from tiecheck.analyses.layers import LayerRow
 from tiecheck.facts import Packing, TensorFact, is_embedding, is_output_projection
 from tiecheck.findings import Finding, finding
 
@@ -32,6 +34,12 @@ class PackedHead:
         return {"names": list(self.names), "shape": list(self.shape), "formats": list(self.formats),
                 "head_bytes": self.head_bytes, "embedding_bytes": self.embedding_bytes,
                 "companions": list(self.companions)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PackedHead:
+        (e, h), (fe, fh) = d["names"], d["formats"]
+        return cls(names=(e, h), shape=tuple(d["shape"]), formats=(fe, fh), head_bytes=d["head_bytes"],
+                   embedding_bytes=d["embedding_bytes"], companions=tuple(d.get("companions", ())))
 
 
 def _role(f: TensorFact, p: Packing | None) -> str | None:
@@ -84,11 +92,11 @@ def find_packed_heads(facts: Iterable[TensorFact], packings: Mapping[str, Packin
     return sorted(out, key=lambda p: (-p.head_bytes, p.names))
 
 
-def packed_head_findings(pairs: Sequence[PackedHead], declared_ties: Sequence[Mapping]) -> list[Finding]:
+def packed_head_findings(pairs: Sequence[PackedHead], declared_ties: Sequence[LayerRow]) -> list[Finding]:
     """TC022 per pair: a warning where a declaration says the two are tied (quantization broke a
     declared tie), else info (a tied model quantized apart, or an untied one: bytes cannot tell)."""
-    tied = [set(t["names"]) for t in declared_ties if t.get("declared")]
-    by = {frozenset(t["names"]): t.get("by", []) for t in declared_ties if t.get("declared")}
+    tied = [set(t.names) for t in declared_ties if t.declared]
+    by = {frozenset(t.names): t.by for t in declared_ties if t.declared}
     out = []
     for p in pairs:
         emb, head = p.names

@@ -10,8 +10,9 @@ identity of the Parameter (or buffer) object decides.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,16 +31,24 @@ KINDS = (SAME_PARAMETER, SHARED_STORAGE, DISTINCT_PARAMETERS, TRANSPOSED_ALIAS, 
 
 @dataclass(frozen=True)
 class TieGroup:
+    """Names over one memory: a report's ``tie_groups`` entry.
+
+    ``devices`` and ``objects`` are what the analysis saw and the findings use; a report's JSON does
+    not hold them (nor ``layouts``, except for the transposed and restrided kinds), so a group read
+    back from JSON has them empty and compares equal to the one written.
+    """
+
     names: tuple[str, ...]  # sorted
     kind: str
     shape: tuple[int, ...]  # of the first name
     dtype: str
     numel: int
     itemsize: int
-    devices: tuple[str, ...]
-    layouts: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()  # (name, shape, stride)
+    devices: tuple[str, ...] = field(default=(), compare=False)
+    # (name, shape, stride) of every name
+    layouts: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = field(default=(), compare=False)
     # Distinct Parameter/buffer objects among the names (0 when read from a file).
-    objects: int = 0
+    objects: int = field(default=0, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +71,14 @@ class TieGroup:
         if self.kind in (TRANSPOSED_ALIAS, RESTRIDED_ALIAS):
             d["layouts"] = [{"name": n, "shape": list(s), "stride": list(st)} for n, s, st in self.layouts]
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TieGroup:
+        names, numel = tuple(d["names"]), int(d["numel"])
+        copies = (len(names) - 1) * numel
+        return cls(names=names, kind=d["kind"], shape=tuple(d["shape"]), dtype=d["dtype"], numel=numel,
+                   itemsize=d["bytes_saved"] // copies if copies else 0,
+                   layouts=tuple((x["name"], tuple(x["shape"]), tuple(x["stride"])) for x in d.get("layouts", ())))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from tiecheck.api import analyze
 from tiecheck.check import snapshot as snap
 from tiecheck.check.policy import TargetPolicy
 from tiecheck.errors import TiecheckError
+from tiecheck.findings import Finding
 
 # The findings of a declared tie that memory or the files contradict (docs/layers.md).
 DECLARED_DISAGREE = frozenset({"TC015", "TC016", "TC017", "TC018"})
@@ -32,8 +33,8 @@ class Outcome:
     """What checking one target gave."""
 
     target: str
-    failing: list[dict] = field(default_factory=list)  # findings that fail the check
-    warnings: list[dict] = field(default_factory=list)  # warnings below fail-on: shown, not failing
+    failing: list[Finding] = field(default_factory=list)  # findings that fail the check
+    warnings: list[Finding] = field(default_factory=list)  # warnings below fail-on: shown, not failing
     error: str | None = None  # the target or its expectation could not be read
     snapshot: str | None = None  # the snapshot file compared or written
     snapshot_status: str | None = None  # matched | created | updated | unchanged
@@ -50,7 +51,7 @@ class Outcome:
         return {"target": self.target, "status": self.status, "error": self.error, "tie_groups": self.groups,
                 "snapshot": self.snapshot, "snapshot_status": self.snapshot_status,
                 "snapshot_changes": [c.to_dict() for c in self.snapshot_changes],
-                "failing": self.failing, "warnings": self.warnings}
+                "failing": [f.to_dict() for f in self.failing], "warnings": [f.to_dict() for f in self.warnings]}
 
 
 def shown(path: Path | str) -> str:
@@ -93,26 +94,26 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
         from_policy = tied_findings(state, t.tied) + not_tied_findings(state, t.not_tied)
         if t.source is not None:  # annotations point at the file that states the rule
             out.origins.update((f.message, shown(t.source)) for f in from_policy)
-        expected = [f.to_dict() for f in from_policy + tied_findings(state, extra_tied)]
+        expected = from_policy + tied_findings(state, extra_tied)
         if t.expect is not None:
             out.snapshot = shown(t.expect)
             if not update and not t.expect.exists():
                 raise TiecheckError(f"no snapshot {out.snapshot} yet: rerun the same command with --update "
                                     f"to write it, then commit it")
             if update:
-                errors = [f for f in report.findings if f["severity"] == "error" and not f.get("ignored")]
+                errors = [f for f in report.findings if f.severity == "error" and not f.ignored]
                 if errors and not accept_errors:
-                    what = "; ".join(f"{f['code']} {', '.join(f['names'])}" for f in errors)
+                    what = "; ".join(f"{f.code} {', '.join(f.names)}" for f in errors)
                     n = len(errors)
                     raise TiecheckError(f"not writing the snapshot {out.snapshot}: {t.target} has {n} error "
                                         f"finding{'s' if n > 1 else ''} ({what}); fix it, or record this state "
                                         f"anyway with --update --accept-errors")
-                out.snapshot_errors = sorted({f["code"] for f in errors})
+                out.snapshot_errors = sorted({f.code for f in errors})
                 out.snapshot_status, out.snapshot_changes = snap.update(
                     t.expect, snap.Snapshot.from_report(report), protect=(t.resolved,))
             else:
                 found = snapshot_findings(state, snap.read(t.expect).groups, origin=out.snapshot)
-                expected += [f.to_dict() for f in found]
+                expected += found
                 for f in found:
                     out.origins[f.message] = out.snapshot
                 out.snapshot_status = "differs" if found else "matched"
@@ -128,16 +129,14 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
     failing = report.failing_findings(t.fail_on)
     if fail_on_origin is not None:
         for f in failing:
-            if f["severity"] != "error":  # fails only because the policy's fail-on says so
-                out.origins.setdefault(f["message"], fail_on_origin)
+            if f.severity != "error":  # fails only because the policy's fail-on says so
+                out.origins.setdefault(f.message, fail_on_origin)
     if t.declared_agrees:
         # Declared against physical and stored: these fail whatever their severity.
-        disagree = [f for f in report.findings
-                    if f["code"] in DECLARED_DISAGREE and f not in failing and not f.get("ignored")]
+        disagree = [f for f in report.findings if f.code in DECLARED_DISAGREE and f not in failing and not f.ignored]
         if t.source is not None:
-            out.origins.update((f["message"], shown(t.source)) for f in disagree)
+            out.origins.update((f.message, shown(t.source)) for f in disagree)
         failing = failing + disagree
     out.failing = expected + failing
-    out.warnings = [f for f in report.findings
-                    if f["severity"] == "warning" and f not in failing and not f.get("ignored")]
+    out.warnings = [f for f in report.findings if f.severity == "warning" and f not in failing and not f.ignored]
     return out

@@ -43,7 +43,7 @@ class Snapshot:
 
     @classmethod
     def from_report(cls, report: Report) -> Snapshot:
-        groups = [ExpectedGroup(tuple(sorted(g["names"])), g["kind"]) for g in report.tie_groups]
+        groups = [ExpectedGroup(tuple(sorted(g.names)), g.kind) for g in report.tie_groups]
         return cls(tuple(sorted(groups, key=lambda g: g.names)))
 
     def to_dict(self) -> dict[str, Any]:

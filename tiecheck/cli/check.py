@@ -50,11 +50,11 @@ def render_text(outcomes: list[Outcome], update: bool) -> str:
         for c in o.snapshot_changes:  # what the update changed, as a snapshot diff
             lines.append(f"  {o.snapshot}: {c.text()}")
         for f in o.failing:
-            lines.append(f"  {f['severity']:<8}{f['code']} {f['message']}")
-            if f.get("hint"):
-                lines.append(f"  {'':<8}      hint: {f['hint']}")
+            lines.append(f"  {f.severity:<8}{f.code} {f.message}")
+            if f.hint:
+                lines.append(f"  {'':<8}      hint: {f.hint}")
         for f in o.warnings:
-            lines.append(f"  {'note':<8}{f['code']} {f['message']} (a warning; fails with --fail-on warning)")
+            lines.append(f"  {'note':<8}{f.code} {f.message} (a warning; fails with --fail-on warning)")
     if len(outcomes) > 1 or update:
         lines.append(summary_line(outcomes, update))
     return "\n".join(lines) + "\n" if lines else ""
@@ -98,10 +98,10 @@ def render_github(outcomes: list[Outcome], update: bool) -> str:
             lines.append(annotation("error", "tiecheck", o.error))
             continue
         for f in o.failing:
-            hint = f"\nhint: {f['hint']}" if f.get("hint") else ""
-            lines.append(annotation("error", f["code"], f"{o.target}: {f['message']}{hint}", o.origins.get(f["message"])))
+            hint = f"\nhint: {f.hint}" if f.hint else ""
+            lines.append(annotation("error", f.code, f"{o.target}: {f.message}{hint}", o.origins.get(f.message)))
         for f in o.warnings:
-            lines.append(annotation("warning", f["code"], f"{o.target}: {f['message']}\nhint: {f['hint']}"))
+            lines.append(annotation("warning", f.code, f"{o.target}: {f.message}\nhint: {f.hint}"))
         for c in o.snapshot_changes:
             lines.append(annotation("notice", "tiecheck snapshot", f"{o.target}: {o.snapshot} {c.text()}", o.snapshot))
     lines.append(summary_line(outcomes, update))

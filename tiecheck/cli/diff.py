@@ -39,7 +39,7 @@ def diff_command(a, b, fmt, output, key, trust_pickle, trust_remote_code, no_dup
     progress = command_progress(4)  # read A, read B, analyse A, analyse B (then compare)
     try:
         # The boundary where the work starts: diff analyses both targets (torch, transformers).
-        from tiecheck.compare.tie_diff import diff, render_diff  # noqa: PLC0415
+        from tiecheck.compare import diff, render_diff  # noqa: PLC0415
 
         result = diff(a, b, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
                       duplicates=not no_duplicates, progress=progress if progress.enabled else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 PARTS = ("embedding", "attention", "attention_projections", "mlp", "experts", "router", "output_projection",
@@ -142,3 +142,30 @@ class FlopsResult:
             }
         )
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FlopsResult:
+        """A result from its ``to_dict`` (a saved report): the derived figures are computed again."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["notes"], kwargs["errors"] = tuple(d.get("notes", ())), tuple(d.get("errors", ()))
+        kwargs["uncounted_ops"], kwargs["ignored_ops"] = dict(d.get("uncounted_ops") or {}), dict(d.get("ignored_ops") or {})
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class NoFlops:
+    """FLOPs not counted because the target has no module to trace (a file of tensors): the reason alone."""
+
+    reason: str
+    available = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"available": False, "reason": self.reason}
+
+
+def flops_from_dict(d: Mapping[str, Any]) -> FlopsResult | NoFlops:
+    """A report's ``flops`` section, from its JSON."""
+    if set(d) == {"available", "reason"}:
+        return NoFlops(d["reason"])
+    return FlopsResult.from_dict(d)

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from tiecheck.errors import TargetError, did_you_mean
+from tiecheck.facts import Source
 from tiecheck.loaders import detect
 from tiecheck.loaders.formats import bundled, spec
 from tiecheck.loaders.fsdp import wrapped_findings
 from tiecheck.loaders.names import check_names
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.subject import Subject
 from tiecheck.loaders.tensor_facts import module_tensors
 
 # URLs read by range (loaders/remote.py); the scheme alone decides, so nothing is imported for a path.
@@ -40,28 +41,31 @@ def from_mapping(obj: Mapping, key: str | None = None, target: str = "<state dic
 
 
 def load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
-              trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None) -> Subject:
+              trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None,
+              whole: bool = False) -> Subject:
     """A file or folder, read by content. Warnings raised while reading it (torch's, about an old
     pickle protocol or an experimental dtype the file declares) become notes of the report, so
     the file's bytes cannot add lines to the output. ``progress(done, total)`` is called as the
-    shards of a weights index are read."""
+    shards of a weights index are read. ``whole``: a torch.save file is read with torch.load and its
+    object kept (``Subject.checkpoint``), for a writer that saves it again."""
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sub = _load_path(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-                         progress=progress)
+                         progress=progress, whole=whole)
     check_names(sub.tensors, str(path))
     seen: list[str] = []
     for w in caught:
         text = (str(w.message).strip().splitlines() or [""])[0][:200]
         if text and text not in seen:
             seen.append(text)
-    sub.source.notes += [f"warning while reading: {t}" for t in seen[:3]]
+    sub.source.notes.extend(f"warning while reading: {t}" for t in seen[:3])
     return sub
 
 
 def _load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False,
-               trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None) -> Subject:
+               trust_remote_code: bool = False, progress: Callable[[int, int], None] | None = None,
+               whole: bool = False) -> Subject:
     target = str(path)
     if path.is_dir():
         return load_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
@@ -75,7 +79,7 @@ def _load_path(path: Path, *, key: str | None = None, trust_pickle: bool = False
         raise TargetError(f"{target}: cannot read ({e.strerror or e})") from e
     if size == 0:
         raise TargetError(f"{target}: the file is empty")
-    sub = load_file(path, kind, key=key, trust_pickle=trust_pickle, progress=progress)
+    sub = load_file(path, kind, key=key, trust_pickle=trust_pickle, progress=progress, whole=whole)
     note = hf_folder_note(path)
     if note:
         sub.source.notes.insert(0, note)
@@ -103,15 +107,15 @@ def hf_folder_note(path: Path) -> str | None:
 
 
 def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pickle: bool = False,
-              progress: Callable[[int, int], None] | None = None) -> Subject:
+              progress: Callable[[int, int], None] | None = None, whole: bool = False) -> Subject:
     """One file whose format ``detect.sniff_file`` recognised; ``progress(done, total)`` follows the
-    shards of a weights index."""
+    shards of a weights index; ``whole`` as ``load_path`` says."""
 
     target = str(path)
     if kind in (detect.TORCH_SAVE, detect.TORCH_SAVE_LEGACY):
         from tiecheck.loaders.formats import torchfile  # noqa: PLC0415 - a loader that needs torch
 
-        return torchfile.load_torch_file(target, key=key, trust_pickle=trust_pickle)
+        return torchfile.load_torch_file(target, key=key, trust_pickle=trust_pickle, whole=whole)
     if kind == detect.SAFETENSORS:
         from tiecheck.loaders.formats.safetensors_files import load_safetensors_file  # noqa: PLC0415 - a loader that needs torch
 

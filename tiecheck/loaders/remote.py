@@ -29,6 +29,7 @@ import tempfile
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urljoin
@@ -135,7 +136,7 @@ def _load_hub(target: str, repo_id: str, revision: str | None, options: dict,
 
         sub = load_path(cached, progress=progress, **options)
         sub.source.notes.insert(0, f"read from the local Hugging Face cache: {cached}")
-        sub.source.target = target
+        sub.source = replace(sub.source, target=target)
         sub.extra["remote"] = {"where": "cache", "repo_id": repo_id, "revision": revision or "main",
                                "snapshot": str(cached), "bytes_fetched": 0, "requests": 0}
         return sub
@@ -424,10 +425,9 @@ def _load_mirrored(folder: Any, single: tuple[str, RemoteFile] | None, options: 
         except TiecheckError as e:
             e.args = (mirror.shown(str(e)),)
             raise
-        sub.source.target = folder.target
         # The loaders' notes describe the stand-ins: name the remote files, and how their data is read.
-        sub.source.notes = [mirror.shown(n).replace("data memory-mapped", "data read by range")
-                            for n in sub.source.notes]
+        sub.source = replace(sub.source, target=folder.target, notes=[
+            mirror.shown(n).replace("data memory-mapped", "data read by range") for n in sub.source.notes])
     except BaseException:
         _release(list(mirror.stand_ins.items()), closing or [])
         mirror.remove_folder()

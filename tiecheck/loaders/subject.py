@@ -6,22 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tiecheck.facts import Source
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
-
-
-@dataclass
-class Source:
-    """Where a subject came from, for the report's ``source`` object."""
-
-    target: str
-    format: str
-    key: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "format": self.format, "key": self.key, "notes": list(self.notes)}
 
 
 @dataclass
@@ -56,3 +45,6 @@ class Subject:
     # Left None where the subject's tensors are the files' own (their memory is the stored layer)
     # or where there are no files (a live module).
     stored_copies: dict[str, Any] | None = None
+    # The whole object a torch.save file holds, as torch.load returns it (weights only, memory-mapped),
+    # where the loader read it so (``load_path(..., whole=True)``): what ``tiecheck fix`` saves again.
+    checkpoint: Any = None

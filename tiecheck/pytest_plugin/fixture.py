@@ -102,4 +102,4 @@ class TiecheckFixture:
             on_changes=lambda found: self._store.record_changes(path, found))
         self._store.record(path, status)
         if accepted:
-            self._store.record_errors(path, sorted({f["code"] for f in accepted}))
+            self._store.record_errors(path, sorted({f.code for f in accepted}))

@@ -1,8 +1,11 @@
 """``tiecheck.fix()`` and the ``tiecheck fix`` command: write a corrected copy of a checkpoint -- ties restored, copies dropped,
 declarations made true -- and verify it before saying done.
 
-plan.py decides (a Plan of Actions answering the Report's findings), write.py writes (one writer
-per layout, never in place, a temporary name renamed at the end), verify.py proves the copy.
+layouts.py says which layout a target is, actions.py decides (a Plan of Actions answering what
+``inspect`` found), write.py writes (one writer per layout, never in place, a temporary name renamed
+at the end), verify.py proves the copy, fix_text.py says it all for people. The target is read once
+(a torch.save file as torch.load makes it, kept for its writer) and analysed once: the plan reads the
+same Analysis the report came from.
 """
 
 from __future__ import annotations
@@ -13,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tiecheck.api import analyze_subject, stored_unreachable
+from tiecheck.api import examine
 from tiecheck.errors import TiecheckError
-from tiecheck.loaders import load_target
-from tiecheck.loaders.formats.torchfile import torch_load
-from tiecheck.loaders.tensor_facts import build_facts, build_module_facts
-from tiecheck.repair.actions import OPTIMIZER_KEYS, TORCH, Action, Plan, layout_of, make_plan, parse_tie, parse_untie
+from tiecheck.loaders import load_path
+from tiecheck.repair.actions import OPTIMIZER_KEYS, Action, Plan, make_plan, parse_tie, parse_untie
+from tiecheck.repair.layouts import layout_of
 from tiecheck.repair.verify import Check, verify
 from tiecheck.repair.write import check_output, clear_stale, discard, publish, temp_path, write
 
@@ -92,19 +94,15 @@ def fix(target: str | os.PathLike, output: str | os.PathLike | None = None, *, d
 
     step = progress or (lambda n, label: None)
     step(0, f"reading {path}")
-    subject = load_target(path)
+    subject = load_path(path, whole=True)
+    layout, weights = layout_of(path)  # the writer's; a target no writer takes is refused here
     step(1, f"analysing {len(subject.tensors):,} tensors")
     # The content pass too: a broken tie (TC005) is found by comparing bytes, and fix answers it.
-    report = analyze_subject(subject, duplicates=True)
+    analysis = examine(subject, duplicates=True)
     step(1, "planning")
-    facts = build_facts(subject, build_module_facts(None))
-    layout, weights = layout_of(path)
-    torch_obj, opt_keys = None, []
-    if layout == TORCH:
-        torch_obj, _ = torch_load(str(path))
-        opt_keys = _optimizer_keys(torch_obj)
-    plan = make_plan(report, subject, path, tie=ties, untie=unties, drop_optimizer=drop_optimizer,
-                     optimizer_keys=opt_keys, unreachable=stored_unreachable(subject, facts), output=out)
+    torch_obj = subject.checkpoint
+    plan = make_plan(analysis, path, layout, tie=ties, untie=unties, drop_optimizer=drop_optimizer,
+                     optimizer_keys=_optimizer_keys(torch_obj), output=out)
     result = FixResult(plan=plan, output=None if out is None else str(out), dry_run=dry_run)
     if dry_run:
         return result

@@ -1,11 +1,12 @@
 """The plan of ``tiecheck fix``: what a corrected copy changes, why, and what it saves.
 
-A plan is built from a target's Report (findings, tie groups, the ``declared`` section) and its
-Subject (the tensors, where the files hold them), before anything is written. Each action answers
-a finding (its code in ``why``) or the user's word (``--tie`` / ``--untie``) and carries the bytes
-it saves on disk and in memory (negative: what it costs). The edits the writers carry out are
-collected beside the actions: names dropped from the files (with the name that now holds their
-bytes), names given their own copy, config keys set, alias entries removed, views cloned.
+A plan is built from what ``inspect`` found (an :class:`~tiecheck.api.Analysis`: the Report's
+findings, tie groups and ``declared`` section, the Subject's tensors and where the files hold
+them), before anything is written. Each action answers a finding (its code in ``why``) or the
+user's word (``--tie`` / ``--untie``) and carries the bytes it saves on disk and in memory
+(negative: what it costs); each kind of action is one function below. The edits the writers carry
+out are collected beside the actions: names dropped from the files (with the name that now holds
+their bytes), names given their own copy, config keys set, alias entries removed, views cloned.
 
 Nothing here reads tensor values except the one comparison ``--tie`` needs to say what is lost.
 """
@@ -15,21 +16,22 @@ from __future__ import annotations
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from tiecheck.analyses.layers import TWO_DIFFERENT, TWO_EQUAL
+from tiecheck.analyses.layers import TWO_DIFFERENT, TWO_EQUAL, LayerRow
+from tiecheck.api import Analysis
 from tiecheck.errors import TiecheckError
-from tiecheck.facts import is_embedding, is_output_projection
-from tiecheck.loaders import detect
+from tiecheck.facts import TensorFact, is_embedding, is_output_projection
+from tiecheck.findings import Finding
 from tiecheck.loaders.content import TorchContentReader
-from tiecheck.loaders.formats.hf import find_weights
-from tiecheck.loaders.tensor_facts import fact_of
+from tiecheck.repair.layouts import HF_FOLDER, SAFETENSORS, SHARDED, TORCH
 
-# The layouts a corrected copy can be written in.
-SAFETENSORS, SHARDED, HF_FOLDER, TORCH = "safetensors", "sharded safetensors", "Hugging Face folder", "torch.save"
 # Top-level keys of a training checkpoint that hold optimizer state (Lightning, plain loops, Megatron).
 OPTIMIZER_KEYS = ("optimizer", "optimizers", "optimizer_states", "optimizer_state_dict", "optim", "opt")
+# Findings about exactly two names that making them one tensor answers.
+TIE_ANSWERS = frozenset({"TC005", "TC006", "TC010", "TC015", "TC016"})
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,14 @@ class Plan:
     # Names whose bytes the plan replaces on the user's word (--tie of different copies).
     replaced: dict[str, str] = field(default_factory=dict)
 
+    def kept(self, name: str) -> str:
+        """The stored name a name's bytes come from, following drops (A dropped for B, B for C: A -> C)."""
+        seen = set()
+        while name in self.drop and name not in seen:
+            seen.add(name)
+            name = self.drop[name]
+        return name
+
     @property
     def answered(self) -> set[tuple[str, frozenset]]:
         """(finding code, names) the plan answers; verification holds the output to it."""
@@ -114,240 +124,255 @@ def parse_untie(value: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def layout_of(path: Path) -> tuple[str, Path]:
-    """(layout, the weights file) of a target path the writers handle."""
+@dataclass(frozen=True)
+class Target:
+    """What every action reads of the target: the analysis, and the layout its copy is written in."""
 
-    if path.is_dir():
-        if detect.is_hf_folder(path):
-            kind, weights, _ = find_weights(path)
-            if kind == detect.WEIGHTS_INDEX and not weights.name.endswith(".safetensors.index.json"):
-                kind = "torch index"
-            if kind not in (detect.SAFETENSORS, detect.WEIGHTS_INDEX):
-                raise TiecheckError(f"{path}: its weights ({weights.name}) are not safetensors; fix writes Hugging "
-                                    f"Face folders of safetensors weights (convert with save_pretrained first)")
-            return HF_FOLDER, weights
-        raise TiecheckError(f"{path}: a folder without config.json; give fix the weight file or its *.index.json")
-    kind = detect.sniff_file(path)
-    if kind == detect.SAFETENSORS:
-        return SAFETENSORS, path
-    if kind == detect.WEIGHTS_INDEX:
-        index = detect.read_weights_index(path) or {}
-        shards = set((index.get("weight_map") or {}).values())
-        if not shards or not all(isinstance(s, str) and s.endswith(".safetensors") for s in shards):
-            raise TiecheckError(f"{path}: fix rewrites indexes of safetensors shards only")
-        return SHARDED, path
-    if kind == detect.TORCH_SAVE:
-        return TORCH, path
-    raise TiecheckError(f"{path}: a {kind or 'unrecognised'} file; fix writes safetensors files, sharded "
-                        f"safetensors, torch.save (zip) files and Hugging Face folders")
+    analysis: Analysis
+    layout: str
+
+    @property
+    def report(self):
+        return self.analysis.report
+
+    @property
+    def tensors(self):
+        return self.analysis.subject.tensors
+
+    @property
+    def in_memory(self) -> int:
+        """1 where a tie saves memory too; 0 for a folder, whose architecture transformers re-ties on load
+        (memory is one copy either way)."""
+        return 0 if self.layout == HF_FOLDER else 1
+
+    @cached_property
+    def facts(self) -> dict[str, TensorFact]:
+        return {f.name: f for f in self.analysis.facts}
+
+    @cached_property
+    def declared_ties(self) -> tuple[LayerRow, ...]:
+        return self.report.declared.ties if self.report.declared else ()
+
+    def nbytes(self, name: str) -> int:
+        t = self.tensors[name]
+        return t.numel() * t.element_size()
+
+    def stored(self, name: str) -> bool:
+        """Whether the files hold bytes under this name (not only an alias or an architecture tie)."""
+        copies = self.analysis.subject.stored_copies
+        return name in self.tensors if copies is None else copies.get(name) is not None
+
+    def check_name(self, name: str, option: str) -> None:
+        if name not in self.tensors:
+            close = sorted(n for n in self.tensors if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1])[:3]
+            hint = f" (names ending alike: {', '.join(close)})" if close else ""
+            raise TiecheckError(f"{option}: {name!r} is not a tensor of the target{hint}; see `tiecheck inspect`")
+
+    def tie_paths(self) -> list[str]:
+        """config.json key paths that write tie_word_embeddings."""
+        return [d.key for d in self._declarations()
+                if d.kind == "tie_word_embeddings" and "resolved_by" not in d.more and d.file == "config.json"]
+
+    def alias_keys(self) -> list[str]:
+        return [k for d in self._declarations() if d.kind == "alias_map" for k in d.value]
+
+    def _declarations(self):
+        return self.report.declared.declarations if self.report.declared else ()
+
+    def row_for(self, a: str, b: str) -> LayerRow | None:
+        return next((r for r in self.declared_ties if set(r.names) == {a, b}), None)
+
+    def asks_for(self, code: str, names: Iterable[str]) -> bool:
+        """A finding of ``code`` about exactly ``names`` that asks for a change (an info finding, such as TC015
+        where every loader keeps two stored copies apart by design, asks for none)."""
+        want = set(names)
+        return any(set(f.names) == want and f.severity != "info" for f in self.report.findings_of(code))
+
+    def same_group(self, a: str, b: str) -> bool:
+        g = self.report.group_of(a)
+        return g is not None and b in g.names
+
+    def equal(self, a: str, b: str) -> bool:
+        subject = self.analysis.subject
+        with TorchContentReader(subject.tensors, subject.file_spans) as reader:
+            return reader.equal(a, b)
 
 
-def _nbytes(subject, name: str) -> int:
-    t = subject.tensors[name]
-    return t.numel() * t.element_size()
-
-
-def _check_name(subject, name: str, option: str) -> None:
-    if name not in subject.tensors:
-        close = sorted(n for n in subject.tensors if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1])[:3]
-        hint = f" (names ending alike: {', '.join(close)})" if close else ""
-        raise TiecheckError(f"{option}: {name!r} is not a tensor of the target{hint}; see `tiecheck inspect`")
-
-
-def _stored(subject, name: str) -> bool:
-    """Whether the files hold bytes under this name (not only an alias or an architecture tie)."""
-    copies = subject.stored_copies
-    return name in subject.tensors if copies is None else copies.get(name) is not None
-
-
-def _tie_paths(subject) -> list[str]:
-    """config.json key paths that write tie_word_embeddings."""
-    return [d["origin"]["key"] for d in subject.declarations
-            if d["kind"] == "tie_word_embeddings" and "resolved_by" not in d and d["origin"].get("file") == "config.json"]
-
-
-def _row_for(report, a: str, b: str) -> dict | None:
-    for r in (report.declared or {}).get("ties", []):
-        if set(r["names"]) == {a, b}:
-            return r
-    return None
-
-
-def _finding(report, code: str, names: Iterable[str]) -> bool:
-    """A finding of ``code`` about exactly ``names`` that asks for a change (an info finding, such as TC015
-    where every loader keeps two stored copies apart by design, asks for none)."""
-    want = set(names)
-    return any(f["code"] == code and set(f["names"]) == want and f["severity"] != "info" for f in report.findings)
-
-
-def _same_group(report, a: str, b: str) -> bool:
-    g = report.group_of(a)
-    return g is not None and b in g["names"]
-
-
-def make_plan(report, subject, path: Path, *, tie: Sequence[tuple[str, str]] = (),
+def make_plan(analysis: Analysis, path: Path, layout: str, *, tie: Sequence[tuple[str, str]] = (),
               untie: Sequence[tuple[str, str]] = (), drop_optimizer: bool = False,
-              optimizer_keys: Sequence[str] = (), unreachable: Sequence[dict] = (),
-              output: Path | None = None) -> Plan:
+              optimizer_keys: Sequence[str] = (), output: Path | None = None) -> Plan:
     """The corrected copy's plan.
 
     Args:
-        report: the target's Report (``tiecheck.analyze``).
-        subject: the target's Subject (the same load the report came from).
+        analysis: what ``inspect`` found about the target (``tiecheck.api.examine``).
         path: the target's path.
+        layout: the layout its copy is written in (``layouts.layout_of``).
         tie: (dropped, kept) pairs to tie on the user's word; kept's bytes win.
         untie: pairs to give their own copies.
         drop_optimizer: drop optimizer state from a training checkpoint whose parameters merge or split.
         optimizer_keys: the training checkpoint's top-level keys that hold optimizer state.
-        unreachable: per storage, the bytes no name reaches (``api.stored_unreachable``).
         output: where the copy goes, for the commands the plan suggests (``-o OUT`` when not given).
 
     Returns:
         The Plan. Raises TiecheckError for a name the target does not hold or a request the layout cannot express.
     """
-    layout, _ = layout_of(path)
+    t = Target(analysis, layout)
     plan = Plan(target=str(path), layout=layout)
     command = f"tiecheck fix {shlex.quote(str(path))} -o {shlex.quote(str(output)) if output else 'OUT'}"
-    # A folder: transformers re-ties what its architecture declares, so memory is one copy either way.
-    in_memory = 0 if layout == HF_FOLDER else 1
     # The user's word wins over what fix would do by itself for the same pair.
     asked = {frozenset(p) for p in [*tie, *untie]}
-
-    for r in (report.declared or {}).get("ties", []):
-        target, source = r["names"]
-        pair = frozenset((target, source))
-        if pair in asked:
-            continue
-        if r["declared"] and r["stored"] == TWO_EQUAL and _finding(report, "TC016", pair):
-            n = r["bytes"]
-            plan.drop[target] = source
-            plan.actions.append(Action("retie", (target, source), "TC016",
-                                       f"store {source} once; {target} becomes its alias "
-                                       f"({_alias_words(layout)})", disk_saved=n, memory_saved=n * in_memory))
-        elif r["declared"] and r["stored"] == TWO_DIFFERENT and _finding(report, "TC015", pair):
-            by = " ".join(r["by"])
-            paths = _tie_paths(subject) if layout == HF_FOLDER else []
-            aliases = [k for k in _alias_keys(subject) if k == target]
-            if layout == HF_FOLDER and paths and "tie_word_embeddings" in by:
-                for p in paths:
-                    plan.config[p] = False
-                detail = (f"set {', '.join(paths)} to false in config.json: both stored heads are kept, so every "
-                          f"loader builds the model the files hold")
-            elif aliases:
-                plan.unalias.update(aliases)
-                detail = f"remove the alias {target} -> {source} from __metadata__: both stored copies are kept"
-            else:
-                plan.unanswered.append(f"TC015 {target}, {source}: declared by {by}, which fix cannot rewrite")
-                continue
-            plan.actions.append(Action("declare-untied", (target, source), "TC015", detail))
-
-    for f in (f for f in report.findings if f["code"] == "TC021"):
-        if layout != TORCH:
-            plan.unanswered.append(f"TC021 {', '.join(f['names'])}: only torch.save files store whole storages")
-            continue
-        waste = sum(u["unreachable_bytes"] for u in unreachable if set(u["names"]) == set(f["names"]))
-        plan.clone.update(f["names"])
-        plan.actions.append(Action("trim", tuple(f["names"]), "TC021",
-                                   "save a clone of each view, so the file stores only the bytes a name reaches",
-                                   disk_saved=waste, memory_saved=waste))
-
+    for row in t.declared_ties:
+        if frozenset(row.names) not in asked:
+            _answer_declared(plan, t, row)
+    for f in t.report.findings_of("TC021"):
+        _trim(plan, t, f)
     for a, b in tie:
-        _check_name(subject, a, "--tie")
-        _check_name(subject, b, "--tie")
-        _tie(plan, report, subject, a, b, "--tie", in_memory)
-
-    for f, head, emb in _broken_embedding_ties(report, subject, asked | {frozenset(a.names) for a in plan.actions}):
+        t.check_name(a, "--tie")
+        t.check_name(b, "--tie")
+        _tie(plan, t, a, b, "--tie")
+    for f, head, emb in _broken_embedding_ties(t, asked | {frozenset(a.names) for a in plan.actions}):
         try:
-            _tie(plan, report, subject, head, emb, "TC005", in_memory)
+            _tie(plan, t, head, emb, "TC005")
         except TiecheckError as e:
-            plan.unanswered.append(f"TC005 {', '.join(f['names'])}: {str(e).split(': ', 1)[-1]}")
-
+            plan.unanswered.append(f"TC005 {', '.join(f.names)}: {str(e).split(': ', 1)[-1]}")
     for a, b in untie:
-        _check_name(subject, a, "--untie")
-        _check_name(subject, b, "--untie")
-        if not _same_group(report, a, b):
-            raise TiecheckError(f"--untie {a},{b}: they are not tied in the target; nothing to untie")
-        keep, give = (a, b) if _stored(subject, a) else (b, a)
-        if layout == HF_FOLDER:
-            r = _row_for(report, a, b)
-            if r is None:
-                raise TiecheckError(f"--untie {a},{b}: not a tie the config declares; transformers would tie them again")
-            give, keep = r["names"]
-            for p in _tie_paths(subject) or ["tie_word_embeddings"]:
-                plan.config[p] = False
-        n = _nbytes(subject, give)
-        if layout != TORCH and _stored(subject, give) and _stored(subject, keep):
-            # Already two copies in the files (tied only by the declaration): the declaration changes alone.
-            plan.actions.append(Action("untie", (give, keep), "--untie", "both are stored already; the declaration "
-                                       "now says untied", memory_saved=-n * (layout == HF_FOLDER)))
-            continue
-        if _stored(subject, give) and layout != TORCH:
-            keep, give = give, keep
-        plan.copy[give] = keep
-        plan.unalias.update(k for k in _alias_keys(subject) if k == give)
-        plan.actions.append(Action("untie", (give, keep), "--untie", f"store {give} as its own copy of {keep}'s bytes "
-                                   "(for tools that cannot load aliases)", disk_saved=-n, memory_saved=-n))
-
-    merges = any(a.kind in ("retie", "tie", "untie") for a in plan.actions)
-    if optimizer_keys and merges:
-        if not drop_optimizer:
-            raise TiecheckError(f"{path}: holds optimizer state ({', '.join(optimizer_keys)}), which is indexed by "
-                                f"parameter position: when parameters merge or split, every later entry would "
-                                f"belong to another parameter; rerun with --drop-optimizer to drop it")
-        plan.drop_keys = list(optimizer_keys)
-        plan.actions.append(Action("drop-optimizer", tuple(optimizer_keys), "--drop-optimizer",
-                                   "drop the optimizer state: its entries are indexed by parameter position"))
-    plan.unanswered += _not_answered(plan, report, subject, command)
+        _untie(plan, t, a, b)
+    _drop_optimizer(plan, path, optimizer_keys, drop_optimizer)
+    plan.unanswered += _not_answered(plan, t, command)
     return plan
 
 
-def _tie(plan: Plan, report, subject, a: str, b: str, why: str, in_memory: int) -> None:
+def _answer_declared(plan: Plan, t: Target, row: LayerRow) -> None:
+    """A declared tie whose files disagree: stored twice equal (TC016) becomes one copy and an alias;
+    stored twice different (TC015) gets a declaration that says untied."""
+    target, source = row.names
+    pair = frozenset(row.names)
+    if row.declared and row.stored == TWO_EQUAL and t.asks_for("TC016", pair):
+        plan.drop[target] = source
+        plan.actions.append(Action("retie", (target, source), "TC016",
+                                   f"store {source} once; {target} becomes its alias ({_alias_words(t.layout)})",
+                                   disk_saved=row.nbytes, memory_saved=row.nbytes * t.in_memory))
+    elif row.declared and row.stored == TWO_DIFFERENT and t.asks_for("TC015", pair):
+        _declare_untied(plan, t, row)
+
+
+def _declare_untied(plan: Plan, t: Target, row: LayerRow) -> None:
+    """TC015: keep both stored copies and make the declaration say untied, where fix can rewrite it."""
+    target, source = row.names
+    by = " ".join(row.by)
+    paths = t.tie_paths() if t.layout == HF_FOLDER else []
+    aliases = [k for k in t.alias_keys() if k == target]
+    if t.layout == HF_FOLDER and paths and "tie_word_embeddings" in by:
+        for p in paths:
+            plan.config[p] = False
+        detail = (f"set {', '.join(paths)} to false in config.json: both stored heads are kept, so every loader "
+                  f"builds the model the files hold")
+    elif aliases:
+        plan.unalias.update(aliases)
+        detail = f"remove the alias {target} -> {source} from __metadata__: both stored copies are kept"
+    else:
+        plan.unanswered.append(f"TC015 {target}, {source}: declared by {by}, which fix cannot rewrite")
+        return
+    plan.actions.append(Action("declare-untied", (target, source), "TC015", detail))
+
+
+def _trim(plan: Plan, t: Target, f: Finding) -> None:
+    """TC021: save a clone of each view, so a torch.save file stores only the bytes a name reaches."""
+    if t.layout != TORCH:
+        plan.unanswered.append(f"TC021 {', '.join(f.names)}: only torch.save files store whole storages")
+        return
+    waste = sum(u.unreachable_bytes for u in t.analysis.unreachable if set(u.names) == set(f.names))
+    plan.clone.update(f.names)
+    plan.actions.append(Action("trim", f.names, "TC021",
+                               "save a clone of each view, so the file stores only the bytes a name reaches",
+                               disk_saved=waste, memory_saved=waste))
+
+
+def _tie(plan: Plan, t: Target, a: str, b: str, why: str) -> None:
     """Add the action that makes ``a`` an alias of ``b`` (b's bytes kept), for ``--tie`` or a finding.
 
     Raises TiecheckError where the layout cannot express the tie (the message says why).
     """
     layout = plan.layout
-    if not _stored(subject, b):
+    if not t.stored(b):
         raise TiecheckError(f"--tie {a}={b}: the files do not store {b}; keep a stored name")
-    sa, sb = subject.tensors[a], subject.tensors[b]
+    sa, sb = t.tensors[a], t.tensors[b]
     if tuple(sa.shape) != tuple(sb.shape) or sa.dtype != sb.dtype:
         raise TiecheckError(f"--tie {a}={b}: {a} is {tuple(sa.shape)} {sa.dtype}, {b} is {tuple(sb.shape)} "
                             f"{sb.dtype}; only tensors of one shape and dtype can be one tensor")
-    if _same_group(report, a, b) and not (_stored(subject, a) and _stored(subject, b)):
+    if t.same_group(a, b) and not (t.stored(a) and t.stored(b)):
         plan.unanswered.append(f"--tie {a}={b}: already tied")
         return
     if layout == SHARDED:
         raise TiecheckError(f"--tie {a}={b}: a sharded checkpoint without config.json has no alias that loaders "
                             f"restore across shards; fix the Hugging Face folder it belongs to")
     if layout == HF_FOLDER:
-        r = _row_for(report, a, b)
-        if r is None or r["names"][0] != a:
+        r = t.row_for(a, b)
+        if r is None or r.names[0] != a:
+            declared = ", ".join(f"{r.names[0]}={r.names[1]}" for r in t.declared_ties) or "(none declared)"
             raise TiecheckError(f"--tie {a}={b}: transformers fills only the names its architecture ties; in this "
-                                f"folder --tie takes the declared pair {_declared_text(report)}")
-        for p in _tie_paths(subject) or ["tie_word_embeddings"]:
+                                f"folder --tie takes the declared pair {declared}")
+        for p in t.tie_paths() or ["tie_word_embeddings"]:
             plan.config[p] = True
     lost = None
-    if not _equal(subject, a, b):
-        lost = f"the stored content of {a} ({_nbytes(subject, a):,} bytes) differs from {b} and is replaced by it"
+    if not t.equal(a, b):
+        lost = f"the stored content of {a} ({t.nbytes(a):,} bytes) differs from {b} and is replaced by it"
         plan.replaced[a] = b
-    n = _nbytes(subject, a) if _stored(subject, a) else 0
+    n = t.nbytes(a) if t.stored(a) else 0
     plan.drop[a] = b
     pair = frozenset((a, b))
-    answers = tuple((f["code"], pair) for f in report.findings
-                    if f["code"] in TIE_ANSWERS and frozenset(f["names"]) == pair)
+    answers = tuple((f.code, pair) for f in t.report.findings if f.code in TIE_ANSWERS and frozenset(f.names) == pair)
     detail = f"{a} becomes an alias of {b} ({_alias_words(layout)})"
     if why == "TC005":
         detail = f"store {b} once: {a}, its output projection, holds equal bytes and becomes its alias " \
                  f"({_alias_words(layout)})"
     plan.actions.append(Action("retie" if why.startswith("TC") else "tie", (a, b), why, detail, disk_saved=n,
-                               memory_saved=n * in_memory, lost=lost, answers=answers))
+                               memory_saved=n * t.in_memory, lost=lost, answers=answers))
 
 
-# Findings about exactly two names that making them one tensor answers.
-TIE_ANSWERS = frozenset({"TC005", "TC006", "TC010", "TC015", "TC016"})
+def _untie(plan: Plan, t: Target, a: str, b: str) -> None:
+    """``--untie A,B``: give each name its own copy (or, where both are stored, a declaration that says so)."""
+    t.check_name(a, "--untie")
+    t.check_name(b, "--untie")
+    if not t.same_group(a, b):
+        raise TiecheckError(f"--untie {a},{b}: they are not tied in the target; nothing to untie")
+    keep, give = (a, b) if t.stored(a) else (b, a)
+    layout = plan.layout
+    if layout == HF_FOLDER:
+        r = t.row_for(a, b)
+        if r is None:
+            raise TiecheckError(f"--untie {a},{b}: not a tie the config declares; transformers would tie them again")
+        give, keep = r.names
+        for p in t.tie_paths() or ["tie_word_embeddings"]:
+            plan.config[p] = False
+    n = t.nbytes(give)
+    if layout != TORCH and t.stored(give) and t.stored(keep):
+        # Already two copies in the files (tied only by the declaration): the declaration changes alone.
+        plan.actions.append(Action("untie", (give, keep), "--untie", "both are stored already; the declaration "
+                                   "now says untied", memory_saved=-n * (layout == HF_FOLDER)))
+        return
+    if t.stored(give) and layout != TORCH:
+        keep, give = give, keep
+    plan.copy[give] = keep
+    plan.unalias.update(k for k in t.alias_keys() if k == give)
+    plan.actions.append(Action("untie", (give, keep), "--untie", f"store {give} as its own copy of {keep}'s bytes "
+                               "(for tools that cannot load aliases)", disk_saved=-n, memory_saved=-n))
 
 
-def _broken_embedding_ties(report, subject, taken: set[frozenset]) -> list[tuple[dict, str, str]]:
+def _drop_optimizer(plan: Plan, path: Path, optimizer_keys: Sequence[str], drop: bool) -> None:
+    """Optimizer state is indexed by parameter position: it cannot stay when parameters merge or split."""
+    if not optimizer_keys or not any(a.kind in ("retie", "tie", "untie") for a in plan.actions):
+        return
+    if not drop:
+        raise TiecheckError(f"{path}: holds optimizer state ({', '.join(optimizer_keys)}), which is indexed by "
+                            f"parameter position: when parameters merge or split, every later entry would "
+                            f"belong to another parameter; rerun with --drop-optimizer to drop it")
+    plan.drop_keys = list(optimizer_keys)
+    plan.actions.append(Action("drop-optimizer", tuple(optimizer_keys), "--drop-optimizer",
+                               "drop the optimizer state: its entries are indexed by parameter position"))
+
+
+def _broken_embedding_ties(t: Target, taken: set[frozenset]) -> list[tuple[Finding, str, str]]:
     """(finding, output projection, input embedding) of each TC005 error over exactly that pair.
 
     TC005 is an error only where the two equal copies are an input embedding and its output
@@ -355,11 +380,11 @@ def _broken_embedding_ties(report, subject, taken: set[frozenset]) -> list[tuple
     projection becomes the alias, as transformers' ``tie_weights`` makes the head the embedding's.
     """
     out = []
-    for f in report.findings:
-        names = frozenset(f["names"])
-        if f["code"] != "TC005" or f["severity"] != "error" or len(names) != 2 or names in taken:
+    for f in t.report.findings_of("TC005"):
+        names = frozenset(f.names)
+        if f.severity != "error" or len(names) != 2 or names in taken:
             continue
-        facts = [fact_of(n, subject.tensors[n]) for n in sorted(names) if n in subject.tensors]
+        facts = [t.facts[n] for n in sorted(names) if n in t.facts]
         heads = [x.name for x in facts if is_output_projection(x) and not is_embedding(x)]
         embeds = [x.name for x in facts if is_embedding(x)]
         if len(facts) == 2 and len(heads) == 1 and len(embeds) == 1:
@@ -367,23 +392,22 @@ def _broken_embedding_ties(report, subject, taken: set[frozenset]) -> list[tuple
     return out
 
 
-def _not_answered(plan: Plan, report, subject, command: str) -> list[str]:
+def _not_answered(plan: Plan, t: Target, command: str) -> list[str]:
     """Each finding the plan leaves, with why and, where tying a pair would answer it, the exact
     command; the info findings no tie answers in one line (observations, nothing to repair)."""
     answered = plan.answered
     said = {line.split(":", 1)[0] for line in plan.unanswered}
     out, info = [], []
-    for f in report.findings:
-        names = f["names"]
-        if (f["code"], frozenset(names)) in answered or f"{f['code']} {', '.join(names)}" in said:
+    for f in t.report.findings:
+        if (f.code, frozenset(f.names)) in answered or f"{f.code} {', '.join(f.names)}" in said:
             continue
-        tie = _tie_command(f, subject, command)
-        if f["severity"] == "info" and tie is None:
-            info.append(f["code"])
+        tie = _tie_command(f, t, command)
+        if f.severity == "info" and tie is None:
+            info.append(f.code)
             continue
-        why = _WHY_NOT.get(f["code"], "no action of fix answers it (see its hint in `tiecheck inspect`)")
-        out.append(f"{f['code']} {', '.join(names)}: {why}" + (f"; if they are meant to be one tensor: {tie}"
-                                                                if tie else ""))
+        why = _WHY_NOT.get(f.code, "no action of fix answers it (see its hint in `tiecheck inspect`)")
+        out.append(f"{f.code} {', '.join(f.names)}: {why}" + (f"; if they are meant to be one tensor: {tie}"
+                                                               if tie else ""))
     if info:
         codes = sorted(set(info))
         out.append(f"{len(info)} info finding{'s' if len(info) != 1 else ''} ({', '.join(codes)}): observations with "
@@ -399,16 +423,16 @@ _WHY_NOT = {
 }
 
 
-def _tie_command(f: dict, subject, command: str) -> str | None:
+def _tie_command(f: Finding, t: Target, command: str) -> str | None:
     """The ``--tie`` command that answers ``f``: two names of one shape and dtype in a finding a tie
     answers; the input embedding is kept where one is named (the head becomes its alias)."""
-    names = [n for n in f["names"] if n in subject.tensors]
-    if f["code"] not in TIE_ANSWERS or len(f["names"]) != 2 or len(names) != 2:
+    names = [n for n in f.names if n in t.tensors]
+    if f.code not in TIE_ANSWERS or len(f.names) != 2 or len(names) != 2:
         return None
-    ta, tb = (subject.tensors[n] for n in names)
+    ta, tb = (t.tensors[n] for n in names)
     if tuple(ta.shape) != tuple(tb.shape) or ta.dtype != tb.dtype:
         return None
-    embeds = [n for n in names if is_embedding(fact_of(n, subject.tensors[n]))]
+    embeds = [n for n in names if n in t.facts and is_embedding(t.facts[n])]
     kept = embeds[0] if len(embeds) == 1 else min(names)
     dropped = next(n for n in names if n != kept)
     return f"{command} --tie {dropped}={kept}"
@@ -420,33 +444,4 @@ def _alias_words(layout: str) -> str:
             TORCH: "one storage saved under both names"}[layout]
 
 
-def _alias_keys(subject) -> list[str]:
-    out = []
-    for d in subject.declarations:
-        if d["kind"] == "alias_map":
-            out += list(d["value"])
-    return out
-
-
-def _declared_text(report) -> str:
-    rows = (report.declared or {}).get("ties", [])
-    return ", ".join(f"{r['names'][0]}={r['names'][1]}" for r in rows) or "(none declared)"
-
-
-def _equal(subject, a: str, b: str) -> bool:
-    with TorchContentReader(subject.tensors, subject.file_spans) as reader:
-        return reader.equal(a, b)
-
-
-__all__ = [
-    "HF_FOLDER",
-    "OPTIMIZER_KEYS",
-    "SAFETENSORS",
-    "SHARDED",
-    "TORCH",
-    "Action",
-    "Plan",
-    "make_plan",
-    "parse_tie",
-    "parse_untie",
-]
+__all__ = ["OPTIMIZER_KEYS", "Action", "Plan", "make_plan", "parse_tie", "parse_untie"]

@@ -23,8 +23,8 @@ from tiecheck.api import analyze_subject
 from tiecheck.loaders import load_target
 from tiecheck.loaders.content import FileRangeCompare, TorchContentReader
 from tiecheck.loaders.formats.hf import _quiet_transformers, read_config
-from tiecheck.repair.actions import HF_FOLDER, SAFETENSORS, TORCH, Plan
-from tiecheck.repair.write import _kept
+from tiecheck.repair.actions import Plan
+from tiecheck.repair.layouts import HF_FOLDER, SAFETENSORS, TORCH
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,14 @@ class Check:
 def _tie_checks(plan: Plan, report) -> list[Check]:
     missing, joined = [], []
     for a in plan.drop:
-        b = _kept(plan, a)
+        b = plan.kept(a)
         g = report.group_of(a)
-        if g is None or b not in g["names"]:
+        if g is None or b not in g.names:
             missing.append(f"{a}={b}")
     untied = [act.names for act in plan.actions if act.kind == "untie"]
     for a, b in untied:
         g = report.group_of(a)
-        if g is not None and b in g["names"]:
+        if g is not None and b in g.names:
             joined.append(f"{a},{b}")
     n = len(plan.drop) + len(untied)
     if missing or joined:
@@ -62,11 +62,10 @@ def _tie_checks(plan: Plan, report) -> list[Check]:
 def _finding_checks(plan: Plan, report) -> list[Check]:
     answered = plan.answered
     # An answered finding may stay as info (TC015 of two stored copies every loader keeps apart): nothing left to do.
-    left = [f for f in report.findings
-            if (f["code"], frozenset(f["names"])) in answered and f["severity"] != "info"]
+    left = [f for f in report.findings if (f.code, frozenset(f.names)) in answered and f.severity != "info"]
     if left:
         return [Check("findings answered", False, "still reported: " + "; ".join(
-            f"{f['code']} {', '.join(f['names'])}" for f in left))]
+            f"{f.code} {', '.join(f.names)}" for f in left))]
     codes = sorted({c for c, _ in answered})
     return [Check("findings answered", True, f"{len(answered)} answered ({', '.join(codes)}), none remains" if codes
                   else "the plan answered no finding", skipped=not codes)]
@@ -94,7 +93,7 @@ def _byte_checks(plan: Plan, source, out) -> list[Check]:
     try:
         with TorchContentReader(tensors, spans) as reader:
             for n, t in out.tensors.items():
-                src = _kept(plan, plan.copy.get(n, n))
+                src = plan.kept(plan.copy.get(n, n))
                 replaced += src != n
                 s = source.tensors[src]
                 ra, rb = _range(out, n), _range(source, src)

@@ -36,7 +36,8 @@ import torch
 from tiecheck.errors import TargetError, TiecheckError
 from tiecheck.loaders.formats.safetensors_files import DTYPES, Header, read_header
 from tiecheck.loaders.formats.torchfile import strip_wrapper_prefixes
-from tiecheck.repair.actions import HF_FOLDER, SAFETENSORS, SHARDED, TORCH, Plan
+from tiecheck.repair.actions import Plan
+from tiecheck.repair.layouts import HF_FOLDER, SAFETENSORS, SHARDED, TORCH
 from tiecheck.report.safewrite import UnsafeOutputError, input_paths, is_inside
 
 CHUNK = 64 << 20  # bytes per copy call: bounds memory on the fallback path
@@ -425,20 +426,11 @@ def _metadata(header: Header, plan: Plan, aliases: Mapping[str, str]) -> dict[st
     return meta
 
 
-def _kept(plan: Plan, name: str) -> str:
-    """Follow drops to the stored name (A dropped for B, B dropped for C: A -> C)."""
-    seen = set()
-    while name in plan.drop and name not in seen:
-        seen.add(name)
-        name = plan.drop[name]
-    return name
-
-
 def write_single(plan: Plan, src: Path, dst: Path) -> None:
     header = read_header(src)
     drop = set(plan.drop) & set(header.entries)
-    aliases = {a: _kept(plan, a) for a in plan.drop} if plan.layout == SAFETENSORS else {}
-    copy = {n: _kept(plan, s) for n, s in plan.copy.items()}
+    aliases = {a: plan.kept(a) for a in plan.drop} if plan.layout == SAFETENSORS else {}
+    copy = {n: plan.kept(s) for n, s in plan.copy.items()}
     write_safetensors(header, dst, drop=drop, copy=copy, metadata=_metadata(header, plan, aliases))
 
 
@@ -452,7 +444,7 @@ def write_sharded(plan: Plan, index_path: Path, dst_folder: Path) -> list[str]:
     """Each shard rewritten in turn (bounded memory), and a new index. Returns the files written."""
     index = json.loads(index_path.read_text(encoding="utf-8"))
     weight_map: dict[str, str] = dict(index["weight_map"])
-    copy = {n: _kept(plan, s) for n, s in plan.copy.items()}
+    copy = {n: plan.kept(s) for n, s in plan.copy.items()}
     new_map = {n: s for n, s in weight_map.items() if n not in plan.drop}
     for n, s in copy.items():
         new_map[n] = weight_map[s]
@@ -552,9 +544,9 @@ def write_torch(plan: Plan, obj: Any, state_key: str | None, dst: Path) -> None:
     for n in sorted(plan.clone):
         put(n, get(n).clone())
     for n, s in plan.copy.items():
-        put(n, get(_kept(plan, s)).clone())
+        put(n, get(plan.kept(s)).clone())
     for n in plan.drop:
-        put(n, get(_kept(plan, n)))
+        put(n, get(plan.kept(n)))
     if isinstance(obj, dict):
         for k in plan.drop_keys:
             obj.pop(k, None)

@@ -12,9 +12,9 @@ import difflib
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from tiecheck.findings import RULES
+from tiecheck.findings import RULES, Finding, SeverityCounts
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiecheck.report.report import Report
@@ -28,12 +28,12 @@ class IgnoreSpec:
     pattern: str | None
     text: str
 
-    def matches(self, finding: dict[str, Any]) -> bool:
+    def matches(self, finding: Finding) -> bool:
         """True when the finding has this code and, with a pattern, names a tensor the pattern matches
         (``fnmatch``, case-sensitive: ``*`` crosses dots)."""
-        if finding.get("code") != self.code:
+        if finding.code != self.code:
             return False
-        return self.pattern is None or any(fnmatch.fnmatchcase(n, self.pattern) for n in finding.get("names", ()))
+        return self.pattern is None or any(fnmatch.fnmatchcase(n, self.pattern) for n in finding.names)
 
 
 def parse_ignore(text: str) -> IgnoreSpec:
@@ -69,10 +69,7 @@ def with_ignored(report: Report, specs: Iterable[IgnoreSpec]) -> Report:
     findings = []
     for f in report.findings:
         spec = next((s for s in specs if s.matches(f)), None)
-        findings.append({**f, "ignored": True, "ignored_by": spec.text} if spec is not None else f)
-    kept = [f for f in findings if not f.get("ignored")]
-    summary = dict(report.summary)
-    if isinstance(summary.get("findings"), dict):
-        summary["findings"] = {s: sum(1 for f in kept if f["severity"] == s) for s in summary["findings"]}
-    summary["findings_ignored"] = len(findings) - len(kept)
-    return dataclasses.replace(report, findings=findings, summary=summary)
+        findings.append(f if spec is None else dataclasses.replace(f, ignored_by=spec.text))
+    summary = dataclasses.replace(report.summary, findings=SeverityCounts.of(findings),
+                                  findings_ignored=sum(f.ignored for f in findings))
+    return dataclasses.replace(report, findings=tuple(findings), summary=summary)

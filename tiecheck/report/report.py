@@ -1,17 +1,32 @@
-"""The Report: a frozen, versioned, JSON-serialisable result that every front end builds on."""
+"""The Report: a frozen, versioned result that every front end builds on, typed from the analyses to the renderers.
+
+Every section is the analyses' own record (``TieGroup``, ``DuplicateGroup``, ``Candidate``,
+``Finding``, ``LayerRow``, ``PackedHead``, ``Summary``, ``ContentPass``, ``FlopsResult``): readers
+use attributes (``report.findings[0].code``), and ``to_dict`` / ``from_dict`` turn a report into its
+JSON (docs/schema.md) and back.
+"""
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 from tiecheck import __version__
+from tiecheck.analyses.candidates import Candidate
+from tiecheck.analyses.duplicates import ContentPass, DuplicateGroup
 from tiecheck.analyses.expect import TieState
-from tiecheck.findings import SEVERITY_RANK
+from tiecheck.analyses.layers import Declaration, LayerRow
+from tiecheck.analyses.memory import Summary
+from tiecheck.analyses.packed import PackedHead
+from tiecheck.analyses.ties import TieGroup
+from tiecheck.facts import Source
+from tiecheck.findings import SEVERITY_RANK, Finding
+from tiecheck.flops.result import FlopsResult, NoFlops, flops_from_dict
+from tiecheck.report.rows import TensorRows
 from tiecheck.report.text import escape_json, json_text
 
 # 2: the `declared` section; `files` top-level for Hugging Face folders too (was `hf.files`);
@@ -24,41 +39,70 @@ READABLE_VERSIONS = (1, 2)
 FAIL_ON = ("error", "warning", "never")
 # Expectations the user stated are always checks, whatever --fail-on says.
 EXPECTATION_CODES = frozenset({"TC009", "TC013", "TC014"})
+# The report's own keys in its JSON; every other top-level key is a loader's section (``extra``).
+SECTIONS = ("schema_version", "tiecheck_version", "source", "summary", "tie_groups", "untied_duplicates",
+            "tie_candidates", "findings", "content_pass", "flops", "declared", "tensors")
+
+
+@dataclass(frozen=True)
+class Declared:
+    """Ties as declared (config flags, alias maps, ``_tied_weights_keys``) beside physical and stored:
+    every declaration, one row per declared pair (docs/layers.md), and the heads stored in another
+    format than their embedding (quantized), matched by meaning."""
+
+    declarations: tuple[Declaration, ...] = ()
+    ties: tuple[LayerRow, ...] = ()
+    notes: tuple[str, ...] = ()
+    packed_heads: tuple[PackedHead, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"declarations": [d.to_dict() for d in self.declarations], "ties": [t.to_dict() for t in self.ties],
+                "notes": list(self.notes), "packed_heads": [p.to_dict() for p in self.packed_heads]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Declared:
+        return cls(declarations=tuple(Declaration.from_dict(x) for x in d.get("declarations", ())),
+                   ties=tuple(LayerRow.from_dict(x) for x in d.get("ties", ())), notes=tuple(d.get("notes", ())),
+                   packed_heads=tuple(PackedHead.from_dict(x) for x in d.get("packed_heads", ())))
 
 
 @dataclass(frozen=True)
 class Report:
-    source: dict[str, Any]
-    summary: dict[str, Any]
-    tie_groups: list[dict[str, Any]]
-    untied_duplicates: list[dict[str, Any]]
-    tie_candidates: list[dict[str, Any]]
-    findings: list[dict[str, Any]]
-    # A list, or the compact TensorRows an analysis builds (the same dicts, made on access).
-    tensors: Sequence[dict[str, Any]] = field(default_factory=list)
-    content: dict[str, Any] | None = None
-    flops: dict[str, Any] | None = None
-    # Ties as declared (config flags, alias maps, _tied_weights_keys) beside physical and stored.
-    declared: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    source: Source
+    summary: Summary
+    tie_groups: tuple[TieGroup, ...] = ()
+    untied_duplicates: tuple[DuplicateGroup, ...] = ()
+    tie_candidates: tuple[Candidate, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    # One row per tensor name, compact until read (report/rows.py).
+    tensors: TensorRows = field(default_factory=lambda: TensorRows([], []))
+    content: ContentPass | None = None
+    flops: FlopsResult | NoFlops | None = None
+    declared: Declared | None = None
+    # A loader's own sections (files read, a GGUF's metadata, a PEFT adapter's config, what a remote
+    # target fetched), each under its key, as the loader wrote them (docs/schema.md).
+    extra: Mapping[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return self._as_dict(self.tensors if isinstance(self.tensors, list) else list(self.tensors))
+        return self._as_dict(list(self.tensors.dicts()))
 
     def _as_dict(self, rows: Any) -> dict[str, Any]:
+        def section(x: Any) -> Any:
+            return None if x is None else x.to_dict()
+
         d = {
             "schema_version": self.schema_version,
             "tiecheck_version": __version__,
-            "source": self.source,
-            "summary": self.summary,
-            "tie_groups": self.tie_groups,
-            "untied_duplicates": self.untied_duplicates,
-            "tie_candidates": self.tie_candidates,
-            "findings": self.findings,
-            "content_pass": self.content,
-            "flops": self.flops,
-            "declared": self.declared,
+            "source": self.source.to_dict(),
+            "summary": self.summary.to_dict(),
+            "tie_groups": [g.to_dict() for g in self.tie_groups],
+            "untied_duplicates": [g.to_dict() for g in self.untied_duplicates],
+            "tie_candidates": [c.to_dict() for c in self.tie_candidates],
+            "findings": [f.to_dict() for f in self.findings],
+            "content_pass": section(self.content),
+            "flops": section(self.flops),
+            "declared": section(self.declared),
             "tensors": rows,
         }
         d.update(self.extra)
@@ -82,42 +126,48 @@ class Report:
         head, tail = json.dumps(d, indent=indent, ensure_ascii=False).split(json.dumps(mark), 1)
         # One join of the parts: no intermediate block of rows, no copy made by a replace (at 200,000
         # rows each would hold the whole text again).
-        lines = (f"{pad * 2}{encode(r)}" if i == 0 else f",\n{pad * 2}{encode(r)}" for i, r in enumerate(rows))
+        lines = (f"{pad * 2}{encode(r)}" if i == 0 else f",\n{pad * 2}{encode(r)}"
+                 for i, r in enumerate(rows.dicts()))
         return escape_json("".join(chain((head, "[\n"), lines, ("\n", pad, "]", tail)))) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Report:
-        """Rebuild a report from its JSON (e.g. a stored snapshot)."""
+    def from_dict(cls, d: Mapping[str, Any]) -> Report:
+        """Rebuild a report from its JSON (a stored snapshot, ``inspect --format json``)."""
         version = d.get("schema_version")
         if version not in READABLE_VERSIONS:
             raise ValueError(f"report schema_version {version!r} is not {SCHEMA_VERSION}; re-create it with this "
                              f"tiecheck version")
-        known = {"schema_version", "tiecheck_version", "source", "summary", "tie_groups", "untied_duplicates",
-                 "tie_candidates", "findings", "content_pass", "flops", "declared", "tensors"}
-        return cls(source=d["source"], summary=d["summary"], tie_groups=d["tie_groups"],
-                   untied_duplicates=d.get("untied_duplicates", []), tie_candidates=d.get("tie_candidates", []),
-                   findings=d.get("findings", []), tensors=d.get("tensors", []), content=d.get("content_pass"),
-                   flops=d.get("flops"), declared=d.get("declared"), extra={k: v for k, v in d.items() if k not in known})
+        groups = tuple(TieGroup.from_dict(g) for g in d["tie_groups"])
+        content, flops, declared = d.get("content_pass"), d.get("flops"), d.get("declared")
+        return cls(source=Source.from_dict(d["source"]), summary=Summary.from_dict(d["summary"]), tie_groups=groups,
+                   untied_duplicates=tuple(DuplicateGroup.from_dict(x) for x in d.get("untied_duplicates", ())),
+                   tie_candidates=tuple(Candidate.from_dict(x) for x in d.get("tie_candidates", ())),
+                   findings=tuple(Finding.from_dict(x) for x in d.get("findings", ())),
+                   tensors=TensorRows.from_dicts(d.get("tensors", ()), [(g.kind, g.names) for g in groups]),
+                   content=None if content is None else ContentPass.from_dict(content),
+                   flops=None if flops is None else flops_from_dict(flops),
+                   declared=None if declared is None else Declared.from_dict(declared),
+                   extra={k: v for k, v in d.items() if k not in SECTIONS})
 
     def to_frame(self):
         """One row per tensor name: where it lives and what it is tied to."""
         import pandas as pd  # noqa: PLC0415 - pandas costs 0.3 s; only the frame needs it
 
         cols = ["name", "shape", "dtype", "numel", "bytes", "role", "device", "tie_group", "tie_kind", "tied_with"]
-        frame = pd.DataFrame([{c: t.get(c) for c in cols} for t in self.tensors], columns=cols)
+        frame = pd.DataFrame(list(self.tensors.dicts()), columns=cols)
         # A nullable integer: an untied name has no group, and float64 would print group 0 as 0.0.
         frame["tie_group"] = frame["tie_group"].astype("Int64")
         return frame
 
     # -- checks ---------------------------------------------------------------------------
-    def failing_findings(self, fail_on: str = "error") -> list[dict[str, Any]]:
+    def failing_findings(self, fail_on: str = "error") -> list[Finding]:
         if fail_on not in FAIL_ON:
             raise ValueError(f"fail_on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
         out = []
         for f in self.findings:
-            if f.get("ignored"):
+            if f.ignored:
                 continue  # ignored on purpose (``ignore`` in [tool.tiecheck], ``--ignore``): never fails
-            if f["code"] in EXPECTATION_CODES or (fail_on != "never" and SEVERITY_RANK[f["severity"]] >= SEVERITY_RANK[fail_on]):
+            if f.code in EXPECTATION_CODES or (fail_on != "never" and SEVERITY_RANK[f.severity] >= SEVERITY_RANK[fail_on]):
                 out.append(f)
         return out
 
@@ -125,14 +175,21 @@ class Report:
         """0 when clean, 1 when a check failed (the CLI's contract)."""
         return 1 if self.failing_findings(fail_on) else 0
 
-    def tie_state(self) -> TieState:
-        """The tie facts expectations are held against (:mod:`tiecheck.analyses.expect`)."""
-        names = [t["name"] for t in self.tensors] or [n for g in self.tie_groups for n in g["names"]]
-        return TieState.build(self.tie_groups, names, self.untied_duplicates,
-                              content_known=bool((self.content or {}).get("ran")))
-
-    def group_of(self, name: str) -> dict[str, Any] | None:
+    def group_of(self, name: str) -> TieGroup | None:
         for g in self.tie_groups:
-            if name in g["names"]:
+            if name in g.names:
                 return g
         return None
+
+    def tie_state(self) -> TieState:
+        """The tie facts expectations are held against (:mod:`tiecheck.analyses.expect`)."""
+        names = self.tensors.names() or [n for g in self.tie_groups for n in g.names]
+        return TieState.build(self.tie_groups, names, self.untied_duplicates,
+                              content_known=self.content is not None and self.content.ran)
+
+    def findings_of(self, *codes: str) -> list[Finding]:
+        """The findings with one of these codes, in the report's order."""
+        return [f for f in self.findings if f.code in codes]
+
+
+__all__ = ["EXPECTATION_CODES", "FAIL_ON", "SCHEMA_VERSION", "Declared", "Report"]

@@ -1,19 +1,25 @@
-"""The report's per-tensor rows, kept compact and made into dicts when read.
+"""The report's per-tensor rows, kept compact and made into typed rows when read.
 
 A report holds one row per tensor name. As dicts, 100,000 rows take about 60 MB (a ten-key dict,
 a shape list and a tied-with list each); as tuples they take a third of that, and a checkpoint of
-that size is exactly where the peak memory of ``inspect`` matters. ``TensorRows`` is a read-only
-sequence of the same dicts, each built on access, so every reader of ``Report.tensors`` (indexing,
-iteration, ``len``, comparison with a list) sees what it saw before.
+that size is exactly where the peak memory of ``inspect`` matters. ``TensorRows`` keeps each row as
+a ``Row`` (eight fields, its tie group by index) and makes the ``TensorRow`` a reader sees, with its
+group's kind and the names it is tied with, on access; JSON encodes the rows one at a time from
+``dicts()``, never all of them at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, overload
+
+from tiecheck.analyses.ties import TieGroup
+from tiecheck.facts import TensorFact
 
 
 class Row(NamedTuple):
+    """One tensor as a report stores it."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
@@ -24,8 +30,28 @@ class Row(NamedTuple):
     tie_group: int | None  # index into the groups given to TensorRows
 
 
+class TensorRow(NamedTuple):
+    """One tensor as a report shows it: a ``Row``, with its tie group's kind and the names it is tied with."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    bytes: int
+    role: str
+    device: str
+    tie_group: int | None
+    tie_kind: str | None
+    tied_with: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel,
+                "bytes": self.bytes, "role": self.role, "device": self.device, "tie_group": self.tie_group,
+                "tie_kind": self.tie_kind, "tied_with": list(self.tied_with)}
+
+
 class TensorRows(Sequence):
-    """Rows as dicts: ``name, shape, dtype, numel, bytes, role, device, tie_group, tie_kind, tied_with``.
+    """Rows as ``TensorRow``: ``name, shape, dtype, numel, bytes, role, device, tie_group, tie_kind, tied_with``.
 
     Args:
         rows: one ``Row`` per tensor name, in the report's order.
@@ -38,29 +64,54 @@ class TensorRows(Sequence):
         self._rows = rows
         self._groups = list(groups)
 
-    def _dict(self, r: Row) -> dict[str, Any]:
+    @classmethod
+    def of(cls, facts: Sequence[TensorFact], groups: Sequence[TieGroup]) -> TensorRows:
+        """One row per fact, in the facts' order, pointing at its tie group among ``groups``."""
+        index = {n: i for i, g in enumerate(groups) for n in g.names}
+        return cls([Row(f.name, f.shape, f.dtype, f.numel, f.numel * f.itemsize, f.role, f.device, index.get(f.name))
+                    for f in facts], [(g.kind, g.names) for g in groups])
+
+    @classmethod
+    def from_dicts(cls, rows: Iterable[Mapping[str, Any]], groups: Sequence[tuple[str, Sequence[str]]]) -> TensorRows:
+        """Rows read back from a report's JSON, whose ``tie_group`` indices point into ``groups``."""
+        return cls([Row(r["name"], tuple(r["shape"]), r["dtype"], r["numel"], r["bytes"], r["role"], r["device"],
+                        r.get("tie_group")) for r in rows], groups)
+
+    def _row(self, r: Row) -> TensorRow:
         gi = r.tie_group
         kind, names = self._groups[gi] if gi is not None else (None, ())
-        return {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "numel": r.numel, "bytes": r.bytes,
-                "role": r.role, "device": r.device, "tie_group": gi, "tie_kind": kind,
-                "tied_with": [n for n in names if n != r.name]}
+        return TensorRow(*r, kind, tuple(n for n in names if n != r.name))
+
+    def dicts(self) -> Iterator[dict[str, Any]]:
+        """The rows as the report's JSON writes them, one at a time."""
+        groups = self._groups
+        for r in self._rows:
+            gi = r.tie_group
+            kind, names = groups[gi] if gi is not None else (None, ())
+            yield {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "numel": r.numel, "bytes": r.bytes,
+                   "role": r.role, "device": r.device, "tie_group": gi, "tie_kind": kind,
+                   "tied_with": [n for n in names if n != r.name]}
+
+    def names(self) -> list[str]:
+        """Every row's name, without making the rows."""
+        return [r.name for r in self._rows]
 
     @overload
-    def __getitem__(self, i: int) -> dict[str, Any]: ...
+    def __getitem__(self, i: int) -> TensorRow: ...
 
     @overload
-    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, i: slice) -> list[TensorRow]: ...
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self._dict(r) for r in self._rows[i]]
-        return self._dict(self._rows[i])
+            return [self._row(r) for r in self._rows[i]]
+        return self._row(self._rows[i])
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return map(self._dict, self._rows)
+    def __iter__(self) -> Iterator[TensorRow]:
+        return map(self._row, self._rows)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):

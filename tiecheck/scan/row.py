@@ -9,12 +9,16 @@ too) loses its answer.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tiecheck.analyses.layers import TWO_EQUAL
 from tiecheck.errors import TiecheckError
 from tiecheck.report.text import one_line
+
+if TYPE_CHECKING:  # pragma: no cover - the report is built in the worker, by analyze's lazy import
+    from tiecheck.report import Report
 
 # The row's columns, in order (CSV header, Parquet schema, JSON keys).
 ROW_FIELDS = ("target", "format", "tensors", "bytes", "bytes_stored_twice", "tie_groups", "verdict", "broken_ties",
@@ -67,24 +71,23 @@ def scan_target(target: str, options: ScanOptions = ScanOptions()) -> dict[str, 
     except Exception as e:  # noqa: BLE001 - one target must not end the scan; the row names what happened
         msg = (str(e).strip().splitlines() or [""])[0][:300]
         return error_row(target, f"unexpected {type(e).__name__}: {msg}", time.perf_counter() - t0)
-    return report_row(target, report.to_dict(), time.perf_counter() - t0)
+    return report_row(target, report, time.perf_counter() - t0)
 
 
-def report_row(target: str, d: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The row of one report (its ``to_dict()``)."""
-    s = d["summary"]
-    findings = d["findings"]
-    broken = sum(1 for f in findings if f["code"] in BROKEN_TIE or (f["code"] == "TC005" and f["severity"] == "error"))
-    twice = stored_twice(d)
-    counts = {sev: sum(1 for f in findings if f["severity"] == sev) for sev in ("error", "warning", "info")}
-    declared_ties = [t for t in (d.get("declared") or {}).get("ties", []) if t.get("declared")]
+def report_row(target: str, report: Report, seconds: float) -> dict[str, Any]:
+    """The row of one report."""
+    findings = report.findings
+    broken = sum(1 for f in findings if f.code in BROKEN_TIE or (f.code == "TC005" and f.severity == "error"))
+    twice = stored_twice(report)
+    counts = Counter(f.severity for f in findings)
+    declared_ties = [t for t in (report.declared.ties if report.declared else ()) if t.declared]
     verdict = ("broken" if broken else "stored twice" if twice else
-               "tied" if d["tie_groups"] or declared_ties else "untied")
-    return {"target": target, "format": d["source"]["format"], "tensors": len(d["tensors"]),
-            "bytes": s["bytes_unique"], "bytes_stored_twice": twice, "tie_groups": len(d["tie_groups"]),
+               "tied" if report.tie_groups or declared_ties else "untied")
+    return {"target": target, "format": report.source.format, "tensors": len(report.tensors),
+            "bytes": report.summary.bytes_unique, "bytes_stored_twice": twice, "tie_groups": len(report.tie_groups),
             "verdict": verdict, "broken_ties": broken, "errors": counts["error"], "warnings": counts["warning"],
-            "infos": counts["info"], "findings": " ".join(sorted({f["code"] for f in findings})),
-            "bytes_fetched": (d.get("remote") or {}).get("bytes_fetched", 0), "seconds": round(seconds, 3),
+            "infos": counts["info"], "findings": " ".join(sorted({f.code for f in findings})),
+            "bytes_fetched": (report.extra.get("remote") or {}).get("bytes_fetched", 0), "seconds": round(seconds, 3),
             "error": ""}
 
 
@@ -95,14 +98,14 @@ def error_row(target: str, error: str, seconds: float = 0.0) -> dict[str, Any]:
     return {k: row[k] for k in ROW_FIELDS}
 
 
-def stored_twice(d: dict[str, Any]) -> int:
+def stored_twice(report: Report) -> int:
     """Bytes a checkpoint stores a second time: untied duplicates and transposed copies the content
     pass found, and declared ties whose two names the files store as equal copies (a pair the
     duplicate pass already counted is not counted again)."""
-    s = d["summary"]
-    total = s.get("bytes_wasted_by_duplicates", 0) + s.get("bytes_wasted_by_transposed_copies", 0)
-    groups = [set(g["names"]) for g in d.get("untied_duplicates", []) if not g.get("constant")]
-    for t in (d.get("declared") or {}).get("ties", []):
-        if t.get("declared") and t.get("stored") == TWO_EQUAL and not any(set(t["names"]) <= g for g in groups):
-            total += t.get("bytes", 0)
+    s = report.summary
+    total = s.bytes_wasted_by_duplicates + s.bytes_wasted_by_transposed_copies
+    groups = [set(g.names) for g in report.untied_duplicates if not g.constant]
+    for t in report.declared.ties if report.declared else ():
+        if t.declared and t.stored == TWO_EQUAL and not any(set(t.names) <= g for g in groups):
+            total += t.nbytes
     return total

@@ -7,7 +7,8 @@ allocates nothing, so even ``big-vocab`` is analysed in milliseconds.
 from __future__ import annotations
 
 from tiecheck import models
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.facts import Source
+from tiecheck.loaders.subject import Subject
 from tiecheck.loaders.tensor_facts import module_tensors
 
 

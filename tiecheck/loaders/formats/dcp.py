@@ -34,13 +34,14 @@ import torch
 from torch import _weights_only_unpickler
 
 from tiecheck.errors import TargetError, UntrustedPickleError
+from tiecheck.facts import Source
 from tiecheck.loaders.detect import DCP_METADATA
 from tiecheck.loaders.fileview import FileSpan
 from tiecheck.loaders.formats.torchfile import pick_state, refused_global_message
 from tiecheck.loaders.formats.torchzip import PickleRefusal, vet_archive
 from tiecheck.loaders.pickleloop import DATA_OPCODES, Budget, Refused, Rules, check_containers, load
 from tiecheck.loaders.pickles import Global, describe, resolve
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.subject import Subject
 from tiecheck.loaders.zipcheck import ZipArchive
 
 METADATA = DCP_METADATA

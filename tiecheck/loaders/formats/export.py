@@ -27,10 +27,11 @@ from typing import Any
 import torch
 
 from tiecheck.errors import TargetError
+from tiecheck.facts import Source
 from tiecheck.loaders.fileview import FileSpan
 from tiecheck.loaders.formats.torchfile import load_payload, pick_state
 from tiecheck.loaders.safejson import parse_json
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.subject import Subject
 from tiecheck.loaders.tensor_facts import fact_of
 from tiecheck.loaders.zipcheck import MAX_INFLATE, ZipArchive
 

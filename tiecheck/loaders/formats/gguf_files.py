@@ -37,9 +37,10 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType,
 from gguf.quants import quant_shape_to_byte_shape
 
 from tiecheck.errors import TargetError
+from tiecheck.facts import Source
 from tiecheck.findings import finding
 from tiecheck.loaders.fileview import FileSpan, map_file
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.subject import Subject
 
 EMBEDDING, OUTPUT = "token_embd.weight", "output.weight"
 MAX_DIMS = 4  # GGML_MAX_DIMS

@@ -38,7 +38,7 @@ import torch
 from torch.nn.modules import module as torch_module
 
 from tiecheck.errors import TargetError
-from tiecheck.facts import TensorFact, is_embedding, is_output_projection
+from tiecheck.facts import Source, TensorFact, is_embedding, is_output_projection
 from tiecheck.findings import Finding, finding
 from tiecheck.loaders.content import TorchContentReader, tensor_layout
 from tiecheck.loaders.declared import (
@@ -64,7 +64,7 @@ from tiecheck.loaders.formats.torchfile import load_torch_file
 from tiecheck.loaders.metainit import skip_init_on_meta
 from tiecheck.loaders.names import check_names
 from tiecheck.loaders.safejson import parse_json
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.subject import Subject
 from tiecheck.loaders.tensor_facts import fact_of, tensor_facts
 
 CONFIG = HF_CONFIG

@@ -32,11 +32,11 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
 from tiecheck.errors import TargetError
-from tiecheck.facts import TensorFact, span_elements
+from tiecheck.facts import Source, TensorFact, span_elements
 from tiecheck.findings import finding
 from tiecheck.loaders.content import HeldBytes
 from tiecheck.loaders.fileview import FileSpan, RecordsMapping, map_file
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.subject import Subject
 
 MAX_PROTO = (2 << 30) - 1  # protobuf refuses messages of 2 GiB and more; larger models use external data
 MAX_BYTES = (1 << 63) - 1

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from tiecheck.errors import TargetError
+from tiecheck.facts import Source
 from tiecheck.findings import finding
 from tiecheck.loaders.content import TorchContentReader
 from tiecheck.loaders.formats.safetensors_files import load_safetensors_file
 from tiecheck.loaders.safejson import parse_json
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.subject import Subject
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

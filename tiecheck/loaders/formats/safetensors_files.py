@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tiecheck.errors import TargetError
-from tiecheck.facts import TensorFact
+from tiecheck.facts import Source, TensorFact
 from tiecheck.findings import finding
 from tiecheck.loaders.declared import alias_declarations, alias_map
 from tiecheck.loaders.detect import (
@@ -43,7 +43,7 @@ from tiecheck.loaders.fileview import FileSpan, file_spans
 from tiecheck.loaders.formats.torchfile import pick_state, read_records, torch_load
 from tiecheck.loaders.formats.torchzip import ArchiveTensors
 from tiecheck.loaders.safejson import parse_json
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.subject import Subject
 from tiecheck.loaders.tensor_facts import fact_of
 
 # The reference implementation refuses headers above 100 MB; so do we, before reading one.

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from tiecheck.errors import TargetError, UntrustedPickleError, did_you_mean
+from tiecheck.facts import Source
 from tiecheck.loaders.declared import megatron_declarations
 from tiecheck.loaders.fileview import file_spans
 from tiecheck.loaders.formats.torchzip import PickleRefusal, TensorRecord, TorchRules, read_archive, vet_archive
 from tiecheck.loaders.pickleloop import Budget, Refused, check_containers
 from tiecheck.loaders.pickleloop import load as pickle_load
 from tiecheck.loaders.pickles import describe, first_refused
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.loaders.subject import Subject
 from tiecheck.loaders.tensor_facts import module_tensors
 from tiecheck.loaders.zipcheck import ZipArchive
 
@@ -426,8 +427,11 @@ def read_records(path: str, *, trust_pickle: bool = False) -> tuple[Any, Any] | 
 
 
 def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = False,
-                    format_name: str = "torch.save") -> Subject:
-    records = read_records(path, trust_pickle=trust_pickle)
+                    format_name: str = "torch.save", whole: bool = False) -> Subject:
+    """A ``torch.save`` file: its records read by ``torchzip`` and tensors made on access, or, with
+    ``whole`` (or where the records reader leaves the file to torch), the object ``torch.load`` makes
+    (weights only, memory-mapped), kept as the subject's ``checkpoint`` for a writer that saves it again."""
+    records = None if whole else read_records(path, trust_pickle=trust_pickle)
     if records is not None:
         obj, archive = records
         notes: list[str] = []
@@ -452,4 +456,5 @@ def load_torch_file(path: str, *, key: str | None = None, trust_pickle: bool = F
     else:
         spans = file_spans(tensors, path)
     return Subject(tensors=tensors, source=Source(target=path, format=fmt, key=used, notes=notes + more),
-                   file_spans=spans, declarations=decls, declared_pairs=pairs)
+                   file_spans=spans, declarations=decls, declared_pairs=pairs,
+                   checkpoint=None if records is not None else obj)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from tiecheck.errors import TargetError, UntrustedPickleError
-from tiecheck.loaders.subject import Source, Subject
+from tiecheck.facts import Source
+from tiecheck.loaders.subject import Subject
 from tiecheck.loaders.tensor_facts import module_tensors
 
 
