@@ -80,6 +80,41 @@ def build(name):
     return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
 '''
 ZOO_FACTORIES = "".join(f"\n\ndef {n.replace('-', '_')}():\n    return build({n!r})\n" for n in ZOO)
+# Small modules whose ties differ from one another the ways diff reports: a kind, a layout, a grown tie.
+LM = '''"""Modules of the report zoo's diffs (tests/support/report_zoo.py)."""
+import torch
+from torch import nn
+
+
+class LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.head = nn.Linear(8, 32, bias=False)
+        self.extra = nn.Linear(8, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def tied():
+    return LM()
+
+
+def distinct():
+    model = LM()
+    model.head.weight = nn.Parameter(model.embed.weight.data)
+    return model
+
+
+def half():
+    return LM().half()
+
+
+def grown():
+    model = LM()
+    model.extra.weight = model.embed.weight
+    return model
+'''
 
 
 @contextlib.contextmanager
@@ -99,6 +134,7 @@ def _spec_module(root: Path):
     """The zoo's factories, written as ``zoo_models.py`` and imported from there."""
     path = root / "zoo_models.py"
     path.write_text(SPEC + ZOO_FACTORIES)
+    (root / "lm.py").write_text(LM)
     sys.path.insert(0, str(root))
     try:
         return importlib.import_module("zoo_models")
@@ -157,6 +193,9 @@ def build_targets(root: Path) -> None:
     torch.save(sd, root / "tied.pt")
     torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3}, root / "train.pt")
     torch.save({k: v.clone() for k, v in sd.items()}, root / "cloned.pt")
+    torch.save({"model": {k: v.clone() for k, v in sd.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}]}},
+               root / "train-cloned.pt")
 
     with quiet():
         # A Hugging Face folder whose config says tied while the files store the head twice, equal (TC016).
@@ -205,6 +244,20 @@ def build_targets(root: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    # A checkpoint and its GGUF export that leaves the output out (the declared tie: kept, by content), and
+    # an untied checkpoint against that export (the export's tie is one A lacks: added).
+    exact = torch.from_numpy(emb_np).half().float()  # values a float16 file holds exactly
+    torch.save({"model.embed.weight": exact, "lm_head.weight": exact}, root / "export-tied.pt")
+    torch.save({"model.embed.weight": exact, "lm_head.weight": exact + 1}, root / "export-untied.pt")
+    w = gguf.GGUFWriter(str(root / "tied.gguf"), "llama")
+    w.add_vocab_size(32)
+    w.add_embedding_length(8)
+    w.add_context_length(16)
+    w.add_tensor("token_embd.weight", exact.half().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     (root / "expect.json").write_text(json.dumps({"tiecheck_snapshot": 1, "tie_groups": [
         {"names": ["embed.weight", "head.weight"], "kind": "shared_storage"}]}))
 
@@ -232,13 +285,22 @@ def cases() -> dict[str, list[str]]:
     out.update(_inspect("gpt-mini", "--no-duplicates", "--ignore", "TC006", "--expect-tied",
                         "tok_emb.weight,head.weight"))
     for a, b in (("tied.pt", "cloned.pt"), ("zoo/llama-tied", "zoo/llama-untied"), ("zoo/t5.pt", "zoo/t5"),
-                 ("zoo/llama-tied.pt", "model.gguf")):
+                 ("zoo/llama-tied.pt", "model.gguf"), ("cloned.pt", "tied.pt"), ("lm.py:tied", "lm.py:distinct"),
+                 ("lm.py:tied", "lm.py:half"), ("lm.py:tied", "lm.py:grown"), ("export-tied.pt", "tied.gguf"),
+                 ("export-untied.pt", "tied.gguf")):
         for fmt in ("json", "table", "markdown"):
             out[f"diff {a} {b} {fmt}"] = ["diff", a, b, "--format", fmt]
     for target in ("alias.safetensors", "alias-differs.safetensors", "broken.safetensors", "view.pt", "train.pt",
                    "hf-tied", "hf-differs", "hf-untied-one-copy"):
         for fmt in ("json", "table", "markdown"):
             out[f"fix {target} {fmt}"] = ["fix", target, "--dry-run", "--format", fmt]
+    for target, word in (("cloned.pt", "--tie=head.weight=embed.weight"), ("tied.pt", "--untie=head.weight,embed.weight"),
+                         ("train-cloned.pt", "--tie=head.weight=embed.weight"), ("hf-tied", "--untie=lm_head.weight,"
+                                                                                            "model.embed_tokens.weight")):
+        for fmt in ("json", "table"):
+            out[f"fix {target} {word} {fmt}"] = ["fix", target, "--dry-run", word, "--format", fmt]
+    out["fix train-cloned.pt --drop-optimizer json"] = ["fix", "train-cloned.pt", "--dry-run", "--drop-optimizer",
+                                                        "--tie=head.weight=embed.weight", "--format", "json"]
     for fmt in ("json", "text", "github"):
         out[f"check tied.pt cloned.pt {fmt}"] = ["check", "tied.pt", "cloned.pt", "--expect-tied",
                                                  "embed.weight,head.weight", "--format", fmt]
@@ -250,7 +312,7 @@ def file_name(case: str) -> str:
     """The case's file: its words joined, the format's suffix (``inspect gpt-mini json`` -> ``inspect--gpt-mini.json``)."""
     words = case.split(" ")
     fmt = words.pop()
-    text = "--".join(w.replace("/", "~").replace(":", "~").replace(",", "+") for w in words)
+    text = "--".join(w.replace("/", "~").replace(":", "~").replace(",", "+").replace("=", "~") for w in words)
     return f"{text}.{SUFFIX[fmt]}"
 
 
