@@ -33,6 +33,7 @@ from tiecheck.flops import (
     ModelInputs,
     analytic_flops,
     count_flops,
+    handles,
     synthesize_inputs,
 )
 
@@ -598,3 +599,27 @@ def test_bundled_encoder_decoder_halves_only_decoder_self_attention():
     capped = count_flops(model, seq_len=10_000)
     assert capped.seq_len == c.max_positions
     assert capped.tgt_seq_len == c.max_positions
+
+
+class _Outer(nn.Module):
+    """One product fvcore has no handle for: ``torch.outer`` of an 8- and a 6-vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8))
+        self.v = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return torch.outer(self.w * x.float().mean(), self.v)
+
+
+def test_a_handle_is_one_line_of_the_table(monkeypatch):
+    # Without a handle, the op is listed as uncounted and counts nothing.
+    before = count_flops(_Outer(), inputs=torch.ones(1, 4, dtype=torch.long))
+    assert (before.forward, before.uncounted_ops) == (0, {"aten::outer": 1})
+    # One entry of the table, built from the same pieces as every product's, and it is counted.
+    monkeypatch.setitem(handles.HANDLES, "aten::outer",
+                        handles.product("outer", lambda inputs: inputs[:2], lambda shapes, _: shapes[0][0] * shapes[1][0]))
+    after = count_flops(_Outer(), inputs=torch.ones(1, 4, dtype=torch.long))
+    assert (after.forward, after.uncounted_ops) == (2 * 8 * 6, {})
+    assert after.by_operator == {"outer": 2 * 8 * 6}

@@ -361,160 +361,181 @@ def windowed_flops(per_pair: int, tq: int, tk: int, window: tuple[str, int], hal
     return per_pair * squares if half else 2 * per_pair * squares
 
 
-def make_handles(cls: Classifier) -> dict[str, Callable]:
-    """fvcore handles, all returning FLOPs (2 x multiply-adds) keyed "part/op"."""
+# -- the handles: one function per kind of op, each (classifier, inputs, outputs) -> FLOPs by "part/op" --------
 
-    def product(name: str, operands_of: Callable, macs_of: Callable, vocab_check: bool = True):
-        def handle(inputs: list, outputs: list) -> Counter:
-            node = outputs[0].node()
-            ops = operands_of(inputs)
-            shapes = [_shape(v) for v in ops]
-            if any(s is None for s in shapes):
-                raise ValueError(f"{name}: operand shapes unknown in the trace")
-            macs = int(macs_of(shapes, inputs))
-            out_shape = _shape(outputs[0])
-            part = cls.part_of_product(node, ops, out_shape, vocab_check)
-            if part == "attention":
-                s0 = shapes[0]
-                tq = s0[-2] if len(s0) >= 2 else 1
-                flops = cls.attention_flops(cls.owner(node), macs, None, tq, tq)
-            else:
-                flops = 2 * macs
-            return Counter({f"{part}/{name}": flops})
+Handle = Callable[[Classifier, list, list], Counter]
 
-        return handle
 
-    def mm(shapes, _):
-        return _matmul_macs(shapes[0], shapes[1])
+def product(name: str, operands_of: Callable[[list], list], macs_of: Callable[[list, list], int]) -> Handle:
+    """The handle of a matrix product: its operands' shapes give the multiply-adds, its place the part."""
 
-    def linear(shapes, _):
-        x, w = shapes
-        return _prod(x[:-1]) * w[-1] * (w[0] if len(w) == 2 else 1)
-
-    def addmm(shapes, _):  # bias, a, b  (operands passed are a, b)
-        return _matmul_macs(shapes[0], shapes[1])
-
-    def addbmm(shapes, _):
-        a, b = shapes
-        return a[0] * a[1] * a[2] * b[2]
-
-    def grouped_mm(shapes, _):
-        # Group offsets only say which rows go to which group: the products' total is fixed by
-        # the shapes, so it is read from them, never from offsets (garbage on meta).
-        a, b = shapes
-        if len(a) == 2 and len(b) == 3:  # (S, K) x (G, K, N): every row through one group
-            return a[0] * a[1] * b[2]
-        if len(a) == 3 and len(b) == 2:  # (G, M, K) x (K, N_total): every column through one group
-            return a[1] * a[2] * b[1]
-        if len(a) == 2 and len(b) == 2:  # (M, K_total) x (K_total, N): K split into groups
-            return a[0] * a[1] * b[1]
-        if len(a) == 3 and len(b) == 3:  # a batch of G products
-            return a[0] * a[1] * a[2] * b[2]
-        raise ValueError(f"grouped_mm: unexpected operand ranks {len(a)}, {len(b)}")
-
-    def solve_triangular(shapes, _):
-        # forward/back substitution: n(n-1)/2 multiply-adds per right-hand column (divisions not counted)
-        a, b = shapes
-        n = a[-1]
-        return _prod(_broadcast(a[:-2], b[:-2])) * n * (n - 1) // 2 * b[-1]
-
-    def einsum(shapes, inputs):
-        return _einsum_macs(_const(inputs[0]), shapes)
-
-    def einsum_operands(inputs):
-        return list(inputs[1].node().inputs())
-
-    handles: dict[str, Callable] = {
-        "aten::linear": product("linear", lambda i: i[:2], linear),
-        "aten::matmul": product("matmul", lambda i: i[:2], mm),
-        "aten::mm": product("mm", lambda i: i[:2], mm),
-        "aten::bmm": product("bmm", lambda i: i[:2], mm),
-        "aten::mv": product("mv", lambda i: i[:2], mm),
-        "aten::dot": product("dot", lambda i: i[:2], mm),
-        "aten::vdot": product("vdot", lambda i: i[:2], mm),
-        "aten::addmm": product("addmm", lambda i: i[1:3], addmm),
-        "aten::addmv": product("addmv", lambda i: i[1:3], addmm),
-        "aten::baddbmm": product("baddbmm", lambda i: i[1:3], addmm),
-        "aten::addbmm": product("addbmm", lambda i: i[1:3], addbmm),
-        "aten::einsum": product("einsum", einsum_operands, einsum),
-        "aten::linalg_solve_triangular": product("linalg_solve_triangular", lambda i: i[:2], solve_triangular),
-        "aten::_grouped_mm": product("_grouped_mm", lambda i: i[:2], grouped_mm),
-        "aten::grouped_mm": product("grouped_mm", lambda i: i[:2], grouped_mm),
-        "aten::_scaled_grouped_mm": product("_scaled_grouped_mm", lambda i: i[:2], grouped_mm),
-        "transformers::grouped_mm_fallback": product("grouped_mm_fallback", lambda i: i[:2], grouped_mm),
-    }
-
-    def conv_handle(inputs: list, outputs: list) -> Counter:
+    def handle(cls: Classifier, inputs: list, outputs: list) -> Counter:
         node = outputs[0].node()
-        x, w, out = _shape(inputs[0]), _shape(inputs[1]), _shape(outputs[0])
-        if x is None or w is None or out is None:
-            raise ValueError("convolution: shapes unknown in the trace")
-        transposed = "transpose" in node.kind() or _named_input(node, "transposed") is True
-        macs = int(conv_flop_count(x, w, out, transposed=transposed))
-        part = cls.part_of_product(node, inputs[:2], None, vocab_check=False)
-        return Counter({f"{part}/convolution": 2 * macs})
+        ops = operands_of(inputs)
+        shapes = [_shape(v) for v in ops]
+        if any(s is None for s in shapes):
+            raise ValueError(f"{name}: operand shapes unknown in the trace")
+        macs = int(macs_of(shapes, inputs))
+        part = cls.part_of_product(node, ops, _shape(outputs[0]), True)
+        if part == "attention":
+            s0 = shapes[0]
+            tq = s0[-2] if len(s0) >= 2 else 1
+            flops = cls.attention_flops(cls.owner(node), macs, None, tq, tq)
+        else:
+            flops = 2 * macs
+        return Counter({f"{part}/{name}": flops})
 
-    for k in ("aten::_convolution", "aten::convolution", "aten::conv1d", "aten::conv2d",
-              "aten::conv3d", "aten::conv_transpose1d", "aten::conv_transpose2d",
-              "aten::conv_transpose3d"):
-        handles[k] = conv_handle
+    handle.__name__ = handle.__qualname__ = f"{name}_flops"
+    return handle
 
-    def sdpa(layout: str, causal_arg: str):
-        """layout "bhtd": (..., T, d) as SDPA; "bthd": (B, T, H, d) as the raw kernels."""
 
-        def handle(inputs: list, outputs: list) -> Counter:
-            node = outputs[0].node()
-            q, k, v = (_shape(x) for x in inputs[:3])
-            if q is None or k is None or v is None:
-                raise ValueError("attention: q/k/v shapes unknown in the trace")
-            if layout == "bhtd":
-                tq, e, tk, ev = q[-2], q[-1], k[-2], v[-1]
-                bh = _prod(q[:-2])
-            else:
-                tq, e, tk, ev = q[1], q[-1], k[1], v[-1]
-                bh = q[0] * q[2]
-            macs = bh * tq * tk * (e + ev)
-            flag = _named_input(node, causal_arg)
-            if causal_arg == "custom_mask_type":
-                flag = isinstance(flag, int) and flag > 0
-            owner = cls.owner(node)
-            flops = cls.attention_flops(owner, macs, flag, tq, tk)
-            return Counter({f"attention/{_op_key(node.kind())}": flops})
+def _first_two(inputs: list) -> list:
+    return inputs[:2]
 
-        return handle
 
-    for k in ("aten::scaled_dot_product_attention",
-              "aten::_scaled_dot_product_attention_math",
-              "aten::_scaled_dot_product_flash_attention",
-              "aten::_scaled_dot_product_flash_attention_for_cpu",
-              "aten::_scaled_dot_product_efficient_attention",
-              "aten::_scaled_dot_product_cudnn_attention",
-              "aten::_scaled_dot_product_fused_attention_overrideable"):
-        handles[k] = sdpa("bhtd", "is_causal")
-    handles["aten::_flash_attention_forward"] = sdpa("bthd", "is_causal")
-    handles["aten::_efficient_attention_forward"] = sdpa("bthd", "custom_mask_type")
+def _after_bias(inputs: list) -> list:  # addmm & co: bias, a, b
+    return inputs[1:3]
 
-    def guarded(kind: str, fn: Callable) -> Callable:
-        """A handle that cannot count an op lists it as uncounted instead of failing the count."""
 
-        def handle(inputs: list, outputs: list) -> Counter:
-            try:
-                layer = cls.layer_of(cls.owner(outputs[0].node())) if outputs else None
-                if layer is None:
-                    return fn(inputs, outputs)
-                calls = Counter(cls.calls)
-                got = fn(inputs, outputs)
-                cls.per_layer.setdefault(layer, Counter()).update(got)
-                cls.per_layer_calls.setdefault(layer, Counter()).update(cls.calls - calls)
-                return got
-            except Exception as e:  # noqa: BLE001 - an odd signature or an incomplete shape
-                cls.failed[kind] += 1
-                cls.failures.setdefault(kind, describe_error(e))
-                return Counter()
+def _einsum_operands(inputs: list) -> list:
+    return list(inputs[1].node().inputs())
 
-        return handle
 
-    return {k: guarded(k, h) for k, h in handles.items()}
+def _mm_macs(shapes: list, _: list) -> int:
+    return _matmul_macs(shapes[0], shapes[1])
+
+
+def _linear_macs(shapes: list, _: list) -> int:
+    x, w = shapes
+    return _prod(x[:-1]) * w[-1] * (w[0] if len(w) == 2 else 1)
+
+
+def _addbmm_macs(shapes: list, _: list) -> int:
+    a, b = shapes
+    return a[0] * a[1] * a[2] * b[2]
+
+
+def _grouped_mm_macs(shapes: list, _: list) -> int:
+    # Group offsets only say which rows go to which group: the products' total is fixed by
+    # the shapes, so it is read from them, never from offsets (garbage on meta).
+    a, b = shapes
+    if len(a) == 2 and len(b) == 3:  # (S, K) x (G, K, N): every row through one group
+        return a[0] * a[1] * b[2]
+    if len(a) == 3 and len(b) == 2:  # (G, M, K) x (K, N_total): every column through one group
+        return a[1] * a[2] * b[1]
+    if len(a) == 2 and len(b) == 2:  # (M, K_total) x (K_total, N): K split into groups
+        return a[0] * a[1] * b[1]
+    if len(a) == 3 and len(b) == 3:  # a batch of G products
+        return a[0] * a[1] * a[2] * b[2]
+    raise ValueError(f"grouped_mm: unexpected operand ranks {len(a)}, {len(b)}")
+
+
+def _solve_triangular_macs(shapes: list, _: list) -> int:
+    # forward/back substitution: n(n-1)/2 multiply-adds per right-hand column (divisions not counted)
+    a, b = shapes
+    n = a[-1]
+    return _prod(_broadcast(a[:-2], b[:-2])) * n * (n - 1) // 2 * b[-1]
+
+
+def _einsum_macs_of(shapes: list, inputs: list) -> int:
+    return _einsum_macs(_const(inputs[0]), shapes)
+
+
+def convolution_flops(cls: Classifier, inputs: list, outputs: list) -> Counter:
+    """Every convolution, transposed or not, through fvcore's own count."""
+    node = outputs[0].node()
+    x, w, out = _shape(inputs[0]), _shape(inputs[1]), _shape(outputs[0])
+    if x is None or w is None or out is None:
+        raise ValueError("convolution: shapes unknown in the trace")
+    transposed = "transpose" in node.kind() or _named_input(node, "transposed") is True
+    macs = int(conv_flop_count(x, w, out, transposed=transposed))
+    part = cls.part_of_product(node, inputs[:2], None, vocab_check=False)
+    return Counter({f"{part}/convolution": 2 * macs})
+
+
+def attention(layout: str, causal_arg: str) -> Handle:
+    """The handle of a fused attention kernel. ``layout`` "bhtd": (..., T, d) as SDPA; "bthd": (B, T, H, d)
+    as the raw kernels; ``causal_arg`` the input that says the mask is causal."""
+
+    def handle(cls: Classifier, inputs: list, outputs: list) -> Counter:
+        node = outputs[0].node()
+        q, k, v = (_shape(x) for x in inputs[:3])
+        if q is None or k is None or v is None:
+            raise ValueError("attention: q/k/v shapes unknown in the trace")
+        if layout == "bhtd":
+            tq, e, tk, ev = q[-2], q[-1], k[-2], v[-1]
+            bh = _prod(q[:-2])
+        else:
+            tq, e, tk, ev = q[1], q[-1], k[1], v[-1]
+            bh = q[0] * q[2]
+        macs = bh * tq * tk * (e + ev)
+        flag = _named_input(node, causal_arg)
+        if causal_arg == "custom_mask_type":
+            flag = isinstance(flag, int) and flag > 0
+        return Counter({f"attention/{_op_key(node.kind())}": cls.attention_flops(cls.owner(node), macs, flag, tq, tk)})
+
+    handle.__name__ = handle.__qualname__ = f"attention_{layout}_flops"
+    return handle
+
+
+_SDPA = attention("bhtd", "is_causal")
+_CONVOLUTION_OPS = ("aten::_convolution", "aten::convolution", "aten::conv1d", "aten::conv2d", "aten::conv3d",
+                    "aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d")
+_SDPA_OPS = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_attention_math",
+             "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+             "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+             "aten::_scaled_dot_product_fused_attention_overrideable")
+
+# The op -> handle table, as fvcore's jit_handles keeps its own: counting one more op is one line here.
+HANDLES: dict[str, Handle] = {
+    "aten::linear": product("linear", _first_two, _linear_macs),
+    "aten::matmul": product("matmul", _first_two, _mm_macs),
+    "aten::mm": product("mm", _first_two, _mm_macs),
+    "aten::bmm": product("bmm", _first_two, _mm_macs),
+    "aten::mv": product("mv", _first_two, _mm_macs),
+    "aten::dot": product("dot", _first_two, _mm_macs),
+    "aten::vdot": product("vdot", _first_two, _mm_macs),
+    "aten::addmm": product("addmm", _after_bias, _mm_macs),
+    "aten::addmv": product("addmv", _after_bias, _mm_macs),
+    "aten::baddbmm": product("baddbmm", _after_bias, _mm_macs),
+    "aten::addbmm": product("addbmm", _after_bias, _addbmm_macs),
+    "aten::einsum": product("einsum", _einsum_operands, _einsum_macs_of),
+    "aten::linalg_solve_triangular": product("linalg_solve_triangular", _first_two, _solve_triangular_macs),
+    "aten::_grouped_mm": product("_grouped_mm", _first_two, _grouped_mm_macs),
+    "aten::grouped_mm": product("grouped_mm", _first_two, _grouped_mm_macs),
+    "aten::_scaled_grouped_mm": product("_scaled_grouped_mm", _first_two, _grouped_mm_macs),
+    "transformers::grouped_mm_fallback": product("grouped_mm_fallback", _first_two, _grouped_mm_macs),
+    **dict.fromkeys(_CONVOLUTION_OPS, convolution_flops),
+    **dict.fromkeys(_SDPA_OPS, _SDPA),
+    "aten::_flash_attention_forward": attention("bthd", "is_causal"),
+    "aten::_efficient_attention_forward": attention("bthd", "custom_mask_type"),
+}
+
+
+def make_handles(cls: Classifier) -> dict[str, Callable[[list, list], Counter]]:
+    """The table's handles as fvcore calls them, ``(inputs, outputs)``, bound to one trace's classifier."""
+    return {op: _guarded(cls, op, h) for op, h in HANDLES.items()}
+
+
+def _guarded(cls: Classifier, kind: str, fn: Handle) -> Callable[[list, list], Counter]:
+    """A handle that cannot count an op lists it as uncounted instead of failing the count."""
+
+    def handle(inputs: list, outputs: list) -> Counter:
+        try:
+            layer = cls.layer_of(cls.owner(outputs[0].node())) if outputs else None
+            if layer is None:
+                return fn(cls, inputs, outputs)
+            calls = Counter(cls.calls)
+            got = fn(cls, inputs, outputs)
+            cls.per_layer.setdefault(layer, Counter()).update(got)
+            cls.per_layer_calls.setdefault(layer, Counter()).update(cls.calls - calls)
+            return got
+        except Exception as e:  # noqa: BLE001 - an odd signature or an incomplete shape
+            cls.failed[kind] += 1
+            cls.failures.setdefault(kind, describe_error(e))
+            return Counter()
+
+    return handle
 
 
 def describe_error(e: BaseException) -> str:
