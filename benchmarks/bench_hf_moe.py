@@ -4,7 +4,7 @@ Run: pytest benchmarks/bench_hf_moe.py --benchmark-only -s
 
 transformers 5 saves a Qwen3-MoE model one tensor per expert and builds it with one fused tensor per
 layer; tiecheck asks transformers' own ``rename_source_key`` where each file key goes
-(``tiecheck.loaders.formats.hf.key_map``). That is one call per key the plain name match leaves over,
+(``tiecheck.loaders.hf_reconcile.key_map``). That is one call per key the plain name match leaves over,
 so its cost grows with the number of experts. Two folders, 64 and 128 experts in each of 32 layers
 (6,434 and 12,578 tensors, tiny shapes), each measured in a fresh interpreter (imports, transformers
 included, are setup):
@@ -22,16 +22,16 @@ from conftest import run_child
 
 LAYERS = 32
 
-SETUP = ("import json, pathlib, time, tiecheck, tiecheck.api, tiecheck.loaders.formats.hf as hf, transformers\n"
+SETUP = ("import json, pathlib, time, tiecheck, tiecheck.api, tiecheck.loaders.hf_architecture as arch, tiecheck.loaders.hf_reconcile as rec, transformers\n"
          "from transformers.models.qwen3_moe import modeling_qwen3_moe\n"
          "from transformers import conversion_mapping, core_model_loading\n")
 KEY_MAP = ("_p = pathlib.Path({path!r}); _cfg = json.loads((_p / 'config.json').read_text())\n"
            "from safetensors import safe_open\n"
            "with safe_open(str(_p / 'model.safetensors'), 'pt') as _f: _keys = list(_f.keys())\n"
-           "_arch, _ = hf.build_architecture(_p, _cfg, stored=len(_keys))\n"
+           "_arch, _ = arch.build_architecture(_p, _cfg, stored=len(_keys))\n"
            "_ts = []\n"
            "for _ in range(3):\n"
-           "    _t = time.perf_counter(); _km = hf.key_map(_keys, _arch); _ts.append(time.perf_counter() - _t)\n"
+           "    _t = time.perf_counter(); _km = rec.key_map(_keys, _arch); _ts.append(time.perf_counter() - _t)\n"
            "_out['key_map_first_s'] = _ts[0]; _out['key_map_s'] = min(_ts)\n"
            "_out['keys'] = len(_keys); _out['converted'] = len(_km.converted)")
 ANALYZE = ("_r = tiecheck.analyze({path!r}, flops=False, duplicates=False)\n"

@@ -19,9 +19,10 @@ import torch
 from click.testing import CliRunner
 
 from tiecheck import models
-from tiecheck.bench import BenchConfig, render, run_bench, runner, stats
+from tiecheck.bench import BenchConfig, max_batch, render, run_bench, runner, stats
 from tiecheck.bench import device as D
 from tiecheck.bench.flops import flops_shape, forward_flops, step_flops
+from tiecheck.bench.max_batch import largest_fitting
 from tiecheck.bench.plot import plot
 from tiecheck.bench.protocol import (
     LossLog,
@@ -33,7 +34,8 @@ from tiecheck.bench.protocol import (
     still_tied,
     tie_groups,
 )
-from tiecheck.bench.runner import bundled_builder, largest_fitting, order_of_round, resolve
+from tiecheck.bench.run_state import RunState
+from tiecheck.bench.runner import bundled_builder, order_of_round, resolve
 from tiecheck.cli import main
 from tiecheck.cli.bench import Progress
 from tiecheck.errors import TiecheckError
@@ -395,10 +397,10 @@ def test_max_batch_search_on_the_cpu_with_real_allocation_failures():
     # OOM cleanup and measurement are device-independent: run them here with a model that
     # cannot allocate its activations above 3 sequences.
 
-    st = runner._State(plan=resolve(tiny(max_batch_cap=64)))
+    st = RunState(plan=resolve(tiny(max_batch_cap=64)))
     for name in ("tied", "untied"):
         st.records[name] = runner.VariantRecord(name=name)
-    runner._find_max_batch(st, limited_builder())
+    max_batch.find_max_batch(st, limited_builder())
     t, u = st.records["tied"], st.records["untied"]
     assert (t.max_batch, u.max_batch) == (3, 2)
     assert not t.max_batch_capped

@@ -23,10 +23,11 @@ from click.testing import CliRunner
 
 import tiecheck.bench
 from tiecheck import models
-from tiecheck.bench import BenchConfig, render, run_bench, runner
+from tiecheck.bench import BenchConfig, max_batch, render, run_bench, runner
 from tiecheck.bench import device as D
 from tiecheck.bench.protocol import make_batches, mark_batch_dynamic
 from tiecheck.bench.result_text import header_items
+from tiecheck.bench.run_state import RunState
 from tiecheck.bench.runner import bundled_builder, resolve
 from tiecheck.cli import main
 from tiecheck.cli.bench import Progress
@@ -270,9 +271,9 @@ def test_a_round_with_a_one_time_allocation_is_not_the_peak(monkeypatch):
 # 3 and 4. --find-max-batch: partial results first, dynamic batch, compiled caches released
 
 
-def _max_batch_state(compile_: bool) -> runner._State:
+def _max_batch_state(compile_: bool) -> RunState:
     plan = dataclasses.replace(resolve(tiny(max_batch_cap=16, compile=compile_)), find_max_batch=True)
-    st = runner._State(plan=plan)
+    st = RunState(plan=plan)
     for name in ("tied", "untied"):
         st.records[name] = runner.VariantRecord(name=name)
     return st
@@ -281,7 +282,7 @@ def _max_batch_state(compile_: bool) -> runner._State:
 def test_partial_results_are_handed_out_before_the_max_batch_search(monkeypatch):
     plan = dataclasses.replace(resolve(tiny(max_batch_cap=16)), find_max_batch=True)
     monkeypatch.setattr(runner, "resolve", lambda cfg: plan)
-    real = runner.largest_fitting
+    real = max_batch.largest_fitting
     searched = []
 
     def search_then_time_out(fits, start, cap):
@@ -290,7 +291,7 @@ def test_partial_results_are_handed_out_before_the_max_batch_search(monkeypatch)
             raise TimeoutError("simulated time limit, in the untied variant's search")
         return real(fits, start, cap)
 
-    monkeypatch.setattr(runner, "largest_fitting", search_then_time_out)
+    monkeypatch.setattr(max_batch, "largest_fitting", search_then_time_out)
     written = []
     with pytest.raises(TimeoutError):
         run_bench(tiny(), build=limited_builder(), partial=written.append)
@@ -324,11 +325,12 @@ def test_cli_writes_the_partial_table_before_a_time_limit(monkeypatch, tmp_path)
 
 def test_compiled_max_batch_marks_the_batch_dynamic_and_resets_the_compiler(monkeypatch):
     compiled, resets, marked = [], [], []
-    monkeypatch.setattr(runner, "_compile", lambda plan, m: compiled.append(plan.compile) or m)
+    monkeypatch.setattr(max_batch, "compile_step", lambda plan, m: compiled.append(plan.compile) or m)
+    monkeypatch.setattr(runner, "compile_step", lambda plan, m: compiled.append(plan.compile) or m)
     monkeypatch.setattr(D, "reset_compiled", lambda: resets.append(1))
-    monkeypatch.setattr(runner, "mark_batch_dynamic", lambda b: marked.append(b.inputs[0].shape[0]))
+    monkeypatch.setattr(max_batch, "mark_batch_dynamic", lambda b: marked.append(b.inputs[0].shape[0]))
     st = _max_batch_state(compile_=True)
-    runner._find_max_batch(st, limited_builder())
+    max_batch.find_max_batch(st, limited_builder())
     assert (st.records["tied"].max_batch, st.records["untied"].max_batch) == (3, 2)
     assert compiled == [True, True]
     assert len(resets) == 3  # the interleaved variants, then each max-batch variant
@@ -342,7 +344,7 @@ def test_compiled_interleaved_graphs_are_the_ones_the_search_reuses(monkeypatch)
     for compile_, search, expected in ((True, True, [2] * runner.N_BATCHES), (True, False, []), (False, True, [])):
         marked.clear()
         plan = dataclasses.replace(resolve(tiny(compile=compile_)), find_max_batch=search)
-        runner._make_pool(runner._State(plan=plan))
+        runner._make_pool(RunState(plan=plan))
         assert marked == expected
 
 
@@ -355,7 +357,7 @@ def test_memory_left_after_a_released_variant_is_reported(monkeypatch):
             allocated["now"] += 64 * MiB
 
     st = _max_batch_state(compile_=False)
-    runner._find_max_batch(st, limited_builder(on_build=leak))
+    max_batch.find_max_batch(st, limited_builder(on_build=leak))
     leaks = [n for n in st.notes if "still allocated" in n]
     assert len(leaks) == 2  # after the tied variant, and still after the untied one
     assert leaks[0].startswith("max batch: 64.00 MiB still allocated after releasing the tied variant")
@@ -364,7 +366,7 @@ def test_memory_left_after_a_released_variant_is_reported(monkeypatch):
 def test_no_leak_note_when_memory_is_back(monkeypatch):
     monkeypatch.setattr(D, "memory_allocated", lambda dev: 100 * MiB)
     st = _max_batch_state(compile_=False)
-    runner._find_max_batch(st, limited_builder())
+    max_batch.find_max_batch(st, limited_builder())
     assert not [n for n in st.notes if "still allocated" in n]
 
 

@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from tiecheck.bench import BenchConfig, run_bench
-from tiecheck.bench.converge import ConvergeConfig, run_converge
+from tiecheck.bench.converge import run_converge
+from tiecheck.bench.converge_settings import ConvergeConfig
 from tiecheck.bench.settings import resolve
 from tiecheck.bench.usermodel import call_factory, resolve_user_model
 from tiecheck.cli import main

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import tiecheck
-from tiecheck.loaders.formats.hf import Architecture, config_vs_files, reconcile
+from tiecheck.loaders.hf_architecture import Architecture
+from tiecheck.loaders.hf_reconcile import config_vs_files, reconcile
 
 from support.checkpoints import llama_config, llama_tensors, write_safetensors
 

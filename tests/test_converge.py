@@ -15,7 +15,8 @@ from click.testing import CliRunner
 pytest.importorskip("tokenizers")
 
 from tiecheck.bench import tokenizer as T
-from tiecheck.bench.converge import ConvergeConfig, ConvergeResult, run_converge
+from tiecheck.bench.converge import ConvergeResult, run_converge
+from tiecheck.bench.converge_settings import ConvergeConfig
 from tiecheck.bench.corpus import stdlib_corpus, text_corpus
 from tiecheck.bench.result_text import render_converge
 from tiecheck.bench.seeds import mean_interval, paired_intervals, separation_step, t_quantile

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from tiecheck.bench.converge import ConvergeConfig, resolve
+from tiecheck.bench.converge_settings import ConvergeConfig, resolve
 from tiecheck.cli.main import main
 
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import tiecheck
 from tiecheck.cli import main
-from tiecheck.loaders.formats import hf
+from tiecheck.loaders import hf_architecture, hf_reconcile
 from tiecheck.loaders.formats.safetensors_files import MappedTensors
 
 transformers = pytest.importorskip("transformers")
@@ -162,11 +162,11 @@ def test_a_current_name_beside_its_legacy_one_is_loaded_as_from_pretrained_loads
 
 
 def test_two_renamed_keys_never_land_on_one_name(monkeypatch):
-    arch = hf.Architecture(name="M", keys=["a.weight", "b.weight"], groups=[], declared={}, prefix="",
+    arch = hf_architecture.Architecture(name="M", keys=["a.weight", "b.weight"], groups=[], declared={}, prefix="",
                            tie_word_embeddings=None, input_embedding=None, output_embedding=None, version="5")
-    monkeypatch.setattr(hf, "load_time_keys", lambda keys, _arch: (
+    monkeypatch.setattr(hf_reconcile, "load_time_keys", lambda keys, _arch: (
         {"a.gamma": "a.weight", "old.a": "a.weight", "b.gamma": "b.weight"}, {}))
-    km = hf.key_map(["a.gamma", "old.a", "b.gamma"], arch)
+    km = hf_reconcile.key_map(["a.gamma", "old.a", "b.gamma"], arch)
     assert km.to_arch == {"a.gamma": "a.weight", "b.gamma": "b.weight"}
     assert km.shadowed == {"old.a": "a.weight"}
     assert km.notes[0] == ("2 file keys matched to the architecture after transformers' load-time renaming "

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from tiecheck.loaders import load_target
-from tiecheck.loaders.formats.hf import RenamedTensors
+from tiecheck.loaders.hf_reconcile import RenamedTensors
 from tiecheck.loaders.tensor_facts import fact_of
 
 from support.hf import EMB, HEAD, tiny_llama

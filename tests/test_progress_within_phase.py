@@ -18,7 +18,7 @@ from tiecheck.cli.main import main
 from tiecheck.cli.progress import Progress
 from tiecheck.facts import TensorFact
 from tiecheck.loaders.detect import read_weights_index
-from tiecheck.loaders.formats.safetensors_files import load_sharded
+from tiecheck.loaders.formats.sharded import load_sharded
 
 from support.checkpoints import llama_config, llama_tensors, write_sharded
 

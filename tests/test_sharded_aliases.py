@@ -11,7 +11,7 @@ import torch
 
 import tiecheck
 from tiecheck.errors import TiecheckError
-from tiecheck.loaders.formats.safetensors_files import stored_names
+from tiecheck.loaders.formats.sharded import stored_names
 from tiecheck.runtime import TieLostWarning, saved_ties
 
 hub = pytest.importorskip("huggingface_hub")

@@ -13,7 +13,7 @@ import tiecheck
 from tiecheck.errors import TargetError
 from tiecheck.loaders import load_target
 from tiecheck.loaders.detect import read_weights_index, sniff_file
-from tiecheck.loaders.formats.safetensors_files import ShardedTensors
+from tiecheck.loaders.formats.sharded import ShardedTensors
 from tiecheck.loaders.tensor_facts import build_facts, fact_of
 
 from support.checkpoints import write_safetensors, write_sharded

@@ -33,7 +33,7 @@ from tiecheck.facts import TensorFact
 from tiecheck.findings import Finding, finding
 from tiecheck.loaders import from_module
 from tiecheck.loaders.declared import live_model_declarations
-from tiecheck.loaders.formats.safetensors_files import stored_names
+from tiecheck.loaders.formats.sharded import stored_names
 from tiecheck.loaders.tensor_facts import build_facts, fact_of
 from tiecheck.report.text import human_bytes
 from tiecheck.testing import TieAssertionError

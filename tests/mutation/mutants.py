@@ -66,7 +66,7 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
 }
 # The loaders' path checks: only the lines of the check itself are mutated (found by marker).
 PATH_CHECKS = {
-    "tiecheck/loaders/formats/safetensors_files.py": ("def shard_paths(", "return by_shard",
+    "tiecheck/loaders/formats/sharded.py": ("def shard_paths(", "return by_shard",
                                               ["tests/test_shard_index.py", "tests/test_shard_messages.py",
                                                "tests/test_contained_paths.py"]),
     # test_contained_paths only holds hostile names: a check that refused every name would pass it.

@@ -5,16 +5,13 @@ splits encoded, the validation windows cut, and each seed's batches drawn.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from tiecheck.bench.converge_settings import ConvergeConfig, Plan
 from tiecheck.bench.corpus import Corpus, load_corpus
 from tiecheck.bench.tokenizer import TokenizerInfo, encode, get_tokenizer
 from tiecheck.errors import TiecheckError
-
-if TYPE_CHECKING:
-    from tiecheck.bench.converge import ConvergeConfig, Plan
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,14 @@ from __future__ import annotations
 import copy
 import platform
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import partial
 
 import torch
-from torch import nn
 
 from tiecheck import __version__
 from tiecheck.bench import device as D
-from tiecheck.bench.flops import FlopsShape, flops_shape, step_flops
+from tiecheck.bench.flops import flops_shape, step_flops
+from tiecheck.bench.max_batch import PROBE_STEPS, find_max_batch
 from tiecheck.bench.protocol import (
     PHASES,
     Batch,
@@ -46,6 +43,7 @@ from tiecheck.bench.protocol import (
     weight_bytes,
 )
 from tiecheck.bench.results import BenchResult, VariantRecord
+from tiecheck.bench.run_state import RunState, compile_step
 from tiecheck.bench.settings import (
     LEAK_TOLERANCE,
     LR,
@@ -63,33 +61,12 @@ from tiecheck.bench.settings import (
     order_of_round,
     resolve,
 )
-from tiecheck.bench.stats import MIN_ROUNDS_FOR_VERDICT
 from tiecheck.errors import TiecheckError
 from tiecheck.report.text import human_bytes
 
 # ------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------
-
-@dataclass
-class _State:
-    plan: Plan
-    variants: dict[str, Variant] = field(default_factory=dict)
-    records: dict[str, VariantRecord] = field(default_factory=dict)
-    groups: list[tuple[str, ...]] = field(default_factory=list)
-    batches: list[Batch] = field(default_factory=list)
-    order: list[str] = field(default_factory=list)
-    checks: dict[str, bool] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    optimizer_label: str = ""
-    shape: FlopsShape | None = None
-    progress: Progress = lambda n, label: None
-    host_load: str | None = None
-    tf32: bool = False  # fp32 matmuls on TF32, as set when the run started
-    matmul_tflops: float | None = None  # a plain matmul's TFLOP/s on the device, at the start
-    model_vocab: int | None = None  # the built models' vocabulary size
-    step_peaks: dict[str, list[int]] = field(default_factory=dict)  # variant -> bytes above resident, per round
-
 
 _FLAG = re.compile(r"^--([a-z][a-z-]*) (\S+):")
 
@@ -123,7 +100,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), *, progress: Progress | None = N
 
 def _run(plan: Plan, cfg: BenchConfig, progress: Progress | None, build: Builder | None,
          command: str | None, partial: Partial | None = None) -> BenchResult:
-    st = _State(plan=plan, host_load=D.host_load(), tf32=D.tf32_enabled(plan.dev))
+    st = RunState(plan=plan, host_load=D.host_load(), tf32=D.tf32_enabled(plan.dev))
     if progress is not None:
         st.progress = progress
     builder = build or plan.builder()
@@ -144,7 +121,7 @@ def _run(plan: Plan, cfg: BenchConfig, progress: Progress | None, build: Builder
             if partial is not None:
                 partial(_result(st, cfg, command, pending=what))
 
-        _find_max_batch(st, builder, emit)
+        find_max_batch(st, builder, emit)
     for v in st.variants.values():
         if v.module is not None:
             v.release()
@@ -152,10 +129,6 @@ def _run(plan: Plan, cfg: BenchConfig, progress: Progress | None, build: Builder
     # Free the models' memory now, not when the caller lets go of the result.
     D.release_memory(plan.dev, compiled=plan.compile)
     return _result(st, cfg, command)
-
-
-def _compile(plan: Plan, module: nn.Module) -> Callable:
-    return torch.compile(module) if plan.compile else module
 
 
 def _measure_matmul(plan: Plan) -> float | None:
@@ -168,7 +141,7 @@ def _measure_matmul(plan: Plan) -> float | None:
 
 
 
-def _build_variants(st: _State, builder: Builder) -> None:
+def _build_variants(st: RunState, builder: Builder) -> None:
     plan = st.plan
     for name in VARIANTS:
         rec = st.records[name] = VariantRecord(name=name)
@@ -176,7 +149,7 @@ def _build_variants(st: _State, builder: Builder) -> None:
             module = builder(name == "tied", plan.dev, plan.seed)
             if plan.mode == "infer":
                 module.eval()
-            v = Variant(name=name, module=module, fn=plan.call(_compile(plan, module)), dev=plan.dev, dtype=plan.dtype,
+            v = Variant(name=name, module=module, fn=plan.call(compile_step(plan, module)), dev=plan.dev, dtype=plan.dtype,
                         mode=plan.mode, vocab_limit=plan.vocab_size)
             if plan.mode == "train":
                 v.optimizer, st.optimizer_label = D.make_adamw(module.parameters(), plan.dev, LR, WEIGHT_DECAY)
@@ -204,7 +177,7 @@ def _build_variants(st: _State, builder: Builder) -> None:
             st.notes.append("the variants' matmul parameters differ; FLOPs taken from the tied variant")
 
 
-def _fail(st: _State, name: str, why: str) -> None:
+def _fail(st: RunState, name: str, why: str) -> None:
     rec = st.records[name]
     rec.status = why
     rec.samples = {}
@@ -216,7 +189,7 @@ def _fail(st: _State, name: str, why: str) -> None:
     D.cleanup_after_oom(st.plan.dev)
 
 
-def _make_pool(st: _State) -> None:
+def _make_pool(st: RunState) -> None:
     plan = st.plan
     with D.catch_oom() as caught:
         st.batches = make_batches(plan.kind, plan.vocab_size, plan.batch_size, plan.seq_len, N_BATCHES, plan.seed,
@@ -232,12 +205,12 @@ def _make_pool(st: _State) -> None:
                             f"not fit ({caught[0]}); use a smaller --batch-size")
 
 
-def _batch(st: _State, v: Variant) -> Batch:
+def _batch(st: RunState, v: Variant) -> Batch:
     # Indexed by the variant's own step count, so both see the same batches in the same order.
     return st.batches[v.steps_done % len(st.batches)]
 
 
-def _warm_up(st: _State, name: str) -> None:
+def _warm_up(st: RunState, name: str) -> None:
     v = st.variants.get(name)
     if v is None or not v.ok:
         return
@@ -261,7 +234,7 @@ def _warm_up(st: _State, name: str) -> None:
         rec.loss_first = float(v.losses[0])
 
 
-def _same_first_loss(st: _State) -> None:
+def _same_first_loss(st: RunState) -> None:
     # Same weights, same batch: the first forward must agree, or the variants did not start
     # alike. Not bit for bit: torch.compile fuses the two graphs differently, and in 16-bit
     # precision a reordered sum moves the loss in its third or fourth digit.
@@ -271,7 +244,7 @@ def _same_first_loss(st: _State) -> None:
         st.checks[f"same first loss (within {rtol:g} relative)"] = abs(a - b) <= rtol * max(1.0, abs(b))
 
 
-def _rounds(st: _State) -> None:
+def _rounds(st: RunState) -> None:
     plan = st.plan
     phases = PHASES[plan.mode]
     for rec in st.records.values():
@@ -314,7 +287,7 @@ def _rounds(st: _State) -> None:
                 _fail(st, name, f"out of memory in round {r + 1} ({caught[0]})")
 
 
-def _peak_memory(st: _State) -> None:
+def _peak_memory(st: RunState) -> None:
     """Each variant's peak: the smallest of its rounds' step peaks, plus what it holds resident."""
 
     for name, above in st.step_peaks.items():
@@ -328,7 +301,7 @@ def _peak_memory(st: _State) -> None:
                             "smallest round; the peak shown is the smallest (one-time allocations excluded)")
 
 
-def _checks(st: _State) -> None:
+def _checks(st: RunState) -> None:
     plan = st.plan
     tied, untied = st.variants.get("tied"), st.variants.get("untied")
     if tied is not None and tied.ok:
@@ -346,167 +319,10 @@ def _checks(st: _State) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# --find-max-batch
-# ------------------------------------------------------------------------------------------
-
-PROBE_STEPS = 2  # the second step runs with the AdamW state allocated in the first: the steady peak
-
-
-def _max_batch_batches(st: _State, batch_size: int, n: int) -> list[Batch]:
-    """Batches for the max-batch search; compiled, their batch dimension is marked dynamic.
-
-    Without the mark every probed size compiled a new graph (minutes each, for each variant),
-    and the search overran its time limit.
-    """
-    plan = st.plan
-    batches = make_batches(plan.kind, plan.vocab_size, batch_size, plan.seq_len, n, plan.seed, plan.dev)
-    if plan.compile:
-        for b in batches:
-            mark_batch_dynamic(b)
-    return batches
-
-
-def _fits(st: _State, v: Variant, batch_size: int, probe_steps: int = PROBE_STEPS) -> bool:
-    """Whether ``probe_steps`` steps at ``batch_size`` run; an OOM is cleaned up."""
-    plan = st.plan
-    with D.catch_oom() as caught:
-        batch = _max_batch_batches(st, batch_size, 1)[0]
-        timer = D.PhaseTimer(plan.dev)
-        timer.mark()
-        for _ in range(probe_steps):
-            v.step(batch, timer)
-        timer.intervals_ms()
-        del batch
-    if caught:
-        if v.optimizer is not None:
-            v.optimizer.zero_grad(set_to_none=True)  # a backward cut short leaves gradients behind
-        D.cleanup_after_oom(plan.dev)
-    st.progress(0, f"max batch {v.name}: {batch_size} {'no' if caught else 'fits'}")
-    return not caught
-
-
-def largest_fitting(fits: Callable[[int], bool], start: int, cap: int) -> tuple[int, bool]:
-    """The largest b in [1, cap] with fits(b), assuming fitting is monotone; (0, False) if none.
-
-    Doubles up from ``start`` (or halves down) to bracket the limit, then bisects. The bool
-    says the cap was reached, so the true limit may be higher.
-    """
-    lo, hi = 0, None
-    b = min(start, cap)
-    if fits(b):
-        lo = b
-        while lo < cap:
-            nb = min(lo * 2, cap)
-            if fits(nb):
-                lo = nb
-            else:
-                hi = nb
-                break
-        if hi is None:
-            return lo, True
-    else:
-        hi = b
-        while b > 1:
-            b //= 2
-            if fits(b):
-                lo = b
-                break
-            hi = b
-        if lo == 0:
-            return 0, False
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, False
-
-
-def _check_released(st: _State, baseline: int | None, after: str) -> None:
-    """Note memory a released variant left allocated: the next variant had that much less."""
-
-    now = D.memory_allocated(st.plan.dev)
-    if baseline is None or now is None or now - baseline <= LEAK_TOLERANCE:
-        return
-    st.notes.append(f"max batch: {human_bytes(now - baseline)} still allocated after releasing the {after} "
-                    "variant (not back to the memory before the search); the next variant had that much less")
-
-
-def _find_max_batch(st: _State, builder: Builder, emit: Callable[[str], None] = lambda what: None) -> None:
-    """Each variant alone on the device: its largest batch, then its throughput there.
-
-    ``emit(what)`` hands the result so far out before the search and after each variant.
-    """
-    plan = st.plan
-    for v in st.variants.values():
-        if v.module is not None:
-            v.release()
-    st.variants = {}
-    st.batches = []  # the interleaved pool is done with
-    D.release_memory(plan.dev, compiled=plan.compile)
-    baseline = D.memory_allocated(plan.dev)
-    emit("--find-max-batch had not started")
-    for name in VARIANTS:
-        rec = st.records[name]
-        with D.catch_oom() as caught:
-            module = builder(name == "tied", plan.dev, plan.seed)
-            if plan.mode == "infer":
-                module.eval()
-            v = Variant(name=name, module=module, fn=plan.call(_compile(plan, module)), dev=plan.dev, dtype=plan.dtype,
-                        mode=plan.mode, vocab_limit=plan.vocab_size)
-            if plan.mode == "train":
-                v.optimizer, _ = D.make_adamw(module.parameters(), plan.dev, LR, WEIGHT_DECAY)
-                v.scaler = D.grad_scaler(plan.dev, plan.dtype)
-        if caught:
-            rec.max_batch_status = f"out of memory building the model alone ({caught[0]})"
-            module = v = None  # what was built before the failure must not stay resident for the next variant
-            D.cleanup_after_oom(plan.dev)
-            _check_released(st, baseline, name)
-            continue
-        best, capped = largest_fitting(partial(_fits, st, v), plan.batch_size, plan.max_batch_cap)
-        rec.max_batch, rec.max_batch_capped = best, capped
-        if best == 0:
-            rec.max_batch_status = "not even a batch of 1 fits"
-        else:
-            _measure_alone(st, v, best, rec)
-        v.release()
-        module = None  # the last reference to the model: free it before the next variant is built
-        D.release_memory(plan.dev, compiled=plan.compile)
-        _check_released(st, baseline, name)
-        if name != VARIANTS[-1]:
-            emit(f"--find-max-batch had not finished the {VARIANTS[-1]} variant")
-
-
-def _measure_alone(st: _State, v: Variant, batch_size: int, rec: VariantRecord) -> None:
-    plan = st.plan
-    phase_count = len(PHASES[plan.mode])
-    with D.catch_oom() as caught:
-        batches = _max_batch_batches(st, batch_size, 2)
-        D.reset_peak_memory(plan.dev)
-        rounds = []
-        n_rounds = max(MIN_ROUNDS_FOR_VERDICT, plan.rounds // 2)  # big batches: fewer, longer steps suffice
-        for r in range(n_rounds):
-            timer = D.PhaseTimer(plan.dev)
-            timer.mark()
-            for s in range(plan.steps):
-                v.step(batches[s % 2], timer)
-                st.progress(0, f"max batch {v.name}: round {r + 1}/{n_rounds} at {batch_size}")
-            ms = timer.intervals_ms()
-            rounds.append([sum(ms[i:i + phase_count]) for i in range(0, len(ms), phase_count)])
-        rec.max_batch_samples = rounds
-        rec.max_batch_peak_bytes = D.max_memory_allocated(plan.dev)
-    if caught:
-        D.cleanup_after_oom(plan.dev)
-        rec.max_batch_samples = None
-        rec.max_batch_status = f"fits {batch_size} for a few steps but ran out of memory over the rounds ({caught[0]})"
-
-
-# ------------------------------------------------------------------------------------------
 # Result
 # ------------------------------------------------------------------------------------------
 
-def _result(st: _State, cfg: BenchConfig, command: str | None, pending: str | None = None) -> BenchResult:
+def _result(st: RunState, cfg: BenchConfig, command: str | None, pending: str | None = None) -> BenchResult:
     """The result from what was measured; ``pending`` marks a partial result (what had not run)."""
     plan = st.plan
     tokens = plan.batch_size * plan.seq_len
@@ -587,7 +403,7 @@ def _result(st: _State, cfg: BenchConfig, command: str | None, pending: str | No
                        if plan.decodes else None, seq_len=plan.seq_len, mode=plan.mode)
 
 
-def _vocab_note(st: _State) -> str | None:
+def _vocab_note(st: RunState) -> str | None:
     plan = st.plan
     if not st.model_vocab or st.model_vocab <= plan.vocab_size:
         return None
@@ -602,7 +418,6 @@ __all__ = [
     "Plan",
     "bundled_builder",
     "command_line",
-    "largest_fitting",
     "order_of_round",
     "resolve",
     "run_bench",

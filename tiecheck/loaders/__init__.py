@@ -121,7 +121,7 @@ def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pic
 
         return load_safetensors_file(path)
     if kind == detect.WEIGHTS_INDEX:
-        from tiecheck.loaders.formats.safetensors_files import load_sharded  # noqa: PLC0415 - a loader that needs torch
+        from tiecheck.loaders.formats.sharded import load_sharded  # noqa: PLC0415 - a loader that needs torch
 
         return load_sharded(path, detect.read_weights_index(path), trust_pickle=trust_pickle, progress=progress)
     if kind == detect.PT2:

@@ -22,7 +22,8 @@ import torch
 from tiecheck.api import analyze_subject
 from tiecheck.loaders import load_target
 from tiecheck.loaders.content import FileRangeCompare, TorchContentReader
-from tiecheck.loaders.formats.hf import _quiet_transformers, read_config
+from tiecheck.loaders.formats.hf import read_config
+from tiecheck.loaders.hf_architecture import quiet_transformers
 from tiecheck.repair.actions import Plan
 from tiecheck.repair.layouts import HF_FOLDER, SAFETENSORS, TORCH
 
@@ -150,7 +151,7 @@ def _logits(folder: Path):
     bars = tlog.is_progress_bar_enabled()
     tlog.disable_progress_bar()  # "Loading weights" bars on stderr are noise around the checks
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = cls.from_pretrained(folder, dtype=torch.float32)
     finally:
         if bars:
