@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from tiecheck.bench import device as D
 from tiecheck.bench import distributed
-from tiecheck.bench.distributed import Launch, launch
+from tiecheck.bench.launcher import Launch, launch
 from tiecheck.cli.main import main
 from tiecheck.errors import TiecheckError
 

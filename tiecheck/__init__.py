@@ -5,8 +5,9 @@ The package imports nothing heavy at import time, so `tiecheck --help` and
 resolved lazily on first use.
 
 Where things are (docs/architecture.md has the whole map): loaders/ turn a target into a
-Subject; facts.py and analyses/ find ties; flops/ counts FLOPs; report/ renders; guard/ and
-testing.py hold expectations for CI; cli/ is the command line; bench/ measures tied vs untied.
+Subject; facts.py and analyses/ find ties; flops/ counts FLOPs; report/ renders; compare/ (diff),
+repair/ (fix), plan/ and check/ are the commands; runtime.py, testing.py, integrations/ and
+pytest_plugin/ guard training and CI; cli/ is the command line; bench/ measures tied vs untied.
 `tiecheck.models`, the bundled reference models, lives in the top-level `models/` folder of the
 repository: the wheel installs it as this subpackage (setuptools `package-dir`), and a source
 checkout finds it through `_SourceModelsFinder` below.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from importlib import import_module
 from importlib.util import spec_from_file_location
 
 __version__ = "0.1.0"
@@ -24,27 +26,15 @@ __version__ = "0.1.0"
 __all__ = ["Report", "TiecheckError", "__version__", "analyze", "diff", "fix"]
 
 
+# The public API, resolved on first use: `import tiecheck` stays light (no torch), so the CLI's
+# `--help` and `tiecheck models` start at once. One table, one import below.
+_API = {"analyze": "tiecheck.api", "diff": "tiecheck.compare", "fix": "tiecheck.repair",
+        "Report": "tiecheck.report", "TiecheckError": "tiecheck.errors"}
+
+
 def __getattr__(name: str):
-    if name == "analyze":
-        from tiecheck.api import analyze  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
-
-        return analyze
-    if name == "diff":
-        from tiecheck.compare import diff  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
-
-        return diff
-    if name == "fix":
-        from tiecheck.repair import fix  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
-
-        return fix
-    if name == "Report":
-        from tiecheck.report import Report  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
-
-        return Report
-    if name == "TiecheckError":
-        from tiecheck.errors import TiecheckError  # noqa: PLC0415 - `import tiecheck` stays light; the API is resolved on first use
-
-        return TiecheckError
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'tiecheck' has no attribute {name!r}")
 
 

@@ -6,6 +6,9 @@ called before the bench starts, so a missing install fails in a second, not afte
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+from typing import Any
+
 from tiecheck.bench.results import BenchResult
 from tiecheck.errors import TiecheckError
 
@@ -16,22 +19,27 @@ PART_COLORS = {"weights": "#4d4d4d", "gradients": "#2ca02c", "optimizer state": 
 
 
 def require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: PLC0415 - plots are the `plot` extra
-
-        del matplotlib  # only its presence matters here
-    except ImportError:
+    if find_spec("matplotlib") is None:  # only its presence matters here: importing it takes a second
         raise TiecheckError("--plot needs matplotlib, which is not installed; "
-                            "pip install 'tiecheck[plot]' (or matplotlib) and rerun") from None
+                            "pip install 'tiecheck[plot]' (or matplotlib) and rerun")
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed, none opened). Imported
+    here, not at the top: plots are the `plot` extra, and the bench imports this module whether or
+    not ``--plot`` is given."""
+    require_matplotlib()
+    import matplotlib  # noqa: PLC0415 - the `plot` extra, only when a figure is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - idem, after the backend is chosen
+
+    return plt
 
 
 def plot(result: BenchResult, path: str) -> None:
     """Write the figure to ``path``; the format follows the extension (png, svg, pdf)."""
-    require_matplotlib()
-    import matplotlib  # noqa: PLC0415 - plots are the `plot` extra
-
-    matplotlib.use("Agg")  # files only: no display needed, none opened
-    import matplotlib.pyplot as plt  # noqa: PLC0415 - plots are the `plot` extra
+    plt = _pyplot()
 
     by = {(r.variant, r.metric): r for r in result.rows()}
     panels = [("tokens_per_s", "tokens/s")]
@@ -97,11 +105,7 @@ def plot_converge(result, path: str) -> None:
         result: a ConvergeResult.
         path: the figure's file; the format follows the extension (png, svg, pdf).
     """
-    require_matplotlib()
-    import matplotlib  # noqa: PLC0415 - plots are the `plot` extra
-
-    matplotlib.use("Agg")  # files only: no display needed, none opened
-    import matplotlib.pyplot as plt  # noqa: PLC0415 - plots are the `plot` extra
+    plt = _pyplot()
 
     by = {(r.variant, r.metric, r.step): r for r in result.rows()}
     steps = result.steps

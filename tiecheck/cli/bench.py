@@ -212,9 +212,9 @@ def _bench(model, mode, device, dtype, compile_, batch_size, seq_len, rounds, st
 
 def _converge(cfg, fmt: str, output: str | None, plot: str | None, progress_lines: bool = False) -> None:
     """``--mode converge``: train, then print the curves and verdicts; exit 1 when a check failed."""
-    from tiecheck.bench import converge  # noqa: PLC0415 - imported by _bench already: the same boundary
-    from tiecheck.bench import plot as plots  # noqa: PLC0415 - the same boundary
-    from tiecheck.bench.result_text import render_converge  # noqa: PLC0415 - the same boundary
+    # imported by _bench already: the same boundary
+    from tiecheck.bench import converge, result_text  # noqa: PLC0415
+    from tiecheck.bench import plot as plots  # noqa: PLC0415
 
     plan = converge.resolve(cfg)  # bad input fails here, before the corpus is read
     progress = Progress(plan.units(), lines=progress_lines)
@@ -228,7 +228,7 @@ def _converge(cfg, fmt: str, output: str | None, plot: str | None, progress_line
                                        announce=announce)
     finally:
         progress.close()
-    write_output(render_converge(result, fmt), output, protect=tuple(p for p in (cfg.text, cfg.tokenizer) if p))
+    write_output(result_text.render_converge(result, fmt), output, protect=tuple(p for p in (cfg.text, cfg.tokenizer) if p))
     if plot:
         plots.plot_converge(result, plot)
     sys.exit(EXIT_OK if result.checks_passed() else EXIT_FAILED)
@@ -244,13 +244,13 @@ def _distributed(o: dict) -> None:
                             "drop it, or run without --nproc-per-node")
     _check_writable("-o", o["output"])
     # The boundary where the work starts: the launcher imports torch.distributed.
-    from tiecheck.bench.distributed import launch, render, validate  # noqa: PLC0415
+    from tiecheck.bench import distributed, launcher  # noqa: PLC0415
 
     cfg = {k: o[k] for k in ("model", "device", "dtype", "batch_size", "seq_len", "rounds", "steps", "warmup",
                              "seed", "threads", "pad_vocab", "strategy")}
     cfg["command"] = _command(click.get_current_context())
     cfg["output"] = os.path.abspath(o["output"]) if o["output"] not in (None, "-") else None
-    validate(cfg, o["nnodes"], o["rdzv_endpoint"], o["nproc_per_node"])
+    launcher.validate(cfg, o["nnodes"], o["rdzv_endpoint"], o["nproc_per_node"])
     nodes = f" on {o['nnodes']} nodes" if str(o["nnodes"]) != "1" else ""
     click.echo(f"tiecheck: launching {o['nproc_per_node']} process(es) per node{nodes} ({o['strategy']})", err=True)
     bar: list[Progress] = []
@@ -262,7 +262,7 @@ def _distributed(o: dict) -> None:
         bar[0](done - bar[0].done, label)
 
     try:
-        result = launch(cfg, nproc_per_node=o["nproc_per_node"], nnodes=o["nnodes"], rdzv_endpoint=o["rdzv_endpoint"],
+        result = launcher.launch(cfg, nproc_per_node=o["nproc_per_node"], nnodes=o["nnodes"], rdzv_endpoint=o["rdzv_endpoint"],
                         rdzv_id=o["rdzv_id"], node_rank=o["node_rank"], max_restarts=o["max_restarts"],
                         timeout=o["timeout"], progress=progress)
     finally:
@@ -274,5 +274,5 @@ def _distributed(o: dict) -> None:
         click.echo(f"tiecheck: node {e['node']} of {e['nodes']} done; the results are written by the node of rank 0 "
                    f"({e['host']}) to {where}; {'every check passed' if e['passed'] else 'a check FAILED'}", err=True)
         sys.exit(EXIT_OK if e["passed"] else EXIT_FAILED)
-    write_output(render(result, o["fmt"]), o["output"])
+    write_output(distributed.render(result, o["fmt"]), o["output"])
     sys.exit(EXIT_OK if all(result["checks"].values()) else EXIT_FAILED)

@@ -16,6 +16,7 @@ uses the formula alone.
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 from tiecheck.flops.analytic import ATTENTION_MODES, analytic_flops
@@ -26,8 +27,7 @@ _TRACER = {"count_flops": "trace", "ModelInputs": "inputs", "synthesize_inputs":
 
 def __getattr__(name: str) -> Any:
     if name in _TRACER:
-        from importlib import import_module  # noqa: PLC0415 - the tracer's torch and fvcore, on first use
-
+        # the tracer's torch and fvcore, on first use
         return getattr(import_module(f"tiecheck.flops.{_TRACER[name]}"), name)
     raise AttributeError(f"module 'tiecheck.flops' has no attribute {name!r}")
 

@@ -7,8 +7,11 @@ where the tensors came from. Formats are recognised by content, not by file exte
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,62 @@ from tiecheck.loaders.tensor_facts import module_tensors
 REMOTE_SCHEMES = ("https://", "http://", "s3://", "s3a://", "gs://", "gcs://", "hf://")
 
 
+@dataclass(frozen=True)
+class Reader:
+    """Where a format's reader lives, and the extra its library comes in (``None``: a dependency)."""
+
+    module: str
+    function: str
+    extra: str | None = None
+    what: str = ""  # the format in words, for the install hint
+
+
+# One line per reader, by the kind ``detect`` gives a file or folder. A new format is a line here and
+# a branch in load_file/load_folder for its arguments.
+READERS = {
+    detect.TORCH_SAVE: Reader("tiecheck.loaders.formats.torchfile", "load_torch_file"),
+    detect.SAFETENSORS: Reader("tiecheck.loaders.formats.safetensors_files", "load_safetensors_file"),
+    detect.WEIGHTS_INDEX: Reader("tiecheck.loaders.formats.sharded", "load_sharded"),
+    detect.PT2: Reader("tiecheck.loaders.formats.export", "load_pt2"),
+    detect.TORCHSCRIPT: Reader("tiecheck.loaders.formats.torchscript", "load_torchscript"),
+    detect.ONNX: Reader("tiecheck.loaders.formats.onnx_files", "load_onnx", "onnx", "an ONNX model"),
+    detect.GGUF: Reader("tiecheck.loaders.formats.gguf_files", "load_gguf", "gguf", "a GGUF file"),
+    "dcp": Reader("tiecheck.loaders.formats.dcp", "load_dcp"),
+    "peft": Reader("tiecheck.loaders.formats.peft_adapter", "load_adapter"),
+    "hf": Reader("tiecheck.loaders.formats.hf", "load_hf_folder"),
+    "hf-config": Reader("tiecheck.loaders.formats.hf", "read_config"),
+    "state dict": Reader("tiecheck.loaders.formats.torchfile", "pick_state"),
+    "remote": Reader("tiecheck.loaders.remote", "load_remote", "remote", "a Hub id or URL"),
+    "hub id": Reader("tiecheck.loaders.remote", "hub_id", "remote", "a Hub id"),
+}
+
+
+def reader(kind: str, target: str = "") -> Callable[..., Any]:
+    """The reader of ``kind``, imported on first use.
+
+    Why lazily: each reader imports torch or its format's library (onnx, gguf, peft, huggingface_hub;
+    ``torch.distributed.checkpoint`` alone takes a second), and a bundled model, a spec or
+    ``tiecheck --help`` must not pay for all of them. A reader whose extra is missing is refused in
+    one line that names the extra.
+
+    Args:
+        kind: a key of ``READERS``.
+        target: what is being read, for the error.
+
+    Returns:
+        The reader function.
+    """
+    r = READERS[kind]
+    try:
+        module = import_module(r.module)
+    except ImportError as e:
+        if r.extra is None:
+            raise
+        raise TargetError(f"{target}: {r.what}; reading it needs the {r.extra} package: "
+                          f"pip install 'tiecheck[{r.extra}]'") from e
+    return getattr(module, r.function)
+
+
 def from_module(module, target: str | None = None, fmt: str = "nn.Module", notes=None, config=None) -> Subject:
     sub = Subject(tensors=module_tensors(module), module=module, config=config,
                   source=Source(target=target or type(module).__name__, format=fmt, notes=list(notes or [])))
@@ -33,9 +92,7 @@ def from_module(module, target: str | None = None, fmt: str = "nn.Module", notes
 
 
 def from_mapping(obj: Mapping, key: str | None = None, target: str = "<state dict>") -> Subject:
-    from tiecheck.loaders.formats.torchfile import pick_state  # noqa: PLC0415 - a loader that needs torch
-
-    tensors, used, notes = pick_state(obj, key, target)
+    tensors, used, notes = reader("state dict")(obj, key, target)
     fmt = "training checkpoint" if used else "state dict"
     return Subject(tensors=tensors, source=Source(target=target, format=fmt, key=used, notes=notes))
 
@@ -92,10 +149,8 @@ def hf_folder_note(path: Path) -> str | None:
     folder = path.parent
     if not detect.is_hf_folder(folder):
         return None
-    from tiecheck.loaders.formats.hf import read_config  # noqa: PLC0415 - a loader that needs torch
-
     try:
-        cfg = read_config(folder)
+        cfg = reader("hf-config")(folder)
     except TargetError:
         return None  # a broken config is the folder's problem, reported when the folder is inspected
     where = f"{path.name} is part of the Hugging Face folder {folder}, whose config.json"
@@ -113,39 +168,13 @@ def load_file(path: Path, kind: str | None, *, key: str | None = None, trust_pic
 
     target = str(path)
     if kind in (detect.TORCH_SAVE, detect.TORCH_SAVE_LEGACY):
-        from tiecheck.loaders.formats import torchfile  # noqa: PLC0415 - a loader that needs torch
-
-        return torchfile.load_torch_file(target, key=key, trust_pickle=trust_pickle, whole=whole)
-    if kind == detect.SAFETENSORS:
-        from tiecheck.loaders.formats.safetensors_files import load_safetensors_file  # noqa: PLC0415 - a loader that needs torch
-
-        return load_safetensors_file(path)
+        return reader(detect.TORCH_SAVE)(target, key=key, trust_pickle=trust_pickle, whole=whole)
     if kind == detect.WEIGHTS_INDEX:
-        from tiecheck.loaders.formats.sharded import load_sharded  # noqa: PLC0415 - a loader that needs torch
-
-        return load_sharded(path, detect.read_weights_index(path), trust_pickle=trust_pickle, progress=progress)
-    if kind == detect.PT2:
-        from tiecheck.loaders.formats.export import load_pt2  # noqa: PLC0415 - a loader that needs torch
-
-        return load_pt2(path, trust_pickle=trust_pickle)
-    if kind == detect.TORCHSCRIPT:
-        from tiecheck.loaders.formats.torchscript import load_torchscript  # noqa: PLC0415 - a loader that needs torch
-
-        return load_torchscript(path, trust_pickle=trust_pickle)
-    if kind == detect.ONNX:
-        try:
-            from tiecheck.loaders.formats.onnx_files import load_onnx  # noqa: PLC0415 - onnx is the [onnx] extra
-        except ImportError as e:
-            raise TargetError(f"{target}: an ONNX model; reading it needs the onnx package: "
-                              f"pip install 'tiecheck[onnx]'") from e
-        return load_onnx(path)
-    if kind == detect.GGUF:
-        try:
-            from tiecheck.loaders.formats.gguf_files import load_gguf  # noqa: PLC0415 - gguf is the [gguf] extra
-        except ImportError as e:
-            raise TargetError(f"{target}: a GGUF file; reading it needs the gguf package: "
-                              f"pip install 'tiecheck[gguf]'") from e
-        return load_gguf(path)
+        return reader(kind)(path, detect.read_weights_index(path), trust_pickle=trust_pickle, progress=progress)
+    if kind in (detect.PT2, detect.TORCHSCRIPT):
+        return reader(kind)(path, trust_pickle=trust_pickle)
+    if kind in (detect.SAFETENSORS, detect.ONNX, detect.GGUF):
+        return reader(kind, target)(path)
     raise TargetError(f"{target}: not a recognised checkpoint; the first bytes match no known format (torch.save, "
                       f"safetensors, a *.index.json weights index, torch.export .pt2, TorchScript, ONNX, GGUF)")
 
@@ -155,19 +184,12 @@ def load_folder(path: Path, *, key: str | None = None, trust_pickle: bool = Fals
     """A folder: a DCP checkpoint, a Hugging Face model folder, a sharded checkpoint or one weight file."""
     try:
         if detect.is_dcp_folder(path):
-            # torch.distributed.checkpoint takes a second to import: only DCP folders pay for it
-            from tiecheck.loaders.formats.dcp import load_dcp  # noqa: PLC0415
-
-            return load_dcp(path, key=key)
+            return reader("dcp")(path, key=key)
         if detect.is_peft_folder(path):
-            from tiecheck.loaders.formats.peft_adapter import load_adapter  # noqa: PLC0415 - a loader that needs torch (and peft)
-
-            return load_adapter(path)
+            return reader("peft")(path)
         if detect.is_hf_folder(path):
-            from tiecheck.loaders.formats.hf import load_hf_folder  # noqa: PLC0415 - a loader that needs torch
-
-            return load_hf_folder(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
-                                  progress=progress)
+            return reader("hf")(path, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+                                progress=progress)
         kinds: dict[str | None, list[Path]] = {}
         for p in sorted(path.iterdir()):
             if p.is_file() and p.stat().st_size > 0:
@@ -203,13 +225,11 @@ def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = Fal
 
     if isinstance(target, Subject):
         return target
-    try:
-        from torch import nn  # noqa: PLC0415 - only a module target needs torch here
-
-        if isinstance(target, nn.Module):
-            return from_module(target)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    # An nn.Module exists only once torch is imported: asking sys.modules keeps a path or a name
+    # from importing torch here.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(target, torch.nn.Module):
+        return from_module(target)
     if isinstance(target, Mapping):
         return from_mapping(target, key=key)
     if isinstance(target, os.PathLike):
@@ -225,9 +245,7 @@ def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = Fal
                          progress=progress)
     # -- remote targets (loaders/remote.py): a URL before a spec, since a URL holds a colon ------------
     if target.lower().startswith(REMOTE_SCHEMES):
-        from tiecheck.loaders.remote import load_remote  # noqa: PLC0415 - huggingface_hub and fsspec, only for URLs
-
-        return load_remote(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
+        return reader("remote", target)(target, key=key, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code,
                            progress=progress)
     if spec.looks_like_spec(target):
         module = spec.load_module_spec(target)
@@ -235,12 +253,9 @@ def load_target(target: Any, *, key: str | None = None, trust_pickle: bool = Fal
     if bundled.is_bundled(target):
         return bundled.load_bundled(target)
     # -- a Hugging Face Hub id (org/name[@revision]): the local cache first, else the Hub ------------
-    if "/" in target:
-        from tiecheck.loaders import remote  # noqa: PLC0415 - huggingface_hub, only for what may be a Hub id
-
-        if remote.hub_id(target) is not None:
-            return remote.load_remote(target, key=key, trust_pickle=trust_pickle,
-                                      trust_remote_code=trust_remote_code, progress=progress)
+    if "/" in target and reader("hub id", target)(target) is not None:
+        return reader("remote", target)(target, key=key, trust_pickle=trust_pickle,
+                                        trust_remote_code=trust_remote_code, progress=progress)
     hint = ""
     names = bundled.names()
     if names:

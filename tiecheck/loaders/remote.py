@@ -36,8 +36,23 @@ from urllib.parse import quote, unquote, urljoin
 
 import torch
 
+# The `remote` extra. This module is itself imported only for a URL or what may be a Hub id (the
+# loaders' READERS table), so its libraries load at its top; without them a Hub id or a store URL
+# is refused in one line that names the extra.
+try:
+    import huggingface_hub as hub
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub.utils import HFValidationError, build_hf_headers, validate_repo_id
+except ImportError:  # pragma: no cover - exercised with the extra uninstalled
+    hub = None
+try:
+    import fsspec
+except ImportError:  # pragma: no cover - exercised with the extra uninstalled
+    fsspec = None
+
 from tiecheck.errors import TargetError, TiecheckError
-from tiecheck.loaders import REMOTE_SCHEMES, detect
+from tiecheck.loaders import REMOTE_SCHEMES, detect, load_path
 from tiecheck.loaders.content import register_stand_in, release_stand_in, tensor_layout
 from tiecheck.loaders.formats.hf import PREFERRED, find_weights
 from tiecheck.loaders.formats.safetensors_files import DTYPES, header_length, read_header
@@ -86,12 +101,9 @@ def hub_id(target: str) -> tuple[str, str | None] | None:
     m = _HUB_ID.match(target.strip())
     if m is None or m.group(1).lower().endswith(_FILE_SUFFIXES):
         return None
-    try:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id  # noqa: PLC0415 - only for a Hub id
-    except ImportError:
+    if hub is None:
         raise TargetError(f"{target}: no such file or folder, bundled model or Python spec; reading it as a Hugging "
                           f"Face Hub id needs huggingface_hub: pip install 'tiecheck[remote]'") from None
-
     try:
         validate_repo_id(m.group(1))
     except HFValidationError:
@@ -129,19 +141,15 @@ def load_remote(target: str, *, key: str | None = None, trust_pickle: bool = Fal
 
 def _load_hub(target: str, repo_id: str, revision: str | None, options: dict,
               progress: Callable[[int, int], None] | None) -> Subject:
-    from huggingface_hub import constants  # noqa: PLC0415 - huggingface_hub only for Hub ids
-
     cached = cached_snapshot(repo_id, revision)
     if cached is not None:
-        from tiecheck.loaders import load_path  # noqa: PLC0415 - the package imports this module lazily
-
         sub = load_path(cached, progress=progress, **options)
         sub.source.notes.insert(0, f"read from the local Hugging Face cache: {cached}")
         sub.source = replace(sub.source, target=target)
         sub.extra["remote"] = {"where": "cache", "repo_id": repo_id, "revision": revision or "main",
                                "snapshot": str(cached), "bytes_fetched": 0, "requests": 0}
         return sub
-    if constants.is_offline_mode():
+    if hub_constants.is_offline_mode():
         raise TargetError(f"{target}: not in the local Hugging Face cache with its weights, and HF_HUB_OFFLINE is "
                           f"set, so the Hub is not asked; unset HF_HUB_OFFLINE, or download it first (hf download "
                           f"{repo_id})")
@@ -162,11 +170,8 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     refs, without asking the Hub); it counts only when the Hugging Face folder loader would find
     its weights there (every shard of an index), since a partial download is read from the Hub.
     """
-    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 - huggingface_hub only for Hub ids
-
-
     for name in (CONFIG, *PREFERRED):
-        found = try_to_load_from_cache(repo_id, name, revision=revision)
+        found = hub.try_to_load_from_cache(repo_id, name, revision=revision)
         if isinstance(found, str):
             folder = Path(found).parent
             break
@@ -192,31 +197,26 @@ class HubFolder:
     redirect to its CDN), and its bytes by range through huggingface_hub's HTTP session."""
 
     def __init__(self, target: str, repo_id: str, revision: str | None, stats: FetchStats):
-        from huggingface_hub import HfApi, get_session  # noqa: PLC0415 - huggingface_hub only for Hub ids
-
         self.target, self.repo_id, self.stats = target, repo_id, stats  # target: as the user gave it
-        api = HfApi()
+        api = hub.HfApi()
         self.endpoint = api.endpoint
         info = _hub_call(lambda: api.model_info(repo_id, revision=revision, files_metadata=True, timeout=timeout()),
                          target, repo_id, revision, self.endpoint)
         self.sha = info.sha or revision or "main"
         self.sizes = {s.rfilename: s.size for s in info.siblings or []}
         self.where = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
-        self.client = get_session()
+        self.client = hub.get_session()
         self._revision = revision
 
     def names(self) -> list[str]:
         return sorted(self.sizes)
 
     def open(self, name: str) -> RemoteFile | None:
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url  # noqa: PLC0415 - huggingface_hub only for Hub ids
-        from huggingface_hub.utils import build_hf_headers  # noqa: PLC0415 - idem
-
         if name not in self.sizes:
             return None
         where = f"{self.where}/{name}"
-        url = hf_hub_url(self.repo_id, name, revision=self.sha, endpoint=self.endpoint)
-        meta = _hub_call(lambda: get_hf_file_metadata(url, timeout=timeout(), endpoint=self.endpoint), where,
+        url = hub.hf_hub_url(self.repo_id, name, revision=self.sha, endpoint=self.endpoint)
+        meta = _hub_call(lambda: hub.get_hf_file_metadata(url, timeout=timeout(), endpoint=self.endpoint), where,
                          self.repo_id, self._revision, self.endpoint)
         # The auth header goes only to the Hub itself, never to the CDN its redirect names.
         headers = build_hf_headers() if origin(meta.location) == origin(self.endpoint) else {}
@@ -226,26 +226,24 @@ class HubFolder:
 
 def _hub_call(fn: Callable[[], Any], where: str, repo_id: str, revision: str | None, endpoint: str) -> Any:
     """A huggingface_hub call, its errors as one line each."""
-    from huggingface_hub import errors  # noqa: PLC0415 - huggingface_hub only for Hub ids
-
     httpx2 = http_client_module()
 
     try:
         return fn()
-    except errors.GatedRepoError:
+    except hub_errors.GatedRepoError:
         raise TargetError(f"{where}: {repo_id} is gated on the Hub: accept its conditions on its page and log in "
                           f"(hf auth login)") from None
-    except errors.RepositoryNotFoundError:
+    except hub_errors.RepositoryNotFoundError:
         raise TargetError(f"{where}: no such file or folder, bundled model or Python spec, and no model {repo_id} on "
                           f"the Hugging Face Hub ({endpoint}) that this login can see") from None
-    except errors.RevisionNotFoundError:
+    except hub_errors.RevisionNotFoundError:
         raise TargetError(f"{where}: {repo_id} has no revision {revision!r} on the Hub") from None
-    except errors.EntryNotFoundError:
+    except hub_errors.EntryNotFoundError:
         raise RemoteNotFound(f"{where}: not found on the Hub") from None
-    except errors.OfflineModeIsEnabled:
+    except hub_errors.OfflineModeIsEnabled:
         raise TargetError(f"{where}: HF_HUB_OFFLINE is set, so the Hub is not asked; unset it, or download the "
                           f"model first (hf download {repo_id})") from None
-    except errors.HfHubHTTPError as e:
+    except hub_errors.HfHubHTTPError as e:
         status = e.response.status_code if getattr(e, "response", None) is not None else "?"
         raise TargetError(f"{where}: the Hub answered HTTP {status}") from None
     except httpx2.TimeoutException:
@@ -323,9 +321,7 @@ def _load_url(target: str, options: dict, progress: Callable[[int, int], None] |
 
 def _load_store(target: str, options: dict, progress: Callable[[int, int], None] | None,
                 stats: FetchStats) -> Subject:
-    try:
-        import fsspec  # noqa: PLC0415 - the `remote` extra, only for object-store URLs
-    except ImportError:
+    if fsspec is None:
         raise TargetError(f"{target}: reading object stores needs fsspec and its store's library: pip install "
                           f"'tiecheck[remote]'") from None
     protocol = target.split("://", 1)[0].lower()
@@ -412,8 +408,6 @@ def _load_mirrored(folder: Any, single: tuple[str, RemoteFile] | None, options: 
                    closing: list[Any] | None = None) -> Subject:
     """Lay out the stand-in folder for ``folder`` (or for its one file ``single``), read it with the
     local loaders, and tie the stand-ins' registrations (and ``closing``) to the subject's life."""
-    from tiecheck.loaders import load_path  # noqa: PLC0415 - the package imports this module lazily
-
     mirror = Mirror(folder.where)
     try:
         try:

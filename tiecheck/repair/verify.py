@@ -138,16 +138,24 @@ def _library_checks(plan: Plan, output: Path) -> list[Check]:
 FIXED_INPUT = 16  # tokens of the fixed input the logits are compared on
 
 
-def _logits(folder: Path):
-    import transformers  # noqa: PLC0415 - transformers is the [hf] extra
+def _transformers() -> Any:
+    """transformers, or None without the [hf] extra. Imported when a folder's copy is checked, not at
+    the top: fix on a lone file never needs it, and it takes seconds to import."""
+    try:
+        import transformers  # noqa: PLC0415 - the [hf] extra, only for a Hugging Face folder
+    except ImportError:
+        return None
+    return transformers
 
+
+def _logits(folder: Path):
+    transformers = _transformers()
+    tlog = transformers.utils.logging
     cfg = read_config(folder)
     arch = (cfg.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         cls = transformers.AutoModelForCausalLM
-    from transformers.utils import logging as tlog  # noqa: PLC0415 - same boundary
-
     bars = tlog.is_progress_bar_enabled()
     tlog.disable_progress_bar()  # "Loading weights" bars on stderr are noise around the checks
     try:
@@ -167,9 +175,7 @@ def _logits(folder: Path):
 
 def _transformers_checks(plan: Plan, target: Path, output: Path) -> list[Check]:
     name = "transformers logits"
-    try:
-        import transformers  # noqa: F401, PLC0415 - the [hf] extra
-    except ImportError:
+    if _transformers() is None:
         return [Check(name, True, "transformers is not installed (pip install 'tiecheck[hf]')", skipped=True)]
 
     try:

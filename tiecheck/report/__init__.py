@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 __all__ = ["EXPECTATION_CODES", "FAIL_ON", "SCHEMA_VERSION", "Report"]
@@ -17,7 +18,5 @@ def __getattr__(name: str) -> Any:
     # Resolved on first use: the CLI imports report.text for every error line, and loading the
     # Report (with the findings catalogue) there would cost every `tiecheck --help` its time.
     if name in __all__:
-        from tiecheck.report import report  # noqa: PLC0415
-
-        return getattr(report, name)
+        return getattr(import_module("tiecheck.report.report"), name)
     raise AttributeError(f"module 'tiecheck.report' has no attribute {name!r}")

@@ -30,10 +30,6 @@ PREFIX = "base_model.model."  # peft's prefix on every saved key
 _ADAPTER_PART = re.compile(r"\.(lora_[A-Za-z_]+|lora_embedding_[AB]|modules_to_save|original_module)(\.|$)")
 
 
-def is_adapter_folder(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
-
-
 def check_config_json(path: Path) -> None:
     """``adapter_config.json`` parsed by tiecheck first, within the bounds of ``config.json``: peft
     reads it with ``json.load``, whose RecursionError on JSON nested 100,000 deep escapes every
