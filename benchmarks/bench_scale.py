@@ -3,7 +3,7 @@
     pytest benchmarks/bench_scale.py --benchmark-only -s
 
 The suite holds the analyses linear by counting the Python lines they execute
-(tests/test_scale.py); this measures the seconds. Each step's time is a ratio to one plain pass
+(tests/test_api_scale.py); this measures the seconds. Each step's time is a ratio to one plain pass
 that touches every fact and builds a dict entry per fact, measured in the same run (the best of
 three of each), so a slow or loaded machine shifts both. A linear step keeps its ratio as the
 facts grow; a quadratic one's ratio grows with them (the old overlap sweep: ~120x at 50,000,

@@ -421,3 +421,20 @@ def test_repository_paths_in_code_spans_exist(page):
             missing += [f"{page.relative_to(ROOT)}:{n}: {s}" for s in code_spans(line)
                         if REPO_PATH.match(s) and not (ROOT / s).exists()]
     assert not missing, "files named in the text that the repository does not have:\n  " + "\n  ".join(missing)
+
+
+def test_every_test_file_is_named_after_a_module_or_command():
+    """docs/architecture.md: a test file is ``test_<module or command>[_<aspect>].py``, so the tests of
+    a module are found by its name. The names are read from the package and the CLI, not listed here."""
+    modules = list((ROOT / "tiecheck").rglob("*.py"))
+    names = {p.stem for p in modules} | {p.parent.name for p in modules}
+    names |= {p.stem for p in (ROOT / "models").glob("*.py")}
+    assert isinstance(main, click.Group)
+    names |= set(main.commands) | {"readme", "docs", "zoo"}
+    names -= {"__init__", "__main__"}
+    misnamed = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        parts = path.stem.removeprefix("test_").split("_")
+        if not any("_".join(parts[:i]) in names for i in range(1, len(parts) + 1)):
+            misnamed.append(path.name)
+    assert not misnamed, f"name these after the module or command they test: {misnamed}"

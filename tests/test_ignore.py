@@ -1,5 +1,5 @@
 """Ignored findings (``ignore`` in [tool.tiecheck], ``--ignore``): kept in the report, marked, never failing;
-and diff's hint for a head trained apart (TC005's hint with a config that unties is in test_loader_verdicts)."""
+and diff's hint for a head trained apart (TC005's hint with a config that unties is in test_loaders_verdicts)."""
 
 from __future__ import annotations
 

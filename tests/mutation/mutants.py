@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # target file -> (line range or None for the whole file, the test files that should kill its mutants)
 # The fast pure tests come first: with -x a mutant they kill never reaches the slower ones.
 TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
-    "tiecheck/analyses/duplicates.py": (None, ["tests/test_analyses.py", "tests/test_duplicate_content.py",
-                                               "tests/test_content_stats.py", "tests/test_duplicate_groups.py",
-                                               "tests/test_transposed_pairs.py",
+    "tiecheck/analyses/duplicates.py": (None, ["tests/test_analyses.py", "tests/test_duplicates_content.py",
+                                               "tests/test_content_stats.py", "tests/test_duplicates_groups.py",
+                                               "tests/test_duplicates_transposed_pairs.py",
                                                # the content pass's progress calls
                                                "tests/test_progress_within_phase.py::"
                                                "test_content_pass_reports_sampled_tensors_up_to_the_total",
@@ -44,23 +44,23 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                                "tests/test_progress_within_phase.py::"
                                                "test_content_pass_without_a_callback_is_unchanged",
                                                "tests/test_inspect_modules.py"]),
-    "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py", "tests/test_overlap_views.py",
-                                         "tests/test_tie_groups.py", "tests/test_summary_figures.py",
+    "tiecheck/analyses/ties.py": (None, ["tests/test_analyses.py", "tests/test_ties_overlap_views.py",
+                                         "tests/test_ties_groups.py", "tests/test_memory_summary_figures.py",
                                          "tests/test_inspect_modules.py"]),
-    "tiecheck/analyses/candidates.py": (None, ["tests/test_analyses.py", "tests/test_candidate_roles.py",
+    "tiecheck/analyses/candidates.py": (None, ["tests/test_analyses.py", "tests/test_candidates_roles.py",
                                                "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/lint.py": (None, ["tests/test_analyses.py", "tests/test_lint_findings.py",
-                                         "tests/test_linear_findings.py", "tests/test_device_findings.py",
+                                         "tests/test_lint_linear_findings.py", "tests/test_device_findings.py",
                                          "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/memory.py": (None, ["tests/test_analyses.py", "tests/test_memory_counts.py",
-                                           "tests/test_summary_figures.py",
+                                           "tests/test_memory_summary_figures.py",
                                            "tests/test_inspect_modules.py"]),
     "tiecheck/analyses/packed.py": (None, ["tests/test_analyses.py", "tests/test_packed_pairs.py",
                                            "tests/test_packed_heads.py"]),
     # Declared against physical and stored, and adapters against their base: the pure tests first, then
     # the ones built on transformers models and PEFT folders (seconds each).
-    "tiecheck/analyses/layers.py": (None, ["tests/test_layer_states.py", "tests/test_declared.py",
-                                           "tests/test_declared_diff_check.py", "tests/test_config_tie.py",
+    "tiecheck/analyses/layers.py": (None, ["tests/test_layers_states.py", "tests/test_declared.py",
+                                           "tests/test_declared_diff_check.py", "tests/test_layers_config_tie.py",
                                            "tests/test_sharded_aliases.py"]),
     "tiecheck/analyses/adapter.py": (None, ["tests/test_adapter_rows.py", "tests/test_peft_adapter.py"]),
 }
@@ -68,12 +68,12 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
 PATH_CHECKS = {
     "tiecheck/loaders/formats/sharded.py": ("def shard_paths(", "return by_shard",
                                               ["tests/test_shard_index.py", "tests/test_shard_messages.py",
-                                               "tests/test_contained_paths.py"]),
-    # test_contained_paths only holds hostile names: a check that refused every name would pass it.
+                                               "tests/test_loaders_contained_paths.py"]),
+    # test_loaders_contained_paths only holds hostile names: a check that refused every name would pass it.
     "tiecheck/loaders/formats/dcp.py": ("    files: dict[str, int] = {}", "files[rel] = p.stat().st_size",
                                 ["tests/test_formats.py::test_dcp_folder_reads_metadata_and_maps_chunks",
                                  "tests/test_formats.py::test_dcp_missing_data_file_and_truncation",
-                                 "tests/test_contained_paths.py"]),
+                                 "tests/test_loaders_contained_paths.py"]),
 }
 
 FLIP = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.GtE, ast.GtE: ast.Lt, ast.Gt: ast.LtE, ast.LtE: ast.Gt,

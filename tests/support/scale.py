@@ -1,6 +1,6 @@
 """Synthetic facts at scale: many small tensors in one mapped storage, and every analysis over them.
 
-Shared by tests/test_scale.py (lines executed, results) and benchmarks/bench_scale.py (seconds).
+Shared by tests/test_api_scale.py (lines executed, results) and benchmarks/bench_scale.py (seconds).
 """
 
 from __future__ import annotations
