@@ -10,9 +10,12 @@ docstring says how) in the same commit.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+
+from tiecheck.report import Report
 
 from support import report_zoo
 
@@ -40,3 +43,16 @@ def test_output_equals_the_file(outputs, case):
     want = (FIXTURES / report_zoo.file_name(case)).read_text(encoding="utf-8")
     got = report_zoo.as_file(*outputs[case])
     assert got == want, f"{case}: the output differs from tests/fixtures/reports/{report_zoo.file_name(case)}"
+
+
+INSPECT_JSON = sorted(p.name for p in FIXTURES.glob("inspect--*.json"))
+
+
+@pytest.mark.parametrize("name", INSPECT_JSON)
+def test_a_saved_report_reads_back_byte_for_byte(name):
+    """``Report.from_dict`` rebuilds the typed report from its JSON, and ``to_json`` writes the same bytes:
+    a saved report (``diff`` against one, snapshots) is the report, not a lossy copy of it."""
+    text = (FIXTURES / name).read_text(encoding="utf-8").rsplit("[exit ", 1)[0].rstrip("\n")
+    report = Report.from_dict(json.loads(text))
+    assert report.to_json().rstrip("\n") == text  # the file adds the exit code after the JSON's last line
+    assert all(isinstance(f.code, str) for f in report.findings)  # typed: attributes, not dict keys
