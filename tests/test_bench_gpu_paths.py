@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 import tiecheck.bench
 from tiecheck import models
-from tiecheck.bench import BenchConfig, max_batch, render, run_bench, runner
+from tiecheck.bench import BenchConfig, max_batch, render, run_bench, run_state, runner
 from tiecheck.bench import device as D
 from tiecheck.bench.protocol import make_batches, mark_batch_dynamic
 from tiecheck.bench.result_text import header_items
@@ -325,8 +325,7 @@ def test_cli_writes_the_partial_table_before_a_time_limit(monkeypatch, tmp_path)
 
 def test_compiled_max_batch_marks_the_batch_dynamic_and_resets_the_compiler(monkeypatch):
     compiled, resets, marked = [], [], []
-    monkeypatch.setattr(max_batch, "compile_step", lambda plan, m: compiled.append(plan.compile) or m)
-    monkeypatch.setattr(runner, "compile_step", lambda plan, m: compiled.append(plan.compile) or m)
+    monkeypatch.setattr(run_state, "compile_step", lambda plan, m: compiled.append(plan.compile) or m)
     monkeypatch.setattr(D, "reset_compiled", lambda: resets.append(1))
     monkeypatch.setattr(max_batch, "mark_batch_dynamic", lambda b: marked.append(b.inputs[0].shape[0]))
     st = _max_batch_state(compile_=True)

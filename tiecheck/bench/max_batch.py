@@ -19,12 +19,10 @@ from tiecheck.bench.protocol import (
     mark_batch_dynamic,
 )
 from tiecheck.bench.results import VariantRecord
-from tiecheck.bench.run_state import RunState, compile_step
+from tiecheck.bench.run_state import RunState, build_variant
 from tiecheck.bench.settings import (
     LEAK_TOLERANCE,
-    LR,
     VARIANTS,
-    WEIGHT_DECAY,
     Builder,
 )
 from tiecheck.bench.stats import MIN_ROUNDS_FOR_VERDICT
@@ -135,17 +133,10 @@ def find_max_batch(st: RunState, builder: Builder, emit: Callable[[str], None] =
     for name in VARIANTS:
         rec = st.records[name]
         with D.catch_oom() as caught:
-            module = builder(name == "tied", plan.dev, plan.seed)
-            if plan.mode == "infer":
-                module.eval()
-            v = Variant(name=name, module=module, fn=plan.call(compile_step(plan, module)), dev=plan.dev, dtype=plan.dtype,
-                        mode=plan.mode, vocab_limit=plan.vocab_size)
-            if plan.mode == "train":
-                v.optimizer, _ = D.make_adamw(module.parameters(), plan.dev, LR, WEIGHT_DECAY)
-                v.scaler = D.grad_scaler(plan.dev, plan.dtype)
+            v, _ = build_variant(plan, builder, name)
         if caught:
             rec.max_batch_status = f"out of memory building the model alone ({caught[0]})"
-            module = v = None  # what was built before the failure must not stay resident for the next variant
+            v = None  # what was built before the failure must not stay resident for the next variant
             D.cleanup_after_oom(plan.dev)
             check_released(st, baseline, name)
             continue
@@ -156,7 +147,7 @@ def find_max_batch(st: RunState, builder: Builder, emit: Callable[[str], None] =
         else:
             measure_alone(st, v, best, rec)
         v.release()
-        module = None  # the last reference to the model: free it before the next variant is built
+        v = None  # the last reference to the model: free it before the next variant is built
         D.release_memory(plan.dev, compiled=plan.compile)
         check_released(st, baseline, name)
         if name != VARIANTS[-1]:

@@ -8,16 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tiecheck.bench import device as D
 from tiecheck.bench.flops import FlopsShape
-from tiecheck.bench.protocol import (
-    Batch,
-    Variant,
-)
+from tiecheck.bench.protocol import Batch, Variant
 from tiecheck.bench.results import VariantRecord
-from tiecheck.bench.settings import (
-    Plan,
-    Progress,
-)
+from tiecheck.bench.settings import LR, WEIGHT_DECAY, Plan, Progress
 
 
 @dataclass
@@ -43,3 +38,19 @@ class RunState:
 def compile_step(plan: Plan, module: nn.Module) -> Callable:
     """The variant as its steps run it: compiled when the plan says so."""
     return torch.compile(module) if plan.compile else module
+
+
+def build_variant(plan: Plan, builder: Callable[[bool, torch.device, int], nn.Module], name: str) -> tuple[Variant, str]:
+    """One variant as the bench steps it: built from the seed, in eval mode for inference, with
+    AdamW and its grad scaler for training. Returns the variant and the optimizer's label ("" when
+    not training). An out-of-memory error goes to the caller, inside its ``D.catch_oom()``."""
+    module = builder(name == "tied", plan.dev, plan.seed)
+    if plan.mode == "infer":
+        module.eval()
+    v = Variant(name=name, module=module, fn=plan.call(compile_step(plan, module)), dev=plan.dev, dtype=plan.dtype,
+                mode=plan.mode, vocab_limit=plan.vocab_size)
+    label = ""
+    if plan.mode == "train":
+        v.optimizer, label = D.make_adamw(module.parameters(), plan.dev, LR, WEIGHT_DECAY)
+        v.scaler = D.grad_scaler(plan.dev, plan.dtype)
+    return v, label

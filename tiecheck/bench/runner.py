@@ -43,7 +43,7 @@ from tiecheck.bench.protocol import (
     weight_bytes,
 )
 from tiecheck.bench.results import BenchResult, VariantRecord
-from tiecheck.bench.run_state import RunState, compile_step
+from tiecheck.bench.run_state import RunState, build_variant
 from tiecheck.bench.settings import (
     LEAK_TOLERANCE,
     LR,
@@ -139,21 +139,14 @@ def _measure_matmul(plan: Plan) -> float | None:
     return None if caught else value
 
 
-
-
 def _build_variants(st: RunState, builder: Builder) -> None:
     plan = st.plan
     for name in VARIANTS:
         rec = st.records[name] = VariantRecord(name=name)
         with D.catch_oom() as caught:
-            module = builder(name == "tied", plan.dev, plan.seed)
-            if plan.mode == "infer":
-                module.eval()
-            v = Variant(name=name, module=module, fn=plan.call(compile_step(plan, module)), dev=plan.dev, dtype=plan.dtype,
-                        mode=plan.mode, vocab_limit=plan.vocab_size)
-            if plan.mode == "train":
-                v.optimizer, st.optimizer_label = D.make_adamw(module.parameters(), plan.dev, LR, WEIGHT_DECAY)
-                v.scaler = D.grad_scaler(plan.dev, plan.dtype)
+            v, label = build_variant(plan, builder, name)
+            module = v.module
+            st.optimizer_label = label or st.optimizer_label
             st.variants[name] = v
             rec.params = param_count(module)
             rec.weight_bytes = weight_bytes(module)
