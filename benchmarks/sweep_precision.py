@@ -240,6 +240,15 @@ def complete_window(cfg) -> None:
             c.sliding_window = 64
 
 
+def complete_placeholders(cfg) -> None:
+    """A Q-Former model's image placeholder (BLIP-2, InstructBLIP): every released checkpoint sets
+    ``image_token_index`` (a token of the text vocabulary its processor writes before the text), the default
+    config leaves it None, and the forward then finds no image position. Set after ``cut_vocab``, so the id
+    lies in the vocabulary the model is built with."""
+    if getattr(cfg, "num_query_tokens", None) and getattr(cfg, "image_token_index", 0) is None:
+        cfg.image_token_index = cfg.get_text_config().vocab_size - 1
+
+
 def cut_experts(cfg, n: int = EXPERTS) -> None:
     """Mixture-of-experts layers cut to ``n`` experts, two routed a token, in one group."""
     for c in sub_configs(cfg):
@@ -285,6 +294,7 @@ def small_configs(cls, model_type: str) -> Iterator[tuple[str, Any]]:
                     cut_vocab(cfg)
                 if layers:
                     cut_layers(cfg)
+                complete_placeholders(cfg)
                 yield f"widths/{k}{', vocab ' + str(SMALL_VOCAB) if vocab else ''}{', layers ' + str(LAYERS) if layers else ''}", cfg
 
 
@@ -510,6 +520,7 @@ def default_config_flops(cls, model_type: str) -> dict[str, Any]:
         complete_defaults(cfg)
         complete_window(cfg)
         cut_layers(cfg)
+        complete_placeholders(cfg)
         model = build(cls, cfg, "meta")
     except Exception as e:  # noqa: BLE001 - recorded
         return {"available": False, "reason": f"the default config does not build ({one_line(e)})", "readable": True,

@@ -383,3 +383,68 @@ def media_inputs(module: nn.Module, mi: ModelInputs, wanted: Sequence[str]) -> l
             out.append(replace(mi, kwargs={**base, **kw},
                                notes=(*mi.notes, f"synthesized {shown} of zeros: the forward needs it")))
     return out
+
+
+# -- token ids laid out as the model reads them: codebooks, channels, image placeholders ----------
+
+def _decoder_config(config: Any) -> Any:
+    """The decoder's own config of a model that nests one (Dia's ``decoder_config``, MusicGen's ``decoder``)."""
+    for name in ("decoder_config", "decoder"):
+        sub = getattr(config, name, None)
+        if hasattr(sub, "to_dict"):
+            return sub
+    return config
+
+
+def _image_token(config: Any) -> int | None:
+    found = _config_int(config, ("image_token_index", "image_token_id"))
+    return found[1] if found else None
+
+
+def token_layouts(module: nn.Module, mi: ModelInputs) -> list[ModelInputs]:
+    """``mi`` with its token ids laid out another way, one candidate per layout the config describes.
+
+    Tried only after the plain ids failed, so a model that reads plain ids never sees them:
+
+    * one row per codebook (MusicGen: ``input_ids`` of ``[batch x num_codebooks, seq]``, or the decoder's
+      ids of an encoder-decoder), from ``num_codebooks``;
+    * one column per audio channel (Dia: the decoder's ids of ``[batch, seq, num_channels]``), from the
+      decoder config's ``num_channels``;
+    * the image placeholders a Q-Former model replaces with its queries (BLIP-2, InstructBLIP:
+      ``num_query_tokens`` ids equal to ``image_token_index`` before the text), as their processors write them.
+
+    Returns:
+        The candidates, each with a note saying what it changed; empty when the config describes none.
+    """
+    config = getattr(module, "config", None)
+    ids = mi.kwargs.get("input_ids")
+    if config is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return []
+    target = "decoder_input_ids" if isinstance(mi.kwargs.get("decoder_input_ids"), torch.Tensor) else "input_ids"
+    tokens = mi.kwargs[target]
+    out: list[ModelInputs] = []
+
+    def candidate(name: str, value: torch.Tensor, note: str) -> None:
+        out.append(replace(mi, kwargs={**mi.kwargs, name: value}, notes=(*mi.notes, note)))
+
+    decoder = _decoder_config(config)
+    codebooks = _config_int(decoder, ("num_codebooks",))
+    if codebooks and codebooks[1] > 1:
+        n = codebooks[1]
+        candidate(target, tokens.repeat_interleave(n, dim=0),
+                  f"{target} laid out as {tokens.shape[0] * n} rows: one per codebook (num_codebooks={n})")
+    channels = _config_int(decoder, ("num_channels",)) if decoder is not config else None
+    if channels and channels[1] > 1:
+        n = channels[1]
+        candidate(target, tokens.unsqueeze(-1).expand(*tokens.shape, n).contiguous(),
+                  f"{target} laid out as [{tokens.shape[0]}, {tokens.shape[1]}, {n}]: one column per channel "
+                  f"(num_channels={n})")
+    image, queries = _image_token(config), _config_int(config, ("num_query_tokens",))
+    if image is not None and queries:
+        n = queries[1]
+        placeholders = torch.full((ids.shape[0], n), image, dtype=ids.dtype, device=ids.device)
+        out.append(replace(mi, kwargs={**mi.kwargs, "input_ids": torch.cat([placeholders, ids], dim=1)},
+                           seq_len=(mi.seq_len or 0) + n,
+                           notes=(*mi.notes, f"{n} image placeholder ids (image_token_index={image}) before the "
+                                             f"{ids.shape[1]} text ids, one per query (num_query_tokens={n})")))
+    return out

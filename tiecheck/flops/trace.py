@@ -84,6 +84,7 @@ from tiecheck.flops.inputs import (
     media_inputs,
     module_device,
     synthesize_inputs,
+    token_layouts,
 )
 from tiecheck.flops.moe import parameter_counts, traceable_experts
 from tiecheck.flops.reasons import fallback_note, needed_inputs, unavailable_reason
@@ -287,7 +288,8 @@ def _trace_synthesized(module: nn.Module, mi: ModelInputs, attention: str, metho
                        failures: list[tuple[str, BaseException]], synthesized: bool,
                        ) -> tuple[_Counted | None, ModelInputs]:
     """One trace; where synthesized token ids were not what the forward needs (images, audio), again with
-    those inputs added (``media_inputs``). Failures are appended to ``failures``: the first, and the last
+    those inputs added (``media_inputs``), and with the ids laid out as the config describes
+    (``token_layouts``). Failures are appended to ``failures``: the first, and the last
     retry's."""
     on_meta = method == "meta"
     try:
@@ -296,7 +298,16 @@ def _trace_synthesized(module: nn.Module, mi: ModelInputs, attention: str, metho
         failures.append((method, e))
         wanted = needed_inputs(e, module) if synthesized else []
     last = None
-    for candidate in media_inputs(module, mi, wanted) if wanted else ():
+    # The token ids laid out as the config says the model reads them (codebooks, channels, image
+    # placeholders), alone and with the inputs the error asked for; then those inputs with plain ids.
+    # Layouts first: a Q-Former model also runs with images and no placeholders, but its language
+    # model then reads only the text, not the queries its processor puts before it.
+    candidates = []
+    if synthesized:
+        for laid_out in token_layouts(module, mi):
+            candidates += [laid_out, *(media_inputs(module, laid_out, wanted) if wanted else ())]
+    candidates += media_inputs(module, mi, wanted) if wanted else []
+    for candidate in candidates:
         try:
             counted = _trace_count(module, candidate, attention, on_meta=on_meta)
         except Exception as e:  # noqa: BLE001 - the next shape may be the one it reads
@@ -304,7 +315,7 @@ def _trace_synthesized(module: nn.Module, mi: ModelInputs, attention: str, metho
             continue
         failures.pop()  # token ids alone were not its inputs: the candidate's note says what was added
         return counted, candidate
-    if last is not None:
+    if last is not None and wanted:  # a layout alone failing says nothing the first error does not
         failures.append((f"{method} with {' and '.join(wanted)}", last))
     return None, mi
 
