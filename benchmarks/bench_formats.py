@@ -36,8 +36,8 @@ SETUP = ("import os, torch, tiecheck, tiecheck.api, tiecheck.loaders, tiecheck.l
          "        if line.startswith('rchar:'):\n"
          "            return int(line.split()[1])\n")
 INSPECT = ("_r0 = _rchar(); _r = tiecheck.analyze({path!r}, duplicates=False); _out['read'] = _rchar() - _r0; "
-           "_out['tensors'] = len(_r.tensors); _out['params'] = _r.summary['params_unique']; "
-           "_out['groups'] = [g['names'] for g in _r.tie_groups]")
+           "_out['tensors'] = len(_r.tensors); _out['params'] = _r.summary.params_unique; "
+           "_out['groups'] = [list(g.names) for g in _r.tie_groups]")
 SAFE_OPEN = ("from safetensors import safe_open\n"
              "_r0 = _rchar(); _n = 0\n"
              "for _f in sorted(os.listdir({path!r})):\n"

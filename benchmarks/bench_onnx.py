@@ -20,7 +20,7 @@ from onnx import TensorProto, helper  # noqa: E402 - after the importorskip that
 V, D = 131072, 1024  # 512 MiB of float32 each
 SETUP = "import torch, onnx, tiecheck, tiecheck.api, tiecheck.loaders.content, tiecheck.loaders.formats.onnx_files"
 INSPECT = ("_r = tiecheck.analyze({path!r}); _out['pairs'] = [p['relation'] for p in "
-           "_r.extra['onnx']['embedding_head']]; _out['bytes_read'] = _r.content['bytes_read']")
+           "_r.extra['onnx']['embedding_head']]; _out['bytes_read'] = _r.content.stats.bytes_read")
 
 
 def _external(name: str, dims: tuple[int, int], offset: int) -> TensorProto:

@@ -17,9 +17,9 @@ import torch
 from conftest import run_child
 
 SETUP = "import torch, tiecheck, tiecheck.api, tiecheck.loaders.content"
-INSPECT = ("_r = tiecheck.analyze({path!r}); _t = _r.content['transposed']; "
-           "_out['copies'] = [c['names'] for c in _t['copies']]; _out['bytes_read'] = _t['bytes_read']; "
-           "_out['full'] = _t['full_comparisons']")
+INSPECT = ("_r = tiecheck.analyze({path!r}); _c = _r.content; _t = _c.transposed; "
+           "_out['copies'] = [list(c.names) for c in _c.copies]; _out['bytes_read'] = _t.bytes_read; "
+           "_out['full'] = _t.full_comparisons")
 ROWS, COLS, PER_SHAPE = 1024, 2048, 32
 
 

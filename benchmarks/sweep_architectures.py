@@ -67,7 +67,7 @@ def one(model_type: str, seq_len: int) -> tuple[str, str]:
         report = tiecheck.analyze(model, flops=True, seq_len=seq_len)
     except Exception as e:  # noqa: BLE001 - recorded, not raised
         return "no-flops", f"analyze raised {type(e).__name__}: {str(e).strip()[:160]}"
-    f = report.flops or {}
+    f = report.flops.to_dict() if report.flops is not None else {}
     if f.get("available"):
         uncounted = ", ".join(f"{k} x{v}" for k, v in sorted(f.get("uncounted_ops", {}).items()))
         return "ok", f"{f['forward']} FLOP{filled}" + (f"; uncounted: {uncounted}" if uncounted else "")

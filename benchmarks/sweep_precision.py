@@ -386,7 +386,7 @@ def report_groups(report, names: set[str] | None = None) -> list[list[str]]:
     """tiecheck's tie groups, restricted to ``names`` (e.g. parameters), two or more names each."""
     out = []
     for g in report.tie_groups:
-        kept = sorted(n for n in g["names"] if names is None or n in names)
+        kept = sorted(n for n in g.names if names is None or n in names)
         if len(kept) > 1:
             out.append(kept)
     return sorted(out)
@@ -414,10 +414,15 @@ def load_truth(cls, folder: Path, saved: dict) -> dict[str, Any]:
 
 # -- tiecheck ------------------------------------------------------------------------------------
 
+def flops_of(report) -> dict[str, Any]:
+    """The report's FLOPs section as its JSON has it (empty when not counted)."""
+    return report.flops.to_dict() if report.flops is not None else {}
+
+
 def findings_of(report, at_least: str = "warning") -> list[list[str]]:
     rank = {"info": 0, "warning": 1, "error": 2}
-    return [[f["code"], f["severity"], ", ".join(f["names"]), f["message"][:300]] for f in report.findings
-            if rank[f["severity"]] >= rank[at_least] and not f.get("ignored")]
+    return [[f.code, f.severity, ", ".join(f.names), f.message[:300]] for f in report.findings
+            if rank[f.severity] >= rank[at_least] and f.ignored_by is None]
 
 
 def inspect_state(target, **kw) -> tuple[Any, dict[str, Any]]:
@@ -525,7 +530,7 @@ def default_config_flops(cls, model_type: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - recorded
         return {"available": False, "reason": f"the default config does not build ({one_line(e)})", "readable": True,
                 "on": "default config"}
-    f = tiecheck.analyze(model, flops=True, seq_len=32, duplicates=False).flops or {}
+    f = flops_of(tiecheck.analyze(model, flops=True, seq_len=32, duplicates=False))
     return {"available": bool(f.get("available")), "reason": f.get("reason"), "errors": f.get("errors"),
             "on": "default config, meta",
             "readable": bool(f.get("available")) or not RAW_EXCEPTION.search(str(f.get("reason")))}
@@ -549,7 +554,7 @@ def sweep_variant(cls, model, tie: bool, work: Path, flops: bool, flag_ties_head
     st["seconds"] = round(time.perf_counter() - t0, 2)
     st["confirmed"] = confirmed_by_torch(model, st["findings"])
     if flops:
-        f = report.flops or {}
+        f = flops_of(report)
         v["flops"] = {"available": bool(f.get("available")), "reason": f.get("reason"), "errors": f.get("errors"),
                       "readable": bool(f.get("available")) or not RAW_EXCEPTION.search(str(f.get("reason")))}
     states["live"] = st
