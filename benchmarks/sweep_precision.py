@@ -245,8 +245,9 @@ def complete_placeholders(cfg) -> None:
     ``image_token_index`` (a token of the text vocabulary its processor writes before the text), the default
     config leaves it None, and the forward then finds no image position. Set after ``cut_vocab``, so the id
     lies in the vocabulary the model is built with."""
-    if getattr(cfg, "num_query_tokens", None) and getattr(cfg, "image_token_index", 0) is None:
-        cfg.image_token_index = cfg.get_text_config().vocab_size - 1
+    for name in ("image_token_index", "video_token_index"):  # InstructBLIP-Video: its frames' placeholder
+        if getattr(cfg, "num_query_tokens", None) and getattr(cfg, name, 0) is None:
+            setattr(cfg, name, cfg.get_text_config().vocab_size - 1)
 
 
 def cut_experts(cfg, n: int = EXPERTS) -> None:

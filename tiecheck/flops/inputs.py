@@ -396,9 +396,9 @@ def _decoder_config(config: Any) -> Any:
     return config
 
 
-def _image_token(config: Any) -> int | None:
-    found = _config_int(config, ("image_token_index", "image_token_id"))
-    return found[1] if found else None
+def _image_token(config: Any) -> tuple[str, int] | None:
+    # InstructBLIP-Video names its placeholder for the frames it reads
+    return _config_int(config, ("image_token_index", "image_token_id", "video_token_index"))
 
 
 def token_layouts(module: nn.Module, mi: ModelInputs) -> list[ModelInputs]:
@@ -410,8 +410,9 @@ def token_layouts(module: nn.Module, mi: ModelInputs) -> list[ModelInputs]:
       ids of an encoder-decoder), from ``num_codebooks``;
     * one column per audio channel (Dia: the decoder's ids of ``[batch, seq, num_channels]``), from the
       decoder config's ``num_channels``;
-    * the image placeholders a Q-Former model replaces with its queries (BLIP-2, InstructBLIP:
-      ``num_query_tokens`` ids equal to ``image_token_index`` before the text), as their processors write them.
+    * the image placeholders a Q-Former model replaces with its queries (BLIP-2, InstructBLIP and its video
+      model: ``num_query_tokens`` ids equal to ``image_token_index`` (``video_token_index``) before the text,
+      for one image or frame), as their processors write them.
 
     Returns:
         The candidates, each with a note saying what it changed; empty when the config describes none.
@@ -442,9 +443,9 @@ def token_layouts(module: nn.Module, mi: ModelInputs) -> list[ModelInputs]:
     image, queries = _image_token(config), _config_int(config, ("num_query_tokens",))
     if image is not None and queries:
         n = queries[1]
-        placeholders = torch.full((ids.shape[0], n), image, dtype=ids.dtype, device=ids.device)
+        placeholders = torch.full((ids.shape[0], n), image[1], dtype=ids.dtype, device=ids.device)
         out.append(replace(mi, kwargs={**mi.kwargs, "input_ids": torch.cat([placeholders, ids], dim=1)},
                            seq_len=(mi.seq_len or 0) + n,
-                           notes=(*mi.notes, f"{n} image placeholder ids (image_token_index={image}) before the "
+                           notes=(*mi.notes, f"{n} image placeholder ids ({image[0]}={image[1]}) before the "
                                              f"{ids.shape[1]} text ids, one per query (num_query_tokens={n})")))
     return out
