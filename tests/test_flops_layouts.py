@@ -81,6 +81,25 @@ def test_blip2_language_model_reads_the_query_placeholders_before_the_text():
     assert any("4 image placeholder ids (image_token_index=63) before the 8 text ids" in n for n in got.notes)
 
 
+def test_kosmos2_reads_its_image_positions_marked_before_the_text():
+    cfg = eager(transformers.Kosmos2Config(
+        text_config=dict(vocab_size=64, embed_dim=32, layers=1, attention_heads=2, ffn_dim=64,
+                         max_position_embeddings=128),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16),
+        latent_query_num=4))
+    model = transformers.Kosmos2ForConditionalGeneration(cfg).eval().requires_grad_(False)
+    got = count_flops(model, seq_len=SEQ)
+    assert got.available, got.reason
+    laid = torch.cat([IDS[:, :1].expand(1, 4), IDS], dim=1)
+    mask = torch.zeros_like(laid, dtype=torch.bool)
+    mask[:, :4] = True
+    assert got.forward == torch_flops(model, input_ids=laid, image_embeds_position_mask=mask,
+                                      pixel_values=torch.zeros(1, 3, 32, 32))
+    assert got.seq_len == SEQ + 4
+    assert any("marked by image_embeds_position_mask (latent_query_num=4)" in n for n in got.notes)
+
+
 def test_a_model_that_reads_plain_ids_gets_no_layout():
     cfg = eager(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
     cfg.num_codebooks = 4  # a stray field: plain ids work, so no other layout is tried

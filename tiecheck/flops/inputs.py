@@ -412,7 +412,9 @@ def token_layouts(module: nn.Module, mi: ModelInputs) -> list[ModelInputs]:
       decoder config's ``num_channels``;
     * the image placeholders a Q-Former model replaces with its queries (BLIP-2, InstructBLIP and its video
       model: ``num_query_tokens`` ids equal to ``image_token_index`` (``video_token_index``) before the text,
-      for one image or frame), as their processors write them.
+      for one image or frame), as their processors write them;
+    * the image positions Kosmos-2 marks with ``image_embeds_position_mask``: ``latent_query_num`` of them
+      before the text.
 
     Returns:
         The candidates, each with a note saying what it changed; empty when the config describes none.
@@ -448,4 +450,14 @@ def token_layouts(module: nn.Module, mi: ModelInputs) -> list[ModelInputs]:
                            seq_len=(mi.seq_len or 0) + n,
                            notes=(*mi.notes, f"{n} image placeholder ids ({image[0]}={image[1]}) before the "
                                              f"{ids.shape[1]} text ids, one per query (num_query_tokens={n})")))
+    latent = _config_int(config, ("latent_query_num",))
+    if latent and _accepts(module, "image_embeds_position_mask"):
+        n = latent[1]
+        laid = torch.cat([ids[:, :1].expand(ids.shape[0], n), ids], dim=1)  # their values give way to the image's
+        mask = torch.zeros_like(laid, dtype=torch.bool)
+        mask[:, :n] = True
+        out.append(replace(mi, kwargs={**mi.kwargs, "input_ids": laid, "image_embeds_position_mask": mask},
+                           seq_len=(mi.seq_len or 0) + n,
+                           notes=(*mi.notes, f"{n} image positions before the {ids.shape[1]} text ids, marked by "
+                                             f"image_embeds_position_mask (latent_query_num={n})")))
     return out
