@@ -16,11 +16,12 @@ from tiecheck.analyses.duplicates import (
     DuplicateGroup,
     TransposedCopy,
     duplicate_findings,
+    expected_relations,
     find_transposed_copies,
     find_untied_duplicates,
     transposed_findings,
 )
-from tiecheck.analyses.expect import TieState, covered_by_expectations, tied_findings
+from tiecheck.analyses.expect import TieState, tied_findings
 from tiecheck.analyses.layers import Declaration, LayerRow, compare_layers, declared_relations, superseded_dropped
 from tiecheck.analyses.lint import device_findings, linear_shape_findings
 from tiecheck.analyses.memory import OPTIMIZERS, Unreachable, memory_summary, unreachable_bytes, unreachable_findings
@@ -235,6 +236,7 @@ def examine(subject: Subject, *, duplicates: bool = True, optimizer: str = "adam
             progress: Callable[[int, str], None] | None = None) -> Analysis:
     """Every analysis of a loaded subject: the :class:`Analysis` whose ``report`` ``analyze`` returns."""
     step = progress or (lambda n, label: None)
+    expect_tied = [tuple(names) for names in expect_tied]  # read twice: the content pass, then TC009
     modules = build_module_facts(subject.module)
     facts = build_facts(subject, modules)
     # Grouped once and shared: every analysis below needs the same identity index.
@@ -268,7 +270,7 @@ def examine(subject: Subject, *, duplicates: bool = True, optimizer: str = "adam
         by_name = {f.name: f for f in facts} if dup_groups else {}
         between = [c for g in dup_groups for c in member_candidates(g.aliases, by_name)]
         findings += duplicate_findings(dup_groups, role_relations(cands + between, config_ties(subject))
-                                       + declared_relations(declarations[1]))
+                                       + declared_relations(declarations[1]) + expected_relations(expect_tied))
         # A loader that found a transposed copy from its graph (ONNX) has reported it already.
         findings += transposed_findings(copies, [f.names for f in subject.loader_findings if f.code == "TC005"])
     else:
@@ -277,11 +279,10 @@ def examine(subject: Subject, *, duplicates: bool = True, optimizer: str = "adam
         sampling.end("checking ties")
     elif duplicates:
         step(1, "checking ties")
-    expect_tied = list(expect_tied)
     if expect_tied:
         # After the content pass, so a missing tie can say whether the names still hold equal values.
         state = TieState.build(groups, [f.name for f in facts], dup_groups, content_known=content.ran)
-        findings = covered_by_expectations(findings + tied_findings(state, expect_tied))
+        findings += tied_findings(state, expect_tied)
     ties, layer_findings = declared_layer(subject, facts, declarations[1], reader)
     findings += layer_findings
     # Quantized or packed heads: matched by meaning, since their values cannot be compared.

@@ -244,6 +244,18 @@ class Relation:
     config_ties: bool | None = None  # what the config's tie_word_embeddings says, where it speaks of the pair
 
 
+def expected_relations(expected: Iterable[Sequence[str]]) -> list[Relation]:
+    """The pairs the user expects tied (``--expect-tied``, ``expect_tied=``): separate equal copies of them
+    are a broken tie, whatever roles or declarations say (the expectation's own TC009 reports the tie)."""
+    out = []
+    for names in expected:
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                out.append(Relation(tuple(sorted((a, b))), True,
+                                    f"an expectation names them tied ({', '.join(names)}), so this is a broken tie"))
+    return out
+
+
 def relation_of(g: DuplicateGroup, relations: Iterable[Relation]) -> Relation | None:
     """The first relation whose two names fall in two different members of the group (a broken one first)."""
     member = {n: i for i, names in enumerate(g.aliases) for n in names}

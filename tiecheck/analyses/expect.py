@@ -167,18 +167,6 @@ def tied_findings(state: TieState, expected: Iterable[Sequence[str] | ExpectedGr
     return out
 
 
-def covered_by_expectations(findings: Sequence[Finding]) -> list[Finding]:
-    """``findings`` without the TC005 whose names an unmet expectation (TC009) names.
-
-    The TC009 already says the names hold equal values in separate memory, and the user's expectation
-    is what relates them: TC005's own verdict on the same pair ("nothing ties or relates these names, so
-    this is no broken tie", when no role or declaration relates them) would contradict it, and at
-    best repeat it. A TC005 group with names the expectation does not name stays.
-    """
-    expected = [set(f.names) for f in findings if f.code == "TC009"]
-    return [f for f in findings if not (f.code == "TC005" and any(set(f.names) <= names for names in expected))]
-
-
 def not_tied_findings(state: TieState, expected: Iterable[Sequence[str]], origin: str = "") -> list[Finding]:
     """TC013 when names that should stay apart share memory. One name: it shares memory with nothing."""
     where = f" ({origin})" if origin else ""

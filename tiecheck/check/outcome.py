@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from tiecheck.analyses.expect import (
-    covered_by_expectations,
     not_tied_findings,
     snapshot_findings,
     tied_findings,
@@ -138,8 +137,6 @@ def check_target(t: TargetPolicy, *, update: bool, extra_tied=(), debug: bool = 
         if t.source is not None:
             out.origins.update((f.message, shown(t.source)) for f in disagree)
         failing = failing + disagree
-    # An unmet expectation (TC009) says what a TC005 on the same names would: one finding for the pair.
-    out.failing = covered_by_expectations(expected + failing)
-    warnings = [f for f in report.findings if f.severity == "warning" and f not in failing and not f.ignored]
-    out.warnings = [f for f in covered_by_expectations(expected + warnings) if f not in expected]
+    out.failing = expected + failing
+    out.warnings = [f for f in report.findings if f.severity == "warning" and f not in failing and not f.ignored]
     return out
