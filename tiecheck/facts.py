@@ -149,6 +149,16 @@ def attr_path(name: str, var: str = "model") -> str:
     return out
 
 
+_EMBEDDING_HINT = re.compile(r"emb|wte|shared|word", re.I)
+
+
+def assignment(names: Iterable[str]) -> str:
+    """The line that re-ties the names: every name assigned the embedding's Parameter."""
+    names = sorted(names)
+    source = next((n for n in names if _EMBEDDING_HINT.search(n)), names[0])
+    return "; ".join(f"{attr_path(n)} = {attr_path(source)}" for n in names if n != source)
+
+
 # -- roles: what a name and its owning module say a tensor is ----------------------------------
 
 # Conventional names; transformers' own among them (CTRL's transformer.w, GPT's tokens_embed, XLNet's

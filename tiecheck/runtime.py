@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 
-from tiecheck.analyses.expect import assignment
 from tiecheck.analyses.ties import SAME_PARAMETER, find_tie_groups, group_by_identity
 from tiecheck.errors import TiecheckError
-from tiecheck.facts import TensorFact
+from tiecheck.facts import TensorFact, assignment
 from tiecheck.findings import Finding, finding
 from tiecheck.loaders import from_module
 from tiecheck.loaders.declared import live_model_declarations

@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tiecheck.analyses.expect import assignment
 from tiecheck.analyses.ties import IdentityIndex, group_by_identity
-from tiecheck.facts import TensorFact
+from tiecheck.facts import TensorFact, assignment
 from tiecheck.findings import RULES, Finding, finding
 
 

@@ -15,15 +15,14 @@ assertions. Messages say what each name shares memory with now; hints name the l
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tiecheck.facts import attr_path
+from tiecheck.facts import assignment
 from tiecheck.findings import Finding, finding
 
-if TYPE_CHECKING:  # pragma: no cover - duplicates.py imports this module
+if TYPE_CHECKING:  # pragma: no cover - annotations only
     from tiecheck.analyses.duplicates import DuplicateGroup
     from tiecheck.analyses.ties import TieGroup
 
@@ -101,16 +100,6 @@ class TieState:
         if copies:
             return f"{name} shares memory with nothing (equal values to {', '.join(copies)} in separate memory)"
         return f"{name} shares memory with nothing"
-
-
-_EMBEDDING_HINT = re.compile(r"emb|wte|shared|word", re.I)
-
-
-def assignment(names: Sequence[str]) -> str:
-    """The line that re-ties the names: every name assigned the embedding's Parameter."""
-    names = sorted(names)
-    source = next((n for n in names if _EMBEDDING_HINT.search(n)), names[0])
-    return "; ".join(f"{attr_path(n)} = {attr_path(source)}" for n in names if n != source)
 
 
 def untied_hint(state: TieState, names: Sequence[str]) -> str:

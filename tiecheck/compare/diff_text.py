@@ -7,8 +7,8 @@ from typing import Any
 
 from tabulate import tabulate
 
-from tiecheck.analyses.expect import assignment
 from tiecheck.compare.tie_diff import DeclarationChange, DeclaredState, DeclaredTieChange, NameInB, TieDiff
+from tiecheck.facts import assignment
 from tiecheck.report.text import clean, markdown_text, shape_text
 
 
