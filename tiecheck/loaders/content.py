@@ -22,7 +22,7 @@ then fetched concurrently, since round trips, not bytes, bound them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
@@ -45,6 +45,12 @@ class HeldBytes(NamedTuple):
 SAMPLE_RUNS = 4  # short runs per tensor: first, last and two in between
 RUN_ELEMENTS = 8
 CHUNK_BYTES = 16 << 20
+# A tensor of at most this many bytes is its own sample, read whole: reading a page costs what
+# reading a few runs of it does, its sample then proves equality (no full comparison), and tiny
+# tensors that lie side by side in a file are read together (``samples``).
+WHOLE_BYTES = 4096
+# Adjacent small tensors of one file are read together, at most this many bytes a read.
+BATCH_BYTES = 1 << 20
 
 # Range requests in flight at once while a remote file's samples are prefetched.
 PREFETCH_THREADS = 16
@@ -160,6 +166,33 @@ def _sample_starts(n: int) -> list[int]:
     return sorted({round(i * (n - RUN_ELEMENTS) / (SAMPLE_RUNS - 1)) for i in range(SAMPLE_RUNS)})
 
 
+def sampled_whole(n: int, itemsize: int, whole_bytes: int = WHOLE_BYTES) -> bool:
+    """A tensor of ``n`` elements is its own sample: all its bytes, in order (up to ``whole_bytes``)."""
+    return n <= SAMPLE_RUNS * RUN_ELEMENTS or n * itemsize <= whole_bytes
+
+
+def sample_index(n: int, itemsize: int, whole_bytes: int = WHOLE_BYTES) -> list[int]:
+    """The flat element indices a sample of ``n`` elements holds, in order."""
+    if sampled_whole(n, itemsize, whole_bytes):
+        return list(range(n))
+    return [s + i for s in _sample_starts(n) for i in range(RUN_ELEMENTS)]
+
+
+_PERMUTATIONS: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _transposed_bytes(rows: int, cols: int, size: int) -> torch.Tensor:
+    """Byte positions, in the row-major bytes of a (rows, cols) tensor sampled whole, of the sample of
+    its transpose: flat index k of ``t.T`` is ``t[k % rows, k // rows]``. Made once per shape."""
+    key = (rows, cols, size)
+    perm = _PERMUTATIONS.get(key)
+    if perm is None:
+        k = torch.arange(rows * cols, dtype=torch.int64)
+        elem = (k % rows) * cols + k // rows
+        perm = _PERMUTATIONS[key] = (elem[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+    return perm
+
+
 def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(offset of the first element in its storage, nbytes, itemsize) of a contiguous tensor, for
     pread at its storage's file offset; None for a strided one."""
@@ -237,6 +270,10 @@ class TorchContentReader:
     def __init__(self, tensors: Mapping[str, torch.Tensor], spans: Mapping[str, FileSpan] | None = None):
         self.tensors = tensors
         self.spans = spans if spans is not None else {}  # read only: a checkpoint's may hold 100,000 names
+        # Tensors of at most this many bytes are sampled whole: two with equal samples are equal. Not
+        # for remote files, where every byte is a byte fetched: there samples stay a few runs.
+        remote = _STAND_INS and any(s.path in _STAND_INS for s in set(self.spans.values()))
+        self.whole_sample_bytes = SAMPLE_RUNS * RUN_ELEMENTS if remote else WHOLE_BYTES
         self.bytes_read = 0
         self._fds: dict[str, Handle] = {}
         self._prefetched: dict[tuple[str, str], bytes] = {}  # ("sample" | "transposed", name) -> sample
@@ -290,33 +327,45 @@ class TorchContentReader:
         in flight at once. Local files need nothing (pread costs no round trip)."""
         if not _STAND_INS:
             return
-        wanted: list[tuple[tuple[str, str], Handle, list[tuple[int, int]]]] = []
+        wanted: list[tuple[tuple[str, str], tuple[Handle, int, int, int], list[tuple[int, int]]]] = []
         for kind, group in (("sample", names), ("transposed", transposed)):
             for name in group:
                 rng = self._file_range(name)
                 if rng is None or isinstance(rng[0], int):
                     continue
-                wanted.append(((kind, name), rng[0], self._sample_reads(name, rng, kind == "transposed")))
+                wanted.append(((kind, name), rng, self._sample_reads(name, rng, kind == "transposed")))
         if not wanted:
             return
-        reads = [(fd, n, off) for _, fd, runs in wanted for off, n in runs]
+        reads = [(rng[0], n, off) for _, rng, runs in wanted for off, n in runs]
         with ThreadPoolExecutor(max_workers=min(PREFETCH_THREADS, len(reads))) as pool:
             got = iter(list(pool.map(lambda r: _read(*r), reads)))
         self.bytes_read += sum(n for _, n, _ in reads)  # counted here: the threads share no counter
-        for key, _, runs in wanted:
-            self._prefetched[key] = b"".join(next(got) for _ in runs)
+        for (kind, name), rng, runs in wanted:
+            raw = b"".join(next(got) for _ in runs)
+            self._prefetched[(kind, name)] = self._picked(name, raw, rng, kind == "transposed")
 
     def _sample_reads(self, name: str, rng: tuple[Handle, int, int, int], transposed: bool) -> list[tuple[int, int]]:
         """(offset, nbytes) of each read ``sample`` (or ``sample_transposed``) makes of a file's tensor."""
         _, start, nbytes, size = rng
+        n = nbytes // size
+        if sampled_whole(n, size, self.whole_sample_bytes):
+            return [(start, nbytes)]  # one read; a transposed sample is then picked from it (_picked)
         if transposed:
             # t.T has shape (cols, rows): flat index k of t.T is t[k % rows, k // rows], row-major in the file
             rows, cols = self.tensors[name].shape
-            return [(start + ((k % rows) * cols + k // rows) * size, size) for k in self._sample_index(rows * cols)]
-        n = nbytes // size
-        if n <= SAMPLE_RUNS * RUN_ELEMENTS:
-            return [(start, nbytes)]
+            return [(start + ((k % rows) * cols + k // rows) * size, size)
+                    for k in sample_index(n, size, self.whole_sample_bytes)]
         return [(start + s * size, RUN_ELEMENTS * size) for s in _sample_starts(n)]
+
+    def _picked(self, name: str, raw: bytes, rng: tuple[Handle, int, int, int], transposed: bool,
+                shape: tuple[int, ...] | None = None) -> bytes:
+        """The sample from the bytes ``_sample_reads`` read: a small tensor read whole gives its
+        transpose's sample by permuting them (``shape``: the tensor's, when the caller knows it)."""
+        _, _, nbytes, size = rng
+        if not transposed or not sampled_whole(nbytes // size, size, self.whole_sample_bytes):
+            return raw
+        rows, cols = shape if shape is not None else self.tensors[name].shape
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)[_transposed_bytes(rows, cols, size)].numpy().tobytes()
 
     def _file_chunks(self, fd: Handle, start: int, nbytes: int, itemsize: int):
         step = max(itemsize, CHUNK_BYTES - CHUNK_BYTES % itemsize)
@@ -324,6 +373,8 @@ class TorchContentReader:
             yield self._pread(fd, min(step, nbytes - off), start + off)
 
     def sample(self, name: str) -> bytes:
+        """A few runs of the tensor's raw bits; all of them for a tensor of at most ``WHOLE_BYTES``
+        (``whole_sample_bytes``: then equal samples are equal tensors)."""
         got = self._prefetched.pop(("sample", name), None)
         if got is not None:
             return got
@@ -335,13 +386,14 @@ class TorchContentReader:
         if held is not None:  # bytes the loader holds: sliced, no tensor made
             buf, start, nbytes, size, _ = held
             n = nbytes // size
-            self.bytes_read += min(nbytes, SAMPLE_RUNS * RUN_ELEMENTS * size)
-            if n <= SAMPLE_RUNS * RUN_ELEMENTS:
+            if sampled_whole(n, size, self.whole_sample_bytes):
+                self.bytes_read += nbytes
                 return bytes(buf[start:start + nbytes])
+            self.bytes_read += SAMPLE_RUNS * RUN_ELEMENTS * size
             return b"".join([bytes(buf[start + s * size:start + (s + RUN_ELEMENTS) * size]) for s in _sample_starts(n)])
         t = self.tensors[name]
         n = t.numel()
-        if n <= SAMPLE_RUNS * RUN_ELEMENTS:  # small enough to be its own sample
+        if sampled_whole(n, t.element_size(), self.whole_sample_bytes):  # small enough to be its own sample
             self.bytes_read += n * t.element_size()
             return _bits(t.contiguous().reshape(-1)).numpy().tobytes()
         else:
@@ -353,6 +405,62 @@ class TorchContentReader:
             vals = t[torch.unravel_index(idx, t.shape)] if t.dim() else t.reshape(1)
         self.bytes_read += idx.numel() * t.element_size()
         return _bits(vals.contiguous()).numpy().tobytes()
+
+    def samples(self, names: Sequence[str], transposed: tuple[int, int] | None = None) -> list[bytes]:
+        """``sample`` of each name, or ``sample_transposed`` of each where ``transposed`` gives their
+        one shape. Small tensors lying side by side in a local file are read together, one ``pread``
+        per run of them: a checkpoint of a million 16-byte tensors costs a few hundred reads, not a
+        million, and a run of small square matrices is transposed in one indexing operation.
+
+        Args:
+            names: the tensors to sample.
+            transposed: None for ``sample``; else the (rows, cols) shape every name has, for
+                ``sample_transposed``.
+
+        Returns:
+            The samples, in the order of ``names``.
+        """
+        kind, one = ("sample", self.sample) if transposed is None else ("transposed", self.sample_transposed)
+        out: list[bytes] = [b""] * len(names)
+        small: list[tuple[int, int, int, int, int]] = []  # (fd, start, nbytes, itemsize, index in names)
+        # _file_range, inlined: at a million names each call and tuple it makes shows.
+        spans, layout, fds, prefetched = self.spans, self._layout, self._fds, self._prefetched
+        whole = self.whole_sample_bytes
+        for i, name in enumerate(names):
+            span = spans.get(name)
+            where = None if span is None or layout is None or (prefetched and (kind, name) in prefetched) \
+                else layout(name)
+            fd = None if where is None else fds.get(span.path)
+            if where is None or fd is None or not isinstance(fd, int) or \
+                    (where[1] > whole and where[1] > SAMPLE_RUNS * RUN_ELEMENTS * where[2]):  # not sampled_whole
+                out[i] = one(name)  # the one-name path: it also opens a file the first time
+            else:
+                small.append((fd, span.offset + where[0], where[1], where[2], i))
+        small.sort()  # file order; already sorted where names follow it (timsort: one pass)
+        j = 0
+        while j < len(small):
+            fd, lo, nbytes, size, _ = small[j]
+            hi, k = lo + nbytes, j + 1
+            while k < len(small) and small[k][0] == fd and small[k][1] == hi and hi - lo < BATCH_BYTES:
+                hi += small[k][2]
+                k += 1
+            buf = self._pread(fd, hi - lo, lo)
+            run = small[j:k]
+            if transposed is None:
+                for _, start, n, _, i in run:
+                    out[i] = buf[start - lo:start - lo + n]
+            elif all(r[2] == nbytes and r[3] == size for r in run):
+                # One shape, one dtype size: the run is a (tensors, nbytes) array; one gather picks every sample.
+                perm = _transposed_bytes(*transposed, size)
+                picked = torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(len(run), nbytes)[:, perm]
+                flat, m = picked.numpy().tobytes(), perm.numel()
+                for r, (*_, i) in enumerate(run):
+                    out[i] = flat[r * m:(r + 1) * m]
+            else:
+                for f, start, n, sz, i in run:
+                    out[i] = self._picked(names[i], buf[start - lo:start - lo + n], (f, start, n, sz), True, transposed)
+            j = k
+        return out
 
     def _held(self, name: str) -> HeldBytes | None:
         return self._in_memory(name) if self._in_memory is not None else None
@@ -441,22 +549,18 @@ class TorchContentReader:
         return self._chunks_equal(t, _narrowed(t, dims).expand(t.shape))
 
     # -- through a transpose (the transposed-copy pass) -------------------------------------
-    def _sample_index(self, n: int) -> list[int]:
-        if n <= SAMPLE_RUNS * RUN_ELEMENTS:
-            return list(range(n))
-        return [s + i for s in _sample_starts(n) for i in range(RUN_ELEMENTS)]
-
     def sample_transposed(self, name: str) -> bytes:
         got = self._prefetched.pop(("transposed", name), None)
         if got is not None:
             return got
         rng = self._file_range(name)
-        if rng is not None:  # one element per read, at the positions _sample_reads computes
-            return b"".join(self._pread(rng[0], n, off) for off, n in self._sample_reads(name, rng, True))
+        if rng is not None:  # a small tensor whole, else one element per read (_sample_reads)
+            raw = b"".join(self._pread(rng[0], n, off) for off, n in self._sample_reads(name, rng, True))
+            return self._picked(name, raw, rng, True)
         t = self.tensors[name]
         rows, _cols = t.shape  # t.T has shape (cols, rows): flat index k of t.T is t[k % rows, k // rows]
-        idx = self._sample_index(t.numel())
         size = t.element_size()
+        idx = sample_index(t.numel(), size, self.whole_sample_bytes)
         vals = t[torch.tensor([k % rows for k in idx]), torch.tensor([k // rows for k in idx])]
         self.bytes_read += len(idx) * size
         return _bits(vals.contiguous()).numpy().tobytes()
