@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from tiecheck.loaders.filecompare import FileRangeCompare
 from tiecheck.loaders.fileview import FileSpan
 
 
@@ -200,65 +201,6 @@ def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
         return None
     size = t.element_size()
     return t.storage_offset() * size, t.numel() * size, size
-
-
-# Bytes per read when comparing files. Two 4 MiB buffers stay in the CPU cache between the read
-# that fills them and the memcmp that compares them; two of 16 MiB did not (measured: 0.45-0.50 s
-# against 0.60-0.70 s for the same 1.75 GiB compared).
-COMPARE_CHUNK = 4 << 20
-
-
-class FileRangeCompare:
-    """Byte ranges of two files compared through two reused buffers: ``tiecheck fix``'s check of
-    every byte of its copy, and the content pass's full comparison of two tensors of local files.
-
-    A ``pread`` into a fresh buffer per read costs a page fault per 4 KiB and dominated fix's
-    verification (every byte of the copy against the input). ``os.preadv`` into the same two buffers, compared as buffers (memcmp),
-    reads at the speed of the page cache and keeps memory at two chunks. A pair of ranges already
-    found equal (a dropped name and the name it now shares point at the same bytes of both files)
-    is not read again: the files do not change between the two comparisons, so neither would the
-    answer. (Comparing mapped windows in place instead was measured slower: ``torch.equal`` over
-    bytes runs element by element, several times slower than the buffers' memcmp.)
-    """
-
-    def __init__(self) -> None:
-        self.bufs = (bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK))
-        self.fds: dict[str, int] = {}
-        self.bytes_read = 0
-        self.same: set[tuple] = set()
-
-    def _fd(self, path: str) -> int:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        return self.fds[path]
-
-    def equal(self, a: tuple[str, int], b: tuple[str, int], nbytes: int) -> bool:
-        """``nbytes`` at (path, offset) ``a`` against those at ``b``; files opened once and kept."""
-        key = (a, b, nbytes)
-        if key in self.same:
-            return True
-        same = self.equal_fds(self._fd(a[0]), a[1], self._fd(b[0]), b[1], nbytes)
-        if same:
-            self.same.add(key)
-        return same
-
-    def equal_fds(self, fa: int, offset_a: int, fb: int, offset_b: int, nbytes: int) -> bool:
-        """``nbytes`` at ``offset_a`` of open file ``fa`` against those at ``offset_b`` of ``fb``."""
-        for off in range(0, nbytes, COMPARE_CHUNK):
-            n = min(COMPARE_CHUNK, nbytes - off)
-            views = [memoryview(buf)[:n] for buf in self.bufs]
-            if os.preadv(fa, [views[0]], offset_a + off) != n or os.preadv(fb, [views[1]], offset_b + off) != n:
-                raise OSError("short read: a file changed while it was compared")
-            self.bytes_read += 2 * n
-            # A whole chunk compares the buffers themselves (memcmp); a tail compares copies of its bytes.
-            same = self.bufs[0] == self.bufs[1] if n == COMPARE_CHUNK else bytes(views[0]) == bytes(views[1])
-            if not same:
-                return False
-        return True
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
 
 
 class TorchContentReader:
@@ -611,70 +553,3 @@ class TorchContentReader:
                 if not torch.equal(_bits(self._row_block(a, lo, hi)), _bits(self._columns(b, lo, hi).t().contiguous())):
                     return False
         return True
-
-
-# -- matching tensors across formats (tiecheck diff) -------------------------------------------
-
-_WIDE = {True: torch.float64, False: torch.int64}
-
-
-def _common(ta: torch.Tensor, tb: torch.Tensor) -> torch.dtype | None:
-    """A dtype both convert to without loss, when their dtypes differ: float64 for floats up to
-    float32 (and float64 itself), int64 for signed and small unsigned integers; else None."""
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    ints = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32)
-    if ta.dtype in floats and tb.dtype in floats:
-        return torch.float64
-    if ta.dtype in ints and tb.dtype in ints:
-        return torch.int64
-    return None
-
-
-def _same(ca: torch.Tensor, cb: torch.Tensor, wide: torch.dtype | None) -> bool:
-    if wide is None:
-        return torch.equal(_bits(ca.contiguous()), _bits(cb.contiguous()))
-    return torch.equal(ca.to(wide), cb.to(wide))
-
-
-def _ends_agree(ta: torch.Tensor, tb: torch.Tensor, wide) -> bool:
-    """The first and last few elements agree: most pairs of one size differ there at once, and a
-    full comparison starts with a block of up to 16 MiB (``diff`` across formats tries many pairs)."""
-    if not (ta.is_contiguous() and tb.is_contiguous()):
-        return True  # a view of a view: let the block comparison decide
-    fa, fb = ta.reshape(-1), tb.reshape(-1)
-    k = min(RUN_ELEMENTS, fa.numel())
-    return _same(fa[:k], fb[:k], wide) and _same(fa[-k:], fb[-k:], wide)
-
-
-def value_match(ta: torch.Tensor, tb: torch.Tensor) -> str | None:
-    """How ``tb`` holds ``ta``'s values: "exact bytes", "transpose", either with a lossless dtype
-    conversion ("exact values, float32→float16"), or None. Read in row blocks (bounded memory)."""
-    if ta.numel() != tb.numel() or ta.numel() == 0 or "meta" in (ta.device.type, tb.device.type):
-        return None
-    wide = None if ta.dtype == tb.dtype else _common(ta, tb)
-    if ta.dtype != tb.dtype and wide is None:
-        return None
-    conv = "" if wide is None else f", {str(ta.dtype)[6:]}→{str(tb.dtype)[6:]} lossless"
-    if any(_broadcast_dims(t) or _overlapping(t) for t in (ta, tb)):
-        # Views repeating stored elements: compared once per stored element, same layout only.
-        if tuple(ta.shape) != tuple(tb.shape) or _broadcast_dims(ta) != _broadcast_dims(tb):
-            return None
-        ta, tb = _narrowed(ta, _broadcast_dims(ta)), _narrowed(tb, _broadcast_dims(tb))
-        if _overlapping(ta) or _overlapping(tb):
-            return None
-        with torch.no_grad():
-            if all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb), strict=True)):
-                return ("exact bytes" if wide is None else "exact values") + conv
-        return None
-    with torch.no_grad():
-        if tuple(ta.shape) == tuple(tb.shape) and _ends_agree(ta, tb, wide) and \
-                all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb), strict=True)):
-            return ("exact bytes" if wide is None else "exact values") + conv
-        if ta.dim() == 2 and tuple(tb.shape) == tuple(ta.shape)[::-1] and ta.shape[0]:
-            rows, cols = ta.shape
-            if not _same(ta[:1].reshape(-1), tb[:, :1].reshape(-1), wide):
-                return None
-            step = max(1, CHUNK_BYTES // max(1, cols * ta.element_size()))
-            if all(_same(ta[i:i + step], tb[:, i:i + step].t(), wide) for i in range(0, rows, step)):
-                return "transpose" + conv
-    return None
