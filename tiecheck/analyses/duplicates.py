@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,6 +51,17 @@ def _sampled(reader: ContentReader, names: Sequence[str], transposed: tuple[int,
     one = reader.sample if transposed is None else reader.sample_transposed  # type: ignore[attr-defined]
     return [one(n) for n in names]
 
+
+def _each_sample(reader: ContentReader, names: list[str], transposed: tuple[int, ...] | None = None,
+                 ) -> Iterator[tuple[str, bytes]]:
+    """(name, sample) of each name, read many at a time (``_sampled``) but never all at once: a
+    million small tensors sampled whole would hold gigabytes."""
+    for lo in range(0, len(names), SAMPLE_BATCH):
+        part = names[lo:lo + SAMPLE_BATCH]
+        yield from zip(part, _sampled(reader, part, transposed), strict=True)
+
+
+SAMPLE_BATCH = 4096  # names sampled at once where nothing asks for progress in between
 
 # Samples up to this many bytes are their own bucket key (every partial sample is: 32 elements of at
 # most 8 bytes); a longer one, a small tensor sampled whole, is keyed by its digest so that a million
@@ -168,7 +179,7 @@ def _names(members: list[TensorFact]) -> tuple[str, ...]:
     return tuple(sorted(m.name for m in members))
 
 
-def _by_key(names: Iterable[str], sigs: Iterable[bytes]) -> list[tuple[bytes, list[str]]]:
+def _by_key(samples: Iterable[tuple[str, bytes]]) -> list[tuple[bytes, list[str]]]:
     """Names whose sample keys (``_key``) agree, in groups of two or more, in the order their first name came.
 
     Only a repeated key gets a list: a bucket of 100,000 distinct tensors costs one dict entry each.
@@ -176,7 +187,7 @@ def _by_key(names: Iterable[str], sigs: Iterable[bytes]) -> list[tuple[bytes, li
     first: dict[bytes, str] = {}
     shared: dict[bytes, list[str]] = {}
     digest = hashlib.blake2b
-    for n, sig in zip(names, sigs, strict=True):
+    for n, sig in samples:
         key = sig if len(sig) <= KEY_BYTES else digest(sig, digest_size=16).digest()  # _key, inlined
         prev = first.setdefault(key, n)
         if prev != n:
@@ -213,16 +224,17 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
     every = max(1, to_sample // 100)
     whole = getattr(reader, "whole_sample_bytes", 0)
 
-    def sample_all(names: list[str]) -> list[bytes]:
-        """Samples of ``names``, read in batches that end where a progress call is due (every 1%)."""
-        sigs: list[bytes] = []
-        while len(sigs) < len(names):
-            part = names[len(sigs):len(sigs) + every - stats.sampled % every]
-            sigs += _sampled(reader, part)
+    def sample_all(names: list[str]) -> Iterator[tuple[str, bytes]]:
+        """(name, sample) of each name, read in batches that end where a progress call is due (every
+        1%, at most ``SAMPLE_BATCH``): the samples of a bucket are never all held at once."""
+        lo = 0
+        while lo < len(names):
+            part = names[lo:lo + min(SAMPLE_BATCH, every - stats.sampled % every)]
+            yield from zip(part, _sampled(reader, part), strict=True)
+            lo += len(part)
             stats.sampled += len(part)
             if progress is not None and (stats.sampled % every == 0 or stats.sampled == to_sample):
                 progress(stats.sampled, to_sample)
-        return sigs
 
     def group(same: list[str], constant: bool) -> DuplicateGroup:
         f = reps[same[0]][0]
@@ -239,7 +251,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         names = sorted(names)
         f0 = reps[names[0]][0]
         itemsize = f0.itemsize
-        for key, candidates in _by_key(names, sample_all(names)):
+        for key, candidates in _by_key(sample_all(names)):
             if f0.nbytes <= whole and all(reps[n][0].dense for n in candidates):
                 # Sampled whole: equal samples are equal tensors (a view that rereads its elements is
                 # left to ``equal``, which declines it as before). A digest key is checked on the bytes.
@@ -270,16 +282,15 @@ def _exact(reader: ContentReader, names: list[str], key: bytes, nbytes: int) -> 
     if len(key) == nbytes:
         return [(key, names)]
     by_bytes: dict[bytes, list[str]] = {}
-    for lo in range(0, len(names), 4096):  # in parts: a bucket of small tensors may hold a million
-        part = names[lo:lo + 4096]
-        for n, sig in zip(part, _sampled(reader, part), strict=True):
-            by_bytes.setdefault(sig, []).append(n)
+    for n, sig in _each_sample(reader, names):
+        by_bytes.setdefault(sig, []).append(n)
     return [(sig, same) for sig, same in by_bytes.items() if len(same) > 1]
 
 
 def _uniform(sample: bytes, itemsize: int) -> bool:
-    first = sample[:itemsize]
-    return all(sample[i:i + itemsize] == first for i in range(0, len(sample), itemsize))
+    """Every element of the sample has the first one's bits (compared as one string: C speed)."""
+    n = len(sample)
+    return n <= itemsize or (n % itemsize == 0 and sample == sample[:itemsize] * (n // itemsize))
 
 
 @dataclass(frozen=True)
@@ -468,9 +479,12 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
     if by_identity is None:
         by_identity = group_by_identity(facts)
     # Only 2-D memories can hold a transpose: the others are left out before anything else is done.
-    matrices = {i: m for i, m in by_identity.items() if any(len(f.shape) == 2 for f in m)}
+    # (A memory of one name, the common case, is judged by it alone: no generator per memory.)
+    matrices = {i: m for i, m in by_identity.items()
+                if (len(m[0].shape) == 2 if len(m) == 1 else any(len(f.shape) == 2 for f in m))}
     reps = {n: v for n, v in _representatives((), matrices).items()
-            if len(v[0].shape) == 2 and v[0].numel > 1 and not skipped.intersection(m.name for m in v[1])}
+            if len(v[0].shape) == 2 and v[0].numel > 1
+            and not (skipped and skipped.intersection(m.name for m in v[1]))}
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for name, (f, _) in reps.items():
         by_shape[(f.dtype, tuple(f.shape))].append(name)
@@ -499,17 +513,16 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
         stats.buckets += 1
         stats.tensors += len(names) + (len(others) if swapped != shape else 0)
         by_sig: dict[bytes, list[str]] = defaultdict(list)
-        for n in sorted(names):
-            sig = reader.sample(n)
+        for n, sig in _each_sample(reader, sorted(names)):
             stats.sampled += 1
             if not is_constant(n, sig):
-                by_sig[sig].append(n)
-        for b in sorted(others):
-            sig = reader.sample_transposed(b)
+                by_sig[_key(sig)].append(n)
+        for b, sig in _each_sample(reader, sorted(others), swapped):
             stats.sampled += 1
-            if sig not in by_sig or is_constant(b, sig):
+            key = _key(sig)
+            if key not in by_sig or is_constant(b, sig):
                 continue
-            for a in by_sig[sig]:
+            for a in by_sig[key]:
                 if a == b:
                     continue  # a square tensor equal to its own transpose is symmetric, not a copy
                 x, y = (a, b) if swapped != shape else sorted((a, b))  # equality through a transpose is symmetric

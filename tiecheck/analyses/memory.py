@@ -250,11 +250,17 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     counted_params: dict[str, int] = defaultdict(int)
     # Parameters exclude a live module's buffers (RoPE tables, BatchNorm statistics); bytes
     # include them. Files do not say which tensors were buffers, so there every tensor counts.
+    buffers = False
+    all_trainable = True  # then the trainable index is the whole index: no pass to restrict it
     for f in facts:
         counted_bytes[f.dtype] += f.numel * f.itemsize
         if f.role != "buffer":
             counted_params[f.dtype] += f.numel
-    params = _restrict(by_identity, _not_buffer)
+        else:
+            buffers = True
+        if all_trainable and not (f.is_floating if f.role == "tensor" else is_trainable(f)):
+            all_trainable = False
+    params = _restrict(by_identity, _not_buffer) if buffers else by_identity
     extents = _sorted_extents(by_identity)  # sorted once for both passes below
     nested_all = nested_identities(facts, by_identity, extents)
     unique_bytes = _unique_bytes(by_identity, nested_all, extents)
@@ -272,10 +278,10 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     train_counted = 0
     train_nested = 0  # per-name training bytes of views inside a container: not tie savings
     per_element: dict[int, int] = {}  # itemsize -> training bytes per element
-    trainable_index = _restrict(by_identity, is_trainable)
+    trainable_index = by_identity if all_trainable else _restrict(by_identity, is_trainable)
     in_container = nested_all if trainable_index is by_identity else nested_identities(facts, trainable_index)
     for identity, members in by_identity.items():
-        trainable = members if len(members) == 1 and is_trainable(members[0]) else \
+        trainable = members if all_trainable or (len(members) == 1 and is_trainable(members[0])) else \
             [m for m in members if is_trainable(m)]
         if not trainable:
             continue

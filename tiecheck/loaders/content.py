@@ -22,7 +22,7 @@ then fetched concurrently, since round trips, not bytes, bound them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
@@ -179,19 +179,12 @@ def sample_index(n: int, itemsize: int, whole_bytes: int = WHOLE_BYTES) -> list[
     return [s + i for s in _sample_starts(n) for i in range(RUN_ELEMENTS)]
 
 
-_PERMUTATIONS: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
-def _transposed_bytes(rows: int, cols: int, size: int) -> torch.Tensor:
-    """Byte positions, in the row-major bytes of a (rows, cols) tensor sampled whole, of the sample of
-    its transpose: flat index k of ``t.T`` is ``t[k % rows, k // rows]``. Made once per shape."""
-    key = (rows, cols, size)
-    perm = _PERMUTATIONS.get(key)
-    if perm is None:
-        k = torch.arange(rows * cols, dtype=torch.int64)
-        elem = (k % rows) * cols + k // rows
-        perm = _PERMUTATIONS[key] = (elem[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
-    return perm
+def _transposed_whole(raw: bytes, count: int, rows: int, cols: int, size: int) -> bytes:
+    """The bytes of ``count`` (rows, cols) tensors of ``size``-byte elements, laid end to end in
+    ``raw``, each replaced by its transpose's: the samples of tensors sampled whole, read through a
+    transpose (one strided copy for the lot, not an element at a time)."""
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(count, rows, cols, size)
+    return t.transpose(1, 2).contiguous().numpy().tobytes()
 
 
 def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
@@ -201,6 +194,25 @@ def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
         return None
     size = t.element_size()
     return t.storage_offset() * size, t.numel() * size, size
+
+
+def _runs(reads: list[tuple[int, int, int, int, int]]) -> Iterator[tuple[int, int, int, int, int, bool]]:
+    """(fd, lo, hi, first, end, uniform) for each run of ``reads`` (sorted (fd, start, nbytes, itemsize,
+    index) tuples) that lie end to end in one file, at most ``BATCH_BYTES`` a run: ``reads[first:end]``
+    are read as bytes ``lo:hi``; ``uniform`` when they are all of one size and one element size."""
+    fd = lo = hi = first = -1
+    shape = None
+    uniform = True
+    for k, (f, start, nbytes, size, _) in enumerate(reads):
+        if f != fd or start != hi or hi - lo >= BATCH_BYTES:
+            if k:
+                yield fd, lo, hi, first, k, uniform
+            fd, lo, hi, first, shape, uniform = f, start, start + nbytes, k, (nbytes, size), True
+        else:
+            hi += nbytes
+            uniform = uniform and (nbytes, size) == shape
+    if reads:
+        yield fd, lo, hi, first, len(reads), uniform
 
 
 class TorchContentReader:
@@ -307,7 +319,7 @@ class TorchContentReader:
         if not transposed or not sampled_whole(nbytes // size, size, self.whole_sample_bytes):
             return raw
         rows, cols = shape if shape is not None else self.tensors[name].shape
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)[_transposed_bytes(rows, cols, size)].numpy().tobytes()
+        return _transposed_whole(raw, 1, rows, cols, size)
 
     def _file_chunks(self, fd: Handle, start: int, nbytes: int, itemsize: int):
         step = max(itemsize, CHUNK_BYTES - CHUNK_BYTES % itemsize)
@@ -379,29 +391,21 @@ class TorchContentReader:
             else:
                 small.append((fd, span.offset + where[0], where[1], where[2], i))
         small.sort()  # file order; already sorted where names follow it (timsort: one pass)
-        j = 0
-        while j < len(small):
-            fd, lo, nbytes, size, _ = small[j]
-            hi, k = lo + nbytes, j + 1
-            while k < len(small) and small[k][0] == fd and small[k][1] == hi and hi - lo < BATCH_BYTES:
-                hi += small[k][2]
-                k += 1
+        for fd, lo, hi, first, end, uniform in _runs(small):
             buf = self._pread(fd, hi - lo, lo)
-            run = small[j:k]
-            if transposed is None:
-                for _, start, n, _, i in run:
-                    out[i] = buf[start - lo:start - lo + n]
-            elif all(r[2] == nbytes and r[3] == size for r in run):
-                # One shape, one dtype size: the run is a (tensors, nbytes) array; one gather picks every sample.
-                perm = _transposed_bytes(*transposed, size)
-                picked = torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(len(run), nbytes)[:, perm]
-                flat, m = picked.numpy().tobytes(), perm.numel()
-                for r, (*_, i) in enumerate(run):
-                    out[i] = flat[r * m:(r + 1) * m]
-            else:
-                for f, start, n, sz, i in run:
-                    out[i] = self._picked(names[i], buf[start - lo:start - lo + n], (f, start, n, sz), True, transposed)
-            j = k
+            count, nbytes, size = end - first, small[first][2], small[first][3]
+            if transposed is not None and uniform and transposed[0] * transposed[1] * size == nbytes:
+                # One shape, one element size: the run is a (tensors, rows, cols) array, transposed at once.
+                buf = _transposed_whole(buf, count, *transposed, size)
+            elif transposed is not None:
+                uniform = False  # each tensor picked on its own below
+            if uniform:
+                for r, k in enumerate(range(first, end)):
+                    out[small[k][4]] = buf[r * nbytes:(r + 1) * nbytes]
+                continue
+            for f, start, n, sz, i in small[first:end]:
+                raw = buf[start - lo:start - lo + n]
+                out[i] = raw if transposed is None else self._picked(names[i], raw, (f, start, n, sz), True, transposed)
         return out
 
     def _held(self, name: str) -> HeldBytes | None:
