@@ -30,7 +30,7 @@ def subject(tmp_path):
 
 
 def test_batched_samples_equal_one_at_a_time(subject):
-    names = sorted(subject.tensors)[::-1] + ["sq.003", "sq.003"]  # out of file order, one name twice
+    names = [*sorted(subject.tensors)[::-1], "sq.003", "sq.003"]  # out of file order, one name twice
     with TorchContentReader(subject.tensors, subject.file_spans) as one, \
             TorchContentReader(subject.tensors, subject.file_spans) as many:
         want = [one.sample(n) for n in names]
