@@ -20,7 +20,7 @@ import dataclasses
 import math
 import operator
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -336,14 +336,59 @@ def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
     return strides[::-1]
 
 
-def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any]]:
+class FileSpans(MutableMapping):
+    """name -> the one ``FileSpan`` of a file, for every tensor its header stores with data in place
+    (not the empty ones, not those copied into memory), plus the names set later (restored aliases).
+
+    What a dict of them would say, without the dict: a million names all holding the same span
+    cost 40 MB and a second of inserts.
+    """
+
+    def __init__(self, span: FileSpan, entries: Mapping[str, Entry], copied: Mapping[str, Any], count: int):
+        self._span, self._entries, self._copied, self._count = span, entries, copied, count
+        self._extra: dict[str, Any] = {}
+
+    def _stored(self, name: object) -> bool:
+        e = self._entries.get(name)  # type: ignore[call-overload]
+        return e is not None and e.end > e.begin and name not in self._copied
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if self._extra and name in self._extra:
+            return self._extra[name]
+        return self._span if self._stored(name) else default
+
+    def __getitem__(self, name: str) -> Any:
+        got = self.get(name, self)
+        if got is self:
+            raise KeyError(name)
+        return got
+
+    def __setitem__(self, name: str, span: Any) -> None:
+        self._extra[name] = span
+
+    def __delitem__(self, name: str) -> None:
+        del self._extra[name]  # the header's own names stay: they are the file
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._extra or self._stored(name)
+
+    def __iter__(self):
+        for name, e in self._entries.items():
+            if e.end > e.begin and name not in self._copied and name not in self._extra:
+                yield name
+        yield from self._extra
+
+    def __len__(self) -> int:
+        return self._count + sum(1 for n in self._extra if not self._stored(n))
+
+
+def map_tensors(header: Header) -> tuple[MappedTensors, list[str], Mapping[str, Any]]:
     """Every tensor as a view into one read-only memory mapping of the file (no data is read).
 
     Returns the tensors (made on access), notes, and their file spans (the mapping starts at
     file offset 0), so the content pass reads them with pread instead of faulting pages in.
     """
     notes: list[str] = []
-    spans: dict[str, Any] = {}
     storage = None
     if header.data_bytes:
         try:
@@ -354,6 +399,7 @@ def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any
     span = FileSpan(os.fspath(header.path), 0)  # one span serves every tensor of the file
     data_start = header.data_start
     itemsizes: dict[str, int] = {}  # each dtype the file uses, checked once (not once per tensor)
+    mapped = 0
     for e in header.entries.values():
         itemsize = itemsizes.get(e.dtype)
         if itemsize is None:
@@ -365,7 +411,7 @@ def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any
         if e.end == e.begin or storage is None:
             continue
         if start % itemsize == 0:
-            spans[e.name] = span
+            mapped += 1
         else:
             # A hand-made header whose length is not a multiple of the element size: a typed view
             # cannot start there, so this tensor (only) is copied into memory.
@@ -374,6 +420,7 @@ def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any
     if copied:
         notes.append(f"{len(copied)} tensor(s) start at unaligned offsets and were copied into memory "
                      f"(e.g. {next(iter(copied))})")
+    spans: Mapping[str, Any] = FileSpans(span, header.entries, copied, mapped) if storage is not None else {}
     return MappedTensors(header, storage, copied), notes, spans
 
 
