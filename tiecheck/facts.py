@@ -166,8 +166,25 @@ _HEAD_NAME = re.compile(
 _NOT_TOKEN_EMBED = re.compile(r"(pos|position|wpe|token_type|segment|type_emb|rel|bucket)", re.I)
 
 
+def _last_parts(pattern: re.Pattern) -> frozenset[str]:
+    """The last dotted part of each name a role pattern's alternatives spell (``pred_layer\\.proj``: ``proj``)."""
+    alternatives = re.search(r"\(\^\|\\\.\)\((.*?)\)(\(\\\.weight\)\?|\\\.weight)\$", pattern.pattern)
+    assert alternatives is not None, pattern.pattern
+    return frozenset(a.rsplit("\\.", 1)[-1] for a in alternatives.group(1).split("|"))
+
+
+# A ``*.weight`` name matches a role pattern only where its owner's last part is one of these: a set
+# lookup that turns most names away before the pattern is searched (a million expert weights).
+_EMBED_LAST = _last_parts(_EMBED_NAME)
+_HEAD_LAST = _last_parts(_HEAD_NAME)
+
+
 def is_embedding(f: TensorFact) -> bool:
-    if len(f.shape) != 2 or f.attr != "weight" or _NOT_TOKEN_EMBED.search(f.owner.rsplit(".", 1)[-1] or ""):
+    if len(f.shape) != 2 or f.attr != "weight":
+        return False
+    if f.owner_type != "Embedding" and f.name[:-7].rsplit(".", 1)[-1] not in _EMBED_LAST:
+        return False  # neither the module type nor the name can make it one
+    if _NOT_TOKEN_EMBED.search(f.owner.rsplit(".", 1)[-1] or ""):
         return False
     if f.owner_type is not None:
         return f.owner_type == "Embedding" or bool(_EMBED_NAME.search(f.name) and "Embedding" in f.owner_type)
@@ -175,6 +192,7 @@ def is_embedding(f: TensorFact) -> bool:
 
 
 def is_output_projection(f: TensorFact) -> bool:
-    if len(f.shape) != 2 or not _HEAD_NAME.search(f.name):
+    if len(f.shape) != 2 or not f.name.endswith(".weight") or f.name[:-7].rsplit(".", 1)[-1] not in _HEAD_LAST \
+            or not _HEAD_NAME.search(f.name):
         return False
     return f.owner_type is None or f.owner_type == "Linear" or "Linear" in f.owner_type

@@ -355,7 +355,8 @@ class FileSpans(MutableMapping):
     def get(self, name: str, default: Any = None) -> Any:
         if self._extra and name in self._extra:
             return self._extra[name]
-        return self._span if self._stored(name) else default
+        e = self._entries.get(name)  # _stored, inlined: the content pass asks once a tensor
+        return self._span if e is not None and e.end > e.begin and name not in self._copied else default
 
     def __getitem__(self, name: str) -> Any:
         got = self.get(name, self)
