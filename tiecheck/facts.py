@@ -166,23 +166,34 @@ _HEAD_NAME = re.compile(
 _NOT_TOKEN_EMBED = re.compile(r"(pos|position|wpe|token_type|segment|type_emb|rel|bucket)", re.I)
 
 
-def _last_parts(pattern: re.Pattern) -> frozenset[str]:
-    """The last dotted part of each name a role pattern's alternatives spell (``pred_layer\\.proj``: ``proj``)."""
-    alternatives = re.search(r"\(\^\|\\\.\)\((.*?)\)(\(\\\.weight\)\?|\\\.weight)\$", pattern.pattern)
-    assert alternatives is not None, pattern.pattern
-    return frozenset(a.rsplit("\\.", 1)[-1] for a in alternatives.group(1).split("|"))
+def _alternatives(pattern: re.Pattern) -> dict[str, tuple[str, ...]]:
+    """The names a role pattern's alternatives spell (``pred_layer\\.proj``: ``pred_layer.proj``), by their last part."""
+    found = re.search(r"\(\^\|\\\.\)\((.*?)\)(\(\\\.weight\)\?|\\\.weight)\$", pattern.pattern)
+    assert found is not None, pattern.pattern
+    out: dict[str, tuple[str, ...]] = {}
+    for alt in found.group(1).replace("\\.", ".").split("|"):
+        out[alt.rsplit(".", 1)[-1]] = (*out.get(alt.rsplit(".", 1)[-1], ()), alt)
+    return out
 
 
-# A ``*.weight`` name matches a role pattern only where its owner's last part is one of these: a set
-# lookup that turns most names away before the pattern is searched (a million expert weights).
-_EMBED_LAST = _last_parts(_EMBED_NAME)
-_HEAD_LAST = _last_parts(_HEAD_NAME)
+# A ``*.weight`` name matches a role pattern only where the module path before ``.weight`` ends with
+# one of its alternatives: a dict lookup and a suffix test turn most names away before the pattern is
+# searched (a million expert weights).
+_EMBED_ALTS = _alternatives(_EMBED_NAME)
+_HEAD_ALTS = _alternatives(_HEAD_NAME)
+
+
+def _may_spell(name: str, alternatives: dict[str, tuple[str, ...]]) -> bool:
+    """False when ``name`` (a ``*.weight``) cannot match the pattern ``alternatives`` come from."""
+    path = name[:-7]
+    alts = alternatives.get(path.rsplit(".", 1)[-1])
+    return alts is not None and any(path == a or path.endswith("." + a) for a in alts)
 
 
 def is_embedding(f: TensorFact) -> bool:
     if len(f.shape) != 2 or f.attr != "weight":
         return False
-    if f.owner_type != "Embedding" and f.name[:-7].rsplit(".", 1)[-1] not in _EMBED_LAST:
+    if f.owner_type != "Embedding" and not _may_spell(f.name, _EMBED_ALTS):
         return False  # neither the module type nor the name can make it one
     if _NOT_TOKEN_EMBED.search(f.owner.rsplit(".", 1)[-1] or ""):
         return False
@@ -192,7 +203,7 @@ def is_embedding(f: TensorFact) -> bool:
 
 
 def is_output_projection(f: TensorFact) -> bool:
-    if len(f.shape) != 2 or not f.name.endswith(".weight") or f.name[:-7].rsplit(".", 1)[-1] not in _HEAD_LAST \
+    if len(f.shape) != 2 or not f.name.endswith(".weight") or not _may_spell(f.name, _HEAD_ALTS) \
             or not _HEAD_NAME.search(f.name):
         return False
     return f.owner_type is None or f.owner_type == "Linear" or "Linear" in f.owner_type
