@@ -364,9 +364,14 @@ def stored_unreachable(subject: Subject, facts: Sequence[TensorFact]) -> list[Un
     if subject.module is not None:
         return []
     # A span at file offset 0 is a mapping of the whole file (safetensors): its storage is not a
-    # saved storage, and the safetensors loader already checks the data tiles the file exactly.
-    whole_file = {n for n, span in subject.file_spans.items() if getattr(span, "offset", None) == 0}
-    return unreachable_bytes(facts, whole_file)
+    # saved storage, and the safetensors loader already checks the data tiles the file exactly. Once one
+    # name of a storage says so, its other names are not asked (a million names, one file).
+    whole_file: set[Any] = set()
+    get = subject.file_spans.get
+    for f in facts:
+        if f.storage is not None and f.storage not in whole_file and getattr(get(f.name), "offset", None) == 0:
+            whole_file.add(f.storage)
+    return unreachable_bytes([f for f in facts if f.storage not in whole_file])
 
 
 def subject_declarations(subject: Subject) -> tuple[list[dict], list[dict], list[str]]:
