@@ -63,10 +63,10 @@ def _each_sample(reader: ContentReader, names: list[str], transposed: tuple[int,
 
 SAMPLE_BATCH = 4096  # names sampled at once where nothing asks for progress in between
 
-# Samples up to this many bytes are their own bucket key (every partial sample is: 32 elements of at
-# most 8 bytes); a longer one, a small tensor sampled whole, is keyed by its digest so that a million
-# of them do not hold their bytes in memory at once. A digest only buckets: equality is decided on bytes.
-KEY_BYTES = 256
+# Samples up to this many bytes are their own bucket key; a longer one is keyed by its 16-byte digest,
+# so that a million samples of up to 4 KiB do not stay in memory as keys. A digest only buckets:
+# equality is decided on bytes (a full comparison, or the samples read again when they are the tensors).
+KEY_BYTES = 32
 
 
 def _key(sig: bytes) -> bytes:
@@ -179,20 +179,26 @@ def _names(members: list[TensorFact]) -> tuple[str, ...]:
     return tuple(sorted(m.name for m in members))
 
 
-def _by_key(samples: Iterable[tuple[str, bytes]]) -> list[tuple[bytes, list[str]]]:
-    """Names whose sample keys (``_key``) agree, in groups of two or more, in the order their first name came.
+def _by_key(samples: Iterable[tuple[str, bytes]], itemsize: int) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
+    """Names whose sample keys (``_key``) agree, in groups of two or more, in the order their first name
+    came; and the names whose sample is uniform (every element the same bits: only those can be
+    constant tensors, and a digest key no longer says so).
 
     Only a repeated key gets a list: a bucket of 100,000 distinct tensors costs one dict entry each.
     """
     first: dict[bytes, str] = {}
     shared: dict[bytes, list[str]] = {}
+    uniform: set[str] = set()
     digest = hashlib.blake2b
     for n, sig in samples:
+        size = len(sig)  # _uniform, inlined: it is asked a million times
+        if size <= itemsize or (size % itemsize == 0 and sig == sig[:itemsize] * (size // itemsize)):
+            uniform.add(n)
         key = sig if len(sig) <= KEY_BYTES else digest(sig, digest_size=16).digest()  # _key, inlined
         prev = first.setdefault(key, n)
         if prev != n:
             shared.setdefault(key, [prev]).append(n)
-    return list(shared.items())
+    return list(shared.items()), uniform
 
 
 def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
@@ -251,7 +257,8 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         names = sorted(names)
         f0 = reps[names[0]][0]
         itemsize = f0.itemsize
-        for key, candidates in _by_key(sample_all(names)):
+        shared, uniform = _by_key(sample_all(names), itemsize)
+        for key, candidates in shared:
             if f0.nbytes <= whole and all(reps[n][0].dense for n in candidates):
                 # Sampled whole: equal samples are equal tensors (a view that rereads its elements is
                 # left to ``equal``, which declines it as before). A digest key is checked on the bytes.
@@ -269,7 +276,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
                     (same if reader.equal(pivot, other) else differ).append(other)
                 if len(same) > 1:
                     # Only a uniform sample can come from a constant tensor: skip the read otherwise.
-                    groups.append(group(same, f0.numel > 1 and _uniform(key, itemsize) and reader.is_constant(pivot)))
+                    groups.append(group(same, f0.numel > 1 and pivot in uniform and reader.is_constant(pivot)))
                 remaining = differ
     return sorted(groups, key=lambda g: (-g.nbytes, g.names)), ContentStats(
         tensors=stats.tensors, buckets=stats.buckets, sampled=stats.sampled, full_comparisons=stats.full_comparisons,
