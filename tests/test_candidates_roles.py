@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from tiecheck import facts
 from tiecheck.analyses.candidates import (
     candidate_findings,
     find_candidates,
@@ -95,3 +96,21 @@ def test_candidate_finding_names_both_tensors():
                          "are untied; tying them would save 512 bytes of weights")
     assert candidate_findings(find_candidates([_fact("wte.weight", (32, 4), 1), _fact("lm_head.weight", (32, 4), 2)]),
                               reported=[("lm_head.weight", "wte.weight")]) == []
+
+
+@pytest.mark.parametrize("name", [
+    "model.embed_tokens.weight", "transformer.w.weight", "x.w.weight", "shared.weight", "weight", "embedding.weight",
+    "lm_head.weight", "cls.predictions.pred_layer.proj.weight", "model.lm_head.out_proj.weight", "a.out_proj.weight",
+    "decoder.weight", "layers.0.mlp.w.weight", "model.layers.3.mlp.experts.7.w1.weight", "wte.weight", "wpe.weight",
+])
+@pytest.mark.parametrize("owner_type", [None, "Embedding", "Linear", "ParametrizedEmbedding"])
+def test_the_last_part_prefilter_agrees_with_the_patterns(name, owner_type):
+    # The set lookup that turns names away before a pattern is searched must never turn one away
+    # that the pattern alone would accept.
+    f = _fact(name, (32, 4), 1, owner_type=owner_type)
+    owner_last = f.owner.rsplit(".", 1)[-1]
+    embed = (f.attr == "weight" and not facts._NOT_TOKEN_EMBED.search(owner_last or "")
+             and (owner_type == "Embedding" or bool(facts._EMBED_NAME.search(name)
+                                                    and (owner_type is None or "Embedding" in owner_type))))
+    head = bool(facts._HEAD_NAME.search(name)) and (owner_type is None or "Linear" in owner_type)
+    assert (is_embedding(f), is_output_projection(f)) == (embed, head)

@@ -10,17 +10,16 @@ from click.testing import CliRunner
 
 import tiecheck
 from tiecheck.cli import main
-from tiecheck.loaders.content import RUN_ELEMENTS, SAMPLE_RUNS, _sample_starts
+from tiecheck.loaders.content import WHOLE_BYTES, sample_index
 
 from support.checkpoints import write_safetensors
 
-V, D = 64, 16
+V, D = 128, 16  # 8 KiB of float32: sampled by runs, not whole (WHOLE_BYTES)
+assert V * D * 4 > WHOLE_BYTES
 
 
 def sampled_positions(n: int) -> set[int]:
-    if n <= SAMPLE_RUNS * RUN_ELEMENTS:
-        return set(range(n))
-    return {s + i for s in _sample_starts(n) for i in range(RUN_ELEMENTS)}
+    return set(sample_index(n, 4))
 
 
 def first_unsampled(n: int) -> int:

@@ -9,7 +9,7 @@ import os
 import pytest
 
 # The module the comparer lives in: COMPARE_CHUNK is patched on it.
-content = importlib.import_module("tiecheck.loaders.content")
+content = importlib.import_module("tiecheck.loaders.filecompare")
 
 SIZE = 3 * 4096 + 123  # not a multiple of a page or of the chunk
 

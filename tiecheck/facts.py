@@ -176,8 +176,36 @@ _HEAD_NAME = re.compile(
 _NOT_TOKEN_EMBED = re.compile(r"(pos|position|wpe|token_type|segment|type_emb|rel|bucket)", re.I)
 
 
+def _alternatives(pattern: re.Pattern) -> dict[str, tuple[str, ...]]:
+    """The names a role pattern's alternatives spell (``pred_layer\\.proj``: ``pred_layer.proj``), by their last part."""
+    found = re.search(r"\(\^\|\\\.\)\((.*?)\)(\(\\\.weight\)\?|\\\.weight)\$", pattern.pattern)
+    assert found is not None, pattern.pattern
+    out: dict[str, tuple[str, ...]] = {}
+    for alt in found.group(1).replace("\\.", ".").split("|"):
+        out[alt.rsplit(".", 1)[-1]] = (*out.get(alt.rsplit(".", 1)[-1], ()), alt)
+    return out
+
+
+# A ``*.weight`` name matches a role pattern only where the module path before ``.weight`` ends with
+# one of its alternatives: a dict lookup and a suffix test turn most names away before the pattern is
+# searched (a million expert weights).
+_EMBED_ALTS = _alternatives(_EMBED_NAME)
+_HEAD_ALTS = _alternatives(_HEAD_NAME)
+
+
+def _may_spell(name: str, alternatives: dict[str, tuple[str, ...]]) -> bool:
+    """False when ``name`` (a ``*.weight``) cannot match the pattern ``alternatives`` come from."""
+    path = name[:-7]
+    alts = alternatives.get(path.rsplit(".", 1)[-1])
+    return alts is not None and any(path == a or path.endswith("." + a) for a in alts)
+
+
 def is_embedding(f: TensorFact) -> bool:
-    if len(f.shape) != 2 or f.attr != "weight" or _NOT_TOKEN_EMBED.search(f.owner.rsplit(".", 1)[-1] or ""):
+    if len(f.shape) != 2 or f.attr != "weight":
+        return False
+    if f.owner_type != "Embedding" and not _may_spell(f.name, _EMBED_ALTS):
+        return False  # neither the module type nor the name can make it one
+    if _NOT_TOKEN_EMBED.search(f.owner.rsplit(".", 1)[-1] or ""):
         return False
     if f.owner_type is not None:
         return f.owner_type == "Embedding" or bool(_EMBED_NAME.search(f.name) and "Embedding" in f.owner_type)
@@ -185,6 +213,7 @@ def is_embedding(f: TensorFact) -> bool:
 
 
 def is_output_projection(f: TensorFact) -> bool:
-    if len(f.shape) != 2 or not _HEAD_NAME.search(f.name):
+    if len(f.shape) != 2 or not f.name.endswith(".weight") or not _may_spell(f.name, _HEAD_ALTS) \
+            or not _HEAD_NAME.search(f.name):
         return False
     return f.owner_type is None or f.owner_type == "Linear" or "Linear" in f.owner_type

@@ -8,6 +8,7 @@ when a live module is analysed, else from conventional names.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,24 +80,41 @@ def member_candidates(members: Iterable[Sequence[str]], by_name: Mapping[str, Te
     ``by_name`` maps a name to its fact.
     """
     members = [[by_name[n] for n in m if n in by_name] for m in members]
+    # Every relation has an embedding on one side: a pair of members neither of which holds one is
+    # never looked at, so a group of 100,000 equal tensors costs 100,000 role checks, not 5e9 pairs.
+    roles = {f.name: _roles(f) for m in members for f in m}
+    embedded = [i for i, m in enumerate(members) if any(roles[f.name][0] for f in m)]
+    holds = set(embedded)
     out = []
     for i, a_names in enumerate(members):
-        for b_names in members[i + 1:]:
+        # The pairs (i, j) in the same order as before: every later member where i holds an embedding,
+        # else only the later members that hold one.
+        later = range(i + 1, len(members)) if i in holds else embedded[bisect_right(embedded, i):]
+        for j in later:
             for a in a_names:
-                for b in b_names:
-                    rel = _relation(a, b)
+                for b in members[j]:
+                    rel = _relation(a, b, roles[a.name], roles[b.name])
                     if rel is not None:
                         out.append(Candidate(tuple(sorted((a.name, b.name))), rel, a.shape, a.dtype, b.nbytes))
     return out
 
 
-def _relation(a: TensorFact, b: TensorFact) -> str | None:
+def _roles(f: TensorFact) -> tuple[bool, bool]:
+    """(an input embedding, an output projection): what a fact's name and owner make it; neither for a buffer."""
+    if f.role == "buffer":
+        return False, False
+    return is_embedding(f), is_output_projection(f)
+
+
+def _relation(a: TensorFact, b: TensorFact, ra: tuple[bool, bool], rb: tuple[bool, bool]) -> str | None:
+    """How two facts of ``roles`` ``ra`` and ``rb`` relate: two embeddings, an embedding and its output
+    projection, or nothing."""
     if a.shape != b.shape or a.dtype != b.dtype or a.role == "buffer" or b.role == "buffer":
         return None
-    ea, eb = is_embedding(a), is_embedding(b)
+    (ea, ha), (eb, hb) = ra, rb
     if ea and eb:
         return "embeddings"
-    if (ea and is_output_projection(b)) or (eb and is_output_projection(a)):
+    if (ea and hb) or (eb and ha):
         return "embedding-output"
     return None
 

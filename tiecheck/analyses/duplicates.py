@@ -10,8 +10,9 @@ stays free of torch and can be tested with hand-made readers.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +37,39 @@ class ContentReader(Protocol):
 
     # Optional: ``prefetch(names, transposed=())`` is told what a pass will sample before it samples
     # it, so a reader whose reads cost a round trip each (remote files) can fetch them all at once.
+    # Optional: ``samples(names, transposed=None)``, the samples of many names at once (a reader that
+    # can read neighbouring tensors together), and ``whole_sample_bytes``: a tensor of at most that
+    # many bytes is sampled whole, so equal samples are equal tensors and need no full comparison.
+
+
+def _sampled(reader: ContentReader, names: Sequence[str], transposed: tuple[int, ...] | None = None) -> list[bytes]:
+    """The samples of ``names`` (through a transpose of shape ``transposed``), many at once where the reader can."""
+    batch = getattr(reader, "samples", None)
+    if batch is not None:
+        return batch(names) if transposed is None else batch(names, transposed)
+    one = reader.sample if transposed is None else reader.sample_transposed  # type: ignore[attr-defined]
+    return [one(n) for n in names]
+
+
+def _each_sample(reader: ContentReader, names: list[str], transposed: tuple[int, ...] | None = None,
+                 ) -> Iterator[tuple[str, bytes]]:
+    """(name, sample) of each name, read many at a time (``_sampled``) but never all at once: a
+    million small tensors sampled whole would hold gigabytes."""
+    for lo in range(0, len(names), SAMPLE_BATCH):
+        part = names[lo:lo + SAMPLE_BATCH]
+        yield from zip(part, _sampled(reader, part, transposed), strict=True)
+
+
+SAMPLE_BATCH = 4096  # names sampled at once where nothing asks for progress in between
+
+# Samples up to this many bytes are their own bucket key; a longer one is keyed by its 16-byte digest,
+# so that a million samples of up to 4 KiB do not stay in memory as keys. A digest only buckets:
+# equality is decided on bytes (a full comparison, or the samples read again when they are the tensors).
+KEY_BYTES = 32
+
+
+def _key(sig: bytes) -> bytes:
+    return sig if len(sig) <= KEY_BYTES else hashlib.blake2b(sig, digest_size=16).digest()
 
 
 def _prefetch(reader: ContentReader, names: list[str], transposed: Sequence[str] = ()) -> None:
@@ -120,8 +154,12 @@ def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | N
         by_identity = group_by_identity(facts)
     reps = {}
     for members in by_identity.values():
-        if members[0].storage is None:
+        first = members[0]
+        if first.storage is None:
             continue  # no memory to read (meta device)
+        if len(members) == 1 and first.persistent:  # most memories have one name: no generator, no min
+            reps[first.name] = (first, members)
+            continue
         if not all(m.persistent for m in members):
             # A non-persistent buffer is never saved: not a copy anything stores or a tie could save.
             members = [m for m in members if m.persistent]
@@ -140,19 +178,26 @@ def _names(members: list[TensorFact]) -> tuple[str, ...]:
     return tuple(sorted(m.name for m in members))
 
 
-def _by_sample(names: Iterable[str], sample) -> list[list[str]]:
-    """Names whose samples agree, in groups of two or more, in the order their first name came.
+def _by_key(samples: Iterable[tuple[str, bytes]], itemsize: int) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
+    """Names whose sample keys (``_key``) agree, in groups of two or more, in the order their first name
+    came; and the names whose sample is uniform (every element the same bits: only those can be
+    constant tensors, and a digest key no longer says so).
 
-    Only a repeated sample gets a list: a bucket of 100,000 distinct tensors costs one dict entry each.
+    Only a repeated key gets a list: a bucket of 100,000 distinct tensors costs one dict entry each.
     """
     first: dict[bytes, str] = {}
     shared: dict[bytes, list[str]] = {}
-    for n in names:
-        sig = sample(n)
-        prev = first.setdefault(sig, n)
+    uniform: set[str] = set()
+    digest = hashlib.blake2b
+    for n, sig in samples:
+        size = len(sig)  # _uniform, inlined: it is asked a million times
+        if size <= itemsize or (size % itemsize == 0 and sig == sig[:itemsize] * (size // itemsize)):
+            uniform.add(n)
+        key = sig if len(sig) <= KEY_BYTES else digest(sig, digest_size=16).digest()  # _key, inlined
+        prev = first.setdefault(key, n)
         if prev != n:
-            shared.setdefault(sig, [prev]).append(n)
-    return list(shared.items())
+            shared.setdefault(key, [prev]).append(n)
+    return list(shared.items()), uniform
 
 
 def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
@@ -182,21 +227,45 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
     groups: list[DuplicateGroup] = []
     to_sample = sum(len(names) for names in buckets.values() if len(names) > 1)
     every = max(1, to_sample // 100)
+    whole = getattr(reader, "whole_sample_bytes", 0)
 
-    def sample(name: str) -> bytes:
-        sig = reader.sample(name)
-        stats.sampled += 1
-        if progress is not None and (stats.sampled % every == 0 or stats.sampled == to_sample):
-            progress(stats.sampled, to_sample)
-        return sig
+    def sample_all(names: list[str]) -> Iterator[tuple[str, bytes]]:
+        """(name, sample) of each name, read in batches that end where a progress call is due (every
+        1%, at most ``SAMPLE_BATCH``): the samples of a bucket are never all held at once."""
+        lo = 0
+        while lo < len(names):
+            part = names[lo:lo + min(SAMPLE_BATCH, every - stats.sampled % every)]
+            yield from zip(part, _sampled(reader, part), strict=True)
+            lo += len(part)
+            stats.sampled += len(part)
+            if progress is not None and (stats.sampled % every == 0 or stats.sampled == to_sample):
+                progress(stats.sampled, to_sample)
+
+    def group(same: list[str], constant: bool) -> DuplicateGroup:
+        f = reps[same[0]][0]
+        same = sorted(same)
+        return DuplicateGroup(names=tuple(same), aliases=tuple(_names(reps[n][1]) for n in same),
+                              shape=f.shape, dtype=f.dtype, nbytes=f.nbytes, constant=constant,
+                              buffers=tuple(n for n in same if all(m.role == "buffer" for m in reps[n][1])))
 
     _prefetch(reader, [n for names in buckets.values() if len(names) > 1 for n in names])
     for (_dtype, _shape), names in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if len(names) < 2:
             continue
         stats.buckets += 1
-        itemsize = reps[names[0]][0].itemsize
-        for sig, candidates in _by_sample(sorted(names), sample):
+        names = sorted(names)
+        f0 = reps[names[0]][0]
+        itemsize = f0.itemsize
+        shared, uniform = _by_key(sample_all(names), itemsize)
+        for key, candidates in shared:
+            if f0.nbytes <= whole and all(reps[n][0].dense for n in candidates):
+                # Sampled whole: equal samples are equal tensors (a view that rereads its elements is
+                # left to ``equal``, which declines it as before). A digest key is checked on the bytes.
+                if len(key) != f0.nbytes:
+                    stats.sampled += len(candidates)
+                for sig, same in _exact(reader, candidates, key, f0.nbytes):
+                    groups.append(group(same, f0.numel > 1 and _uniform(sig, itemsize)))
+                continue
             remaining = list(candidates)
             while len(remaining) > 1:
                 pivot, rest = remaining[0], remaining[1:]
@@ -205,24 +274,29 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
                     stats.full_comparisons += 1
                     (same if reader.equal(pivot, other) else differ).append(other)
                 if len(same) > 1:
-                    f = reps[pivot][0]
-                    groups.append(DuplicateGroup(
-                        names=tuple(sorted(same)),
-                        aliases=tuple(_names(reps[n][1]) for n in sorted(same)),
-                        shape=f.shape, dtype=f.dtype, nbytes=f.nbytes,
-                        # Only a uniform sample can come from a constant tensor: skip the read otherwise.
-                        constant=f.numel > 1 and _uniform(sig, itemsize) and reader.is_constant(pivot),
-                        buffers=tuple(n for n in sorted(same) if all(m.role == "buffer" for m in reps[n][1])),
-                    ))
+                    # Only a uniform sample can come from a constant tensor: skip the read otherwise.
+                    groups.append(group(same, f0.numel > 1 and pivot in uniform and reader.is_constant(pivot)))
                 remaining = differ
     return sorted(groups, key=lambda g: (-g.nbytes, g.names)), ContentStats(
         tensors=stats.tensors, buckets=stats.buckets, sampled=stats.sampled, full_comparisons=stats.full_comparisons,
         bytes_total=sum(f.nbytes for f, _ in reps.values()), bytes_read=reader.bytes_read - start_read)
 
 
+def _exact(reader: ContentReader, names: list[str], key: bytes, nbytes: int) -> list[tuple[bytes, list[str]]]:
+    """Names of ``nbytes`` each, sampled whole, whose samples share ``key``, grouped by their bytes: a
+    sample that is its own key is one group as it stands; under a digest, the samples are read again."""
+    if len(key) == nbytes:
+        return [(key, names)]
+    by_bytes: dict[bytes, list[str]] = {}
+    for n, sig in _each_sample(reader, names):
+        by_bytes.setdefault(sig, []).append(n)
+    return [(sig, same) for sig, same in by_bytes.items() if len(same) > 1]
+
+
 def _uniform(sample: bytes, itemsize: int) -> bool:
-    first = sample[:itemsize]
-    return all(sample[i:i + itemsize] == first for i in range(0, len(sample), itemsize))
+    """Every element of the sample has the first one's bits (compared as one string: C speed)."""
+    n = len(sample)
+    return n <= itemsize or (n % itemsize == 0 and sample == sample[:itemsize] * (n // itemsize))
 
 
 @dataclass(frozen=True)
@@ -423,9 +497,12 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
     if by_identity is None:
         by_identity = group_by_identity(facts)
     # Only 2-D memories can hold a transpose: the others are left out before anything else is done.
-    matrices = {i: m for i, m in by_identity.items() if any(len(f.shape) == 2 for f in m)}
+    # (A memory of one name, the common case, is judged by it alone: no generator per memory.)
+    matrices = {i: m for i, m in by_identity.items()
+                if (len(m[0].shape) == 2 if len(m) == 1 else any(len(f.shape) == 2 for f in m))}
     reps = {n: v for n, v in _representatives((), matrices).items()
-            if len(v[0].shape) == 2 and v[0].numel > 1 and not skipped.intersection(m.name for m in v[1])}
+            if len(v[0].shape) == 2 and v[0].numel > 1
+            and not (skipped and skipped.intersection(m.name for m in v[1]))}
     by_shape: dict[tuple, list[str]] = defaultdict(list)
     for name, (f, _) in reps.items():
         by_shape[(f.dtype, tuple(f.shape))].append(name)
@@ -454,17 +531,16 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
         stats.buckets += 1
         stats.tensors += len(names) + (len(others) if swapped != shape else 0)
         by_sig: dict[bytes, list[str]] = defaultdict(list)
-        for n in sorted(names):
-            sig = reader.sample(n)
+        for n, sig in _each_sample(reader, sorted(names)):
             stats.sampled += 1
             if not is_constant(n, sig):
-                by_sig[sig].append(n)
-        for b in sorted(others):
-            sig = reader.sample_transposed(b)
+                by_sig[_key(sig)].append(n)
+        for b, sig in _each_sample(reader, sorted(others), swapped):
             stats.sampled += 1
-            if sig not in by_sig or is_constant(b, sig):
+            key = _key(sig)
+            if key not in by_sig or is_constant(b, sig):
                 continue
-            for a in by_sig[sig]:
+            for a in by_sig[key]:
                 if a == b:
                     continue  # a square tensor equal to its own transpose is symmetric, not a copy
                 x, y = (a, b) if swapped != shape else sorted((a, b))  # equality through a transpose is symmetric

@@ -151,21 +151,31 @@ def _start_longest_first(f: TensorFact) -> tuple[int, int]:
     return f.byte_start, -f.byte_end
 
 
-def nested_identities(facts: Sequence[TensorFact], by_identity: IdentityIndex | None = None) -> set[tuple]:
-    """Identities of extents lying wholly inside another, dense, extent of the same storage.
-
-    Their bytes are already counted with their container (a flat buffer and its views, a
-    fused QKV weight and its slices), whatever their own strides.
-    """
+def _sorted_extents(by_identity: IdentityIndex) -> dict:
+    """storage -> the first fact of each of its identities, by start, longest first: every
+    container comes before what it contains."""
     by_storage: dict = defaultdict(list)
-    for members in (by_identity if by_identity is not None else group_by_identity(facts)).values():
+    for members in by_identity.values():
         f = members[0]
         if f.storage is not None:  # indexed facts are never empty: a storage means an extent
             by_storage[f.storage].append(f)
-    nested = set()
     for extents in by_storage.values():
-        # Sorted by start, longest first: every container comes before what it contains.
         extents.sort(key=_start_longest_first)
+    return by_storage
+
+
+def nested_identities(facts: Sequence[TensorFact], by_identity: IdentityIndex | None = None,
+                      extents_by_storage: dict | None = None) -> set[tuple]:
+    """Identities of extents lying wholly inside another, dense, extent of the same storage.
+
+    Their bytes are already counted with their container (a flat buffer and its views, a
+    fused QKV weight and its slices), whatever their own strides. ``extents_by_storage``:
+    ``_sorted_extents(by_identity)``, when the caller already sorted them.
+    """
+    if extents_by_storage is None:
+        extents_by_storage = _sorted_extents(by_identity if by_identity is not None else group_by_identity(facts))
+    nested = set()
+    for extents in extents_by_storage.values():
         reach = -1  # furthest end of a dense extent seen so far
         for f in extents:
             if f.byte_end <= reach:
@@ -175,12 +185,16 @@ def nested_identities(facts: Sequence[TensorFact], by_identity: IdentityIndex | 
     return nested
 
 
-def _unique_bytes(by_identity: IdentityIndex, nested: set[tuple]) -> dict[str, int]:
-    """Bytes of distinct memory per dtype (dtype of the tensor that starts each merged range)."""
+def _unique_bytes(by_identity: IdentityIndex, nested: set[tuple],
+                  extents_by_storage: dict | None = None) -> dict[str, int]:
+    """Bytes of distinct memory per dtype (dtype of the tensor that starts each merged range).
+    ``extents_by_storage``: ``_sorted_extents(by_identity)``, when the caller already sorted them."""
     out: dict[str, int] = defaultdict(int)
     by_storage: dict = defaultdict(list)
     for members in by_identity.values():
         f = members[0]
+        if f.storage is not None and extents_by_storage is not None:
+            continue  # merged below, from the extents already sorted
         if f.identity in nested:
             continue  # counted with its container
         nbytes = f.numel * f.itemsize
@@ -188,8 +202,23 @@ def _unique_bytes(by_identity: IdentityIndex, nested: set[tuple]) -> dict[str, i
             out[f.dtype] += nbytes  # no memory to merge (meta), or a strided view: count its elements
         else:
             by_storage[f.storage].append(f)
+    if extents_by_storage is None:
+        for extents in by_storage.values():
+            extents.sort(key=_start_longest_first)
+    else:
+        by_storage = {}
+        for key, extents in extents_by_storage.items():
+            dense = []
+            for f in extents:
+                if f.identity in nested:
+                    continue
+                nbytes = f.numel * f.itemsize
+                if f.byte_end - f.byte_start != nbytes:
+                    out[f.dtype] += nbytes  # a strided view: count its elements
+                else:
+                    dense.append(f)
+            by_storage[key] = dense
     for extents in by_storage.values():
-        extents.sort(key=_start_longest_first)
         cur, end = None, -1
         for f in extents:
             if cur is None or f.byte_start >= end:
@@ -221,13 +250,20 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     counted_params: dict[str, int] = defaultdict(int)
     # Parameters exclude a live module's buffers (RoPE tables, BatchNorm statistics); bytes
     # include them. Files do not say which tensors were buffers, so there every tensor counts.
+    buffers = False
+    all_trainable = True  # then the trainable index is the whole index: no pass to restrict it
     for f in facts:
         counted_bytes[f.dtype] += f.numel * f.itemsize
         if f.role != "buffer":
             counted_params[f.dtype] += f.numel
-    params = _restrict(by_identity, _not_buffer)
-    nested_all = nested_identities(facts, by_identity)
-    unique_bytes = _unique_bytes(by_identity, nested_all)
+        else:
+            buffers = True
+        if all_trainable and not (f.is_floating if f.role == "tensor" else is_trainable(f)):
+            all_trainable = False
+    params = _restrict(by_identity, _not_buffer) if buffers else by_identity
+    extents = _sorted_extents(by_identity)  # sorted once for both passes below
+    nested_all = nested_identities(facts, by_identity, extents)
+    unique_bytes = _unique_bytes(by_identity, nested_all, extents)
     # A file has no buffers: then the parameters are every tensor and nothing is recomputed.
     if params is by_identity:
         unique_param_bytes = unique_bytes
@@ -242,10 +278,10 @@ def memory_summary(facts: Sequence[TensorFact], groups: Sequence[TieGroup], opti
     train_counted = 0
     train_nested = 0  # per-name training bytes of views inside a container: not tie savings
     per_element: dict[int, int] = {}  # itemsize -> training bytes per element
-    trainable_index = _restrict(by_identity, is_trainable)
+    trainable_index = by_identity if all_trainable else _restrict(by_identity, is_trainable)
     in_container = nested_all if trainable_index is by_identity else nested_identities(facts, trainable_index)
     for identity, members in by_identity.items():
-        trainable = members if len(members) == 1 and is_trainable(members[0]) else \
+        trainable = members if all_trainable or (len(members) == 1 and is_trainable(members[0])) else \
             [m for m in members if is_trainable(m)]
         if not trainable:
             continue
@@ -296,7 +332,8 @@ def unreachable_bytes(facts: Sequence[TensorFact], skip: set[str] = frozenset())
     """
     by_storage: dict = defaultdict(list)
     for f in facts:
-        if f.extent is not None and f.storage_bytes and f.name not in skip:
+        # storage_bytes first: most facts of a mapped file have none, and are skipped at once
+        if f.storage_bytes and f.name not in skip and f.extent is not None:
             by_storage[f.storage].append(f)
     out = []
     for members in by_storage.values():

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tiecheck.compare.tie_diff import AddedInB, Hit, OnlyInB, TensorMatch, TieDiff, TieInB
-from tiecheck.loaders.content import value_match
 from tiecheck.loaders.subject import Subject
+from tiecheck.loaders.value_match import value_match
 from tiecheck.report.report import Report
 
 

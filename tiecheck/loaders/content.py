@@ -22,12 +22,13 @@ then fetched concurrently, since round trips, not bytes, bound them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from tiecheck.loaders.filecompare import FileRangeCompare
 from tiecheck.loaders.fileview import FileSpan
 
 
@@ -45,6 +46,12 @@ class HeldBytes(NamedTuple):
 SAMPLE_RUNS = 4  # short runs per tensor: first, last and two in between
 RUN_ELEMENTS = 8
 CHUNK_BYTES = 16 << 20
+# A tensor of at most this many bytes is its own sample, read whole: reading a page costs what
+# reading a few runs of it does, its sample then proves equality (no full comparison), and tiny
+# tensors that lie side by side in a file are read together (``samples``).
+WHOLE_BYTES = 4096
+# Adjacent small tensors of one file are read together, at most this many bytes a read.
+BATCH_BYTES = 1 << 20
 
 # Range requests in flight at once while a remote file's samples are prefetched.
 PREFETCH_THREADS = 16
@@ -160,6 +167,26 @@ def _sample_starts(n: int) -> list[int]:
     return sorted({round(i * (n - RUN_ELEMENTS) / (SAMPLE_RUNS - 1)) for i in range(SAMPLE_RUNS)})
 
 
+def sampled_whole(n: int, itemsize: int, whole_bytes: int = WHOLE_BYTES) -> bool:
+    """A tensor of ``n`` elements is its own sample: all its bytes, in order (up to ``whole_bytes``)."""
+    return n <= SAMPLE_RUNS * RUN_ELEMENTS or n * itemsize <= whole_bytes
+
+
+def sample_index(n: int, itemsize: int, whole_bytes: int = WHOLE_BYTES) -> list[int]:
+    """The flat element indices a sample of ``n`` elements holds, in order."""
+    if sampled_whole(n, itemsize, whole_bytes):
+        return list(range(n))
+    return [s + i for s in _sample_starts(n) for i in range(RUN_ELEMENTS)]
+
+
+def _transposed_whole(raw: bytes, count: int, rows: int, cols: int, size: int) -> bytes:
+    """The bytes of ``count`` (rows, cols) tensors of ``size``-byte elements, laid end to end in
+    ``raw``, each replaced by its transpose's: the samples of tensors sampled whole, read through a
+    transpose (one strided copy for the lot, not an element at a time)."""
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(count, rows, cols, size)
+    return t.transpose(1, 2).contiguous().numpy().tobytes()
+
+
 def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(offset of the first element in its storage, nbytes, itemsize) of a contiguous tensor, for
     pread at its storage's file offset; None for a strided one."""
@@ -169,63 +196,23 @@ def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
     return t.storage_offset() * size, t.numel() * size, size
 
 
-# Bytes per read when comparing files. Two 4 MiB buffers stay in the CPU cache between the read
-# that fills them and the memcmp that compares them; two of 16 MiB did not (measured: 0.45-0.50 s
-# against 0.60-0.70 s for the same 1.75 GiB compared).
-COMPARE_CHUNK = 4 << 20
-
-
-class FileRangeCompare:
-    """Byte ranges of two files compared through two reused buffers: ``tiecheck fix``'s check of
-    every byte of its copy, and the content pass's full comparison of two tensors of local files.
-
-    A ``pread`` into a fresh buffer per read costs a page fault per 4 KiB and dominated fix's
-    verification (every byte of the copy against the input). ``os.preadv`` into the same two buffers, compared as buffers (memcmp),
-    reads at the speed of the page cache and keeps memory at two chunks. A pair of ranges already
-    found equal (a dropped name and the name it now shares point at the same bytes of both files)
-    is not read again: the files do not change between the two comparisons, so neither would the
-    answer. (Comparing mapped windows in place instead was measured slower: ``torch.equal`` over
-    bytes runs element by element, several times slower than the buffers' memcmp.)
-    """
-
-    def __init__(self) -> None:
-        self.bufs = (bytearray(COMPARE_CHUNK), bytearray(COMPARE_CHUNK))
-        self.fds: dict[str, int] = {}
-        self.bytes_read = 0
-        self.same: set[tuple] = set()
-
-    def _fd(self, path: str) -> int:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        return self.fds[path]
-
-    def equal(self, a: tuple[str, int], b: tuple[str, int], nbytes: int) -> bool:
-        """``nbytes`` at (path, offset) ``a`` against those at ``b``; files opened once and kept."""
-        key = (a, b, nbytes)
-        if key in self.same:
-            return True
-        same = self.equal_fds(self._fd(a[0]), a[1], self._fd(b[0]), b[1], nbytes)
-        if same:
-            self.same.add(key)
-        return same
-
-    def equal_fds(self, fa: int, offset_a: int, fb: int, offset_b: int, nbytes: int) -> bool:
-        """``nbytes`` at ``offset_a`` of open file ``fa`` against those at ``offset_b`` of ``fb``."""
-        for off in range(0, nbytes, COMPARE_CHUNK):
-            n = min(COMPARE_CHUNK, nbytes - off)
-            views = [memoryview(buf)[:n] for buf in self.bufs]
-            if os.preadv(fa, [views[0]], offset_a + off) != n or os.preadv(fb, [views[1]], offset_b + off) != n:
-                raise OSError("short read: a file changed while it was compared")
-            self.bytes_read += 2 * n
-            # A whole chunk compares the buffers themselves (memcmp); a tail compares copies of its bytes.
-            same = self.bufs[0] == self.bufs[1] if n == COMPARE_CHUNK else bytes(views[0]) == bytes(views[1])
-            if not same:
-                return False
-        return True
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+def _runs(reads: list[tuple[int, int, int, int, int]]) -> Iterator[tuple[int, int, int, int, int, bool]]:
+    """(fd, lo, hi, first, end, uniform) for each run of ``reads`` (sorted (fd, start, nbytes, itemsize,
+    index) tuples) that lie end to end in one file, at most ``BATCH_BYTES`` a run: ``reads[first:end]``
+    are read as bytes ``lo:hi``; ``uniform`` when they are all of one size and one element size."""
+    fd = lo = hi = first = -1
+    shape = None
+    uniform = True
+    for k, (f, start, nbytes, size, _) in enumerate(reads):
+        if f != fd or start != hi or hi - lo >= BATCH_BYTES:
+            if k:
+                yield fd, lo, hi, first, k, uniform
+            fd, lo, hi, first, shape, uniform = f, start, start + nbytes, k, (nbytes, size), True
+        else:
+            hi += nbytes
+            uniform = uniform and (nbytes, size) == shape
+    if reads:
+        yield fd, lo, hi, first, len(reads), uniform
 
 
 class TorchContentReader:
@@ -237,6 +224,10 @@ class TorchContentReader:
     def __init__(self, tensors: Mapping[str, torch.Tensor], spans: Mapping[str, FileSpan] | None = None):
         self.tensors = tensors
         self.spans = spans if spans is not None else {}  # read only: a checkpoint's may hold 100,000 names
+        # Tensors of at most this many bytes are sampled whole: two with equal samples are equal. Not
+        # for remote files, where every byte is a byte fetched: there samples stay a few runs.
+        remote = _STAND_INS and any(s.path in _STAND_INS for s in set(self.spans.values()))
+        self.whole_sample_bytes = SAMPLE_RUNS * RUN_ELEMENTS if remote else WHOLE_BYTES
         self.bytes_read = 0
         self._fds: dict[str, Handle] = {}
         self._prefetched: dict[tuple[str, str], bytes] = {}  # ("sample" | "transposed", name) -> sample
@@ -290,33 +281,45 @@ class TorchContentReader:
         in flight at once. Local files need nothing (pread costs no round trip)."""
         if not _STAND_INS:
             return
-        wanted: list[tuple[tuple[str, str], Handle, list[tuple[int, int]]]] = []
+        wanted: list[tuple[tuple[str, str], tuple[Handle, int, int, int], list[tuple[int, int]]]] = []
         for kind, group in (("sample", names), ("transposed", transposed)):
             for name in group:
                 rng = self._file_range(name)
                 if rng is None or isinstance(rng[0], int):
                     continue
-                wanted.append(((kind, name), rng[0], self._sample_reads(name, rng, kind == "transposed")))
+                wanted.append(((kind, name), rng, self._sample_reads(name, rng, kind == "transposed")))
         if not wanted:
             return
-        reads = [(fd, n, off) for _, fd, runs in wanted for off, n in runs]
+        reads = [(rng[0], n, off) for _, rng, runs in wanted for off, n in runs]
         with ThreadPoolExecutor(max_workers=min(PREFETCH_THREADS, len(reads))) as pool:
             got = iter(list(pool.map(lambda r: _read(*r), reads)))
         self.bytes_read += sum(n for _, n, _ in reads)  # counted here: the threads share no counter
-        for key, _, runs in wanted:
-            self._prefetched[key] = b"".join(next(got) for _ in runs)
+        for (kind, name), rng, runs in wanted:
+            raw = b"".join(next(got) for _ in runs)
+            self._prefetched[(kind, name)] = self._picked(name, raw, rng, kind == "transposed")
 
     def _sample_reads(self, name: str, rng: tuple[Handle, int, int, int], transposed: bool) -> list[tuple[int, int]]:
         """(offset, nbytes) of each read ``sample`` (or ``sample_transposed``) makes of a file's tensor."""
         _, start, nbytes, size = rng
+        n = nbytes // size
+        if sampled_whole(n, size, self.whole_sample_bytes):
+            return [(start, nbytes)]  # one read; a transposed sample is then picked from it (_picked)
         if transposed:
             # t.T has shape (cols, rows): flat index k of t.T is t[k % rows, k // rows], row-major in the file
             rows, cols = self.tensors[name].shape
-            return [(start + ((k % rows) * cols + k // rows) * size, size) for k in self._sample_index(rows * cols)]
-        n = nbytes // size
-        if n <= SAMPLE_RUNS * RUN_ELEMENTS:
-            return [(start, nbytes)]
+            return [(start + ((k % rows) * cols + k // rows) * size, size)
+                    for k in sample_index(n, size, self.whole_sample_bytes)]
         return [(start + s * size, RUN_ELEMENTS * size) for s in _sample_starts(n)]
+
+    def _picked(self, name: str, raw: bytes, rng: tuple[Handle, int, int, int], transposed: bool,
+                shape: tuple[int, ...] | None = None) -> bytes:
+        """The sample from the bytes ``_sample_reads`` read: a small tensor read whole gives its
+        transpose's sample by permuting them (``shape``: the tensor's, when the caller knows it)."""
+        _, _, nbytes, size = rng
+        if not transposed or not sampled_whole(nbytes // size, size, self.whole_sample_bytes):
+            return raw
+        rows, cols = shape if shape is not None else self.tensors[name].shape
+        return _transposed_whole(raw, 1, rows, cols, size)
 
     def _file_chunks(self, fd: Handle, start: int, nbytes: int, itemsize: int):
         step = max(itemsize, CHUNK_BYTES - CHUNK_BYTES % itemsize)
@@ -324,6 +327,8 @@ class TorchContentReader:
             yield self._pread(fd, min(step, nbytes - off), start + off)
 
     def sample(self, name: str) -> bytes:
+        """A few runs of the tensor's raw bits; all of them for a tensor of at most ``WHOLE_BYTES``
+        (``whole_sample_bytes``: then equal samples are equal tensors)."""
         got = self._prefetched.pop(("sample", name), None)
         if got is not None:
             return got
@@ -335,13 +340,14 @@ class TorchContentReader:
         if held is not None:  # bytes the loader holds: sliced, no tensor made
             buf, start, nbytes, size, _ = held
             n = nbytes // size
-            self.bytes_read += min(nbytes, SAMPLE_RUNS * RUN_ELEMENTS * size)
-            if n <= SAMPLE_RUNS * RUN_ELEMENTS:
+            if sampled_whole(n, size, self.whole_sample_bytes):
+                self.bytes_read += nbytes
                 return bytes(buf[start:start + nbytes])
+            self.bytes_read += SAMPLE_RUNS * RUN_ELEMENTS * size
             return b"".join([bytes(buf[start + s * size:start + (s + RUN_ELEMENTS) * size]) for s in _sample_starts(n)])
         t = self.tensors[name]
         n = t.numel()
-        if n <= SAMPLE_RUNS * RUN_ELEMENTS:  # small enough to be its own sample
+        if sampled_whole(n, t.element_size(), self.whole_sample_bytes):  # small enough to be its own sample
             self.bytes_read += n * t.element_size()
             return _bits(t.contiguous().reshape(-1)).numpy().tobytes()
         else:
@@ -353,6 +359,54 @@ class TorchContentReader:
             vals = t[torch.unravel_index(idx, t.shape)] if t.dim() else t.reshape(1)
         self.bytes_read += idx.numel() * t.element_size()
         return _bits(vals.contiguous()).numpy().tobytes()
+
+    def samples(self, names: Sequence[str], transposed: tuple[int, int] | None = None) -> list[bytes]:
+        """``sample`` of each name, or ``sample_transposed`` of each where ``transposed`` gives their
+        one shape. Small tensors lying side by side in a local file are read together, one ``pread``
+        per run of them: a checkpoint of a million 16-byte tensors costs a few hundred reads, not a
+        million, and a run of small square matrices is transposed in one indexing operation.
+
+        Args:
+            names: the tensors to sample.
+            transposed: None for ``sample``; else the (rows, cols) shape every name has, for
+                ``sample_transposed``.
+
+        Returns:
+            The samples, in the order of ``names``.
+        """
+        kind, one = ("sample", self.sample) if transposed is None else ("transposed", self.sample_transposed)
+        out: list[bytes] = [b""] * len(names)
+        small: list[tuple[int, int, int, int, int]] = []  # (fd, start, nbytes, itemsize, index in names)
+        # _file_range, inlined: at a million names each call and tuple it makes shows.
+        spans, layout, fds, prefetched = self.spans, self._layout, self._fds, self._prefetched
+        whole = self.whole_sample_bytes
+        for i, name in enumerate(names):
+            span = spans.get(name)
+            where = None if span is None or layout is None or (prefetched and (kind, name) in prefetched) \
+                else layout(name)
+            fd = None if where is None else fds.get(span.path)
+            if where is None or fd is None or not isinstance(fd, int) or \
+                    (where[1] > whole and where[1] > SAMPLE_RUNS * RUN_ELEMENTS * where[2]):  # not sampled_whole
+                out[i] = one(name)  # the one-name path: it also opens a file the first time
+            else:
+                small.append((fd, span.offset + where[0], where[1], where[2], i))
+        small.sort()  # file order; already sorted where names follow it (timsort: one pass)
+        for fd, lo, hi, first, end, uniform in _runs(small):
+            buf = self._pread(fd, hi - lo, lo)
+            count, nbytes, size = end - first, small[first][2], small[first][3]
+            if transposed is not None and uniform and transposed[0] * transposed[1] * size == nbytes:
+                # One shape, one element size: the run is a (tensors, rows, cols) array, transposed at once.
+                buf = _transposed_whole(buf, count, *transposed, size)
+            elif transposed is not None:
+                uniform = False  # each tensor picked on its own below
+            if uniform:
+                for r, k in enumerate(range(first, end)):
+                    out[small[k][4]] = buf[r * nbytes:(r + 1) * nbytes]
+                continue
+            for f, start, n, sz, i in small[first:end]:
+                raw = buf[start - lo:start - lo + n]
+                out[i] = raw if transposed is None else self._picked(names[i], raw, (f, start, n, sz), True, transposed)
+        return out
 
     def _held(self, name: str) -> HeldBytes | None:
         return self._in_memory(name) if self._in_memory is not None else None
@@ -441,22 +495,18 @@ class TorchContentReader:
         return self._chunks_equal(t, _narrowed(t, dims).expand(t.shape))
 
     # -- through a transpose (the transposed-copy pass) -------------------------------------
-    def _sample_index(self, n: int) -> list[int]:
-        if n <= SAMPLE_RUNS * RUN_ELEMENTS:
-            return list(range(n))
-        return [s + i for s in _sample_starts(n) for i in range(RUN_ELEMENTS)]
-
     def sample_transposed(self, name: str) -> bytes:
         got = self._prefetched.pop(("transposed", name), None)
         if got is not None:
             return got
         rng = self._file_range(name)
-        if rng is not None:  # one element per read, at the positions _sample_reads computes
-            return b"".join(self._pread(rng[0], n, off) for off, n in self._sample_reads(name, rng, True))
+        if rng is not None:  # a small tensor whole, else one element per read (_sample_reads)
+            raw = b"".join(self._pread(rng[0], n, off) for off, n in self._sample_reads(name, rng, True))
+            return self._picked(name, raw, rng, True)
         t = self.tensors[name]
         rows, _cols = t.shape  # t.T has shape (cols, rows): flat index k of t.T is t[k % rows, k // rows]
-        idx = self._sample_index(t.numel())
         size = t.element_size()
+        idx = sample_index(t.numel(), size, self.whole_sample_bytes)
         vals = t[torch.tensor([k % rows for k in idx]), torch.tensor([k // rows for k in idx])]
         self.bytes_read += len(idx) * size
         return _bits(vals.contiguous()).numpy().tobytes()
@@ -507,70 +557,3 @@ class TorchContentReader:
                 if not torch.equal(_bits(self._row_block(a, lo, hi)), _bits(self._columns(b, lo, hi).t().contiguous())):
                     return False
         return True
-
-
-# -- matching tensors across formats (tiecheck diff) -------------------------------------------
-
-_WIDE = {True: torch.float64, False: torch.int64}
-
-
-def _common(ta: torch.Tensor, tb: torch.Tensor) -> torch.dtype | None:
-    """A dtype both convert to without loss, when their dtypes differ: float64 for floats up to
-    float32 (and float64 itself), int64 for signed and small unsigned integers; else None."""
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    ints = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32)
-    if ta.dtype in floats and tb.dtype in floats:
-        return torch.float64
-    if ta.dtype in ints and tb.dtype in ints:
-        return torch.int64
-    return None
-
-
-def _same(ca: torch.Tensor, cb: torch.Tensor, wide: torch.dtype | None) -> bool:
-    if wide is None:
-        return torch.equal(_bits(ca.contiguous()), _bits(cb.contiguous()))
-    return torch.equal(ca.to(wide), cb.to(wide))
-
-
-def _ends_agree(ta: torch.Tensor, tb: torch.Tensor, wide) -> bool:
-    """The first and last few elements agree: most pairs of one size differ there at once, and a
-    full comparison starts with a block of up to 16 MiB (``diff`` across formats tries many pairs)."""
-    if not (ta.is_contiguous() and tb.is_contiguous()):
-        return True  # a view of a view: let the block comparison decide
-    fa, fb = ta.reshape(-1), tb.reshape(-1)
-    k = min(RUN_ELEMENTS, fa.numel())
-    return _same(fa[:k], fb[:k], wide) and _same(fa[-k:], fb[-k:], wide)
-
-
-def value_match(ta: torch.Tensor, tb: torch.Tensor) -> str | None:
-    """How ``tb`` holds ``ta``'s values: "exact bytes", "transpose", either with a lossless dtype
-    conversion ("exact values, float32→float16"), or None. Read in row blocks (bounded memory)."""
-    if ta.numel() != tb.numel() or ta.numel() == 0 or "meta" in (ta.device.type, tb.device.type):
-        return None
-    wide = None if ta.dtype == tb.dtype else _common(ta, tb)
-    if ta.dtype != tb.dtype and wide is None:
-        return None
-    conv = "" if wide is None else f", {str(ta.dtype)[6:]}→{str(tb.dtype)[6:]} lossless"
-    if any(_broadcast_dims(t) or _overlapping(t) for t in (ta, tb)):
-        # Views repeating stored elements: compared once per stored element, same layout only.
-        if tuple(ta.shape) != tuple(tb.shape) or _broadcast_dims(ta) != _broadcast_dims(tb):
-            return None
-        ta, tb = _narrowed(ta, _broadcast_dims(ta)), _narrowed(tb, _broadcast_dims(tb))
-        if _overlapping(ta) or _overlapping(tb):
-            return None
-        with torch.no_grad():
-            if all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb), strict=True)):
-                return ("exact bytes" if wide is None else "exact values") + conv
-        return None
-    with torch.no_grad():
-        if tuple(ta.shape) == tuple(tb.shape) and _ends_agree(ta, tb, wide) and \
-                all(_same(ca, cb, wide) for ca, cb in zip(_rows(ta), _rows(tb), strict=True)):
-            return ("exact bytes" if wide is None else "exact values") + conv
-        if ta.dim() == 2 and tuple(tb.shape) == tuple(ta.shape)[::-1] and ta.shape[0]:
-            rows, cols = ta.shape
-            if not _same(ta[:1].reshape(-1), tb[:, :1].reshape(-1), wide):
-                return None
-            step = max(1, CHUNK_BYTES // max(1, cols * ta.element_size()))
-            if all(_same(ta[i:i + step], tb[:, i:i + step].t(), wide) for i in range(0, rows, step)):
-                return "transpose" + conv
-    return None

@@ -21,7 +21,8 @@ import torch
 
 from tiecheck.api import analyze_subject
 from tiecheck.loaders import load_target
-from tiecheck.loaders.content import FileRangeCompare, TorchContentReader
+from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.filecompare import FileRangeCompare
 from tiecheck.loaders.formats.hf import read_config
 from tiecheck.loaders.hf_architecture import quiet_transformers
 from tiecheck.repair.actions import Plan

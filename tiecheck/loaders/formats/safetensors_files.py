@@ -16,12 +16,11 @@ architecture (``hf.py``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import operator
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -95,6 +94,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+def _records(pairs: list[tuple[str, Any]]) -> Any:
+    """``object_pairs_hook`` of a header: a tensor record with the three keys in the order safetensors
+    writes them becomes a (dtype, shape, data_offsets) tuple, which JSON never yields otherwise, so
+    a million records are not built as dicts and read back by key; any other object is a dict,
+    refused when a key repeats (``_no_duplicates``)."""
+    if len(pairs) == 3:
+        (k0, dtype), (k1, shape), (k2, offsets) = pairs
+        if k0 == "dtype" and k1 == "shape" and k2 == "data_offsets":
+            return dtype, shape, offsets
+    return _no_duplicates(pairs)
+
+
 def header_length(path: Path | str, first: bytes, size: int) -> int:
     """The header length N that a file's first 8 bytes declare, checked before N bytes are read.
 
@@ -142,7 +153,7 @@ def read_header(path: Path) -> Header:
         raise TargetError(f"{path}: cannot read ({e.strerror or e})") from e
 
     try:
-        obj = parse_json(raw, object_pairs_hook=_no_duplicates)
+        obj = parse_json(raw, object_pairs_hook=_records)
     except ValueError as e:
         pos = getattr(e, "pos", None)  # a character index into the header; the file offset for ASCII
         where = f" near byte {8 + pos:,} of the file" if isinstance(pos, int) else ""
@@ -150,6 +161,8 @@ def read_header(path: Path) -> Header:
     if not isinstance(obj, dict):
         raise _bad(path, "the header is not a JSON object")
     metadata = obj.pop("__metadata__", None) or {}
+    if type(metadata) is tuple:  # three string entries that look like a record: an object all the same
+        metadata = dict(zip(("dtype", "shape", "data_offsets"), metadata, strict=True))
     if not isinstance(metadata, dict):
         raise _bad(path, "__metadata__ is not an object")
     shapes: dict[tuple[str, tuple], tuple[str, tuple[int, ...], int]] = {}
@@ -169,14 +182,19 @@ def _entry(path: Path, name: str, spec: Any,
     """One record, checked. ``shapes`` caches (dtype, shape) -> (dtype, shape, byte size) across the
     header's records: a checkpoint repeats a few shapes many times, each is checked once, and its
     records share one dtype string and one shape tuple (90,000 records: 9 MB fewer objects)."""
-    if not isinstance(spec, dict):
+    if type(spec) is tuple:  # a record as _records made it
+        dtype, shape, offsets = spec
+    elif isinstance(spec, dict):
+        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    else:
         raise _bad(path, f"tensor {name!r} is described by a {type(spec).__name__}, not an object")
-    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     known = None
     if type(shape) is list:
-        # A list or object where a string or an integer belongs raises TypeError: _nbytes says which.
-        with contextlib.suppress(TypeError):
+        # try, not contextlib.suppress: entering a context manager a million times shows
+        try:
             known = shapes.get((dtype, tuple(shape)))
+        except TypeError:
+            known = None  # a list or object where a string or an integer belongs: _nbytes says which
     if known is None:
         want = _nbytes(path, name, dtype, shape)  # first: it refuses what a cache key cannot hold
         key = (dtype, tuple(shape))
@@ -235,6 +253,7 @@ class MappedTensors(Mapping):
 
     def __init__(self, header: Header, storage: Any, copied: dict[str, Any]):
         self._header = header
+        self._data_start = header.data_start  # read once a tensor by file_layout
         self._storage = storage
         self._copied = copied  # unaligned tensors, copied into memory by map_tensors
         self._aliases: dict[str, str] = {}  # a name the file dropped -> the stored name it is one tensor with
@@ -266,8 +285,8 @@ class MappedTensors(Mapping):
 
     def file_layout(self, name: str) -> tuple[int, int, int]:
         """(offset of the first byte in the mapping, nbytes, itemsize) of a mapped tensor, for pread."""
-        e = self._header.entries[self._aliases.get(name, name)]
-        return self._header.data_start + e.begin, e.end - e.begin, DTYPES[e.dtype][1]
+        e = self._header.entries[self._aliases.get(name, name) if self._aliases else name]
+        return self._data_start + e.begin, e.end - e.begin, DTYPES[e.dtype][1]
 
     def facts(self) -> list:
         """A TensorFact per tensor, in file order, read from the header (no tensor is made)."""
@@ -280,22 +299,27 @@ class MappedTensors(Mapping):
         out = []
         storage = ("cpu", ptr)  # one key object shared by every fact, and strides shared per shape
         strides: dict[tuple[int, ...], tuple[int, ...]] = {}
-        for name, e in self._header.entries.items():
-            if name in self._copied:
-                out.append(fact_of(name, self._copied[name]))
+        copied, data_start, file_size = self._copied, self._header.data_start, self._header.file_size
+        fact = TensorFact
+        for name, (_, code, shape, begin, end) in self._header.entries.items():
+            if copied and name in copied:
+                out.append(fact_of(name, copied[name]))
                 continue
-            dtype, floating = kinds[e.dtype]
-            itemsize = DTYPES[e.dtype][1]
-            stride = strides.get(e.shape)
+            dtype, floating = kinds[code]
+            stride = strides.get(shape)
             if stride is None:
-                stride = strides[e.shape] = tuple(_contiguous_strides(e.shape))
-            mapped = ptr and e.end > e.begin
-            start = self._header.data_start + e.begin if mapped else 0
-            out.append(TensorFact(name=name, shape=e.shape, stride=stride, dtype=dtype, itemsize=itemsize,
-                                  device="cpu", storage=storage if mapped else None, byte_start=start,
-                                  byte_end=start + (e.end - e.begin) if mapped else 0,
-                                  owner=name.rsplit(".", 1)[0] if "." in name else "", is_floating=floating,
-                                  storage_bytes=self._header.file_size if mapped else 0))
+                stride = strides[shape] = tuple(_contiguous_strides(shape))
+            # Positional, in TensorFact's field order: keywords cost a third more at a million facts.
+            # (name, shape, stride, dtype, itemsize, device, storage, byte_start, byte_end, obj_id, role,
+            #  owner, owner_type, requires_grad, is_floating, storage_bytes)
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            if ptr and end > begin:
+                start = data_start + begin
+                out.append(fact(name, shape, stride, dtype, DTYPES[code][1], "cpu", storage, start, start + end - begin,
+                                None, "tensor", owner, None, False, floating, file_size))
+            else:
+                out.append(fact(name, shape, stride, dtype, DTYPES[code][1], "cpu", None, 0, 0,
+                                None, "tensor", owner, None, False, floating, 0))
         if self._aliases:  # an alias is the stored tensor's fact under its own name: the same extent
             by_name = {f.name: f for f in out}
             out += [dataclasses.replace(by_name[stored], name=name,
@@ -312,14 +336,60 @@ def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
     return strides[::-1]
 
 
-def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any]]:
+class FileSpans(MutableMapping):
+    """name -> the one ``FileSpan`` of a file, for every tensor its header stores with data in place
+    (not the empty ones, not those copied into memory), plus the names set later (restored aliases).
+
+    What a dict of them would say, without the dict: a million names all holding the same span
+    cost 40 MB and a second of inserts.
+    """
+
+    def __init__(self, span: FileSpan, entries: Mapping[str, Entry], copied: Mapping[str, Any], count: int):
+        self._span, self._entries, self._copied, self._count = span, entries, copied, count
+        self._extra: dict[str, Any] = {}
+
+    def _stored(self, name: object) -> bool:
+        e = self._entries.get(name)  # type: ignore[call-overload]
+        return e is not None and e.end > e.begin and name not in self._copied
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if self._extra and name in self._extra:
+            return self._extra[name]
+        e = self._entries.get(name)  # _stored, inlined: the content pass asks once a tensor
+        return self._span if e is not None and e.end > e.begin and name not in self._copied else default
+
+    def __getitem__(self, name: str) -> Any:
+        got = self.get(name, self)
+        if got is self:
+            raise KeyError(name)
+        return got
+
+    def __setitem__(self, name: str, span: Any) -> None:
+        self._extra[name] = span
+
+    def __delitem__(self, name: str) -> None:
+        del self._extra[name]  # the header's own names stay: they are the file
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._extra or self._stored(name)
+
+    def __iter__(self):
+        for name, e in self._entries.items():
+            if e.end > e.begin and name not in self._copied and name not in self._extra:
+                yield name
+        yield from self._extra
+
+    def __len__(self) -> int:
+        return self._count + sum(1 for n in self._extra if not self._stored(n))
+
+
+def map_tensors(header: Header) -> tuple[MappedTensors, list[str], Mapping[str, Any]]:
     """Every tensor as a view into one read-only memory mapping of the file (no data is read).
 
     Returns the tensors (made on access), notes, and their file spans (the mapping starts at
     file offset 0), so the content pass reads them with pread instead of faulting pages in.
     """
     notes: list[str] = []
-    spans: dict[str, Any] = {}
     storage = None
     if header.data_bytes:
         try:
@@ -330,6 +400,7 @@ def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any
     span = FileSpan(os.fspath(header.path), 0)  # one span serves every tensor of the file
     data_start = header.data_start
     itemsizes: dict[str, int] = {}  # each dtype the file uses, checked once (not once per tensor)
+    mapped = 0
     for e in header.entries.values():
         itemsize = itemsizes.get(e.dtype)
         if itemsize is None:
@@ -341,7 +412,7 @@ def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any
         if e.end == e.begin or storage is None:
             continue
         if start % itemsize == 0:
-            spans[e.name] = span
+            mapped += 1
         else:
             # A hand-made header whose length is not a multiple of the element size: a typed view
             # cannot start there, so this tensor (only) is copied into memory.
@@ -350,6 +421,7 @@ def map_tensors(header: Header) -> tuple[MappedTensors, list[str], dict[str, Any
     if copied:
         notes.append(f"{len(copied)} tensor(s) start at unaligned offsets and were copied into memory "
                      f"(e.g. {next(iter(copied))})")
+    spans: Mapping[str, Any] = FileSpans(span, header.entries, copied, mapped) if storage is not None else {}
     return MappedTensors(header, storage, copied), notes, spans
 
 
