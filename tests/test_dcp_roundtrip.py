@@ -56,8 +56,8 @@ def test_inspect_reads_the_sharded_checkpoint_and_reports_the_tie_stored_twice(c
     assert report.tie_groups == ()  # DCP records no aliasing
     tc005 = [f for f in report.findings if f.code == "TC005"]
     assert len(tc005) == 1
-    assert set(tc005[0]["names"]) == PAIR
-    assert "model.lm_head.weight = model.transformer.wte.weight" in tc005[0]["hint"]
+    assert set(tc005[0].names) == PAIR
+    assert "model.lm_head.weight = model.transformer.wte.weight" in tc005[0].hint
     assert any("copied together from their mapped chunks" in n for n in report.source.notes)
 
 
