@@ -16,8 +16,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import tiecheck
+from tiecheck.cli import main
 from tiecheck.errors import TargetError, UntrustedPickleError
 from tiecheck.loaders import load_target
 from tiecheck.loaders.fileview import file_spans
@@ -288,3 +290,81 @@ def test_tensor_geometry_torch_refuses_is_refused(tmp_path, size, stride, torch_
     _rewritten_pickle(src, bad, tensor_pickle(size, stride))
     with pytest.raises(TargetError, match=r"numel overflow|out of range|reaching past"):
         read_archive(str(bad))
+
+
+def _short_record(tmp_path, compress: bool = False):
+    """A torch.save zip whose first storage record (16 bytes: four floats) was rewritten as 12 bytes."""
+    src, bad = tmp_path / "ok.pt", tmp_path / "short.pt"
+    torch.save({"a": torch.arange(4.0), "b": torch.full((4,), 7.0)}, src)
+    kind = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w", kind) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data/0"):
+                assert len(data) == 16
+                data = data[:12]
+            zout.writestr(info.filename, data, compress_type=kind)
+    return bad
+
+
+def test_torch_load_mmap_reads_a_short_record_silently_and_its_copy_path_refuses(tmp_path):
+    """What torch does with a storage record shorter than its storage: the mapped path slices past
+    the record (the next record's bytes become the last value); the copying path refuses."""
+    bad = _short_record(tmp_path)
+    got = torch.load(bad, mmap=True, weights_only=True)
+    assert got["a"].shape == (4,)
+    assert torch.equal(got["a"][:3], torch.arange(3.0))
+    with pytest.raises(RuntimeError, match=r"record size \(12 bytes\) does not match expected size \(16 bytes"):
+        torch.load(bad, weights_only=True)
+
+
+SHORT = r"storage '0' claims 16 bytes, but its record data/0 holds 12; the file is truncated or corrupt"
+
+
+@pytest.mark.parametrize("how", ["records", "torch.load (whole)", "trusted", "trusted, whole", "compressed"])
+def test_a_storage_record_shorter_than_its_storage_is_refused_in_every_path(tmp_path, how):
+    bad = _short_record(tmp_path, compress=how == "compressed")
+    if how == "compressed":
+        assert read_archive(str(bad)) is None  # left to torch.load, which maps the file
+    with pytest.raises(TargetError, match=SHORT):
+        tiecheck.loaders.load_path(bad, trust_pickle="trusted" in how, whole="whole" in how)
+
+
+def test_a_trusted_pickle_the_loop_would_refuse_still_has_its_records_checked(tmp_path):
+    """--trust-pickle lets the file name any global (a Namespace here); the storages are checked anyway."""
+    src, bad = tmp_path / "ok.pt", tmp_path / "short.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1), "model": {"w": torch.arange(4.0)}}, src)
+    with zipfile.ZipFile(src) as z:
+        record = z.read(next(n for n in z.namelist() if n.endswith("/data/0")))
+    rewrite_zip_entry(src, bad, "/data/0", record[:12])
+    assert tiecheck.loaders.load_path(src, trust_pickle=True, whole=True).checkpoint["args"].lr == 0.1
+    with pytest.raises(TargetError, match=SHORT):
+        tiecheck.loaders.load_path(bad, trust_pickle=True, whole=True)
+
+
+def test_a_short_storage_record_is_refused_by_fix_in_one_line_and_nothing_is_written(tmp_path):
+    bad = _short_record(tmp_path)
+    out = tmp_path / "fixed.pt"
+    for args in (["fix", str(bad), "-o", str(out)], ["inspect", str(bad)], ["inspect", "--trust-pickle", str(bad)]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2, (args, res.output)
+        errors = [line for line in res.output.splitlines() if "error" in line]
+        assert len(errors) == 1, res.output
+        assert "claims 16 bytes, but its record data/0 holds 12" in errors[0], res.output
+        assert "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt", "short.pt"]
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_tensor_one_element_past_its_storage_is_refused(tmp_path, whole):
+    """Four floats of storage: size (4,) fits, size (5,) ends one element past; torch refuses it too."""
+    src, fits, bad = tmp_path / "ok.pt", tmp_path / "fits.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(4)}, src)
+    _rewritten_pickle(src, fits, tensor_pickle((4,), (1,)))
+    _rewritten_pickle(src, bad, tensor_pickle((5,), (1,)))
+    assert tiecheck.loaders.load_path(fits, whole=whole).tensors["w"].shape == (4,)
+    with pytest.raises(RuntimeError, match="resize storage that is not resizable"):
+        torch.load(bad, weights_only=True, mmap=True)
+    with pytest.raises(TargetError, match=r"size \[5\] at offset 0 reaches past the end of storage|"
+                                          r"truncated or corrupt \(RuntimeError: Trying to resize storage"):
+        tiecheck.loaders.load_path(bad, whole=whole)
