@@ -1,0 +1,232 @@
+"""``tiecheck fix``'s verification, each check handed a copy that really is wrong.
+
+``verify()`` is never stubbed here: the writer is, by one that writes the copy a broken writer
+would (a byte flipped, a tie not made, an untie not made, a weight changed), and ``fix`` must then
+fail the check that guards against it, publish nothing and leave no temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tiecheck.loaders.content import COMPARE_CHUNK
+from tiecheck.repair import fix
+from tiecheck.repair.write import write as real_write
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, HIDDEN = 64, 16
+
+
+def _checks(result) -> dict[str, tuple[bool, str]]:
+    return {c.name: (c.ok, c.detail) for c in result.checks}
+
+
+def _writer(monkeypatch, then) -> None:
+    """fix() writes with ``then(tmp)`` run after the real writer (``then`` may also replace its work)."""
+
+    def broken(plan, path, weights, tmp, **kw):
+        real_write(plan, path, weights, tmp, **kw)
+        then(Path(path), Path(tmp))
+
+    monkeypatch.setitem(sys.modules["tiecheck.repair"].__dict__, "write", broken)
+
+
+def _nothing_published(tmp_path: Path, *inputs: str) -> None:
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(inputs)
+
+
+def _data_offsets(path: Path, name: str) -> tuple[int, int]:
+    """File offsets of ``name``'s bytes: the safetensors header's data_offsets after its 8 + n bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + n])[name]["data_offsets"]
+    return 8 + n + begin, 8 + n + end
+
+
+def test_a_byte_flipped_in_the_last_partial_chunk_fails_the_byte_check(tmp_path, monkeypatch):
+    # One chunk and 100 bytes more: the last byte is in the partial chunk the compare reads last.
+    big = torch.arange(COMPARE_CHUNK // 4 + 25, dtype=torch.float32)
+    src = tmp_path / "in.safetensors"
+    save_file({"big": big, "small": torch.ones(3)}, str(src))
+
+    def flip_last_byte(_path, tmp):
+        _, end = _data_offsets(tmp, "big")
+        with open(tmp, "r+b") as fh:
+            fh.seek(end - 1)
+            b = fh.read(1)
+            fh.seek(end - 1)
+            fh.write(bytes([b[0] ^ 0x01]))
+
+    _writer(monkeypatch, flip_last_byte)
+    result = fix(src, tmp_path / "out.safetensors")
+    checks = _checks(result)
+    assert checks["tensors byte for byte"] == (False, "differ from their source: big")
+    assert checks["safetensors reads it"][0]  # the file itself is well-formed
+    assert not result.verified
+    assert result.output is None
+    _nothing_published(tmp_path, "in.safetensors")
+
+
+def test_an_unchanged_copy_passes_the_byte_check(tmp_path):
+    """The control of the test above: the same file, written by the real writer, verifies."""
+    big = torch.arange(COMPARE_CHUNK // 4 + 25, dtype=torch.float32)
+    src = tmp_path / "in.safetensors"
+    save_file({"big": big, "small": torch.ones(3)}, str(src))
+    result = fix(src, tmp_path / "out.safetensors")
+    assert _checks(result)["tensors byte for byte"][0]
+    assert result.verified
+
+
+def _llama_clone(folder: Path) -> Path:
+    """Llama, tie_word_embeddings=true, its head untied by a clone: fix re-ties it (TC016)."""
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_clone(tmp_path_factory) -> Path:
+    return _llama_clone(tmp_path_factory.mktemp("llama") / "clone")
+
+
+def test_a_finding_the_writer_left_fails_the_findings_check(llama_clone, tmp_path, monkeypatch):
+    def copy_input(path, tmp):  # the folder as it was: the head's equal copy still stored
+        shutil.rmtree(tmp)
+        shutil.copytree(path, tmp)
+
+    _writer(monkeypatch, copy_input)
+    result = fix(llama_clone, tmp_path / "out")
+    checks = _checks(result)
+    assert checks["findings answered"] == (False, "still reported: TC016 lm_head.weight, model.embed_tokens.weight")
+    # The config declares the tie, so transformers ties the two on load: the tie itself holds.
+    assert checks["planned ties"] == (True, "1 tied, 0 untied as planned")
+    assert checks["transformers logits"][0]  # the bytes are the input's: same logits
+    assert not result.verified
+    _nothing_published(tmp_path)
+
+
+def test_a_tie_the_writer_did_not_make_fails_the_tie_check(tmp_path, monkeypatch):
+    """--tie in a safetensors file: the writer drops head.weight and must write the alias map that
+    safetensors' save_model writes; one that forgets the map leaves the head unreadable."""
+    w = torch.randn(32, 8)
+    src = tmp_path / "in.safetensors"
+    save_file({"emb.weight": w, "head.weight": w + 1}, str(src), metadata={"format": "pt"})
+
+    def forget_the_alias(_path, tmp):
+        with safe_open(str(tmp), "pt") as fh:
+            assert fh.metadata() == {"format": "pt", "head.weight": "emb.weight"}
+            kept = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        save_file(kept, str(tmp), metadata={"format": "pt"})
+
+    _writer(monkeypatch, forget_the_alias)
+    result = fix(src, tmp_path / "out.safetensors", tie=[("head.weight", "emb.weight")])
+    checks = _checks(result)
+    assert checks["planned ties"] == (False, "not tied: head.weight=emb.weight")
+    assert checks["tensors byte for byte"] == (False, "missing from the output: head.weight")
+    assert not result.verified
+    _nothing_published(tmp_path, "in.safetensors")
+
+
+def test_a_changed_weight_fails_the_logits_check(llama_clone, tmp_path, monkeypatch):
+    def shift_the_norm(_path, tmp):
+        f = tmp / "model.safetensors"
+        with safe_open(str(f), "pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            meta = fh.metadata()
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] + 0.5
+        save_file(tensors, str(f), metadata=meta)
+
+    _writer(monkeypatch, shift_the_norm)
+    result = fix(llama_clone, tmp_path / "out")
+    checks = _checks(result)
+    assert checks["planned ties"][0]
+    assert checks["findings answered"][0]
+    assert checks["tensors byte for byte"] == (False, "differ from their source: model.norm.weight")
+    ok, detail = checks["transformers logits"]
+    assert not ok
+    assert detail.startswith("logits differ from the input's (max |diff| ")
+    assert not result.verified
+    _nothing_published(tmp_path)
+
+
+def test_an_untie_the_writer_did_not_make_fails_the_tie_check(tmp_path, monkeypatch):
+    emb = torch.randn(32, 8)
+    src = tmp_path / "tied.pt"
+    torch.save({"emb.weight": emb, "head.weight": emb, "norm": torch.ones(8)}, src)
+
+    _writer(monkeypatch, lambda path, tmp: shutil.copyfile(path, tmp))
+    result = fix(src, tmp_path / "out.pt", untie=["emb.weight,head.weight"])
+    checks = _checks(result)
+    assert checks["planned ties"] == (False, "still tied: head.weight,emb.weight")
+    assert checks["tensors byte for byte"][0]
+    assert checks["torch.load(weights_only=True)"][0]
+    assert not result.verified
+    _nothing_published(tmp_path, "tied.pt")
+
+
+def test_a_name_the_writer_lost_fails_the_byte_check(tmp_path, monkeypatch):
+    src = tmp_path / "in.safetensors"
+    save_file({"a": torch.ones(3), "b": torch.zeros(2)}, str(src))
+    _writer(monkeypatch, lambda _path, tmp: save_file({"a": torch.ones(3)}, str(tmp)))
+    result = fix(src, tmp_path / "out.safetensors")
+    assert _checks(result)["tensors byte for byte"] == (False, "missing from the output: b")
+    assert not result.verified
+    _nothing_published(tmp_path, "in.safetensors")
+
+
+@pytest.mark.parametrize("other", [torch.ones(3, dtype=torch.float16), torch.ones(1, 3)])
+def test_a_dtype_or_shape_the_writer_changed_fails_the_byte_check(tmp_path, monkeypatch, other):
+    src = tmp_path / "in.safetensors"
+    save_file({"a": torch.ones(3), "b": torch.zeros(2)}, str(src))
+    _writer(monkeypatch, lambda _path, tmp: save_file({"a": other, "b": torch.zeros(2)}, str(tmp)))
+    result = fix(src, tmp_path / "out.safetensors")
+    assert _checks(result)["tensors byte for byte"] == (False, "differ from their source: a")
+    assert not result.verified
+
+
+class _Broke(Exception):
+    pass
+
+
+def test_no_temporary_file_is_left_when_writing_raises(tmp_path, monkeypatch):
+    src = tmp_path / "in.safetensors"
+    save_file({"a": torch.ones(3)}, str(src))
+
+    def half_written(_path, tmp):
+        assert tmp.is_file()  # the real writer's copy is there ...
+        raise _Broke("disk full")  # ... when the writer fails
+
+    _writer(monkeypatch, half_written)
+    with pytest.raises(_Broke):
+        fix(src, tmp_path / "out.safetensors")
+    _nothing_published(tmp_path, "in.safetensors")
+
+
+def test_no_temporary_file_is_left_when_verifying_raises(tmp_path, monkeypatch):
+    src = tmp_path / "in.safetensors"
+    save_file({"a": torch.ones(3)}, str(src))
+    seen = []
+
+    def verify_breaks(plan, target, output, source):
+        seen.append(output.is_file())
+        raise _Broke("a reader failed")
+
+    monkeypatch.setitem(sys.modules["tiecheck.repair"].__dict__, "verify", verify_breaks)
+    with pytest.raises(_Broke):
+        fix(src, tmp_path / "out.safetensors")
+    assert seen == [True]
+    _nothing_published(tmp_path, "in.safetensors")
