@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 from tiecheck.loaders.content import COMPARE_CHUNK
 from tiecheck.repair import fix
 from tiecheck.repair.write import write as real_write
+from tiecheck.report.safewrite import UnsafeOutputError
+
+from support.checkpoints import write_sharded
 
 transformers = pytest.importorskip("transformers")
 
@@ -230,3 +233,25 @@ def test_no_temporary_file_is_left_when_verifying_raises(tmp_path, monkeypatch):
         fix(src, tmp_path / "out.safetensors")
     assert seen == [True]
     _nothing_published(tmp_path, "in.safetensors")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["a new folder beside the shards", "a shard", "a shard, forced"])
+def test_fix_of_an_index_never_writes_among_its_shards(tmp_path, where):
+    """The shards of an index are inputs too: an output in the index's folder would land among them."""
+    src = tmp_path / "src"
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.weight": torch.randn(8, 8, generator=g) for i in range(4)}
+    tensors["head.weight"] = tensors["layers.0.weight"].clone()
+    index = write_sharded(src, tensors, shards=2)
+    before = _tree(src)
+    shard = sorted(src.glob("*.safetensors"))[0]
+    out = src / "fixed" if where.startswith("a new") else shard
+    with pytest.raises(UnsafeOutputError, match=rf"refusing to write the fixed copy to {out}: it is inside the "
+                                                rf"input folder {src}; fix never writes in place"):
+        fix(index, out, force=where.endswith("forced"))
+    assert _tree(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
