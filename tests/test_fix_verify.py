@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tiecheck.cli.main import main
 from tiecheck.loaders.content import COMPARE_CHUNK
 from tiecheck.repair import fix
 from tiecheck.repair.write import write as real_write
@@ -255,3 +257,17 @@ def test_fix_of_an_index_never_writes_among_its_shards(tmp_path, where):
         fix(index, out, force=where.endswith("forced"))
     assert _tree(src) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize(("b", "says"), [
+    (torch.ones(4, 2), "a is (4, 2) torch.float16, b is (4, 2) torch.float32"),
+    (torch.ones(2, 4, dtype=torch.float16), "a is (4, 2) torch.float16, b is (2, 4) torch.float16"),
+])
+def test_tie_across_dtypes_or_shapes_is_refused_in_one_line(tmp_path, b, says):
+    src = tmp_path / "in.safetensors"
+    save_file({"a": torch.ones(4, 2, dtype=torch.float16), "b": b}, str(src))
+    r = CliRunner().invoke(main, ["fix", str(src), "-o", str(tmp_path / "out.safetensors"), "--tie", "a=b"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert lines == [f"tiecheck: error: --tie a=b: {says}; only tensors of one shape and dtype can be one tensor"]
+    _nothing_published(tmp_path, "in.safetensors")
