@@ -7,6 +7,8 @@ call gives their values.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -29,7 +31,7 @@ class Grouped(torch.nn.Module):
 
 def _groups(offs: torch.Tensor) -> list[slice]:
     bounds = [0, *offs.tolist()]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def _case(kind: str, g: torch.Generator):
