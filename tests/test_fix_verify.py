@@ -271,3 +271,19 @@ def test_tie_across_dtypes_or_shapes_is_refused_in_one_line(tmp_path, b, says):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert lines == [f"tiecheck: error: --tie a=b: {says}; only tensors of one shape and dtype can be one tensor"]
     _nothing_published(tmp_path, "in.safetensors")
+
+
+def test_a_strided_view_trimmed_to_a_compact_copy_verifies_element_for_element(tmp_path):
+    """The input's view is not contiguous, so its bytes in the file are not one range: the byte
+    check must compare it element for element with the compact copy, not as a run of bytes."""
+    big = torch.arange(4096, dtype=torch.float32)
+    src = tmp_path / "strided.pt"
+    torch.save({"emb.weight": big.view(64, 64)[:8, :8], "bias": torch.zeros(8)}, src)
+    out = tmp_path / "trimmed.pt"
+    result = fix(src, out)
+    assert [(a.kind, a.why) for a in result.plan.actions] == [("trim", "TC021")]
+    assert _checks(result)["tensors byte for byte"][0], _checks(result)
+    assert result.verified
+    written = torch.load(out, weights_only=True)["emb.weight"]
+    assert written.is_contiguous()
+    assert torch.equal(written, big.view(64, 64)[:8, :8])
