@@ -287,3 +287,10 @@ def test_a_strided_view_trimmed_to_a_compact_copy_verifies_element_for_element(t
     written = torch.load(out, weights_only=True)["emb.weight"]
     assert written.is_contiguous()
     assert torch.equal(written, big.view(64, 64)[:8, :8])
+
+
+def test_a_correct_copy_passes_the_logits_check_on_the_fixed_input(llama_clone, tmp_path):
+    result = fix(llama_clone, tmp_path / "out")
+    assert _checks(result)["transformers logits"] == (
+        True, f"logits on a fixed 16-token input equal the input folder's (1, 16, {VOCAB})")
+    assert result.verified
