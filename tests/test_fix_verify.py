@@ -294,3 +294,16 @@ def test_a_correct_copy_passes_the_logits_check_on_the_fixed_input(llama_clone, 
     assert _checks(result)["transformers logits"] == (
         True, f"logits on a fixed 16-token input equal the input folder's (1, 16, {VOCAB})")
     assert result.verified
+
+
+def test_a_config_without_architectures_is_loaded_as_a_causal_lm(llama_clone, tmp_path):
+    """transformers' AutoModelForCausalLM reads a config that names no class by its model_type."""
+    folder = tmp_path / "anon"
+    shutil.copytree(llama_clone, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["architectures"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(folder)).__name__ == "LlamaForCausalLM"
+    result = fix(folder, tmp_path / "out")
+    assert _checks(result)["transformers logits"][0], _checks(result)
+    assert result.verified
