@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import zipfile
 from collections import OrderedDict
 
@@ -368,3 +370,55 @@ def test_a_tensor_one_element_past_its_storage_is_refused(tmp_path, whole):
     with pytest.raises(TargetError, match=r"size \[5\] at offset 0 reaches past the end of storage|"
                                           r"truncated or corrupt \(RuntimeError: Trying to resize storage"):
         tiecheck.loaders.load_path(bad, whole=whole)
+
+
+def test_an_archive_without_exactly_one_data_pkl_is_left_to_the_format_check(tmp_path):
+    """No data.pkl, or two root folders each with one: torch.load cannot read either; the record
+    reader takes neither, and the loader names what is wrong in one line."""
+    src, none, two = tmp_path / "ok.pt", tmp_path / "none.pt", tmp_path / "two.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(none, "w") as z0, zipfile.ZipFile(two, "w") as z2:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if not info.filename.endswith("/data.pkl"):
+                z0.writestr(info.filename, data)
+            z2.writestr(info.filename, data)
+            z2.writestr("other/" + info.filename.split("/", 1)[1], data)
+    for bad, torch_says in ((none, "failed locating file data.pkl"), (two, "is not in a subdirectory")):
+        with pytest.raises(RuntimeError, match=torch_says):
+            torch.load(bad, weights_only=True)
+        assert read_archive(str(bad)) is None
+    with pytest.raises(TargetError, match=r"expected one root folder holding data.pkl, found 2 folder\(s\) and 2 "
+                                          r"data.pkl record\(s\)"):
+        load_target(str(two))
+
+
+def test_a_deflated_data_pkl_is_read_only_as_far_as_its_compressed_size_makes_plausible(tmp_path):
+    """20 MiB of pickle deflated to about 21 kB: more than 64 times its size plus 16 MiB, refused
+    before it is inflated."""
+    src, bomb = tmp_path / "ok.pt", tmp_path / "bomb.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = data[:-1] + b"N" * (20 << 20) + b"."  # NONE, twenty million times, then STOP
+            zout.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(bomb) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data.pkl"))
+    limit = 64 * info.compress_size + (16 << 20)
+    with pytest.raises(TargetError, match=rf"declares {info.file_size:,} bytes; tiecheck reads at most {limit:,}"):
+        read_archive(str(bomb))
+
+
+def test_an_experimental_dtype_warns_as_torch_load_warns(tmp_path):
+    """torch warns that complex32 is experimental when it makes such a tensor (once per process, so
+    in a fresh interpreter here); the record reader raises the same warning, and the report carries it
+    as a note instead of letting it reach stderr."""
+    path = tmp_path / "c32.pt"
+    torch.save({"c": torch.zeros(2, dtype=torch.complex32)}, path)
+    res = subprocess.run([sys.executable, "-m", "tiecheck.cli", "inspect", str(path), "--no-flops"],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "warning while reading: ComplexHalf support is experimental" in res.stdout
+    assert res.stderr == ""
