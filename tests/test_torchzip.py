@@ -422,3 +422,25 @@ def test_an_experimental_dtype_warns_as_torch_load_warns(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "warning while reading: ComplexHalf support is experimental" in res.stdout
     assert res.stderr == ""
+
+
+@pytest.mark.parametrize(("size", "stride", "taken"), [
+    ((2 ** 63 - 1,), (0,), True),  # the largest int64: torch takes it (a broadcast element)
+    ((2 ** 63,), (1,), False),  # one past: torch cannot unpack it
+    ((1,), (2 ** 63 - 1,), True),
+    ((1,), (2 ** 63,), False),
+])
+def test_sizes_and_strides_are_int64_as_torch_unpacks_them(tmp_path, size, stride, taken):
+    src, bad = tmp_path / "ok.pt", tmp_path / "edge.pt"
+    torch.save({"w": torch.ones(4)}, src)
+    _rewritten_pickle(src, bad, tensor_pickle(size, stride))
+    if taken:
+        assert torch.load(bad, weights_only=True)["w"].shape == size
+        obj, _ = read_archive(str(bad))
+        assert obj["w"].shape == size
+    else:
+        with pytest.raises(TypeError, match="Overflow when unpacking long"):
+            torch.load(bad, weights_only=True)
+        with pytest.raises(TargetError, match=r"describes a tensor with a storage, offset, size, stride or "
+                                              r"requires_grad of the wrong type or out of range"):
+            read_archive(str(bad))
