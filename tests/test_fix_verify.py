@@ -87,7 +87,9 @@ def test_an_unchanged_copy_passes_the_byte_check(tmp_path):
     src = tmp_path / "in.safetensors"
     save_file({"big": big, "small": torch.ones(3)}, str(src))
     result = fix(src, tmp_path / "out.safetensors")
-    assert _checks(result)["tensors byte for byte"][0]
+    both = 2 * (big.nbytes + 3 * 4)  # every byte of the input and of the copy
+    assert _checks(result)["tensors byte for byte"] == (
+        True, f"2 tensors equal their source (0 by their named replacement); {both:,} bytes compared")
     assert result.verified
 
 
@@ -307,3 +309,24 @@ def test_a_config_without_architectures_is_loaded_as_a_causal_lm(llama_clone, tm
     result = fix(folder, tmp_path / "out")
     assert _checks(result)["transformers logits"][0], _checks(result)
     assert result.verified
+
+
+def test_an_encoder_decoder_is_loaded_as_its_own_class(tmp_path):
+    """T5 is no causal LM: the logits check loads the class the config names (and feeds the decoder)."""
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)
+    torch.manual_seed(0)
+    folder = tmp_path / "t5"
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
+    result = fix(folder, tmp_path / "out")
+    assert _checks(result)["transformers logits"][0], _checks(result)
+    assert result.verified
+
+
+def test_the_logits_check_leaves_transformers_progress_bars_as_it_found_them(llama_clone, tmp_path):
+    tlog = transformers.utils.logging
+    assert tlog.is_progress_bar_enabled()
+    fix(llama_clone, tmp_path / "out")
+    assert tlog.is_progress_bar_enabled()
