@@ -24,7 +24,7 @@ from tiecheck.repair import fix
 from tiecheck.repair.write import write as real_write
 from tiecheck.report.safewrite import UnsafeOutputError
 
-from support.checkpoints import write_sharded
+from support.checkpoints import sharded_head_copy
 
 transformers = pytest.importorskip("transformers")
 
@@ -247,10 +247,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_fix_of_an_index_never_writes_among_its_shards(tmp_path, where):
     """The shards of an index are inputs too: an output in the index's folder would land among them."""
     src = tmp_path / "src"
-    g = torch.Generator().manual_seed(0)
-    tensors = {f"layers.{i}.weight": torch.randn(8, 8, generator=g) for i in range(4)}
-    tensors["head.weight"] = tensors["layers.0.weight"].clone()
-    index = write_sharded(src, tensors, shards=2)
+    index = sharded_head_copy(src, rows=8, shards=2)
     before = _tree(src)
     shard = sorted(src.glob("*.safetensors"))[0]
     out = src / "fixed" if where.startswith("a new") else shard
