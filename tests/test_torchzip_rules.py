@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
+import zipfile
 from collections import OrderedDict
 
 import pytest
@@ -17,7 +19,7 @@ import torch
 
 from tiecheck.errors import TargetError
 from tiecheck.loaders import load_target
-from tiecheck.loaders.formats.torchzip import read_archive
+from tiecheck.loaders.formats.torchzip import TorchRules, _StorageRef, read_archive
 
 from support.checkpoints import rewrite_zip_entry
 
@@ -128,3 +130,105 @@ def test_a_tensor_over_an_untyped_storage_is_left_to_torch_load(tmp_path):
     got = load_target(str(path)).tensors["w"]
     assert got.dtype == want.dtype
     assert torch.equal(got, want)
+
+
+def _v3(storage_cls=torch.UntypedStorage, dtype=torch.float32, hooks=None, metadata=None):
+    """A _rebuild_tensor_v3 record of four elements (torch.save writes one for the newer dtypes)."""
+    args = (W.untyped_storage(), 0, (4,), (1,), False, hooks or OrderedDict(), dtype)
+    return Reduce(torch._utils._rebuild_tensor_v3, args + ((metadata,) if metadata else ())), \
+        (lambda s: _storage_id(16 if storage_cls is torch.UntypedStorage else 4, storage_cls))
+
+
+def _parameter(data, requires_grad=True, hooks=None):
+    return Reduce(torch._utils._rebuild_parameter, (data, requires_grad, hooks or OrderedDict()))
+
+
+def _v2(size, stride, hooks=None, metadata=None):
+    args = (W.untyped_storage(), 0, size, stride, False, hooks or OrderedDict())
+    return Reduce(torch._utils._rebuild_tensor_v2, args + ((metadata,) if metadata else ()))
+
+
+@pytest.mark.parametrize(("obj", "pid", "says"), [
+    ({"w": _v3(torch.FloatStorage)[0]}, _v3(torch.FloatStorage)[1], "describes a typed tensor record without a dtype, "
+                                                                     "or over a typed storage"),
+    ({"w": _v3(dtype="float32")[0]}, _v3()[1], "describes a typed tensor record without a dtype"),
+    ({"w": _parameter(1)}, None, "describes a parameter that is not a tensor record"),
+    ({"w": _parameter(W, requires_grad="yes")}, None, "describes a parameter that is not a tensor record"),
+    # 2**61 floats: countable, but reaching 2**63 bytes, past anything torch can address
+    ({"w": _v2((2 ** 61,), (1,))}, None, r"describes a tensor of size \[2305843009213693952\] and stride \[1\] "
+                                         r"reaching past any storage torch can address"),
+])
+def test_a_record_torch_save_never_writes_is_refused(tmp_path, obj, pid, says):
+    path = _archive(tmp_path, obj, pid or (lambda s: _storage_id(4)))
+    with pytest.raises(TargetError, match=says):
+        read_archive(str(path))
+
+
+def test_the_largest_addressable_record_is_taken():
+    """One element fewer than the refused case above: 2**61 - 1 floats end below 2**63 bytes."""
+    rules = TorchRules()
+    ref = _StorageRef("0", "float32", 4)
+    assert rules.rebuild_tensor_v2(ref, 0, (2 ** 61 - 1,), (1,), False, OrderedDict()).shape == (2 ** 61 - 1,)
+
+
+@pytest.mark.parametrize("obj", [
+    {"w": _v2((4,), (1,), hooks=OrderedDict([(0, 1)]))},
+    {"w": _v2((4,), (1,), metadata={"x": 1})},
+    {"w": _v3(hooks=OrderedDict([(0, 1)]))[0]},
+    {"w": _parameter(W, hooks=OrderedDict([(0, 1)]))},
+])
+def test_records_with_hooks_or_metadata_are_not_built_here(tmp_path, obj):
+    """Backward hooks or tensor metadata: torch's rebuild functions act on them, this reader does not,
+    so it leaves the file to torch.load (after the bounds), whatever that then says."""
+    pid = _v3()[1] if "_rebuild_tensor_v3" in repr(getattr(obj["w"], "reduction", ())) else (lambda s: _storage_id(4))
+    assert read_archive(str(_archive(tmp_path, obj, pid))) is None
+
+
+def test_a_storage_without_its_record_is_refused(tmp_path):
+    src, bad = tmp_path / "ok.pt", tmp_path / "partial.pt"
+    torch.save({"w": torch.arange(4.0)}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith("/data/0"):
+                zout.writestr(info, zin.read(info))
+    with pytest.raises(TargetError, match=r"data.pkl names storage '0', but the archive has no record data/0; it is "
+                                          r"partial or corrupt"):
+        read_archive(str(bad))
+
+
+def test_a_container_that_holds_itself_is_refused(tmp_path):
+    """torch.load(weights_only=True) builds the cycle (its memo allows it); the analysis would walk it forever."""
+    loop: list = []
+    loop.append(loop)
+    path = _archive(tmp_path, {"w": W, "loop": loop})
+    got = torch.load(path, weights_only=True)["loop"]
+    assert got[0] is got
+    with pytest.raises(TargetError, match="holds a container that contains itself"):
+        read_archive(str(path))
+
+
+def test_a_refused_global_says_how_to_go_on(tmp_path):
+    path = _archive(tmp_path, {"w": W, "x": Reduce(print, ("hi",))})
+    with pytest.raises(TargetError) as e:
+        read_archive(str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: refused to unpickle the global 'builtins.print'")
+    assert re.search(r" \(data.pkl, byte \d+ of the file\): a weights-only load accepts tensors and plain containers "
+                     r"only, and unpickling anything else can run arbitrary code. If you trust this file, rerun with "
+                     r"--trust-pickle$", msg), msg
+
+
+def test_overlapping_records_are_refused(tmp_path):
+    """Two storage records over the same bytes would alias storages torch keeps apart."""
+    src, bad = tmp_path / "ok.pt", tmp_path / "overlap.pt"
+    torch.save({"a": torch.arange(4.0), "b": torch.ones(4)}, src)
+    raw = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        infos = {i.filename.rsplit("/", 1)[-1]: i for i in z.infolist() if "/data/" in i.filename}
+    # The central directory entry of record 1 pointed at record 0's local header: both read one range.
+    for at in (i for i in range(len(raw) - 46) if raw[i:i + 4] == b"PK\x01\x02"):
+        if int.from_bytes(raw[at + 42:at + 46], "little") == infos["1"].header_offset:
+            raw[at + 42:at + 46] = infos["0"].header_offset.to_bytes(4, "little")
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(TargetError, match="two records share bytes, so the archive is refused"):
+        read_archive(str(bad))

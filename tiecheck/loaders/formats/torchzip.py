@@ -346,7 +346,7 @@ def _archive_records(za: ZipArchive) -> tuple[str, bytes, int, int, dict[str, tu
     return pickles[0], data, offset, info.compress_size, records
 
 
-def vet_archive(za: ZipArchive, *, trusted: bool = False) -> None:
+def vet_archive(za: ZipArchive, *, trusted: bool) -> None:
     """Run the archive's data.pkl through the loop without building anything (for torch.load), and
     check that every storage it names fits its record.
 
