@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from tiecheck.cli.main import main
 from tiecheck.loaders.content import COMPARE_CHUNK
 from tiecheck.repair import fix
+from tiecheck.repair.verify import _transformers_checks
 from tiecheck.repair.write import write as real_write
 from tiecheck.report.safewrite import UnsafeOutputError
 
@@ -327,3 +328,62 @@ def test_the_logits_check_leaves_transformers_progress_bars_as_it_found_them(lla
     assert tlog.is_progress_bar_enabled()
     fix(llama_clone, tmp_path / "out")
     assert tlog.is_progress_bar_enabled()
+
+
+def test_a_tie_on_the_users_word_counts_the_replaced_name(tmp_path):
+    w = torch.randn(32, 8)
+    src = tmp_path / "in.safetensors"
+    save_file({"emb.weight": w, "head.weight": w + 1}, str(src), metadata={"format": "pt"})
+    result = fix(src, tmp_path / "out.safetensors", tie=[("head.weight", "emb.weight")])
+    assert _checks(result)["tensors byte for byte"] == (
+        True, "2 tensors equal their source (1 by their named replacement); 2,048 bytes compared")
+    assert result.verified
+
+
+def test_a_finding_the_plan_does_not_answer_may_remain(tmp_path):
+    """A transposed copy (TC005, a warning fix does not act on without --tie) stays in the output:
+    the findings check asks only for the findings the plan answered."""
+    w = torch.randn(8, 4)
+    src = tmp_path / "in.safetensors"
+    save_file({"emb.weight": w, "x": w.t().contiguous()}, str(src))
+    result = fix(src, tmp_path / "out.safetensors")
+    assert result.plan.actions == []
+    assert _checks(result)["findings answered"] == (True, "the plan answered no finding")
+    assert result.verified
+
+
+def _unknown_model(folder: Path) -> None:
+    """A config naming a class and a model type transformers does not have."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(architectures=["NoSuchModelForCausalLM"], model_type="no-such-model")
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_an_output_transformers_cannot_load_fails_the_logits_check(llama_clone, tmp_path, monkeypatch):
+    _writer(monkeypatch, lambda _path, tmp: _unknown_model(tmp))
+    result = fix(llama_clone, tmp_path / "out")
+    ok, detail = _checks(result)["transformers logits"]
+    assert not ok
+    assert detail.startswith("the output does not load: ")
+    assert not result.verified
+    _nothing_published(tmp_path)
+
+
+def test_an_input_transformers_cannot_load_is_not_compared(llama_clone, tmp_path, monkeypatch):
+    """The input's config changed to a model transformers does not know by the time the copy is
+    checked: the output loads, and with nothing to compare against, the check says so and is skipped."""
+    folder = tmp_path / "in"
+    shutil.copytree(llama_clone, folder)
+
+    _writer(monkeypatch, lambda path, _tmp: _unknown_model(path))
+    result = fix(folder, tmp_path / "out")
+    checks = {c.name: c for c in result.checks}
+    assert checks["transformers logits"].skipped
+    assert checks["transformers logits"].detail.startswith("the output loads; the input does not (")
+
+
+def test_without_transformers_the_logits_check_is_skipped_and_says_how_to_add_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    [check] = _transformers_checks(None, Path("in"), Path("out"))
+    assert (check.name, check.ok, check.skipped) == ("transformers logits", True, True)
+    assert check.detail == "transformers is not installed (pip install 'tiecheck[hf]')"
