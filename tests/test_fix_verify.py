@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ from safetensors.torch import save_file
 from tiecheck.cli.main import main
 from tiecheck.loaders.content import COMPARE_CHUNK
 from tiecheck.repair import fix
-from tiecheck.repair.verify import _transformers_checks
+from tiecheck.repair.layouts import SAFETENSORS, TORCH
+from tiecheck.repair.verify import _library_checks, _transformers_checks
 from tiecheck.repair.write import write as real_write
 from tiecheck.report.safewrite import UnsafeOutputError
 
@@ -337,6 +339,7 @@ def test_a_tie_on_the_users_word_counts_the_replaced_name(tmp_path):
     result = fix(src, tmp_path / "out.safetensors", tie=[("head.weight", "emb.weight")])
     assert _checks(result)["tensors byte for byte"] == (
         True, "2 tensors equal their source (1 by their named replacement); 2,048 bytes compared")
+    assert _checks(result)["safetensors reads it"] == (True, "safe_open lists 1 stored names in 1 file(s)")
     assert result.verified
 
 
@@ -387,3 +390,15 @@ def test_without_transformers_the_logits_check_is_skipped_and_says_how_to_add_it
     [check] = _transformers_checks(None, Path("in"), Path("out"))
     assert (check.name, check.ok, check.skipped) == ("transformers logits", True, True)
     assert check.detail == "transformers is not installed (pip install 'tiecheck[hf]')"
+
+
+@pytest.mark.parametrize(("layout", "name", "says"), [
+    (TORCH, "torch.load(weights_only=True)", "RuntimeError: "),
+    (SAFETENSORS, "safetensors reads it", "SafetensorError: "),
+])
+def test_a_file_its_library_cannot_read_fails_the_library_check(tmp_path, layout, name, says):
+    out = tmp_path / "out"
+    out.write_bytes(b"\x00" * 64)
+    [check] = _library_checks(SimpleNamespace(layout=layout), out)
+    assert (check.name, check.ok) == (name, False)
+    assert check.detail.startswith(says), check.detail
