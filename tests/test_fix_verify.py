@@ -169,6 +169,7 @@ def test_a_changed_weight_fails_the_logits_check(llama_clone, tmp_path, monkeypa
     ok, detail = checks["transformers logits"]
     assert not ok
     assert detail.startswith("logits differ from the input's (max |diff| ")
+    assert 0 < float(detail.removeprefix("logits differ from the input's (max |diff| ").removesuffix(")")) < 100
     assert not result.verified
     _nothing_published(tmp_path)
 
