@@ -403,3 +403,12 @@ def test_a_file_its_library_cannot_read_fails_the_library_check(tmp_path, layout
     [check] = _library_checks(SimpleNamespace(layout=layout), out)
     assert (check.name, check.ok) == (name, False)
     assert check.detail.startswith(says), check.detail
+
+
+def test_the_byte_check_names_at_most_five_tensors(tmp_path, monkeypatch):
+    src = tmp_path / "in.safetensors"
+    save_file({f"t{i}": torch.full((2,), float(i)) for i in range(7)}, str(src))
+    _writer(monkeypatch, lambda _path, tmp: save_file({f"t{i}": torch.full((2,), i + 0.5) for i in range(7)},
+                                                      str(tmp)))
+    result = fix(src, tmp_path / "out.safetensors")
+    assert _checks(result)["tensors byte for byte"] == (False, "differ from their source: t0, t1, t2, t3, t4")
