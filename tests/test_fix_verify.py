@@ -412,3 +412,27 @@ def test_the_byte_check_names_at_most_five_tensors(tmp_path, monkeypatch):
                                                       str(tmp)))
     result = fix(src, tmp_path / "out.safetensors")
     assert _checks(result)["tensors byte for byte"] == (False, "differ from their source: t0, t1, t2, t3, t4")
+
+
+def test_a_broken_tie_the_writer_left_is_seen_by_the_content_pass(tmp_path, monkeypatch):
+    """TC005 (a head cloned from the embedding) is found by comparing bytes: the check of the copy
+    must run that comparison too, or a copy that still holds the clone would pass."""
+    torch.manual_seed(0)
+    emb = torch.randn(64, 16)
+    src = tmp_path / "broken.pt"
+    torch.save({"tok_emb.weight": emb, "head.weight": emb.clone(), "ln.weight": torch.ones(16)}, src)
+    _writer(monkeypatch, lambda path, tmp: shutil.copyfile(path, tmp))
+    result = fix(src, tmp_path / "fixed.pt")
+    assert [(a.kind, a.why) for a in result.plan.actions] == [("retie", "TC005")]
+    checks = _checks(result)
+    assert checks["planned ties"] == (False, "not tied: head.weight=tok_emb.weight")
+    assert checks["findings answered"] == (False, "still reported: TC005 head.weight, tok_emb.weight")
+    _nothing_published(tmp_path, "broken.pt")
+
+
+def test_the_byte_check_names_at_most_five_missing_tensors(tmp_path, monkeypatch):
+    src = tmp_path / "in.safetensors"
+    save_file({f"t{i}": torch.full((2,), float(i)) for i in range(7)}, str(src))
+    _writer(monkeypatch, lambda _path, tmp: save_file({"t0": torch.zeros(2)}, str(tmp)))
+    result = fix(src, tmp_path / "out.safetensors")
+    assert _checks(result)["tensors byte for byte"] == (False, "missing from the output: t1, t2, t3, t4, t5")
