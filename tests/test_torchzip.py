@@ -332,16 +332,30 @@ def test_a_storage_record_shorter_than_its_storage_is_refused_in_every_path(tmp_
         tiecheck.loaders.load_path(bad, trust_pickle="trusted" in how, whole="whole" in how)
 
 
-def test_a_trusted_pickle_the_loop_would_refuse_still_has_its_records_checked(tmp_path):
-    """--trust-pickle lets the file name any global (a Namespace here); the storages are checked anyway."""
+@pytest.mark.parametrize("protocol", [1, 2, 4])  # the loop walks protocol 2 only (1: INT, 4: FRAME)
+def test_a_trusted_pickle_the_loop_would_refuse_still_has_its_records_checked(tmp_path, protocol):
+    """--trust-pickle lets the file name any global (a Namespace here) in any protocol torch.save
+    writes; its storages are checked anyway, before torch.load runs anything of it."""
     src, bad = tmp_path / "ok.pt", tmp_path / "short.pt"
-    torch.save({"args": argparse.Namespace(lr=0.1), "model": {"w": torch.arange(4.0)}}, src)
+    touched = tmp_path / "touched"
+    obj = {"args": argparse.Namespace(lr=0.1), "model": {"w": torch.arange(4.0)}}
+    torch.save(obj, src, pickle_protocol=protocol)
     with zipfile.ZipFile(src) as z:
         record = z.read(next(n for n in z.namelist() if n.endswith("/data/0")))
     rewrite_zip_entry(src, bad, "/data/0", record[:12])
     assert tiecheck.loaders.load_path(src, trust_pickle=True, whole=True).checkpoint["args"].lr == 0.1
     with pytest.raises(TargetError, match=SHORT):
         tiecheck.loaders.load_path(bad, trust_pickle=True, whole=True)
+    # The storage ids are read with stand-ins for the file's globals: a global that would create a
+    # file runs neither there nor in torch.load, which the refusal comes before.
+    evil, evil_short = tmp_path / "evil.pt", tmp_path / "evil_short.pt"
+    torch.save({"w": torch.arange(4.0), "x": _Marker(str(touched))}, evil, pickle_protocol=protocol)
+    with zipfile.ZipFile(evil) as z:
+        record = z.read(next(n for n in z.namelist() if n.endswith("/data/0")))
+    rewrite_zip_entry(evil, evil_short, "/data/0", record[:12])
+    with pytest.raises(TargetError, match=SHORT):
+        tiecheck.loaders.load_path(evil_short, trust_pickle=True, whole=True)
+    assert not touched.exists()
 
 
 def test_a_short_storage_record_is_refused_by_fix_in_one_line_and_nothing_is_written(tmp_path):

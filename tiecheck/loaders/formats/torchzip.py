@@ -22,9 +22,11 @@ big-endian records, makes ``read_archive`` return None, and ``torch.load`` reads
 
 from __future__ import annotations
 
+import io
 import math
 import operator
 import os
+import pickle
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -140,6 +142,15 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+def _claim_of(pid: Any) -> _StorageRef | None:
+    """The storage a persistent id of a pickle that is only vetted names, or None for an id torch.load
+    cannot read (it says so itself)."""
+    if type(pid) is tuple and len(pid) == 5 and type(pid[1]) is _OpaqueStorage and type(pid[2]) is str \
+            and type(pid[4]) is int and 0 <= pid[4] < INT64_LIMIT:
+        return _StorageRef(pid[2], pid[1].dtype, pid[4])
+    return None
+
+
 class TorchRules(Rules):
     """``data.pkl`` as ``torch.save`` writes it: every global answered by this class, nothing from
     the file imported or called except the record builders below.
@@ -229,11 +240,9 @@ class TorchRules(Rules):
     # -- the record builders, in place of torch._utils' rebuild functions --------------------
     def _claim(self, pid: Any, offset: int) -> None:
         """Note the size a vetted pickle's storage id claims; an id torch.load cannot read is left to it."""
-        if type(pid) is tuple and len(pid) == 5 and type(pid[1]) is _OpaqueStorage and type(pid[2]) is str \
-                and type(pid[4]) is int and 0 <= pid[4] < INT64_LIMIT:
-            ref = _StorageRef(pid[2], pid[1].dtype, pid[4])
-            if self.storages.setdefault(ref.key, ref) != ref:
-                raise Refused(f"names storage {ref.key!r} twice, with different types or sizes", offset)
+        ref = _claim_of(pid)
+        if ref is not None and self.storages.setdefault(ref.key, ref) != ref:
+            raise Refused(f"names storage {ref.key!r} twice, with different types or sizes", offset)
 
     def _record(self, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
                 dtype: str | None) -> TensorRecord:
@@ -277,18 +286,57 @@ class TorchRules(Rules):
         return data._replace(requires_grad=requires_grad)
 
 
-class _ClaimRules(TorchRules):
-    """A trusted pickle walked for its storage claims only: a global is never refused (the user
-    vouched for the file) nor built; torch.load then reads the file with its own unpickler."""
+class _StandIn:
+    """What every global of a trusted pickle stands for while its storage ids are read: it takes
+    any call, state or item, so nothing the file names is imported or run here."""
 
-    def __init__(self):
-        super().__init__(build=False)
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
 
-    def global_(self, module: str, name: str, offset: int) -> Any:
-        try:
-            return super().global_(module, name, offset)
-        except Refused:
-            return OPAQUE
+    def __call__(self, *args: Any, **kwargs: Any) -> _StandIn:
+        return _StandIn()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class _ClaimUnpickler(pickle.Unpickler):
+    """A trusted data.pkl read for its storage ids only. The loop cannot walk every pickle a user
+    may trust (protocol 1's INT, protocol 4's FRAME), so Python's own unpickler reads it here, with
+    every global a stand-in: torch.load then runs the file, on the user's word."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, _StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _GLOBALS.get((module, name))
+        return _OpaqueStorage(found.dtype) if type(found) is _StorageType else _StandIn
+
+    def persistent_load(self, pid: Any) -> Any:
+        ref = _claim_of(pid)
+        if ref is not None:
+            self.storages.setdefault(ref.key, ref)
+        return _StandIn()
+
+
+def _trusted_claims(data: bytes) -> dict[str, _StorageRef] | None:
+    """The storages a trusted data.pkl names, or None where even the stand-ins cannot read it."""
+    reader = _ClaimUnpickler(data)
+    try:
+        reader.load()
+    except Exception:  # noqa: BLE001 - what cannot be read here, torch.load reads (or refuses) itself
+        return None
+    return reader.storages
 
 
 def check_storage_fits(label: str, key: str, nbytes: int, held: int) -> None:
@@ -352,8 +400,9 @@ def vet_archive(za: ZipArchive, *, trusted: bool) -> None:
 
     Args:
         za: the archive.
-        trusted: the user vouched for the pickle (``--trust-pickle``): no global is refused, and a
-            pickle the loop cannot walk is left to torch.load whole.
+        trusted: the user vouched for the pickle (``--trust-pickle``): no global is refused, its
+            storage ids are read with stand-ins for its globals, and a pickle even they cannot read
+            is left to torch.load whole.
 
     Raises:
         PickleRefusal: the pickle breaks a bound or names a global the weights-only unpickler refuses.
@@ -363,15 +412,19 @@ def vet_archive(za: ZipArchive, *, trusted: bool) -> None:
         name, data, offset, stored, _ = _archive_records(za)
     except _NotTaken:
         return  # torch.load says what is wrong with the archive's layout
-    rules = _ClaimRules() if trusted else TorchRules(build=False)
-    try:
-        load(data, rules, pickle_budget(stored))
-    except Refused as e:
-        if trusted:
+    if trusted:
+        storages = _trusted_claims(data)
+        if storages is None:
             return
-        raise PickleRefusal.of(e, za.label, "data.pkl", offset, data) from e
+    else:
+        rules = TorchRules(build=False)
+        try:
+            load(data, rules, pickle_budget(stored))
+        except Refused as e:
+            raise PickleRefusal.of(e, za.label, "data.pkl", offset, data) from e
+        storages = rules.storages
     where = name[:-len("data.pkl")] + "data/"
-    for key, ref in rules.storages.items():
+    for key, ref in storages.items():
         info = za.infos.get(where + key)
         if info is not None:  # a missing record: torch.load names it
             check_storage_fits(za.label, key, _storage_bytes(ref), info.file_size)
