@@ -17,8 +17,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from tiecheck.errors import TargetError
-from tiecheck.loaders import load_target
+from tiecheck import analyze
+from tiecheck.errors import TargetError, UntrustedPickleError
+from tiecheck.loaders import load_path, load_target
 from tiecheck.loaders.formats.torchzip import TorchRules, _StorageRef, read_archive
 
 from support.checkpoints import rewrite_zip_entry
@@ -232,3 +233,30 @@ def test_overlapping_records_are_refused(tmp_path):
     bad.write_bytes(bytes(raw))
     with pytest.raises(TargetError, match="two records share bytes, so the archive is refused"):
         read_archive(str(bad))
+
+
+def test_calling_a_storage_class_is_refused(tmp_path):
+    """A storage class is only ever a part of a storage id; a pickle that calls one is not torch.save's."""
+    path = _archive(tmp_path, {"w": W, "s": Reduce(torch.FloatStorage, (4,))})
+    with pytest.raises(TargetError, match=r"calls .*which torch.save never calls"):
+        read_archive(str(path))
+
+
+def test_a_hostile_global_is_refused_before_torch_load_on_every_path(tmp_path):
+    """fix reads a file whole with torch.load: the pickle's bounds and globals are checked first."""
+    touched = tmp_path / "touched"
+    path = _archive(tmp_path, {"w": W, "x": Reduce(open, (str(touched), "w"))})
+    for whole in (False, True):
+        with pytest.raises(UntrustedPickleError, match=r"the global 'io.open'"):
+            load_path(path, whole=whole)
+    assert not touched.exists()
+
+
+def test_a_strided_view_is_compared_by_its_elements_not_its_storage_bytes(tmp_path):
+    """x.t() is stored as x's storage with swapped strides: equal, element for element, to a
+    contiguous copy of x.t(); the content pass must read it through its strides."""
+    x = torch.arange(12.0).reshape(3, 4)
+    path = tmp_path / "t.pt"
+    torch.save({"a": x.t(), "b": x.t().contiguous()}, path)
+    found = [(f.code, f.names) for f in analyze(str(path)).findings]
+    assert ("TC005", ("a", "b")) in found
