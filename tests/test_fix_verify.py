@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tiecheck import analyze
 from tiecheck.cli.main import main
 from tiecheck.loaders.content import COMPARE_CHUNK
 from tiecheck.repair import fix
@@ -345,14 +346,18 @@ def test_a_tie_on_the_users_word_counts_the_replaced_name(tmp_path):
 
 
 def test_a_finding_the_plan_does_not_answer_may_remain(tmp_path):
-    """A transposed copy (TC005, a warning fix does not act on without --tie) stays in the output:
-    the findings check asks only for the findings the plan answered."""
-    w = torch.randn(8, 4)
-    src = tmp_path / "in.safetensors"
-    save_file({"emb.weight": w, "x": w.t().contiguous()}, str(src))
-    result = fix(src, tmp_path / "out.safetensors")
-    assert result.plan.actions == []
-    assert _checks(result)["findings answered"] == (True, "the plan answered no finding")
+    """The head is re-tied (TC005 answered); a transposed copy of the embedding (a TC005 warning fix
+    does not act on without --tie) stays in the output: the findings check asks only for the
+    findings the plan answered."""
+    torch.manual_seed(0)
+    emb = torch.randn(64, 16)
+    src = tmp_path / "in.pt"
+    torch.save({"tok_emb.weight": emb, "head.weight": emb.clone(), "x": emb.t().contiguous()}, src)
+    result = fix(src, tmp_path / "out.pt")
+    assert [(a.kind, a.why) for a in result.plan.actions] == [("retie", "TC005")]
+    left = [(f.code, f.severity, f.names) for f in analyze(str(tmp_path / "out.pt")).findings]
+    assert ("TC005", "warning", ("head.weight", "x")) in left
+    assert _checks(result)["findings answered"] == (True, "1 answered (TC005), none remains")
     assert result.verified
 
 
@@ -368,7 +373,8 @@ def test_an_output_transformers_cannot_load_fails_the_logits_check(llama_clone, 
     result = fix(llama_clone, tmp_path / "out")
     ok, detail = _checks(result)["transformers logits"]
     assert not ok
-    assert detail.startswith("the output does not load: ")
+    assert detail.startswith("the output does not load: ValueError: ")
+    assert "no-such-model" in detail.splitlines()[0]
     assert not result.verified
     _nothing_published(tmp_path)
 
@@ -382,7 +388,9 @@ def test_an_input_transformers_cannot_load_is_not_compared(llama_clone, tmp_path
     _writer(monkeypatch, lambda path, _tmp: _unknown_model(path))
     result = fix(folder, tmp_path / "out")
     checks = {c.name: c for c in result.checks}
+    assert checks["transformers logits"].ok
     assert checks["transformers logits"].skipped
+    assert result.verified
     assert checks["transformers logits"].detail.startswith("the output loads; the input does not (")
 
 
