@@ -72,6 +72,10 @@ def test_fsdp2_counts_one_padded_copy_of_the_tied_weight(fake_world, monkeypatch
     gather_size = 2 if dtype == "bf16" else 4
     assert comm["untied"]["all_gather"] - comm["tied"]["all_gather"] == rows * D_MODEL * gather_size
     assert comm["untied"]["reduce_scatter"] - comm["tied"]["reduce_scatter"] == rows * D_MODEL * 4  # fp32 reduction
+    assert {k: v for k, v in result["checks"].items() if "identical loss on every rank" in k} == {
+        "tied: identical loss on every rank on a shared batch after the steps": True,
+        "untied: identical loss on every rank on a shared batch after the steps": True,
+    }  # every rank of the fake group is this one
     checks = {k: v for k, v in result["checks"].items() if "one copy of the tied weight" in k}
     assert checks == {
         f"all-gather: untied - tied = {rows * D_MODEL * gather_size:,} bytes, one copy of the tied weight "

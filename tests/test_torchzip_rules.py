@@ -260,3 +260,13 @@ def test_a_strided_view_is_compared_by_its_elements_not_its_storage_bytes(tmp_pa
     torch.save({"a": x.t(), "b": x.t().contiguous()}, path)
     found = [(f.code, f.names) for f in analyze(str(path)).findings]
     assert ("TC005", ("a", "b")) in found
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_a_quantized_parameter_is_left_to_torch_load(tmp_path):
+    """_rebuild_parameter over a quantized tensor: the reader builds neither, torch.load reads both."""
+    path = tmp_path / "qp.pt"
+    q = torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8)
+    torch.save({"q": torch.nn.Parameter(q, requires_grad=False), "w": torch.ones(2)}, path)
+    assert read_archive(str(path)) is None
+    assert sorted(load_target(str(path)).tensors) == ["q", "w"]
