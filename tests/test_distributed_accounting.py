@@ -76,6 +76,7 @@ def test_fsdp2_counts_one_padded_copy_of_the_tied_weight(fake_world, monkeypatch
         "tied: identical loss on every rank on a shared batch after the steps": True,
         "untied: identical loss on every rank on a shared batch after the steps": True,
     }  # every rank of the fake group is this one
+    assert result["checks"]["same bytes communicated in every step, on every rank"] is True
     checks = {k: v for k, v in result["checks"].items() if "one copy of the tied weight" in k}
     assert checks == {
         f"all-gather: untied - tied = {rows * D_MODEL * gather_size:,} bytes, one copy of the tied weight "
@@ -102,3 +103,23 @@ def test_ddp_counts_one_unpadded_copy_of_the_tied_weight(fake_world, monkeypatch
     assert comm["tied"]["all_reduce"] == result["params"]["tied"] * 4  # every gradient, all-reduced once
     assert result["checks"][f"all-reduce: untied - tied = {V * D_MODEL * 4:,} bytes, one copy of the tied weight "
                             f"({V:,} x {D_MODEL:,} x 4 bytes)"]
+
+
+def test_bytes_per_step_are_the_first_steps_and_steady_only_when_every_step_agrees():
+    assert distributed._per_step([{"all_gather": 5}, {"all_gather": 5}], "all_gather") == (5, True)
+    assert distributed._per_step([{"all_gather": 5}, {"all_gather": 6}], "all_gather") == (5, False)
+    assert distributed._per_step([{"all_gather": 5}, {}], "all_gather") == (5, False)
+    assert distributed._per_step([], "all_gather") == (0, True)
+
+
+def test_a_rank_that_communicated_other_bytes_fails_the_steady_check(fake_world, monkeypatch):
+    fake_world(3)
+
+    def gather_with_one_rank_off(out, obj, group=None):
+        other = {**obj, "comm_steps": {n: [dict(s) for s in steps] for n, steps in obj["comm_steps"].items()}}
+        other["comm_steps"]["tied"][0]["all_gather"] += 4
+        out[:] = [obj, other, obj]
+
+    monkeypatch.setattr(dist, "all_gather_object", gather_with_one_rank_off)
+    result = distributed._work({**CFG, "strategy": "fsdp2"}, "fsdp2", torch.device("cpu"), "fake")
+    assert result["checks"]["same bytes communicated in every step, on every rank"] is False
