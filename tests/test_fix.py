@@ -31,7 +31,7 @@ from tiecheck.repair import fix
 from tiecheck.repair.verify import Check
 from tiecheck.repair.write import PAUSE_ENV
 
-from support.checkpoints import write_safetensors, write_sharded
+from support.checkpoints import sharded_head_copy, write_safetensors
 
 transformers = pytest.importorskip("transformers")
 
@@ -333,10 +333,7 @@ def test_force_replaces_only_an_output_fix_wrote(llama_clone, tmp_path):
 def test_killed_writer_leaves_no_output(tmp_path):
     # A bare sharded checkpoint (no config), so the subprocess needs torch but not transformers.
     src = tmp_path / "src"
-    g = torch.Generator().manual_seed(0)
-    tensors = {f"layers.{i}.weight": torch.randn(64, 64, generator=g) for i in range(4)}
-    tensors["head.weight"] = tensors["layers.0.weight"].clone()
-    index = write_sharded(src, tensors, shards=3)
+    index = sharded_head_copy(src, rows=64, shards=3)
     before = _hash_tree(src)
     out = tmp_path / "fixed"
     env = {**os.environ, PAUSE_ENV: "30", "PYTHONPATH": str(REPO)}

@@ -276,3 +276,19 @@ def test_bf16_tensors_keep_their_dtype_and_count(tmp_path):
     assert list(row.shape) == [V, D]
     assert r.summary.params_counted == 2 * V * D  # the embedding and llama.cpp's tied output
     assert r.extra["gguf"]["tensor_types"]["token_embd.weight"]["quantized"] is False
+
+
+def test_data_ending_one_byte_past_the_file_is_refused(tmp_path):
+    """The last tensor ends exactly at the end of the file; one byte fewer and it ends one byte past."""
+    path = write_gguf(tmp_path / "t.gguf", weights())
+    reader = gguf.GGUFReader(str(path))
+    last = max(reader.tensors, key=lambda t: t.data_offset)
+    assert last.data_offset + last.n_bytes == path.stat().st_size  # no padding after it
+    assert last.name in tiecheck.loaders.load_target(str(path)).tensors  # the whole file loads
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="size must be a divisor"):  # gguf's own reader fails on it too
+        gguf.GGUFReader(str(path))
+    msg = _error(path)
+    assert f"tensor {last.name!r} needs bytes {last.data_offset:,}..{size:,} but the file holds {size - 1:,}" in msg
+    assert "truncated" in msg

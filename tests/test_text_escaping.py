@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from tiecheck.cli import main
 from tiecheck.report.text import json_text, markdown_text, one_line
 
-# An ANSI colour sequence, a newline, a carriage return, a C1 CSI and a Unicode line separator.
-HOSTILE = "emb\x1b[31mRED\nfake: line\r\x9b2J\u2028x.weight"
+# An ANSI colour sequence, a newline, a carriage return, a C1 CSI, and the Unicode line and paragraph
+# separators (str.splitlines() breaks at both).
+HOSTILE = "emb\x1b[31mRED\nfake: line\r\x9b2J\u2028x\u2029p.weight"
 UNSAFE = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]} - {"\n"}
 
 
@@ -69,6 +70,18 @@ def test_errors_escape_names(tmp_path):
     assert res.exit_code == 2
     _assert_clean(res.output.rstrip("\n"))
     assert res.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029"])
+def test_the_unicode_line_and_paragraph_separators_are_escaped(sep):
+    name = f"a{sep}b.weight"
+    assert len(name.splitlines()) == 2  # what a terminal or a line-based reader would split
+    assert one_line(name) == f"a\\u{ord(sep):04x}b.weight"
+    text = json_text({"name": name})
+    assert sep not in text
+    assert f"\\u{ord(sep):04x}" in text
+    assert json.loads(text) == {"name": name}
+    assert sep not in markdown_text(name)
 
 
 def test_json_text_reads_back_unchanged():

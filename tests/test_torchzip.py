@@ -11,13 +11,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import zipfile
 from collections import OrderedDict
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import tiecheck
+from tiecheck.cli import main
 from tiecheck.errors import TargetError, UntrustedPickleError
 from tiecheck.loaders import load_target
 from tiecheck.loaders.fileview import file_spans
@@ -288,3 +292,169 @@ def test_tensor_geometry_torch_refuses_is_refused(tmp_path, size, stride, torch_
     _rewritten_pickle(src, bad, tensor_pickle(size, stride))
     with pytest.raises(TargetError, match=r"numel overflow|out of range|reaching past"):
         read_archive(str(bad))
+
+
+def _short_record(tmp_path, compress: bool = False):
+    """A torch.save zip whose first storage record (16 bytes: four floats) was rewritten as 12 bytes."""
+    src, bad = tmp_path / "ok.pt", tmp_path / "short.pt"
+    torch.save({"a": torch.arange(4.0), "b": torch.full((4,), 7.0)}, src)
+    kind = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w", kind) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data/0"):
+                assert len(data) == 16
+                data = data[:12]
+            zout.writestr(info.filename, data, compress_type=kind)
+    return bad
+
+
+def test_torch_load_mmap_reads_a_short_record_silently_and_its_copy_path_refuses(tmp_path):
+    """What torch does with a storage record shorter than its storage: the mapped path slices past
+    the record (the next record's bytes become the last value); the copying path refuses."""
+    bad = _short_record(tmp_path)
+    got = torch.load(bad, mmap=True, weights_only=True)
+    assert got["a"].shape == (4,)
+    assert torch.equal(got["a"][:3], torch.arange(3.0))
+    with pytest.raises(RuntimeError, match=r"record size \(12 bytes\) does not match expected size \(16 bytes"):
+        torch.load(bad, weights_only=True)
+
+
+SHORT = r"storage '0' claims 16 bytes, but its record data/0 holds 12; the file is truncated or corrupt"
+
+
+@pytest.mark.parametrize("how", ["records", "torch.load (whole)", "trusted", "trusted, whole", "compressed"])
+def test_a_storage_record_shorter_than_its_storage_is_refused_in_every_path(tmp_path, how):
+    bad = _short_record(tmp_path, compress=how == "compressed")
+    if how == "compressed":
+        assert read_archive(str(bad)) is None  # left to torch.load, which maps the file
+    with pytest.raises(TargetError, match=SHORT):
+        tiecheck.loaders.load_path(bad, trust_pickle="trusted" in how, whole="whole" in how)
+
+
+@pytest.mark.parametrize("protocol", [1, 2, 4])  # the loop walks protocol 2 only (1: INT, 4: FRAME)
+def test_a_trusted_pickle_the_loop_would_refuse_still_has_its_records_checked(tmp_path, protocol):
+    """--trust-pickle lets the file name any global (a Namespace here) in any protocol torch.save
+    writes; its storages are checked anyway, before torch.load runs anything of it."""
+    src, bad = tmp_path / "ok.pt", tmp_path / "short.pt"
+    touched = tmp_path / "touched"
+    obj = {"args": argparse.Namespace(lr=0.1), "model": {"w": torch.arange(4.0)}}
+    torch.save(obj, src, pickle_protocol=protocol)
+    with zipfile.ZipFile(src) as z:
+        record = z.read(next(n for n in z.namelist() if n.endswith("/data/0")))
+    rewrite_zip_entry(src, bad, "/data/0", record[:12])
+    assert tiecheck.loaders.load_path(src, trust_pickle=True, whole=True).checkpoint["args"].lr == 0.1
+    with pytest.raises(TargetError, match=SHORT):
+        tiecheck.loaders.load_path(bad, trust_pickle=True, whole=True)
+    # The storage ids are read with stand-ins for the file's globals: a global that would create a
+    # file runs neither there nor in torch.load, which the refusal comes before.
+    evil, evil_short = tmp_path / "evil.pt", tmp_path / "evil_short.pt"
+    torch.save({"w": torch.arange(4.0), "x": _Marker(str(touched))}, evil, pickle_protocol=protocol)
+    with zipfile.ZipFile(evil) as z:
+        record = z.read(next(n for n in z.namelist() if n.endswith("/data/0")))
+    rewrite_zip_entry(evil, evil_short, "/data/0", record[:12])
+    with pytest.raises(TargetError, match=SHORT):
+        tiecheck.loaders.load_path(evil_short, trust_pickle=True, whole=True)
+    assert not touched.exists()
+
+
+def test_a_short_storage_record_is_refused_by_fix_in_one_line_and_nothing_is_written(tmp_path):
+    bad = _short_record(tmp_path)
+    out = tmp_path / "fixed.pt"
+    for args in (["fix", str(bad), "-o", str(out)], ["inspect", str(bad)], ["inspect", "--trust-pickle", str(bad)]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2, (args, res.output)
+        errors = [line for line in res.output.splitlines() if "error" in line]
+        assert len(errors) == 1, res.output
+        assert "claims 16 bytes, but its record data/0 holds 12" in errors[0], res.output
+        assert "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt", "short.pt"]
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_tensor_one_element_past_its_storage_is_refused(tmp_path, whole):
+    """Four floats of storage: size (4,) fits, size (5,) ends one element past; torch refuses it too."""
+    src, fits, bad = tmp_path / "ok.pt", tmp_path / "fits.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(4)}, src)
+    _rewritten_pickle(src, fits, tensor_pickle((4,), (1,)))
+    _rewritten_pickle(src, bad, tensor_pickle((5,), (1,)))
+    assert tiecheck.loaders.load_path(fits, whole=whole).tensors["w"].shape == (4,)
+    with pytest.raises(RuntimeError, match="resize storage that is not resizable"):
+        torch.load(bad, weights_only=True, mmap=True)
+    with pytest.raises(TargetError, match=r"size \[5\] at offset 0 reaches past the end of storage|"
+                                          r"truncated or corrupt \(RuntimeError: Trying to resize storage"):
+        tiecheck.loaders.load_path(bad, whole=whole)
+
+
+def test_an_archive_without_exactly_one_data_pkl_is_left_to_the_format_check(tmp_path):
+    """No data.pkl, or two root folders each with one: torch.load cannot read either; the record
+    reader takes neither, and the loader names what is wrong in one line."""
+    src, none, two = tmp_path / "ok.pt", tmp_path / "none.pt", tmp_path / "two.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(none, "w") as z0, zipfile.ZipFile(two, "w") as z2:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if not info.filename.endswith("/data.pkl"):
+                z0.writestr(info.filename, data)
+            z2.writestr(info.filename, data)
+            z2.writestr("other/" + info.filename.split("/", 1)[1], data)
+    for bad, torch_says in ((none, "failed locating file data.pkl"), (two, "is not in a subdirectory")):
+        with pytest.raises(RuntimeError, match=torch_says):
+            torch.load(bad, weights_only=True)
+        assert read_archive(str(bad)) is None
+    with pytest.raises(TargetError, match=r"expected one root folder holding data.pkl, found 2 folder\(s\) and 2 "
+                                          r"data.pkl record\(s\)"):
+        load_target(str(two))
+
+
+def test_a_deflated_data_pkl_is_read_only_as_far_as_its_compressed_size_makes_plausible(tmp_path):
+    """20 MiB of pickle deflated to about 21 kB: more than 64 times its size plus 16 MiB, refused
+    before it is inflated."""
+    src, bomb = tmp_path / "ok.pt", tmp_path / "bomb.pt"
+    torch.save({"w": torch.ones(2)}, src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = data[:-1] + b"N" * (20 << 20) + b"."  # NONE, twenty million times, then STOP
+            zout.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(bomb) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data.pkl"))
+    limit = 64 * info.compress_size + (16 << 20)
+    with pytest.raises(TargetError, match=rf"declares {info.file_size:,} bytes; tiecheck reads at most {limit:,}"):
+        read_archive(str(bomb))
+
+
+def test_an_experimental_dtype_warns_as_torch_load_warns(tmp_path):
+    """torch warns that complex32 is experimental when it makes such a tensor (once per process, so
+    in a fresh interpreter here); the record reader raises the same warning, and the report carries it
+    as a note instead of letting it reach stderr."""
+    path = tmp_path / "c32.pt"
+    torch.save({"c": torch.zeros(2, dtype=torch.complex32)}, path)
+    res = subprocess.run([sys.executable, "-m", "tiecheck.cli", "inspect", str(path), "--no-flops"],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "warning while reading: ComplexHalf support is experimental" in res.stdout
+    assert res.stderr == ""
+
+
+@pytest.mark.parametrize(("size", "stride", "taken"), [
+    ((2 ** 63 - 1,), (0,), True),  # the largest int64: torch takes it (a broadcast element)
+    ((2 ** 63,), (1,), False),  # one past: torch cannot unpack it
+    ((1,), (2 ** 63 - 1,), True),
+    ((1,), (2 ** 63,), False),
+])
+def test_sizes_and_strides_are_int64_as_torch_unpacks_them(tmp_path, size, stride, taken):
+    src, bad = tmp_path / "ok.pt", tmp_path / "edge.pt"
+    torch.save({"w": torch.ones(4)}, src)
+    _rewritten_pickle(src, bad, tensor_pickle(size, stride))
+    if taken:
+        assert torch.load(bad, weights_only=True)["w"].shape == size
+        obj, _ = read_archive(str(bad))
+        assert obj["w"].shape == size
+    else:
+        with pytest.raises(TypeError, match="Overflow when unpacking long"):
+            torch.load(bad, weights_only=True)
+        with pytest.raises(TargetError, match=r"describes a tensor with a storage, offset, size, stride or "
+                                              r"requires_grad of the wrong type or out of range"):
+            read_archive(str(bad))

@@ -63,6 +63,36 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                            "tests/test_declared_diff_check.py", "tests/test_layers_config_tie.py",
                                            "tests/test_sharded_aliases.py"]),
     "tiecheck/analyses/adapter.py": (None, ["tests/test_adapter_rows.py", "tests/test_peft_adapter.py"]),
+    # The safety features themselves: fix's plan, writer and verification, the hardened torch.save
+    # reader, the format loaders, the training guards, the distributed accounting, the FLOPs handles
+    # and the escaping. Each selection starts with the tests that hand the check a really wrong input.
+    **{f"tiecheck/repair/{name}.py": (None, ["tests/test_fix_verify.py", "tests/test_fix_answers.py",
+                                             "tests/test_fix_hostile.py", "tests/test_fix.py"])
+       for name in ("verify", "write", "actions", "__init__")},
+    **{f"tiecheck/loaders/{name}.py": (None, ["tests/test_torchzip_rules.py", "tests/test_torchzip.py",
+                                              "tests/test_loaders_security.py",
+                                              "tests/test_formats.py", "tests/test_fix_hostile.py"])
+       for name in ("formats/torchzip", "formats/torchfile", "pickleloop", "pickles", "zipcheck")},
+    "tiecheck/loaders/formats/onnx_files.py": (None, ["tests/test_onnx_files.py"]),
+    "tiecheck/loaders/onnx_graph.py": (None, ["tests/test_onnx_files.py"]),
+    "tiecheck/loaders/formats/gguf_files.py": (None, ["tests/test_gguf_files.py"]),
+    **{f"tiecheck/loaders/{name}.py": (None, ["tests/test_hf_key_match.py", "tests/test_hf_renamed.py",
+                                              "tests/test_hf_conversion.py", "tests/test_loaders_weights_in_hf_folder.py",
+                                              "tests/test_loaders.py"])
+       for name in ("formats/hf", "hf_architecture", "hf_reconcile")},
+    **{f"tiecheck/{name}.py": (None, ["tests/test_runtime_saved_verdicts.py", "tests/test_runtime_guard.py",
+                                      "tests/test_sharded_aliases.py"])
+       for name in ("runtime", "integrations/lightning", "integrations/transformers")},
+    **{f"tiecheck/{name}.py": (None, ["tests/test_check.py", "tests/test_snapshot_errors.py",
+                                      "tests/test_pytest_plugin.py", "tests/test_declared_diff_check.py"])
+       for name in ("check/outcome", "check/policy", "check/snapshot", "analyses/expect")},
+    "tiecheck/bench/distributed.py": (None, ["tests/test_distributed_accounting.py", "tests/test_distributed_bench.py"]),
+    "tiecheck/bench/stats.py": (None, ["tests/test_bench.py"]),
+    "tiecheck/bench/seeds.py": (None, ["tests/test_bench.py"]),
+    "tiecheck/flops/handles.py": (None, ["tests/test_flops_grouped_mm.py", "tests/test_flops.py",
+                                         "tests/test_flops_moe.py", "tests/test_flops_windows.py"]),
+    "tiecheck/flops/moe.py": (None, ["tests/test_flops_moe.py"]),
+    "tiecheck/report/text.py": (None, ["tests/test_text_escaping.py", "tests/test_report_outputs.py"]),
 }
 # The loaders' path checks: only the lines of the check itself are mutated (found by marker).
 PATH_CHECKS = {
@@ -288,10 +318,13 @@ def main() -> int:
     import torch  # noqa: F401, PLC0415 - idem
 
     plan: list[tuple[Mutant, list[str]]] = []  # the path checks first: the fewest and the costliest to miss
+    wanted = {only.partition(":")[0] for only in args.only}  # mutants are made for the files asked for only
     for rel, (start, end, tests) in PATH_CHECKS.items():
-        plan += [(m, tests) for m in mutants_of(rel, _line_range(ROOT / rel, start, end))]
+        if not wanted or rel in wanted:
+            plan += [(m, tests) for m in mutants_of(rel, _line_range(ROOT / rel, start, end))]
     for rel, (lines, tests) in TARGETS.items():
-        plan += [(m, tests) for m in mutants_of(rel, lines)]
+        if not wanted or rel in wanted:
+            plan += [(m, tests) for m in mutants_of(rel, lines)]
     if args.only:
         plan = [(m, t) for m, t in plan if any(_selected(m, only) for only in args.only)]
     if args.sample > 1:

@@ -61,6 +61,15 @@ def write_sharded(folder: Path, tensors: dict, shards: int = 2, prefix: str = "m
     return index
 
 
+def sharded_head_copy(folder: Path, rows: int, shards: int) -> Path:
+    """A bare sharded checkpoint (no config): four (rows, rows) layers and a head that is a clone of
+    the first (an equal copy fix re-ties), over ``shards`` files; the index's path."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.weight": torch.randn(rows, rows, generator=g) for i in range(4)}
+    tensors["head.weight"] = tensors["layers.0.weight"].clone()
+    return write_sharded(folder, tensors, shards=shards)
+
+
 def tiny_state_dict(seed: int = 0) -> dict:
     """A tied embedding and head, a norm and a block: a few hundred bytes of tensors."""
     g = torch.Generator().manual_seed(seed)

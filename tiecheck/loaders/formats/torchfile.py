@@ -180,8 +180,7 @@ def _guarded_load(source, label: str, kind: str | None, trust_pickle: bool) -> A
         with ZipArchive(io.BytesIO(source) if isinstance(source, bytes) else source, label) as za:
             za.check_all()
             _pickle_record(za)
-            if not trust_pickle:
-                vet_archive(za)
+            vet_archive(za, trusted=trust_pickle)
     elif kind == "legacy" and not trust_pickle:
         _vet_legacy(source, label)
     try:

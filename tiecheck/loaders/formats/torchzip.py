@@ -22,9 +22,11 @@ big-endian records, makes ``read_archive`` return None, and ``torch.load`` reads
 
 from __future__ import annotations
 
+import io
 import math
 import operator
 import os
+import pickle
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -82,6 +84,14 @@ class _Opaque:
 OPAQUE = _Opaque()
 
 
+class _OpaqueStorage(_Opaque):
+    """A storage type while the pickle is only vetted: not built, but the persistent ids naming it
+    still say how many bytes each storage claims, for the check against its record."""
+
+    def __init__(self, dtype: str | None):
+        self.dtype = dtype
+
+
 class _StorageType(NamedTuple):
     dtype: str | None  # None: an UntypedStorage, counted in bytes
 
@@ -132,6 +142,15 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+def _claim_of(pid: Any) -> _StorageRef | None:
+    """The storage a persistent id of a pickle that is only vetted names, or None for an id torch.load
+    cannot read (it says so itself)."""
+    if type(pid) is tuple and len(pid) == 5 and type(pid[1]) is _OpaqueStorage and type(pid[2]) is str \
+            and type(pid[4]) is int and 0 <= pid[4] < INT64_LIMIT:
+        return _StorageRef(pid[2], pid[1].dtype, pid[4])
+    return None
+
+
 class TorchRules(Rules):
     """``data.pkl`` as ``torch.save`` writes it: every global answered by this class, nothing from
     the file imported or called except the record builders below.
@@ -160,6 +179,8 @@ class TorchRules(Rules):
             return found
         if found is not None and self.building:
             return getattr(self, found) if isinstance(found, str) else found
+        if type(found) is _StorageType:
+            return _OpaqueStorage(found.dtype)
         if module == "torch" and name in DTYPES and self.building:
             return _DType(DTYPES[name][0])
         g = resolve(module, name)
@@ -170,7 +191,7 @@ class TorchRules(Rules):
                       untrusted=True)
 
     def call(self, func: Any, args: tuple, offset: int) -> Any:
-        if func is OPAQUE:
+        if isinstance(func, _Opaque):
             return OPAQUE
         if func is _StateDict:
             if args:
@@ -187,14 +208,14 @@ class TorchRules(Rules):
         raise Refused(f"calls {func!r}, which torch.save never calls", offset)
 
     def new(self, cls: Any, args: tuple, offset: int) -> Any:
-        if cls is OPAQUE:
+        if isinstance(cls, _Opaque):
             return OPAQUE
         if cls is _StateDict and not args:
             return _StateDict()
         raise Refused(f"makes an object of {cls!r}, which torch.save never does", offset)
 
     def build(self, inst: Any, state: Any, offset: int) -> None:
-        if inst is OPAQUE:
+        if isinstance(inst, _Opaque):
             return
         if type(inst) is _StateDict and type(state) is dict:
             return  # a state dict's _metadata: not needed by the analysis
@@ -202,6 +223,7 @@ class TorchRules(Rules):
 
     def persistent(self, pid: Any, offset: int) -> Any:
         if not self.building:
+            self._claim(pid, offset)
             return OPAQUE
         if type(pid) is not tuple or len(pid) != 5 or pid[0] != "storage" or type(pid[2]) is not str:
             raise Refused("names a storage by an id that is not ('storage', type, key, location, size)", offset)
@@ -216,6 +238,12 @@ class TorchRules(Rules):
         return known
 
     # -- the record builders, in place of torch._utils' rebuild functions --------------------
+    def _claim(self, pid: Any, offset: int) -> None:
+        """Note the size a vetted pickle's storage id claims; an id torch.load cannot read is left to it."""
+        ref = _claim_of(pid)
+        if ref is not None and self.storages.setdefault(ref.key, ref) != ref:
+            raise Refused(f"names storage {ref.key!r} twice, with different types or sizes", offset)
+
     def _record(self, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
                 dtype: str | None) -> TensorRecord:
         if storage is OPAQUE or dtype is None:
@@ -258,6 +286,76 @@ class TorchRules(Rules):
         return data._replace(requires_grad=requires_grad)
 
 
+class _StandIn:
+    """What every global of a trusted pickle stands for while its storage ids are read: it takes
+    any call, state or item, so nothing the file names is imported or run here."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _StandIn:
+        return _StandIn()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class _ClaimUnpickler(pickle.Unpickler):
+    """A trusted data.pkl read for its storage ids only. The loop cannot walk every pickle a user
+    may trust (protocol 1's INT, protocol 4's FRAME), so Python's own unpickler reads it here, with
+    every global a stand-in: torch.load then runs the file, on the user's word."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, _StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _GLOBALS.get((module, name))
+        return _OpaqueStorage(found.dtype) if type(found) is _StorageType else _StandIn
+
+    def persistent_load(self, pid: Any) -> Any:
+        ref = _claim_of(pid)
+        if ref is not None:
+            self.storages.setdefault(ref.key, ref)
+        return _StandIn()
+
+
+def _trusted_claims(data: bytes) -> dict[str, _StorageRef] | None:
+    """The storages a trusted data.pkl names, or None where even the stand-ins cannot read it."""
+    reader = _ClaimUnpickler(data)
+    try:
+        reader.load()
+    except Exception:  # noqa: BLE001 - what cannot be read here, torch.load reads (or refuses) itself
+        return None
+    return reader.storages
+
+
+def check_storage_fits(label: str, key: str, nbytes: int, held: int) -> None:
+    """A storage must fit its record: ``torch.load(mmap=True)`` slices ``nbytes`` from the mapping
+    without looking at the record's size, so a short record would lend the storage the bytes of
+    whatever follows it in the file.
+
+    Raises:
+        TargetError: the storage claims more bytes than its record ``data/<key>`` holds.
+    """
+    if nbytes > held:
+        raise TargetError(f"{label}: storage {key!r} claims {nbytes:,} bytes, but its record data/{key} holds "
+                          f"{held:,}; the file is truncated or corrupt")
+
+
+def _storage_bytes(ref: _StorageRef) -> int:
+    return ref.numel * (1 if ref.dtype is None else _dtype_facts(ref.dtype)[0])
+
+
 def pickle_budget(stored: int) -> Budget:
     """The budget of a data.pkl whose record stores ``stored`` bytes (compressed or not)."""
     return Budget(stored)
@@ -296,20 +394,40 @@ def _archive_records(za: ZipArchive) -> tuple[str, bytes, int, int, dict[str, tu
     return pickles[0], data, offset, info.compress_size, records
 
 
-def vet_archive(za: ZipArchive) -> None:
-    """Run the archive's data.pkl through the loop without building anything (for torch.load).
+def vet_archive(za: ZipArchive, *, trusted: bool) -> None:
+    """Run the archive's data.pkl through the loop without building anything (for torch.load), and
+    check that every storage it names fits its record.
+
+    Args:
+        za: the archive.
+        trusted: the user vouched for the pickle (``--trust-pickle``): no global is refused, its
+            storage ids are read with stand-ins for its globals, and a pickle even they cannot read
+            is left to torch.load whole.
 
     Raises:
         PickleRefusal: the pickle breaks a bound or names a global the weights-only unpickler refuses.
+        TargetError: a storage claims more bytes than its record holds.
     """
     try:
-        _name, data, offset, stored, _ = _archive_records(za)
+        name, data, offset, stored, _ = _archive_records(za)
     except _NotTaken:
         return  # torch.load says what is wrong with the archive's layout
-    try:
-        load(data, TorchRules(build=False), pickle_budget(stored))
-    except Refused as e:
-        raise PickleRefusal.of(e, za.label, "data.pkl", offset, data) from e
+    if trusted:
+        storages = _trusted_claims(data)
+        if storages is None:
+            return
+    else:
+        rules = TorchRules(build=False)
+        try:
+            load(data, rules, pickle_budget(stored))
+        except Refused as e:
+            raise PickleRefusal.of(e, za.label, "data.pkl", offset, data) from e
+        storages = rules.storages
+    where = name[:-len("data.pkl")] + "data/"
+    for key, ref in storages.items():
+        info = za.infos.get(where + key)
+        if info is not None:  # a missing record: torch.load names it
+            check_storage_fits(za.label, key, _storage_bytes(ref), info.file_size)
 
 
 def _checked_archive(path: str) -> tuple[bytes, int, int, dict[str, tuple[int, int]] | None] | None:
@@ -356,10 +474,8 @@ def read_archive(path: str) -> tuple[Any, ArchiveFile] | None:
         if span is None:
             raise TargetError(f"{path}: data.pkl names storage {key!r}, but the archive has no record data/{key}; "
                               f"it is partial or corrupt")
-        nbytes = ref.numel * (1 if ref.dtype is None else _dtype_facts(ref.dtype)[0])
-        if nbytes > span[1]:
-            raise TargetError(f"{path}: storage {key!r} claims {nbytes:,} bytes, but its record data/{key} holds "
-                              f"{span[1]:,}; the file is truncated or corrupt")
+        nbytes = _storage_bytes(ref)
+        check_storage_fits(path, key, nbytes, span[1])
         storages[key] = (span[0], nbytes)
     del records
     for r in rules.records:
