@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from tiecheck import analyze
 from tiecheck.cli.main import main
-from tiecheck.loaders.content import COMPARE_CHUNK
+from tiecheck.loaders.filecompare import COMPARE_CHUNK
 from tiecheck.repair import fix
 from tiecheck.repair.layouts import SAFETENSORS, TORCH
 from tiecheck.repair.verify import _library_checks, _transformers_checks
