@@ -438,3 +438,10 @@ def test_every_test_file_is_named_after_a_module_or_command():
         if not any("_".join(parts[:i]) in names for i in range(1, len(parts) + 1)):
             misnamed.append(path.name)
     assert not misnamed, f"name these after the module or command they test: {misnamed}"
+
+
+def test_no_module_is_over_600_lines():
+    """docs/architecture.md: one job per module; a module past 600 lines holds more than one and is split."""
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "tiecheck").rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
+    assert not long, f"split these by job: {long}"

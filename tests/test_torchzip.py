@@ -26,8 +26,9 @@ from tiecheck.errors import TargetError, UntrustedPickleError
 from tiecheck.loaders import load_target
 from tiecheck.loaders.fileview import file_spans
 from tiecheck.loaders.formats import torchfile
+from tiecheck.loaders.formats.archive_tensors import ArchiveTensors
 from tiecheck.loaders.formats.sharded import ShardedTensors
-from tiecheck.loaders.formats.torchzip import ArchiveTensors, read_archive
+from tiecheck.loaders.formats.torchzip import read_archive
 from tiecheck.loaders.tensor_facts import fact_of
 
 from support.checkpoints import rewrite_zip_entry, tensor_pickle

@@ -72,7 +72,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     **{f"tiecheck/loaders/{name}.py": (None, ["tests/test_torchzip_rules.py", "tests/test_torchzip.py",
                                               "tests/test_loaders_security.py",
                                               "tests/test_formats.py", "tests/test_fix_hostile.py"])
-       for name in ("formats/torchzip", "formats/torchfile", "pickleloop", "pickles", "zipcheck")},
+       for name in ("formats/torchzip", "formats/archive_tensors", "formats/torchfile", "pickleloop", "pickles",
+                    "zipcheck")},
     "tiecheck/loaders/formats/onnx_files.py": (None, ["tests/test_onnx_files.py"]),
     "tiecheck/loaders/onnx_graph.py": (None, ["tests/test_onnx_files.py"]),
     "tiecheck/loaders/formats/gguf_files.py": (None, ["tests/test_gguf_files.py"]),

@@ -24,15 +24,15 @@ from tiecheck.loaders.detect import (
     sniff_file,
 )
 from tiecheck.loaders.fileview import file_spans
+from tiecheck.loaders.formats.archive_tensors import ArchiveTensors
 from tiecheck.loaders.formats.safetensors_files import MappedTensors, file_summary, map_tensors, read_header
 from tiecheck.loaders.formats.torchfile import pick_state, read_records, torch_load
-from tiecheck.loaders.formats.torchzip import ArchiveTensors
 from tiecheck.loaders.subject import Subject
 
 
 class ShardedTensors(Mapping):
     """Every tensor of a sharded checkpoint: each shard's :class:`MappedTensors` (or, for torch.save
-    shards, ``torchzip.ArchiveTensors``) behind one mapping.
+    shards, ``archive_tensors.ArchiveTensors``) behind one mapping.
 
     Copying every shard's tensors into one dict would make a tensor view per name (1.2 s at
     90,000 names) and lose ``facts()``, so every fact would then be read back from its view

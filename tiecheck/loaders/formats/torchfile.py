@@ -24,7 +24,8 @@ from tiecheck.errors import TargetError, UntrustedPickleError, did_you_mean
 from tiecheck.facts import Source
 from tiecheck.loaders.declared import megatron_declarations
 from tiecheck.loaders.fileview import file_spans
-from tiecheck.loaders.formats.torchzip import PickleRefusal, TensorRecord, TorchRules, read_archive, vet_archive
+from tiecheck.loaders.formats.archive_tensors import TensorRecord
+from tiecheck.loaders.formats.torchzip import PickleRefusal, TorchRules, read_archive, vet_archive
 from tiecheck.loaders.pickleloop import Budget, Refused, check_containers
 from tiecheck.loaders.pickleloop import load as pickle_load
 from tiecheck.loaders.pickles import describe, first_refused
