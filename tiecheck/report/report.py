@@ -126,7 +126,8 @@ class Report:
         # One join of the parts: no intermediate block of rows, no copy made by a replace (at 200,000
         # rows each would hold the whole text again).
         lines = (f"{pad * 2}{r}" if i == 0 else f",\n{pad * 2}{r}" for i, r in enumerate(rows.json_lines()))
-        return escape_json("".join(chain((head, "[\n"), lines, ("\n", pad, "]", tail)))) + "\n"
+        # The final newline inside the join: appended after, it would copy the whole text once more.
+        return escape_json("".join(chain((head, "[\n"), lines, ("\n", pad, "]", tail, "\n"))))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Report:
