@@ -16,7 +16,6 @@ from pathlib import Path
 from tiecheck.errors import TiecheckError
 from tiecheck.loaders.detect import sniff_file
 
-
 WRITE_CHARS = 1 << 20  # characters encoded and written at a time
 
 
