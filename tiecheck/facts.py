@@ -200,6 +200,20 @@ def _may_spell(name: str, alternatives: dict[str, tuple[str, ...]]) -> bool:
     return alts is not None and any(path == a or path.endswith("." + a) for a in alts)
 
 
+_ROLE_ALTS = {part: _EMBED_ALTS.get(part, ()) + _HEAD_ALTS.get(part, ()) for part in {*_EMBED_ALTS, *_HEAD_ALTS}}
+
+
+def may_have_role(f: TensorFact) -> bool:
+    """False when neither :func:`is_embedding` nor :func:`is_output_projection` can hold for ``f``: a
+    2-D tensor of an ``Embedding``, or a ``*.weight`` whose module path one of the role patterns'
+    alternatives ends. One check, where the two cost several calls each: the analyses ask it of
+    every tensor before asking the two (a file of a million expert weights has no role)."""
+    if len(f.shape) != 2:
+        return False
+    name = f.name
+    return f.owner_type == "Embedding" or (name.endswith(".weight") and _may_spell(name, _ROLE_ALTS))
+
+
 def is_embedding(f: TensorFact) -> bool:
     if len(f.shape) != 2 or f.attr != "weight":
         return False

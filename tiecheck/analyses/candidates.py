@@ -16,7 +16,7 @@ from itertools import combinations
 from typing import Any
 
 from tiecheck.analyses.duplicates import Relation
-from tiecheck.facts import TensorFact, is_embedding, is_output_projection
+from tiecheck.facts import TensorFact, is_embedding, is_output_projection, may_have_role
 from tiecheck.findings import Finding, finding
 
 
@@ -55,6 +55,8 @@ def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
     embeds: dict[tuple, list[TensorFact]] = defaultdict(list)
     heads: dict[tuple, list[TensorFact]] = defaultdict(list)
     for f in unique:
+        if not may_have_role(f):
+            continue
         if is_embedding(f):
             embeds[(f.shape, f.dtype)].append(f)
         elif is_output_projection(f):

@@ -530,17 +530,27 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
         others = by_shape[(dtype, swapped)]
         stats.buckets += 1
         stats.tensors += len(names) + (len(others) if swapped != shape else 0)
-        by_sig: dict[bytes, list[str]] = defaultdict(list)
-        for n, sig in _each_sample(reader, sorted(names)):
-            stats.sampled += 1
-            if not is_constant(n, sig):
-                by_sig[_key(sig)].append(n)
-        for b, sig in _each_sample(reader, sorted(others), swapped):
+        # As in _by_key: a key's first name in one dict, a list only for a key met again (100,000
+        # distinct matrices cost a dict entry each), and the uniform test inlined before is_constant.
+        first: dict[bytes, str] = {}
+        more: dict[bytes, list[str]] = {}
+        size = reps[names[0]][0].itemsize
+        names = sorted(names)
+        for n, sig in _each_sample(reader, names):
+            k = len(sig)
+            if (k <= size or (k % size == 0 and sig == sig[:size] * (k // size))) and is_constant(n, sig):
+                continue
+            key = sig if k <= KEY_BYTES else hashlib.blake2b(sig, digest_size=16).digest()
+            prev = first.setdefault(key, n)
+            if prev != n:
+                more.setdefault(key, [prev]).append(n)
+        stats.sampled += len(names)
+        for b, sig in _each_sample(reader, names if swapped == shape else sorted(others), swapped):
             stats.sampled += 1
             key = _key(sig)
-            if key not in by_sig or is_constant(b, sig):
+            if key not in first or is_constant(b, sig):
                 continue
-            for a in by_sig[key]:
+            for a in more.get(key) or (first[key],):
                 if a == b:
                     continue  # a square tensor equal to its own transpose is symmetric, not a copy
                 x, y = (a, b) if swapped != shape else sorted((a, b))  # equality through a transpose is symmetric

@@ -26,7 +26,10 @@ def linear_shape_findings(facts: Sequence[TensorFact], modules: dict[str, Module
     by_name = {f.name: f for f in facts}
     tied = _tied_to(groups)
     out = []
-    owners = sorted({f.owner for f in facts if f.attr == "weight"})
+    # An owner's bias is named "<owner>.bias" ("bias" at the root). Without a module, only a bias can
+    # disagree with its weight: the owners of a file's 100,000 expert weights without one are not looked at.
+    biased = {n[:-5] if n != "bias" else "" for n in by_name if n == "bias" or n.endswith(".bias")}
+    owners = sorted({f.owner for f in facts if f.attr == "weight" and (f.owner in biased or f.owner in modules)})
     for owner in owners:
         w = by_name.get(f"{owner}.weight" if owner else "weight")
         if w is None or len(w.shape) != 2:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tiecheck.analyses.layers import LayerRow
-from tiecheck.facts import Packing, TensorFact, is_embedding, is_output_projection
+from tiecheck.facts import Packing, TensorFact, is_embedding, is_output_projection, may_have_role
 from tiecheck.findings import Finding, finding
 
 
@@ -45,6 +45,8 @@ class PackedHead:
 def _role(f: TensorFact, p: Packing | None) -> str | None:
     if p is not None and p.role:
         return p.role
+    if not may_have_role(f):
+        return None
     if is_embedding(f):
         return "embedding"
     return "head" if is_output_projection(f) else None

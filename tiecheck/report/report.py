@@ -112,7 +112,7 @@ class Report:
         """The report as JSON text; with ``indent``, every tensor row takes one line.
 
         Indented output goes through the json module's pure-Python encoder, which costs seconds
-        on 100,000 tensor rows; the rows are encoded by the C encoder instead, one per line.
+        on 100,000 tensor rows; the rows are written by ``TensorRows.json_lines`` instead, one per line.
         """
         rows = self.tensors
         if indent is None or not rows:
@@ -122,13 +122,12 @@ class Report:
         mark = f"tiecheck-rows-{secrets.token_hex(16)}"
         d = self._as_dict(mark)
         pad = " " * indent
-        encode = json.JSONEncoder(ensure_ascii=False).encode
         head, tail = json.dumps(d, indent=indent, ensure_ascii=False).split(json.dumps(mark), 1)
         # One join of the parts: no intermediate block of rows, no copy made by a replace (at 200,000
         # rows each would hold the whole text again).
-        lines = (f"{pad * 2}{encode(r)}" if i == 0 else f",\n{pad * 2}{encode(r)}"
-                 for i, r in enumerate(rows.dicts()))
-        return escape_json("".join(chain((head, "[\n"), lines, ("\n", pad, "]", tail)))) + "\n"
+        lines = (f"{pad * 2}{r}" if i == 0 else f",\n{pad * 2}{r}" for i, r in enumerate(rows.json_lines()))
+        # The final newline inside the join: appended after, it would copy the whole text once more.
+        return escape_json("".join(chain((head, "[\n"), lines, ("\n", pad, "]", tail, "\n"))))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Report:
