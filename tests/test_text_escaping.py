@@ -105,6 +105,12 @@ def test_separators_past_the_c1_block_are_shown_as_unicode_escapes():
     assert one_line("a b") == "a b"
 
 
+@pytest.mark.parametrize("c", [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029])
+def test_each_bidirectional_control_and_separator_is_spelled_by_its_own_code(c):
+    assert one_line(f"a{chr(c)}b") == f"a\\u{c:04x}b"
+    assert f"\\u{c:04x}" in json_text({"name": f"a{chr(c)}b"})
+
+
 def test_markdown_escapes_the_strings_inside_a_record():
     """Records (dataclasses) reach the Markdown renderer whole: each string field is escaped, the rest kept."""
 
@@ -181,6 +187,17 @@ def test_markdown_names_cannot_add_cells_html_or_links(spoofing_file):
     assert "w\\|&lt;img src=x onerror=alert(1)&gt;\\[click\\](javascript:alert(1))" in out
     row = next(line for line in out.splitlines() if "onerror" in line)
     assert row.count("|") - row.count("\\|") == 7  # the tie groups table's six columns, nothing more
+
+
+def test_markdown_diff_names_cannot_add_cells_html_or_links(spoofing_file, tmp_path):
+    """``diff`` escapes its records for Markdown as dicts: a name on one side only is shown inert."""
+    other = tmp_path / "other.pt"
+    torch.save({"head.weight": torch.zeros(3, 4)}, other)
+    out = CliRunner().invoke(main, ["diff", str(spoofing_file), str(other), "--format", "markdown"]).output
+    assert "onerror" in out  # the name is in the diff
+    assert "<img" not in out
+    assert not re.search(r"(?<!\\)\[click", out)
+    assert "w\\|&lt;img src=x onerror=alert(1)&gt;\\[click\\](javascript:alert(1))" in out
 
 
 def test_csv_cells_are_never_formulas(spoofing_file):
