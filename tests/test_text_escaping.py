@@ -7,17 +7,18 @@ import csv
 import io
 import json
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from tiecheck.cli import main
-from tiecheck.report.text import json_text, markdown_text, one_line
+from tiecheck.report.text import human_bytes, json_text, markdown_text, one_line
 
-# An ANSI colour sequence, a newline, a carriage return, a C1 CSI, and the Unicode line and paragraph
-# separators (str.splitlines() breaks at both).
-HOSTILE = "emb\x1b[31mRED\nfake: line\r\x9b2J\u2028x\u2029p.weight"
+# An ANSI colour sequence, a newline, a carriage return, a C1 CSI, the Unicode line and paragraph
+# separators (str.splitlines() breaks at both), and DEL.
+HOSTILE = "emb\x1b[31mRED\nfake: line\r\x9b2J\u2028x\u2029p\x7f.weight"
 UNSAFE = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]} - {"\n"}
 
 
@@ -84,6 +85,53 @@ def test_the_unicode_line_and_paragraph_separators_are_escaped(sep):
     assert sep not in markdown_text(name)
 
 
+@pytest.mark.parametrize("c", [0x7F, 0x80, 0x9B, 0x9F])
+def test_del_and_the_c1_controls_are_escaped_by_their_code(c):
+    """DEL and the C1 controls (0x9b alone starts a terminal escape sequence): shown as ``\\xNN`` in
+    text, as ``\\u00NN`` in JSON (which ``json.dumps(ensure_ascii=False)`` leaves raw), read back as sent."""
+    name = f"a{chr(c)}b.weight"
+    assert one_line(name) == f"a\\x{c:02x}b.weight"
+    text = json_text({"name": name})
+    assert chr(c) not in text
+    assert f"\\u{c:04x}" in text
+    assert json.loads(text) == {"name": name}
+
+
+def test_separators_past_the_c1_block_are_shown_as_unicode_escapes():
+    """The no-break space (U+00A0) is not a C1 control: like every separator but the plain space, it is
+    shown as ``\\u00a0`` (a name with it looks like one with a space)."""
+    assert one_line("a\u00a0b") == "a\\u00a0b"
+    assert one_line("a\u3000b") == "a\\u3000b"
+    assert one_line("a b") == "a b"
+
+
+@pytest.mark.parametrize("c", [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029])
+def test_each_bidirectional_control_and_separator_is_spelled_by_its_own_code(c):
+    assert one_line(f"a{chr(c)}b") == f"a\\u{c:04x}b"
+    assert f"\\u{c:04x}" in json_text({"name": f"a{chr(c)}b"})
+
+
+def test_markdown_escapes_the_strings_inside_a_record():
+    """Records (dataclasses) reach the Markdown renderer whole: each string field is escaped, the rest kept."""
+
+    @dataclass(frozen=True)
+    class Record:
+        name: str
+        names: tuple[str, ...]
+        n: int
+
+    got = markdown_text(Record("a|b<c>", ("[x](y)", "ok"), 3))
+    assert got == Record("a\\|b&lt;c&gt;", ("\\[x\\](y)", "ok"), 3)
+
+
+def test_human_bytes_up_to_tebibytes():
+    assert human_bytes(1023) == "1,023 B"
+    assert human_bytes(1536) == "1.50 KiB"
+    assert human_bytes(3 * 1024**3) == "3.00 GiB"
+    assert human_bytes(2 * 1024**4) == "2.00 TiB"
+    assert human_bytes(5 * 1024**5) == "5,120.00 TiB"
+
+
 def test_json_text_reads_back_unchanged():
     obj = {"name": HOSTILE, "n": [1, 2]}
     text = json_text(obj)
@@ -139,6 +187,17 @@ def test_markdown_names_cannot_add_cells_html_or_links(spoofing_file):
     assert "w\\|&lt;img src=x onerror=alert(1)&gt;\\[click\\](javascript:alert(1))" in out
     row = next(line for line in out.splitlines() if "onerror" in line)
     assert row.count("|") - row.count("\\|") == 7  # the tie groups table's six columns, nothing more
+
+
+def test_markdown_diff_names_cannot_add_cells_html_or_links(spoofing_file, tmp_path):
+    """``diff`` escapes its records for Markdown as dicts: a name on one side only is shown inert."""
+    other = tmp_path / "other.pt"
+    torch.save({"head.weight": torch.zeros(3, 4)}, other)
+    out = CliRunner().invoke(main, ["diff", str(spoofing_file), str(other), "--format", "markdown"]).output
+    assert "onerror" in out  # the name is in the diff
+    assert "<img" not in out
+    assert not re.search(r"(?<!\\)\[click", out)
+    assert "w\\|&lt;img src=x onerror=alert(1)&gt;\\[click\\](javascript:alert(1))" in out
 
 
 def test_csv_cells_are_never_formulas(spoofing_file):

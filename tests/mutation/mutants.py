@@ -11,6 +11,14 @@ that has already imported torch and pytest (a run costs the tests, not the impor
 is killed when a test fails or the run exceeds ``--timeout``; the original file is restored
 after every mutant, and at exit whatever happens.
 
+Each mutant runs only the part of its selection that can see it (``--all-tests`` turns this off).
+Before the mutants, the selection runs once unmutated with every line of the target files traced,
+test by test, threads included; a mutant then runs the selection's entries whose tests executed a
+line of its statement. What the trace cannot see runs for every mutant: a statement run at import
+(module level, a default, a decorator) or while a session-wide fixture was made runs the whole
+selection, and a test that starts a process (whose lines are not traced) runs for every mutant. A
+mutant whose statement no test executes survives without a run: no test of the selection reaches it.
+
 Not run in CI (minutes of CPU); the results and the reasoning about each survivor are in
 docs/mutation.md.
 """
@@ -22,6 +30,7 @@ import ast
 import copy
 import importlib.util
 import os
+import select
 import signal
 import sys
 import time
@@ -117,6 +126,26 @@ class Mutant:
     line: int
     what: str
     source: str
+    # The lines of the innermost statement holding the edit, and whether that statement runs only
+    # when a function is called (not when the module is imported): the coverage selection's inputs.
+    span: tuple[int, int] = (0, 0)
+    in_body: bool = False
+
+
+def _statement_of(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> tuple[tuple[int, int], bool]:
+    """(first, last) line of the innermost statement holding ``node``, and whether it lies in the
+    body of a function or lambda (its defaults, decorators and annotations run at import)."""
+    stmt = node
+    while not isinstance(stmt, ast.stmt) and stmt in parents:
+        stmt = parents[stmt]
+    child, up = node, parents.get(node)
+    while up is not None:
+        if isinstance(up, (ast.FunctionDef, ast.AsyncFunctionDef)) and child in up.body:
+            break
+        if isinstance(up, ast.Lambda) and child is up.body:
+            break
+        child, up = up, parents.get(up)
+    return (stmt.lineno, stmt.end_lineno or stmt.lineno), up is not None
 
 
 def _line_range(path: Path, start_marker: str, end_marker: str) -> tuple[int, int]:
@@ -172,7 +201,7 @@ def mutants_of(rel: str, lines: tuple[int, int] | None) -> list[Mutant]:
         else:
             edit(target)
         ast.fix_missing_locations(clone)
-        out.append(Mutant(rel, node.lineno, what, ast.unparse(clone)))
+        out.append(Mutant(rel, node.lineno, what, ast.unparse(clone), *_statement_of(node, parents)))
     return out
 
 
@@ -297,6 +326,128 @@ def run_tests(tests: list[str], timeout: float, patch: Mutant | None = None) -> 
     return "timeout"
 
 
+ALL = "*"  # the owner of lines run while a session-wide fixture is made: every test may depend on them
+
+
+@dataclass
+class Coverage:
+    """Which entries of one selection run which lines of the target files (the unmutated code).
+
+    ``lines[entry]`` holds (path, line) pairs executed by the entry's tests (an entry is a test file
+    or a test id as the selection names it); ``lines[ALL]`` those run while a session- or
+    package-scoped fixture was made. ``spawners`` are the test ids that started a process: what a
+    child process runs is not traced, so they run for every mutant.
+    """
+
+    lines: dict[str, set[tuple[str, int]]]
+    spawners: list[str]
+
+    def tests_for(self, m: Mutant, selection: list[str]) -> list[str] | None:
+        """The part of ``selection`` that can see ``m``: the entries whose tests executed a line of
+        its statement, then the process-starting tests; ``None`` for the whole selection (a statement
+        run at import, or one a session-wide fixture ran). An empty list: no test runs it."""
+        path = str(ROOT / m.file)
+        span = {(path, line) for line in range(m.span[0], m.span[1] + 1)}
+        if not m.in_body or span & self.lines.get(ALL, set()):
+            return None
+        chosen = [e for e in selection if span & self.lines.get(e, set())]
+        return chosen + [t for t in self.spawners if _entry(t, selection) not in chosen]
+
+
+def _entry(nodeid: str, selection: list[str]) -> str | None:
+    """The selection entry (a file, or a test id) a test id belongs to."""
+    return next((e for e in selection if nodeid == e or nodeid.startswith(e + "::") or nodeid.startswith(e + "[")),
+                None)
+
+
+def measure_coverage(tests: list[str], files: set[str], timeout: float) -> Coverage | None:
+    """Run ``tests`` once, unmutated, in a forked child that traces the lines of ``files`` each test
+    executes (threads included) and notes the tests that start processes. ``None`` if they fail."""
+    paths = {str(ROOT / rel) for rel in files}
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        import pickle  # noqa: PLC0415 - the child's own: the parent reads what it writes
+        import subprocess  # noqa: PLC0415 - patched below to see who starts a process
+        import threading  # noqa: PLC0415 - traced threads
+
+        import pytest  # noqa: PLC0415 - already imported by the parent: only bound here
+
+        owner = [None]
+        hits: dict[str | None, set[tuple[str, int]]] = {}
+        spawners: set[str] = set()
+
+        def local(frame, event, arg):
+            if event == "line":
+                hits.setdefault(owner[0], set()).add((frame.f_code.co_filename, frame.f_lineno))
+            return local
+
+        def call(frame, event, arg):
+            return local if frame.f_code.co_filename in paths else None
+
+        def noting(f):
+            def started(*a, **k):
+                if owner[0] not in (None, ALL):
+                    spawners.add(owner[0])
+                return f(*a, **k)
+            return started
+
+        subprocess.Popen.__init__ = noting(subprocess.Popen.__init__)
+        os.fork = noting(os.fork)
+        os.posix_spawn = noting(os.posix_spawn)
+
+        class Owner:
+            @pytest.hookimpl(hookwrapper=True)
+            def pytest_runtest_protocol(self, item, nextitem):
+                owner[0] = item.nodeid
+                yield
+                owner[0] = None
+
+            @pytest.hookimpl(hookwrapper=True)
+            def pytest_fixture_setup(self, fixturedef, request):
+                before = owner[0]
+                if fixturedef.scope in ("session", "package"):
+                    owner[0] = ALL
+                yield
+                owner[0] = before
+
+        sys.dont_write_bytecode = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        threading.settrace(call)
+        sys.settrace(call)
+        code = pytest.main(["-q", "-p", "no:cacheprovider", *tests], plugins=[Owner()])
+        sys.settrace(None)
+        threading.settrace(None)
+        by_entry: dict[str, set[tuple[str, int]]] = {}
+        for nodeid, lines in hits.items():
+            entry = ALL if nodeid in (None, ALL) else _entry(nodeid, tests)
+            by_entry.setdefault(entry or ALL, set()).update(lines)
+        with os.fdopen(write, "wb") as out:
+            pickle.dump((int(code), by_entry, sorted(spawners)), out)
+        os._exit(0)
+    os.close(write)
+    import pickle  # noqa: PLC0415 - only the coverage run's reply is unpickled, from our own child
+
+    deadline, chunks = time.monotonic() + timeout, []
+    with os.fdopen(read, "rb", buffering=0) as got:
+        while True:
+            ready, _, _ = select.select([got], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = got.read(1 << 20) if ready else None
+            if not chunk:
+                break
+            chunks.append(chunk)
+    if chunk is None:  # past the deadline
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    if chunk is None or not chunks:
+        return None
+    code, by_entry, spawners = pickle.loads(b"".join(chunks))
+    return Coverage(by_entry, spawners) if code == 0 else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=600, help="stop starting mutants after this many seconds")
@@ -305,12 +456,18 @@ def main() -> int:
                     help="restrict to these target files, or to the mutants starting on these lines of one")
     ap.add_argument("--sample", type=int, default=1, metavar="K",
                     help="run every K-th mutant of each (file, operator) stratum of analyses/, starting with the first")
+    ap.add_argument("--all-tests", action="store_true",
+                    help="run each mutant against its file's whole selection, not only the tests that execute "
+                         "its statement in a traced run of the unmutated code")
     ap.add_argument("--exact", action="store_true",
                     help="no screen: every mutant's tests import the code afresh from disk (slow, the reference)")
     args = ap.parse_args()
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
-    # A `timeout` or Ctrl-C must still restore the mutated file: SIGTERM unwinds like SystemExit.
+    # A `timeout`, Ctrl-C or a closed terminal must still restore the mutated file: SIGTERM and
+    # SIGHUP unwind like SystemExit. (Killed by SIGHUP, a run once left a mutant on disk, which the
+    # next run then took for the original.)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
@@ -353,15 +510,36 @@ def main() -> int:
         if run_tests(tests, args.timeout, patch=same) != "passed":
             print(f"swapping {rel} in place breaks {' '.join(tests)} (or they fail): use --exact", file=sys.stderr)
             return 2
+    coverage: dict[tuple[str, ...], Coverage | None] = {}
+    if not args.all_tests:
+        for tests in {tuple(t) for _, t in plan}:
+            files = {m.file for m, t in plan if tuple(t) == tests}
+            coverage[tests] = measure_coverage(list(tests), files, max(600.0, 10 * args.timeout))
+            if coverage[tests] is None:
+                print(f"the traced run of {' '.join(tests)} failed: its mutants run the whole selection",
+                      file=sys.stderr)
+    for tests, cov in coverage.items():
+        if cov is not None:
+            print(f"traced {' '.join(tests)}: {len(cov.spawners)} tests start processes and run for every mutant",
+                  flush=True)
     print(f"{len(plan)} mutants planned; checks done in {time.monotonic() - began_all:.0f}s", flush=True)
     start = time.monotonic()
-    survivors, killed, skipped = [], 0, 0
+    survivors, killed, skipped, uncovered = [], 0, 0, 0
     originals: dict[str, str] = {}
     try:
         for m, tests in plan:
             if time.monotonic() - start > args.budget:
                 skipped += 1
                 continue
+            cov = coverage.get(tuple(tests))
+            chosen = cov.tests_for(m, tests) if cov is not None else None
+            if chosen == []:  # no test of the selection executes the statement: it survives unrun
+                print(f"{'passed':8} {0.0:5.1f}s {m.file}:{m.line} {m.what} (no test runs this statement)",
+                      flush=True)
+                survivors.append(m)
+                uncovered += 1
+                continue
+            tests = chosen or tests
             path = ROOT / m.file
             originals.setdefault(m.file, path.read_text())
             cached = Path(importlib.util.cache_from_source(str(path)))
@@ -374,7 +552,8 @@ def main() -> int:
                     result = run_tests(tests, args.timeout)
             finally:
                 path.write_text(originals[m.file])
-            print(f"{result:8} {time.monotonic() - began:5.1f}s {m.file}:{m.line} {m.what}", flush=True)
+            part = "" if chosen is None else f" ({len(chosen)} of the selection's tests and files)"
+            print(f"{result:8} {time.monotonic() - began:5.1f}s {m.file}:{m.line} {m.what}{part}", flush=True)
             if result == "passed":
                 survivors.append(m)
             else:
@@ -382,7 +561,8 @@ def main() -> int:
     finally:
         for rel, text in originals.items():
             (ROOT / rel).write_text(text)
-    print(f"{len(plan)} mutants: {killed} killed, {len(survivors)} survived, {skipped} not run (budget)")
+    print(f"{len(plan)} mutants: {killed} killed, {len(survivors)} survived ({uncovered} run by no test), "
+          f"{skipped} not run (budget)")
     return 1 if survivors else 0
 
 

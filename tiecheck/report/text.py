@@ -46,8 +46,11 @@ _JSON_UNSAFE = _Escapes({c: f"\\u{c:04x}" for c in [*range(0x7F, 0xA0), 0x2028, 
 
 
 def escape_json(text: str) -> str:
-    """JSON text from ``json.dumps(ensure_ascii=False)`` with the characters it leaves raw escaped."""
-    return text if text.isascii() else text.translate(_JSON_UNSAFE)
+    """JSON text from ``json.dumps(ensure_ascii=False)`` with the characters it leaves raw escaped.
+    (ASCII text needs nothing but its DEL escaped: the json module escapes the other controls.)"""
+    if text.isascii():
+        return text.replace("\x7f", "\\u007f")
+    return text.translate(_JSON_UNSAFE)
 
 
 def json_text(obj: Any, indent: int | None = 2) -> str:
