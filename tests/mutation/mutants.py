@@ -97,7 +97,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                       "tests/test_pytest_plugin.py", "tests/test_declared_diff_check.py"])
        for name in ("check/outcome", "check/policy", "check/snapshot")},
     # The expectations serve analyze(expect_tied=...) and the CLI's --expect-tied as much as check.
-    "tiecheck/analyses/expect.py": (None, ["tests/test_expect_relations.py", "tests/test_analyses.py",
+    "tiecheck/analyses/expect.py": (None, ["tests/test_expect_findings.py", "tests/test_expect_relations.py",
+                                           "tests/test_analyses.py",
                                            "tests/test_check.py", "tests/test_snapshot_errors.py",
                                            "tests/test_pytest_plugin.py", "tests/test_declared_diff_check.py",
                                            "tests/test_cli.py"]),
