@@ -145,3 +145,4 @@ def test_a_tied_name_stands_for_its_memory_by_the_groups_first_name():
     assert state.memory_of("head.weight") == "emb.weight"
     assert state.equal_content(["head.weight", "enc.weight"]) is True
     assert state.copies_of("head.weight") == ["enc.weight"]
+    assert state.copies_of("dec.weight") == []  # a list either way, for callers that extend or index it
