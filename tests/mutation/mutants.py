@@ -95,7 +95,13 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
        for name in ("runtime", "integrations/lightning", "integrations/transformers")},
     **{f"tiecheck/{name}.py": (None, ["tests/test_check.py", "tests/test_snapshot_errors.py",
                                       "tests/test_pytest_plugin.py", "tests/test_declared_diff_check.py"])
-       for name in ("check/outcome", "check/policy", "check/snapshot", "analyses/expect")},
+       for name in ("check/outcome", "check/policy", "check/snapshot")},
+    # The expectations serve analyze(expect_tied=...) and the CLI's --expect-tied as much as check.
+    "tiecheck/analyses/expect.py": (None, ["tests/test_expect_findings.py", "tests/test_expect_relations.py",
+                                           "tests/test_analyses.py",
+                                           "tests/test_check.py", "tests/test_snapshot_errors.py",
+                                           "tests/test_pytest_plugin.py", "tests/test_declared_diff_check.py",
+                                           "tests/test_cli.py"]),
     "tiecheck/bench/distributed.py": (None, ["tests/test_distributed_accounting.py", "tests/test_distributed_bench.py"]),
     "tiecheck/bench/stats.py": (None, ["tests/test_bench.py"]),
     "tiecheck/bench/seeds.py": (None, ["tests/test_bench.py"]),
