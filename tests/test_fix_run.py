@@ -3,9 +3,12 @@ what a dry run promises (nothing written, whatever the output path)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+import tiecheck.repair as repair
 from tiecheck.errors import TiecheckError
 from tiecheck.repair import fix
 
@@ -65,3 +68,39 @@ def test_pairs_are_taken_as_strings_or_as_pairs(tmp_path):
     as_pair = fix(src, dry_run=True, tie=[["head.weight", "tok_emb.weight"]]).plan.to_dict()
     assert as_text == as_pair
     assert [a["action"] for a in as_text["actions"]] == ["tie"]
+
+
+@pytest.mark.parametrize("left", ["file", "folder"])
+def test_a_temporary_output_left_under_this_runs_own_pid_is_replaced(tmp_path, left):
+    """A dead run whose PID this process now has left its temporary output: clear_stale leaves
+    names of this PID alone (they could be this run's), so fix clears its own name before writing."""
+    src = _clone_head(tmp_path)
+    out = tmp_path / "out.safetensors"
+    stale = tmp_path / f".out.safetensors.tiecheck-tmp-{os.getpid()}"
+    if left == "folder":
+        stale.mkdir()
+        (stale / "model.safetensors").write_bytes(b"half written")
+    else:
+        stale.write_bytes(b"half written")
+    assert fix(src, out).verified
+    assert not os.path.lexists(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.safetensors", "out.safetensors",
+                                                                 ".out.safetensors.fixed-by-tiecheck"])
+
+
+def test_a_copy_that_fails_a_check_is_exit_code_1_and_not_published(tmp_path, monkeypatch):
+    """The writer leaves the head's first byte flipped: the byte check fails, and the result says so."""
+    src = _clone_head(tmp_path)
+    out = tmp_path / "out.safetensors"
+    real_write = repair.write
+
+    def flipping_write(plan, path, weights, tmp, **kwargs):
+        real_write(plan, path, weights, tmp, **kwargs)
+        raw = bytearray(tmp.read_bytes())
+        raw[-1] ^= 0xFF  # the last tensor's last byte
+        tmp.write_bytes(bytes(raw))
+
+    monkeypatch.setitem(vars(repair), "write", flipping_write)
+    result = fix(src, out)
+    assert (result.verified, result.exit_code(), result.output) == (False, 1, None)
+    assert not out.exists()
