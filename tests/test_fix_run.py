@@ -3,6 +3,7 @@ what a dry run promises (nothing written, whatever the output path)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 import tiecheck.repair as repair
 from tiecheck.errors import TiecheckError
 from tiecheck.repair import fix
+from tiecheck.repair.actions import parse_tie, parse_untie
 
-from support.checkpoints import write_safetensors
+from support.checkpoints import llama_config, llama_tensors, write_safetensors
 
 
 def _clone_head(tmp_path):
@@ -104,3 +106,75 @@ def test_a_copy_that_fails_a_check_is_exit_code_1_and_not_published(tmp_path, mo
     result = fix(src, out)
     assert (result.verified, result.exit_code(), result.output) == (False, 1, None)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("lm_head.weight", "write DROPPED=KEPT"), ("=b", "write DROPPED=KEPT"), ("a=", "write DROPPED=KEPT"),
+    ("a=b=c", "write DROPPED=KEPT"), (" a = a ", "the two names are the same"),
+])
+def test_a_tie_that_is_not_two_different_names_is_refused(value, message):
+    with pytest.raises(TiecheckError, match=message):
+        parse_tie(value)
+
+
+@pytest.mark.parametrize("value", ["a", "a,b,c", "a,", ",b", "a, a"])
+def test_an_untie_that_is_not_two_different_names_is_refused(value):
+    with pytest.raises(TiecheckError, match="write two different names separated by a comma"):
+        parse_untie(value)
+
+
+def test_a_pair_is_read_with_its_spaces_trimmed():
+    assert parse_tie(" head.weight = emb.weight ") == ("head.weight", "emb.weight")
+    assert parse_untie(" head.weight , emb.weight ") == ("head.weight", "emb.weight")
+
+
+def _llama_folder(tmp_path, tie: bool, head: torch.Tensor | None = None):
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    cfg = llama_config()
+    cfg["tie_word_embeddings"] = tie
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tensors = llama_tensors()
+    if head is not None:
+        tensors["lm_head.weight"] = head
+    write_safetensors(folder / "model.safetensors", tensors)
+    return folder
+
+
+def test_a_tie_onto_a_name_the_files_do_not_store_is_refused(tmp_path):
+    folder = _llama_folder(tmp_path, tie=True)  # lm_head.weight: filled by transformers, not stored
+    with pytest.raises(TiecheckError, match=r"the files do not store lm_head\.weight; keep a stored name"):
+        fix(folder, dry_run=True, tie=["model.embed_tokens.weight=lm_head.weight"])
+
+
+def test_a_tie_already_made_is_said_and_planned_as_nothing(tmp_path):
+    folder = _llama_folder(tmp_path, tie=True)
+    plan = fix(folder, dry_run=True, tie=["lm_head.weight=model.embed_tokens.weight"]).plan
+    assert plan.actions == []
+    assert "--tie lm_head.weight=model.embed_tokens.weight: already tied" in plan.unanswered
+
+
+def test_a_tie_in_a_folder_sets_the_declaration_and_takes_only_the_declared_pair(tmp_path):
+    torch.manual_seed(1)
+    folder = _llama_folder(tmp_path, tie=False, head=torch.randn(16, 8))
+    plan = fix(folder, dry_run=True, tie=["lm_head.weight=model.embed_tokens.weight"]).plan
+    assert plan.config == {"tie_word_embeddings": True}
+    assert plan.drop == {"lm_head.weight": "model.embed_tokens.weight"}
+    with pytest.raises(TiecheckError, match="transformers fills only the names its architecture ties"):
+        fix(folder, dry_run=True, tie=["model.embed_tokens.weight=lm_head.weight"])
+
+
+def test_a_broken_tie_is_explained_as_one(tmp_path):
+    (action,) = fix(_clone_head(tmp_path), dry_run=True).plan.actions
+    assert action.detail.startswith("store tok_emb.weight once: head.weight, its output projection, holds equal "
+                                    "bytes and becomes its alias")
+
+
+@pytest.mark.parametrize(("pair", "message"), [
+    ("head.wieght,tok_emb.weight", r"--untie: 'head\.wieght' is not a tensor of the target"),
+    ("head.weight,tok_emb.wieght", r"--untie: 'tok_emb\.wieght' is not a tensor of the target"),
+    ("head.weight,ln.weight", "they are not tied in the target; nothing to untie"),
+])
+def test_an_untie_of_names_the_target_does_not_tie_is_refused(tmp_path, pair, message):
+    with pytest.raises(TiecheckError, match=message):
+        fix(_clone_head(tmp_path), dry_run=True, untie=[pair])
