@@ -43,11 +43,24 @@ def _hf_folder(folder: Path) -> Path:
     """A tiny Llama folder whose head is an equal copy of the embedding (TC016: fix re-ties it)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(llama_config()))
-    tensors = llama_tensors()
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    write_safetensors(folder / "model.safetensors", tensors)
+    write_safetensors(folder / "model.safetensors", _head_copy())
     (folder / "tokenizer_config.json").write_text('{"model_max_length": 32}')
     return folder
+
+
+def _head_copy() -> dict:
+    """A tiny Llama's tensors with the head an equal copy of the embedding."""
+    tensors = llama_tensors()
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    return tensors
+
+
+def _fixed_single(tmp_path: Path) -> tuple[Path, Path]:
+    """An input file and its fixed copy, published by fix (a record beside it says so)."""
+    src = write_safetensors(tmp_path / "in.safetensors", _head_copy())
+    out = tmp_path / "out.safetensors"
+    assert fix(src, out, tie=["lm_head.weight=model.embed_tokens.weight"]).verified
+    return src, out
 
 
 @pytest.fixture
@@ -261,36 +274,28 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_live_ones_named(hf, tmp_
 
 # -- permissions -----------------------------------------------------------------------------------
 
-def test_the_copy_keeps_the_inputs_mode(hf, tmp_path):
+def test_the_copy_keeps_the_inputs_mode(tmp_path):
     """A 0600 input is fixed into 0600 files (issue: fix rewrote a 0600 file as 0644)."""
-    tensors = llama_tensors()
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors = _head_copy()
     single = write_safetensors(tmp_path / "single.safetensors", tensors)
     os.chmod(single, 0o600)
     out_file = tmp_path / "fixed.safetensors"
     assert fix(single, out_file, tie=["lm_head.weight=model.embed_tokens.weight"]).verified
     assert stat.S_IMODE(out_file.stat().st_mode) == 0o600
 
+
+@pytest.mark.parametrize(("file_mode", "folder_mode"), [(0o600, 0o700), (0o640, 0o750)])
+def test_a_folders_copy_keeps_its_modes(hf, tmp_path, file_mode, folder_mode):
+    """0600 files in a 0700 folder stay private; 0640 files in a 0750 folder show that the copy's
+    modes are the input's, not the writer's 0600 files and mkdir's 0700 folder."""
     for p in hf.iterdir():
-        os.chmod(p, 0o600)
-    os.chmod(hf, 0o700)
+        os.chmod(p, file_mode)
+    os.chmod(hf, folder_mode)
     out = tmp_path / "fixed"
     assert fix(hf, out).verified
-    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert stat.S_IMODE(out.stat().st_mode) == folder_mode
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == \
-        {p.name: 0o600 for p in hf.iterdir()}
-
-
-def test_a_folders_copy_keeps_modes_other_than_its_writers_defaults(hf, tmp_path):
-    """0640 files in a 0750 folder: neither the writer's 0600 files nor mkdir's 0700 folder may stand."""
-    for p in hf.iterdir():
-        os.chmod(p, 0o640)
-    os.chmod(hf, 0o750)
-    out = tmp_path / "fixed"
-    assert fix(hf, out).verified
-    assert stat.S_IMODE(out.stat().st_mode) == 0o750
-    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == \
-        {p.name: 0o640 for p in hf.iterdir()}
+        {p.name: file_mode for p in hf.iterdir()}
 
 
 def test_a_torch_save_copy_is_written_into_a_file_only_its_owner_can_read(tmp_path, monkeypatch):
@@ -339,11 +344,7 @@ def test_force_never_replaces_an_output_folder_the_input_lies_in(hf, tmp_path):
 
 def test_force_never_replaces_an_output_that_is_the_input_under_another_name(tmp_path):
     """A hard link to fix's own output, given as the input: the same file, whatever its name."""
-    tensors = llama_tensors()
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    src = write_safetensors(tmp_path / "in.safetensors", tensors)
-    out = tmp_path / "out.safetensors"
-    assert fix(src, out, tie=["lm_head.weight=model.embed_tokens.weight"]).verified
+    _, out = _fixed_single(tmp_path)
     link = tmp_path / "link.safetensors"
     os.link(out, link)
     with pytest.raises(TiecheckError, match=f"it is the input {re.escape(str(link))}"):
@@ -353,11 +354,7 @@ def test_force_never_replaces_an_output_that_is_the_input_under_another_name(tmp
 def test_force_does_not_trust_a_record_over_64_kib(tmp_path):
     """fix reads at most 64 KiB of the record beside an output: a longer one is not its own, and
     --force refuses to replace what it describes."""
-    tensors = llama_tensors()
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    src = write_safetensors(tmp_path / "in.safetensors", tensors)
-    out = tmp_path / "out.safetensors"
-    assert fix(src, out, tie=["lm_head.weight=model.embed_tokens.weight"]).verified
+    src, out = _fixed_single(tmp_path)
     marker = tmp_path / ".out.safetensors.fixed-by-tiecheck"
     record = json.loads(marker.read_text())
     record["input"] += " " * (64 << 10)  # still the output's record, but longer than fix reads
@@ -443,8 +440,7 @@ def test_copy_regular_refuses_what_is_no_longer_a_regular_file_and_closes_what_i
 
 def test_without_copy_file_range_the_bytes_are_read_and_written(tmp_path, monkeypatch):
     """Another filesystem, or a kernel without copy_file_range: plain reads and writes, the same copy."""
-    tensors = llama_tensors()
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors = _head_copy()
     src = write_safetensors(tmp_path / "in.safetensors", tensors)
 
     def unsupported(*args):
@@ -485,8 +481,7 @@ def test_a_sharded_copy_keeps_the_shards_modes_and_their_folders(tmp_path):
 
 
 def test_a_file_is_never_its_own_output_even_forced(tmp_path):
-    tensors = llama_tensors()
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors = _head_copy()
     src = write_safetensors(tmp_path / "in.safetensors", tensors)
     before = src.read_bytes()
     with pytest.raises(TiecheckError, match="it is the input; fix never writes in place, choose another path"):
