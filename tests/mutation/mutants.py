@@ -75,7 +75,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     # The safety features themselves: fix's plan, writer and verification, the hardened torch.save
     # reader, the format loaders, the training guards, the distributed accounting, the FLOPs handles
     # and the escaping. Each selection starts with the tests that hand the check a really wrong input.
-    **{f"tiecheck/repair/{name}.py": (None, ["tests/test_fix_verify.py", "tests/test_fix_answers.py",
+    **{f"tiecheck/repair/{name}.py": (None, ["tests/test_fix_writer.py", "tests/test_fix_run.py",
+                                             "tests/test_fix_verify.py", "tests/test_fix_answers.py",
                                              "tests/test_fix_hostile.py", "tests/test_fix.py"])
        for name in ("verify", "write", "actions", "__init__")},
     **{f"tiecheck/loaders/{name}.py": (None, ["tests/test_torchzip_rules.py", "tests/test_torchzip.py",
@@ -248,7 +249,8 @@ def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
 
 
 def _module_name(rel: str) -> str:
-    return rel.removesuffix(".py").replace("/", ".")
+    """The name the file is imported under (a package's ``__init__.py`` is the package itself)."""
+    return rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
 
 def patch_module(rel: str, source: str) -> None:

@@ -440,15 +440,15 @@ def _pause_after_first_shard() -> None:
         time.sleep(float(pause))
 
 
-def write_sharded(plan: Plan, index_path: Path, dst_folder: Path) -> list[str]:
-    """Each shard rewritten in turn (bounded memory), and a new index. Returns the files written."""
+def write_sharded(plan: Plan, index_path: Path, dst_folder: Path) -> None:
+    """Each shard rewritten in turn (bounded memory), and a new index."""
     index = json.loads(index_path.read_text(encoding="utf-8"))
     weight_map: dict[str, str] = dict(index["weight_map"])
     copy = {n: plan.kept(s) for n, s in plan.copy.items()}
     new_map = {n: s for n, s in weight_map.items() if n not in plan.drop}
     for n, s in copy.items():
         new_map[n] = weight_map[s]
-    written, total = [], 0
+    total = 0
     for i, shard in enumerate(dict.fromkeys(weight_map.values())):
         header = read_header(index_path.parent / shard)
         drop = {n for n in plan.drop if weight_map.get(n) == shard}
@@ -459,7 +459,6 @@ def write_sharded(plan: Plan, index_path: Path, dst_folder: Path) -> list[str]:
         sizes = write_safetensors(header, dst_folder / shard, drop=drop, copy=here_copy,
                                   metadata=_metadata(header, plan, {}))
         total += sum(sizes.values())
-        written.append(shard)
         if i == 0:
             _pause_after_first_shard()
     out = {k: v for k, v in index.items() if k not in ("weight_map", "metadata")}
@@ -467,7 +466,6 @@ def write_sharded(plan: Plan, index_path: Path, dst_folder: Path) -> list[str]:
     meta["total_size"] = total
     out = {"metadata": meta, **out, "weight_map": dict(sorted(new_map.items()))}
     (dst_folder / index_path.name).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    return [*written, index_path.name]
 
 
 # -- Hugging Face folders ---------------------------------------------------------------------
