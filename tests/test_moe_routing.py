@@ -77,3 +77,45 @@ def test_shared_experts_are_always_active():
 def test_the_part_a_module_plays(name, cls, kind):
     module = type(cls, (nn.Module,), {})()
     assert experts_kind(f"model.layers.0.{name}", module) == kind
+
+
+def test_top_k_of_one_is_read():
+    assert parameter_counts(Block(TopKRouter(top_k=1)))["active_per_token"] == 224 - (192 - 192 // 8)
+
+
+def test_routing_is_read_from_the_blocks_config_too():
+    block = Block(TopKRouter(top_k=None))
+    block.config = type("Config", (), {"num_experts_per_tok": 2})()
+    counts = parameter_counts(block)
+    assert "unknown_routing" not in counts
+    assert counts["active_per_token"] == 80
+
+
+def test_blocks_nested_in_a_model_find_their_own_router():
+    model = nn.ModuleDict({"layers": nn.ModuleList([Block(TopKRouter(top_k=2)), Block(TopKRouter(top_k=4))])})
+    counts = parameter_counts(model)
+    assert counts["moe_layers"] == 2
+    assert "unknown_routing" not in counts
+    assert counts["active_per_token"] == 448 - 144 - 96  # 2 of 8 and 4 of 8 experts active
+
+
+def test_experts_inside_experts_count_once_and_an_empty_holder_not_at_all():
+    block = Block(TopKRouter(top_k=2))
+    outer = type("OuterExperts", (nn.Module,), {})()
+    outer.impl = block.experts  # a routed module holding another (class names ending in Experts)
+    block.experts = outer
+    block.spare = type("SpareExperts", (nn.Module,), {})()  # routed by its class, no parameters
+    counts = parameter_counts(block)
+    assert counts["routed_experts"] == 192
+    assert counts["moe_layers"] == 1
+    assert counts["unknown_routing"] == ["experts"]  # the outer holder has no weight of its own to count
+
+
+def test_a_childs_3d_weight_is_not_taken_for_the_expert_count():
+    """Only the holder's own 3-D weights give the count: a child's could be anything (unknown, counted active)."""
+    block = Block(TopKRouter(top_k=2))
+    holder = type("HolderExperts", (nn.Module,), {})()
+    holder.inner = nn.Module()
+    holder.inner.w = nn.Parameter(torch.zeros(8, 4, 6))
+    block.experts = holder
+    assert parameter_counts(block)["unknown_routing"] == ["experts"]
