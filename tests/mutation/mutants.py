@@ -108,7 +108,7 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     "tiecheck/bench/seeds.py": (None, ["tests/test_bench.py"]),
     "tiecheck/flops/handles.py": (None, ["tests/test_flops_grouped_mm.py", "tests/test_flops.py",
                                          "tests/test_flops_moe.py", "tests/test_flops_windows.py"]),
-    "tiecheck/flops/moe.py": (None, ["tests/test_flops_moe.py"]),
+    "tiecheck/flops/moe.py": (None, ["tests/test_moe_routing.py", "tests/test_flops_moe.py"]),
     "tiecheck/report/text.py": (None, ["tests/test_text_escaping.py", "tests/test_report_outputs.py"]),
 }
 # The loaders' path checks: only the lines of the check itself are mutated (found by marker).
