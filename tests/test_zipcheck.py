@@ -1,0 +1,135 @@
+"""``ZipArchive`` at its limits: each check of a record against the file, seen refusing exactly what
+it must and passing what sits on the line, on zips made by ``zipfile`` and then edited by hand."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+
+import pytest
+
+from tiecheck.errors import TargetError
+from tiecheck.loaders.zipcheck import _DEFLATE_RATIO, MAX_INFLATE, ZipArchive
+
+
+def _zip(records: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytearray:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=method) as zf:
+        for name, data in records:
+            zf.writestr(name, data)
+    return bytearray(buf.getvalue())
+
+
+def _declare_size(raw: bytearray, size: int) -> bytearray:
+    """The central directory's (uncompressed) size of the first record set to ``size``."""
+    at = raw.index(b"PK\x01\x02")
+    raw[at + 24:at + 28] = struct.pack("<I", size)
+    return raw
+
+
+def _compressed_size(raw: bytes) -> int:
+    at = raw.index(b"PK\x01\x02")
+    return struct.unpack("<I", raw[at + 20:at + 24])[0]
+
+
+def _open(raw: bytes, tmp_path) -> ZipArchive:
+    path = tmp_path / "a.zip"
+    path.write_bytes(bytes(raw))
+    return ZipArchive(path, "a.zip")
+
+
+def test_a_deflated_record_may_declare_up_to_the_ratio_deflate_can_reach(tmp_path):
+    raw = _zip([("data.pkl", os.urandom(2000))])
+    c = _compressed_size(raw)
+    with _open(_declare_size(raw, _DEFLATE_RATIO * c + 1024), tmp_path) as z:
+        assert z.check("data.pkl").file_size == _DEFLATE_RATIO * c + 1024
+    with _open(_declare_size(raw, _DEFLATE_RATIO * c + 1025), tmp_path) as z, \
+            pytest.raises(TargetError, match="is compressed and declares"):
+        z.check("data.pkl")
+
+
+def test_a_deflated_record_may_declare_at_most_max_inflate(tmp_path):
+    raw = _zip([("data.pkl", os.urandom(300_000))])  # compressed enough that the ratio allows more
+    assert _DEFLATE_RATIO * _compressed_size(raw) > MAX_INFLATE + 1
+    with _open(_declare_size(raw, MAX_INFLATE), tmp_path) as z:
+        z.check("data.pkl")
+    with _open(_declare_size(raw, MAX_INFLATE + 1), tmp_path) as z, \
+            pytest.raises(TargetError, match=f"inflates at most {MAX_INFLATE:,} bytes"):
+        z.check("data.pkl")
+    assert MAX_INFLATE == 256 << 20
+
+
+def test_two_records_of_one_name_are_refused_and_the_file_closed(tmp_path):
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        raw = _zip([("data.pkl", b"a" * 10), ("data.pkl", b"b" * 10)])
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(TargetError, match=r"lists two records named 'data\.pkl'"):
+        _open(raw, tmp_path)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_file_that_is_no_zip_says_what_zipfile_said(tmp_path):
+    (tmp_path / "a.zip").write_bytes(b"PK not a zip at all" * 10)
+    with pytest.raises(TargetError, match=r"not a readable zip archive, truncated or corrupt \(BadZipFile: "):
+        ZipArchive(tmp_path / "a.zip", "a.zip")
+
+
+def _central(raw: bytearray, offset: int, fmt: str, value: int) -> bytearray:
+    """A field of the first record's central directory entry set to ``value``."""
+    at = raw.index(b"PK\x01\x02") + offset
+    raw[at:at + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    return raw
+
+
+STORED = [("data.pkl", b"x" * 100)]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda r: _central(r, 8, "<H", 0x1), "is encrypted or patched"),
+    (lambda r: _central(r, 8, "<H", 0x20), "is encrypted or patched"),
+    (lambda r: _central(r, 10, "<H", 12), "uses compression method 12"),
+    (lambda r: _central(r, 24, "<I", 99), r"sizes disagree \(100 stored, 99 declared\)"),
+    (lambda r: _central(r, 42, "<I", 10_000_000), "lies outside the file"),
+    (lambda r: r.__setitem__(slice(0, 4), b"PK\x00\x00") or r, "has no local header where the directory says"),
+    (lambda r: _central(_central(r, 20, "<I", 10_000), 24, "<I", 10_000), "runs past the end of the file"),
+])
+def test_each_check_of_a_record_refuses_in_one_line(tmp_path, edit, message):
+    with _open(edit(_zip(STORED, zipfile.ZIP_STORED)), tmp_path) as z, pytest.raises(TargetError, match=message):
+        z.check("data.pkl")
+
+
+def test_an_unedited_record_passes_and_its_span_is_its_bytes(tmp_path):
+    raw = _zip(STORED, zipfile.ZIP_STORED)
+    with _open(raw, tmp_path) as z:
+        offset, size = z.span("data.pkl")
+        assert bytes(raw[offset:offset + size]) == b"x" * 100
+        assert z.read("data.pkl") == b"x" * 100
+        z.check_all()
+    with _open(_zip([("data.pkl", b"y" * 100)]), tmp_path) as z:
+        assert z.span("data.pkl") is None  # deflated: no span to read in place
+        with pytest.raises(TargetError, match="reads at most 99 for it"):
+            z.read("data.pkl", limit=99)
+
+
+def test_a_missing_record_is_named(tmp_path):
+    with _open(_zip(STORED, zipfile.ZIP_STORED), tmp_path) as z, \
+            pytest.raises(TargetError, match=r"the archive has no record 'other\.pkl'"):
+        z.check("other.pkl")
+
+
+def test_records_that_share_bytes_are_refused(tmp_path):
+    raw = _zip([("a.pkl", b"a" * 100), ("b.pkl", b"b" * 100)], zipfile.ZIP_STORED)
+    second = raw.index(b"PK\x01\x02", raw.index(b"PK\x01\x02") + 4)
+    raw[second + 42:second + 46] = struct.pack("<I", 0)  # b.pkl's local header is a.pkl's
+    with _open(raw, tmp_path) as z, pytest.raises(TargetError, match="overlaps record"):
+        z.check_all()
+
+
+def test_a_window_of_a_larger_file_is_read_as_a_zip(tmp_path):
+    """DCP chunks: a seekable file object, not a path; the archive leaves it open for its owner."""
+    fh = io.BytesIO(bytes(_zip(STORED, zipfile.ZIP_STORED)))
+    with ZipArchive(fh, "chunk") as z:
+        assert z.read("data.pkl") == b"x" * 100
+    assert not fh.closed
