@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from tiecheck.errors import TargetError
-from tiecheck.loaders.zipcheck import _DEFLATE_RATIO, MAX_INFLATE, ZipArchive
+from tiecheck.loaders.zipcheck import MAX_INFLATE, ZipArchive, describe
 
 
 def _zip(records: list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytearray:
@@ -40,19 +40,23 @@ def _open(raw: bytes, tmp_path) -> ZipArchive:
     return ZipArchive(path, "a.zip")
 
 
+# Deflate's most: 1032 bytes out for each byte in (a stream of back-references of the longest match).
+RATIO = 1032
+
+
 def test_a_deflated_record_may_declare_up_to_the_ratio_deflate_can_reach(tmp_path):
     raw = _zip([("data.pkl", os.urandom(2000))])
     c = _compressed_size(raw)
-    with _open(_declare_size(raw, _DEFLATE_RATIO * c + 1024), tmp_path) as z:
-        assert z.check("data.pkl").file_size == _DEFLATE_RATIO * c + 1024
-    with _open(_declare_size(raw, _DEFLATE_RATIO * c + 1025), tmp_path) as z, \
+    with _open(_declare_size(raw, RATIO * c + 1024), tmp_path) as z:
+        assert z.check("data.pkl").file_size == RATIO * c + 1024
+    with _open(_declare_size(raw, RATIO * c + 1025), tmp_path) as z, \
             pytest.raises(TargetError, match="is compressed and declares"):
         z.check("data.pkl")
 
 
 def test_a_deflated_record_may_declare_at_most_max_inflate(tmp_path):
     raw = _zip([("data.pkl", os.urandom(300_000))])  # compressed enough that the ratio allows more
-    assert _DEFLATE_RATIO * _compressed_size(raw) > MAX_INFLATE + 1
+    assert RATIO * _compressed_size(raw) > MAX_INFLATE + 1
     with _open(_declare_size(raw, MAX_INFLATE), tmp_path) as z:
         z.check("data.pkl")
     with _open(_declare_size(raw, MAX_INFLATE + 1), tmp_path) as z, \
@@ -64,16 +68,34 @@ def test_a_deflated_record_may_declare_at_most_max_inflate(tmp_path):
 def test_two_records_of_one_name_are_refused_and_the_file_closed(tmp_path):
     with pytest.warns(UserWarning, match="Duplicate name"):
         raw = _zip([("data.pkl", b"a" * 10), ("data.pkl", b"b" * 10)])
-    before = len(os.listdir("/proc/self/fd"))
-    with pytest.raises(TargetError, match=r"lists two records named 'data\.pkl'"):
+    before = _fds()
+    with pytest.raises(TargetError, match=r"lists two records named 'data\.pkl'") as refused:
         _open(raw, tmp_path)
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert _fds() == before, refused  # closed when refused, not when the refusal is collected
 
 
-def test_a_file_that_is_no_zip_says_what_zipfile_said(tmp_path):
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_file_that_is_no_zip_says_what_zipfile_said_and_is_closed(tmp_path):
     (tmp_path / "a.zip").write_bytes(b"PK not a zip at all" * 10)
-    with pytest.raises(TargetError, match=r"not a readable zip archive, truncated or corrupt \(BadZipFile: "):
+    before = _fds()
+    with pytest.raises(TargetError, match=r"not a readable zip archive, truncated or corrupt \(BadZipFile: ") as refused:
         ZipArchive(tmp_path / "a.zip", "a.zip")
+    assert _fds() == before, refused
+
+
+def test_an_archive_closes_its_file_when_its_block_ends(tmp_path):
+    before = _fds()
+    with _open(_zip(STORED, zipfile.ZIP_STORED), tmp_path) as z:
+        assert _fds() == before + 1
+    assert _fds() == before, z
+
+
+def test_an_error_is_described_by_its_type_and_first_line_up_to_200_characters():
+    assert describe(ValueError("x" * 300 + "\nsecond line")) == "ValueError: " + "x" * 200
+    assert describe(EOFError()) == "EOFError"
 
 
 def _central(raw: bytearray, offset: int, fmt: str, value: int) -> bytearray:
