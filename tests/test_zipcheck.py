@@ -155,3 +155,45 @@ def test_a_window_of_a_larger_file_is_read_as_a_zip(tmp_path):
     with ZipArchive(fh, "chunk") as z:
         assert z.read("data.pkl") == b"x" * 100
     assert not fh.closed
+
+
+def test_a_path_that_cannot_be_opened_is_refused_in_one_line(tmp_path):
+    with pytest.raises(TargetError, match="not a readable zip archive"):
+        ZipArchive(tmp_path / "missing.zip", "missing.zip")
+
+
+def test_a_record_may_end_at_the_last_byte_and_not_one_past(tmp_path):
+    raw = _zip(STORED, zipfile.ZIP_STORED)
+    start = 30 + len("data.pkl")  # the local header, its name, no extra field
+    room = len(raw) - start
+    for size, ok in ((room, True), (room + 1, False)):
+        edited = _central(_central(bytearray(raw), 20, "<I", size), 24, "<I", size)
+        with _open(edited, tmp_path) as z:
+            if ok:
+                z.check("data.pkl")
+            else:
+                with pytest.raises(TargetError, match="runs past the end of the file"):
+                    z.check("data.pkl")
+
+
+def test_a_record_whose_bytes_fail_their_crc_is_refused_when_read(tmp_path):
+    raw = _zip(STORED, zipfile.ZIP_STORED)
+    at = raw.index(b"x" * 100)
+    raw[at] ^= 0xFF
+    with _open(raw, tmp_path) as z, pytest.raises(TargetError, match=r"is corrupt \(BadZipFile: "):
+        z.read("data.pkl")
+
+
+class _FailingRead(io.BytesIO):
+    """A window of a larger file whose local header cannot be read (an I/O error)."""
+
+    def read(self, n=-1):
+        if self.tell() == 0 and n == 30:
+            raise OSError(5, "Input/output error")
+        return super().read(n)
+
+
+def test_a_local_header_that_cannot_be_read_is_refused_in_one_line():
+    with ZipArchive(_FailingRead(bytes(_zip(STORED, zipfile.ZIP_STORED))), "chunk") as z, \
+            pytest.raises(TargetError, match=r"cannot be read \(Input/output error\)"):
+        z.check("data.pkl")
