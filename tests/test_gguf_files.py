@@ -13,6 +13,8 @@ import tiecheck
 from tiecheck.cli import main
 from tiecheck.loaders import detect
 
+from support.cli import inspect_error
+
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType, GGUFWriter  # noqa: E402 - after the importorskip that guards it
 
@@ -103,28 +105,18 @@ def test_flops_say_pytorch_only(tmp_path):
 
 # -- hostile files ----------------------------------------------------------------------------
 
-def _error(path) -> str:
-    res = CliRunner().invoke(main, ["inspect", str(path)])
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1
-    assert lines[0].startswith("tiecheck: error: ")
-    assert "Traceback" not in res.output
-    return lines[0]
-
-
 def test_counts_that_overflow(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", weights())
     data = bytearray(path.read_bytes())
     data[8:16] = struct.pack("<Q", (1 << 64) - 1)
     path.write_bytes(bytes(data))
-    assert "claims 18,446,744,073,709,551,615 tensors" in _error(path)
+    assert "claims 18,446,744,073,709,551,615 tensors" in inspect_error(path)
 
 
 def test_truncated_data(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", weights())
     path.write_bytes(path.read_bytes()[:-100])
-    msg = _error(path)
+    msg = inspect_error(path)
     assert "not a valid GGUF file" in msg
     assert "truncated" in msg
 
@@ -132,7 +124,7 @@ def test_truncated_data(tmp_path):
 def test_truncated_header(tmp_path):
     path = write_gguf(tmp_path / "t.gguf", weights())
     path.write_bytes(path.read_bytes()[:200])
-    msg = _error(path)
+    msg = inspect_error(path)
     assert "not a valid GGUF file" in msg
     assert ("truncated" in msg or "corrupt" in msg)
 
@@ -142,7 +134,7 @@ def test_unknown_version(tmp_path):
     data = bytearray(path.read_bytes())
     data[4:8] = struct.pack("<I", 99)
     path.write_bytes(bytes(data))
-    assert "version 99" in _error(path)
+    assert "version 99" in inspect_error(path)
 
 
 def test_tensor_dims_that_overflow(tmp_path):
@@ -152,7 +144,7 @@ def test_tensor_dims_that_overflow(tmp_path):
     at = data.index(name) + len(name)  # then n_dims (u32) and the dims (u64 each)
     data[at + 4:at + 20] = struct.pack("<QQ", 1 << 40, 1 << 40)
     path.write_bytes(bytes(data))
-    msg = _error(path)
+    msg = inspect_error(path)
     assert "not a valid GGUF file" in msg
     assert "more bytes than any file can hold" in msg
 
@@ -289,6 +281,6 @@ def test_data_ending_one_byte_past_the_file_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(ValueError, match="size must be a divisor"):  # gguf's own reader fails on it too
         gguf.GGUFReader(str(path))
-    msg = _error(path)
+    msg = inspect_error(path)
     assert f"tensor {last.name!r} needs bytes {last.data_offset:,}..{size:,} but the file holds {size - 1:,}" in msg
     assert "truncated" in msg

@@ -14,6 +14,7 @@ from tiecheck.cli import main
 from tiecheck.errors import TargetError
 from tiecheck.loaders import detect
 
+from support.cli import inspect_error
 from support.models import TinyLM
 
 onnx = pytest.importorskip("onnx")
@@ -163,20 +164,10 @@ def _model_with_external(tmp_path, location: str, *, offset: int = 0, length: in
     return path
 
 
-def _error(path) -> str:
-    res = CliRunner().invoke(main, ["inspect", str(path)])
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1
-    assert lines[0].startswith("tiecheck: error: ")
-    assert "Traceback" not in res.output
-    return lines[0]
-
-
 @pytest.mark.parametrize("location", ["../w.data", "sub/../../w.data", "/etc/passwd"])
 def test_external_data_outside_the_folder_is_refused(tmp_path, location):
     path = _model_with_external(tmp_path, location)
-    assert "lies outside the model's folder; refusing to read it" in _error(path)
+    assert "lies outside the model's folder; refusing to read it" in inspect_error(path)
 
 
 def test_valid_external_data_reads(tmp_path):
@@ -189,23 +180,23 @@ def test_valid_external_data_reads(tmp_path):
 def test_truncated_external_data(tmp_path):
     path = _model_with_external(tmp_path, "w.data", length=32, data=b"\0" * 32)
     (tmp_path / "w.data").write_bytes(b"\0" * 20)
-    assert "the data file is truncated" in _error(path)
+    assert "the data file is truncated" in inspect_error(path)
 
 
 def test_external_length_disagrees_with_dims(tmp_path):
-    assert "needs 32 bytes but its external data says" in _error(_model_with_external(tmp_path, "w.data",
+    assert "needs 32 bytes but its external data says" in inspect_error(_model_with_external(tmp_path, "w.data",
                                                                                     length=16))
 
 
 def test_dims_that_overflow(tmp_path):
     path = _model_with_external(tmp_path, "w.data", dims=(1 << 40, 1 << 40))
-    assert "more bytes than any file can hold" in _error(path)
+    assert "more bytes than any file can hold" in inspect_error(path)
 
 
 def test_truncated_protobuf(torchscript_onnx, tmp_path):
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(torchscript_onnx.read_bytes()[:5000])
-    msg = _error(cut)
+    msg = inspect_error(cut)
     assert "not a valid ONNX model" in msg
     assert "truncated or corrupt" in msg
 
@@ -295,6 +286,6 @@ def test_transposed_copy_in_external_data_is_compared_with_pread(tmp_path, chang
 def test_external_data_that_is_a_folder_is_one_line(tmp_path, location):
     (tmp_path / "sub").mkdir()
     path = _model_with_external(tmp_path, location)
-    assert "is not a regular file" in _error(path)
+    assert "is not a regular file" in inspect_error(path)
     with pytest.raises(tiecheck.TiecheckError, match="is not a regular file"):
         tiecheck.analyze(str(path))
