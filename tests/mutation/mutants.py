@@ -30,9 +30,12 @@ import ast
 import copy
 import importlib.util
 import os
+import pickle
 import select
 import signal
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,10 +380,6 @@ def measure_coverage(tests: list[str], files: set[str], timeout: float) -> Cover
     pid = os.fork()
     if pid == 0:
         os.close(read)
-        import pickle  # noqa: PLC0415 - the child's own: the parent reads what it writes
-        import subprocess  # noqa: PLC0415 - patched below to see who starts a process
-        import threading  # noqa: PLC0415 - traced threads
-
         import pytest  # noqa: PLC0415 - already imported by the parent: only bound here
 
         owner = [None]
@@ -438,8 +437,6 @@ def measure_coverage(tests: list[str], files: set[str], timeout: float) -> Cover
             pickle.dump((int(code), by_entry, sorted(spawners)), out)
         os._exit(0)
     os.close(write)
-    import pickle  # noqa: PLC0415 - only the coverage run's reply is unpickled, from our own child
-
     deadline, chunks = time.monotonic() + timeout, []
     with os.fdopen(read, "rb", buffering=0) as got:
         while True:
