@@ -109,7 +109,7 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                            "tests/test_cli.py"]),
     "tiecheck/bench/distributed.py": (None, ["tests/test_distributed_accounting.py", "tests/test_distributed_bench.py"]),
     "tiecheck/bench/stats.py": (None, ["tests/test_bench.py"]),
-    "tiecheck/bench/seeds.py": (None, ["tests/test_bench.py"]),
+    "tiecheck/bench/seeds.py": (None, ["tests/test_converge.py", "tests/test_bench.py"]),
     "tiecheck/flops/handles.py": (None, ["tests/test_flops_grouped_mm.py", "tests/test_flops.py",
                                          "tests/test_flops_moe.py", "tests/test_flops_windows.py"]),
     "tiecheck/flops/moe.py": (None, ["tests/test_moe_routing.py", "tests/test_flops_moe.py"]),
@@ -264,8 +264,13 @@ def patch_module(rel: str, source: str) -> None:
     see the new code; ``from x import f`` users hold the old objects, so every module attribute
     that *is* an old function or class of ``rel`` — or bears the same name and *is* the old value,
     for constants — is pointed at the new one. Only used in a forked child, which then exits.
+
+    A module the tests have not imported yet (the code imports it lazily, as ``check``'s policy and
+    ``bench``'s seeds are) is left alone: the mutant is on disk, where the first import reads it.
     """
-    mod = sys.modules[_module_name(rel)]
+    mod = sys.modules.get(_module_name(rel))
+    if mod is None:
+        return
     old = dict(vars(mod))
     new = vars(mod)
     # Start from an empty namespace, as an import would: a name the mutant no longer assigns must
