@@ -88,7 +88,7 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                               "tests/test_formats.py", "tests/test_fix_hostile.py"])
        for name in ("formats/torchzip", "formats/archive_tensors", "formats/torchfile", "pickleloop", "pickles",
                     "zipcheck")},
-    "tiecheck/loaders/formats/onnx_files.py": (None, ["tests/test_onnx_files.py"]),
+    "tiecheck/loaders/formats/onnx_files.py": (None, ["tests/test_onnx_files_hostile.py", "tests/test_onnx_files.py"]),
     "tiecheck/loaders/onnx_graph.py": (None, ["tests/test_onnx_files.py"]),
     # gguf_files.py runs --exact: the runner's own check refuses to screen it (its swap fails these tests).
     "tiecheck/loaders/formats/gguf_files.py": (None, ["tests/test_gguf_files_hostile.py", "tests/test_gguf_files_report.py",
