@@ -248,12 +248,19 @@ def test_no_length_is_the_tensors_own(tmp_path):
     refused(p, "initializer 'v' needs bytes ")
 
 
-def test_data_ending_at_the_files_last_byte_is_read_one_past_refused(tmp_path):
+def shifted(tmp_path, by: int):
+    """A model whose one initializer, "w" (2 x 4), sits ``by`` bytes into w.data."""
     p = external(tmp_path / "m.onnx", [floats("w", (2, 4))])
     data = tmp_path / "w.data"
-    data.write_bytes(b"\0" * 4 + data.read_bytes())
-    set_external(p, "w", offset="4")
+    data.write_bytes(b"\0" * by + data.read_bytes())
+    set_external(p, "w", offset=str(by))
+    return p
+
+
+def test_data_ending_at_the_files_last_byte_is_read_one_past_refused(tmp_path):
+    p = shifted(tmp_path, 4)
     assert load_onnx(p).tensors["w"].numpy().ravel().tolist() == list(range(8))
+    data = tmp_path / "w.data"
     data.write_bytes(data.read_bytes()[:-1])
     refused(p, "initializer 'w' needs bytes 4..36 of w.data, which holds 35: the data file is truncated")
 
@@ -305,10 +312,7 @@ def test_an_empty_data_file_holds_empty_tensors_only(tmp_path):
 
 
 def test_an_unaligned_offset_is_copied_and_noted(tmp_path):
-    p = external(tmp_path / "m.onnx", [floats("w", (2, 4))])
-    data = tmp_path / "w.data"
-    data.write_bytes(b"\0" * 2 + data.read_bytes())
-    set_external(p, "w", offset="2")
+    p = shifted(tmp_path, 2)
     theirs = onnx.load(str(p))  # onnx reads external data at any offset
     s = load_onnx(p)
     assert s.tensors["w"].numpy().tolist() == numpy_helper.to_array(theirs.graph.initializer[0]).tolist()
