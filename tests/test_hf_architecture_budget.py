@@ -6,7 +6,9 @@ every failure to build is a note, never an error. Configs are transformers' own 
 from __future__ import annotations
 
 import json
+import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from tiecheck.loaders.hf_architecture import (  # noqa: E402 - after the importo
     ArchitectureTooLarge,
     architecture_class,
     build_architecture,
+    quiet_transformers,
     registration_budget,
     tensor_budget,
 )
@@ -147,3 +150,28 @@ def test_the_tie_of_the_built_model(tmp_path):
     untied, _ = build_architecture(*config_folder(tmp_path / "b", tie_word_embeddings=False))
     assert untied.groups == []
     assert untied.tie_word_embeddings is False
+
+
+# -- without transformers, and its logging --------------------------------------------------------
+
+def test_without_transformers_the_files_are_analysed_alone(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when absent
+    assert build_architecture(*config_folder(tmp_path)) == (
+        None, ["architecture ties need transformers: pip install tiecheck[hf]; analysed the files alone (ties the "
+               "architecture re-creates on load are not shown)"])
+
+
+def test_transformers_logging_and_warnings_are_quiet_while_building_and_restored_after():
+    tlog = transformers.utils.logging
+    before = tlog.get_verbosity()
+    tlog.set_verbosity_info()
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with quiet_transformers():
+                assert tlog.get_verbosity() == tlog.ERROR
+                warnings.warn("noise", UserWarning, stacklevel=1)
+            assert tlog.get_verbosity() == tlog.INFO
+        assert seen == []
+    finally:
+        tlog.set_verbosity(before)
