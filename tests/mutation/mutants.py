@@ -88,15 +88,16 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                               "tests/test_formats.py", "tests/test_fix_hostile.py"])
        for name in ("formats/torchzip", "formats/archive_tensors", "formats/torchfile", "pickleloop", "pickles",
                     "zipcheck")},
-    "tiecheck/loaders/formats/onnx_files.py": (None, ["tests/test_onnx_files.py"]),
+    "tiecheck/loaders/formats/onnx_files.py": (None, ["tests/test_onnx_files_hostile.py", "tests/test_onnx_files.py"]),
     "tiecheck/loaders/onnx_graph.py": (None, ["tests/test_onnx_files.py"]),
     # gguf_files.py runs --exact: the runner's own check refuses to screen it (its swap fails these tests).
     "tiecheck/loaders/formats/gguf_files.py": (None, ["tests/test_gguf_files_hostile.py", "tests/test_gguf_files_report.py",
                                                       "tests/test_gguf_files.py"]),
-    **{f"tiecheck/loaders/{name}.py": (None, ["tests/test_hf_key_match.py", "tests/test_hf_renamed.py",
+    **{f"tiecheck/loaders/{name}.py": (None, [*first, "tests/test_hf_key_match.py", "tests/test_hf_renamed.py",
                                               "tests/test_hf_conversion.py", "tests/test_loaders_weights_in_hf_folder.py",
                                               "tests/test_loaders.py"])
-       for name in ("formats/hf", "hf_architecture", "hf_reconcile")},
+       for name, first in (("formats/hf", ["tests/test_hf_folder_files.py"]),
+                           ("hf_architecture", ["tests/test_hf_architecture_budget.py"]), ("hf_reconcile", []))},
     **{f"tiecheck/{name}.py": (None, ["tests/test_runtime_saved_verdicts.py", "tests/test_runtime_guard.py",
                                       "tests/test_sharded_aliases.py"])
        for name in ("runtime", "integrations/lightning", "integrations/transformers")},
