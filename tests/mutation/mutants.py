@@ -79,7 +79,7 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     # reader, the format loaders, the training guards, the distributed accounting, the FLOPs handles
     # and the escaping. Each selection starts with the tests that hand the check a really wrong input.
     **{f"tiecheck/repair/{name}.py": (None, ["tests/test_fix_writer.py", "tests/test_fix_run.py",
-                                             "tests/test_fix_verify.py", "tests/test_fix_answers.py",
+                                             "tests/test_fix_plan_cases.py", "tests/test_fix_verify.py", "tests/test_fix_answers.py",
                                              "tests/test_fix_hostile.py", "tests/test_fix.py"])
        for name in ("verify", "write", "actions", "__init__")},
     **{f"tiecheck/loaders/{name}.py": (None, ["tests/test_zipcheck.py", "tests/test_torchzip_rules.py",
