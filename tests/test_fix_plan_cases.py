@@ -356,3 +356,19 @@ def test_a_broken_tie_a_sharded_index_cannot_alias_is_said_whole(tmp_path):
     assert plan.unanswered == ["TC005 m: 0.head.weight, m: 0.tok_emb.weight: a sharded checkpoint without "
                                "config.json has no alias that loaders restore across shards; fix the Hugging Face "
                                "folder it belongs to"]
+
+
+def test_an_untie_writes_the_flag_everywhere_the_config_writes_it(tmp_path):
+    # A Llava config.json writes tie_word_embeddings at the top and in text_config (save_pretrained
+    # writes both): the untie sets each, so a reader of either sees the copy untied.
+    text = {"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+    vision = {"model_type": "clip_vision_model", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 8, "patch_size": 4}
+    cfg = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=31)
+    folder = tmp_path / "llava"
+    transformers.LlavaForConditionalGeneration(cfg).save_pretrained(folder)
+    written = json.loads((folder / "config.json").read_text())
+    assert (written["tie_word_embeddings"], written["text_config"]["tie_word_embeddings"]) == (True, True)
+    plan = fix(folder, dry_run=True, untie=["lm_head.weight,model.language_model.embed_tokens.weight"]).plan
+    assert plan.config == {"tie_word_embeddings": False, "text_config.tie_word_embeddings": False}
