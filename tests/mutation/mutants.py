@@ -99,7 +99,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                       "tests/test_sharded_aliases.py"])
        for name in ("runtime", "integrations/lightning", "integrations/transformers")},
     **{f"tiecheck/{name}.py": (None, ["tests/test_check_outcome.py", "tests/test_snapshot_file.py",
-                                      "tests/test_check.py", "tests/test_snapshot_errors.py",
+                                      "tests/test_check_policy.py", "tests/test_check.py",
+                                      "tests/test_snapshot_errors.py",
                                       "tests/test_pytest_plugin.py", "tests/test_declared_diff_check.py"])
        for name in ("check/outcome", "check/policy", "check/snapshot")},
     # The expectations serve analyze(expect_tied=...) and the CLI's --expect-tied as much as check.
