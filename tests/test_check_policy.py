@@ -46,6 +46,13 @@ def test_every_key_of_a_target_is_read():
                              ignore=("TC006", "TC005:*.rotary_emb.*"))
 
 
+def test_a_target_built_without_a_policy_fails_on_errors_only():
+    # What a library caller gets from TargetPolicy(target, resolved): check's defaults, declared-agrees off.
+    t = TargetPolicy(target="m", resolved="m")
+    assert (t.fail_on, t.declared_agrees, t.ignore, t.trust_pickle, t.trust_remote_code) == \
+        ("error", False, (), False, False)
+
+
 def test_a_target_takes_the_global_settings_it_does_not_set():
     (t,) = _parse({"fail-on": "warning", "declared-agrees": True, "ignore": ["TC006"],
                    "targets": [{"target": "m.pt"}]}).targets
@@ -114,6 +121,7 @@ def test_a_targets_ignore_adds_to_the_global_list_once():
     ("m.py:build", "/proj/m.py:build"),
     ("pkg.models:build", "pkg.models:build"),  # imported by name
     ("sub/ckpt", "/proj/sub/ckpt"),  # looks like a path: resolved even when missing
+    ("runs/a:b.pt", "/proj/runs/a:b.pt"),  # a colon in a path is no module:factory spec
     ("ckpt.pt", "/proj/ckpt.pt"),
     ("gpt2-tiny", "gpt2-tiny"),  # a bundled model name
 ])
