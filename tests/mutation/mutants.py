@@ -79,7 +79,7 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     # reader, the format loaders, the training guards, the distributed accounting, the FLOPs handles
     # and the escaping. Each selection starts with the tests that hand the check a really wrong input.
     **{f"tiecheck/repair/{name}.py": (None, ["tests/test_fix_writer.py", "tests/test_fix_run.py",
-                                             "tests/test_fix_verify.py", "tests/test_fix_answers.py",
+                                             "tests/test_fix_plan_cases.py", "tests/test_fix_verify.py", "tests/test_fix_answers.py",
                                              "tests/test_fix_hostile.py", "tests/test_fix.py"])
        for name in ("verify", "write", "actions", "__init__")},
     **{f"tiecheck/loaders/{name}.py": (None, ["tests/test_zipcheck.py", "tests/test_torchzip_rules.py",
@@ -101,7 +101,9 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     **{f"tiecheck/{name}.py": (None, ["tests/test_runtime_saved_verdicts.py", "tests/test_runtime_guard.py",
                                       "tests/test_sharded_aliases.py"])
        for name in ("runtime", "integrations/lightning", "integrations/transformers")},
-    **{f"tiecheck/{name}.py": (None, ["tests/test_check.py", "tests/test_snapshot_errors.py",
+    **{f"tiecheck/{name}.py": (None, ["tests/test_check_outcome.py", "tests/test_snapshot_file.py",
+                                      "tests/test_check_policy.py", "tests/test_check.py",
+                                      "tests/test_snapshot_errors.py",
                                       "tests/test_pytest_plugin.py", "tests/test_declared_diff_check.py"])
        for name in ("check/outcome", "check/policy", "check/snapshot")},
     # The expectations serve analyze(expect_tied=...) and the CLI's --expect-tied as much as check.

@@ -229,17 +229,30 @@ def make_plan(analysis: Analysis, path: Path, layout: str, *, tie: Sequence[tupl
     for a, b in tie:
         t.check_name(a, "--tie")
         t.check_name(b, "--tie")
+        _refuse_conflict(plan, a, b)
         _tie(plan, t, a, b, "--tie")
     for f, head, emb in _broken_embedding_ties(t, asked | {frozenset(a.names) for a in plan.actions}):
         try:
             _tie(plan, t, head, emb, "TC005")
         except TiecheckError as e:
-            plan.unanswered.append(f"TC005 {', '.join(f.names)}: {str(e).split(': ', 1)[-1]}")
+            # The reason, without the "--tie A=B: " it starts with (cut by its text: a name may hold ": ").
+            plan.unanswered.append(f"TC005 {', '.join(f.names)}: {str(e).removeprefix(f'--tie {head}={emb}: ')}")
     for a, b in untie:
         _untie(plan, t, a, b)
     _drop_optimizer(plan, path, optimizer_keys, drop_optimizer)
     plan.unanswered += _not_answered(plan, t, command)
     return plan
+
+
+def _refuse_conflict(plan: Plan, a: str, b: str) -> None:
+    """``--tie A=B`` drops A once, onto a name that does not already become A: a cycle of drops would
+    leave none of its names in the copy, and a second drop of A would make the first a lie."""
+    if a in plan.drop:
+        raise TiecheckError(f"--tie {a}={b}: {a} is already planned to become {plan.drop[a]}; give each dropped "
+                            f"name one --tie")
+    if plan.kept(b) == a:
+        raise TiecheckError(f"--tie {a}={b}: {b} is already planned to become {a}; a name cannot become one "
+                            f"that becomes it")
 
 
 def _answer_declared(plan: Plan, t: Target, row: LayerRow) -> None:
@@ -251,7 +264,8 @@ def _answer_declared(plan: Plan, t: Target, row: LayerRow) -> None:
         plan.drop[target] = source
         plan.actions.append(Action("retie", (target, source), "TC016",
                                    f"store {source} once; {target} becomes its alias ({_alias_words(t.layout)})",
-                                   disk_saved=row.nbytes, memory_saved=row.nbytes * t.in_memory))
+                                   disk_saved=row.nbytes, memory_saved=row.nbytes * t.in_memory,
+                                   answers=_tie_answers(t, pair)))
     elif row.declared and row.stored == TWO_DIFFERENT and t.asks_for("TC015", pair):
         _declare_untied(plan, t, row)
 
@@ -260,7 +274,8 @@ def _declare_untied(plan: Plan, t: Target, row: LayerRow) -> None:
     """TC015: keep both stored copies and make the declaration say untied, where fix can rewrite it."""
     target, source = row.names
     by = " ".join(row.by)
-    paths = t.tie_paths() if t.layout == HF_FOLDER else []
+    # A flag config.json leaves to the class's default (GPT2Config: true) is written, as --untie writes it.
+    paths = (t.tie_paths() or ["tie_word_embeddings"]) if t.layout == HF_FOLDER else []
     aliases = [k for k in t.alias_keys() if k == target]
     if t.layout == HF_FOLDER and paths and "tie_word_embeddings" in by:
         for p in paths:
@@ -320,14 +335,18 @@ def _tie(plan: Plan, t: Target, a: str, b: str, why: str) -> None:
         plan.replaced[a] = b
     n = t.nbytes(a) if t.stored(a) else 0
     plan.drop[a] = b
-    pair = frozenset((a, b))
-    answers = tuple((f.code, pair) for f in t.report.findings if f.code in TIE_ANSWERS and frozenset(f.names) == pair)
+    answers = _tie_answers(t, frozenset((a, b)))
     detail = f"{a} becomes an alias of {b} ({_alias_words(layout)})"
     if why == "TC005":
         detail = f"store {b} once: {a}, its output projection, holds equal bytes and becomes its alias " \
                  f"({_alias_words(layout)})"
     plan.actions.append(Action("retie" if why.startswith("TC") else "tie", (a, b), why, detail, disk_saved=n,
                                memory_saved=n * t.in_memory, lost=lost, answers=answers))
+
+
+def _tie_answers(t: Target, pair: frozenset) -> tuple[tuple[str, frozenset], ...]:
+    """The findings about exactly ``pair`` that making it one tensor answers (a copy it removes, too)."""
+    return tuple((f.code, pair) for f in t.report.findings if f.code in TIE_ANSWERS and frozenset(f.names) == pair)
 
 
 def _untie(plan: Plan, t: Target, a: str, b: str) -> None:
@@ -396,10 +415,11 @@ def _not_answered(plan: Plan, t: Target, command: str) -> list[str]:
     """Each finding the plan leaves, with why and, where tying a pair would answer it, the exact
     command; the info findings no tie answers in one line (observations, nothing to repair)."""
     answered = plan.answered
-    said = {line.split(":", 1)[0] for line in plan.unanswered}
+    said = plan.unanswered  # the few lines the actions wrote: "CODE NAMES: why" (a name may hold ": ")
     out, info = [], []
     for f in t.report.findings:
-        if (f.code, frozenset(f.names)) in answered or f"{f.code} {', '.join(f.names)}" in said:
+        key = f"{f.code} {', '.join(f.names)}: "
+        if (f.code, frozenset(f.names)) in answered or any(line.startswith(key) for line in said):
             continue
         tie = _tie_command(f, t, command)
         if f.severity == "info" and tie is None:
