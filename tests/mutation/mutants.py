@@ -107,7 +107,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                            "tests/test_check.py", "tests/test_snapshot_errors.py",
                                            "tests/test_pytest_plugin.py", "tests/test_declared_diff_check.py",
                                            "tests/test_cli.py"]),
-    "tiecheck/bench/distributed.py": (None, ["tests/test_distributed_accounting.py", "tests/test_distributed_bench.py"]),
+    "tiecheck/bench/distributed.py": (None, ["tests/test_distributed_parts.py", "tests/test_distributed_accounting.py",
+                                             "tests/test_distributed_bench.py"]),
     "tiecheck/bench/stats.py": (None, ["tests/test_bench_stats.py", "tests/test_bench.py"]),
     # test_bench.py never calls seeds: its functions are read by the converge bench's tests.
     "tiecheck/bench/seeds.py": (None, ["tests/test_bench_seeds.py", "tests/test_converge.py"]),
