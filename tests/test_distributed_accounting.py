@@ -124,3 +124,36 @@ def test_a_rank_that_communicated_other_bytes_fails_the_steady_check(fake_world,
     monkeypatch.setattr(dist, "all_gather_object", gather_with_one_rank_off)
     result = distributed._work({**CFG, "strategy": "fsdp2"}, "fsdp2", torch.device("cpu"), "fake")
     assert result["checks"]["same bytes communicated in every step, on every rank"] is False
+
+
+class _TickTimer(distributed.D.PhaseTimer):
+    """torch's CPU timer with a clock that moves one second per mark, so a round's time counts its marks."""
+
+    def mark(self) -> None:
+        self._marks.append(float(len(self._marks)))
+
+
+def test_each_round_starts_together_and_is_timed_from_its_first_step(fake_world, monkeypatch, capsys):
+    """The ddp run of CFG: 2 warm-up steps and 2 rounds of 1 step per variant, 8 in all, one progress line of
+    rank 0 each (rounds in the A B | B A order); a barrier before each variant's round; a round timed from
+    before its first step (the start and a step's forward, backward and update: three intervals); the
+    bench's own AdamW; and the threads the run was given."""
+    fake_world(3)
+    torch.set_num_threads(2)  # 1 is asked for; the fixture restores the count it found
+    monkeypatch.setattr(distributed.default_hooks, "allreduce_hook", _allreduce_in_place)
+    monkeypatch.setattr(distributed.D, "PhaseTimer", _TickTimer)
+    barriers, adamw = [], []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(1))
+    make_adamw = distributed.D.make_adamw
+    monkeypatch.setattr(distributed.D, "make_adamw", lambda *a, **k: adamw.append(1) or make_adamw(*a, **k))
+    result = distributed._work({**CFG, "strategy": "ddp"}, "ddp", torch.device("cpu"), "fake")
+    lines = [x.removeprefix(distributed.PROGRESS + " ") for x in capsys.readouterr().out.splitlines()
+             if x.startswith(distributed.PROGRESS)]
+    assert lines == ["0/8 building both variants", "1/8 warm-up tied", "2/8 warm-up tied", "3/8 warm-up untied",
+                     "4/8 warm-up untied", "5/8 round 1/2 tied", "6/8 round 1/2 untied", "7/8 round 2/2 untied",
+                     "8/8 round 2/2 tied"]
+    assert len(barriers) == 4  # two rounds of two variants
+    assert len(adamw) == 2  # DDP's plain parameters take the bench's AdamW (fused where the device has it)
+    assert result["ranks"][0]["median_round_ms"] == {"tied": 3000.0, "untied": 3000.0}
+    assert result["header"]["threads_per_rank"] == 1
+    assert "tied still tied on every rank after 4 steps" in result["checks"]

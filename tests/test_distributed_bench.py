@@ -49,13 +49,13 @@ def one_rank(monkeypatch):
 
 class ResidentAllocator:
     """A device's allocator counters: both variants' weights and AdamW state always resident (``resident``),
-    and every forward allocating ``step`` bytes for the step's duration."""
+    and every forward allocating ``step`` bytes (or the bytes it is given) for the step's duration."""
 
     def __init__(self, resident: int, step: int) -> None:
         self.now, self.peak, self.step = resident, resident, step
 
-    def forward(self) -> None:
-        self.peak = max(self.peak, self.now + self.step)
+    def forward(self, step: int | None = None) -> None:
+        self.peak = max(self.peak, self.now + (self.step if step is None else step))
 
     def install(self, monkeypatch) -> None:
         monkeypatch.setattr(D, "memory_allocated", lambda dev: self.now)
@@ -67,28 +67,31 @@ def test_each_variants_peak_is_its_own_not_both_variants_resident(one_rank, monk
     """Both variants stay resident through the rounds; a variant's peak is its steps above that plus its own state.
 
     The old reading (the counter's absolute maximum) gave both variants the same figure: 1 GiB of the two
-    models resident plus the step, a tied/untied ratio of 1.
+    models resident plus the step, a tied/untied ratio of 1. The untied steps allocate 2 MiB more here, so
+    a peak not reset before each variant's round would give the tied one the untied steps' figure.
     """
     fake = ResidentAllocator(resident=1 << 30, step=10 * MiB)
     fake.install(monkeypatch)
     from tiecheck import models  # noqa: PLC0415 - the builder patched below is the bundled one
 
     build = models.build
+    step = {True: 10 * MiB, False: 12 * MiB}
 
     def counted(*args, **kwargs):
         m = build(*args, **kwargs)
-        m.register_forward_pre_hook(lambda module, inputs: fake.forward())
+        m.register_forward_pre_hook(lambda module, inputs: fake.forward(step[kwargs["tied"]]))
         return m
 
     monkeypatch.setattr(models, "build", counted)
     result = distributed.worker({**TINY_CFG, "strategy": "ddp"})
     rank = result["ranks"][0]
-    for name in ("tied", "untied"):
+    for name, tied in (("tied", True), ("untied", False)):
         state = rank["state_bytes"][name]
-        assert rank["peak_bytes"][name] == 10 * MiB + state["weights"] + state["optimizer"]
+        assert rank["peak_bytes"][name] == step[tied] + state["weights"] + state["optimizer"]
     tied, untied = rank["peak_bytes"]["tied"], rank["peak_bytes"]["untied"]
-    assert untied - tied == rank["state_bytes"]["untied"]["weights"] - rank["state_bytes"]["tied"]["weights"] + \
-        rank["state_bytes"]["untied"]["optimizer"] - rank["state_bytes"]["tied"]["optimizer"]
+    assert untied - tied == 2 * MiB + rank["state_bytes"]["untied"]["weights"] - \
+        rank["state_bytes"]["tied"]["weights"] + rank["state_bytes"]["untied"]["optimizer"] - \
+        rank["state_bytes"]["tied"]["optimizer"]
     assert "peak device memory of rank 0: tied saves" in result["verdict"]
 
 
