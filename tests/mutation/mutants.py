@@ -300,19 +300,38 @@ def patch_module(rel: str, source: str) -> None:
                 space[key] = by_name[key][1]
 
 
-def preimport(tests: list[str]) -> None:
-    """Import the test modules (and through them the code) once, as pytest would, in this process."""
+def preimport(tests: list[str], files: set[str]) -> set[tuple[str, int]]:
+    """Import the test modules (and through them the code) once, as pytest would, in this process.
+
+    Returns the lines of ``files`` that ran meanwhile: code run at import (a table a function
+    builds when the module loads) runs in no test of the traced run, which starts after it, and
+    must count as run by every test, not by none.
+    """
     import pytest  # noqa: PLC0415 - already imported by main(): only bound here
+
+    paths = {str(ROOT / rel) for rel in files}
+    ran: set[tuple[str, int]] = set()
+
+    def local(frame, event, arg):
+        if event == "line":
+            ran.add((frame.f_code.co_filename, frame.f_lineno))
+        return local
+
+    def call(frame, event, arg):
+        return local if frame.f_code.co_filename in paths else None
 
     with open(os.devnull, "w") as devnull:
         saved = os.dup(1), os.dup(2)
         os.dup2(devnull.fileno(), 1)
         os.dup2(devnull.fileno(), 2)
+        sys.settrace(call)
         try:
             pytest.main(["-q", "--collect-only", "-p", "no:cacheprovider", *tests])
         finally:
+            sys.settrace(None)
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
+    return ran
 
 
 def run_tests(tests: list[str], timeout: float, patch: Mutant | None = None) -> str:
@@ -518,7 +537,9 @@ def main() -> int:
     # re-executing loaders/dcp.py in place breaks its tests (the swap check below refuses it).
     screened = set() if args.exact else {m.file for m, _ in plan} - set(PATH_CHECKS)
     if screened:  # the screen: import once here; each child swaps the mutant in
-        preimport(sorted({f for m, t in plan if m.file in screened for f in t}))
+        at_import = preimport(sorted({f for m, t in plan if m.file in screened for f in t}), screened)
+    else:
+        at_import = set()
     for tests in {tuple(t) for m, t in plan if m.file not in screened}:
         if run_tests(list(tests), args.timeout) != "passed":
             print(f"the unmutated code fails {' '.join(tests)}: fix that first", file=sys.stderr)
@@ -534,6 +555,8 @@ def main() -> int:
         for tests in {tuple(t) for _, t in plan}:
             files = {m.file for m, t in plan if tuple(t) == tests}
             coverage[tests] = measure_coverage(list(tests), files, max(600.0, 10 * args.timeout))
+            if coverage[tests] is not None:  # what ran at import in this process ran before any test
+                coverage[tests].lines.setdefault(ALL, set()).update(at_import)
             if coverage[tests] is None:
                 print(f"the traced run of {' '.join(tests)} failed: its mutants run the whole selection",
                       file=sys.stderr)
