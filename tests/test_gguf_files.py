@@ -18,6 +18,8 @@ from support.cli import inspect_error
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType, GGUFWriter  # noqa: E402 - after the importorskip that guards it
 
+from support.gguf_files import add_and_write  # noqa: E402 - imports gguf
+
 V, D = 64, 32
 GMLQ8 = GGMLQuantizationType.Q8_0
 
@@ -27,17 +29,7 @@ def write_gguf(path, tensors: dict, *, arch: str = "llama", quant: dict | None =
     w.add_vocab_size(V)
     w.add_embedding_length(D)
     w.add_context_length(16)
-    for name, arr in tensors.items():
-        qtype = (quant or {}).get(name)
-        if qtype is None:
-            w.add_tensor(name, arr)
-        else:
-            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return add_and_write(w, path, tensors, quant)
 
 
 def weights(seed: int = 0) -> dict:

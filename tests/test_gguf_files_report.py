@@ -18,6 +18,8 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter  # noqa: E402 - af
 from tiecheck.errors import TargetError  # noqa: E402
 from tiecheck.loaders.formats.gguf_files import load_gguf, read_gguf  # noqa: E402
 
+from support.gguf_files import add_and_write  # noqa: E402 - imports gguf
+
 V, D = 64, 32
 
 
@@ -30,17 +32,7 @@ def written(path, tensors: dict, *, vocab: bool = True, tokens: int = 0, quant: 
     if name:
         w.add_name(name)
     w.add_file_type(7)
-    for n, arr in tensors.items():
-        qtype = (quant or {}).get(n)
-        if qtype is None:
-            w.add_tensor(n, arr)
-        else:
-            w.add_tensor(n, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return add_and_write(w, path, tensors, quant)
 
 
 def emb(seed: int = 0, shape=(V, D)) -> np.ndarray:
