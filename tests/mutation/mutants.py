@@ -90,7 +90,6 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                     "zipcheck")},
     "tiecheck/loaders/formats/onnx_files.py": (None, ["tests/test_onnx_files_hostile.py", "tests/test_onnx_files.py"]),
     "tiecheck/loaders/onnx_graph.py": (None, ["tests/test_onnx_files.py"]),
-    # gguf_files.py runs --exact: the runner's own check refuses to screen it (its swap fails these tests).
     "tiecheck/loaders/formats/gguf_files.py": (None, ["tests/test_gguf_files_hostile.py", "tests/test_gguf_files_report.py",
                                                       "tests/test_gguf_files.py"]),
     **{f"tiecheck/loaders/{name}.py": (None, [*first, "tests/test_hf_key_match.py", "tests/test_hf_renamed.py",
