@@ -130,10 +130,12 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 
 def _claim_of(pid: Any) -> _StorageRef | None:
     """The storage a persistent id of a pickle that is only vetted names, or None for an id torch.load
-    cannot read (it says so itself)."""
-    if type(pid) is tuple and len(pid) == 5 and type(pid[1]) is _OpaqueStorage and type(pid[2]) is str \
+    cannot read (it says so itself). torch.load reads the record ``data/{key}`` whatever the key's type,
+    so a key that is not a str (which torch.save never writes, but a hand-edited file may) names a record
+    too: an int 0 names data/0."""
+    if type(pid) is tuple and len(pid) == 5 and type(pid[1]) is _OpaqueStorage \
             and type(pid[4]) is int and 0 <= pid[4] < INT64_LIMIT:
-        return _StorageRef(pid[2], pid[1].dtype, pid[4])
+        return _StorageRef(f"{pid[2]}", pid[1].dtype, pid[4])
     return None
 
 
