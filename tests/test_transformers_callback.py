@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import warnings
@@ -15,6 +14,8 @@ pytest.importorskip("safetensors")
 # Imported plainly once transformers is there: a packaging break must fail these tests, not skip them.
 from tiecheck.integrations.transformers import TiecheckCallback  # noqa: E402 - after the importorskip that guards it
 from tiecheck.runtime import TieLostWarning  # noqa: E402 - idem
+
+from support.hf import ReplaceHeadAt  # noqa: E402 - idem
 
 TIE = ("lm_head.weight", "transformer.wte.weight")
 
@@ -36,17 +37,6 @@ def _train(tmp_path, model, callbacks, **args):
                                    callbacks=list(callbacks))
     trainer.train()
     return trainer
-
-
-class ReplaceHeadAt(transformers.TrainerCallback):
-    """Replaces the head by a clone at the end of optimizer step ``step``: the tie is gone from then on."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            model.lm_head = copy.deepcopy(model.lm_head)
 
 
 def test_a_checkpoint_written_with_the_tie_broken_is_warned_about_from_the_trainer(tmp_path):
