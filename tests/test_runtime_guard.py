@@ -28,6 +28,8 @@ save_model = pytest.importorskip("safetensors.torch").save_model
 from tiecheck.integrations import lightning as lit_callbacks  # noqa: E402 - after the importorskips that guard it
 from tiecheck.integrations import transformers as hf_callbacks  # noqa: E402 - idem
 
+from support.hf import ReplaceHeadAt  # noqa: E402 - imports transformers, guarded above
+
 
 class TinyLM(nn.Module):
     def __init__(self, vocab: int = 32, dim: int = 8):
@@ -332,17 +334,6 @@ def _record_checks(guard: TieGuard) -> list[str]:
 
     guard.check = recording
     return seen
-
-
-class ReplaceHeadAt(transformers.TrainerCallback):
-    """Replaces the head by a clone at the end of optimizer step ``step``, as code that swaps a module mid-run does."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            model.lm_head = copy.deepcopy(model.lm_head)
 
 
 def _checkpoints(tmp_path) -> list[str]:

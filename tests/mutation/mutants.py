@@ -100,7 +100,10 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                            ("hf_architecture", ["tests/test_hf_architecture_budget.py"]), ("hf_reconcile", []))},
     **{f"tiecheck/{name}.py": (None, ["tests/test_runtime_saved_verdicts.py", "tests/test_runtime_guard.py",
                                       "tests/test_sharded_aliases.py"])
-       for name in ("runtime", "integrations/lightning", "integrations/transformers")},
+       for name in ("runtime", "integrations/lightning")},
+    "tiecheck/integrations/transformers.py": (None, ["tests/test_transformers_callback.py",
+                                                     "tests/test_runtime_saved_verdicts.py",
+                                                     "tests/test_runtime_guard.py", "tests/test_sharded_aliases.py"]),
     **{f"tiecheck/{name}.py": (None, ["tests/test_check_outcome.py", "tests/test_snapshot_file.py",
                                       "tests/test_check_policy.py", "tests/test_check.py",
                                       "tests/test_snapshot_errors.py",

@@ -7,6 +7,8 @@ transformers' logging and warnings out of the test output.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers
 
@@ -22,3 +24,14 @@ def tiny_llama(tie: bool = True, seed: int = 0, dtype: torch.dtype | None = None
                                    **({"torch_dtype": str(dtype).removeprefix("torch.")} if dtype else {}))
     model = transformers.LlamaForCausalLM(cfg)
     return model.to(dtype) if dtype else model
+
+
+class ReplaceHeadAt(transformers.TrainerCallback):
+    """Replaces the head by a clone at the end of optimizer step ``step``, as code that swaps a module mid-run does."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            model.lm_head = copy.deepcopy(model.lm_head)
