@@ -92,3 +92,20 @@ def test_a_storage_named_by_a_key_that_is_not_a_str_has_its_record_checked_too(t
     with pytest.raises(TargetError, match=SHORT.replace("'0'", f"'{record}'").replace("data/0", f"data/{record}")):
         tiecheck.loaders.load_path(bad, trust_pickle=trusted, whole=True)
 
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_a_key_too_long_to_spell_is_refused_in_one_line(tmp_path, trusted):
+    """An int key past Python's 4,300-digit conversion limit names no record torch.load can spell (its
+    own ``f"data/{key}"`` raises): refused in one line, exit 2, never a traceback."""
+    src, edited = tmp_path / "ok.pt", tmp_path / "huge-key.pt"
+    torch.save({"w": torch.arange(4.0)}, src)
+    digits = (10**5000).to_bytes(2100, "little", signed=True)
+    _with_key(src, edited, b"\x8b" + struct.pack("<I", len(digits)) + digits, "0")
+    args = ["inspect", str(edited), *(["--trust-pickle"] if trusted else [])]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if not line.startswith("tiecheck: warning:")]
+    assert "Traceback" not in res.output, res.output
+    assert len(errors) == 1, res.output
+    assert errors[0].startswith("tiecheck: error:"), res.output
