@@ -21,6 +21,7 @@ from tiecheck.repair.actions import Plan, make_plan
 from tiecheck.repair.layouts import TORCH
 
 from support.checkpoints import llama_config, llama_tensors, write_safetensors, write_sharded
+from support.hf import tiny_t5_folder
 
 
 def _pair(tmp_path, head: torch.Tensor | None = None, more: dict | None = None):
@@ -204,15 +205,8 @@ def test_a_declared_untie_saves_and_costs_nothing(tmp_path):
     assert plan.totals() == {"disk_saved": 0, "memory_saved": 0}
 
 
-def _t5_folder(tmp_path):
-    cfg = transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
-    folder = tmp_path / "t5"
-    transformers.T5ForConditionalGeneration(cfg).save_pretrained(folder)
-    return folder
-
-
 def test_a_tie_tie_word_embeddings_does_not_govern_is_left_to_the_user(tmp_path):
-    folder = _t5_folder(tmp_path)
+    folder = tiny_t5_folder(tmp_path / "t5")
     # T5's config sets tie_word_embeddings itself: a config.json that says false still ties the
     # encoder's embedding to `shared` in transformers, so rewriting the key cannot untie it.
     written = json.loads((folder / "config.json").read_text())
@@ -232,7 +226,7 @@ def test_a_tie_tie_word_embeddings_does_not_govern_is_left_to_the_user(tmp_path)
 
 def test_an_untie_of_a_pair_no_declaration_names_is_refused(tmp_path):
     # lm_head and the encoder embedding share memory through `shared`, but no declaration ties the two.
-    folder = _t5_folder(tmp_path)
+    folder = tiny_t5_folder(tmp_path / "t5")
     with pytest.raises(TiecheckError, match=r"^--untie lm_head\.weight,encoder\.embed_tokens\.weight: not a tie "
                                             r"the config declares; transformers would tie them again$"):
         fix(folder, dry_run=True, untie=["lm_head.weight,encoder.embed_tokens.weight"])
@@ -336,7 +330,7 @@ def test_a_misspelt_name_is_shown_with_three_names_ending_alike(tmp_path):
 def test_a_contradiction_every_loader_keeps_apart_is_not_acted_on(tmp_path):
     # T5Config resolves tie_word_embeddings to true whatever config.json writes; with false written and a
     # head of its own stored, both loaders keep the stored head (TC015 as info): nothing to repair.
-    folder = _t5_folder(tmp_path)
+    folder = tiny_t5_folder(tmp_path / "t5")
     written = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**written, "tie_word_embeddings": False}))
     sd = load_file(folder / "model.safetensors")

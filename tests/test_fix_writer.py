@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiecheck.loaders.hf_config_edits import set_path
 from tiecheck.repair import fix
-from tiecheck.repair.write import PAGE, _set_path, aligned_data_start, header_bytes
+from tiecheck.repair.write import PAGE, aligned_data_start, header_bytes
 
 from support.checkpoints import llama_config, llama_tensors, sharded_head_copy, write_safetensors, write_sharded
 
@@ -111,8 +112,8 @@ def test_a_dotted_config_key_is_set_inside_its_sub_config():
     """A Llava folder may declare its tie only as text_config.tie_word_embeddings (see
     test_declared.py): fix must rewrite that key, not add a top-level one beside it."""
     cfg = {"text_config": {"tie_word_embeddings": True, "vocab_size": 16}, "model_type": "llava"}
-    _set_path(cfg, "text_config.tie_word_embeddings", False)
-    _set_path(cfg, "vision_config.hidden_size", 8)
+    set_path(cfg, "text_config.tie_word_embeddings", False)
+    set_path(cfg, "vision_config.hidden_size", 8)
     assert cfg == {"text_config": {"tie_word_embeddings": False, "vocab_size": 16}, "model_type": "llava",
                    "vision_config": {"hidden_size": 8}}
 

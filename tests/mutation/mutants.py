@@ -79,7 +79,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     # reader, the format loaders, the training guards, the distributed accounting, the FLOPs handles
     # and the escaping. Each selection starts with the tests that hand the check a really wrong input.
     **{f"tiecheck/repair/{name}.py": (None, ["tests/test_fix_writer.py", "tests/test_fix_run.py",
-                                             "tests/test_fix_plan_cases.py", "tests/test_fix_verify.py", "tests/test_fix_answers.py",
+                                             "tests/test_fix_plan_cases.py", "tests/test_fix_config_edits.py",
+                                             "tests/test_fix_verify.py", "tests/test_fix_answers.py",
                                              "tests/test_fix_hostile.py", "tests/test_fix.py"])
        for name in ("verify", "write", "actions", "__init__")},
     **{f"tiecheck/loaders/{name}.py": (None, ["tests/test_torchzip_trusted_claims.py", "tests/test_zipcheck.py",
@@ -89,6 +90,7 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                               "tests/test_formats.py", "tests/test_fix_hostile.py"])
        for name in ("formats/torchzip", "formats/archive_tensors", "formats/torchfile", "pickleloop", "pickles",
                     "zipcheck")},
+    "tiecheck/loaders/hf_config_edits.py": (None, ["tests/test_fix_config_edits.py", "tests/test_fix_writer.py"]),
     "tiecheck/loaders/formats/onnx_files.py": (None, ["tests/test_onnx_files_hostile.py", "tests/test_onnx_files.py"]),
     "tiecheck/loaders/onnx_graph.py": (None, ["tests/test_onnx_files.py"]),
     "tiecheck/loaders/formats/gguf_files.py": (None, ["tests/test_gguf_files_hostile.py", "tests/test_gguf_files_report.py",

@@ -8,6 +8,8 @@ transformers' logging and warnings out of the test output.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import torch
 import transformers
@@ -24,6 +26,20 @@ def tiny_llama(tie: bool = True, seed: int = 0, dtype: torch.dtype | None = None
                                    **({"torch_dtype": str(dtype).removeprefix("torch.")} if dtype else {}))
     model = transformers.LlamaForCausalLM(cfg)
     return model.to(dtype) if dtype else model
+
+
+def tiny_t5_folder(folder: Path, seed: int = 0, **config_json) -> Path:
+    """A one-layer T5 (vocabulary 32, width 8) saved with ``save_pretrained``; each keyword rewrites a key of
+    its config.json (None removes it), e.g. as flan-t5's reads: ``tie_word_embeddings=False,
+    scale_decoder_outputs=None``."""
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    written = json.loads((folder / "config.json").read_text())
+    for k, v in config_json.items():
+        written.pop(k, None) if v is None else written.__setitem__(k, v)
+    (folder / "config.json").write_text(json.dumps(written, indent=2))
+    return folder
 
 
 class ReplaceHeadAt(transformers.TrainerCallback):

@@ -26,6 +26,7 @@ from tiecheck.errors import TiecheckError
 from tiecheck.facts import TensorFact, is_embedding, is_output_projection
 from tiecheck.findings import Finding
 from tiecheck.loaders.content import TorchContentReader
+from tiecheck.loaders.hf_config_edits import edit_refusal
 from tiecheck.repair.layouts import HF_FOLDER, SAFETENSORS, SHARDED, TORCH
 
 # Top-level keys of a training checkpoint that hold optimizer state (Lightning, plain loops, Megatron).
@@ -126,10 +127,11 @@ def parse_untie(value: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Target:
-    """What every action reads of the target: the analysis, and the layout its copy is written in."""
+    """What every action reads of the target: the analysis, the layout its copy is written in, its path."""
 
     analysis: Analysis
     layout: str
+    path: Path
 
     @property
     def report(self):
@@ -172,6 +174,15 @@ class Target:
         """config.json key paths that write tie_word_embeddings."""
         return [d.key for d in self._declarations()
                 if d.kind == "tie_word_embeddings" and "resolved_by" not in d.more and d.file == "config.json"]
+
+    def flag_edit(self, value: bool) -> dict[str, bool]:
+        """The config.json keys fix writes to declare a folder's tie ``value``: each path that writes the flag,
+        or the top-level flag where config.json leaves it to the class's default (GPT2Config: true)."""
+        return {p: value for p in self.tie_paths() or ["tie_word_embeddings"]}
+
+    def flag_refusal(self, value: bool) -> str | None:
+        """Why transformers would not build what writing the flag ``value`` asks for (None: it would)."""
+        return edit_refusal(self.path, self.flag_edit(value))
 
     def alias_keys(self) -> list[str]:
         return [k for d in self._declarations() if d.kind == "alias_map" for k in d.value]
@@ -216,7 +227,7 @@ def make_plan(analysis: Analysis, path: Path, layout: str, *, tie: Sequence[tupl
     Returns:
         The Plan. Raises TiecheckError for a name the target does not hold or a request the layout cannot express.
     """
-    t = Target(analysis, layout)
+    t = Target(analysis, layout, path)
     plan = Plan(target=str(path), layout=layout)
     command = f"tiecheck fix {shlex.quote(str(path))} -o {shlex.quote(str(output)) if output else 'OUT'}"
     # The user's word wins over what fix would do by itself for the same pair.
@@ -274,13 +285,15 @@ def _declare_untied(plan: Plan, t: Target, row: LayerRow) -> None:
     """TC015: keep both stored copies and make the declaration say untied, where fix can rewrite it."""
     target, source = row.names
     by = " ".join(row.by)
-    # A flag config.json leaves to the class's default (GPT2Config: true) is written, as --untie writes it.
-    paths = (t.tie_paths() or ["tie_word_embeddings"]) if t.layout == HF_FOLDER else []
     aliases = [k for k in t.alias_keys() if k == target]
-    if t.layout == HF_FOLDER and paths and "tie_word_embeddings" in by:
-        for p in paths:
-            plan.config[p] = False
-        detail = (f"set {', '.join(paths)} to false in config.json: both stored heads are kept, so every loader "
+    if t.layout == HF_FOLDER and "tie_word_embeddings" in by:
+        refusal = t.flag_refusal(False)
+        if refusal:
+            plan.unanswered.append(f"TC015 {target}, {source}: declared by {by}, which fix cannot rewrite: {refusal}")
+            return
+        edit = t.flag_edit(False)
+        plan.config.update(edit)
+        detail = (f"set {', '.join(edit)} to false in config.json: both stored heads are kept, so every loader "
                   f"builds the model the files hold")
     elif aliases:
         plan.unalias.update(aliases)
@@ -327,8 +340,10 @@ def _tie(plan: Plan, t: Target, a: str, b: str, why: str) -> None:
             declared = ", ".join(f"{r.names[0]}={r.names[1]}" for r in t.declared_ties) or "(none declared)"
             raise TiecheckError(f"--tie {a}={b}: transformers fills only the names its architecture ties; in this "
                                 f"folder --tie takes the declared pair {declared}")
-        for p in t.tie_paths() or ["tie_word_embeddings"]:
-            plan.config[p] = True
+        refusal = t.flag_refusal(True)
+        if refusal:
+            raise TiecheckError(f"--tie {a}={b}: {refusal}")
+        plan.config.update(t.flag_edit(True))
     lost = None
     if not t.equal(a, b):
         lost = f"the stored content of {a} ({t.nbytes(a):,} bytes) differs from {b} and is replaced by it"
@@ -361,9 +376,11 @@ def _untie(plan: Plan, t: Target, a: str, b: str) -> None:
         r = t.row_for(a, b)
         if r is None:
             raise TiecheckError(f"--untie {a},{b}: not a tie the config declares; transformers would tie them again")
+        refusal = t.flag_refusal(False)
+        if refusal:
+            raise TiecheckError(f"--untie {a},{b}: {refusal}")
         give, keep = r.names
-        for p in t.tie_paths() or ["tie_word_embeddings"]:
-            plan.config[p] = False
+        plan.config.update(t.flag_edit(False))
     n = t.nbytes(give)
     if layout != TORCH and t.stored(give) and t.stored(keep):
         # Already two copies in the files (tied only by the declaration): the declaration changes alone.

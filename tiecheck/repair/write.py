@@ -36,6 +36,7 @@ import torch
 from tiecheck.errors import TargetError, TiecheckError
 from tiecheck.loaders.formats.safetensors_files import DTYPES, Header, read_header
 from tiecheck.loaders.formats.torchfile import strip_wrapper_prefixes
+from tiecheck.loaders.hf_config_edits import set_path
 from tiecheck.repair.actions import Plan
 from tiecheck.repair.layouts import HF_FOLDER, SAFETENSORS, SHARDED, TORCH
 from tiecheck.report.safewrite import UnsafeOutputError, input_paths, is_inside
@@ -470,14 +471,6 @@ def write_sharded(plan: Plan, index_path: Path, dst_folder: Path) -> None:
 
 # -- Hugging Face folders ---------------------------------------------------------------------
 
-def _set_path(cfg: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    cur = cfg
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
-
-
 def rewritten_files(plan: Plan, weights: Path) -> set[str]:
     """The names of a folder's files that fix writes itself (the weights, the index, a changed config)."""
     if weights.name.endswith(".index.json"):
@@ -501,7 +494,7 @@ def write_hf_folder(plan: Plan, folder: Path, weights: Path, dst: Path) -> None:
     if plan.config:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         for k, v in plan.config.items():
-            _set_path(cfg, k, v)
+            set_path(cfg, k, v)
         (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     for rel, src in copies:
         copy_regular(src, dst / rel, f"{folder / rel}")
