@@ -40,6 +40,9 @@ TIED = _snapshot((("emb.weight", "head.weight"), "same_parameter"))
      "transposed_alias, restrided_alias)"),
     ({"tie_groups": [{"names": ["a", "b"]}, {"names": ["c", "b"]}]},
      "b is listed in tie_groups[0] and tie_groups[1]; a name has one tie group"),
+    ({"tie_groups": [{"names": ["a", "b"]}, {"names": ["c", "d", "c"]}]},
+     "c is listed twice in tie_groups[1]; list each name once"),
+    ({"tie_groups": [{"names": ["a", "a"]}]}, "a is listed twice in tie_groups[0]; list each name once"),
 ])
 def test_each_bad_snapshot_is_told_what_is_wrong_and_how_to_write_one(data, why):
     with pytest.raises(SnapshotError) as e:

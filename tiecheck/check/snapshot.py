@@ -139,10 +139,12 @@ def parse(data: Any, origin: str) -> Snapshot:
         if kind is not None and kind not in KINDS:
             raise bad(f"tie_groups[{i}] has unknown kind {kind!r} (known: {', '.join(KINDS)})")
         for n in names:
+            if seen.get(n) == i:
+                raise bad(f"{n} is listed twice in tie_groups[{i}]; list each name once")
             if n in seen:
                 raise bad(f"{n} is listed in tie_groups[{seen[n]}] and tie_groups[{i}]; a name has one tie group")
             seen[n] = i
-        out.append(ExpectedGroup(tuple(sorted(set(names))), kind))
+        out.append(ExpectedGroup(tuple(sorted(names)), kind))
     return Snapshot(tuple(sorted(out, key=lambda g: g.names)))
 
 

@@ -145,11 +145,9 @@ class OnnxTensors(RecordsMapping):
         self._storages: list[torch.UntypedStorage] = []
         self._inline = bytearray()
         self._inline_storage: torch.UntypedStorage | None = None
-        self.paths: dict[int, str] = {}  # storage index -> the external file it maps
 
-    def add_storage(self, storage: torch.UntypedStorage, path: str) -> int:
+    def add_storage(self, storage: torch.UntypedStorage) -> int:
         self._storages.append(storage)
-        self.paths[len(self._storages) - 1] = path
         return len(self._storages) - 1
 
     def add_external(self, name: str, storage: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -243,7 +241,7 @@ class _Files:
                 self.storages[p] = (EMPTY, 0)
             else:
                 st = map_file(p, size, f"{model}: external data of initializer {name!r}")
-                self.storages[p] = (self.tensors.add_storage(st, os.fspath(p)), size)
+                self.storages[p] = (self.tensors.add_storage(st), size)
         return self.storages[p]
 
 
