@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from tiecheck.cli import main
 from tiecheck.errors import TiecheckError
-from tiecheck.loaders.hf_config_edits import edit_refusal
+from tiecheck.loaders.hf_config_edits import _get_path, edit_refusal
 from tiecheck.repair import fix
 
 from support.hf import tiny_t5_folder
@@ -128,3 +128,19 @@ def test_a_config_the_class_cannot_be_asked_about_is_left_to_verification(tmp_pa
     folder.mkdir()
     (folder / "config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
     assert edit_refusal(folder, {"tie_word_embeddings": True}) is None
+
+
+def test_an_edit_that_adds_a_sub_config_the_class_did_not_have_is_a_change(tmp_path):
+    # LlamaConfig keeps an unknown mapping as it is: the edit reads back, but text_config is new.
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2).to_dict()
+    folder = _config(tmp_path / "llama", cfg)
+    assert edit_refusal(folder, {"text_config.tie_word_embeddings": False}) == (
+        f"writing text_config.tie_word_embeddings=false also changes LlamaConfig (transformers "
+        f"{transformers.__version__})'s text_config from null to {{\"tie_word_embeddings\": false}}, so the copy "
+        f"would compute different outputs")
+
+
+def test_a_path_through_a_value_that_is_no_mapping_reads_nothing():
+    assert _get_path({"text_config": None, "a": {"b": 1}}, "text_config.tie_word_embeddings") is None
+    assert _get_path({"a": {"b": 1}}, "a.b") == 1

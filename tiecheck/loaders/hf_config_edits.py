@@ -71,13 +71,18 @@ def edit_refusal(folder: Path, edits: Mapping[str, Any]) -> str | None:
     for k, v in edits.items():
         read = _get_path(after, k)
         if read != v:
-            return (f"{name} sets {k} to {json.dumps(read)} itself when config.json writes {json.dumps(v)}, so the "
+            return (f"{name} sets {k} to {_text(read)} itself when config.json writes {_text(v)}, so the "
                     f"copy would load as this folder does")
     for k, old, new in _changes(before, after):
         if k.rsplit(".", 1)[-1] != TIE_FLAG:
-            return (f"writing {', '.join(f'{p}={json.dumps(v)}' for p, v in edits.items())} also changes {name}'s "
-                    f"{k} from {json.dumps(old)} to {json.dumps(new)}, so the copy would compute different outputs")
+            return (f"writing {', '.join(f'{p}={_text(v)}' for p, v in edits.items())} also changes {name}'s "
+                    f"{k} from {_text(old)} to {_text(new)}, so the copy would compute different outputs")
     return None
+
+
+def _text(value: Any) -> str:
+    """A config value as config.json spells it (str() for what JSON cannot hold, such as a dtype)."""
+    return json.dumps(value, default=str)
 
 
 def _get_path(cfg: Mapping[str, Any], dotted: str) -> Any:
