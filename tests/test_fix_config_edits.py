@@ -59,17 +59,23 @@ def test_t5config_sets_the_flag_itself_and_an_untie_is_refused_before_writing(tm
     assert not out.exists()
 
 
-def test_a_t5_head_of_its_own_under_a_flag_the_class_overrides_is_left_to_the_user(tmp_path):
-    # t5-small's config.json writes no flag: the class's true governs, and a head stored apart
-    # contradicts it (TC015). Writing false cannot make the declaration say untied.
-    folder = _with_own_head(tiny_t5_folder(tmp_path / "t5", tie_word_embeddings=None, scale_decoder_outputs=None))
-    plan = fix(folder, dry_run=True).plan
+def test_a_t5_head_of_its_own_is_declared_untied_only_where_the_scale_is_pinned(tmp_path):
+    # A head stored apart under T5's declared tie (TC015). transformers 5 keeps both stored copies whatever
+    # T5Config makes of the flag, so fix writes false for config.json's other readers (transformers 4, engines)
+    # where that changes nothing else: a config.json transformers 5 wrote pins scale_decoder_outputs.
+    pinned = _with_own_head(tiny_t5_folder(tmp_path / "pinned", tie_word_embeddings=True))
+    assert [a.kind for a in fix(pinned, dry_run=True).plan.actions] == ["declare-untied"]
+    # t5-small's config.json writes neither key: the written false would switch the decoder's scaling.
+    bare = _with_own_head(tiny_t5_folder(tmp_path / "t5", tie_word_embeddings=None, scale_decoder_outputs=None))
+    written = json.loads((bare / "config.json").read_text())
+    assert transformers.T5Config.from_dict({**written, "tie_word_embeddings": False}).scale_decoder_outputs is False
+    plan = fix(bare, dry_run=True).plan
     assert (plan.actions, plan.config) == ([], {})
     assert plan.unanswered[0].startswith("TC015 lm_head.weight, shared.weight: declared by config.json "
                                          "tie_word_embeddings (T5Config)")
-    assert plan.unanswered[0].endswith("which fix cannot rewrite: T5Config (transformers "
-                                       f"{transformers.__version__}) sets tie_word_embeddings to true itself when "
-                                       "config.json writes false, so the copy would load as this folder does")
+    assert plan.unanswered[0].endswith("which fix cannot rewrite: writing tie_word_embeddings=false also changes "
+                                       f"T5Config (transformers {transformers.__version__})'s scale_decoder_outputs "
+                                       "from true to false, so the copy would compute different outputs")
 
 
 def test_a_tie_on_flan_t5_would_change_the_decoder_scale_and_is_refused(tmp_path):

@@ -180,9 +180,10 @@ class Target:
         or the top-level flag where config.json leaves it to the class's default (GPT2Config: true)."""
         return {p: value for p in self.tie_paths() or ["tie_word_embeddings"]}
 
-    def flag_refusal(self, value: bool) -> str | None:
-        """Why transformers would not build what writing the flag ``value`` asks for (None: it would)."""
-        return edit_refusal(self.path, self.flag_edit(value))
+    def flag_refusal(self, value: bool, *, read_back: bool = True) -> str | None:
+        """Why transformers would not build what writing the flag ``value`` asks for (None: it would); see
+        ``edit_refusal`` for ``read_back``."""
+        return edit_refusal(self.path, self.flag_edit(value), read_back=read_back)
 
     def alias_keys(self) -> list[str]:
         return [k for d in self._declarations() if d.kind == "alias_map" for k in d.value]
@@ -287,7 +288,9 @@ def _declare_untied(plan: Plan, t: Target, row: LayerRow) -> None:
     by = " ".join(row.by)
     aliases = [k for k in t.alias_keys() if k == target]
     if t.layout == HF_FOLDER and "tie_word_embeddings" in by:
-        refusal = t.flag_refusal(False)
+        # Both stored copies differ, so transformers 5 keeps them apart whatever the class makes of the flag
+        # (T5Config sets it true): the written false is for config.json's other readers, and must change nothing else.
+        refusal = t.flag_refusal(False, read_back=False)
         if refusal:
             plan.unanswered.append(f"TC015 {target}, {source}: declared by {by}, which fix cannot rewrite: {refusal}")
             return
