@@ -129,3 +129,16 @@ def test_optimizer_state_under_key_lists_the_model_states_to_choose(tmp_path):
     assert said == ("key 'optimizer' holds optimizer state (torch.optim state_dict: per-parameter step and moments), "
                     "not model weights; the model states in this file: net, wrapped (e.g. --key net)")
     assert _refused(tmp_path, obj, "moments").endswith("the model states in this file: net, wrapped (e.g. --key net)")
+
+
+@pytest.mark.parametrize(("obj", "names"), [
+    ({"state": _sd(1), "step": 3}, ["state.layer0.weight"]),
+    ({"param_groups": _sd(1)}, ["param_groups.layer0.weight"]),
+    ({0: {"w": torch.ones(2)}, 1: {"w": torch.ones(2)}}, ["0.w", "1.w"]),
+    ({"0": {"step": torch.ones(1)}, "head": {"exp_avg": torch.ones(2)}}, ["0.step", "head.exp_avg"]),
+], ids=["state alone", "param_groups alone", "numbered models", "a name among numbers"])
+def test_a_key_that_only_looks_like_optimizer_state_is_read(tmp_path, obj, names):
+    """torch.optim's state_dict holds both ``state`` and ``param_groups``, its ``state`` part only
+    numbered entries of steps and moments: a mapping with one of them, or numbered models, is a model."""
+    sub = _load(tmp_path, {"run": obj}, key="run")
+    assert sorted(sub.tensors) == names
