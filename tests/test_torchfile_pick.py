@@ -142,3 +142,9 @@ def test_a_key_that_only_looks_like_optimizer_state_is_read(tmp_path, obj, names
     numbered entries of steps and moments: a mapping with one of them, or numbered models, is a model."""
     sub = _load(tmp_path, {"run": obj}, key="run")
     assert sorted(sub.tensors) == names
+
+
+def test_the_other_entries_noted_stop_at_eight(tmp_path):
+    obj = {"model": _sd(1), **{f"extra{i}": {"n": i} for i in range(9)}}
+    sub = _load(tmp_path, obj)
+    assert sub.source.notes == ["ignored other entries: " + ", ".join(f"extra{i}" for i in range(8))]
