@@ -358,8 +358,10 @@ def _archive_records(za: ZipArchive) -> tuple[str, bytes, int, int, dict[str, tu
         TargetError: not one data.pkl, or a damaged archive.
     """
     pickles = [n for n in za.infos if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-        raise _NotTaken("not one data.pkl")
+    # torch.load refuses a record outside the archive's one root folder ("file in archive is not in a
+    # subdirectory"): such an archive is left to the caller's layout check, as one without data.pkl is.
+    if len(pickles) != 1 or any(not n.startswith(pickles[0][:-len("data.pkl")]) for n in za.infos):
+        raise _NotTaken("not one root folder holding data.pkl")
     info = za.check(pickles[0])
     limit = MAX_PICKLE_BYTES
     if info.compress_type != 0:  # deflated: inflated into memory, so only as far as its size makes plausible
