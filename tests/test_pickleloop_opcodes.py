@@ -14,10 +14,6 @@ import pytest
 
 from tiecheck.loaders.pickleloop import (
     DATA_OPCODES,
-    MAX_DEPTH,
-    MAX_FRAMES,
-    MAX_GLOBAL_NAME,
-    MAX_STACK,
     TORCH_OPCODES,
     Budget,
     Refused,
@@ -27,6 +23,8 @@ from tiecheck.loaders.pickleloop import (
 )
 
 P2, P4 = b"\x80\x02", b"\x80\x04"
+# The bounds as numbers under names of their own: a test reading the module's constants would move with them.
+STACK_BOUND, FRAMES_BOUND, DEPTH_BOUND, NAME_BOUND = 65_536, 256, 100, 512
 
 
 class Named:
@@ -390,12 +388,12 @@ def test_the_default_rules_take_no_other_key():
 # -- global names -----------------------------------------------------------------------------------
 
 def test_a_global_name_is_read_up_to_its_newline_within_the_bound():
-    longest = "m" * MAX_GLOBAL_NAME
+    longest = "m" * NAME_BOUND
     data = P2 + b"c" + longest.encode() + b"\n" + "né".encode() + b"\n."
     assert run(data) == (Named(f"{longest}.né"), len(data))
-    for cut in (P2 + b"c" + b"m" * (MAX_GLOBAL_NAME + 1) + b"\nn\n.", P2 + b"cm\n" + b"n" * 600, P2 + b"cmod"):
+    for cut in (P2 + b"c" + b"m" * (NAME_BOUND + 1) + b"\nn\n.", P2 + b"cm\n" + b"n" * 600, P2 + b"cmod"):
         e = refusal(cut)
-        assert (e.why, e.offset) == (f"names a global without a newline in its first {MAX_GLOBAL_NAME} bytes", 2)
+        assert (e.why, e.offset) == (f"names a global without a newline in its first {NAME_BOUND} bytes", 2)
 
 
 # -- the bounds ---------------------------------------------------------------------------------------
@@ -410,25 +408,25 @@ def _pairs(depth: int) -> list:
 
 
 def test_marks_nest_up_to_the_bound_and_no_deeper():
-    ok = pickle.dumps(_pairs(MAX_FRAMES), protocol=2)
-    assert sum(op.name == "MARK" for op, _, _ in pickletools.genops(ok)) == MAX_FRAMES
+    ok = pickle.dumps(_pairs(FRAMES_BOUND), protocol=2)
+    assert sum(op.name == "MARK" for op, _, _ in pickletools.genops(ok)) == FRAMES_BOUND
     assert run(ok, TorchOnly())[0] == pickle.loads(ok)
-    deep = pickle.dumps(_pairs(MAX_FRAMES + 1), protocol=2)
+    deep = pickle.dumps(_pairs(FRAMES_BOUND + 1), protocol=2)
     last_mark = [pos for op, _, pos in pickletools.genops(deep) if op.name == "MARK"][-1]
     e = refusal(deep, TorchOnly())
-    assert (e.why, e.offset) == (f"nests more than {MAX_FRAMES} MARKs", last_mark)
+    assert (e.why, e.offset) == (f"nests more than {FRAMES_BOUND} MARKs", last_mark)
 
 
 def _frame_of(n: int) -> bytes:
     """PROTO and 1,022 NONEs (1,023 opcodes), a MARK (the 1,024th), ``n`` NONEs in its frame, TUPLE, STOP.
 
     The loop checks the stack before the 1st opcode and then every 1,024th: before opcode
-    1 + 1024 j the frame holds 1024 (j - 1) items. So a frame of 65,536 (MAX_STACK) is seen whole,
+    1 + 1024 j the frame holds 1024 (j - 1) items. So a frame of 65,536 (STACK_BOUND) is seen whole,
     and one of 66,559 is closed just before the next check would see it."""
     return P2 + b"N" * 1022 + b"(" + b"N" * n + b"t."
 
 
-@pytest.mark.parametrize("n", [MAX_STACK, MAX_STACK + 1023])
+@pytest.mark.parametrize("n", [STACK_BOUND, STACK_BOUND + 1023])
 def test_a_mark_frame_of_max_stack_items_is_read(n):
     data = _frame_of(n)
     got, end = run(data, TorchOnly())
@@ -437,15 +435,15 @@ def test_a_mark_frame_of_max_stack_items_is_read(n):
 
 
 def test_a_mark_frame_past_max_stack_items_is_refused_at_the_next_check():
-    data = _frame_of(MAX_STACK + 1024)
+    data = _frame_of(STACK_BOUND + 1024)
     e = refusal(data, TorchOnly())
-    assert (e.why, e.offset) == (f"stacks more than {MAX_STACK:,} items in one frame", len(data) - 3)
+    assert (e.why, e.offset) == (f"stacks more than {STACK_BOUND:,} items in one frame", len(data) - 3)
 
 
-class FewOps(Budget):
-    """The real budget without its base: 2 opcodes per stored byte."""
-
-    OPS_BASE = 0
+def few_ops(stored: int) -> Budget:
+    """The real budget without its opcode base: 2 opcodes per stored byte. (The class is made when
+    called, from the module's ``Budget`` as it then is.)"""
+    return type("FewOps", (Budget,), {"OPS_BASE": 0})(stored)
 
 
 @pytest.mark.parametrize(("ops", "refused"), [(10_240, False), (10_241, True)])
@@ -453,10 +451,10 @@ def test_the_opcode_budget_is_checked_every_1024_opcodes(ops, refused):
     """A 5,000-byte file may run 10,000 opcodes; the count is checked before opcodes 1, 1025, …, 10241."""
     data = P2 + b"(" + b"N" * (ops - 4) + b"t."
     if not refused:
-        assert load(data, TorchOnly(), FewOps(5000)) == ((None,) * (ops - 4), len(data))
+        assert load(data, TorchOnly(), few_ops(5000)) == ((None,) * (ops - 4), len(data))
         return
     with pytest.raises(Refused) as e:
-        load(data, TorchOnly(), FewOps(5000))
+        load(data, TorchOnly(), few_ops(5000))
     assert e.value.why == ("makes more objects than a pickle of 5,000 bytes can (at most 2 opcodes and 16 bytes of "
                            "objects per byte, beyond a base); refused before it exhausts memory or time")
     assert e.value.offset == len(data) - 2  # the last opcode run: TUPLE, before STOP's turn
@@ -477,8 +475,9 @@ def test_a_string_past_the_byte_budget_is_refused_before_it_is_made(stored, extr
     assert e.offset == 2
 
 
-class Tiny(Budget):
-    BYTES_BASE = 4096
+def tiny() -> Budget:
+    """A byte budget of 4 KiB for a pickle of no stored bytes."""
+    return type("Tiny", (Budget,), {"BYTES_BASE": 4096})(0)
 
 
 # What each opcode is charged (bytes of the objects it makes, as Budget counts them: a stack or
@@ -538,10 +537,10 @@ def test_each_opcode_is_charged_what_budget_counts_for_it(name, made, charge, ex
     data = P4 + made + b"X" + struct.pack("<I", n) + b"a" * n + b"."
     if extra:
         with pytest.raises(Refused, match="makes more objects") as e:
-            load(data, Open(), Tiny(0))
+            load(data, Open(), tiny())
         assert e.value.offset == len(P4 + made)
     else:
-        assert load(data, Open(), Tiny(0)) == ("a" * n, len(data))
+        assert load(data, Open(), tiny()) == ("a" * n, len(data))
 
 
 # -- after loading ----------------------------------------------------------------------------------
@@ -556,12 +555,12 @@ def _nested(depth: int, make=lambda x: [x]):
 @pytest.mark.parametrize("make", [lambda x: [x], lambda x: (x,), lambda x: {"k": x}, lambda x: frozenset([x])],
                          ids=["list", "tuple", "dict", "frozenset"])
 def test_containers_nest_up_to_max_depth_and_no_deeper(make):
-    ok = _nested(MAX_DEPTH, make)
+    ok = _nested(DEPTH_BOUND, make)
     check_containers(ok)
-    deep = _nested(MAX_DEPTH + 1, make)
+    deep = _nested(DEPTH_BOUND + 1, make)
     with pytest.raises(Refused) as e:
         check_containers(deep)
-    assert (e.value.why, e.value.offset) == (f"nests containers more than {MAX_DEPTH} deep", 0)
+    assert (e.value.why, e.value.offset) == (f"nests containers more than {DEPTH_BOUND} deep", 0)
 
 
 def test_a_container_that_holds_itself_is_refused():
@@ -597,9 +596,9 @@ def test_other_objects_are_walked_through_what_children_returns():
 
     leaf = Node()
     check_containers([Node(leaf, [leaf]), object()], children)
-    check_containers(_nested(MAX_DEPTH - 1, Node), children)
+    check_containers(_nested(DEPTH_BOUND - 1, Node), children)
     with pytest.raises(Refused, match="more than 100 deep"):
-        check_containers([_nested(MAX_DEPTH, Node)], children)
+        check_containers([_nested(DEPTH_BOUND, Node)], children)
     loop = Node()
     loop.kids.append([loop])
     with pytest.raises(Refused, match="contains itself"):
