@@ -155,6 +155,9 @@ def test_protocol_four_sets_bytes_and_short_strings_load_as_pickle_loads_them():
     assert shape(got) == shape(pickle.loads(data))
     assert end == len(data)
     assert got["shared"][0] is got["shared"][1]
+    # BINUNICODE8, which pickle writes only for a string past 4 GiB, read as pickle reads it
+    data = P4 + b"\x8d\x03" + b"\x00" * 7 + "é!".encode() + b"."
+    assert shape(run(data)) == shape((pickle.loads(data), len(data))) == shape(("é!", len(data)))
 
 
 def test_the_offset_past_stop_starts_the_next_pickle():
@@ -230,6 +233,15 @@ def _ops_until_damage(data: bytes):
         yield from pickletools.genops(data)
     except ValueError:  # a byte that is no opcode
         return
+
+
+def test_an_opcode_a_caller_allows_but_the_loop_cannot_read_is_refused():
+    """A caller's set wider than the loop reads (POP here) is refused at that opcode, not skipped."""
+    class Wider(Open):
+        opcodes = DATA_OPCODES | {pickle.POP[0]}
+
+    e = refusal(P2 + b"NN0.", Wider())
+    assert (e.why, e.offset, e.untrusted) == ("uses the opcode POP, which tiecheck does not read", 4, False)
 
 
 @pytest.mark.parametrize("data", [P2 + b"\x80\x06N.", P2 + b"\x80\xffN."])
@@ -317,6 +329,7 @@ def test_damage_is_refused_at_its_opcode_in_one_line(data, why, offset):
         pickle.loads(data)
     e = refusal(data)
     assert (e.why, e.offset, e.untrusted) == (why, offset, False)
+    assert str(e) == why  # the exception reads as its reason alone
 
 
 def test_text_is_decoded_as_pickle_decodes_it():
@@ -391,6 +404,8 @@ def test_a_global_name_is_read_up_to_its_newline_within_the_bound():
     longest = "m" * NAME_BOUND
     data = P2 + b"c" + longest.encode() + b"\n" + "né".encode() + b"\n."
     assert run(data) == (Named(f"{longest}.né"), len(data))
+    empty = P2 + b"c\nsystem\n."  # an empty module name is a name all the same, for the rules to refuse
+    assert run(empty) == (Named(".system"), len(empty))
     for cut in (P2 + b"c" + b"m" * (NAME_BOUND + 1) + b"\nn\n.", P2 + b"cm\n" + b"n" * 600, P2 + b"cmod"):
         e = refusal(cut)
         assert (e.why, e.offset) == (f"names a global without a newline in its first {NAME_BOUND} bytes", 2)
@@ -480,6 +495,25 @@ def tiny() -> Budget:
     return type("Tiny", (Budget,), {"BYTES_BASE": 4096})(0)
 
 
+def test_text_past_the_byte_budget_is_refused_before_it_is_decoded():
+    """The budget is checked before the string is made: bytes that are no UTF-8 are never decoded."""
+    data = P2 + b"X" + struct.pack("<I", 4096) + b"\xff" * 4096 + b"."
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(data)
+    with pytest.raises(Refused, match="makes more objects") as e:
+        load(data, Open(), tiny())
+    assert e.value.offset == 2
+
+
+def test_an_error_raised_while_building_is_damage_cut_to_160_characters():
+    class Failing(Open):
+        def call(self, func, args, offset):
+            raise ValueError("x" * 300)
+
+    e = refusal(P2 + b"cm\nf\n)R.", Failing())
+    assert (e.why, e.offset) == (f"is truncated or corrupt (ValueError: {'x' * 160})", 8)  # REDUCE
+
+
 # What each opcode is charged (bytes of the objects it makes, as Budget counts them: a stack or
 # memo slot 8, an empty list 72, a MARK frame 72 refunded when it closes), with a pickle that
 # makes it; the filler string after it costs 64 plus its length.
@@ -541,6 +575,9 @@ def test_each_opcode_is_charged_what_budget_counts_for_it(name, made, charge, ex
         assert e.value.offset == len(P4 + made)
     else:
         assert load(data, Open(), tiny()) == ("a" * n, len(data))
+        # spent to the byte, then 1,100 PROTOs (which cost nothing) past the next periodic check: still read
+        data = data[:-1] + P4 * 1100 + b"."
+        assert load(data, Open(), tiny()) == ("a" * n, len(data))
 
 
 # -- after loading ----------------------------------------------------------------------------------
@@ -572,7 +609,8 @@ def test_a_container_that_holds_itself_is_refused():
     assert got[3]["again"][0] is got
     with pytest.raises(Refused) as e:
         check_containers(got)
-    assert e.value.why == "holds a container that contains itself (a cycle); torch.save never writes one"
+    assert (e.value.why, e.value.offset) == ("holds a container that contains itself (a cycle); torch.save never "
+                                             "writes one", 0)  # the loaded object as a whole
 
 
 def test_shared_containers_are_walked_once():
