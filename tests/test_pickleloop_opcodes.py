@@ -310,6 +310,8 @@ def test_long_memo_opcodes_read_four_byte_indices():
     (P2 + b"B\x03\x00\x00\x00ab", "is truncated: opcode BINBYTES needs 3 bytes at byte 7 and the pickle ends at 9",
      2),
     (P2 + b"\x8a\x03\x01\x02", "is truncated: opcode LONG1 needs 4 bytes at byte 3 and the pickle ends at 6", 2),
+    (P2 + b"\x8a\x02\x01\x02", "is truncated or corrupt: an opcode takes an item or a byte that the stack, a "
+     "MARK, the memo or the pickle does not hold", 6),  # a whole LONG1 ending the data: what is missing is STOP
     (P2 + b"U\x03ab", "is truncated: opcode SHORT_BINSTRING needs 3 bytes at byte 4 and the pickle ends at 6", 2),
     (P2 + b"J\x01\x02", "is truncated or corrupt (error: unpack_from requires a buffer of at least 7 bytes for "
      "unpacking 4 bytes at offset 3 (actual buffer size is 5))", 2),

@@ -157,3 +157,49 @@ def test_the_first_refused_global_is_named_with_its_offset():
     g = first_refused(data, base=7)
     assert (g.name, g.offset) == ("posixpath.join", 7 + _where(data)[1])
     assert describe(Global("a\nb", 0, "")) == "'a\\nb'"
+
+
+def test_a_module_name_hidden_in_the_memo_by_put_is_named():
+    """pickle writes MEMOIZE in protocol 4, but BINPUT and LONG_BINPUT read there too: a payload can
+    store the module name with them, pop it and fetch it back for STACK_GLOBAL."""
+    for put, get in ((b"q\x00", b"h\x00"), (b"r\x00\x00\x00\x00", b"j\x00\x00\x00\x00")):
+        data = b"\x80\x04\x8c\x02os" + put + b"0" + get + b"\x8c\x06system\x93."
+        assert "STACK_GLOBAL" in {op.name for op, _, _ in pickletools.genops(data)}
+        assert globals_in(data) == [Global("os.system", len(data) - 2, "")]
+
+
+@pytest.mark.parametrize(("data", "names"), [
+    (b"\x80\x04\x8c\x02osccollections\nOrderedDict\n\x8c\x06system\x93.",
+     ["collections.OrderedDict", "<a name built at run time>"]),
+    (b"\x80\x04\x8c\x02os\x8c\x01a\x8c\x01b\x93\x8c\x06system\x93.", ["a.b", "<a name built at run time>"]),
+    (b"\x80\x04\x8c\x02osN\x8c\x06system\x93.", ["<a name built at run time>"]),
+])
+def test_what_a_global_pushes_keeps_its_place_on_the_stack(data, names):
+    """STACK_GLOBAL pairs the two items on top: after a global's object, 'system' and that object
+    are no module and name (pickle itself fails on them), whatever string lies below."""
+    assert [g.name for g in globals_in(data)] == names
+
+
+def test_a_blocked_module_is_refused_even_when_the_user_allows_its_global():
+    name = f"{os.system.__module__}.system"  # posix.system: torch blocks the module whatever the allowlist
+    with torch.serialization.safe_globals([os.system]):
+        assert not weights_only_allows(name)
+        assert not _torch_allows(name)
+
+
+def test_a_global_at_the_first_byte_is_at_offset_0():
+    data = pickle.dumps(collections.OrderedDict, protocol=0)
+    assert data.startswith(b"c")
+    assert globals_in(data, base=5) == [Global("collections.OrderedDict", 5, "")]
+
+
+def test_bytes_after_the_pickles_that_read_as_opcodes_are_not_walked():
+    """A legacy file's raw storage bytes follow its pickles; bytes that happen to spell a GLOBAL are
+    no pickle (the next pickle must start with PROTO)."""
+    one = pickle.dumps(collections.OrderedDict, protocol=2)
+    assert [g.name for g in globals_in(one + b"cos\nsystem\n.")] == ["collections.OrderedDict"]
+
+
+def test_the_first_refused_global_counts_from_the_start_of_the_source_by_default():
+    data = pickle.dumps([collections.OrderedDict, os.path.join], protocol=2)
+    assert first_refused(data).offset == _where(data)[1]
