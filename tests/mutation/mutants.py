@@ -90,7 +90,7 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
        for name in ("formats/torchzip", "formats/archive_tensors", "formats/torchfile", "pickleloop", "pickles",
                     "zipcheck")},
     "tiecheck/loaders/formats/onnx_files.py": (None, ["tests/test_onnx_files_hostile.py", "tests/test_onnx_files.py"]),
-    "tiecheck/loaders/onnx_graph.py": (None, ["tests/test_onnx_files.py"]),
+    "tiecheck/loaders/onnx_graph.py": (None, ["tests/test_onnx_files.py", "tests/test_onnx_files_hostile.py"]),
     "tiecheck/loaders/formats/gguf_files.py": (None, ["tests/test_gguf_files_hostile.py", "tests/test_gguf_files_report.py",
                                                       "tests/test_gguf_files.py"]),
     **{f"tiecheck/loaders/{name}.py": (None, [*first, "tests/test_hf_key_match.py", "tests/test_hf_renamed.py",
