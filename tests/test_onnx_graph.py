@@ -103,6 +103,7 @@ def test_transpose_with_the_default_or_swapping_perm_is_followed(tmp_path, attrs
     path = save(tmp_path, model, external=external)
     sub = load_onnx(path)
     assert pairs_of(sub) == [("E", "E", "head", "MatMul", "one tensor", ["Transpose t"])]
+    assert sub.extra["onnx"]["embedding_head"][0]["bytes_copied"] == 0  # one initializer: nothing stored twice
     assert sub.extra["onnx"]["aliases"] == ["head:B"]
     # the alias is read where the embedding is: from its data file when it has one
     assert sub.file_spans.get("head:B") == sub.file_spans.get("E") == (sub.file_spans["E"] if external else None)
@@ -194,6 +195,7 @@ def test_equal_embeddings_give_the_first_in_graph_order(tmp_path):
     nodes = [gather("E2", "x2", "emb2"), gather("E1", "x1", "emb1"), helper.make_node("MatMul", ["x1", "H"], ["y"])]
     sub = load(tmp_path, {"E1": e, "E2": e.copy(), "H": e.T.copy()}, nodes)
     assert [(p[0], p[4]) for p in pairs_of(sub)] == [("E2", "transposed copy")]
+    assert sub.extra["onnx"]["embedding_head"][0]["embedding_nodes"] == ["emb2"]  # E2's Gathers, not E1's
 
 
 def test_a_symmetric_embedding_read_by_its_head_is_one_tensor_not_a_copy_of_itself(tmp_path):
@@ -229,6 +231,13 @@ def test_copies_are_compared_block_by_block(tmp_path, monkeypatch, external, cha
     sub = load(tmp_path, {"E": e, "H": h}, [gather("E"), head], external=external)
     assert set(sub.file_spans) == ({"E", "H"} if external else set())
     assert [p[4] for p in pairs_of(sub)] == ([] if changed is not None else [relation])
+
+
+@pytest.mark.parametrize("shape", [(1, D), (V, 1)])
+def test_a_table_of_one_row_or_one_column_is_compared(tmp_path, shape):
+    e = table(shape)
+    nodes = [gather("E"), helper.make_node("MatMul", ["x", "H"], ["y"])]
+    assert [p[4] for p in pairs_of(load(tmp_path, {"E": e, "H": e.T.copy()}, nodes))] == ["transposed copy"]
 
 
 def test_only_the_bytes_of_the_same_type_are_a_copy(tmp_path):
@@ -298,3 +307,12 @@ def test_pairs_are_listed_up_to_max_pairs(tmp_path, monkeypatch, heads, listed, 
     sub = load(tmp_path, {"E": e}, nodes, tuple(f"y{k}" for k in range(heads)))
     assert len(sub.extra["onnx"]["embedding_head"]) == listed
     assert ("the graph's embedding/head pairs are listed up to 2" in sub.source.notes) == note
+
+
+def test_at_most_1024_pairs_are_listed(tmp_path):
+    """docs/schema.md's bound: 1,025 heads reading one embedding give 1,024 pairs and the note."""
+    nodes = [gather("E"), helper.make_node("Transpose", ["E"], ["Et"], name="t"),
+             *[helper.make_node("MatMul", ["x", "Et"], [f"y{k}"], name=f"h{k}") for k in range(1025)]]
+    sub = load(tmp_path, {"E": table()}, nodes, ("y0",), check=False)
+    assert len(sub.extra["onnx"]["embedding_head"]) == 1024
+    assert "the graph's embedding/head pairs are listed up to 1,024" in sub.source.notes

@@ -98,7 +98,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                               "tests/test_hf_conversion.py", "tests/test_loaders_weights_in_hf_folder.py",
                                               "tests/test_loaders.py"])
        for name, first in (("formats/hf", ["tests/test_hf_folder_files.py"]),
-                           ("hf_architecture", ["tests/test_hf_architecture_budget.py"]), ("hf_reconcile", []))},
+                           ("hf_architecture", ["tests/test_hf_architecture_budget.py"]),
+                           ("hf_reconcile", ["tests/test_layers_config_tie.py", "tests/test_formats.py"]))},
     **{f"tiecheck/{name}.py": (None, ["tests/test_runtime_saved_verdicts.py", "tests/test_runtime_guard.py",
                                       "tests/test_sharded_aliases.py"])
        for name in ("runtime", "integrations/lightning")},
