@@ -233,11 +233,14 @@ def test_copies_are_compared_block_by_block(tmp_path, monkeypatch, external, cha
     assert [p[4] for p in pairs_of(sub)] == ([] if changed is not None else [relation])
 
 
+@pytest.mark.parametrize("external", [False, True])
 @pytest.mark.parametrize("shape", [(1, D), (V, 1)])
-def test_a_table_of_one_row_or_one_column_is_compared(tmp_path, shape):
+def test_a_table_of_one_row_or_one_column_is_compared(tmp_path, shape, external):
+    """The head last in the data file: a read one element too wide would run past its end."""
     e = table(shape)
     nodes = [gather("E"), helper.make_node("MatMul", ["x", "H"], ["y"])]
-    assert [p[4] for p in pairs_of(load(tmp_path, {"E": e, "H": e.T.copy()}, nodes))] == ["transposed copy"]
+    sub = load(tmp_path, {"E": e, "H": e.T.copy()}, nodes, external=external)
+    assert [p[4] for p in pairs_of(sub)] == ["transposed copy"]
 
 
 def test_only_the_bytes_of_the_same_type_are_a_copy(tmp_path):
@@ -316,3 +319,34 @@ def test_at_most_1024_pairs_are_listed(tmp_path):
     sub = load(tmp_path, {"E": table()}, nodes, ("y0",), check=False)
     assert len(sub.extra["onnx"]["embedding_head"]) == 1024
     assert "the graph's embedding/head pairs are listed up to 1,024" in sub.source.notes
+
+
+def test_a_gemm_without_trans_b_reads_b_as_stored(tmp_path):
+    """Gemm's transB defaults to 0: a Transpose before it is the one transpose, and H a plain copy read transposed."""
+    e = table()
+    nodes = [gather("E"), helper.make_node("Transpose", ["H"], ["Ht"], name="t"),
+             helper.make_node("Gemm", ["x", "Ht"], ["y"], name="head")]
+    model = build({"E": e, "H": e.copy()}, nodes)
+    (y,) = ReferenceEvaluator(model).run(None, {"ids": np.array([2], dtype=np.int64)})
+    np.testing.assert_allclose(y, e[[2]] @ e.T, rtol=1e-6)
+    assert pairs_of(load_onnx(save(tmp_path, model))) == [("E", "H", "head", "Gemm", "copy", ["Transpose t"])]
+
+
+def test_a_copy_read_through_two_transposes_is_no_head_of_that_embedding(tmp_path):
+    """Transpose then Gemm(transB=1) reads H as stored: x @ H, not x @ E.T, so H is no copy of the head."""
+    e = table((D, D))
+    nodes = [gather("E"), helper.make_node("Transpose", ["H"], ["Ht"]),
+             helper.make_node("Gemm", ["x", "Ht"], ["y"], name="head", transB=1)]
+    sub = load(tmp_path, {"E": e, "H": e.copy()}, nodes)
+    assert pairs_of(sub) == []
+    assert not [n for n in sub.source.notes if "a copy of it" in n]
+
+
+def test_four_transposes_read_the_embedding_as_stored(tmp_path):
+    e = table()
+    names = ["E", "a", "b", "c", "d"]
+    nodes = [gather("E"), *[helper.make_node("Transpose", [p], [n]) for p, n in itertools.pairwise(names)],
+             helper.make_node("MatMul", ["x", "d"], ["y"], name="head")]
+    sub = load(tmp_path, {"E": e}, nodes, check=False)
+    assert [p[4] for p in pairs_of(sub)] == ["one tensor"]
+    assert torch.equal(sub.tensors["head:B"], sub.tensors["E"])

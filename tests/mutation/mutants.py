@@ -99,7 +99,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                               "tests/test_loaders.py"])
        for name, first in (("formats/hf", ["tests/test_hf_folder_files.py"]),
                            ("hf_architecture", ["tests/test_hf_architecture_budget.py"]),
-                           ("hf_reconcile", ["tests/test_layers_config_tie.py", "tests/test_formats.py"]))},
+                           ("hf_reconcile", ["tests/test_hf_reconcile.py", "tests/test_layers_config_tie.py",
+                                            "tests/test_formats.py"]))},
     **{f"tiecheck/{name}.py": (None, ["tests/test_runtime_saved_verdicts.py", "tests/test_runtime_guard.py",
                                       "tests/test_sharded_aliases.py"])
        for name in ("runtime", "integrations/lightning")},
