@@ -97,8 +97,7 @@ class _Reader:
             os.close(fd)
 
     def _np(self, t: torch.Tensor, data: bytes) -> np.ndarray:
-        return np.frombuffer(data, dtype=np.dtype(f"u{t.element_size()}") if t.element_size() in (1, 2, 4, 8)
-                             else np.uint8)
+        return np.frombuffer(data, dtype=_element(t.element_size()))
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         t = self.tensors[name]
@@ -135,10 +134,14 @@ class _Reader:
         return self._np(t, b"".join(parts)).reshape(t.shape[0], stop - start)
 
 
+def _element(size: int) -> np.dtype:
+    """One array element per tensor element, compared by its bytes: an unsigned integer of its width, or
+    raw bytes of that width for the 16-byte complex128 (numpy has no 16-byte integer)."""
+    return np.dtype(f"u{size}") if size in (1, 2, 4, 8) else np.dtype(f"V{size}")
+
+
 def _bits(t: torch.Tensor) -> np.ndarray:
-    size = t.element_size()
-    raw = t.contiguous().view(torch.uint8).numpy()
-    return raw.view(np.dtype(f"u{size}")) if size in (1, 2, 4, 8) else raw
+    return t.contiguous().view(torch.uint8).numpy().view(_element(t.element_size()))
 
 
 def transposed_equal(reader: _Reader, a: str, b: str) -> bool:
@@ -151,8 +154,6 @@ def transposed_equal(reader: _Reader, a: str, b: str) -> bool:
     if ta.dim() != 2 or tuple(tb.shape) != tuple(ta.shape)[::-1] or ta.dtype != tb.dtype:
         return False
     rows, cols = ta.shape
-    if rows == 0 or cols == 0:
-        return True
     step = max(1, BLOCK_BYTES // max(1, cols * ta.element_size()))
     # A cheap first look: row 0 of a against column 0 of b rules out unrelated tensors.
     if not np.array_equal(reader.rows(a, 0, 1)[0], reader.columns(b, 0, 1)[:, 0]):
@@ -213,7 +214,7 @@ def _copies(reader: _Reader, embeddings: list[str], heads: dict[str, list[Use]])
     wanted_t, wanted = {}, {}  # (dtype, shape) -> heads that could hold a transpose / a plain copy
     for head, uses in heads.items():
         h = tensors[head]
-        if h.dim() == 2:
+        if h.dim() == 2 and h.numel():  # an empty head holds no bytes, so none stored twice
             key = (h.dtype, tuple(h.shape))
             wanted_t.setdefault(key, []).append(head)
             if any(u.transposes % 2 for u in uses):
