@@ -39,6 +39,8 @@ class ThreeWay(nn.Module):
 
 NAMES = ("aux.weight", "emb.weight", "head.weight")
 
+pytest_plugins = ["pytester"]
+
 
 def _untie(module: nn.Module) -> nn.Parameter:
     module.weight = nn.Parameter(module.weight.detach().clone())
@@ -184,6 +186,8 @@ def test_declared_false_guards_only_what_is_tied_now():
     model = transformers.GPT2LMHeadModel(cfg)
     _untie(model.lm_head)  # the config still declares the tie
     assert TieGuard(model, declared=False).ties == []
+    assert runtime.record_ties(model, declared=False) == []
+    assert runtime.record_ties(model) == TieGuard(model).ties  # declared ties by default
     [tie] = TieGuard(model).ties
     assert (tie.names, tie.held_at_build) == (("lm_head.weight", "transformer.wte.weight"), False)
 
@@ -254,3 +258,41 @@ def test_under_a_process_group_only_the_report_rank_gives_the_details(rank, repo
     else:
         assert str(err.value) == (f"rank {rank}: 1 tie lost, found at after fully_shard: dec.weight, enc.weight "
                                   f"(rank {report_rank} reports the details)")
+
+
+LOST_IN_A_TEST = """
+import warnings
+
+import torch
+from torch import nn
+
+from tiecheck.runtime import StepWatch, TieGuard
+
+
+def _lost(on_lost):
+    model = nn.Sequential(nn.Embedding(4, 2), nn.Linear(2, 4, bias=False))
+    model[1].weight = model[0].weight
+    guard = TieGuard(model, on_lost=on_lost)
+    model[1].weight = nn.Parameter(model[0].weight.detach().clone())
+    return guard
+
+
+def test_check():
+    _lost("raise").check(where="here")
+
+
+def test_watch():
+    StepWatch().check(_lost("raise"), "there")
+"""
+
+
+def test_a_lost_tie_in_a_users_test_shows_the_users_line_not_the_guards(pytester):
+    pytester.makepyfile(test_lost=LOST_IN_A_TEST)
+    result = pytester.runpytest_inprocess("-p", "no:hypothesispytest", "-p", "no:cacheprovider", "--tb=long")
+    result.assert_outcomes(failed=2)
+    out = result.stdout.str()
+    assert "TieLostError: 1 tie lost, found at here:" in out
+    assert "TieLostError: 1 tie lost, found at there:" in out
+    # pytest hides the frames that set __tracebackhide__: the failure points at the test's own call.
+    assert "runtime.py" not in out
+    assert out.count("_lost(\"raise\").check(where=\"here\")") == 1
