@@ -5,6 +5,7 @@ the copies, an error inside the ``with`` block, and what a star import brings.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 
@@ -296,3 +297,29 @@ def test_a_lost_tie_in_a_users_test_shows_the_users_line_not_the_guards(pytester
     # pytest hides the frames that set __tracebackhide__: the failure points at the test's own call.
     assert "runtime.py" not in out
     assert out.count("_lost(\"raise\").check(where=\"here\")") == 1
+
+
+def test_the_records_are_frozen_and_hashable():
+    model = ThreeWay()
+    guard = TieGuard(model)
+    _untie(model.dec)
+    records = [*guard.ties, *guard.lost(where="x"), runtime.SavedTie(NAMES, True, ("emb.weight",), "kept")]
+    assert len(set(records)) == 4  # usable as set members and dict keys
+    for record in records:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            record.names = ()
+
+
+def test_a_weight_swapped_for_a_plain_tensor_is_still_found():
+    """As FSDP's flat parameter and ``torch.func.functional_call`` do: the Parameter is deleted and a
+    plain tensor set as an attribute in its place."""
+    model = ThreeWay()
+    guard = TieGuard(model)
+    del model.dec.weight
+    model.dec.weight = model.enc.weight.detach()  # a plain tensor over the same memory
+    [lost] = guard.lost(where="x")
+    assert lost.now == "2 distinct Parameters over one memory: gradients are no longer shared"
+    del model.dec.weight
+    model.dec.weight = model.enc.weight.detach().clone()
+    [lost] = guard.lost(where="x")
+    assert lost.now == "2 separate copies: dec.weight | enc.weight"

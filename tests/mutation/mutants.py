@@ -98,9 +98,10 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                               "tests/test_loaders.py"])
        for name, first in (("formats/hf", ["tests/test_hf_folder_files.py"]),
                            ("hf_architecture", ["tests/test_hf_architecture_budget.py"]), ("hf_reconcile", []))},
-    **{f"tiecheck/{name}.py": (None, ["tests/test_runtime_saved_verdicts.py", "tests/test_runtime_guard.py",
-                                      "tests/test_sharded_aliases.py"])
-       for name in ("runtime", "integrations/lightning")},
+    "tiecheck/runtime.py": (None, ["tests/test_runtime_guard_paths.py", "tests/test_runtime_saved_verdicts.py",
+                                   "tests/test_runtime_guard.py", "tests/test_sharded_aliases.py"]),
+    "tiecheck/integrations/lightning.py": (None, ["tests/test_runtime_saved_verdicts.py", "tests/test_runtime_guard.py",
+                                                  "tests/test_sharded_aliases.py"]),
     "tiecheck/integrations/transformers.py": (None, ["tests/test_transformers_callback.py",
                                                      "tests/test_runtime_saved_verdicts.py",
                                                      "tests/test_runtime_guard.py", "tests/test_sharded_aliases.py"]),
