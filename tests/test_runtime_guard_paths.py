@@ -189,6 +189,24 @@ def test_declared_false_guards_only_what_is_tied_now():
     assert TieGuard(model, declared=False).ties == []
     assert runtime.record_ties(model, declared=False) == []
     assert runtime.record_ties(model) == TieGuard(model).ties  # declared ties by default
+
+
+def test_a_tie_the_model_does_not_declare_is_not_retied_by_tie_weights():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    block = model.transformer.h[0]
+    block.ln_2.weight = block.ln_1.weight  # a tie of the user's own: transformers' tie_weights() knows nothing of it
+    guard = TieGuard(model)
+    _untie(block.ln_2)
+    _untie(model.lm_head)
+    lost = {t.names: t.retie for t in guard.lost(where="x")}
+    assert lost == {
+        ("lm_head.weight", "transformer.wte.weight"): "model.tie_weights(), or model.lm_head.weight = "
+                                                      "model.transformer.wte.weight",
+        ("transformer.h.0.ln_1.weight", "transformer.h.0.ln_2.weight"): "model.transformer.h[0].ln_2.weight = "
+                                                                        "model.transformer.h[0].ln_1.weight"}
     [tie] = TieGuard(model).ties
     assert (tie.names, tie.held_at_build) == (("lm_head.weight", "transformer.wte.weight"), False)
 
@@ -220,6 +238,7 @@ def test_a_step_watch_reports_a_tie_once_a_new_one_again_and_every_save():
     guard = TieGuard(model, on_lost="warn")
     watch = StepWatch(check_every=2)
     assert [watch.due(s) for s in (1, 2, 3, 4)] == [False, True, False, True]
+    assert [StepWatch().due(s) for s in (1, 2, 3)] == [True, True, True]  # every step by default
     _untie(model.dec)
 
     def said(**kw) -> list[str]:
@@ -323,3 +342,27 @@ def test_a_weight_swapped_for_a_plain_tensor_is_still_found():
     model.dec.weight = model.enc.weight.detach().clone()
     [lost] = guard.lost(where="x")
     assert lost.now == "2 separate copies: dec.weight | enc.weight"
+
+
+def test_a_model_whose_config_unties_the_head_is_not_guarded_for_it():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0, tie_word_embeddings=False)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    guard = TieGuard(model)  # transformers declares the pair untied: nothing to guard, no false alarm
+    assert guard.ties == []
+    assert guard.check(where="x") == []
+
+
+def test_a_declared_tie_whose_head_was_removed_is_not_guarded():
+    """A causal LM used as a feature extractor, its head dropped: the class still declares the tie."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.lm_head = None
+    assert runtime.declared_ties(model)[0] == {"lm_head.weight": "transformer.wte.weight"}
+    guard = TieGuard(model)
+    assert guard.ties == []
+    assert guard.check(where="x") == []
