@@ -15,11 +15,13 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-from tiecheck.runtime import TieGuard, TieLostError, TieLostWarning
+from tiecheck.runtime import TieLostError, TieLostWarning
 
 pl = pytest.importorskip("lightning.pytorch")
 # Imported plainly once lightning is there: a packaging break must fail these tests, not skip them.
 from tiecheck.integrations import lightning as lit_callbacks  # noqa: E402 - after the importorskip that guards it
+
+from support.guards import record_checks  # noqa: E402 - idem
 
 
 class TinyLM(nn.Module):
@@ -98,18 +100,6 @@ def _trainer(tmp_path, callbacks, max_steps=2, **kw) -> pl.Trainer:
                       default_root_dir=str(tmp_path), **kw)
 
 
-def _record_checks(guard: TieGuard) -> list[str]:
-    seen: list[str] = []
-    check = guard.check
-
-    def recording(where="check", **kw):
-        seen.append(where)
-        return check(where, **kw)
-
-    guard.check = recording
-    return seen
-
-
 def test_star_import_brings_the_callback_only():
     namespace: dict = {}
     exec("from tiecheck.integrations.lightning import *", namespace)  # what a user's star import binds
@@ -126,7 +116,7 @@ def test_ties_of_a_module_built_in_configure_model_are_recorded_at_fit_start(tmp
 def test_with_accumulation_each_optimizer_step_is_checked_once(tmp_path):
     module = Lit(batches=4)
     cb = lit_callbacks.TiecheckCallback(module)
-    seen = _record_checks(cb.guard)
+    seen = record_checks(cb.guard)
     _trainer(tmp_path, [cb], accumulate_grad_batches=2).fit(module)
     assert seen == ["on_fit_start (after setup, configure_model and the strategy's setup)", "step 1", "step 2",
                     "on_train_end at step 2"]
@@ -155,7 +145,7 @@ def test_a_kept_checkpoint_is_logged_and_a_resumed_run_is_checked_on_load(tmp_pa
 
     resumed = Lit()
     cb2 = lit_callbacks.TiecheckCallback(resumed)
-    seen = _record_checks(cb2.guard)
+    seen = record_checks(cb2.guard)
     _trainer(tmp_path, [cb2], max_steps=3).fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
     assert seen == ["on_load_checkpoint (after the weights were restored)",
                     "on_fit_start (after setup, configure_model and the strategy's setup)", "step 3",
