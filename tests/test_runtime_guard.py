@@ -28,6 +28,7 @@ save_model = pytest.importorskip("safetensors.torch").save_model
 from tiecheck.integrations import lightning as lit_callbacks  # noqa: E402 - after the importorskips that guard it
 from tiecheck.integrations import transformers as hf_callbacks  # noqa: E402 - idem
 
+from support.guards import record_checks  # noqa: E402 - beside the support import below
 from support.hf import ReplaceHeadAt  # noqa: E402 - imports transformers, guarded above
 
 
@@ -318,22 +319,9 @@ def test_trainer_on_save_says_the_checkpoint_keeps_the_tie_and_resume_is_checked
 
     resumed = _gpt2()
     cb2 = hf_callbacks.TiecheckCallback(resumed)
-    seen = _record_checks(cb2.guard)
+    seen = record_checks(cb2.guard)
     _train_hf(tmp_path, resumed, [cb2], max_steps=3, resume=folder)
     assert seen == ["on_train_begin (after resuming at step 2)", "step 3", "on_train_end at step 3"]
-
-
-def _record_checks(guard: TieGuard) -> list[str]:
-    """The points the guard is checked at, in order, as the callbacks name them."""
-    seen: list[str] = []
-    check = guard.check
-
-    def recording(where="check", **kw):
-        seen.append(where)
-        return check(where, **kw)
-
-    guard.check = recording
-    return seen
 
 
 def _checkpoints(tmp_path) -> list[str]:
@@ -358,7 +346,7 @@ def test_trainer_tie_broken_mid_run_is_found_at_that_step_and_never_saved(tmp_pa
 def test_trainer_check_every_thins_the_steps_but_never_the_check_before_a_save(tmp_path):
     model = _gpt2()
     cb = hf_callbacks.TiecheckCallback(model, check_every=10)
-    seen = _record_checks(cb.guard)
+    seen = record_checks(cb.guard)
     with pytest.raises(TieLostError) as err:
         _train_hf(tmp_path, model, [ReplaceHeadAt(3), cb], max_steps=10, save_strategy="steps", save_steps=5)
     folder = tmp_path / "out" / "checkpoint-5"

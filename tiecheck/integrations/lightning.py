@@ -71,6 +71,11 @@ class TiecheckCallback(Callback):
         self.watch.check(self._guard(pl_module, empty_ok=True),
                          "on_fit_start (after setup, configure_model and the strategy's setup)", _one_optimizer(trainer))
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The step the loop starts from (0, or the step a resumed run restored): a batch that ends
+        # on it only accumulated, so it is no optimizer step to check.
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step != self._last_step and self.watch.due(step):

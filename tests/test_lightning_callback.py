@@ -1,0 +1,201 @@
+"""``TiecheckCallback`` in a real ``lightning.Trainer``, along the paths the training tests do not take:
+a module built in ``configure_model``, gradient accumulation, two optimizers, a resumed run,
+what it logs for a checkpoint that keeps the tie and where its warning points.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+from tiecheck.runtime import TieLostError, TieLostWarning
+
+pl = pytest.importorskip("lightning.pytorch")
+# Imported plainly once lightning is there: a packaging break must fail these tests, not skip them.
+from tiecheck.integrations import lightning as lit_callbacks  # noqa: E402 - after the importorskip that guards it
+
+from support.guards import record_checks  # noqa: E402 - idem
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(32, 8)
+        self.head = nn.Linear(8, 32, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)))
+
+
+TIE = ("model.emb.weight", "model.head.weight")
+
+
+class Lit(pl.LightningModule):
+    def __init__(self, batches: int = 4):
+        super().__init__()
+        self.model = TinyLM()
+        self.batches = batches
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return nn.functional.cross_entropy(self.model(x).flatten(0, 1), x.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randint(0, 32, (2 * self.batches, 6), generator=g))
+        return torch.utils.data.DataLoader(data, batch_size=2)
+
+
+class BuiltInConfigureModel(Lit):
+    """No parameters until ``configure_model``, as a module built for FSDP or on meta does."""
+
+    def __init__(self):
+        pl.LightningModule.__init__(self)
+        self.batches = 4
+
+    def configure_model(self):
+        if not hasattr(self, "model"):
+            self.model = TinyLM()
+
+
+class TwoOptimizers(Lit):
+    """Manual optimization with an optimizer per part: no single optimizer to describe."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.proj = nn.Linear(8, 8)
+
+    def setup(self, stage):
+        self.model.head.weight = nn.Parameter(self.model.head.weight.detach().clone())
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        loss = nn.functional.cross_entropy(self.model.head(self.proj(self.model.emb(x))).flatten(0, 1), x.flatten())
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.model.parameters(), lr=1e-2), torch.optim.SGD(self.proj.parameters(), lr=1e-2)
+
+
+def _trainer(tmp_path, callbacks, max_steps=2, **kw) -> pl.Trainer:
+    return pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                      default_root_dir=str(tmp_path), **kw)
+
+
+def test_star_import_brings_the_callback_only():
+    namespace: dict = {}
+    exec("from tiecheck.integrations.lightning import *", namespace)  # what a user's star import binds
+    assert sorted(set(namespace) - {"__builtins__"}) == ["TiecheckCallback"]
+
+
+def test_ties_of_a_module_built_in_configure_model_are_recorded_at_fit_start(tmp_path):
+    cb = lit_callbacks.TiecheckCallback()
+    _trainer(tmp_path, [cb]).fit(BuiltInConfigureModel())
+    assert [t.names for t in cb.guard.ties] == [TIE]
+    assert cb.guard.checks == 4  # on_fit_start, steps 1 and 2, on_train_end
+
+
+def test_with_accumulation_each_optimizer_step_is_checked_once(tmp_path):
+    module = Lit(batches=4)
+    cb = lit_callbacks.TiecheckCallback(module)
+    seen = record_checks(cb.guard)
+    _trainer(tmp_path, [cb], accumulate_grad_batches=2).fit(module)
+    assert seen == ["on_fit_start (after setup, configure_model and the strategy's setup)", "step 1", "step 2",
+                    "on_train_end at step 2"]
+
+
+def test_with_two_optimizers_the_message_describes_none(tmp_path):
+    with pytest.raises(TieLostError) as err:
+        _trainer(tmp_path, [lit_callbacks.TiecheckCallback()]).fit(TwoOptimizers())
+    msg = str(err.value)
+    assert msg.startswith("1 tie lost, found at on_fit_start")
+    assert "optimizer:" not in msg
+    assert "then build the optimizer again" not in msg
+
+
+def test_a_kept_checkpoint_is_logged_and_a_resumed_run_is_checked_on_load(tmp_path, caplog):
+    module = Lit()
+    cb = lit_callbacks.TiecheckCallback(module)
+    trainer = _trainer(tmp_path, [cb])
+    trainer.fit(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TieLostWarning)
+        with caplog.at_level(logging.INFO, logger="tiecheck"):
+            trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert [r.getMessage() for r in caplog.records if r.name == "tiecheck"] == [
+        f"checkpoint at step 2: {', '.join(TIE)}: kept: every name over one storage (torch.save writes it once)"]
+
+    resumed = Lit()
+    cb2 = lit_callbacks.TiecheckCallback(resumed)
+    seen = record_checks(cb2.guard)
+    _trainer(tmp_path, [cb2], max_steps=3).fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert seen == ["on_load_checkpoint (after the weights were restored)",
+                    "on_fit_start (after setup, configure_model and the strategy's setup)", "step 3",
+                    "on_train_end at step 3"]
+
+
+class DropHead(pl.Callback):
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        del checkpoint["state_dict"]["model.head.weight"]
+
+
+def test_a_checkpoint_that_loses_the_tie_warns_from_lightnings_hook_caller(tmp_path):
+    module = Lit()
+    cb = lit_callbacks.TiecheckCallback(module)
+    trainer = _trainer(tmp_path, [DropHead(), cb], max_steps=1)
+    trainer.fit(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.save_checkpoint(tmp_path / "last.ckpt")
+    [w] = [w for w in caught if issubclass(w.category, TieLostWarning)]
+    assert str(w.message).startswith("checkpoint at step 1: model.emb.weight, model.head.weight: NOT kept: only ")
+    # stacklevel=2: the warning points into Lightning's _call_callbacks_on_save_checkpoint, the frame that
+    # called the hook.
+    caller = pl.trainer.call._call_callbacks_on_save_checkpoint
+    lines, first = inspect.getsourcelines(caller)
+    assert w.filename == inspect.getsourcefile(caller)
+    assert first <= w.lineno < first + len(lines)
+
+
+def test_saved_tensors_on_meta_or_not_tensors_are_never_one_storage():
+    with torch.device("meta"):
+        w = torch.empty(4, 2)
+    assert lit_callbacks._storage(w) is None
+    assert lit_callbacks._storage([1.0]) is None
+    assert not lit_callbacks._saved(("a", "b"), {"a": w, "b": w}).kept
+    assert not lit_callbacks._saved(("a", "b"), {"a": 1.0, "b": 1.0}).kept
+    shared = torch.ones(4, 2)
+    assert lit_callbacks._saved(("a", "b"), {"a": shared, "b": shared}).kept
+
+
+def test_dtensors_over_one_local_shard_are_one_storage(tmp_path):
+    """A state dict of DTensors (FSDP2, ModelParallelStrategy) is read by its local shards, with no gather."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = distribute_tensor(torch.ones(4, 2), mesh, [Replicate()])
+        same = DTensor.from_local(w.to_local(), mesh, [Replicate()], run_check=False)  # another DTensor, one shard
+        apart = distribute_tensor(torch.ones(4, 2), mesh, [Replicate()])
+        assert lit_callbacks._saved(("a", "b"), {"a": w, "b": same}).kept
+        assert not lit_callbacks._saved(("a", "b"), {"a": w, "b": apart}).kept
+    finally:
+        dist.destroy_process_group()
