@@ -108,7 +108,7 @@ def test_a_path_through_something_that_is_not_a_module_is_gone():
     (["emb"], "half gradient: only emb.weight is in its param groups; aux.weight, head.weight never change, and "
               "emb.weight learns from its own use alone"),
     (["emb", "aux"], "half gradient: only aux.weight, emb.weight are in its param groups; head.weight never changes, "
-                     "and aux.weight, emb.weight learns from its own use alone"),
+                     "and aux.weight, emb.weight each learn from their own use alone"),
 ])
 def test_half_gradient_names_each_side_in_the_singular_or_plural(held, text):
     model = ThreeWay()

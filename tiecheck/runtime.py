@@ -186,7 +186,8 @@ def _optimizer_cost(objects: list[tuple[str, Any]], one_memory: bool, optimizer:
     if inside:
         return (f"half gradient: only {', '.join(inside)} {'is' if len(inside) == 1 else 'are'} in its param groups; "
                 f"{', '.join(outside)} never {'changes' if len(outside) == 1 else 'change'}, and "
-                f"{', '.join(inside)} learns from its own use alone")
+                f"{', '.join(inside)} {'learns' if len(inside) == 1 else 'each learn'} from {'its' if len(inside) == 1 else 'their'} "
+                f"own use alone")
     return ("none of them is in its param groups: it steps Parameters the model no longer uses "
             "(re-tie, then build the optimizer again)")
 
