@@ -184,10 +184,10 @@ def _optimizer_cost(objects: list[tuple[str, Any]], one_memory: bool, optimizer:
         return (f"double update: {', '.join(inside)} are all in its param groups, each stepped with its own part of "
                 f"the gradient, so the copies drift apart")
     if inside:
-        return (f"half gradient: only {', '.join(inside)} {'is' if len(inside) == 1 else 'are'} in its param groups; "
+        one = len(inside) == 1
+        return (f"half gradient: only {', '.join(inside)} {'is' if one else 'are'} in its param groups; "
                 f"{', '.join(outside)} never {'changes' if len(outside) == 1 else 'change'}, and "
-                f"{', '.join(inside)} {'learns' if len(inside) == 1 else 'each learn'} from {'its' if len(inside) == 1 else 'their'} "
-                f"own use alone")
+                f"{', '.join(inside)} {'learns from its' if one else 'each learn from their'} own use alone")
     return ("none of them is in its param groups: it steps Parameters the model no longer uses "
             "(re-tie, then build the optimizer again)")
 
