@@ -22,43 +22,13 @@ pl = pytest.importorskip("lightning.pytorch")
 from tiecheck.integrations import lightning as lit_callbacks  # noqa: E402 - after the importorskip that guards it
 
 from support.guards import record_checks  # noqa: E402 - idem
-
-
-class TinyLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(32, 8)
-        self.head = nn.Linear(8, 32, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.emb(x)))
-
+from support.lit import LitEmbHead  # noqa: E402 - idem
+from support.models import EmbHead  # noqa: E402 - idem
 
 TIE = ("model.emb.weight", "model.head.weight")
 
 
-class Lit(pl.LightningModule):
-    def __init__(self, batches: int = 4):
-        super().__init__()
-        self.model = TinyLM()
-        self.batches = batches
-
-    def training_step(self, batch, batch_idx):
-        (x,) = batch
-        return nn.functional.cross_entropy(self.model(x).flatten(0, 1), x.flatten())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        data = torch.utils.data.TensorDataset(torch.randint(0, 32, (2 * self.batches, 6), generator=g))
-        return torch.utils.data.DataLoader(data, batch_size=2)
-
-
-class BuiltInConfigureModel(Lit):
+class BuiltInConfigureModel(LitEmbHead):
     """No parameters until ``configure_model``, as a module built for FSDP or on meta does."""
 
     def __init__(self):
@@ -67,10 +37,10 @@ class BuiltInConfigureModel(Lit):
 
     def configure_model(self):
         if not hasattr(self, "model"):
-            self.model = TinyLM()
+            self.model = EmbHead()
 
 
-class TwoOptimizers(Lit):
+class TwoOptimizers(LitEmbHead):
     """Manual optimization with an optimizer per part: no single optimizer to describe."""
 
     def __init__(self):
@@ -114,7 +84,7 @@ def test_ties_of_a_module_built_in_configure_model_are_recorded_at_fit_start(tmp
 
 
 def test_with_accumulation_each_optimizer_step_is_checked_once(tmp_path):
-    module = Lit(batches=4)
+    module = LitEmbHead(batches=4)
     cb = lit_callbacks.TiecheckCallback(module)
     seen = record_checks(cb.guard)
     _trainer(tmp_path, [cb], accumulate_grad_batches=2).fit(module)
@@ -132,7 +102,7 @@ def test_with_two_optimizers_the_message_describes_none(tmp_path):
 
 
 def test_a_kept_checkpoint_is_logged_and_a_resumed_run_is_checked_on_load(tmp_path, caplog):
-    module = Lit()
+    module = LitEmbHead()
     cb = lit_callbacks.TiecheckCallback(module)
     trainer = _trainer(tmp_path, [cb])
     trainer.fit(module)
@@ -143,7 +113,7 @@ def test_a_kept_checkpoint_is_logged_and_a_resumed_run_is_checked_on_load(tmp_pa
     assert [r.getMessage() for r in caplog.records if r.name == "tiecheck"] == [
         f"checkpoint at step 2: {', '.join(TIE)}: kept: every name over one storage (torch.save writes it once)"]
 
-    resumed = Lit()
+    resumed = LitEmbHead()
     cb2 = lit_callbacks.TiecheckCallback(resumed)
     seen = record_checks(cb2.guard)
     _trainer(tmp_path, [cb2], max_steps=3).fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
@@ -158,7 +128,7 @@ class DropHead(pl.Callback):
 
 
 def test_a_checkpoint_that_loses_the_tie_warns_from_lightnings_hook_caller(tmp_path):
-    module = Lit()
+    module = LitEmbHead()
     cb = lit_callbacks.TiecheckCallback(module)
     trainer = _trainer(tmp_path, [DropHead(), cb], max_steps=1)
     trainer.fit(module)

@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from tiecheck import runtime
 from tiecheck.runtime import GuardedTie, TieLostWarning
@@ -20,19 +19,9 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from tiecheck.integrations import lightning as lit_callbacks  # noqa: E402 - after the importorskips that guard it
 from tiecheck.integrations import transformers as hf_callbacks  # noqa: E402 - idem
 
-DECLARED = "Tiny._tied_weights_keys"
+from support.lit import LitEmbHead  # noqa: E402 - idem
 
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(32, 8)
-        self.head = nn.Linear(8, 32, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.head(self.emb(x))
+DECLARED = "EmbHead._tied_weights_keys"
 
 
 def _folder(tmp_path, name: str, tensors: dict, metadata: dict | None = None):
@@ -104,23 +93,6 @@ def test_a_checkpoint_tiecheck_cannot_read_warns_and_gives_no_verdict(tmp_path):
 
 # --- Lightning: what on_save_checkpoint sees is what Lightning writes ---------------------------
 
-class LitTiny(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = Tiny()
-
-    def training_step(self, batch, batch_idx):
-        (x,) = batch
-        return nn.functional.cross_entropy(self.model(x).flatten(0, 1), x.flatten())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self):
-        data = torch.utils.data.TensorDataset(torch.randint(0, 32, (4, 6), generator=torch.Generator().manual_seed(0)))
-        return torch.utils.data.DataLoader(data, batch_size=2)
-
-
 class CopyHeadInCheckpoint(pl.Callback):
     """Stores the head as a copy of its own in the checkpoint (as a state-dict hook that clones would)."""
 
@@ -145,7 +117,7 @@ def test_lightning_says_not_kept_for_a_checkpoint_that_loses_the_tie(tmp_path, h
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[CopyHeadInCheckpoint(how), cb], default_root_dir=str(tmp_path))
-    trainer.fit(LitTiny())
+    trainer.fit(LitEmbHead(batches=2))
     with pytest.warns(TieLostWarning, match=r"checkpoint at step 1: model.emb.weight, model.head.weight: NOT kept"):
         trainer.save_checkpoint(tmp_path / "last.ckpt")
     [(step, [v])] = cb.saves

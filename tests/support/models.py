@@ -3,7 +3,8 @@
 ``TinyLM`` and its neighbours are decoder-, BERT-, FSDP- and fused-QKV-shaped modules for the
 analyses; ``SnapshotLM`` with ``tied``/``untied``/``broken``/``distinct``/``on_meta`` is the model of
 the guard tests (the pytest plugin's tests copy this file into their temporary projects);
-``TinyExportLM`` is what the export fixtures trace.
+``TinyExportLM`` is what the export fixtures trace; ``EmbHead`` is the training callbacks' smallest
+tied model.
 """
 
 from __future__ import annotations
@@ -145,3 +146,17 @@ class TinyExportLM(nn.Module):
 
     def forward(self, x):
         return self.head(self.norm(self.embed(x)))
+
+
+class EmbHead(nn.Module):
+    """The smallest tied model a training callback sees: a 32 x 8 embedding and its head on one Parameter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(32, 8)
+        self.head = nn.Linear(8, 32, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)))
