@@ -19,6 +19,7 @@ from typing import Any
 
 from tiecheck.loaders.detect import HF_CONFIG
 from tiecheck.loaders.hf_architecture import quiet_transformers
+from tiecheck.loaders.safejson import parse_json
 
 # The flag fix writes. A class may copy it into a sub-config (Pix2StructConfig's text_config): that
 # change builds the model the edit asks for, so it is not held against the edit.
@@ -58,11 +59,11 @@ def edit_refusal(folder: Path, edits: Mapping[str, Any], *, read_back: bool = Tr
     except ImportError:
         return None
     try:
-        raw = json.loads((folder / HF_CONFIG).read_text(encoding="utf-8"))
+        text = (folder / HF_CONFIG).read_text(encoding="utf-8")
+        raw, edited = parse_json(text), parse_json(text)  # parsed twice: the edit needs its own copy
         cls = CONFIG_MAPPING[raw["model_type"]]
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    edited = json.loads(json.dumps(raw))
     for k, v in edits.items():
         set_path(edited, k, v)
     try:
