@@ -170,3 +170,69 @@ def test_the_tie_mapping_includes_the_sub_models_ties(tmp_path):
     assert notes == []
     assert arch.declared == {"decoder.lm_head.weight": "decoder.transformer.wte.weight"}
     assert ("decoder.lm_head.weight", "decoder.transformer.wte.weight") in arch.groups
+
+
+BARE_HEAD_MODEL = """
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from .configuration_tiny import TinyCustomConfig
+
+class HeadView(nn.Module):
+    '''The head, a module of the model holding no Parameter of its own: its weight is the model's bare one.'''
+
+    def __init__(self, weight_of):
+        super().__init__()
+        self._weight_of = weight_of  # the model's attribute, read when asked (loading replaces the Parameter)
+
+    @property
+    def weight(self):
+        return self._weight_of()
+
+class TinyBareHeadForCausalLM(PreTrainedModel):
+    config_class = TinyCustomConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden)
+        self.lm_head_weight = nn.Parameter(torch.zeros(config.vocab_size, config.hidden))
+        self.head = HeadView(lambda: self.lm_head_weight)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+"""
+
+
+def test_a_head_that_is_a_bare_parameter_is_named_by_its_state_dict_key(tmp_path, remote_code_modules):
+    # No transformers class does this (each getter returns a module whose weight is its own), but code shipped in
+    # a folder may: "head.weight" is no key of the state dict, and the head is found by its Parameter's key.
+    folder, cfg = custom_code_folder(tmp_path / "bare_head", model_source=BARE_HEAD_MODEL, tie_word_embeddings=False,
+                                     architectures=None,
+                                     auto_map={"AutoConfig": "configuration_tiny.TinyCustomConfig",
+                                               "AutoModelForCausalLM": "modeling_tiny.TinyBareHeadForCausalLM"})
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True)
+    assert model.get_output_embeddings().weight is model.lm_head_weight
+    assert "head.weight" not in model.state_dict()
+
+    arch, notes = build_architecture(folder, cfg, trust_remote_code=True, stored=1)
+    assert notes == []
+    assert (arch.input_embedding, arch.output_embedding) == ("embed.weight", "lm_head_weight")
+    assert arch.groups == []
+
+
+def test_a_class_that_is_no_pretrained_model_fails_as_transformers_fails(tmp_path, remote_code_modules):
+    source = "from torch import nn\n\nclass TinyPlain(nn.Module):\n    def __init__(self, config):\n" \
+             "        super().__init__()\n        self.embed = nn.Embedding(config.vocab_size, config.hidden)\n"
+    folder, cfg = custom_code_folder(tmp_path / "plain", model_source=source, architectures=None,
+                                     auto_map={"AutoConfig": "configuration_tiny.TinyCustomConfig",
+                                               "AutoModelForCausalLM": "modeling_tiny.TinyPlain"})
+    config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+    with pytest.raises(AttributeError, match="type object 'TinyPlain' has no attribute"):
+        transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+
+    note = only_note(build_architecture(folder, cfg, trust_remote_code=True, stored=1))
+    assert "(AttributeError: type object 'TinyPlain' has no attribute '_from_config')" in note

@@ -185,10 +185,11 @@ def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = Fal
 
             # Initialisers on meta tensors cost seconds (they import torch._dynamo) and do nothing.
             budget = contextlib.nullcontext() if stored is None else registration_budget(tensor_budget(stored), stored)
+            # As transformers' Auto classes build one: a class shipped in the folder that is no PreTrainedModel
+            # (no _from_config, no tie_weights) fails there, and here.
             with torch.device("meta"), skip_init_on_meta(), budget:
-                model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
-            if hasattr(model, "tie_weights"):
-                _tie_as_the_loader_does(transformers, model)
+                model = cls._from_config(config)
+            _tie_as_the_loader_does(transformers, model)
     except ArchitectureTooLarge as e:
         return None, [f"the architecture was not built: {e}, so config.json does not describe these files; "
                       f"analysed the files alone"]
