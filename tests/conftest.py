@@ -53,3 +53,17 @@ def quiet_transformers():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+@pytest.fixture
+def remote_code_modules(tmp_path_factory, monkeypatch):
+    """transformers' cache of code shipped in model folders, in this run's temporary folder, not the user's.
+
+    One folder for the whole run: transformers imports the cached code as submodules of one package,
+    ``transformers_modules``, whose location is fixed by the first import.
+    """
+    dmu = pytest.importorskip("transformers.dynamic_module_utils")
+    cache = tmp_path_factory.getbasetemp() / "hf_modules"
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(cache))
+    monkeypatch.syspath_prepend(str(cache))
+    return cache

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-import transformers.dynamic_module_utils as dmu
 from click.testing import CliRunner
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -24,6 +23,7 @@ from tiecheck.errors import TargetError, UntrustedPickleError
 from tiecheck.loaders.formats.safetensors_files import load_safetensors_file
 
 from support.checkpoints import safetensors_bytes, write_safetensors, write_sharded
+from support.hf import custom_code_folder
 from support.models import TinyLM
 
 transformers = pytest.importorskip("transformers")
@@ -345,64 +345,16 @@ def test_hf_folder_bad_config_and_no_weights(tmp_path):
         tiecheck.analyze(str(folder))
 
 
-CUSTOM_CONFIG = """
-from transformers import PretrainedConfig
-
-class TinyCustomConfig(PretrainedConfig):
-    model_type = "tiecheck-tiny-custom"
-
-    def __init__(self, vocab_size=32, hidden=8, tie_word_embeddings=True, **kwargs):
-        self.vocab_size = vocab_size
-        self.hidden = hidden
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-"""
-
-CUSTOM_MODEL = """
-from torch import nn
-from transformers import PreTrainedModel
-from .configuration_tiny import TinyCustomConfig
-
-class TinyCustomForCausalLM(PreTrainedModel):
-    config_class = TinyCustomConfig
-    _tied_weights_keys = {"head.weight": "embed.weight"}
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.embed = nn.Embedding(config.vocab_size, config.hidden)
-        self.head = nn.Linear(config.hidden, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed
-
-    def get_output_embeddings(self):
-        return self.head
-"""
-
-
-def test_custom_architecture_needs_trust_remote_code(tmp_path):
-    folder = tmp_path / "custom"
-    folder.mkdir()
-    (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
-    (folder / "modeling_tiny.py").write_text(CUSTOM_MODEL)
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "tiecheck-tiny-custom", "architectures": ["TinyCustomForCausalLM"], "vocab_size": 32,
-        "hidden": 8, "tie_word_embeddings": True,
-        "auto_map": {"AutoConfig": "configuration_tiny.TinyCustomConfig",
-                     "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"}}))
-    write_safetensors(folder / "model.safetensors", {"embed.weight": torch.randn(32, 8)})
+def test_custom_architecture_needs_trust_remote_code(tmp_path, remote_code_modules):
+    folder, _ = custom_code_folder(tmp_path / "custom")
 
     r = tiecheck.analyze(str(folder))
     assert groups(r) == []
     assert r.extra["hf"]["architecture"] is None
     assert any("--trust-remote-code" in n and "not run" in n for n in r.source.notes)
 
-    # Trusted: transformers copies the module into its modules cache; point that at tmp_path.
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-        mp.syspath_prepend(str(tmp_path / "modules"))
-        r = tiecheck.analyze(str(folder), trust_remote_code=True)
+    # Trusted: transformers copies the module into its modules cache (the fixture's folder).
+    r = tiecheck.analyze(str(folder), trust_remote_code=True)
     assert groups(r) == [["embed.weight", "head.weight"]]
     assert "TC012" in codes(r)
     assert r.extra["hf"]["architecture"]["class"] == "TinyCustomForCausalLM"

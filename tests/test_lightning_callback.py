@@ -169,3 +169,79 @@ def test_dtensors_over_one_local_shard_are_one_storage(tmp_path):
         assert not lit_callbacks._saved(("a", "b"), {"a": w, "b": apart}).kept
     finally:
         dist.destroy_process_group()
+
+
+class NoParameters(pl.LightningModule):
+    """State in buffers alone (a frozen lookup table); the one tensor trained lives outside the module, so the
+    module has no Parameter and no tie to guard, while optimizer steps are taken."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.register_buffer("table", torch.ones(4))
+        self.outside = [nn.Parameter(torch.zeros(1))]  # in a list: not registered with the module
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward((self.outside[0] * self.table.sum()).sum())
+        opt.step()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.outside, lr=1e-2)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+def test_a_module_without_parameters_is_guarded_with_no_ties_at_every_hook(tmp_path):
+    """Every hook builds the guard if none is built yet, parameters or not; here none ever exist."""
+    module = NoParameters()
+    assert list(module.parameters()) == []
+    cb = lit_callbacks.TiecheckCallback()
+    trainer = _trainer(tmp_path, [cb])
+    trainer.fit(module)
+    assert cb.guard.ties == []
+    assert cb.guard.checks == 4  # on_fit_start, steps 1 and 2, on_train_end
+
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    assert cb.saves == [(2, [])]
+
+    cb2 = lit_callbacks.TiecheckCallback()
+    _trainer(tmp_path, [cb2], max_steps=3).fit(NoParameters(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert cb2.guard.ties == []
+    assert cb2.guard.checks == 4  # on_load_checkpoint, on_fit_start, step 3, on_train_end
+
+    # Saved after validating alone: no fit, so the save is the guard's first hook since setup.
+    cb3 = lit_callbacks.TiecheckCallback()
+    validated = _trainer(tmp_path, [cb3])
+    validated.validate(NoParameters(), verbose=False)
+    assert cb3.guard is None
+    validated.save_checkpoint(tmp_path / "validated.ckpt")
+    assert cb3.saves == [(0, [])]
+
+
+class UntieAfterFirstStep(pl.Callback):
+    """Gives the head its own copy once the first optimizer step is over, as a swapped module does."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1 and pl_module.model.head.weight is pl_module.model.emb.weight:
+            pl_module.model.head.weight = nn.Parameter(pl_module.model.emb.weight.detach().clone())
+
+
+def test_in_warn_mode_a_lost_tie_is_reported_once_not_at_every_later_step(tmp_path):
+    module = LitEmbHead(batches=4)
+    cb = lit_callbacks.TiecheckCallback(module, on_lost="warn")
+    seen = record_checks(cb.guard)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [UntieAfterFirstStep(), cb], max_steps=4).fit(module)
+    lost = [str(w.message) for w in caught if issubclass(w.category, TieLostWarning)]
+    assert seen == ["on_fit_start (after setup, configure_model and the strategy's setup)", "step 1"]
+    assert len(lost) == 1
+    assert lost[0].startswith("1 tie lost, found at step 1:")

@@ -93,6 +93,9 @@ def test_two_modules_removed_and_two_ties_lost():
     assert "  dec.weight, enc.weight: 2 separate copies: dec.weight | enc.weight\n" in msg
     assert [t.names for t in err.value.lost] == [NAMES, ("dec.weight", "enc.weight")]
     assert [f.code for f in err.value.findings] == ["TC009", "TC009"]
+    # One name of the three is left: nothing is stored twice, only the two copies of the other tie are.
+    assert [t.bytes_twice for t in err.value.lost] == [0, 4 * 4 * 4]
+    assert msg.count("stored twice") == 1
 
 
 def test_a_path_through_something_that_is_not_a_module_is_gone():

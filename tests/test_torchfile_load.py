@@ -21,9 +21,11 @@ from click.testing import CliRunner
 import tiecheck.loaders
 from tiecheck.cli import main
 from tiecheck.errors import TargetError, UntrustedPickleError
+from tiecheck.loaders.formats import torchfile
 from tiecheck.loaders.formats.torchfile import load_payload, read_records, torch_load
 
 from support.checkpoints import rewrite_zip_entry
+from support.hf import EMB, tiny_llama
 
 LEGACY_NOTE = "legacy (non-zip) torch.save format: loaded without memory mapping"
 TRUSTED_NOTE = "loaded with --trust-pickle: the file's pickled objects were allowed to run code"
@@ -320,3 +322,38 @@ def test_a_file_that_cannot_be_opened_is_one_line_or_left_to_the_caller(tmp_path
         torch_load(str(gone))
     assert str(e.value) == f"{gone}: cannot read (No such file or directory)"
     assert read_records(str(gone)) is None
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), ValueError("cannot mmap an empty file")],
+                         ids=["io error", "emptied"])
+def test_a_legacy_file_that_cannot_be_mapped_for_its_vetting_is_one_line(tmp_path, monkeypatch, error):
+    """The legacy vetting maps the file after its first bytes were read: a file emptied in between (Python's
+    ``mmap`` refuses an empty file with this ValueError) or a failing disk is one line, not a traceback."""
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+
+    def fail(*_args, **_kwargs):
+        raise error
+
+    monkeypatch.setattr(torchfile.mmap, "mmap", fail)
+    with pytest.raises(TargetError) as e:
+        torch_load(str(path))
+    assert str(e.value) == f"{path}: cannot read ({error.args[-1]})"
+
+
+def test_a_hugging_face_folder_s_bin_file_is_read_by_records_not_by_torch_load(tmp_path, monkeypatch):
+    """A folder's ``pytorch_model.bin`` is read as a lone .bin is, by the records reader with tensors made on
+    access; torch.load (the whole object, which only ``fix`` needs to write a file again) is not called."""
+    llama = tiny_llama(tie=False)
+    llama.save_pretrained(tmp_path)  # transformers 5 writes safetensors; the .bin as transformers 4 wrote it
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(llama.state_dict(), tmp_path / "pytorch_model.bin")
+
+    def no_torch_load(*_args, **_kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torchfile, "torch_load", no_torch_load)
+    sub = tiecheck.loaders.load_path(tmp_path)
+    assert sub.checkpoint is None
+    assert torch.equal(sub.tensors[EMB], llama.state_dict()[EMB])
+    assert sub.file_spans[EMB].path == str(tmp_path / "pytorch_model.bin")

@@ -103,7 +103,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                               "tests/test_hf_conversion.py", "tests/test_loaders_weights_in_hf_folder.py",
                                               "tests/test_loaders.py"])
        for name, first in (("formats/hf", ["tests/test_hf_folder_files.py"]),
-                           ("hf_architecture", ["tests/test_hf_architecture_budget.py"]),
+                           ("hf_architecture", ["tests/test_hf_architecture_budget.py",
+                                               "tests/test_hf_architecture_custom.py"]),
                            ("hf_reconcile", ["tests/test_hf_reconcile.py", "tests/test_layers_config_tie.py",
                                             "tests/test_formats.py"]))},
     "tiecheck/runtime.py": (None, ["tests/test_runtime_guard_paths.py", "tests/test_runtime_saved_verdicts.py",

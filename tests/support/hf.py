@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import save_file
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 V, D = 64, 16
@@ -40,6 +41,63 @@ def tiny_t5_folder(folder: Path, seed: int = 0, **config_json) -> Path:
         written.pop(k, None) if v is None else written.__setitem__(k, v)
     (folder / "config.json").write_text(json.dumps(written, indent=2))
     return folder
+
+
+# A model that ships its own code, as remote-code models on the Hub do: config.json names the two files in
+# ``auto_map`` and transformers imports them only under ``trust_remote_code=True``.
+CUSTOM_CONFIG = """
+from transformers import PretrainedConfig
+
+class TinyCustomConfig(PretrainedConfig):
+    model_type = "tiecheck-tiny-custom"
+
+    def __init__(self, vocab_size=32, hidden=8, tie_word_embeddings=True, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden = hidden
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+"""
+
+CUSTOM_MODEL = """
+from torch import nn
+from transformers import PreTrainedModel
+from .configuration_tiny import TinyCustomConfig
+
+class TinyCustomForCausalLM(PreTrainedModel):
+    config_class = TinyCustomConfig
+    _tied_weights_keys = {"head.weight": "embed.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden)
+        self.head = nn.Linear(config.hidden, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+"""
+
+CUSTOM_AUTO_MAP = {"AutoConfig": "configuration_tiny.TinyCustomConfig",
+                   "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"}
+
+
+def custom_code_folder(folder: Path, model_source: str = CUSTOM_MODEL, **config_json) -> tuple[Path, dict]:
+    """A folder with its own model code (``modeling_tiny.py``), a config.json naming it in ``auto_map`` and the
+    embedding's weights alone in ``model.safetensors`` (the head is tied to it). Each keyword rewrites a key of
+    config.json (None removes it). Returns the folder and the config as written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    (folder / "modeling_tiny.py").write_text(model_source)
+    cfg = {"model_type": "tiecheck-tiny-custom", "architectures": ["TinyCustomForCausalLM"], "vocab_size": 32,
+           "hidden": 8, "tie_word_embeddings": True, "auto_map": dict(CUSTOM_AUTO_MAP)}
+    for k, v in config_json.items():
+        cfg.pop(k, None) if v is None else cfg.__setitem__(k, v)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    save_file({"embed.weight": torch.randn(32, 8)}, folder / "model.safetensors")
+    return folder, cfg
 
 
 class ReplaceHeadAt(transformers.TrainerCallback):

@@ -9,6 +9,7 @@ hostile config can make the build allocate. Read by ``loaders/formats/hf.py``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import threading
 import warnings
@@ -98,9 +99,9 @@ def _model_class(transformers, folder: Path, config, cfg: dict, trust_remote_cod
         if auto in auto_map and trust_remote_code:
             from transformers.dynamic_module_utils import get_class_from_dynamic_module  # noqa: PLC0415 - transformers is the `hf` extra
 
-            ref = auto_map[auto]
-            ref = ref[0] if isinstance(ref, (list, tuple)) else ref
-            return get_class_from_dynamic_module(ref, str(folder), local_files_only=True)
+            # One "module.Class" string, as transformers reads it (a list, as tokenizers are filed, fails there
+            # and here). local_files_only: an "org/repo--module.Class" reference is not fetched.
+            return get_class_from_dynamic_module(auto_map[auto], str(folder), local_files_only=True)
     for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForMaskedLM", "AutoModel"):
         mapping = getattr(getattr(transformers, auto, None), "_model_mapping", None)
         try:
@@ -184,19 +185,35 @@ def build_architecture(folder: Path, cfg: dict, *, trust_remote_code: bool = Fal
 
             # Initialisers on meta tensors cost seconds (they import torch._dynamo) and do nothing.
             budget = contextlib.nullcontext() if stored is None else registration_budget(tensor_budget(stored), stored)
+            # As transformers' Auto classes build one: a class shipped in the folder that is no PreTrainedModel
+            # (no _from_config, no tie_weights) fails there, and here.
             with torch.device("meta"), skip_init_on_meta(), budget:
-                model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
-            if hasattr(model, "tie_weights"):
-                model.tie_weights()
+                model = cls._from_config(config)
+            _tie_as_the_loader_does(transformers, model)
     except ArchitectureTooLarge as e:
         return None, [f"the architecture was not built: {e}, so config.json does not describe these files; "
                       f"analysed the files alone"]
     except Exception as e:  # noqa: BLE001 - any failure to build leaves the file analysis intact
         msg = (str(e).strip().splitlines() or [""])[0][:200]
         hint = " (rerun with --trust-remote-code if you trust the folder's code)" if "trust_remote_code" in msg else ""
+        said = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
         return None, [f"could not build the architecture from {HF_CONFIG} with transformers "
-                      f"{transformers.__version__} ({type(e).__name__}: {msg}){hint}; analysed the files alone"]
+                      f"{transformers.__version__} ({said}){hint}; analysed the files alone"]
     return _describe(model, type(model).__name__, transformers.__version__), []
+
+
+def _tie_as_the_loader_does(transformers, model) -> None:
+    """Tie the built model as ``from_pretrained`` does once the weights are loaded.
+
+    transformers 5 ties from the mapping ``post_init()`` computed (``recompute_mapping=False``): a class
+    whose ``__init__`` never calls ``post_init()`` has none and fails to load, and fails here the same
+    way instead of being reported tied. transformers 4's ``tie_weights()`` takes no arguments and
+    works the mapping out afresh.
+    """
+    if "recompute_mapping" in inspect.signature(transformers.PreTrainedModel.tie_weights).parameters:
+        model.tie_weights(recompute_mapping=False)
+    else:
+        model.tie_weights()
 
 
 def _describe(model, name: str, version: str) -> Architecture:
