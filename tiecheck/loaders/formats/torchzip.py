@@ -48,14 +48,14 @@ LEGACY_STORAGES = {
 _QUANTIZED = {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}  # rebuilt by _rebuild_qtensor: torch.load's
 
 
-def _dtype_table() -> dict[str, tuple[str, int, bool]]:
-    """name -> (canonical name, itemsize, floating or complex) of every dtype torch's namespace holds
-    (read from its __dict__: a getattr could import one of torch's lazily loaded submodules for a
-    name the file chose). Aliases (``float``, ``half``) map to their canonical names."""
+def _dtype_table() -> dict[str, tuple[str, int]]:
+    """name -> (canonical name, itemsize) of every dtype torch's namespace holds (read from its
+    __dict__: a getattr could import one of torch's lazily loaded submodules for a name the file
+    chose). Aliases (``float``, ``half``) map to their canonical names."""
     out = {}
     for name, dt in vars(torch).items():
         if isinstance(dt, torch.dtype) and name not in _QUANTIZED:
-            out[name] = (str(dt).removeprefix("torch."), dt.itemsize, dt.is_floating_point or dt.is_complex)
+            out[name] = (str(dt).removeprefix("torch."), dt.itemsize)
     return out
 
 
@@ -483,12 +483,12 @@ class PickleRefusal(TargetError):
     """A pickle the loop refused: one line naming the file, the record and the byte."""
 
     @classmethod
-    def of(cls, e: Refused, label: str, record: str, base: int, data: Any, of: str = "the file") -> TargetError:
+    def of(cls, e: Refused, label: str, record: str, base: int, data: bytes, of: str = "the file") -> TargetError:
         """The error for ``e``; a refused global is named even when an opcode before it was refused
         first (a protocol-4 payload frames its STACK_GLOBAL)."""
         where = f"{record}, byte {base + e.offset:,} of {of}"
         if e.untrusted and not e.why.startswith("the global"):
-            g = first_refused(bytes(data) if not isinstance(data, bytes) else data)
+            g = first_refused(data)
             if g is not None:
                 e = Refused(f"the global {describe(g)}", g.offset, untrusted=True)
                 where = f"{record}, byte {base + g.offset:,} of {of}"
