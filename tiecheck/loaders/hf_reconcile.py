@@ -275,7 +275,8 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
             if eq is False:
                 differing.append(n)
             else:
-                if not _same_memory(stored[base], stored[n]):
+                # eq is None for tensors without data (meta): their content is unknown, not equal.
+                if eq and not _same_memory(stored[base], stored[n]):
                     redundant += stored[n].numel() * stored[n].element_size()
                 alias_of[n] = base
         if differing:
