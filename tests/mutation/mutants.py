@@ -106,8 +106,12 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
        for name, first in (("formats/hf", ["tests/test_hf_folder_files.py"]),
                            ("hf_architecture", ["tests/test_hf_architecture_budget.py",
                                                "tests/test_hf_architecture_custom.py"]),
-                           ("hf_reconcile", ["tests/test_hf_reconcile.py", "tests/test_layers_config_tie.py",
-                                            "tests/test_formats.py"]))},
+                           ("hf_reconcile", ["tests/test_hf_reconcile_flag.py", "tests/test_hf_reconcile_notes.py",
+                                            "tests/test_hf_reconcile.py", "tests/test_layers_config_tie.py",
+                                            "tests/test_formats.py",
+                                            # the spans the content pass reads remote bytes through
+                                            "tests/test_remote.py::"
+                                            "test_the_hugging_face_reconciliation_compares_remote_bytes"]))},
     "tiecheck/runtime.py": (None, ["tests/test_runtime_guard_paths.py", "tests/test_runtime_saved_verdicts.py",
                                    "tests/test_runtime_guard.py", "tests/test_sharded_aliases.py"]),
     "tiecheck/integrations/lightning.py": (None, ["tests/test_lightning_callback.py",

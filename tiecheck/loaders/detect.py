@@ -35,10 +35,13 @@ def sniff_file(path: Path) -> str | None:
         head = fh.read(16)
     if head.startswith(_ZIP_MAGIC):
         return zip_kind(path)
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return TORCH_SAVE_LEGACY
+    # Safetensors first: a header of 640, 896, 1152 or 1408 bytes (mod 65,536) starts its length field with
+    # the bytes of a pickle's PROTO 2-5, while a legacy torch.save never has a "{" at byte 8 (its magic
+    # number, or a protocol 4-5 frame length, is there).
     if looks_like_safetensors(head):
         return SAFETENSORS
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return TORCH_SAVE_LEGACY
     if head.startswith(_GGUF_MAGIC):
         return GGUF
     if looks_like_onnx(head):

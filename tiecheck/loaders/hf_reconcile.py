@@ -9,7 +9,9 @@ and the files (TC011). Read by ``loaders/formats/hf.py``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from tiecheck.loaders.content import TorchContentReader, tensor_layout
 from tiecheck.loaders.declared import (
     flag_reaches,
 )
-from tiecheck.loaders.hf_architecture import Architecture
+from tiecheck.loaders.hf_architecture import Architecture, quiet_transformers
 from tiecheck.loaders.tensor_facts import fact_of, tensor_facts
 
 # The architecture classes whose output is a vocabulary's logits (they have an output projection).
@@ -275,7 +277,8 @@ def reconcile(files: dict[str, Any], arch: Architecture, cfg_tie: bool | None, s
             if eq is False:
                 differing.append(n)
             else:
-                if not _same_memory(stored[base], stored[n]):
+                # eq is None for tensors without data (meta): their content is unknown, not equal.
+                if eq and not _same_memory(stored[base], stored[n]):
                     redundant += stored[n].numel() * stored[n].element_size()
                 alias_of[n] = base
         if differing:
@@ -401,14 +404,57 @@ class RenamedTensors(Mapping):
         return out
 
 
+def config_tie(cfg: Mapping[str, Any]) -> bool | None:
+    """``tie_word_embeddings`` as transformers reads it from a config.json, without an architecture.
+
+    A bool is taken as written (engines other than transformers read it so, and flan-t5's ``false``
+    must not become the ``true`` ``T5Config`` makes of it). Any other value is what the folder's config
+    class makes of it: transformers 5 refuses it in most classes (``LlamaConfig``: the folder does not
+    load at all), while a class that declares no such field keeps it, and transformers ties by its
+    truth (``NomicBertConfig`` keeps ``1``, and ``from_pretrained`` ties).
+
+    Args:
+        cfg: config.json as read.
+
+    Returns:
+        The flag as a bool; None where config.json has none, the class refuses it, or there is no
+        class to ask (no transformers, an unknown ``model_type``).
+    """
+    written = cfg.get("tie_word_embeddings")
+    if written is None or isinstance(written, bool):
+        return written
+    try:
+        from transformers.models.auto.configuration_auto import (  # noqa: PLC0415 - the `hf` extra
+            CONFIG_MAPPING,
+        )
+    except ImportError:
+        return None
+    try:
+        cls = CONFIG_MAPPING[cfg["model_type"]]
+        with quiet_transformers():
+            # A copy: a class may write its defaults into the nested dicts it is given (InklingMMConfig).
+            config = cls.from_dict(copy.deepcopy(dict(cfg)))
+    except Exception:  # noqa: BLE001 - a value or a config the class refuses: transformers loads nothing
+        return None
+    # transformers reads the flag by its truth (``get_expanded_tied_weights_keys``).
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _flag_text(written: Any, tie: bool) -> str:
+    """The flag as config.json spells it, and how transformers reads it where that is not a bool."""
+    text = f"tie_word_embeddings={json.dumps(written, default=str)}"
+    return text if isinstance(written, bool) else f"{text} (which transformers reads as {str(tie).lower()})"
+
+
 def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | None = None,
                     facts: list[TensorFact] | None = None) -> list[Finding]:
-    """TC011 without an architecture: the config's tie setting against embedding and head found by name.
-    ``facts`` are ``tensor_facts(files)`` when the caller already has them."""
+    """TC011 without an architecture: the config's tie setting (as ``config_tie`` reads it) against the
+    embedding and head found by name. ``facts`` are ``tensor_facts(files)`` when the caller already has them."""
 
-    tie = cfg.get("tie_word_embeddings")
-    if not isinstance(tie, bool):
+    tie = config_tie(cfg)
+    if tie is None:
         return []
+    said = _flag_text(cfg.get("tie_word_embeddings"), tie)
     facts = facts if facts is not None else tensor_facts(files)
     embeds = [f for f in facts if is_embedding(f)]
     heads = [f for f in facts if is_output_projection(f) and not is_embedding(f)]
@@ -419,13 +465,13 @@ def config_vs_files(files: dict[str, Any], cfg: dict, spans: dict[str, Any] | No
             if tie and h.shape == e.shape and h.dtype == e.dtype and _equal(files[e.name], files[h.name],
                                                                            pair) is False:
                 out.append(finding(
-                    "TC011", f"config.json says tie_word_embeddings=true, but the files store {e.name} and {h.name} "
+                    "TC011", f"config.json says {said}, but the files store {e.name} and {h.name} "
                              f"with different content: engines that trust the config serve the embedding as the "
                              f"output projection", [e.name, h.name]))
     archs = [str(a) for a in cfg.get("architectures") or []]
     if tie is False and embeds and not heads and any(LM_ARCH.search(a) for a in archs):
         out.append(finding(
-            "TC011", f"config.json says tie_word_embeddings=false for {archs[0]}, but the files hold no output "
+            "TC011", f"config.json says {said} for {archs[0]}, but the files hold no output "
                      f"projection (only {embeds[0].name}): the head will be initialised randomly on load; if it is "
                      f"meant to be the embedding, set tie_word_embeddings=true", [embeds[0].name]))
     return out
