@@ -84,6 +84,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
                                              "tests/test_fix_hostile.py", "tests/test_fix.py"])
        for name in ("verify", "write", "actions", "__init__")},
     **{f"tiecheck/loaders/{name}.py": (None, ["tests/test_pickleloop_opcodes.py", "tests/test_pickles_globals.py",
+                                              "tests/test_pickles_first_byte.py",
+                                              "tests/test_pickleloop_budget_base.py",
                                               "tests/test_torchfile_pick.py", "tests/test_torchfile_load.py",
                                               "tests/test_archive_tensors_layout.py",
                                               "tests/test_torchzip_trusted_claims.py", "tests/test_torchzip_hostile.py",
