@@ -376,6 +376,9 @@ def test_numbers_are_read_as_pickle_reads_them():
 def test_an_opcode_applied_to_the_wrong_kind_of_object_is_refused(data, why):
     e = refusal(data)
     assert (e.why, e.offset) == (why, len(data) - 2)  # the opcode before STOP
+    # Only the key rules are the loop's own bounds: pickle.loads (and torch.load) read such keys.
+    assert e.bound == ("as a dict key" in why or " in a set" in why)
+    assert not e.untrusted
 
 
 def test_keys_and_members_whose_hash_a_file_cannot_choose_are_read():

@@ -67,6 +67,11 @@ def test_what_the_pickle_loop_refuses_is_refused_before_torch_load(tmp_path, zip
         tiecheck.loaders.load_path(path, whole=zipped)
     line = _one_error_line(["inspect", str(path)])
     assert FLOAT_KEY in line
+    # torch.save wrote it and torch.load reads it: the refusal says the bound is tiecheck's, and how to pass it.
+    assert line.endswith("a bound kept on files that are not trusted. If you trust this file, rerun with "
+                         "--trust-pickle")
+    assert "not a pickle torch.save writes" not in line
+    assert list(tiecheck.loaders.load_path(path, whole=zipped, trust_pickle=True).tensors) == ["w"]
 
 
 def test_a_legacy_file_naming_a_refused_global_is_refused_with_its_offset(tmp_path):

@@ -67,12 +67,14 @@ class Refused(Exception):
     """The pickle breaks a rule of the loop or of its ``Rules``.
 
     ``untrusted`` marks what a weights-only load refuses as unsafe (a global, an opcode that
-    torch's unpickler lacks), as opposed to damage or a resource bound.
+    torch's unpickler lacks), as opposed to damage or a resource bound. ``bound`` marks a bound
+    of this loop's own (keys, budgets, nesting) that a pickle torch.save writes and torch.load
+    reads may still pass: a float-keyed dict in a training checkpoint, say.
     """
 
-    def __init__(self, why: str, offset: int, *, untrusted: bool = False):
+    def __init__(self, why: str, offset: int, *, untrusted: bool = False, bound: bool = False):
         super().__init__(why)
-        self.why, self.offset, self.untrusted = why, offset, untrusted
+        self.why, self.offset, self.untrusted, self.bound = why, offset, untrusted, bound
 
 
 class Budget:
@@ -173,14 +175,14 @@ def _add_items(target: Any, items: list[Any], rules: Rules, at: int) -> None:
         k = items[i]
         if type(k) is not str and not _key_ok(k, rules):
             raise Refused(f"uses a {type(k).__name__} as a dict key; tiecheck reads dicts keyed by names and "
-                          f"integers", at)
+                          f"integers", at, bound=True)
         target[k] = items[i + 1]
 
 
 def _set_items(items: list[Any], rules: Rules, at: int) -> list[Any]:
     for k in items:
         if not _key_ok(k, rules):
-            raise Refused(f"puts a {type(k).__name__} in a set", at)
+            raise Refused(f"puts a {type(k).__name__} in a set", at, bound=True)
     return items
 
 

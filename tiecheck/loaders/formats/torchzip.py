@@ -501,4 +501,7 @@ class PickleRefusal(TargetError):
             return UntrustedPickleError(
                 f"{label}: refused to unpickle {record}: it {e.why} ({where}); torch.load refuses it too, and "
                 f"torch.save never writes it. If you trust this file, rerun with --trust-pickle")
+        if e.bound:  # torch.save writes such a pickle and torch.load reads it: the bound is tiecheck's own
+            return cls(f"{label}: {record} {e.why} ({where}), a bound kept on files that are not trusted. If you "
+                       f"trust this file, rerun with --trust-pickle")
         return cls(f"{label}: {record} {e.why} ({where}); not a pickle torch.save writes")
