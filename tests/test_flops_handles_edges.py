@@ -1,0 +1,142 @@
+"""The FLOPs handles at the edges of what a trace holds: a convolution whose shapes the trace left
+unknown, and a product owned by the traced model itself rather than by one of its modules. Each is
+traced by ``count_flops`` as a user's model would be, with torch's ``FlopCounterMode`` as the
+reference for what the product costs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from tiecheck.flops import count_flops, handles
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_a_convolution_whose_shapes_the_trace_left_unknown_is_listed_as_uncounted():
+    """An input in the oneDNN (mkldnn) layout runs through a plain ``Conv2d`` with its dense weight, but
+    the trace records no sizes for a tensor without strides: only the weight's shape is known. The
+    convolution is listed as uncounted with the reason, never counted from a guess."""
+    conv = nn.Conv2d(3, 5, 3)
+    x = torch.randn(1, 3, 8, 8).to_mkldnn()
+    with FlopCounterMode(display=False) as fc:
+        conv(x)
+    assert fc.get_total_flops() == 2 * 5 * 6 * 6 * 3 * 3 * 3  # torch itself runs and counts it
+    graph, _ = torch.jit._get_trace_graph(conv, (x,))
+    node = next(n for n in graph.nodes() if n.kind() == "aten::_convolution")
+    assert [v.isCompleteTensor() for v in [*list(node.inputs())[:2], node.output()]] == [False, True, False]
+
+    counted = count_flops(conv, inputs=x, device="cpu")
+    assert counted.available, counted.reason
+    assert counted.forward == 0
+    assert counted.by_operator == {}
+    assert counted.uncounted_ops == {"aten::_convolution": 1}
+    assert "aten::_convolution not counted: ValueError: convolution: shapes unknown in the trace" in counted.notes
+
+
+class _Wrapper(nn.Module):
+    """Keeps the module it wraps under ``module``, as ``DataParallel`` and ``DistributedDataParallel`` do, and
+    projects the wrapped module's output itself: that product belongs to the wrapper, the traced root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.module = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Parameter(torch.randn(8, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.module(x, x, x, need_weights=False)
+        return y @ self.head
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_product_of_the_traced_model_itself_is_outside_the_module_it_wraps(device):
+    """The trace names the model's own scope ``module`` (the name under which the trace's root holds it),
+    the same name as the wrapped attention module here: the wrapper's own product is "other", not an
+    attention projection."""
+    model, x = _Wrapper(), torch.randn(2, 6, 8)
+    with FlopCounterMode(display=False) as fc:
+        torch.matmul(torch.randn(2, 6, 8), model.head.detach())
+    own = fc.get_total_flops()
+    assert own == 2 * 2 * 6 * 8 * 5
+
+    counted = count_flops(model, inputs=x, device=device)
+    assert counted.available, counted.reason
+    assert counted.by_operator["matmul"] == own
+    assert counted.by_part["other"] == own
+    # the wrapped attention's own projections (in and out, 2 x 2 x 6 x 8 x (24 + 8)) and its one call
+    assert counted.by_part["attention_projections"] == counted.by_operator["linear"] == 2 * 2 * 6 * 8 * 32
+    assert counted.attention_calls == {"calls": 1, "causal": 0}
+
+
+_B, _TQ, _TK, _H, _D, _DV = 2, 6, 10, 3, 8, 4  # every size distinct: a size read from the wrong axis shows
+
+
+class _FlashAttention(nn.Module):
+    """Calls torch's flash kernel directly, in its own (batch, time, heads, head dim) layout."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.q, self.k, self.v = nn.Linear(_D, _D), nn.Linear(_D, _D), nn.Linear(_D, _DV)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._flash_attention_forward(
+            self.q(x), self.k(y), self.v(y), None, None, x.shape[1], y.shape[1], 0.0, self.causal, False)
+        return out[0]
+
+
+@pytest.mark.parametrize(("causal", "attention", "share"), [
+    (False, "full", 1), (False, "causal-half", 1), (True, "full", 1), (True, "causal-half", 2),
+])
+def test_the_flash_kernel_counts_as_torchs_attention_in_its_own_layout(causal, attention, share):
+    """``aten::_flash_attention_forward`` takes (B, T, H, d), not SDPA's (B, H, T, d): the reference is torch's
+    count of the same attention in SDPA's layout (its own formula for the raw kernel reads the axes as
+    SDPA's). The kernel's ``is_causal`` says whether the mask is causal."""
+    x = torch.randn(_B, _TQ, _H, _D, dtype=torch.float16)
+    y = torch.randn(_B, _TK, _H, _D, dtype=torch.float16)
+    counted = count_flops(_FlashAttention(causal).half(), inputs=(x, y), device="meta", attention=attention)
+    assert counted.available, counted.reason
+    full = sdpa_flop_count((_B, _H, _TQ, _D), (_B, _H, _TK, _D), (_B, _H, _TK, _DV))
+    assert full == 2 * _B * _H * _TQ * _TK * (_D + _DV)
+    assert counted.by_operator["_flash_attention_forward"] == counted.by_part["attention"] == full // share
+    assert counted.attention_calls == {"calls": 1, "causal": int(causal)}
+
+
+def _efficient_attention_node(custom_mask_type: int) -> torch._C.Node:
+    """A graph holding ``aten::_efficient_attention_forward`` on (B, T, H, d) operands of known shapes.
+
+    torch's tracer cannot record this kernel (its outputs include ``SymInt``s: "unsupported argument type
+    c10::SymInt in the JIT tracer"), so the graph is written in TorchScript IR and read by torch's own
+    parser, which checks it against the op's schema."""
+    def half(*shape: int) -> str:
+        strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        return f"Half({', '.join(map(str, shape))}, strides={strides}, requires_grad=0, device=cpu)"
+
+    graph = torch._C.parse_ir(f"""
+graph(%q : {half(_B, _TQ, _H, _D)}, %k : {half(_B, _TK, _H, _D)}, %v : {half(_B, _TK, _H, _DV)}):
+  %none : NoneType = prim::Constant()
+  %p : float = prim::Constant[value=0.]()
+  %mask : int = prim::Constant[value={custom_mask_type}]()
+  %lse : bool = prim::Constant[value=0]()
+  %out : {half(_B, _TQ, _H, _DV)}, %lse_out : Tensor, %seed : Tensor, %offset : Tensor, %mq : int, %mk : int = \
+aten::_efficient_attention_forward(%q, %k, %v, %none, %none, %none, %none, %none, %p, %mask, %lse, %none, %none, %none)
+  return (%out)
+""")
+    return next(n for n in graph.nodes() if n.kind() == "aten::_efficient_attention_forward")
+
+
+@pytest.mark.parametrize(("custom_mask_type", "causal"), [(0, False), (1, True), (2, True)])
+def test_the_memory_efficient_kernel_reads_its_mask_type_and_its_layout(custom_mask_type, causal):
+    """``custom_mask_type`` 0 is no mask, 1 causal from the top left, 2 causal from the bottom right. The
+    classifier is an encoder's, with Tq != Tk, so nothing but the kernel's argument makes a call causal."""
+    node = _efficient_attention_node(custom_mask_type)
+    cls = handles.Classifier(nn.Module(), "module.", 1, None, "encoder", "causal-half")
+    handle = handles.make_handles(cls)["aten::_efficient_attention_forward"]
+    got = handle(list(node.inputs()), list(node.outputs()))
+    assert cls.failures == {}
+    full = sdpa_flop_count((_B, _H, _TQ, _D), (_B, _H, _TK, _D), (_B, _H, _TK, _DV))
+    assert got == {"attention/_efficient_attention_forward": full // 2 if causal else full}
+    assert cls.calls == {"calls": 1, "causal": int(causal)}
