@@ -6,10 +6,12 @@ reference for what the product costs."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from tiecheck.flops import count_flops, handles
@@ -140,3 +142,76 @@ def test_the_memory_efficient_kernel_reads_its_mask_type_and_its_layout(custom_m
     full = sdpa_flop_count((_B, _H, _TQ, _D), (_B, _H, _TK, _D), (_B, _H, _TK, _DV))
     assert got == {"attention/_efficient_attention_forward": full // 2 if causal else full}
     assert cls.calls == {"calls": 1, "causal": int(causal)}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_a_linear_whose_input_the_trace_left_unsized_is_listed_as_uncounted():
+    """``nn.Linear`` runs on an mkldnn-layout input (torch's oneDNN linear); the trace knows the weight's
+    shape, not the input's."""
+    linear = nn.Linear(8, 5)
+    x = torch.randn(4, 8).to_mkldnn()
+    assert linear(x).shape == (4, 5)
+    counted = count_flops(linear, inputs=x, device="cpu")
+    assert counted.available, counted.reason
+    assert counted.by_operator == {}
+    assert counted.uncounted_ops == {"aten::linear": 1}
+    assert "aten::linear not counted: ValueError: linear: operand shapes unknown in the trace" in counted.notes
+
+
+class _NestedAttention(nn.Module):
+    """Attention over two sequences of different lengths, packed as one (strided) nested tensor."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        q = torch.nested.nested_tensor([a, b])
+        return F.scaled_dot_product_attention(q, q, q).to_padded_tensor(0.0)
+
+
+def test_attention_over_nested_tensors_the_trace_left_unsized_is_listed_as_uncounted():
+    a, b = torch.randn(3, 6, 8), torch.randn(3, 4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nested tensors are a prototype
+        assert _NestedAttention()(a, b).shape == (2, 3, 6, 8)  # torch runs it
+        counted = count_flops(_NestedAttention(), inputs=(a, b), device="cpu")
+    assert counted.available, counted.reason
+    assert counted.by_operator == {}
+    assert counted.uncounted_ops["aten::scaled_dot_product_attention"] == 1
+    assert ("aten::scaled_dot_product_attention not counted: ValueError: attention: q/k/v shapes unknown in "
+            "the trace") in counted.notes
+
+
+@pytest.mark.parametrize("unsized", ["q", "k", "v"])
+def test_attention_with_any_one_operand_unsized_is_refused(unsized):
+    """One operand without sizes (a plain ``Tensor`` type, as TorchScript gives a value it cannot size) is
+    enough to refuse the count: nothing is read from the operands that are sized."""
+    sized = {"q": f"Float({_B}, {_H}, {_TQ}, {_D}, strides=[{_H * _TQ * _D}, {_TQ * _D}, {_D}, 1], "
+                  "requires_grad=0, device=cpu)",
+             "k": f"Float({_B}, {_H}, {_TK}, {_D}, strides=[{_H * _TK * _D}, {_TK * _D}, {_D}, 1], "
+                  "requires_grad=0, device=cpu)",
+             "v": f"Float({_B}, {_H}, {_TK}, {_DV}, strides=[{_H * _TK * _DV}, {_TK * _DV}, {_DV}, 1], "
+                  "requires_grad=0, device=cpu)"}
+    sized[unsized] = "Tensor"
+    graph = torch._C.parse_ir(f"""
+graph(%q : {sized["q"]}, %k : {sized["k"]}, %v : {sized["v"]}):
+  %none : NoneType = prim::Constant()
+  %p : float = prim::Constant[value=0.]()
+  %causal : bool = prim::Constant[value=0]()
+  %gqa : bool = prim::Constant[value=0]()
+  %out : Tensor = aten::scaled_dot_product_attention(%q, %k, %v, %none, %p, %causal, %none, %gqa)
+  return (%out)
+""")
+    node = next(n for n in graph.nodes() if n.kind() == "aten::scaled_dot_product_attention")
+    cls = handles.Classifier(nn.Module(), "module.", 1, None, "encoder", "full")
+    handle = handles.make_handles(cls)["aten::scaled_dot_product_attention"]
+    assert handle(list(node.inputs()), list(node.outputs())) == {}
+    assert cls.failed == {"aten::scaled_dot_product_attention": 1}
+    assert cls.failures == {"aten::scaled_dot_product_attention": "ValueError: attention: q/k/v shapes unknown in "
+                                                                  "the trace"}
+    assert cls.calls == {}
+
+
+@pytest.mark.parametrize(("a", "b"), [(2, 1), (2, 4), (3, 1), (1, 3), (4, 3), (1, 2)])
+def test_grouped_mm_refuses_every_pair_of_ranks_it_has_no_formula_for(a, b):
+    """torch's grouped_mm takes 2-D and 3-D operands only (its four cases); any other pair is refused by name,
+    never read as one of the four."""
+    with pytest.raises(ValueError, match=f"grouped_mm: unexpected operand ranks {a}, {b}"):
+        handles._grouped_mm_macs([[4] * a, [4] * b], [])
