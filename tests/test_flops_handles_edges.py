@@ -215,3 +215,101 @@ def test_grouped_mm_refuses_every_pair_of_ranks_it_has_no_formula_for(a, b):
     never read as one of the four."""
     with pytest.raises(ValueError, match=f"grouped_mm: unexpected operand ranks {a}, {b}"):
         handles._grouped_mm_macs([[4] * a, [4] * b], [])
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        return self.out(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.attn = _SelfAttention(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn(h)
+        return h + self.mlp(h)
+
+
+class _TiedLM(nn.Module):
+    """A decoder whose head is its embedding's weight, applied in its own forward: no head module owns the
+    logits' product, the model itself does."""
+
+    def __init__(self, vocab: int = 101, d: int = 16, n: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([_Block(d) for _ in range(n)])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return F.linear(h, self.embed.weight)
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_the_logits_of_a_head_tied_in_the_models_own_forward_are_its_output_projection(device):
+    """On meta the three identical layers are traced once (the layer plan asks every product which layer owns
+    it): the product of the model itself is in none, and counts once, as the output projection."""
+    model, ids = _TiedLM(), torch.randint(0, 101, (1, 12))
+    with FlopCounterMode(display=False) as fc:
+        model(ids)
+    counted = count_flops(model, inputs=ids, device=device)
+    assert counted.available, counted.reason
+    assert counted.uncounted_ops == {}
+    assert counted.forward == fc.get_total_flops()
+    assert counted.by_part["output_projection"] == 2 * 12 * 16 * 101
+
+
+def test_a_dense_granite_hybrid_counts_its_shared_mlp_as_the_mlp():
+    """GraniteMoeHybrid with ``num_local_experts=0`` (its dense variants) keeps a ``shared_mlp`` in every layer
+    and no routed experts beside it: a shared expert only where there are routed ones."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GraniteMoeHybridConfig(
+        num_hidden_layers=2, hidden_size=32, shared_intermediate_size=48, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, num_local_experts=0,
+        mamba_n_heads=4, mamba_d_head=16, layer_types=["attention", "attention"])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    assert model.model.layers[0].block_sparse_moe is None
+    ids = torch.randint(0, 101, (1, 16))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    counted = count_flops(model, seq_len=16, device="meta")
+    assert counted.available, counted.reason
+    assert counted.forward == fc.get_total_flops()
+    assert counted.by_part["experts"] == counted.by_part["router"] == 0
+    # per layer: input_linear 32 -> 2 x 48 (gate and up), output_linear 48 -> 32
+    assert counted.by_part["mlp"] == 2 * 2 * 16 * (32 * 96 + 48 * 32)
+
+
+class _ConstantHeadLM(nn.Module):
+    """Keeps its head as a plain tensor attribute, neither parameter nor buffer: the trace captures it as a
+    constant, and it is a weight all the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(101, 16)
+        self.head = self.embed.weight.detach().T.contiguous()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids) @ self.head
+
+
+def test_a_head_the_trace_captured_as_a_constant_is_the_output_projection():
+    model, ids = _ConstantHeadLM(), torch.randint(0, 101, (1, 12))
+    graph, _ = torch.jit._get_trace_graph(model, (ids,))
+    matmul = next(n for n in graph.nodes() if n.kind() == "aten::matmul")
+    assert list(matmul.inputs())[1].node().kind() == "prim::Constant"
+    with FlopCounterMode(display=False) as fc:
+        model(ids)
+    counted = count_flops(model, inputs=ids, device="cpu")
+    assert counted.available, counted.reason
+    assert counted.by_part["output_projection"] == counted.forward == fc.get_total_flops() == 2 * 12 * 16 * 101
