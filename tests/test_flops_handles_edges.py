@@ -313,3 +313,57 @@ def test_a_head_the_trace_captured_as_a_constant_is_the_output_projection():
     counted = count_flops(model, inputs=ids, device="cpu")
     assert counted.available, counted.reason
     assert counted.by_part["output_projection"] == counted.forward == fc.get_total_flops() == 2 * 12 * 16 * 101
+
+
+class _TransposedHeadLM(nn.Module):
+    """Ties its head by multiplying with a transposed view of the embedding's weight (``weight.T``), as
+    hand-written language models do: the weight is reached through the view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(101, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids) @ self.embed.weight.T
+
+
+def test_a_head_reached_through_a_view_of_the_weight_is_the_output_projection():
+    model, ids = _TransposedHeadLM(), torch.randint(0, 101, (1, 12))
+    with FlopCounterMode(display=False) as fc:
+        model(ids)
+    for device in ("meta", "cpu"):
+        counted = count_flops(model, inputs=ids, device=device)
+        assert counted.available, counted.reason
+        assert counted.by_part["output_projection"] == counted.forward == fc.get_total_flops()
+
+
+class _ManyViews(nn.Module):
+    """Scores of two activations, one of them reshaped back and forth more times than the walk from an
+    operand to a weight follows views (64): it must not be taken for a weight."""
+
+    def __init__(self, views: int) -> None:
+        super().__init__()
+        self.views = views
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.views):
+            k = k.view(-1)
+            k = k.view(q.shape)
+        return q @ k.transpose(-1, -2)
+
+
+class _Scores(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = _ManyViews(40)  # 80 views, then a transpose: past the walk's bound of 64
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return self.self_attn(q, k)
+
+
+def test_an_activation_behind_more_views_than_the_walk_follows_is_no_weight():
+    q, k = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    counted = count_flops(_Scores(), inputs=(q, k), device="cpu")
+    assert counted.available, counted.reason
+    assert counted.by_part["attention"] == counted.forward == 2 * 2 * 6 * 6 * 8
+    assert counted.by_part["attention_projections"] == 0
