@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -367,3 +368,58 @@ def test_an_activation_behind_more_views_than_the_walk_follows_is_no_weight():
     assert counted.available, counted.reason
     assert counted.by_part["attention"] == counted.forward == 2 * 2 * 6 * 6 * 8
     assert counted.by_part["attention_projections"] == 0
+
+
+class _CoreAttention(nn.Module):
+    """The scores and the weighted sum alone, as Megatron-style layers keep them (``core_attention``, given
+    the config but no layer index)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class _WindowedSelfAttention(nn.Module):
+    """Holds the layer index and the config (Qwen2's, every layer a sliding one), and hands the attention
+    itself to a child module that has no layer index."""
+
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * self.heads * self.head_dim)
+        self.core_attention = _CoreAttention(config)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, _ = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.core_attention(q, k, v)
+
+
+class _CoreAttentionLM(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([_WindowedSelfAttention(config, 0)])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](self.embed(ids))
+
+
+def test_the_window_of_attention_run_by_a_child_module_is_its_layers():
+    """The nearest enclosing module with a layer index and a config says the window (``layer_types`` at that
+    index): the child that runs the attention has no index, and is passed over."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                                      use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert config.layer_types == ["sliding_attention"]
+    t, window = 12, 4
+    counted = count_flops(_CoreAttentionLM(config), inputs=torch.randint(0, 64, (1, t)), device="meta")
+    assert counted.available, counted.reason
+    pair = 2 * 2 * (8 + 8)  # FLOPs of one (query, key) pair over both heads: QK^T and AV
+    assert counted.by_part["attention"] == pair * t * window
+    assert counted.attention_full_matrix == pair * t * t
