@@ -423,3 +423,41 @@ def test_the_window_of_attention_run_by_a_child_module_is_its_layers():
     pair = 2 * 2 * (8 + 8)  # FLOPs of one (query, key) pair over both heads: QK^T and AV
     assert counted.by_part["attention"] == pair * t * window
     assert counted.attention_full_matrix == pair * t * t
+
+
+@pytest.mark.parametrize(("a", "b"), [((4, 5), (1, 5, 3)), ((1, 4, 5), (5, 3))])
+def test_a_batch_of_one_on_one_side_only_is_one_product(a, b):
+    """The side without batch dimensions broadcasts as size 1: (4, 5) @ (1, 5, 3) is one product, not two."""
+    with FlopCounterMode(display=False) as fc:
+        torch.matmul(torch.ones(a), torch.ones(b))
+    assert 2 * handles._matmul_macs(list(a), list(b)) == fc.get_total_flops() == 2 * 4 * 5 * 3
+
+
+class _ProjectionByHand(nn.Module):
+    """An attention module that writes its query projection as ``x @ self.wq.T`` on its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wq = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.wq.T
+
+
+class _HandProjected(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = _ProjectionByHand()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.self_attn(x)
+
+
+def test_a_projection_through_a_view_of_its_weight_is_no_attention_product():
+    """The input itself is no weight, and the weight is reached through its ``.T`` view: a projection, not
+    a product of two activations (which would also count as an attention call)."""
+    x = torch.randn(2, 6, 8)
+    counted = count_flops(_HandProjected(), inputs=x, device="cpu")
+    assert counted.available, counted.reason
+    assert counted.by_part["attention_projections"] == counted.forward == 2 * 2 * 6 * 8 * 8
+    assert counted.attention_calls == {"calls": 0, "causal": 0}
