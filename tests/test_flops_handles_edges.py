@@ -267,6 +267,8 @@ def test_the_logits_of_a_head_tied_in_the_models_own_forward_are_its_output_proj
     assert counted.uncounted_ops == {}
     assert counted.forward == fc.get_total_flops()
     assert counted.by_part["output_projection"] == 2 * 12 * 16 * 101
+    # QK^T and AV in each of 3 layers; a model of no known family is not taken for a causal decoder
+    assert counted.attention_calls == {"calls": 6, "causal": 0}
 
 
 def test_a_dense_granite_hybrid_counts_its_shared_mlp_as_the_mlp():
@@ -368,6 +370,9 @@ def test_an_activation_behind_more_views_than_the_walk_follows_is_no_weight():
     assert counted.available, counted.reason
     assert counted.by_part["attention"] == counted.forward == 2 * 2 * 6 * 6 * 8
     assert counted.by_part["attention_projections"] == 0
+    # an encoder-decoder's call with no causal flag and no is_causal attribute is not causal
+    assert counted.family == "encoder-decoder"
+    assert counted.attention_calls == {"calls": 1, "causal": 0}
 
 
 class _CoreAttention(nn.Module):
@@ -461,3 +466,34 @@ def test_a_projection_through_a_view_of_its_weight_is_no_attention_product():
     assert counted.available, counted.reason
     assert counted.by_part["attention_projections"] == counted.forward == 2 * 2 * 6 * 8 * 8
     assert counted.attention_calls == {"calls": 0, "causal": 0}
+
+
+class _Experts(nn.Module):
+    def __init__(self, d: int, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n, d, d))
+
+    def forward(self, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x.unsqueeze(1), self.w[pick]).squeeze(1)
+
+
+class _RoutedBlock(nn.Module):
+    """Routed experts whose router is a parameter of the block itself, not a ``gate``/``router`` child."""
+
+    def __init__(self, d: int = 8, n: int = 4) -> None:
+        super().__init__()
+        self.router_weight = nn.Parameter(torch.randn(d, n))
+        self.experts = _Experts(d, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pick = (x @ self.router_weight).argmax(-1)
+        return self.experts(x, pick)
+
+
+def test_routed_experts_without_a_router_module_are_experts():
+    x = torch.randn(6, 8)
+    counted = count_flops(_RoutedBlock(), inputs=x, device="cpu")
+    assert counted.available, counted.reason
+    assert counted.by_part["experts"] == 2 * 6 * 8 * 8  # one expert per token: (1 x 8) @ (8 x 8)
+    assert counted.by_part["router"] == 0
+    assert counted.by_part["other"] == 2 * 6 * 8 * 4  # the routing logits, outside any router module
