@@ -428,6 +428,8 @@ def test_the_window_of_attention_run_by_a_child_module_is_its_layers():
     pair = 2 * 2 * (8 + 8)  # FLOPs of one (query, key) pair over both heads: QK^T and AV
     assert counted.by_part["attention"] == pair * t * window
     assert counted.attention_full_matrix == pair * t * t
+    assert ("1 attention products of sliding-window or chunked layers counted over their window; "
+            "attention_full_matrix is the full-matrix figure") in counted.notes
 
 
 @pytest.mark.parametrize(("a", "b"), [((4, 5), (1, 5, 3)), ((1, 4, 5), (5, 3))])
@@ -497,3 +499,21 @@ def test_routed_experts_without_a_router_module_are_experts():
     assert counted.by_part["experts"] == 2 * 6 * 8 * 8  # one expert per token: (1 x 8) @ (8 x 8)
     assert counted.by_part["router"] == 0
     assert counted.by_part["other"] == 2 * 6 * 8 * 4  # the routing logits, outside any router module
+
+
+class _VectorWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w)
+
+
+def test_a_linear_with_a_vector_weight_is_one_dot_product_per_row():
+    """``F.linear`` takes a 1-D weight (the output loses its last dimension): 4 rows of 8 multiply-adds. torch's
+    FlopCounterMode has no formula for it (it counts 0), so the reference is the closed form."""
+    x = torch.randn(4, 8)
+    assert _VectorWeight()(x).shape == (4,)
+    counted = count_flops(_VectorWeight(), inputs=x, device="cpu")
+    assert counted.by_operator == {"linear": 2 * 4 * 8}
