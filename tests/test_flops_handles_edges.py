@@ -517,3 +517,10 @@ def test_a_linear_with_a_vector_weight_is_one_dot_product_per_row():
     assert _VectorWeight()(x).shape == (4,)
     counted = count_flops(_VectorWeight(), inputs=x, device="cpu")
     assert counted.by_operator == {"linear": 2 * 4 * 8}
+
+
+def test_an_einsum_over_a_dimension_of_size_one_is_torchs():
+    shapes = [(1, 4, 5), (1, 5, 3)]
+    with FlopCounterMode(display=False) as fc:
+        torch.einsum("bij,bjk->bik", *(torch.ones(s) for s in shapes))
+    assert 2 * handles._einsum_macs("bij,bjk->bik", shapes) == fc.get_total_flops() == 2 * 4 * 5 * 3
