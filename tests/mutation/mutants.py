@@ -138,7 +138,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     "tiecheck/bench/stats.py": (None, ["tests/test_bench_stats.py", "tests/test_bench.py"]),
     # test_bench.py never calls seeds: its functions are read by the converge bench's tests.
     "tiecheck/bench/seeds.py": (None, ["tests/test_bench_seeds.py", "tests/test_converge.py"]),
-    "tiecheck/flops/handles.py": (None, ["tests/test_flops_handles.py", "tests/test_flops_grouped_mm.py",
+    "tiecheck/flops/handles.py": (None, ["tests/test_flops_handles.py", "tests/test_flops_handles_edges.py",
+                                         "tests/test_flops_grouped_mm.py",
                                          "tests/test_flops.py",
                                          "tests/test_flops_moe.py", "tests/test_flops_windows.py"]),
     "tiecheck/flops/moe.py": (None, ["tests/test_moe_routing.py", "tests/test_flops_moe.py"]),
