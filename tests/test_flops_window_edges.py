@@ -92,3 +92,40 @@ def test_a_weight_is_traced_back_through_63_views_at_most(views, part):
     r = count_flops(_WithAttention(views), inputs=torch.ones(2, 4), device="cpu")
     assert r.available, r.reason
     assert {k: v for k, v in r.by_part.items() if v} == {part: 2 * 2 * 4 * 4}
+
+
+class _UnbatchedSelfAttention(torch.nn.Module):
+    """Single-head attention over unbatched activations, in a layer whose config windows it: ``(T, d)``
+    queries, or with ``last`` the last position's ``(d,)`` query alone (attention pooling)."""
+
+    def __init__(self, config, last: bool):
+        super().__init__()
+        self.config, self.layer_idx, self.is_causal, self.last = config, 0, True, last
+
+    def forward(self, x):
+        q = x[-1] if self.last else x
+        return (q @ x.T) @ x
+
+
+class _UnbatchedLM(torch.nn.Module):
+    def __init__(self, config, last: bool):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_UnbatchedSelfAttention(config, last)])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+@pytest.mark.parametrize(("t", "d", "window"), [(12, 6, 4), (7, 3, 1)])
+def test_unbatched_attention_products_take_their_query_length_from_their_shape(t, d, window):
+    """A (T, d) query's length is its first axis; a (d,) query is one position. Each product between activations
+    is counted over the window as a query of that length sees it."""
+    config = transformers.MistralConfig(sliding_window=window)
+    full = count_flops(_UnbatchedLM(config, last=False), inputs=torch.ones(t, d), device="cpu")
+    assert full.available, full.reason
+    assert full.by_part["attention"] == 2 * (2 * d * t * min(t, window))  # QK^T and AV, t queries each
+
+    one = count_flops(_UnbatchedLM(config, last=True), inputs=torch.ones(t, d), device="cpu")
+    assert one.available, one.reason
+    # One query: QK^T is d x t multiply-adds and AV t x d, each counted whole (one position is its own window).
+    assert one.by_part["attention"] == 2 * (d * t) + 2 * (t * d)
