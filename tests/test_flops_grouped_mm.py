@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tiecheck.flops import count_flops
 
-G, M, K, N = 3, 16, 16, 8  # bf16 strides must be multiples of 16 bytes: K and N multiples of 8
+G, M, K, N = 3, 24, 16, 8  # bf16 strides must be multiples of 16 bytes: K and N multiples of 8; M != K
 BF16 = torch.bfloat16
 
 

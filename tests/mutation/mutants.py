@@ -141,7 +141,8 @@ TARGETS: dict[str, tuple[tuple[int, int] | None, list[str]]] = {
     "tiecheck/flops/handles.py": (None, ["tests/test_flops_handles.py", "tests/test_flops_handles_edges.py",
                                          "tests/test_flops_grouped_mm.py",
                                          "tests/test_flops.py",
-                                         "tests/test_flops_moe.py", "tests/test_flops_windows.py"]),
+                                         "tests/test_flops_moe.py", "tests/test_flops_windows.py",
+                                         "tests/test_flops_window_edges.py"]),
     "tiecheck/flops/moe.py": (None, ["tests/test_moe_routing.py", "tests/test_flops_moe.py"]),
     "tiecheck/report/text.py": (None, ["tests/test_text_escaping.py", "tests/test_report_outputs.py"]),
 }
