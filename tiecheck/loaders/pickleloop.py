@@ -67,9 +67,9 @@ class Refused(Exception):
     """The pickle breaks a rule of the loop or of its ``Rules``.
 
     ``untrusted`` marks what a weights-only load refuses as unsafe (a global, an opcode that
-    torch's unpickler lacks), as opposed to damage or a resource bound. ``bound`` marks a bound
-    of this loop's own (keys, budgets, nesting) that a pickle torch.save writes and torch.load
-    reads may still pass: a float-keyed dict in a training checkpoint, say.
+    torch's unpickler lacks), as opposed to damage or a resource bound. ``bound`` marks the rules
+    of this loop's own that a pickle torch.save writes and torch.load reads may break: the dict-key
+    and set-member rules (a float-keyed dict in a training checkpoint, say).
     """
 
     def __init__(self, why: str, offset: int, *, untrusted: bool = False, bound: bool = False):
