@@ -150,3 +150,15 @@ def test_an_edit_that_adds_a_sub_config_the_class_did_not_have_is_a_change(tmp_p
 def test_a_path_through_a_value_that_is_no_mapping_reads_nothing():
     assert _get_path({"text_config": None, "a": {"b": 1}}, "text_config.tie_word_embeddings") is None
     assert _get_path({"a": {"b": 1}}, "a.b") == 1
+
+
+def test_a_config_the_class_refuses_is_left_to_the_copys_verification(tmp_path):
+    # LlamaConfig refuses a tie_word_embeddings of 1 (transformers 5 validates the field): the class cannot be
+    # asked what an edit makes of the folder, so no refusal is said here; the copy is verified by loading it.
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2).to_dict()
+    cfg["tie_word_embeddings"] = 1
+    with pytest.raises(Exception, match="tie_word_embeddings"):  # transformers 5's validation error
+        transformers.LlamaConfig.from_dict(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert edit_refusal(tmp_path, {"tie_word_embeddings": False}) is None

@@ -7,11 +7,13 @@ sets the flag true whatever config.json writes, BLT's configs set it false, and 
 derives ``scale_decoder_outputs`` from the written flag when config.json leaves that key out, so
 the copy would compute different logits. Rather than keep a list of such classes, the class is
 asked: the folder's config.json is built as written and as fix would write it, and the two are
-compared key by key. Read by ``repair/actions.py`` before anything is written.
+compared key by key. Read by ``repair/actions.py`` before anything is written; ``config_class`` and
+``built_config`` also by ``hf_reconcile``, which asks the class what it makes of a flag that is no bool.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,6 +37,33 @@ def set_path(cfg: dict, dotted: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+def config_class(cfg: Mapping[str, Any]) -> type | None:
+    """transformers' config class for config.json's ``model_type``; None without transformers, or for a
+    model type it does not ship."""
+    try:
+        from transformers.models.auto.configuration_auto import (  # noqa: PLC0415 - the `hf` extra
+            CONFIG_MAPPING,
+        )
+    except ImportError:
+        return None
+    try:
+        return CONFIG_MAPPING[cfg["model_type"]]
+    except (KeyError, TypeError):
+        return None
+
+
+def built_config(cls: type, cfg: Mapping[str, Any]) -> Any | None:
+    """``cls.from_dict`` of a copy of ``cfg``, with transformers kept quiet; None where the class refuses it.
+
+    A copy: a class may write its defaults into the nested dicts it is given (InklingMMConfig).
+    """
+    try:
+        with quiet_transformers():
+            return cls.from_dict(copy.deepcopy(dict(cfg)))
+    except Exception:  # noqa: BLE001 - a value or a config the class refuses: transformers builds nothing
+        return None
+
+
 def edit_refusal(folder: Path, edits: Mapping[str, Any], *, read_back: bool = True) -> str | None:
     """Why transformers would not build what writing ``edits`` into the folder's config.json asks for.
 
@@ -52,39 +81,35 @@ def edit_refusal(folder: Path, edits: Mapping[str, Any], *, read_back: bool = Tr
         not build): the copy's verification still loads it and compares logits.
     """
     try:
-        from transformers import __version__ as transformers_version  # noqa: PLC0415 - the `hf` extra
-        from transformers.models.auto.configuration_auto import (  # noqa: PLC0415 - the `hf` extra
-            CONFIG_MAPPING,
-        )
-    except ImportError:
+        raw = parse_json((folder / HF_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    try:
-        text = (folder / HF_CONFIG).read_text(encoding="utf-8")
-        raw, edited = parse_json(text), parse_json(text)  # parsed twice: the edit needs its own copy
-        cls = CONFIG_MAPPING[raw["model_type"]]
-    except (OSError, ValueError, TypeError, KeyError):
+    cls = config_class(raw) if isinstance(raw, dict) else None
+    if cls is None:
         return None
+    edited = copy.deepcopy(raw)
     for k, v in edits.items():
         set_path(edited, k, v)
-    try:
-        with quiet_transformers():
-            before, after = cls.from_dict(raw).to_dict(), cls.from_dict(edited).to_dict()
-    except Exception:  # noqa: BLE001 - any config the class refuses is left to the copy's verification
+    # A config the class refuses is left to the copy's verification.
+    built = [built_config(cls, raw), built_config(cls, edited)]
+    if None in built:
         return None
+    before, after = (c.to_dict() for c in built)
+    from transformers import __version__ as transformers_version  # noqa: PLC0415 - the `hf` extra, there
     name = f"{cls.__name__} (transformers {transformers_version})"
     for k, v in edits.items():
         read = _get_path(after, k)
         if read_back and read != v:
-            return (f"{name} sets {k} to {_text(read)} itself when config.json writes {_text(v)}, so the "
+            return (f"{name} sets {k} to {value_text(read)} itself when config.json writes {value_text(v)}, so the "
                     f"copy would load as this folder does")
     for k, old, new in _changes(before, after):
         if k.rsplit(".", 1)[-1] != TIE_FLAG:
-            return (f"writing {', '.join(f'{p}={_text(v)}' for p, v in edits.items())} also changes {name}'s "
-                    f"{k} from {_text(old)} to {_text(new)}, so the copy would compute different outputs")
+            return (f"writing {', '.join(f'{p}={value_text(v)}' for p, v in edits.items())} also changes {name}'s "
+                    f"{k} from {value_text(old)} to {value_text(new)}, so the copy would compute different outputs")
     return None
 
 
-def _text(value: Any) -> str:
+def value_text(value: Any) -> str:
     """A config value as config.json spells it (str() for what JSON cannot hold, such as a dtype)."""
     return json.dumps(value, default=str)
 
@@ -107,4 +132,4 @@ def _changes(a: Any, b: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
         yield path, a, b
 
 
-__all__ = ["edit_refusal", "set_path"]
+__all__ = ["built_config", "config_class", "edit_refusal", "set_path", "value_text"]

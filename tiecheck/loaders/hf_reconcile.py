@@ -9,9 +9,7 @@ and the files (TC011). Read by ``loaders/formats/hf.py``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +21,8 @@ from tiecheck.loaders.content import TorchContentReader, tensor_layout
 from tiecheck.loaders.declared import (
     flag_reaches,
 )
-from tiecheck.loaders.hf_architecture import Architecture, quiet_transformers
+from tiecheck.loaders.hf_architecture import Architecture
+from tiecheck.loaders.hf_config_edits import built_config, config_class, value_text
 from tiecheck.loaders.tensor_facts import fact_of, tensor_facts
 
 # The architecture classes whose output is a vocabulary's logits (they have an output projection).
@@ -423,18 +422,9 @@ def config_tie(cfg: Mapping[str, Any]) -> bool | None:
     written = cfg.get("tie_word_embeddings")
     if written is None or isinstance(written, bool):
         return written
-    try:
-        from transformers.models.auto.configuration_auto import (  # noqa: PLC0415 - the `hf` extra
-            CONFIG_MAPPING,
-        )
-    except ImportError:
-        return None
-    try:
-        cls = CONFIG_MAPPING[cfg["model_type"]]
-        with quiet_transformers():
-            # A copy: a class may write its defaults into the nested dicts it is given (InklingMMConfig).
-            config = cls.from_dict(copy.deepcopy(dict(cfg)))
-    except Exception:  # noqa: BLE001 - a value or a config the class refuses: transformers loads nothing
+    cls = config_class(cfg)
+    config = built_config(cls, cfg) if cls is not None else None
+    if config is None:
         return None
     # transformers reads the flag by its truth (``get_expanded_tied_weights_keys``).
     return bool(getattr(config, "tie_word_embeddings", False))
@@ -442,7 +432,7 @@ def config_tie(cfg: Mapping[str, Any]) -> bool | None:
 
 def _flag_text(written: Any, tie: bool) -> str:
     """The flag as config.json spells it, and how transformers reads it where that is not a bool."""
-    text = f"tie_word_embeddings={json.dumps(written, default=str)}"
+    text = f"tie_word_embeddings={value_text(written)}"
     return text if isinstance(written, bool) else f"{text} (which transformers reads as {str(tie).lower()})"
 
 
