@@ -86,7 +86,7 @@ from tiecheck.flops.inputs import (
     synthesize_inputs,
     token_layouts,
 )
-from tiecheck.flops.moe import parameter_counts, traceable_experts
+from tiecheck.flops.moe import experts_kind, is_hf_experts, parameter_counts, traceable_experts
 from tiecheck.flops.reasons import fallback_note, needed_inputs, unavailable_reason
 from tiecheck.flops.repeats import layer_of, plan_layers, traced_prefix
 from tiecheck.flops.result import PARTS, FlopsResult
@@ -411,9 +411,14 @@ def small_for_zeros(module: nn.Module, seq_len: int) -> bool:
 
     Returns:
         True when its parameters and buffers hold at most 64 MiB, 2 x parameters x ``seq_len`` is
-        at most 2 GFLOP and ``seq_len`` at most 512.
+        at most 2 GFLOP, ``seq_len`` at most 512, and every routed expert is a transformers experts
+        module. Other experts route by the router's values: zero-filled weights send every token to
+        the same experts, and where an expert takes only so many tokens (NLLB-MoE's
+        ``expert_capacity``) the rest are dropped, so the count would depend on the stand-ins.
     """
     if seq_len > _ZEROS_MAX_SEQ:
+        return False
+    if any(experts_kind(name, m) == "routed" and not is_hf_experts(m) for name, m in module.named_modules()):
         return False
     nbytes = params = 0
     for t in [*module.parameters(), *module.buffers()]:
