@@ -723,13 +723,14 @@ def done(out: Path) -> dict[str, dict]:
     return rows
 
 
-def run(names: list[str], out: Path, timeout: float, flops: bool, batch: int = 25) -> None:
+def run(names: list[str], out: Path, timeout: float, flops: bool, batch: int = 25, script: str = __file__) -> None:
     """The classes in worker processes of ``batch`` classes each; a class that takes longer than ``timeout``
-    seconds, or crashes its worker, is recorded as such and the worker restarted on the rest."""
+    seconds, or crashes its worker, is recorded as such and the worker restarted on the rest. ``script`` is
+    the sweep whose ``--worker`` mode runs them (another sweep reuses this runner)."""
     todo = list(names)
     while todo:
         chunk = todo[:batch]
-        cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--only", *chunk] + ([] if flops else ["--no-flops"])
+        cmd = [sys.executable, script, "--worker", "--out", str(out), "--only", *chunk] + ([] if flops else ["--no-flops"])
         proc = subprocess.Popen(cmd, start_new_session=True)
         last, n_done = time.monotonic(), 0
         rc = None
