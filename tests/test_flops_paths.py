@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import tiecheck.flops.trace as trace
+from tiecheck.flops import synthesize_inputs
 from tiecheck.loaders.metainit import skip_init_on_meta
 
 transformers = pytest.importorskip("transformers")
@@ -88,3 +90,25 @@ def test_shortcut_scales_the_batch_as_the_meta_trace_counts_it(monkeypatch):
     monkeypatch.setattr(trace, "small_for_zeros", lambda module, seq_len: False)
     meta = trace.count_flops(model, seq_len=T, batch_size=3)
     assert (fast.forward, fast.by_part, fast.batch_size) == (meta.forward, meta.by_part, meta.batch_size)
+
+
+def test_experts_routed_on_values_are_left_to_the_real_forward():
+    # Switch Transformers routes each token to its argmax expert and drops what overflows an expert's
+    # capacity. Zero-filled weights tie the router's logits, every token goes to expert 0 and most are
+    # dropped: the shortcut counted 8,028,160 FLOPs here where the forward does 8,282,112. Such a model is
+    # not traced with zeros: the meta trace fails on its nonzero, and one example runs with its own weights.
+    cfg = transformers.SwitchTransformersConfig(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                num_decoder_layers=2, num_heads=4, num_experts=4, expert_capacity=8,
+                                                num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    assert trace.routes_on_values(model)
+    assert not trace.small_for_zeros(model, T)
+
+    counted = trace.count_flops(model, seq_len=T)
+    assert counted.method == "real-batch-1"
+    # The routing depends on the ids too (ids all alike route alike): torch counts the ids count_flops traced.
+    inputs = synthesize_inputs(model, 1, T)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(*inputs.args, **inputs.kwargs)
+    assert counted.forward == fc.get_total_flops()
