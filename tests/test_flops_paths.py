@@ -112,3 +112,20 @@ def test_experts_routed_on_values_are_left_to_the_real_forward():
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(*inputs.args, **inputs.kwargs)
     assert counted.forward == fc.get_total_flops()
+
+
+def test_funnel_shortcut_counts_what_its_forward_does():
+    # Funnel pools the sequence in the first layer of each block after the first: that layer's keys run at
+    # the longer length, the block's later layers at the pooled one. The shortcut traces every layer and
+    # counts what torch counts; the meta trace folds a block's layers into its first (identical modules)
+    # and counts more, by an amount that depends on which block it folds.
+    cfg = transformers.FunnelConfig(vocab_size=128, d_model=32, n_head=4, d_head=8, d_inner=64, block_sizes=[3, 3, 3])
+    with torch.device("meta"), skip_init_on_meta():
+        fast = trace.count_flops(transformers.FunnelForMaskedLM(cfg).eval(), seq_len=T)
+    assert fast.method == trace.ZEROS
+    torch.manual_seed(0)
+    model = transformers.FunnelForMaskedLM(cfg).eval()
+    inputs = synthesize_inputs(model, 1, T)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(*inputs.args, **inputs.kwargs)
+    assert fast.forward == fc.get_total_flops()
