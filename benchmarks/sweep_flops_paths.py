@@ -21,7 +21,7 @@ weights), and counted with ``count_flops(model, seq_len=128)`` twice: as is, and
 * ``zeros-only``: the shortcut counted where the meta trace cannot;
 * ``meta-only``: the shortcut failed and the meta trace counted (the fall-through);
 * ``neither``: no trace counted;
-* ``not-small``: the shortcut was not taken.
+* ``not-small``: the shortcut was not taken (too large, or experts that route on values).
 
 For ``differ`` and ``zeros-only`` the class is also built with real (random) weights on the CPU and
 counted with ``device="cpu"``: what a real forward does, to say which figure is right.
@@ -105,6 +105,7 @@ def sweep_class(name: str, model_type: str) -> dict[str, Any]:
     with skip_init_on_meta():
         model = build(cls, cfg, "meta")
     small = trace.small_for_zeros(model, SEQ_LEN)
+    out["routes_on_values"] = trace.routes_on_values(model)
     shortcut = counted(model)
     with mock.patch.object(trace, "small_for_zeros", return_value=False):
         meta = counted(model)
@@ -159,8 +160,12 @@ def summarize(rows: dict[str, dict], head: str) -> str:
         f"shortcut taken (method cpu-zeros): {len(taken)}; of those, other fields differing "
         f"(by_operator, uncounted/ignored ops, sizes): "
         f"{sum(1 for r in taken if r.get('others_differ'))}",
-        f"seconds: shortcut {sum(r['shortcut']['seconds'] for r in built):.0f}, meta "
-        f"{sum(r['meta']['seconds'] for r in built):.0f} (each class's first count pays the imports)",
+        f"not small because experts route on values (routes_on_values): "
+        f"{sum(1 for r in built if r.get('routes_on_values'))}: "
+        f"{', '.join(r['class'] for r in built if r.get('routes_on_values')) or '-'}",
+        f"seconds where the shortcut was taken: shortcut {sum(r['shortcut']['seconds'] for r in taken):.0f}, meta "
+        f"{sum(r['meta']['seconds'] for r in taken):.0f} (not a speed comparison: the shortcut runs first in the "
+        f"worker and pays the class's first forward, and each worker's imports)",
         "",
         "## classes whose verdict is neither equal nor not-small",
     ]
