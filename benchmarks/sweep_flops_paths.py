@@ -26,36 +26,35 @@ weights), and counted with ``count_flops(model, seq_len=128)`` twice: as is, and
 For ``differ`` and ``zeros-only`` the class is also built with real (random) weights on the CPU and
 counted with ``device="cpu"``: what a real forward does, to say which figure is right.
 
+Two limits of one run. The meta trace's layer plan (identical layers traced once) picks among layer lists
+of equal length in string-hash order, so where a model has several (Funnel's blocks) its meta figure
+depends on ``PYTHONHASHSEED``, which the workers inherit: rerun with a few seeds to see such a class
+differ. And a config that puts experts every few layers (NLLB-MoE's ``sparse_step``) may keep none in
+its two-layer small config.
+
 Results are appended, one JSON line per class, to ``--out`` (a class already there is skipped, so an
-interrupted run resumes); each class runs in a worker process with a timeout (``sweep_precision.run``).
+interrupted run resumes, ``--redo`` sweeps them again); each class runs in a worker process with a timeout
+(``sweep_precision.run``).
 ``--summary`` writes the counts and one line per class that is neither ``equal`` nor ``not-small``.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import sys
 import time
-import traceback
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import torch
-import transformers
 from sweep_precision import (
-    RESULTS,
+    append_rows,
     build,
+    class_and_config,
     done,
-    no_build_reason,
     one_line,
-    pick_config,
-    registered_classes,
-    run,
+    sweep_arguments,
+    sweep_selected,
     versions,
 )
 
@@ -94,14 +93,9 @@ def verdict(small: bool, shortcut: dict, meta: dict) -> str:
 
 def sweep_class(name: str, model_type: str) -> dict[str, Any]:
     """One class: its small config built on meta, counted with the shortcut and without."""
-    out: dict[str, Any] = {"class": name, "model_type": model_type}
-    cls = getattr(transformers, name, None)
-    if cls is None:
-        return {**out, "status": "no-class", "reason": f"transformers has no attribute {name}"}
-    label, cfg, n_params, errors = pick_config(cls, model_type)
+    out, cls, cfg = class_and_config(name, model_type)
     if cfg is None:
-        return {**out, "status": "no-build", "reason": no_build_reason(errors)}
-    out.update(config=label, params=n_params)
+        return out
     with skip_init_on_meta():
         model = build(cls, cfg, "meta")
     small = trace.small_for_zeros(model, SEQ_LEN)
@@ -126,25 +120,9 @@ def sweep_class(name: str, model_type: str) -> dict[str, Any]:
     return out
 
 
-def worker(names: list[str], out: Path, flops: bool = True) -> None:
+def worker(names: list[str], out: Path) -> None:
     """Sweep ``names`` one after another, appending one JSON line per class to ``out``."""
-    del flops  # every class is counted: the argument is sweep_precision.run's
-    warnings.simplefilter("ignore")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    classes = registered_classes()
-    for name in names:
-        entry = classes[name]
-        t0 = time.perf_counter()
-        try:
-            with contextlib.redirect_stdout(sys.stderr):
-                row = sweep_class(name, entry["model_type"])
-        except Exception as e:  # noqa: BLE001 - one class must not stop the sweep
-            row = {"class": name, "model_type": entry["model_type"], "status": "sweep-error",
-                   "reason": one_line(e), "traceback": traceback.format_exc()[-2000:]}
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        with open(out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    append_rows(names, out, sweep_class)
 
 
 def summarize(rows: dict[str, dict], head: str) -> str:
@@ -196,29 +174,13 @@ def class_line(r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", help="class names to sweep (default: every registered class)")
-    ap.add_argument("--shard", help="i/n: the i-th of n equal slices of the classes (1-based)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "sweep-flops-paths.jsonl")
-    ap.add_argument("--summary-out", type=Path, default=RESULTS / "sweep-flops-paths.txt")
-    ap.add_argument("--timeout", type=float, default=300, help="seconds per class")
-    ap.add_argument("--summary", action="store_true", help="only write the summary of what --out holds")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap = sweep_arguments(__doc__, "sweep-flops-paths", 300)
     args = ap.parse_args()
     if args.worker:
         worker(args.only, args.out)
         return
     if not args.summary:
-        names = list(args.only or registered_classes())
-        if args.shard:
-            i, n = (int(x) for x in args.shard.split("/"))
-            names = names[i - 1::n]
-        rows = done(args.out)
-        todo = [n for n in names if n not in rows]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        run(todo, args.out, args.timeout, True, script=__file__)
-        print(f"swept {len(todo)} classes in {time.perf_counter() - t0:.0f} s", flush=True)
+        sweep_selected(args, True, __file__)
     head = f"{versions()}; count_flops(seq_len={SEQ_LEN}) on the meta-built small config, shortcut on and off"
     text = summarize(done(args.out), head)
     args.summary_out.write_text(text)
