@@ -129,3 +129,20 @@ def test_funnel_shortcut_counts_what_its_forward_does():
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(*inputs.args, **inputs.kwargs)
     assert fast.forward == fc.get_total_flops()
+
+
+@pytest.mark.parametrize("blocks", [[1, 3], [3, 3, 3]])
+def test_funnel_on_meta_counts_what_its_forward_does(blocks):
+    # The meta trace folds identical layers; a Funnel block's first layer is given the unpooled keys, so the
+    # first repeat it traces to check the fold differs from its representative and every layer is traced.
+    # [1, 3] makes the pooling block the longest layer list, the one the plan folds.
+    cfg = transformers.FunnelConfig(vocab_size=128, d_model=32, n_head=4, d_head=8, d_inner=64, block_sizes=blocks)
+    with torch.device("meta"), skip_init_on_meta():
+        on_meta = trace.count_flops(transformers.FunnelForMaskedLM(cfg).eval(), seq_len=T, device="meta")
+    assert on_meta.method == "meta"
+    torch.manual_seed(0)
+    model = transformers.FunnelForMaskedLM(cfg).eval()
+    inputs = synthesize_inputs(model, 1, T)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(*inputs.args, **inputs.kwargs)
+    assert on_meta.forward == fc.get_total_flops()

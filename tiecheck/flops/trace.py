@@ -88,7 +88,7 @@ from tiecheck.flops.inputs import (
 )
 from tiecheck.flops.moe import experts_kind, is_hf_experts, parameter_counts, traceable_experts
 from tiecheck.flops.reasons import fallback_note, needed_inputs, unavailable_reason
-from tiecheck.flops.repeats import layer_of, plan_layers, traced_prefix
+from tiecheck.flops.repeats import fold_holds, layer_of, plan_layers, traced_prefix
 from tiecheck.flops.result import PARTS, FlopsResult
 
 with warnings.catch_warnings():
@@ -340,7 +340,7 @@ def _trace_synthesized(module: nn.Module, mi: ModelInputs, attention: str, metho
     return None, mi
 
 
-def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, method: str) -> _Counted:
+def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, method: str, fold: bool = True) -> _Counted:
     on_meta = method == "meta"
     root = _Call(module, mi)
     flat = root.flat_inputs()
@@ -349,7 +349,7 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, method: str
     cls = Classifier(module, _PREFIX, len(flat), mi.vocab_size, mi.family, attention)
     handles = make_handles(cls)
     # On meta, identical layers are traced once and multiplied (see tiecheck.flops.repeats).
-    plan = plan_layers(module, cls.layer_names) if on_meta else None
+    plan = plan_layers(module, cls.layer_names) if on_meta and fold else None
     if plan is not None:
         cls.layer_of = lambda owner: layer_of(owner, plan)
     switched = 0
@@ -378,6 +378,8 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, method: str
     finally:
         if gc_was_enabled:
             gc.enable()
+    if plan is not None and not fold_holds(plan, cls.per_layer, cls.per_layer_calls):
+        return _trace_count(module, mi, attention, method, fold=False)  # the layers differ in what they are given
     by_part = {p: 0 for p in PARTS}
     by_op: Counter = Counter()
     totals = Counter({k: int(v) for k, v in fca.by_operator().items()})
