@@ -249,6 +249,9 @@ class TorchContentReader:
             if isinstance(fd, int):
                 os.close(fd)
         self._fds.clear()
+        if self._compare_files is not None:  # its worker thread; the files are this reader's own
+            self._compare_files.close()
+            self._compare_files = None
         self._prefetched.clear()
 
     def __enter__(self):
