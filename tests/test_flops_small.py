@@ -65,3 +65,25 @@ def test_a_failed_cpu_trace_leaves_the_meta_trace_to_decide():
     r = count_flops(model, seq_len=16)
     assert (r.method, r.forward) == ("meta", tiny_lm_flops(1, 16))
     assert not any("CPU" in n or "fell back" in n for n in r.notes)
+
+
+class SeesThreads(TinyLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, idx):
+        self.seen.append(torch.get_num_threads())
+        return super().forward(idx)
+
+
+def test_the_cpu_trace_runs_on_one_thread_and_gives_the_others_back():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = SeesThreads()
+        assert count_flops(model, seq_len=16).method == "cpu-zeros"
+        assert model.seen == [1]  # a small model's arithmetic, without waiting on a second thread
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
