@@ -17,14 +17,18 @@ architecture (``hf.py``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import operator
 import os
-from collections.abc import Mapping, MutableMapping
+import re
+from array import array
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from tiecheck.errors import TargetError
@@ -53,8 +57,8 @@ DTYPES: dict[str, tuple[str, int]] = {
 
 
 class Entry(NamedTuple):
-    """One header record. A named tuple: a header of 100,000 tensors makes 100,000 of them, and a
-    tuple is built several times faster than a frozen dataclass."""
+    """One header record, as ``Header.entries`` hands it out (made on access: the header itself is
+    kept as columns)."""
 
     name: str
     dtype: str  # safetensors name, e.g. "BF16"
@@ -63,11 +67,27 @@ class Entry(NamedTuple):
     end: int
 
 
+class Kind(NamedTuple):
+    """What the records of one (dtype, shape) share: one object for all of them."""
+
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int
+    itemsize: int
+
+
 @dataclass(frozen=True)
 class Header:
+    """A checked safetensors header, one column per field rather than an object per record: a million
+    records as tuples held 150 MB; as columns, under 50 (``entries`` reads them as records)."""
+
     path: Path
     header_len: int
-    entries: dict[str, Entry]  # in file order
+    names: list[str]  # in file order
+    index: dict[str, int]  # name -> its position in the columns
+    kinds: list[Kind]  # shared between the records of one dtype and shape
+    begins: array  # int64 byte offsets relative to the start of the data section
+    ends: array
     metadata: dict[str, str]
     file_size: int
 
@@ -78,6 +98,39 @@ class Header:
     @property
     def data_bytes(self) -> int:
         return self.file_size - self.data_start
+
+    @property
+    def entries(self) -> Entries:
+        """name -> Entry, in file order."""
+        return Entries(self)
+
+    def entry(self, i: int) -> Entry:
+        """The record at position ``i``."""
+        k = self.kinds[i]
+        return Entry(self.names[i], k.dtype, k.shape, self.begins[i], self.ends[i])
+
+
+class Entries(Mapping):
+    """A header's records by name (a read-only view of its columns)."""
+
+    def __init__(self, header: Header):
+        self._header = header
+
+    def __getitem__(self, name: str) -> Entry:
+        return self._header.entry(self._header.index[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._header.names)
+
+    def __len__(self) -> int:
+        return len(self._header.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._header.index
+
+    def values(self):  # type: ignore[override]
+        header = self._header
+        return [header.entry(i) for i in range(len(header.names))]
 
 
 def _bad(path: Path | str, why: str) -> TargetError:
@@ -152,6 +205,17 @@ def read_header(path: Path) -> Header:
     except OSError as e:
         raise TargetError(f"{path}: cannot read ({e.strerror or e})") from e
 
+    columns = _fast_columns(path, raw, size - 8 - n)
+    if columns is None:  # anything but the plain layout safetensors writes: every rule, record by record
+        columns = _checked_columns(path, raw, n, size)
+    metadata, names, index, kinds, begins, ends = columns
+    return Header(path=path, header_len=n, names=names, index=index, kinds=kinds, begins=begins, ends=ends,
+                  metadata=metadata, file_size=size)
+
+
+def _checked_columns(path: Path, raw: bytes, n: int, size: int) -> tuple:
+    """The header parsed as JSON and checked record by record (``_entry``, ``_check_layout``): the
+    reference for what is refused and how the refusal reads. Returns ``_columns``'s tuple."""
     try:
         obj = parse_json(raw, object_pairs_hook=_records)
     except ValueError as e:
@@ -160,16 +224,130 @@ def read_header(path: Path) -> Header:
         raise _bad(path, f"the {n:,}-byte header is not valid JSON{where} ({e})") from e
     if not isinstance(obj, dict):
         raise _bad(path, "the header is not a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = _metadata_of(path, obj.pop("__metadata__", None))
+    shapes: dict[tuple[str, tuple], tuple[str, tuple[int, ...], int]] = {}
+    entries = {name: _entry(path, name, spec, shapes) for name, spec in obj.items()}
+    _check_layout(path, entries, size - 8 - n)
+    kinds: dict[tuple[str, tuple[int, ...]], Kind] = {}
+    for e in entries.values():
+        if (e.dtype, e.shape) not in kinds:
+            kinds[(e.dtype, e.shape)] = Kind(e.dtype, e.shape, e.end - e.begin, DTYPES[e.dtype][1])
+    return (metadata, list(entries), {name: i for i, name in enumerate(entries)},
+            [kinds[(e.dtype, e.shape)] for e in entries.values()],
+            array("q", [e.begin for e in entries.values()]), array("q", [e.end for e in entries.values()]))
+
+
+def _metadata_of(path: Path, metadata: Any) -> dict[str, str]:
+    """``__metadata__`` as parsed (``_records``'s hook), as a dict of strings."""
+    metadata = metadata or {}
     if type(metadata) is tuple:  # three string entries that look like a record: an object all the same
         metadata = dict(zip(("dtype", "shape", "data_offsets"), metadata, strict=True))
     if not isinstance(metadata, dict):
         raise _bad(path, "__metadata__ is not an object")
-    shapes: dict[tuple[str, tuple], tuple[str, tuple[int, ...], int]] = {}
-    entries = {name: _entry(path, name, spec, shapes) for name, spec in obj.items()}
-    _check_layout(path, entries, size - 8 - n)
-    return Header(path=path, header_len=n, entries=entries, metadata={str(k): str(v) for k, v in metadata.items()},
-                  file_size=size)
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+# The plain layout safetensors writes: no whitespace, each record's keys in the writer's order, names
+# without escapes, integers without signs or leading zeros and of at most 18 digits (within int64). One
+# match per record, from the separator before it; groups: separator, name, dtype and shape as text
+# (their Kind is read once per distinct text), data offsets as text.
+_NUMBER = r"(?:0|[1-9][0-9]{0,17})"
+_RECORD = re.compile(r'([{,])"([^"\\\x00-\x1f]*)":\{"dtype":"([A-Z0-9_]+","shape":\[(?:' + _NUMBER + r"(?:,"
+                     + _NUMBER + r')*)?)\],"data_offsets":\[(' + _NUMBER + "," + _NUMBER + r")\]\}")
+_KIND_TEXT = '","shape":['  # between a kind's dtype and its shape in the matched text
+_METADATA_START = '{"__metadata__":'
+_FAST_CHUNK = 1 << 20  # characters of the header matched at once: the matches' strings are transient
+_WHITESPACE = " \t\n\r"  # JSON's
+
+
+def _fast_columns(path: Path, raw: bytes, data_bytes: int) -> tuple | None:
+    """The header's columns read by one regular expression, or None to parse it record by record.
+
+    Why not ``json``: a dict and two lists made per record, then each record checked in Python, took
+    3.3 s of a million-record header; matched as text, with the checks made on whole columns, a
+    third of that. Only the plain layout the writer emits is read here, and only when every rule
+    holds: the records matched end to end tile the header (nothing but the records in the header, so
+    nothing between them is skipped, and the text is then JSON that parses to exactly these
+    records), no name twice, every dtype known and every shape's size within bounds, offsets that
+    tile the data. Anything else, a refusal included, is None: ``_checked_columns`` then parses the
+    header again and says what is wrong in the words it always has.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    end = len(text)
+    while end and text[end - 1] in _WHITESPACE:  # the writer's padding: not rstrip, which copies the header
+        end -= 1
+    end -= 1  # the closing brace
+    if end <= 0 or text[0] != "{" or text[end] != "}":
+        return None
+    metadata: dict[str, str] = {}
+    pos = 0  # the records lie in [pos, end), each from its separator
+    if text.startswith(_METADATA_START):
+        try:
+            meta, pos = json.JSONDecoder(object_pairs_hook=_records).raw_decode(text, len(_METADATA_START))
+            metadata = _metadata_of(path, meta)
+        except (ValueError, RecursionError, TargetError):
+            return None
+        if pos >= end or text[pos] != ",":
+            return None
+    first = text[pos]  # the first record's separator: "{", or "," after the metadata; every later one is ","
+    braces = 0
+    names: list[str] = []
+    kinds: list[str] = []
+    offsets: list[np.ndarray] = []
+    while pos < end:
+        # Cut after a record's closing brace: a cut a name fakes leaves a part that does not tile.
+        cut = text.find('},"', min(pos + _FAST_CHUNK, end))
+        cut = end if cut < 0 or cut >= end else cut + 1
+        # split, not findall: the text between matches comes back too, and must be empty throughout
+        # (the matches tile the part), with no tuple made per record.
+        parts = _RECORD.split(text[pos:cut])
+        if len(parts) < 6 or any(parts[0::5]):
+            return None
+        braces += parts[1::5].count("{")
+        names += parts[2::5]
+        kinds += parts[3::5]
+        offsets.append(np.fromstring(",".join(parts[4::5]), dtype=np.int64, sep=","))
+        pos = cut
+    count = len(names)
+    if braces != (first == "{"):
+        return None
+    index = dict(zip(names, range(count), strict=True))
+    if len(index) != count or "__metadata__" in index:
+        return None
+    checked = _kinds(path, kinds)
+    if checked is None:
+        return None
+    pairs = np.concatenate(offsets).reshape(count, 2)
+    b, e = pairs[:, 0], pairs[:, 1]
+    want = np.fromiter(map(operator.attrgetter("nbytes"), checked), dtype=np.int64, count=count)
+    if not np.array_equal(e - b, want):
+        return None
+    order = np.lexsort((e, b))
+    sb, se = b[order], e[order]
+    if sb[0] != 0 or not np.array_equal(sb[1:], se[:-1]) or int(se[-1]) != data_bytes:
+        return None
+    begins, ends = array("q"), array("q")
+    begins.frombytes(np.ascontiguousarray(b).tobytes())
+    ends.frombytes(np.ascontiguousarray(e).tobytes())
+    return metadata, names, index, checked, begins, ends
+
+
+def _kinds(path: Path, texts: list[str]) -> list[Kind] | None:
+    """The Kind of each record from its dtype and shape as matched (``F32","shape":[4,4``); None when
+    a dtype is unknown or a shape's size is out of bounds (``_nbytes`` refuses it)."""
+    known: dict[str, Kind] = {}
+    for text in set(texts):
+        code, _, dims = text.partition(_KIND_TEXT)
+        shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+        try:
+            nbytes = _nbytes(path, "", code, list(shape))
+        except TargetError:
+            return None
+        known[text] = Kind(code, shape, nbytes, DTYPES[code][1])
+    return list(map(known.__getitem__, texts))
 
 
 def _naturals(v: Any) -> bool:
@@ -266,27 +444,31 @@ class MappedTensors(Mapping):
         name = self._aliases.get(name, name)
         if name in self._copied:
             return self._copied[name]
-        e = self._header.entries[name]  # KeyError for an unknown name, as a dict
-        dtype = getattr(torch, DTYPES[e.dtype][0])
-        if e.end == e.begin or self._storage is None:
-            return torch.empty(e.shape, dtype=dtype)
-        start = self._header.data_start + e.begin
-        return torch.empty(0, dtype=dtype).set_(self._storage, start // DTYPES[e.dtype][1], e.shape)
+        h = self._header
+        i = h.index[name]  # KeyError for an unknown name, as a dict
+        kind = h.kinds[i]
+        dtype = getattr(torch, DTYPES[kind.dtype][0])
+        if h.ends[i] == h.begins[i] or self._storage is None:
+            return torch.empty(kind.shape, dtype=dtype)
+        start = h.data_start + h.begins[i]
+        return torch.empty(0, dtype=dtype).set_(self._storage, start // kind.itemsize, kind.shape)
 
     def __iter__(self):
-        yield from self._header.entries
+        yield from self._header.names
         yield from self._aliases
 
     def __len__(self) -> int:
-        return len(self._header.entries) + len(self._aliases)
+        return len(self._header.names) + len(self._aliases)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._header.entries or name in self._aliases
+        return name in self._header.index or name in self._aliases
 
     def file_layout(self, name: str) -> tuple[int, int, int]:
         """(offset of the first byte in the mapping, nbytes, itemsize) of a mapped tensor, for pread."""
-        e = self._header.entries[self._aliases.get(name, name) if self._aliases else name]
-        return self._data_start + e.begin, e.end - e.begin, DTYPES[e.dtype][1]
+        h = self._header
+        i = h.index[self._aliases.get(name, name) if self._aliases else name]
+        begin = h.begins[i]
+        return self._data_start + begin, h.ends[i] - begin, h.kinds[i].itemsize
 
     def facts(self) -> list:
         """A TensorFact per tensor, in file order, read from the header (no tensor is made)."""
@@ -301,7 +483,8 @@ class MappedTensors(Mapping):
         strides: dict[tuple[int, ...], tuple[int, ...]] = {}
         copied, data_start, file_size = self._copied, self._header.data_start, self._header.file_size
         fact = TensorFact
-        for name, (_, code, shape, begin, end) in self._header.entries.items():
+        h = self._header
+        for name, (code, shape, _, itemsize), begin, end in zip(h.names, h.kinds, h.begins, h.ends, strict=True):
             if copied and name in copied:
                 out.append(fact_of(name, copied[name]))
                 continue
@@ -315,10 +498,10 @@ class MappedTensors(Mapping):
             owner = name.rsplit(".", 1)[0] if "." in name else ""
             if ptr and end > begin:
                 start = data_start + begin
-                out.append(fact(name, shape, stride, dtype, DTYPES[code][1], "cpu", storage, start, start + end - begin,
+                out.append(fact(name, shape, stride, dtype, itemsize, "cpu", storage, start, start + end - begin,
                                 None, "tensor", owner, None, False, floating, file_size))
             else:
-                out.append(fact(name, shape, stride, dtype, DTYPES[code][1], "cpu", None, 0, 0,
+                out.append(fact(name, shape, stride, dtype, itemsize, "cpu", None, 0, 0,
                                 None, "tensor", owner, None, False, floating, 0))
         if self._aliases:  # an alias is the stored tensor's fact under its own name: the same extent
             by_name = {f.name: f for f in out}
@@ -344,19 +527,21 @@ class FileSpans(MutableMapping):
     cost 40 MB and a second of inserts.
     """
 
-    def __init__(self, span: FileSpan, entries: Mapping[str, Entry], copied: Mapping[str, Any], count: int):
-        self._span, self._entries, self._copied, self._count = span, entries, copied, count
+    def __init__(self, span: FileSpan, header: Header, copied: Mapping[str, Any], count: int):
+        self._span, self._header, self._copied, self._count = span, header, copied, count
+        self._index, self._begins, self._ends = header.index, header.begins, header.ends
         self._extra: dict[str, Any] = {}
 
     def _stored(self, name: object) -> bool:
-        e = self._entries.get(name)  # type: ignore[call-overload]
-        return e is not None and e.end > e.begin and name not in self._copied
+        i = self._index.get(name)  # type: ignore[call-overload]
+        return i is not None and self._ends[i] > self._begins[i] and name not in self._copied
 
     def get(self, name: str, default: Any = None) -> Any:
         if self._extra and name in self._extra:
             return self._extra[name]
-        e = self._entries.get(name)  # _stored, inlined: the content pass asks once a tensor
-        return self._span if e is not None and e.end > e.begin and name not in self._copied else default
+        i = self._index.get(name)  # _stored, inlined: the content pass asks once a tensor
+        return self._span if i is not None and self._ends[i] > self._begins[i] and name not in self._copied \
+            else default
 
     def __getitem__(self, name: str) -> Any:
         got = self.get(name, self)
@@ -374,8 +559,8 @@ class FileSpans(MutableMapping):
         return name in self._extra or self._stored(name)
 
     def __iter__(self):
-        for name, e in self._entries.items():
-            if e.end > e.begin and name not in self._copied and name not in self._extra:
+        for name, begin, end in zip(self._header.names, self._begins, self._ends, strict=True):
+            if end > begin and name not in self._copied and name not in self._extra:
                 yield name
         yield from self._extra
 
@@ -398,35 +583,37 @@ def map_tensors(header: Header) -> tuple[MappedTensors, list[str], Mapping[str, 
             raise TargetError(f"{header.path}: cannot memory-map the file ({e})") from e
     copied: dict[str, Any] = {}
     span = FileSpan(os.fspath(header.path), 0)  # one span serves every tensor of the file
-    data_start = header.data_start
-    itemsizes: dict[str, int] = {}  # each dtype the file uses, checked once (not once per tensor)
+    # Each dtype the file uses, checked once; the first record of one this torch lacks is named.
+    codes = [code for code in set(map(operator.attrgetter("dtype"), header.kinds))
+             if getattr(torch, DTYPES[code][0], None) is None]
+    if codes:
+        i = next(i for i, kind in enumerate(header.kinds) if kind.dtype in codes)
+        raise TargetError(f"{header.path}: tensor {header.names[i]!r} has dtype {header.kinds[i].dtype}, which this "
+                          f"torch {torch.__version__} does not support; upgrade torch")
     mapped = 0
-    for e in header.entries.values():
-        itemsize = itemsizes.get(e.dtype)
-        if itemsize is None:
-            if getattr(torch, DTYPES[e.dtype][0], None) is None:
-                raise TargetError(f"{header.path}: tensor {e.name!r} has dtype {e.dtype}, which this torch "
-                                  f"{torch.__version__} does not support; upgrade torch")
-            itemsize = itemsizes[e.dtype] = DTYPES[e.dtype][1]
-        start = data_start + e.begin
-        if e.end == e.begin or storage is None:
-            continue
-        if start % itemsize == 0:
-            mapped += 1
-        else:
+    if storage is not None and header.names:
+        # Whole columns at once: a record is mapped unless it is empty or starts off its element size.
+        begins = np.frombuffer(header.begins, dtype=np.int64)
+        stored = np.frombuffer(header.ends, dtype=np.int64) > begins
+        itemsizes = np.fromiter(map(operator.attrgetter("itemsize"), header.kinds), dtype=np.int64,
+                                count=len(header.kinds))
+        unaligned = stored & ((header.data_start + begins) % itemsizes != 0)
+        mapped = int(np.count_nonzero(stored & ~unaligned))
+        for i in np.flatnonzero(unaligned).tolist():
             # A hand-made header whose length is not a multiple of the element size: a typed view
             # cannot start there, so this tensor (only) is copied into memory.
-            raw = torch.empty(0, dtype=torch.uint8).set_(storage, start, (e.end - e.begin,))
+            e = header.entry(i)
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage, header.data_start + e.begin, (e.end - e.begin,))
             copied[e.name] = raw.clone().view(getattr(torch, DTYPES[e.dtype][0])).reshape(e.shape)
     if copied:
         notes.append(f"{len(copied)} tensor(s) start at unaligned offsets and were copied into memory "
                      f"(e.g. {next(iter(copied))})")
-    spans: Mapping[str, Any] = FileSpans(span, header.entries, copied, mapped) if storage is not None else {}
+    spans: Mapping[str, Any] = FileSpans(span, header, copied, mapped) if storage is not None else {}
     return MappedTensors(header, storage, copied), notes, spans
 
 
 def file_summary(header: Header) -> dict[str, Any]:
-    return {"file": header.path.name, "tensors": len(header.entries), "bytes": header.file_size,
+    return {"file": header.path.name, "tensors": len(header.names), "bytes": header.file_size,
             "header_bytes": header.data_start}
 
 
@@ -436,22 +623,22 @@ def load_safetensors_file(path: Path, *, restore_aliases: bool = True) -> Subjec
     (a Hugging Face folder, whose architecture re-ties instead)."""
     header = read_header(path)
     tensors, notes, spans = map_tensors(header)
-    aliases, broken = alias_map(header.metadata, set(header.entries))
+    aliases, broken = alias_map(header.metadata, header.index.keys())
     decls, pairs = alias_declarations(aliases, broken, path.name)
     if aliases or broken:
         how = (f"__metadata__ records {len(aliases)} dropped name{'s' if len(aliases) != 1 else ''} as "
                f"alias{'es' if len(aliases) != 1 else ''} of stored tensors (safetensors.torch.save_model)")
-        notes.insert(0, f"{len(header.entries)} tensors, {header.data_bytes:,} bytes of data; header read, data "
+        notes.insert(0, f"{len(header.names)} tensors, {header.data_bytes:,} bytes of data; header read, data "
                         f"memory-mapped; {how}" + ("; restored as ties" if restore_aliases and aliases else ""))
     else:
-        notes.insert(0, f"{len(header.entries)} tensors, {header.data_bytes:,} bytes of data; header read, data "
+        notes.insert(0, f"{len(header.names)} tensors, {header.data_bytes:,} bytes of data; header read, data "
                         f"memory-mapped (no alias map in __metadata__: ties come from the architecture)")
     findings = [finding("TC020", f"{path.name} __metadata__ says {k} is an alias of {v}, but the file holds no {v}: "
                                  f"a loader that restores aliases cannot restore {k}", [k, v])
                 for k, v in sorted(broken.items())]
     stored_copies = None
     if restore_aliases and aliases:
-        stored_copies = {n: ("file", path.name, n) for n in header.entries}
+        stored_copies = {n: ("file", path.name, n) for n in header.names}
         for dropped, kept in aliases.items():
             if dropped in tensors:
                 continue  # stored as well: the layers analysis compares the two copies
