@@ -14,7 +14,10 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, Protocol
+
+import numpy as np
 
 from tiecheck.analyses.ties import IdentityIndex, group_by_identity
 from tiecheck.facts import TensorFact, assignment
@@ -178,26 +181,43 @@ def _names(members: list[TensorFact]) -> tuple[str, ...]:
     return tuple(sorted(m.name for m in members))
 
 
-def _by_key(samples: Iterable[tuple[str, bytes]], itemsize: int) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
+def _by_key(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: int,
+            ) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
     """Names whose sample keys (``_key``) agree, in groups of two or more, in the order their first name
     came; and the names whose sample is uniform (every element the same bits: only those can be
     constant tensors, and a digest key no longer says so).
 
-    Only a repeated key gets a list: a bucket of 100,000 distinct tensors costs one dict entry each.
+    ``batches`` are (names, their samples). Only a repeated key gets a list: a bucket of 100,000
+    distinct tensors costs one dict entry each. A batch whose keys are all new is added whole (one
+    dict built and merged in C); only a batch with a key met before is walked name by name.
     """
     first: dict[bytes, str] = {}
     shared: dict[bytes, list[str]] = {}
     uniform: set[str] = set()
     digest = hashlib.blake2b
-    for n, sig in samples:
-        size = len(sig)  # _uniform, inlined: it is asked a million times
-        if size <= itemsize or (size % itemsize == 0 and sig == sig[:itemsize] * (size // itemsize)):
-            uniform.add(n)
-        key = sig if len(sig) <= KEY_BYTES else digest(sig, digest_size=16).digest()  # _key, inlined
-        prev = first.setdefault(key, n)
-        if prev != n:
-            shared.setdefault(key, [prev]).append(n)
+    for names, sigs in batches:
+        uniform.update(compress(names, _uniform_each(sigs, itemsize)))
+        keys = sigs if max(map(len, sigs), default=0) <= KEY_BYTES else \
+            [sig if len(sig) <= KEY_BYTES else digest(sig, digest_size=16).digest() for sig in sigs]
+        fresh = dict(zip(keys, names, strict=True))
+        if len(fresh) == len(names) and first.keys().isdisjoint(fresh):
+            first.update(fresh)
+            continue
+        for n, key in zip(names, keys, strict=True):
+            prev = first.setdefault(key, n)
+            if prev != n:
+                shared.setdefault(key, [prev]).append(n)
     return list(shared.items()), uniform
+
+
+def _uniform_each(sigs: Sequence[bytes], itemsize: int) -> Iterable[bool]:
+    """``_uniform`` of each sample: at once, over a (samples, elements, bytes) array, when they are all
+    of one length (a bucket's are: one dtype, one shape), else one by one."""
+    size = len(sigs[0]) if sigs else 0
+    if not sigs or size <= itemsize or size % itemsize or any(len(s) != size for s in sigs):
+        return [_uniform(s, itemsize) for s in sigs]
+    rows = np.frombuffer(b"".join(sigs), dtype=np.uint8).reshape(len(sigs), size // itemsize, itemsize)
+    return (rows == rows[:, :1, :]).all(axis=(1, 2)).tolist()
 
 
 def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
@@ -229,13 +249,13 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
     every = max(1, to_sample // 100)
     whole = getattr(reader, "whole_sample_bytes", 0)
 
-    def sample_all(names: list[str]) -> Iterator[tuple[str, bytes]]:
-        """(name, sample) of each name, read in batches that end where a progress call is due (every
-        1%, at most ``SAMPLE_BATCH``): the samples of a bucket are never all held at once."""
+    def sample_all(names: list[str]) -> Iterator[tuple[list[str], list[bytes]]]:
+        """(names, their samples) in batches that end where a progress call is due (every 1%, at most
+        ``SAMPLE_BATCH``): the samples of a bucket are never all held at once."""
         lo = 0
         while lo < len(names):
             part = names[lo:lo + min(SAMPLE_BATCH, every - stats.sampled % every)]
-            yield from zip(part, _sampled(reader, part), strict=True)
+            yield part, _sampled(reader, part)
             lo += len(part)
             stats.sampled += len(part)
             if progress is not None and (stats.sampled % every == 0 or stats.sampled == to_sample):
@@ -253,11 +273,13 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         if len(names) < 2:
             continue
         stats.buckets += 1
-        names = sorted(names)
         f0 = reps[names[0]][0]
         itemsize = f0.itemsize
+        # Sampled in the facts' order (the file's, for a file), not sorted by name: only the few names
+        # whose samples agree are sorted, which orders the comparisons as a sorted bucket would.
         shared, uniform = _by_key(sample_all(names), itemsize)
         for key, candidates in shared:
+            candidates = sorted(candidates)
             if f0.nbytes <= whole and all(reps[n][0].dense for n in candidates):
                 # Sampled whole: equal samples are equal tensors (a view that rereads its elements is
                 # left to ``equal``, which declines it as before). A digest key is checked on the bytes.
