@@ -155,14 +155,13 @@ def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | N
     (shared, not copied: a checkpoint of 100,000 tensors would otherwise build 100,000 more tuples)."""
     if by_identity is None:
         by_identity = group_by_identity(facts)
-    reps = {}
+    # Most memories have one name: those in one comprehension (a million of them), the others after.
+    reps = {m[0].name: (m[0], m) for m in by_identity.values()
+            if len(m) == 1 and m[0].persistent and m[0].storage is not None}
     for members in by_identity.values():
         first = members[0]
-        if first.storage is None:
-            continue  # no memory to read (meta device)
-        if len(members) == 1 and first.persistent:  # most memories have one name: no generator, no min
-            reps[first.name] = (first, members)
-            continue
+        if first.storage is None or len(members) == 1:
+            continue  # no memory to read (meta device), or one name: taken above if it is saved
         if not all(m.persistent for m in members):
             # A non-persistent buffer is never saved: not a copy anything stores or a tie could save.
             members = [m for m in members if m.persistent]
@@ -214,10 +213,13 @@ def _uniform_each(sigs: Sequence[bytes], itemsize: int) -> Iterable[bool]:
     """``_uniform`` of each sample: at once, over a (samples, elements, bytes) array, when they are all
     of one length (a bucket's are: one dtype, one shape), else one by one."""
     size = len(sigs[0]) if sigs else 0
-    if not sigs or size <= itemsize or size % itemsize or any(len(s) != size for s in sigs):
+    # One length throughout: the shortest is the first's and they add up to as many of it.
+    if not sigs or size <= itemsize or size % itemsize or min(map(len, sigs)) != size \
+            or sum(map(len, sigs)) != size * len(sigs):
         return [_uniform(s, itemsize) for s in sigs]
     rows = np.frombuffer(b"".join(sigs), dtype=np.uint8).reshape(len(sigs), size // itemsize, itemsize)
-    return (rows == rows[:, :1, :]).all(axis=(1, 2)).tolist()
+    same = (rows == rows[:, :1, :]).all(axis=(1, 2))
+    return same.tolist() if same.any() else ()
 
 
 def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
@@ -240,9 +242,11 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
     stats = _Tally(tensors=len(reps))
     start_read = reader.bytes_read
     buckets: dict[tuple, list[str]] = defaultdict(list)
+    bytes_total = 0
     for name, (f, _) in reps.items():
         # Equal shape and dtype: values are compared element by element, whatever the strides.
         buckets[(f.dtype, f.shape)].append(name)
+        bytes_total += f.numel * f.itemsize
 
     groups: list[DuplicateGroup] = []
     to_sample = sum(len(names) for names in buckets.values() if len(names) > 1)
@@ -301,7 +305,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
                 remaining = differ
     return sorted(groups, key=lambda g: (-g.nbytes, g.names)), ContentStats(
         tensors=stats.tensors, buckets=stats.buckets, sampled=stats.sampled, full_comparisons=stats.full_comparisons,
-        bytes_total=sum(f.nbytes for f, _ in reps.values()), bytes_read=reader.bytes_read - start_read)
+        bytes_total=bytes_total, bytes_read=reader.bytes_read - start_read)
 
 
 def _exact(reader: ContentReader, names: list[str], key: bytes, nbytes: int) -> list[tuple[bytes, list[str]]]:
