@@ -56,11 +56,10 @@ def _sampled(reader: ContentReader, names: Sequence[str], transposed: tuple[int,
 
 def _each_sample(reader: ContentReader, names: list[str], transposed: tuple[int, ...] | None = None,
                  ) -> Iterator[tuple[str, bytes]]:
-    """(name, sample) of each name, read many at a time (``_sampled``) but never all at once: a
+    """(name, sample) of each name, read many at a time (``_batches``) but never all at once: a
     million small tensors sampled whole would hold gigabytes."""
-    for lo in range(0, len(names), SAMPLE_BATCH):
-        part = names[lo:lo + SAMPLE_BATCH]
-        yield from zip(part, _sampled(reader, part, transposed), strict=True)
+    for part, sigs in _batches(reader, names, transposed):
+        yield from zip(part, sigs, strict=True)
 
 
 SAMPLE_BATCH = 4096  # names sampled at once where nothing asks for progress in between
@@ -184,20 +183,26 @@ def _by_key(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: 
             ) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
     """Names whose sample keys (``_key``) agree, in groups of two or more, in the order their first name
     came; and the names whose sample is uniform (every element the same bits: only those can be
-    constant tensors, and a digest key no longer says so).
+    constant tensors, and a digest key no longer says so). ``batches`` are (names, their samples)."""
+    _, shared, uniform = _keyed(batches, itemsize)
+    return list(shared.items()), uniform
 
-    ``batches`` are (names, their samples). Only a repeated key gets a list: a bucket of 100,000
-    distinct tensors costs one dict entry each. A batch whose keys are all new is added whole (one
-    dict built and merged in C); only a batch with a key met before is walked name by name.
+
+def _keyed(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: int,
+           ) -> tuple[dict[bytes, str], dict[bytes, list[str]], set[str]]:
+    """(each key's first name, the names of each key met more than once, the names whose sample is
+    uniform) of (names, their samples) batches.
+
+    Only a repeated key gets a list: a bucket of 100,000 distinct tensors costs one dict entry each. A
+    batch whose keys are all new is added whole (one dict built and merged in C); only a batch with a
+    key met before is walked name by name.
     """
     first: dict[bytes, str] = {}
     shared: dict[bytes, list[str]] = {}
     uniform: set[str] = set()
-    digest = hashlib.blake2b
     for names, sigs in batches:
         uniform.update(compress(names, _uniform_each(sigs, itemsize)))
-        keys = sigs if max(map(len, sigs), default=0) <= KEY_BYTES else \
-            [sig if len(sig) <= KEY_BYTES else digest(sig, digest_size=16).digest() for sig in sigs]
+        keys = _keys(sigs)
         fresh = dict(zip(keys, names, strict=True))
         if len(fresh) == len(names) and first.keys().isdisjoint(fresh):
             first.update(fresh)
@@ -206,7 +211,23 @@ def _by_key(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: 
             prev = first.setdefault(key, n)
             if prev != n:
                 shared.setdefault(key, [prev]).append(n)
-    return list(shared.items()), uniform
+    return first, shared, uniform
+
+
+def _keys(sigs: Sequence[bytes]) -> Sequence[bytes]:
+    """``_key`` of each sample (the samples themselves when they are all short enough)."""
+    if max(map(len, sigs), default=0) <= KEY_BYTES:
+        return sigs
+    digest = hashlib.blake2b
+    return [sig if len(sig) <= KEY_BYTES else digest(sig, digest_size=16).digest() for sig in sigs]
+
+
+def _batches(reader: ContentReader, names: list[str], transposed: tuple[int, ...] | None = None,
+             ) -> Iterator[tuple[list[str], list[bytes]]]:
+    """(names, their samples), ``SAMPLE_BATCH`` names at a time (``_each_sample``, a batch at a time)."""
+    for lo in range(0, len(names), SAMPLE_BATCH):
+        part = names[lo:lo + SAMPLE_BATCH]
+        yield part, _sampled(reader, part, transposed)
 
 
 def _uniform_each(sigs: Sequence[bytes], itemsize: int) -> Iterable[bool]:
@@ -545,6 +566,15 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
             constant[name] = _uniform(sig, reps[name][0].itemsize) and reader.is_constant(name)
         return constant[name]
 
+    def unless_constant(part: list[str], sigs: list[bytes], size: int) -> tuple[list[str], list[bytes]]:
+        """The batch without its constant tensors (only a uniform sample can be one's)."""
+        flags = _uniform_each(sigs, size)
+        if not any(flags):
+            return part, sigs
+        kept = [(n, sig) for n, sig, uniform in zip(part, sigs, flags, strict=True)
+                if not (uniform and is_constant(n, sig))]
+        return [n for n, _ in kept], [sig for _, sig in kept]
+
     # The pairings the loop below looks at: a shape whose swap is present, from the side that sorts first.
     pairings = [(dtype, shape) for dtype, shape in by_shape if shape <= shape[::-1] and (dtype, shape[::-1]) in by_shape]
     _prefetch(reader, [n for key in pairings for n in by_shape[key]],
@@ -557,38 +587,32 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
         stats.buckets += 1
         stats.tensors += len(names) + (len(others) if swapped != shape else 0)
         # As in _by_key: a key's first name in one dict, a list only for a key met again (100,000
-        # distinct matrices cost a dict entry each), and the uniform test inlined before is_constant.
-        first: dict[bytes, str] = {}
-        more: dict[bytes, list[str]] = {}
+        # distinct matrices cost a dict entry each), a batch of new keys merged whole; a constant
+        # tensor (read only where its sample is uniform) left out first.
         size = reps[names[0]][0].itemsize
         names = sorted(names)
-        for n, sig in _each_sample(reader, names):
-            k = len(sig)
-            if (k <= size or (k % size == 0 and sig == sig[:size] * (k // size))) and is_constant(n, sig):
-                continue
-            key = sig if k <= KEY_BYTES else hashlib.blake2b(sig, digest_size=16).digest()
-            prev = first.setdefault(key, n)
-            if prev != n:
-                more.setdefault(key, [prev]).append(n)
+        first, more, _ = _keyed((unless_constant(part, sigs, size) for part, sigs in _batches(reader, names)), size)
         stats.sampled += len(names)
-        for b, sig in _each_sample(reader, names if swapped == shape else sorted(others), swapped):
-            stats.sampled += 1
-            key = _key(sig)
-            if key not in first or is_constant(b, sig):
-                continue
-            for a in more.get(key) or (first[key],):
-                if a == b:
-                    continue  # a square tensor equal to its own transpose is symmetric, not a copy
-                x, y = (a, b) if swapped != shape else sorted((a, b))  # equality through a transpose is symmetric
-                if (x, y) in compared:
-                    continue  # a square pair meets itself both ways: compared once
-                compared.add((x, y))
-                stats.full_comparisons += 1
-                if reader.equal_transposed(x, y):
-                    fx = reps[x][0]
-                    copies.append(TransposedCopy(names=(x, y), aliases=(_names(reps[x][1]), _names(reps[y][1])),
-                                                 shapes=(tuple(fx.shape), tuple(swapped)), dtype=dtype,
-                                                 nbytes=fx.nbytes))
+        for part, sigs in _batches(reader, names if swapped == shape else sorted(others), swapped):
+            stats.sampled += len(part)
+            keys = _keys(sigs)
+            for b, sig, key in compress(zip(part, sigs, keys, strict=True), map(first.__contains__, keys)):
+                if is_constant(b, sig):
+                    continue
+                for a in more.get(key) or (first[key],):
+                    if a == b:
+                        continue  # a square tensor equal to its own transpose is symmetric, not a copy
+                    # equality through a transpose is symmetric
+                    x, y = (a, b) if swapped != shape else sorted((a, b))
+                    if (x, y) in compared:
+                        continue  # a square pair meets itself both ways: compared once
+                    compared.add((x, y))
+                    stats.full_comparisons += 1
+                    if reader.equal_transposed(x, y):
+                        fx = reps[x][0]
+                        copies.append(TransposedCopy(names=(x, y), aliases=(_names(reps[x][1]), _names(reps[y][1])),
+                                                     shapes=(tuple(fx.shape), tuple(swapped)), dtype=dtype,
+                                                     nbytes=fx.nbytes))
     return sorted(copies, key=lambda c: (-c.nbytes, c.names)), TransposeStats(
         tensors=stats.tensors, buckets=stats.buckets, sampled=stats.sampled, full_comparisons=stats.full_comparisons,
         bytes_read=reader.bytes_read - start_read)
