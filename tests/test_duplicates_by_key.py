@@ -3,12 +3,11 @@ the one a walk over every (name, sample) gives, whatever the batches, lengths an
 
 from __future__ import annotations
 
-import hashlib
 import random
 
 import pytest
 
-from tiecheck.analyses.duplicates import KEY_BYTES, _by_key, _uniform
+from tiecheck.analyses.duplicates import _by_key, _key, _uniform
 
 
 def _walked(pairs: list[tuple[str, bytes]], itemsize: int) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
@@ -17,7 +16,7 @@ def _walked(pairs: list[tuple[str, bytes]], itemsize: int) -> tuple[list[tuple[b
     shared: dict[bytes, list[str]] = {}
     uniform = {n for n, sig in pairs if _uniform(sig, itemsize)}
     for n, sig in pairs:
-        key = sig if len(sig) <= KEY_BYTES else hashlib.blake2b(sig, digest_size=16).digest()
+        key = _key(sig)
         prev = first.setdefault(key, n)
         if prev != n:
             shared.setdefault(key, [prev]).append(n)

@@ -10,7 +10,6 @@ stays free of torch and can be tested with hand-made readers.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,14 +63,18 @@ def _each_sample(reader: ContentReader, names: list[str], transposed: tuple[int,
 
 SAMPLE_BATCH = 4096  # names sampled at once where nothing asks for progress in between
 
-# Samples up to this many bytes are their own bucket key; a longer one is keyed by its 16-byte digest,
-# so that a million samples of up to 4 KiB do not stay in memory as keys. A digest only buckets:
-# equality is decided on bytes (a full comparison, or the samples read again when they are the tensors).
+# Samples up to this many bytes are their own bucket key; a longer one is keyed by its hash (an int),
+# so that a million samples of up to 4 KiB do not stay in memory as keys. A hash only buckets: equality
+# is decided on bytes (a full comparison, or the samples read again when they are the tensors), so two
+# samples that share a hash cost a comparison, never a wrong answer. Python's own hash, not a digest:
+# 300,000 blake2b digests of the square-tensor file's samples cost 0.15 s.
 KEY_BYTES = 32
+Key = bytes | int
+_hash = hash  # a name of its own: the tests make every sample collide through it
 
 
-def _key(sig: bytes) -> bytes:
-    return sig if len(sig) <= KEY_BYTES else hashlib.blake2b(sig, digest_size=16).digest()
+def _key(sig: bytes) -> Key:
+    return sig if len(sig) <= KEY_BYTES else _hash(sig)
 
 
 def _prefetch(reader: ContentReader, names: list[str], transposed: Sequence[str] = ()) -> None:
@@ -180,16 +183,16 @@ def _names(members: list[TensorFact]) -> tuple[str, ...]:
 
 
 def _by_key(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: int,
-            ) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
+            ) -> tuple[list[tuple[Key, list[str]]], set[str]]:
     """Names whose sample keys (``_key``) agree, in groups of two or more, in the order their first name
     came; and the names whose sample is uniform (every element the same bits: only those can be
-    constant tensors, and a digest key no longer says so). ``batches`` are (names, their samples)."""
+    constant tensors, and a hash key no longer says so). ``batches`` are (names, their samples)."""
     _, shared, uniform = _keyed(batches, itemsize)
     return list(shared.items()), uniform
 
 
 def _keyed(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: int,
-           ) -> tuple[dict[bytes, str], dict[bytes, list[str]], set[str]]:
+           ) -> tuple[dict[Key, str], dict[Key, list[str]], set[str]]:
     """(each key's first name, the names of each key met more than once, the names whose sample is
     uniform) of (names, their samples) batches.
 
@@ -197,8 +200,8 @@ def _keyed(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: i
     batch whose keys are all new is added whole (one dict built and merged in C); only a batch with a
     key met before is walked name by name.
     """
-    first: dict[bytes, str] = {}
-    shared: dict[bytes, list[str]] = {}
+    first: dict[Key, str] = {}
+    shared: dict[Key, list[str]] = {}
     uniform: set[str] = set()
     for names, sigs in batches:
         uniform.update(compress(names, _uniform_each(sigs, itemsize)))
@@ -214,12 +217,12 @@ def _keyed(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: i
     return first, shared, uniform
 
 
-def _keys(sigs: Sequence[bytes]) -> Sequence[bytes]:
+def _keys(sigs: Sequence[bytes]) -> Sequence[Key]:
     """``_key`` of each sample (the samples themselves when they are all short enough)."""
     if max(map(len, sigs), default=0) <= KEY_BYTES:
         return sigs
-    digest = hashlib.blake2b
-    return [sig if len(sig) <= KEY_BYTES else digest(sig, digest_size=16).digest() for sig in sigs]
+    digest = _hash
+    return [sig if len(sig) <= KEY_BYTES else digest(sig) for sig in sigs]
 
 
 def _batches(reader: ContentReader, names: list[str], transposed: tuple[int, ...] | None = None,
@@ -307,8 +310,8 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
             candidates = sorted(candidates)
             if f0.nbytes <= whole and all(reps[n][0].dense for n in candidates):
                 # Sampled whole: equal samples are equal tensors (a view that rereads its elements is
-                # left to ``equal``, which declines it as before). A digest key is checked on the bytes.
-                if len(key) != f0.nbytes:
+                # left to ``equal``, which declines it as before). A hash key is checked on the bytes.
+                if not (isinstance(key, bytes) and len(key) == f0.nbytes):
                     stats.sampled += len(candidates)
                 for sig, same in _exact(reader, candidates, key, f0.nbytes):
                     groups.append(group(same, f0.numel > 1 and _uniform(sig, itemsize)))
@@ -329,10 +332,10 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         bytes_total=bytes_total, bytes_read=reader.bytes_read - start_read)
 
 
-def _exact(reader: ContentReader, names: list[str], key: bytes, nbytes: int) -> list[tuple[bytes, list[str]]]:
+def _exact(reader: ContentReader, names: list[str], key: Key, nbytes: int) -> list[tuple[bytes, list[str]]]:
     """Names of ``nbytes`` each, sampled whole, whose samples share ``key``, grouped by their bytes: a
-    sample that is its own key is one group as it stands; under a digest, the samples are read again."""
-    if len(key) == nbytes:
+    sample that is its own key is one group as it stands; under a hash, the samples are read again."""
+    if isinstance(key, bytes) and len(key) == nbytes:
         return [(key, names)]
     by_bytes: dict[bytes, list[str]] = {}
     for n, sig in _each_sample(reader, names):
