@@ -9,9 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import tiecheck.loaders.formats.safetensors_files as st
+import tiecheck.loaders.formats.safetensors_header as st
 from tiecheck.errors import TargetError
-from tiecheck.loaders.formats.safetensors_files import load_safetensors_file, read_header
+from tiecheck.loaders.formats.safetensors_files import load_safetensors_file
+from tiecheck.loaders.formats.safetensors_header import read_header
 
 
 def _outcome(path):

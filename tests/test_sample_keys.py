@@ -1,4 +1,4 @@
-"""``_by_key`` takes samples a batch at a time and merges a batch of new keys whole: its answer must be
+"""``by_key`` takes samples a batch at a time and merges a batch of new keys whole: its answer must be
 the one a walk over every (name, sample) gives, whatever the batches, lengths and element sizes."""
 
 from __future__ import annotations
@@ -7,16 +7,16 @@ import random
 
 import pytest
 
-from tiecheck.analyses.duplicates import _by_key, _key, _uniform
+from tiecheck.analyses.sample_keys import by_key, is_uniform, sample_key
 
 
 def _walked(pairs: list[tuple[str, bytes]], itemsize: int) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
     """The answer name by name: each key's first name, a list for each key met again."""
     first: dict[bytes, str] = {}
     shared: dict[bytes, list[str]] = {}
-    uniform = {n for n, sig in pairs if _uniform(sig, itemsize)}
+    uniform = {n for n, sig in pairs if is_uniform(sig, itemsize)}
     for n, sig in pairs:
-        key = _key(sig)
+        key = sample_key(sig)
         prev = first.setdefault(key, n)
         if prev != n:
             shared.setdefault(key, [prev]).append(n)
@@ -45,16 +45,16 @@ def test_batched_keys_agree_with_a_walk_over_every_sample(itemsize, length, seed
     want = _walked(pairs, itemsize)
     # One batch, one per name, and uneven ones: a repeat within a batch, and across batches.
     for sizes in ([120], [1] * 120, [7, 50, 3, 60]):
-        assert _by_key(_batches(pairs, sizes), itemsize) == want
+        assert by_key(_batches(pairs, sizes), itemsize) == want
 
 
 def test_samples_of_mixed_lengths_in_one_batch():
     pairs = [("a", b"\1\1\1\1"), ("b", b"\1\1"), ("c", b"\1\1\1\1"), ("d", b"\1\2\1\2"), ("e", b""), ("f", b"\1\2")]
     for itemsize in (1, 2, 4):
-        assert _by_key(_batches(pairs, [6]), itemsize) == _walked(pairs, itemsize)
+        assert by_key(_batches(pairs, [6]), itemsize) == _walked(pairs, itemsize)
 
 
 def test_a_key_met_in_a_later_batch_joins_the_first_name():
     pairs = [("x", b"same"), ("y", b"other"), ("z", b"same")]
-    shared, _ = _by_key(_batches(pairs, [2, 1]), 1)
+    shared, _ = by_key(_batches(pairs, [2, 1]), 1)
     assert shared == [(b"same", ["x", "z"])]

@@ -1,0 +1,149 @@
+"""Samples of tensor content, and the keys that bucket them: what the duplicate and transposed
+passes (``duplicates.py``) read and compare, a batch of names at a time.
+
+A sample is a few short runs of a tensor's raw bits, or all of them for a small tensor (the
+reader decides, ``whole_sample_bytes``). Samples are keyed (``sample_key``) and bucketed by key: only
+names whose keys agree are looked at again. Keys are made and merged a batch at a time, so a
+file of a million distinct small tensors costs a few C calls a batch, not a step per name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import compress
+from typing import Protocol
+
+import numpy as np
+
+
+class ContentReader(Protocol):
+    """Reads tensor content by name; implementations count the bytes they read."""
+
+    bytes_read: int
+
+    def sample(self, name: str) -> bytes:
+        """A cheap signature: a few small slices of the raw bits."""
+
+    def is_constant(self, name: str) -> bool:
+        """True when every element has the same bits (e.g. a fresh LayerNorm weight)."""
+
+    def equal(self, a: str, b: str) -> bool:
+        """Bitwise equality of two tensors of equal dtype and shape, read in chunks."""
+
+    # Optional: ``prefetch_samples(names, transposed=())`` is told what a pass will sample before it samples
+    # it, so a reader whose reads cost a round trip each (remote files) can fetch them all at once.
+    # Optional: ``samples(names, transposed=None)``, the samples of many names at once (a reader that
+    # can read neighbouring tensors together), and ``whole_sample_bytes``: a tensor of at most that
+    # many bytes is sampled whole, so equal samples are equal tensors and need no full comparison.
+
+
+def samples_of(reader: ContentReader, names: Sequence[str], transposed: tuple[int, ...] | None = None) -> list[bytes]:
+    """The samples of ``names`` (through a transpose of shape ``transposed``), many at once where the reader can."""
+    batch = getattr(reader, "samples", None)
+    if batch is not None:
+        return batch(names) if transposed is None else batch(names, transposed)
+    one = reader.sample if transposed is None else reader.sample_transposed  # type: ignore[attr-defined]
+    return [one(n) for n in names]
+
+
+def each_sample(reader: ContentReader, names: list[str], transposed: tuple[int, ...] | None = None,
+                 ) -> Iterator[tuple[str, bytes]]:
+    """(name, sample) of each name, read many at a time (``sample_batches``) but never all at once: a
+    million small tensors sampled whole would hold gigabytes."""
+    for part, sigs in sample_batches(reader, names, transposed):
+        yield from zip(part, sigs, strict=True)
+
+
+SAMPLE_BATCH = 4096  # names sampled at once where nothing asks for progress in between
+
+# Samples up to this many bytes are their own bucket key; a longer one is keyed by its hash (an int),
+# so that a million samples of up to 4 KiB do not stay in memory as keys. A hash only buckets: equality
+# is decided on bytes (a full comparison, or the samples read again when they are the tensors), so two
+# samples that share a hash cost a comparison, never a wrong answer. Python's own hash, not a digest:
+# 300,000 blake2b digests of the square-tensor file's samples cost 0.15 s.
+KEY_BYTES = 32
+Key = bytes | int
+_hash = hash  # a name of its own: the tests make every sample collide through it
+
+
+def sample_key(sig: bytes) -> Key:
+    return sig if len(sig) <= KEY_BYTES else _hash(sig)
+
+
+def prefetch_samples(reader: ContentReader, names: list[str], transposed: Sequence[str] = ()) -> None:
+    """Tell ``reader`` what is about to be sampled, where it wants to know (see ``ContentReader``)."""
+    prefetch = getattr(reader, "prefetch", None)
+    if prefetch is not None and (names or transposed):
+        prefetch_samples(names, transposed)
+
+
+def by_key(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: int,
+            ) -> tuple[list[tuple[Key, list[str]]], set[str]]:
+    """Names whose sample keys (``sample_key``) agree, in groups of two or more, in the order their first name
+    came; and the names whose sample is uniform (every element the same bits: only those can be
+    constant tensors, and a hash key no longer says so). ``sample_batches`` are (names, their samples)."""
+    _, shared, uniform = keyed(batches, itemsize)
+    return list(shared.items()), uniform
+
+
+def keyed(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: int,
+           ) -> tuple[dict[Key, str], dict[Key, list[str]], set[str]]:
+    """(each key's first name, the names of each key met more than once, the names whose sample is
+    uniform) of (names, their samples) batches.
+
+    Only a repeated key gets a list: a bucket of 100,000 distinct tensors costs one dict entry each. A
+    batch whose keys are all new is added whole (one dict built and merged in C); only a batch with a
+    key met before is walked name by name.
+    """
+    first: dict[Key, str] = {}
+    shared: dict[Key, list[str]] = {}
+    uniform: set[str] = set()
+    for names, sigs in batches:
+        uniform.update(compress(names, uniform_flags(sigs, itemsize)))
+        keys = keys_of(sigs)
+        fresh = dict(zip(keys, names, strict=True))
+        if len(fresh) == len(names) and first.keys().isdisjoint(fresh):
+            first.update(fresh)
+            continue
+        for n, key in zip(names, keys, strict=True):
+            prev = first.setdefault(key, n)
+            if prev != n:
+                shared.setdefault(key, [prev]).append(n)
+    return first, shared, uniform
+
+
+def keys_of(sigs: Sequence[bytes]) -> Sequence[Key]:
+    """``sample_key`` of each sample (the samples themselves when they are all short enough)."""
+    if max(map(len, sigs), default=0) <= KEY_BYTES:
+        return sigs
+    hashed = _hash
+    return [sig if len(sig) <= KEY_BYTES else hashed(sig) for sig in sigs]
+
+
+def sample_batches(reader: ContentReader, names: list[str], transposed: tuple[int, ...] | None = None,
+             ) -> Iterator[tuple[list[str], list[bytes]]]:
+    """(names, their samples), ``SAMPLE_BATCH`` names at a time (``each_sample``, a batch at a time)."""
+    for lo in range(0, len(names), SAMPLE_BATCH):
+        part = names[lo:lo + SAMPLE_BATCH]
+        yield part, samples_of(reader, part, transposed)
+
+
+def uniform_flags(sigs: Sequence[bytes], itemsize: int) -> Iterable[bool]:
+    """``is_uniform`` of each sample: at once, over a (samples, elements, bytes) array, when they are all
+    of one length (a bucket's are: one dtype, one shape), else one by one."""
+    size = len(sigs[0]) if sigs else 0
+    # One length throughout: the shortest is the first's and they add up to as many of it.
+    if not sigs or size <= itemsize or size % itemsize or min(map(len, sigs)) != size \
+            or sum(map(len, sigs)) != size * len(sigs):
+        return [is_uniform(s, itemsize) for s in sigs]
+    rows = np.frombuffer(b"".join(sigs), dtype=np.uint8).reshape(len(sigs), size // itemsize, itemsize)
+    same = (rows == rows[:, :1, :]).all(axis=(1, 2))
+    return same.tolist() if same.any() else ()
+
+
+def is_uniform(sample: bytes, itemsize: int) -> bool:
+    """Every element of the sample has the first one's bits (compared as one string: C speed)."""
+    n = len(sample)
+    return n <= itemsize or (n % itemsize == 0 and sample == sample[:itemsize] * (n // itemsize))
+
+
