@@ -107,14 +107,27 @@ class TensorRows(Sequence):
                 got = text[s] = quote(s)
             return got
 
+        def rest(r: Row, gi: int | None, kind: str | None, tied: str) -> str:
+            """The row's text after its name."""
+            return (f'"shape": [{", ".join(map(repr, r.shape))}], "dtype": {q(r.dtype)}, '
+                    f'"numel": {r.numel!r}, "bytes": {r.bytes!r}, "role": {q(r.role)}, "device": {q(r.device)}, '
+                    f'"tie_group": {"null" if gi is None else repr(gi)}, '
+                    f'"tie_kind": {"null" if kind is None else q(kind)}, "tied_with": [{tied}]}}')
+
+        # An untied row's text after its name is its other fields': a checkpoint of many tensors of a
+        # few shapes writes each such tail once (a million rows, a handful of tails).
+        tails: dict[tuple, str] = {}
         for r in self._rows:
             gi = r.tie_group
-            kind, names = groups[gi] if gi is not None else (None, ())
-            tied = ", ".join([quote(n) for n in names if n != r.name])
-            yield (f'{{"name": {quote(r.name)}, "shape": [{", ".join(map(repr, r.shape))}], "dtype": {q(r.dtype)}, '
-                   f'"numel": {r.numel!r}, "bytes": {r.bytes!r}, "role": {q(r.role)}, "device": {q(r.device)}, '
-                   f'"tie_group": {"null" if gi is None else repr(gi)}, '
-                   f'"tie_kind": {"null" if kind is None else q(kind)}, "tied_with": [{tied}]}}')
+            if gi is None:
+                fields = r[1:]
+                tail = tails.get(fields)
+                if tail is None:
+                    tail = tails[fields] = rest(r, None, None, "")
+                yield f'{{"name": {quote(r.name)}, {tail}'
+                continue
+            kind, names = groups[gi]
+            yield f'{{"name": {quote(r.name)}, ' + rest(r, gi, kind, ", ".join([quote(n) for n in names if n != r.name]))
 
     def names(self) -> list[str]:
         """Every row's name, without making the rows."""
