@@ -99,13 +99,16 @@ class ContentStats:
 
 
 def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | None = None,
-                     ) -> dict[str, tuple[TensorFact, list[TensorFact]]]:
-    """One fact per separate memory, keyed by its first name, with the index's list of all its facts
-    (shared, not copied: a checkpoint of 100,000 tensors would otherwise build 100,000 more tuples)."""
+                     ) -> dict[str, list[TensorFact]]:
+    """Every separate memory's facts, keyed by the name that stands for it, whose fact comes first.
+
+    The index's own list where it already starts with that fact (shared, not copied), as it does for
+    every memory of one name: a checkpoint of a million tensors would otherwise hold a million more
+    lists or tuples at the content pass's peak."""
     if by_identity is None:
         by_identity = group_by_identity(facts)
     # Most memories have one name: those in one comprehension (a million of them), the others after.
-    reps = {m[0].name: (m[0], m) for m in by_identity.values()
+    reps = {m[0].name: m for m in by_identity.values()
             if len(m) == 1 and m[0].persistent and m[0].storage is not None}
     for members in by_identity.values():
         first = members[0]
@@ -117,7 +120,7 @@ def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | N
             if not members:
                 continue
         rep = members[0] if len(members) == 1 else min(members, key=_name)
-        reps[rep.name] = (rep, members)
+        reps[rep.name] = members if rep is members[0] else [rep, *(m for m in members if m is not rep)]
     return reps
 
 
@@ -150,7 +153,8 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
     start_read = reader.bytes_read
     buckets: dict[tuple, list[str]] = defaultdict(list)
     bytes_total = 0
-    for name, (f, _) in reps.items():
+    for name, members in reps.items():
+        f = members[0]
         # Equal shape and dtype: values are compared element by element, whatever the strides.
         buckets[(f.dtype, f.shape)].append(name)
         bytes_total += f.numel * f.itemsize
@@ -175,9 +179,9 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
     def group(same: list[str], constant: bool) -> DuplicateGroup:
         f = reps[same[0]][0]
         same = sorted(same)
-        return DuplicateGroup(names=tuple(same), aliases=tuple(_names(reps[n][1]) for n in same),
+        return DuplicateGroup(names=tuple(same), aliases=tuple(_names(reps[n]) for n in same),
                               shape=f.shape, dtype=f.dtype, nbytes=f.nbytes, constant=constant,
-                              buffers=tuple(n for n in same if all(m.role == "buffer" for m in reps[n][1])))
+                              buffers=tuple(n for n in same if all(m.role == "buffer" for m in reps[n])))
 
     _prefetch(reader, [n for names in buckets.values() if len(names) > 1 for n in names])
     for (_dtype, _shape), names in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -429,9 +433,10 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
                 if (len(m[0].shape) == 2 if len(m) == 1 else any(len(f.shape) == 2 for f in m))}
     reps = {n: v for n, v in _representatives((), matrices).items()
             if len(v[0].shape) == 2 and v[0].numel > 1
-            and not (skipped and skipped.intersection(m.name for m in v[1]))}
+            and not (skipped and skipped.intersection(m.name for m in v))}
     by_shape: dict[tuple, list[str]] = defaultdict(list)
-    for name, (f, _) in reps.items():
+    for name, members in reps.items():
+        f = members[0]
         by_shape[(f.dtype, tuple(f.shape))].append(name)
     stats = _Tally()
     start_read = reader.bytes_read
@@ -490,7 +495,7 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
                     stats.full_comparisons += 1
                     if reader.equal_transposed(x, y):
                         fx = reps[x][0]
-                        copies.append(TransposedCopy(names=(x, y), aliases=(_names(reps[x][1]), _names(reps[y][1])),
+                        copies.append(TransposedCopy(names=(x, y), aliases=(_names(reps[x]), _names(reps[y])),
                                                      shapes=(tuple(fx.shape), tuple(swapped)), dtype=dtype,
                                                      nbytes=fx.nbytes))
     return sorted(copies, key=lambda c: (-c.nbytes, c.names)), TransposeStats(
