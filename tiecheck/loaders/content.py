@@ -391,7 +391,8 @@ class TorchContentReader:
         The bytes are read as ``samples`` reads them, runs of tensors that lie end to end at most
         ``BATCH_BYTES`` a read, and cut into samples of one size (transposed a run at a time)."""
         ranges = getattr(self.spans, "file_ranges", None)
-        if ranges is None or self._prefetched:
+        # As name by name: the spans say where a tensor lies only when the tensors say its layout too.
+        if ranges is None or self._layout is None or self._prefetched:
             return None
         found = ranges(names)
         if found is None:
