@@ -3,9 +3,10 @@
 A report holds one row per tensor name. As dicts, 100,000 rows take about 60 MB (a ten-key dict,
 a shape list and a tied-with list each); as tuples they take a third of that, and a checkpoint of
 that size is exactly where the peak memory of ``inspect`` matters. ``TensorRows`` keeps each row as
-a ``Row`` (eight fields, its tie group by index) and makes the ``TensorRow`` a reader sees, with its
-group's kind and the names it is tied with, on access; JSON encodes the rows one at a time from
-``dicts()``, never all of them at once.
+a ``Row`` (eight fields, its tie group by index), made from its fact when read for a report an
+analysis makes (``FactRows``: the facts are kept anyway), and makes the ``TensorRow`` a reader sees,
+with its group's kind and the names it is tied with, on access; JSON encodes the rows one at a time
+from ``dicts()``, never all of them at once.
 """
 
 from __future__ import annotations
@@ -51,6 +52,40 @@ class TensorRow(NamedTuple):
                 "tie_kind": self.tie_kind, "tied_with": list(self.tied_with)}
 
 
+class FactRows(Sequence):
+    """``Row``s made from facts as they are read: the facts are kept for the analysis anyway, and a
+    list of a million rows made at once was 150 MB at the end of ``inspect``, where its peak is."""
+
+    __slots__ = ("_facts", "_index")
+
+    def __init__(self, facts: tuple[TensorFact, ...], index: Mapping[str, int]):
+        self._facts = facts
+        self._index = index  # name -> its tie group's index, for tied names
+
+    def _row(self, f: TensorFact) -> Row:
+        return Row(f.name, f.shape, f.dtype, f.numel, f.numel * f.itemsize, f.role, f.device, self._index.get(f.name))
+
+    @overload
+    def __getitem__(self, i: int) -> Row: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Row]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._row(f) for f in self._facts[i]]
+        return self._row(self._facts[i])
+
+    def __len__(self) -> int:
+        return len(self._facts)
+
+    def __iter__(self) -> Iterator[Row]:
+        return map(self._row, self._facts)
+
+    def names(self) -> list[str]:
+        return [f.name for f in self._facts]
+
+
 class TensorRows(Sequence):
     """Rows as ``TensorRow``: ``name, shape, dtype, numel, bytes, role, device, tie_group, tie_kind, tied_with``.
 
@@ -61,16 +96,16 @@ class TensorRows(Sequence):
 
     __slots__ = ("_groups", "_rows")
 
-    def __init__(self, rows: list[Row], groups: Sequence[tuple[str, Sequence[str]]]):
+    def __init__(self, rows: Sequence[Row], groups: Sequence[tuple[str, Sequence[str]]]):
         self._rows = rows
         self._groups = list(groups)
 
     @classmethod
     def of(cls, facts: Sequence[TensorFact], groups: Sequence[TieGroup]) -> TensorRows:
-        """One row per fact, in the facts' order, pointing at its tie group among ``groups``."""
+        """One row per fact, in the facts' order, pointing at its tie group among ``groups``; each row
+        is made from its fact when it is read (``FactRows``), never all of them at once."""
         index = {n: i for i, g in enumerate(groups) for n in g.names}
-        return cls([Row(f.name, f.shape, f.dtype, f.numel, f.numel * f.itemsize, f.role, f.device, index.get(f.name))
-                    for f in facts], [(g.kind, g.names) for g in groups])
+        return cls(FactRows(tuple(facts), index), [(g.kind, g.names) for g in groups])
 
     @classmethod
     def from_dicts(cls, rows: Iterable[Mapping[str, Any]], groups: Sequence[tuple[str, Sequence[str]]]) -> TensorRows:
@@ -131,6 +166,8 @@ class TensorRows(Sequence):
 
     def names(self) -> list[str]:
         """Every row's name, without making the rows."""
+        if isinstance(self._rows, FactRows):
+            return self._rows.names()
         return [r.name for r in self._rows]
 
     @overload
