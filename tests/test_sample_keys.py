@@ -11,7 +11,8 @@ from tiecheck.analyses.sample_keys import by_key, is_uniform, sample_key
 
 
 def _walked(pairs: list[tuple[str, bytes]], itemsize: int) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
-    """The answer name by name: each key's first name, a list for each key met again."""
+    """The answer name by name: each key's first name, a list for each key met again, and the uniform
+    names among those lists (the only names whose uniformity is asked: a group's)."""
     first: dict[bytes, str] = {}
     shared: dict[bytes, list[str]] = {}
     uniform = {n for n, sig in pairs if is_uniform(sig, itemsize)}
@@ -20,7 +21,7 @@ def _walked(pairs: list[tuple[str, bytes]], itemsize: int) -> tuple[list[tuple[b
         prev = first.setdefault(key, n)
         if prev != n:
             shared.setdefault(key, [prev]).append(n)
-    return list(shared.items()), uniform
+    return list(shared.items()), {n for group in shared.values() for n in group if n in uniform}
 
 
 def _batches(pairs, sizes):
@@ -48,10 +49,12 @@ def test_batched_keys_agree_with_a_walk_over_every_sample(itemsize, length, seed
         assert by_key(_batches(pairs, sizes), itemsize) == want
 
 
-def test_samples_of_mixed_lengths_in_one_batch():
-    pairs = [("a", b"\1\1\1\1"), ("b", b"\1\1"), ("c", b"\1\1\1\1"), ("d", b"\1\2\1\2"), ("e", b""), ("f", b"\1\2")]
+def test_samples_of_mixed_lengths_in_one_batch_or_the_next():
+    pairs = [("a", b"\1\1\1\1"), ("b", b"\1\1"), ("c", b"\1\1\1\1"), ("d", b"\1\2\1\2"), ("e", b""), ("f", b"\1\2"),
+             ("g", b"\1\1"), ("h", b"\3" * 40), ("i", b"\3" * 40), ("j", b"\1\1\1\1")]
     for itemsize in (1, 2, 4):
-        assert by_key(_batches(pairs, [6]), itemsize) == _walked(pairs, itemsize)
+        for sizes in ([10], [1] * 10, [4, 6], [3, 3, 4]):
+            assert by_key(_batches(pairs, sizes), itemsize) == _walked(pairs, itemsize)
 
 
 def test_a_key_met_in_a_later_batch_joins_the_first_name():

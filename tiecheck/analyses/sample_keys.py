@@ -9,6 +9,7 @@ file of a million distinct small tensors costs a few C calls a batch, not a step
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import compress
 from typing import Protocol
@@ -78,38 +79,111 @@ def prefetch_samples(reader: ContentReader, names: list[str], transposed: Sequen
 
 
 def by_key(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: int,
-            ) -> tuple[list[tuple[Key, list[str]]], set[str]]:
-    """Names whose sample keys (``sample_key``) agree, in groups of two or more, in the order their first name
-    came; and the names whose sample is uniform (every element the same bits: only those can be
-    constant tensors, and a hash key no longer says so). ``sample_batches`` are (names, their samples)."""
-    _, shared, uniform = keyed(batches, itemsize)
-    return list(shared.items()), uniform
+           ) -> tuple[list[tuple[Key, list[str]]], set[str]]:
+    """Names whose sample keys (``sample_key``) agree, in groups of two or more, in the order each
+    key was met again; and which of those names have a uniform sample (every element the same bits:
+    only those can be constant tensors, and a hash key no longer says so).
+
+    Args:
+        batches: (names, their samples), a batch at a time.
+        itemsize: bytes of an element.
+
+    Returns:
+        (key, names) of each key met more than once; the uniform names among them.
+
+    The keys of samples all of one length (a bucket's are: one dtype, one shape) are kept as one
+    array, end to end, and grouped by sorting it: a bucket of a million distinct tensors costs 16
+    bytes and a sort step each, not a dict entry and a bytes object. Samples whose lengths differ
+    (or are empty) are keyed in a dict, as ``keyed`` keys them.
+    """
+    names: list[str] = []
+    parts: list[np.ndarray] = []  # each batch's keys: samples as (void, length) records, or hashes
+    flags: list[np.ndarray] = []  # each batch's uniform flags
+    width = None  # the one length of every sample so far
+    batches = iter(batches)
+    for part, sigs in batches:
+        if not sigs:
+            continue
+        width = len(sigs[0]) if width is None else width
+        if not width or min(map(len, sigs)) != width or sum(map(len, sigs)) != width * len(sigs):
+            return _by_key_in_a_dict(names, parts, flags, itertools.chain([(part, sigs)], batches), itemsize)
+        names += part
+        flags.append(_flags(sigs, itemsize))
+        parts.append(np.frombuffer(b"".join(sigs), dtype=np.dtype((np.void, width))) if width <= KEY_BYTES
+                     else np.fromiter(map(_hash, sigs), dtype=np.int64, count=len(sigs)))
+    if not names:
+        return [], set()
+    keys = np.concatenate(parts)
+    del parts
+    order = np.argsort(keys, kind="stable")  # equal keys side by side, each run in the names' order
+    ordered = keys[order]
+    same = ordered[1:] == ordered[:-1]
+    if not same.any():
+        return [], set()
+    # Runs of equal keys, in the order a dict walked name by name would meet each key again (its
+    # second name's): the groups come out as they always did.
+    starts = np.flatnonzero(np.concatenate(([True], ~same))).tolist()
+    runs = sorted((int(order[lo + 1]), lo, hi) for lo, hi in zip(starts, [*starts[1:], len(order)], strict=True)
+                  if hi - lo > 1)
+    uniform_all = np.concatenate(flags)
+    out: list[tuple[Key, list[str]]] = []
+    uniform: set[str] = set()
+    for _, lo, hi in runs:
+        at = order[lo:hi].tolist()
+        first = at[0]
+        out.append((keys[first].tobytes() if keys.dtype.kind == "V" else int(keys[first]), [names[i] for i in at]))
+        uniform.update(names[i] for i in at if uniform_all[i])
+    return out, uniform
+
+
+def _flags(sigs: Sequence[bytes], itemsize: int) -> np.ndarray:
+    """``uniform_flags`` as a boolean array, one per sample."""
+    got = uniform_flags(sigs, itemsize)
+    return np.asarray(got, dtype=bool) if len(got) else np.zeros(len(sigs), dtype=bool)
+
+
+def _by_key_in_a_dict(names: list[str], parts: list[np.ndarray], flags: list[np.ndarray],
+                      rest: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: int,
+                      ) -> tuple[list[tuple[Key, list[str]]], set[str]]:
+    """``by_key`` for samples of lengths that differ: the names keyed so far (``names``, their keys as
+    ``parts``) and the ``rest`` merged in a dict."""
+    first: dict[Key, str] = {}
+    shared: dict[Key, list[str]] = {}
+    so_far = [k.tobytes() if keys.dtype.kind == "V" else k for keys in parts
+              for k in (keys if keys.dtype.kind == "V" else keys.tolist())]
+    _merge(first, shared, names, so_far)
+    uniform = set(compress(names, np.concatenate(flags).tolist())) if flags else set()
+    for part, sigs in rest:
+        uniform.update(compress(part, uniform_flags(sigs, itemsize)))
+        _merge(first, shared, part, keys_of(sigs))
+    return list(shared.items()), {n for group in shared.values() for n in group if n in uniform}
 
 
 def keyed(batches: Iterable[tuple[Sequence[str], Sequence[bytes]]], itemsize: int,
-           ) -> tuple[dict[Key, str], dict[Key, list[str]], set[str]]:
+          ) -> tuple[dict[Key, str], dict[Key, list[str]], set[str]]:
     """(each key's first name, the names of each key met more than once, the names whose sample is
-    uniform) of (names, their samples) batches.
-
-    Only a repeated key gets a list: a bucket of 100,000 distinct tensors costs one dict entry each. A
-    batch whose keys are all new is added whole (one dict built and merged in C); only a batch with a
-    key met before is walked name by name.
-    """
+    uniform) of (names, their samples) batches: the keys in a dict, for a caller that looks keys up."""
     first: dict[Key, str] = {}
     shared: dict[Key, list[str]] = {}
     uniform: set[str] = set()
     for names, sigs in batches:
         uniform.update(compress(names, uniform_flags(sigs, itemsize)))
-        keys = keys_of(sigs)
-        fresh = dict(zip(keys, names, strict=True))
-        if len(fresh) == len(names) and first.keys().isdisjoint(fresh):
-            first.update(fresh)
-            continue
-        for n, key in zip(names, keys, strict=True):
-            prev = first.setdefault(key, n)
-            if prev != n:
-                shared.setdefault(key, [prev]).append(n)
+        _merge(first, shared, names, keys_of(sigs))
     return first, shared, uniform
+
+
+def _merge(first: dict[Key, str], shared: dict[Key, list[str]], names: Sequence[str], keys: Sequence[Key]) -> None:
+    """Each name under its key: a key's first name in ``first``, a list in ``shared`` only for a key met
+    again (100,000 distinct tensors cost a dict entry each). A batch whose keys are all new is added
+    whole (one dict built and merged in C); only a batch with a key met before is walked name by name."""
+    fresh = dict(zip(keys, names, strict=True))
+    if len(fresh) == len(names) and first.keys().isdisjoint(fresh):
+        first.update(fresh)
+        return
+    for n, key in zip(names, keys, strict=True):
+        prev = first.setdefault(key, n)
+        if prev != n:
+            shared.setdefault(key, [prev]).append(n)
 
 
 def keys_of(sigs: Sequence[bytes]) -> Sequence[Key]:
