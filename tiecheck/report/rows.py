@@ -52,41 +52,51 @@ class TensorRow(NamedTuple):
                 "tie_kind": self.tie_kind, "tied_with": list(self.tied_with)}
 
 
-class FactRows(Sequence):
+class _Made(Sequence):
+    """A sequence of ``_row(item)`` for each item of ``_rows``, each made when it is read."""
+
+    __slots__ = ()
+    _rows: Sequence
+
+    def _row(self, item: Any) -> Any:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Any]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._row(r) for r in self._rows[i]]
+        return self._row(self._rows[i])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[Any]:
+        return map(self._row, self._rows)
+
+
+class FactRows(_Made):
     """``Row``s made from facts as they are read: the facts are kept for the analysis anyway, and a
     list of a million rows made at once was 150 MB at the end of ``inspect``, where its peak is."""
 
-    __slots__ = ("_facts", "_index")
+    __slots__ = ("_index", "_rows")
 
     def __init__(self, facts: tuple[TensorFact, ...], index: Mapping[str, int]):
-        self._facts = facts
+        self._rows = facts
         self._index = index  # name -> its tie group's index, for tied names
 
     def _row(self, f: TensorFact) -> Row:
         return Row(f.name, f.shape, f.dtype, f.numel, f.numel * f.itemsize, f.role, f.device, self._index.get(f.name))
 
-    @overload
-    def __getitem__(self, i: int) -> Row: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[Row]: ...
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self._row(f) for f in self._facts[i]]
-        return self._row(self._facts[i])
-
-    def __len__(self) -> int:
-        return len(self._facts)
-
-    def __iter__(self) -> Iterator[Row]:
-        return map(self._row, self._facts)
-
     def names(self) -> list[str]:
-        return [f.name for f in self._facts]
+        return [f.name for f in self._rows]
 
 
-class TensorRows(Sequence):
+class TensorRows(_Made):
     """Rows as ``TensorRow``: ``name, shape, dtype, numel, bytes, role, device, tie_group, tie_kind, tied_with``.
 
     Args:
@@ -169,23 +179,6 @@ class TensorRows(Sequence):
         if isinstance(self._rows, FactRows):
             return self._rows.names()
         return [r.name for r in self._rows]
-
-    @overload
-    def __getitem__(self, i: int) -> TensorRow: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[TensorRow]: ...
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self._row(r) for r in self._rows[i]]
-        return self._row(self._rows[i])
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __iter__(self) -> Iterator[TensorRow]:
-        return map(self._row, self._rows)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
