@@ -211,7 +211,12 @@ def uniform_flags(sigs: Sequence[bytes], itemsize: int) -> Iterable[bool]:
             or sum(map(len, sigs)) != size * len(sigs):
         return [is_uniform(s, itemsize) for s in sigs]
     rows = np.frombuffer(b"".join(sigs), dtype=np.uint8).reshape(len(sigs), size // itemsize, itemsize)
-    same = (rows == rows[:, :1, :]).all(axis=(1, 2))
+    # The second element first: most samples differ there, and only the others are compared whole.
+    maybe = np.flatnonzero((rows[:, 1, :] == rows[:, 0, :]).all(axis=1))
+    if not maybe.size:
+        return ()
+    same = np.zeros(len(sigs), dtype=bool)
+    same[maybe] = (rows[maybe] == rows[maybe, :1, :]).all(axis=(1, 2))
     return same.tolist() if same.any() else ()
 
 
