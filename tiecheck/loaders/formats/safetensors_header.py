@@ -18,8 +18,8 @@ import math
 import operator
 import re
 from array import array
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -87,38 +87,17 @@ class Header:
     def data_bytes(self) -> int:
         return self.file_size - self.data_start
 
-    @property
-    def entries(self) -> Entries:
-        """name -> Entry, in file order."""
-        return Entries(self)
+    @cached_property
+    def entries(self) -> dict[str, Entry]:
+        """name -> Entry, in file order: made on first use, for the writers that read records by name
+        (``inspect`` reads the columns and never makes them)."""
+        return {name: Entry(name, k.dtype, k.shape, begin, end)
+                for name, k, begin, end in zip(self.names, self.kinds, self.begins, self.ends, strict=True)}
 
     def entry(self, i: int) -> Entry:
         """The record at position ``i``."""
         k = self.kinds[i]
         return Entry(self.names[i], k.dtype, k.shape, self.begins[i], self.ends[i])
-
-
-class Entries(Mapping):
-    """A header's records by name (a read-only view of its columns)."""
-
-    def __init__(self, header: Header):
-        self._header = header
-
-    def __getitem__(self, name: str) -> Entry:
-        return self._header.entry(self._header.index[name])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._header.names)
-
-    def __len__(self) -> int:
-        return len(self._header.names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._header.index
-
-    def values(self):  # type: ignore[override]
-        header = self._header
-        return [header.entry(i) for i in range(len(header.names))]
 
 
 def _bad(path: Path | str, why: str) -> TargetError:
