@@ -108,41 +108,27 @@ def test_experts_routed_on_values_are_left_to_the_real_forward():
     counted = trace.count_flops(model, seq_len=T)
     assert counted.method == "real-batch-1"
     # The routing depends on the ids too (ids all alike route alike): torch counts the ids count_flops traced.
-    inputs = synthesize_inputs(model, 1, T)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(*inputs.args, **inputs.kwargs)
-    assert counted.forward == fc.get_total_flops()
+    assert counted.forward == torch_counts(model)
 
 
-def test_funnel_shortcut_counts_what_its_forward_does():
-    # Funnel pools the sequence in the first layer of each block after the first: that layer's keys run at
-    # the longer length, the block's later layers at the pooled one. The shortcut traces every layer and
-    # counts what torch counts; the meta trace folds a block's layers into its first (identical modules)
-    # and counts more, by an amount that depends on which block it folds.
-    cfg = transformers.FunnelConfig(vocab_size=128, d_model=32, n_head=4, d_head=8, d_inner=64, block_sizes=[3, 3, 3])
-    with torch.device("meta"), skip_init_on_meta():
-        fast = trace.count_flops(transformers.FunnelForMaskedLM(cfg).eval(), seq_len=T)
-    assert fast.method == trace.ZEROS
-    torch.manual_seed(0)
-    model = transformers.FunnelForMaskedLM(cfg).eval()
-    inputs = synthesize_inputs(model, 1, T)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(*inputs.args, **inputs.kwargs)
-    assert fast.forward == fc.get_total_flops()
-
-
-@pytest.mark.parametrize("blocks", [[1, 3], [3, 3, 3]])
-def test_funnel_on_meta_counts_what_its_forward_does(blocks):
-    # The meta trace folds identical layers; a Funnel block's first layer is given the unpooled keys, so the
-    # first repeat it traces to check the fold differs from its representative and every layer is traced.
-    # [1, 3] makes the pooling block the longest layer list, the one the plan folds.
+@pytest.mark.parametrize(("device", "blocks"), [(None, [3, 3, 3]), ("meta", [3, 3, 3]), ("meta", [1, 3])])
+def test_funnel_counts_what_its_forward_does(device, blocks):
+    # Funnel pools the sequence before the first layer of each block after the first: that layer's keys run
+    # at the longer length, the block's identical later layers at the pooled one. The shortcut traces every
+    # layer. The meta trace folds identical layers, and checks the fold on the first repeat it traces, which
+    # here differs from its representative, so every layer is traced. [1, 3] makes the pooling block the
+    # longest layer list, the one the plan folds.
     cfg = transformers.FunnelConfig(vocab_size=128, d_model=32, n_head=4, d_head=8, d_inner=64, block_sizes=blocks)
     with torch.device("meta"), skip_init_on_meta():
-        on_meta = trace.count_flops(transformers.FunnelForMaskedLM(cfg).eval(), seq_len=T, device="meta")
-    assert on_meta.method == "meta"
+        counted = trace.count_flops(transformers.FunnelForMaskedLM(cfg).eval(), seq_len=T, device=device)
+    assert counted.method == (trace.ZEROS if device is None else "meta")
     torch.manual_seed(0)
-    model = transformers.FunnelForMaskedLM(cfg).eval()
+    assert counted.forward == torch_counts(transformers.FunnelForMaskedLM(cfg).eval())
+
+
+def torch_counts(model) -> int:
+    """``FlopCounterMode``'s total for one forward of ``model`` (real weights) on the ids ``count_flops`` makes."""
     inputs = synthesize_inputs(model, 1, T)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(*inputs.args, **inputs.kwargs)
-    assert on_meta.forward == fc.get_total_flops()
+    return fc.get_total_flops()
