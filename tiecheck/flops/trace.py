@@ -101,8 +101,8 @@ _PREFIX = "module."
 # A small model is traced on the CPU with zero-filled stand-ins for its tensors before it is tried on
 # meta. The products and their shapes are the same; what differs is torch's cost. On meta, operators
 # with no meta kernel in C++ (``arange``, ``remainder``, ``empty_like``, ...) run torch's Python
-# decompositions, and the first of them imports ``torch._dynamo`` and sympy: about 1 s, 13 times the
-# count of the bundled gpt-mini (0.08 s on the CPU). CPU kernels are C++ and import nothing. The bounds
+# decompositions, and the first of them imports ``torch._dynamo`` and sympy: about 1 s, against 0.05 s
+# for the whole CPU count of the bundled gpt-mini. CPU kernels are C++ and import nothing. The bounds
 # keep the stand-ins and the one example's arithmetic small: 2 x parameters x tokens under 2 GFLOP.
 ZEROS = "cpu-zeros"
 _ZEROS_MAX_BYTES = 64 * 2**20
@@ -175,8 +175,8 @@ def _flop_analysis(root: nn.Module, inputs: tuple):
 class _Swapped:
     """Within the block the module's parameters and buffers are stand-ins on ``device`` (ties kept).
 
-    On meta the stand-ins hold nothing; elsewhere they are zero-filled (``zeros=True``), so a
-    trace reads defined values and never the module's own. The module's tensors are not touched.
+    On meta the stand-ins hold nothing; elsewhere they are zero-filled, so a trace reads defined
+    values and never the module's own. The module's tensors are not touched.
     """
 
     def __init__(self, module: nn.Module, device: str = "meta") -> None:
@@ -481,7 +481,7 @@ def count_flops(
       for meta tensors for the duration, so nothing is allocated or computed. A small model
       (:func:`small_for_zeros`) with synthesized inputs is first traced once on the CPU with
       zero-filled stand-ins for its tensors, and multiplied by ``batch_size``: the same
-      products, without the second of torch's imports a first meta trace pays. If the forward
+      products, without the import of torch's compiler a first meta trace pays. If the forward
       cannot run on meta (it calls ``.item()``, mixes in a CPU tensor, ...) and the module
       has real weights, trace one example with real tensors on the module's device and
       multiply by ``batch_size`` (FLOPs are linear in the batch).
@@ -503,7 +503,8 @@ def count_flops(
     real_ok = not has_meta_tensors(module)
     home = module_device(module)
     if device is None:
-        plan = [(ZEROS, torch.device("cpu"))] if inputs is None and small_for_zeros(module, max(seq_len, tgt_seq_len or 0)) else []
+        small = inputs is None and small_for_zeros(module, max(seq_len, tgt_seq_len or 0))
+        plan = [(ZEROS, torch.device("cpu"))] if small else []
         plan.append(("meta", torch.device("meta")))
         if real_ok:
             plan.append(("real-batch-1", home))
