@@ -59,6 +59,7 @@ from sweep_precision import (
 )
 
 import tiecheck.flops.trace as trace
+from tiecheck.flops import standins
 from tiecheck.loaders.metainit import skip_init_on_meta
 
 SEQ_LEN = 128
@@ -84,7 +85,7 @@ def verdict(small: bool, shortcut: dict, meta: dict) -> str:
     """How the shortcut's count stands against the meta trace's (see the module docstring)."""
     if not small:
         return "not-small"
-    if shortcut["method"] != trace.ZEROS:
+    if shortcut["method"] != standins.ZEROS:
         return "meta-only" if meta["available"] else "neither"
     if not meta["available"]:
         return "zeros-only"
@@ -98,8 +99,8 @@ def sweep_class(name: str, model_type: str) -> dict[str, Any]:
         return out
     with skip_init_on_meta():
         model = build(cls, cfg, "meta")
-    small = trace.small_for_zeros(model, SEQ_LEN)
-    out["routes_on_values"] = trace.routes_on_values(model)
+    small = standins.small_for_zeros(model, SEQ_LEN)
+    out["routes_on_values"] = standins.routes_on_values(model)
     shortcut = counted(model)
     with mock.patch.object(trace, "small_for_zeros", return_value=False):
         meta = counted(model)
@@ -130,7 +131,7 @@ def summarize(rows: dict[str, dict], head: str) -> str:
     built = [r for r in rows.values() if r.get("status") == "built"]
     left_out = sorted((r for r in rows.values() if r.get("status") != "built"), key=lambda r: r["class"])
     n = Counter(r["verdict"] for r in built)
-    taken = [r for r in built if r["shortcut"]["method"] == trace.ZEROS]
+    taken = [r for r in built if r["shortcut"]["method"] == standins.ZEROS]
     lines = [
         head,
         f"classes swept: {len(rows)}; built on meta from a small config: {len(built)}; left out: {len(left_out)}",
