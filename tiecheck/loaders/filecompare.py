@@ -12,8 +12,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 COMPARE_CHUNK = 4 << 20
 # From this many bytes a read of the second file runs on a worker thread beside the first's: a read
 # from the page cache is a copy that releases the GIL, so the two copies run on two cores. Below it
-# the hand-over costs more than it saves (tens of microseconds a chunk).
-PARALLEL_FROM = 256 << 10
+# the hand-over costs more than it saves. Measured on a quiet 2-core machine, 256 MiB of cached files
+# compared in ranges of 4 MiB: 0.050 s on one thread, 0.039 s on two; of 1 MiB: 0.060 s, 0.064 s;
+# of 256 KiB: 0.095 s, 0.12 s.
+PARALLEL_FROM = COMPARE_CHUNK
 
 
 class FileRangeCompare:
