@@ -1,4 +1,5 @@
-"""Whole commands on a small safetensors file, against ``python -c "import torch"``.
+"""Whole commands on a small safetensors file, against ``python -c "import torch"``; ``inspect`` of a
+model (FLOPs counted) against the imports it needs.
 
     pytest benchmarks/bench_commands.py --benchmark-only -s
 
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import save_file
 
 ROUNDS = 5
@@ -56,3 +58,34 @@ def test_commands_against_import_torch(benchmark, tmp_path: Path, publish):
     publish(f"fastest of {ROUNDS}, interleaved: python -c 'import torch' {base:.2f} s")
     for name, ts in list(times.items())[1:]:
         publish(f"  {name}: {min(ts):.2f} s = {min(ts) / base:.2f}x import torch")
+
+
+def test_inspect_with_flops_against_its_imports(benchmark, tmp_path: Path, publish):
+    """``inspect`` of a target with a model counts its FLOPs: the README's first command (the bundled
+    gpt-mini) against ``import torch``, target 1.3x; a small Hugging Face folder against importing
+    transformers with torch and the folder's model class, target 1.5x. (``import transformers`` alone
+    is lazy: it imports neither torch nor a model, and is printed for reference only.)"""
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    commands = {
+        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+        "tiecheck inspect gpt-mini": [*TIECHECK, "inspect", "gpt-mini"],
+        "python -c 'import torch, transformers; transformers.LlamaForCausalLM'":
+            [sys.executable, "-c", "import torch, transformers; transformers.LlamaForCausalLM"],
+        "tiecheck inspect llama-folder": [*TIECHECK, "inspect", str(folder)],
+        "python -c 'import transformers'": [sys.executable, "-c", "import transformers"],
+    }
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(ROUNDS):
+        for name, argv in commands.items():
+            times[name].append(_seconds(argv))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    best = {name: min(ts) for name, ts in times.items()}
+    names = list(best)
+    publish(f"fastest of {ROUNDS}, interleaved, FLOPs counted (a small tied Llama folder: 2 layers, width 64)")
+    for target, base in ((names[1], names[0]), (names[3], names[2])):
+        publish(f"  {target}: {best[target]:.2f} s = {best[target] / best[base]:.2f}x {base} ({best[base]:.2f} s)")
+    publish(f"  {names[4]}: {best[names[4]]:.2f} s")

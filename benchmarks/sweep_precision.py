@@ -51,7 +51,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -464,16 +464,25 @@ def names_pair(finding: list[str], head: str, embs: set[str]) -> bool:
 
 # -- one class -----------------------------------------------------------------------------------
 
-def sweep_class(name: str, model_type: str, work: Path, flops: bool = True) -> dict[str, Any]:
-
+def class_and_config(name: str, model_type: str) -> tuple[dict[str, Any], Any, Any]:
+    """(row, class, config): the class's row begun with its small config's label and parameters; class and
+    config are None where the row has a status saying why there is none (no such class, nothing builds)."""
     out: dict[str, Any] = {"class": name, "model_type": model_type}
     cls = getattr(transformers, name, None)
     if cls is None:
-        return {**out, "status": "no-class", "reason": f"transformers has no attribute {name}"}
+        return {**out, "status": "no-class", "reason": f"transformers has no attribute {name}"}, None, None
     label, cfg, n_params, errors = pick_config(cls, model_type)
     if cfg is None:
-        return {**out, "status": "no-build", "reason": no_build_reason(errors), "tried": errors}
+        return {**out, "status": "no-build", "reason": no_build_reason(errors), "tried": errors}, None, None
     out.update(config=label, params=n_params)
+    return out, cls, cfg
+
+
+def sweep_class(name: str, model_type: str, work: Path, flops: bool = True) -> dict[str, Any]:
+
+    out, cls, cfg = class_and_config(name, model_type)
+    if cfg is None:
+        return out
     variants = []
     seen_shapes = []
     for tie in (True, False):
@@ -693,6 +702,17 @@ def stored_untied_folder(cls, model, work: Path) -> dict[str, Any]:
 def worker(names: list[str], out: Path, flops: bool) -> None:
     """Sweep ``names`` one after another, appending one JSON line per class to ``out``."""
 
+    def one(name: str, model_type: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+            return sweep_class(name, model_type, Path(tmp), flops=flops)
+
+    append_rows(names, out, one)
+
+
+def append_rows(names: list[str], out: Path, sweep_one: Callable[[str, str], dict[str, Any]]) -> None:
+    """``sweep_one(name, model_type)`` for each of ``names``, one JSON line per class appended to ``out``; a class
+    that raises is recorded as a sweep error and the next one swept."""
+
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -700,13 +720,12 @@ def worker(names: list[str], out: Path, flops: bool) -> None:
     for name in names:
         entry = classes[name]
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
-            try:
-                with contextlib.redirect_stdout(sys.stderr):
-                    row = sweep_class(name, entry["model_type"], Path(tmp), flops=flops)
-            except Exception as e:  # noqa: BLE001 - one class must not stop the sweep
-                row = {"class": name, "model_type": entry["model_type"], "status": "sweep-error",
-                       "reason": one_line(e), "traceback": traceback.format_exc()[-2000:]}
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                row = sweep_one(name, entry["model_type"])
+        except Exception as e:  # noqa: BLE001 - one class must not stop the sweep
+            row = {"class": name, "model_type": entry["model_type"], "status": "sweep-error",
+                   "reason": one_line(e), "traceback": traceback.format_exc()[-2000:]}
         row["tasks"] = entry["tasks"]
         row["seconds"] = round(time.perf_counter() - t0, 1)
         with open(out, "a") as fh:
@@ -723,13 +742,14 @@ def done(out: Path) -> dict[str, dict]:
     return rows
 
 
-def run(names: list[str], out: Path, timeout: float, flops: bool, batch: int = 25) -> None:
+def run(names: list[str], out: Path, timeout: float, flops: bool, batch: int = 25, script: str = __file__) -> None:
     """The classes in worker processes of ``batch`` classes each; a class that takes longer than ``timeout``
-    seconds, or crashes its worker, is recorded as such and the worker restarted on the rest."""
+    seconds, or crashes its worker, is recorded as such and the worker restarted on the rest. ``script`` is
+    the sweep whose ``--worker`` mode runs them (another sweep reuses this runner)."""
     todo = list(names)
     while todo:
         chunk = todo[:batch]
-        cmd = [sys.executable, __file__, "--worker", "--out", str(out), "--only", *chunk] + ([] if flops else ["--no-flops"])
+        cmd = [sys.executable, script, "--worker", "--out", str(out), "--only", *chunk] + ([] if flops else ["--no-flops"])
         proc = subprocess.Popen(cmd, start_new_session=True)
         last, n_done = time.monotonic(), 0
         rc = None
@@ -855,37 +875,49 @@ def versions() -> str:
             f"accelerate {accelerate.__version__}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sweep_arguments(doc: str, stem: str, timeout: float) -> argparse.ArgumentParser:
+    """The arguments of a class sweep; its results go to ``results/<stem>.jsonl`` and ``results/<stem>.txt``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="class names to sweep (default: every registered class)")
     ap.add_argument("--shard", help="i/n: the i-th of n equal slices of the classes (1-based)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "sweep-precision.jsonl")
-    ap.add_argument("--summary-out", type=Path, default=RESULTS / "sweep-precision.txt")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per class")
+    ap.add_argument("--out", type=Path, default=RESULTS / f"{stem}.jsonl")
+    ap.add_argument("--summary-out", type=Path, default=RESULTS / f"{stem}.txt")
+    ap.add_argument("--timeout", type=float, default=timeout, help="seconds per class")
     ap.add_argument("--redo", action="store_true", help="sweep the classes again even if --out has them")
-    ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--summary", action="store_true", help="only write the summary of what --out holds")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return ap
+
+
+def sweep_selected(args: argparse.Namespace, flops: bool, script: str) -> None:
+    """The classes ``--only`` and ``--shard`` select, less those ``--out`` holds (unless ``--redo``), swept by
+    ``script``'s workers."""
+    names = list(args.only or registered_classes())
+    if args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+        names = names[i - 1::n]
+    rows = done(args.out)
+    if args.redo:
+        keep = [line for line in args.out.read_text().splitlines()
+                if json.loads(line)["class"] not in set(names)] if args.out.exists() else []
+        args.out.write_text("".join(line + "\n" for line in keep))
+        rows = {}
+    todo = [n for n in names if n not in rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    run(todo, args.out, args.timeout, flops, script=script)
+    print(f"swept {len(todo)} classes in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = sweep_arguments(__doc__, "sweep-precision", 600)
+    ap.add_argument("--no-flops", action="store_true")
     args = ap.parse_args()
     if args.worker:
         worker(args.only, args.out, not args.no_flops)
         return
     if not args.summary:
-        names = list(args.only or registered_classes())
-        if args.shard:
-            i, n = (int(x) for x in args.shard.split("/"))
-            names = names[i - 1::n]
-        rows = done(args.out)
-        if args.redo:
-            keep = [line for line in args.out.read_text().splitlines()
-                    if json.loads(line)["class"] not in set(names)] if args.out.exists() else []
-            args.out.write_text("".join(line + "\n" for line in keep))
-            rows = {}
-        todo = [n for n in names if n not in rows]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        run(todo, args.out, args.timeout, not args.no_flops)
-        print(f"swept {len(todo)} classes in {time.perf_counter() - t0:.0f} s", flush=True)
+        sweep_selected(args, not args.no_flops, __file__)
     text = summarize(done(args.out), versions())
     args.summary_out.write_text(text)
     print(text.split("\n\n")[0])

@@ -28,6 +28,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=["cpu-zeros", "meta"])
+def flops_path(request, monkeypatch):
+    """The FLOPs tests run twice: as ``count_flops`` runs by default, where a small model is traced on
+    the CPU with zero-filled weights, and with that shortcut off, so the meta trace that counts every
+    larger model is held to the same figures. Yields the method a small model's count then reports."""
+    if request.param == "meta":
+        monkeypatch.setattr("tiecheck.flops.trace.small_for_zeros", lambda module, seq_len: False)
+    return request.param
+
+
 @pytest.fixture
 def tiny_lm():
     torch.manual_seed(0)

@@ -35,3 +35,22 @@ def test_no_transformers_for_files_that_do_not_need_it(tmp_path):
                           capture_output=True, text=True, timeout=300, check=True)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"codes": [1, 0, 0, 0, 0], "transformers": False, "torch": True}
+
+
+COMPILER = r"""
+import json, sys
+from click.testing import CliRunner
+from tiecheck.cli.main import main
+result = CliRunner().invoke(main, ["inspect", "gpt-mini", "--format", "json"])
+flops = json.loads(result.output)["flops"]
+print(json.dumps({"code": result.exit_code, "method": flops["method"], "forward": flops["forward"],
+                  "compiler": sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules)}))
+"""
+
+
+def test_inspecting_the_bundled_default_imports_no_compiler():
+    """The README's first command counts gpt-mini's FLOPs on the CPU: on meta, torch's first Python
+    decomposition imports torch._dynamo and sympy, about a second of the whole command."""
+    proc = subprocess.run([sys.executable, "-c", COMPILER], capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"code": 0, "method": "cpu-zeros", "forward": 503316480, "compiler": []}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 
 import pytest
 
@@ -59,3 +60,39 @@ def test_a_pair_found_equal_is_not_read_again(files, cmp):
     assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)  # a dropped name sharing the kept name's bytes
     assert cmp.bytes_read == 2 * SIZE
     assert not cmp.equal((str(a), 7), (str(b), 70000), SIZE)  # another range is compared
+
+
+@pytest.fixture
+def parallel(files, monkeypatch):
+    """Every chunk of the files above read on two threads, as chunks of PARALLEL_FROM bytes and more are."""
+    monkeypatch.setattr(content, "PARALLEL_FROM", 1024)
+    return files
+
+
+@pytest.mark.parametrize("at", [0, 4095, 4096, SIZE - 1])
+def test_two_threads_find_one_changed_byte_in_either_file(parallel, at, cmp):
+    a, b, data = parallel
+    assert cmp.equal((str(a), 7), (str(b), 70001), SIZE)
+    changed = bytearray(data)
+    changed[at] ^= 1
+    a.write_bytes(b"x" * 7 + bytes(changed))
+    assert not content.FileRangeCompare().equal((str(a), 7), (str(b), 70001), SIZE)
+    b.write_bytes(b"y" * 70001 + bytes(changed) + b"tail")
+    assert not cmp.equal((str(a), 0), (str(b), 70001), SIZE)
+
+
+def test_two_threads_see_a_short_read_in_either_file(parallel, cmp):
+    a, b, _ = parallel
+    with pytest.raises(OSError, match="short read"):
+        cmp.equal((str(a), 7), (str(b), 70001 + SIZE), SIZE)
+    with pytest.raises(OSError, match="short read"):
+        cmp.equal((str(a), 11), (str(b), 70005), SIZE)  # equal bytes, but a ends 4 bytes early
+
+
+def test_closing_ends_the_reading_thread(parallel):
+    a, b, _ = parallel
+    c = content.FileRangeCompare()
+    assert c.equal((str(a), 7), (str(b), 70001), SIZE)
+    assert any(t.name.startswith("tiecheck-compare") for t in threading.enumerate())
+    c.close()
+    assert not any(t.name.startswith("tiecheck-compare") for t in threading.enumerate())

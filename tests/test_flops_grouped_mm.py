@@ -15,6 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tiecheck.flops import count_flops
 
+pytestmark = pytest.mark.usefixtures("flops_path")  # both ways of tracing a small model (conftest.py)
+
 G, M, K, N = 3, 24, 16, 8  # bf16 strides must be multiples of 16 bytes: K and N multiples of 8; M != K
 BF16 = torch.bfloat16
 

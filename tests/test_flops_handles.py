@@ -14,6 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tiecheck.flops import count_flops, handles
 from tiecheck.flops.handles import IGNORED, NO_ARITHMETIC, in_table
 
+pytestmark = pytest.mark.usefixtures("flops_path")  # both ways of tracing a small model (conftest.py)
+
 
 def _torch_flops(fn, *shapes) -> int:
     """FLOPs torch counts for ``fn`` on tensors of ``shapes``."""

@@ -17,6 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from tiecheck.flops import count_flops, handles
 
+pytestmark = pytest.mark.usefixtures("flops_path")  # both ways of tracing a small model (conftest.py)
+
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_a_convolution_whose_shapes_the_trace_left_unknown_is_listed_as_uncounted():

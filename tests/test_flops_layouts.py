@@ -13,6 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tiecheck.flops import count_flops
 
+pytestmark = pytest.mark.usefixtures("flops_path")  # both ways of tracing a small model (conftest.py)
+
 transformers = pytest.importorskip("transformers")
 
 SEQ = 8

@@ -11,6 +11,8 @@ from tiecheck.flops import count_flops
 from tiecheck.flops.moe import traceable_experts
 from tiecheck.report.render import render
 
+pytestmark = pytest.mark.usefixtures("flops_path")  # both ways of tracing a small model (conftest.py)
+
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,

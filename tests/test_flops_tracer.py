@@ -16,6 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tiecheck import models
 from tiecheck.flops.trace import count_flops
 
+pytestmark = pytest.mark.usefixtures("flops_path")  # both ways of tracing a small model (conftest.py)
+
 # torch major.minor -> state of torch.jit.trace, as checked on that release:
 # "supported" (no warning), "deprecated" (DeprecationWarning, still traces), "removed".
 KNOWN_TRACER_STATE = {"2.13": "deprecated"}  # checked on 2.13.0+cpu

@@ -14,6 +14,8 @@ import transformers
 from tiecheck.flops import handles
 from tiecheck.flops.trace import count_flops
 
+pytestmark = pytest.mark.usefixtures("flops_path")  # both ways of tracing a small model (conftest.py)
+
 HEADS, HEAD_DIM = 4, 8
 PAIR_MACS = HEADS * (HEAD_DIM + HEAD_DIM)  # multiply-adds of one (query, key) pair over all heads: QK^T and AV
 ATTN = "model.layers.0.self_attn"

@@ -13,6 +13,8 @@ import transformers
 from tiecheck.flops.handles import windowed_flops
 from tiecheck.flops.trace import count_flops
 
+pytestmark = pytest.mark.usefixtures("flops_path")  # both ways of tracing a small model (conftest.py)
+
 HEADS, HEAD_DIM, LAYERS, WINDOW = 4, 8, 4, 16
 PAIR = 2 * HEADS * (HEAD_DIM + HEAD_DIM)  # FLOPs of one (query, key) pair over all heads
 

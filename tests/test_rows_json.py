@@ -41,3 +41,13 @@ def test_rows_read_back_from_a_report_write_the_same_lines():
     back = TensorRows.from_dicts([json.loads(line) for line in rows.json_lines()],
                                  [("same_parameter", tuple(NAMES[:3])), ("view", ("scalar", "x\u2028y"))])
     assert list(back.json_lines()) == list(rows.json_lines())
+
+
+def test_rows_sharing_every_field_but_the_name_each_write_their_own_name():
+    rows = TensorRows([Row(f"experts.{i}.w", (8, 8), "float32", 64, 256, "tensor", "cpu", None) for i in range(5)]
+                      + [Row("experts.5.w", (8, 8), "float32", 64, 256, "tensor", "cpu", 0),
+                         Row("experts.6.w", (8, 8), "float32", 64, 256, "tensor", "cpu", 0),
+                         Row("experts.7.w", (8, 8), "float32", 64, 255, "tensor", "cpu", None)],
+                      [("shared_storage", ("experts.5.w", "experts.6.w"))])
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    assert list(rows.json_lines()) == [encode(d) for d in rows.dicts()]

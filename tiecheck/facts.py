@@ -201,6 +201,10 @@ def _may_spell(name: str, alternatives: dict[str, tuple[str, ...]]) -> bool:
 
 
 _ROLE_ALTS = {part: _EMBED_ALTS.get(part, ()) + _HEAD_ALTS.get(part, ()) for part in {*_EMBED_ALTS, *_HEAD_ALTS}}
+# ``_may_spell(name, _ROLE_ALTS)`` as one C call: the name is an alternative's ``.weight``, or ends with one
+# after a dot (a million expert weights are asked, none of which has a role).
+_ROLE_WEIGHTS = frozenset(f"{a}.weight" for alts in _ROLE_ALTS.values() for a in alts)
+_ROLE_ENDINGS = tuple(sorted(f".{a}.weight" for alts in _ROLE_ALTS.values() for a in alts))
 
 
 def may_have_role(f: TensorFact) -> bool:
@@ -211,7 +215,7 @@ def may_have_role(f: TensorFact) -> bool:
     if len(f.shape) != 2:
         return False
     name = f.name
-    return f.owner_type == "Embedding" or (name.endswith(".weight") and _may_spell(name, _ROLE_ALTS))
+    return f.owner_type == "Embedding" or name.endswith(_ROLE_ENDINGS) or name in _ROLE_WEIGHTS
 
 
 def is_embedding(f: TensorFact) -> bool:

@@ -64,5 +64,6 @@ def analysis_steps(facts: list[TensorFact]) -> dict[str, Callable[[], object]]:
         "find_candidates": lambda: find_candidates(facts),
         "linear_shape_findings": lambda: linear_shape_findings(facts, {}, groups),
         "device_findings": lambda: device_findings(facts, groups),
-        "tensor_rows": lambda: TensorRows.of(facts, groups),
+        # The rows are made as they are read: made and written, as the JSON report writes them.
+        "tensor_rows": lambda: list(TensorRows.of(facts, groups).json_lines()),
     }

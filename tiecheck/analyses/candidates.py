@@ -45,6 +45,9 @@ def find_candidates(facts: Iterable[TensorFact]) -> list[Candidate]:
     Pairs are formed within (shape, dtype) buckets: only equal shapes and dtypes can tie, and a
     checkpoint with thousands of embedding-like names must not cost their square.
     """
+    facts = facts if isinstance(facts, Sequence) else list(facts)
+    if not any(map(may_have_role, facts)):
+        return []  # no embedding and no head to pair (a file of expert weights): no memory walked
     # One fact per memory is enough: a name already tied to another needs no second look.
     seen, unique = set(), []
     for f in facts:

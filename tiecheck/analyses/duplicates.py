@@ -10,73 +10,25 @@ stays free of torch and can be tested with hand-made readers.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any, Protocol
 
+from tiecheck.analyses.sample_keys import SAMPLE_BATCH, ContentReader, Key
+from tiecheck.analyses.sample_keys import by_key as _by_key
+from tiecheck.analyses.sample_keys import each_sample as _each_sample
+from tiecheck.analyses.sample_keys import is_uniform as _uniform
+from tiecheck.analyses.sample_keys import keyed as _keyed
+from tiecheck.analyses.sample_keys import keys_of as _keys
+from tiecheck.analyses.sample_keys import prefetch_samples as _prefetch
+from tiecheck.analyses.sample_keys import sample_batches as _batches
+from tiecheck.analyses.sample_keys import samples_of as _sampled
+from tiecheck.analyses.sample_keys import uniform_flags as _uniform_each
 from tiecheck.analyses.ties import IdentityIndex, group_by_identity
 from tiecheck.facts import TensorFact, assignment
 from tiecheck.findings import RULES, Finding, finding
-
-
-class ContentReader(Protocol):
-    """Reads tensor content by name; implementations count the bytes they read."""
-
-    bytes_read: int
-
-    def sample(self, name: str) -> bytes:
-        """A cheap signature: a few small slices of the raw bits."""
-
-    def is_constant(self, name: str) -> bool:
-        """True when every element has the same bits (e.g. a fresh LayerNorm weight)."""
-
-    def equal(self, a: str, b: str) -> bool:
-        """Bitwise equality of two tensors of equal dtype and shape, read in chunks."""
-
-    # Optional: ``prefetch(names, transposed=())`` is told what a pass will sample before it samples
-    # it, so a reader whose reads cost a round trip each (remote files) can fetch them all at once.
-    # Optional: ``samples(names, transposed=None)``, the samples of many names at once (a reader that
-    # can read neighbouring tensors together), and ``whole_sample_bytes``: a tensor of at most that
-    # many bytes is sampled whole, so equal samples are equal tensors and need no full comparison.
-
-
-def _sampled(reader: ContentReader, names: Sequence[str], transposed: tuple[int, ...] | None = None) -> list[bytes]:
-    """The samples of ``names`` (through a transpose of shape ``transposed``), many at once where the reader can."""
-    batch = getattr(reader, "samples", None)
-    if batch is not None:
-        return batch(names) if transposed is None else batch(names, transposed)
-    one = reader.sample if transposed is None else reader.sample_transposed  # type: ignore[attr-defined]
-    return [one(n) for n in names]
-
-
-def _each_sample(reader: ContentReader, names: list[str], transposed: tuple[int, ...] | None = None,
-                 ) -> Iterator[tuple[str, bytes]]:
-    """(name, sample) of each name, read many at a time (``_sampled``) but never all at once: a
-    million small tensors sampled whole would hold gigabytes."""
-    for lo in range(0, len(names), SAMPLE_BATCH):
-        part = names[lo:lo + SAMPLE_BATCH]
-        yield from zip(part, _sampled(reader, part, transposed), strict=True)
-
-
-SAMPLE_BATCH = 4096  # names sampled at once where nothing asks for progress in between
-
-# Samples up to this many bytes are their own bucket key; a longer one is keyed by its 16-byte digest,
-# so that a million samples of up to 4 KiB do not stay in memory as keys. A digest only buckets:
-# equality is decided on bytes (a full comparison, or the samples read again when they are the tensors).
-KEY_BYTES = 32
-
-
-def _key(sig: bytes) -> bytes:
-    return sig if len(sig) <= KEY_BYTES else hashlib.blake2b(sig, digest_size=16).digest()
-
-
-def _prefetch(reader: ContentReader, names: list[str], transposed: Sequence[str] = ()) -> None:
-    """Tell ``reader`` what is about to be sampled, where it wants to know (see ``ContentReader``)."""
-    prefetch = getattr(reader, "prefetch", None)
-    if prefetch is not None and (names or transposed):
-        prefetch(names, transposed)
 
 
 @dataclass(frozen=True)
@@ -147,26 +99,28 @@ class ContentStats:
 
 
 def _representatives(facts: Iterable[TensorFact], by_identity: IdentityIndex | None = None,
-                     ) -> dict[str, tuple[TensorFact, list[TensorFact]]]:
-    """One fact per separate memory, keyed by its first name, with the index's list of all its facts
-    (shared, not copied: a checkpoint of 100,000 tensors would otherwise build 100,000 more tuples)."""
+                     ) -> dict[str, list[TensorFact]]:
+    """Every separate memory's facts, keyed by the name that stands for it, whose fact comes first.
+
+    The index's own list where it already starts with that fact (shared, not copied), as it does for
+    every memory of one name: a checkpoint of a million tensors would otherwise hold a million more
+    lists or tuples at the content pass's peak."""
     if by_identity is None:
         by_identity = group_by_identity(facts)
-    reps = {}
+    # Most memories have one name: those in one comprehension (a million of them), the others after.
+    reps = {m[0].name: m for m in by_identity.values()
+            if len(m) == 1 and m[0].persistent and m[0].storage is not None}
     for members in by_identity.values():
         first = members[0]
-        if first.storage is None:
-            continue  # no memory to read (meta device)
-        if len(members) == 1 and first.persistent:  # most memories have one name: no generator, no min
-            reps[first.name] = (first, members)
-            continue
+        if first.storage is None or len(members) == 1:
+            continue  # no memory to read (meta device), or one name: taken above if it is saved
         if not all(m.persistent for m in members):
             # A non-persistent buffer is never saved: not a copy anything stores or a tie could save.
             members = [m for m in members if m.persistent]
             if not members:
                 continue
         rep = members[0] if len(members) == 1 else min(members, key=_name)
-        reps[rep.name] = (rep, members)
+        reps[rep.name] = members if rep is members[0] else [rep, *(m for m in members if m is not rep)]
     return reps
 
 
@@ -176,28 +130,6 @@ def _name(f: TensorFact) -> str:
 
 def _names(members: list[TensorFact]) -> tuple[str, ...]:
     return tuple(sorted(m.name for m in members))
-
-
-def _by_key(samples: Iterable[tuple[str, bytes]], itemsize: int) -> tuple[list[tuple[bytes, list[str]]], set[str]]:
-    """Names whose sample keys (``_key``) agree, in groups of two or more, in the order their first name
-    came; and the names whose sample is uniform (every element the same bits: only those can be
-    constant tensors, and a digest key no longer says so).
-
-    Only a repeated key gets a list: a bucket of 100,000 distinct tensors costs one dict entry each.
-    """
-    first: dict[bytes, str] = {}
-    shared: dict[bytes, list[str]] = {}
-    uniform: set[str] = set()
-    digest = hashlib.blake2b
-    for n, sig in samples:
-        size = len(sig)  # _uniform, inlined: it is asked a million times
-        if size <= itemsize or (size % itemsize == 0 and sig == sig[:itemsize] * (size // itemsize)):
-            uniform.add(n)
-        key = sig if len(sig) <= KEY_BYTES else digest(sig, digest_size=16).digest()  # _key, inlined
-        prev = first.setdefault(key, n)
-        if prev != n:
-            shared.setdefault(key, [prev]).append(n)
-    return list(shared.items()), uniform
 
 
 def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
@@ -220,22 +152,25 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
     stats = _Tally(tensors=len(reps))
     start_read = reader.bytes_read
     buckets: dict[tuple, list[str]] = defaultdict(list)
-    for name, (f, _) in reps.items():
+    bytes_total = 0
+    for name, members in reps.items():
+        f = members[0]
         # Equal shape and dtype: values are compared element by element, whatever the strides.
         buckets[(f.dtype, f.shape)].append(name)
+        bytes_total += f.numel * f.itemsize
 
     groups: list[DuplicateGroup] = []
     to_sample = sum(len(names) for names in buckets.values() if len(names) > 1)
     every = max(1, to_sample // 100)
     whole = getattr(reader, "whole_sample_bytes", 0)
 
-    def sample_all(names: list[str]) -> Iterator[tuple[str, bytes]]:
-        """(name, sample) of each name, read in batches that end where a progress call is due (every
-        1%, at most ``SAMPLE_BATCH``): the samples of a bucket are never all held at once."""
+    def sample_all(names: list[str]) -> Iterator[tuple[list[str], list[bytes]]]:
+        """(names, their samples) in batches that end where a progress call is due (every 1%, at most
+        ``SAMPLE_BATCH``): the samples of a bucket are never all held at once."""
         lo = 0
         while lo < len(names):
             part = names[lo:lo + min(SAMPLE_BATCH, every - stats.sampled % every)]
-            yield from zip(part, _sampled(reader, part), strict=True)
+            yield part, _sampled(reader, part)
             lo += len(part)
             stats.sampled += len(part)
             if progress is not None and (stats.sampled % every == 0 or stats.sampled == to_sample):
@@ -244,24 +179,26 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
     def group(same: list[str], constant: bool) -> DuplicateGroup:
         f = reps[same[0]][0]
         same = sorted(same)
-        return DuplicateGroup(names=tuple(same), aliases=tuple(_names(reps[n][1]) for n in same),
+        return DuplicateGroup(names=tuple(same), aliases=tuple(_names(reps[n]) for n in same),
                               shape=f.shape, dtype=f.dtype, nbytes=f.nbytes, constant=constant,
-                              buffers=tuple(n for n in same if all(m.role == "buffer" for m in reps[n][1])))
+                              buffers=tuple(n for n in same if all(m.role == "buffer" for m in reps[n])))
 
     _prefetch(reader, [n for names in buckets.values() if len(names) > 1 for n in names])
     for (_dtype, _shape), names in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if len(names) < 2:
             continue
         stats.buckets += 1
-        names = sorted(names)
         f0 = reps[names[0]][0]
         itemsize = f0.itemsize
+        # Sampled in the facts' order (the file's, for a file), not sorted by name: only the few names
+        # whose samples agree are sorted, which orders the comparisons as a sorted bucket would.
         shared, uniform = _by_key(sample_all(names), itemsize)
         for key, candidates in shared:
+            candidates = sorted(candidates)
             if f0.nbytes <= whole and all(reps[n][0].dense for n in candidates):
                 # Sampled whole: equal samples are equal tensors (a view that rereads its elements is
-                # left to ``equal``, which declines it as before). A digest key is checked on the bytes.
-                if len(key) != f0.nbytes:
+                # left to ``equal``, which declines it as before). A hash key is checked on the bytes.
+                if not (isinstance(key, bytes) and len(key) == f0.nbytes):
                     stats.sampled += len(candidates)
                 for sig, same in _exact(reader, candidates, key, f0.nbytes):
                     groups.append(group(same, f0.numel > 1 and _uniform(sig, itemsize)))
@@ -279,24 +216,18 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
                 remaining = differ
     return sorted(groups, key=lambda g: (-g.nbytes, g.names)), ContentStats(
         tensors=stats.tensors, buckets=stats.buckets, sampled=stats.sampled, full_comparisons=stats.full_comparisons,
-        bytes_total=sum(f.nbytes for f, _ in reps.values()), bytes_read=reader.bytes_read - start_read)
+        bytes_total=bytes_total, bytes_read=reader.bytes_read - start_read)
 
 
-def _exact(reader: ContentReader, names: list[str], key: bytes, nbytes: int) -> list[tuple[bytes, list[str]]]:
+def _exact(reader: ContentReader, names: list[str], key: Key, nbytes: int) -> list[tuple[bytes, list[str]]]:
     """Names of ``nbytes`` each, sampled whole, whose samples share ``key``, grouped by their bytes: a
-    sample that is its own key is one group as it stands; under a digest, the samples are read again."""
-    if len(key) == nbytes:
+    sample that is its own key is one group as it stands; under a hash, the samples are read again."""
+    if isinstance(key, bytes) and len(key) == nbytes:
         return [(key, names)]
     by_bytes: dict[bytes, list[str]] = {}
     for n, sig in _each_sample(reader, names):
         by_bytes.setdefault(sig, []).append(n)
     return [(sig, same) for sig, same in by_bytes.items() if len(same) > 1]
-
-
-def _uniform(sample: bytes, itemsize: int) -> bool:
-    """Every element of the sample has the first one's bits (compared as one string: C speed)."""
-    n = len(sample)
-    return n <= itemsize or (n % itemsize == 0 and sample == sample[:itemsize] * (n // itemsize))
 
 
 @dataclass(frozen=True)
@@ -502,9 +433,10 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
                 if (len(m[0].shape) == 2 if len(m) == 1 else any(len(f.shape) == 2 for f in m))}
     reps = {n: v for n, v in _representatives((), matrices).items()
             if len(v[0].shape) == 2 and v[0].numel > 1
-            and not (skipped and skipped.intersection(m.name for m in v[1]))}
+            and not (skipped and skipped.intersection(m.name for m in v))}
     by_shape: dict[tuple, list[str]] = defaultdict(list)
-    for name, (f, _) in reps.items():
+    for name, members in reps.items():
+        f = members[0]
         by_shape[(f.dtype, tuple(f.shape))].append(name)
     stats = _Tally()
     start_read = reader.bytes_read
@@ -519,6 +451,15 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
             constant[name] = _uniform(sig, reps[name][0].itemsize) and reader.is_constant(name)
         return constant[name]
 
+    def unless_constant(part: list[str], sigs: list[bytes], size: int) -> tuple[list[str], list[bytes]]:
+        """The batch without its constant tensors (only a uniform sample can be one's)."""
+        flags = _uniform_each(sigs, size)
+        if not any(flags):
+            return part, sigs
+        kept = [(n, sig) for n, sig, uniform in zip(part, sigs, flags, strict=True)
+                if not (uniform and is_constant(n, sig))]
+        return [n for n, _ in kept], [sig for _, sig in kept]
+
     # The pairings the loop below looks at: a shape whose swap is present, from the side that sorts first.
     pairings = [(dtype, shape) for dtype, shape in by_shape if shape <= shape[::-1] and (dtype, shape[::-1]) in by_shape]
     _prefetch(reader, [n for key in pairings for n in by_shape[key]],
@@ -531,38 +472,32 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
         stats.buckets += 1
         stats.tensors += len(names) + (len(others) if swapped != shape else 0)
         # As in _by_key: a key's first name in one dict, a list only for a key met again (100,000
-        # distinct matrices cost a dict entry each), and the uniform test inlined before is_constant.
-        first: dict[bytes, str] = {}
-        more: dict[bytes, list[str]] = {}
+        # distinct matrices cost a dict entry each), a batch of new keys merged whole; a constant
+        # tensor (read only where its sample is uniform) left out first.
         size = reps[names[0]][0].itemsize
         names = sorted(names)
-        for n, sig in _each_sample(reader, names):
-            k = len(sig)
-            if (k <= size or (k % size == 0 and sig == sig[:size] * (k // size))) and is_constant(n, sig):
-                continue
-            key = sig if k <= KEY_BYTES else hashlib.blake2b(sig, digest_size=16).digest()
-            prev = first.setdefault(key, n)
-            if prev != n:
-                more.setdefault(key, [prev]).append(n)
+        first, more, _ = _keyed((unless_constant(part, sigs, size) for part, sigs in _batches(reader, names)), size)
         stats.sampled += len(names)
-        for b, sig in _each_sample(reader, names if swapped == shape else sorted(others), swapped):
-            stats.sampled += 1
-            key = _key(sig)
-            if key not in first or is_constant(b, sig):
-                continue
-            for a in more.get(key) or (first[key],):
-                if a == b:
-                    continue  # a square tensor equal to its own transpose is symmetric, not a copy
-                x, y = (a, b) if swapped != shape else sorted((a, b))  # equality through a transpose is symmetric
-                if (x, y) in compared:
-                    continue  # a square pair meets itself both ways: compared once
-                compared.add((x, y))
-                stats.full_comparisons += 1
-                if reader.equal_transposed(x, y):
-                    fx = reps[x][0]
-                    copies.append(TransposedCopy(names=(x, y), aliases=(_names(reps[x][1]), _names(reps[y][1])),
-                                                 shapes=(tuple(fx.shape), tuple(swapped)), dtype=dtype,
-                                                 nbytes=fx.nbytes))
+        for part, sigs in _batches(reader, names if swapped == shape else sorted(others), swapped):
+            stats.sampled += len(part)
+            keys = _keys(sigs)
+            for b, sig, key in compress(zip(part, sigs, keys, strict=True), map(first.__contains__, keys)):
+                if is_constant(b, sig):
+                    continue
+                for a in more.get(key) or (first[key],):
+                    if a == b:
+                        continue  # a square tensor equal to its own transpose is symmetric, not a copy
+                    # equality through a transpose is symmetric
+                    x, y = (a, b) if swapped != shape else sorted((a, b))
+                    if (x, y) in compared:
+                        continue  # a square pair meets itself both ways: compared once
+                    compared.add((x, y))
+                    stats.full_comparisons += 1
+                    if reader.equal_transposed(x, y):
+                        fx = reps[x][0]
+                        copies.append(TransposedCopy(names=(x, y), aliases=(_names(reps[x]), _names(reps[y])),
+                                                     shapes=(tuple(fx.shape), tuple(swapped)), dtype=dtype,
+                                                     nbytes=fx.nbytes))
     return sorted(copies, key=lambda c: (-c.nbytes, c.names)), TransposeStats(
         tensors=stats.tensors, buckets=stats.buckets, sampled=stats.sampled, full_comparisons=stats.full_comparisons,
         bytes_read=reader.bytes_read - start_read)

@@ -64,6 +64,8 @@ def find_packed_heads(facts: Iterable[TensorFact], packings: Mapping[str, Packin
         One entry per pair, largest head first.
     """
     facts = [f for f in facts if f.numel]
+    if not any(p.role for p in packings.values()) and not any(map(may_have_role, facts)):
+        return []  # nothing is an embedding or a head (``_role``): no pair to find
     companions = {c for p in packings.values() for c in p.companions}
     by_name = {f.name: f for f in facts if f.name in companions}
     seen, unique = set(), []

@@ -7,6 +7,12 @@ submodule (not its index), and the entries of per-layer config lists (``layer_ty
 its index -- and keeps the shortest prefix of the layer list that holds every signature. The
 prefix is traced at its true indices, so index-driven config lists still line up; every layer
 beyond it is counted as the FLOPs traced for the first layer of the same signature.
+
+A signature says what a layer holds, not what it is given: Funnel's encoder pools the sequence
+before the first layer of a block, whose keys then run at the longer length while the block's later
+layers, identical modules, run at the pooled one. So the prefix ends with one repeat more, and the
+count is taken from the plan only when that repeat counted what its representative did
+(:func:`fold_holds`); otherwise every layer is traced.
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ def plan_layers(root: nn.Module, layer_names: set[str]) -> LayerPlan | None:
             lists[parent] = lists.get(parent, 0) + 1
     if not lists:
         return None
-    name = max(lists, key=lambda k: lists[k])
+    name = max(sorted(lists), key=lambda k: lists[k])  # sorted: equal lengths never left to a set's order
     if not name:
         return None
     mlist = root.get_submodule(name) if name else root
@@ -102,9 +108,25 @@ def plan_layers(root: nn.Module, layer_names: set[str]) -> LayerPlan | None:
     for i, layer in enumerate(mlist):
         sig = _signature(layer, [lst[i] for lst in per_index])
         rep.append(first.setdefault(sig, i))
-    keep = max(first.values()) + 1
+    keep = max(first.values()) + 2  # every signature, and the first repeat to check the fold against
     plan = LayerPlan(name, n, keep, rep)
     return plan if plan.saves else None
+
+
+def fold_holds(plan: LayerPlan, per_layer: dict[int, Any], per_layer_calls: dict[int, Any]) -> bool:
+    """Whether the last traced layer, a repeat, counted what its representative counted.
+
+    Args:
+        plan: the plan the trace ran with.
+        per_layer: FLOPs by operator of each traced layer of the planned list, by index.
+        per_layer_calls: attention calls of each, by index.
+
+    Returns:
+        True when the later layers may be counted as their representatives.
+    """
+    check = plan.keep - 1
+    rep = plan.rep[check]
+    return per_layer.get(check) == per_layer.get(rep) and per_layer_calls.get(check) == per_layer_calls.get(rep)
 
 
 @contextmanager

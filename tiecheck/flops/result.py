@@ -45,7 +45,7 @@ class FlopsResult:
     ``forward`` covers the whole batch. ``tokens`` is the number of token positions fed to
     the model per example (``seq_len``, or ``seq_len + tgt_seq_len`` for an encoder-decoder);
     ``per_token`` divides ``forward`` by ``batch_size * tokens``. ``method`` says how the
-    trace ran: "meta", "real" or "real-batch-1" (see :func:`count_flops`).
+    trace ran: "cpu-zeros", "meta", "real" or "real-batch-1" (see :func:`count_flops`).
     ``attention_calls`` counts the attention products in the trace and how many were causal:
     one per SDPA call, two (QK^T and AV) per eager attention. ``attention_full_matrix`` is the
     attention row counted with the full score matrix, set only where sliding-window or chunked

@@ -66,7 +66,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.stateless import _reparametrize_module
 
 from tiecheck.flops.analytic import ATTENTION_MODES
 from tiecheck.flops.handles import (
@@ -88,8 +87,9 @@ from tiecheck.flops.inputs import (
 )
 from tiecheck.flops.moe import parameter_counts, traceable_experts
 from tiecheck.flops.reasons import fallback_note, needed_inputs, unavailable_reason
-from tiecheck.flops.repeats import layer_of, plan_layers, traced_prefix
+from tiecheck.flops.repeats import fold_holds, layer_of, plan_layers, traced_prefix
 from tiecheck.flops.result import PARTS, FlopsResult
+from tiecheck.flops.standins import ZEROS, OneThread, Swapped, small_for_zeros
 
 with warnings.catch_warnings():
     # importing fvcore.nn scripts a few loss functions, which newer torch deprecates
@@ -97,6 +97,7 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis
 
 _PREFIX = "module."
+
 
 
 def _flatten_tensors(out: Any) -> list[torch.Tensor]:
@@ -154,28 +155,6 @@ def _flop_analysis(root: nn.Module, inputs: tuple):
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     fca.clear_op_handles()
     return fca
-
-
-class _OnMeta:
-    """Within the block the module's parameters and buffers are meta tensors (ties kept)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        memo: dict[int, torch.Tensor] = {}
-        state: dict[str, torch.Tensor] = {}
-        named = list(module.named_parameters(remove_duplicate=False)) + list(
-            module.named_buffers(remove_duplicate=False))
-        for name, t in named:
-            if id(t) not in memo:
-                e = torch.empty_like(t.detach(), device="meta")
-                memo[id(t)] = nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
-            state[name] = memo[id(t)]
-        self._ctx = _reparametrize_module(module, state, tie_weights=True)
-
-    def __enter__(self) -> None:
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -291,9 +270,8 @@ def _trace_synthesized(module: nn.Module, mi: ModelInputs, attention: str, metho
     those inputs added (``media_inputs``), and with the ids laid out as the config describes
     (``token_layouts``). Failures are appended to ``failures``: the first, and the last
     retry's."""
-    on_meta = method == "meta"
     try:
-        return _trace_count(module, mi, attention, on_meta=on_meta), mi
+        return _trace_count(module, mi, attention, method), mi
     except Exception as e:  # noqa: BLE001 - the model's forward failed under the trace
         failures.append((method, e))
         wanted = needed_inputs(e, module) if synthesized else []
@@ -309,7 +287,7 @@ def _trace_synthesized(module: nn.Module, mi: ModelInputs, attention: str, metho
     candidates += media_inputs(module, mi, wanted) if wanted else []
     for candidate in candidates:
         try:
-            counted = _trace_count(module, candidate, attention, on_meta=on_meta)
+            counted = _trace_count(module, candidate, attention, method)
         except Exception as e:  # noqa: BLE001 - the next shape may be the one it reads
             last = e
             continue
@@ -320,7 +298,8 @@ def _trace_synthesized(module: nn.Module, mi: ModelInputs, attention: str, metho
     return None, mi
 
 
-def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bool) -> _Counted:
+def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, method: str, fold: bool = True) -> _Counted:
+    on_meta = method == "meta"
     root = _Call(module, mi)
     flat = root.flat_inputs()
     if not flat:
@@ -328,7 +307,7 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
     cls = Classifier(module, _PREFIX, len(flat), mi.vocab_size, mi.family, attention)
     handles = make_handles(cls)
     # On meta, identical layers are traced once and multiplied (see tiecheck.flops.repeats).
-    plan = plan_layers(module, cls.layer_names) if on_meta else None
+    plan = plan_layers(module, cls.layer_names) if on_meta and fold else None
     if plan is not None:
         cls.layer_of = lambda owner: layer_of(owner, plan)
     switched = 0
@@ -339,8 +318,14 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
             warnings.simplefilter("ignore")
             if on_meta:
                 # fvcore names the modules when it is built: build it on the traced prefix
-                with _OnMeta(module), traceable_experts(module) as switched, traced_prefix(module, plan), \
+                with Swapped(module), traceable_experts(module) as switched, traced_prefix(module, plan), \
                         _MetaConv():
+                    fca = _flop_analysis(root, flat)
+                    fca.set_op_handle(**handles)
+                    fca.total()
+            elif method == ZEROS:
+                # the experts as on meta: their products then do not depend on where zero logits route
+                with OneThread(), Swapped(module, "cpu"), traceable_experts(module) as switched:
                     fca = _flop_analysis(root, flat)
                     fca.set_op_handle(**handles)
                     fca.total()
@@ -351,6 +336,8 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, on_meta: bo
     finally:
         if gc_was_enabled:
             gc.enable()
+    if plan is not None and not fold_holds(plan, cls.per_layer, cls.per_layer_calls):
+        return _trace_count(module, mi, attention, method, fold=False)  # the layers differ in what they are given
     by_part = {p: 0 for p in PARTS}
     by_op: Counter = Counter()
     totals = Counter({k: int(v) for k, v in fca.by_operator().items()})
@@ -400,7 +387,10 @@ def count_flops(
     ``device``:
 
     * ``None`` (default): trace on the meta device -- the module's parameters are swapped
-      for meta tensors for the duration, so nothing is allocated or computed. If the forward
+      for meta tensors for the duration, so nothing is allocated or computed. A small model
+      (:func:`small_for_zeros`) with synthesized inputs is first traced once on the CPU with
+      zero-filled stand-ins for its tensors, and multiplied by ``batch_size``: the same
+      products, without the import of torch's compiler a first meta trace pays. If the forward
       cannot run on meta (it calls ``.item()``, mixes in a CPU tensor, ...) and the module
       has real weights, trace one example with real tensors on the module's device and
       multiply by ``batch_size`` (FLOPs are linear in the batch).
@@ -422,7 +412,9 @@ def count_flops(
     real_ok = not has_meta_tensors(module)
     home = module_device(module)
     if device is None:
-        plan = [("meta", torch.device("meta"))]
+        small = inputs is None and small_for_zeros(module, max(seq_len, tgt_seq_len or 0))
+        plan = [(ZEROS, torch.device("cpu"))] if small else []
+        plan.append(("meta", torch.device("meta")))
         if real_ok:
             plan.append(("real-batch-1", home))
     else:
@@ -442,7 +434,8 @@ def count_flops(
     failures: list[tuple[str, BaseException]] = []
     last_mi: ModelInputs | None = None
     for method, dev in plan:
-        b = 1 if method == "real-batch-1" else batch_size
+        b = 1 if method in ("real-batch-1", ZEROS) else batch_size
+        tried = len(failures)
         try:
             if inputs is None:
                 mi = synthesize_inputs(module, b, seq_len, tgt_seq_len=tgt_seq_len, device=dev)
@@ -459,11 +452,17 @@ def count_flops(
         last_mi = mi
         counted, mi = _trace_synthesized(module, mi, attention, method, failures, synthesized=inputs is None)
         if counted is None:
+            if method == ZEROS:  # a shortcut, not a try the user asked for: the meta trace decides
+                del failures[tried:]
             continue
 
         scale = 1
         notes = list(mi.notes) + counted.notes
-        if method == "real-batch-1":
+        if method == ZEROS:
+            scale = batch_size
+            notes.append("traced one example on the CPU with zero-filled weights (a small model)"
+                         + (" and scaled by batch_size" if batch_size > 1 else ""))
+        elif method == "real-batch-1":
             if inputs is None or callable(inputs):
                 scale = batch_size
                 notes.append(f"traced one example with real tensors on {dev} and scaled by batch_size")

@@ -22,15 +22,15 @@ then fetched concurrently, since round trips, not bytes, bound them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol
 
-import numpy as np
 import torch
 
 from tiecheck.loaders.filecompare import FileRangeCompare
 from tiecheck.loaders.fileview import FileSpan
+from tiecheck.loaders.sample_runs import file_runs, read_runs, transposed_whole
 
 
 class HeldBytes(NamedTuple):
@@ -51,8 +51,6 @@ CHUNK_BYTES = 16 << 20
 # reading a few runs of it does, its sample then proves equality (no full comparison), and tiny
 # tensors that lie side by side in a file are read together (``samples``).
 WHOLE_BYTES = 4096
-# Adjacent small tensors of one file are read together, at most this many bytes a read.
-BATCH_BYTES = 1 << 20
 
 # Range requests in flight at once while a remote file's samples are prefetched.
 PREFETCH_THREADS = 16
@@ -180,18 +178,6 @@ def sample_index(n: int, itemsize: int, whole_bytes: int = WHOLE_BYTES) -> list[
     return [s + i for s in _sample_starts(n) for i in range(RUN_ELEMENTS)]
 
 
-def _transposed_whole(raw: bytes, count: int, rows: int, cols: int, size: int) -> bytes:
-    """The bytes of ``count`` (rows, cols) tensors of ``size``-byte elements, laid end to end in
-    ``raw``, each replaced by its transpose's: the samples of tensors sampled whole, read through a
-    transpose (one strided copy for the lot, not an element at a time).
-
-    NumPy, over elements as opaque ``size``-byte values: torch's strided copy of the same bytes
-    (a uint8 view with the element as its last dimension) took 25 times as long, 8 ms a MiB,
-    and was most of the transposed pass over 100,000 small square matrices."""
-    elements = np.frombuffer(raw, dtype=np.dtype((np.void, size)), count=count * rows * cols)
-    return elements.reshape(count, rows, cols).transpose(0, 2, 1).tobytes()
-
-
 def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(offset of the first element in its storage, nbytes, itemsize) of a contiguous tensor, for
     pread at its storage's file offset; None for a strided one."""
@@ -199,25 +185,6 @@ def tensor_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
         return None
     size = t.element_size()
     return t.storage_offset() * size, t.numel() * size, size
-
-
-def _runs(reads: list[tuple[int, int, int, int, int]]) -> Iterator[tuple[int, int, int, int, int, bool]]:
-    """(fd, lo, hi, first, end, uniform) for each run of ``reads`` (sorted (fd, start, nbytes, itemsize,
-    index) tuples) that lie end to end in one file, at most ``BATCH_BYTES`` a run: ``reads[first:end]``
-    are read as bytes ``lo:hi``; ``uniform`` when they are all of one size and one element size."""
-    fd = lo = hi = first = -1
-    shape = None
-    uniform = True
-    for k, (f, start, nbytes, size, _) in enumerate(reads):
-        if f != fd or start != hi or hi - lo >= BATCH_BYTES:
-            if k:
-                yield fd, lo, hi, first, k, uniform
-            fd, lo, hi, first, shape, uniform = f, start, start + nbytes, k, (nbytes, size), True
-        else:
-            hi += nbytes
-            uniform = uniform and (nbytes, size) == shape
-    if reads:
-        yield fd, lo, hi, first, len(reads), uniform
 
 
 class TorchContentReader:
@@ -249,6 +216,9 @@ class TorchContentReader:
             if isinstance(fd, int):
                 os.close(fd)
         self._fds.clear()
+        if self._compare_files is not None:  # its worker thread; the files are this reader's own
+            self._compare_files.close()
+            self._compare_files = None
         self._prefetched.clear()
 
     def __enter__(self):
@@ -324,7 +294,7 @@ class TorchContentReader:
         if not transposed or not sampled_whole(nbytes // size, size, self.whole_sample_bytes):
             return raw
         rows, cols = shape if shape is not None else self.tensors[name].shape
-        return _transposed_whole(raw, 1, rows, cols, size)
+        return transposed_whole(raw, 1, rows, cols, size)
 
     def _file_chunks(self, fd: Handle, start: int, nbytes: int, itemsize: int):
         step = max(itemsize, CHUNK_BYTES - CHUNK_BYTES % itemsize)
@@ -379,6 +349,9 @@ class TorchContentReader:
         Returns:
             The samples, in the order of ``names``.
         """
+        together = self._samples_together(names, transposed)
+        if together is not None:
+            return together
         kind, one = ("sample", self.sample) if transposed is None else ("transposed", self.sample_transposed)
         out: list[bytes] = [b""] * len(names)
         small: list[tuple[int, int, int, int, int]] = []  # (fd, start, nbytes, itemsize, index in names)
@@ -396,12 +369,12 @@ class TorchContentReader:
             else:
                 small.append((fd, span.offset + where[0], where[1], where[2], i))
         small.sort()  # file order; already sorted where names follow it (timsort: one pass)
-        for fd, lo, hi, first, end, uniform in _runs(small):
+        for fd, lo, hi, first, end, uniform in file_runs(small):
             buf = self._pread(fd, hi - lo, lo)
             count, nbytes, size = end - first, small[first][2], small[first][3]
             if transposed is not None and uniform and transposed[0] * transposed[1] * size == nbytes:
                 # One shape, one element size: the run is a (tensors, rows, cols) array, transposed at once.
-                buf = _transposed_whole(buf, count, *transposed, size)
+                buf = transposed_whole(buf, count, *transposed, size)
             elif transposed is not None:
                 uniform = False  # each tensor picked on its own below
             if uniform:
@@ -412,6 +385,35 @@ class TorchContentReader:
                 raw = buf[start - lo:start - lo + n]
                 out[i] = raw if transposed is None else self._picked(names[i], raw, (f, start, n, sz), True, transposed)
         return out
+
+    def _samples_together(self, names: Sequence[str], transposed: tuple[int, int] | None) -> list[bytes] | None:
+        """``samples``' common case without a step per name in Python: every name's bytes in one local
+        file, found at once by the spans (``file_ranges``: the loader's columns), all of one size and
+        each sampled whole. None otherwise, and ``samples`` goes name by name.
+
+        The bytes are read as ``samples`` reads them, runs of tensors that lie end to end at most
+        ``BATCH_BYTES`` a read, and cut into samples of one size (transposed a run at a time)."""
+        ranges = getattr(self.spans, "file_ranges", None)
+        # As name by name: the spans say where a tensor lies only when the tensors say its layout too.
+        if ranges is None or self._layout is None or self._prefetched:
+            return None
+        found = ranges(names)
+        if found is None:
+            return None
+        path, starts, sizes, itemsizes = found
+        nbytes, size = int(sizes[0]), int(itemsizes[0])
+        if not ((sizes == nbytes).all() and (itemsizes == size).all()) or nbytes % size \
+                or not sampled_whole(nbytes // size, size, self.whole_sample_bytes) \
+                or (transposed is not None and transposed[0] * transposed[1] * size != nbytes):
+            return None
+        fd = self._fds.get(path)
+        if fd is None:
+            if path in _STAND_INS:
+                return None  # a remote file: its reads are prefetched, name by name
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        if not isinstance(fd, int):
+            return None
+        return read_runs(lambda n, off: self._pread(fd, n, off), starts, nbytes, size, transposed)
 
     def _held(self, name: str) -> HeldBytes | None:
         return self._in_memory(name) if self._in_memory is not None else None

@@ -139,6 +139,10 @@ def _parse_index(path: str, size: int) -> dict | None:
             raw = fh.read(size + 1)
         if len(raw) > _INDEX_LIMIT:
             return None
+        # A key that reads "weight_map" is spelled so in the bytes, unless a \u escape spells it: a
+        # file with neither is no index, and is not parsed (a 20 MB report written over by the next).
+        if b"weight_map" not in raw and b"\\u" not in raw:
+            return None
         obj = parse_json(raw)
     except (ValueError, OSError):
         return None

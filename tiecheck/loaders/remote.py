@@ -55,7 +55,7 @@ from tiecheck.errors import TargetError, TiecheckError
 from tiecheck.loaders import REMOTE_SCHEMES, detect, load_path
 from tiecheck.loaders.content import register_stand_in, release_stand_in, tensor_layout
 from tiecheck.loaders.formats.hf import PREFERRED, find_weights
-from tiecheck.loaders.formats.safetensors_files import DTYPES, header_length, read_header
+from tiecheck.loaders.formats.safetensors_header import DTYPES, header_length, read_header
 from tiecheck.loaders.formats.sharded import shard_paths
 from tiecheck.loaders.ranges import (
     FetchStats,

@@ -12,7 +12,6 @@ import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any
 
 from tiecheck import __version__
@@ -125,9 +124,10 @@ class Report:
         head, tail = json.dumps(d, indent=indent, ensure_ascii=False).split(json.dumps(mark), 1)
         # One join of the parts: no intermediate block of rows, no copy made by a replace (at 200,000
         # rows each would hold the whole text again).
-        lines = (f"{pad * 2}{r}" if i == 0 else f",\n{pad * 2}{r}" for i, r in enumerate(rows.json_lines()))
+        # The rows joined by their separator (no string made per row for it), then the parts joined once.
+        lines = (",\n" + pad * 2).join(rows.json_lines())
         # The final newline inside the join: appended after, it would copy the whole text once more.
-        return escape_json("".join(chain((head, "[\n"), lines, ("\n", pad, "]", tail, "\n"))))
+        return escape_json("".join((head, "[\n", pad * 2, lines, "\n", pad, "]", tail, "\n")))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Report:
