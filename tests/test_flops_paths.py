@@ -132,3 +132,17 @@ def torch_counts(model) -> int:
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(*inputs.args, **inputs.kwargs)
     return fc.get_total_flops()
+
+
+def test_a_folded_meta_trace_lists_every_layers_operators():
+    # Five identical layers, traced on meta as their first two: the operators counted as neither FLOPs nor
+    # matrix products (ignored_ops, uncounted_ops) are listed for all five, as the CPU trace lists them.
+    cfg = transformers.LlamaConfig(**{**ATTN, "num_hidden_layers": 5})
+    with torch.device("meta"), skip_init_on_meta():
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    folded, whole = trace.count_flops(model, seq_len=T, device="meta"), trace.count_flops(model, seq_len=T)
+    assert any("first 2 of 5 layers" in n for n in folded.notes)
+    assert whole.method == standins.ZEROS
+    assert folded.ignored_ops == whole.ignored_ops
+    assert folded.uncounted_ops == whole.uncounted_ops
+    assert folded.ignored_ops["aten::silu"] == 5  # one per layer's MLP

@@ -350,8 +350,12 @@ def _trace_count(module: nn.Module, mi: ModelInputs, attention: str, method: str
         part, _, op = key.partition("/")
         by_part[part] += int(v)
         by_op[op] += int(v)
+    unsupported = Counter(fca.unsupported_ops())
+    if plan is not None:  # the operators of a layer not traced are those of the layer it is counted as
+        for i in range(plan.keep, plan.n):
+            unsupported.update(fca.unsupported_ops(f"{_PREFIX}{plan.name}.{plan.rep[i]}"))
     uncounted, ignored = {}, {}
-    for kind, n in fca.unsupported_ops().items():
+    for kind, n in unsupported.items():
         (ignored if in_table(kind, IGNORED) else uncounted)[kind] = int(n)
     for kind, n in cls.failed.items():
         uncounted[kind] = uncounted.get(kind, 0) + n
