@@ -26,11 +26,10 @@ weights), and counted with ``count_flops(model, seq_len=128)`` twice: as is, and
 For ``differ`` and ``zeros-only`` the class is also built with real (random) weights on the CPU and
 counted with ``device="cpu"``: what a real forward does, to say which figure is right.
 
-Two limits of one run. The meta trace's layer plan (identical layers traced once) picks among layer lists
-of equal length in string-hash order, so where a model has several (Funnel's blocks) its meta figure
-depends on ``PYTHONHASHSEED``, which the workers inherit: rerun with a few seeds to see such a class
-differ. And a config that puts experts every few layers (NLLB-MoE's ``sparse_step``) may keep none in
-its two-layer small config.
+A limit of one run: a config that puts experts every few layers (NLLB-MoE's ``sparse_step``) may keep
+none in its two-layer small config. (The committed results were taken before the meta trace checked its
+fold of identical layers on one traced repeat and picked among equally long layer lists in name order:
+then Funnel's meta figure depended on ``PYTHONHASHSEED``; rerun with ``--redo`` to refresh them.)
 
 Results are appended, one JSON line per class, to ``--out`` (a class already there is skipped, so an
 interrupted run resumes, ``--redo`` sweeps them again); each class runs in a worker process with a timeout
