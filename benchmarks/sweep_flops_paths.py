@@ -27,9 +27,7 @@ For ``differ`` and ``zeros-only`` the class is also built with real (random) wei
 counted with ``device="cpu"``: what a real forward does, to say which figure is right.
 
 A limit of one run: a config that puts experts every few layers (NLLB-MoE's ``sparse_step``) may keep
-none in its two-layer small config. (The committed results were taken before the meta trace checked its
-fold of identical layers on one traced repeat and picked among equally long layer lists in name order:
-then Funnel's meta figure depended on ``PYTHONHASHSEED``; rerun with ``--redo`` to refresh them.)
+none in its two-layer small config.
 
 Results are appended, one JSON line per class, to ``--out`` (a class already there is skipped, so an
 interrupted run resumes, ``--redo`` sweeps them again); each class runs in a worker process with a timeout
