@@ -16,16 +16,20 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import Any, Protocol
 
-from tiecheck.analyses.sample_keys import SAMPLE_BATCH, ContentReader, Key
-from tiecheck.analyses.sample_keys import by_key as _by_key
-from tiecheck.analyses.sample_keys import each_sample as _each_sample
-from tiecheck.analyses.sample_keys import is_uniform as _uniform
-from tiecheck.analyses.sample_keys import keyed as _keyed
-from tiecheck.analyses.sample_keys import keys_of as _keys
-from tiecheck.analyses.sample_keys import prefetch_samples as _prefetch
-from tiecheck.analyses.sample_keys import sample_batches as _batches
-from tiecheck.analyses.sample_keys import samples_of as _sampled
-from tiecheck.analyses.sample_keys import uniform_flags as _uniform_each
+from tiecheck.analyses.sample_keys import (
+    SAMPLE_BATCH,
+    ContentReader,
+    Key,
+    by_key,
+    each_sample,
+    is_uniform,
+    keyed,
+    keys_of,
+    prefetch_samples,
+    sample_batches,
+    samples_of,
+    uniform_flags,
+)
 from tiecheck.analyses.ties import IdentityIndex, group_by_identity
 from tiecheck.facts import TensorFact, assignment
 from tiecheck.findings import RULES, Finding, finding
@@ -170,7 +174,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         lo = 0
         while lo < len(names):
             part = names[lo:lo + min(SAMPLE_BATCH, every - stats.sampled % every)]
-            yield part, _sampled(reader, part)
+            yield part, samples_of(reader, part)
             lo += len(part)
             stats.sampled += len(part)
             if progress is not None and (stats.sampled % every == 0 or stats.sampled == to_sample):
@@ -183,7 +187,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
                               shape=f.shape, dtype=f.dtype, nbytes=f.nbytes, constant=constant,
                               buffers=tuple(n for n in same if all(m.role == "buffer" for m in reps[n])))
 
-    _prefetch(reader, [n for names in buckets.values() if len(names) > 1 for n in names])
+    prefetch_samples(reader, [n for names in buckets.values() if len(names) > 1 for n in names])
     for (_dtype, _shape), names in sorted(buckets.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if len(names) < 2:
             continue
@@ -192,7 +196,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
         itemsize = f0.itemsize
         # Sampled in the facts' order (the file's, for a file), not sorted by name: only the few names
         # whose samples agree are sorted, which orders the comparisons as a sorted bucket would.
-        shared, uniform = _by_key(sample_all(names), itemsize)
+        shared, uniform = by_key(sample_all(names), itemsize)
         for key, candidates in shared:
             candidates = sorted(candidates)
             if f0.nbytes <= whole and all(reps[n][0].dense for n in candidates):
@@ -201,7 +205,7 @@ def find_untied_duplicates(facts: Iterable[TensorFact], reader: ContentReader,
                 if not (isinstance(key, bytes) and len(key) == f0.nbytes):
                     stats.sampled += len(candidates)
                 for sig, same in _exact(reader, candidates, key, f0.nbytes):
-                    groups.append(group(same, f0.numel > 1 and _uniform(sig, itemsize)))
+                    groups.append(group(same, f0.numel > 1 and is_uniform(sig, itemsize)))
                 continue
             remaining = list(candidates)
             while len(remaining) > 1:
@@ -225,7 +229,7 @@ def _exact(reader: ContentReader, names: list[str], key: Key, nbytes: int) -> li
     if isinstance(key, bytes) and len(key) == nbytes:
         return [(key, names)]
     by_bytes: dict[bytes, list[str]] = {}
-    for n, sig in _each_sample(reader, names):
+    for n, sig in each_sample(reader, names):
         by_bytes.setdefault(sig, []).append(n)
     return [(sig, same) for sig, same in by_bytes.items() if len(same) > 1]
 
@@ -448,12 +452,12 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
         """Constant tensors equal any transpose of the same constant: left out, each read at most once
         (and only when its sample is uniform), so n zero matrices cost n reads, not n² comparisons."""
         if name not in constant:
-            constant[name] = _uniform(sig, reps[name][0].itemsize) and reader.is_constant(name)
+            constant[name] = is_uniform(sig, reps[name][0].itemsize) and reader.is_constant(name)
         return constant[name]
 
     def unless_constant(part: list[str], sigs: list[bytes], size: int) -> tuple[list[str], list[bytes]]:
         """The batch without its constant tensors (only a uniform sample can be one's)."""
-        flags = _uniform_each(sigs, size)
+        flags = uniform_flags(sigs, size)
         if not any(flags):
             return part, sigs
         kept = [(n, sig) for n, sig, uniform in zip(part, sigs, flags, strict=True)
@@ -462,7 +466,7 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
 
     # The pairings the loop below looks at: a shape whose swap is present, from the side that sorts first.
     pairings = [(dtype, shape) for dtype, shape in by_shape if shape <= shape[::-1] and (dtype, shape[::-1]) in by_shape]
-    _prefetch(reader, [n for key in pairings for n in by_shape[key]],
+    prefetch_samples(reader, [n for key in pairings for n in by_shape[key]],
               [n for dtype, shape in pairings for n in by_shape[(dtype, shape[::-1])]])
     for (dtype, shape), names in sorted(by_shape.items()):
         swapped = shape[::-1]
@@ -471,16 +475,16 @@ def find_transposed_copies(facts: Iterable[TensorFact], reader: TransposeReader,
         others = by_shape[(dtype, swapped)]
         stats.buckets += 1
         stats.tensors += len(names) + (len(others) if swapped != shape else 0)
-        # As in _by_key: a key's first name in one dict, a list only for a key met again (100,000
+        # As in by_key: a key's first name in one dict, a list only for a key met again (100,000
         # distinct matrices cost a dict entry each), a batch of new keys merged whole; a constant
         # tensor (read only where its sample is uniform) left out first.
         size = reps[names[0]][0].itemsize
         names = sorted(names)
-        first, more, _ = _keyed((unless_constant(part, sigs, size) for part, sigs in _batches(reader, names)), size)
+        first, more, _ = keyed((unless_constant(part, sigs, size) for part, sigs in sample_batches(reader, names)), size)
         stats.sampled += len(names)
-        for part, sigs in _batches(reader, names if swapped == shape else sorted(others), swapped):
+        for part, sigs in sample_batches(reader, names if swapped == shape else sorted(others), swapped):
             stats.sampled += len(part)
-            keys = _keys(sigs)
+            keys = keys_of(sigs)
             for b, sig, key in compress(zip(part, sigs, keys, strict=True), map(first.__contains__, keys)):
                 if is_constant(b, sig):
                     continue
