@@ -95,12 +95,12 @@ def small_for_zeros(module: nn.Module, seq_len: int) -> bool:
         at most 2 GFLOP, ``seq_len`` is at most 512 and no experts route on values
         (:func:`routes_on_values`).
     """
-    if seq_len > _ZEROS_MAX_SEQ or routes_on_values(module):
+    if seq_len > _ZEROS_MAX_SEQ:
         return False
     nbytes = params = 0
     for t in [*module.parameters(), *module.buffers()]:
         nbytes += t.numel() * t.element_size()
         params += t.numel()
         if nbytes > _ZEROS_MAX_BYTES:
-            return False
-    return 2 * params * seq_len <= _ZEROS_MAX_FLOP
+            return False  # a large model, told by its first tensors: its modules are never walked
+    return 2 * params * seq_len <= _ZEROS_MAX_FLOP and not routes_on_values(module)
